@@ -1,0 +1,39 @@
+# Every target installs what it needs into .venv first, so a fresh clone needs only Python 3.11+.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run demo test lint type bench all clean
+
+$(STAMP): setup.py setup.cfg
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python -m comfybridge
+
+demo: $(STAMP)
+	$(BIN)/python -m comfybridge --emulate 2 --emulator-pace 0.05
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check comfybridge tests examples bench
+	$(BIN)/ruff format --check comfybridge tests examples bench
+
+type: $(STAMP)
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench.py
+
+all: lint type test
+
+clean:
+	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,104 @@
+"""Known clientIds: their sockets, active jobs, backend binding and latest status message."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .errors import BadInput, UnknownClient
+
+if TYPE_CHECKING:
+    from .jobs import Job
+
+CLIENT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+
+Status = dict[str, str]
+
+
+def status_message(status: str, detail: str) -> Status:
+    """The contract's status shape; `details` repeats `detail` for clients written either way."""
+    return {"status": status, "detail": detail, "details": detail}
+
+
+LISTENING = status_message("listening", "server is listening")
+CONNECTED = status_message("connected", "server connected")
+CLOSED = status_message("closed", "Execution is done")
+
+
+def check_client_id(value: str | None) -> str:
+    if value is None or value == "":
+        raise BadInput("clientId is required: 1-128 characters of A-Z a-z 0-9 _ . : -")
+    if not CLIENT_ID.fullmatch(value):
+        raise BadInput(f"Invalid clientId {value[:140]!r}: use 1-128 characters of A-Z a-z 0-9 _ . : -")
+    return value
+
+
+@dataclass
+class Client:
+    id: str
+    status: Status = field(default_factory=lambda: dict(LISTENING))
+    sockets: int = 0
+    ever_socket: bool = False
+    jobs: dict[str, Job] = field(default_factory=dict)  # active jobs, in the order accepted
+    backend: str | None = None  # bound while it has jobs
+    last_backend: str | None = None
+    touched: float = field(default_factory=time.time)
+
+    @property
+    def running(self) -> bool:
+        """A job of this client is executing on a backend (so no `listening` heartbeat)."""
+        return any(job.executing for job in self.jobs.values())
+
+    def record(self) -> dict[str, Any]:
+        return {"status": self.status, "last_backend": self.last_backend, "touched": self.touched}
+
+
+class ClientRegistry:
+    """Every clientId the bridge knows, and the rule for when it forgets one."""
+
+    def __init__(self, saved: dict[str, dict[str, Any]]) -> None:
+        self._clients: dict[str, Client] = {}
+        for client_id, record in saved.items():
+            status = record.get("status") or dict(LISTENING)
+            if status.get("status") in ("progress", "connected"):
+                # Its job was in flight when the bridge stopped; without a journal it cannot be resumed.
+                status = status_message("error", "the bridge restarted before the job finished")
+            self._clients[client_id] = Client(
+                id=client_id,
+                status=status,
+                last_backend=record.get("last_backend"),
+                touched=float(record.get("touched") or time.time()),
+            )
+
+    def __iter__(self) -> Iterator[Client]:
+        return iter(list(self._clients.values()))
+
+    def get(self, client_id: str) -> Client | None:
+        return self._clients.get(client_id)
+
+    def require(self, client_id: str) -> Client:
+        client = self._clients.get(client_id)
+        if client is None:
+            raise UnknownClient(f"Unknown clientId {client_id!r}: it has no socket, upload, job or result here.")
+        return client
+
+    def touch(self, client_id: str) -> Client:
+        """The client, made known if it was not."""
+        client = self._clients.get(client_id)
+        if client is None:
+            client = self._clients[client_id] = Client(id=client_id)
+        client.touched = time.time()
+        return client
+
+    def forget_if_done(self, client: Client, holds_files: Callable[[str], bool], expired: bool = False) -> bool:
+        """Forget a client with no socket, no job and nothing left to fetch (or whose leftovers expired)."""
+        if client.sockets or client.jobs or (holds_files(client.id) and not expired):
+            return False
+        self._clients.pop(client.id, None)
+        return True
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        return {client.id: client.record() for client in self._clients.values()}

@@ -1,0 +1,226 @@
+"""ComfyUI client: one backend's REST calls and its event WebSocket, with automatic reconnect."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiofiles
+import aiohttp
+import orjson
+from yarl import URL
+
+log = logging.getLogger(__name__)
+
+EventHandler = Callable[[str, dict[str, Any]], None]
+ConnectHandler = Callable[[], Awaitable[None]]
+DisconnectHandler = Callable[[], None]
+
+CHUNK = 256 * 1024
+RESULT_KINDS_SKIPPED = {"animated", "text"}  # keys of an output that are not file lists
+
+
+class BackendUnavailable(Exception):
+    """The backend could not be reached or did not answer in time."""
+
+
+class PromptRefused(Exception):
+    """ComfyUI refused the prompt (HTTP 400, or another error status); the message is readable."""
+
+
+@dataclass(frozen=True)
+class OutputRef:
+    """One output file of a prompt, as ComfyUI lists it in history."""
+
+    filename: str
+    subfolder: str
+    type: str
+
+
+def outputs_of(entry: dict[str, Any]) -> list[OutputRef]:
+    """Every result file (images, gifs, videos, audio, ...) with type "output", in ComfyUI's order."""
+    refs = []
+    for node_output in (entry.get("outputs") or {}).values():
+        for kind, items in node_output.items():
+            if kind in RESULT_KINDS_SKIPPED or not isinstance(items, list):
+                continue
+            for item in items:
+                if isinstance(item, dict) and item.get("type") == "output" and item.get("filename"):
+                    refs.append(OutputRef(item["filename"], item.get("subfolder") or "", "output"))
+    return refs
+
+
+def describe_refusal(body: Any) -> str:
+    """ComfyUI's validation answer as one readable sentence: the error, then each node's errors."""
+    if not isinstance(body, dict) or not isinstance(body.get("error"), dict):
+        return "ComfyUI refused the prompt"
+    error = body["error"]
+    text = str(error.get("message") or "ComfyUI refused the prompt")
+    if error.get("details"):
+        text += f" ({error['details']})"
+    parts = []
+    for node_id, node in (body.get("node_errors") or {}).items():
+        for item in node.get("errors", []):
+            detail = f": {item['details']}" if item.get("details") else ""
+            parts.append(f"node {node_id} ({node.get('class_type', '?')}): {item.get('message', 'error')}{detail}")
+    return text + (": " + "; ".join(parts) if parts else "")
+
+
+def describe_execution_error(data: dict[str, Any]) -> str:
+    message = str(data.get("exception_message") or "").strip()
+    kind = data.get("exception_type") or "error"
+    return f"node {data.get('node_id')} ({data.get('node_type')}): {kind}: {message}"
+
+
+class ComfyClient:
+    """Talks to one ComfyUI. The socket runs under the bridge's own client id, so ComfyUI sends it
+    the events of every prompt the bridge queued there; the owner matches them to jobs by prompt_id."""
+
+    def __init__(
+        self,
+        base_url: str,
+        session: aiohttp.ClientSession,
+        client_id: str,
+        request_timeout: float = 30.0,
+    ) -> None:
+        self.url = URL(base_url)
+        self.name = base_url
+        self.session = session
+        self.client_id = client_id
+        self.timeout = aiohttp.ClientTimeout(total=request_timeout)
+        self.connected = False
+
+    # REST ------------------------------------------------------------------------------------
+    async def _request(self, method: str, path: str, **kwargs: Any) -> tuple[int, bytes]:
+        try:
+            async with self.session.request(
+                method, self.url / path.lstrip("/"), timeout=self.timeout, **kwargs
+            ) as resp:
+                return resp.status, await resp.read()
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise BackendUnavailable(f"{self.name}: {exc.__class__.__name__}: {exc}") from exc
+
+    async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        status, body = await self._request(method, path, **kwargs)
+        if status != 200:
+            raise BackendUnavailable(f"{self.name}: {method} {path} answered HTTP {status}")
+        return orjson.loads(body) if body else None
+
+    async def submit(self, prompt: dict[str, Any], prompt_id: str) -> None:
+        payload = orjson.dumps({"prompt": prompt, "client_id": self.client_id, "prompt_id": prompt_id})
+        status, body = await self._request(
+            "POST", "/prompt", data=payload, headers={"Content-Type": "application/json"}
+        )
+        if status == 200:
+            answer = orjson.loads(body)
+            if answer.get("node_errors"):
+                # Some outputs were refused; ComfyUI runs the rest.
+                log.warning("%s: prompt %s partly refused: %s", self.name, prompt_id, describe_refusal(answer))
+            return
+        if status == 400:
+            try:
+                raise PromptRefused(describe_refusal(orjson.loads(body)))
+            except orjson.JSONDecodeError:
+                raise PromptRefused(f"ComfyUI refused the prompt: {body[:200].decode(errors='replace')}") from None
+        raise BackendUnavailable(f"{self.name}: POST /prompt answered HTTP {status}")
+
+    async def upload(self, path: Path, name: str) -> str:
+        """Send a file into the backend's input folder; returns the name ComfyUI gave it."""
+        form = aiohttp.FormData()
+        form.add_field("type", "input")
+        form.add_field("overwrite", "true")
+        handle = await asyncio.to_thread(path.open, "rb")
+        try:
+            form.add_field("image", handle, filename=name)
+            answer = await self._json("POST", "/upload/image", data=form)
+        finally:
+            await asyncio.to_thread(handle.close)
+        return str(answer["name"])
+
+    async def history(self, prompt_id: str) -> dict[str, Any] | None:
+        answer = await self._json("GET", f"/history/{prompt_id}")
+        entry = answer.get(prompt_id) if isinstance(answer, dict) else None
+        return entry if isinstance(entry, dict) else None
+
+    async def queue(self) -> tuple[list[str], list[str]]:
+        """Prompt ids running and pending in ComfyUI's queue."""
+        answer = await self._json("GET", "/queue")
+        running = [item[1] for item in answer.get("queue_running", [])]
+        pending = [item[1] for item in answer.get("queue_pending", [])]
+        return running, pending
+
+    async def interrupt(self, prompt_id: str) -> None:
+        """Stop `prompt_id` only if it is the running one (older ComfyUI ignores the id, so look first)."""
+        running, _ = await self.queue()
+        if prompt_id in running:
+            await self._json("POST", "/interrupt", json={"prompt_id": prompt_id})
+
+    async def delete_queued(self, prompt_ids: list[str]) -> None:
+        await self._json("POST", "/queue", json={"delete": prompt_ids})
+
+    async def free(self) -> None:
+        await self._json("POST", "/free", json={"unload_models": True, "free_memory": True})
+
+    async def object_info(self) -> dict[str, Any]:
+        answer = await self._json("GET", "/object_info")
+        return answer if isinstance(answer, dict) else {}
+
+    async def download(self, ref: OutputRef, target: Path) -> int:
+        """Stream one output file to `target`; never holds the whole file in memory."""
+        params = {"filename": ref.filename, "subfolder": ref.subfolder, "type": ref.type}
+        size = 0
+        try:
+            timeout = aiohttp.ClientTimeout(total=None, sock_read=self.timeout.total)
+            async with self.session.get(self.url / "view", params=params, timeout=timeout) as resp:
+                if resp.status != 200:
+                    raise BackendUnavailable(f"{self.name}: GET /view {ref.filename} answered HTTP {resp.status}")
+                async with aiofiles.open(target, "wb") as handle:
+                    async for chunk in resp.content.iter_chunked(CHUNK):
+                        size += len(chunk)
+                        await handle.write(chunk)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise BackendUnavailable(f"{self.name}: download of {ref.filename} failed: {exc}") from exc
+        return size
+
+    # events ----------------------------------------------------------------------------------
+    async def listen(
+        self,
+        on_event: EventHandler,
+        on_connect: ConnectHandler,
+        on_disconnect: DisconnectHandler,
+        max_backoff: float = 5.0,
+    ) -> None:
+        """Keep the event socket open forever, reconnecting with backoff; runs until cancelled."""
+        backoff = 0.2
+        ws_url = self.url.with_scheme("wss" if self.url.scheme == "https" else "ws") / "ws"
+        while True:
+            try:
+                async with self.session.ws_connect(
+                    ws_url.with_query(clientId=self.client_id), heartbeat=20, max_msg_size=0
+                ) as ws:
+                    self.connected = True
+                    backoff = 0.2
+                    log.info("connected to ComfyUI %s", self.name)
+                    await on_connect()
+                    async for msg in ws:
+                        if msg.type is aiohttp.WSMsgType.TEXT:
+                            try:
+                                message = orjson.loads(msg.data)
+                            except orjson.JSONDecodeError:
+                                continue
+                            if isinstance(message, dict) and isinstance(message.get("data"), dict):
+                                on_event(str(message.get("type")), message["data"])
+                        elif msg.type is aiohttp.WSMsgType.ERROR:
+                            break
+                    log.warning("ComfyUI %s closed its socket", self.name)
+            except (aiohttp.ClientError, TimeoutError, OSError, BackendUnavailable) as exc:
+                log.debug("ComfyUI %s unreachable: %s", self.name, exc)
+            if self.connected:
+                self.connected = False
+                on_disconnect()
+            await asyncio.sleep(backoff)
+            backoff = min(max_backoff, backoff * 2)

@@ -1,0 +1,211 @@
+"""Settings: one table of options, read from flags, COMFYBRIDGE_* env, .env, a TOML file and defaults."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from dotenv import dotenv_values
+from yarl import URL
+
+DEFAULT_CONFIG = Path("config/comfybridge.toml")
+ENV_PREFIX = "COMFYBRIDGE_"
+
+
+class ConfigError(Exception):
+    """A setting that cannot be used; the message names it."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    backends: tuple[str, ...] = ("http://127.0.0.1:8188",)
+    workflows: Path = Path("workflows")
+    data_dir: Path = Path("data")
+    emulate: int = 0
+    emulator_pace: float = 0.005
+    heartbeat: float = 1.0
+    disconnect_grace: float = 5.0
+    job_idle_timeout: float = 60.0
+    result_ttl: float = 86400.0
+    upload_ttl: float = 3600.0
+    max_upload_mb: float = 100.0
+    max_request_mb: float = 500.0
+    max_upload_files: int = 16
+    allowed_media: tuple[str, ...] = ("image", "video", "audio")
+    pipeline_depth: int = 1
+    shutdown_timeout: float = 10.0
+    log_level: str = "INFO"
+
+    @property
+    def state_file(self) -> Path:
+        return self.data_dir / "current_state.json"
+
+
+# How each setting is parsed and checked: (parser, check, help). The check returns an error or None.
+Parser = Callable[[Any], Any]
+
+
+def _number(kind: type) -> Parser:
+    def parse(value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError
+        if isinstance(value, str):
+            value = value.strip()
+        return kind(value)
+
+    return parse
+
+
+def _words(value: Any) -> tuple[str, ...]:
+    items = value if isinstance(value, list | tuple) else str(value).split(",")
+    return tuple(str(i).strip() for i in items if str(i).strip())
+
+
+def _backends(value: Any) -> tuple[str, ...]:
+    urls = []
+    for item in _words(value):
+        url = URL(item if "://" in item else f"http://{item}")
+        if url.scheme not in ("http", "https") or not url.host or (url.explicit_port is None and "://" not in item):
+            raise ValueError(item)
+        urls.append(str(url).rstrip("/"))
+    if not urls:
+        raise ValueError("empty")
+    return tuple(urls)
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _not_negative(value: float) -> str | None:
+    return None if value >= 0 else "must not be negative"
+
+
+def _port(value: int) -> str | None:
+    return None if 0 <= value <= 65535 else "must be a port number (0-65535)"
+
+
+def _media(value: tuple[str, ...]) -> str | None:
+    bad = [v for v in value if v not in ("image", "video", "audio")]
+    return f"unknown media kind {bad[0]!r} (use image, video, audio)" if bad else None
+
+
+def _level(value: str) -> str | None:
+    return None if value.upper() in ("DEBUG", "INFO", "WARNING", "ERROR") else "must be DEBUG, INFO, WARNING or ERROR"
+
+
+OPTIONS: dict[str, tuple[Parser, Callable[[Any], str | None] | None, str]] = {
+    "host": (str, None, "listen address"),
+    "port": (_number(int), _port, "listen port"),
+    "backends": (_backends, None, "comma list of ComfyUI host:port or URLs"),
+    "workflows": (Path, None, "workflow folder (*.json + workflow_alias.json)"),
+    "data_dir": (Path, None, "uploads, results and current_state.json"),
+    "emulate": (_number(int), _not_negative, "start N built-in ComfyUI emulators and use them as the backends"),
+    "emulator_pace": (_number(float), _not_negative, "seconds each emulated node takes (with --emulate)"),
+    "heartbeat": (_number(float), _positive, "seconds between `listening` frames"),
+    "disconnect_grace": (_number(float), _not_negative, "wait before a lost socket cancels its jobs"),
+    "job_idle_timeout": (_number(float), _positive, "a job with no ComfyUI event this long fails"),
+    "result_ttl": (_number(float), _positive, "seconds unfetched results (and finished clients) are kept"),
+    "upload_ttl": (_number(float), _positive, "seconds unused uploads are kept"),
+    "max_upload_mb": (_number(float), _positive, "largest file one upload part may be, in MB"),
+    "max_request_mb": (_number(float), _positive, "largest whole upload request, in MB"),
+    "max_upload_files": (_number(int), _positive, "most files in one upload request"),
+    "allowed_media": (_words, _media, "media kinds accepted by /upload (image, video, audio)"),
+    "pipeline_depth": (_number(int), _not_negative, "prompts kept queued inside each ComfyUI behind the running one"),
+    "shutdown_timeout": (_number(float), _not_negative, "seconds in-flight requests get to finish on SIGTERM"),
+    "log_level": (str, _level, "DEBUG, INFO, WARNING or ERROR"),
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _env(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m comfybridge",
+        description="One small API in front of many ComfyUI servers.",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", type=Path, help=f"TOML config file (default {DEFAULT_CONFIG} when present)")
+    for name, (_, _, help_text) in OPTIONS.items():
+        metavar = "N" if name in ("emulate", "max_upload_files", "pipeline_depth") else None
+        parser.add_argument(_flag(name), dest=name, metavar=metavar, help=f"{help_text} [{_env(name)}]")
+    return parser
+
+
+def load_settings(
+    argv: Sequence[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> Settings:
+    """Merge the sources, highest first: flags, COMFYBRIDGE_* env, .env, config file, defaults."""
+    environ = os.environ if environ is None else environ
+    cwd = cwd or Path.cwd()
+    flags = vars(build_parser().parse_args(argv))
+    dotenv = {k: v for k, v in dotenv_values(cwd / ".env").items() if v is not None} if (cwd / ".env").is_file() else {}
+
+    config_path = flags.pop("config", None) or environ.get(ENV_PREFIX + "CONFIG") or dotenv.get(ENV_PREFIX + "CONFIG")
+    file_values: dict[str, Any] = {}
+    if config_path:
+        file_values = _read_toml(cwd / Path(config_path))
+    elif (cwd / DEFAULT_CONFIG).is_file():
+        file_values = _read_toml(cwd / DEFAULT_CONFIG)
+
+    raw: dict[str, tuple[Any, str]] = {}
+    for key, value in file_values.items():
+        if key not in OPTIONS:
+            raise ConfigError(f"config file: unknown setting {key!r}")
+        raw[key] = (value, f"{key} in the config file")
+    for source, label in ((dotenv, ".env"), (environ, "environment")):
+        if "COMFYUI_SERVERS" in source:
+            raw["backends"] = (source["COMFYUI_SERVERS"], f"COMFYUI_SERVERS in {label}")
+        for name in OPTIONS:
+            if _env(name) in source:
+                raw[name] = (source[_env(name)], f"{_env(name)} in {label}")
+    for name, value in flags.items():
+        raw[name] = (value, _flag(name))
+
+    values: dict[str, Any] = {}
+    for name, (value, origin) in raw.items():
+        parse, check, _ = OPTIONS[name]
+        try:
+            parsed = parse(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{origin}: {value!r} is not a valid {name.replace('_', ' ')}") from None
+        problem = check(parsed) if check else None
+        if problem:
+            raise ConfigError(f"{origin}: {value!r} {problem}")
+        values[name] = parsed
+    if "log_level" in values:
+        values["log_level"] = values["log_level"].upper()
+    settings = replace(Settings(), **values)
+    return _resolve_paths(settings, cwd)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    # Accept both a flat file and one with a [comfybridge] table.
+    section = data.get("comfybridge", data)
+    return dict(section) if isinstance(section, dict) else {}
+
+
+def _resolve_paths(settings: Settings, cwd: Path) -> Settings:
+    return replace(settings, workflows=cwd / settings.workflows, data_dir=cwd / settings.data_dir)

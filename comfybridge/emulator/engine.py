@@ -1,0 +1,581 @@
+"""The emulator's ComfyUI core: prompt validation, the queue, and node execution with events."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import heapq
+import itertools
+import logging
+import re
+import struct
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .png import png_size, solid_png
+
+log = logging.getLogger(__name__)
+
+# Send targets: a socket id, or None for a broadcast to every socket.
+Sender = Callable[[str, dict[str, Any], "str | None"], None]
+BinarySender = Callable[[bytes, "str | None"], None]
+
+# Events ComfyUI broadcasts when a prompt has no client_id; the others are then not sent at all.
+_BROADCAST_WITHOUT_CLIENT = {"progress", "progress_state", "execution_interrupted"}
+_IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"BM")
+HISTORY_LIMIT = 10000
+
+
+def load_object_info() -> dict[str, Any]:
+    raw = resources.files(__package__).joinpath("object_info.json").read_bytes()
+    info: dict[str, Any] = orjson.loads(raw)
+    return info
+
+
+@dataclass
+class Faults:
+    """Failures a test or benchmark can inject."""
+
+    prompt_500: int = 0  # answer the next N POST /prompt with a 500
+    prompt_hang: bool = False  # never answer POST /prompt
+    runtime_error: int = 0  # the next N prompts fail in their first node
+    drop_socket_after_nodes: int | None = None  # close every socket after N nodes of the next prompt
+    start_delay: float = 0.0  # seconds before each prompt starts (a slow model load)
+
+
+@dataclass(order=True)
+class QueueItem:
+    number: float
+    prompt_id: str
+    prompt: dict[str, Any] = field(compare=False)
+    extra_data: dict[str, Any] = field(compare=False)
+    outputs: list[str] = field(compare=False)
+
+    def as_list(self) -> list[Any]:
+        return [self.number, self.prompt_id, self.prompt, self.extra_data, self.outputs]
+
+
+class PromptRejected(Exception):
+    """A prompt ComfyUI answers with HTTP 400."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        super().__init__(body["error"]["message"])
+        self.body = body
+
+
+class Interrupted(Exception):
+    pass
+
+
+class NodeFailure(Exception):
+    def __init__(self, message: str, exception_type: str) -> None:
+        super().__init__(message)
+        self.exception_type = exception_type
+
+
+def _error(kind: str, message: str, details: str = "", extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"type": kind, "message": message, "details": details, "extra_info": extra or {}}
+
+
+def _is_link(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
+
+
+class Engine:
+    """One ComfyUI: a prompt queue run one prompt at a time, with ComfyUI's events in ComfyUI's order."""
+
+    def __init__(self, root: Path, pace: float, send: Sender, send_binary: BinarySender) -> None:
+        self.input_dir = root / "input"
+        self.output_dir = root / "output"
+        self.temp_dir = root / "temp"
+        for folder in (self.input_dir, self.output_dir, self.temp_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        self._seed_inputs()
+        self.pace = pace
+        self.faults = Faults()
+        self.object_info = load_object_info()
+        self.history: dict[str, dict[str, Any]] = {}
+        self._send = send
+        self._send_binary = send_binary
+        self._numbers = itertools.count()
+        self._pending: list[QueueItem] = []
+        self._running: QueueItem | None = None
+        self._interrupt_id: str | None = None
+        self._wakeup = asyncio.Event()
+        self._last_signatures: dict[str, str] = {}
+        self._drop_sockets: Callable[[], None] = lambda: None
+        self._task: asyncio.Task[None] | None = None
+
+    def _seed_inputs(self) -> None:
+        """The files a fresh ComfyUI (and the sample workflows) expect in the input folder."""
+        seeds = {
+            "example.png": solid_png(64, 64, 0x3366CC),
+            "test.png": solid_png(256, 256, 0x808080),
+            "i2i_example.jpg": solid_png(512, 512, 0x4488AA),  # PIL opens a PNG whatever its name
+            "broken.png": b"this is not an image\n",
+        }
+        for name, data in seeds.items():
+            path = self.input_dir / name
+            if not path.exists():
+                path.write_bytes(data)
+
+    # lifecycle -------------------------------------------------------------------------------
+    def start(self, drop_sockets: Callable[[], None]) -> None:
+        self._drop_sockets = drop_sockets
+        self._task = asyncio.create_task(self._worker(), name="emulator-worker")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    # queue -----------------------------------------------------------------------------------
+    @property
+    def queue_remaining(self) -> int:
+        return len(self._pending) + (1 if self._running else 0)
+
+    def status_message(self) -> dict[str, Any]:
+        return {"status": {"exec_info": {"queue_remaining": self.queue_remaining}}}
+
+    def broadcast_status(self) -> None:
+        self._send("status", self.status_message(), None)
+
+    def queue_snapshot(self) -> dict[str, Any]:
+        running = [self._running.as_list()] if self._running else []
+        return {"queue_running": running, "queue_pending": [i.as_list() for i in sorted(self._pending)]}
+
+    def submit(self, body: dict[str, Any]) -> dict[str, Any]:
+        """POST /prompt: validate and queue; raises PromptRejected for ComfyUI's 400 answers."""
+        number: float = body["number"] if isinstance(body.get("number"), int | float) else next(self._numbers)
+        if body.get("front"):
+            number = -number
+        prompt = body.get("prompt")
+        if prompt is None:
+            msg = "No prompt provided"
+            raise PromptRejected({"error": _error("no_prompt", msg, msg), "node_errors": {}})
+        prompt_id = str(body.get("prompt_id") or uuid.uuid4())
+        outputs, node_errors = self.validate(prompt)
+        extra = dict(body.get("extra_data") or {})
+        if body.get("client_id"):
+            extra["client_id"] = body["client_id"]
+        heapq.heappush(self._pending, QueueItem(number, prompt_id, prompt, extra, outputs))
+        self.broadcast_status()
+        self._wakeup.set()
+        return {"prompt_id": prompt_id, "number": number, "node_errors": node_errors}
+
+    def delete_pending(self, prompt_ids: list[str]) -> None:
+        before = len(self._pending)
+        self._pending = [i for i in self._pending if i.prompt_id not in prompt_ids]
+        if len(self._pending) != before:
+            heapq.heapify(self._pending)
+            self.broadcast_status()
+
+    def clear_pending(self) -> None:
+        self._pending = []
+        self.broadcast_status()
+
+    def interrupt(self, prompt_id: str | None) -> None:
+        """With an id, only that prompt if it runs; with none, whatever runs."""
+        if self._running and (prompt_id is None or prompt_id == self._running.prompt_id):
+            self._interrupt_id = self._running.prompt_id
+
+    # validation ------------------------------------------------------------------------------
+    def validate(self, prompt: Any) -> tuple[list[str], dict[str, Any]]:
+        if not isinstance(prompt, dict):
+            raise PromptRejected({"error": _error("invalid_prompt", "Prompt is not a dict"), "node_errors": {}})
+        for node_id, node in prompt.items():
+            class_type = node.get("class_type") if isinstance(node, dict) else None
+            if class_type is None:
+                msg = "Cannot execute because a node is missing the class_type property."
+                raise PromptRejected(
+                    {"error": _error("invalid_prompt", msg, f"Node ID '#{node_id}'"), "node_errors": {}}
+                )
+            if class_type not in self.object_info:
+                msg = f"Cannot execute because node {class_type} does not exist."
+                raise PromptRejected(
+                    {"error": _error("invalid_prompt", msg, f"Node ID '#{node_id}'"), "node_errors": {}}
+                )
+        outputs = sorted(
+            (nid for nid, node in prompt.items() if self.object_info[node["class_type"]]["output_node"]),
+            key=_node_order,
+        )
+        if not outputs:
+            msg = "Prompt has no outputs"
+            raise PromptRejected({"error": _error("prompt_no_outputs", msg), "node_errors": {}})
+        node_errors: dict[str, Any] = {}
+        good: list[str] = []
+        for output in outputs:
+            failed: dict[str, list[dict[str, Any]]] = {}
+            self._validate_node(prompt, output, failed, set())
+            if not failed:
+                good.append(output)
+            for nid, errors in failed.items():
+                entry = node_errors.setdefault(
+                    nid, {"errors": errors, "dependent_outputs": [], "class_type": prompt[nid]["class_type"]}
+                )
+                entry["dependent_outputs"].append(output)
+        if not good:
+            first = next(iter(node_errors.values()))["errors"][0] if node_errors else None
+            details = (
+                f"{first['message']}: {first['details']}" if first and first["type"] == "return_type_mismatch" else ""
+            )
+            body = {"error": _error("prompt_outputs_failed_validation", "Prompt outputs failed validation", details)}
+            body["node_errors"] = node_errors
+            raise PromptRejected(body)
+        return good, node_errors
+
+    def _validate_node(
+        self, prompt: dict[str, Any], node_id: str, failed: dict[str, list[dict[str, Any]]], seen: set[str]
+    ) -> None:
+        if node_id in seen:
+            return
+        seen.add(node_id)
+        node = prompt[node_id]
+        info = self.object_info[node["class_type"]]
+        inputs = node.get("inputs") or {}
+        errors: list[dict[str, Any]] = []
+        for name, config in info["input"].get("required", {}).items():
+            if name not in inputs:
+                errors.append(_error("required_input_missing", "Required input is missing", name, {"input_name": name}))
+                continue
+            errors.extend(self._validate_input(prompt, node, name, config, inputs[name], failed, seen))
+        for name, config in info["input"].get("optional", {}).items():
+            if name in inputs:
+                errors.extend(self._validate_input(prompt, node, name, config, inputs[name], failed, seen))
+        if errors:
+            failed[node_id] = errors
+
+    def _validate_input(
+        self,
+        prompt: dict[str, Any],
+        node: dict[str, Any],
+        name: str,
+        config: list[Any],
+        value: Any,
+        failed: dict[str, list[dict[str, Any]]],
+        seen: set[str],
+    ) -> list[dict[str, Any]]:
+        kind = config[0]
+        options = config[1] if len(config) > 1 else {}
+        if _is_link(value):
+            source_id, slot = value
+            if source_id not in prompt:
+                return [_error("bad_linked_input", "Bad linked input, must be a length-2 list of [string, int]", name)]
+            source_outputs = self.object_info[prompt[source_id]["class_type"]]["output"]
+            received = source_outputs[slot] if slot < len(source_outputs) else None
+            if isinstance(kind, str) and received != kind and kind != "*":
+                detail = f"{name}, received_type({received}) mismatch input_type({kind})"
+                extra = {"input_name": name, "input_config": config, "received_type": received, "linked_node": value}
+                return [_error("return_type_mismatch", "Return type mismatch between linked nodes", detail, extra)]
+            self._validate_node(prompt, source_id, failed, seen)
+            return []
+        if node["class_type"] in ("LoadImage", "LoadImageMask") and name == "image":
+            if not (self.input_dir / str(value)).is_file():
+                detail = f"image - Invalid image file: {value}"
+                return [
+                    _error(
+                        "custom_validation_failed", "Custom validation failed for node", detail, {"input_name": name}
+                    )
+                ]
+            return []
+        info: dict[str, Any] = {"input_name": name, "input_config": config, "received_value": value}
+        if isinstance(kind, list):
+            if value not in kind:
+                detail = f"{name}: '{value}' not in {kind}"
+                return [_error("value_not_in_list", "Value not in list", detail, info)]
+            return []
+        converters: dict[str, Callable[[Any], Any]] = {"INT": int, "FLOAT": float, "STRING": str, "BOOLEAN": bool}
+        if kind in converters:
+            try:
+                converted = converters[kind](value)
+            except (TypeError, ValueError) as exc:
+                detail = f"{name}, {value}, {exc}"
+                return [
+                    _error("invalid_input_type", f"Failed to convert an input value to a {kind} value", detail, extra)
+                ]
+            if "min" in options and converted < options["min"]:
+                msg = f"Value {converted} smaller than min of {options['min']}"
+                return [_error("value_smaller_than_min", msg, name, info)]
+            if "max" in options and converted > options["max"]:
+                msg = f"Value {converted} bigger than max of {options['max']}"
+                return [_error("value_bigger_than_max", msg, name, info)]
+        return []
+
+    # execution -------------------------------------------------------------------------------
+    async def _worker(self) -> None:
+        while True:
+            while not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            item = heapq.heappop(self._pending)
+            self._running = item
+            self._interrupt_id = None
+            self.broadcast_status()
+            try:
+                await self._execute(item)
+            except Exception:  # pragma: no cover - an emulator bug must not stop the queue
+                log.exception("emulator failed on prompt %s", item.prompt_id)
+            finally:
+                self._running = None
+
+    def _emit(self, event: str, data: dict[str, Any], sid: str | None) -> None:
+        if sid is None and event not in _BROADCAST_WITHOUT_CLIENT:
+            return
+        self._send(event, data, sid)
+
+    async def _execute(self, item: QueueItem) -> None:
+        sid = item.extra_data.get("client_id")
+        pid = item.prompt_id
+        messages: list[list[Any]] = []
+
+        def record(event: str, data: dict[str, Any]) -> None:
+            messages.append([event, data])
+            self._emit(event, data, sid)
+
+        if self.faults.start_delay:
+            await asyncio.sleep(self.faults.start_delay)
+        record("execution_start", {"prompt_id": pid, "timestamp": _now_ms()})
+        order = _execution_order(item.prompt, item.outputs)
+        signatures = _signatures(item.prompt, order)
+        outputs_set = set(item.outputs)
+        cached = [n for n in order if n not in outputs_set and self._last_signatures.get(n) == signatures[n]]
+        record("execution_cached", {"nodes": cached, "prompt_id": pid, "timestamp": _now_ms()})
+        states: dict[str, dict[str, Any]] = {}
+        results: dict[str, Any] = {}
+        executed: list[str] = list(cached)
+        ui_outputs: dict[str, Any] = {}
+        fail_now = self.faults.runtime_error > 0
+        if fail_now:
+            self.faults.runtime_error -= 1
+        drop_after = self.faults.drop_socket_after_nodes
+        self.faults.drop_socket_after_nodes = None
+        outcome = "success"
+        # Cached nodes still yield values for the nodes after them.
+        for node_id in order:
+            if node_id in cached:
+                results[node_id] = self._run_node_value(item.prompt, node_id, results)
+        for count, node_id in enumerate(n for n in order if n not in cached):
+            node = item.prompt[node_id]
+            try:
+                self._check_interrupt(pid)
+                states[node_id] = _node_state(pid, node_id, 0.0, 1.0, "running")
+                self._emit("progress_state", {"prompt_id": pid, "nodes": dict(states)}, sid)
+                self._emit("executing", {"node": node_id, "display_node": node_id, "prompt_id": pid}, sid)
+                if drop_after is not None and count == drop_after:
+                    self._drop_sockets()
+                if fail_now:
+                    raise NodeFailure("emulated failure (injected)", "RuntimeError")
+                await self._spend(node, node_id, pid, sid)
+                results[node_id] = self._run_node_value(item.prompt, node_id, results)
+                ui = self._write_outputs(node, node_id, results, pid)
+                if ui is not None:
+                    ui_outputs[node_id] = ui
+                    self._emit(
+                        "executed", {"node": node_id, "display_node": node_id, "output": ui, "prompt_id": pid}, sid
+                    )
+                states[node_id] = _node_state(pid, node_id, 1.0, 1.0, "finished")
+                self._emit("progress_state", {"prompt_id": pid, "nodes": dict(states)}, sid)
+                executed.append(node_id)
+            except Interrupted:
+                outcome = "interrupted"
+                data = {"prompt_id": pid, "node_id": node_id, "node_type": node["class_type"], "executed": executed}
+                record("execution_interrupted", {**data, "timestamp": _now_ms()})
+                break
+            except NodeFailure as exc:
+                outcome = "error"
+                states[node_id] = _node_state(pid, node_id, 0.0, 1.0, "error")
+                record(
+                    "execution_error",
+                    {
+                        "prompt_id": pid,
+                        "node_id": node_id,
+                        "node_type": node["class_type"],
+                        "executed": executed,
+                        "exception_message": f"{exc}\n",
+                        "exception_type": exc.exception_type,
+                        "traceback": [f'  File "emulator/engine.py", in execute\n    {exc.exception_type}: {exc}\n'],
+                        "current_inputs": {},
+                        "current_outputs": {},
+                        "timestamp": _now_ms(),
+                    },
+                )
+                break
+        if outcome == "success":
+            record("execution_success", {"prompt_id": pid, "timestamp": _now_ms()})
+            self._last_signatures.update(signatures)
+        # ComfyUI writes history after execution_success, then broadcasts the queue, then sends executing null.
+        await asyncio.sleep(0)
+        self._store_history(item, ui_outputs, outcome, messages)
+        self._running = None
+        self.broadcast_status()
+        self._emit("executing", {"node": None, "prompt_id": pid}, sid if sid else None)
+
+    def _check_interrupt(self, prompt_id: str) -> None:
+        if self._interrupt_id == prompt_id:
+            self._interrupt_id = None
+            raise Interrupted
+
+    async def _spend(self, node: dict[str, Any], node_id: str, pid: str, sid: str | None) -> None:
+        """Take `pace` seconds; a sampler splits it over its steps with one `progress` per step."""
+        steps = node.get("inputs", {}).get("steps")
+        if "Sampler" in node["class_type"] and isinstance(steps, int) and steps > 0:
+            for step in range(1, steps + 1):
+                await asyncio.sleep(self.pace / steps)
+                self._check_interrupt(pid)
+                self._emit("progress", {"value": step, "max": steps, "prompt_id": pid, "node": node_id}, sid)
+        else:
+            await asyncio.sleep(self.pace)
+            self._check_interrupt(pid)
+
+    def _resolve(self, value: Any, results: dict[str, Any]) -> Any:
+        if _is_link(value):
+            out = results.get(value[0])
+            return out[value[1]] if isinstance(out, tuple) and value[1] < len(out) else None
+        return value
+
+    def _run_node_value(self, prompt: dict[str, Any], node_id: str, results: dict[str, Any]) -> tuple[Any, ...]:
+        """What the node passes on: image-like outputs carry (width, height, batch, colour)."""
+        node = prompt[node_id]
+        kind = node["class_type"]
+        inputs = {k: self._resolve(v, results) for k, v in (node.get("inputs") or {}).items()}
+        if kind in ("LoadImage", "LoadImageMask"):
+            path = self.input_dir / str(inputs.get("image"))
+            head = path.read_bytes()[:64] if path.is_file() else b""
+            if not head.startswith(_IMAGE_MAGIC):
+                raise NodeFailure(f"cannot identify image file '{path}'", "PIL.UnidentifiedImageError")
+            width, height = png_size(head) or (64, 64)
+            colour = int.from_bytes(hashlib.md5(head).digest()[:3], "big")
+            return ({"w": width, "h": height, "b": 1, "c": colour}, {"w": width, "h": height, "b": 1, "c": 0})
+        if kind in ("EmptyImage", "EmptyLatentImage"):
+            colour = int(inputs.get("color") or 0) if kind == "EmptyImage" else 0x223344
+            image = {"w": int(inputs["width"]), "h": int(inputs["height"]), "b": int(inputs["batch_size"]), "c": colour}
+            return (image,)
+        if kind == "ImageScale":
+            source = dict(inputs.get("image") or {"b": 1, "c": 0})
+            return ({**source, "w": int(inputs["width"]), "h": int(inputs["height"])},)
+        if kind == "ImageInvert":
+            source = dict(inputs.get("image") or {"w": 64, "h": 64, "b": 1, "c": 0})
+            return ({**source, "c": 0xFFFFFF ^ int(source["c"])},)
+        if kind == "GetImageSize":
+            source = inputs.get("image") or {"w": 64, "h": 64, "b": 1}
+            text = f"width: {source['w']}, height: {source['h']}\n batch size: {source['b']}"
+            self._send_binary(_text_frame(node_id, text), None)
+            return (source["w"], source["h"], source["b"])
+        if kind in ("KSampler", "KSamplerAdvanced"):
+            latent = dict(inputs.get("latent_image") or {"w": 512, "h": 512, "b": 1})
+            seed = int(inputs.get("seed") or inputs.get("noise_seed") or 0)
+            return ({**latent, "c": seed & 0xFFFFFF},)
+        first = next((v for v in inputs.values() if isinstance(v, dict)), None)
+        return (first,) if first else ("model", "clip", "vae")
+
+    def _write_outputs(
+        self, node: dict[str, Any], node_id: str, results: dict[str, Any], pid: str
+    ) -> dict[str, Any] | None:
+        kind = node["class_type"]
+        if kind not in ("SaveImage", "PreviewImage"):
+            return None
+        image = self._resolve(node["inputs"].get("images"), results) or {"w": 64, "h": 64, "b": 1, "c": 0}
+        if kind == "SaveImage":
+            folder, file_type = self.output_dir, "output"
+            prefix = str(node["inputs"].get("filename_prefix", "ComfyUI"))
+        else:
+            folder, file_type = self.temp_dir, "temp"
+            prefix = "ComfyUI_temp_" + pid[:5]
+        subfolder, _, stem = prefix.rpartition("/")
+        target = (folder / subfolder).resolve()
+        if not target.is_relative_to(folder.resolve()):
+            raise NodeFailure("Saving image outside the output folder is not allowed.", "Exception")
+        target.mkdir(parents=True, exist_ok=True)
+        counter = _next_counter(target, stem)
+        data = solid_png(max(1, int(image["w"])), max(1, int(image["h"])), int(image["c"]) & 0xFFFFFF)
+        images = []
+        for index in range(max(1, int(image["b"]))):
+            filename = f"{stem}_{counter + index:05}_.png"
+            (target / filename).write_bytes(data)
+            images.append({"filename": filename, "subfolder": subfolder, "type": file_type})
+        return {"images": images}
+
+    def _store_history(self, item: QueueItem, outputs: dict[str, Any], outcome: str, messages: list[list[Any]]) -> None:
+        status = {"status_str": "success" if outcome == "success" else "error", "completed": outcome == "success"}
+        meta = {n: {"node_id": n, "display_node": n, "parent_node": None, "real_node_id": n} for n in outputs}
+        self.history[item.prompt_id] = {
+            "prompt": item.as_list(),
+            "outputs": outputs,
+            "status": {**status, "messages": messages},
+            "meta": meta,
+        }
+        while len(self.history) > HISTORY_LIMIT:
+            self.history.pop(next(iter(self.history)))
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _node_order(node_id: str) -> tuple[int, str]:
+    return (int(node_id), node_id) if node_id.isdigit() else (1 << 30, node_id)
+
+
+def _node_state(pid: str, node_id: str, value: float, maximum: float, state: str) -> dict[str, Any]:
+    return {
+        "value": value,
+        "max": maximum,
+        "state": state,
+        "node_id": node_id,
+        "prompt_id": pid,
+        "display_node_id": node_id,
+        "parent_node_id": None,
+        "real_node_id": node_id,
+    }
+
+
+def _execution_order(prompt: dict[str, Any], outputs: list[str]) -> list[str]:
+    """Dependencies before dependants, starting from each output in turn, as ComfyUI stages them."""
+    order: list[str] = []
+    seen: set[str] = set()
+
+    def visit(node_id: str) -> None:
+        if node_id in seen:
+            return
+        seen.add(node_id)
+        for value in (prompt[node_id].get("inputs") or {}).values():
+            if _is_link(value) and value[0] in prompt:
+                visit(value[0])
+        order.append(node_id)
+
+    for output in outputs:
+        visit(output)
+    return order
+
+
+def _signatures(prompt: dict[str, Any], order: list[str]) -> dict[str, str]:
+    """A node's cache key: its class and inputs, with links replaced by their source's key."""
+    keys: dict[str, str] = {}
+    for node_id in order:
+        node = prompt[node_id]
+        inputs = {
+            k: (keys.get(v[0], ""), v[1]) if _is_link(v) else v for k, v in sorted((node.get("inputs") or {}).items())
+        }
+        keys[node_id] = hashlib.sha1(orjson.dumps([node["class_type"], inputs])).hexdigest()
+    return keys
+
+
+def _next_counter(folder: Path, stem: str) -> int:
+    """SaveImage lists its folder on every save to find the next number, like ComfyUI."""
+    pattern = re.compile(re.escape(stem) + r"_(\d{5})_")
+    numbers = [int(m.group(1)) for p in folder.iterdir() if (m := pattern.match(p.name))]
+    return max(numbers, default=0) + 1
+
+
+def _text_frame(node_id: str, text: str) -> bytes:
+    node = node_id.encode()
+    return struct.pack(">II", 3, len(node)) + node + text.encode()

@@ -1,0 +1,41 @@
+"""Domain errors the core raises; the HTTP edge maps each to a status code and a `detail`."""
+
+
+class BridgeError(Exception):
+    """Anything the client did or asked that the bridge refuses; the message is the client's `detail`."""
+
+    @property
+    def detail(self) -> str:
+        return str(self)
+
+
+class BadInput(BridgeError):
+    """Malformed or invalid input (400)."""
+
+
+class UnknownWorkflow(BadInput):
+    pass
+
+
+class UnknownClient(BadInput):
+    pass
+
+
+class TooLarge(BridgeError):
+    """An upload over the configured size (413)."""
+
+
+class UnsupportedMedia(BridgeError):
+    """An upload whose content is not an allowed media type (415)."""
+
+
+class NoBackend(BridgeError):
+    """No healthy ComfyUI backend can take the work (503)."""
+
+
+class ShuttingDown(NoBackend):
+    """The bridge is stopping and accepts no new work (503)."""
+
+
+class WorkflowConfigError(Exception):
+    """A workflow folder or file the bridge cannot serve; raised at start-up, names the culprit."""

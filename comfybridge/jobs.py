@@ -1,0 +1,133 @@
+"""The job model: one accepted request, its lifecycle, and its progress through ComfyUI's events."""
+
+from __future__ import annotations
+
+import enum
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class JobState(enum.StrEnum):
+    WAITING = "waiting"  # in the bridge's queue for its backend
+    SUBMITTING = "submitting"  # uploads and POST /prompt in flight
+    QUEUED = "queued"  # in ComfyUI's queue, not started
+    RUNNING = "running"  # ComfyUI sent execution_start
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+ENDED = {JobState.DONE, JobState.FAILED, JobState.CANCELLED}
+
+
+class Progress:
+    """Percent of a job: executed nodes weighted by their work, sampler steps from `progress` events.
+
+    Cached nodes never run, so they leave the total; the percent never goes down and stays below
+    100 until ComfyUI says the job succeeded.
+    """
+
+    def __init__(self, prompt: dict[str, Any]) -> None:
+        self.weights = {node_id: _weight(node) for node_id, node in prompt.items()}
+        self.finished: set[str] = set()
+        self.current: str | None = None
+        self.fraction = 0.0
+        self.percent = 0.0
+
+    def cached(self, nodes: list[str]) -> None:
+        for node_id in nodes:
+            self.weights.pop(node_id, None)
+
+    def executing(self, node_id: str) -> None:
+        if self.current is not None:
+            self.finished.add(self.current)
+        self.current, self.fraction = node_id, 0.0
+
+    def step(self, node_id: str, value: float, maximum: float) -> None:
+        if node_id != self.current:
+            self.executing(node_id)
+        self.fraction = min(1.0, value / maximum) if maximum > 0 else 0.0
+
+    def node_finished(self, node_id: str) -> None:
+        self.finished.add(node_id)
+        if node_id == self.current:
+            self.current, self.fraction = None, 0.0
+
+    def update(self) -> float:
+        total = sum(self.weights.values())
+        if total <= 0:
+            return self.percent
+        done = float(sum(self.weights.get(n, 0) for n in self.finished))
+        if self.current is not None and self.current not in self.finished:
+            done += self.weights.get(self.current, 0) * self.fraction
+        self.percent = max(self.percent, min(99.99, 100.0 * done / total))
+        return self.percent
+
+    def complete(self) -> float:
+        self.percent = 100.0
+        return self.percent
+
+
+def _weight(node: dict[str, Any]) -> int:
+    """A sampler's steps dominate a job's time; every other node counts once."""
+    steps = (node.get("inputs") or {}).get("steps")
+    if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0:
+        return steps
+    return 1
+
+
+@dataclass
+class Job:
+    client_id: str
+    workflow: str
+    prompt: dict[str, Any]
+    seq: int  # generation count at acceptance: the job's place in acceptance order
+    uploads: dict[str, str] = field(default_factory=dict)  # "node/input" -> upload name to send at dispatch
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    prompt_id: str = field(default_factory=lambda: str(uuid.uuid4()))  # chosen here, so a cancel always has it
+    state: JobState = JobState.WAITING
+    backend: str | None = None
+    error: str | None = None
+    outcome: str | None = None  # what ComfyUI said: success, error or interrupted
+    cancel_requested: bool = False
+    attempts: int = 0
+    accepted_at: float = field(default_factory=time.time)
+    last_event: float = field(default_factory=time.monotonic)
+    progress: Progress = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.progress = Progress(self.prompt)
+
+    @property
+    def ended(self) -> bool:
+        return self.state in ENDED
+
+    @property
+    def executing(self) -> bool:
+        return self.state is JobState.RUNNING
+
+    def new_attempt(self) -> None:
+        """Send again under a fresh prompt_id, so a late event of the old one cannot be mistaken for it."""
+        self.prompt_id = str(uuid.uuid4())
+        self.state = JobState.WAITING
+        self.outcome = None
+        self.progress = Progress(self.prompt)
+
+    def record(self) -> dict[str, Any]:
+        """Everything needed to resume the job, as plain JSON data."""
+        return {
+            "id": self.id,
+            "client_id": self.client_id,
+            "workflow": self.workflow,
+            "prompt": self.prompt,
+            "seq": self.seq,
+            "uploads": self.uploads,
+            "prompt_id": self.prompt_id,
+            "state": self.state.value,
+            "backend": self.backend,
+            "error": self.error,
+            "attempts": self.attempts,
+            "accepted_at": self.accepted_at,
+        }

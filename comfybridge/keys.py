@@ -1,0 +1,28 @@
+"""Typed application keys: every shared object of the app, declared in one place."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiohttp import web
+
+from .config import Settings
+from .results import ResultStore
+from .state import StateStore
+from .uploads import UploadStore
+from .workflows import WorkflowStore
+
+if TYPE_CHECKING:
+    from .scheduler import Scheduler
+    from .ws import SocketHub
+
+SETTINGS = web.AppKey("settings", Settings)
+WORKFLOWS = web.AppKey("workflows", WorkflowStore)
+STATE = web.AppKey("state", StateStore)
+UPLOADS = web.AppKey("uploads", UploadStore)
+RESULTS = web.AppKey("results", ResultStore)
+SESSION = web.AppKey("session", aiohttp.ClientSession)
+BACKEND_URLS = web.AppKey("backend_urls", list[str])
+HUB: web.AppKey[SocketHub] = web.AppKey("hub")
+SCHEDULER: web.AppKey[Scheduler] = web.AppKey("scheduler")

@@ -1,0 +1,239 @@
+"""The HTTP edge: the contract's routes, and the middleware that turns every error into JSON."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiofiles
+import orjson
+from aiohttp import BodyPartReader, web
+
+from .clients import check_client_id
+from .errors import BadInput, BridgeError, NoBackend, TooLarge, UnsupportedMedia
+from .keys import RESULTS, SCHEDULER, STATE, UPLOADS, WORKFLOWS
+from .results import JobResult, ResultFile
+from .uploads import IncomingFile
+from .ws import websocket_handler
+
+log = logging.getLogger(__name__)
+
+CHUNK = 256 * 1024
+B64_CHUNK = 3 * 64 * 1024  # a multiple of 3, so chunks encode without padding in between
+STATUS_OF: list[tuple[type[BridgeError], int]] = [
+    (TooLarge, 413),
+    (UnsupportedMedia, 415),
+    (NoBackend, 503),
+    (BadInput, 400),
+]
+NOT_SEEN = "The client ID has not been submitted to the server before. It is not recognized. / {}"
+NO_CONTENT = "No contents with that client id / {}"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def error_response(status: int, detail: str) -> web.Response:
+    return json_response({"detail": detail}, status)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure leaves as `{"detail": ...}` with the right status; never an HTML page."""
+    try:
+        return await handler(request)
+    except BridgeError as exc:
+        status = next((code for kind, code in STATUS_OF if isinstance(exc, kind)), 400)
+        return error_response(status, exc.detail)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        if exc.status == 404:
+            detail = f"Not found: {request.path}"
+        elif exc.status == 405:
+            detail = f"Method {request.method} is not allowed for {request.path}"
+        elif exc.status == 413:
+            detail = "The request body is too large"
+        else:
+            detail = exc.text or exc.reason
+        return error_response(exc.status, detail)
+    except Exception:
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return error_response(500, "Internal error in the bridge; it has been logged.")
+
+
+def _client_id(request: web.Request, required: bool = True) -> str | None:
+    value = request.query.get("clientId")
+    if value is None and not required:
+        return None
+    return check_client_id(value)
+
+
+async def workflow_list(request: web.Request) -> web.Response:
+    return json_response(request.app[WORKFLOWS].aliases())
+
+
+async def workflow_info(request: web.Request) -> web.Response:
+    workflow = request.app[WORKFLOWS].get(request.query.get("workflow"))
+    return json_response(workflow.describe_inputs())
+
+
+async def upload(request: web.Request) -> web.Response:
+    client_id = _client_id(request, required=False)
+    if not request.content_type.startswith("multipart/"):
+        raise BadInput("Send files as multipart/form-data, one file per part.")
+    scheduler = request.app[SCHEDULER]
+    reader = await request.multipart()
+
+    async def parts() -> AsyncIterator[IncomingFile]:
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                raise BadInput("Nested multipart bodies are not supported.")
+            yield IncomingFile(part.name or "", part.filename, _chunks(part))
+
+    try:
+        names = await request.app[UPLOADS].receive(client_id, parts())
+    except ValueError as exc:  # a malformed multipart body
+        raise BadInput(f"Malformed multipart body: {exc}") from None
+    if client_id is not None:
+        await scheduler.remember(client_id)
+        scheduler.bind_for_upload(client_id)
+    return json_response(names)
+
+
+async def _chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
+    while chunk := await part.read_chunk(CHUNK):
+        yield chunk
+
+
+async def generate(request: web.Request) -> web.Response:
+    client_id = _client_id(request)
+    assert client_id is not None
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        raise BadInput('The body must be a JSON object, e.g. {"workflow": "text-to-image"}.') from None
+    if not isinstance(body, dict):
+        raise BadInput('The body must be a JSON object, e.g. {"workflow": "text-to-image"}.')
+    _, position = await request.app[SCHEDULER].submit(client_id, body)
+    return json_response({"detail": f"queued / {position}"})
+
+
+async def execution_info(request: web.Request) -> web.Response:
+    client_id = _client_id(request)
+    assert client_id is not None
+    return json_response(request.app[SCHEDULER].status_of(client_id))
+
+
+async def generation_count(request: web.Request) -> web.Response:
+    return json_response(request.app[STATE].generation_count)
+
+
+async def free(request: web.Request) -> web.Response:
+    client_id = _client_id(request, required=False)
+    await request.app[SCHEDULER].free(client_id)
+    return json_response({"detail": f"server memory free now / {client_id or 'ALL'}"})
+
+
+async def interrupt(request: web.Request) -> web.Response:
+    client_id = _client_id(request)
+    assert client_id is not None
+    await request.app[SCHEDULER].interrupt(client_id)
+    return json_response({"detail": f"interrupted that clientId will be ignored. / {client_id}"})
+
+
+async def history(request: web.Request) -> web.StreamResponse:
+    """Stream every finished result of the client, then forget them once the response is complete."""
+    client_id = _client_id(request)
+    assert client_id is not None
+    scheduler = request.app[SCHEDULER]
+    results = request.app[RESULTS]
+    if scheduler.clients.get(client_id) is None and not results.holds(client_id):
+        return web.Response(status=204, headers={"X-Detail": NOT_SEEN.format(client_id)})
+    fetched = results.pending(client_id)
+    files = [f for result in fetched for f in result.files]
+    if not fetched:
+        return web.Response(status=204, headers={"X-Detail": NO_CONTENT.format(client_id)})
+    if request.query.get("resType") == "base64":
+        response = await _write_base64(request, files)
+    else:
+        response = await _write_multipart(request, files)
+    await _forget(request, client_id, fetched)
+    return response
+
+
+async def _forget(request: web.Request, client_id: str, fetched: list[JobResult]) -> None:
+    await request.app[RESULTS].remove(client_id, fetched)
+    await request.app[SCHEDULER].results_fetched(client_id)
+
+
+async def _write_multipart(request: web.Request, files: list[ResultFile]) -> web.StreamResponse:
+    boundary = uuid.uuid4().hex
+    heads = []
+    for index, item in enumerate(files):
+        name = item.file_name.replace("\\", "\\\\").replace('"', '\\"')
+        heads.append(
+            (
+                f"--{boundary}\r\n"
+                f'Content-Disposition: form-data; name="result_{index}"; filename="{name}"\r\n'
+                f"Content-Type: {item.content_type}\r\n"
+                f"Content-Length: {item.size}\r\n\r\n"
+            ).encode()
+        )
+    tail = f"--{boundary}--\r\n".encode()
+    length = sum(len(h) + f.size + 2 for h, f in zip(heads, files, strict=True)) + len(tail)
+    response = web.StreamResponse(
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}", "Content-Length": str(length)}
+    )
+    await response.prepare(request)
+    for head, item in zip(heads, files, strict=True):
+        await response.write(head)
+        async with aiofiles.open(item.path, "rb") as handle:
+            while chunk := await handle.read(CHUNK):
+                await response.write(chunk)
+        await response.write(b"\r\n")
+    await response.write(tail)
+    await response.write_eof()
+    return response
+
+
+async def _write_base64(request: web.Request, files: list[ResultFile]) -> web.StreamResponse:
+    """`{"files": [{"file_name", "content_type", "content"}]}`, encoded while it streams."""
+    pieces = []
+    for item in files:
+        meta = orjson.dumps({"file_name": item.file_name, "content_type": item.content_type})
+        pieces.append(meta[:-1] + b',"content":"')
+    encoded = [4 * ((f.size + 2) // 3) for f in files]
+    length = len(b'{"files":[') + sum(len(p) + n + 2 for p, n in zip(pieces, encoded, strict=True))
+    length += max(0, len(files) - 1) + len(b"]}")
+    response = web.StreamResponse(headers={"Content-Type": "application/json", "Content-Length": str(length)})
+    await response.prepare(request)
+    await response.write(b'{"files":[')
+    for index, (piece, item) in enumerate(zip(pieces, files, strict=True)):
+        await response.write((b"," if index else b"") + piece)
+        async with aiofiles.open(item.path, "rb") as handle:
+            while chunk := await handle.read(B64_CHUNK):
+                await response.write(base64.b64encode(chunk))
+        await response.write(b'"}')
+    await response.write(b"]}")
+    await response.write_eof()
+    return response
+
+
+def setup_routes(app: web.Application) -> None:
+    app.router.add_get("/ws", websocket_handler)
+    app.router.add_get("/workflow-list", workflow_list)
+    app.router.add_get("/workflow-info", workflow_info)
+    app.router.add_post("/upload", upload)
+    app.router.add_post("/generate-based-workflow", generate)
+    app.router.add_get("/history", history)
+    app.router.add_get("/execution-info", execution_info)
+    app.router.add_get("/generation-count", generation_count)
+    app.router.add_post("/free", free)
+    app.router.add_post("/interrupt", interrupt)

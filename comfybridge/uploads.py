@@ -1,0 +1,185 @@
+"""Upload store: client files kept under unique names until a job sends them to its backend."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import secrets
+import time
+import urllib.parse
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiofiles
+
+from .errors import BadInput, TooLarge, UnsupportedMedia
+from .media import SNIFF_BYTES, sniff
+
+log = logging.getLogger(__name__)
+
+SHARED = "_shared"  # folder of uploads made without a clientId, usable by any client
+_SAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+@dataclass
+class Upload:
+    name: str
+    path: Path
+    owner: str | None
+    kind: str
+    last_used: float
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    max_file_bytes: int
+    max_request_bytes: int
+    max_files: int
+    allowed_kinds: tuple[str, ...]
+
+
+class IncomingFile:
+    """One part of an upload request, read in chunks; the edge adapts its multipart reader to this."""
+
+    def __init__(self, field_name: str, filename: str | None, chunks: AsyncIterator[bytes]) -> None:
+        self.field_name = field_name
+        self.filename = filename
+        self.chunks = chunks
+
+
+def safe_name(filename: str, fallback_ext: str) -> str:
+    """`<random>-<stem>.<ext>`: decoded, last path segment only, nothing that could escape a folder."""
+    decoded = urllib.parse.unquote(filename)
+    last = re.split(r"[/\\]", decoded)[-1]
+    stem, dot, ext = last.rpartition(".")
+    if not dot:
+        stem, ext = last, ""
+    stem = _SAFE.sub("_", stem).replace("..", "_").strip("._")[:80] or "file"
+    ext = "." + ext.lower() if re.fullmatch(r"[A-Za-z0-9]{1,8}", ext) else fallback_ext
+    return f"{secrets.token_hex(6)}-{stem}{ext}"
+
+
+def _owner_dir(owner: str | None) -> str:
+    return SHARED if owner is None else "c-" + owner
+
+
+class UploadStore:
+    def __init__(self, root: Path, limits: UploadLimits) -> None:
+        self.root = root
+        self.limits = limits
+        self._uploads: dict[str, Upload] = {}
+
+    def load(self) -> None:
+        """Index what earlier runs left, so uploads survive a restart."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for folder in self.root.iterdir():
+            if not folder.is_dir():
+                continue
+            owner = None if folder.name == SHARED else folder.name.removeprefix("c-")
+            for path in folder.iterdir():
+                if path.name.startswith("."):
+                    path.unlink(missing_ok=True)  # an upload interrupted mid-write
+                    continue
+                self._uploads[path.name] = Upload(path.name, path, owner, "", path.stat().st_mtime)
+
+    def usable(self, name: str, client_id: str) -> bool:
+        upload = self._uploads.get(name)
+        return upload is not None and upload.owner in (None, client_id)
+
+    def path_of(self, name: str) -> Path:
+        upload = self._uploads[name]
+        upload.last_used = time.time()
+        return upload.path
+
+    def owns_any(self, client_id: str) -> bool:
+        return any(u.owner == client_id for u in self._uploads.values())
+
+    async def receive(self, owner: str | None, parts: AsyncIterator[IncomingFile]) -> dict[str, str]:
+        """Store every part; all or nothing: on any error the files of this request are removed."""
+        saved: dict[str, Upload] = {}
+        total = 0
+        folder = self.root / _owner_dir(owner)
+        await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
+        try:
+            async for part in parts:
+                if len(saved) >= self.limits.max_files:
+                    raise BadInput(f"Too many files in one upload: at most {self.limits.max_files}.")
+                identifier = part.field_name or "file"
+                if identifier in saved:
+                    raise BadInput(f"Two parts share the identifier {identifier!r}; give each file its own field name.")
+                if part.filename is None:
+                    raise BadInput(f"Part {identifier!r} is not a file: send it with a filename.")
+                upload, size = await self._receive_one(folder, owner, part, total)
+                total += size
+                saved[identifier] = upload
+        except BaseException:
+            for upload in saved.values():
+                await asyncio.to_thread(upload.path.unlink, missing_ok=True)
+            raise
+        if not saved:
+            raise BadInput("No file in the request: send multipart/form-data with one file per part.")
+        for upload in saved.values():
+            self._uploads[upload.name] = upload
+        return {identifier: upload.name for identifier, upload in saved.items()}
+
+    async def _receive_one(
+        self, folder: Path, owner: str | None, part: IncomingFile, before: int
+    ) -> tuple[Upload, int]:
+        limits = self.limits
+        tmp = folder / f".{secrets.token_hex(8)}.part"
+        size = 0
+        head = b""
+        kind = ext = ""
+        try:
+            async with aiofiles.open(tmp, "wb") as handle:
+                async for chunk in part.chunks:
+                    size += len(chunk)
+                    if size > limits.max_file_bytes:
+                        raise TooLarge(
+                            f"File {part.filename!r} is larger than the limit of {_mb(limits.max_file_bytes)} MB."
+                        )
+                    if before + size > limits.max_request_bytes:
+                        raise TooLarge(f"The upload is larger than the limit of {_mb(limits.max_request_bytes)} MB.")
+                    if not kind:
+                        head += chunk[:SNIFF_BYTES]
+                        if len(head) >= SNIFF_BYTES:
+                            kind, ext = self._check_media(head, part)
+                    await handle.write(chunk)
+            if not kind:
+                kind, ext = self._check_media(head, part)
+            name = safe_name(part.filename or "", ext)
+            path = folder / name
+            await asyncio.to_thread(os.replace, tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(tmp.unlink, missing_ok=True)
+            raise
+        return Upload(name, path, owner, kind, time.time()), size
+
+    def _check_media(self, head: bytes, part: IncomingFile) -> tuple[str, str]:
+        found = sniff(head)
+        allowed = ", ".join(self.limits.allowed_kinds)
+        if found is None:
+            raise UnsupportedMedia(f"File {part.filename!r} is not a recognised media file (allowed: {allowed}).")
+        kind, mime, ext = found
+        if kind not in self.limits.allowed_kinds:
+            raise UnsupportedMedia(f"File {part.filename!r} is {mime}, which is not allowed (allowed: {allowed}).")
+        return kind, ext
+
+    async def expire(self, ttl: float) -> int:
+        cutoff = time.time() - ttl
+        old = [u for u in self._uploads.values() if u.last_used < cutoff]
+        for upload in old:
+            self._uploads.pop(upload.name, None)
+            await asyncio.to_thread(upload.path.unlink, missing_ok=True)
+        if old:
+            log.info("expired %d unused uploads", len(old))
+        return len(old)
+
+
+def _mb(size: int) -> str:
+    return f"{size / (1024 * 1024):g}"
