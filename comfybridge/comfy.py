@@ -192,9 +192,12 @@ class ComfyClient:
         on_event: EventHandler,
         on_connect: ConnectHandler,
         on_disconnect: DisconnectHandler,
+        first_attempt: asyncio.Event,
         max_backoff: float = 5.0,
     ) -> None:
-        """Keep the event socket open forever, reconnecting with backoff; runs until cancelled."""
+        """Keep the event socket open forever, reconnecting with backoff; runs until cancelled.
+
+        `first_attempt` is set once the first try has connected or failed."""
         backoff = 0.2
         ws_url = self.url.with_scheme("wss" if self.url.scheme == "https" else "ws") / "ws"
         while True:
@@ -206,6 +209,7 @@ class ComfyClient:
                     backoff = 0.2
                     log.info("connected to ComfyUI %s", self.name)
                     await on_connect()
+                    first_attempt.set()
                     async for msg in ws:
                         if msg.type is aiohttp.WSMsgType.TEXT:
                             try:
@@ -219,6 +223,7 @@ class ComfyClient:
                     log.warning("ComfyUI %s closed its socket", self.name)
             except (aiohttp.ClientError, TimeoutError, OSError, BackendUnavailable) as exc:
                 log.debug("ComfyUI %s unreachable: %s", self.name, exc)
+            first_attempt.set()
             if self.connected:
                 self.connected = False
                 on_disconnect()

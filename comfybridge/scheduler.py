@@ -65,7 +65,7 @@ class Backend:
     queue_remaining: int = 0  # ComfyUI's own count: ours and anyone else's
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     object_info_loaded: bool = False
-    first_connect: asyncio.Event = field(default_factory=asyncio.Event)
+    first_attempt: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def name(self) -> str:
@@ -120,7 +120,7 @@ class Scheduler:
             self._spawn(self._worker(backend), f"worker {backend.name}")
         self._spawn(self._watchdog(), "watchdog")
         self._spawn(self._sweeper(), "sweeper")
-        waits = [asyncio.ensure_future(b.first_connect.wait()) for b in self.backends.values()]
+        waits = [asyncio.ensure_future(b.first_attempt.wait()) for b in self.backends.values()]
         _, late = await asyncio.wait(waits, timeout=connect_timeout)
         for task in late:
             task.cancel()
@@ -495,7 +495,6 @@ class Scheduler:
                 backend.object_info_loaded = True
             backend.healthy = True
             backend.wakeup.set()
-            backend.first_connect.set()
 
         def disconnected() -> None:
             backend.healthy = False
@@ -503,7 +502,9 @@ class Scheduler:
                 "backend %s is down; %d jobs wait for it", backend.name, len(backend.inflight) + len(backend.waiting)
             )
 
-        await backend.client.listen(lambda event, data: self._on_event(backend, event, data), connected, disconnected)
+        await backend.client.listen(
+            lambda event, data: self._on_event(backend, event, data), connected, disconnected, backend.first_attempt
+        )
 
     async def _reconcile(self, backend: Backend) -> None:
         """After a lost socket: ask ComfyUI about every prompt the bridge had there."""

@@ -103,6 +103,7 @@ class Engine:
         self.faults = Faults()
         self.object_info = load_object_info()
         self.history: dict[str, dict[str, Any]] = {}
+        self.free_requests: list[Any] = []  # bodies of POST /free, so a test can see what was asked
         self._send = send
         self._send_binary = send_binary
         self._numbers = itertools.count()

@@ -90,12 +90,16 @@ def create_emulator_app(root: Path, pace: float) -> web.Application:
         engine.start(drop_sockets)
         yield
         await engine.stop()
-        for ws in list(sockets.values()):
-            await ws.close(code=WSCloseCode.GOING_AWAY)
         if pending_sends:
             await asyncio.gather(*pending_sends, return_exceptions=True)
 
+    async def close_sockets(app: web.Application) -> None:
+        # Before the server waits for open handlers: a socket handler ends only when its socket does.
+        for ws in list(sockets.values()):
+            await ws.close(code=WSCloseCode.GOING_AWAY)
+
     app.cleanup_ctx.append(lifecycle)
+    app.on_shutdown.append(close_sockets)
     routes = _routes()
     app.router.add_routes(routes)
     # ComfyUI registers every route a second time under /api.
@@ -207,6 +211,7 @@ def _routes() -> web.RouteTableDef:
         raw = await request.read()
         if not raw:
             return web.Response(status=500, text="500 Internal Server Error\n\nServer got itself in trouble")
+        request.app[ENGINE].free_requests.append(orjson.loads(raw))
         return web.Response()
 
     @routes.get("/history")

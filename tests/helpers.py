@@ -1,0 +1,66 @@
+"""Small client-side helpers for the tests: what an app using the bridge would write."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from comfybridge.emulator.png import solid_png
+
+Client = TestClient[web.Request, web.Application]
+
+
+def png(width: int = 8, height: int = 8, colour: int = 0x336699) -> bytes:
+    return solid_png(width, height, colour)
+
+
+async def upload(client: Client, files: dict[str, tuple[str, bytes]], client_id: str | None = None) -> Any:
+    form = aiohttp.FormData()
+    for field, (filename, data) in files.items():
+        form.add_field(field, data, filename=filename, content_type="application/octet-stream")
+    params = {"clientId": client_id} if client_id else {}
+    resp = await client.post("/upload", data=form, params=params)
+    return resp.status, await resp.json()
+
+
+async def generate(client: Client, client_id: str, body: dict[str, Any]) -> tuple[int, Any]:
+    resp = await client.post("/generate-based-workflow", params={"clientId": client_id}, json=body)
+    return resp.status, await resp.json()
+
+
+async def frames_until(ws: aiohttp.ClientWebSocketResponse, status: str | set[str], timeout: float = 15) -> list[Any]:
+    """Every status frame up to and including the first whose status is `status`."""
+    wanted = {status} if isinstance(status, str) else status
+    seen = []
+    async with asyncio.timeout(timeout):
+        async for msg in ws:
+            if msg.type is not aiohttp.WSMsgType.TEXT:
+                break
+            frame = orjson.loads(msg.data)
+            seen.append(frame)
+            if frame["status"] in wanted:
+                return seen
+    raise AssertionError(f"socket closed before {wanted}: {seen[-5:]}")
+
+
+async def read_results(resp: aiohttp.ClientResponse) -> list[tuple[str, str, str, bytes]]:
+    """(part name, filename, content type, bytes) of a multipart /history answer."""
+    reader = aiohttp.MultipartReader.from_response(resp)
+    parts = []
+    while (part := await reader.next()) is not None:
+        assert isinstance(part, aiohttp.BodyPartReader)
+        parts.append((part.name or "", part.filename or "", part.headers["Content-Type"], await part.read()))
+    return parts
+
+
+async def run_job(client: Client, client_id: str, body: dict[str, Any]) -> list[Any]:
+    """Submit with a socket open and return the frames up to the job's end."""
+    async with client.ws_connect("/ws", params={"clientId": client_id}) as ws:
+        status, answer = await generate(client, client_id, body)
+        assert status == 200, answer
+        return await frames_until(ws, {"closed", "error"})

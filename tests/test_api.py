@@ -1,0 +1,316 @@
+"""Every REST endpoint of the contract, through real HTTP, against the ComfyUI emulator."""
+
+from __future__ import annotations
+
+import base64
+import re
+from pathlib import Path
+
+import orjson
+
+from comfybridge.emulator import Emulator
+from comfybridge.emulator.png import png_size
+from comfybridge.keys import RESULTS, STATE
+
+from .conftest import BridgeFactory
+from .helpers import Client, generate, png, read_results, run_job, upload
+
+ALIASES = ["bad_ckpt", "broken", "image-to-image", "invert", "size-preview", "slow", "solid", "text-to-image"]
+
+
+# /workflow-list, /workflow-info ------------------------------------------------------------------
+async def test_workflow_list_is_every_alias_sorted(bridge: Client) -> None:
+    resp = await bridge.get("/workflow-list")
+    assert resp.status == 200
+    assert await resp.json() == ALIASES
+
+
+async def test_unaliased_file_is_listed_under_its_stem(make_bridge: BridgeFactory, emulator: Emulator, workflow_dir: Path) -> None:
+    (workflow_dir / "extra_flow.json").write_bytes((workflow_dir / "b_emptyimage_save.json").read_bytes())
+    client = await make_bridge(emulator)
+    assert await (await client.get("/workflow-list")).json() == sorted([*ALIASES, "extra_flow"])
+
+
+async def test_workflow_info_from_markers_with_object_info_limits(bridge: Client) -> None:
+    resp = await bridge.get("/workflow-info", params={"workflow": "text-to-image"})
+    assert resp.status == 200
+    info = await resp.json()
+    assert list(info) == ["3/seed", "3/steps", "5/width", "5/height", "5/batch_size", "6/text"]
+    assert info["6/text"] == {
+        "type": "str",
+        "title": "CLIP Text Encode (Prompt)",
+        "class": "CLIPTextEncode",
+        "default": "beautiful scenery nature glass bottle landscape, , purple galaxy bottle,",
+        "description": "The text to be encoded.",
+    }
+    assert info["3/steps"]["type"] == "int"
+    assert (info["3/steps"]["min"], info["3/steps"]["max"], info["3/steps"]["default"]) == (1, 10000, 20)
+
+
+async def test_workflow_info_from_alias_inputs_marks_uploads(bridge: Client) -> None:
+    info = await (await bridge.get("/workflow-info", params={"workflow": "invert"})).json()
+    assert info == {
+        "1/image": {"type": "str", "title": "LoadImage", "class": "LoadImage", "default": "test.png", "upload": "image"}
+    }
+    slow = await (await bridge.get("/workflow-info", params={"workflow": "slow"})).json()
+    assert slow["3/upscale_method"]["choices"] == ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]
+    assert slow["2/seed"]["type"] == "int"
+
+
+async def test_workflow_info_unknown_or_missing_alias_is_400(bridge: Client) -> None:
+    resp = await bridge.get("/workflow-info", params={"workflow": "nope"})
+    assert resp.status == 400
+    assert (await resp.json())["detail"].startswith("Unknown workflow 'nope'. Available workflows: bad_ckpt, broken")
+    resp = await bridge.get("/workflow-info")
+    assert resp.status == 400
+    assert "'workflow' field is required" in (await resp.json())["detail"]
+
+
+# /generate-based-workflow and /history -----------------------------------------------------------
+async def test_generate_then_history_returns_the_patched_images(bridge: Client) -> None:
+    frames = await run_job(bridge, "c1", {"workflow": "solid", "1/width": 40, "1/height": 24, "1/batch_size": 2})
+    assert frames[-1] == {"status": "closed", "detail": "Execution is done", "details": "Execution is done"}
+    resp = await bridge.get("/history", params={"clientId": "c1"})
+    assert resp.status == 200
+    assert resp.content_type == "multipart/form-data"
+    parts = await read_results(resp)
+    assert [(p[0], p[1], p[2]) for p in parts] == [
+        ("result_0", "wf_b_empty_00001_.png", "image/png"),
+        ("result_1", "wf_b_empty_00002_.png", "image/png"),
+    ]
+    assert [png_size(p[3]) for p in parts] == [(40, 24), (40, 24)]
+
+
+async def test_each_job_gets_its_own_copy_of_the_workflow(bridge: Client, workflow_dir: Path) -> None:
+    before = (workflow_dir / "b_emptyimage_save.json").read_bytes()
+    await run_job(bridge, "copy", {"workflow": "solid", "1/width": 16, "1/batch_size": 1})
+    await run_job(bridge, "copy", {"workflow": "solid", "1/batch_size": 1})
+    parts = await read_results(await bridge.get("/history", params={"clientId": "copy"}))
+    assert [png_size(p[3]) for p in parts] == [(16, 384), (512, 384)]
+    assert (workflow_dir / "b_emptyimage_save.json").read_bytes() == before
+
+
+async def test_history_in_job_order_then_forgets(bridge: Client) -> None:
+    await run_job(bridge, "order", {"workflow": "solid", "1/width": 10, "1/batch_size": 2})
+    await run_job(bridge, "order", {"workflow": "solid", "1/width": 20, "1/batch_size": 1})
+    parts = await read_results(await bridge.get("/history", params={"clientId": "order"}))
+    assert [p[0] for p in parts] == ["result_0", "result_1", "result_2"]
+    assert [png_size(p[3])[0] for p in parts if png_size(p[3])] == [10, 10, 20]
+    again = await bridge.get("/history", params={"clientId": "order"})
+    assert again.status == 204
+    assert again.headers["X-Detail"] == (
+        "The client ID has not been submitted to the server before. It is not recognized. / order"
+    )
+
+
+async def test_history_base64(bridge: Client) -> None:
+    await run_job(bridge, "b64", {"workflow": "solid", "1/width": 8, "1/height": 8, "1/batch_size": 1})
+    resp = await bridge.get("/history", params={"clientId": "b64", "resType": "base64"})
+    assert resp.status == 200
+    body = await resp.json()
+    assert [(f["file_name"], f["content_type"]) for f in body["files"]] == [("wf_b_empty_00001_.png", "image/png")]
+    assert png_size(base64.b64decode(body["files"][0]["content"])) == (8, 8)
+
+
+async def test_history_204_texts(bridge: Client) -> None:
+    resp = await bridge.get("/history", params={"clientId": "never-seen"})
+    assert resp.status == 204
+    assert resp.headers["X-Detail"].endswith("It is not recognized. / never-seen")
+    assert await resp.read() == b""
+    async with bridge.ws_connect("/ws", params={"clientId": "known"}):
+        resp = await bridge.get("/history", params={"clientId": "known"})
+        assert resp.status == 204
+        assert resp.headers["X-Detail"] == "No contents with that client id / known"
+
+
+async def test_history_kept_when_download_breaks_off(bridge: Client) -> None:
+    await run_job(bridge, "big", {"workflow": "solid", "1/width": 8, "1/batch_size": 1})
+    # Make the stored result large enough that the response cannot fit in socket buffers.
+    result = bridge.app[RESULTS].pending("big")[0]
+    big = result.files[0]
+    big.path.write_bytes(png() + b"\0" * (40 * 1024 * 1024))
+    result.files[0] = type(big)(big.file_name, big.path, big.content_type, big.path.stat().st_size)
+    size = big.path.stat().st_size
+    resp = await bridge.get("/history", params={"clientId": "big"})
+    assert resp.status == 200
+    await resp.content.read(1024)
+    resp.close()  # the client goes away mid-download
+    full = await bridge.get("/history", params={"clientId": "big"})
+    assert full.status == 200
+    parts = await read_results(full)
+    assert len(parts[0][3]) == size
+    assert (await bridge.get("/history", params={"clientId": "big"})).status == 204
+
+
+async def test_generate_place_in_line(make_emulator: object, make_bridge: BridgeFactory) -> None:
+    slow = await make_emulator(pace=0.2)  # type: ignore[operator]
+    client = await make_bridge(slow)
+    places = []
+    for _ in range(3):
+        status, body = await generate(client, "line", {"workflow": "solid", "1/batch_size": 1})
+        assert status == 200
+        places.append(body["detail"])
+    assert places == ["queued / 1", "queued / 2", "queued / 3"]
+    await client.post("/interrupt", params={"clientId": "line"})
+
+
+async def test_generate_bad_inputs_are_400_and_change_nothing(bridge: Client) -> None:
+    cases = [
+        ({"1/width": 8}, "The 'workflow' field is required"),
+        ({"workflow": "nope"}, "Unknown workflow 'nope'"),
+        ({"workflow": "solid", "9/x": 1}, "Unknown input '9/x' for workflow 'solid'. Allowed inputs: 1/width, 1/height"),
+        ({"workflow": "solid", "1/width": True}, "Input '1/width' must be a int, got bool."),
+        ({"workflow": "solid", "1/width": 1.5}, "Input '1/width' must be a int, got float."),
+        ({"workflow": "solid", "1/width": "8"}, "Input '1/width' must be a int, got str."),
+        ({"workflow": "solid", "1/width": 0}, "Input '1/width' must be at least 1, got 0."),
+        ({"workflow": "solid", "1/color": 16777216}, "Input '1/color' must be at most 16777215"),
+        ({"workflow": "text-to-image", "6/text": 5}, "Input '6/text' must be a str, got int."),
+        ({"workflow": "slow", "3/upscale_method": "magic"}, "Input '3/upscale_method' must be one of: nearest-exact"),
+        ({"workflow": "invert", "1/image": "nothere.png"}, "Input '1/image' names no uploaded file: 'nothere.png'"),
+    ]
+    for body, detail in cases:
+        status, answer = await generate(bridge, "bad", body)
+        assert status == 400, body
+        assert answer["detail"].startswith(detail), answer
+    for raw in (b"not json", b"[1, 2]"):
+        resp = await bridge.post("/generate-based-workflow", params={"clientId": "bad"}, data=raw)
+        assert resp.status == 400
+        assert (await resp.json())["detail"].startswith("The body must be a JSON object")
+    assert await (await bridge.get("/generation-count")).json() == 0
+    assert (await bridge.get("/execution-info", params={"clientId": "bad"})).status == 400
+
+
+async def test_float_input_accepts_int(bridge: Client) -> None:
+    status, body = await generate(bridge, "f", {"workflow": "image-to-image", "3/denoise": 1})
+    assert (status, body) == (200, {"detail": "queued / 1"})
+
+
+async def test_client_id_is_checked_everywhere(bridge: Client) -> None:
+    for method, path in [
+        ("POST", "/generate-based-workflow"),
+        ("GET", "/history"),
+        ("GET", "/execution-info"),
+        ("POST", "/interrupt"),
+        ("GET", "/ws"),
+    ]:
+        for params in ({}, {"clientId": "bad id!"}, {"clientId": "x" * 129}):
+            resp = await bridge.request(method, path, params=params, json={"workflow": "solid"})
+            assert resp.status == 400, (path, params)
+            assert "clientId" in (await resp.json())["detail"]
+    for method, path in [("POST", "/upload"), ("POST", "/free")]:
+        resp = await bridge.request(method, path, params={"clientId": "a/b"})
+        assert resp.status == 400
+
+
+async def test_uploaded_file_feeds_a_file_input(bridge: Client) -> None:
+    status, names = await upload(bridge, {"photo": ("my photo.png", png(30, 20))}, client_id="up")
+    assert status == 200
+    assert re.fullmatch(r"[0-9a-f]{12}-my_photo\.png", names["photo"])
+    frames = await run_job(bridge, "up", {"workflow": "invert", "1/image": names["photo"]})
+    assert frames[-1]["status"] == "closed"
+    parts = await read_results(await bridge.get("/history", params={"clientId": "up"}))
+    assert png_size(parts[0][3]) == (30, 20)
+
+
+async def test_upload_of_another_client_is_not_usable(bridge: Client) -> None:
+    _, names = await upload(bridge, {"file": ("a.png", png())}, client_id="owner")
+    status, body = await generate(bridge, "thief", {"workflow": "invert", "1/image": names["file"]})
+    assert status == 400
+    assert "names no uploaded file" in body["detail"]
+    _, shared = await upload(bridge, {"file": ("a.png", png())})
+    status, _ = await generate(bridge, "anyone", {"workflow": "invert", "1/image": shared["file"]})
+    assert status == 200
+
+
+# /execution-info, /generation-count ------------------------------------------------------------
+async def test_execution_info_follows_the_job(bridge: Client) -> None:
+    resp = await bridge.get("/execution-info", params={"clientId": "poll"})
+    assert resp.status == 400
+    assert (await resp.json())["detail"].startswith("Unknown clientId 'poll'")
+    await upload(bridge, {"file": ("a.png", png())}, client_id="poll")
+    info = await (await bridge.get("/execution-info", params={"clientId": "poll"})).json()
+    assert info == {"status": "listening", "detail": "server is listening", "details": "server is listening"}
+    await run_job(bridge, "poll", {"workflow": "solid", "1/batch_size": 1})
+    info = await (await bridge.get("/execution-info", params={"clientId": "poll"})).json()
+    assert info == {"status": "closed", "detail": "Execution is done", "details": "Execution is done"}
+
+
+async def test_generation_count_counts_accepted_jobs(bridge: Client) -> None:
+    assert await (await bridge.get("/generation-count")).json() == 0
+    await run_job(bridge, "count", {"workflow": "solid", "1/batch_size": 1})
+    await generate(bridge, "count", {"workflow": "nope"})
+    await run_job(bridge, "count", {"workflow": "solid", "1/batch_size": 1})
+    resp = await bridge.get("/generation-count")
+    assert await resp.text() == "2"
+    state = orjson.loads(bridge.app[STATE].path.read_bytes())
+    assert state["generation_count"] == 2
+
+
+# /free, /interrupt -----------------------------------------------------------------------------
+async def test_free_all_and_by_client(make_emulator: object, make_bridge: BridgeFactory) -> None:
+    first = await make_emulator()  # type: ignore[operator]
+    second = await make_emulator()  # type: ignore[operator]
+    client = await make_bridge(first, second)
+    resp = await client.post("/free")
+    assert await resp.json() == {"detail": "server memory free now / ALL"}
+    expected = {"unload_models": True, "free_memory": True}
+    assert first.engine.free_requests == [expected]
+    assert second.engine.free_requests == [expected]
+    resp = await client.post("/free", params={"clientId": "ghost"})
+    assert resp.status == 400
+    await run_job(client, "freer", {"workflow": "solid", "1/batch_size": 1})
+    resp = await client.post("/free", params={"clientId": "freer"})
+    assert await resp.json() == {"detail": "server memory free now / freer"}
+    ran_on = first if first.engine.history else second
+    other = second if ran_on is first else first
+    assert (len(ran_on.engine.free_requests), len(other.engine.free_requests)) == (2, 1)
+
+
+async def test_free_skips_a_backend_that_is_down(make_emulator: object, make_bridge: BridgeFactory) -> None:
+    up = await make_emulator()  # type: ignore[operator]
+    down = await make_emulator()  # type: ignore[operator]
+    client = await make_bridge(up, down)
+    await down.stop()
+    resp = await client.post("/free")
+    assert resp.status == 200
+    assert len(up.engine.free_requests) == 1
+
+
+async def test_interrupt_unknown_and_idle_client(bridge: Client) -> None:
+    resp = await bridge.post("/interrupt", params={"clientId": "ghost"})
+    assert resp.status == 400
+    await upload(bridge, {"file": ("a.png", png())}, client_id="idle")
+    resp = await bridge.post("/interrupt", params={"clientId": "idle"})
+    assert resp.status == 200
+    assert await resp.json() == {"detail": "interrupted that clientId will be ignored. / idle"}
+
+
+# the edge --------------------------------------------------------------------------------------
+async def test_no_raw_comfyui_route_is_reachable(bridge: Client) -> None:
+    for method, path in [
+        ("GET", "/prompt"),
+        ("POST", "/prompt"),
+        ("GET", "/view"),
+        ("GET", "/queue"),
+        ("GET", "/system_stats"),
+        ("GET", "/object_info"),
+        ("POST", "/upload/image"),
+        ("GET", "/api/prompt"),
+    ]:
+        resp = await bridge.request(method, path)
+        assert resp.status == 404, path
+        assert await resp.json() == {"detail": f"Not found: {path}"}
+
+
+async def test_wrong_method_is_json_405(bridge: Client) -> None:
+    resp = await bridge.get("/interrupt", params={"clientId": "x"})
+    assert resp.status == 405
+    assert await resp.json() == {"detail": "Method GET is not allowed for /interrupt"}
+
+
+async def test_no_backend_is_503(make_bridge: BridgeFactory) -> None:
+    client = await make_bridge("http://127.0.0.1:1")  # nothing listens there
+    status, body = await generate(client, "lonely", {"workflow": "solid"})
+    assert status == 503
+    assert body == {"detail": "No ComfyUI backend is available right now; try again shortly."}
+    assert await (await client.get("/generation-count")).json() == 0
