@@ -288,7 +288,10 @@ class Scheduler:
                 backend.waiting.appendleft(job)
                 await asyncio.sleep(0.2 * job.attempts)
                 return
-            reason = "an uploaded file of the job is gone" if isinstance(exc, KeyError) else DISCONNECTED
+            if isinstance(exc, KeyError):
+                reason = "an uploaded file of the job is gone"
+            else:
+                reason = "ComfyUI did not accept the job" if backend.client.connected else DISCONNECTED
             self._end(job, JobState.FAILED, reason)
             return
         job.last_event = time.monotonic()

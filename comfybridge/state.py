@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 import orjson
 
 log = logging.getLogger(__name__)
+_temp_names = itertools.count()
 
 
 class StateError(Exception):
@@ -19,7 +21,7 @@ class StateError(Exception):
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write so that a crash leaves either the old file or the new one: temp, flush, fsync, rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{next(_temp_names)}.tmp")
     with open(tmp, "wb") as handle:
         handle.write(data)
         handle.flush()
@@ -51,6 +53,8 @@ class StateStore:
     def load(cls, path: Path) -> StateStore:
         store = cls(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)  # a write that a crash cut short; the real file is intact
         if not path.exists():
             return store
         try:
@@ -68,9 +72,6 @@ class StateStore:
         store.clients = clients
         return store
 
-    def changed(self) -> None:
-        self._changes += 1
-
     async def save(self) -> None:
         """Return once a write that includes every change made before this call is on disk."""
         self._changes += 1
@@ -80,5 +81,11 @@ class StateStore:
                 return
             version = self._changes
             data = orjson.dumps({"generation_count": self.generation_count, "clients": self.clients})
-            await asyncio.to_thread(atomic_write, self.path, data)
+            write = asyncio.ensure_future(asyncio.to_thread(atomic_write, self.path, data))
+            try:
+                await asyncio.shield(write)
+            except asyncio.CancelledError:
+                # Hold the lock until the file is written: an older snapshot must never land last.
+                await write
+                raise
             self._saved = version

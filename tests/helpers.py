@@ -64,3 +64,13 @@ async def run_job(client: Client, client_id: str, body: dict[str, Any]) -> list[
         status, answer = await generate(client, client_id, body)
         assert status == 200, answer
         return await frames_until(ws, {"closed", "error"})
+
+
+async def poll_status(client: Client, client_id: str, wanted: set[str], timeout: float = 15) -> Any:
+    """Poll /execution-info like a REST-only client until the status is one of `wanted`."""
+    async with asyncio.timeout(timeout):
+        while True:
+            info = await (await client.get("/execution-info", params={"clientId": client_id})).json()
+            if info.get("status") in wanted:
+                return info
+            await asyncio.sleep(0.02)

@@ -1,0 +1,138 @@
+"""Scheduling basics: two backends, affinity, cancel at every stage, time-outs, lost sockets."""
+
+from __future__ import annotations
+
+import pytest
+
+from comfybridge.emulator import Emulator
+from comfybridge.keys import SCHEDULER
+
+from .conftest import BridgeFactory, EmulatorFactory, wait_for
+from .helpers import frames_until, generate, poll_status, read_results, run_job
+
+
+def prompts_of(emulator: Emulator) -> list[str]:
+    """Every prompt ComfyUI ever saw: finished (history), running or pending."""
+    queue = emulator.engine.queue_snapshot()
+    live = [item[1] for item in queue["queue_running"] + queue["queue_pending"]]
+    return list(emulator.engine.history) + live
+
+
+def job_prompt_ids(client: object, client_id: str) -> list[str]:
+    scheduler = client.app[SCHEDULER]  # type: ignore[attr-defined]
+    known = scheduler.clients.get(client_id)
+    return [job.prompt_id for job in known.jobs.values()] if known else []
+
+
+async def test_new_clients_go_to_the_least_loaded_backend(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    first = await make_emulator(pace=0.2)
+    second = await make_emulator(pace=0.2)
+    client = await make_bridge(first, second)
+    await generate(client, "a", {"workflow": "slow", "2/seed": 1})
+    await generate(client, "b", {"workflow": "slow", "2/seed": 2})
+    await wait_for(lambda: len(prompts_of(first)) == 1 and len(prompts_of(second)) == 1)
+    for client_id in ("a", "b"):
+        await client.post("/interrupt", params={"clientId": client_id})
+
+
+async def test_a_client_stays_on_its_backend(make_emulator: EmulatorFactory, make_bridge: BridgeFactory) -> None:
+    first = await make_emulator(pace=0.05)
+    second = await make_emulator(pace=0.05)
+    client = await make_bridge(first, second)
+    for _ in range(3):
+        status, _ = await generate(client, "sticky", {"workflow": "solid", "1/batch_size": 1})
+        assert status == 200
+    await wait_for(lambda: not job_prompt_ids(client, "sticky"))
+    assert sorted([len(prompts_of(first)), len(prompts_of(second))]) == [0, 3]
+    parts = await read_results(await client.get("/history", params={"clientId": "sticky"}))
+    assert len(parts) == 3
+
+
+async def test_interrupt_waiting_job_never_reaches_comfyui(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    emulator = await make_emulator(pace=0.2)
+    client = await make_bridge(emulator, pipeline_depth=0)
+    async with client.ws_connect("/ws", params={"clientId": "first"}) as ws:
+        await generate(client, "first", {"workflow": "slow", "2/seed": 3})
+        await frames_until(ws, "progress")
+        status, body = await generate(client, "first", {"workflow": "solid", "1/batch_size": 1})
+        assert body == {"detail": "queued / 2"}
+        waiting = job_prompt_ids(client, "first")[1]
+        await client.post("/interrupt", params={"clientId": "first"})
+        assert (await frames_until(ws, "error"))[-1]["detail"] == "interrupted"
+    await wait_for(lambda: emulator.engine.queue_remaining == 0)
+    assert waiting not in prompts_of(emulator)
+
+
+async def test_interrupt_job_queued_inside_comfyui(make_emulator: EmulatorFactory, make_bridge: BridgeFactory) -> None:
+    emulator = await make_emulator(pace=0.2)
+    client = await make_bridge(emulator, pipeline_depth=1)
+    await generate(client, "deep", {"workflow": "slow", "2/seed": 4})
+    await generate(client, "deep", {"workflow": "solid", "1/batch_size": 1})
+    running, queued = job_prompt_ids(client, "deep")
+    # Pipelining: the second prompt waits inside ComfyUI behind the first.
+    await wait_for(lambda: [i[1] for i in emulator.engine.queue_snapshot()["queue_pending"]] == [queued])
+    await client.post("/interrupt", params={"clientId": "deep"})
+    await wait_for(lambda: emulator.engine.queue_remaining == 0)
+    assert queued not in prompts_of(emulator)
+    messages = [m[0] for m in emulator.engine.history[running]["status"]["messages"]]
+    assert messages[-1] == "execution_interrupted"
+
+
+async def test_next_client_starts_when_running_job_is_interrupted(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    emulator = await make_emulator(pace=0.2)
+    client = await make_bridge(emulator, pipeline_depth=0)
+    await generate(client, "hog", {"workflow": "slow", "2/seed": 5})
+    await generate(client, "next", {"workflow": "solid", "1/batch_size": 1})
+    await wait_for(lambda: emulator.engine.queue_remaining == 1)
+    await client.post("/interrupt", params={"clientId": "hog"})
+    assert (await poll_status(client, "next", {"closed", "error"}))["status"] == "closed"
+    assert (await poll_status(client, "hog", {"error"}))["detail"] == "interrupted"
+
+
+async def test_idle_job_times_out_and_is_interrupted(make_emulator: EmulatorFactory, make_bridge: BridgeFactory) -> None:
+    emulator = await make_emulator(pace=2.0)
+    client = await make_bridge(emulator, job_idle_timeout=0.3)
+    frames = await run_job(client, "sleepy", {"workflow": "slow", "2/seed": 6})
+    assert frames[-1] == {
+        "status": "error",
+        "detail": "time out error: exceed 0.3s",
+        "details": "time out error: exceed 0.3s",
+    }
+    await wait_for(lambda: emulator.engine.queue_remaining == 0)
+    (entry,) = emulator.engine.history.values()
+    assert entry["status"]["messages"][-1][0] == "execution_interrupted"
+
+
+async def test_lost_comfyui_socket_is_reconciled(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    emulator = await make_emulator(pace=0.05)
+    client = await make_bridge(emulator)
+    emulator.engine.faults.drop_socket_after_nodes = 2
+    frames = await run_job(client, "dropped", {"workflow": "slow", "2/seed": 10})
+    assert frames[-1]["status"] == "closed"
+    parts = await read_results(await client.get("/history", params={"clientId": "dropped"}))
+    assert [p[1] for p in parts] == ["wf_c_slow_00001_.png"]
+    assert len(emulator.engine.history) == 1  # reconciled, not submitted twice
+    assert "closed its socket" in caplog.text
+
+
+async def test_prompt_500_is_retried(make_emulator: EmulatorFactory, make_bridge: BridgeFactory) -> None:
+    emulator = await make_emulator()
+    client = await make_bridge(emulator)
+    emulator.engine.faults.prompt_500 = 1
+    frames = await run_job(client, "retry", {"workflow": "solid", "1/batch_size": 1})
+    assert frames[-1]["status"] == "closed"
+    emulator.engine.faults.prompt_500 = 10
+    frames = await run_job(client, "retry", {"workflow": "solid", "1/batch_size": 1})
+    assert frames[-1] == {
+        "status": "error",
+        "detail": "ComfyUI did not accept the job",
+        "details": "ComfyUI did not accept the job",
+    }

@@ -1,0 +1,132 @@
+"""The WebSocket channel: status frames, progress, errors, and disconnect = cancel."""
+
+from __future__ import annotations
+
+import re
+
+import aiohttp
+import orjson
+
+from comfybridge.emulator import Emulator
+
+from .conftest import BridgeFactory, EmulatorFactory, wait_for
+from .helpers import Client, frames_until, generate, poll_status, run_job
+
+CONNECTED = {"status": "connected", "detail": "server connected", "details": "server connected"}
+LISTENING = {"status": "listening", "detail": "server is listening", "details": "server is listening"}
+INTERRUPTED = {"status": "error", "detail": "interrupted", "details": "interrupted"}
+
+
+def interrupted_prompts(emulator: Emulator) -> list[str]:
+    return [
+        pid
+        for pid, entry in emulator.engine.history.items()
+        if any(m[0] == "execution_interrupted" for m in entry["status"]["messages"])
+    ]
+
+
+async def test_open_socket_says_connected_then_listening(bridge: Client) -> None:
+    async with bridge.ws_connect("/ws", params={"clientId": "hello"}) as ws:
+        assert orjson.loads((await ws.receive()).data) == CONNECTED
+        assert orjson.loads((await ws.receive()).data) == LISTENING
+        assert orjson.loads((await ws.receive()).data) == LISTENING
+
+
+async def test_progress_rises_to_100_then_closed(make_emulator: EmulatorFactory, make_bridge: BridgeFactory) -> None:
+    emulator = await make_emulator(pace=0.02)
+    client = await make_bridge(emulator)
+    frames = await run_job(client, "steps", {"workflow": "text-to-image", "3/steps": 10})
+    start = next(i for i, f in enumerate(frames) if f["status"] == "progress")
+    running = frames[start:-1]
+    assert all(f["status"] == "progress" for f in running), "no listening frame while the job runs"
+    values = [float(f["detail"].rstrip("%")) for f in running]
+    assert all(re.fullmatch(r"\d{1,3}\.\d{2}%", f["detail"]) for f in running)
+    assert all(f["details"] == f["detail"] for f in running)
+    assert values == sorted(values)
+    assert running[-1]["detail"] == "100.00%"
+    # The sampler's ten steps are most of the job, so they show as many distinct values.
+    assert len({v for v in values if 0 < v < 100}) >= 8
+    assert frames[-1] == {"status": "closed", "detail": "Execution is done", "details": "Execution is done"}
+
+
+async def test_runtime_error_is_sent_then_socket_closes_1011(bridge: Client) -> None:
+    async with bridge.ws_connect("/ws", params={"clientId": "err"}) as ws:
+        await generate(bridge, "err", {"workflow": "broken"})
+        frames = await frames_until(ws, "error")
+        detail = frames[-1]["detail"]
+        assert detail.startswith("node 1 (LoadImage): PIL.UnidentifiedImageError: cannot identify image file")
+        assert detail.endswith("broken.png'")
+        assert (await ws.receive()).type is aiohttp.WSMsgType.CLOSE
+        assert ws.close_code == 1011
+    info = await (await bridge.get("/execution-info", params={"clientId": "err"})).json()
+    assert info == {"status": "error", "detail": detail, "details": detail}
+
+
+async def test_comfyui_validation_error_reaches_the_client(bridge: Client) -> None:
+    frames = await run_job(bridge, "refused", {"workflow": "bad_ckpt"})
+    assert frames[-1]["status"] == "error"
+    assert frames[-1]["detail"].startswith(
+        "Prompt outputs failed validation: node 4 (CheckpointLoaderSimple): Value not in list: "
+        "ckpt_name: 'missing-model.safetensors' not in ['v1-5-pruned-emaonly.safetensors']"
+    )
+
+
+async def test_error_keeps_socket_open_while_more_jobs_wait(bridge: Client) -> None:
+    async with bridge.ws_connect("/ws", params={"clientId": "two"}) as ws:
+        await generate(bridge, "two", {"workflow": "broken"})
+        await generate(bridge, "two", {"workflow": "solid", "1/batch_size": 1})
+        frames = await frames_until(ws, "closed")
+        assert [f["status"] for f in frames if f["status"] in ("error", "closed")] == ["error", "closed"]
+        assert not ws.closed
+
+
+async def test_every_socket_of_a_client_gets_the_frames(bridge: Client) -> None:
+    async with (
+        bridge.ws_connect("/ws", params={"clientId": "multi"}) as one,
+        bridge.ws_connect("/ws", params={"clientId": "multi"}) as two,
+    ):
+        await generate(bridge, "multi", {"workflow": "solid", "1/batch_size": 1})
+        assert (await frames_until(one, "closed"))[-1]["status"] == "closed"
+        assert (await frames_until(two, "closed"))[-1]["status"] == "closed"
+
+
+async def test_disconnect_cancels_after_grace(make_emulator: EmulatorFactory, make_bridge: BridgeFactory) -> None:
+    emulator = await make_emulator(pace=0.3)
+    client = await make_bridge(emulator, disconnect_grace=0.2)
+    async with client.ws_connect("/ws", params={"clientId": "gone"}) as ws:
+        await generate(client, "gone", {"workflow": "slow", "2/seed": 7})
+        await frames_until(ws, "progress")
+    await wait_for(lambda: len(interrupted_prompts(emulator)) == 1)
+    info = await (await client.get("/execution-info", params={"clientId": "gone"})).json()
+    assert info == INTERRUPTED
+
+
+async def test_socket_back_within_grace_keeps_the_job(make_emulator: EmulatorFactory, make_bridge: BridgeFactory) -> None:
+    emulator = await make_emulator(pace=0.05)
+    client = await make_bridge(emulator, disconnect_grace=30)
+    async with client.ws_connect("/ws", params={"clientId": "flaky"}) as ws:
+        await generate(client, "flaky", {"workflow": "slow", "2/seed": 8})
+        await frames_until(ws, "progress")
+    async with client.ws_connect("/ws", params={"clientId": "flaky"}) as ws:
+        assert (await frames_until(ws, {"closed", "error"}))[-1]["status"] == "closed"
+    assert interrupted_prompts(emulator) == []
+
+
+async def test_rest_only_jobs_are_never_cancelled_by_sockets(bridge: Client) -> None:
+    status, _ = await generate(bridge, "rest", {"workflow": "solid", "1/batch_size": 1})
+    assert status == 200
+    assert (await poll_status(bridge, "rest", {"closed", "error"}))["status"] == "closed"
+
+
+async def test_interrupt_running_job(make_emulator: EmulatorFactory, make_bridge: BridgeFactory) -> None:
+    emulator = await make_emulator(pace=0.3)
+    client = await make_bridge(emulator)
+    async with client.ws_connect("/ws", params={"clientId": "stop"}) as ws:
+        await generate(client, "stop", {"workflow": "slow", "2/seed": 9})
+        await frames_until(ws, "progress")
+        resp = await client.post("/interrupt", params={"clientId": "stop"})
+        assert await resp.json() == {"detail": "interrupted that clientId will be ignored. / stop"}
+        frames = await frames_until(ws, "error")
+        assert frames[-1] == INTERRUPTED
+        assert (await ws.receive()).type is aiohttp.WSMsgType.CLOSE
+    await wait_for(lambda: len(interrupted_prompts(emulator)) == 1)
