@@ -64,6 +64,7 @@ def base_settings(tmp_path: Path, workflow_dir: Path) -> Settings:
 @pytest.fixture
 async def make_bridge(make_emulator: EmulatorFactory, aiohttp_client: Any, base_settings: Settings) -> BridgeFactory:
     """Bridges are stopped before the emulators (this fixture needs make_emulator, so it ends first)."""
+
     async def make(*backends: Emulator | str, **overrides: Any) -> TestClient[web.Request, web.Application]:
         urls = tuple(b if isinstance(b, str) else b.url for b in backends) or base_settings.backends
         settings = replace(base_settings, backends=urls, **overrides)

@@ -25,7 +25,9 @@ async def test_workflow_list_is_every_alias_sorted(bridge: Client) -> None:
     assert await resp.json() == ALIASES
 
 
-async def test_unaliased_file_is_listed_under_its_stem(make_bridge: BridgeFactory, emulator: Emulator, workflow_dir: Path) -> None:
+async def test_unaliased_file_is_listed_under_its_stem(
+    make_bridge: BridgeFactory, emulator: Emulator, workflow_dir: Path
+) -> None:
     (workflow_dir / "extra_flow.json").write_bytes((workflow_dir / "b_emptyimage_save.json").read_bytes())
     client = await make_bridge(emulator)
     assert await (await client.get("/workflow-list")).json() == sorted([*ALIASES, "extra_flow"])
@@ -158,7 +160,10 @@ async def test_generate_bad_inputs_are_400_and_change_nothing(bridge: Client) ->
     cases = [
         ({"1/width": 8}, "The 'workflow' field is required"),
         ({"workflow": "nope"}, "Unknown workflow 'nope'"),
-        ({"workflow": "solid", "9/x": 1}, "Unknown input '9/x' for workflow 'solid'. Allowed inputs: 1/width, 1/height"),
+        (
+            {"workflow": "solid", "9/x": 1},
+            "Unknown input '9/x' for workflow 'solid'. Allowed inputs: 1/width, 1/height",
+        ),
         ({"workflow": "solid", "1/width": True}, "Input '1/width' must be a int, got bool."),
         ({"workflow": "solid", "1/width": 1.5}, "Input '1/width' must be a int, got float."),
         ({"workflow": "solid", "1/width": "8"}, "Input '1/width' must be a int, got str."),

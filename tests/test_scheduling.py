@@ -58,7 +58,7 @@ async def test_interrupt_waiting_job_never_reaches_comfyui(
     async with client.ws_connect("/ws", params={"clientId": "first"}) as ws:
         await generate(client, "first", {"workflow": "slow", "2/seed": 3})
         await frames_until(ws, "progress")
-        status, body = await generate(client, "first", {"workflow": "solid", "1/batch_size": 1})
+        _, body = await generate(client, "first", {"workflow": "solid", "1/batch_size": 1})
         assert body == {"detail": "queued / 2"}
         waiting = job_prompt_ids(client, "first")[1]
         await client.post("/interrupt", params={"clientId": "first"})
@@ -95,7 +95,9 @@ async def test_next_client_starts_when_running_job_is_interrupted(
     assert (await poll_status(client, "hog", {"error"}))["detail"] == "interrupted"
 
 
-async def test_idle_job_times_out_and_is_interrupted(make_emulator: EmulatorFactory, make_bridge: BridgeFactory) -> None:
+async def test_idle_job_times_out_and_is_interrupted(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
     emulator = await make_emulator(pace=2.0)
     client = await make_bridge(emulator, job_idle_timeout=0.3)
     frames = await run_job(client, "sleepy", {"workflow": "slow", "2/seed": 6})

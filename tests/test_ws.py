@@ -101,7 +101,9 @@ async def test_disconnect_cancels_after_grace(make_emulator: EmulatorFactory, ma
     assert info == INTERRUPTED
 
 
-async def test_socket_back_within_grace_keeps_the_job(make_emulator: EmulatorFactory, make_bridge: BridgeFactory) -> None:
+async def test_socket_back_within_grace_keeps_the_job(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
     emulator = await make_emulator(pace=0.05)
     client = await make_bridge(emulator, disconnect_grace=30)
     async with client.ws_connect("/ws", params={"clientId": "flaky"}) as ws:

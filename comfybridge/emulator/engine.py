@@ -267,6 +267,7 @@ class Engine:
     ) -> list[dict[str, Any]]:
         kind = config[0]
         options = config[1] if len(config) > 1 else {}
+        config = [kind, options]  # ComfyUI reports input_config with its options dict, even an empty one
         if _is_link(value):
             source_id, slot = value
             if source_id not in prompt:

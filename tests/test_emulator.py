@@ -1,0 +1,308 @@
+"""The emulator against recordings of a real ComfyUI 0.3.64 (fixtures copied from its transcripts)."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from comfybridge.emulator import Emulator
+
+from .conftest import FIXTURES, EmulatorFactory
+
+SCENARIOS: dict[str, list[dict[str, Any]]] = orjson.loads((FIXTURES / "ws_scenarios-0.3.64.json").read_bytes())
+WORKFLOWS = FIXTURES / "workflows"
+
+
+def recorded(scenario: str, to: str = "A") -> list[dict[str, Any]]:
+    """The messages one socket received in a recorded scenario; truncated frames are parsed enough for their type."""
+    out = []
+    for entry in SCENARIOS[scenario]:
+        if entry.get("to") != to or entry.get("kind") != "TEXT":
+            continue
+        if "msg" in entry:
+            out.append(entry["msg"])
+        else:
+            out.append({"type": entry["raw"].split('"type": "', 1)[1].split('"', 1)[0], "data": None})
+    return out
+
+
+def workflow(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = orjson.loads((WORKFLOWS / name).read_bytes())
+    return data
+
+
+class Listener:
+    """A ComfyUI WebSocket client that records what it receives."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self.messages: list[dict[str, Any]] = []
+        self.binary: list[bytes] = []
+
+    async def until(self, predicate: Any, timeout: float = 10) -> list[dict[str, Any]]:
+        async with asyncio.timeout(timeout):
+            while True:
+                msg = await self.ws.receive()
+                if msg.type is aiohttp.WSMsgType.BINARY:
+                    self.binary.append(msg.data)
+                    continue
+                assert msg.type is aiohttp.WSMsgType.TEXT, msg
+                self.messages.append(orjson.loads(msg.data))
+                if predicate(self.messages[-1]):
+                    return self.messages
+
+
+def is_final(message: dict[str, Any]) -> bool:
+    return bool(message["type"] == "executing" and message["data"]["node"] is None)
+
+
+async def post_prompt(session: aiohttp.ClientSession, emulator: Emulator, body: dict[str, Any]) -> tuple[int, Any]:
+    async with session.post(f"{emulator.url}/prompt", json=body) as resp:
+        return resp.status, await resp.json() if resp.content_type == "application/json" else await resp.text()
+
+
+@pytest.fixture
+async def session() -> Any:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def test_run_events_match_the_recording(emulator: Emulator, session: aiohttp.ClientSession) -> None:
+    """Scenario S1: workflow c with LoadImage cached from an earlier run, as recorded."""
+    async with session.ws_connect(f"{emulator.url}/ws?clientId=ws-client-A") as ws:
+        listener = Listener(ws)
+        first = await listener.until(lambda m: m["type"] == "status")
+        assert first[0] == {
+            "type": "status",
+            "data": {"status": {"exec_info": {"queue_remaining": 0}}, "sid": "ws-client-A"},
+        }
+        await post_prompt(session, emulator, {"prompt": workflow("c_slow_scale_blur.json"), "client_id": "ws-client-A"})
+        await listener.until(is_final)
+        listener.messages.clear()
+        prompt = workflow("c_slow_scale_blur.json")
+        prompt["2"]["inputs"]["seed"] = 2  # a fresh seed: only LoadImage is cached, as in S1
+        status, answer = await post_prompt(session, emulator, {"prompt": prompt, "client_id": "ws-client-A"})
+        assert status == 200
+        assert set(answer) == {"prompt_id", "number", "node_errors"}
+        got = await listener.until(is_final)
+    want = recorded("S1 slow workflow c (fresh seed, not cached)")
+    assert [m["type"] for m in got] == [m["type"] for m in want]
+    cached = next(m for m in got if m["type"] == "execution_cached")
+    assert cached["data"]["nodes"] == ["1"]
+    for mine, theirs in zip(got, want, strict=True):
+        if theirs["data"] is not None and mine["type"] != "progress_state":
+            assert set(mine["data"]) == set(theirs["data"]), mine["type"]
+    executed = next(m for m in got if m["type"] == "executed")
+    assert executed["data"]["output"]["images"] == [
+        {"filename": "wf_c_slow_00002_.png", "subfolder": "", "type": "output"}
+    ]
+
+
+async def test_history_entry_has_the_recorded_shape(emulator: Emulator, session: aiohttp.ClientSession) -> None:
+    recording = orjson.loads((FIXTURES / "history_b_emptyimage_save-0.3.64.json").read_bytes())
+    (want,) = recording.values()
+    async with session.ws_connect(f"{emulator.url}/ws?clientId=probe") as ws:
+        _, answer = await post_prompt(
+            session, emulator, {"prompt": workflow("b_emptyimage_save.json"), "client_id": "probe"}
+        )
+        await Listener(ws).until(is_final)
+    async with session.get(f"{emulator.url}/history/{answer['prompt_id']}") as resp:
+        got = (await resp.json())[answer["prompt_id"]]
+    assert set(got) == set(want)
+    assert got["prompt"][1:] == [answer["prompt_id"], workflow("b_emptyimage_save.json"), {"client_id": "probe"}, ["2"]]
+    assert [[m[0], set(m[1])] for m in got["status"]["messages"]] == [
+        [m[0], set(m[1])] for m in want["status"]["messages"]
+    ]
+    assert {k: v for k, v in got["status"].items() if k != "messages"} == {"status_str": "success", "completed": True}
+    assert got["meta"] == want["meta"]
+    assert [i["filename"] for i in got["outputs"]["2"]["images"]] == ["wf_b_empty_00001_.png", "wf_b_empty_00002_.png"]
+    async with session.get(
+        f"{emulator.url}/view", params={"filename": "wf_b_empty_00001_.png", "type": "output"}
+    ) as resp:
+        assert resp.status == 200
+        assert (await resp.read()).startswith(b"\x89PNG")
+
+
+async def test_runtime_error_matches_the_recording(emulator: Emulator, session: aiohttp.ClientSession) -> None:
+    async with session.ws_connect(f"{emulator.url}/ws?clientId=A") as ws:
+        listener = Listener(ws)
+        await listener.until(lambda m: m["type"] == "status")
+        await post_prompt(session, emulator, {"prompt": workflow("e_runtime_error_broken_file.json"), "client_id": "A"})
+        got = await listener.until(is_final)
+    want = recorded("S4 runtime error: LoadImage of a non-image file")
+    assert [m["type"] for m in got[1:]] == [m["type"] for m in want]
+    error = next(m["data"] for m in got if m["type"] == "execution_error")
+    assert set(error) == {
+        "prompt_id", "node_id", "node_type", "executed", "exception_message", "exception_type",
+        "traceback", "current_inputs", "current_outputs", "timestamp",
+    }  # fmt: skip
+    assert (error["node_id"], error["node_type"], error["exception_type"]) == (
+        "1",
+        "LoadImage",
+        "PIL.UnidentifiedImageError",
+    )
+
+
+VALIDATION_CASES = {
+    "missing-class": {"1": {"class_type": "NoSuchNode", "inputs": {}}},
+    "missing-required": {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}},
+    },
+    "bad-combo+missing-file": {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "does_not_exist.png"}},
+        "2": {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": "magic", "width": 8, "height": 8, "crop": "disabled"}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "x"}},
+    },
+    "no-output-node": {"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}}},
+}  # fmt: skip
+
+
+def recorded_validation(label: str) -> Any:
+    note = next(
+        e["note"]
+        for e in SCENARIOS["S5 validation errors (HTTP 400 expected, no WS traffic)"]
+        if f"({label})" in e["note"]
+    )
+    return orjson.loads(note.split("-> 400 ", 1)[1])
+
+
+@pytest.mark.parametrize("label", [*VALIDATION_CASES, "no 'prompt' key"])
+async def test_validation_errors_match_the_recording(
+    emulator: Emulator, session: aiohttp.ClientSession, label: str
+) -> None:
+    body = {"prompt": VALIDATION_CASES[label]} if label in VALIDATION_CASES else {}
+    status, answer = await post_prompt(session, emulator, body)
+    assert status == 400
+    assert answer == recorded_validation(label)
+
+
+async def test_upload_names_like_comfyui(emulator: Emulator, session: aiohttp.ClientSession) -> None:
+    """http_probe: same content keeps its name, other content becomes `name (1).ext`; no image is a 400."""
+
+    async def send(data: bytes, **fields: str) -> Any:
+        form = aiohttp.FormData(fields)
+        form.add_field("image", data, filename="up_test.png")
+        async with session.post(f"{emulator.url}/upload/image", data=form) as resp:
+            return await resp.json() if resp.status == 200 else resp.status
+
+    assert await send(b"\x89PNG one") == {"name": "up_test.png", "subfolder": "", "type": "input"}
+    assert await send(b"\x89PNG one") == {"name": "up_test.png", "subfolder": "", "type": "input"}
+    assert await send(b"\x89PNG two") == {"name": "up_test (1).png", "subfolder": "", "type": "input"}
+    assert await send(b"x", overwrite="true", subfolder="sub") == {
+        "name": "up_test.png",
+        "subfolder": "sub",
+        "type": "input",
+    }
+    async with session.post(f"{emulator.url}/upload/image", data=aiohttp.FormData({"x": "1"})) as resp:
+        assert resp.status == 400
+
+
+async def test_queue_delete_and_targeted_interrupt(
+    make_emulator: EmulatorFactory, session: aiohttp.ClientSession
+) -> None:
+    """S6: two prompts; the pending one deleted from /queue, the running one interrupted by id."""
+    emulator = await make_emulator(pace=0.2)
+    async with session.ws_connect(f"{emulator.url}/ws?clientId=A") as ws:
+        listener = Listener(ws)
+        _, first = await post_prompt(
+            session, emulator, {"prompt": workflow("c_slow_scale_blur.json"), "client_id": "A"}
+        )
+        _, second = await post_prompt(
+            session, emulator, {"prompt": workflow("c_slow_scale_blur.json"), "client_id": "A"}
+        )
+        await listener.until(lambda m: m["type"] == "executing")
+        async with session.get(f"{emulator.url}/queue") as resp:
+            queue = await resp.json()
+        assert [i[1] for i in queue["queue_running"]] == [first["prompt_id"]]
+        assert [i[1] for i in queue["queue_pending"]] == [second["prompt_id"]]
+        assert queue["queue_pending"][0][3] == {"client_id": "A"}
+        async with session.post(f"{emulator.url}/queue", json={"delete": [second["prompt_id"]]}) as resp:
+            assert resp.status == 200
+        async with session.post(f"{emulator.url}/interrupt", json={"prompt_id": "not-running"}) as resp:
+            assert resp.status == 200
+        async with session.post(f"{emulator.url}/interrupt", json={"prompt_id": first["prompt_id"]}) as resp:
+            assert resp.status == 200
+        got = await listener.until(is_final)
+    types = [m["type"] for m in got if m["type"] != "progress_state"]
+    assert types[-3:] == ["execution_interrupted", "status", "executing"]
+    interrupted = next(m["data"] for m in got if m["type"] == "execution_interrupted")
+    assert set(interrupted) == {"prompt_id", "node_id", "node_type", "executed", "timestamp"}
+    assert emulator.engine.history[first["prompt_id"]]["status"]["status_str"] == "error"
+    assert second["prompt_id"] not in emulator.engine.history
+
+
+async def test_prompt_without_client_id_only_broadcasts(emulator: Emulator, session: aiohttp.ClientSession) -> None:
+    """S7: without client_id only status and progress_state reach sockets; no executing null."""
+    async with session.ws_connect(f"{emulator.url}/ws?clientId=B") as ws:
+        listener = Listener(ws)
+        await listener.until(lambda m: m["type"] == "status")
+        await post_prompt(session, emulator, {"prompt": workflow("b_emptyimage_save.json")})
+        await listener.until(
+            lambda m: m["type"] == "status" and m["data"]["status"]["exec_info"]["queue_remaining"] == 0
+        )
+    assert {m["type"] for m in listener.messages} == {"status", "progress_state"}
+
+
+async def test_get_image_size_sends_a_text_frame(emulator: Emulator, session: aiohttp.ClientSession) -> None:
+    async with session.ws_connect(f"{emulator.url}/ws?clientId=A") as ws:
+        listener = Listener(ws)
+        await post_prompt(session, emulator, {"prompt": workflow("d_ws_demo_gets_size_preview.json"), "client_id": "A"})
+        got = await listener.until(is_final)
+    (frame,) = listener.binary
+    assert frame[:8] == bytes.fromhex("0000000300000001")
+    assert frame[8:] == b"2width: 256, height: 256\n batch size: 1"
+    outputs = [m["data"]["output"]["images"][0] for m in got if m["type"] == "executed"]
+    assert sorted(o["type"] for o in outputs) == ["output", "temp"]
+
+
+async def test_sampler_reports_one_progress_per_step(emulator: Emulator, session: aiohttp.ClientSession) -> None:
+    prompt = workflow("sd15_text_to_image.json")
+    prompt["3"]["inputs"]["steps"] = 5
+    async with session.ws_connect(f"{emulator.url}/ws?clientId=A") as ws:
+        listener = Listener(ws)
+        await post_prompt(session, emulator, {"prompt": prompt, "client_id": "A"})
+        got = await listener.until(is_final)
+    steps = [m["data"] for m in got if m["type"] == "progress"]
+    assert [(s["value"], s["max"], s["node"]) for s in steps] == [(i, 5, "3") for i in range(1, 6)]
+
+
+async def test_rest_odds_and_ends(emulator: Emulator, session: aiohttp.ClientSession) -> None:
+    """http_probe: /api alias, /free without a body is a 500, unknown history is {}, /object_info/NoSuch is {}."""
+    checks = [
+        ("GET", "/api/prompt", None, 200, {"exec_info": {"queue_remaining": 0}}),
+        ("GET", "/history/unknown", None, 200, {}),
+        ("GET", "/object_info/NoSuch", None, 200, {}),
+        ("GET", "/queue", None, 200, {"queue_running": [], "queue_pending": []}),
+        ("GET", "/features", None, 200, {"supports_preview_metadata": True, "max_upload_size": 104857600}),
+    ]
+    for method, path, body, status, answer in checks:
+        async with session.request(method, emulator.url + path, json=body) as resp:
+            assert (resp.status, await resp.json()) == (status, answer), path
+    async with session.post(f"{emulator.url}/free") as resp:
+        assert resp.status == 500
+    async with session.post(f"{emulator.url}/free", json={"unload_models": True, "free_memory": True}) as resp:
+        assert resp.status == 200
+    async with session.post(f"{emulator.url}/prompt", data=b"{not json") as resp:
+        assert resp.status == 500
+    async with session.get(f"{emulator.url}/object_info/ImageInvert") as resp:
+        recorded_line = (FIXTURES / "http_probe-0.3.64.txt").read_text().split("## GET /object_info/ImageInvert\n")[1]
+        assert await resp.json() == orjson.loads(recorded_line.split("\n")[0])
+    async with session.get(f"{emulator.url}/system_stats") as resp:
+        stats = await resp.json()
+    assert set(stats) == {"system", "devices"}
+    assert stats["system"]["comfyui_version"] == "0.3.64"
+
+
+def test_png_writer_makes_valid_images(tmp_path: Path) -> None:
+    from comfybridge.emulator.png import png_size, solid_png
+
+    data = solid_png(3, 2, 0xFF0000)
+    assert png_size(data) == (3, 2)
+    assert struct.unpack(">I", data[8:12])[0] == 13
