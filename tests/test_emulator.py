@@ -157,10 +157,15 @@ VALIDATION_CASES = {
     },
     "bad-combo+missing-file": {
         "1": {"class_type": "LoadImage", "inputs": {"image": "does_not_exist.png"}},
-        "2": {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": "magic", "width": 8, "height": 8, "crop": "disabled"}},
+        "2": {
+            "class_type": "ImageScale",
+            "inputs": {"image": ["1", 0], "upscale_method": "magic", "width": 8, "height": 8, "crop": "disabled"},
+        },
         "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "x"}},
     },
-    "no-output-node": {"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}}},
+    "no-output-node": {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+    },
 }  # fmt: skip
 
 
