@@ -58,7 +58,7 @@ def safe_name(filename: str, fallback_ext: str) -> str:
     stem, dot, ext = last.rpartition(".")
     if not dot:
         stem, ext = last, ""
-    stem = _SAFE.sub("_", stem).replace("..", "_").strip("._")[:80] or "file"
+    stem = _SAFE.sub("_", stem).replace("..", "_").strip(".")[:80] or "file"
     ext = "." + ext.lower() if re.fullmatch(r"[A-Za-z0-9]{1,8}", ext) else fallback_ext
     return f"{secrets.token_hex(6)}-{stem}{ext}"
 
@@ -182,4 +182,4 @@ class UploadStore:
 
 
 def _mb(size: int) -> str:
-    return f"{size / (1024 * 1024):g}"
+    return f"{size / (1024 * 1024):.3g}"

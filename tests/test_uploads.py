@@ -1,0 +1,138 @@
+"""POST /upload: names, limits, media checks, all-or-nothing, and expiry."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import aiohttp
+
+from comfybridge.keys import SETTINGS
+
+from .conftest import BridgeFactory, EmulatorFactory, wait_for
+from .helpers import Client, generate, png, read_results, run_job, upload
+
+NAME = r"[0-9a-f]{12}-{}"
+
+
+def stored(client: Client) -> list[Path]:
+    root = client.app[SETTINGS].data_dir / "uploads"
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+async def test_each_part_gets_a_unique_safe_name(bridge: Client) -> None:
+    files = {
+        "identifier_1": ("photo.png", png()),
+        "identifier_2": ("../../etc/passwd.PNG", png()),
+        "": ("no-extension", png()),
+    }
+    status, names = await upload(bridge, files, client_id="names")
+    assert status == 200
+    assert re.fullmatch(r"[0-9a-f]{12}-photo\.png", names["identifier_1"])
+    assert re.fullmatch(r"[0-9a-f]{12}-passwd\.png", names["identifier_2"])
+    assert re.fullmatch(r"[0-9a-f]{12}-no-extension\.png", names["file"])
+    assert len(set(names.values())) == 3
+    assert all(p.parent.parent == bridge.app[SETTINGS].data_dir / "uploads" for p in stored(bridge))
+
+
+async def raw_upload(client: Client, disposition: str, data: bytes) -> tuple[int, dict[str, str]]:
+    writer = aiohttp.MultipartWriter("form-data")
+    part = writer.append(data)
+    part.headers["Content-Disposition"] = disposition
+    resp = await client.post("/upload", data=writer)
+    return resp.status, await resp.json()
+
+
+async def test_encoded_filenames_are_decoded(bridge: Client) -> None:
+    status, body = await raw_upload(bridge, "form-data; name=\"pic\"; filename*=UTF-8''%EC%82%AC%EC%A7%84%20cat.png", png())
+    assert status == 200
+    assert re.fullmatch(r"[0-9a-f]{12}-___cat\.png", body["pic"])
+    jpeg = b"\xff\xd8\xff\xe0" + b"\0" * 40
+    status, body = await raw_upload(bridge, 'form-data; name="odd"; filename="we%20ird%2F..%2Fna..me.jpg"', jpeg)
+    assert status == 200
+    assert re.fullmatch(r"[0-9a-f]{12}-na_me\.jpg", body["odd"])
+
+
+async def test_content_decides_the_media_type(bridge: Client) -> None:
+    status, body = await upload(bridge, {"file": ("notes.png", b"just some text, not an image at all....")})
+    assert status == 415
+    assert body == {"detail": "File 'notes.png' is not a recognised media file (allowed: image, video, audio)."}
+    for data in (b"RIFF\0\0\0\0WAVEfmt " + b"\0" * 20, b"\0\0\0\x18ftypisom" + b"\0" * 20, b"OggS" + b"\0" * 40):
+        status, _ = await upload(bridge, {"file": ("clip.bin", data)})
+        assert status == 200
+
+
+async def test_media_kinds_are_configurable(make_bridge: BridgeFactory, make_emulator: EmulatorFactory) -> None:
+    client = await make_bridge(await make_emulator(), allowed_media=("image",))
+    status, body = await upload(client, {"file": ("a.wav", b"RIFF\0\0\0\0WAVEfmt " + b"\0" * 20)})
+    assert status == 415
+    assert body["detail"] == "File 'a.wav' is audio/wav, which is not allowed (allowed: image)."
+
+
+async def test_size_limits_are_413(make_bridge: BridgeFactory, make_emulator: EmulatorFactory) -> None:
+    client = await make_bridge(await make_emulator(), max_upload_mb=0.01, max_request_mb=0.015)
+    status, body = await upload(client, {"file": ("big.png", png() + b"\0" * 20000)})
+    assert (status, body) == (413, {"detail": "File 'big.png' is larger than the limit of 0.01 MB."})
+    parts = {f"f{i}": (f"{i}.png", png() + b"\0" * 6000) for i in range(3)}
+    status, body = await upload(client, parts)
+    assert status == 413
+    assert body["detail"] in (
+        "The upload is larger than the limit of 0.015 MB.",
+        "The request body is too large",
+    )
+    assert stored(client) == []
+
+
+async def test_a_bad_part_stores_nothing(bridge: Client) -> None:
+    status, _ = await upload(bridge, {"good": ("a.png", png()), "bad": ("b.png", b"nope" * 20)}, client_id="atomic")
+    assert status == 415
+    assert stored(bridge) == []
+
+
+async def test_bad_requests(make_bridge: BridgeFactory, make_emulator: EmulatorFactory) -> None:
+    client = await make_bridge(await make_emulator(), max_upload_files=2)
+    resp = await client.post("/upload", json={"file": "x"})
+    assert resp.status == 400
+    assert await resp.json() == {"detail": "Send files as multipart/form-data, one file per part."}
+    status, body = await upload(client, {f"f{i}": (f"{i}.png", png()) for i in range(3)})
+    assert (status, body) == (400, {"detail": "Too many files in one upload: at most 2."})
+    status, body = await raw_upload(client, 'form-data; name="note"', b"plain text field")
+    assert (status, body) == (400, {"detail": "Part 'note' is not a file: send it with a filename."})
+    assert stored(client) == []
+
+
+async def test_upload_makes_the_client_known(bridge: Client) -> None:
+    assert (await bridge.get("/execution-info", params={"clientId": "uploader"})).status == 400
+    await upload(bridge, {"file": ("a.png", png())}, client_id="uploader")
+    assert (await bridge.get("/execution-info", params={"clientId": "uploader"})).status == 200
+
+
+async def test_unused_uploads_expire(make_bridge: BridgeFactory, make_emulator: EmulatorFactory) -> None:
+    client = await make_bridge(await make_emulator(), upload_ttl=0.3)
+    _, names = await upload(client, {"file": ("a.png", png())})
+    await wait_for(lambda: stored(client) == [])
+    status, body = await generate(client, "late", {"workflow": "invert", "1/image": names["file"]})
+    assert status == 400
+    assert "names no uploaded file" in body["detail"]
+
+
+async def test_unfetched_results_expire(make_bridge: BridgeFactory, make_emulator: EmulatorFactory) -> None:
+    client = await make_bridge(await make_emulator(), result_ttl=0.5)
+    await run_job(client, "forgetful", {"workflow": "solid", "1/batch_size": 1})
+    results = client.app[SETTINGS].data_dir / "results"
+    await wait_for(lambda: not any(results.iterdir()))
+    resp = await client.get("/history", params={"clientId": "forgetful"})
+    assert resp.status == 204
+
+
+async def test_uploads_and_results_survive_a_restart(make_bridge: BridgeFactory, make_emulator: EmulatorFactory) -> None:
+    emulator = await make_emulator()
+    first = await make_bridge(emulator)
+    _, names = await upload(first, {"file": ("keep.png", png(12, 10))}, client_id="restart")
+    await run_job(first, "restart", {"workflow": "invert", "1/image": names["file"]})
+    await first.close()
+    second = await make_bridge(emulator)
+    parts = await read_results(await second.get("/history", params={"clientId": "restart"}))
+    assert [p[1] for p in parts] == ["wf_a_invert_00001_.png"]
+    status, _ = await generate(second, "restart", {"workflow": "invert", "1/image": names["file"]})
+    assert status == 200
