@@ -44,7 +44,9 @@ async def raw_upload(client: Client, disposition: str, data: bytes) -> tuple[int
 
 
 async def test_encoded_filenames_are_decoded(bridge: Client) -> None:
-    status, body = await raw_upload(bridge, "form-data; name=\"pic\"; filename*=UTF-8''%EC%82%AC%EC%A7%84%20cat.png", png())
+    status, body = await raw_upload(
+        bridge, "form-data; name=\"pic\"; filename*=UTF-8''%EC%82%AC%EC%A7%84%20cat.png", png()
+    )
     assert status == 200
     assert re.fullmatch(r"[0-9a-f]{12}-___cat\.png", body["pic"])
     jpeg = b"\xff\xd8\xff\xe0" + b"\0" * 40
@@ -125,7 +127,9 @@ async def test_unfetched_results_expire(make_bridge: BridgeFactory, make_emulato
     assert resp.status == 204
 
 
-async def test_uploads_and_results_survive_a_restart(make_bridge: BridgeFactory, make_emulator: EmulatorFactory) -> None:
+async def test_uploads_and_results_survive_a_restart(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory
+) -> None:
     emulator = await make_emulator()
     first = await make_bridge(emulator)
     _, names = await upload(first, {"file": ("keep.png", png(12, 10))}, client_id="restart")

@@ -1,0 +1,147 @@
+"""Settings precedence and checks, and the workflow store's start-up checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+
+from comfybridge.config import ConfigError, Settings, load_settings
+from comfybridge.errors import WorkflowConfigError
+from comfybridge.workflows import WorkflowStore
+
+
+def test_defaults(tmp_path: Path) -> None:
+    settings = load_settings([], environ={}, cwd=tmp_path)
+    assert settings == Settings(workflows=tmp_path / "workflows", data_dir=tmp_path / "data")
+    assert (settings.host, settings.port, settings.backends) == ("127.0.0.1", 8000, ("http://127.0.0.1:8188",))
+    assert (settings.heartbeat, settings.disconnect_grace, settings.job_idle_timeout) == (1.0, 5.0, 60.0)
+    assert (settings.result_ttl, settings.upload_ttl, settings.max_upload_mb) == (86400.0, 3600.0, 100.0)
+
+
+def test_precedence_flags_env_dotenv_file_defaults(tmp_path: Path) -> None:
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "comfybridge.toml").write_text(
+        "port = 1001\nheartbeat = 2\njob_idle_timeout = 30\nresult_ttl = 50\n"
+        'backends = ["10.0.0.1:8188", "gpu2:8189"]\n'
+    )
+    (tmp_path / ".env").write_text("COMFYBRIDGE_PORT=1002\nCOMFYBRIDGE_HEARTBEAT=3\nCOMFYBRIDGE_JOB_IDLE_TIMEOUT=40\n")
+    environ = {"COMFYBRIDGE_PORT": "1003", "COMFYBRIDGE_HEARTBEAT": "4"}
+    settings = load_settings(["--port", "1004"], environ=environ, cwd=tmp_path)
+    assert settings.port == 1004  # flag
+    assert settings.heartbeat == 4.0  # environment
+    assert settings.job_idle_timeout == 40.0  # .env
+    assert settings.result_ttl == 50.0  # config file
+    assert settings.backends == ("http://10.0.0.1:8188", "http://gpu2:8189")
+    assert settings.upload_ttl == 3600.0  # default
+
+
+def test_backends_forms(tmp_path: Path) -> None:
+    settings = load_settings([], environ={"COMFYUI_SERVERS": "127.0.0.1:8188,127.0.0.1:8189"}, cwd=tmp_path)
+    assert settings.backends == ("http://127.0.0.1:8188", "http://127.0.0.1:8189")
+    environ = {"COMFYUI_SERVERS": "a:1", "COMFYBRIDGE_BACKENDS": "https://gpu.example/comfy/"}
+    assert load_settings([], environ=environ, cwd=tmp_path).backends == ("https://gpu.example/comfy",)
+
+
+def test_config_file_by_flag_or_env(tmp_path: Path) -> None:
+    (tmp_path / "mine.toml").write_text("[comfybridge]\nport = 9100\n")
+    assert load_settings(["--config", "mine.toml"], environ={}, cwd=tmp_path).port == 9100
+    assert load_settings([], environ={"COMFYBRIDGE_CONFIG": "mine.toml"}, cwd=tmp_path).port == 9100
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "message"),
+    [
+        (["--port", "abc"], {}, "--port: 'abc' is not a valid port"),
+        (["--port", "70000"], {}, "--port: '70000' must be a port number (0-65535)"),
+        ([], {"COMFYBRIDGE_HEARTBEAT": "0"}, "COMFYBRIDGE_HEARTBEAT in environment: '0' must be greater than 0"),
+        (["--backends", "nohost"], {}, "--backends: 'nohost' is not a valid backends"),
+        (["--allowed-media", "image,pdf"], {}, "--allowed-media: 'image,pdf' unknown media kind 'pdf'"),
+        (["--config", "missing.toml"], {}, "config file"),
+        (["--log-level", "LOUD"], {}, "--log-level: 'LOUD' must be DEBUG, INFO, WARNING or ERROR"),
+    ],
+)
+def test_bad_settings_name_the_culprit(tmp_path: Path, argv: list[str], environ: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(argv, environ=environ, cwd=tmp_path)
+    assert str(caught.value).startswith(message)
+
+
+def test_unknown_config_key(tmp_path: Path) -> None:
+    (tmp_path / "c.toml").write_text("prot = 1\n")
+    with pytest.raises(ConfigError, match="unknown setting 'prot'"):
+        load_settings(["--config", "c.toml"], environ={}, cwd=tmp_path)
+
+
+# workflow store --------------------------------------------------------------------------------
+def alias_file(*entries: dict[str, object]) -> bytes:
+    return orjson.dumps(list(entries))
+
+
+def write(folder: Path, name: str, data: object) -> None:
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_bytes(orjson.dumps(data))
+
+
+GRAPH = {
+    "1": {"class_type": "EmptyImage", "_meta": {"title": "Canvas", "apiinput": "width, height"},
+          "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+    "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}},
+    "3": {"class_type": "Flags", "inputs": {"on": True, "gain": 0.5}},
+}  # fmt: skip
+
+
+def test_alias_dict_form_and_marker_union(tmp_path: Path) -> None:
+    write(tmp_path, "g.json", GRAPH)
+    write(tmp_path, "workflow_alias.json", {"canvas": "g.json"})
+    store = WorkflowStore.load(tmp_path)
+    assert store.aliases() == ["canvas"]
+    info = store.get("canvas").describe_inputs()
+    assert list(info) == ["1/width", "1/height"]
+    assert info["1/width"] == {"type": "int", "title": "Canvas", "class": "EmptyImage", "default": 8}
+
+
+def test_alias_list_form_adds_inputs_and_types(tmp_path: Path) -> None:
+    write(tmp_path, "g.json", GRAPH)
+    write(tmp_path, "workflow_alias.json", [{"alias": "c", "fn": "g.json", "inputs": ["3/on", "3/gain", "1/width"]}])
+    info = WorkflowStore.load(tmp_path).get("c").describe_inputs()
+    assert {k: v["type"] for k, v in info.items()} == {
+        "1/width": "int",
+        "1/height": "int",
+        "3/on": "bool",
+        "3/gain": "float",
+    }
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"g.json": b"{not json"}, "g.json: not valid JSON"),
+        ({"g.json": orjson.dumps({"nodes": [], "links": []})}, "g.json: not an API-format ComfyUI workflow"),
+        (
+            {"g.json": orjson.dumps(GRAPH), "workflow_alias.json": alias_file({"alias": "c", "fn": "g.json", "inputs": ["2/images"]})},
+            "g.json: exposed input '2/images' is a link to another node (['1', 0]), not a value",
+        ),
+        (
+            {"g.json": orjson.dumps(GRAPH), "workflow_alias.json": alias_file({"alias": "c", "fn": "g.json", "inputs": ["1/nope"]})},
+            "g.json: exposed input '1/nope': node 1 has no input 'nope'",
+        ),
+        ({"workflow_alias.json": orjson.dumps({"c": "missing.json"})}, "alias 'c' names missing file 'missing.json'"),
+        (
+            {"g.json": orjson.dumps(GRAPH), "workflow_alias.json": alias_file({"alias": "c", "fn": "g.json"}, {"alias": "c", "fn": "g.json"})},
+            "alias 'c' is defined twice",
+        ),
+    ],
+)  # fmt: skip
+def test_bad_workflow_folder_names_the_culprit(tmp_path: Path, files: dict[str, bytes], message: str) -> None:
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    with pytest.raises(WorkflowConfigError) as caught:
+        WorkflowStore.load(tmp_path)
+    assert message in str(caught.value)
+
+
+def test_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(WorkflowConfigError, match=r"workflow folder .*/nope does not exist"):
+        WorkflowStore.load(tmp_path / "nope")

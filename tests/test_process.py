@@ -1,0 +1,156 @@
+"""`python -m comfybridge` as an operator runs it: exit codes, SIGTERM, kill -9 and the durable counter."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+
+from .conftest import FIXTURES
+
+ROOT = Path(__file__).parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def run_cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    return subprocess.run(
+        [sys.executable, "-m", "comfybridge", *args], cwd=cwd, env=environ, capture_output=True, text=True, timeout=30
+    )
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    (tmp_path / "workflows").mkdir()
+    for name in ("b_emptyimage_save.json",):
+        (tmp_path / "workflows" / name).write_bytes((FIXTURES / "workflows" / name).read_bytes())
+    (tmp_path / "workflows" / "workflow_alias.json").write_text(
+        '[{"alias": "solid", "fn": "b_emptyimage_save.json", "inputs": ["1/width"]}]'
+    )
+    return tmp_path
+
+
+Started = Callable[[], "asyncio.subprocess.Process"]
+
+
+@asynccontextmanager
+async def bridge_process(workdir: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "comfybridge", "--emulate", "1", "--port", str(port),
+        cwd=workdir, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as session, asyncio.timeout(20):
+            while True:
+                try:
+                    async with session.get(f"{url}/generation-count") as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.05)
+        yield proc, url
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
+async def submit(url: str, client_id: str) -> None:
+    async with aiohttp.ClientSession() as session:
+        body = {"workflow": "solid", "1/width": 8}
+        async with session.post(f"{url}/generate-based-workflow", params={"clientId": client_id}, json=body) as resp:
+            assert resp.status == 200, await resp.text()
+
+
+async def count(url: str) -> int:
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/generation-count") as resp:
+        value: int = await resp.json()
+        return value
+
+
+async def test_counter_survives_sigterm_and_kill_9(workdir: Path) -> None:
+    async with bridge_process(workdir) as (proc, url):
+        await submit(url, "p1")
+        await submit(url, "p1")
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    state = orjson.loads((workdir / "data" / "current_state.json").read_bytes())
+    assert state["generation_count"] == 2
+    async with bridge_process(workdir) as (proc, url):
+        assert await count(url) == 2
+        await submit(url, "p2")
+        proc.kill()  # kill -9: no chance to save anything more
+        await proc.wait()
+    async with bridge_process(workdir) as (proc, url):
+        assert await count(url) == 3
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("comfybridge: error: ")]
+    assert len(lines) == 1, result.stderr
+    assert result.stderr.strip().endswith(lines[0])
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_corrupt_state_file_stops_start_up(workdir: Path) -> None:
+    (workdir / "data").mkdir()
+    (workdir / "data" / "current_state.json").write_text('{"generation_count": "ten"')
+    assert_one_line_error(run_cli([], workdir), "current_state.json is unreadable or corrupt", "never reset silently")
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "fragments"),
+    [
+        (["--port", "abc"], {}, ["--port: 'abc' is not a valid port"]),
+        ([], {"COMFYBRIDGE_DISCONNECT_GRACE": "-1"}, ["COMFYBRIDGE_DISCONNECT_GRACE", "must not be negative"]),
+        (["--workflows", "nowhere"], {}, ["workflow folder", "nowhere does not exist"]),
+    ],
+)
+def test_bad_setting_exits_2_with_one_line(
+    workdir: Path, args: list[str], env: dict[str, str], fragments: list[str]
+) -> None:
+    assert_one_line_error(run_cli(args, workdir, **env), *fragments)
+
+
+def test_bad_workflow_exits_2_naming_it(workdir: Path) -> None:
+    (workdir / "workflows" / "broken.json").write_text("{oops")
+    assert_one_line_error(run_cli([], workdir), "broken.json: not valid JSON")
+
+
+def test_exposed_link_exits_2_naming_node_and_input(workdir: Path) -> None:
+    (workdir / "workflows" / "workflow_alias.json").write_text(
+        '[{"alias": "solid", "fn": "b_emptyimage_save.json", "inputs": ["2/images"]}]'
+    )
+    assert_one_line_error(run_cli([], workdir), "b_emptyimage_save.json", "'2/images' is a link")
+
+
+def test_emulator_cli_help() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "comfybridge.emulator", "--help"],
+        cwd=ROOT, capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    assert "--pace" in result.stdout
