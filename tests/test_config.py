@@ -75,8 +75,9 @@ def test_unknown_config_key(tmp_path: Path) -> None:
 
 
 # workflow store --------------------------------------------------------------------------------
-def alias_file(*entries: dict[str, object]) -> bytes:
-    return orjson.dumps(list(entries))
+def with_aliases(*entries: dict[str, object]) -> dict[str, bytes]:
+    """GRAPH as g.json plus an alias file of these entries."""
+    return {"g.json": orjson.dumps(GRAPH), "workflow_alias.json": orjson.dumps(list(entries))}
 
 
 def write(folder: Path, name: str, data: object) -> None:
@@ -120,16 +121,16 @@ def test_alias_list_form_adds_inputs_and_types(tmp_path: Path) -> None:
         ({"g.json": b"{not json"}, "g.json: not valid JSON"),
         ({"g.json": orjson.dumps({"nodes": [], "links": []})}, "g.json: not an API-format ComfyUI workflow"),
         (
-            {"g.json": orjson.dumps(GRAPH), "workflow_alias.json": alias_file({"alias": "c", "fn": "g.json", "inputs": ["2/images"]})},
+            with_aliases({"alias": "c", "fn": "g.json", "inputs": ["2/images"]}),
             "g.json: exposed input '2/images' is a link to another node (['1', 0]), not a value",
         ),
         (
-            {"g.json": orjson.dumps(GRAPH), "workflow_alias.json": alias_file({"alias": "c", "fn": "g.json", "inputs": ["1/nope"]})},
+            with_aliases({"alias": "c", "fn": "g.json", "inputs": ["1/nope"]}),
             "g.json: exposed input '1/nope': node 1 has no input 'nope'",
         ),
         ({"workflow_alias.json": orjson.dumps({"c": "missing.json"})}, "alias 'c' names missing file 'missing.json'"),
         (
-            {"g.json": orjson.dumps(GRAPH), "workflow_alias.json": alias_file({"alias": "c", "fn": "g.json"}, {"alias": "c", "fn": "g.json"})},
+            with_aliases({"alias": "c", "fn": "g.json"}, {"alias": "c", "fn": "g.json"}),
             "alias 'c' is defined twice",
         ),
     ],
