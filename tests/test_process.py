@@ -8,13 +8,15 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
 import orjson
 import pytest
+
+from comfybridge.emulator.png import png_size
 
 from .conftest import FIXTURES
 
@@ -46,7 +48,6 @@ def workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-Started = Callable[[], "asyncio.subprocess.Process"]
 
 
 @asynccontextmanager
@@ -154,3 +155,19 @@ def test_emulator_cli_help() -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=30, check=True,
     )  # fmt: skip
     assert "--pace" in result.stdout
+
+
+@pytest.mark.parametrize("script", ["ws_example.py", "rest_example.py"])
+async def test_example_clients_save_results(workdir: Path, script: str) -> None:
+    async with bridge_process(workdir) as (_, url):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(ROOT / "examples" / script), "--url", url, "--workflow", "solid",
+            "--input", "1/width=24", "--out", str(workdir / "out"),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, err.decode()
+    assert "Execution is done" in out.decode()
+    saved = sorted(p.name for p in (workdir / "out").iterdir())
+    assert saved == ["wf_b_empty_00001_.png", "wf_b_empty_00002_.png"]
+    assert png_size((workdir / "out" / saved[0]).read_bytes()) == (24, 384)
