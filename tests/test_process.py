@@ -48,8 +48,6 @@ def workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-
-
 @asynccontextmanager
 async def bridge_process(workdir: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
     port = free_port()
