@@ -138,3 +138,24 @@ async def test_prompt_500_is_retried(make_emulator: EmulatorFactory, make_bridge
         "detail": "ComfyUI did not accept the job",
         "details": "ComfyUI did not accept the job",
     }
+
+
+async def test_cancel_racing_the_hand_over_wins(make_emulator: EmulatorFactory, make_bridge: BridgeFactory) -> None:
+    emulator = await make_emulator(pace=0.3)
+    client = await make_bridge(emulator)
+    emulator.engine.faults.answer_delay = 0.5  # ComfyUI has the prompt, the bridge has no answer yet
+    await generate(client, "racer", {"workflow": "slow", "2/seed": 11})
+    (prompt_id,) = job_prompt_ids(client, "racer")
+    await wait_for(lambda: emulator.engine.queue_remaining == 1)
+    await client.post("/interrupt", params={"clientId": "racer"})
+    assert (await poll_status(client, "racer", {"error", "closed"}))["detail"] == "interrupted"
+    await wait_for(lambda: emulator.engine.queue_remaining == 0 and prompt_id in emulator.engine.history)
+    assert emulator.engine.history[prompt_id]["status"]["messages"][-1][0] == "execution_interrupted"
+
+
+async def test_slow_model_load_still_delivers(make_emulator: EmulatorFactory, make_bridge: BridgeFactory) -> None:
+    emulator = await make_emulator()
+    client = await make_bridge(emulator, job_idle_timeout=5)
+    emulator.engine.faults.start_delay = 0.3
+    frames = await run_job(client, "loading", {"workflow": "solid", "1/batch_size": 1})
+    assert frames[-1]["status"] == "closed"

@@ -46,6 +46,7 @@ class Faults:
 
     prompt_500: int = 0  # answer the next N POST /prompt with a 500
     prompt_hang: bool = False  # never answer POST /prompt
+    answer_delay: float = 0.0  # queue the prompt, then wait this long before answering POST /prompt
     runtime_error: int = 0  # the next N prompts fail in their first node
     drop_socket_after_nodes: int | None = None  # close every socket after N nodes of the next prompt
     start_delay: float = 0.0  # seconds before each prompt starts (a slow model load)

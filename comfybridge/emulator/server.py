@@ -182,9 +182,12 @@ def _routes() -> web.RouteTableDef:
         except orjson.JSONDecodeError:
             return web.Response(status=500, text="500 Internal Server Error\n\nServer got itself in trouble")
         try:
-            return _json(engine.submit(body))
+            answer = engine.submit(body)
         except PromptRejected as exc:
             return _json(exc.body, status=400)
+        if faults.answer_delay:
+            await asyncio.sleep(faults.answer_delay)
+        return _json(answer)
 
     @routes.get("/queue")
     async def get_queue(request: web.Request) -> web.Response:
