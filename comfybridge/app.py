@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import fields
 
 import aiohttp
 from aiohttp import web
@@ -81,15 +82,10 @@ async def _http_session(app: web.Application) -> AsyncIterator[None]:
 
 async def _scheduler(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
+    # The scheduler's settings are the same-named subset of the bridge's.
+    own = SchedulerSettings(**{f.name: getattr(settings, f.name) for f in fields(SchedulerSettings)})
     scheduler = Scheduler(
-        SchedulerSettings(
-            heartbeat=settings.heartbeat,
-            disconnect_grace=settings.disconnect_grace,
-            job_idle_timeout=settings.job_idle_timeout,
-            result_ttl=settings.result_ttl,
-            upload_ttl=settings.upload_ttl,
-            pipeline_depth=settings.pipeline_depth,
-        ),
+        own,
         app[BACKEND_URLS],
         app[SESSION],
         app[WORKFLOWS],

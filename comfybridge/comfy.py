@@ -25,7 +25,11 @@ RESULT_KINDS_SKIPPED = {"animated", "text"}  # keys of an output that are not fi
 
 
 class BackendUnavailable(Exception):
-    """The backend could not be reached or did not answer in time."""
+    """The backend could not be reached, did not answer in time, or answered with an error status."""
+
+    def __init__(self, message: str, maybe_done: bool = False) -> None:
+        super().__init__(message)
+        self.maybe_done = maybe_done  # no answer came: the request may still have taken effect
 
 
 class PromptRefused(Exception):
@@ -102,7 +106,8 @@ class ComfyClient:
             ) as resp:
                 return resp.status, await resp.read()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise BackendUnavailable(f"{self.name}: {exc.__class__.__name__}: {exc}") from exc
+            refused = isinstance(exc, aiohttp.ClientConnectorError)
+            raise BackendUnavailable(f"{self.name}: {exc.__class__.__name__}: {exc}", not refused) from exc
 
     async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
         status, body = await self._request(method, path, **kwargs)
@@ -164,6 +169,21 @@ class ComfyClient:
 
     async def free(self) -> None:
         await self._json("POST", "/free", json={"unload_models": True, "free_memory": True})
+
+    async def delete_history(self, prompt_ids: list[str]) -> None:
+        await self._json("POST", "/history", json={"delete": prompt_ids})
+
+    async def free_memory(self) -> tuple[int | None, int]:
+        """Free VRAM of the first device (None without one) and free RAM, in bytes, from /system_stats."""
+        stats = await self._json("GET", "/system_stats")
+        devices = stats.get("devices") or []
+        vram = devices[0].get("vram_free") if devices and isinstance(devices[0], dict) else None
+        return (int(vram) if isinstance(vram, int | float) else None), int(stats["system"]["ram_free"])
+
+    async def knows(self, prompt_id: str) -> bool:
+        """Whether ComfyUI has this prompt: queued, running, or in its history."""
+        running, pending = await self.queue()
+        return prompt_id in running or prompt_id in pending or await self.history(prompt_id) is not None
 
     async def object_info(self) -> dict[str, Any]:
         answer = await self._json("GET", "/object_info")

@@ -42,6 +42,16 @@ class Settings:
     pipeline_depth: int = 1
     shutdown_timeout: float = 10.0
     log_level: str = "INFO"
+    backend_grace: float = 10.0
+    comfy_timeout: float = 30.0
+    max_jobs_per_client: int = 100
+    warm_slack: float = 2.0
+    free_idle_after: float = 0.0
+    free_every_jobs: int = 0
+    free_below_vram_mb: float = 0.0
+    free_below_ram_mb: float = 0.0
+    delete_history: bool = True
+    output_subfolder: bool = True
 
     @property
     def state_file(self) -> Path:
@@ -61,6 +71,17 @@ def _number(kind: type) -> Parser:
         return kind(value)
 
     return parse
+
+
+def _flag_value(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)
 
 
 def _words(value: Any) -> tuple[str, ...]:
@@ -121,6 +142,16 @@ OPTIONS: dict[str, tuple[Parser, Callable[[Any], str | None] | None, str]] = {
     "pipeline_depth": (_number(int), _not_negative, "prompts kept queued inside each ComfyUI behind the running one"),
     "shutdown_timeout": (_number(float), _not_negative, "seconds in-flight requests get to finish on SIGTERM"),
     "log_level": (str, _level, "DEBUG, INFO, WARNING or ERROR"),
+    "backend_grace": (_number(float), _not_negative, "seconds a backend may be away before its jobs move"),
+    "comfy_timeout": (_number(float), _positive, "seconds to wait for a ComfyUI REST answer"),
+    "max_jobs_per_client": (_number(int), _not_negative, "jobs one client may have in line (429 beyond; 0: no limit)"),
+    "warm_slack": (_number(float), _not_negative, "seconds later a backend that last ran the workflow may finish"),
+    "free_idle_after": (_number(float), _not_negative, "free a backend's memory after this many idle seconds (0: off)"),
+    "free_every_jobs": (_number(int), _not_negative, "free a backend's memory every N jobs (0: off)"),
+    "free_below_vram_mb": (_number(float), _not_negative, "free memory when free VRAM is under this (0: off)"),
+    "free_below_ram_mb": (_number(float), _not_negative, "free memory when free RAM is under this (0: off)"),
+    "delete_history": (_flag_value, None, "delete delivered prompts from ComfyUI's history (true/false)"),
+    "output_subfolder": (_flag_value, None, "save each job's outputs in comfybridge/<day>/<job>/ (true/false)"),
 }
 
 
@@ -140,8 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", type=Path, help=f"TOML config file (default {DEFAULT_CONFIG} when present)")
     for name, (_, _, help_text) in OPTIONS.items():
-        metavar = "N" if name in ("emulate", "max_upload_files", "pipeline_depth") else None
-        parser.add_argument(_flag(name), dest=name, metavar=metavar, help=f"{help_text} [{_env(name)}]")
+        parser.add_argument(_flag(name), dest=name, help=f"{help_text} [{_env(name)}]")
     return parser
 
 

@@ -29,6 +29,10 @@ class UnsupportedMedia(BridgeError):
     """An upload whose content is not an allowed media type (415)."""
 
 
+class TooManyJobs(BridgeError):
+    """A client over its limit of jobs in line (429)."""
+
+
 class NoBackend(BridgeError):
     """No healthy ComfyUI backend can take the work (503)."""
 

@@ -92,7 +92,9 @@ class Job:
     error: str | None = None
     outcome: str | None = None  # what ComfyUI said: success, error or interrupted
     cancel_requested: bool = False
-    attempts: int = 0
+    attempts: int = 0  # hand-overs that failed before ComfyUI took the prompt
+    retries: int = 0  # runs started again elsewhere after their backend died
+    started_at: float | None = None  # monotonic time of ComfyUI's execution_start
     accepted_at: float = field(default_factory=time.time)
     last_event: float = field(default_factory=time.monotonic)
     progress: Progress = field(init=False)
@@ -113,6 +115,7 @@ class Job:
         self.prompt_id = str(uuid.uuid4())
         self.state = JobState.WAITING
         self.outcome = None
+        self.started_at = None
         self.progress = Progress(self.prompt)
 
     def record(self) -> dict[str, Any]:
@@ -129,5 +132,6 @@ class Job:
             "backend": self.backend,
             "error": self.error,
             "attempts": self.attempts,
+            "retries": self.retries,
             "accepted_at": self.accepted_at,
         }

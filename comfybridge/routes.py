@@ -13,7 +13,7 @@ import orjson
 from aiohttp import BodyPartReader, web
 
 from .clients import check_client_id
-from .errors import BadInput, BridgeError, NoBackend, TooLarge, UnsupportedMedia
+from .errors import BadInput, BridgeError, NoBackend, TooLarge, TooManyJobs, UnsupportedMedia
 from .keys import RESULTS, SCHEDULER, STATE, UPLOADS, WORKFLOWS
 from .results import JobResult, ResultFile
 from .uploads import IncomingFile
@@ -26,6 +26,7 @@ B64_CHUNK = 3 * 64 * 1024  # a multiple of 3, so chunks encode without padding i
 STATUS_OF: list[tuple[type[BridgeError], int]] = [
     (TooLarge, 413),
     (UnsupportedMedia, 415),
+    (TooManyJobs, 429),
     (NoBackend, 503),
     (BadInput, 400),
 ]
@@ -103,7 +104,6 @@ async def upload(request: web.Request) -> web.Response:
         raise BadInput(f"Malformed multipart body: {exc}") from None
     if client_id is not None:
         await scheduler.remember(client_id)
-        scheduler.bind_for_upload(client_id)
     return json_response(names)
 
 

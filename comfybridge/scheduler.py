@@ -1,19 +1,20 @@
-"""Scheduler: the bridge's queue, one worker per ComfyUI backend, client affinity, and job endings."""
+"""Scheduler: the bridge's fair queue, one worker per ComfyUI backend, placement, failover, job endings."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import datetime
+import itertools
 import logging
 import time
 import uuid
-from collections import deque
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
 
+from .backend import Backend
 from .clients import CLOSED, CONNECTED, LISTENING, Client, ClientRegistry, Status, status_message
 from .comfy import (
     BackendUnavailable,
@@ -23,9 +24,11 @@ from .comfy import (
     describe_execution_error,
     outputs_of,
 )
-from .errors import NoBackend, ShuttingDown
+from .errors import NoBackend, ShuttingDown, TooManyJobs
+from .fairqueue import FairQueue
 from .jobs import Job, JobState
 from .media import content_type_for
+from .planner import PLAN_HORIZON, RunTimes, plan_for
 from .results import ResultFile, ResultStore
 from .state import StateStore
 from .uploads import UploadStore
@@ -35,7 +38,9 @@ log = logging.getLogger(__name__)
 
 INTERRUPTED = status_message("error", "interrupted")
 DISCONNECTED = "server disconnected"
-SUBMIT_RETRIES = 2
+NOT_ACCEPTED = "ComfyUI did not accept the job"
+MAX_ATTEMPTS = 3  # hand-overs of one job that may fail before it does
+MB = 1024 * 1024
 
 
 class Notifier(Protocol):
@@ -52,29 +57,16 @@ class SchedulerSettings:
     result_ttl: float = 86400.0
     upload_ttl: float = 3600.0
     pipeline_depth: int = 1
-
-
-@dataclass
-class Backend:
-    """One ComfyUI and the bridge's view of it."""
-
-    client: ComfyClient
-    waiting: deque[Job] = field(default_factory=deque)  # assigned here, not yet sent
-    inflight: list[Job] = field(default_factory=list)  # sent to ComfyUI, oldest (running) first
-    healthy: bool = False
-    queue_remaining: int = 0  # ComfyUI's own count: ours and anyone else's
-    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
-    object_info_loaded: bool = False
-    first_attempt: asyncio.Event = field(default_factory=asyncio.Event)
-
-    @property
-    def name(self) -> str:
-        return self.client.name
-
-    def load(self) -> int:
-        """Outstanding work: the bridge's jobs here plus prompts others queued on this ComfyUI."""
-        others = max(0, self.queue_remaining - len(self.inflight))
-        return len(self.waiting) + len(self.inflight) + others
+    backend_grace: float = 10.0
+    comfy_timeout: float = 30.0
+    max_jobs_per_client: int = 100
+    warm_slack: float = 2.0
+    free_idle_after: float = 0.0
+    free_every_jobs: int = 0
+    free_below_vram_mb: float = 0.0
+    free_below_ram_mb: float = 0.0
+    delete_history: bool = True
+    output_subfolder: bool = True
 
 
 def format_seconds(value: float) -> str:
@@ -82,9 +74,11 @@ def format_seconds(value: float) -> str:
 
 
 class Scheduler:
-    """Accepts jobs, sends them to backends, turns ComfyUI's events into client status messages.
+    """Accepts jobs, places them on backends, turns ComfyUI's events into client status messages.
 
     Knows nothing of HTTP: the edge calls its methods and receives status through a Notifier.
+    Jobs wait in one fair queue; each backend's worker takes the job that earliest-finish
+    placement gives it, so fast backends take more, and no GPU idles while work it should do waits.
     """
 
     def __init__(
@@ -99,14 +93,18 @@ class Scheduler:
         notifier: Notifier,
     ) -> None:
         self.settings = settings
+        self.session = session
         self.workflows = workflows
         self.uploads = uploads
         self.results = results
         self.state = state
         self.notifier = notifier
         self.clients = ClientRegistry(state.clients)
+        self.queue = FairQueue()
+        self.runtimes = RunTimes()
         self.bridge_id = f"comfybridge-{uuid.uuid4().hex[:12]}"
-        self.backends = {url: Backend(ComfyClient(url, session, self.bridge_id)) for url in backend_urls}
+        self.backends: dict[str, Backend] = {}
+        self._initial = list(backend_urls)
         self._by_prompt: dict[str, Job] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._grace: dict[str, asyncio.Task[None]] = {}
@@ -115,15 +113,15 @@ class Scheduler:
     # lifecycle -------------------------------------------------------------------------------
     async def start(self, connect_timeout: float = 3.0) -> None:
         """Start workers and event sockets; wait briefly so the first requests find backends up."""
-        for backend in self.backends.values():
-            self._spawn(self._listen(backend), f"listen {backend.name}")
-            self._spawn(self._worker(backend), f"worker {backend.name}")
+        for url in self._initial:
+            self._add_backend(url)
         self._spawn(self._watchdog(), "watchdog")
         self._spawn(self._sweeper(), "sweeper")
         waits = [asyncio.ensure_future(b.first_attempt.wait()) for b in self.backends.values()]
-        _, late = await asyncio.wait(waits, timeout=connect_timeout)
-        for task in late:
-            task.cancel()
+        if waits:
+            _, late = await asyncio.wait(waits, timeout=connect_timeout)
+            for task in late:
+                task.cancel()
 
     async def close(self) -> None:
         """Refuse new work, stop every task, and save the state."""
@@ -145,6 +143,52 @@ class Scheduler:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    def _wake_all(self) -> None:
+        for backend in self.backends.values():
+            backend.wakeup.set()
+
+    # backends at run time --------------------------------------------------------------------
+    def _add_backend(self, url: str) -> Backend:
+        client = ComfyClient(url, self.session, self.bridge_id, request_timeout=self.settings.comfy_timeout)
+        backend = self.backends[url] = Backend(client)
+        backend.tasks = [
+            self._spawn(self._listen(backend), f"listen {url}"),
+            self._spawn(self._worker(backend), f"worker {url}"),
+        ]
+        return backend
+
+    def set_backends(self, urls: list[str]) -> None:
+        """Apply a new backend list: new ones join, removed ones finish their prompts and leave."""
+        for url in urls:
+            existing = self.backends.get(url)
+            if existing is None:
+                log.info("backend %s added", url)
+                self._add_backend(url)
+            elif existing.draining:
+                existing.draining = False
+        for backend in list(self.backends.values()):
+            if backend.name not in urls and not backend.draining:
+                log.info("backend %s removed: draining %d prompts", backend.name, len(backend.inflight))
+                backend.draining = True
+                self._unbind_clients_of(backend)
+                self._spawn(self._drain(backend), f"drain {backend.name}")
+        self._wake_all()
+
+    async def _drain(self, backend: Backend) -> None:
+        while backend.inflight and backend.draining:
+            backend.wakeup.clear()
+            await backend.wakeup.wait()
+        if backend.draining:
+            for task in backend.tasks:
+                task.cancel()
+            self.backends.pop(backend.name, None)
+            log.info("backend %s drained and removed", backend.name)
+
+    def _unbind_clients_of(self, backend: Backend) -> None:
+        for client in self.clients:
+            if client.backend == backend.name:
+                client.backend = None
 
     # clients ---------------------------------------------------------------------------------
     async def remember(self, client_id: str) -> Client:
@@ -191,6 +235,16 @@ class Scheduler:
             if self._grace.get(client.id) is asyncio.current_task():
                 del self._grace[client.id]
 
+    def _bound_of(self, client_id: str) -> str | None:
+        """The backend a client's jobs must run on, if it is bound to one that can still take them."""
+        client = self.clients.get(client_id)
+        if client is None or client.backend is None:
+            return None
+        backend = self.backends.get(client.backend)
+        if backend is None or backend.draining or (not backend.healthy and backend.down_since is None):
+            return None
+        return client.backend
+
     # submitting ------------------------------------------------------------------------------
     async def submit(self, client_id: str, body: dict[str, Any]) -> tuple[Job, int]:
         """Accept one job: check it, count it durably, queue it; returns it and its place in line."""
@@ -198,8 +252,16 @@ class Scheduler:
             raise ShuttingDown("The bridge is shutting down and accepts no new jobs.")
         workflow = self.workflows.get(body.get("workflow"))
         values = workflow.check_request(body, lambda name: self.uploads.usable(name, client_id))
+        known = self.clients.get(client_id)
+        limit = self.settings.max_jobs_per_client
+        if limit and known is not None and len(known.jobs) >= limit:
+            raise TooManyJobs(
+                f"clientId {client_id!r} already has {len(known.jobs)} jobs in line, the limit; "
+                "wait for one to finish or interrupt them."
+            )
+        if not any(b.usable for b in self.backends.values()):
+            raise NoBackend("No ComfyUI backend is available right now; try again shortly.")
         client = self.clients.touch(client_id)
-        backend = self._choose_backend(client)
         uploads = {
             spec.key: values[spec.key]
             for spec in workflow.file_inputs()
@@ -207,8 +269,9 @@ class Scheduler:
         }
         self.state.generation_count += 1
         job = Job(client_id, workflow.alias, workflow.build(values), self.state.generation_count, uploads)
+        if self.settings.output_subfolder:
+            _prefix_outputs(job)
         client.jobs[job.id] = job
-        client.backend = client.last_backend = backend.name
         if not any(j.state in (JobState.QUEUED, JobState.RUNNING) for j in client.jobs.values()):
             client.status = dict(LISTENING)
         self.state.clients = self.clients.snapshot()
@@ -217,55 +280,55 @@ class Scheduler:
         except BaseException:
             client.jobs.pop(job.id, None)
             raise
-        # Concurrent submits finish their save in any order; the queue stays in acceptance order.
-        index = len(backend.waiting)
-        while index > 0 and backend.waiting[index - 1].seq > job.seq:
-            index -= 1
-        backend.waiting.insert(index, job)
-        position = len(backend.inflight) + index + 1
-        log.info(
-            "job %s client %s: accepted (%s) for %s, place %d",
-            job.id,
-            client_id,
-            workflow.alias,
-            backend.name,
-            position,
-        )
-        backend.wakeup.set()
+        self.queue.push(job)
+        position = self._position(job)
+        log.info("job %s client %s: accepted (%s), place %d", job.id, client_id, workflow.alias, position)
+        self._wake_all()
         return job, position
 
-    def _choose_backend(self, client: Client) -> Backend:
-        """A bound client stays on its backend; a new one goes where it will be served soonest."""
-        healthy = [b for b in self.backends.values() if b.healthy]
-        if not healthy:
-            raise NoBackend("No ComfyUI backend is available right now; try again shortly.")
-        bound = self.backends.get(client.backend or "")
-        if bound is not None and bound.healthy and (client.jobs or self.uploads.owns_any(client.id)):
-            return bound
-        return min(healthy, key=lambda b: (b.load(), b.name != client.last_backend))
-
-    def bind_for_upload(self, client_id: str) -> None:
-        """Uploads with a clientId may pick the client's backend early, so its files live in one place."""
-        client = self.clients.touch(client_id)
-        with contextlib.suppress(NoBackend):
-            backend = self._choose_backend(client)
-            client.backend = client.last_backend = backend.name
+    def _position(self, job: Job) -> int:
+        """One plus the jobs that run before it: on its backend if bound, else in the bridge queue."""
+        bound = self._bound_of(job.client_id)
+        ahead = 0
+        for other in itertools.islice(self.queue.order(), PLAN_HORIZON):
+            if other is job:
+                break
+            if bound is None or self._bound_of(other.client_id) == bound:
+                ahead += 1
+        if bound is not None:
+            return len(self.backends[bound].inflight) + ahead + 1
+        running = [len(b.inflight) for b in self.backends.values() if b.usable]
+        return min(running, default=0) + ahead + 1
 
     # the worker ------------------------------------------------------------------------------
     async def _worker(self, backend: Backend) -> None:
         """Keep ComfyUI fed: up to `pipeline_depth` prompts wait inside it behind the running one."""
         while True:
-            while not (backend.healthy and backend.waiting and len(backend.inflight) <= self.settings.pipeline_depth):
+            job = self._next_for(backend)
+            if job is None:
                 backend.wakeup.clear()
                 await backend.wakeup.wait()
-            job = backend.waiting.popleft()
+                continue
+            self.queue.take(job)
             await self._dispatch(backend, job)
+
+    def _next_for(self, backend: Backend) -> Job | None:
+        if not (self.queue and backend.usable and len(backend.inflight) <= self.settings.pipeline_depth):
+            return None
+        lanes = [b.lane(self.runtimes) for b in self.backends.values() if b.usable]
+        jobs = list(itertools.islice(self.queue.order(), PLAN_HORIZON))
+        waiting = ((j.id, j.workflow, self._bound_of(j.client_id)) for j in jobs)
+        index = plan_for(backend.name, waiting, lanes, self.runtimes.estimate, self.settings.warm_slack)
+        return None if index is None else jobs[index]
 
     async def _dispatch(self, backend: Backend, job: Job) -> None:
         job.state = JobState.SUBMITTING
         job.backend = backend.name
-        job.attempts += 1
+        client = self.clients.get(job.client_id)
+        if client is not None:
+            client.backend = client.last_backend = backend.name
         backend.inflight.append(job)
+        backend.idle_since = None
         self._by_prompt[job.prompt_id] = job
         try:
             prompt = job.prompt
@@ -278,26 +341,18 @@ class Scheduler:
             self._drop_inflight(backend, job)
             self._end(job, JobState.FAILED, str(exc))
             return
-        except (BackendUnavailable, KeyError) as exc:
+        except KeyError:
             self._drop_inflight(backend, job)
-            if job.cancel_requested:
-                return
-            if isinstance(exc, BackendUnavailable) and job.attempts <= SUBMIT_RETRIES:
-                log.warning("job %s client %s: %s; will retry", job.id, job.client_id, exc)
-                job.new_attempt()
-                backend.waiting.appendleft(job)
-                await asyncio.sleep(0.2 * job.attempts)
-                return
-            if isinstance(exc, KeyError):
-                reason = "an uploaded file of the job is gone"
-            else:
-                reason = "ComfyUI did not accept the job" if backend.client.connected else DISCONNECTED
-            self._end(job, JobState.FAILED, reason)
+            self._end(job, JobState.FAILED, "an uploaded file of the job is gone")
             return
+        except BackendUnavailable as exc:
+            if not (exc.maybe_done and await self._took_it_after_all(backend, job)):
+                self._hand_over_failed(backend, job, exc)
+                return
+        backend.submit_failures = 0
         job.last_event = time.monotonic()
         if job.state is JobState.SUBMITTING:
             job.state = JobState.QUEUED
-            client = self.clients.get(job.client_id)
             if client is not None and not job.cancel_requested and not client.running:
                 client.status = dict(CONNECTED)
         log.info("job %s client %s: queued on %s as %s", job.id, job.client_id, backend.name, job.prompt_id)
@@ -305,13 +360,55 @@ class Scheduler:
             # The cancel raced the hand-over; now ComfyUI has named the prompt, take it back.
             self._spawn(self._cancel_on_backend(backend, job), f"cancel {job.id}")
 
+    async def _took_it_after_all(self, backend: Backend, job: Job) -> bool:
+        """A hand-over without an answer: ask ComfyUI before sending the prompt anywhere again."""
+        try:
+            return await backend.client.knows(job.prompt_id)
+        except BackendUnavailable:
+            return False
+
+    def _hand_over_failed(self, backend: Backend, job: Job, exc: BackendUnavailable) -> None:
+        """POST /prompt failed: try elsewhere, and give a backend that keeps refusing a rest."""
+        self._drop_inflight(backend, job)
+        if exc.maybe_done:
+            # ComfyUI may have queued it without answering: remove it there once it answers again.
+            backend.abandoned.add(job.prompt_id)
+        backend.submit_failures += 1
+        if backend.submit_failures >= 2:
+            pause = min(30.0, 0.5 * 2.0 ** (backend.submit_failures - 2))
+            backend.sick_until = time.monotonic() + pause
+            asyncio.get_running_loop().call_later(pause, self._wake_all)
+            log.warning(
+                "backend %s refused %d hand-overs: no new work for %gs", backend.name, backend.submit_failures, pause
+            )
+        if job.cancel_requested:
+            return
+        job.attempts += 1
+        if job.attempts >= MAX_ATTEMPTS:
+            self._end(job, JobState.FAILED, NOT_ACCEPTED if backend.healthy else DISCONNECTED)
+            return
+        log.warning("job %s client %s: %s; will send it again", job.id, job.client_id, exc)
+        client = self.clients.get(job.client_id)
+        if (
+            client is not None
+            and client.backend == backend.name
+            and not any(j in backend.inflight for j in client.jobs.values())
+        ):
+            client.backend = None
+        job.new_attempt()
+        self.queue.push_front(job)
+        self._wake_all()
+
     def _drop_inflight(self, backend: Backend, job: Job) -> None:
         if job in backend.inflight:
             backend.inflight.remove(job)
             if backend.inflight:
                 backend.inflight[0].last_event = time.monotonic()
+            else:
+                backend.idle_since = time.monotonic()
+                backend.freed_while_idle = False
         self._by_prompt.pop(job.prompt_id, None)
-        backend.wakeup.set()
+        self._wake_all()
 
     # ComfyUI events --------------------------------------------------------------------------
     def _on_event(self, backend: Backend, event: str, data: dict[str, Any]) -> None:
@@ -326,6 +423,8 @@ class Scheduler:
         job.last_event = time.monotonic()
         progress = job.progress
         if event == "execution_start":
+            job.started_at = job.last_event
+            backend.last_workflow = job.workflow
             if not job.ended:
                 job.state = JobState.RUNNING
         elif event == "execution_cached":
@@ -367,6 +466,8 @@ class Scheduler:
 
     def _prompt_finished(self, backend: Backend, job: Job) -> None:
         """ComfyUI's final `executing null`: only now is the prompt in /history."""
+        if job.outcome == "success" and job.started_at is not None:
+            self.runtimes.observe(job.workflow, backend.name, time.monotonic() - job.started_at)
         self._drop_inflight(backend, job)
         if job.ended:
             return
@@ -392,6 +493,8 @@ class Scheduler:
             log.warning("job %s client %s: results lost: %s", job.id, job.client_id, exc)
             await self.results.discard(job.id)
             self._end(job, JobState.FAILED, DISCONNECTED)
+            return
+        await self._care_after_job(backend, job)
 
     async def _store_results(self, backend: Backend, job: Job, refs: list[OutputRef]) -> None:
         folder = self.results.folder_for(job.id)
@@ -410,13 +513,12 @@ class Scheduler:
             return
         job.state = state
         job.error = error
+        self.queue.remove(job)
         client = self.clients.get(job.client_id)
         if client is None:
             return
         client.jobs.pop(job.id, None)
-        if client.jobs:
-            client.backend = next(iter(client.jobs.values())).backend or client.backend
-        else:
+        if not client.jobs:
             client.backend = None
         log.info("job %s client %s: %s%s", job.id, client.id, state.value, f" ({error})" if error else "")
         if not notify:
@@ -443,13 +545,9 @@ class Scheduler:
             backend = self.backends.get(job.backend or "")
             state = job.state
             self._end(job, JobState.CANCELLED, "interrupted", notify=False)
-            if state is JobState.WAITING:
-                for candidate in self.backends.values():
-                    if job in candidate.waiting:
-                        candidate.waiting.remove(job)
-            elif state in (JobState.QUEUED, JobState.RUNNING) and backend is not None:
+            if state in (JobState.QUEUED, JobState.RUNNING) and backend is not None:
                 await self._cancel_on_backend(backend, job)
-            # SUBMITTING: _dispatch sees cancel_requested once ComfyUI answers and cancels there.
+            # WAITING: _end took it out of the queue. SUBMITTING: _dispatch cancels it once ComfyUI answers.
         if jobs:
             client.status = dict(INTERRUPTED)
             self.notifier.publish(client_id, client.status, close=True)
@@ -481,33 +579,105 @@ class Scheduler:
             chosen = self.backends.get(client.backend or client.last_backend or "")
             targets = [chosen] if chosen is not None else targets
         for backend in targets:
-            if not backend.healthy:
-                log.warning("free: skipping %s, it is down", backend.name)
-                continue
-            try:
-                await backend.client.free()
-            except BackendUnavailable as exc:
-                log.warning("free: %s failed: %s", backend.name, exc)
+            await self._free_backend(backend, "asked by a client")
 
-    # health and reconciliation ---------------------------------------------------------------
+    async def _free_backend(self, backend: Backend, why: str) -> None:
+        if not backend.healthy:
+            log.warning("free: skipping %s, it is down", backend.name)
+            return
+        try:
+            await backend.client.free()
+            backend.jobs_since_free = 0
+            log.info("freed memory on %s (%s)", backend.name, why)
+        except BackendUnavailable as exc:
+            log.warning("free: %s failed: %s", backend.name, exc)
+
+    # resource care ---------------------------------------------------------------------------
+    async def _care_after_job(self, backend: Backend, job: Job) -> None:
+        """Between jobs: forget the delivered prompt in ComfyUI, and free memory when a policy says so.
+
+        ComfyUI applies /free between prompts, never under a running one."""
+        settings = self.settings
+        try:
+            if settings.delete_history:
+                await backend.client.delete_history([job.prompt_id])
+            backend.jobs_since_free += 1
+            if settings.free_every_jobs and backend.jobs_since_free >= settings.free_every_jobs:
+                await self._free_backend(backend, f"every {settings.free_every_jobs} jobs")
+            elif settings.free_below_vram_mb or settings.free_below_ram_mb:
+                vram, ram = await backend.client.free_memory()
+                if (
+                    vram is not None and vram < settings.free_below_vram_mb * MB
+                ) or ram < settings.free_below_ram_mb * MB:
+                    await self._free_backend(backend, "memory low")
+        except BackendUnavailable as exc:
+            log.debug("care after job %s on %s skipped: %s", job.id, backend.name, exc)
+
+    def _free_if_idle(self, backend: Backend, now: float) -> None:
+        idle_for = self.settings.free_idle_after
+        if not idle_for or backend.idle_since is None or backend.freed_while_idle or not backend.healthy:
+            return
+        if now - backend.idle_since >= idle_for:
+            backend.freed_while_idle = True
+            self._spawn(self._free_backend(backend, f"idle for {idle_for:g}s"), f"free {backend.name}")
+
+    # health, failover and reconciliation -----------------------------------------------------
     async def _listen(self, backend: Backend) -> None:
         async def connected() -> None:
+            await self._remove_abandoned(backend)
             await self._reconcile(backend)
             if not backend.object_info_loaded:
                 self.workflows.apply_object_info(await backend.client.object_info())
                 backend.object_info_loaded = True
             backend.healthy = True
-            backend.wakeup.set()
+            backend.down_since = None
+            log.info("backend %s is up", backend.name)
+            self._wake_all()
 
         def disconnected() -> None:
             backend.healthy = False
-            log.warning(
-                "backend %s is down; %d jobs wait for it", backend.name, len(backend.inflight) + len(backend.waiting)
-            )
+            backend.down_since = since = time.monotonic()
+            log.warning("backend %s is down; %d prompts wait for it", backend.name, len(backend.inflight))
+            self._spawn(self._fail_over_later(backend, since), f"failover {backend.name}")
 
         await backend.client.listen(
             lambda event, data: self._on_event(backend, event, data), connected, disconnected, backend.first_attempt
         )
+
+    async def _fail_over_later(self, backend: Backend, since: float) -> None:
+        """A backend gone for backend_grace seconds loses its prompts to the healthy ones."""
+        await asyncio.sleep(self.settings.backend_grace)
+        if backend.healthy or backend.down_since != since:
+            return
+        log.warning("backend %s down for %gs: moving its jobs", backend.name, self.settings.backend_grace)
+        for job in reversed(list(backend.inflight)):
+            self._drop_inflight(backend, job)
+            backend.abandoned.add(job.prompt_id)
+            if job.ended:
+                continue
+            if job.started_at is not None:
+                if job.retries >= 1:
+                    self._end(job, JobState.FAILED, DISCONNECTED)
+                    continue
+                job.retries += 1
+            log.warning("job %s client %s: moving off %s", job.id, job.client_id, backend.name)
+            job.new_attempt()
+            self.queue.push_front(job)
+        backend.down_since = None  # its clients are no longer held for it
+        self._unbind_clients_of(backend)
+        self._wake_all()
+
+    async def _remove_abandoned(self, backend: Backend) -> None:
+        """Prompts moved elsewhere while this backend was away must not run here too."""
+        if not backend.abandoned:
+            return
+        gone = list(backend.abandoned)
+        await backend.client.delete_queued(gone)
+        running, _ = await backend.client.queue()
+        for prompt_id in running:
+            if prompt_id in backend.abandoned:
+                await backend.client.interrupt(prompt_id)
+        backend.abandoned.difference_update(gone)
 
     async def _reconcile(self, backend: Backend) -> None:
         """After a lost socket: ask ComfyUI about every prompt the bridge had there."""
@@ -519,51 +689,45 @@ class Scheduler:
                 continue
             entry = await backend.client.history(job.prompt_id)
             if entry is not None:
-                status = (entry.get("status") or {}).get("status_str")
-                messages = [m[0] for m in (entry.get("status") or {}).get("messages", []) if m]
-                job.outcome = (
-                    "interrupted"
-                    if "execution_interrupted" in messages
-                    else "success"
-                    if status == "success"
-                    else "error"
-                )
-                if job.outcome == "error" and job.error is None:
-                    job.error = next(
-                        (
-                            describe_execution_error(m[1])
-                            for m in entry["status"]["messages"]
-                            if m[0] == "execution_error"
-                        ),
-                        None,
-                    )
+                messages = (entry.get("status") or {}).get("messages", [])
+                kinds = [m[0] for m in messages if m]
+                if "execution_interrupted" in kinds:
+                    job.outcome = "interrupted"
+                elif (entry.get("status") or {}).get("status_str") == "success":
+                    job.outcome = "success"
+                else:
+                    job.outcome = "error"
+                    errors = [describe_execution_error(m[1]) for m in messages if m and m[0] == "execution_error"]
+                    job.error = job.error or (errors[0] if errors else None)
                 self._prompt_finished(backend, job)
             elif not job.ended:
                 log.warning("job %s client %s: lost by %s, sending it again", job.id, job.client_id, backend.name)
                 self._drop_inflight(backend, job)
                 job.new_attempt()
-                backend.waiting.appendleft(job)
+                self.queue.push_front(job)
             else:
                 self._drop_inflight(backend, job)
 
     async def _watchdog(self) -> None:
-        """Fail the running job of a backend that has said nothing about it for job_idle_timeout."""
+        """Fail a running job that ComfyUI has said nothing about for job_idle_timeout; free idle backends."""
         limit = self.settings.job_idle_timeout
         while True:
             await asyncio.sleep(min(1.0, limit / 4))
             now = time.monotonic()
-            for backend in self.backends.values():
+            for backend in list(self.backends.values()):
+                self._free_if_idle(backend, now)
+                if not backend.healthy:
+                    continue  # a backend that is away is handled by failover
                 head = next((j for j in backend.inflight if j.state is not JobState.SUBMITTING), None)
                 if head is None or now - head.last_event < limit:
                     continue
                 self._drop_inflight(backend, head)
                 if head.ended:
                     continue
-                reason = f"time out error: exceed {format_seconds(limit)}s" if backend.healthy else DISCONNECTED
+                reason = f"time out error: exceed {format_seconds(limit)}s"
                 log.warning("job %s client %s: %s", head.id, head.client_id, reason)
                 self._end(head, JobState.FAILED, reason)
-                if backend.healthy:
-                    self._spawn(self._cancel_on_backend(backend, head), f"cancel {head.id}")
+                self._spawn(self._cancel_on_backend(backend, head), f"cancel {head.id}")
 
     async def _sweeper(self) -> None:
         """Expire old uploads, results and finished clients."""
@@ -586,3 +750,15 @@ class Scheduler:
         client = self.clients.get(client_id)
         if client is not None and self.clients.forget_if_done(client, self.results.holds):
             await self._save()
+
+
+def _prefix_outputs(job: Job) -> None:
+    """Give the job's output files a folder of their own: `comfybridge/<day>/<job>/<prefix>`.
+
+    SaveImage lists its output folder on every save, so a shared folder of thousands of files
+    slows every job; and bridges sharing a ComfyUI never collide on names."""
+    day = datetime.date.today().isoformat()
+    for node in job.prompt.values():
+        prefix = node.get("inputs", {}).get("filename_prefix")
+        if isinstance(prefix, str):
+            node["inputs"]["filename_prefix"] = f"comfybridge/{day}/{job.id[:12]}/{prefix}"

@@ -266,7 +266,7 @@ async def test_free_all_and_by_client(make_emulator: object, make_bridge: Bridge
     await run_job(client, "freer", {"workflow": "solid", "1/batch_size": 1})
     resp = await client.post("/free", params={"clientId": "freer"})
     assert await resp.json() == {"detail": "server memory free now / freer"}
-    ran_on = first if first.engine.history else second
+    ran_on = first if first.engine.started else second
     other = second if ran_on is first else first
     assert (len(ran_on.engine.free_requests), len(other.engine.free_requests)) == (2, 1)
 

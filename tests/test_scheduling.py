@@ -12,10 +12,9 @@ from .helpers import frames_until, generate, poll_status, read_results, run_job
 
 
 def prompts_of(emulator: Emulator) -> list[str]:
-    """Every prompt ComfyUI ever saw: finished (history), running or pending."""
-    queue = emulator.engine.queue_snapshot()
-    live = [item[1] for item in queue["queue_running"] + queue["queue_pending"]]
-    return list(emulator.engine.history) + live
+    """Every prompt ComfyUI ever took: started, or still pending."""
+    pending = [item[1] for item in emulator.engine.queue_snapshot()["queue_pending"]]
+    return emulator.engine.started + pending
 
 
 def job_prompt_ids(client: object, client_id: str) -> list[str]:
@@ -121,7 +120,7 @@ async def test_lost_comfyui_socket_is_reconciled(
     assert frames[-1]["status"] == "closed"
     parts = await read_results(await client.get("/history", params={"clientId": "dropped"}))
     assert [p[1] for p in parts] == ["wf_c_slow_00001_.png"]
-    assert len(emulator.engine.history) == 1  # reconciled, not submitted twice
+    assert len(emulator.engine.started) == 1  # reconciled, not submitted twice
     assert "closed its socket" in caplog.text
 
 

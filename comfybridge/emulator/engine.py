@@ -105,6 +105,7 @@ class Engine:
         self.object_info = load_object_info()
         self.history: dict[str, dict[str, Any]] = {}
         self.free_requests: list[Any] = []  # bodies of POST /free, so a test can see what was asked
+        self.started: list[str] = []  # every prompt id that began to run, in order (history may be deleted)
         self._send = send
         self._send_binary = send_binary
         self._numbers = itertools.count()
@@ -321,6 +322,7 @@ class Engine:
                 await self._wakeup.wait()
             item = heapq.heappop(self._pending)
             self._running = item
+            self.started.append(item.prompt_id)
             self._interrupt_id = None
             self.broadcast_status()
             try:

@@ -1,0 +1,99 @@
+"""Where a job should run: learned run times per workflow and backend, and earliest-finish placement."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+PLAN_HORIZON = 1000  # waiting jobs looked at per decision: enough to see past any realistic head of line
+
+
+class RunTimes:
+    """An exponentially weighted mean of each workflow's run time on each backend, learned from real runs.
+
+    An unseen pair borrows what is known: the workflow's time elsewhere scaled by how fast this
+    backend is relative to the others, else this backend's typical time, else the prior.
+    """
+
+    def __init__(self, prior: float = 5.0, alpha: float = 0.3) -> None:
+        self.prior = prior
+        self.alpha = alpha
+        self._mean: dict[tuple[str, str], float] = {}
+
+    def observe(self, workflow: str, backend: str, seconds: float) -> None:
+        key = (workflow, backend)
+        old = self._mean.get(key)
+        self._mean[key] = seconds if old is None else old + self.alpha * (seconds - old)
+
+    def estimate(self, workflow: str, backend: str) -> float:
+        known = self._mean.get((workflow, backend))
+        if known is not None:
+            return known
+        elsewhere = [v for (w, b), v in self._mean.items() if w == workflow and b != backend]
+        if elsewhere:
+            return statistics.fmean(elsewhere) * self._speed_factor(backend)
+        own = [v for (_, b), v in self._mean.items() if b == backend]
+        return statistics.fmean(own) if own else self.prior
+
+    def _speed_factor(self, backend: str) -> float:
+        """How much longer this backend takes than the others on the workflows both have run (1.0 unknown)."""
+        ratios = []
+        for (workflow, name), mine in self._mean.items():
+            if name != backend:
+                continue
+            others = [v for (w, b), v in self._mean.items() if w == workflow and b != backend]
+            if others:
+                ratios.append(mine / statistics.fmean(others))
+        return statistics.geometric_mean(ratios) if ratios else 1.0
+
+    def typical(self, backend: str) -> float:
+        own = [v for (_, b), v in self._mean.items() if b == backend]
+        return statistics.fmean(own) if own else self.prior
+
+
+@dataclass
+class Lane:
+    """A backend as the planner sees it: when it could start a new job and what it ran last."""
+
+    name: str
+    free_in: float  # seconds until the work already on it is done
+    last_workflow: str | None
+
+
+def plan_for(
+    backend: str,
+    waiting: Iterable[tuple[str, str, str | None]],
+    lanes: list[Lane],
+    estimate: Callable[[str, str], float],
+    warm_slack: float,
+) -> int | None:
+    """Index of the first waiting job that earliest-finish list scheduling gives to `backend`, or None.
+
+    `waiting` yields (job key, workflow, bound backend or None) in the order jobs are served. Each job
+    goes where it would finish first, preferring a backend that last ran the same workflow (its models
+    are loaded) when that finishes within `warm_slack` seconds of the best; jobs of a bound client
+    go to their backend. A backend whose turn never comes stays idle: the others finish sooner.
+    """
+    free = {lane.name: lane.free_in for lane in lanes}
+    last = {lane.name: lane.last_workflow for lane in lanes}
+    if backend not in free:
+        return None
+    for index, (_, workflow, bound) in enumerate(waiting):
+        if index >= PLAN_HORIZON:
+            return None
+        if bound is not None:
+            if bound not in free:
+                continue
+            target = bound
+        else:
+            finish = {name: free[name] + estimate(workflow, name) for name in free}
+            target = min(finish, key=lambda name: (finish[name], name != backend))
+            warm = [n for n in free if last[n] == workflow and finish[n] <= finish[target] + warm_slack]
+            if warm and last[target] != workflow:
+                target = min(warm, key=lambda name: finish[name])
+        if target == backend:
+            return index
+        free[target] += estimate(workflow, target)
+        last[target] = workflow
+    return None
