@@ -113,6 +113,9 @@ class Engine:
         self._running: QueueItem | None = None
         self._interrupt_id: str | None = None
         self._wakeup = asyncio.Event()
+        self.stopping = asyncio.Event()  # set at shutdown, so a hanging request can end
+        self._unpaused = asyncio.Event()
+        self._unpaused.set()
         self._last_signatures: dict[str, str] = {}
         self._drop_sockets: Callable[[], None] = lambda: None
         self._task: asyncio.Task[None] | None = None
@@ -185,6 +188,13 @@ class Engine:
     def clear_pending(self) -> None:
         self._pending = []
         self.broadcast_status()
+
+    def pause(self) -> None:
+        """Start no new prompt until resume(): a test can line up work behind a busy GPU."""
+        self._unpaused.clear()
+
+    def resume(self) -> None:
+        self._unpaused.set()
 
     def interrupt(self, prompt_id: str | None) -> None:
         """With an id, only that prompt if it runs; with none, whatever runs."""
@@ -320,6 +330,7 @@ class Engine:
             while not self._pending:
                 self._wakeup.clear()
                 await self._wakeup.wait()
+            await self._unpaused.wait()
             item = heapq.heappop(self._pending)
             self._running = item
             self.started.append(item.prompt_id)

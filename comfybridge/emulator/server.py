@@ -95,6 +95,7 @@ def create_emulator_app(root: Path, pace: float) -> web.Application:
 
     async def close_sockets(app: web.Application) -> None:
         # Before the server waits for open handlers: a socket handler ends only when its socket does.
+        engine.stopping.set()
         for ws in list(sockets.values()):
             await ws.close(code=WSCloseCode.GOING_AWAY)
 
@@ -173,7 +174,8 @@ def _routes() -> web.RouteTableDef:
         engine = request.app[ENGINE]
         faults = engine.faults
         if faults.prompt_hang:
-            await asyncio.Event().wait()
+            await engine.stopping.wait()
+            return web.Response(status=503)
         if faults.prompt_500 > 0:
             faults.prompt_500 -= 1
             return web.Response(status=500, text="500 Internal Server Error\n\nServer got itself in trouble")

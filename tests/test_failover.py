@@ -1,0 +1,177 @@
+"""Backends of different speeds that die, restart, hang or refuse: every job ends once, or clearly fails."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from comfybridge.emulator import Emulator
+from comfybridge.keys import SCHEDULER
+
+from .conftest import BridgeFactory, EmulatorFactory, wait_for
+from .helpers import Client, frames_until, generate, poll_status, read_results
+
+
+def scheduler_of(client: Client) -> Any:
+    return client.app[SCHEDULER]
+
+
+def active(client: Client, client_id: str) -> list[Any]:
+    known = scheduler_of(client).clients.get(client_id)
+    return list(known.jobs.values()) if known else []
+
+
+async def outcome(client: Client, client_id: str) -> list[str]:
+    """Wait for the client's jobs to end; the names of the files it gets back."""
+    await wait_for(lambda: not active(client, client_id), timeout=20)
+    resp = await client.get("/history", params={"clientId": client_id})
+    return [part[1] for part in await read_results(resp)] if resp.status == 200 else []
+
+
+async def test_fast_backend_takes_more_work(make_emulator: EmulatorFactory, make_bridge: BridgeFactory) -> None:
+    fast = await make_emulator(pace=0.005)
+    slow = await make_emulator(pace=0.08)
+    client = await make_bridge(fast, slow)
+    for index in range(12):
+        status, _ = await generate(client, f"user{index}", {"workflow": "solid", "1/batch_size": 1})
+        assert status == 200
+    for index in range(12):
+        assert await outcome(client, f"user{index}") == ["wf_b_empty_00001_.png"]
+    assert len(fast.engine.started) + len(slow.engine.started) == 12
+    assert len(fast.engine.started) > 2 * len(slow.engine.started)
+
+
+async def test_backend_killed_mid_job_moves_its_jobs(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    first = await make_emulator(pace=0.2)
+    second = await make_emulator(pace=0.2)
+    client = await make_bridge(first, second, backend_grace=0.2)
+    await generate(client, "pair", {"workflow": "slow", "2/seed": 1})
+    await generate(client, "pair", {"workflow": "slow", "2/seed": 2})  # same client: same backend, queued there
+    await wait_for(lambda: len(first.engine.started) + len(second.engine.started) == 1)
+    victim, other = (first, second) if first.engine.started else (second, first)
+    await wait_for(lambda: victim.engine.queue_remaining == 2)  # one running, one waiting inside ComfyUI
+    await victim.stop()
+    assert await outcome(client, "pair") == ["wf_c_slow_00001_.png", "wf_c_slow_00001_.png"]
+    assert len(other.engine.started) == 2
+
+
+async def test_running_job_is_retried_only_once(make_emulator: EmulatorFactory, make_bridge: BridgeFactory) -> None:
+    first = await make_emulator(pace=0.3)
+    second = await make_emulator(pace=0.3)
+    client = await make_bridge(first, second, backend_grace=0.1)
+    await generate(client, "unlucky", {"workflow": "slow", "2/seed": 3})
+    await wait_for(lambda: len(first.engine.started) + len(second.engine.started) == 1)
+    one, two = (first, second) if first.engine.started else (second, first)
+    await one.stop()
+    await wait_for(lambda: len(two.engine.started) == 1)
+    await two.stop()
+    info = await poll_status(client, "unlucky", {"error", "closed"})
+    assert info["detail"] == "server disconnected"
+
+
+async def test_restarted_backend_gets_lost_prompts_again(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, tmp_path: Path
+) -> None:
+    emulator = await make_emulator(pace=0.2)
+    client = await make_bridge(emulator, backend_grace=30)
+    await generate(client, "phoenix", {"workflow": "slow", "2/seed": 4})
+    await wait_for(lambda: len(emulator.engine.started) == 1)
+    port = emulator.port
+    await emulator.stop()
+    reborn = Emulator(root=tmp_path / "reborn", pace=0.01, port=port)
+    await reborn.start()
+    try:
+        assert await outcome(client, "phoenix") == ["wf_c_slow_00001_.png"]
+        assert len(reborn.engine.started) == 1
+    finally:
+        await reborn.stop()
+
+
+async def test_hanging_prompt_goes_elsewhere(make_emulator: EmulatorFactory, make_bridge: BridgeFactory) -> None:
+    stuck = await make_emulator()
+    fine = await make_emulator()
+    client = await make_bridge(stuck, fine, comfy_timeout=0.3)
+    stuck.engine.faults.prompt_hang = True
+    for index in range(4):
+        await generate(client, f"h{index}", {"workflow": "solid", "1/batch_size": 1})
+    for index in range(4):
+        assert await outcome(client, f"h{index}") == ["wf_b_empty_00001_.png"]
+    assert len(fine.engine.started) == 4
+    assert stuck.engine.started == []
+
+
+async def test_round_robin_between_clients(make_emulator: EmulatorFactory, make_bridge: BridgeFactory) -> None:
+    emulator = await make_emulator(pace=0.01)
+    client = await make_bridge(emulator, pipeline_depth=0)
+    owner: dict[str, str] = {}
+
+    async def submit(client_id: str) -> None:
+        status, _ = await generate(client, client_id, {"workflow": "solid", "1/batch_size": 1})
+        assert status == 200
+        owner[active(client, client_id)[-1].prompt_id] = client_id
+
+    emulator.engine.pause()  # everyone is in line before the first job starts
+    for _ in range(30):
+        await submit("heavy")
+    for index in range(19):
+        await submit(f"light{index}")
+    emulator.engine.resume()
+    await wait_for(lambda: len(emulator.engine.started) == 49, timeout=30)
+    order = [owner[prompt_id] for prompt_id in emulator.engine.started]
+    last_light = max(i for i, who in enumerate(order) if who != "heavy")
+    # The heavy client's first job was already handed over; after that it gets one turn in twenty.
+    assert order[: last_light + 1].count("heavy") == 2, order
+
+
+async def test_per_client_limit_is_429(make_emulator: EmulatorFactory, make_bridge: BridgeFactory) -> None:
+    emulator = await make_emulator(pace=0.2)
+    client = await make_bridge(emulator, max_jobs_per_client=2)
+    for _ in range(2):
+        assert (await generate(client, "greedy", {"workflow": "solid"}))[0] == 200
+    status, body = await generate(client, "greedy", {"workflow": "solid"})
+    assert status == 429
+    assert body == {
+        "detail": "clientId 'greedy' already has 2 jobs in line, the limit; wait for one to finish or interrupt them."
+    }
+    assert (await generate(client, "other", {"workflow": "solid"}))[0] == 200
+    assert await (await client.get("/generation-count")).json() == 3
+    for client_id in ("greedy", "other"):
+        await client.post("/interrupt", params={"clientId": client_id})
+
+
+async def test_backends_change_at_run_time(make_emulator: EmulatorFactory, make_bridge: BridgeFactory) -> None:
+    old = await make_emulator(pace=0.2)
+    new = await make_emulator(pace=0.01)
+    client = await make_bridge(old)
+    async with client.ws_connect("/ws", params={"clientId": "leaving"}) as ws:
+        await generate(client, "leaving", {"workflow": "slow", "2/seed": 5})
+        await frames_until(ws, "progress")
+        scheduler_of(client).set_backends([new.url])
+        assert (await frames_until(ws, {"closed", "error"}))[-1]["status"] == "closed"  # drained, not cut
+    await wait_for(lambda: old.url not in scheduler_of(client).backends)
+    await wait_for(lambda: scheduler_of(client).backends[new.url].healthy)
+    assert await outcome(client, "leaving") == ["wf_c_slow_00001_.png"]
+    await generate(client, "arriving", {"workflow": "solid", "1/batch_size": 1})
+    assert await outcome(client, "arriving") == ["wf_b_empty_00001_.png"]
+    assert len(new.engine.started) == 1
+
+
+async def test_resource_care(make_emulator: EmulatorFactory, make_bridge: BridgeFactory) -> None:
+    emulator = await make_emulator()
+    client = await make_bridge(emulator, free_every_jobs=2, free_idle_after=0.3)
+    for index in range(2):
+        await generate(client, f"care{index}", {"workflow": "solid", "1/batch_size": 1})
+        await outcome(client, f"care{index}")
+    expected = {"unload_models": True, "free_memory": True}
+    await wait_for(lambda: len(emulator.engine.free_requests) >= 1)
+    assert emulator.engine.free_requests[0] == expected  # every 2 jobs
+    await wait_for(lambda: len(emulator.engine.free_requests) == 2)  # then idle for 0.3 s
+    await asyncio.sleep(0.5)
+    assert len(emulator.engine.free_requests) == 2  # once per idle spell, not again and again
+    assert emulator.engine.history == {}  # delivered prompts are deleted from ComfyUI's history
+    saved = sorted(p.relative_to(emulator.engine.output_dir) for p in emulator.engine.output_dir.rglob("*.png"))
+    assert len(saved) == 2
+    assert all(p.parts[0] == "comfybridge" and len(p.parts) == 4 for p in saved)  # comfybridge/<day>/<job>/file
