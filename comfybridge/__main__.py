@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(
             level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
         )
-        app = create_app(settings)
+        app = create_app(settings, reload=lambda: load_settings(argv))
     except (ConfigError, WorkflowConfigError, StateError) as exc:
         print(f"comfybridge: error: {exc}", file=sys.stderr)
         return 2

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+import signal
+from collections.abc import AsyncIterator, Callable
 from dataclasses import fields
 
 import aiohttp
 from aiohttp import web
 
-from .config import Settings
+from .config import ConfigError, Settings
 from .emulator import Emulator
 from .keys import BACKEND_URLS, HUB, RESULTS, SCHEDULER, SESSION, SETTINGS, STATE, UPLOADS, WORKFLOWS
 from .results import ResultStore
@@ -24,9 +26,10 @@ log = logging.getLogger(__name__)
 MB = 1024 * 1024
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(settings: Settings, reload: Callable[[], Settings] | None = None) -> web.Application:
     """Load what must be valid before serving (workflows, state); start the rest with the app.
 
+    `reload` re-reads the settings on SIGHUP, to pick up a changed backend list without a restart.
     Raises WorkflowConfigError or StateError for a folder or state file it cannot use.
     """
     workflows = WorkflowStore.load(settings.workflows)
@@ -48,6 +51,8 @@ def create_app(settings: Settings) -> web.Application:
     app[HUB] = SocketHub()
     app[BACKEND_URLS] = list(settings.backends)
     app.cleanup_ctx.extend([_stores, _emulators, _http_session, _scheduler, heartbeat])
+    if reload is not None and not settings.emulate:
+        app.cleanup_ctx.append(_reload_on_sighup(reload))
     app.on_shutdown.append(_close_sockets)
     setup_routes(app)
     return app
@@ -98,6 +103,25 @@ async def _scheduler(app: web.Application) -> AsyncIterator[None]:
     await scheduler.start()
     yield
     await scheduler.close()
+
+
+def _reload_on_sighup(reload: Callable[[], Settings]) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        def apply() -> None:
+            try:
+                backends = list(reload().backends)
+            except ConfigError as exc:
+                log.error("SIGHUP: settings not reloaded: %s", exc)
+                return
+            log.info("SIGHUP: backends are now %s", ", ".join(backends))
+            app[SCHEDULER].set_backends(backends)
+
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, apply)
+        yield
+        loop.remove_signal_handler(signal.SIGHUP)
+
+    return context
 
 
 async def _close_sockets(app: web.Application) -> None:

@@ -18,7 +18,7 @@ import pytest
 
 from comfybridge.emulator.png import png_size
 
-from .conftest import FIXTURES
+from .conftest import FIXTURES, EmulatorFactory, wait_for
 
 ROOT = Path(__file__).parent.parent
 
@@ -49,10 +49,11 @@ def workdir(tmp_path: Path) -> Path:
 
 
 @asynccontextmanager
-async def bridge_process(workdir: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+async def bridge_process(workdir: Path, *args: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
     port = free_port()
+    args = args or ("--emulate", "1")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "comfybridge", "--emulate", "1", "--port", str(port),
+        sys.executable, "-m", "comfybridge", *args, "--port", str(port),
         cwd=workdir, env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
@@ -169,3 +170,26 @@ async def test_example_clients_save_results(workdir: Path, script: str) -> None:
     saved = sorted(p.name for p in (workdir / "out").iterdir())
     assert saved == ["wf_b_empty_00001_.png", "wf_b_empty_00002_.png"]
     assert png_size((workdir / "out" / saved[0]).read_bytes()) == (24, 384)
+
+
+async def test_sighup_applies_a_new_backend_list(workdir: Path, make_emulator: EmulatorFactory) -> None:
+    old = await make_emulator()
+    new = await make_emulator()
+    config = workdir / "bridge.toml"
+    config.write_text(f'backends = ["{old.url}"]\n')
+    async with bridge_process(workdir, "--config", str(config)) as (proc, url):
+        await submit(url, "before")
+        await wait_for(lambda: len(old.engine.started) == 1)
+        config.write_text(f'backends = ["{new.url}"]\n')
+        proc.send_signal(signal.SIGHUP)
+        async with aiohttp.ClientSession() as session, asyncio.timeout(20):
+            while True:  # 503 until the new backend is connected
+                body = {"workflow": "solid", "1/width": 8}
+                params = {"clientId": "after"}
+                async with session.post(f"{url}/generate-based-workflow", params=params, json=body) as resp:
+                    if resp.status == 200:
+                        break
+                    assert resp.status == 503
+                await asyncio.sleep(0.05)
+        await wait_for(lambda: len(new.engine.started) == 1)
+    assert len(old.engine.started) == 1
