@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import shutil
 import socket
@@ -29,6 +30,7 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = ROOT / "tests" / "fixtures" / "workflows"
 SOLID = {"workflow": "solid", "1/width": 64, "1/height": 64, "1/batch_size": 1}
+PROCESSES: dict[str, asyncio.subprocess.Process] = {}  # by URL, so a benchmark can kill a backend
 
 
 def free_port() -> int:
@@ -55,6 +57,7 @@ async def process(args: list[str], url: str, ready_path: str) -> AsyncIterator[s
     proc = await asyncio.create_subprocess_exec(
         sys.executable, *args, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
     )
+    PROCESSES[url] = proc
     try:
         await wait_up(url, ready_path)
         yield url
@@ -65,17 +68,24 @@ async def process(args: list[str], url: str, ready_path: str) -> AsyncIterator[s
 
 
 @asynccontextmanager
-async def stack(emulators: int, pace: float = 0.0, **bridge: Any) -> AsyncIterator[tuple[str, list[str]]]:
-    """`emulators` ComfyUI emulators and one bridge in front of them, all in their own processes."""
+async def emulators(paces: list[float]) -> AsyncIterator[list[str]]:
+    """ComfyUI emulators in their own processes, one per pace."""
+    async with AsyncExitStack() as exits:
+        urls = []
+        for pace in paces:
+            port = free_port()
+            args = ["-m", "comfybridge.emulator", "--port", str(port), "--pace", str(pace)]
+            urls.append(await exits.enter_async_context(process(args, f"http://127.0.0.1:{port}", "/system_stats")))
+        yield urls
+
+
+@asynccontextmanager
+async def stack(paces: list[float], **bridge: Any) -> AsyncIterator[tuple[str, list[str]]]:
+    """Emulators (one per pace) and one bridge in front of them, all in their own processes."""
     data = Path(tempfile.mkdtemp(prefix="bench-"))
     try:
         async with AsyncExitStack() as exits:
-            comfy = []
-            for _ in range(emulators):
-                port = free_port()
-                url = f"http://127.0.0.1:{port}"
-                args = ["-m", "comfybridge.emulator", "--port", str(port), "--pace", str(pace)]
-                comfy.append(await exits.enter_async_context(process(args, url, "/system_stats")))
+            comfy = await exits.enter_async_context(emulators(paces))
             port = free_port()
             args = ["-m", "comfybridge", "--port", str(port), "--backends", ",".join(comfy)]
             args += ["--workflows", str(WORKFLOWS), "--data-dir", str(data), "--log-level", "WARNING"]
@@ -140,7 +150,7 @@ async def timed(job: Callable[[], Awaitable[Any]], count: int) -> list[float]:
 
 async def bench_overhead(jobs: int) -> dict[str, Any]:
     """Latency of one small job through the bridge against the same job sent to ComfyUI directly."""
-    async with stack(1) as (url, comfy), aiohttp.ClientSession() as session:
+    async with stack([0.0]) as (url, comfy), aiohttp.ClientSession() as session:
         prompt = solid_prompt()
         await timed(lambda: direct_job(session, comfy[0], prompt), 20)  # warm up both paths
         await timed(lambda: bridge_job(session, url, SOLID), 20)
@@ -159,7 +169,7 @@ async def bench_overhead(jobs: int) -> dict[str, Any]:
 
 async def bench_throughput(jobs: int, clients: int = 20) -> dict[str, Any]:
     """Jobs per second through the bridge: `clients` concurrent clients, two emulated backends."""
-    async with stack(2) as (url, _), aiohttp.ClientSession() as session:
+    async with stack([0.0, 0.0]) as (url, _), aiohttp.ClientSession() as session:
         await asyncio.gather(*(bridge_job(session, url, SOLID) for _ in range(10)))
         queue: asyncio.Queue[None] = asyncio.Queue()
         for _ in range(jobs):
@@ -177,9 +187,175 @@ async def bench_throughput(jobs: int, clients: int = 20) -> dict[str, Any]:
             "jobs_per_s": round(jobs / elapsed, 1)}  # fmt: skip
 
 
+async def timeline(session: aiohttp.ClientSession, comfy: str) -> list[tuple[str, float, float]]:
+    async with session.get(f"{comfy}/emulator/timeline") as resp:
+        return [tuple(item) for item in await resp.json()]  # type: ignore[misc]
+
+
+async def submit_all(session: aiohttp.ClientSession, url: str, bodies: list[dict[str, Any]]) -> list[str]:
+    """Each job from a client of its own, all at once; returns the client ids."""
+    ids = [f"bench-{uuid.uuid4().hex[:8]}-{i}" for i in range(len(bodies))]
+
+    async def one(client_id: str, body: dict[str, Any]) -> None:
+        params = {"clientId": client_id}
+        async with session.post(f"{url}/generate-based-workflow", params=params, json=body) as resp:
+            assert resp.status == 200, await resp.text()
+
+    await asyncio.gather(*(one(c, b) for c, b in zip(ids, bodies, strict=True)))
+    return ids
+
+
+async def wait_prompts(session: aiohttp.ClientSession, comfy: list[str], count: int) -> list[list[Any]]:
+    """Poll the emulators' timelines until `count` prompts ran (only the benchmark polls, never the bridge)."""
+    async with asyncio.timeout(600):
+        while True:
+            lines = [await timeline(session, c) for c in comfy]
+            if sum(len(line) for line in lines) >= count:
+                return lines  # type: ignore[return-value]
+            await asyncio.sleep(0.1)
+
+
+async def bench_idle_gap(jobs: int) -> dict[str, Any]:
+    """Median idle time of a backend between two jobs while work waits, with and without pipelining."""
+    result: dict[str, Any] = {"name": "idle_gap", "jobs": jobs}
+    for label, depth in (("pipelined", 1), ("unpipelined", 0)):
+        async with stack([0.01], pipeline_depth=depth) as (url, comfy), aiohttp.ClientSession() as session:
+            await submit_all(session, url, [dict(SOLID, **{"1/width": 32 + i}) for i in range(jobs)])
+            (line,) = await wait_prompts(session, comfy, jobs)
+        line.sort(key=lambda item: item[1])
+        gaps = [(nxt[1] - prev[2]) * 1000 for prev, nxt in itertools.pairwise(line)]
+        result[f"{label}_median_ms"] = round(statistics.median(gaps), 3)
+        result[f"{label}_p95_ms"] = round(statistics.quantiles(gaps, n=20)[18], 3)
+    return result
+
+
+SPEEDS = [1, 2, 4]  # relative speeds of the three emulated GPUs in the makespan benchmark
+BASE_PACE = 0.06  # seconds per node on the 1x backend
+WARM_SLACK = 0.05  # the default (1 s) is sized for real jobs of seconds; these take 0.1-0.4 s
+
+
+def mixed_jobs(count: int) -> list[dict[str, Any]]:
+    kinds = [
+        lambda i: {"workflow": "solid", "1/width": 64 + i, "1/height": 64, "1/batch_size": 1},
+        lambda i: {"workflow": "slow", "2/seed": i},
+        lambda i: {"workflow": "text-to-image", "3/seed": i, "3/steps": 10, "5/width": 64, "5/height": 64},
+    ]
+    return [kinds[i % len(kinds)](i) for i in range(count)]
+
+
+def as_prompt(body: dict[str, Any]) -> dict[str, Any]:
+    """The prompt the bridge would send for `body` (for the baselines that talk to ComfyUI directly)."""
+    files = {
+        "solid": "b_emptyimage_save.json",
+        "slow": "c_slow_scale_blur.json",
+        "text-to-image": "sd15_text_to_image.json",
+    }
+    prompt: dict[str, Any] = orjson.loads((WORKFLOWS / files[body["workflow"]]).read_bytes())
+    for key, value in body.items():
+        if key != "workflow":
+            node, _, name = key.partition("/")
+            prompt[node]["inputs"][name] = value
+    return prompt
+
+
+def makespan_of(lines: list[list[Any]], t0: float) -> tuple[float, float]:
+    """(makespan, ideal): last end after t0, and the work in 1x-seconds spread over the total speed."""
+    end = max(item[2] for line in lines for item in line)
+    work = sum((item[2] - item[1]) * speed for line, speed in zip(lines, SPEEDS, strict=True) for item in line)
+    return end - t0, work / sum(SPEEDS)
+
+
+async def direct_run(bodies: list[dict[str, Any]], route: Callable[[int, list[int]], int]) -> tuple[float, float]:
+    """A baseline: every job sent straight to the ComfyUI `route` picks, all at once."""
+    async with emulators([BASE_PACE / s for s in SPEEDS]) as comfy, aiohttp.ClientSession() as session:
+        counts = [0] * len(comfy)
+        t0 = time.monotonic()
+        for index, body in enumerate(bodies):
+            target = route(index, counts)
+            counts[target] += 1
+            payload = {"prompt": as_prompt(body), "client_id": "baseline"}
+            async with session.post(f"{comfy[target]}/prompt", json=payload) as resp:
+                assert resp.status == 200, await resp.text()
+        return makespan_of(await wait_prompts(session, comfy, len(bodies)), t0)
+
+
+async def bench_makespan(jobs: int) -> dict[str, Any]:
+    """Mixed jobs on three GPUs of speeds 1x, 2x, 4x: the bridge against round-robin and least-queue routing."""
+    bodies = mixed_jobs(jobs)
+    rr, _ = await direct_run(bodies, lambda index, counts: index % len(counts))
+    lq, _ = await direct_run(bodies, lambda index, counts: counts.index(min(counts)))
+    async with (
+        stack([BASE_PACE / s for s in SPEEDS], warm_slack=WARM_SLACK) as (url, comfy),
+        aiohttp.ClientSession() as session,
+    ):
+        t0 = time.monotonic()
+        await submit_all(session, url, bodies)
+        bridge, ideal = makespan_of(await wait_prompts(session, comfy, jobs), t0)
+        shares = [len(line) for line in await asyncio.gather(*(timeline(session, c) for c in comfy))]
+    return {
+        "name": "makespan",
+        "jobs": jobs,
+        "bridge_s": round(bridge, 2),
+        "round_robin_s": round(rr, 2),
+        "least_queue_s": round(lq, 2),
+        "ideal_s": round(ideal, 2),
+        "bridge_vs_round_robin": f"{100 * (1 - bridge / rr):.0f}% shorter",
+        "bridge_vs_ideal": f"{100 * (bridge / ideal - 1):.0f}% over",
+        "jobs_per_backend_1x_2x_4x": shares,
+    }
+
+
+async def bench_failover(jobs: int) -> dict[str, Any]:
+    """Three backends, one killed mid-run: does every job end exactly once?"""
+    async with stack([0.03, 0.03, 0.03], backend_grace=1) as (url, comfy), aiohttp.ClientSession() as session:
+        bodies = [{"workflow": "slow", "2/seed": i} for i in range(jobs)]
+        ids = [f"fo-{i}" for i in range(jobs)]
+        endings: dict[str, list[str]] = {client_id: [] for client_id in ids}
+        sockets = [await session.ws_connect(url.replace("http", "ws", 1) + "/ws", params={"clientId": c}) for c in ids]
+
+        async def follow(client_id: str, ws: aiohttp.ClientWebSocketResponse) -> None:
+            async for msg in ws:
+                if msg.type is not aiohttp.WSMsgType.TEXT:
+                    break
+                status = orjson.loads(msg.data)["status"]
+                if status in ("closed", "error"):
+                    endings[client_id].append(status)
+
+        followers = [asyncio.create_task(follow(c, ws)) for c, ws in zip(ids, sockets, strict=True)]
+        for client_id, body in zip(ids, bodies, strict=True):
+            async with session.post(f"{url}/generate-based-workflow", params={"clientId": client_id}, json=body) as r:
+                assert r.status == 200
+        await wait_prompts(session, comfy, jobs // 3)
+        PROCESSES[comfy[0]].kill()  # kill -9 one ComfyUI mid-run
+        async with asyncio.timeout(120):
+            while sum(1 for e in endings.values() if e) < jobs:
+                await asyncio.sleep(0.1)
+        await asyncio.sleep(2)  # a late duplicate would show up here
+        fetched = 0
+        for client_id in ids:
+            async with session.get(f"{url}/history", params={"clientId": client_id}) as resp:
+                fetched += resp.status == 200
+        for ws in sockets:
+            await ws.close()
+        for task in followers:
+            task.cancel()
+    return {
+        "name": "failover",
+        "jobs": jobs,
+        "ended_once": sum(1 for e in endings.values() if len(e) == 1),
+        "ended_well": sum(1 for e in endings.values() if e == ["closed"]),
+        "results_fetched": fetched,
+        "lost": sum(1 for e in endings.values() if not e),
+        "duplicated": sum(1 for e in endings.values() if len(e) > 1),
+    }
+
+
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], Awaitable[dict[str, Any]]]] = {
     "overhead": lambda args: bench_overhead(args.jobs),
     "throughput": lambda args: bench_throughput(args.jobs * 2),
+    "idle_gap": lambda args: bench_idle_gap(args.jobs),
+    "makespan": lambda args: bench_makespan(args.jobs),
+    "failover": lambda args: bench_failover(min(args.jobs, 60)),
 }
 
 

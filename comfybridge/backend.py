@@ -44,7 +44,7 @@ class Backend:
         now = time.monotonic()
         busy = 0.0
         for job in self.inflight:
-            estimate = runtimes.estimate(job.workflow, self.name)
+            estimate = runtimes.estimate(job.workflow, self.name, job.warm)
             busy += max(0.0, estimate - (now - job.started_at)) if job.started_at is not None else estimate
         others = max(0, self.queue_remaining - len(self.inflight))
         busy += others * runtimes.typical(self.name)

@@ -95,6 +95,7 @@ class Job:
     attempts: int = 0  # hand-overs that failed before ComfyUI took the prompt
     retries: int = 0  # runs started again elsewhere after their backend died
     started_at: float | None = None  # monotonic time of ComfyUI's execution_start
+    warm: bool = False  # its backend ran the same workflow just before it
     accepted_at: float = field(default_factory=time.time)
     last_event: float = field(default_factory=time.monotonic)
     progress: Progress = field(init=False)

@@ -10,45 +10,48 @@ PLAN_HORIZON = 1000  # waiting jobs looked at per decision: enough to see past a
 
 
 class RunTimes:
-    """An exponentially weighted mean of each workflow's run time on each backend, learned from real runs.
+    """An exponentially weighted mean of each workflow's run time on each backend, learned from real runs,
+    kept apart for warm runs (the backend ran the same workflow just before: models loaded, nodes
+    cached) and cold ones, so the cost of switching models is learned rather than guessed.
 
-    An unseen pair borrows what is known: the workflow's time elsewhere scaled by how fast this
-    backend is relative to the others, else this backend's typical time, else the prior.
+    An unseen case borrows what is known: the other warmth on the same backend, else the workflow's
+    time elsewhere scaled by how fast this backend is relative to the others, else this backend's
+    typical time, else the prior.
     """
 
     def __init__(self, prior: float = 5.0, alpha: float = 0.3) -> None:
         self.prior = prior
         self.alpha = alpha
-        self._mean: dict[tuple[str, str], float] = {}
+        self._mean: dict[tuple[str, str, bool], float] = {}
 
-    def observe(self, workflow: str, backend: str, seconds: float) -> None:
-        key = (workflow, backend)
+    def observe(self, workflow: str, backend: str, seconds: float, warm: bool = False) -> None:
+        key = (workflow, backend, warm)
         old = self._mean.get(key)
         self._mean[key] = seconds if old is None else old + self.alpha * (seconds - old)
 
-    def estimate(self, workflow: str, backend: str) -> float:
-        known = self._mean.get((workflow, backend))
-        if known is not None:
-            return known
-        elsewhere = [v for (w, b), v in self._mean.items() if w == workflow and b != backend]
+    def estimate(self, workflow: str, backend: str, warm: bool = False) -> float:
+        for key in ((workflow, backend, warm), (workflow, backend, not warm)):
+            known = self._mean.get(key)
+            if known is not None:
+                return known
+        elsewhere = [v for (w, b, _), v in self._mean.items() if w == workflow and b != backend]
         if elsewhere:
             return statistics.fmean(elsewhere) * self._speed_factor(backend)
-        own = [v for (_, b), v in self._mean.items() if b == backend]
-        return statistics.fmean(own) if own else self.prior
+        return self.typical(backend)
 
     def _speed_factor(self, backend: str) -> float:
         """How much longer this backend takes than the others on the workflows both have run (1.0 unknown)."""
         ratios = []
-        for (workflow, name), mine in self._mean.items():
+        for (workflow, name, warm), mine in self._mean.items():
             if name != backend:
                 continue
-            others = [v for (w, b), v in self._mean.items() if w == workflow and b != backend]
+            others = [v for (w, b, h), v in self._mean.items() if w == workflow and b != backend and h == warm]
             if others:
                 ratios.append(mine / statistics.fmean(others))
         return statistics.geometric_mean(ratios) if ratios else 1.0
 
     def typical(self, backend: str) -> float:
-        own = [v for (_, b), v in self._mean.items() if b == backend]
+        own = [v for (_, b, _), v in self._mean.items() if b == backend]
         return statistics.fmean(own) if own else self.prior
 
 
@@ -65,7 +68,7 @@ def plan_for(
     backend: str,
     waiting: Iterable[tuple[str, str, str | None]],
     lanes: list[Lane],
-    estimate: Callable[[str, str], float],
+    estimate: Callable[[str, str, bool], float],
     warm_slack: float,
 ) -> int | None:
     """Index of the first waiting job that earliest-finish list scheduling gives to `backend`, or None.
@@ -87,13 +90,13 @@ def plan_for(
                 continue
             target = bound
         else:
-            finish = {name: free[name] + estimate(workflow, name) for name in free}
+            finish = {name: free[name] + estimate(workflow, name, last[name] == workflow) for name in free}
             target = min(finish, key=lambda name: (finish[name], name != backend))
             warm = [n for n in free if last[n] == workflow and finish[n] <= finish[target] + warm_slack]
             if warm and last[target] != workflow:
                 target = min(warm, key=lambda name: finish[name])
         if target == backend:
             return index
-        free[target] += estimate(workflow, target)
+        free[target] += estimate(workflow, target, last[target] == workflow)
         last[target] = workflow
     return None

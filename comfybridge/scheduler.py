@@ -60,7 +60,7 @@ class SchedulerSettings:
     backend_grace: float = 10.0
     comfy_timeout: float = 30.0
     max_jobs_per_client: int = 100
-    warm_slack: float = 2.0
+    warm_slack: float = 1.0
     free_idle_after: float = 0.0
     free_every_jobs: int = 0
     free_below_vram_mb: float = 0.0
@@ -424,6 +424,7 @@ class Scheduler:
         progress = job.progress
         if event == "execution_start":
             job.started_at = job.last_event
+            job.warm = backend.last_workflow == job.workflow
             backend.last_workflow = job.workflow
             if not job.ended:
                 job.state = JobState.RUNNING
@@ -467,7 +468,7 @@ class Scheduler:
     def _prompt_finished(self, backend: Backend, job: Job) -> None:
         """ComfyUI's final `executing null`: only now is the prompt in /history."""
         if job.outcome == "success" and job.started_at is not None:
-            self.runtimes.observe(job.workflow, backend.name, time.monotonic() - job.started_at)
+            self.runtimes.observe(job.workflow, backend.name, time.monotonic() - job.started_at, job.warm)
         self._drop_inflight(backend, job)
         if job.ended:
             return

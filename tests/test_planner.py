@@ -20,10 +20,14 @@ def test_run_times_learn_and_borrow() -> None:
     # gpu2 ran flux in half gpu1's time, so its unseen "sd" is borrowed at half of gpu1's.
     assert times.estimate("sd", "gpu2") == pytest.approx(7.5)
     assert times.estimate("new", "gpu1") == pytest.approx(27.5)  # gpu1's typical job
+    times.observe("flux", "gpu1", 10.0, warm=True)
+    assert times.estimate("flux", "gpu1", warm=True) == 10.0  # models loaded: faster
+    assert times.estimate("flux", "gpu1", warm=False) == 40.0
+    assert times.estimate("flux", "gpu2", warm=True) == 20.0  # only a cold run known: borrowed
 
 
 def estimate_table(table: dict[tuple[str, str], float]) -> object:
-    return lambda workflow, backend: table[(workflow, backend)]
+    return lambda workflow, backend, warm: table[(workflow, backend)]
 
 
 def test_earliest_finish_and_idle_when_others_are_sooner() -> None:

@@ -106,6 +106,7 @@ class Engine:
         self.history: dict[str, dict[str, Any]] = {}
         self.free_requests: list[Any] = []  # bodies of POST /free, so a test can see what was asked
         self.started: list[str] = []  # every prompt id that began to run, in order (history may be deleted)
+        self.timeline: list[tuple[str, float, float]] = []  # (prompt id, start, end) in monotonic seconds
         self._send = send
         self._send_binary = send_binary
         self._numbers = itertools.count()
@@ -334,6 +335,7 @@ class Engine:
             item = heapq.heappop(self._pending)
             self._running = item
             self.started.append(item.prompt_id)
+            started = time.monotonic()
             self._interrupt_id = None
             self.broadcast_status()
             try:
@@ -342,6 +344,7 @@ class Engine:
                 log.exception("emulator failed on prompt %s", item.prompt_id)
             finally:
                 self._running = None
+                self.timeline.append((item.prompt_id, started, time.monotonic()))
 
     def _emit(self, event: str, data: dict[str, Any], sid: str | None) -> None:
         if sid is None and event not in _BROADCAST_WITHOUT_CLIENT:

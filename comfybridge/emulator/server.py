@@ -336,6 +336,11 @@ def _routes() -> web.RouteTableDef:
     async def models(request: web.Request) -> web.Response:
         return _json(["checkpoints", "loras", "vae", "upscale_models"])
 
+    @routes.get("/emulator/timeline")
+    async def timeline(request: web.Request) -> web.Response:
+        """Not a ComfyUI route: when each prompt ran (monotonic clock), for benchmarks in another process."""
+        return _json(request.app[ENGINE].timeline)
+
     @routes.get("/emulator/faults")
     async def get_faults(request: web.Request) -> web.Response:
         return _json(vars(request.app[ENGINE].faults))
