@@ -93,7 +93,8 @@ class ResultStore:
 
     def _write_meta(self, result: JobResult) -> None:
         result.folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(result.folder / META, orjson.dumps(result.record()))
+        # The output files are not fsynced either: a killed bridge keeps them, a power cut may not.
+        atomic_write(result.folder / META, orjson.dumps(result.record()), sync=False)
 
     def holds(self, client_id: str) -> bool:
         return bool(self._by_client.get(client_id))

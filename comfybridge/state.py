@@ -19,19 +19,24 @@ class StateError(Exception):
     """The state file exists but cannot be trusted; start-up stops rather than reset the counter."""
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write so that a crash leaves either the old file or the new one: temp, flush, fsync, rename."""
+def atomic_write(path: Path, data: bytes, sync: bool = True) -> None:
+    """Write so that a crash leaves either the old file or the new one: temp, flush, fsync, rename.
+
+    Without `sync` the rename still protects against a killed process (the page cache survives it),
+    not against a power cut; that is for data that is not the counter."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{next(_temp_names)}.tmp")
     with open(tmp, "wb") as handle:
         handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+        if sync:
+            handle.flush()
+            os.fsync(handle.fileno())
     os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    if sync:
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
 
 
 class StateStore:
