@@ -7,7 +7,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from comfybridge.config import ConfigError, Settings, load_settings
+from comfybridge.config import OPTIONS, ConfigError, Settings, load_settings
 from comfybridge.errors import WorkflowConfigError
 from comfybridge.workflows import WorkflowStore
 
@@ -146,3 +146,24 @@ def test_bad_workflow_folder_names_the_culprit(tmp_path: Path, files: dict[str, 
 def test_missing_folder(tmp_path: Path) -> None:
     with pytest.raises(WorkflowConfigError, match=r"workflow folder .*/nope does not exist"):
         WorkflowStore.load(tmp_path / "nope")
+
+
+def test_every_setting_is_documented_with_its_default(tmp_path: Path) -> None:
+    root = Path(__file__).parent.parent
+    readme = (root / "README.md").read_text()
+    config = (root / "config" / "comfybridge.toml").read_text()
+    shown: dict[str, str] = {}
+    for line in config.splitlines():
+        key, sep, _ = line.removeprefix("# ").partition(" = ")
+        if line.startswith("# ") and sep and key in OPTIONS:
+            shown.setdefault(key, line.removeprefix("# "))
+    for name in OPTIONS:
+        flag = "--" + name.replace("_", "-")
+        assert f"`{flag}" in readme, flag
+        assert f"COMFYBRIDGE_{name.upper()}" in readme, name
+        assert name in shown, name
+    # The values the file shows, switched on, are exactly the built-in defaults.
+    (tmp_path / "all.toml").write_text("\n".join(shown.values()) + "\n")
+    assert load_settings(["--config", "all.toml"], environ={}, cwd=tmp_path) == load_settings(
+        [], environ={}, cwd=tmp_path
+    )
