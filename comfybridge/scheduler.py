@@ -51,22 +51,24 @@ class Notifier(Protocol):
 
 @dataclass(frozen=True)
 class SchedulerSettings:
-    heartbeat: float = 1.0
-    disconnect_grace: float = 5.0
-    job_idle_timeout: float = 60.0
-    result_ttl: float = 86400.0
-    upload_ttl: float = 3600.0
-    pipeline_depth: int = 1
-    backend_grace: float = 10.0
-    comfy_timeout: float = 30.0
-    max_jobs_per_client: int = 100
-    warm_slack: float = 1.0
-    free_idle_after: float = 0.0
-    free_every_jobs: int = 0
-    free_below_vram_mb: float = 0.0
-    free_below_ram_mb: float = 0.0
-    delete_history: bool = True
-    output_subfolder: bool = True
+    """What the scheduler needs of the bridge's settings (same names; defaults live in config.Settings)."""
+
+    heartbeat: float
+    disconnect_grace: float
+    job_idle_timeout: float
+    result_ttl: float
+    upload_ttl: float
+    pipeline_depth: int
+    backend_grace: float
+    comfy_timeout: float
+    max_jobs_per_client: int
+    warm_slack: float
+    free_idle_after: float
+    free_every_jobs: int
+    free_below_vram_mb: float
+    free_below_ram_mb: float
+    delete_history: bool
+    output_subfolder: bool
 
 
 def format_seconds(value: float) -> str:

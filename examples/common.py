@@ -77,10 +77,18 @@ async def prepare(session: aiohttp.ClientSession, args: argparse.Namespace) -> d
     return body
 
 
-def show_progress(detail: str) -> None:
-    percent = float(detail.rstrip("%"))
-    bar = "#" * int(percent / 4)
-    print(f"\r[{bar:<25}] {detail:>7}", end="", flush=True)
+def follow(status: dict[str, str]) -> int | None:
+    """Show one status message; the exit code once the job has ended, else None."""
+    if status["status"] == "progress":
+        percent = float(status["detail"].rstrip("%"))
+        print(f"\r[{'#' * int(percent / 4):<25}] {status['detail']:>7}", end="", flush=True)
+    elif status["status"] == "closed":
+        print(f"\n{status['detail']}")
+        return 0
+    elif status["status"] == "error":
+        print(f"\nerror: {status['detail']}", file=sys.stderr)
+        return 1
+    return None
 
 
 async def save_results(session: aiohttp.ClientSession, args: argparse.Namespace) -> list[Path]:

@@ -9,7 +9,7 @@ import asyncio
 import sys
 
 import aiohttp
-from common import check, dumps, parse_args, prepare, save_results, show_progress
+from common import check, dumps, follow, parse_args, prepare, save_results
 
 POLL_SECONDS = 0.25
 
@@ -25,15 +25,12 @@ async def main() -> int:
         while True:
             async with session.get(f"{args.url}/execution-info", params={"clientId": args.client_id}) as resp:
                 status = await check(resp)
-            if status["status"] == "progress":
-                show_progress(status["detail"])
-            elif status["status"] == "closed":
-                print(f"\n{status['detail']}")
+            ended = follow(status)
+            if ended is not None:
                 break
-            elif status["status"] == "error":
-                print(f"\nerror: {status['detail']}", file=sys.stderr)
-                return 1
             await asyncio.sleep(POLL_SECONDS)
+        if ended:
+            return ended
         return 0 if await save_results(session, args) else 1
 
 

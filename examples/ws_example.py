@@ -9,7 +9,7 @@ import asyncio
 import sys
 
 import aiohttp
-from common import check, dumps, parse_args, prepare, save_results, show_progress
+from common import check, dumps, follow, parse_args, prepare, save_results
 
 
 async def main() -> int:
@@ -26,18 +26,14 @@ async def main() -> int:
             async for msg in ws:
                 if msg.type is not aiohttp.WSMsgType.TEXT:
                     break
-                frame = msg.json()
-                if frame["status"] == "progress":
-                    show_progress(frame["detail"])
-                elif frame["status"] == "closed":
-                    print(f"\n{frame['detail']}")
+                ended = follow(msg.json())
+                if ended is not None:
                     break
-                elif frame["status"] == "error":
-                    print(f"\nerror: {frame['detail']}", file=sys.stderr)
-                    return 1
             else:
                 print("\nthe bridge closed the socket", file=sys.stderr)
                 return 1
+            if ended:
+                return ended
         return 0 if await save_results(session, args) else 1
 
 

@@ -175,3 +175,21 @@ async def test_resource_care(make_emulator: EmulatorFactory, make_bridge: Bridge
     saved = sorted(p.relative_to(emulator.engine.output_dir) for p in emulator.engine.output_dir.rglob("*.png"))
     assert len(saved) == 2
     assert all(p.parts[0] == "comfybridge" and len(p.parts) == 4 for p in saved)  # comfybridge/<day>/<job>/file
+
+
+async def test_free_when_memory_runs_low(make_emulator: EmulatorFactory, make_bridge: BridgeFactory) -> None:
+    emulator = await make_emulator()
+    client = await make_bridge(emulator, free_below_ram_mb=10**9)  # the emulator reports 20 GiB free: "low"
+    await generate(client, "tight", {"workflow": "solid", "1/batch_size": 1})
+    await outcome(client, "tight")
+    await wait_for(lambda: emulator.engine.free_requests == [{"unload_models": True, "free_memory": True}])
+
+
+async def test_injected_node_error_reaches_the_client(emulator: Emulator, bridge: Client) -> None:
+    emulator.engine.faults.node_error = 1
+    status, _ = await generate(bridge, "refused", {"workflow": "solid", "1/batch_size": 1})
+    assert status == 200
+    info = await poll_status(bridge, "refused", {"error", "closed"})
+    assert info["detail"] == (
+        "Prompt outputs failed validation: node 1 (EmptyImage): Custom validation failed for node: injected failure"
+    )

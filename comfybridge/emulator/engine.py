@@ -48,6 +48,7 @@ class Faults:
     prompt_hang: bool = False  # never answer POST /prompt
     answer_delay: float = 0.0  # queue the prompt, then wait this long before answering POST /prompt
     runtime_error: int = 0  # the next N prompts fail in their first node
+    node_error: int = 0  # the next N prompts are refused by validation, as ComfyUI refuses a bad value
     drop_socket_after_nodes: int | None = None  # close every socket after N nodes of the next prompt
     start_delay: float = 0.0  # seconds before each prompt starts (a slow model load)
 
@@ -170,6 +171,9 @@ class Engine:
             msg = "No prompt provided"
             raise PromptRejected({"error": _error("no_prompt", msg, msg), "node_errors": {}})
         prompt_id = str(body.get("prompt_id") or uuid.uuid4())
+        if self.faults.node_error > 0:
+            self.faults.node_error -= 1
+            raise PromptRejected(_injected_node_error(prompt))
         outputs, node_errors = self.validate(prompt)
         extra = dict(body.get("extra_data") or {})
         if body.get("client_id"):
@@ -534,6 +538,15 @@ class Engine:
         }
         while len(self.history) > HISTORY_LIMIT:
             self.history.pop(next(iter(self.history)))
+
+
+def _injected_node_error(prompt: Any) -> dict[str, Any]:
+    """ComfyUI's answer to a value it refuses, for the first node of the prompt."""
+    node_id, node = next(iter(prompt.items())) if isinstance(prompt, dict) and prompt else ("1", {})
+    error = _error("custom_validation_failed", "Custom validation failed for node", "injected failure")
+    entry = {"errors": [error], "dependent_outputs": [node_id], "class_type": node.get("class_type", "")}
+    body = _error("prompt_outputs_failed_validation", "Prompt outputs failed validation")
+    return {"error": body, "node_errors": {node_id: entry}}
 
 
 def _now_ms() -> int:
