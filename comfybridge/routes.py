@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import aiofiles
 import orjson
 from aiohttp import BodyPartReader, web
 
@@ -194,9 +194,7 @@ async def _write_multipart(request: web.Request, files: list[ResultFile]) -> web
     await response.prepare(request)
     for head, item in zip(heads, files, strict=True):
         await response.write(head)
-        async with aiofiles.open(item.path, "rb") as handle:
-            while chunk := await handle.read(CHUNK):
-                await response.write(chunk)
+        await _send_file(response, item, CHUNK, bytes)
         await response.write(b"\r\n")
     await response.write(tail)
     await response.write_eof()
@@ -217,13 +215,23 @@ async def _write_base64(request: web.Request, files: list[ResultFile]) -> web.St
     await response.write(b'{"files":[')
     for index, (piece, item) in enumerate(zip(pieces, files, strict=True)):
         await response.write((b"," if index else b"") + piece)
-        async with aiofiles.open(item.path, "rb") as handle:
-            while chunk := await handle.read(B64_CHUNK):
-                await response.write(base64.b64encode(chunk))
+        await _send_file(response, item, B64_CHUNK, base64.b64encode)
         await response.write(b'"}')
     await response.write(b"]}")
     await response.write_eof()
     return response
+
+
+async def _send_file(
+    response: web.StreamResponse, item: ResultFile, size: int, encode: Callable[[bytes], bytes]
+) -> None:
+    """Stream a file in chunks read off the event loop; closed even when the client goes away."""
+    handle = await asyncio.to_thread(open, item.path, "rb")
+    try:
+        while chunk := await asyncio.to_thread(handle.read, size):
+            await response.write(encode(chunk))
+    finally:
+        handle.close()  # closing a file opened for reading does not wait on the disk
 
 
 def setup_routes(app: web.Application) -> None:

@@ -282,6 +282,8 @@ class Scheduler:
         except BaseException:
             client.jobs.pop(job.id, None)
             raise
+        if job.ended:  # interrupted while its acceptance was being written
+            return job, 1
         self.queue.push(job)
         position = self._position(job)
         log.info("job %s client %s: accepted (%s), place %d", job.id, client_id, workflow.alias, position)
@@ -312,7 +314,8 @@ class Scheduler:
                 await backend.wakeup.wait()
                 continue
             self.queue.take(job)
-            await self._dispatch(backend, job)
+            if not job.ended:
+                await self._dispatch(backend, job)
 
     def _next_for(self, backend: Backend) -> Job | None:
         if not (self.queue and backend.usable and len(backend.inflight) <= self.settings.pipeline_depth):
