@@ -21,6 +21,7 @@ ConnectHandler = Callable[[], Awaitable[None]]
 DisconnectHandler = Callable[[], None]
 
 CHUNK = 256 * 1024
+JSON_HEADERS = {"Content-Type": "application/json"}
 RESULT_KINDS_SKIPPED = {"animated", "text"}  # keys of an output that are not file lists
 
 
@@ -115,11 +116,12 @@ class ComfyClient:
             raise BackendUnavailable(f"{self.name}: {method} {path} answered HTTP {status}")
         return orjson.loads(body) if body else None
 
+    async def _post(self, path: str, payload: Any) -> Any:
+        return await self._json("POST", path, data=orjson.dumps(payload), headers=JSON_HEADERS)
+
     async def submit(self, prompt: dict[str, Any], prompt_id: str) -> None:
         payload = orjson.dumps({"prompt": prompt, "client_id": self.client_id, "prompt_id": prompt_id})
-        status, body = await self._request(
-            "POST", "/prompt", data=payload, headers={"Content-Type": "application/json"}
-        )
+        status, body = await self._request("POST", "/prompt", data=payload, headers=JSON_HEADERS)
         if status == 200:
             answer = orjson.loads(body)
             if answer.get("node_errors"):
@@ -162,16 +164,16 @@ class ComfyClient:
         """Stop `prompt_id` only if it is the running one (older ComfyUI ignores the id, so look first)."""
         running, _ = await self.queue()
         if prompt_id in running:
-            await self._json("POST", "/interrupt", json={"prompt_id": prompt_id})
+            await self._post("/interrupt", {"prompt_id": prompt_id})
 
     async def delete_queued(self, prompt_ids: list[str]) -> None:
-        await self._json("POST", "/queue", json={"delete": prompt_ids})
+        await self._post("/queue", {"delete": prompt_ids})
 
     async def free(self) -> None:
-        await self._json("POST", "/free", json={"unload_models": True, "free_memory": True})
+        await self._post("/free", {"unload_models": True, "free_memory": True})
 
     async def delete_history(self, prompt_ids: list[str]) -> None:
-        await self._json("POST", "/history", json={"delete": prompt_ids})
+        await self._post("/history", {"delete": prompt_ids})
 
     async def free_memory(self) -> tuple[int | None, int]:
         """Free VRAM of the first device (None without one) and free RAM, in bytes, from /system_stats."""
@@ -223,8 +225,9 @@ class ComfyClient:
         while True:
             try:
                 async with self.session.ws_connect(
-                    ws_url.with_query(clientId=self.client_id), heartbeat=20, max_msg_size=0
+                    ws_url.with_query(clientId=self.client_id), heartbeat=10, max_msg_size=0
                 ) as ws:
+                    await self._json("GET", "/prompt")  # its REST side answers too, not only the socket
                     self.connected = True
                     backoff = 0.2
                     log.info("connected to ComfyUI %s", self.name)

@@ -106,4 +106,4 @@ async def test_interrupt_only_when_that_prompt_runs(fake_comfy: Any) -> None:
         [("GET", "/queue", answer(200, mine)), ("POST", "/interrupt", answer(200, b"", interrupts))]
     )
     await running.interrupt("mine")
-    assert interrupts == ['{"prompt_id": "mine"}']
+    assert interrupts == ['{"prompt_id":"mine"}']
