@@ -54,6 +54,7 @@ class ResultStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._by_client: dict[str, list[JobResult]] = {}
+        self._claimed: set[str] = set()  # job ids being sent to a client right now
 
     def load(self) -> None:
         """Index results of earlier runs; a folder without meta.json never finished and is removed."""
@@ -99,11 +100,19 @@ class ResultStore:
     def holds(self, client_id: str) -> bool:
         return bool(self._by_client.get(client_id))
 
-    def pending(self, client_id: str) -> list[JobResult]:
-        return list(self._by_client.get(client_id, []))
+    def claim(self, client_id: str) -> list[JobResult]:
+        """The client's results not already being sent by another request, now reserved for this one."""
+        results = [r for r in self._by_client.get(client_id, []) if r.job_id not in self._claimed]
+        self._claimed.update(r.job_id for r in results)
+        return results
+
+    def release(self, results: list[JobResult]) -> None:
+        """A delivery that did not complete: the results can be fetched again."""
+        self._claimed.difference_update(r.job_id for r in results)
 
     async def remove(self, client_id: str, results: list[JobResult]) -> None:
         gone = {r.job_id for r in results}
+        self._claimed -= gone
         left = [r for r in self._by_client.get(client_id, []) if r.job_id not in gone]
         if left:
             self._by_client[client_id] = left

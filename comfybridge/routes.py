@@ -156,14 +156,18 @@ async def history(request: web.Request) -> web.StreamResponse:
     results = request.app[RESULTS]
     if scheduler.clients.get(client_id) is None and not results.holds(client_id):
         return web.Response(status=204, headers={"X-Detail": NOT_SEEN.format(client_id)})
-    fetched = results.pending(client_id)
-    files = [f for result in fetched for f in result.files]
+    fetched = results.claim(client_id)  # a second request at the same time gets none of these
     if not fetched:
         return web.Response(status=204, headers={"X-Detail": NO_CONTENT.format(client_id)})
-    if request.query.get("resType") == "base64":
-        response = await _write_base64(request, files)
-    else:
-        response = await _write_multipart(request, files)
+    files = [f for result in fetched for f in result.files]
+    try:
+        if request.query.get("resType") == "base64":
+            response = await _write_base64(request, files)
+        else:
+            response = await _write_multipart(request, files)
+    except BaseException:
+        results.release(fetched)
+        raise
     await _forget(request, client_id, fetched)
     return response
 

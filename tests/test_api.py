@@ -11,6 +11,7 @@ import orjson
 from comfybridge.emulator import Emulator
 from comfybridge.emulator.png import png_size
 from comfybridge.keys import RESULTS, STATE
+from comfybridge.results import ResultFile
 
 from .conftest import BridgeFactory
 from .helpers import Client, generate, png, read_results, run_job, upload
@@ -125,14 +126,21 @@ async def test_history_204_texts(bridge: Client) -> None:
         assert resp.headers["X-Detail"] == "No contents with that client id / known"
 
 
+def make_big(bridge: Client, client_id: str) -> int:
+    """Grow a stored result past what socket buffers hold, so a response is surely mid-way for a while."""
+    store = bridge.app[RESULTS]
+    (result,) = store.claim(client_id)
+    store.release([result])
+    small = result.files[0]
+    small.path.write_bytes(png() + b"\0" * (40 * 1024 * 1024))
+    size = small.path.stat().st_size
+    result.files[0] = ResultFile(small.file_name, small.path, small.content_type, size)
+    return size
+
+
 async def test_history_kept_when_download_breaks_off(bridge: Client) -> None:
     await run_job(bridge, "big", {"workflow": "solid", "1/width": 8, "1/batch_size": 1})
-    # Make the stored result large enough that the response cannot fit in socket buffers.
-    result = bridge.app[RESULTS].pending("big")[0]
-    big = result.files[0]
-    big.path.write_bytes(png() + b"\0" * (40 * 1024 * 1024))
-    result.files[0] = type(big)(big.file_name, big.path, big.content_type, big.path.stat().st_size)
-    size = big.path.stat().st_size
+    size = make_big(bridge, "big")
     resp = await bridge.get("/history", params={"clientId": "big"})
     assert resp.status == 200
     await resp.content.read(1024)
@@ -319,3 +327,14 @@ async def test_no_backend_is_503(make_bridge: BridgeFactory) -> None:
     assert status == 503
     assert body == {"detail": "No ComfyUI backend is available right now; try again shortly."}
     assert await (await client.get("/generation-count")).json() == 0
+
+
+async def test_a_second_history_request_does_not_get_what_the_first_is_sending(bridge: Client) -> None:
+    await run_job(bridge, "twice", {"workflow": "solid", "1/width": 8, "1/batch_size": 1})
+    make_big(bridge, "twice")
+    first = await bridge.get("/history", params={"clientId": "twice"})
+    assert first.status == 200  # headers are in; the 40 MB body is still on its way
+    second = await bridge.get("/history", params={"clientId": "twice"})
+    assert second.status == 204
+    assert second.headers["X-Detail"] == "No contents with that client id / twice"
+    assert len((await read_results(first))[0][3]) > 40 * 1024 * 1024
