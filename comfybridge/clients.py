@@ -41,7 +41,6 @@ class Client:
     id: str
     status: Status = field(default_factory=lambda: dict(LISTENING))
     sockets: int = 0
-    ever_socket: bool = False
     jobs: dict[str, Job] = field(default_factory=dict)  # active jobs, in the order accepted
     backend: str | None = None  # bound while it has jobs
     last_backend: str | None = None

@@ -62,6 +62,3 @@ class FairQueue:
                     yield jobs[depth]
             depth += 1
             queues = [jobs for jobs in queues if depth < len(jobs)]
-
-    def count_of(self, client_id: str) -> int:
-        return len(self._clients.get(client_id, ()))

@@ -211,7 +211,6 @@ class Scheduler:
     def socket_opened(self, client_id: str) -> Client:
         client = self.clients.touch(client_id)
         client.sockets += 1
-        client.ever_socket = True
         grace = self._grace.pop(client_id, None)
         if grace is not None:
             grace.cancel()

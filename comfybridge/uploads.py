@@ -95,9 +95,6 @@ class UploadStore:
         upload.last_used = time.time()
         return upload.path
 
-    def owns_any(self, client_id: str) -> bool:
-        return any(u.owner == client_id for u in self._uploads.values())
-
     async def receive(self, owner: str | None, parts: AsyncIterator[IncomingFile]) -> dict[str, str]:
         """Store every part; all or nothing: on any error the files of this request are removed."""
         saved: dict[str, Upload] = {}

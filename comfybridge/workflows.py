@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +109,6 @@ class Workflow:
     inputs: dict[str, InputSpec]
     description: str = ""
     thumbnail: str | None = None
-    graph: dict[str, Any] = field(default_factory=dict)
 
     def describe_inputs(self) -> dict[str, dict[str, Any]]:
         return {key: spec.describe() for key, spec in self.inputs.items()}
@@ -256,7 +255,6 @@ def _load_workflow(folder: Path, entry: dict[str, Any]) -> Workflow:
         inputs=inputs,
         description=str(entry.get("description") or ""),
         thumbnail=entry.get("thumbnail"),
-        graph=graph,
     )
 
 
