@@ -8,6 +8,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from .comfy import describe_execution_error
+
 
 class JobState(enum.StrEnum):
     WAITING = "waiting"  # in the bridge's queue for its backend
@@ -110,6 +112,38 @@ class Job:
     @property
     def executing(self) -> bool:
         return self.state is JobState.RUNNING
+
+    def apply_event(self, event: str, data: dict[str, Any]) -> bool:
+        """Follow one ComfyUI event of this job's prompt; True for the final `executing` with node null,
+        after which (and only after which) ComfyUI has the prompt in its history."""
+        self.last_event = time.monotonic()
+        progress = self.progress
+        if event == "execution_start":
+            self.started_at = self.last_event
+            if not self.ended:
+                self.state = JobState.RUNNING
+        elif event == "execution_cached":
+            progress.cached([str(n) for n in data.get("nodes", [])])
+        elif event == "executing":
+            if data.get("node") is None:
+                return True
+            progress.executing(str(data["node"]))
+        elif event == "progress":
+            value, maximum = data.get("value"), data.get("max")
+            if isinstance(value, int | float) and isinstance(maximum, int | float):
+                progress.step(str(data.get("node")), float(value), float(maximum))
+        elif event == "progress_state":
+            for node_id, node in (data.get("nodes") or {}).items():
+                if isinstance(node, dict) and node.get("state") == "finished":
+                    progress.node_finished(str(node_id))
+        elif event == "execution_success":
+            self.outcome = "success"
+        elif event == "execution_error":
+            self.outcome = "error"
+            self.error = describe_execution_error(data)
+        elif event == "execution_interrupted":
+            self.outcome = "interrupted"
+        return False
 
     def new_attempt(self) -> None:
         """Send again under a fresh prompt_id, so a late event of the old one cannot be mistaken for it."""

@@ -424,38 +424,12 @@ class Scheduler:
         job = self._by_prompt.get(str(data.get("prompt_id")))
         if job is None:
             return
-        job.last_event = time.monotonic()
-        progress = job.progress
         if event == "execution_start":
-            job.started_at = job.last_event
             job.warm = backend.last_workflow == job.workflow
             backend.last_workflow = job.workflow
-            if not job.ended:
-                job.state = JobState.RUNNING
-        elif event == "execution_cached":
-            progress.cached([str(n) for n in data.get("nodes", [])])
-        elif event == "executing":
-            node = data.get("node")
-            if node is None:
-                self._prompt_finished(backend, job)
-                return
-            progress.executing(str(node))
-        elif event == "progress":
-            value, maximum = data.get("value"), data.get("max")
-            if isinstance(value, int | float) and isinstance(maximum, int | float):
-                progress.step(str(data.get("node")), float(value), float(maximum))
-        elif event == "progress_state":
-            for node_id, node in (data.get("nodes") or {}).items():
-                if isinstance(node, dict) and node.get("state") == "finished":
-                    progress.node_finished(str(node_id))
-        elif event == "execution_success":
-            job.outcome = "success"
-        elif event == "execution_error":
-            job.outcome = "error"
-            job.error = describe_execution_error(data)
-        elif event == "execution_interrupted":
-            job.outcome = "interrupted"
-        if job.state is JobState.RUNNING:
+        if job.apply_event(event, data):
+            self._prompt_finished(backend, job)
+        elif job.state is JobState.RUNNING:
             self._publish_progress(job)
 
     def _publish_progress(self, job: Job) -> None:
