@@ -44,7 +44,7 @@ class Settings:
     log_level: str = "INFO"
     backend_grace: float = 10.0
     comfy_timeout: float = 30.0
-    max_jobs_per_client: int = 100
+    max_jobs_per_client: int = 0
     warm_slack: float = 1.0
     free_idle_after: float = 0.0
     free_every_jobs: int = 0
