@@ -311,3 +311,15 @@ def test_png_writer_makes_valid_images(tmp_path: Path) -> None:
     data = solid_png(3, 2, 0xFF0000)
     assert png_size(data) == (3, 2)
     assert struct.unpack(">I", data[8:12])[0] == 13
+
+
+async def test_reconnect_mid_run_is_told_the_running_node(make_emulator: EmulatorFactory) -> None:
+    emulator = await make_emulator(pace=0.2)
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(f"{emulator.url}/ws?clientId=A") as ws:
+            await post_prompt(session, emulator, {"prompt": workflow("c_slow_scale_blur.json"), "client_id": "A"})
+            await Listener(ws).until(lambda m: m["type"] == "executing")
+        async with session.ws_connect(f"{emulator.url}/ws?clientId=A") as again:
+            first = await Listener(again).until(lambda m: m["type"] == "executing")
+    assert first[0]["type"] == "status"
+    assert first[1] == {"type": "executing", "data": {"node": emulator.engine.last_node_id}}

@@ -113,6 +113,7 @@ class Engine:
         self._numbers = itertools.count()
         self._pending: list[QueueItem] = []
         self._running: QueueItem | None = None
+        self.last_node_id: str | None = None
         self._interrupt_id: str | None = None
         self._wakeup = asyncio.Event()
         self.stopping = asyncio.Event()  # set at shutdown, so a hanging request can end
@@ -150,6 +151,9 @@ class Engine:
     @property
     def queue_remaining(self) -> int:
         return len(self._pending) + (1 if self._running else 0)
+
+    def running_client(self) -> str | None:
+        return self._running.extra_data.get("client_id") if self._running else None
 
     def status_message(self) -> dict[str, Any]:
         return {"status": {"exec_info": {"queue_remaining": self.queue_remaining}}}
@@ -393,6 +397,7 @@ class Engine:
                 states[node_id] = _node_state(pid, node_id, 0.0, 1.0, "running")
                 self._emit("progress_state", {"prompt_id": pid, "nodes": dict(states)}, sid)
                 self._emit("executing", {"node": node_id, "display_node": node_id, "prompt_id": pid}, sid)
+                self.last_node_id = node_id
                 if drop_after is not None and count == drop_after:
                     self._drop_sockets()
                 if fail_now:

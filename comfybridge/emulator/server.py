@@ -152,6 +152,9 @@ def _routes() -> web.RouteTableDef:
             await ws.send_str(
                 orjson.dumps({"type": "status", "data": {**engine.status_message(), "sid": sid}}).decode()
             )
+            if engine.running_client() == sid:
+                # ComfyUI tells a socket that reconnects mid-run which node runs (no prompt_id here).
+                await ws.send_str(orjson.dumps({"type": "executing", "data": {"node": engine.last_node_id}}).decode())
             async for msg in ws:
                 if msg.type.name != "TEXT":
                     continue
