@@ -700,6 +700,9 @@ class Scheduler:
                 head = next((j for j in backend.inflight if j.state is not JobState.SUBMITTING), None)
                 if head is None or now - head.last_event < limit:
                     continue
+                if head.state is JobState.QUEUED and backend.queue_remaining > len(backend.inflight):
+                    head.last_event = now  # still behind other users' prompts inside ComfyUI: waiting, not idle
+                    continue
                 self._drop_inflight(backend, head)
                 if head.ended:
                     continue

@@ -158,3 +158,20 @@ async def test_slow_model_load_still_delivers(make_emulator: EmulatorFactory, ma
     emulator.engine.faults.start_delay = 0.3
     frames = await run_job(client, "loading", {"workflow": "solid", "1/batch_size": 1})
     assert frames[-1]["status"] == "closed"
+
+
+async def test_waiting_behind_other_users_is_not_idle(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    emulator = await make_emulator(pace=0.15)
+    client = await make_bridge(emulator, job_idle_timeout=0.5)
+    foreign = {"prompt": {"1": {"class_type": "LoadImage", "inputs": {"image": "test.png"}}}}
+    foreign["prompt"].update(  # someone else's ~1 s prompt, queued straight into ComfyUI
+        {str(n): {"class_type": "ImageInvert", "inputs": {"image": [str(n - 1), 0]}} for n in range(2, 8)}
+    )
+    foreign["prompt"]["8"] = {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "other"}}
+    async with client.session.post(f"{emulator.url}/prompt", json=foreign) as resp:
+        assert resp.status == 200
+    await wait_for(lambda: emulator.engine.queue_remaining == 1)
+    frames = await run_job(client, "patient", {"workflow": "solid", "1/batch_size": 1})
+    assert frames[-1]["status"] == "closed"
