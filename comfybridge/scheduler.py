@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from . import care
 from .backend import Backend
 from .clients import CLOSED, CONNECTED, LISTENING, Client, ClientRegistry, Status, status_message
 from .comfy import (
@@ -40,7 +41,6 @@ INTERRUPTED = status_message("error", "interrupted")
 DISCONNECTED = "server disconnected"
 NOT_ACCEPTED = "ComfyUI did not accept the job"
 MAX_ATTEMPTS = 3  # hand-overs of one job that may fail before it does
-MB = 1024 * 1024
 
 
 class Notifier(Protocol):
@@ -473,7 +473,7 @@ class Scheduler:
             await self.results.discard(job.id)
             self._end(job, JobState.FAILED, DISCONNECTED)
             return
-        await self._care_after_job(backend, job)
+        await care.after_job(backend, job.prompt_id, self.settings)
 
     async def _store_results(self, backend: Backend, job: Job, refs: list[OutputRef]) -> None:
         folder = self.results.folder_for(job.id)
@@ -558,47 +558,7 @@ class Scheduler:
             chosen = self.backends.get(client.backend or client.last_backend or "")
             targets = [chosen] if chosen is not None else targets
         for backend in targets:
-            await self._free_backend(backend, "asked by a client")
-
-    async def _free_backend(self, backend: Backend, why: str) -> None:
-        if not backend.healthy:
-            log.warning("free: skipping %s, it is down", backend.name)
-            return
-        try:
-            await backend.client.free()
-            backend.jobs_since_free = 0
-            log.info("freed memory on %s (%s)", backend.name, why)
-        except BackendUnavailable as exc:
-            log.warning("free: %s failed: %s", backend.name, exc)
-
-    # resource care ---------------------------------------------------------------------------
-    async def _care_after_job(self, backend: Backend, job: Job) -> None:
-        """Between jobs: forget the delivered prompt in ComfyUI, and free memory when a policy says so.
-
-        ComfyUI applies /free between prompts, never under a running one."""
-        settings = self.settings
-        try:
-            if settings.delete_history:
-                await backend.client.delete_history([job.prompt_id])
-            backend.jobs_since_free += 1
-            if settings.free_every_jobs and backend.jobs_since_free >= settings.free_every_jobs:
-                await self._free_backend(backend, f"every {settings.free_every_jobs} jobs")
-            elif settings.free_below_vram_mb or settings.free_below_ram_mb:
-                vram, ram = await backend.client.free_memory()
-                if (
-                    vram is not None and vram < settings.free_below_vram_mb * MB
-                ) or ram < settings.free_below_ram_mb * MB:
-                    await self._free_backend(backend, "memory low")
-        except BackendUnavailable as exc:
-            log.debug("care after job %s on %s skipped: %s", job.id, backend.name, exc)
-
-    def _free_if_idle(self, backend: Backend, now: float) -> None:
-        idle_for = self.settings.free_idle_after
-        if not idle_for or backend.idle_since is None or backend.freed_while_idle or not backend.healthy:
-            return
-        if now - backend.idle_since >= idle_for:
-            backend.freed_while_idle = True
-            self._spawn(self._free_backend(backend, f"idle for {idle_for:g}s"), f"free {backend.name}")
+            await care.free(backend, "asked by a client")
 
     # health, failover and reconciliation -----------------------------------------------------
     async def _listen(self, backend: Backend) -> None:
@@ -694,7 +654,8 @@ class Scheduler:
             await asyncio.sleep(min(1.0, limit / 4))
             now = time.monotonic()
             for backend in list(self.backends.values()):
-                self._free_if_idle(backend, now)
+                if care.idle_free_due(backend, now, self.settings.free_idle_after):
+                    self._spawn(care.free(backend, "idle"), f"free {backend.name}")
                 if not backend.healthy:
                     continue  # a backend that is away is handled by failover
                 head = next((j for j in backend.inflight if j.state is not JobState.SUBMITTING), None)
