@@ -245,7 +245,9 @@ class ComfyClient:
                             break
                     log.warning("ComfyUI %s closed its socket", self.name)
             except (aiohttp.ClientError, TimeoutError, OSError, BackendUnavailable) as exc:
-                log.debug("ComfyUI %s unreachable: %s", self.name, exc)
+                # Say it once per outage, not at every retry.
+                level = logging.WARNING if self.connected or not first_attempt.is_set() else logging.DEBUG
+                log.log(level, "ComfyUI %s unreachable (%s); retrying", self.name, exc)
             first_attempt.set()
             if self.connected:
                 self.connected = False
