@@ -91,6 +91,15 @@ def follow(status: dict[str, str]) -> int | None:
     return None
 
 
+def free_path(path: Path) -> Path:
+    """`path`, or `name-1.ext`, `name-2.ext`, ... if it exists: never overwrite an earlier result."""
+    candidate, index = path, 1
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}-{index}{path.suffix}")
+        index += 1
+    return candidate
+
+
 async def save_results(session: aiohttp.ClientSession, args: argparse.Namespace) -> list[Path]:
     """GET /history: one multipart part per output file."""
     args.out.mkdir(parents=True, exist_ok=True)
@@ -103,7 +112,7 @@ async def save_results(session: aiohttp.ClientSession, args: argparse.Namespace)
         reader = aiohttp.MultipartReader.from_response(resp)
         while (part := await reader.next()) is not None:
             assert isinstance(part, aiohttp.BodyPartReader)
-            target = args.out / Path(part.filename or f"{part.name}.bin").name
+            target = free_path(args.out / Path(part.filename or f"{part.name}.bin").name)
             async with aiofiles.open(target, "wb") as handle:
                 while chunk := await part.read_chunk():
                     await handle.write(chunk)
