@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -74,3 +75,21 @@ async def poll_status(client: Client, client_id: str, wanted: set[str], timeout:
             if info.get("status") in wanted:
                 return info
             await asyncio.sleep(0.02)
+
+
+async def wait_until_up(url: str, proc: asyncio.subprocess.Process, log: Path, timeout: float = 20) -> None:
+    """Wait until a server we started answers `url` with 200; fail with its log if it exits instead."""
+    async with aiohttp.ClientSession() as session, asyncio.timeout(timeout):
+        while True:
+            try:
+                async with session.get(url) as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                if proc.returncode is not None:
+                    raise AssertionError(await asyncio.to_thread(_tail, log)) from None
+                await asyncio.sleep(0.05)
+
+
+def _tail(log: Path) -> str:
+    return log.read_text()[-4000:] if log.exists() else "it exited"

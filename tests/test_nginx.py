@@ -16,7 +16,7 @@ import pytest
 from comfybridge.emulator.png import png_size
 
 from .conftest import BridgeFactory, EmulatorFactory
-from .helpers import read_results
+from .helpers import read_results, wait_until_up
 from .test_process import free_port
 
 CONFIG = """
@@ -74,19 +74,11 @@ async def behind_nginx(
     user = "user root;" if os.geteuid() == 0 else ""
     (root / "nginx.conf").write_text(CONFIG.format(user=user, root=root, port=port, upstream=client.server.port))
     proc = await asyncio.create_subprocess_exec(
-        binary, "-c", str(root / "nginx.conf"), "-p", str(root), stderr=asyncio.subprocess.PIPE
+        binary, "-c", str(root / "nginx.conf"), "-p", str(root), stderr=asyncio.subprocess.DEVNULL
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        async with aiohttp.ClientSession() as session, asyncio.timeout(20):
-            while True:
-                try:
-                    async with session.get(f"{url}/workflow-list") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    assert proc.returncode is None, (root / "error.log").read_text()
-                    await asyncio.sleep(0.05)
+        await wait_until_up(f"{url}/workflow-list", proc, root / "error.log")
         yield url
     finally:
         proc.terminate()

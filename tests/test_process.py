@@ -19,6 +19,7 @@ import pytest
 from comfybridge.emulator.png import png_size
 
 from .conftest import FIXTURES, EmulatorFactory, wait_for
+from .helpers import wait_until_up
 
 ROOT = Path(__file__).parent.parent
 
@@ -52,26 +53,21 @@ def workdir(tmp_path: Path) -> Path:
 async def bridge_process(workdir: Path, *args: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
     port = free_port()
     args = args or ("--emulate", "1")
+    log = await asyncio.to_thread(open, workdir / "bridge.log", "ab")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "comfybridge", *args, "--port", str(port),
         cwd=workdir, env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.DEVNULL, stderr=log,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        async with aiohttp.ClientSession() as session, asyncio.timeout(20):
-            while True:
-                try:
-                    async with session.get(f"{url}/generation-count") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.05)
+        await wait_until_up(f"{url}/generation-count", proc, workdir / "bridge.log")
         yield proc, url
     finally:
         if proc.returncode is None:
             proc.kill()
         await proc.wait()
+        log.close()
 
 
 async def submit(url: str, client_id: str) -> None:
