@@ -102,6 +102,7 @@ class Scheduler:
         self.state = state
         self.notifier = notifier
         self.clients = ClientRegistry(state.clients)
+        state.describe_clients = self.clients.snapshot
         self.queue = FairQueue()
         self.runtimes = RunTimes()
         self.bridge_id = f"comfybridge-{uuid.uuid4().hex[:12]}"
@@ -109,6 +110,7 @@ class Scheduler:
         self._initial = list(backend_urls)
         self._by_prompt: dict[str, Job] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._collecting: set[asyncio.Task[Any]] = set()  # jobs whose results are being copied
         self._grace: dict[str, asyncio.Task[None]] = {}
         self._closing = False
 
@@ -125,14 +127,16 @@ class Scheduler:
             for task in late:
                 task.cancel()
 
-    async def close(self) -> None:
-        """Refuse new work, stop every task, and save the state."""
+    async def close(self, collect_timeout: float = 10.0) -> None:
+        """Refuse new work, let results being copied land (bounded), stop every task, save the state."""
         self._closing = True
+        self._collecting = {t for t in self._collecting if not t.done()}
+        if self._collecting:
+            await asyncio.wait(self._collecting, timeout=collect_timeout)
         tasks = list(self._tasks) + list(self._grace.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self.state.clients = self.clients.snapshot()
         await self.state.save()
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
@@ -143,6 +147,7 @@ class Scheduler:
 
     def _reap(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
+        self._collecting.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("task %s failed", task.get_name(), exc_info=task.exception())
 
@@ -275,7 +280,6 @@ class Scheduler:
         client.jobs[job.id] = job
         if not any(j.state in (JobState.QUEUED, JobState.RUNNING) for j in client.jobs.values()):
             client.status = dict(LISTENING)
-        self.state.clients = self.clients.snapshot()
         try:
             await asyncio.shield(self.state.save())
         except BaseException:
@@ -450,7 +454,7 @@ class Scheduler:
         self._drop_inflight(backend, job)
         if job.ended:
             return
-        self._spawn(self._collect(backend, job), f"collect {job.id}")
+        self._collecting.add(self._spawn(self._collect(backend, job), f"collect {job.id}"))
 
     async def _collect(self, backend: Backend, job: Job) -> None:
         """Read the finished prompt's outcome and copy its output files into the result store."""
@@ -511,7 +515,6 @@ class Scheduler:
         self._spawn(self._save(), "save state")
 
     async def _save(self) -> None:
-        self.state.clients = self.clients.snapshot()
         await self.state.save()
 
     # control ---------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,8 @@ class StateStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.generation_count = 0
-        self.clients: dict[str, dict[str, Any]] = {}
+        self.clients: dict[str, dict[str, Any]] = {}  # as loaded; later writes ask `describe_clients`
+        self.describe_clients: Callable[[], dict[str, dict[str, Any]]] = lambda: self.clients
         self._changes = 0
         self._saved = 0
         self._lock = asyncio.Lock()
@@ -85,7 +87,8 @@ class StateStore:
             if self._saved >= wanted:
                 return
             version = self._changes
-            data = orjson.dumps({"generation_count": self.generation_count, "clients": self.clients})
+            # One snapshot per write, however many callers it covers.
+            data = orjson.dumps({"generation_count": self.generation_count, "clients": self.describe_clients()})
             write = asyncio.ensure_future(asyncio.to_thread(atomic_write, self.path, data))
             try:
                 await asyncio.shield(write)
