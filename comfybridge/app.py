@@ -59,8 +59,9 @@ def create_app(settings: Settings, reload: Callable[[], Settings] | None = None)
 
 
 async def _stores(app: web.Application) -> AsyncIterator[None]:
-    app[UPLOADS].load()
-    app[RESULTS].load()
+    # Indexing what earlier runs left walks the data folder: off the event loop.
+    await asyncio.to_thread(app[UPLOADS].load)
+    await asyncio.to_thread(app[RESULTS].load)
     yield
 
 

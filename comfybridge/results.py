@@ -81,9 +81,6 @@ class ResultStore:
     def folder_for(self, job_id: str) -> Path:
         return self.root / job_id
 
-    def client_ids(self) -> list[str]:
-        return list(self._by_client)
-
     async def add(self, job_id: str, client_id: str, seq: int, files: list[ResultFile]) -> None:
         """Record a job's downloaded files; only now do they count as results."""
         result = JobResult(job_id, client_id, seq, time.time(), files, self.folder_for(job_id))

@@ -71,10 +71,6 @@ class SchedulerSettings:
     output_subfolder: bool
 
 
-def format_seconds(value: float) -> str:
-    return f"{value:g}"
-
-
 class Scheduler:
     """Accepts jobs, places them on backends, turns ComfyUI's events into client status messages.
 
@@ -670,7 +666,7 @@ class Scheduler:
                 self._drop_inflight(backend, head)
                 if head.ended:
                     continue
-                reason = f"time out error: exceed {format_seconds(limit)}s"
+                reason = f"time out error: exceed {limit:g}s"
                 log.warning("job %s client %s: %s", head.id, head.client_id, reason)
                 self._end(head, JobState.FAILED, reason)
                 self._spawn(self._cancel_on_backend(backend, head), f"cancel {head.id}")
