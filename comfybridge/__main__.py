@@ -10,6 +10,7 @@ from aiohttp import web
 from .app import create_app
 from .config import ConfigError, load_settings
 from .errors import WorkflowConfigError
+from .journal import JournalError
 from .state import StateError
 
 
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
             level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
         )
         app = create_app(settings, reload=lambda: load_settings(argv))
-    except (ConfigError, WorkflowConfigError, StateError) as exc:
+    except (ConfigError, WorkflowConfigError, StateError, JournalError) as exc:
         print(f"comfybridge: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

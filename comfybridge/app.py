@@ -13,7 +13,20 @@ from aiohttp import web
 
 from .config import ConfigError, Settings
 from .emulator import Emulator
-from .keys import BACKEND_URLS, HUB, RESULTS, SCHEDULER, SESSION, SETTINGS, STATE, UPLOADS, WORKFLOWS
+from .journal import SqliteJournal
+from .keys import (
+    BACKEND_URLS,
+    HUB,
+    JOURNAL,
+    RECOVERED,
+    RESULTS,
+    SCHEDULER,
+    SESSION,
+    SETTINGS,
+    STATE,
+    UPLOADS,
+    WORKFLOWS,
+)
 from .results import ResultStore
 from .routes import error_middleware, setup_routes
 from .scheduler import Scheduler, SchedulerSettings
@@ -27,17 +40,23 @@ MB = 1024 * 1024
 
 
 def create_app(settings: Settings, reload: Callable[[], Settings] | None = None) -> web.Application:
-    """Load what must be valid before serving (workflows, state); start the rest with the app.
+    """Load what must be valid before serving (workflows, state, the job journal); start the rest
+    with the app.
 
     `reload` re-reads the settings on SIGHUP, to pick up a changed backend list without a restart.
-    Raises WorkflowConfigError or StateError for a folder or state file it cannot use.
+    Raises WorkflowConfigError, StateError or JournalError for a folder or file it cannot use.
     """
     workflows = WorkflowStore.load(settings.workflows)
     state = StateStore.load(settings.state_file)
+    journal = SqliteJournal(settings.journal_file, sync=settings.journal_sync)
+    rows = journal.open(count_floor=state.generation_count)
+    state.generation_count = journal.count
     app = web.Application(middlewares=[error_middleware], client_max_size=int(settings.max_request_mb * MB))
     app[SETTINGS] = settings
     app[WORKFLOWS] = workflows
     app[STATE] = state
+    app[JOURNAL] = journal
+    app[RECOVERED] = rows
     app[UPLOADS] = UploadStore(
         settings.data_dir / "uploads",
         UploadLimits(
@@ -50,19 +69,31 @@ def create_app(settings: Settings, reload: Callable[[], Settings] | None = None)
     app[RESULTS] = ResultStore(settings.data_dir / "results")
     app[HUB] = SocketHub()
     app[BACKEND_URLS] = list(settings.backends)
-    app.cleanup_ctx.extend([_stores, _emulators, _http_session, _scheduler, heartbeat])
+    app.cleanup_ctx.extend([_stores, _journal, _emulators, _http_session, _scheduler, heartbeat])
     if reload is not None and not settings.emulate:
         app.cleanup_ctx.append(_reload_on_sighup(reload))
-    app.on_shutdown.append(_close_sockets)
+    app.on_shutdown.extend([_stop_accepting, _close_sockets])
     setup_routes(app)
     return app
 
 
 async def _stores(app: web.Application) -> AsyncIterator[None]:
-    # Indexing what earlier runs left walks the data folder: off the event loop.
+    # Indexing the uploads earlier runs left walks the data folder: off the event loop.
     await asyncio.to_thread(app[UPLOADS].load)
-    await asyncio.to_thread(app[RESULTS].load)
     yield
+
+
+async def _journal(app: web.Application) -> AsyncIterator[None]:
+    """The journal's writer runs for the app's whole life; at the end every write lands, then the
+    state file takes the final count."""
+    journal, state = app[JOURNAL], app[STATE]
+    journal.start()
+    try:
+        yield
+    finally:
+        await journal.close()
+        state.generation_count = journal.count
+        await state.save()
 
 
 async def _emulators(app: web.Application) -> AsyncIterator[None]:
@@ -97,11 +128,14 @@ async def _scheduler(app: web.Application) -> AsyncIterator[None]:
         app[WORKFLOWS],
         app[UPLOADS],
         app[RESULTS],
+        app[JOURNAL],
         app[STATE],
         app[HUB],
     )
     app[SCHEDULER] = scheduler
-    await scheduler.start()
+    rows = app[RECOVERED]
+    await scheduler.start(list(rows))
+    rows.clear()  # the jobs hold what they need now
     yield
     await scheduler.close()
 
@@ -123,6 +157,16 @@ def _reload_on_sighup(reload: Callable[[], Settings]) -> Callable[[web.Applicati
         loop.remove_signal_handler(signal.SIGHUP)
 
     return context
+
+
+async def _stop_accepting(app: web.Application) -> None:
+    """First thing on SIGTERM: refuse new jobs; with `drain`, let the jobs inside ComfyUI finish."""
+    settings, scheduler = app[SETTINGS], app[SCHEDULER]
+    if settings.drain:
+        log.info("draining: waiting up to %gs for jobs inside ComfyUI", settings.drain)
+        await scheduler.drain(settings.drain)
+    else:
+        scheduler.core.closing = True
 
 
 async def _close_sockets(app: web.Application) -> None:

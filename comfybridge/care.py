@@ -12,7 +12,7 @@ from .backend import Backend
 from .comfy import BackendUnavailable
 
 if TYPE_CHECKING:
-    from .scheduler import SchedulerSettings
+    from .core import SchedulerSettings
 
 log = logging.getLogger(__name__)
 MB = 1024 * 1024

@@ -1,4 +1,8 @@
-"""Known clientIds: their sockets, active jobs, backend binding and latest status message."""
+"""Known clientIds: their sockets, active jobs, backend binding and latest status message.
+
+Nothing here is written to disk: a client that owns something (a job, an upload, a result) is known
+again after a restart from the journal and the upload folder; one that only opened a socket costs
+nothing once it is gone."""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .errors import BadInput, UnknownClient
 
@@ -51,26 +55,15 @@ class Client:
         """A job of this client is executing on a backend (so no `listening` heartbeat)."""
         return any(job.executing for job in self.jobs.values())
 
-    def record(self) -> dict[str, Any]:
-        return {"status": self.status, "last_backend": self.last_backend, "touched": self.touched}
-
 
 class ClientRegistry:
     """Every clientId the bridge knows, and the rule for when it forgets one."""
 
-    def __init__(self, saved: dict[str, dict[str, Any]]) -> None:
+    def __init__(self) -> None:
         self._clients: dict[str, Client] = {}
-        for client_id, record in saved.items():
-            status = record.get("status") or dict(LISTENING)
-            if status.get("status") in ("progress", "connected"):
-                # Its job was in flight when the bridge stopped; without a journal it cannot be resumed.
-                status = status_message("error", "the bridge restarted before the job finished")
-            self._clients[client_id] = Client(
-                id=client_id,
-                status=status,
-                last_backend=record.get("last_backend"),
-                touched=float(record.get("touched") or time.time()),
-            )
+
+    def __len__(self) -> int:
+        return len(self._clients)
 
     def __iter__(self) -> Iterator[Client]:
         return iter(list(self._clients.values()))
@@ -98,6 +91,3 @@ class ClientRegistry:
             return False
         self._clients.pop(client.id, None)
         return True
-
-    def snapshot(self) -> dict[str, dict[str, Any]]:
-        return {client.id: client.record() for client in self._clients.values()}

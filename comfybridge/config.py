@@ -52,10 +52,16 @@ class Settings:
     free_below_ram_mb: float = 0.0
     delete_history: bool = True
     output_subfolder: bool = True
+    drain: float = 0.0
+    journal_sync: bool = True
 
     @property
     def state_file(self) -> Path:
         return self.data_dir / "current_state.json"
+
+    @property
+    def journal_file(self) -> Path:
+        return self.data_dir / "journal.sqlite3"
 
 
 # How each setting is parsed and checked: (parser, check, help). The check returns an error or None.
@@ -127,7 +133,7 @@ OPTIONS: dict[str, tuple[Parser, Callable[[Any], str | None] | None, str]] = {
     "port": (_number(int), _port, "listen port"),
     "backends": (_backends, None, "comma list of ComfyUI host:port or URLs"),
     "workflows": (Path, None, "workflow folder (*.json + workflow_alias.json)"),
-    "data_dir": (Path, None, "uploads, results and current_state.json"),
+    "data_dir": (Path, None, "uploads, results, the job journal and current_state.json"),
     "emulate": (_number(int), _not_negative, "start N built-in ComfyUI emulators and use them as the backends"),
     "emulator_pace": (_number(float), _not_negative, "seconds each emulated node takes (with --emulate)"),
     "heartbeat": (_number(float), _positive, "seconds between `listening` frames"),
@@ -152,6 +158,8 @@ OPTIONS: dict[str, tuple[Parser, Callable[[Any], str | None] | None, str]] = {
     "free_below_ram_mb": (_number(float), _not_negative, "free memory when free RAM is under this (0: off)"),
     "delete_history": (_flag_value, None, "delete delivered prompts from ComfyUI's history (true/false)"),
     "output_subfolder": (_flag_value, None, "save each job's outputs in comfybridge/<day>/<job>/ (true/false)"),
+    "drain": (_number(float), _not_negative, "on SIGTERM, seconds to wait for jobs inside ComfyUI to finish (0: none)"),
+    "journal_sync": (_flag_value, None, "fsync the job journal at every commit (false only for benchmarks)"),
 }
 
 

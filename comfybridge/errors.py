@@ -33,6 +33,10 @@ class TooManyJobs(BridgeError):
     """A client over its limit of jobs in line (429)."""
 
 
+class StorageFull(BridgeError):
+    """The bridge's disk cannot take the write that accepting the request needs (507)."""
+
+
 class NoBackend(BridgeError):
     """No healthy ComfyUI backend can take the work (503)."""
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from .comfy import describe_execution_error
 
@@ -22,6 +23,27 @@ class JobState(enum.StrEnum):
 
 
 ENDED = {JobState.DONE, JobState.FAILED, JobState.CANCELLED}
+# Every step a job may take. SUBMITTING may jump ahead: ComfyUI can start (even finish) a prompt
+# before its answer to POST /prompt arrives. Any live state may go back to WAITING, to be sent again.
+STEPS: dict[JobState, set[JobState]] = {
+    JobState.WAITING: {JobState.SUBMITTING} | ENDED,
+    JobState.SUBMITTING: {JobState.QUEUED, JobState.RUNNING, JobState.WAITING} | ENDED,
+    JobState.QUEUED: {JobState.RUNNING, JobState.WAITING} | ENDED,
+    JobState.RUNNING: {JobState.WAITING} | ENDED,
+    JobState.DONE: set(),
+    JobState.FAILED: set(),
+    JobState.CANCELLED: set(),
+}
+
+
+class InvalidStep(Exception):
+    """A state change the job model does not allow: a bug in the caller, never a client's doing."""
+
+
+class Recorder(Protocol):
+    """Where a job's state changes are written (the journal); the future is done once it is durable."""
+
+    def update(self, job_id: str, fields: dict[str, Any]) -> asyncio.Future[None]: ...
 
 
 class Progress:
@@ -99,11 +121,44 @@ class Job:
     started_at: float | None = None  # monotonic time of ComfyUI's execution_start
     warm: bool = False  # its backend ran the same workflow just before it
     accepted_at: float = field(default_factory=time.time)
+    ended_at: float | None = None
+    results: list[dict[str, Any]] | None = None  # the stored result files, once done
     last_event: float = field(default_factory=time.monotonic)
+    handing_over: bool = False  # POST /prompt of this job is in flight from this process
+    journal: Recorder | None = field(default=None, repr=False, compare=False)
     progress: Progress = field(init=False)
 
     def __post_init__(self) -> None:
         self.progress = Progress(self.prompt)
+
+    @classmethod
+    def restore(cls, row: dict[str, Any], journal: Recorder) -> Job:
+        """A job as the journal last recorded it."""
+        job = cls(row["client_id"], row["workflow"], row["prompt"], row["seq"], row["uploads"], id=row["id"])
+        job.prompt_id, job.state, job.backend = row["prompt_id"], JobState(row["state"]), row["backend"]
+        job.error, job.attempts, job.retries = row["error"], row["attempts"], row["retries"]
+        job.accepted_at, job.ended_at, job.results = row["accepted_at"], row["ended_at"], row["results"]
+        job.journal = journal
+        return job
+
+    def move(self, to: JobState, **changes: Any) -> asyncio.Future[None]:
+        """The one place a job changes state: the step is checked, applied here at once (so every later
+        decision sees it) and recorded in the journal; the future is done when the record is durable."""
+        if to not in STEPS[self.state]:
+            raise InvalidStep(f"job {self.id}: {self.state.value} -> {to.value}")
+        for name, value in changes.items():
+            if name not in _RECORDED_CHANGES:
+                raise InvalidStep(f"job {self.id}: {name} is not part of a step")
+            setattr(self, name, value)
+        self.state = to
+        record: dict[str, Any] = {"state": to.value, **changes}
+        if to in ENDED:
+            self.ended_at = record["ended_at"] = time.time()
+        if self.journal is None:
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+        return self.journal.update(self.id, record)
 
     @property
     def ended(self) -> bool:
@@ -120,8 +175,8 @@ class Job:
         progress = self.progress
         if event == "execution_start":
             self.started_at = self.last_event
-            if not self.ended:
-                self.state = JobState.RUNNING
+            if self.state in (JobState.SUBMITTING, JobState.QUEUED):
+                self.move(JobState.RUNNING)
         elif event == "execution_cached":
             progress.cached([str(n) for n in data.get("nodes", [])])
         elif event == "executing":
@@ -145,22 +200,23 @@ class Job:
             self.outcome = "interrupted"
         return False
 
-    def new_attempt(self) -> None:
-        """Send again under a fresh prompt_id, so a late event of the old one cannot be mistaken for it."""
-        self.prompt_id = str(uuid.uuid4())
-        self.state = JobState.WAITING
+    def retry(self) -> asyncio.Future[None]:
+        """Back to the bridge's queue, to be sent again under a fresh prompt_id, so that a late event
+        of the old one cannot be mistaken for it."""
         self.outcome = None
         self.started_at = None
         self.progress = Progress(self.prompt)
+        return self.move(
+            JobState.WAITING, prompt_id=str(uuid.uuid4()), backend=None, attempts=self.attempts, retries=self.retries
+        )
 
     def record(self) -> dict[str, Any]:
-        """Everything needed to resume the job, as plain JSON data."""
+        """Everything needed to resume the job, as the journal keeps it (seq is given by the journal)."""
         return {
             "id": self.id,
             "client_id": self.client_id,
             "workflow": self.workflow,
             "prompt": self.prompt,
-            "seq": self.seq,
             "uploads": self.uploads,
             "prompt_id": self.prompt_id,
             "state": self.state.value,
@@ -170,3 +226,6 @@ class Job:
             "retries": self.retries,
             "accepted_at": self.accepted_at,
         }
+
+
+_RECORDED_CHANGES = {"backend", "prompt_id", "error", "results", "attempts", "retries"}

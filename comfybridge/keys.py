@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
 
 from .config import Settings
+from .journal import SqliteJournal
 from .results import ResultStore
 from .state import StateStore
 from .uploads import UploadStore
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
 SETTINGS = web.AppKey("settings", Settings)
 WORKFLOWS = web.AppKey("workflows", WorkflowStore)
 STATE = web.AppKey("state", StateStore)
+JOURNAL = web.AppKey("journal", SqliteJournal)
+RECOVERED = web.AppKey("recovered", list[dict[str, Any]])  # the journal's rows, until the scheduler takes them
 UPLOADS = web.AppKey("uploads", UploadStore)
 RESULTS = web.AppKey("results", ResultStore)
 SESSION = web.AppKey("session", aiohttp.ClientSession)

@@ -1,4 +1,7 @@
-"""Result store: each finished job's output files, held on the bridge's disk until fetched or expired."""
+"""Result store: each finished job's output files, held on the bridge's disk until fetched or expired.
+
+The journal records which files a finished job has; this store keeps the files and, in memory, which
+client may fetch them."""
 
 from __future__ import annotations
 
@@ -12,11 +15,11 @@ from typing import Any
 
 import orjson
 
-from .state import atomic_write
+from .state import fsync_path
 
 log = logging.getLogger(__name__)
 
-META = "meta.json"
+LEGACY_META = "meta.json"  # where releases before the journal kept a result's record
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,14 @@ class ResultFile:
     path: Path
     content_type: str
     size: int
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "file_name": self.file_name,
+            "path": self.path.name,
+            "content_type": self.content_type,
+            "size": self.size,
+        }
 
 
 @dataclass
@@ -36,18 +47,13 @@ class JobResult:
     files: list[ResultFile]
     folder: Path
 
-    def record(self) -> dict[str, Any]:
-        files = [
-            {"file_name": f.file_name, "path": f.path.name, "content_type": f.content_type, "size": f.size}
-            for f in self.files
-        ]
-        return {
-            "job_id": self.job_id,
-            "client_id": self.client_id,
-            "seq": self.seq,
-            "created": self.created,
-            "files": files,
-        }
+
+def sync_files(files: list[ResultFile]) -> None:
+    """fsync each file and the folders that hold them, so a power cut after `closed` loses nothing."""
+    for item in files:
+        fsync_path(item.path)
+    for folder in {item.path.parent for item in files}:
+        fsync_path(folder)
 
 
 class ResultStore:
@@ -56,43 +62,19 @@ class ResultStore:
         self._by_client: dict[str, list[JobResult]] = {}
         self._claimed: set[str] = set()  # job ids being sent to a client right now
 
-    def load(self) -> None:
-        """Index results of earlier runs; a folder without meta.json never finished and is removed."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        for folder in self.root.iterdir():
-            meta = folder / META
-            try:
-                record = orjson.loads(meta.read_bytes())
-                files = [
-                    ResultFile(f["file_name"], folder / f["path"], f["content_type"], int(f["size"]))
-                    for f in record["files"]
-                ]
-                result = JobResult(
-                    record["job_id"], record["client_id"], int(record["seq"]), float(record["created"]), files, folder
-                )
-            except (OSError, ValueError, KeyError, TypeError):
-                log.warning("removing incomplete result folder %s", folder)
-                shutil.rmtree(folder, ignore_errors=True)
-                continue
-            self._by_client.setdefault(result.client_id, []).append(result)
-        for results in self._by_client.values():
-            results.sort(key=lambda r: r.seq)
-
     def folder_for(self, job_id: str) -> Path:
         return self.root / job_id
 
-    async def add(self, job_id: str, client_id: str, seq: int, files: list[ResultFile]) -> None:
-        """Record a job's downloaded files; only now do they count as results."""
-        result = JobResult(job_id, client_id, seq, time.time(), files, self.folder_for(job_id))
-        await asyncio.to_thread(self._write_meta, result)
+    def files_from(self, job_id: str, records: list[dict[str, Any]]) -> list[ResultFile]:
+        folder = self.folder_for(job_id)
+        return [ResultFile(r["file_name"], folder / r["path"], r["content_type"], int(r["size"])) for r in records]
+
+    def add(self, job_id: str, client_id: str, seq: int, files: list[ResultFile], created: float | None = None) -> None:
+        """Hand a finished job's files to its client; only now do they count as results."""
+        result = JobResult(job_id, client_id, seq, created or time.time(), files, self.folder_for(job_id))
         results = self._by_client.setdefault(client_id, [])
         results.append(result)
         results.sort(key=lambda r: r.seq)
-
-    def _write_meta(self, result: JobResult) -> None:
-        result.folder.mkdir(parents=True, exist_ok=True)
-        # The output files are not fsynced either: a killed bridge keeps them, a power cut may not.
-        atomic_write(result.folder / META, orjson.dumps(result.record()), sync=False)
 
     def holds(self, client_id: str) -> bool:
         return bool(self._by_client.get(client_id))
@@ -122,14 +104,37 @@ class ResultStore:
         """Remove the partial downloads of a job that did not finish."""
         await asyncio.to_thread(shutil.rmtree, self.folder_for(job_id), True)
 
-    async def expire(self, ttl: float) -> list[str]:
-        """Drop results older than `ttl`; returns the clients that lost some."""
+    def expired(self, ttl: float) -> list[JobResult]:
+        """Results older than `ttl` that no request is sending right now."""
         cutoff = time.time() - ttl
-        touched = []
-        for client_id, results in list(self._by_client.items()):
-            old = [r for r in results if r.created < cutoff]
-            if old:
-                await self.remove(client_id, old)
-                touched.append(client_id)
-                log.info("expired %d unfetched results of client %s", len(old), client_id)
-        return touched
+        return [
+            r for rs in self._by_client.values() for r in rs if r.created < cutoff and r.job_id not in self._claimed
+        ]
+
+    # start-up --------------------------------------------------------------------------------
+    def load_legacy(self) -> set[str]:
+        """Results stored by a release before the journal (a meta.json per folder): served from there
+        until fetched or expired. Blocking: run it in a thread. Returns their job ids."""
+        found = set()
+        for meta in self.root.glob(f"*/{LEGACY_META}") if self.root.is_dir() else []:
+            try:
+                record = orjson.loads(meta.read_bytes())
+                files = self.files_from(meta.parent.name, record["files"])
+                self.add(meta.parent.name, record["client_id"], int(record["seq"]), files, float(record["created"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            found.add(meta.parent.name)
+        return found
+
+    def remove_strays(self, keep: set[str]) -> None:
+        """Delete folders no finished job owns: downloads a crash cut short (the job will collect again).
+        Blocking: run it in a thread."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for folder in self.root.iterdir():
+            if folder.name in keep:
+                continue
+            log.info("removing result folder %s: no finished job owns it", folder)
+            if folder.is_dir():
+                shutil.rmtree(folder, ignore_errors=True)
+            else:
+                folder.unlink(missing_ok=True)

@@ -13,9 +13,9 @@ import orjson
 from aiohttp import BodyPartReader, web
 
 from .clients import check_client_id
-from .errors import BadInput, BridgeError, NoBackend, TooLarge, TooManyJobs, UnsupportedMedia
-from .keys import RESULTS, SCHEDULER, STATE, UPLOADS, WORKFLOWS
-from .results import JobResult, ResultFile
+from .errors import BadInput, BridgeError, NoBackend, StorageFull, TooLarge, TooManyJobs, UnsupportedMedia
+from .keys import RESULTS, SCHEDULER, UPLOADS, WORKFLOWS
+from .results import ResultFile
 from .uploads import IncomingFile
 from .ws import websocket_handler
 
@@ -28,6 +28,7 @@ STATUS_OF: list[tuple[type[BridgeError], int]] = [
     (UnsupportedMedia, 415),
     (TooManyJobs, 429),
     (NoBackend, 503),
+    (StorageFull, 507),
     (BadInput, 400),
 ]
 NOT_SEEN = "The client ID has not been submitted to the server before. It is not recognized. / {}"
@@ -103,7 +104,7 @@ async def upload(request: web.Request) -> web.Response:
     except ValueError as exc:  # a malformed multipart body
         raise BadInput(f"Malformed multipart body: {exc}") from None
     if client_id is not None:
-        await scheduler.remember(client_id)
+        scheduler.remember(client_id)
     return json_response(names)
 
 
@@ -121,8 +122,8 @@ async def generate(request: web.Request) -> web.Response:
         raise BadInput('The body must be a JSON object, e.g. {"workflow": "text-to-image"}.') from None
     if not isinstance(body, dict):
         raise BadInput('The body must be a JSON object, e.g. {"workflow": "text-to-image"}.')
-    _, position = await request.app[SCHEDULER].submit(client_id, body)
-    return json_response({"detail": f"queued / {position}"})
+    job, position = await request.app[SCHEDULER].submit(client_id, body)
+    return json_response({"detail": f"queued / {position}", "job_id": job.id})
 
 
 async def execution_info(request: web.Request) -> web.Response:
@@ -132,7 +133,7 @@ async def execution_info(request: web.Request) -> web.Response:
 
 
 async def generation_count(request: web.Request) -> web.Response:
-    return json_response(request.app[STATE].generation_count)
+    return json_response(request.app[SCHEDULER].generation_count)
 
 
 async def free(request: web.Request) -> web.Response:
@@ -159,7 +160,7 @@ async def history(request: web.Request) -> web.StreamResponse:
     fetched = results.claim(client_id)  # a second request at the same time gets none of these
     if not fetched:
         return web.Response(status=204, headers={"X-Detail": NO_CONTENT.format(client_id)})
-    files = [f for result in fetched for f in result.files]
+    files = [(result.job_id, f) for result in fetched for f in result.files]
     try:
         if request.query.get("resType") == "base64":
             response = await _write_base64(request, files)
@@ -168,35 +169,31 @@ async def history(request: web.Request) -> web.StreamResponse:
     except BaseException:
         results.release(fetched)
         raise
-    await _forget(request, client_id, fetched)
+    await scheduler.results_fetched(client_id, fetched)
     return response
 
 
-async def _forget(request: web.Request, client_id: str, fetched: list[JobResult]) -> None:
-    await request.app[RESULTS].remove(client_id, fetched)
-    await request.app[SCHEDULER].results_fetched(client_id)
-
-
-async def _write_multipart(request: web.Request, files: list[ResultFile]) -> web.StreamResponse:
+async def _write_multipart(request: web.Request, files: list[tuple[str, ResultFile]]) -> web.StreamResponse:
     boundary = uuid.uuid4().hex
     heads = []
-    for index, item in enumerate(files):
+    for index, (job_id, item) in enumerate(files):
         name = item.file_name.replace("\\", "\\\\").replace('"', '\\"')
         heads.append(
             (
                 f"--{boundary}\r\n"
                 f'Content-Disposition: form-data; name="result_{index}"; filename="{name}"\r\n'
                 f"Content-Type: {item.content_type}\r\n"
-                f"Content-Length: {item.size}\r\n\r\n"
+                f"Content-Length: {item.size}\r\n"
+                f"X-Job-Id: {job_id}\r\n\r\n"
             ).encode()
         )
     tail = f"--{boundary}--\r\n".encode()
-    length = sum(len(h) + f.size + 2 for h, f in zip(heads, files, strict=True)) + len(tail)
+    length = sum(len(h) + f.size + 2 for h, (_, f) in zip(heads, files, strict=True)) + len(tail)
     response = web.StreamResponse(
         headers={"Content-Type": f"multipart/form-data; boundary={boundary}", "Content-Length": str(length)}
     )
     await response.prepare(request)
-    for head, item in zip(heads, files, strict=True):
+    for head, (_, item) in zip(heads, files, strict=True):
         await response.write(head)
         await _send_file(response, item, CHUNK, bytes)
         await response.write(b"\r\n")
@@ -205,19 +202,19 @@ async def _write_multipart(request: web.Request, files: list[ResultFile]) -> web
     return response
 
 
-async def _write_base64(request: web.Request, files: list[ResultFile]) -> web.StreamResponse:
-    """`{"files": [{"file_name", "content_type", "content"}]}`, encoded while it streams."""
+async def _write_base64(request: web.Request, files: list[tuple[str, ResultFile]]) -> web.StreamResponse:
+    """`{"files": [{"file_name", "content_type", "job_id", "content"}]}`, encoded while it streams."""
     pieces = []
-    for item in files:
-        meta = orjson.dumps({"file_name": item.file_name, "content_type": item.content_type})
+    for job_id, item in files:
+        meta = orjson.dumps({"file_name": item.file_name, "content_type": item.content_type, "job_id": job_id})
         pieces.append(meta[:-1] + b',"content":"')
-    encoded = [4 * ((f.size + 2) // 3) for f in files]
+    encoded = [4 * ((f.size + 2) // 3) for _, f in files]
     length = len(b'{"files":[') + sum(len(p) + n + 2 for p, n in zip(pieces, encoded, strict=True))
     length += max(0, len(files) - 1) + len(b"]}")
     response = web.StreamResponse(headers={"Content-Type": "application/json", "Content-Length": str(length)})
     await response.prepare(request)
     await response.write(b'{"files":[')
-    for index, (piece, item) in enumerate(zip(pieces, files, strict=True)):
+    for index, (piece, (_, item)) in enumerate(zip(pieces, files, strict=True)):
         await response.write((b"," if index else b"") + piece)
         await _send_file(response, item, B64_CHUNK, base64.b64encode)
         await response.write(b'"}')

@@ -1,4 +1,4 @@
-"""Durable bridge state in one JSON file: the generation counter and the known clients."""
+"""The state file, `current_state.json`: the generation counter, written atomically, and durable writes."""
 
 from __future__ import annotations
 
@@ -6,9 +6,7 @@ import asyncio
 import itertools
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import orjson
 
@@ -20,38 +18,38 @@ class StateError(Exception):
     """The state file exists but cannot be trusted; start-up stops rather than reset the counter."""
 
 
-def atomic_write(path: Path, data: bytes, sync: bool = True) -> None:
-    """Write so that a crash leaves either the old file or the new one: temp, flush, fsync, rename.
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder, so that a rename into it survives a power cut)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
-    Without `sync` the rename still protects against a killed process (the page cache survives it),
-    not against a power cut; that is for data that is not the counter."""
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write so that a crash leaves either the old file or the new one: temp, flush, fsync, rename."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{next(_temp_names)}.tmp")
     with open(tmp, "wb") as handle:
         handle.write(data)
-        if sync:
-            handle.flush()
-            os.fsync(handle.fileno())
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(tmp, path)
-    if sync:
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+    fsync_path(path.parent)
 
 
 class StateStore:
-    """`current_state.json`: read once at start-up, written after every change that must survive a crash.
+    """`current_state.json`: the generation counter as a plain file an operator can read or back up.
 
+    The journal is the source of truth; this file follows it (written after the journal commits) and
+    at start-up the larger of the two counts wins, so neither can lose the other's increments.
     Writes run in a thread and coalesce: callers that arrive while a write is under way are all
-    covered by the next single write, so a burst of accepted jobs costs a few fsyncs, not one each.
+    covered by the next single write.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.generation_count = 0
-        self.clients: dict[str, dict[str, Any]] = {}  # as loaded; later writes ask `describe_clients`
-        self.describe_clients: Callable[[], dict[str, dict[str, Any]]] = lambda: self.clients
         self._changes = 0
         self._saved = 0
         self._lock = asyncio.Lock()
@@ -67,16 +65,14 @@ class StateStore:
         try:
             data = orjson.loads(path.read_bytes())
             count = data["generation_count"]
-            clients = data.get("clients", {})
-            if not isinstance(count, int) or isinstance(count, bool) or count < 0 or not isinstance(clients, dict):
-                raise ValueError("generation_count must be a whole number >= 0 and clients an object")
+            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+                raise ValueError("generation_count must be a whole number >= 0")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise StateError(
                 f"state file {path} is unreadable or corrupt ({exc}); restore it from a backup or fix it by hand "
                 "(the generation counter is never reset silently)"
             ) from None
         store.generation_count = count
-        store.clients = clients
         return store
 
     async def save(self) -> None:
@@ -88,7 +84,7 @@ class StateStore:
                 return
             version = self._changes
             # One snapshot per write, however many callers it covers.
-            data = orjson.dumps({"generation_count": self.generation_count, "clients": self.describe_clients()})
+            data = orjson.dumps({"generation_count": self.generation_count})
             write = asyncio.ensure_future(asyncio.to_thread(atomic_write, self.path, data))
             try:
                 await asyncio.shield(write)

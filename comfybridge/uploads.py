@@ -10,7 +10,7 @@ import re
 import secrets
 import time
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +18,7 @@ import aiofiles
 
 from .errors import BadInput, TooLarge, UnsupportedMedia
 from .media import SNIFF_BYTES, sniff
+from .state import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,28 @@ class UploadStore:
         self.root = root
         self.limits = limits
         self._uploads: dict[str, Upload] = {}
+        self._pins: dict[str, int] = {}  # upload name -> unfinished jobs that will send it
+
+    def owners(self) -> set[str]:
+        """Clients that own an upload (and so are known)."""
+        return {u.owner for u in self._uploads.values() if u.owner is not None}
+
+    def pin(self, names: Iterable[str]) -> None:
+        """An unfinished job needs these files: they do not expire until it ends."""
+        for name in names:
+            self._pins[name] = self._pins.get(name, 0) + 1
+
+    def unpin(self, names: Iterable[str]) -> None:
+        """The job ended: its files expire `upload_ttl` from now unless used again."""
+        now = time.time()
+        for name in names:
+            left = self._pins.get(name, 0) - 1
+            if left > 0:
+                self._pins[name] = left
+            else:
+                self._pins.pop(name, None)
+            if name in self._uploads:
+                self._uploads[name].last_used = now
 
     def load(self) -> None:
         """Index what earlier runs left, so uploads survive a restart."""
@@ -150,7 +173,8 @@ class UploadStore:
                 kind, ext = self._check_media(head, part)
             name = safe_name(part.filename or "", ext)
             path = folder / name
-            await asyncio.to_thread(os.replace, tmp, path)
+            # Synced before the client hears of it: a job that names it is journaled as durable.
+            await asyncio.to_thread(_sync_and_rename, tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(tmp.unlink, missing_ok=True)
@@ -169,13 +193,19 @@ class UploadStore:
 
     async def expire(self, ttl: float) -> int:
         cutoff = time.time() - ttl
-        old = [u for u in self._uploads.values() if u.last_used < cutoff]
+        old = [u for u in self._uploads.values() if u.last_used < cutoff and u.name not in self._pins]
         for upload in old:
             self._uploads.pop(upload.name, None)
             await asyncio.to_thread(upload.path.unlink, missing_ok=True)
         if old:
             log.info("expired %d unused uploads", len(old))
         return len(old)
+
+
+def _sync_and_rename(tmp: Path, path: Path) -> None:
+    fsync_path(tmp)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
 
 
 def _mb(size: int) -> str:

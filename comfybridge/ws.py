@@ -62,7 +62,7 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     scheduler = request.app[SCHEDULER]
     ws = web.WebSocketResponse(heartbeat=30)
     await ws.prepare(request)
-    await scheduler.remember(client_id)
+    scheduler.remember(client_id)
     queue = hub.add(client_id, ws)
     scheduler.socket_opened(client_id)
     sender = asyncio.create_task(_send_frames(ws, queue), name=f"ws sender {client_id}")

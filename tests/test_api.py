@@ -195,7 +195,7 @@ async def test_generate_bad_inputs_are_400_and_change_nothing(bridge: Client) ->
 
 async def test_float_input_accepts_int(bridge: Client) -> None:
     status, body = await generate(bridge, "f", {"workflow": "image-to-image", "3/denoise": 1})
-    assert (status, body) == (200, {"detail": "queued / 1"})
+    assert (status, body["detail"], len(body["job_id"])) == (200, "queued / 1", 32)
 
 
 async def test_client_id_is_checked_everywhere(bridge: Client) -> None:

@@ -95,7 +95,7 @@ async def test_a_job_end_to_end_through_nginx(behind_nginx: str) -> None:
             async with session.post(
                 f"{url}/generate-based-workflow", params={"clientId": "proxied"}, json=body
             ) as resp:
-                assert await resp.json() == {"detail": "queued / 1"}
+                assert (await resp.json())["detail"] == "queued / 1"
             async for msg in ws:
                 frame = orjson.loads(msg.data)
                 if frame["status"] in ("closed", "error"):

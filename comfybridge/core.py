@@ -1,0 +1,196 @@
+"""What the scheduler's parts share: the backends, the waiting queue, the clients, and how a job ends."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import aiohttp
+
+from .backend import Backend
+from .clients import CLOSED, ClientRegistry, Status, status_message
+from .comfy import BackendUnavailable
+from .fairqueue import FairQueue
+from .jobs import Job, JobState
+from .journal import JobStore
+from .planner import RunTimes
+from .results import ResultFile, ResultStore
+from .uploads import UploadStore
+from .workflows import WorkflowStore
+
+log = logging.getLogger(__name__)
+
+DISCONNECTED = "server disconnected"
+
+
+class Notifier(Protocol):
+    """Where status messages go; the WebSocket edge implements it."""
+
+    def publish(self, client_id: str, message: Status, close: bool = False) -> None: ...
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    """What the scheduler needs of the bridge's settings (same names; defaults live in config.Settings)."""
+
+    heartbeat: float
+    disconnect_grace: float
+    job_idle_timeout: float
+    result_ttl: float
+    upload_ttl: float
+    pipeline_depth: int
+    backend_grace: float
+    comfy_timeout: float
+    max_jobs_per_client: int
+    warm_slack: float
+    free_idle_after: float
+    free_every_jobs: int
+    free_below_vram_mb: float
+    free_below_ram_mb: float
+    delete_history: bool
+    output_subfolder: bool
+
+
+class Core:
+    def __init__(
+        self,
+        settings: SchedulerSettings,
+        session: aiohttp.ClientSession,
+        workflows: WorkflowStore,
+        uploads: UploadStore,
+        results: ResultStore,
+        journal: JobStore,
+        notifier: Notifier,
+    ) -> None:
+        self.settings = settings
+        self.session = session
+        self.workflows = workflows
+        self.uploads = uploads
+        self.results = results
+        self.journal = journal
+        self.notifier = notifier
+        self.clients = ClientRegistry()
+        self.queue = FairQueue()
+        self.runtimes = RunTimes()
+        self.backends: dict[str, Backend] = {}
+        self.by_prompt: dict[str, Job] = {}
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.collecting: set[asyncio.Task[Any]] = set()  # jobs whose results are being copied
+        self.closing = False
+        self.settled = asyncio.Event()  # set whenever a prompt leaves a backend or a collection ends
+
+    # tasks -----------------------------------------------------------------------------------
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Every task is held until it ends, and its failure is logged."""
+        task = asyncio.create_task(coro, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self._reap)
+        return task
+
+    def _reap(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if task in self.collecting:
+            self.collecting.discard(task)
+            self.settled.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    def wake_all(self) -> None:
+        self.settled.set()
+        for backend in self.backends.values():
+            backend.wakeup.set()
+
+    # placement facts -------------------------------------------------------------------------
+    def bound_of(self, client_id: str) -> str | None:
+        """The backend a client's jobs must run on, if it is bound to one that can still take them."""
+        client = self.clients.get(client_id)
+        if client is None or client.backend is None:
+            return None
+        backend = self.backends.get(client.backend)
+        if backend is None or backend.draining or (not backend.healthy and backend.down_since is None):
+            return None
+        return client.backend
+
+    def unbind_clients_of(self, backend: Backend) -> None:
+        for client in self.clients:
+            if client.backend == backend.name:
+                client.backend = None
+
+    def drop_inflight(self, backend: Backend, job: Job) -> None:
+        if job in backend.inflight:
+            backend.inflight.remove(job)
+            if backend.inflight:
+                backend.inflight[0].last_event = time.monotonic()
+            else:
+                backend.idle_since = time.monotonic()
+                backend.freed_while_idle = False
+        self.by_prompt.pop(job.prompt_id, None)
+        self.wake_all()
+
+    def send_again(self, job: Job) -> None:
+        """Back to the head of the bridge's queue, under a fresh prompt_id."""
+        job.retry()
+        self.queue.push_front(job)
+        self.wake_all()
+
+    # endings ---------------------------------------------------------------------------------
+    def end(
+        self,
+        job: Job,
+        state: JobState,
+        error: str | None = None,
+        files: list[ResultFile] | None = None,
+        notify: bool = True,
+    ) -> asyncio.Future[None] | None:
+        """A job ends exactly once: journaled, its slot and uploads released, and once the record is
+        durable its results become fetchable and its client is told (unless the caller tells it).
+        Returns the journal write, or None if the job had already ended."""
+        if job.ended:
+            return None
+        if files is not None:
+            committed = job.move(state, error=error, results=[f.record() for f in files])
+        else:
+            committed = job.move(state, error=error)
+        self.queue.remove(job)
+        self.uploads.unpin(job.uploads.values())
+        client = self.clients.get(job.client_id)
+        if client is not None:
+            client.jobs.pop(job.id, None)
+            if not client.jobs:
+                client.backend = None
+        log.info("job %s client %s: %s%s", job.id, job.client_id, state.value, f" ({error})" if error else "")
+        committed.add_done_callback(lambda _: self._ended(job, files, notify))
+        return committed
+
+    def _ended(self, job: Job, files: list[ResultFile] | None, notify: bool) -> None:
+        if files is not None:
+            self.results.add(job.id, job.client_id, job.seq, files)
+        client = self.clients.get(job.client_id)
+        if client is None or not notify:
+            return
+        if job.state is JobState.DONE:
+            client.status = dict(CLOSED)
+            self.notifier.publish(client.id, client.status)
+        else:
+            client.status = status_message("error", job.error or "error")
+            self.notifier.publish(client.id, client.status, close=not client.jobs)
+
+    async def cancel_on_backend(self, backend: Backend, job: Job) -> None:
+        """Take a prompt back from ComfyUI: delete it from the queue, or interrupt it if it runs."""
+        try:
+            await backend.client.delete_queued([job.prompt_id])
+            await backend.client.interrupt(job.prompt_id)
+        except BackendUnavailable as exc:
+            log.warning("job %s client %s: cancel on %s failed: %s", job.id, job.client_id, backend.name, exc)
+        # If it never started, ComfyUI sends nothing more about it: free its slot now.
+        if job in backend.inflight:
+            try:
+                running, pending = await backend.client.queue()
+            except BackendUnavailable:
+                running, pending = [], []
+            if job.prompt_id not in running and job.prompt_id not in pending:
+                self.drop_inflight(backend, job)
