@@ -85,9 +85,9 @@ class ClientRegistry:
         client.touched = time.time()
         return client
 
-    def forget_if_done(self, client: Client, holds_files: Callable[[str], bool], expired: bool = False) -> bool:
+    def forget_if_done(self, client: Client, owns_something: Callable[[str], bool], expired: bool = False) -> bool:
         """Forget a client with no socket, no job and nothing left to fetch (or whose leftovers expired)."""
-        if client.sockets or client.jobs or (holds_files(client.id) and not expired):
+        if client.sockets or client.jobs or (owns_something(client.id) and not expired):
             return False
         self._clients.pop(client.id, None)
         return True

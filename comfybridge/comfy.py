@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiofiles
 import aiohttp
 import orjson
 from yarl import URL
+
+from .errors import StorageFull
+from .files import open_off_loop
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +24,7 @@ ConnectHandler = Callable[[], Awaitable[None]]
 DisconnectHandler = Callable[[], None]
 
 CHUNK = 256 * 1024
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 JSON_HEADERS = {"Content-Type": "application/json"}
 RESULT_KINDS_SKIPPED = {"animated", "text"}  # keys of an output that are not file lists
 
@@ -140,12 +144,9 @@ class ComfyClient:
         form = aiohttp.FormData()
         form.add_field("type", "input")
         form.add_field("overwrite", "true")
-        handle = await asyncio.to_thread(path.open, "rb")
-        try:
+        async with open_off_loop(path, "rb") as handle:
             form.add_field("image", handle, filename=name)
             answer = await self._json("POST", "/upload/image", data=form)
-        finally:
-            await asyncio.to_thread(handle.close)
         return str(answer["name"])
 
     async def history(self, prompt_id: str) -> dict[str, Any] | None:
@@ -200,12 +201,15 @@ class ComfyClient:
             async with self.session.get(self.url / "view", params=params, timeout=timeout) as resp:
                 if resp.status != 200:
                     raise BackendUnavailable(f"{self.name}: GET /view {ref.filename} answered HTTP {resp.status}")
-                async with aiofiles.open(target, "wb") as handle:
+                async with open_off_loop(target, "wb") as handle:
                     async for chunk in resp.content.iter_chunked(CHUNK):
                         size += len(chunk)
-                        await handle.write(chunk)
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                        await asyncio.to_thread(handle.write, chunk)
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise BackendUnavailable(f"{self.name}: download of {ref.filename} failed: {exc}") from exc
+        except OSError as exc:  # writing here, not ComfyUI, failed
+            full = exc.errno in NO_SPACE
+            raise StorageFull(f"the bridge {'disk is full' if full else 'could not write'}: {exc}") from exc
         return size
 
     # events ----------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from .backend import Backend
-from .clients import CLOSED, ClientRegistry, Status, status_message
+from .clients import CLOSED, CONNECTED, LISTENING, Client, ClientRegistry, Status, status_message
 from .comfy import BackendUnavailable
 from .fairqueue import FairQueue
 from .jobs import Job, JobState
@@ -53,6 +53,12 @@ class SchedulerSettings:
     free_below_ram_mb: float
     delete_history: bool
     output_subfolder: bool
+
+
+def open_status(client: Client) -> Status:
+    """The status of a client's unfinished jobs: `connected` once one is inside ComfyUI."""
+    handed = any(job.state is not JobState.WAITING for job in client.jobs.values())
+    return dict(CONNECTED if handed else LISTENING)
 
 
 class Core:
@@ -137,6 +143,10 @@ class Core:
         self.queue.push_front(job)
         self.wake_all()
 
+    def owns_something(self, client_id: str) -> bool:
+        """Results to fetch or uploads: what keeps a client without jobs or sockets known."""
+        return self.results.holds(client_id) or self.uploads.owns(client_id)
+
     # endings ---------------------------------------------------------------------------------
     def end(
         self,
@@ -173,8 +183,9 @@ class Core:
         if client is None or not notify:
             return
         if job.state is JobState.DONE:
-            client.status = dict(CLOSED)
-            self.notifier.publish(client.id, client.status)
+            self.notifier.publish(client.id, CLOSED)
+            # /execution-info says `closed` only once nothing of the client is left to run.
+            client.status = dict(CLOSED) if not client.jobs else open_status(client)
         else:
             client.status = status_message("error", job.error or "error")
             self.notifier.publish(client.id, client.status, close=not client.jobs)

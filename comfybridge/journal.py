@@ -280,7 +280,8 @@ class SqliteJournal:
             results = [write(conn, batch) for write in writes]
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # SQLite may have rolled back by itself (a full disk does)
+                conn.execute("ROLLBACK")
             raise
         self._committed = batch.count
         return results, batch.accepted
@@ -304,7 +305,7 @@ def _log_failure(future: asyncio.Future[Any]) -> None:
 
 
 def _storage_error(exc: Exception, path: Path) -> Exception:
-    if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
+    if getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL":
         return StorageFull("The bridge's disk is full, so nothing more can be recorded; try again later.")
     log.error("journal %s: write failed: %s", path, exc)
     return StorageFull(f"The bridge could not record the change ({exc}); try again later.")

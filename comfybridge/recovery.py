@@ -10,8 +10,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from .clients import CLOSED, CONNECTED, LISTENING, status_message
-from .core import Core
+from .clients import CLOSED, status_message
+from .core import Core, open_status
 from .jobs import ENDED, Job, JobState
 
 log = logging.getLogger(__name__)
@@ -73,8 +73,7 @@ def recover(core: Core, rows: list[dict[str, Any]], gone: set[str]) -> Recovered
             client.backend = client.last_backend = backend.name
     for client in core.clients:
         if client.jobs:
-            handed = any(j.state is not JobState.WAITING for j in client.jobs.values())
-            client.status = dict(CONNECTED if handed else LISTENING)
+            client.status = open_status(client)
     for owner in core.uploads.owners():
         core.clients.touch(owner)
     return summary

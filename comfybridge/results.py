@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from .state import fsync_path
+from .files import fsync_path
 
 log = logging.getLogger(__name__)
 

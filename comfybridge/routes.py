@@ -14,6 +14,7 @@ from aiohttp import BodyPartReader, web
 
 from .clients import check_client_id
 from .errors import BadInput, BridgeError, NoBackend, StorageFull, TooLarge, TooManyJobs, UnsupportedMedia
+from .files import open_off_loop
 from .keys import RESULTS, SCHEDULER, UPLOADS, WORKFLOWS
 from .results import ResultFile
 from .uploads import IncomingFile
@@ -227,12 +228,9 @@ async def _send_file(
     response: web.StreamResponse, item: ResultFile, size: int, encode: Callable[[bytes], bytes]
 ) -> None:
     """Stream a file in chunks read off the event loop; closed even when the client goes away."""
-    handle = await asyncio.to_thread(open, item.path, "rb")
-    try:
+    async with open_off_loop(item.path, "rb") as handle:
         while chunk := await asyncio.to_thread(handle.read, size):
             await response.write(encode(chunk))
-    finally:
-        handle.close()  # closing a file opened for reading does not wait on the disk
 
 
 def setup_routes(app: web.Application) -> None:

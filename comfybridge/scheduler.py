@@ -75,15 +75,16 @@ class Scheduler:
         """Recover the journal's jobs, start workers and event sockets; wait briefly so the first
         requests find backends up (and adopted jobs reconciled)."""
         core = self.core
+        # The data folder first, while no task can be collecting into it.
         gone = await asyncio.to_thread(missing_results, core, rows)
+        keep = {r["id"] for r in rows if r["state"] == JobState.DONE.value and r["id"] not in gone}
+        keep |= await asyncio.to_thread(core.results.load_legacy)
+        await asyncio.to_thread(core.results.remove_strays, keep)
         for url in self._initial:
             self._add_backend(url)
         summary = recover(core, rows, gone)
         if gone:
             core.journal.forget(gone)
-        keep = {r["id"] for r in rows if r["state"] == JobState.DONE.value and r["id"] not in gone}
-        keep |= await asyncio.to_thread(core.results.load_legacy)
-        await asyncio.to_thread(core.results.remove_strays, keep)
         if rows:
             log.info(
                 "recovered %d jobs: %d waiting, %d handed to a backend, %d finished",
@@ -236,11 +237,12 @@ class Scheduler:
         client = self.clients.touch(client_id)
         client.jobs[job.id] = job
         core.uploads.pin(uploads.values())
+        new_client = known is None
         accepted = core.journal.accept(job.record())
         place = [1]  # taken when it joins the queue, before any worker can move it
 
         def joined(done: asyncio.Future[int]) -> None:
-            if self._accepted(job, done):
+            if self._accepted(job, done, new_client):
                 place[0] = self._position(job)
 
         # Queued by the journal's answer, not by this request: a client that hangs up mid-way
@@ -250,11 +252,11 @@ class Scheduler:
         log.info("job %s client %s: accepted (%s) as #%d, place %d", job.id, client_id, job.workflow, job.seq, place[0])
         return job, place[0]
 
-    def _accepted(self, job: Job, accepted: asyncio.Future[int]) -> bool:
-        """The journal answered: queue the job if it is recorded (True), forget it if not."""
+    def _accepted(self, job: Job, accepted: asyncio.Future[int], new_client: bool) -> bool:
+        """The journal answered: queue the job if it is recorded (True); if not, undo every trace."""
         core = self.core
         if accepted.cancelled() or accepted.exception() is not None:
-            self._unaccept(job)
+            self._unaccept(job, new_client)
             return False
         job.seq = accepted.result()
         self.state.generation_count = core.journal.count
@@ -269,10 +271,12 @@ class Scheduler:
         core.wake_all()
         return True
 
-    def _unaccept(self, job: Job) -> None:
+    def _unaccept(self, job: Job, new_client: bool) -> None:
         client = self.clients.get(job.client_id)
         if client is not None:
             client.jobs.pop(job.id, None)
+            if new_client:
+                self.clients.forget_if_done(client, self.core.owns_something)
         if not job.ended:
             self.core.uploads.unpin(job.uploads.values())
 
@@ -337,7 +341,7 @@ class Scheduler:
         await core.journal.forget(r.job_id for r in fetched)
         await core.results.remove(client_id, fetched)
         client = self.clients.get(client_id)
-        if client is not None and self.clients.forget_if_done(client, core.results.holds):
+        if client is not None and self.clients.forget_if_done(client, core.owns_something):
             core.journal.forget_client(client_id)
 
     async def _sweeper(self) -> None:
@@ -355,7 +359,7 @@ class Scheduler:
             cutoff = time.time() - settings.result_ttl
             core.journal.forget_ended_before(cutoff)
             for client in self.clients:
-                if client.touched < cutoff and self.clients.forget_if_done(client, core.results.holds, True):
+                if client.touched < cutoff and self.clients.forget_if_done(client, core.owns_something, True):
                     core.journal.forget_client(client.id)
 
 

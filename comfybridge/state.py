@@ -3,39 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import os
 from pathlib import Path
 
 import orjson
 
+from .files import atomic_write
+
 log = logging.getLogger(__name__)
-_temp_names = itertools.count()
 
 
 class StateError(Exception):
     """The state file exists but cannot be trusted; start-up stops rather than reset the counter."""
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a folder (a folder, so that a rename into it survives a power cut)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write so that a crash leaves either the old file or the new one: temp, flush, fsync, rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{next(_temp_names)}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
 
 
 class StateStore:

@@ -19,6 +19,8 @@ from .results import ResultFile, sync_files
 
 log = logging.getLogger(__name__)
 
+ROOM_RETRY = 5.0  # seconds between attempts to store results while the disk is full
+
 
 class Tracker:
     def __init__(self, core: Core) -> None:
@@ -72,7 +74,7 @@ class Tracker:
             if entry is not None and job.outcome is None:
                 job.outcome = "success" if (entry.get("status") or {}).get("status_str") == "success" else "error"
             if job.outcome == "success":
-                files = await self._store_results(backend, job, outputs_of(entry or {}))
+                files = await self._store_results_when_room(backend, job, outputs_of(entry or {}))
                 if job.ended:
                     await core.results.discard(job.id)
                     return
@@ -94,6 +96,17 @@ class Tracker:
             except StorageFull:
                 return  # logged by the journal; ComfyUI keeps the prompt, so a restart can collect it again
         await care.after_job(backend, job.prompt_id, core.settings)
+
+    async def _store_results_when_room(self, backend: Backend, job: Job, refs: list[OutputRef]) -> list[ResultFile]:
+        """A full disk is the bridge's trouble, not the job's: keep trying until there is room (the
+        prompt stays in ComfyUI's history meanwhile)."""
+        while True:
+            try:
+                return await self._store_results(backend, job, refs)
+            except StorageFull as exc:
+                log.error("job %s client %s: %s; trying again in %gs", job.id, job.client_id, exc, ROOM_RETRY)
+                await self.core.results.discard(job.id)
+                await asyncio.sleep(ROOM_RETRY)
 
     async def _store_results(self, backend: Backend, job: Job, refs: list[OutputRef]) -> list[ResultFile]:
         folder = self.core.results.folder_for(job.id)

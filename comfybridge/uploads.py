@@ -14,11 +14,10 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiofiles
-
-from .errors import BadInput, TooLarge, UnsupportedMedia
+from .comfy import NO_SPACE
+from .errors import BadInput, StorageFull, TooLarge, UnsupportedMedia
+from .files import fsync_path, open_off_loop
 from .media import SNIFF_BYTES, sniff
-from .state import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +73,28 @@ class UploadStore:
         self.limits = limits
         self._uploads: dict[str, Upload] = {}
         self._pins: dict[str, int] = {}  # upload name -> unfinished jobs that will send it
+        self._owned: dict[str, int] = {}  # client id -> uploads it owns
 
     def owners(self) -> set[str]:
         """Clients that own an upload (and so are known)."""
-        return {u.owner for u in self._uploads.values() if u.owner is not None}
+        return set(self._owned)
+
+    def owns(self, client_id: str) -> bool:
+        return client_id in self._owned
+
+    def _index(self, upload: Upload) -> None:
+        self._uploads[upload.name] = upload
+        if upload.owner is not None:
+            self._owned[upload.owner] = self._owned.get(upload.owner, 0) + 1
+
+    def _unindex(self, upload: Upload) -> None:
+        self._uploads.pop(upload.name, None)
+        if upload.owner is not None:
+            left = self._owned.get(upload.owner, 0) - 1
+            if left > 0:
+                self._owned[upload.owner] = left
+            else:
+                self._owned.pop(upload.owner, None)
 
     def pin(self, names: Iterable[str]) -> None:
         """An unfinished job needs these files: they do not expire until it ends."""
@@ -107,7 +124,7 @@ class UploadStore:
                 if path.name.startswith("."):
                     path.unlink(missing_ok=True)  # an upload interrupted mid-write
                     continue
-                self._uploads[path.name] = Upload(path.name, path, owner, "", path.stat().st_mtime)
+                self._index(Upload(path.name, path, owner, "", path.stat().st_mtime))
 
     def usable(self, name: str, client_id: str) -> bool:
         upload = self._uploads.get(name)
@@ -143,7 +160,7 @@ class UploadStore:
         if not saved:
             raise BadInput("No file in the request: send multipart/form-data with one file per part.")
         for upload in saved.values():
-            self._uploads[upload.name] = upload
+            self._index(upload)
         return {identifier: upload.name for identifier, upload in saved.items()}
 
     async def _receive_one(
@@ -155,7 +172,7 @@ class UploadStore:
         head = b""
         kind = ext = ""
         try:
-            async with aiofiles.open(tmp, "wb") as handle:
+            async with open_off_loop(tmp, "wb") as handle:
                 async for chunk in part.chunks:
                     size += len(chunk)
                     if size > limits.max_file_bytes:
@@ -168,16 +185,18 @@ class UploadStore:
                         head += chunk[:SNIFF_BYTES]
                         if len(head) >= SNIFF_BYTES:
                             kind, ext = self._check_media(head, part)
-                    await handle.write(chunk)
+                    await asyncio.to_thread(handle.write, chunk)
             if not kind:
                 kind, ext = self._check_media(head, part)
             name = safe_name(part.filename or "", ext)
             path = folder / name
             # Synced before the client hears of it: a job that names it is journaled as durable.
             await asyncio.to_thread(_sync_and_rename, tmp, path)
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(tmp.unlink, missing_ok=True)
+            if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+                raise StorageFull("The bridge's disk is full, so the file was not stored; try again later.") from None
             raise
         return Upload(name, path, owner, kind, time.time()), size
 
@@ -195,7 +214,7 @@ class UploadStore:
         cutoff = time.time() - ttl
         old = [u for u in self._uploads.values() if u.last_used < cutoff and u.name not in self._pins]
         for upload in old:
-            self._uploads.pop(upload.name, None)
+            self._unindex(upload)
             await asyncio.to_thread(upload.path.unlink, missing_ok=True)
         if old:
             log.info("expired %d unused uploads", len(old))

@@ -25,6 +25,7 @@ def active(client: Client, client_id: str) -> list[Any]:
 async def outcome(client: Client, client_id: str) -> list[str]:
     """Wait for the client's jobs to end; the names of the files it gets back."""
     await wait_for(lambda: not active(client, client_id), timeout=20)
+    await poll_status(client, client_id, {"closed", "error"})  # told once the ending is journaled
     resp = await client.get("/history", params={"clientId": client_id})
     return [part[1] for part in await read_results(resp)] if resp.status == 200 else []
 

@@ -43,7 +43,7 @@ async def test_a_client_stays_on_its_backend(make_emulator: EmulatorFactory, mak
     for _ in range(3):
         status, _ = await generate(client, "sticky", {"workflow": "solid", "1/batch_size": 1})
         assert status == 200
-    await wait_for(lambda: not job_prompt_ids(client, "sticky"))
+    await poll_status(client, "sticky", {"closed"})
     assert sorted([len(prompts_of(first)), len(prompts_of(second))]) == [0, 3]
     parts = await read_results(await client.get("/history", params={"clientId": "sticky"}))
     assert len(parts) == 3

@@ -1,0 +1,59 @@
+"""File helpers: blocking calls kept off the event loop, durable writes, and no handle ever leaked."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import BinaryIO, cast
+
+_temp_names = itertools.count()
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder, so that a rename into it survives a power cut)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write so that a crash leaves either the old file or the new one: temp, flush, fsync, rename."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{next(_temp_names)}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+@contextlib.asynccontextmanager
+async def open_off_loop(path: Path, mode: str) -> AsyncIterator[BinaryIO]:
+    """Open (and later close) a file in a thread. A task cancelled while the file opens or closes
+    cannot leak the handle: the thread finishes, and the file is closed then. Read and write it with
+    `asyncio.to_thread(handle.read, n)` / `(handle.write, chunk)`."""
+    opening: asyncio.Future[BinaryIO] = asyncio.ensure_future(asyncio.to_thread(_open_binary, path, mode))
+    try:
+        handle = await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        opening.add_done_callback(_close_when_opened)
+        raise
+    try:
+        yield handle
+    finally:
+        await asyncio.shield(asyncio.ensure_future(asyncio.to_thread(handle.close)))
+
+
+def _open_binary(path: Path, mode: str) -> BinaryIO:
+    return cast(BinaryIO, open(path, mode))
+
+
+def _close_when_opened(opening: asyncio.Future[BinaryIO]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().close()

@@ -1,0 +1,206 @@
+"""The job journal through the real edge: the durable counter, group commit, what is (not) persisted,
+pinned uploads, and a full disk."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from comfybridge.jobs import InvalidStep, Job, JobState
+from comfybridge.journal import SqliteJournal
+from comfybridge.keys import JOURNAL, SETTINGS
+
+from .conftest import BridgeFactory, EmulatorFactory, wait_for
+from .helpers import Client, generate, png, poll_status, read_results, run_job, upload
+
+TINY = {"workflow": "solid", "1/width": 8, "1/height": 8, "1/batch_size": 1}
+
+
+def journal_rows(client: Client) -> list[tuple[str, str, str]]:
+    """(client id, state, error) of every job the journal holds, read as an operator would."""
+    path = client.app[SETTINGS].journal_file
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return conn.execute("SELECT client_id, state, coalesce(error, '') FROM jobs ORDER BY seq").fetchall()
+
+
+async def test_accepted_job_is_in_the_journal_before_the_answer(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory
+) -> None:
+    emulator = await make_emulator()
+    emulator.engine.pause()
+    client = await make_bridge(emulator)
+    status, body = await generate(client, "journaled", TINY)
+    assert status == 200
+    [(owner, state, _)] = journal_rows(client)
+    assert (owner, state in ("waiting", "submitting", "queued")) == ("journaled", True)
+    assert body["job_id"]
+    assert await (await client.get("/generation-count")).json() == 1
+    emulator.engine.resume()
+    await poll_status(client, "journaled", {"closed"})
+    assert journal_rows(client) == [("journaled", "done", "")]
+    await read_results(await client.get("/history", params={"clientId": "journaled"}))
+    await wait_for(lambda: journal_rows(client) == [])  # forgotten once the answer is complete
+
+
+async def test_counter_is_the_larger_of_state_file_and_journal(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory, base_settings: object
+) -> None:
+    emulator = await make_emulator()
+    first = await make_bridge(emulator)
+    for _ in range(3):
+        await generate(first, "count", TINY)
+    data_dir = first.app[SETTINGS].data_dir
+    await first.close()
+    state = data_dir / "current_state.json"
+    assert orjson.loads(state.read_bytes()) == {"generation_count": 3}
+    state.write_bytes(orjson.dumps({"generation_count": 2}))  # an older copy of the file
+    second = await make_bridge(emulator)
+    assert await (await second.get("/generation-count")).json() == 3
+    await second.close()
+    state.write_bytes(orjson.dumps({"generation_count": 10}))  # a journal restored from an older backup
+    third = await make_bridge(emulator)
+    assert await (await third.get("/generation-count")).json() == 10
+    await generate(third, "count", TINY)
+    assert await (await third.get("/generation-count")).json() == 11
+
+
+async def test_clients_that_own_nothing_are_not_persisted(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory
+) -> None:
+    emulator = await make_emulator()
+    first = await make_bridge(emulator)
+    for index in range(20):
+        async with first.ws_connect("/ws", params={"clientId": f"visitor-{index}"}):
+            pass
+    _, names = await upload(first, {"file": ("a.png", png())}, client_id="owner")
+    await run_job(first, "worker", TINY)
+    data_dir = first.app[SETTINGS].data_dir
+    await first.close()
+    assert orjson.loads((data_dir / "current_state.json").read_bytes()) == {"generation_count": 1}
+    second = await make_bridge(emulator)
+    assert (await second.get("/execution-info", params={"clientId": "visitor-3"})).status == 400
+    assert (await second.get("/execution-info", params={"clientId": "owner"})).status == 200
+    assert await (await second.get("/execution-info", params={"clientId": "worker"})).json() == {
+        "status": "closed",
+        "detail": "Execution is done",
+        "details": "Execution is done",
+    }
+    assert names["file"]
+
+
+async def test_an_upload_a_waiting_job_needs_does_not_expire(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory
+) -> None:
+    emulator = await make_emulator()
+    emulator.engine.pause()
+    client = await make_bridge(emulator, upload_ttl=0.3, pipeline_depth=0)
+    await generate(client, "ahead", TINY)  # takes the only slot inside ComfyUI
+    _, needed = await upload(client, {"file": ("needed.png", png(10, 10))}, client_id="pinned")
+    status, _ = await generate(client, "pinned", {"workflow": "invert", "1/image": needed["file"]})
+    assert status == 200
+    _, control = await upload(client, {"file": ("control.png", png(10, 10))}, client_id="pinned")
+    uploads = client.app[SETTINGS].data_dir / "uploads" / "c-pinned"
+    await wait_for(lambda: not (uploads / control["file"]).exists())  # the sweeper ran past the TTL
+    assert (uploads / needed["file"]).exists()
+    emulator.engine.resume()
+    info = await poll_status(client, "pinned", {"closed", "error"})
+    assert info["status"] == "closed", info
+    await wait_for(lambda: not (uploads / needed["file"]).exists())  # released when its job ended
+
+
+async def test_invalid_step_is_refused() -> None:
+    job = Job("c", "w", {"1": {"class_type": "X", "inputs": {}}}, 1)
+    await job.move(JobState.CANCELLED, error="interrupted")
+    with pytest.raises(InvalidStep):
+        job.move(JobState.RUNNING)
+    assert job.state is JobState.CANCELLED
+
+
+async def test_concurrent_accepts_share_commits(tmp_path: Path) -> None:
+    journal = SqliteJournal(tmp_path / "journal.sqlite3")
+    journal.open()
+    journal.start()
+    commits = 0
+    original = journal._transaction
+
+    def counted(writes: list[object]) -> object:
+        nonlocal commits
+        commits += 1
+        return original(writes)  # type: ignore[arg-type]
+
+    journal._transaction = counted  # type: ignore[assignment,method-assign]
+    try:
+        jobs = [Job(f"c{i}", "w", {"1": {"class_type": "X", "inputs": {}}}, 0) for i in range(200)]
+        seqs = await asyncio.gather(*(journal.accept(job.record()) for job in jobs))
+    finally:
+        await journal.close()
+    assert sorted(seqs) == list(range(1, 201))
+    assert journal.count == 200
+    assert commits < 20  # group commit: 200 accepts, a handful of fsyncs
+    reopened = SqliteJournal(tmp_path / "journal.sqlite3")
+    rows = reopened.open()
+    await reopened.close()
+    assert [row["seq"] for row in rows] == list(range(1, 201))
+    assert reopened.bridge_id == journal.bridge_id
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str = "4m") -> Iterator[Path]:
+    """A real, small filesystem (tmpfs) at `path`; skipped where mounting is not allowed."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(folder: Path) -> Path:
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 65536)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+async def test_full_disk_refuses_with_507_and_corrupts_nothing(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    with small_disk(tmp_path / "small") as data_dir:
+        client = await make_bridge(await make_emulator(), data_dir=data_dir)
+        await run_job(client, "before", TINY)
+        filler = fill(data_dir)
+        status, body = await generate(client, "full", {**TINY, "1/width": 9})
+        assert status == 507
+        assert body == {"detail": "The bridge's disk is full, so nothing more can be recorded; try again later."}
+        status, body = await upload(client, {"file": ("a.png", png())})
+        assert status == 507
+        assert "disk is full" in body["detail"]
+        assert await (await client.get("/generation-count")).json() == 1
+        assert (await client.get("/execution-info", params={"clientId": "full"})).status == 400
+        filler.unlink()
+        await run_job(client, "after", TINY)
+        assert await (await client.get("/generation-count")).json() == 2
+        assert [row[0] for row in journal_rows(client)] == ["before", "after"]
+        await client.close()
+        with contextlib.closing(sqlite3.connect(data_dir / "journal.sqlite3")) as conn:
+            assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert client.app[JOURNAL].count == 2

@@ -1,0 +1,273 @@
+"""Restarts lose nothing: kill -9 and SIGTERM of a bridge process under load, against emulators that
+outlive it; every accepted job ends exactly once and no prompt runs twice."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import random
+import signal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from comfybridge.emulator import Emulator
+
+from .conftest import FIXTURES, EmulatorFactory, wait_for
+from .test_process import assert_one_line_error, bridge_process, count, free_port, run_cli
+
+JOBS_PER_ROUND = 25  # per client
+TINY = {"workflow": "solid", "1/width": 8, "1/height": 8, "1/batch_size": 1}
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    (tmp_path / "workflows").mkdir()
+    for path in (FIXTURES / "workflows").iterdir():
+        (tmp_path / "workflows" / path.name).write_bytes(path.read_bytes())
+    return tmp_path
+
+
+def backends(*emulators: Emulator) -> tuple[str, ...]:
+    return ("--backends", ",".join(e.url for e in emulators), "--job-idle-timeout", "60")
+
+
+async def post_job(session: aiohttp.ClientSession, url: str, client_id: str, body: dict[str, Any]) -> str:
+    async with session.post(f"{url}/generate-based-workflow", params={"clientId": client_id}, json=body) as resp:
+        answer = await resp.json()
+        assert resp.status == 200, answer
+        job_id: str = answer["job_id"]
+        return job_id
+
+
+async def status_of(session: aiohttp.ClientSession, url: str, client_id: str) -> Any:
+    async with session.get(f"{url}/execution-info", params={"clientId": client_id}) as resp:
+        return await resp.json()
+
+
+async def wait_closed(session: aiohttp.ClientSession, url: str, client_ids: list[str], timeout: float = 90) -> None:
+    """Poll like a REST client until every client says `closed` (the guard only stops a hang)."""
+    async with asyncio.timeout(timeout):
+        for client_id in client_ids:
+            while (info := await status_of(session, url, client_id))["status"] != "closed":
+                assert info["status"] != "error", (client_id, info)
+                await asyncio.sleep(0.05)
+
+
+async def fetch_results(session: aiohttp.ClientSession, url: str, client_id: str) -> list[tuple[str, str]]:
+    """(job id, file name) of every part /history returns."""
+    async with session.get(f"{url}/history", params={"clientId": client_id}) as resp:
+        if resp.status == 204:
+            return []
+        assert resp.status == 200
+        reader = aiohttp.MultipartReader.from_response(resp)
+        parts = []
+        while (part := await reader.next()) is not None:
+            assert isinstance(part, aiohttp.BodyPartReader)
+            await part.read()
+            parts.append((part.headers["X-Job-Id"], part.filename or ""))
+        return parts
+
+
+def runs_per_job(*emulators: Emulator) -> collections.Counter[str]:
+    """How often each job ran on the emulators: one output folder per job, one file per run."""
+    runs: collections.Counter[str] = collections.Counter()
+    for emulator in emulators:
+        for path in (emulator.root / "output" / "comfybridge").rglob("*.png"):
+            runs[path.parent.name] += 1
+    return runs
+
+
+def assert_no_prompt_ran_twice(*emulators: Emulator) -> None:
+    started = [p for e in emulators for p in e.engine.started]
+    assert len(started) == len(set(started))
+
+
+@pytest.mark.timeout(120)
+async def test_kill_9_at_random_moments_under_load_loses_no_job(workdir: Path, make_emulator: EmulatorFactory) -> None:
+    emulators = [await make_emulator(pace=0.01), await make_emulator(pace=0.01)]
+    rng = random.Random(6)
+    accepted: dict[str, str] = {}  # job id -> client id
+    unanswered = 0  # requests cut off by a kill: the bridge may or may not have accepted them
+    clients = [f"burst-{i}" for i in range(8)]
+    async with aiohttp.ClientSession() as session:
+        last_count = 0
+        for _ in range(3):
+            async with bridge_process(workdir, *backends(*emulators)) as (proc, url):
+                assert await count(url) >= last_count  # the counter never goes down across a crash
+
+                async def submit_until_killed(client_id: str, url: str = url) -> None:
+                    nonlocal unanswered
+                    for _ in range(JOBS_PER_ROUND):
+                        try:
+                            accepted[await post_job(session, url, client_id, TINY)] = client_id
+                        except aiohttp.ClientError:
+                            unanswered += 1
+                            return
+                        await asyncio.sleep(0.01)  # a client app's pace, so the burst outlasts the kill
+
+                loops = [asyncio.create_task(submit_until_killed(c)) for c in clients]
+                await asyncio.sleep(rng.uniform(0.1, 0.4))  # a random moment in the burst
+                last_count = await count(url)
+                proc.kill()
+                await proc.wait()
+                await asyncio.gather(*loops)
+        async with bridge_process(workdir, *backends(*emulators)) as (proc, url):
+            assert await count(url) >= last_count
+            await wait_closed(session, url, clients)
+            delivered = [part for c in clients for part in await fetch_results(session, url, c)]
+            assert await count(url) >= len(accepted)
+    job_ids = [job_id for job_id, _ in delivered]
+    assert len(accepted) > 50
+    assert unanswered > 0, "no request was cut off: the kills missed the burst"
+    assert len(job_ids) == len(set(job_ids)), "a job delivered twice"
+    assert set(accepted) <= set(job_ids), "an accepted job was lost"
+    assert len(set(job_ids) - set(accepted)) <= unanswered
+    assert_no_prompt_ran_twice(*emulators)
+    runs = runs_per_job(*emulators)
+    assert all(runs[job_id[:12]] == 1 for job_id in job_ids), "a job ran twice"
+
+
+async def test_sigterm_with_40_jobs_in_line_then_restart_delivers_all(
+    workdir: Path, make_emulator: EmulatorFactory
+) -> None:
+    emulator = await make_emulator(pace=0.05)
+    clients = [f"term-{i}" for i in range(10)]
+    async with aiohttp.ClientSession() as session:
+        async with bridge_process(workdir, *backends(emulator)) as (proc, url):
+            async with session.ws_connect(f"{url}/ws", params={"clientId": "watcher"}) as ws:
+                jobs = await asyncio.gather(*(post_job(session, url, c, TINY) for c in clients for _ in range(4)))
+                await wait_for(lambda: len(emulator.engine.started) >= 2)
+                proc.send_signal(signal.SIGTERM)
+                async for _ in ws:  # the bridge says it is going away, then closes the socket
+                    pass
+                assert ws.close_code == 1001
+            assert await asyncio.wait_for(proc.wait(), 30) == 0
+        assert len(emulator.engine.started) < 40, "all jobs ran before the stop: nothing was tested"
+        async with bridge_process(workdir, *backends(emulator)) as (proc, url):
+            await wait_closed(session, url, clients)
+            delivered = [part for c in clients for part in await fetch_results(session, url, c)]
+            assert await count(url) == 40
+    assert sorted(job_id for job_id, _ in delivered) == sorted(jobs)
+    assert_no_prompt_ran_twice(emulator)
+    assert set(runs_per_job(emulator).values()) == {1}
+
+
+async def test_job_running_at_a_crash_is_adopted_and_reports_progress(
+    workdir: Path, make_emulator: EmulatorFactory
+) -> None:
+    emulator = await make_emulator(pace=0.4)  # text-to-image: seven nodes, a 20-step sampler
+    async with aiohttp.ClientSession() as session:
+        async with bridge_process(workdir, *backends(emulator)) as (proc, url):
+            job_id = await post_job(session, url, "adopt", {"workflow": "text-to-image"})
+            await wait_for(lambda: len(emulator.engine.started) == 1)
+            proc.kill()
+        async with bridge_process(workdir, *backends(emulator)) as (proc, url):
+            async with session.ws_connect(f"{url}/ws", params={"clientId": "adopt"}) as ws:
+                frames = []
+                async for msg in ws:
+                    frames.append(orjson.loads(msg.data))
+                    if frames[-1]["status"] in ("closed", "error"):
+                        break
+            assert frames[-1]["status"] == "closed", frames
+            assert any(f["status"] == "progress" for f in frames), frames
+            assert [job for job, _ in await fetch_results(session, url, "adopt")] == [job_id]
+    assert len(emulator.engine.started) == 1
+
+
+async def test_prompt_that_finished_while_the_bridge_was_down_is_collected_not_rerun(
+    workdir: Path, make_emulator: EmulatorFactory
+) -> None:
+    emulator = await make_emulator(pace=0.3)
+    async with aiohttp.ClientSession() as session:
+        async with bridge_process(workdir, *backends(emulator)) as (proc, url):
+            job_id = await post_job(session, url, "done-while-down", TINY)
+            await wait_for(lambda: len(emulator.engine.started) == 1)
+            proc.kill()
+        await wait_for(lambda: len(emulator.engine.history) == 1)
+        async with bridge_process(workdir, *backends(emulator)) as (proc, url):
+            await wait_closed(session, url, ["done-while-down"])
+            assert [job for job, _ in await fetch_results(session, url, "done-while-down")] == [job_id]
+    assert len(emulator.engine.started) == 1
+
+
+async def test_prompt_lost_by_a_restarted_comfyui_is_sent_again(workdir: Path, make_emulator: EmulatorFactory) -> None:
+    port = free_port()
+    first = await make_emulator(pace=0.01, port=port)
+    first.engine.pause()  # the job stays queued inside ComfyUI
+    async with aiohttp.ClientSession() as session:
+        async with bridge_process(workdir, *backends(first)) as (proc, url):
+            job_id = await post_job(session, url, "lost", TINY)
+            await wait_for(lambda: first.engine.queue_remaining == 1)
+            proc.kill()
+        await first.stop()  # ComfyUI restarts too, forgetting its queue
+        second = await make_emulator(pace=0.01, port=port)
+        async with bridge_process(workdir, *backends(second)) as (proc, url):
+            await wait_closed(session, url, ["lost"])
+            assert [job for job, _ in await fetch_results(session, url, "lost")] == [job_id]
+    assert first.engine.started == []
+    assert len(second.engine.started) == 1
+
+
+async def test_waiting_jobs_survive_a_crash_in_order(workdir: Path, make_emulator: EmulatorFactory) -> None:
+    emulator = await make_emulator(pace=0.01)
+    emulator.engine.pause()
+    async with aiohttp.ClientSession() as session:
+        async with bridge_process(workdir, *backends(emulator), "--pipeline-depth", "0") as (proc, url):
+            jobs = [await post_job(session, url, "order", {**TINY, "1/width": 8 + i}) for i in range(5)]
+            proc.kill()
+        emulator.engine.resume()
+        async with bridge_process(workdir, *backends(emulator), "--delete-history", "false") as (proc, url):
+            await wait_closed(session, url, ["order"])
+            assert [job for job, _ in await fetch_results(session, url, "order")] == jobs
+    widths = [emulator.engine.history[p]["prompt"][2]["1"]["inputs"]["width"] for p in emulator.engine.started]
+    assert widths == [8, 9, 10, 11, 12]
+
+
+async def test_drain_lets_running_jobs_finish_before_exit(workdir: Path, make_emulator: EmulatorFactory) -> None:
+    emulator = await make_emulator(pace=0.3)
+    async with aiohttp.ClientSession() as session:
+        async with bridge_process(workdir, *backends(emulator), "--drain", "30") as (proc, url):
+            async with session.ws_connect(f"{url}/ws", params={"clientId": "drained"}) as ws:
+                await post_job(session, url, "drained", TINY)
+                await wait_for(lambda: len(emulator.engine.started) == 1)
+                proc.send_signal(signal.SIGTERM)
+                statuses = [orjson.loads(msg.data)["status"] async for msg in ws]
+            assert statuses[-1] == "closed"
+            assert ws.close_code == 1001
+            assert await asyncio.wait_for(proc.wait(), 30) == 0
+        async with bridge_process(workdir, *backends(emulator)) as (proc, url):
+            assert len(await fetch_results(session, url, "drained")) == 1
+
+
+async def test_results_stay_fetchable_across_restarts_until_fetched(
+    workdir: Path, make_emulator: EmulatorFactory
+) -> None:
+    emulator = await make_emulator()
+    async with aiohttp.ClientSession() as session:
+        async with bridge_process(workdir, *backends(emulator)) as (proc, url):
+            job_id = await post_job(session, url, "keeper", TINY)
+            await wait_closed(session, url, ["keeper"])
+            proc.kill()
+        async with bridge_process(workdir, *backends(emulator)) as (proc, url):
+            assert (await status_of(session, url, "keeper"))["status"] == "closed"
+            assert [job for job, _ in await fetch_results(session, url, "keeper")] == [job_id]
+            proc.send_signal(signal.SIGTERM)
+            await proc.wait()
+        async with (
+            bridge_process(workdir, *backends(emulator)) as (proc, url),
+            session.get(f"{url}/history", params={"clientId": "keeper"}) as resp,
+        ):
+            assert resp.status == 204
+            assert resp.headers["X-Detail"].startswith("The client ID has not been submitted")
+    assert not any((workdir / "data" / "results").iterdir())
+
+
+def test_corrupt_journal_stops_start_up_naming_it(workdir: Path) -> None:
+    (workdir / "data").mkdir()
+    (workdir / "data" / "journal.sqlite3").write_bytes(b"this is not a database, it was damaged\n" * 200)
+    result = run_cli(["--emulate", "1"], workdir)
+    assert_one_line_error(result, "journal.sqlite3", "corrupt", "never dropped silently")
