@@ -27,10 +27,13 @@ from typing import Any
 import aiohttp
 import orjson
 
+from comfybridge.emulator.png import solid_png
+
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = ROOT / "tests" / "fixtures" / "workflows"
 SOLID = {"workflow": "solid", "1/width": 64, "1/height": 64, "1/batch_size": 1}
 PROCESSES: dict[str, asyncio.subprocess.Process] = {}  # by URL, so a benchmark can kill a backend
+DATA_DIRS: dict[str, Path] = {}  # a bridge's data folder, by URL
 
 
 def free_port() -> int:
@@ -92,6 +95,7 @@ async def stack(paces: list[float], **bridge: Any) -> AsyncIterator[tuple[str, l
             for key, value in bridge.items():
                 args += ["--" + key.replace("_", "-"), str(value)]
             url = f"http://127.0.0.1:{port}"
+            DATA_DIRS[url] = data
             yield await exits.enter_async_context(process(args, url, "/generation-count")), comfy
     finally:
         shutil.rmtree(data, ignore_errors=True)
@@ -350,12 +354,168 @@ async def bench_failover(jobs: int) -> dict[str, Any]:
     }
 
 
+def bridge_args(port: int, comfy: list[str], data: Path, **settings: Any) -> list[str]:
+    args = ["-m", "comfybridge", "--port", str(port), "--backends", ",".join(comfy)]
+    args += ["--workflows", str(WORKFLOWS), "--data-dir", str(data), "--log-level", "WARNING"]
+    for key, value in settings.items():
+        args += ["--" + key.replace("_", "-"), str(value).lower() if isinstance(value, bool) else str(value)]
+    return args
+
+
+async def hold_prompts(session: aiohttp.ClientSession, comfy: list[str]) -> None:
+    """Make the emulators hold every prompt (a long model load), so only the bridge's side is measured."""
+    for url in comfy:
+        async with session.post(f"{url}/emulator/faults", json={"start_delay": 3600}) as resp:
+            assert resp.status == 200
+
+
+async def accept_rate(session: aiohttp.ClientSession, url: str, jobs: int, clients: int) -> float:
+    """Accepted jobs per second: `clients` concurrent REST clients posting `jobs` jobs in all."""
+    left = itertools.count()
+
+    async def client(index: int) -> None:
+        params = {"clientId": f"rate-{index}"}
+        while next(left) < jobs:
+            async with session.post(f"{url}/generate-based-workflow", params=params, json=SOLID) as resp:
+                assert resp.status == 200, await resp.text()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    return jobs / (time.perf_counter() - start)
+
+
+async def bench_counter(jobs: int, clients: int = 32) -> dict[str, Any]:
+    """Accept rate with the journal fsynced at every (group) commit vs with durability off, same run."""
+    rates: dict[bool, list[float]] = {True: [], False: []}
+    async with emulators([0.0]) as comfy, aiohttp.ClientSession() as session:
+        await hold_prompts(session, comfy)
+        for sync in (True, False, True, False):  # interleaved, so drift hits both alike
+            data = Path(tempfile.mkdtemp(prefix="bench-"))
+            try:
+                port = free_port()
+                url = f"http://127.0.0.1:{port}"
+                async with process(bridge_args(port, comfy, data, journal_sync=sync), url, "/generation-count"):
+                    await accept_rate(session, url, 100, clients)  # warm up
+                    rates[sync].append(await accept_rate(session, url, jobs, clients))
+            finally:
+                shutil.rmtree(data, ignore_errors=True)
+    durable, off = statistics.median(rates[True]), statistics.median(rates[False])
+    return {
+        "name": "counter",
+        "jobs": jobs,
+        "clients": clients,
+        "durable_jobs_s": round(durable, 1),
+        "sync_off_jobs_s": round(off, 1),
+        "ratio": round(durable / off, 2),
+    }
+
+
+def rss_mb(url: str) -> float:
+    proc = PROCESSES[url]
+    with open(f"/proc/{proc.pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def generate_p50(session: aiohttp.ClientSession, url: str, count: int) -> float:
+    params = {"clientId": "scale-probe"}
+
+    async def one() -> None:
+        async with session.post(f"{url}/generate-based-workflow", params=params, json=SOLID) as resp:
+            assert resp.status == 200, await resp.text()
+
+    return statistics.median(await timed(one, count))
+
+
+async def bench_clients_scale(ids: int, concurrency: int = 64) -> dict[str, Any]:
+    """Generate latency before and after `ids` distinct clientIds opened a socket and uploaded a file."""
+    image = solid_png(4, 4, 0x808080)
+    async with stack([0.0]) as (url, comfy), aiohttp.ClientSession() as session:
+        await hold_prompts(session, comfy)
+        before = await generate_p50(session, url, 200)
+        rss_before = rss_mb(url)
+        ws_url = url.replace("http", "ws", 1) + "/ws"
+        counter = itertools.count()
+        start = time.perf_counter()
+
+        async def visitor() -> None:
+            while (index := next(counter)) < ids:
+                client_id = f"visitor-{index}"
+                async with session.ws_connect(ws_url, params={"clientId": client_id}):
+                    pass
+                form = aiohttp.FormData()
+                form.add_field("file", image, filename="a.png", content_type="image/png")
+                async with session.post(f"{url}/upload", params={"clientId": client_id}, data=form) as resp:
+                    assert resp.status == 200, await resp.text()
+
+        await asyncio.gather(*(visitor() for _ in range(concurrency)))
+        visiting = time.perf_counter() - start
+        after = await generate_p50(session, url, 200)
+        rss_after = rss_mb(url)
+        data = DATA_DIRS[url]
+        sizes = {name: _size(data / name) for name in ("current_state.json", "journal.sqlite3")}
+    return {
+        "name": "clients_scale",
+        "ids": ids,
+        "p50_ms_before": round(before, 2),
+        "p50_ms_after": round(after, 2),
+        "after_vs_before": round(after / before, 2),
+        "rss_mb_before": round(rss_before),
+        "rss_mb_after": round(rss_after),
+        "state_file_bytes": sizes["current_state.json"],
+        "journal_bytes": sizes["journal.sqlite3"],
+        "seconds_to_visit": round(visiting, 1),
+    }
+
+
+def _size(path: Path) -> int:
+    """A file's size with its SQLite write-ahead log, if it has one."""
+    wal = path.with_name(path.name + "-wal")
+    return (path.stat().st_size if path.exists() else 0) + (wal.stat().st_size if wal.exists() else 0)
+
+
+async def bench_recovery(jobs: int, clients: int = 32) -> dict[str, Any]:
+    """Start-up time with `jobs` unfinished jobs in the journal, after a kill -9, vs with an empty one."""
+    data = Path(tempfile.mkdtemp(prefix="bench-"))
+    try:
+        async with emulators([0.0]) as comfy, aiohttp.ClientSession() as session:
+            await hold_prompts(session, comfy)
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            started = time.perf_counter()
+            async with process(bridge_args(port, comfy, data / "empty"), url, "/generation-count"):
+                empty = time.perf_counter() - started
+            async with process(bridge_args(port, comfy, data / "full"), url, "/generation-count"):
+                await accept_rate(session, url, jobs, clients)
+                PROCESSES[url].kill()  # kill -9: nothing is saved on the way out
+            started = time.perf_counter()
+            async with process(bridge_args(port, comfy, data / "full"), url, "/generation-count"):
+                full = time.perf_counter() - started
+                async with session.get(f"{url}/execution-info", params={"clientId": "rate-0"}) as resp:
+                    status = (await resp.json())["status"]
+        return {
+            "name": "recovery",
+            "jobs": jobs,
+            "seconds": round(full, 2),
+            "seconds_empty_journal": round(empty, 2),
+            "journal_bytes": _size(data / "full" / "journal.sqlite3"),
+            "a_recovered_client_says": status,
+        }
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
+
+
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], Awaitable[dict[str, Any]]]] = {
     "overhead": lambda args: bench_overhead(args.jobs),
     "throughput": lambda args: bench_throughput(args.jobs * 2),
     "idle_gap": lambda args: bench_idle_gap(args.jobs),
     "makespan": lambda args: bench_makespan(args.jobs),
     "failover": lambda args: bench_failover(min(args.jobs, 60)),
+    "counter": lambda args: bench_counter(args.jobs * 10),
+    "clients_scale": lambda args: bench_clients_scale(args.ids),
+    "recovery": lambda args: bench_recovery(args.recovery_jobs),
 }
 
 
@@ -364,6 +524,10 @@ async def main() -> None:
     parser.add_argument("--only", choices=sorted(BENCHMARKS), action="append", help="run only these")
     parser.add_argument("--jobs", type=int, default=200, help="jobs per measurement (default %(default)s)")
     parser.add_argument("--json", action="store_true", help="one JSON object per benchmark")
+    parser.add_argument("--ids", type=int, default=100_000, help="clientIds for clients_scale (default %(default)s)")
+    parser.add_argument(
+        "--recovery-jobs", type=int, default=10_000, help="unfinished jobs for recovery (default %(default)s)"
+    )
     args = parser.parse_args()
     for name in args.only or list(BENCHMARKS):
         result = await BENCHMARKS[name](args)
