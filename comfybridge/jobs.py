@@ -115,7 +115,6 @@ class Job:
     backend: str | None = None
     error: str | None = None
     outcome: str | None = None  # what ComfyUI said: success, error or interrupted
-    cancel_requested: bool = False
     attempts: int = 0  # hand-overs that failed before ComfyUI took the prompt
     retries: int = 0  # runs started again elsewhere after their backend died
     started_at: float | None = None  # monotonic time of ComfyUI's execution_start

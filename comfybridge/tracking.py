@@ -33,8 +33,8 @@ class Tracker:
                 backend.queue_remaining = exec_info["queue_remaining"]
             return
         job = self.core.by_prompt.get(str(data.get("prompt_id")))
-        if job is None or job.ended:
-            return
+        if job is None:
+            return  # an ended job still follows its prompt: its slot is free only once ComfyUI is done
         if event == "execution_start":
             job.warm = backend.last_workflow == job.workflow
             backend.last_workflow = job.workflow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import re
 from pathlib import Path
@@ -145,7 +146,10 @@ async def test_history_kept_when_download_breaks_off(bridge: Client) -> None:
     assert resp.status == 200
     await resp.content.read(1024)
     resp.close()  # the client goes away mid-download
-    full = await bridge.get("/history", params={"clientId": "big"})
+    async with asyncio.timeout(10):
+        # 204 only until the bridge has seen the broken download end and released its results.
+        while (full := await bridge.get("/history", params={"clientId": "big"})).status == 204:
+            await asyncio.sleep(0.01)
     assert full.status == 200
     parts = await read_results(full)
     assert len(parts[0][3]) == size

@@ -85,7 +85,7 @@ async def test_next_client_starts_when_running_job_is_interrupted(
     make_emulator: EmulatorFactory, make_bridge: BridgeFactory
 ) -> None:
     emulator = await make_emulator(pace=0.2)
-    client = await make_bridge(emulator, pipeline_depth=0)
+    client = await make_bridge(emulator, pipeline_depth=0, job_idle_timeout=60)  # no rescue by the watchdog
     await generate(client, "hog", {"workflow": "slow", "2/seed": 5})
     await generate(client, "next", {"workflow": "solid", "1/batch_size": 1})
     await wait_for(lambda: emulator.engine.queue_remaining == 1)
