@@ -6,6 +6,7 @@ import logging
 import sys
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
 
 from .app import create_app
 from .config import ConfigError, load_settings
@@ -14,12 +15,23 @@ from .journal import JournalError
 from .state import StateError
 
 
+def quiet_bad_requests(record: logging.LogRecord) -> bool:
+    """Garbage that aiohttp's parser refuses (a bad method, a line over 8190 bytes) is the client's
+    fault: one line at INFO, not a traceback at ERROR."""
+    error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, BadHttpMessage):
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.msg, record.args, record.exc_info = "refused a malformed request: %s", (error.message,), None
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(argv)
         logging.basicConfig(
             level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
         )
+        logging.getLogger("aiohttp.server").addFilter(quiet_bad_requests)
         app = create_app(settings, reload=lambda: load_settings(argv))
     except (ConfigError, WorkflowConfigError, StateError, JournalError) as exc:
         print(f"comfybridge: error: {exc}", file=sys.stderr)
@@ -28,17 +40,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"comfybridge: error: {exc.strerror}: {exc.filename}", file=sys.stderr)
         return 2
     backends = f"emulated x{settings.emulate}" if settings.emulate else ", ".join(settings.backends)
-    print(f"comfybridge on http://{settings.host}:{settings.port} -> ComfyUI {backends}", flush=True)
+    banner = f"comfybridge on http://{settings.host}:{settings.port} -> ComfyUI {backends}"
     # run_app turns SIGTERM/SIGINT into a graceful stop: no new connections, in-flight requests
-    # get shutdown_timeout seconds, then every cleanup context runs (state saved) and we exit 0.
-    web.run_app(
-        app,
-        host=settings.host,
-        port=settings.port,
-        shutdown_timeout=settings.shutdown_timeout,
-        access_log=None,
-        print=None,
-    )
+    # get shutdown_timeout seconds, then every cleanup context runs (journal closed) and we exit 0.
+    # The banner is printed once the port is bound: `print` is called then.
+    try:
+        web.run_app(
+            app,
+            host=settings.host,
+            port=settings.port,
+            shutdown_timeout=settings.shutdown_timeout,
+            access_log=None,
+            print=lambda _: print(banner, flush=True),
+        )
+    except OSError as exc:  # the port is taken, or the address is not ours
+        print(f"comfybridge: error: cannot listen on {settings.host}:{settings.port}: {exc.strerror}", file=sys.stderr)
+        return 2
     return 0
 
 

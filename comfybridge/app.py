@@ -51,7 +51,9 @@ def create_app(settings: Settings, reload: Callable[[], Settings] | None = None)
     journal = SqliteJournal(settings.journal_file, sync=settings.journal_sync)
     rows = journal.open(count_floor=state.generation_count)
     state.generation_count = journal.count
-    app = web.Application(middlewares=[error_middleware], client_max_size=int(settings.max_request_mb * MB))
+    # Bodies are read by the handlers with their own limits (JSON small, uploads streamed); this
+    # cap is for anything read whole, and it is checked on the bytes after any Content-Encoding.
+    app = web.Application(middlewares=[error_middleware], client_max_size=int(settings.max_json_mb * MB))
     app[SETTINGS] = settings
     app[WORKFLOWS] = workflows
     app[STATE] = state

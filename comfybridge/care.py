@@ -18,17 +18,19 @@ log = logging.getLogger(__name__)
 MB = 1024 * 1024
 
 
-async def free(backend: Backend, why: str) -> None:
-    """POST /free on one backend; one that is down is skipped and named in the log."""
+async def free(backend: Backend, why: str) -> bool:
+    """POST /free on one backend; one that is down is skipped and named in the log. True if freed."""
     if not backend.healthy:
         log.warning("free: skipping %s, it is down", backend.name)
-        return
+        return False
     try:
         await backend.client.free()
-        backend.jobs_since_free = 0
-        log.info("freed memory on %s (%s)", backend.name, why)
     except BackendUnavailable as exc:
         log.warning("free: %s failed: %s", backend.name, exc)
+        return False
+    backend.jobs_since_free = 0
+    log.info("freed memory on %s (%s)", backend.name, why)
+    return True
 
 
 async def after_job(backend: Backend, prompt_id: str, settings: SchedulerSettings) -> None:

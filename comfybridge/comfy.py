@@ -132,11 +132,13 @@ class ComfyClient:
                 # Some outputs were refused; ComfyUI runs the rest.
                 log.warning("%s: prompt %s partly refused: %s", self.name, prompt_id, describe_refusal(answer))
             return
-        if status == 400:
+        if 400 <= status < 500:
+            # About this prompt (invalid, too large, ...): the job's error, never the backend's health.
             try:
                 raise PromptRefused(describe_refusal(orjson.loads(body)))
             except orjson.JSONDecodeError:
-                raise PromptRefused(f"ComfyUI refused the prompt: {body[:200].decode(errors='replace')}") from None
+                text = body[:200].decode(errors="replace").strip() or f"HTTP {status}"
+                raise PromptRefused(f"ComfyUI refused the prompt ({status}): {text}") from None
         raise BackendUnavailable(f"{self.name}: POST /prompt answered HTTP {status}")
 
     async def upload(self, path: Path, name: str) -> str:

@@ -37,6 +37,7 @@ class Settings:
     upload_ttl: float = 3600.0
     max_upload_mb: float = 100.0
     max_request_mb: float = 500.0
+    max_json_mb: float = 10.0
     max_upload_files: int = 16
     allowed_media: tuple[str, ...] = ("image", "video", "audio")
     pipeline_depth: int = 1
@@ -143,6 +144,7 @@ OPTIONS: dict[str, tuple[Parser, Callable[[Any], str | None] | None, str]] = {
     "upload_ttl": (_number(float), _positive, "seconds unused uploads are kept"),
     "max_upload_mb": (_number(float), _positive, "largest file one upload part may be, in MB"),
     "max_request_mb": (_number(float), _positive, "largest whole upload request, in MB"),
+    "max_json_mb": (_number(float), _positive, "largest JSON request body, in MB, counted after any decoding"),
     "max_upload_files": (_number(int), _positive, "most files in one upload request"),
     "allowed_media": (_words, _media, "media kinds accepted by /upload (image, video, audio)"),
     "pipeline_depth": (_number(int), _not_negative, "prompts kept queued inside each ComfyUI behind the running one"),

@@ -11,11 +11,12 @@ from typing import Any
 
 import orjson
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .clients import check_client_id
 from .errors import BadInput, BridgeError, NoBackend, StorageFull, TooLarge, TooManyJobs, UnsupportedMedia
 from .files import open_off_loop
-from .keys import RESULTS, SCHEDULER, UPLOADS, WORKFLOWS
+from .keys import RESULTS, SCHEDULER, SETTINGS, UPLOADS, WORKFLOWS
 from .results import ResultFile
 from .uploads import IncomingFile
 from .ws import websocket_handler
@@ -23,6 +24,7 @@ from .ws import websocket_handler
 log = logging.getLogger(__name__)
 
 CHUNK = 256 * 1024
+MB = 1024 * 1024
 B64_CHUNK = 3 * 64 * 1024  # a multiple of 3, so chunks encode without padding in between
 STATUS_OF: list[tuple[type[BridgeError], int]] = [
     (TooLarge, 413),
@@ -66,6 +68,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         else:
             detail = exc.text or exc.reason
         return error_response(exc.status, detail)
+    except ConnectionError as exc:
+        # The client went away mid-request (an upload or a download cut off): a normal event, and
+        # this answer reaches no one.
+        log.info("%s %s: the client went away (%s)", request.method, request.path, exc)
+        return error_response(400, "The connection was lost before the request was complete.")
     except Exception:
         log.exception("unexpected error on %s %s", request.method, request.path)
         return error_response(500, "Internal error in the bridge; it has been logged.")
@@ -92,9 +99,9 @@ async def upload(request: web.Request) -> web.Response:
     if not request.content_type.startswith("multipart/"):
         raise BadInput("Send files as multipart/form-data, one file per part.")
     scheduler = request.app[SCHEDULER]
-    reader = await request.multipart()
 
     async def parts() -> AsyncIterator[IncomingFile]:
+        reader = await request.multipart()
         while (part := await reader.next()) is not None:
             if not isinstance(part, BodyPartReader):
                 raise BadInput("Nested multipart bodies are not supported.")
@@ -102,8 +109,10 @@ async def upload(request: web.Request) -> web.Response:
 
     try:
         names = await request.app[UPLOADS].receive(client_id, parts())
-    except ValueError as exc:  # a malformed multipart body
+    except ValueError as exc:  # what aiohttp's multipart reader says of a malformed body
         raise BadInput(f"Malformed multipart body: {exc}") from None
+    except HttpProcessingError as exc:  # a part header it cannot parse
+        raise BadInput(f"Malformed multipart body: {exc.message.splitlines()[0]}") from None
     if client_id is not None:
         scheduler.remember(client_id)
     return json_response(names)
@@ -114,13 +123,25 @@ async def _chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
         yield chunk
 
 
+async def _json_body(request: web.Request) -> Any:
+    """The body as JSON, read in chunks and refused (413) as soon as it passes the limit: counted after
+    any Content-Encoding is undone, so a compressed bomb never inflates past it."""
+    limit = request.app[SETTINGS].max_json_mb * MB
+    body = bytearray()
+    async for chunk in request.content.iter_chunked(CHUNK):
+        body += chunk
+        if len(body) > limit:
+            raise TooLarge(f"The request body is larger than the limit of {limit / MB:.3g} MB.")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise BadInput('The body must be a JSON object, e.g. {"workflow": "text-to-image"}.') from None
+
+
 async def generate(request: web.Request) -> web.Response:
     client_id = _client_id(request)
     assert client_id is not None
-    try:
-        body = orjson.loads(await request.read())
-    except orjson.JSONDecodeError:
-        raise BadInput('The body must be a JSON object, e.g. {"workflow": "text-to-image"}.') from None
+    body = await _json_body(request)
     if not isinstance(body, dict):
         raise BadInput('The body must be a JSON object, e.g. {"workflow": "text-to-image"}.')
     job, position = await request.app[SCHEDULER].submit(client_id, body)
@@ -139,7 +160,8 @@ async def generation_count(request: web.Request) -> web.Response:
 
 async def free(request: web.Request) -> web.Response:
     client_id = _client_id(request, required=False)
-    await request.app[SCHEDULER].free(client_id)
+    if not await request.app[SCHEDULER].free(client_id):
+        raise NoBackend("No ComfyUI backend is up to free its memory; try again shortly.")
     return json_response({"detail": f"server memory free now / {client_id or 'ALL'}"})
 
 
@@ -234,12 +256,13 @@ async def _send_file(
 
 
 def setup_routes(app: web.Application) -> None:
-    app.router.add_get("/ws", websocket_handler)
+    # HEAD only where a GET changes nothing: /history hands results over (and forgets them).
+    app.router.add_get("/ws", websocket_handler, allow_head=False)
     app.router.add_get("/workflow-list", workflow_list)
     app.router.add_get("/workflow-info", workflow_info)
     app.router.add_post("/upload", upload)
     app.router.add_post("/generate-based-workflow", generate)
-    app.router.add_get("/history", history)
+    app.router.add_get("/history", history, allow_head=False)
     app.router.add_get("/execution-info", execution_info)
     app.router.add_get("/generation-count", generation_count)
     app.router.add_post("/free", free)

@@ -323,15 +323,16 @@ class Scheduler:
             client.status = dict(INTERRUPTED)
             core.notifier.publish(client_id, client.status, close=True)
 
-    async def free(self, client_id: str | None) -> None:
-        """POST /free on the client's backend (or every one); a backend that is down is skipped."""
+    async def free(self, client_id: str | None) -> bool:
+        """POST /free on the client's backend (or every one); a backend that is down is skipped.
+        False if not one backend could be freed."""
         targets = list(self.backends.values())
         if client_id is not None:
             client = self.clients.require(client_id)
             chosen = self.backends.get(client.backend or client.last_backend or "")
             targets = [chosen] if chosen is not None else targets
-        for backend in targets:
-            await care.free(backend, "asked by a client")
+        freed = [await care.free(backend, "asked by a client") for backend in targets]
+        return any(freed)
 
     # results and expiry ----------------------------------------------------------------------
     async def results_fetched(self, client_id: str, fetched: list[JobResult]) -> None:

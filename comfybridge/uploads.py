@@ -21,6 +21,7 @@ from .media import SNIFF_BYTES, sniff
 
 log = logging.getLogger(__name__)
 
+EMPTY_FOLDER_AGE = 60.0  # seconds an empty owner folder is kept (an upload may be about to use it)
 SHARED = "_shared"  # folder of uploads made without a clientId, usable by any client
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -218,7 +219,15 @@ class UploadStore:
             await asyncio.to_thread(upload.path.unlink, missing_ok=True)
         if old:
             log.info("expired %d unused uploads", len(old))
+        await asyncio.to_thread(self._remove_empty_folders, time.time() - min(ttl, EMPTY_FOLDER_AGE))
         return len(old)
+
+    def _remove_empty_folders(self, older_than: float) -> None:
+        """Owner folders left empty (a failed upload, every file expired), once they have been empty a while."""
+        for folder in self.root.iterdir():
+            with contextlib.suppress(OSError):  # not empty, or gone: both fine
+                if folder.is_dir() and folder.stat().st_mtime < older_than:
+                    folder.rmdir()
 
 
 def _sync_and_rename(tmp: Path, path: Path) -> None:

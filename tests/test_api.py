@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import re
 from pathlib import Path
 
 import orjson
+import pytest
 
 from comfybridge.emulator import Emulator
 from comfybridge.emulator.png import png_size
@@ -139,7 +141,7 @@ def make_big(bridge: Client, client_id: str) -> int:
     return size
 
 
-async def test_history_kept_when_download_breaks_off(bridge: Client) -> None:
+async def test_history_kept_when_download_breaks_off(bridge: Client, caplog: pytest.LogCaptureFixture) -> None:
     await run_job(bridge, "big", {"workflow": "solid", "1/width": 8, "1/batch_size": 1})
     size = make_big(bridge, "big")
     resp = await bridge.get("/history", params={"clientId": "big"})
@@ -154,6 +156,7 @@ async def test_history_kept_when_download_breaks_off(bridge: Client) -> None:
     parts = await read_results(full)
     assert len(parts[0][3]) == size
     assert (await bridge.get("/history", params={"clientId": "big"})).status == 204
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # a client going away is no error
 
 
 async def test_generate_place_in_line(make_emulator: object, make_bridge: BridgeFactory) -> None:

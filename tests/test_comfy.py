@@ -78,8 +78,11 @@ def answer(status: int, body: bytes = b"", calls: list[str] | None = None) -> Ha
 
 async def test_submit_outcomes(fake_comfy: Any, unused_tcp_port: int) -> None:
     refused = await fake_comfy([("POST", "/prompt", answer(400, b"not json"))])
-    with pytest.raises(PromptRefused, match="ComfyUI refused the prompt: not json"):
+    with pytest.raises(PromptRefused, match=r"ComfyUI refused the prompt \(400\): not json"):
         await refused.submit({}, "p1")
+    too_large = await fake_comfy([("POST", "/prompt", answer(413, b"Maximum request body size exceeded"))])
+    with pytest.raises(PromptRefused, match=r"\(413\): Maximum request body size exceeded"):
+        await too_large.submit({}, "p1")
     overloaded = await fake_comfy([("POST", "/prompt", answer(503))])
     with pytest.raises(BackendUnavailable, match="answered HTTP 503"):
         await overloaded.submit({}, "p1")

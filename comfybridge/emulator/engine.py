@@ -45,6 +45,7 @@ class Faults:
     """Failures a test or benchmark can inject."""
 
     prompt_500: int = 0  # answer the next N POST /prompt with a 500
+    prompt_413: int = 0  # refuse the next N POST /prompt as too large, as ComfyUI's server does past 100 MB
     prompt_hang: bool = False  # never answer POST /prompt
     answer_delay: float = 0.0  # queue the prompt, then wait this long before answering POST /prompt
     runtime_error: int = 0  # the next N prompts fail in their first node

@@ -179,6 +179,9 @@ def _routes() -> web.RouteTableDef:
         if faults.prompt_hang:
             await engine.stopping.wait()
             return web.Response(status=503)
+        if faults.prompt_413 > 0:
+            faults.prompt_413 -= 1
+            raise web.HTTPRequestEntityTooLarge(max_size=MAX_UPLOAD_SIZE, actual_size=MAX_UPLOAD_SIZE + 1)
         if faults.prompt_500 > 0:
             faults.prompt_500 -= 1
             return web.Response(status=500, text="500 Internal Server Error\n\nServer got itself in trouble")

@@ -1,0 +1,180 @@
+"""Hostile and careless clients: malformed bodies, bombs, unsafe methods, refusals by ComfyUI, noise."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import resource
+import signal
+import zlib
+from pathlib import Path
+
+import orjson
+import pytest
+
+from comfybridge.keys import SCHEDULER, SETTINGS
+
+from .conftest import BridgeFactory, EmulatorFactory, wait_for
+from .helpers import Client, generate, png, read_results, run_job, upload
+from .test_process import assert_one_line_error, bridge_process, run_cli
+
+TINY = {"workflow": "solid", "1/width": 8, "1/height": 8, "1/batch_size": 1}
+PNG = png()
+
+
+async def raw_request(client: Client, data: bytes) -> tuple[int, bytes]:
+    """Send bytes as they are (no client library to tidy them up); the status and body of the answer."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def multipart_request(content_type: bytes, body: bytes) -> bytes:
+    return (
+        b"POST /upload HTTP/1.1\r\nHost: bridge\r\nContent-Type: " + content_type + b"\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body
+    )
+
+
+def part(header: bytes, boundary: bytes = b"abc") -> bytes:
+    return b"--" + boundary + b"\r\n" + header + b"\r\n\r\n" + PNG + b"\r\n--" + boundary + b"--\r\n"
+
+
+FILE_HEADER = b'Content-Disposition: form-data; name="f"; filename="a.png"'
+MALFORMED = {
+    "no boundary": (b"multipart/form-data", part(FILE_HEADER)),
+    "boundary over 70": (b"multipart/form-data; boundary=" + b"b" * 80, part(FILE_HEADER, b"b" * 80)),
+    "control bytes": (b"multipart/form-data; boundary=abc", part(b'Content-Disposition: form-data; name="f\x00\x1b"')),
+    "header over 8190": (b"multipart/form-data; boundary=abc", part(FILE_HEADER.replace(b"a.png", b"a" * 9000))),
+    "no closing boundary": (b"multipart/form-data; boundary=abc", b"--abc\r\n" + FILE_HEADER + b"\r\n\r\n" + PNG),
+    "no boundary at all": (b"multipart/form-data; boundary=abc", b"hello"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+async def test_malformed_multipart_is_a_400_json(bridge: Client, case: str, caplog: pytest.LogCaptureFixture) -> None:
+    status, body = await raw_request(bridge, multipart_request(*MALFORMED[case]))
+    assert status == 400
+    assert orjson.loads(body)["detail"].startswith("Malformed multipart body: ")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_head_never_hands_results_over(bridge: Client) -> None:
+    await run_job(bridge, "linkcheck", TINY)
+    head = await bridge.head("/history", params={"clientId": "linkcheck"})
+    assert head.status == 405
+    assert head.headers["Content-Type"] == "application/json"
+    parts = await read_results(await bridge.get("/history", params={"clientId": "linkcheck"}))
+    assert len(parts) == 1
+    assert (await bridge.head("/generation-count")).status == 200  # HEAD where it changes nothing
+
+
+def gzip_bomb(megabytes: int) -> bytes:
+    """A JSON body that inflates to `megabytes` MB, made without ever holding it inflated."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # 31: a gzip header and trailer
+    chunk = b"x" * (1024 * 1024)
+    pieces = [packer.compress(b'{"workflow": "')]
+    pieces += [packer.compress(chunk) for _ in range(megabytes)]
+    return b"".join([*pieces, packer.compress(b'"}'), packer.flush()])
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+async def test_json_bodies_are_limited_after_decoding(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory
+) -> None:
+    client = await make_bridge(await make_emulator(), max_json_mb=1)
+    big = orjson.dumps({**TINY, "pad": "x" * (2 * 1024 * 1024)})
+    resp = await client.post("/generate-based-workflow", params={"clientId": "big"}, data=io.BytesIO(big))
+    assert resp.status == 413
+    assert await resp.json() == {"detail": "The request body is larger than the limit of 1 MB."}
+    # 200 KB of gzip that inflates to 200 MB: refused once 1 MB has been inflated, never held whole.
+    bomb = gzip_bomb(200)
+    peak = rss_mb()
+    headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+    params = {"clientId": "bomb"}
+    resp = await client.post("/generate-based-workflow", params=params, data=io.BytesIO(bomb), headers=headers)
+    assert resp.status == 413
+    assert rss_mb() - peak < 64
+    status, _ = await generate(client, "after", TINY)  # everyone else carries on
+    assert status == 200
+    assert (await client.get("/execution-info", params={"clientId": "bomb"})).status == 400
+
+
+async def test_a_prompt_comfyui_refuses_as_too_large_fails_only_that_job(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory
+) -> None:
+    emulator = await make_emulator()
+    client = await make_bridge(emulator)
+    emulator.engine.faults.prompt_413 = 1
+    frames = await run_job(client, "huge", TINY)
+    assert frames[-1]["status"] == "error"
+    assert frames[-1]["detail"].startswith("ComfyUI refused the prompt (413): Maximum request body size")
+    backend = next(iter(client.app[SCHEDULER].backends.values()))
+    assert (backend.submit_failures, backend.usable) == (0, True)
+    assert (await run_job(client, "small", TINY))[-1]["status"] == "closed"
+
+
+async def test_free_with_every_backend_down_says_so(make_bridge: BridgeFactory, make_emulator: EmulatorFactory) -> None:
+    emulator = await make_emulator()
+    client = await make_bridge(emulator)
+    await emulator.stop()
+    await wait_for(lambda: not any(b.healthy for b in client.app[SCHEDULER].backends.values()))
+    resp = await client.post("/free")
+    assert resp.status == 503
+    assert await resp.json() == {"detail": "No ComfyUI backend is up to free its memory; try again shortly."}
+
+
+async def test_failed_uploads_leave_no_folders(make_bridge: BridgeFactory, make_emulator: EmulatorFactory) -> None:
+    client = await make_bridge(await make_emulator(), upload_ttl=0.3)
+    for index in range(3):
+        status, _ = await upload(client, {"file": ("a.txt", b"not media")}, client_id=f"careless-{index}")
+        assert status == 415
+    root = client.app[SETTINGS].data_dir / "uploads"
+    await wait_for(lambda: not [p for p in root.iterdir() if p.name.startswith("c-careless")])
+
+
+async def test_a_client_leaving_mid_upload_is_no_error(tmp_path: Path) -> None:
+    (tmp_path / "workflows").mkdir()
+    async with bridge_process(tmp_path) as (proc, url):
+        host, port = url.removeprefix("http://").split(":")
+        _, writer = await asyncio.open_connection(host, int(port))
+        body = b"--abc\r\n" + FILE_HEADER + b"\r\n\r\n" + PNG + b"\0" * 100_000
+        writer.write(multipart_request(b"multipart/form-data; boundary=abc", body + b"\0" * 1000)[:-1000])
+        await writer.drain()
+        writer.close()  # mid-upload
+        await wait_for(lambda: "the client went away" in (tmp_path / "bridge.log").read_text())
+        proc.send_signal(signal.SIGTERM)
+        await proc.wait()
+    log = (tmp_path / "bridge.log").read_text()
+    assert "Traceback" not in log
+    assert " ERROR " not in log
+
+
+async def test_protocol_garbage_and_a_taken_port_are_one_line_each(tmp_path: Path) -> None:
+    (tmp_path / "workflows").mkdir()
+    async with bridge_process(tmp_path) as (proc, url):
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\nFOO\x01 / HTTP/1.1\r\n\r\n")
+        await writer.drain()
+        assert (await asyncio.wait_for(reader.read(), 10)).startswith(b"HTTP/1.0 400")
+        writer.close()
+        (tmp_path / "second" / "workflows").mkdir(parents=True)
+        result = await asyncio.to_thread(run_cli, ["--port", port, "--emulate", "1"], tmp_path / "second")
+        assert_one_line_error(result, f"cannot listen on 127.0.0.1:{port}", "in use")
+        proc.send_signal(signal.SIGTERM)
+        await proc.wait()
+    log = (tmp_path / "bridge.log").read_text()
+    assert "refused a malformed request" in log
+    assert "Traceback" not in log
+    assert " ERROR " not in log
