@@ -216,7 +216,7 @@ class Scheduler:
         if core.closing:
             raise ShuttingDown("The bridge is shutting down and accepts no new jobs; try again in a moment.")
         workflow = core.workflows.get(body.get("workflow"))
-        values = workflow.check_request(body, lambda name: core.uploads.usable(name, client_id))
+        values = workflow.check_request(body, lambda name: core.uploads.kind_for(name, client_id))
         known = self.clients.get(client_id)
         limit = self.settings.max_jobs_per_client
         if limit and known is not None and len(known.jobs) >= limit:

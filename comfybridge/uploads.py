@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import mimetypes
 import os
 import re
 import secrets
@@ -17,7 +18,7 @@ from pathlib import Path
 from .comfy import NO_SPACE
 from .errors import BadInput, StorageFull, TooLarge, UnsupportedMedia
 from .files import fsync_path, open_off_loop
-from .media import SNIFF_BYTES, sniff
+from .media import SNIFF_BYTES, is_complete, media_kind_of, sniff
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +53,19 @@ class IncomingFile:
         self.chunks = chunks
 
 
-def safe_name(filename: str, fallback_ext: str) -> str:
-    """`<random>-<stem>.<ext>`: decoded, last path segment only, nothing that could escape a folder."""
+def safe_name(filename: str, mime: str, sniffed_ext: str) -> str:
+    """`<random>-<stem>.<ext>`: decoded, last path segment only, nothing that could escape a folder.
+    The client's extension is kept only when it names what the content is (`.jpeg` for a JPEG);
+    otherwise the content decides (`x.html` holding a PNG is stored as `.png`)."""
     decoded = urllib.parse.unquote(filename)
     last = re.split(r"[/\\]", decoded)[-1]
     stem, dot, ext = last.rpartition(".")
     if not dot:
         stem, ext = last, ""
     stem = _SAFE.sub("_", stem).replace("..", "_").strip(".")[:80] or "file"
-    ext = "." + ext.lower() if re.fullmatch(r"[A-Za-z0-9]{1,8}", ext) else fallback_ext
+    ext = "." + ext.lower()
+    if not re.fullmatch(r"\.[a-z0-9]{1,8}", ext) or mimetypes.guess_type("x" + ext)[0] != mime:
+        ext = sniffed_ext
     return f"{secrets.token_hex(6)}-{stem}{ext}"
 
 
@@ -125,11 +130,15 @@ class UploadStore:
                 if path.name.startswith("."):
                     path.unlink(missing_ok=True)  # an upload interrupted mid-write
                     continue
-                self._index(Upload(path.name, path, owner, "", path.stat().st_mtime))
+                kind = media_kind_of(path.name) or ""
+                self._index(Upload(path.name, path, owner, kind, path.stat().st_mtime))
 
-    def usable(self, name: str, client_id: str) -> bool:
+    def kind_for(self, name: str, client_id: str) -> str | None:
+        """The media kind of an upload this client may use (its own, or a shared one), else None."""
         upload = self._uploads.get(name)
-        return upload is not None and upload.owner in (None, client_id)
+        if upload is None or upload.owner not in (None, client_id):
+            return None
+        return upload.kind
 
     def path_of(self, name: str) -> Path:
         upload = self._uploads[name]
@@ -171,7 +180,7 @@ class UploadStore:
         tmp = folder / f".{secrets.token_hex(8)}.part"
         size = 0
         head = b""
-        kind = ext = ""
+        kind = mime = ext = ""
         try:
             async with open_off_loop(tmp, "wb") as handle:
                 async for chunk in part.chunks:
@@ -185,11 +194,13 @@ class UploadStore:
                     if not kind:
                         head += chunk[:SNIFF_BYTES]
                         if len(head) >= SNIFF_BYTES:
-                            kind, ext = self._check_media(head, part)
+                            kind, mime, ext = self._check_media(head, part)
                     await asyncio.to_thread(handle.write, chunk)
             if not kind:
-                kind, ext = self._check_media(head, part)
-            name = safe_name(part.filename or "", ext)
+                kind, mime, ext = self._check_media(head, part)
+            if not await asyncio.to_thread(is_complete, tmp, ext):
+                raise UnsupportedMedia(f"File {part.filename!r} is not a complete, well-formed {mime} file.")
+            name = safe_name(part.filename or "", mime, ext)
             path = folder / name
             # Synced before the client hears of it: a job that names it is journaled as durable.
             await asyncio.to_thread(_sync_and_rename, tmp, path)
@@ -201,7 +212,7 @@ class UploadStore:
             raise
         return Upload(name, path, owner, kind, time.time()), size
 
-    def _check_media(self, head: bytes, part: IncomingFile) -> tuple[str, str]:
+    def _check_media(self, head: bytes, part: IncomingFile) -> tuple[str, str, str]:
         found = sniff(head)
         allowed = ", ".join(self.limits.allowed_kinds)
         if found is None:
@@ -209,7 +220,7 @@ class UploadStore:
         kind, mime, ext = found
         if kind not in self.limits.allowed_kinds:
             raise UnsupportedMedia(f"File {part.filename!r} is {mime}, which is not allowed (allowed: {allowed}).")
-        return kind, ext
+        return kind, mime, ext
 
     async def expire(self, ttl: float) -> int:
         cutoff = time.time() - ttl

@@ -76,7 +76,7 @@ class InputSpec:
         info.update({k: v for k, v in optional.items() if v is not None})
         return info
 
-    def check(self, value: Any, upload_exists: Callable[[str], bool]) -> None:
+    def check(self, value: Any, upload_kind: Callable[[str], str | None]) -> None:
         """Raise BadInput when `value` does not fit this input."""
         if self.type == "float":
             fits = isinstance(value, int | float) and not isinstance(value, bool)
@@ -87,10 +87,15 @@ class InputSpec:
         if not fits:
             raise BadInput(f"Input '{self.key}' must be a {self.type}, got {_json_type(value)}.")
         if self.upload:
-            if value != self.default and not upload_exists(value):
+            if value == self.default:
+                return
+            kind = upload_kind(value)
+            if kind is None:
                 raise BadInput(
                     f"Input '{self.key}' names no uploaded file: {value!r}. Upload it with POST /upload first."
                 )
+            if kind and kind != self.upload:
+                raise BadInput(f"Input '{self.key}' takes an {self.upload} file, but {value!r} is {kind}.")
             return
         if self.minimum is not None and value < self.minimum:
             raise BadInput(f"Input '{self.key}' must be at least {self.minimum}, got {value}.")
@@ -124,7 +129,7 @@ class Workflow:
             prompt[spec.node_id]["inputs"][spec.name] = value
         return prompt
 
-    def check_request(self, body: dict[str, Any], upload_exists: Callable[[str], bool]) -> dict[str, Any]:
+    def check_request(self, body: dict[str, Any], upload_kind: Callable[[str], str | None]) -> dict[str, Any]:
         """The client's inputs, checked; raises BadInput naming what is wrong."""
         values = {k: v for k, v in body.items() if k != "workflow"}
         unknown = sorted(set(values) - set(self.inputs))
@@ -132,7 +137,7 @@ class Workflow:
             allowed = ", ".join(self.inputs) or "none"
             raise BadInput(f"Unknown input {unknown[0]!r} for workflow '{self.alias}'. Allowed inputs: {allowed}.")
         for key, value in values.items():
-            self.inputs[key].check(value, upload_exists)
+            self.inputs[key].check(value, upload_kind)
         return values
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,13 @@ Client = TestClient[web.Request, web.Application]
 
 def png(width: int = 8, height: int = 8, colour: int = 0x336699) -> bytes:
     return solid_png(width, height, colour)
+
+
+# The smallest files of other kinds that are whole by their format's own rules.
+JPEG = b"\xff\xd8\xff\xe0" + b"\0" * 40 + b"\xff\xd9"
+WAV = b"RIFF" + struct.pack("<I", 28) + b"WAVEfmt " + b"\0" * 20
+MP4 = b"\0\0\0\x18ftypisom" + b"\0" * 12
+OGG = b"OggS" + b"\0" * 40
 
 
 async def upload(client: Client, files: dict[str, tuple[str, bytes]], client_id: str | None = None) -> Any:

@@ -6,11 +6,12 @@ import re
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from comfybridge.keys import SETTINGS
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
-from .helpers import Client, generate, png, read_results, run_job, upload
+from .helpers import JPEG, MP4, OGG, WAV, Client, generate, png, read_results, run_job, upload
 
 NAME = r"[0-9a-f]{12}-{}"
 
@@ -49,8 +50,7 @@ async def test_encoded_filenames_are_decoded(bridge: Client) -> None:
     )
     assert status == 200
     assert re.fullmatch(r"[0-9a-f]{12}-___cat\.png", body["pic"])
-    jpeg = b"\xff\xd8\xff\xe0" + b"\0" * 40
-    status, body = await raw_upload(bridge, 'form-data; name="odd"; filename="we%20ird%2F..%2Fna..me.jpg"', jpeg)
+    status, body = await raw_upload(bridge, 'form-data; name="odd"; filename="we%20ird%2F..%2Fna..me.jpg"', JPEG)
     assert status == 200
     assert re.fullmatch(r"[0-9a-f]{12}-na_me\.jpg", body["odd"])
 
@@ -59,14 +59,15 @@ async def test_content_decides_the_media_type(bridge: Client) -> None:
     status, body = await upload(bridge, {"file": ("notes.png", b"just some text, not an image at all....")})
     assert status == 415
     assert body == {"detail": "File 'notes.png' is not a recognised media file (allowed: image, video, audio)."}
-    for data in (b"RIFF\0\0\0\0WAVEfmt " + b"\0" * 20, b"\0\0\0\x18ftypisom" + b"\0" * 20, b"OggS" + b"\0" * 40):
-        status, _ = await upload(bridge, {"file": ("clip.bin", data)})
+    for data, ext in ((WAV, "wav"), (MP4, "mp4"), (OGG, "ogg")):
+        status, body = await upload(bridge, {"file": ("clip.bin", data)})
         assert status == 200
+        assert body["file"].endswith(f"-clip.{ext}")  # the content names the extension
 
 
 async def test_media_kinds_are_configurable(make_bridge: BridgeFactory, make_emulator: EmulatorFactory) -> None:
     client = await make_bridge(await make_emulator(), allowed_media=("image",))
-    status, body = await upload(client, {"file": ("a.wav", b"RIFF\0\0\0\0WAVEfmt " + b"\0" * 20)})
+    status, body = await upload(client, {"file": ("a.wav", WAV)})
     assert status == 415
     assert body["detail"] == "File 'a.wav' is audio/wav, which is not allowed (allowed: image)."
 
@@ -75,7 +76,7 @@ async def test_size_limits_are_413(make_bridge: BridgeFactory, make_emulator: Em
     client = await make_bridge(await make_emulator(), max_upload_mb=0.01, max_request_mb=0.015)
     status, body = await upload(client, {"file": ("big.png", png() + b"\0" * 20000)})
     assert (status, body) == (413, {"detail": "File 'big.png' is larger than the limit of 0.01 MB."})
-    parts = {f"f{i}": (f"{i}.png", png() + b"\0" * 6000) for i in range(3)}
+    parts = {f"f{i}": (f"{i}.jpg", JPEG[:-2] + b"\0" * 6000 + b"\xff\xd9") for i in range(3)}
     status, body = await upload(client, parts)
     assert status == 413
     assert body["detail"] in (
@@ -140,3 +141,38 @@ async def test_uploads_and_results_survive_a_restart(
     assert [p[1] for p in parts] == ["wf_a_invert_00001_.png"]
     status, _ = await generate(second, "restart", {"workflow": "invert", "1/image": names["file"]})
     assert status == 200
+
+
+UNSAFE = {
+    "a PNG signature glued onto a script": ("x.png", b"\x89PNG\r\n\x1a\n<script>alert(1)</script>" + b" " * 40),
+    "BM glued onto a shell script": ("x.bmp", b"BM#!/bin/sh\nrm -rf /\n" + b"#" * 40),
+    "a cut-off PNG": ("x.png", png()[:-20]),
+    "an SVG": ("x.svg", b'<svg xmlns="http://www.w3.org/2000/svg" onload="alert(1)"></svg>'),
+    "HTML": ("x.html", b"<!doctype html><script>alert(1)</script>" + b" " * 40),
+    "PHP": ("x.php", b"<?php system($_GET['c']); ?>" + b" " * 40),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNSAFE))
+async def test_only_whole_media_files_are_stored(bridge: Client, case: str) -> None:
+    status, body = await upload(bridge, {"file": UNSAFE[case]})
+    assert status == 415, body
+    assert stored(bridge) == []
+
+
+async def test_the_content_names_the_stored_extension(bridge: Client) -> None:
+    status, names = await upload(
+        bridge,
+        {"page": ("x.html", png()), "conf": (".htaccess", png()), "photo": ("holiday.JPEG", JPEG)},
+    )
+    assert status == 200
+    assert re.fullmatch(r"[0-9a-f]{12}-x\.png", names["page"])
+    assert re.fullmatch(r"[0-9a-f]{12}-file\.png", names["conf"])
+    assert re.fullmatch(r"[0-9a-f]{12}-holiday\.jpeg", names["photo"])  # the client's name, when it is true
+
+
+async def test_a_file_input_takes_only_its_kind(bridge: Client) -> None:
+    _, names = await upload(bridge, {"file": ("song.wav", WAV)}, client_id="kinds")
+    status, body = await generate(bridge, "kinds", {"workflow": "invert", "1/image": names["file"]})
+    assert status == 400
+    assert body["detail"] == f"Input '1/image' takes an image file, but {names['file']!r} is audio."
