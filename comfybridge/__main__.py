@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import sys
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage
 
+from .access import KeyFileError
 from .app import create_app
 from .config import ConfigError, load_settings
 from .errors import WorkflowConfigError
@@ -25,6 +27,15 @@ def quiet_bad_requests(record: logging.LogRecord) -> bool:
     return True
 
 
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(argv)
@@ -33,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         logging.getLogger("aiohttp.server").addFilter(quiet_bad_requests)
         app = create_app(settings, reload=lambda: load_settings(argv))
-    except (ConfigError, WorkflowConfigError, StateError, JournalError) as exc:
+    except (ConfigError, WorkflowConfigError, StateError, JournalError, KeyFileError) as exc:
         print(f"comfybridge: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
@@ -41,6 +52,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     backends = f"emulated x{settings.emulate}" if settings.emulate else ", ".join(settings.backends)
     banner = f"comfybridge on http://{settings.host}:{settings.port} -> ComfyUI {backends}"
+    if not (settings.api_keys or settings.api_keys_file) and not _loopback(settings.host):
+        print(
+            f"comfybridge: WARNING: listening on {settings.host} with no API keys: anyone who can reach this "
+            "address can run jobs and, knowing a clientId, fetch its results. Set --api-keys or --api-keys-file.",
+            file=sys.stderr,
+            flush=True,
+        )
     # run_app turns SIGTERM/SIGINT into a graceful stop: no new connections, in-flight requests
     # get shutdown_timeout seconds, then every cleanup context runs (journal closed) and we exit 0.
     # The banner is printed once the port is bound: `print` is called then.

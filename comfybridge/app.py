@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -11,6 +12,7 @@ from dataclasses import fields
 import aiohttp
 from aiohttp import web
 
+from .access import AccessPolicy, KeyRing, RateLimiter
 from .config import ConfigError, Settings
 from .emulator import Emulator
 from .journal import SqliteJournal
@@ -53,7 +55,11 @@ def create_app(settings: Settings, reload: Callable[[], Settings] | None = None)
     state.generation_count = journal.count
     # Bodies are read by the handlers with their own limits (JSON small, uploads streamed); this
     # cap is for anything read whole, and it is checked on the bytes after any Content-Encoding.
-    app = web.Application(middlewares=[error_middleware], client_max_size=int(settings.max_json_mb * MB))
+    policy = access_policy(settings)
+    app = web.Application(
+        middlewares=[policy.cors_middleware(), error_middleware, policy.middleware()],
+        client_max_size=int(settings.max_json_mb * MB),
+    )
     app[SETTINGS] = settings
     app[WORKFLOWS] = workflows
     app[STATE] = state
@@ -83,6 +89,19 @@ async def _stores(app: web.Application) -> AsyncIterator[None]:
     # Indexing the uploads earlier runs left walks the data folder: off the event loop.
     await asyncio.to_thread(app[UPLOADS].load)
     yield
+
+
+def access_policy(settings: Settings) -> AccessPolicy:
+    """Keys, rates, proxies and CORS from the settings. Raises KeyFileError for a key file it cannot use."""
+    keys = KeyRing.load(settings.api_keys, settings.api_keys_file)
+    burst = settings.rate_burst
+    return AccessPolicy(
+        keys=keys,
+        key_rate=RateLimiter(settings.rate_limit, burst) if settings.rate_limit else None,
+        ip_rate=RateLimiter(settings.ip_rate_limit, burst) if settings.ip_rate_limit else None,
+        trusted_proxies=[ipaddress.ip_network(n, strict=False) for n in settings.trusted_proxies],
+        cors_origins=frozenset(settings.cors_origins),
+    )
 
 
 async def _journal(app: web.Application) -> AsyncIterator[None]:

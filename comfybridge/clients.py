@@ -18,6 +18,14 @@ if TYPE_CHECKING:
     from .jobs import Job
 
 CLIENT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+SCOPE = "~"  # joins an API key's name and a clientId; never in a clientId, so scoped ids cannot collide
+
+
+def scope_of(client_id: str) -> str | None:
+    """The API key a (scoped) clientId belongs to, if keys are in use."""
+    scope, sep, _ = client_id.rpartition(SCOPE)
+    return scope if sep else None
+
 
 Status = dict[str, str]
 

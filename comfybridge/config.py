@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -55,6 +56,16 @@ class Settings:
     output_subfolder: bool = True
     drain: float = 0.0
     journal_sync: bool = True
+    api_keys: tuple[str, ...] = ()
+    api_keys_file: Path | None = None
+    rate_limit: float = 0.0
+    rate_burst: float = 20.0
+    ip_rate_limit: float = 0.0
+    max_jobs_per_key: int = 0
+    max_sockets_per_client: int = 8
+    max_sockets_per_ip: int = 256
+    trusted_proxies: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = ()
 
     @property
     def state_file(self) -> Path:
@@ -106,6 +117,18 @@ def _backends(value: Any) -> tuple[str, ...]:
     if not urls:
         raise ValueError("empty")
     return tuple(urls)
+
+
+def _optional_path(value: Any) -> Path | None:
+    text = str(value).strip()
+    return Path(text) if text else None
+
+
+def _networks(value: Any) -> tuple[str, ...]:
+    words = _words(value)
+    for word in words:
+        ipaddress.ip_network(word, strict=False)  # ValueError names a bad one
+    return words
 
 
 def _positive(value: float) -> str | None:
@@ -162,6 +185,16 @@ OPTIONS: dict[str, tuple[Parser, Callable[[Any], str | None] | None, str]] = {
     "output_subfolder": (_flag_value, None, "save each job's outputs in comfybridge/<day>/<job>/ (true/false)"),
     "drain": (_number(float), _not_negative, "on SIGTERM, seconds to wait for jobs inside ComfyUI to finish (0: none)"),
     "journal_sync": (_flag_value, None, "fsync the job journal at every commit (false only for benchmarks)"),
+    "api_keys": (_words, None, "comma list of API keys that may call the bridge (none: no keys needed)"),
+    "api_keys_file": (_optional_path, None, 'JSON file of keys: [{"name", "key", "workflows"?}] ("": none)'),
+    "rate_limit": (_number(float), _not_negative, "requests a second one API key may make (0: no limit)"),
+    "rate_burst": (_number(float), _positive, "requests a key or address may make at once above its rate"),
+    "ip_rate_limit": (_number(float), _not_negative, "requests a second one address may make (0: no limit)"),
+    "max_jobs_per_key": (_number(int), _not_negative, "unfinished jobs one API key may have (429 beyond; 0: no limit)"),
+    "max_sockets_per_client": (_number(int), _positive, "open WebSockets one clientId may have (429 beyond)"),
+    "max_sockets_per_ip": (_number(int), _positive, "open WebSockets one address may have (429 beyond)"),
+    "trusted_proxies": (_networks, None, "addresses (CIDR) whose X-Forwarded-For is believed, e.g. 127.0.0.1"),
+    "cors_origins": (_words, None, "origins browsers may call from (* for any; none: CORS off)"),
 }
 
 
@@ -248,4 +281,5 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 
 def _resolve_paths(settings: Settings, cwd: Path) -> Settings:
-    return replace(settings, workflows=cwd / settings.workflows, data_dir=cwd / settings.data_dir)
+    keys = cwd / settings.api_keys_file if settings.api_keys_file is not None else None
+    return replace(settings, workflows=cwd / settings.workflows, data_dir=cwd / settings.data_dir, api_keys_file=keys)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -12,7 +13,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from .backend import Backend
-from .clients import CLOSED, CONNECTED, LISTENING, Client, ClientRegistry, Status, status_message
+from .clients import CLOSED, CONNECTED, LISTENING, Client, ClientRegistry, Status, scope_of, status_message
 from .comfy import BackendUnavailable
 from .fairqueue import FairQueue
 from .jobs import Job, JobState
@@ -46,6 +47,7 @@ class SchedulerSettings:
     backend_grace: float
     comfy_timeout: float
     max_jobs_per_client: int
+    max_jobs_per_key: int
     warm_slack: float
     free_idle_after: float
     free_every_jobs: int
@@ -87,6 +89,7 @@ class Core:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.collecting: set[asyncio.Task[Any]] = set()  # jobs whose results are being copied
         self.closing = False
+        self.open_jobs_by_key: Counter[str] = Counter()  # unfinished jobs of each API key
         self.settled = asyncio.Event()  # set whenever a prompt leaves a backend or a collection ends
 
     # tasks -----------------------------------------------------------------------------------
@@ -147,6 +150,28 @@ class Core:
         """Results to fetch or uploads: what keeps a client without jobs or sockets known."""
         return self.results.holds(client_id) or self.uploads.owns(client_id)
 
+    def opened(self, job: Job) -> None:
+        """A job joins its client's unfinished jobs (accepted, or recovered at start-up)."""
+        client = self.clients.touch(job.client_id)
+        client.jobs[job.id] = job
+        self.uploads.pin(job.uploads.values())
+        key = scope_of(job.client_id)
+        if key is not None:
+            self.open_jobs_by_key[key] += 1
+
+    def closed(self, job: Job) -> None:
+        """A job leaves its client's unfinished jobs (ended, or never accepted)."""
+        client = self.clients.get(job.client_id)
+        if client is not None and client.jobs.pop(job.id, None) is not None:
+            self.uploads.unpin(job.uploads.values())
+            key = scope_of(job.client_id)
+            if key is not None:
+                self.open_jobs_by_key[key] -= 1
+                if self.open_jobs_by_key[key] <= 0:
+                    del self.open_jobs_by_key[key]
+            if not client.jobs:
+                client.backend = None
+
     # endings ---------------------------------------------------------------------------------
     def end(
         self,
@@ -166,12 +191,7 @@ class Core:
         else:
             committed = job.move(state, error=error)
         self.queue.remove(job)
-        self.uploads.unpin(job.uploads.values())
-        client = self.clients.get(job.client_id)
-        if client is not None:
-            client.jobs.pop(job.id, None)
-            if not client.jobs:
-                client.backend = None
+        self.closed(job)
         log.info("job %s client %s: %s%s", job.id, job.client_id, state.value, f" ({error})" if error else "")
         committed.add_done_callback(lambda _: self._ended(job, files, notify))
         return committed

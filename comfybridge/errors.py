@@ -33,6 +33,22 @@ class TooManyJobs(BridgeError):
     """A client over its limit of jobs in line (429)."""
 
 
+class RateLimited(TooManyJobs):
+    """A caller over a rate or count limit (429, with Retry-After)."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Unauthorized(BridgeError):
+    """No API key, or a wrong one, where keys are required (401)."""
+
+
+class Forbidden(BridgeError):
+    """A valid caller asking for what its key does not allow (403)."""
+
+
 class StorageFull(BridgeError):
     """The bridge's disk cannot take the write that accepting the request needs (507)."""
 

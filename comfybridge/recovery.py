@@ -54,8 +54,7 @@ def recover(core: Core, rows: list[dict[str, Any]], gone: set[str]) -> Recovered
             else:
                 client.status = status_message("error", job.error or "error")
             continue
-        client.jobs[job.id] = job
-        core.uploads.pin(job.uploads.values())
+        core.opened(job)
         backend = core.backends.get(job.backend or "")
         if job.state is JobState.WAITING:
             summary.waiting += 1

@@ -13,8 +13,20 @@ import orjson
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from .clients import check_client_id
-from .errors import BadInput, BridgeError, NoBackend, StorageFull, TooLarge, TooManyJobs, UnsupportedMedia
+from .access import KEY, scoped, unscoped
+from .clients import SCOPE, check_client_id
+from .errors import (
+    BadInput,
+    BridgeError,
+    Forbidden,
+    NoBackend,
+    RateLimited,
+    StorageFull,
+    TooLarge,
+    TooManyJobs,
+    Unauthorized,
+    UnsupportedMedia,
+)
 from .files import open_off_loop
 from .keys import RESULTS, SCHEDULER, SETTINGS, UPLOADS, WORKFLOWS
 from .results import ResultFile
@@ -27,6 +39,8 @@ CHUNK = 256 * 1024
 MB = 1024 * 1024
 B64_CHUNK = 3 * 64 * 1024  # a multiple of 3, so chunks encode without padding in between
 STATUS_OF: list[tuple[type[BridgeError], int]] = [
+    (Unauthorized, 401),
+    (Forbidden, 403),
     (TooLarge, 413),
     (UnsupportedMedia, 415),
     (TooManyJobs, 429),
@@ -55,7 +69,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except BridgeError as exc:
         status = next((code for kind, code in STATUS_OF if isinstance(exc, kind)), 400)
-        return error_response(status, exc.detail)
+        key = request.get(KEY)
+        # The core names clients as it knows them, within their key; the caller knows them without.
+        detail = exc.detail.replace(f"{key.name}{SCOPE}", "") if key is not None else exc.detail
+        response = error_response(status, detail)
+        if isinstance(exc, RateLimited):
+            response.headers["Retry-After"] = str(exc.retry_after)
+        elif isinstance(exc, Unauthorized):
+            response.headers["WWW-Authenticate"] = 'Bearer realm="comfybridge"'
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -79,18 +101,30 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 def _client_id(request: web.Request, required: bool = True) -> str | None:
+    """The request's clientId, checked, as the core knows it (within the caller's API key)."""
     value = request.query.get("clientId")
     if value is None and not required:
         return None
-    return check_client_id(value)
+    return scoped(request, check_client_id(value))
+
+
+def _allowed(request: web.Request, alias: str) -> None:
+    key = request.get(KEY)
+    if key is not None:
+        key.check_workflow(alias)
 
 
 async def workflow_list(request: web.Request) -> web.Response:
-    return json_response(request.app[WORKFLOWS].aliases())
+    key = request.get(KEY)
+    aliases = request.app[WORKFLOWS].aliases()
+    if key is not None and key.workflows is not None:
+        aliases = [alias for alias in aliases if alias in key.workflows]
+    return json_response(aliases)
 
 
 async def workflow_info(request: web.Request) -> web.Response:
     workflow = request.app[WORKFLOWS].get(request.query.get("workflow"))
+    _allowed(request, workflow.alias)
     return json_response(workflow.describe_inputs())
 
 
@@ -144,6 +178,7 @@ async def generate(request: web.Request) -> web.Response:
     body = await _json_body(request)
     if not isinstance(body, dict):
         raise BadInput('The body must be a JSON object, e.g. {"workflow": "text-to-image"}.')
+    _allowed(request, request.app[WORKFLOWS].get(body.get("workflow")).alias)
     job, position = await request.app[SCHEDULER].submit(client_id, body)
     return json_response({"detail": f"queued / {position}", "job_id": job.id})
 
@@ -162,14 +197,14 @@ async def free(request: web.Request) -> web.Response:
     client_id = _client_id(request, required=False)
     if not await request.app[SCHEDULER].free(client_id):
         raise NoBackend("No ComfyUI backend is up to free its memory; try again shortly.")
-    return json_response({"detail": f"server memory free now / {client_id or 'ALL'}"})
+    return json_response({"detail": f"server memory free now / {unscoped(client_id) if client_id else 'ALL'}"})
 
 
 async def interrupt(request: web.Request) -> web.Response:
     client_id = _client_id(request)
     assert client_id is not None
     await request.app[SCHEDULER].interrupt(client_id)
-    return json_response({"detail": f"interrupted that clientId will be ignored. / {client_id}"})
+    return json_response({"detail": f"interrupted that clientId will be ignored. / {unscoped(client_id)}"})
 
 
 async def history(request: web.Request) -> web.StreamResponse:
@@ -179,10 +214,10 @@ async def history(request: web.Request) -> web.StreamResponse:
     scheduler = request.app[SCHEDULER]
     results = request.app[RESULTS]
     if scheduler.clients.get(client_id) is None and not results.holds(client_id):
-        return web.Response(status=204, headers={"X-Detail": NOT_SEEN.format(client_id)})
+        return web.Response(status=204, headers={"X-Detail": NOT_SEEN.format(unscoped(client_id))})
     fetched = results.claim(client_id)  # a second request at the same time gets none of these
     if not fetched:
-        return web.Response(status=204, headers={"X-Detail": NO_CONTENT.format(client_id)})
+        return web.Response(status=204, headers={"X-Detail": NO_CONTENT.format(unscoped(client_id))})
     files = [(result.job_id, f) for result in fetched for f in result.files]
     try:
         if request.query.get("resType") == "base64":

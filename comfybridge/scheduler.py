@@ -20,11 +20,11 @@ import aiohttp
 
 from . import care
 from .backend import Backend
-from .clients import LISTENING, Client, Status, status_message
+from .clients import LISTENING, Client, Status, scope_of, status_message
 from .comfy import ComfyClient
 from .core import Core, Notifier, SchedulerSettings
 from .dispatch import Dispatcher
-from .errors import NoBackend, ShuttingDown, TooManyJobs
+from .errors import NoBackend, RateLimited, ShuttingDown, TooManyJobs
 from .failover import Failover
 from .jobs import Job, JobState
 from .journal import JobStore
@@ -224,6 +224,9 @@ class Scheduler:
                 f"clientId {client_id!r} already has {len(known.jobs)} jobs in line, the limit; "
                 "wait for one to finish or interrupt them."
             )
+        key, per_key = scope_of(client_id), self.settings.max_jobs_per_key
+        if key is not None and per_key and core.open_jobs_by_key[key] >= per_key:
+            raise RateLimited(f"This API key already has {per_key} unfinished jobs, its limit; wait for one to end.")
         if not any(b.usable for b in self.backends.values()):
             raise NoBackend("No ComfyUI backend is available right now; try again shortly.")
         uploads = {
@@ -234,9 +237,7 @@ class Scheduler:
         job = Job(client_id, workflow.alias, workflow.build(values), 0, uploads, journal=core.journal)
         if self.settings.output_subfolder:
             _prefix_outputs(job)
-        client = self.clients.touch(client_id)
-        client.jobs[job.id] = job
-        core.uploads.pin(uploads.values())
+        core.opened(job)
         new_client = known is None
         accepted = core.journal.accept(job.record())
         place = [1]  # taken when it joins the queue, before any worker can move it
@@ -272,13 +273,10 @@ class Scheduler:
         return True
 
     def _unaccept(self, job: Job, new_client: bool) -> None:
+        self.core.closed(job)
         client = self.clients.get(job.client_id)
-        if client is not None:
-            client.jobs.pop(job.id, None)
-            if new_client:
-                self.clients.forget_if_done(client, self.core.owns_something)
-        if not job.ended:
-            self.core.uploads.unpin(job.uploads.values())
+        if client is not None and new_client:
+            self.clients.forget_if_done(client, self.core.owns_something)
 
     def _client_jobs(self, job: Job) -> list[Job]:
         client = self.clients.get(job.client_id)

@@ -10,8 +10,10 @@ from collections.abc import AsyncIterator
 import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from .access import CALLER, scoped
 from .clients import Status, check_client_id, status_message
-from .keys import HUB, SCHEDULER
+from .errors import RateLimited
+from .keys import HUB, SCHEDULER, SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +27,20 @@ class SocketHub:
 
     def __init__(self) -> None:
         self._queues: dict[str, dict[web.WebSocketResponse, asyncio.Queue[bytes | None]]] = {}
+        self._by_address: dict[str, int] = {}
+
+    def count(self, client_id: str) -> int:
+        return len(self._queues.get(client_id, ()))
+
+    def from_address(self, address: str) -> int:
+        return self._by_address.get(address, 0)
+
+    def opened_from(self, address: str, change: int) -> None:
+        left = self._by_address.get(address, 0) + change
+        if left > 0:
+            self._by_address[address] = left
+        else:
+            self._by_address.pop(address, None)
 
     def client_ids(self) -> list[str]:
         return list(self._queues)
@@ -57,11 +73,18 @@ class SocketHub:
 
 
 async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
-    client_id = check_client_id(request.query.get("clientId"))
+    client_id = scoped(request, check_client_id(request.query.get("clientId")))
     hub = request.app[HUB]
     scheduler = request.app[SCHEDULER]
+    settings = request.app[SETTINGS]
+    address = request.get(CALLER, request.remote or "")
+    if hub.count(client_id) >= settings.max_sockets_per_client:
+        raise RateLimited(f"This clientId already has {settings.max_sockets_per_client} sockets open, the limit.")
+    if hub.from_address(address) >= settings.max_sockets_per_ip:
+        raise RateLimited(f"Your address already has {settings.max_sockets_per_ip} sockets open, the limit.")
     ws = web.WebSocketResponse(heartbeat=30)
     await ws.prepare(request)
+    hub.opened_from(address, +1)
     scheduler.remember(client_id)
     queue = hub.add(client_id, ws)
     scheduler.socket_opened(client_id)
@@ -73,6 +96,7 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
             if msg.type is WSMsgType.ERROR:
                 break
     finally:
+        hub.opened_from(address, -1)
         hub.remove(client_id, ws)
         scheduler.socket_closed(client_id)
         sender.cancel()
