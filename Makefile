@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run demo test lint type bench all clean
+.PHONY: install run demo test fuzz lint type bench all clean
 
 $(STAMP): setup.py setup.cfg
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# Schemathesis against /openapi.json: up to 200 generated requests per operation instead of 50.
+fuzz: $(STAMP)
+	COMFYBRIDGE_FUZZ_EXAMPLES=200 $(BIN)/python -m pytest -s tests/test_contract.py -k 'generated_request or fuzzing_covered'
 
 lint: $(STAMP)
 	$(BIN)/ruff check comfybridge tests examples bench

@@ -22,7 +22,7 @@ from .errors import Forbidden, RateLimited, Unauthorized
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-OPEN_PATHS = {"/openapi.json", "/docs"}  # the contract itself is public, like a login page
+OPEN_PATHS = {"/docs"}  # a static page; the document it shows needs a key when keys are on
 
 
 class KeyFileError(Exception):

@@ -13,6 +13,7 @@ import orjson
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from . import openapi
 from .access import KEY, scoped, unscoped
 from .clients import SCOPE, check_client_id
 from .errors import (
@@ -114,12 +115,25 @@ def _allowed(request: web.Request, alias: str) -> None:
         key.check_workflow(alias)
 
 
-async def workflow_list(request: web.Request) -> web.Response:
+def _aliases(request: web.Request) -> list[str]:
+    """The workflows the caller may use."""
     key = request.get(KEY)
     aliases = request.app[WORKFLOWS].aliases()
     if key is not None and key.workflows is not None:
         aliases = [alias for alias in aliases if alias in key.workflows]
-    return json_response(aliases)
+    return aliases
+
+
+async def workflow_list(request: web.Request) -> web.Response:
+    return json_response(_aliases(request))
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    return json_response(openapi.document(request.app[WORKFLOWS], _aliases(request)))
+
+
+async def docs(request: web.Request) -> web.Response:
+    return web.Response(text=openapi.DOCS_PAGE, content_type="text/html")
 
 
 async def workflow_info(request: web.Request) -> web.Response:
@@ -302,3 +316,5 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/generation-count", generation_count)
     app.router.add_post("/free", free)
     app.router.add_post("/interrupt", interrupt)
+    app.router.add_get("/openapi.json", openapi_json)
+    app.router.add_get("/docs", docs)

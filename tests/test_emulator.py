@@ -14,6 +14,7 @@ import pytest
 from comfybridge.emulator import Emulator
 
 from .conftest import FIXTURES, EmulatorFactory
+from .helpers import run_job
 
 SCENARIOS: dict[str, list[dict[str, Any]]] = orjson.loads((FIXTURES / "ws_scenarios-0.3.64.json").read_bytes())
 WORKFLOWS = FIXTURES / "workflows"
@@ -323,3 +324,12 @@ async def test_reconnect_mid_run_is_told_the_running_node(make_emulator: Emulato
             first = await Listener(again).until(lambda m: m["type"] == "executing")
     assert first[0]["type"] == "status"
     assert first[1] == {"type": "executing", "data": {"node": emulator.engine.last_node_id}}
+
+
+async def test_cache_never_serves_a_node_whose_input_runs_again(make_bridge: Any, emulator: Emulator) -> None:
+    """Another workflow in between reuses node id 3: image-to-image's sampler runs again, so the
+    decoder after it (same signature as before) must run again too, not be served from cache."""
+    client = await make_bridge(emulator)
+    for body in ({"workflow": "image-to-image"}, {"workflow": "slow", "2/seed": 1}, {"workflow": "image-to-image"}):
+        frames = await run_job(client, "cache", body)
+        assert frames[-1]["status"] == "closed", frames[-1]

@@ -375,7 +375,14 @@ class Engine:
         order = _execution_order(item.prompt, item.outputs)
         signatures = _signatures(item.prompt, order)
         outputs_set = set(item.outputs)
-        cached = [n for n in order if n not in outputs_set and self._last_signatures.get(n) == signatures[n]]
+        # A node is served from cache only if everything it reads is too (a node id reused by another
+        # workflow in between may have left a stale signature on an upstream node).
+        cached: list[str] = []
+        for n in order:
+            upstream = [v[0] for v in (item.prompt[n].get("inputs") or {}).values() if _is_link(v)]
+            fresh = n not in outputs_set and self._last_signatures.get(n) == signatures[n]
+            if fresh and all(u in cached for u in upstream):
+                cached.append(n)
         record("execution_cached", {"nodes": cached, "prompt_id": pid, "timestamp": _now_ms()})
         states: dict[str, dict[str, Any]] = {}
         results: dict[str, Any] = {}

@@ -1,0 +1,177 @@
+"""The machine-readable contract: /openapi.json describes what the bridge really does, and no request
+generated from it (valid or not) gets a 5xx or an error without a `detail`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema_rs
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from schemathesis import GenerationMode
+
+from comfybridge.keys import SETTINGS
+
+from .conftest import FIXTURES
+from .helpers import Client, generate
+from .test_process import ROOT, free_port
+
+# Cases per operation; `make fuzz` asks for many more.
+FUZZ_EXAMPLES = int(os.environ.get("COMFYBRIDGE_FUZZ_EXAMPLES", "50"))
+CALLS: dict[str, int] = {}
+
+
+async def test_every_route_is_described_and_every_described_route_exists(bridge: Client) -> None:
+    doc = await (await bridge.get("/openapi.json")).json()
+    assert doc["openapi"] == "3.1.0"
+    served = {
+        (route.method.lower(), route.resource.canonical)
+        for route in bridge.app.router.routes()
+        if route.method != "HEAD" and route.resource is not None
+    }
+    described = {(method, path) for path, ops in doc["paths"].items() for method in ops}
+    assert described == served
+
+
+async def test_each_workflow_schema_matches_its_inputs(bridge: Client) -> None:
+    doc = await (await bridge.get("/openapi.json")).json()
+    aliases = await (await bridge.get("/workflow-list")).json()
+    schemas = doc["components"]["schemas"]
+    assert sorted(n.removeprefix("Generate_") for n in schemas if n.startswith("Generate_")) == aliases
+    for alias in aliases:
+        inputs = await (await bridge.get("/workflow-info", params={"workflow": alias})).json()
+        properties = schemas[f"Generate_{alias}"]["properties"]
+        assert set(properties) == {"workflow", *inputs}
+        for key, info in inputs.items():
+            expected = {"int": "integer", "float": "number", "str": "string", "bool": "boolean"}[info["type"]]
+            assert properties[key]["type"] == expected
+            assert properties[key].get("minimum") == info.get("min")
+            assert properties[key].get("maximum") == info.get("max")
+            assert properties[key].get("enum") == info.get("choices")
+
+
+async def test_what_the_schema_accepts_the_bridge_accepts(bridge: Client) -> None:
+    doc = await (await bridge.get("/openapi.json")).json()
+    schema = {**doc["components"]["schemas"]["Generate_solid"], "components": doc["components"]}
+    validator = jsonschema_rs.validator_for(schema)
+    good: dict[str, Any] = {"workflow": "solid", "1/width": 16, "1/batch_size": 1}
+    assert validator.is_valid(good)
+    assert (await generate(bridge, "schema", good))[0] == 200
+    for bad in ({**good, "1/width": "16"}, {**good, "9/nope": 1}, {"1/width": 16}):
+        assert not validator.is_valid(bad)
+        assert (await generate(bridge, "schema", bad))[0] == 400
+
+
+async def test_docs_page_shows_the_document(bridge: Client) -> None:
+    resp = await bridge.get("/docs")
+    assert resp.status == 200
+    assert resp.content_type == "text/html"
+    assert 'fetch("openapi.json"' in await resp.text()
+    assert bridge.app[SETTINGS].api_keys == ()
+
+
+@pytest.fixture(scope="module")
+def live_bridge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A bridge process (with an emulated ComfyUI) on a free loopback port, for a client that is not
+    asyncio: schemathesis calls it with `requests`."""
+    workdir = tmp_path_factory.mktemp("fuzz")
+    (workdir / "workflows").mkdir()
+    for path in (FIXTURES / "workflows").iterdir():
+        (workdir / "workflows" / path.name).write_bytes(path.read_bytes())
+    port = free_port()
+    with (workdir / "bridge.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "comfybridge", "--emulate", "1", "--port", str(port), "--max-json-mb", "1"],
+            cwd=workdir, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL, stderr=log,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/generation-count", timeout=1).close()
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert proc.poll() is None, (workdir / "bridge.log").read_text()
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    log_text = (workdir / "bridge.log").read_text()
+    assert "Traceback" not in log_text, log_text[-3000:]
+
+
+@pytest.fixture(scope="module")
+def api_schema(live_bridge: str) -> Any:
+    return schemathesis.openapi.from_url(f"{live_bridge}/openapi.json")
+
+
+OPERATIONS = [
+    ("GET", "/workflow-list"),
+    ("GET", "/workflow-info"),
+    ("POST", "/upload"),
+    ("POST", "/generate-based-workflow"),
+    ("GET", "/history"),
+    ("GET", "/execution-info"),
+    ("GET", "/generation-count"),
+    ("POST", "/free"),
+    ("POST", "/interrupt"),
+    ("GET", "/openapi.json"),
+    ("GET", "/docs"),
+    ("GET", "/ws"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), OPERATIONS)
+def test_no_generated_request_breaks_the_bridge(api_schema: Any, method: str, path: str) -> None:
+    """Schemathesis's cases for one operation, valid (positive) and invalid (negative) alike: never a
+    5xx, and every error is JSON with a `detail`."""
+    operation = api_schema[path][method]
+    calls = 0
+
+    cases = operation.as_strategy(GenerationMode.POSITIVE) | operation.as_strategy(GenerationMode.NEGATIVE)
+
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(case=cases)
+    def check(case: Any) -> None:
+        nonlocal calls
+        calls += 1
+        response = case.call(timeout=30)
+        assert response.status_code < 500, (case.method, case.path, case.query, response.text[:500])
+        if response.status_code >= 400:
+            assert response.headers.get("content-type", [""])[0].startswith("application/json"), (
+                case.method,
+                case.path,
+                case.query,
+                case.headers,
+                response.status_code,
+                response.text[:300],
+            )
+            assert isinstance(response.json().get("detail"), str)
+
+    check()
+    CALLS[f"{method} {path}"] = calls
+    assert calls > 0
+
+
+def test_fuzzing_covered_every_operation() -> None:
+    """Runs after the fuzzing above (same module, in order): how many requests each operation got."""
+    print("generated requests per operation:", CALLS, "total", sum(CALLS.values()))
+    assert set(CALLS) == {f"{m} {p}" for m, p in OPERATIONS}
+    assert sum(CALLS.values()) >= FUZZ_EXAMPLES * 5
+
+
+def test_fuzz_target_exists() -> None:
+    makefile = (Path(__file__).parent.parent / "Makefile").read_text()
+    assert "COMFYBRIDGE_FUZZ_EXAMPLES" in makefile
