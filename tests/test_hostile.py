@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import resource
 import signal
 import zlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import orjson
 import pytest
 
@@ -104,6 +107,18 @@ async def test_json_bodies_are_limited_after_decoding(
     params = {"clientId": "bomb"}
     resp = await client.post("/generate-based-workflow", params=params, data=io.BytesIO(bomb), headers=headers)
     assert resp.status == 413
+    assert rss_mb() - peak < 64
+
+    # 200 MB of plain JSON, streamed: refused after the first megabyte, never read whole.
+    async def flood() -> AsyncIterator[bytes]:
+        yield b'{"workflow": "'
+        for _ in range(200):
+            yield b"x" * (1024 * 1024)
+        yield b'"}'
+
+    with contextlib.suppress(aiohttp.ClientError):  # the bridge may hang up on the rest of the upload
+        resp = await client.post("/generate-based-workflow", params={"clientId": "flood"}, data=flood())
+        assert resp.status == 413
     assert rss_mb() - peak < 64
     status, _ = await generate(client, "after", TINY)  # everyone else carries on
     assert status == 200
