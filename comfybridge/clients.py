@@ -10,7 +10,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import BadInput, UnknownClient
 
@@ -27,12 +27,17 @@ def scope_of(client_id: str) -> str | None:
     return scope if sep else None
 
 
-Status = dict[str, str]
+Status = dict[str, Any]
 
 
 def status_message(status: str, detail: str) -> Status:
     """The contract's status shape; `details` repeats `detail` for clients written either way."""
     return {"status": status, "detail": detail, "details": detail}
+
+
+def about_job(message: Status, job_id: str, jobs_left: int) -> Status:
+    """The additive keys: which job a status is about, and how many of the client's jobs are unfinished."""
+    return {**message, "job_id": job_id, "jobs_left": jobs_left}
 
 
 LISTENING = status_message("listening", "server is listening")
@@ -57,6 +62,8 @@ class Client:
     backend: str | None = None  # bound while it has jobs
     last_backend: str | None = None
     touched: float = field(default_factory=time.time)
+    untold: list[str] = field(default_factory=list)  # jobs whose ending the client has not heard yet
+    held: list[tuple[Status, bool]] = field(default_factory=list)  # frames about later jobs, waiting
 
     @property
     def running(self) -> bool:

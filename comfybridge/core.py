@@ -13,7 +13,17 @@ from typing import Any, Protocol
 import aiohttp
 
 from .backend import Backend
-from .clients import CLOSED, CONNECTED, LISTENING, Client, ClientRegistry, Status, scope_of, status_message
+from .clients import (
+    CLOSED,
+    CONNECTED,
+    LISTENING,
+    Client,
+    ClientRegistry,
+    Status,
+    about_job,
+    scope_of,
+    status_message,
+)
 from .comfy import BackendUnavailable
 from .fairqueue import FairQueue
 from .jobs import Job, JobState
@@ -58,9 +68,11 @@ class SchedulerSettings:
 
 
 def open_status(client: Client) -> Status:
-    """The status of a client's unfinished jobs: `connected` once one is inside ComfyUI."""
-    handed = any(job.state is not JobState.WAITING for job in client.jobs.values())
-    return dict(CONNECTED if handed else LISTENING)
+    """The status of a client's unfinished jobs: `connected` once one is inside ComfyUI; about the
+    first of them."""
+    jobs = list(client.jobs.values())
+    handed = any(job.state is not JobState.WAITING for job in jobs)
+    return about_job(CONNECTED if handed else LISTENING, jobs[0].id, len(jobs)) if jobs else dict(LISTENING)
 
 
 class Core:
@@ -154,6 +166,7 @@ class Core:
         """A job joins its client's unfinished jobs (accepted, or recovered at start-up)."""
         client = self.clients.touch(job.client_id)
         client.jobs[job.id] = job
+        client.untold.append(job.id)
         self.uploads.pin(job.uploads.values())
         key = scope_of(job.client_id)
         if key is not None:
@@ -200,15 +213,63 @@ class Core:
         if files is not None:
             self.results.add(job.id, job.client_id, job.seq, files)
         client = self.clients.get(job.client_id)
-        if client is None or not notify:
+        if client is None:
+            return
+        if not notify:
+            self.told_ending(client, job)  # its caller tells the client
             return
         if job.state is JobState.DONE:
-            self.notifier.publish(client.id, CLOSED)
-            # /execution-info says `closed` only once nothing of the client is left to run.
-            client.status = dict(CLOSED) if not client.jobs else open_status(client)
+            ending = about_job(CLOSED, job.id, len(client.jobs))
         else:
-            client.status = status_message("error", job.error or "error")
-            self.notifier.publish(client.id, client.status, close=not client.jobs)
+            ending = about_job(status_message("error", job.error or "error"), job.id, len(client.jobs))
+        if self._may_send(client, ending):
+            self._send(client, ending, close=ending["status"] == "error" and not client.jobs)
+            self.told_ending(client, job)
+        else:  # an earlier job has not been told its ending yet: this one waits behind it
+            client.held.append((ending, ending["status"] == "error" and not client.jobs))
+
+    # what clients are told ---------------------------------------------------------------------
+    def tell(self, job: Job, status: str, detail: str) -> None:
+        """A status frame about one job. A client hears about its jobs in order: while an earlier
+        job's ending is being recorded, frames about later ones wait for it."""
+        client = self.clients.get(job.client_id)
+        if client is None:
+            return
+        self._tell(client, about_job(status_message(status, detail), job.id, len(client.jobs)))
+
+    def _tell(self, client: Client, message: Status, close: bool = False) -> None:
+        """Send now if the frame is about the client's oldest job whose ending it has not heard;
+        frames about later jobs wait for that ending."""
+        if self._may_send(client, message):
+            self._send(client, message, close)
+        else:
+            client.held.append((message, close))
+
+    @staticmethod
+    def _may_send(client: Client, message: Status) -> bool:
+        job_id = message.get("job_id")
+        return not client.untold or job_id == client.untold[0] or job_id not in client.untold
+
+    def _send(self, client: Client, message: Status, close: bool = False) -> None:
+        if message["status"] == "closed" and client.jobs:
+            # /execution-info says `closed` only once nothing of the client is left to run.
+            client.status = open_status(client)
+        else:
+            client.status = message
+        self.notifier.publish(client.id, message, close)
+
+    def told_ending(self, client: Client, job: Job) -> None:
+        """The job's ending has been told (or never will be): frames of the next job may go."""
+        if job.id in client.untold:
+            client.untold.remove(job.id)
+        while True:
+            ready = next((i for i, (m, _) in enumerate(client.held) if self._may_send(client, m)), None)
+            if ready is None:
+                return
+            message, close = client.held.pop(ready)
+            self._send(client, message, close)
+            if message["status"] in ("closed", "error") and message.get("job_id") in client.untold:
+                client.untold.remove(message["job_id"])  # a held ending, told now
 
     async def cancel_on_backend(self, backend: Backend, job: Job) -> None:
         """Take a prompt back from ComfyUI: delete it from the queue, or interrupt it if it runs."""

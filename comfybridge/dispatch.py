@@ -8,7 +8,7 @@ import logging
 import time
 
 from .backend import Backend
-from .clients import CONNECTED
+from .clients import CONNECTED, about_job
 from .comfy import BackendUnavailable, PromptRefused
 from .core import DISCONNECTED, Core
 from .errors import StorageFull
@@ -97,8 +97,8 @@ class Dispatcher:
         job.last_event = time.monotonic()
         if job.state is JobState.SUBMITTING:
             job.move(JobState.QUEUED)
-            if client is not None and not job.ended and not client.running:
-                client.status = dict(CONNECTED)
+            if client is not None and not job.ended and not client.running and not client.held:
+                client.status = about_job(CONNECTED, job.id, len(client.jobs))  # polled, never sent
         log.info("job %s client %s: queued on %s as %s", job.id, job.client_id, backend.name, job.prompt_id)
         if job.state is JobState.CANCELLED:
             # The cancel raced the hand-over; now ComfyUI has named the prompt, take it back.

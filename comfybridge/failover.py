@@ -39,6 +39,10 @@ class Failover:
         def disconnected() -> None:
             backend.healthy = False
             log.warning("backend %s is down; %d prompts wait for it", backend.name, len(backend.inflight))
+            grace = core.settings.backend_grace
+            for job in backend.inflight:
+                if not job.ended:  # no stale percent while nothing runs: say what it waits for
+                    core.tell(job, "listening", f"waiting for its ComfyUI to come back (up to {grace:g}s)")
             self.watch_absence(backend)
 
         await backend.client.listen(
@@ -72,6 +76,7 @@ class Failover:
                 job.retries += 1
             log.warning("job %s client %s: moving off %s", job.id, job.client_id, backend.name)
             core.send_again(job)
+            core.tell(job, "listening", "its ComfyUI is gone; waiting for another one")
         backend.down_since = None  # its clients are no longer held for it
         core.unbind_clients_of(backend)
         core.wake_all()

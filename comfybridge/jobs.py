@@ -124,6 +124,7 @@ class Job:
     results: list[dict[str, Any]] | None = None  # the stored result files, once done
     last_event: float = field(default_factory=time.monotonic)
     handing_over: bool = False  # POST /prompt of this job is in flight from this process
+    told_progress: str = ""  # the last percent its client heard, so a frame is sent only on change
     journal: Recorder | None = field(default=None, repr=False, compare=False)
     progress: Progress = field(init=False)
 
@@ -205,6 +206,7 @@ class Job:
         self.outcome = None
         self.started_at = None
         self.progress = Progress(self.prompt)
+        self.told_progress = ""
         return self.move(
             JobState.WAITING, prompt_id=str(uuid.uuid4()), backend=None, attempts=self.attempts, retries=self.retries
         )

@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from .clients import CLOSED, status_message
+from .clients import CLOSED, about_job, status_message
 from .core import Core, open_status
 from .jobs import ENDED, Job, JobState
 
@@ -50,9 +50,9 @@ def recover(core: Core, rows: list[dict[str, Any]], gone: set[str]) -> Recovered
             if job.state is JobState.DONE:
                 files = core.results.files_from(job.id, job.results or [])
                 core.results.add(job.id, job.client_id, job.seq, files, created=job.ended_at)
-                client.status = dict(CLOSED)
+                client.status = about_job(CLOSED, job.id, 0)
             else:
-                client.status = status_message("error", job.error or "error")
+                client.status = about_job(status_message("error", job.error or "error"), job.id, 0)
             continue
         core.opened(job)
         backend = core.backends.get(job.backend or "")

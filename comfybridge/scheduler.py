@@ -20,9 +20,9 @@ import aiohttp
 
 from . import care
 from .backend import Backend
-from .clients import LISTENING, Client, Status, scope_of, status_message
+from .clients import Client, Status, about_job, scope_of, status_message
 from .comfy import ComfyClient
-from .core import Core, Notifier, SchedulerSettings
+from .core import Core, Notifier, SchedulerSettings, open_status
 from .dispatch import Dispatcher
 from .errors import NoBackend, RateLimited, ShuttingDown, TooManyJobs
 from .failover import Failover
@@ -266,8 +266,8 @@ class Scheduler:
             return False
         if not any(j.state in (JobState.QUEUED, JobState.RUNNING) for j in self._client_jobs(job)):
             client = self.clients.get(job.client_id)
-            if client is not None:
-                client.status = dict(LISTENING)
+            if client is not None and not client.held:
+                client.status = open_status(client)
         core.queue.push(job)
         core.wake_all()
         return True
@@ -275,6 +275,8 @@ class Scheduler:
     def _unaccept(self, job: Job, new_client: bool) -> None:
         self.core.closed(job)
         client = self.clients.get(job.client_id)
+        if client is not None:
+            self.core.told_ending(client, job)
         if client is not None and new_client:
             self.clients.forget_if_done(client, self.core.owns_something)
 
@@ -318,7 +320,7 @@ class Scheduler:
             # WAITING: end took it out of the queue. SUBMITTING: dispatch cancels it once ComfyUI answers.
         if jobs:
             await asyncio.gather(*(e for e in ended if e is not None), return_exceptions=True)
-            client.status = dict(INTERRUPTED)
+            client.status = about_job(INTERRUPTED, jobs[-1].id, len(client.jobs))
             core.notifier.publish(client_id, client.status, close=True)
 
     async def free(self, client_id: str | None) -> bool:

@@ -9,7 +9,6 @@ from typing import Any
 
 from . import care
 from .backend import Backend
-from .clients import status_message
 from .comfy import BackendUnavailable, OutputRef, outputs_of
 from .core import DISCONNECTED, Core
 from .errors import StorageFull
@@ -44,15 +43,11 @@ class Tracker:
             self.publish_progress(job)
 
     def publish_progress(self, job: Job) -> None:
-        client = self.core.clients.get(job.client_id)
-        if client is None:
-            return
-        before = client.status
         detail = f"{job.progress.update():.2f}%"
-        if before.get("status") == "progress" and before.get("detail") == detail:
+        if job.told_progress == detail:
             return
-        client.status = status_message("progress", detail)
-        self.core.notifier.publish(client.id, client.status)
+        job.told_progress = detail
+        self.core.tell(job, "progress", detail)
 
     def prompt_finished(self, backend: Backend, job: Job) -> None:
         """ComfyUI's final `executing null` (or its history, after a lost socket): only now is the

@@ -17,6 +17,11 @@ from comfybridge.emulator.png import solid_png
 Client = TestClient[web.Request, web.Application]
 
 
+def seed(message: dict[str, Any]) -> dict[str, Any]:
+    """A status message as the seed contract knows it, without the additive keys (job_id, jobs_left)."""
+    return {k: v for k, v in message.items() if k in ("status", "detail", "details")}
+
+
 def png(width: int = 8, height: int = 8, colour: int = 0x336699) -> bytes:
     return solid_png(width, height, colour)
 

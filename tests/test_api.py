@@ -17,7 +17,7 @@ from comfybridge.keys import RESULTS, STATE
 from comfybridge.results import ResultFile
 
 from .conftest import BridgeFactory
-from .helpers import Client, generate, png, read_results, run_job, upload
+from .helpers import Client, generate, png, read_results, run_job, seed, upload
 
 ALIASES = ["bad_ckpt", "broken", "image-to-image", "invert", "size-preview", "slow", "solid", "text-to-image"]
 
@@ -75,7 +75,7 @@ async def test_workflow_info_unknown_or_missing_alias_is_400(bridge: Client) -> 
 # /generate-based-workflow and /history -----------------------------------------------------------
 async def test_generate_then_history_returns_the_patched_images(bridge: Client) -> None:
     frames = await run_job(bridge, "c1", {"workflow": "solid", "1/width": 40, "1/height": 24, "1/batch_size": 2})
-    assert frames[-1] == {"status": "closed", "detail": "Execution is done", "details": "Execution is done"}
+    assert seed(frames[-1]) == {"status": "closed", "detail": "Execution is done", "details": "Execution is done"}
     resp = await bridge.get("/history", params={"clientId": "c1"})
     assert resp.status == 200
     assert resp.content_type == "multipart/form-data"
@@ -249,10 +249,10 @@ async def test_execution_info_follows_the_job(bridge: Client) -> None:
     assert (await resp.json())["detail"].startswith("Unknown clientId 'poll'")
     await upload(bridge, {"file": ("a.png", png())}, client_id="poll")
     info = await (await bridge.get("/execution-info", params={"clientId": "poll"})).json()
-    assert info == {"status": "listening", "detail": "server is listening", "details": "server is listening"}
+    assert seed(info) == {"status": "listening", "detail": "server is listening", "details": "server is listening"}
     await run_job(bridge, "poll", {"workflow": "solid", "1/batch_size": 1})
     info = await (await bridge.get("/execution-info", params={"clientId": "poll"})).json()
-    assert info == {"status": "closed", "detail": "Execution is done", "details": "Execution is done"}
+    assert seed(info) == {"status": "closed", "detail": "Execution is done", "details": "Execution is done"}
 
 
 async def test_generation_count_counts_accepted_jobs(bridge: Client) -> None:

@@ -10,7 +10,7 @@ import orjson
 from comfybridge.emulator import Emulator
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
-from .helpers import Client, frames_until, generate, poll_status, run_job
+from .helpers import Client, frames_until, generate, poll_status, run_job, seed
 
 CONNECTED = {"status": "connected", "detail": "server connected", "details": "server connected"}
 LISTENING = {"status": "listening", "detail": "server is listening", "details": "server is listening"}
@@ -46,7 +46,7 @@ async def test_progress_rises_to_100_then_closed(make_emulator: EmulatorFactory,
     assert running[-1]["detail"] == "100.00%"
     # The sampler's ten steps are most of the job, so they show as many distinct values.
     assert len({v for v in values if 0 < v < 100}) >= 8
-    assert frames[-1] == {"status": "closed", "detail": "Execution is done", "details": "Execution is done"}
+    assert seed(frames[-1]) == {"status": "closed", "detail": "Execution is done", "details": "Execution is done"}
 
 
 async def test_runtime_error_is_sent_then_socket_closes_1011(bridge: Client) -> None:
@@ -59,7 +59,7 @@ async def test_runtime_error_is_sent_then_socket_closes_1011(bridge: Client) -> 
         assert (await ws.receive()).type is aiohttp.WSMsgType.CLOSE
         assert ws.close_code == 1011
     info = await (await bridge.get("/execution-info", params={"clientId": "err"})).json()
-    assert info == {"status": "error", "detail": detail, "details": detail}
+    assert seed(info) == {"status": "error", "detail": detail, "details": detail}
 
 
 async def test_comfyui_validation_error_reaches_the_client(bridge: Client) -> None:
@@ -98,7 +98,7 @@ async def test_disconnect_cancels_after_grace(make_emulator: EmulatorFactory, ma
         await frames_until(ws, "progress")
     await wait_for(lambda: len(interrupted_prompts(emulator)) == 1)
     info = await (await client.get("/execution-info", params={"clientId": "gone"})).json()
-    assert info == INTERRUPTED
+    assert seed(info) == INTERRUPTED
 
 
 async def test_socket_back_within_grace_keeps_the_job(
@@ -129,6 +129,52 @@ async def test_interrupt_running_job(make_emulator: EmulatorFactory, make_bridge
         resp = await client.post("/interrupt", params={"clientId": "stop"})
         assert await resp.json() == {"detail": "interrupted that clientId will be ignored. / stop"}
         frames = await frames_until(ws, "error")
-        assert frames[-1] == INTERRUPTED
+        assert seed(frames[-1]) == INTERRUPTED
         assert (await ws.receive()).type is aiohttp.WSMsgType.CLOSE
     await wait_for(lambda: len(interrupted_prompts(emulator)) == 1)
+
+
+async def test_a_client_hears_about_its_jobs_one_after_another(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory
+) -> None:
+    client = await make_bridge(await make_emulator(pace=0.05))
+    async with client.ws_connect("/ws", params={"clientId": "story"}) as ws:
+        jobs = []
+        for seed_value in (1, 2, 3):
+            status, body = await generate(client, "story", {"workflow": "slow", "2/seed": seed_value})
+            assert status == 200
+            jobs.append(body["job_id"])
+        frames = []
+        while len([f for f in frames if f["status"] == "closed"]) < 3:
+            frames.extend(await frames_until(ws, "closed"))
+    about = [f for f in frames if "job_id" in f]
+    assert [f["job_id"] for f in about] == sorted((f["job_id"] for f in about), key=jobs.index)  # never interleaved
+    closes = [f for f in about if f["status"] == "closed"]
+    assert [(f["job_id"], f["jobs_left"]) for f in closes] == [(jobs[0], 2), (jobs[1], 1), (jobs[2], 0)]
+    for job_id in jobs:
+        percents = [float(f["detail"][:-1]) for f in about if f["job_id"] == job_id and f["status"] == "progress"]
+        assert percents == sorted(percents)
+        assert percents[-1] == 100.0
+    info = await (await client.get("/execution-info", params={"clientId": "story"})).json()
+    assert (info["status"], info["job_id"], info["jobs_left"]) == ("closed", jobs[2], 0)
+    resp = await client.get("/history", params={"clientId": "story"})
+    reader = aiohttp.MultipartReader.from_response(resp)
+    owners = []
+    while (part := await reader.next()) is not None:
+        assert isinstance(part, aiohttp.BodyPartReader)
+        await part.read()
+        owners.append(part.headers["X-Job-Id"])
+    assert owners == jobs
+
+
+async def test_a_job_whose_backend_is_away_says_so(make_bridge: BridgeFactory, make_emulator: EmulatorFactory) -> None:
+    emulator = await make_emulator(pace=0.5)
+    client = await make_bridge(emulator, backend_grace=30)
+    async with client.ws_connect("/ws", params={"clientId": "stranded"}) as ws:
+        await generate(client, "stranded", {"workflow": "slow", "2/seed": 9})
+        await frames_until(ws, "progress")
+        await emulator.stop()
+        frames = await frames_until(ws, "listening")
+    assert frames[-1]["detail"] == "waiting for its ComfyUI to come back (up to 30s)"
+    info = await (await client.get("/execution-info", params={"clientId": "stranded"})).json()
+    assert (info["status"], info["detail"]) == ("listening", "waiting for its ComfyUI to come back (up to 30s)")
