@@ -235,7 +235,6 @@ async def bench_idle_gap(jobs: int) -> dict[str, Any]:
 
 SPEEDS = [1, 2, 4]  # relative speeds of the three emulated GPUs in the makespan benchmark
 BASE_PACE = 0.06  # seconds per node on the 1x backend
-WARM_SLACK = 0.05  # the default (1 s) is sized for real jobs of seconds; these take 0.1-0.4 s
 
 
 def mixed_jobs(count: int) -> list[dict[str, Any]]:
@@ -289,7 +288,7 @@ async def bench_makespan(jobs: int) -> dict[str, Any]:
     rr, _ = await direct_run(bodies, lambda index, counts: index % len(counts))
     lq, _ = await direct_run(bodies, lambda index, counts: counts.index(min(counts)))
     async with (
-        stack([BASE_PACE / s for s in SPEEDS], warm_slack=WARM_SLACK) as (url, comfy),
+        stack([BASE_PACE / s for s in SPEEDS]) as (url, comfy),
         aiohttp.ClientSession() as session,
     ):
         t0 = time.monotonic()

@@ -47,7 +47,7 @@ class Settings:
     backend_grace: float = 10.0
     comfy_timeout: float = 30.0
     max_jobs_per_client: int = 0
-    warm_slack: float = 1.0
+    warm_slack: float = 0.05
     free_idle_after: float = 0.0
     free_every_jobs: int = 0
     free_below_vram_mb: float = 0.0
@@ -176,7 +176,7 @@ OPTIONS: dict[str, tuple[Parser, Callable[[Any], str | None] | None, str]] = {
     "backend_grace": (_number(float), _not_negative, "seconds a backend may be away before its jobs move"),
     "comfy_timeout": (_number(float), _positive, "seconds to wait for a ComfyUI REST answer"),
     "max_jobs_per_client": (_number(int), _not_negative, "jobs one client may have in line (429 beyond; 0: no limit)"),
-    "warm_slack": (_number(float), _not_negative, "seconds later a backend that last ran the workflow may finish"),
+    "warm_slack": (_number(float), _not_negative, "how much later (a fraction of the job) a warm backend may finish"),
     "free_idle_after": (_number(float), _not_negative, "free a backend's memory after this many idle seconds (0: off)"),
     "free_every_jobs": (_number(int), _not_negative, "free a backend's memory every N jobs (0: off)"),
     "free_below_vram_mb": (_number(float), _not_negative, "free memory when free VRAM is under this (0: off)"),

@@ -15,8 +15,9 @@ class RunTimes:
     cached) and cold ones, so the cost of switching models is learned rather than guessed.
 
     An unseen case borrows what is known: the other warmth on the same backend, else the workflow's
-    time elsewhere scaled by how fast this backend is relative to the others, else this backend's
-    typical time, else the prior.
+    time elsewhere scaled by how fast this backend is relative to the others, else the typical time
+    of any job anywhere scaled the same way, else the prior. A backend with no history counts as
+    average (factor 1), never as slow: so no backend is starved because it has not run yet.
     """
 
     def __init__(self, prior: float = 5.0, alpha: float = 0.3) -> None:
@@ -37,7 +38,8 @@ class RunTimes:
         elsewhere = [v for (w, b, _), v in self._mean.items() if w == workflow and b != backend]
         if elsewhere:
             return statistics.fmean(elsewhere) * self._speed_factor(backend)
-        return self.typical(backend)
+        typical = statistics.fmean(self._mean.values()) if self._mean else self.prior
+        return typical * self._speed_factor(backend)
 
     def _speed_factor(self, backend: str) -> float:
         """How much longer this backend takes than the others on the workflows both have run (1.0 unknown)."""
@@ -74,9 +76,11 @@ def plan_for(
     """Index of the first waiting job that earliest-finish list scheduling gives to `backend`, or None.
 
     `waiting` yields (job key, workflow, bound backend or None) in the order jobs are served. Each job
-    goes where it would finish first, preferring a backend that last ran the same workflow (its models
-    are loaded) when that finishes within `warm_slack` seconds of the best; jobs of a bound client
-    go to their backend. A backend whose turn never comes stays idle: the others finish sooner.
+    goes where it would finish first by the learned estimates (which already know warm runs apart
+    from cold ones); a backend that last ran the same workflow is preferred only when it finishes
+    within `warm_slack` (a fraction of the job's own length) of the best. Ties go to the backend
+    that is free sooner, never to whichever worker asked. Jobs of a bound client go to their
+    backend. A backend whose turn never comes stays idle: the others finish sooner.
     """
     free = {lane.name: lane.free_in for lane in lanes}
     last = {lane.name: lane.last_workflow for lane in lanes}
@@ -90,11 +94,13 @@ def plan_for(
                 continue
             target = bound
         else:
-            finish = {name: free[name] + estimate(workflow, name, last[name] == workflow) for name in free}
-            target = min(finish, key=lambda name: (finish[name], name != backend))
-            warm = [n for n in free if last[n] == workflow and finish[n] <= finish[target] + warm_slack]
+            cost = {name: estimate(workflow, name, last[name] == workflow) for name in free}
+            finish = {name: free[name] + cost[name] for name in free}
+            target = min(finish, key=lambda name: (finish[name], free[name], name))
+            slack = warm_slack * cost[target]
+            warm = [n for n in free if last[n] == workflow and finish[n] <= finish[target] + slack]
             if warm and last[target] != workflow:
-                target = min(warm, key=lambda name: finish[name])
+                target = min(warm, key=lambda name: (finish[name], free[name], name))
         if target == backend:
             return index
         free[target] += estimate(workflow, target, last[target] == workflow)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from comfybridge.fairqueue import FairQueue
 from comfybridge.jobs import Job
@@ -19,7 +21,9 @@ def test_run_times_learn_and_borrow() -> None:
     times.observe("flux", "gpu2", 20.0)
     # gpu2 ran flux in half gpu1's time, so its unseen "sd" is borrowed at half of gpu1's.
     assert times.estimate("sd", "gpu2") == pytest.approx(7.5)
-    assert times.estimate("new", "gpu1") == pytest.approx(27.5)  # gpu1's typical job
+    # A workflow no one has run: the typical job anywhere (25 s), scaled by each backend's speed.
+    assert times.estimate("new", "gpu1") == pytest.approx(50.0)
+    assert times.estimate("new", "gpu2") == pytest.approx(12.5)
     times.observe("flux", "gpu1", 10.0, warm=True)
     assert times.estimate("flux", "gpu1", warm=True) == 10.0  # models loaded: faster
     assert times.estimate("flux", "gpu1", warm=False) == 40.0
@@ -76,3 +80,70 @@ def test_fair_queue_serves_clients_in_turn() -> None:
     assert len(queue) == 6
     assert queue.remove(light[0])
     assert not queue.remove(light[0])
+
+
+def test_a_backend_with_no_history_is_average_not_slow() -> None:
+    """After short jobs on A, a workflow neither has run is estimated alike on A and on the new B,
+    so two such jobs go one to each instead of queueing on A."""
+    times = RunTimes(prior=5.0)
+    for _ in range(3):
+        times.observe("short", "A", 1.0)
+    assert times.estimate("new", "A") == times.estimate("new", "B") == 1.0
+    lanes = [Lane("A", 0.0, "short"), Lane("B", 0.0, None)]
+    two = [("j1", "new", None), ("j2", "new", None)]
+    assert plan_for("A", iter(two), lanes, times.estimate, 0.05) == 0
+    assert plan_for("B", iter(two), lanes, times.estimate, 0.05) == 1
+
+
+def test_ties_go_to_the_backend_free_sooner_not_to_the_one_asking() -> None:
+    costs = {("w", "a"): 3.0, ("w", "b"): 1.0}
+    lanes = [Lane("a", 0.0, None), Lane("b", 2.0, None)]  # both would finish at 3.0
+    one = [("j", "w", None)]
+    assert plan_for("b", iter(one), lanes, estimate_table(costs), 0) is None  # type: ignore[arg-type]
+    assert plan_for("a", iter(one), lanes, estimate_table(costs), 0) == 0  # type: ignore[arg-type]
+
+
+names = st.sampled_from(["a", "b", "c", "d"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    backends=st.dictionaries(names, st.floats(min_value=0.5, max_value=4.0), min_size=1, max_size=4),
+    busy=st.dictionaries(names, st.floats(min_value=0.0, max_value=20.0)),
+    jobs=st.lists(st.tuples(st.sampled_from(["w1", "w2", "w3"]), st.none() | names), min_size=1, max_size=12),
+    base=st.dictionaries(st.sampled_from(["w1", "w2", "w3"]), st.floats(min_value=0.1, max_value=10.0)),
+)
+def test_placement_properties(
+    backends: dict[str, float], busy: dict[str, float], jobs: list[tuple[str, str | None]], base: dict[str, float]
+) -> None:
+    """Over random backends (speeds), work already on them, learned tables and queues:
+    bound jobs only go to their backend; an idle backend never waits while an unbound job would
+    finish no later on it; and each backend takes the first job placement gives it."""
+
+    def estimate(workflow: str, backend: str, warm: bool) -> float:
+        return base.get(workflow, 5.0) * backends[backend]
+
+    lanes = [Lane(name, busy.get(name, 0.0), None) for name in backends]
+    waiting = [(f"j{i}", workflow, bound) for i, (workflow, bound) in enumerate(jobs)]
+    picks = {name: plan_for(name, iter(waiting), lanes, estimate, 0.0) for name in backends}
+    for name, index in picks.items():
+        if index is None:
+            continue
+        bound = waiting[index][2]
+        assert bound in (None, name)  # bound clients are respected
+    first_unbound = next((i for i, (_, _, bound) in enumerate(waiting) if bound is None), None)
+    if first_unbound is None:
+        return
+    idle = [name for name in backends if busy.get(name, 0.0) == 0.0]
+    if not idle:
+        return
+    workflow = waiting[first_unbound][1]
+    finish = {name: busy.get(name, 0.0) + estimate(workflow, name, False) for name in backends}
+    best = min(finish.values())
+    fastest_idle = [n for n in idle if finish[n] < best + 1e-9]
+    if fastest_idle and not any(waiting[i][2] in backends for i in range(first_unbound)):
+        # An idle backend is the fastest place for the first job: one such backend takes it now.
+        assert first_unbound in [picks[n] for n in fastest_idle]
+    # Work-conserving: if every backend is idle and no job is bound, some backend starts the first job.
+    if all(busy.get(n, 0.0) == 0.0 for n in backends) and all(b is None for _, _, b in waiting):
+        assert 0 in picks.values()
