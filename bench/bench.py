@@ -506,6 +506,40 @@ async def bench_recovery(jobs: int, clients: int = 32) -> dict[str, Any]:
         shutil.rmtree(data, ignore_errors=True)
 
 
+async def bench_spread(clients: int = 6) -> dict[str, Any]:
+    """Two idle backends, one of which has only run short jobs; then `clients` clients submit one job
+    each of a workflow no backend has run. A job 'waited while idle' when it started after a moment at
+    which some backend sat idle with that job still waiting."""
+    async with stack([0.1, 0.1]) as (url, comfy), aiohttp.ClientSession() as session:
+        for index in range(3):  # the bias: short jobs known on whichever backend took them
+            await bridge_job(session, url, dict(SOLID, **{"1/width": 16 + index}))
+        before = [len(await timeline(session, c)) for c in comfy]
+        t0 = time.monotonic()
+        await submit_all(session, url, [{"workflow": "slow", "2/seed": i} for i in range(clients)])
+        lines = await wait_prompts(session, comfy, sum(before) + clients)
+    runs = [line[skip:] for line, skip in zip(lines, before, strict=True)]
+    waited = 0
+    for line in runs:
+        for _, start, _ in line:
+            for other in runs:  # was another backend idle at some moment between t0 and this start?
+                busy = sorted((s, e) for _, s, e in other)
+                free_from = t0
+                for s, e in busy:
+                    if s > free_from + 0.02 and free_from < start - 0.02:
+                        waited += 1
+                        break
+                    free_from = max(free_from, e)
+                else:
+                    continue
+                break
+    return {
+        "name": "spread",
+        "clients": clients,
+        "waited_while_idle": waited,
+        "jobs_per_backend": [len(r) for r in runs],
+    }
+
+
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], Awaitable[dict[str, Any]]]] = {
     "overhead": lambda args: bench_overhead(args.jobs),
     "throughput": lambda args: bench_throughput(args.jobs * 2),
@@ -515,6 +549,7 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], Awaitable[dict[str, Any]]]]
     "counter": lambda args: bench_counter(args.jobs * 10),
     "clients_scale": lambda args: bench_clients_scale(args.ids),
     "recovery": lambda args: bench_recovery(args.recovery_jobs),
+    "spread": lambda args: bench_spread(),
 }
 
 
