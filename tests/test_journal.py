@@ -204,3 +204,13 @@ async def test_full_disk_refuses_with_507_and_corrupts_nothing(
         with contextlib.closing(sqlite3.connect(data_dir / "journal.sqlite3")) as conn:
             assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         assert client.app[JOURNAL].count == 2
+
+
+async def test_a_stopping_bridge_refuses_new_jobs_with_503(bridge: Client) -> None:
+    await bridge.app.shutdown()  # what SIGTERM runs first, before connections close
+    status, body = await generate(bridge, "late", TINY)
+    assert (status, body) == (
+        503,
+        {"detail": "The bridge is shutting down and accepts no new jobs; try again in a moment."},
+    )
+    assert await (await bridge.get("/generation-count")).json() == 0
