@@ -20,7 +20,7 @@ from comfybridge.workflows import WorkflowStore
 
 from .conftest import FIXTURES
 
-FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FAST = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 ALLOWED = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.:-"
 
 
