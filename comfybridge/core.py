@@ -67,6 +67,16 @@ class SchedulerSettings:
     output_subfolder: bool
 
 
+def _where_and_how_long(job: Job) -> str:
+    """` on BACKEND, waited Ws, ran Rs` for the log line of a job's end (what is known of it)."""
+    now = time.monotonic()
+    if job.backend is None:
+        return f", waited {now - job.accepted_mono:.2f}s"
+    if job.started_at is None:
+        return f" on {job.backend}, waited {now - job.accepted_mono:.2f}s"
+    return f" on {job.backend}, waited {job.started_at - job.accepted_mono:.2f}s, ran {now - job.started_at:.2f}s"
+
+
 def open_status(client: Client) -> Status:
     """The status of a client's unfinished jobs: `connected` once one is inside ComfyUI; about the
     first of them."""
@@ -205,7 +215,10 @@ class Core:
             committed = job.move(state, error=error)
         self.queue.remove(job)
         self.closed(job)
-        log.info("job %s client %s: %s%s", job.id, job.client_id, state.value, f" ({error})" if error else "")
+        log.info(
+            "job %s client %s: %s%s%s", job.id, job.client_id, state.value, _where_and_how_long(job),
+            f" ({error})" if error else "",
+        )  # fmt: skip
         committed.add_done_callback(lambda _: self._ended(job, files, notify))
         return committed
 

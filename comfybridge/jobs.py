@@ -120,6 +120,7 @@ class Job:
     started_at: float | None = None  # monotonic time of ComfyUI's execution_start
     warm: bool = False  # its backend ran the same workflow just before it
     accepted_at: float = field(default_factory=time.time)
+    accepted_mono: float = field(default_factory=time.monotonic)  # for the wait and run times it logs
     ended_at: float | None = None
     results: list[dict[str, Any]] | None = None  # the stored result files, once done
     last_event: float = field(default_factory=time.monotonic)
