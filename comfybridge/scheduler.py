@@ -285,7 +285,8 @@ class Scheduler:
         return list(client.jobs.values()) if client is not None else []
 
     def _position(self, job: Job) -> int:
-        """One plus the jobs that run before it: on its backend if bound, else in the bridge queue."""
+        """One plus the jobs that run before it: on its backend if bound; else the jobs ahead of it
+        (waiting, and inside ComfyUI) shared among the usable backends."""
         core = self.core
         bound = core.bound_of(job.client_id)
         ahead = 0
@@ -296,8 +297,9 @@ class Scheduler:
                 ahead += 1
         if bound is not None:
             return len(self.backends[bound].inflight) + ahead + 1
+        # Unbound: the work ahead of it spreads over every usable backend.
         running = [len(b.inflight) for b in self.backends.values() if b.usable]
-        return min(running, default=0) + ahead + 1
+        return (sum(running) + ahead) // max(1, len(running)) + 1
 
     @property
     def generation_count(self) -> int:

@@ -175,3 +175,17 @@ async def test_waiting_behind_other_users_is_not_idle(
     await wait_for(lambda: emulator.engine.queue_remaining == 1)
     frames = await run_job(client, "patient", {"workflow": "solid", "1/batch_size": 1})
     assert frames[-1]["status"] == "closed"
+
+
+async def test_place_in_line_counts_every_idle_backend(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    client = await make_bridge(await make_emulator(pace=0.2), await make_emulator(pace=0.2))
+    places = []
+    for index in range(4):
+        status, body = await generate(client, f"line-{index}", {"workflow": "slow", "2/seed": index})
+        assert status == 200
+        places.append(body["detail"])
+    assert places == ["queued / 1", "queued / 1", "queued / 2", "queued / 2"]
+    for index in range(4):
+        await client.post("/interrupt", params={"clientId": f"line-{index}"})
