@@ -12,9 +12,10 @@ import orjson
 import pytest
 
 from comfybridge.emulator import Emulator
+from comfybridge.emulator.png import png_first_pixel
 
 from .conftest import FIXTURES, EmulatorFactory
-from .helpers import run_job
+from .helpers import png, read_results, run_job, upload
 
 SCENARIOS: dict[str, list[dict[str, Any]]] = orjson.loads((FIXTURES / "ws_scenarios-0.3.64.json").read_bytes())
 WORKFLOWS = FIXTURES / "workflows"
@@ -333,3 +334,12 @@ async def test_cache_never_serves_a_node_whose_input_runs_again(make_bridge: Any
     for body in ({"workflow": "image-to-image"}, {"workflow": "slow", "2/seed": 1}, {"workflow": "image-to-image"}):
         frames = await run_job(client, "cache", body)
         assert frames[-1]["status"] == "closed", frames[-1]
+
+
+async def test_invert_really_inverts_an_uploaded_image(make_bridge: Any, emulator: Emulator) -> None:
+    client = await make_bridge(emulator)
+    _, names = await upload(client, {"file": ("green.png", png(8, 8, 0x2ED37E))}, client_id="invert")
+    frames = await run_job(client, "invert", {"workflow": "invert", "1/image": names["file"]})
+    assert frames[-1]["status"] == "closed"
+    [(_, _, _, data)] = await read_results(await client.get("/history", params={"clientId": "invert"}))
+    assert png_first_pixel(data) == 0xFFFFFF ^ 0x2ED37E  # (209, 44, 129)

@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from .png import png_size, solid_png
+from .png import png_first_pixel, png_size, solid_png
 
 log = logging.getLogger(__name__)
 
@@ -485,11 +485,15 @@ class Engine:
         inputs = {k: self._resolve(v, results) for k, v in (node.get("inputs") or {}).items()}
         if kind in ("LoadImage", "LoadImageMask"):
             path = self.input_dir / str(inputs.get("image"))
-            head = path.read_bytes()[:64] if path.is_file() else b""
+            data = path.read_bytes() if path.is_file() else b""
+            head = data[:64]
             if not head.startswith(_IMAGE_MAGIC):
                 raise NodeFailure(f"cannot identify image file '{path}'", "PIL.UnidentifiedImageError")
             width, height = png_size(head) or (64, 64)
-            colour = int.from_bytes(hashlib.md5(head).digest()[:3], "big")
+            # A PNG keeps its real colour (so invert really inverts it); other formats get one from their bytes.
+            colour = png_first_pixel(data)
+            if colour is None:
+                colour = int.from_bytes(hashlib.md5(head).digest()[:3], "big")
             return ({"w": width, "h": height, "b": 1, "c": colour}, {"w": width, "h": height, "b": 1, "c": 0})
         if kind in ("EmptyImage", "EmptyLatentImage"):
             colour = int(inputs.get("color") or 0) if kind == "EmptyImage" else 0x223344

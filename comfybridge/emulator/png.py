@@ -28,3 +28,25 @@ def png_size(data: bytes) -> tuple[int, int] | None:
         return None
     width, height = struct.unpack(">II", data[16:24])
     return int(width), int(height)
+
+
+def png_first_pixel(data: bytes) -> int | None:
+    """The top-left pixel as 0xRRGGBB of an 8-bit RGB or RGBA PNG (every row filter leaves it as
+    stored), or None for anything else; so a loaded image keeps its real colour."""
+    size = png_size(data)
+    if size is None or data[24] != 8 or data[25] not in (2, 6):
+        return None
+    position, compressed = 8, b""
+    while position + 8 <= len(data):
+        (length,) = struct.unpack(">I", data[position : position + 4])
+        kind = data[position + 4 : position + 8]
+        if kind == b"IDAT":
+            compressed += data[position + 8 : position + 8 + length]
+        elif kind == b"IEND":
+            break
+        position += 12 + length
+    try:
+        first = zlib.decompressobj().decompress(compressed, 4)
+    except zlib.error:
+        return None
+    return int.from_bytes(first[1:4], "big") if len(first) == 4 else None
