@@ -8,6 +8,7 @@ import sys
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage
+from aiohttp.web_protocol import RequestPayloadError
 
 from .access import KeyFileError
 from .app import create_app
@@ -21,6 +22,8 @@ def quiet_bad_requests(record: logging.LogRecord) -> bool:
     """Garbage that aiohttp's parser refuses (a bad method, a line over 8190 bytes) is the client's
     fault: one line at INFO, not a traceback at ERROR."""
     error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, RequestPayloadError) and isinstance(error.__cause__, BadHttpMessage):
+        error = error.__cause__
     if isinstance(error, BadHttpMessage):
         record.levelno, record.levelname = logging.INFO, "INFO"
         record.msg, record.args, record.exc_info = "refused a malformed request: %s", (error.message,), None

@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from . import openapi
 from .access import KEY, scoped, unscoped
@@ -91,6 +92,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         else:
             detail = exc.text or exc.reason
         return error_response(exc.status, detail)
+    except RequestPayloadError as exc:  # a body aiohttp cannot decode (e.g. "gzip" that is not)
+        cause = exc.__cause__ or exc.__context__
+        reason = cause.message if isinstance(cause, HttpProcessingError) else str(exc)
+        return error_response(400, f"The request body could not be read: {reason.splitlines()[0] if reason else exc}")
     except ConnectionError as exc:
         # The client went away mid-request (an upload or a download cut off): a normal event, and
         # this answer reaches no one.

@@ -184,6 +184,22 @@ async def test_protocol_garbage_and_a_taken_port_are_one_line_each(tmp_path: Pat
         await writer.drain()
         assert (await asyncio.wait_for(reader.read(), 10)).startswith(b"HTTP/1.0 400")
         writer.close()
+        reader, writer = await asyncio.open_connection(host, int(port))
+        lie = b"this is not gzip"  # a body whose Content-Encoding is false
+        writer.write(
+            b"POST /generate-based-workflow?clientId=x HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Encoding: gzip\r\nContent-Length: "
+            + str(len(lie)).encode()
+            + b"\r\nConnection: close\r\n\r\n"
+            + lie
+        )
+        await writer.drain()
+        head, _, body = (await asyncio.wait_for(reader.read(), 10)).partition(b"\r\n\r\n")
+        writer.close()
+        assert head.startswith(b"HTTP/1.1 400")
+        assert orjson.loads(body) == {
+            "detail": "The request body could not be read: Can not decode content-encoding: gzip"
+        }
         (tmp_path / "second" / "workflows").mkdir(parents=True)
         result = await asyncio.to_thread(run_cli, ["--port", port, "--emulate", "1"], tmp_path / "second")
         assert_one_line_error(result, f"cannot listen on 127.0.0.1:{port}", "in use")
