@@ -120,7 +120,9 @@ async def _journal(app: web.Application) -> AsyncIterator[None]:
 async def _emulators(app: web.Application) -> AsyncIterator[None]:
     """With --emulate N: N built-in ComfyUI emulators on free loopback ports become the backends."""
     settings = app[SETTINGS]
-    emulators = [Emulator(pace=settings.emulator_pace) for _ in range(settings.emulate)]
+    emulators = [
+        Emulator(pace=settings.emulator_pace, dialect=settings.emulator_dialect) for _ in range(settings.emulate)
+    ]
     for emulator in emulators:
         await emulator.start()
         log.info("started ComfyUI emulator at %s", emulator.url)

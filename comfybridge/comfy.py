@@ -102,6 +102,9 @@ class ComfyClient:
         self.client_id = client_id
         self.timeout = aiohttp.ClientTimeout(total=request_timeout)
         self.connected = False
+        # Releases after 0.3.64 have /api/jobs and an atomic per-job cancel; asked at every connect,
+        # since a ComfyUI may come back upgraded. None until the first answer.
+        self.jobs_api: bool | None = None
 
     # REST ------------------------------------------------------------------------------------
     async def _request(self, method: str, path: str, **kwargs: Any) -> tuple[int, bytes]:
@@ -163,6 +166,22 @@ class ComfyClient:
         pending = [item[1] for item in answer.get("queue_pending", [])]
         return running, pending
 
+    async def detect_dialect(self) -> None:
+        """Whether this ComfyUI offers the jobs API: newer releases list jobs, 0.3.64 answers 404."""
+        status, _ = await self._request("GET", "/api/jobs", params={"limit": "1"})
+        if status not in (200, 404):
+            raise BackendUnavailable(f"{self.name}: GET /api/jobs answered HTTP {status}")
+        self.jobs_api = status == 200
+
+    async def cancel(self, prompt_id: str) -> None:
+        """Take a prompt back, queued or running. The jobs API does it atomically; on 0.3.64 it is
+        a delete from the queue, then an interrupt only if that prompt is the one running."""
+        if self.jobs_api:
+            await self._post(f"/api/jobs/{prompt_id}/cancel", {})
+            return
+        await self.delete_queued([prompt_id])
+        await self.interrupt(prompt_id)
+
     async def interrupt(self, prompt_id: str) -> None:
         """Stop `prompt_id` only if it is the running one (older ComfyUI ignores the id, so look first)."""
         running, _ = await self.queue()
@@ -187,6 +206,11 @@ class ComfyClient:
 
     async def knows(self, prompt_id: str) -> bool:
         """Whether ComfyUI has this prompt: queued, running, or in its history."""
+        if self.jobs_api:
+            status, _ = await self._request("GET", f"/api/jobs/{prompt_id}")
+            if status in (200, 404):
+                return status == 200
+            raise BackendUnavailable(f"{self.name}: GET /api/jobs/{prompt_id} answered HTTP {status}")
         running, pending = await self.queue()
         return prompt_id in running or prompt_id in pending or await self.history(prompt_id) is not None
 
@@ -234,9 +258,11 @@ class ComfyClient:
                     ws_url.with_query(clientId=self.client_id), heartbeat=10, max_msg_size=0
                 ) as ws:
                     await self._json("GET", "/prompt")  # its REST side answers too, not only the socket
+                    await self.detect_dialect()
                     self.connected = True
                     backoff = 0.2
-                    log.info("connected to ComfyUI %s", self.name)
+                    dialect = "with the jobs API" if self.jobs_api else "0.3.64 dialect"
+                    log.info("connected to ComfyUI %s (%s)", self.name, dialect)
                     await on_connect()
                     first_attempt.set()
                     async for msg in ws:

@@ -14,6 +14,8 @@ from typing import Any
 from dotenv import dotenv_values
 from yarl import URL
 
+from .emulator.server import DIALECTS
+
 DEFAULT_CONFIG = Path("config/comfybridge.toml")
 ENV_PREFIX = "COMFYBRIDGE_"
 
@@ -31,6 +33,7 @@ class Settings:
     data_dir: Path = Path("data")
     emulate: int = 0
     emulator_pace: float = 0.005
+    emulator_dialect: str = "0.3.64"
     heartbeat: float = 1.0
     disconnect_grace: float = 5.0
     job_idle_timeout: float = 60.0
@@ -143,6 +146,10 @@ def _port(value: int) -> str | None:
     return None if 0 <= value <= 65535 else "must be a port number (0-65535)"
 
 
+def _dialect(value: str) -> str | None:
+    return None if value in DIALECTS else f"unknown ComfyUI dialect {value!r} (use {' or '.join(DIALECTS)})"
+
+
 def _media(value: tuple[str, ...]) -> str | None:
     bad = [v for v in value if v not in ("image", "video", "audio")]
     return f"unknown media kind {bad[0]!r} (use image, video, audio)" if bad else None
@@ -160,6 +167,7 @@ OPTIONS: dict[str, tuple[Parser, Callable[[Any], str | None] | None, str]] = {
     "data_dir": (Path, None, "uploads, results, the job journal and current_state.json"),
     "emulate": (_number(int), _not_negative, "start N built-in ComfyUI emulators and use them as the backends"),
     "emulator_pace": (_number(float), _not_negative, "seconds each emulated node takes (with --emulate)"),
+    "emulator_dialect": (str, _dialect, "ComfyUI the emulators speak like: 0.3.64, or jobs (later releases)"),
     "heartbeat": (_number(float), _positive, "seconds between `listening` frames"),
     "disconnect_grace": (_number(float), _not_negative, "wait before a lost socket cancels its jobs"),
     "job_idle_timeout": (_number(float), _positive, "a job with no ComfyUI event this long fails"),

@@ -287,8 +287,7 @@ class Core:
     async def cancel_on_backend(self, backend: Backend, job: Job) -> None:
         """Take a prompt back from ComfyUI: delete it from the queue, or interrupt it if it runs."""
         try:
-            await backend.client.delete_queued([job.prompt_id])
-            await backend.client.interrupt(job.prompt_id)
+            await backend.client.cancel(job.prompt_id)
         except BackendUnavailable as exc:
             log.warning("job %s client %s: cancel on %s failed: %s", job.id, job.client_id, backend.name, exc)
         # If it never started, ComfyUI sends nothing more about it: free its slot now.

@@ -86,11 +86,8 @@ class Failover:
         if not backend.abandoned:
             return
         gone = list(backend.abandoned)
-        await backend.client.delete_queued(gone)
-        running, _ = await backend.client.queue()
-        for prompt_id in running:
-            if prompt_id in backend.abandoned:
-                await backend.client.interrupt(prompt_id)
+        for prompt_id in gone:
+            await backend.client.cancel(prompt_id)
         backend.abandoned.difference_update(gone)
 
     async def reconcile(self, backend: Backend) -> None:

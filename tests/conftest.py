@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestClient
 from comfybridge.app import create_app
 from comfybridge.config import Settings
 from comfybridge.emulator import Emulator
+from comfybridge.emulator.server import DIALECTS
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -23,12 +24,24 @@ EmulatorFactory = Callable[..., Awaitable[Emulator]]
 BridgeFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked `both_dialects` run once per ComfyUI dialect the emulator speaks."""
+    if metafunc.definition.get_closest_marker("both_dialects") and "dialect" in metafunc.fixturenames:
+        metafunc.parametrize("dialect", DIALECTS, indirect=True)
+
+
 @pytest.fixture
-async def make_emulator(tmp_path: Path) -> AsyncIterator[EmulatorFactory]:
+def dialect(request: pytest.FixtureRequest) -> str:
+    return str(getattr(request, "param", DIALECTS[0]))
+
+
+@pytest.fixture
+async def make_emulator(tmp_path: Path, dialect: str) -> AsyncIterator[EmulatorFactory]:
     started: list[Emulator] = []
 
-    async def make(pace: float = 0.002, port: int = 0) -> Emulator:
-        emulator = Emulator(root=tmp_path / f"comfy{len(started)}", pace=pace, port=port)
+    async def make(pace: float = 0.002, port: int = 0, speaks: str | None = None) -> Emulator:
+        root = tmp_path / f"comfy{len(started)}"
+        emulator = Emulator(root=root, pace=pace, port=port, dialect=speaks or dialect)
         await emulator.start()
         started.append(emulator)
         return emulator

@@ -21,6 +21,8 @@ from .helpers import Client, generate, png, read_results, run_job, seed, upload
 
 ALIASES = ["bad_ckpt", "broken", "image-to-image", "invert", "size-preview", "slow", "solid", "text-to-image"]
 
+pytestmark = pytest.mark.both_dialects  # every test here runs against both ComfyUI dialects
+
 
 # /workflow-list, /workflow-info ------------------------------------------------------------------
 async def test_workflow_list_is_every_alias_sorted(bridge: Client) -> None:

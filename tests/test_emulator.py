@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,9 @@ import pytest
 
 from comfybridge.emulator import Emulator
 from comfybridge.emulator.png import png_first_pixel
+from comfybridge.keys import SCHEDULER
 
-from .conftest import FIXTURES, EmulatorFactory
+from .conftest import FIXTURES, EmulatorFactory, wait_for
 from .helpers import png, read_results, run_job, upload
 
 SCENARIOS: dict[str, list[dict[str, Any]]] = orjson.loads((FIXTURES / "ws_scenarios-0.3.64.json").read_bytes())
@@ -343,3 +345,83 @@ async def test_invert_really_inverts_an_uploaded_image(make_bridge: Any, emulato
     assert frames[-1]["status"] == "closed"
     [(_, _, _, data)] = await read_results(await client.get("/history", params={"clientId": "invert"}))
     assert png_first_pixel(data) == 0xFFFFFF ^ 0x2ED37E  # (209, 44, 129)
+
+
+# the newer dialect (releases after 0.3.64), as ComfyUI's own server.py and comfy_execution/jobs.py define it
+async def test_jobs_dialect_lists_finds_and_cancels_jobs(make_emulator: EmulatorFactory) -> None:
+    old = await make_emulator()
+    jobs = await make_emulator(pace=0.3, speaks="jobs")
+    async with aiohttp.ClientSession() as session:
+        first, second = str(uuid.uuid4()), str(uuid.uuid4())
+        for prompt_id in (first, second):
+            body = {"prompt": workflow("c_slow_scale_blur.json"), "prompt_id": prompt_id}
+            assert (await post_prompt(session, jobs, body))[1]["prompt_id"] == prompt_id
+        async with session.get(f"{jobs.url}/api/jobs", params={"limit": "1"}) as resp:
+            listing = await resp.json()
+        assert listing["pagination"] == {"offset": 0, "limit": 1, "total": 2, "has_more": True}
+        async with session.get(f"{jobs.url}/api/jobs/{second}") as resp:
+            assert (await resp.json())["status"] == "pending"
+        async with session.post(f"{jobs.url}/api/jobs/{second}/cancel") as resp:
+            assert await resp.json() == {"cancelled": True}
+        async with session.post(f"{jobs.url}/api/jobs/{first}/cancel") as resp:
+            assert await resp.json() == {"cancelled": True}  # it runs: interrupted
+        async with session.post(f"{jobs.url}/api/jobs/{uuid.uuid4()}/cancel") as resp:
+            assert await resp.json() == {"cancelled": False}  # unknown: a no-op, not an error
+        async with session.get(f"{jobs.url}/api/jobs/{uuid.uuid4()}") as resp:
+            assert resp.status == 404
+            assert await resp.json() == {"error": "Job not found"}
+        while first not in jobs.engine.history:
+            await asyncio.sleep(0.02)
+        async with session.get(f"{jobs.url}/api/jobs/{first}") as resp:
+            assert (await resp.json())["status"] == "cancelled"
+        async with session.get(f"{jobs.url}/api/jobs/{second}") as resp:
+            assert resp.status == 404  # dequeued before it ran: ComfyUI forgets it
+        # 0.3.64 has no jobs API at all: a 404 from the router.
+        async with session.get(f"{old.url}/api/jobs") as resp:
+            assert resp.status == 404
+
+
+@pytest.mark.parametrize("prompt_id", ["not-a-uuid", str(uuid.uuid4()).upper(), uuid.uuid4().hex])
+async def test_jobs_dialect_refuses_a_prompt_id_that_is_not_a_canonical_uuid(
+    make_emulator: EmulatorFactory, prompt_id: str
+) -> None:
+    jobs = await make_emulator(speaks="jobs")
+    async with aiohttp.ClientSession() as session:
+        status, answer = await post_prompt(
+            session, jobs, {"prompt": workflow("b_emptyimage_save.json"), "prompt_id": prompt_id}
+        )
+    assert status == 400
+    assert answer["error"]["type"] == "invalid_prompt_id"
+    assert answer["node_errors"] == {}
+
+
+async def test_jobs_dialect_outputs_carry_asset_ids_and_the_bridge_ignores_them(
+    make_emulator: EmulatorFactory, make_bridge: Any
+) -> None:
+    jobs = await make_emulator(speaks="jobs")
+    async with aiohttp.ClientSession() as session:
+        _, answer = await post_prompt(session, jobs, {"prompt": workflow("b_emptyimage_save.json")})
+    await wait_for(lambda: answer["prompt_id"] in jobs.engine.history)
+    images = [i for node in jobs.engine.history[answer["prompt_id"]]["outputs"].values() for i in node["images"]]
+    assert images
+    assert all(set(i) == {"filename", "subfolder", "type", "id", "preview_id"} for i in images)
+    client = await make_bridge(jobs)
+    frames = await run_job(client, "assets", {"workflow": "solid", "1/batch_size": 1})
+    assert frames[-1]["status"] == "closed"
+    [(_, _, _, data)] = await read_results(await client.get("/history", params={"clientId": "assets"}))
+    assert data.startswith(b"\x89PNG")
+
+
+async def test_a_backend_upgraded_while_away_is_asked_again_what_it_offers(
+    make_emulator: EmulatorFactory, make_bridge: Any
+) -> None:
+    old = await make_emulator()
+    client = await make_bridge(old)
+    [backend] = client.app[SCHEDULER].backends.values()
+    await wait_for(lambda: backend.client.jobs_api is False)
+    port = old.port
+    await old.stop()
+    await make_emulator(port=port, speaks="jobs")
+    await wait_for(lambda: backend.client.jobs_api is True)
+    frames = await run_job(client, "upgraded", {"workflow": "solid", "1/batch_size": 1})
+    assert frames[-1]["status"] == "closed"

@@ -6,11 +6,15 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from comfybridge.emulator import Emulator
 from comfybridge.keys import SCHEDULER
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
 from .helpers import Client, frames_until, generate, poll_status, read_results
+
+pytestmark = pytest.mark.both_dialects  # every test here runs against both ComfyUI dialects
 
 
 def scheduler_of(client: Client) -> Any:
@@ -74,7 +78,7 @@ async def test_running_job_is_retried_only_once(make_emulator: EmulatorFactory, 
 
 
 async def test_restarted_backend_gets_lost_prompts_again(
-    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, tmp_path: Path
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, tmp_path: Path, dialect: str
 ) -> None:
     emulator = await make_emulator(pace=0.2)
     client = await make_bridge(emulator, backend_grace=30)
@@ -82,7 +86,7 @@ async def test_restarted_backend_gets_lost_prompts_again(
     await wait_for(lambda: len(emulator.engine.started) == 1)
     port = emulator.port
     await emulator.stop()
-    reborn = Emulator(root=tmp_path / "reborn", pace=0.01, port=port)
+    reborn = Emulator(root=tmp_path / "reborn", pace=0.01, port=port, dialect=dialect)
     await reborn.start()
     try:
         assert await outcome(client, "phoenix") == ["wf_c_slow_00001_.png"]

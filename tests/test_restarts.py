@@ -156,6 +156,7 @@ async def test_sigterm_with_40_jobs_in_line_then_restart_delivers_all(
     assert set(runs_per_job(emulator).values()) == {1}
 
 
+@pytest.mark.both_dialects
 async def test_job_running_at_a_crash_is_adopted_and_reports_progress(
     workdir: Path, make_emulator: EmulatorFactory
 ) -> None:
@@ -178,6 +179,7 @@ async def test_job_running_at_a_crash_is_adopted_and_reports_progress(
     assert len(emulator.engine.started) == 1
 
 
+@pytest.mark.both_dialects
 async def test_prompt_that_finished_while_the_bridge_was_down_is_collected_not_rerun(
     workdir: Path, make_emulator: EmulatorFactory
 ) -> None:
@@ -194,6 +196,7 @@ async def test_prompt_that_finished_while_the_bridge_was_down_is_collected_not_r
     assert len(emulator.engine.started) == 1
 
 
+@pytest.mark.both_dialects
 async def test_prompt_lost_by_a_restarted_comfyui_is_sent_again(workdir: Path, make_emulator: EmulatorFactory) -> None:
     port = free_port()
     first = await make_emulator(pace=0.01, port=port)

@@ -10,6 +10,8 @@ from comfybridge.keys import SCHEDULER
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
 from .helpers import frames_until, generate, poll_status, read_results, run_job, seed
 
+pytestmark = pytest.mark.both_dialects  # every test here runs against both ComfyUI dialects
+
 
 def prompts_of(emulator: Emulator) -> list[str]:
     """Every prompt ComfyUI ever took: started, or still pending."""
@@ -66,7 +68,9 @@ async def test_interrupt_waiting_job_never_reaches_comfyui(
     assert waiting not in prompts_of(emulator)
 
 
-async def test_interrupt_job_queued_inside_comfyui(make_emulator: EmulatorFactory, make_bridge: BridgeFactory) -> None:
+async def test_interrupt_job_queued_inside_comfyui(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, dialect: str
+) -> None:
     emulator = await make_emulator(pace=0.2)
     client = await make_bridge(emulator, pipeline_depth=1)
     await generate(client, "deep", {"workflow": "slow", "2/seed": 4})
@@ -79,6 +83,8 @@ async def test_interrupt_job_queued_inside_comfyui(make_emulator: EmulatorFactor
     assert queued not in prompts_of(emulator)
     messages = [m[0] for m in emulator.engine.history[running]["status"]["messages"]]
     assert messages[-1] == "execution_interrupted"
+    # Where ComfyUI has the atomic per-job cancel, the bridge uses it instead of delete + interrupt.
+    assert sorted(emulator.engine.cancel_requests) == (sorted([running, queued]) if dialect == "jobs" else [])
 
 
 async def test_next_client_starts_when_running_job_is_interrupted(

@@ -6,6 +6,7 @@ import re
 
 import aiohttp
 import orjson
+import pytest
 
 from comfybridge.emulator import Emulator
 
@@ -15,6 +16,8 @@ from .helpers import Client, frames_until, generate, poll_status, run_job, seed
 CONNECTED = {"status": "connected", "detail": "server connected", "details": "server connected"}
 LISTENING = {"status": "listening", "detail": "server is listening", "details": "server is listening"}
 INTERRUPTED = {"status": "error", "detail": "interrupted", "details": "interrupted"}
+
+pytestmark = pytest.mark.both_dialects  # every test here runs against both ComfyUI dialects
 
 
 def interrupted_prompts(emulator: Emulator) -> list[str]:

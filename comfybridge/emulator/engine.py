@@ -95,7 +95,10 @@ def _is_link(value: Any) -> bool:
 class Engine:
     """One ComfyUI: a prompt queue run one prompt at a time, with ComfyUI's events in ComfyUI's order."""
 
-    def __init__(self, root: Path, pace: float, send: Sender, send_binary: BinarySender) -> None:
+    def __init__(
+        self, root: Path, pace: float, send: Sender, send_binary: BinarySender, jobs_api: bool = False
+    ) -> None:
+        self.jobs_api = jobs_api  # the newer dialect: /api/jobs, output asset ids, create_time
         self.input_dir = root / "input"
         self.output_dir = root / "output"
         self.temp_dir = root / "temp"
@@ -107,6 +110,7 @@ class Engine:
         self.object_info = load_object_info()
         self.history: dict[str, dict[str, Any]] = {}
         self.free_requests: list[Any] = []  # bodies of POST /free, so a test can see what was asked
+        self.cancel_requests: list[str] = []  # ids given to the jobs API's cancel, so a test can see it used
         self.started: list[str] = []  # every prompt id that began to run, in order (history may be deleted)
         self.timeline: list[tuple[str, float, float]] = []  # (prompt id, start, end) in monotonic seconds
         self._send = send
@@ -175,7 +179,16 @@ class Engine:
         if prompt is None:
             msg = "No prompt provided"
             raise PromptRejected({"error": _error("no_prompt", msg, msg), "node_errors": {}})
-        prompt_id = str(body.get("prompt_id") or uuid.uuid4())
+        chosen = body.get("prompt_id")
+        if self.jobs_api and chosen is not None and not _canonical_uuid(chosen):
+            error = _error(
+                "invalid_prompt_id",
+                "prompt_id must be a valid UUID",
+                "prompt_id must be a UUID string in canonical lowercase hyphenated form; "
+                "omit it to let the server generate one",
+            )
+            raise PromptRejected({"error": error, "node_errors": {}})
+        prompt_id = str(chosen or uuid.uuid4())
         if self.faults.node_error > 0:
             self.faults.node_error -= 1
             raise PromptRejected(_injected_node_error(prompt))
@@ -183,6 +196,8 @@ class Engine:
         extra = dict(body.get("extra_data") or {})
         if body.get("client_id"):
             extra["client_id"] = body["client_id"]
+        if self.jobs_api:
+            extra["create_time"] = _now_ms()
         heapq.heappush(self._pending, QueueItem(number, prompt_id, prompt, extra, outputs))
         self.broadcast_status()
         self._wakeup.set()
@@ -206,10 +221,37 @@ class Engine:
     def resume(self) -> None:
         self._unpaused.set()
 
-    def interrupt(self, prompt_id: str | None) -> None:
-        """With an id, only that prompt if it runs; with none, whatever runs."""
+    def interrupt(self, prompt_id: str | None) -> bool:
+        """With an id, only that prompt if it runs; with none, whatever runs. True if it acted."""
         if self._running and (prompt_id is None or prompt_id == self._running.prompt_id):
             self._interrupt_id = self._running.prompt_id
+            return True
+        return False
+
+    def cancel(self, prompt_id: str) -> bool:
+        """The jobs API's cancel: dequeue it if pending, interrupt it if running (never another
+        prompt), nothing if finished or unknown. True if it acted."""
+        self.cancel_requests.append(prompt_id)
+        if any(item.prompt_id == prompt_id for item in self._pending):
+            self.delete_pending([prompt_id])
+            return True
+        return self.interrupt(prompt_id)
+
+    def job(self, prompt_id: str) -> dict[str, Any] | None:
+        """GET /api/jobs/{id}: one job in the jobs API's shape, or None if unknown."""
+        if prompt_id in self.history:
+            return _history_job(prompt_id, self.history[prompt_id], full=True)
+        if self._running is not None and self._running.prompt_id == prompt_id:
+            return _queue_job(self._running, "in_progress", full=True)
+        item = next((i for i in self._pending if i.prompt_id == prompt_id), None)
+        return _queue_job(item, "pending", full=True) if item else None
+
+    def jobs(self) -> list[dict[str, Any]]:
+        """GET /api/jobs: running, pending and finished jobs, newest first."""
+        listed = [_queue_job(self._running, "in_progress")] if self._running else []
+        listed += [_queue_job(i, "pending") for i in self._pending]
+        listed += [_history_job(pid, entry) for pid, entry in self.history.items()]
+        return sorted(listed, key=lambda j: j.get("create_time", 0), reverse=True)
 
     # validation ------------------------------------------------------------------------------
     def validate(self, prompt: Any) -> tuple[list[str], dict[str, Any]]:
@@ -541,7 +583,11 @@ class Engine:
         for index in range(max(1, int(image["b"]))):
             filename = f"{stem}_{counter + index:05}_.png"
             (target / filename).write_bytes(data)
-            images.append({"filename": filename, "subfolder": subfolder, "type": file_type})
+            entry = {"filename": filename, "subfolder": subfolder, "type": file_type}
+            if self.jobs_api:  # newer releases register each output as an asset
+                asset = str(uuid.uuid4())
+                entry.update(id=asset, preview_id=asset)
+            images.append(entry)
         return {"images": images}
 
     def _store_history(self, item: QueueItem, outputs: dict[str, Any], outcome: str, messages: list[list[Any]]) -> None:
@@ -557,6 +603,47 @@ class Engine:
             self.history.pop(next(iter(self.history)))
 
 
+def _queue_job(item: QueueItem, status: str, full: bool = False) -> dict[str, Any]:
+    job = {"id": item.prompt_id, "status": status, "priority": item.number, "outputs_count": 0}
+    if "create_time" in item.extra_data:
+        job["create_time"] = item.extra_data["create_time"]
+    job["previewable_outputs_count"] = 0
+    if full:
+        job["workflow"] = {"prompt": item.prompt, "extra_data": item.extra_data}
+    return job
+
+
+def _history_job(prompt_id: str, entry: dict[str, Any], full: bool = False) -> dict[str, Any]:
+    status = entry["status"]
+    events = {name: data for name, data in status["messages"]}
+    if status["status_str"] == "success":
+        state = "completed"
+    else:
+        state = "cancelled" if "execution_interrupted" in events else "failed"
+    files = [f for node in entry["outputs"].values() for f in node.get("images", [])]
+    job: dict[str, Any] = {"id": prompt_id, "status": state, "priority": entry["prompt"][0]}
+    if "create_time" in entry["prompt"][3]:
+        job["create_time"] = entry["prompt"][3]["create_time"]
+    if "execution_start" in events:
+        job["execution_start_time"] = events["execution_start"]["timestamp"]
+    end = next(
+        (events[e] for e in ("execution_success", "execution_error", "execution_interrupted") if e in events), None
+    )
+    if end is not None:
+        job["execution_end_time"] = end["timestamp"]
+    if "execution_error" in events:
+        job["execution_error"] = events["execution_error"]
+    job["outputs_count"] = job["previewable_outputs_count"] = len(files)
+    if files:
+        node_id = next(n for n, node in entry["outputs"].items() if node.get("images"))
+        job["preview_output"] = {**files[0], "nodeId": node_id, "mediaType": "images"}
+    if full:
+        job["outputs"] = entry["outputs"]
+        job["execution_status"] = status
+        job["workflow"] = {"prompt": entry["prompt"][2], "extra_data": entry["prompt"][3]}
+    return job
+
+
 def _injected_node_error(prompt: Any) -> dict[str, Any]:
     """ComfyUI's answer to a value it refuses, for the first node of the prompt."""
     node_id, node = next(iter(prompt.items())) if isinstance(prompt, dict) and prompt else ("1", {})
@@ -564,6 +651,13 @@ def _injected_node_error(prompt: Any) -> dict[str, Any]:
     entry = {"errors": [error], "dependent_outputs": [node_id], "class_type": node.get("class_type", "")}
     body = _error("prompt_outputs_failed_validation", "Prompt outputs failed validation")
     return {"error": body, "node_errors": {node_id: entry}}
+
+
+def _canonical_uuid(value: Any) -> bool:
+    try:
+        return isinstance(value, str) and str(uuid.UUID(value)) == value
+    except ValueError:
+        return False
 
 
 def _now_ms() -> int:

@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 ENGINE = web.AppKey("engine", Engine)
 SOCKETS = web.AppKey("sockets", dict[str, web.WebSocketResponse])
 MAX_UPLOAD_SIZE = 104857600
+# "0.3.64": the recorded release. "jobs": later releases, which add GET /api/jobs, GET /api/jobs/{id},
+# an atomic POST /api/jobs/{id}/cancel, canonical-UUID prompt ids, and asset ids on outputs.
+DIALECTS = ("0.3.64", "jobs")
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -31,13 +34,21 @@ def _json(data: Any, status: int = 200) -> web.Response:
 class Emulator:
     """A ComfyUI stand-in on a loopback port: `await start()`, `url`, `await stop()`."""
 
-    def __init__(self, root: Path | None = None, pace: float = 0.005, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        root: Path | None = None,
+        pace: float = 0.005,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        dialect: str = DIALECTS[0],
+    ) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="comfy-emulator-") if root is None else None
         self.root = Path(self._tmp.name) if self._tmp else Path(root or ".")
         self.host = host
         self.port = port
         self.pace = pace
-        self.app = create_emulator_app(self.root, pace)
+        self.dialect = dialect
+        self.app = create_emulator_app(self.root, pace, dialect)
         self._runner: web.AppRunner | None = None
 
     @property
@@ -64,7 +75,9 @@ class Emulator:
             self._tmp = None
 
 
-def create_emulator_app(root: Path, pace: float) -> web.Application:
+def create_emulator_app(root: Path, pace: float, dialect: str = DIALECTS[0]) -> web.Application:
+    if dialect not in DIALECTS:
+        raise ValueError(f"unknown ComfyUI dialect {dialect!r}; one of {', '.join(DIALECTS)}")
     app = web.Application(client_max_size=MAX_UPLOAD_SIZE + 1024 * 1024)
     sockets: dict[str, web.WebSocketResponse] = {}
     app[SOCKETS] = sockets
@@ -83,7 +96,7 @@ def create_emulator_app(root: Path, pace: float) -> web.Application:
             pending_sends.add(task)
             task.add_done_callback(pending_sends.discard)
 
-    engine = Engine(root, pace, send_text, send_binary)
+    engine = Engine(root, pace, send_text, send_binary, jobs_api=dialect == "jobs")
     app[ENGINE] = engine
 
     async def lifecycle(app: web.Application) -> Any:
@@ -107,6 +120,8 @@ def create_emulator_app(root: Path, pace: float) -> web.Application:
     for route in routes:
         if isinstance(route, web.RouteDef):
             app.router.add_route(route.method, "/api" + route.path, route.handler)
+    if engine.jobs_api:
+        app.router.add_routes(_jobs_routes())
     return app
 
 
@@ -161,7 +176,7 @@ def _routes() -> web.RouteTableDef:
                 with contextlib.suppress(orjson.JSONDecodeError):
                     message = orjson.loads(msg.data)
                     if isinstance(message, dict) and message.get("type") == "feature_flags":
-                        flags = {"supports_preview_metadata": True, "max_upload_size": MAX_UPLOAD_SIZE}
+                        flags = _features(engine)
                         await ws.send_str(orjson.dumps({"type": "feature_flags", "data": flags}).decode())
         finally:
             if sockets.get(sid) is ws:
@@ -322,7 +337,7 @@ def _routes() -> web.RouteTableDef:
 
     @routes.get("/features")
     async def features(request: web.Request) -> web.Response:
-        return _json({"supports_preview_metadata": True, "max_upload_size": MAX_UPLOAD_SIZE})
+        return _json(_features(request.app[ENGINE]))
 
     @routes.get("/object_info")
     async def object_info(request: web.Request) -> web.Response:
@@ -359,6 +374,45 @@ def _routes() -> web.RouteTableDef:
             if hasattr(faults, key):
                 setattr(faults, key, value)
         return _json(vars(faults))
+
+    return routes
+
+
+def _features(engine: Engine) -> dict[str, Any]:
+    flags: dict[str, Any] = {"supports_preview_metadata": True, "max_upload_size": MAX_UPLOAD_SIZE}
+    if engine.jobs_api:
+        flags.update(supports_model_type_tags=True, extension={"manager": {"supports_v4": True}})
+        flags.update(node_replacements=True, assets=True)
+    return flags
+
+
+def _jobs_routes() -> web.RouteTableDef:
+    """The jobs API of releases after 0.3.64 (only under /api, as ComfyUI declares it)."""
+    routes = web.RouteTableDef()
+
+    @routes.get("/api/jobs")
+    async def jobs(request: web.Request) -> web.Response:
+        listed = request.app[ENGINE].jobs()
+        try:
+            offset = max(0, int(request.query.get("offset", "0")))
+            limit = int(request.query["limit"]) if "limit" in request.query else None
+        except ValueError:
+            return _json({"error": "limit must be an integer"}, status=400)
+        if limit is not None and limit <= 0:
+            return _json({"error": "limit must be a positive integer"}, status=400)
+        page = listed[offset:][:limit] if limit is not None else listed[offset:]
+        more = offset + len(page) < len(listed)
+        pagination = {"offset": offset, "limit": limit, "total": len(listed), "has_more": more}
+        return _json({"jobs": page, "pagination": pagination})
+
+    @routes.get("/api/jobs/{job_id}")
+    async def job(request: web.Request) -> web.Response:
+        found = request.app[ENGINE].job(request.match_info["job_id"])
+        return _json(found) if found else _json({"error": "Job not found"}, status=404)
+
+    @routes.post("/api/jobs/{job_id}/cancel")
+    async def cancel(request: web.Request) -> web.Response:
+        return _json({"cancelled": request.app[ENGINE].cancel(request.match_info["job_id"])})
 
     return routes
 
