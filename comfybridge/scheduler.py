@@ -367,12 +367,14 @@ class Scheduler:
 
 
 def _prefix_outputs(job: Job) -> None:
-    """Give the job's output files a folder of their own: `comfybridge/<day>/<job>/<prefix>`.
+    """Give the job's output files a folder of their own and names that carry the job id:
+    `comfybridge/<day>/<job>/<prefix>_<job id>`, so ComfyUI saves `<prefix>_<job id>_00001_.png`.
 
     SaveImage lists its output folder on every save, so a shared folder of thousands of files
-    slows every job; and bridges sharing a ComfyUI never collide on names."""
+    slows every job; bridges sharing a ComfyUI never collide on names; and a client can match
+    each file of `/history` to its job by name alone."""
     day = datetime.date.today().isoformat()
     for node in job.prompt.values():
         prefix = node.get("inputs", {}).get("filename_prefix")
         if isinstance(prefix, str):
-            node["inputs"]["filename_prefix"] = f"comfybridge/{day}/{job.id[:12]}/{prefix}"
+            node["inputs"]["filename_prefix"] = f"comfybridge/{day}/{job.id[:12]}/{prefix}_{job.id}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,12 @@ from aiohttp.test_utils import TestClient
 from comfybridge.emulator.png import solid_png
 
 Client = TestClient[web.Request, web.Application]
+
+
+def without_job_id(file_name: str) -> str:
+    """A result's file name with the job id the bridge puts in it taken out: `wf_x_<id>_00001_.png`
+    -> `wf_x_00001_.png`."""
+    return re.sub(r"_[0-9a-f]{32}_", "_", file_name)
 
 
 def seed(message: dict[str, Any]) -> dict[str, Any]:

@@ -82,9 +82,10 @@ async def test_generate_then_history_returns_the_patched_images(bridge: Client) 
     assert resp.status == 200
     assert resp.content_type == "multipart/form-data"
     parts = await read_results(resp)
+    job_id = frames[-1]["job_id"]  # each file's name carries the job it belongs to
     assert [(p[0], p[1], p[2]) for p in parts] == [
-        ("result_0", "wf_b_empty_00001_.png", "image/png"),
-        ("result_1", "wf_b_empty_00002_.png", "image/png"),
+        ("result_0", f"wf_b_empty_{job_id}_00001_.png", "image/png"),
+        ("result_1", f"wf_b_empty_{job_id}_00002_.png", "image/png"),
     ]
     assert [png_size(p[3]) for p in parts] == [(40, 24), (40, 24)]
 
@@ -112,11 +113,12 @@ async def test_history_in_job_order_then_forgets(bridge: Client) -> None:
 
 
 async def test_history_base64(bridge: Client) -> None:
-    await run_job(bridge, "b64", {"workflow": "solid", "1/width": 8, "1/height": 8, "1/batch_size": 1})
+    frames = await run_job(bridge, "b64", {"workflow": "solid", "1/width": 8, "1/height": 8, "1/batch_size": 1})
     resp = await bridge.get("/history", params={"clientId": "b64", "resType": "base64"})
     assert resp.status == 200
     body = await resp.json()
-    assert [(f["file_name"], f["content_type"]) for f in body["files"]] == [("wf_b_empty_00001_.png", "image/png")]
+    name = f"wf_b_empty_{frames[-1]['job_id']}_00001_.png"
+    assert [(f["file_name"], f["content_type"]) for f in body["files"]] == [(name, "image/png")]
     assert png_size(base64.b64decode(body["files"][0]["content"])) == (8, 8)
 
 

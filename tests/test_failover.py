@@ -12,7 +12,7 @@ from comfybridge.emulator import Emulator
 from comfybridge.keys import SCHEDULER
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
-from .helpers import Client, frames_until, generate, poll_status, read_results
+from .helpers import Client, frames_until, generate, poll_status, read_results, without_job_id
 
 pytestmark = pytest.mark.both_dialects  # every test here runs against both ComfyUI dialects
 
@@ -31,7 +31,7 @@ async def outcome(client: Client, client_id: str) -> list[str]:
     await wait_for(lambda: not active(client, client_id), timeout=20)
     await poll_status(client, client_id, {"closed", "error"})  # told once the ending is journaled
     resp = await client.get("/history", params={"clientId": client_id})
-    return [part[1] for part in await read_results(resp)] if resp.status == 200 else []
+    return [without_job_id(part[1]) for part in await read_results(resp)] if resp.status == 200 else []
 
 
 async def test_fast_backend_takes_more_work(make_emulator: EmulatorFactory, make_bridge: BridgeFactory) -> None:

@@ -19,7 +19,7 @@ import pytest
 from comfybridge.emulator.png import png_size
 
 from .conftest import FIXTURES, EmulatorFactory, wait_for
-from .helpers import wait_until_up
+from .helpers import wait_until_up, without_job_id
 
 ROOT = Path(__file__).parent.parent
 
@@ -164,7 +164,7 @@ async def test_example_clients_save_results(workdir: Path, script: str) -> None:
         assert proc.returncode == 0, err.decode()
     assert "Execution is done" in out.decode()
     saved = sorted(p.name for p in (workdir / "out").iterdir())
-    assert saved == ["wf_b_empty_00001_.png", "wf_b_empty_00002_.png"]
+    assert [without_job_id(name) for name in saved] == ["wf_b_empty_00001_.png", "wf_b_empty_00002_.png"]
     assert png_size((workdir / "out" / saved[0]).read_bytes()) == (24, 384)
 
 

@@ -162,12 +162,14 @@ async def test_a_client_hears_about_its_jobs_one_after_another(
     assert (info["status"], info["job_id"], info["jobs_left"]) == ("closed", jobs[2], 0)
     resp = await client.get("/history", params={"clientId": "story"})
     reader = aiohttp.MultipartReader.from_response(resp)
-    owners = []
+    owners, names = [], []
     while (part := await reader.next()) is not None:
         assert isinstance(part, aiohttp.BodyPartReader)
         await part.read()
         owners.append(part.headers["X-Job-Id"])
+        names.append(part.filename)
     assert owners == jobs
+    assert names == [f"wf_c_slow_{job_id}_00001_.png" for job_id in jobs]  # matched by name, not by counting
 
 
 async def test_a_job_whose_backend_is_away_says_so(make_bridge: BridgeFactory, make_emulator: EmulatorFactory) -> None:
