@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import statistics
 import struct
 import uuid
 from pathlib import Path
@@ -12,8 +14,8 @@ import aiohttp
 import orjson
 import pytest
 
-from comfybridge.emulator import Emulator
-from comfybridge.emulator.png import png_first_pixel
+from comfybridge.emulator import Emulator, pictures
+from comfybridge.emulator.png import png_first_pixel, png_size
 from comfybridge.keys import SCHEDULER
 
 from .conftest import FIXTURES, EmulatorFactory, wait_for
@@ -425,3 +427,45 @@ async def test_a_backend_upgraded_while_away_is_asked_again_what_it_offers(
     await wait_for(lambda: backend.client.jobs_api is True)
     frames = await run_job(client, "upgraded", {"workflow": "solid", "1/batch_size": 1})
     assert frames[-1]["status"] == "closed"
+
+
+async def picture(client: Any, client_id: str, body: dict[str, Any]) -> bytes:
+    frames = await run_job(client, client_id, body)
+    assert frames[-1]["status"] == "closed", frames[-1]
+    [(_, _, _, data)] = await read_results(await client.get("/history", params={"clientId": client_id}))
+    return data
+
+
+async def test_text_to_image_draws_from_its_seed_and_its_prompt(make_bridge: Any, emulator: Emulator) -> None:
+    client = await make_bridge(emulator)
+
+    def body(seed: int, text: str) -> dict[str, Any]:
+        return {"workflow": "text-to-image", "3/seed": seed, "3/steps": 2, "6/text": text, "5/width": 64}
+
+    cat = await picture(client, "t2i", body(1, "a cat"))
+    assert png_size(cat) == (64, 512)
+    assert await picture(client, "t2i", body(1, "a cat")) == cat  # the same inputs, the same picture
+    assert await picture(client, "t2i", body(2, "a cat")) != cat
+    assert await picture(client, "t2i", body(1, "a dog")) != cat
+
+
+async def test_scale_blur_depends_on_its_noise_seed(make_bridge: Any, emulator: Emulator) -> None:
+    client = await make_bridge(emulator)
+    one = await picture(client, "blur", {"workflow": "slow", "2/seed": 1})
+    assert await picture(client, "blur", {"workflow": "slow", "2/seed": 2}) != one
+
+
+def test_blur_blurs_and_sharpen_sharpens() -> None:
+    noisy = pictures.add_noise({"w": 320, "h": 320, "b": 1, "c": 0x808080}, seed=7, strength=0.5)
+    blurred = pictures.blur(noisy, 10)
+    sharpened = pictures.sharpen(blurred, 10, alpha=1.0)
+
+    def roughness(image: dict[str, Any]) -> float:
+        red = image["px"][0::3]
+        return statistics.pstdev(a - b for a, b in itertools.pairwise(red))
+
+    assert roughness(blurred) < roughness(noisy) / 3
+    assert roughness(blurred) < roughness(sharpened)
+    assert pictures.blur({"w": 9, "h": 9, "b": 1, "c": 0x123456}, 3)["c"] == 0x123456  # solid stays solid
+    inverted = pictures.invert(noisy)
+    assert inverted["px"] == bytes(255 - v for v in noisy["px"])

@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from . import pictures
 from .png import png_first_pixel, png_size, solid_png
 
 log = logging.getLogger(__name__)
@@ -544,18 +545,29 @@ class Engine:
         if kind == "ImageScale":
             source = dict(inputs.get("image") or {"b": 1, "c": 0})
             return ({**source, "w": int(inputs["width"]), "h": int(inputs["height"])},)
-        if kind == "ImageInvert":
+        if kind in ("ImageInvert", "ImageAddNoise", "ImageBlur", "ImageSharpen"):
             source = dict(inputs.get("image") or {"w": 64, "h": 64, "b": 1, "c": 0})
-            return ({**source, "c": 0xFFFFFF ^ int(source["c"])},)
+            if kind == "ImageInvert":
+                return (pictures.invert(source),)
+            if kind == "ImageAddNoise":
+                return (pictures.add_noise(source, int(inputs["seed"]), float(inputs["strength"])),)
+            if kind == "ImageBlur":
+                return (pictures.blur(source, int(inputs["blur_radius"])),)
+            return (pictures.sharpen(source, int(inputs["sharpen_radius"]), float(inputs["alpha"])),)
+        if kind == "CLIPTextEncode":
+            return ({"text": str(inputs.get("text") or "")},)
         if kind == "GetImageSize":
             source = inputs.get("image") or {"w": 64, "h": 64, "b": 1}
             text = f"width: {source['w']}, height: {source['h']}\n batch size: {source['b']}"
             self._send_binary(_text_frame(node_id, text), None)
             return (source["w"], source["h"], source["b"])
         if kind in ("KSampler", "KSamplerAdvanced"):
+            # No model here: a procedural picture from the seed and the prompt's text stands in.
             latent = dict(inputs.get("latent_image") or {"w": 512, "h": 512, "b": 1})
             seed = int(inputs.get("seed") or inputs.get("noise_seed") or 0)
-            return ({**latent, "c": seed & 0xFFFFFF},)
+            positive = inputs.get("positive")
+            text = str(positive.get("text", "")) if isinstance(positive, dict) else ""
+            return (pictures.imagine(int(latent["w"]), int(latent["h"]), int(latent["b"]), seed, text),)
         first = next((v for v in inputs.values() if isinstance(v, dict)), None)
         return (first,) if first else ("model", "clip", "vae")
 
@@ -578,7 +590,7 @@ class Engine:
             raise NodeFailure("Saving image outside the output folder is not allowed.", "Exception")
         target.mkdir(parents=True, exist_ok=True)
         counter = _next_counter(target, stem)
-        data = solid_png(max(1, int(image["w"])), max(1, int(image["h"])), int(image["c"]) & 0xFFFFFF)
+        data = pictures.to_png(image)
         images = []
         for index in range(max(1, int(image["b"]))):
             filename = f"{stem}_{counter + index:05}_.png"

@@ -22,6 +22,13 @@ def solid_png(width: int, height: int, rgb: int) -> bytes:
     return PNG_SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(raw, 1)) + _chunk(b"IEND", b"")
 
 
+def png_from_rows(width: int, height: int, rows: list[bytes]) -> bytes:
+    """A valid RGB PNG from `height` rows of `width` RGB pixels each."""
+    raw = b"".join(b"\x00" + row for row in rows)
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return PNG_SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(raw, 1)) + _chunk(b"IEND", b"")
+
+
 def png_size(data: bytes) -> tuple[int, int] | None:
     """Width and height from a PNG header, or None when `data` is not a PNG."""
     if len(data) < 24 or not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
