@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -189,3 +190,25 @@ async def test_sighup_applies_a_new_backend_list(workdir: Path, make_emulator: E
                 await asyncio.sleep(0.05)
         await wait_for(lambda: len(new.engine.started) == 1)
     assert len(old.engine.started) == 1
+
+
+async def test_burst_example_spreads_over_both_emulated_gpus(workdir: Path) -> None:
+    """`make demo` + examples/burst.py: the bridge's log says where each job ran, and a burst of
+    one-job clients uses both GPUs (no backend has run the workflow before)."""
+    for name in ("sd15_text_to_image.json",):
+        (workdir / "workflows" / name).write_bytes((FIXTURES / "workflows" / name).read_bytes())
+    (workdir / "workflows" / "workflow_alias.json").write_text(
+        '[{"alias": "text-to-image", "fn": "sd15_text_to_image.json"}]'
+    )
+    async with bridge_process(workdir, "--emulate", "2", "--emulator-pace", "0.05") as (_, url):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(ROOT / "examples" / "burst.py"), "--url", url, "--clients", "4",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err.decode()
+    assert "4 jobs in" in out.decode()
+    log = (workdir / "bridge.log").read_text()
+    places = re.findall(r"done on (\S+), waited", log)
+    assert len(places) == 4, log
+    assert len(set(places)) == 2, log

@@ -1,0 +1,59 @@
+"""A burst: N clients each submit one job at the same moment, then wait for it; one line per job.
+
+Against `make demo` (two emulated GPUs) the bridge's log shows each job's backend ("done on ...");
+here each client sees how long it waited in line and how long its job ran."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import time
+import uuid
+
+import aiohttp
+import orjson
+
+
+async def one_job(session: aiohttp.ClientSession, url: str, workflow: str, index: int) -> tuple[str, float, float]:
+    """(job id, seconds until it started, seconds it ran) for one client with one job."""
+    client_id = f"burst-{index}-{uuid.uuid4().hex[:6]}"
+    async with session.ws_connect(f"{url}/ws", params={"clientId": client_id}) as ws:
+        body = {"workflow": workflow, "3/seed": random.randrange(1 << 32)}
+        submitted = time.monotonic()
+        params = {"clientId": client_id}
+        async with session.post(f"{url}/generate-based-workflow", params=params, json=body) as resp:
+            answer = await resp.json()
+            if resp.status != 200:
+                raise SystemExit(f"job {index}: HTTP {resp.status}: {answer.get('detail')}")
+        started = None
+        async for msg in ws:
+            frame = orjson.loads(msg.data)
+            if started is None and frame["status"] == "progress":
+                started = time.monotonic()
+            if frame["status"] in ("closed", "error"):
+                break
+        ended = time.monotonic()
+        await session.get(f"{url}/history", params=params)  # fetch, so the bridge can forget the results
+    started = started or ended
+    return answer["job_id"], started - submitted, ended - started
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--clients", type=int, default=6)
+    parser.add_argument("--workflow", default="text-to-image", help="one with a 3/seed input (default %(default)s)")
+    args = parser.parse_args()
+    async with aiohttp.ClientSession() as session:
+        began = time.monotonic()
+        jobs = await asyncio.gather(*(one_job(session, args.url, args.workflow, i) for i in range(args.clients)))
+        total = time.monotonic() - began
+    print(f"{'job':<34} {'waited':>8} {'ran':>8}")
+    for job_id, waited, ran in jobs:
+        print(f"{job_id:<34} {waited:>7.2f}s {ran:>7.2f}s")
+    print(f"{args.clients} jobs in {total:.2f}s")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
