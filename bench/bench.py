@@ -152,23 +152,71 @@ async def timed(job: Callable[[], Awaitable[Any]], count: int) -> list[float]:
     return samples
 
 
+def cpu_seconds(url: str) -> float:
+    """User + system CPU time the process behind `url` has used so far."""
+    with open(f"/proc/{PROCESSES[url].pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def in_parallel(job: Callable[[], Awaitable[Any]], count: int, concurrency: int) -> list[float]:
+    """Run `count` jobs, `concurrency` at a time; each one's latency in ms."""
+    left = itertools.count()
+    samples: list[float] = []
+
+    async def worker() -> None:
+        while next(left) < count:
+            start = time.perf_counter()
+            await job()
+            samples.append((time.perf_counter() - start) * 1000)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return samples
+
+
+def percentile(samples: list[float], q: int) -> float:
+    return statistics.quantiles(samples, n=100)[q - 1]
+
+
+async def bench_cpu_per_job(jobs: int) -> dict[str, Any]:
+    """The bridge's own CPU time per job (user + sys of its process ÷ jobs), full flow (socket,
+    generate, `closed`, `/history`), one job at a time and 32 at a time; pace-0 emulator."""
+    result: dict[str, Any] = {"name": "cpu_per_job", "jobs": jobs}
+    async with stack([0.0]) as (url, _), aiohttp.ClientSession() as session:
+        await in_parallel(lambda: bridge_job(session, url, SOLID), 50, 8)  # warm up
+        for concurrency in (1, 32):
+            before = cpu_seconds(url)
+            await in_parallel(lambda: bridge_job(session, url, SOLID), jobs, concurrency)
+            result[f"bridge_cpu_ms_c{concurrency}"] = round((cpu_seconds(url) - before) * 1000 / jobs, 2)
+    return result
+
+
 async def bench_overhead(jobs: int) -> dict[str, Any]:
-    """Latency of one small job through the bridge against the same job sent to ComfyUI directly."""
+    """Latency of one small job through the bridge against the same steps sent to ComfyUI directly,
+    alone (c1) and with 64 clients at once (c64); pace-0 emulator."""
+    result: dict[str, Any] = {"name": "overhead", "jobs": jobs}
     async with stack([0.0]) as (url, comfy), aiohttp.ClientSession() as session:
         prompt = solid_prompt()
-        await timed(lambda: direct_job(session, comfy[0], prompt), 20)  # warm up both paths
-        await timed(lambda: bridge_job(session, url, SOLID), 20)
-        direct = await timed(lambda: direct_job(session, comfy[0], prompt), jobs)
-        bridged = await timed(lambda: bridge_job(session, url, SOLID), jobs)
-    direct_ms, bridge_ms = statistics.median(direct), statistics.median(bridged)
-    return {
-        "name": "overhead",
-        "jobs": jobs,
-        "direct_median_ms": round(direct_ms, 2),
-        "bridge_median_ms": round(bridge_ms, 2),
-        "added_median_ms": round(bridge_ms - direct_ms, 2),
-        "bridge_p95_ms": round(statistics.quantiles(bridged, n=20)[18], 2),
-    }
+
+        def direct() -> Awaitable[int]:
+            return direct_job(session, comfy[0], prompt)
+
+        def bridged() -> Awaitable[int]:
+            return bridge_job(session, url, SOLID)
+
+        await in_parallel(direct, 20, 1)  # warm up both paths
+        await in_parallel(bridged, 20, 1)
+        for concurrency in (1, 64):
+            count = jobs if concurrency == 1 else max(jobs, 4 * concurrency)
+            straight = await in_parallel(direct, count, concurrency)
+            through = await in_parallel(bridged, count, concurrency)
+            tag = f"c{concurrency}"
+            result[f"direct_p50_ms_{tag}"] = round(statistics.median(straight), 2)
+            result[f"bridge_p50_ms_{tag}"] = round(statistics.median(through), 2)
+            result[f"added_p50_ms_{tag}"] = round(statistics.median(through) - statistics.median(straight), 2)
+            if concurrency == 1:
+                result["added_p99_ms_c1"] = round(percentile(through, 99) - percentile(straight, 99), 2)
+    return result
 
 
 async def bench_throughput(jobs: int, clients: int = 20) -> dict[str, Any]:
@@ -541,6 +589,7 @@ async def bench_spread(clients: int = 6) -> dict[str, Any]:
 
 
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], Awaitable[dict[str, Any]]]] = {
+    "cpu_per_job": lambda args: bench_cpu_per_job(max(args.jobs, 500)),
     "overhead": lambda args: bench_overhead(args.jobs),
     "throughput": lambda args: bench_throughput(args.jobs * 2),
     "idle_gap": lambda args: bench_idle_gap(args.jobs),

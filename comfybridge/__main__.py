@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import sys
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         web.run_app(
             app,
+            loop=_event_loop(),
             host=settings.host,
             port=settings.port,
             shutdown_timeout=settings.shutdown_timeout,
@@ -78,6 +80,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"comfybridge: error: cannot listen on {settings.host}:{settings.port}: {exc.strerror}", file=sys.stderr)
         return 2
     return 0
+
+
+def _event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop when it is installed (the `fast` extra): the same code, less CPU per request."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ class Failover:
             log.warning("backend %s is down; %d prompts wait for it", backend.name, len(backend.inflight))
             grace = core.settings.backend_grace
             for job in backend.inflight:
+                job.seen_outputs = None  # events may be missed now: its /history will tell
                 if not job.ended:  # no stale percent while nothing runs: say what it waits for
                     core.tell(job, "listening", f"waiting for its ComfyUI to come back (up to {grace:g}s)")
             self.watch_absence(backend)

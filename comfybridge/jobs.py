@@ -126,6 +126,9 @@ class Job:
     last_event: float = field(default_factory=time.monotonic)
     handing_over: bool = False  # POST /prompt of this job is in flight from this process
     told_progress: str = ""  # the last percent its client heard, so a frame is sent only on change
+    # The outputs ComfyUI's `executed` events announced, while every event since execution_start
+    # has been seen (None otherwise): then its /history need not be read.
+    seen_outputs: dict[str, Any] | None = None
     journal: Recorder | None = field(default=None, repr=False, compare=False)
     progress: Progress = field(init=False)
 
@@ -176,6 +179,7 @@ class Job:
         progress = self.progress
         if event == "execution_start":
             self.started_at = self.last_event
+            self.seen_outputs = {}
             if self.state in (JobState.SUBMITTING, JobState.QUEUED):
                 self.move(JobState.RUNNING)
         elif event == "execution_cached":
@@ -192,6 +196,9 @@ class Job:
             for node_id, node in (data.get("nodes") or {}).items():
                 if isinstance(node, dict) and node.get("state") == "finished":
                     progress.node_finished(str(node_id))
+        elif event == "executed":
+            if self.seen_outputs is not None and isinstance(data.get("output"), dict):
+                self.seen_outputs[str(data.get("node"))] = data["output"]
         elif event == "execution_success":
             self.outcome = "success"
         elif event == "execution_error":
@@ -206,6 +213,7 @@ class Job:
         of the old one cannot be mistaken for it."""
         self.outcome = None
         self.started_at = None
+        self.seen_outputs = None
         self.progress = Progress(self.prompt)
         self.told_progress = ""
         return self.move(

@@ -65,7 +65,10 @@ class Tracker:
         the ending; only after that may ComfyUI forget the prompt."""
         core = self.core
         try:
-            entry = await backend.client.history(job.prompt_id)
+            if job.seen_outputs is not None and job.outcome is not None:
+                entry: dict[str, Any] | None = {"outputs": job.seen_outputs}  # the socket told everything
+            else:
+                entry = await backend.client.history(job.prompt_id)
             if entry is not None and job.outcome is None:
                 job.outcome = "success" if (entry.get("status") or {}).get("status_str") == "success" else "error"
             if job.outcome == "success":

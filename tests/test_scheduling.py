@@ -128,6 +128,21 @@ async def test_lost_comfyui_socket_is_reconciled(
     assert [without_job_id(p[1]) for p in parts] == ["wf_c_slow_00001_.png"]
     assert len(emulator.engine.started) == 1  # reconciled, not submitted twice
     assert "closed its socket" in caplog.text
+    assert emulator.engine.requests["GET /history/{prompt_id}"] >= 1  # events were missed: history tells
+
+
+async def test_results_come_from_the_socket_without_reading_history(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    """Every `executed` event was seen, so the outputs are known without a GET /history."""
+    emulator = await make_emulator()
+    client = await make_bridge(emulator)
+    frames = await run_job(client, "told", {"workflow": "solid", "1/batch_size": 2})
+    assert frames[-1]["status"] == "closed"
+    parts = await read_results(await client.get("/history", params={"clientId": "told"}))
+    assert [without_job_id(p[1]) for p in parts] == ["wf_b_empty_00001_.png", "wf_b_empty_00002_.png"]
+    assert emulator.engine.requests["GET /history/{prompt_id}"] == 0
+    assert emulator.engine.requests["GET /view"] == 2
 
 
 async def test_prompt_500_is_retried(make_emulator: EmulatorFactory, make_bridge: BridgeFactory) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import heapq
@@ -111,6 +112,7 @@ class Engine:
         self.object_info = load_object_info()
         self.history: dict[str, dict[str, Any]] = {}
         self.free_requests: list[Any] = []  # bodies of POST /free, so a test can see what was asked
+        self.requests: collections.Counter[str] = collections.Counter()  # by route, e.g. "GET /queue"
         self.cancel_requests: list[str] = []  # ids given to the jobs API's cancel, so a test can see it used
         self.started: list[str] = []  # every prompt id that began to run, in order (history may be deleted)
         self.timeline: list[tuple[str, float, float]] = []  # (prompt id, start, end) in monotonic seconds

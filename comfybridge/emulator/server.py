@@ -9,6 +9,7 @@ import logging
 import platform
 import tempfile
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ import orjson
 from aiohttp import WSCloseCode, web
 
 from .engine import Engine, PromptRejected
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +81,7 @@ class Emulator:
 def create_emulator_app(root: Path, pace: float, dialect: str = DIALECTS[0]) -> web.Application:
     if dialect not in DIALECTS:
         raise ValueError(f"unknown ComfyUI dialect {dialect!r}; one of {', '.join(DIALECTS)}")
-    app = web.Application(client_max_size=MAX_UPLOAD_SIZE + 1024 * 1024)
+    app = web.Application(client_max_size=MAX_UPLOAD_SIZE + 1024 * 1024, middlewares=[_count_requests])
     sockets: dict[str, web.WebSocketResponse] = {}
     app[SOCKETS] = sockets
     pending_sends: set[asyncio.Future[Any]] = set()
@@ -123,6 +126,16 @@ def create_emulator_app(root: Path, pace: float, dialect: str = DIALECTS[0]) -> 
     if engine.jobs_api:
         app.router.add_routes(_jobs_routes())
     return app
+
+
+@web.middleware
+async def _count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Not ComfyUI behaviour: counts requests by route (`GET /history/{prompt_id}`), so a test can see
+    which calls the bridge makes."""
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else request.path
+    request.app[ENGINE].requests[f"{request.method} {route}"] += 1
+    return await handler(request)
 
 
 def _deliver(
