@@ -114,7 +114,7 @@ async def _journal(app: web.Application) -> AsyncIterator[None]:
     finally:
         await journal.close()
         state.generation_count = journal.count
-        await state.save()
+        await state.save(promptly=True)
 
 
 async def _emulators(app: web.Application) -> AsyncIterator[None]:

@@ -21,6 +21,7 @@ class Backend:
     submit_failures: int = 0
     queue_remaining: int = 0  # ComfyUI's own count, including prompts of other users
     last_workflow: str | None = None  # what it ran last, so its models are likely loaded
+    delivered: list[str] = field(default_factory=list)  # prompt ids to delete from its history, together
     abandoned: set[str] = field(default_factory=set)  # prompt ids moved elsewhere, to remove when it is back
     down_since: float | None = None
     idle_since: float | None = field(default_factory=time.monotonic)

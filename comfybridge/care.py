@@ -5,8 +5,10 @@ ComfyUI applies POST /free between prompts, never under a running one, so these 
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from .backend import Backend
 from .comfy import BackendUnavailable
@@ -16,6 +18,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MB = 1024 * 1024
+FORGET_DELAY = 0.25  # seconds delivered prompts wait, to be forgotten together in one request
+Spawn = Callable[[Coroutine[Any, Any, None], str], object]
 
 
 async def free(backend: Backend, why: str) -> bool:
@@ -33,10 +37,25 @@ async def free(backend: Backend, why: str) -> bool:
     return True
 
 
+def forget_later(backend: Backend, prompt_id: str, spawn: Spawn) -> None:
+    """Delete a delivered prompt from ComfyUI's history, together with the others of the next
+    FORGET_DELAY seconds: one request for many jobs under load."""
+    backend.delivered.append(prompt_id)
+    if len(backend.delivered) == 1:
+        spawn(_forget_delivered(backend), f"forget prompts on {backend.name}")
+
+
+async def _forget_delivered(backend: Backend) -> None:
+    await asyncio.sleep(FORGET_DELAY)
+    prompt_ids, backend.delivered = backend.delivered, []
+    try:
+        await backend.client.delete_history(prompt_ids)
+    except BackendUnavailable as exc:  # ComfyUI keeps a bounded history anyway
+        log.debug("could not delete %d prompts from %s's history: %s", len(prompt_ids), backend.name, exc)
+
+
 async def after_job(backend: Backend, prompt_id: str, settings: SchedulerSettings) -> None:
     try:
-        if settings.delete_history:
-            await backend.client.delete_history([prompt_id])
         backend.jobs_since_free += 1
         if settings.free_every_jobs and backend.jobs_since_free >= settings.free_every_jobs:
             await free(backend, f"every {settings.free_every_jobs} jobs")

@@ -36,6 +36,11 @@ STEPS: dict[JobState, set[JobState]] = {
 }
 
 
+# Steps kept in memory only: after a restart the bridge asks ComfyUI where a handed-over prompt is
+# (queued, running or finished) anyway, so recording them would cost two commits per job for nothing.
+UNRECORDED = {JobState.QUEUED, JobState.RUNNING}
+
+
 class InvalidStep(Exception):
     """A state change the job model does not allow: a bug in the caller, never a client's doing."""
 
@@ -158,7 +163,7 @@ class Job:
         record: dict[str, Any] = {"state": to.value, **changes}
         if to in ENDED:
             self.ended_at = record["ended_at"] = time.time()
-        if self.journal is None:
+        if self.journal is None or to in UNRECORDED:
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             done.set_result(None)
             return done

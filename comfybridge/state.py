@@ -12,6 +12,8 @@ from .files import atomic_write
 
 log = logging.getLogger(__name__)
 
+WRITE_INTERVAL = 1.0  # seconds between writes of the file under steady load
+
 
 class StateError(Exception):
     """The state file exists but cannot be trusted; start-up stops rather than reset the counter."""
@@ -23,7 +25,8 @@ class StateStore:
     The journal is the source of truth; this file follows it (written after the journal commits) and
     at start-up the larger of the two counts wins, so neither can lose the other's increments.
     Writes run in a thread and coalesce: callers that arrive while a write is under way are all
-    covered by the next single write.
+    covered by the next single write, and writes come at most every WRITE_INTERVAL seconds (the
+    journal already holds every increment durably; this file only mirrors it).
     """
 
     def __init__(self, path: Path) -> None:
@@ -32,6 +35,7 @@ class StateStore:
         self._changes = 0
         self._saved = 0
         self._lock = asyncio.Lock()
+        self._last_write = -WRITE_INTERVAL
 
     @classmethod
     def load(cls, path: Path) -> StateStore:
@@ -54,10 +58,13 @@ class StateStore:
         store.generation_count = count
         return store
 
-    async def save(self) -> None:
+    async def save(self, promptly: bool = False) -> None:
         """Return once a write that includes every change made before this call is on disk."""
         self._changes += 1
         wanted = self._changes
+        loop = asyncio.get_running_loop()
+        if not promptly and (delay := self._last_write + WRITE_INTERVAL - loop.time()) > 0:
+            await asyncio.sleep(delay)  # callers meanwhile join the same write
         async with self._lock:
             if self._saved >= wanted:
                 return
@@ -72,3 +79,4 @@ class StateStore:
                 await write
                 raise
             self._saved = version
+            self._last_write = loop.time()

@@ -93,6 +93,8 @@ class Tracker:
                 await ended
             except StorageFull:
                 return  # logged by the journal; ComfyUI keeps the prompt, so a restart can collect it again
+        if core.settings.delete_history:
+            care.forget_later(backend, job.prompt_id, core.spawn)
         await care.after_job(backend, job.prompt_id, core.settings)
 
     async def _store_results_when_room(self, backend: Backend, job: Job, refs: list[OutputRef]) -> list[ResultFile]:
