@@ -5,17 +5,18 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import aiohttp
 import orjson
 from yarl import URL
 
 from .errors import StorageFull
-from .files import open_off_loop
+from .files import SMALL_FILE, open_off_loop, write_synced
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,11 @@ def describe_execution_error(data: dict[str, Any]) -> str:
     message = str(data.get("exception_message") or "").strip()
     kind = data.get("exception_type") or "error"
     return f"node {data.get('node_id')} ({data.get('node_type')}): {kind}: {message}"
+
+
+def _flush_and_sync(handle: BinaryIO) -> None:
+    handle.flush()
+    os.fsync(handle.fileno())
 
 
 class ComfyClient:
@@ -219,7 +225,8 @@ class ComfyClient:
         return answer if isinstance(answer, dict) else {}
 
     async def download(self, ref: OutputRef, target: Path) -> int:
-        """Stream one output file to `target`; never holds the whole file in memory."""
+        """Copy one output file to `target`, fsynced (its folder too is created if needed). A small file
+        is written in one go; a large one streams, never held whole in memory."""
         params = {"filename": ref.filename, "subfolder": ref.subfolder, "type": ref.type}
         size = 0
         try:
@@ -227,10 +234,16 @@ class ComfyClient:
             async with self.session.get(self.url / "view", params=params, timeout=timeout) as resp:
                 if resp.status != 200:
                     raise BackendUnavailable(f"{self.name}: GET /view {ref.filename} answered HTTP {resp.status}")
+                if resp.content_length is not None and resp.content_length <= SMALL_FILE:
+                    data = await resp.read()
+                    await asyncio.to_thread(write_synced, target, data)
+                    return len(data)
+                await asyncio.to_thread(target.parent.mkdir, parents=True, exist_ok=True)
                 async with open_off_loop(target, "wb") as handle:
                     async for chunk in resp.content.iter_chunked(CHUNK):
                         size += len(chunk)
                         await asyncio.to_thread(handle.write, chunk)
+                    await asyncio.to_thread(_flush_and_sync, handle)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise BackendUnavailable(f"{self.name}: download of {ref.filename} failed: {exc}") from exc
         except OSError as exc:  # writing here, not ComfyUI, failed

@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import BinaryIO, cast
 
 _temp_names = itertools.count()
+# Files up to this size are read or written whole, in one trip to a thread: a thread hop costs
+# more than holding a small image in memory. Larger ones stream in chunks.
+SMALL_FILE = 1 << 20
 
 
 def fsync_path(path: Path) -> None:
@@ -20,6 +23,15 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_synced(path: Path, data: bytes) -> None:
+    """Create `path` (and its folder) holding `data`, fsynced; the folder's entry is the caller's to sync."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def atomic_write(path: Path, data: bytes) -> None:

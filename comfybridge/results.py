@@ -48,12 +48,11 @@ class JobResult:
     folder: Path
 
 
-def sync_files(files: list[ResultFile]) -> None:
-    """fsync each file and the folders that hold them, so a power cut after `closed` loses nothing."""
-    for item in files:
-        fsync_path(item.path)
-    for folder in {item.path.parent for item in files}:
-        fsync_path(folder)
+def sync_folders(folder: Path) -> None:
+    """fsync a job's result folder and the folder that holds it (the files themselves are synced as
+    they are written), so a power cut after `closed` loses nothing."""
+    fsync_path(folder)
+    fsync_path(folder.parent)
 
 
 class ResultStore:

@@ -29,7 +29,7 @@ from .errors import (
     Unauthorized,
     UnsupportedMedia,
 )
-from .files import open_off_loop
+from .files import SMALL_FILE, open_off_loop
 from .keys import RESULTS, SCHEDULER, SETTINGS, UPLOADS, WORKFLOWS
 from .results import ResultFile
 from .uploads import IncomingFile
@@ -303,7 +303,11 @@ async def _write_base64(request: web.Request, files: list[tuple[str, ResultFile]
 async def _send_file(
     response: web.StreamResponse, item: ResultFile, size: int, encode: Callable[[bytes], bytes]
 ) -> None:
-    """Stream a file in chunks read off the event loop; closed even when the client goes away."""
+    """Stream a file in chunks read off the event loop; closed even when the client goes away.
+    A small file is read whole, in one trip to a thread."""
+    if item.size <= SMALL_FILE:
+        await response.write(encode(await asyncio.to_thread(item.path.read_bytes)))
+        return
     async with open_off_loop(item.path, "rb") as handle:
         while chunk := await asyncio.to_thread(handle.read, size):
             await response.write(encode(chunk))

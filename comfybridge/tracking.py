@@ -14,7 +14,7 @@ from .core import DISCONNECTED, Core
 from .errors import StorageFull
 from .jobs import Job, JobState
 from .media import content_type_for
-from .results import ResultFile, sync_files
+from .results import ResultFile, sync_folders
 
 log = logging.getLogger(__name__)
 
@@ -110,11 +110,11 @@ class Tracker:
 
     async def _store_results(self, backend: Backend, job: Job, refs: list[OutputRef]) -> list[ResultFile]:
         folder = self.core.results.folder_for(job.id)
-        await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
         files = []
         for index, ref in enumerate(refs):
             target = folder / f"{index:03d}-{ref.filename.replace('/', '_')}"
-            size = await backend.client.download(ref, target)
+            size = await backend.client.download(ref, target)  # written and fsynced
             files.append(ResultFile(ref.filename, target, content_type_for(ref.filename), size))
-        await asyncio.to_thread(sync_files, files)
+        if files:  # the files' names in their folder, and the folder in its parent, survive a power cut
+            await asyncio.to_thread(sync_folders, folder)
         return files
