@@ -219,24 +219,135 @@ async def bench_overhead(jobs: int) -> dict[str, Any]:
     return result
 
 
-async def bench_throughput(jobs: int, clients: int = 20) -> dict[str, Any]:
-    """Jobs per second through the bridge: `clients` concurrent clients, two emulated backends."""
-    async with stack([0.0, 0.0]) as (url, _), aiohttp.ClientSession() as session:
-        await asyncio.gather(*(bridge_job(session, url, SOLID) for _ in range(10)))
-        queue: asyncio.Queue[None] = asyncio.Queue()
-        for _ in range(jobs):
-            queue.put_nowait(None)
+async def bench_throughput(jobs: int, clients: int = 20, backends: int = 4) -> dict[str, Any]:
+    """Jobs per second from `clients` concurrent clients on `backends` pace-0 emulators: through the
+    bridge, and a direct client doing the same steps (client i on emulator i mod `backends`)."""
+    async with stack([0.0] * backends) as (url, comfy), aiohttp.ClientSession() as session:
+        prompt = solid_prompt()
+        await in_parallel(lambda: bridge_job(session, url, SOLID), 40, clients)  # warm up both paths
+        for index in range(backends):
+            await direct_job(session, comfy[index], prompt)
+        workers = itertools.count()
 
-        async def client() -> None:
-            while not queue.empty():
-                queue.get_nowait()
-                await bridge_job(session, url, SOLID)
+        async def direct_worker() -> None:
+            target = comfy[next(workers) % backends]
+            while next(left) < jobs:
+                await direct_job(session, target, prompt)
 
+        left = itertools.count()
         start = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(clients)))
-        elapsed = time.perf_counter() - start
-    return {"name": "throughput", "jobs": jobs, "clients": clients, "seconds": round(elapsed, 2),
-            "jobs_per_s": round(jobs / elapsed, 1)}  # fmt: skip
+        await asyncio.gather(*(direct_worker() for _ in range(clients)))
+        direct = jobs / (time.perf_counter() - start)
+        start = time.perf_counter()
+        await in_parallel(lambda: bridge_job(session, url, SOLID), jobs, clients)
+        bridged = jobs / (time.perf_counter() - start)
+    return {"name": "throughput", "jobs": jobs, "clients": clients, "backends": backends,
+            "bridge_jobs_s": round(bridged, 1), "direct_jobs_s": round(direct, 1),
+            "ratio": round(bridged / direct, 2)}  # fmt: skip
+
+
+def memory_mb(url: str, field: str = "VmRSS") -> float:
+    """A process's resident memory now (VmRSS) or at its peak so far (VmHWM), in MB."""
+    with open(f"/proc/{PROCESSES[url].pid}/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def bench_websockets(sockets: int, seconds: float = 10.0) -> dict[str, Any]:
+    """`sockets` idle WebSocket clients (one clientId each) with the default 1 s `listening`
+    heartbeat: the bridge's memory per 1,000 sockets and its share of one core while they idle."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 2 * sockets + 1000)), hard))
+    limits = {"max_sockets_per_ip": sockets + 10}
+    connector = aiohttp.TCPConnector(limit=0)
+    async with stack([0.0], **limits) as (url, _), aiohttp.ClientSession(connector=connector) as session:
+        ws_url = url.replace("http", "ws", 1) + "/ws"
+        before = memory_mb(url)
+        frames = 0
+        opened = asyncio.Event()
+        count = itertools.count(1)
+
+        async def idle(index: int) -> None:
+            nonlocal frames
+            async with session.ws_connect(ws_url, params={"clientId": f"idle-{index}"}) as ws:
+                if next(count) == sockets:
+                    opened.set()
+                async for msg in ws:
+                    if msg.type is not aiohttp.WSMsgType.TEXT:
+                        break
+                    frames += 1
+
+        tasks = []
+        for index in range(sockets):
+            tasks.append(asyncio.create_task(idle(index)))
+            if index % 200 == 199:
+                await asyncio.sleep(0.05)  # a connection storm is not what this measures
+        await asyncio.wait_for(opened.wait(), 300)
+        await asyncio.sleep(2)  # settle
+        rss = memory_mb(url)
+        cpu_before, frames_before, started = cpu_seconds(url), frames, time.perf_counter()
+        await asyncio.sleep(seconds)
+        elapsed = time.perf_counter() - started
+        cpu_share = (cpu_seconds(url) - cpu_before) / elapsed
+        heard = (frames - frames_before) / elapsed
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return {"name": "websockets", "clients": sockets, "rss_mb_before": round(before, 1),
+            "rss_mb_with_sockets": round(rss, 1), "rss_mb_per_1k": round((rss - before) * 1000 / sockets, 2),
+            "cpu_share": round(cpu_share, 3), "frames_heard_per_s": round(heard)}  # fmt: skip
+
+
+def sparse_mp4(path: Path, size: int) -> None:
+    """An MP4 the bridge accepts as whole (ftyp, then one mdat of zeros to the end), made in no time."""
+    ftyp = (24).to_bytes(4, "big") + b"ftypisom" + (512).to_bytes(4, "big") + b"isomiso2"
+    with path.open("wb") as handle:
+        handle.write(ftyp + (size - len(ftyp)).to_bytes(4, "big") + b"mdat")
+        handle.truncate(size)
+
+
+async def bench_streaming(download_mb: int = 1024, upload_mb: int = 200) -> dict[str, Any]:
+    """The bridge's peak memory growth while a job's `download_mb` video output goes from ComfyUI to
+    the bridge and on to the client, and while a client uploads a `upload_mb` file."""
+    size_mb = max(download_mb, upload_mb) + 50
+    limits = {"max_upload_mb": size_mb, "max_request_mb": size_mb, "job_idle_timeout": 600}
+    async with stack([0.0], **limits) as (url, comfy), aiohttp.ClientSession() as session:
+        await bridge_job(session, url, SOLID)  # warm up
+        async with session.post(f"{comfy[0]}/emulator/faults", json={"video_mb": download_mb}) as resp:
+            assert resp.status == 200
+        before = memory_mb(url)
+        client_id = uuid.uuid4().hex
+        ws_url = url.replace("http", "ws", 1) + "/ws"
+        async with session.ws_connect(ws_url, params={"clientId": client_id}) as ws:
+            params = {"clientId": client_id}
+            async with session.post(f"{url}/generate-based-workflow", params=params, json=SOLID) as resp:
+                assert resp.status == 200, await resp.text()
+            async for msg in ws:
+                if orjson.loads(msg.data)["status"] in ("closed", "error"):
+                    break
+        received = 0
+        async with session.get(f"{url}/history", params={"clientId": client_id}) as resp:
+            async for chunk in resp.content.iter_chunked(1 << 20):
+                received += len(chunk)
+        download_peak = memory_mb(url, "VmHWM")
+        with tempfile.TemporaryDirectory(prefix="bench-upload-") as tmp:
+            big = Path(tmp) / "big.mp4"
+            sparse_mp4(big, upload_mb << 20)
+            rss_before_upload = memory_mb(url)
+            with big.open("rb") as handle:
+                form = aiohttp.FormData()
+                form.add_field("file", handle, filename="big.mp4", content_type="video/mp4")
+                async with session.post(f"{url}/upload", params={"clientId": "uploader"}, data=form) as resp:
+                    assert resp.status == 200, await resp.text()
+        upload_peak = memory_mb(url, "VmHWM")
+    return {"name": "streaming", "download_mb": download_mb, "received_mb": round(received / 2**20),
+            "download_rss_growth_mb": round(download_peak - before, 1), "upload_mb": upload_mb,
+            "upload_rss_growth_mb": round(max(0.0, upload_peak - max(rss_before_upload, download_peak)), 1),
+            "rss_mb_before": round(before, 1)}  # fmt: skip
 
 
 async def timeline(session: aiohttp.ClientSession, comfy: str) -> list[tuple[str, float, float]]:
@@ -457,15 +568,6 @@ async def bench_counter(jobs: int, clients: int = 32) -> dict[str, Any]:
     }
 
 
-def rss_mb(url: str) -> float:
-    proc = PROCESSES[url]
-    with open(f"/proc/{proc.pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
 async def generate_p50(session: aiohttp.ClientSession, url: str, count: int) -> float:
     params = {"clientId": "scale-probe"}
 
@@ -482,7 +584,7 @@ async def bench_clients_scale(ids: int, concurrency: int = 64) -> dict[str, Any]
     async with stack([0.0]) as (url, comfy), aiohttp.ClientSession() as session:
         await hold_prompts(session, comfy)
         before = await generate_p50(session, url, 200)
-        rss_before = rss_mb(url)
+        rss_before = memory_mb(url)
         ws_url = url.replace("http", "ws", 1) + "/ws"
         counter = itertools.count()
         start = time.perf_counter()
@@ -500,7 +602,7 @@ async def bench_clients_scale(ids: int, concurrency: int = 64) -> dict[str, Any]
         await asyncio.gather(*(visitor() for _ in range(concurrency)))
         visiting = time.perf_counter() - start
         after = await generate_p50(session, url, 200)
-        rss_after = rss_mb(url)
+        rss_after = memory_mb(url)
         data = DATA_DIRS[url]
         sizes = {name: _size(data / name) for name in ("current_state.json", "journal.sqlite3")}
     return {
@@ -592,6 +694,8 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], Awaitable[dict[str, Any]]]]
     "cpu_per_job": lambda args: bench_cpu_per_job(max(args.jobs, 500)),
     "overhead": lambda args: bench_overhead(args.jobs),
     "throughput": lambda args: bench_throughput(args.jobs * 2),
+    "websockets": lambda args: bench_websockets(args.sockets),
+    "streaming": lambda args: bench_streaming(),
     "idle_gap": lambda args: bench_idle_gap(args.jobs),
     "makespan": lambda args: bench_makespan(args.jobs),
     "failover": lambda args: bench_failover(min(args.jobs, 60)),
@@ -607,6 +711,7 @@ async def main() -> None:
     parser.add_argument("--only", choices=sorted(BENCHMARKS), action="append", help="run only these")
     parser.add_argument("--jobs", type=int, default=200, help="jobs per measurement (default %(default)s)")
     parser.add_argument("--json", action="store_true", help="one JSON object per benchmark")
+    parser.add_argument("--sockets", type=int, default=10_000, help="idle sockets for websockets (default %(default)s)")
     parser.add_argument("--ids", type=int, default=100_000, help="clientIds for clients_scale (default %(default)s)")
     parser.add_argument(
         "--recovery-jobs", type=int, default=10_000, help="unfinished jobs for recovery (default %(default)s)"

@@ -53,7 +53,7 @@ def check_client_id(value: str | None) -> str:
     return value
 
 
-@dataclass
+@dataclass(slots=True)  # one per known clientId: 100,000 of them must stay small
 class Client:
     id: str
     status: Status = field(default_factory=lambda: dict(LISTENING))

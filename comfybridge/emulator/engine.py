@@ -54,6 +54,7 @@ class Faults:
     node_error: int = 0  # the next N prompts are refused by validation, as ComfyUI refuses a bad value
     drop_socket_after_nodes: int | None = None  # close every socket after N nodes of the next prompt
     start_delay: float = 0.0  # seconds before each prompt starts (a slow model load)
+    video_mb: int = 0  # SaveImage also writes a video of this many MB (sparse: cheap to make, real to read)
 
 
 @dataclass(order=True)
@@ -602,6 +603,11 @@ class Engine:
                 asset = str(uuid.uuid4())
                 entry.update(id=asset, preview_id=asset)
             images.append(entry)
+        if kind == "SaveImage" and self.faults.video_mb > 0:
+            video = f"{stem}_{counter:05}_.mp4"
+            _sparse_mp4(target / video, self.faults.video_mb << 20)
+            clip = {"filename": video, "subfolder": subfolder, "type": file_type, "format": "video/h264-mp4"}
+            return {"images": images, "gifs": [clip]}
         return {"images": images}
 
     def _store_history(self, item: QueueItem, outputs: dict[str, Any], outcome: str, messages: list[list[Any]]) -> None:
@@ -665,6 +671,14 @@ def _injected_node_error(prompt: Any) -> dict[str, Any]:
     entry = {"errors": [error], "dependent_outputs": [node_id], "class_type": node.get("class_type", "")}
     body = _error("prompt_outputs_failed_validation", "Prompt outputs failed validation")
     return {"error": body, "node_errors": {node_id: entry}}
+
+
+def _sparse_mp4(path: Path, size: int) -> None:
+    """An MP4 whose boxes account for every byte (ftyp, then one mdat of zeros to the end)."""
+    ftyp = struct.pack(">I", 24) + b"ftypisom" + struct.pack(">I", 512) + b"isomiso2"
+    with path.open("wb") as handle:
+        handle.write(ftyp + struct.pack(">I", size - len(ftyp)) + b"mdat")
+        handle.truncate(size)
 
 
 def _canonical_uuid(value: Any) -> bool:
