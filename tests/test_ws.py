@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+from typing import Any
 
 import aiohttp
 import orjson
 import pytest
+from aiohttp import WSMsgType
 
 from comfybridge.emulator import Emulator
+from comfybridge.ws import HIGH_WATER, Outbox, text_frame
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
 from .helpers import Client, frames_until, generate, poll_status, run_job, seed
@@ -183,3 +187,48 @@ async def test_a_job_whose_backend_is_away_says_so(make_bridge: BridgeFactory, m
     assert frames[-1]["detail"] == "waiting for its ComfyUI to come back (up to 30s)"
     info = await (await client.get("/execution-info", params={"clientId": "stranded"})).json()
     assert (info["status"], info["detail"]) == ("listening", "waiting for its ComfyUI to come back (up to 30s)")
+
+
+async def test_frames_to_a_slow_reader_wait_in_order_and_close_comes_last() -> None:
+    """While a socket's buffer is full, frames wait in its outbox and one task sends them in order;
+    a frame published meanwhile never jumps the line, and the 1011 close comes after them."""
+
+    class Transport(asyncio.WriteTransport):
+        def __init__(self) -> None:
+            super().__init__()
+            self.buffered = HIGH_WATER  # the client is not reading
+            self.written: list[bytes] = []
+
+        def write(self, data: Any) -> None:
+            self.written.append(bytes(data))
+
+        def get_write_buffer_size(self) -> int:
+            return self.buffered
+
+        def is_closing(self) -> bool:
+            return False
+
+    class Socket:
+        def __init__(self) -> None:
+            self.sent: list[bytes] = []
+            self.closed_with: int | None = None
+
+        async def send_frame(self, frame: bytes, opcode: WSMsgType) -> None:
+            await asyncio.sleep(0)
+            self.sent.append(frame)
+
+        async def close(self, code: int, message: bytes) -> None:
+            self.closed_with = code
+
+    transport, socket = Transport(), Socket()
+    outbox = Outbox(socket, transport)  # type: ignore[arg-type]
+    outbox.put(b"one")
+    transport.buffered = 0  # drained, but "one" still waits: "two" must queue behind it
+    outbox.put(b"two")
+    outbox.put(None)
+    await wait_for(lambda: socket.closed_with is not None)
+    assert socket.sent == [b"one", b"two"]
+    assert transport.written == []
+    assert socket.closed_with == 1011
+    outbox.put(b"three")  # nothing waits now: straight to the socket, as one text frame
+    assert transport.written == [text_frame(b"three")] == [b"\x81\x05three"]
