@@ -83,22 +83,24 @@ async def emulators(paces: list[float]) -> AsyncIterator[list[str]]:
 
 
 @asynccontextmanager
-async def stack(paces: list[float], **bridge: Any) -> AsyncIterator[tuple[str, list[str]]]:
-    """Emulators (one per pace) and one bridge in front of them, all in their own processes."""
+async def bridge_for(comfy: list[str], **bridge: Any) -> AsyncIterator[str]:
+    """One bridge process in front of the given ComfyUI servers, with a data folder of its own."""
     data = Path(tempfile.mkdtemp(prefix="bench-"))
     try:
-        async with AsyncExitStack() as exits:
-            comfy = await exits.enter_async_context(emulators(paces))
-            port = free_port()
-            args = ["-m", "comfybridge", "--port", str(port), "--backends", ",".join(comfy)]
-            args += ["--workflows", str(WORKFLOWS), "--data-dir", str(data), "--log-level", "WARNING"]
-            for key, value in bridge.items():
-                args += ["--" + key.replace("_", "-"), str(value)]
-            url = f"http://127.0.0.1:{port}"
-            DATA_DIRS[url] = data
-            yield await exits.enter_async_context(process(args, url, "/generation-count")), comfy
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        DATA_DIRS[url] = data
+        async with process(bridge_args(port, comfy, data, **bridge), url, "/generation-count"):
+            yield url
     finally:
         shutil.rmtree(data, ignore_errors=True)
+
+
+@asynccontextmanager
+async def stack(paces: list[float], **bridge: Any) -> AsyncIterator[tuple[str, list[str]]]:
+    """Emulators (one per pace) and one bridge in front of them, all in their own processes."""
+    async with emulators(paces) as comfy, bridge_for(comfy, **bridge) as url:
+        yield url, comfy
 
 
 async def bridge_job(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> int:
@@ -690,6 +692,58 @@ async def bench_spread(clients: int = 6) -> dict[str, Any]:
     }
 
 
+def busy_fraction(history: dict[str, Any], prompt_ids: set[str]) -> float:
+    """Share of the wall time (first start to last end) ComfyUI spent running these prompts."""
+    spans = []
+    for prompt_id in prompt_ids:
+        events = dict((name, data) for name, data in history[prompt_id]["status"]["messages"])
+        spans.append((events["execution_start"]["timestamp"], events["execution_success"]["timestamp"]))
+    wall = max(end for _, end in spans) - min(start for start, _ in spans)
+    return sum(end - start for start, end in spans) / wall if wall > 0 else 1.0
+
+
+async def comfy_history(session: aiohttp.ClientSession, comfy: str) -> dict[str, Any]:
+    async with session.get(f"{comfy}/history") as resp:
+        history: dict[str, Any] = await resp.json()
+        return history
+
+
+async def bench_real(target: str | None, jobs: int, clients: int = 8) -> dict[str, Any]:
+    """Against a real ComfyUI (`--real HOST:PORT`): added latency per tiny job, throughput and
+    ComfyUI's busy fraction with `clients` clients, through the bridge vs a direct client."""
+    if not target:
+        return {"name": "real", "skipped": "no --real HOST:PORT given"}
+    comfy = target if "://" in target else f"http://{target}"
+    async with bridge_for([comfy], delete_history=False) as url, aiohttp.ClientSession() as session:
+        prompt = solid_prompt()
+
+        def direct() -> Awaitable[int]:
+            return direct_job(session, comfy, prompt)
+
+        def bridged() -> Awaitable[int]:
+            return bridge_job(session, url, SOLID)
+
+        await in_parallel(direct, 10, 1)  # warm up both paths
+        await in_parallel(bridged, 10, 1)
+        straight = await in_parallel(direct, jobs, 1)
+        through = await in_parallel(bridged, jobs, 1)
+        rates, busy = {}, {}
+        for name, job in (("direct", direct), ("bridge", bridged)):
+            known = set(await comfy_history(session, comfy))
+            start = time.perf_counter()
+            await in_parallel(job, jobs, clients)
+            rates[name] = jobs / (time.perf_counter() - start)
+            history = await comfy_history(session, comfy)
+            busy[name] = busy_fraction(history, set(history) - known)
+    return {"name": "real", "comfyui": comfy, "jobs": jobs, "clients": clients,
+            "direct_p50_ms": round(statistics.median(straight), 2), "bridge_p50_ms": round(statistics.median(through), 2),
+            "added_p50_ms": round(statistics.median(through) - statistics.median(straight), 2),
+            "bridge_jobs_s": round(rates["bridge"], 1), "direct_jobs_s": round(rates["direct"], 1),
+            "throughput_ratio": round(rates["bridge"] / rates["direct"], 2),
+            "busy_direct": round(busy["direct"], 3), "busy_bridge": round(busy["bridge"], 3),
+            "busy_ratio": round(busy["bridge"] / busy["direct"], 2)}  # fmt: skip
+
+
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], Awaitable[dict[str, Any]]]] = {
     "cpu_per_job": lambda args: bench_cpu_per_job(max(args.jobs, 500)),
     "overhead": lambda args: bench_overhead(args.jobs),
@@ -703,6 +757,7 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], Awaitable[dict[str, Any]]]]
     "clients_scale": lambda args: bench_clients_scale(args.ids),
     "recovery": lambda args: bench_recovery(args.recovery_jobs),
     "spread": lambda args: bench_spread(),
+    "real": lambda args: bench_real(args.real, args.jobs),
 }
 
 
@@ -711,6 +766,7 @@ async def main() -> None:
     parser.add_argument("--only", choices=sorted(BENCHMARKS), action="append", help="run only these")
     parser.add_argument("--jobs", type=int, default=200, help="jobs per measurement (default %(default)s)")
     parser.add_argument("--json", action="store_true", help="one JSON object per benchmark")
+    parser.add_argument("--real", metavar="HOST:PORT", help="a real ComfyUI for the `real` benchmark")
     parser.add_argument("--sockets", type=int, default=10_000, help="idle sockets for websockets (default %(default)s)")
     parser.add_argument("--ids", type=int, default=100_000, help="clientIds for clients_scale (default %(default)s)")
     parser.add_argument(
