@@ -6,11 +6,16 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install run demo test fuzz lint type bench all clean
 
+# Built under a lock, so `make demo` and `make test` started together do not break each other's
+# .venv: the second waits, then finds it fresh.
 $(STAMP): setup.py setup.cfg
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	@flock $(VENV).lock sh -c '\
+	  if [ -f $(STAMP) ] && [ $(STAMP) -nt setup.py ] && [ $(STAMP) -nt setup.cfg ]; then exit 0; fi; \
+	  set -e; \
+	  $(PYTHON) -m venv $(VENV); \
+	  $(BIN)/pip install --quiet --upgrade pip; \
+	  $(BIN)/pip install --quiet -e ".[dev]"; \
+	  touch $(STAMP)'
 
 install: $(STAMP)
 

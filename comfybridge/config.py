@@ -14,6 +14,7 @@ from typing import Any
 from dotenv import dotenv_values
 from yarl import URL
 
+from . import __version__
 from .emulator.server import DIALECTS
 
 DEFAULT_CONFIG = Path("config/comfybridge.toml")
@@ -220,10 +221,26 @@ def build_parser() -> argparse.ArgumentParser:
         description="One small API in front of many ComfyUI servers.",
         argument_default=argparse.SUPPRESS,
     )
+    parser.add_argument("--version", action="version", version=f"comfybridge {__version__}")
     parser.add_argument("--config", type=Path, help=f"TOML config file (default {DEFAULT_CONFIG} when present)")
+    defaults = Settings()
     for name, (_, _, help_text) in OPTIONS.items():
-        parser.add_argument(_flag(name), dest=name, help=f"{help_text} [{_env(name)}]")
+        default = _shown(getattr(defaults, name))
+        parser.add_argument(_flag(name), dest=name, help=f"{help_text} (default: {default}) [{_env(name)}]")
     return parser
+
+
+def _shown(value: Any) -> str:
+    """A default as one would type it: a comma list, a plain number, `none`."""
+    if value is None or value == ():
+        return "none"
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).replace("%", "%%")
 
 
 def load_settings(
@@ -239,17 +256,16 @@ def load_settings(
 
     config_path = flags.pop("config", None) or environ.get(ENV_PREFIX + "CONFIG") or dotenv.get(ENV_PREFIX + "CONFIG")
     file_values: dict[str, Any] = {}
-    if config_path:
-        file_values = _read_toml(cwd / Path(config_path))
-    elif (cwd / DEFAULT_CONFIG).is_file():
-        file_values = _read_toml(cwd / DEFAULT_CONFIG)
+    config_file = cwd / Path(config_path) if config_path else cwd / DEFAULT_CONFIG
+    if config_path or config_file.is_file():
+        file_values = _read_toml(config_file)
 
     raw: dict[str, tuple[Any, str]] = {}
     for key, value in file_values.items():
         if key not in OPTIONS:
-            raise ConfigError(f"config file: unknown setting {key!r}")
-        raw[key] = (value, f"{key} in the config file")
-    for source, label in ((dotenv, ".env"), (environ, "environment")):
+            raise ConfigError(f"config file {config_file}: unknown setting {key!r}")
+        raw[key] = (value, f"{key} in {config_file}")
+    for source, label in ((dotenv, str(cwd / ".env")), (environ, "environment")):
         if "COMFYUI_SERVERS" in source:
             raw["backends"] = (source["COMFYUI_SERVERS"], f"COMFYUI_SERVERS in {label}")
         for name in OPTIONS:

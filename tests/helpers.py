@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import shutil
 import struct
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
@@ -113,3 +117,20 @@ async def wait_until_up(url: str, proc: asyncio.subprocess.Process, log: Path, t
 
 def _tail(log: Path) -> str:
     return log.read_text()[-4000:] if log.exists() else "it exited"
+
+
+def system_binary(name: str, package: str) -> str:
+    """The path of a system program a test needs. When missing, it is installed from Debian's
+    packages only if CI or COMFYBRIDGE_TEST_INSTALL=1 allows it (and we are root with apt-get);
+    otherwise the test is skipped, saying why. `make test` never changes the host unasked."""
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    allowed = os.environ.get("COMFYBRIDGE_TEST_INSTALL") == "1" or bool(os.environ.get("CI"))
+    if found is None and allowed and os.geteuid() == 0 and shutil.which("apt-get"):
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "timeout": 600}
+        subprocess.run(["apt-get", "update", "-qq"], check=False, **quiet)  # type: ignore[call-overload]
+        subprocess.run(["apt-get", "install", "-y", "-qq", package], check=False, **quiet)  # type: ignore[call-overload]
+        found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    if found is None:
+        why = "as root with apt-get" if allowed else "set COMFYBRIDGE_TEST_INSTALL=1 to let the tests install it"
+        pytest.skip(f"{name} is not installed ({package}); {why}")
+    return found

@@ -7,6 +7,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from comfybridge import __version__
 from comfybridge.config import OPTIONS, ConfigError, Settings, load_settings
 from comfybridge.errors import WorkflowConfigError
 from comfybridge.workflows import WorkflowStore
@@ -70,8 +71,34 @@ def test_bad_settings_name_the_culprit(tmp_path: Path, argv: list[str], environ:
 
 def test_unknown_config_key(tmp_path: Path) -> None:
     (tmp_path / "c.toml").write_text("prot = 1\n")
-    with pytest.raises(ConfigError, match="unknown setting 'prot'"):
+    with pytest.raises(ConfigError, match="unknown setting 'prot'") as caught:
         load_settings(["--config", "c.toml"], environ={}, cwd=tmp_path)
+    assert str(tmp_path / "c.toml") in str(caught.value)
+
+
+def test_a_bad_value_names_the_file_it_came_from(tmp_path: Path) -> None:
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "comfybridge.toml").write_text("port = 'eighty'\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings([], environ={}, cwd=tmp_path)
+    assert str(caught.value).startswith(f"port in {tmp_path / 'config' / 'comfybridge.toml'}: 'eighty' is not a valid")
+    (tmp_path / "config" / "comfybridge.toml").write_text("port = 8001\n")
+    (tmp_path / ".env").write_text("COMFYBRIDGE_HEARTBEAT=-1\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings([], environ={}, cwd=tmp_path)
+    assert str(caught.value).startswith(f"COMFYBRIDGE_HEARTBEAT in {tmp_path / '.env'}: '-1'")
+
+
+def test_version_and_help_with_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        load_settings(["--version"], environ={})
+    assert capsys.readouterr().out.strip() == f"comfybridge {__version__}"
+    with pytest.raises(SystemExit):
+        load_settings(["--help"], environ={})
+    text = " ".join(capsys.readouterr().out.split())
+    assert "listen port (default: 8000) [COMFYBRIDGE_PORT]" in text
+    assert "(default: http://127.0.0.1:8188)" in text
+    assert "(default: none)" in text  # e.g. api keys
 
 
 # workflow store --------------------------------------------------------------------------------

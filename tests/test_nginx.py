@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import pytest
 from comfybridge.emulator.png import png_size
 
 from .conftest import BridgeFactory, EmulatorFactory
-from .helpers import read_results, wait_until_up, without_job_id
+from .helpers import read_results, system_binary, wait_until_up, without_job_id
 from .test_process import free_port
 
 CONFIG = """
@@ -49,24 +47,11 @@ http {{
 """
 
 
-def nginx_binary() -> str:
-    """nginx, installed here from Debian's packages when missing and we may (as CI does)."""
-    found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "timeout": 300}
-        subprocess.run(["apt-get", "update", "-qq"], check=False, **quiet)  # type: ignore[call-overload]
-        subprocess.run(["apt-get", "install", "-y", "-qq", "nginx-light"], check=False, **quiet)  # type: ignore[call-overload]
-        found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-    if found is None:
-        pytest.skip("nginx is not installed and cannot be installed here (needs root and apt-get)")
-    return found
-
-
 @pytest.fixture
 async def behind_nginx(
     make_bridge: BridgeFactory, make_emulator: EmulatorFactory, tmp_path: Path
 ) -> AsyncIterator[str]:
-    binary = nginx_binary()
+    binary = system_binary("nginx", "nginx-light")
     client = await make_bridge(await make_emulator(pace=0.01))
     root = tmp_path / "nginx"
     root.mkdir()
