@@ -736,7 +736,8 @@ async def bench_real(target: str | None, jobs: int, clients: int = 8) -> dict[st
             history = await comfy_history(session, comfy)
             busy[name] = busy_fraction(history, set(history) - known)
     return {"name": "real", "comfyui": comfy, "jobs": jobs, "clients": clients,
-            "direct_p50_ms": round(statistics.median(straight), 2), "bridge_p50_ms": round(statistics.median(through), 2),
+            "direct_p50_ms": round(statistics.median(straight), 2),
+            "bridge_p50_ms": round(statistics.median(through), 2),
             "added_p50_ms": round(statistics.median(through) - statistics.median(straight), 2),
             "bridge_jobs_s": round(rates["bridge"], 1), "direct_jobs_s": round(rates["direct"], 1),
             "throughput_ratio": round(rates["bridge"] / rates["direct"], 2),
