@@ -22,7 +22,9 @@ from .errors import Forbidden, RateLimited, Unauthorized
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-OPEN_PATHS = {"/docs"}  # a static page; the document it shows needs a key when keys are on
+# Served without a key: a static page (the document it shows needs a key when keys are on), and the
+# probes a load balancer calls (they show details only to a caller with a key).
+OPEN_PATHS = {"/docs", "/health", "/ready"}
 
 
 class KeyFileError(Exception):
@@ -171,9 +173,11 @@ class AccessPolicy:
             request[CALLER] = address
             if self.ip_rate is not None:
                 self.ip_rate.take(address)
-            if self.keys.enabled and request.path not in OPEN_PATHS:
+            if self.keys.enabled:
                 presented = presented_key(request)
                 key = self.keys.find(presented) if presented else None
+                if key is None and request.path in OPEN_PATHS:
+                    return await handler(request)
                 if key is None:
                     raise Unauthorized(
                         "A valid API key is required: send `Authorization: Bearer KEY` or `X-API-Key: KEY` "

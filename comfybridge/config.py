@@ -70,6 +70,7 @@ class Settings:
     max_sockets_per_ip: int = 256
     trusted_proxies: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
+    ready_max_queue: int = 0
 
     @property
     def state_file(self) -> Path:
@@ -182,6 +183,11 @@ OPTIONS: dict[str, tuple[Parser, Callable[[Any], str | None] | None, str]] = {
     "pipeline_depth": (_number(int), _not_negative, "prompts kept queued inside each ComfyUI behind the running one"),
     "shutdown_timeout": (_number(float), _not_negative, "seconds in-flight requests get to finish on SIGTERM"),
     "log_level": (str, _level, "DEBUG, INFO, WARNING or ERROR"),
+    "ready_max_queue": (
+        _number(int),
+        _not_negative,
+        "GET /ready answers 503 above this many waiting jobs (0: no limit)",
+    ),
     "backend_grace": (_number(float), _not_negative, "seconds a backend may be away before its jobs move"),
     "comfy_timeout": (_number(float), _positive, "seconds to wait for a ComfyUI REST answer"),
     "max_jobs_per_client": (_number(int), _not_negative, "jobs one client may have in line (429 beyond; 0: no limit)"),

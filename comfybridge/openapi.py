@@ -227,6 +227,22 @@ def document(workflows: WorkflowStore, aliases: list[str]) -> dict[str, Any]:
                 "responses": {"200": {"description": "cancelled", **ok_detail}, **_errors(400)},
             }
         },
+        "/health": {
+            "get": {
+                "summary": "The process serves; each backend's state (addresses only for a caller with a key)",
+                "responses": {"200": {"description": "ok", **_json(HEALTH)}},
+            }
+        },
+        "/ready": {
+            "get": {
+                "summary": "Whether to send work here: 503 when no backend is usable, the queue is too deep, "
+                "or the bridge is stopping",
+                "responses": {
+                    "200": {"description": "ready", **_json(HEALTH)},
+                    "503": {"description": "not ready; `detail` says why", **_json(HEALTH)},
+                },
+            }
+        },
         "/openapi.json": {
             "get": {
                 "summary": "This document (with API keys on, for the caller's workflows)",
@@ -267,6 +283,35 @@ def document(workflows: WorkflowStore, aliases: list[str]) -> dict[str, Any]:
         },
         "security": [{}, {"bearer": []}, {"apiKey": []}],
     }
+
+
+HEALTH: dict[str, Any] = {
+    "type": "object",
+    "required": ["status", "backends", "usable_backends", "queued", "stopping", "generation_count"],
+    "properties": {
+        "status": {"type": "string", "enum": ["ok", "ready", "not ready"]},
+        "detail": {"type": "string"},
+        "backends": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["state"],
+                "properties": {
+                    "url": {"type": "string"},
+                    "state": {"type": "string", "enum": ["up", "down", "draining", "resting"]},
+                    "in_flight": {"type": "integer"},
+                    "comfyui_queue": {"type": "integer"},
+                    "relative_speed": {"type": ["number", "null"]},
+                    "jobs_api": {"type": ["boolean", "null"]},
+                },
+            },
+        },
+        "usable_backends": {"type": "integer"},
+        "queued": {"type": "integer"},
+        "stopping": {"type": "boolean"},
+        "generation_count": {"type": "integer"},
+    },
+}
 
 
 DOCS_PAGE = """<!doctype html>

@@ -37,11 +37,11 @@ class RunTimes:
                 return known
         elsewhere = [v for (w, b, _), v in self._mean.items() if w == workflow and b != backend]
         if elsewhere:
-            return statistics.fmean(elsewhere) * self._speed_factor(backend)
+            return statistics.fmean(elsewhere) * self.speed_factor(backend)
         typical = statistics.fmean(self._mean.values()) if self._mean else self.prior
-        return typical * self._speed_factor(backend)
+        return typical * self.speed_factor(backend)
 
-    def _speed_factor(self, backend: str) -> float:
+    def speed_factor(self, backend: str) -> float:
         """How much longer this backend takes than the others on the workflows both have run (1.0 unknown)."""
         ratios = []
         for (workflow, name, warm), mine in self._mean.items():

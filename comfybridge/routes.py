@@ -313,6 +313,36 @@ async def _send_file(
             await response.write(encode(chunk))
 
 
+def _health_report(request: web.Request) -> dict[str, Any]:
+    """The scheduler's report; with API keys on, a caller without one sees no backend addresses."""
+    report = request.app[SCHEDULER].health()
+    settings = request.app[SETTINGS]
+    if (settings.api_keys or settings.api_keys_file) and request.get(KEY) is None:
+        report["backends"] = [{"state": b["state"]} for b in report["backends"]]
+    return report
+
+
+async def health(request: web.Request) -> web.Response:
+    """The process serves: always 200 while it does, with what it knows of its backends."""
+    return json_response({"status": "ok", **_health_report(request)})
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Whether to send work here: 503 with the reason when no backend is usable, the queue is too
+    deep, or the bridge is stopping."""
+    report = _health_report(request)
+    limit = request.app[SETTINGS].ready_max_queue
+    if report["stopping"]:
+        reason = "the bridge is stopping"
+    elif not report["usable_backends"]:
+        reason = "no ComfyUI backend is usable"
+    elif limit and report["queued"] > limit:
+        reason = f"{report['queued']} jobs wait, more than ready_max_queue ({limit})"
+    else:
+        return json_response({"status": "ready", **report})
+    return json_response({"status": "not ready", "detail": reason, **report}, 503)
+
+
 def setup_routes(app: web.Application) -> None:
     # HEAD only where a GET changes nothing: /history hands results over (and forgets them).
     app.router.add_get("/ws", websocket_handler, allow_head=False)
@@ -325,5 +355,7 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/generation-count", generation_count)
     app.router.add_post("/free", free)
     app.router.add_post("/interrupt", interrupt)
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
     app.router.add_get("/openapi.json", openapi_json)
     app.router.add_get("/docs", docs)

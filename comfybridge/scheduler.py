@@ -306,6 +306,36 @@ class Scheduler:
         """Jobs ever accepted, as far as the journal has made durable."""
         return self.core.journal.count
 
+    def health(self) -> dict[str, Any]:
+        """What an operator (or a load balancer) needs to know: each backend's state, the queue."""
+        core = self.core
+        backends = []
+        for backend in self.backends.values():
+            if backend.draining:
+                state = "draining"
+            elif not backend.healthy:
+                state = "down"
+            else:
+                state = "up" if backend.usable else "resting"  # resting: it refused prompts lately
+            factor = core.runtimes.speed_factor(backend.name)
+            backends.append(
+                {
+                    "url": backend.name,
+                    "state": state,
+                    "in_flight": len(backend.inflight),
+                    "comfyui_queue": backend.queue_remaining,
+                    "relative_speed": round(1 / factor, 3) if factor else None,  # > 1: faster than the others
+                    "jobs_api": backend.client.jobs_api,
+                }
+            )
+        return {
+            "backends": backends,
+            "usable_backends": sum(1 for b in self.backends.values() if b.usable),
+            "queued": len(core.queue),
+            "stopping": core.closing,
+            "generation_count": core.journal.count,
+        }
+
     # control ---------------------------------------------------------------------------------
     async def interrupt(self, client_id: str) -> None:
         """Cancel every job of the client: drop waiting ones, delete queued ones, stop the running one."""

@@ -1,0 +1,71 @@
+"""Operating the bridge: health and readiness, metrics, logs, the workflow catalogue."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .conftest import BridgeFactory, EmulatorFactory
+from .helpers import Client, generate
+
+KEY = "ops-key-0123456789abcdef"
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not await check():
+            await asyncio.sleep(0.02)
+
+
+async def get_json(client: Client, path: str, **headers: str) -> tuple[int, Any]:
+    resp = await client.get(path, headers=headers)
+    return resp.status, await resp.json()
+
+
+async def test_health_and_ready_tell_the_truth(make_emulator: EmulatorFactory, make_bridge: BridgeFactory) -> None:
+    emulator = await make_emulator()
+    client = await make_bridge(emulator, ready_max_queue=1, pipeline_depth=1)
+    status, health = await get_json(client, "/health")
+    assert (status, health["status"]) == (200, "ok")
+    [backend] = health["backends"]
+    assert (backend["url"], backend["state"], backend["in_flight"]) == (emulator.url, "up", 0)
+    assert (await get_json(client, "/ready"))[0] == 200
+
+    emulator.engine.pause()  # one prompt held in ComfyUI, one waiting behind it there, the rest here
+    for index in range(4):
+        await generate(client, f"deep{index}", {"workflow": "solid", "1/batch_size": 1})
+    status, body = await get_json(client, "/ready")
+    assert status == 503
+    assert body["detail"] == "2 jobs wait, more than ready_max_queue (1)"
+    assert (body["queued"], body["backends"][0]["in_flight"]) == (2, 2)
+    emulator.engine.resume()
+    await eventually(lambda: _status_is(client, "/ready", 200))
+
+    await emulator.stop()
+    await eventually(lambda: _backend_state_is(client, "down"))
+    status, body = await get_json(client, "/ready")
+    assert (status, body["detail"]) == (503, "no ComfyUI backend is usable")
+    assert (await get_json(client, "/health"))[0] == 200  # the process still serves
+
+
+async def test_probes_need_no_key_but_show_addresses_only_with_one(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    client = await make_bridge(await make_emulator(), api_keys=(KEY,))
+    status, anonymous = await get_json(client, "/health")
+    assert status == 200
+    assert anonymous["backends"] == [{"state": "up"}]
+    assert (await get_json(client, "/ready"))[0] == 200
+    _, keyed = await get_json(client, "/health", Authorization=f"Bearer {KEY}")
+    assert keyed["backends"][0]["url"].startswith("http://127.0.0.1:")
+    assert (await get_json(client, "/workflow-list"))[0] == 401  # everything else still needs the key
+
+
+async def _status_is(client: Client, path: str, wanted: int) -> bool:
+    return (await client.get(path)).status == wanted
+
+
+async def _backend_state_is(client: Client, wanted: str) -> bool:
+    _, body = await get_json(client, "/health")
+    return bool(body["backends"][0]["state"] == wanted)
