@@ -8,27 +8,14 @@ import logging
 import sys
 
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMessage
-from aiohttp.web_protocol import RequestPayloadError
 
+from . import logs
 from .access import KeyFileError
 from .app import create_app
 from .config import ConfigError, load_settings
 from .errors import WorkflowConfigError
 from .journal import JournalError
 from .state import StateError
-
-
-def quiet_bad_requests(record: logging.LogRecord) -> bool:
-    """Garbage that aiohttp's parser refuses (a bad method, a line over 8190 bytes) is the client's
-    fault: one line at INFO, not a traceback at ERROR."""
-    error = record.exc_info[1] if record.exc_info else None
-    if isinstance(error, RequestPayloadError) and isinstance(error.__cause__, BadHttpMessage):
-        error = error.__cause__
-    if isinstance(error, BadHttpMessage):
-        record.levelno, record.levelname = logging.INFO, "INFO"
-        record.msg, record.args, record.exc_info = "refused a malformed request: %s", (error.message,), None
-    return True
 
 
 def _loopback(host: str) -> bool:
@@ -43,10 +30,8 @@ def _loopback(host: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(argv)
-        logging.basicConfig(
-            level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-        )
-        logging.getLogger("aiohttp.server").addFilter(quiet_bad_requests)
+        logs.setup(settings.log_level, settings.log_format)
+        logging.getLogger("comfybridge.access").disabled = not settings.access_log
         app = create_app(settings, reload=lambda: load_settings(argv))
     except (ConfigError, WorkflowConfigError, StateError, JournalError, KeyFileError) as exc:
         print(f"comfybridge: error: {exc}", file=sys.stderr)

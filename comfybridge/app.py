@@ -29,6 +29,7 @@ from .keys import (
     UPLOADS,
     WORKFLOWS,
 )
+from .logs import access_middleware
 from .results import ResultStore
 from .routes import error_middleware, setup_routes
 from .scheduler import Scheduler, SchedulerSettings
@@ -57,7 +58,7 @@ def create_app(settings: Settings, reload: Callable[[], Settings] | None = None)
     # cap is for anything read whole, and it is checked on the bytes after any Content-Encoding.
     policy = access_policy(settings)
     app = web.Application(
-        middlewares=[policy.cors_middleware(), error_middleware, policy.middleware()],
+        middlewares=[access_middleware, policy.cors_middleware(), error_middleware, policy.middleware()],
         client_max_size=int(settings.max_json_mb * MB),
     )
     app[SETTINGS] = settings

@@ -48,6 +48,8 @@ class Settings:
     pipeline_depth: int = 1
     shutdown_timeout: float = 10.0
     log_level: str = "INFO"
+    log_format: str = "text"
+    access_log: bool = True
     backend_grace: float = 10.0
     comfy_timeout: float = 30.0
     max_jobs_per_client: int = 0
@@ -148,6 +150,10 @@ def _port(value: int) -> str | None:
     return None if 0 <= value <= 65535 else "must be a port number (0-65535)"
 
 
+def _log_format(value: str) -> str | None:
+    return None if value in ("text", "json") else "must be text or json"
+
+
 def _dialect(value: str) -> str | None:
     return None if value in DIALECTS else f"unknown ComfyUI dialect {value!r} (use {' or '.join(DIALECTS)})"
 
@@ -183,6 +189,8 @@ OPTIONS: dict[str, tuple[Parser, Callable[[Any], str | None] | None, str]] = {
     "pipeline_depth": (_number(int), _not_negative, "prompts kept queued inside each ComfyUI behind the running one"),
     "shutdown_timeout": (_number(float), _not_negative, "seconds in-flight requests get to finish on SIGTERM"),
     "log_level": (str, _level, "DEBUG, INFO, WARNING or ERROR"),
+    "log_format": (str, _log_format, "text, or json (one object per line, with job and request fields)"),
+    "access_log": (_flag_value, None, "a log line per request: method, route, status, duration, client (true/false)"),
     "ready_max_queue": (
         _number(int),
         _not_negative,

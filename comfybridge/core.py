@@ -67,14 +67,25 @@ class SchedulerSettings:
     output_subfolder: bool
 
 
-def _where_and_how_long(job: Job) -> str:
-    """` on BACKEND, waited Ws, ran Rs` for the log line of a job's end (what is known of it)."""
+def _where_and_how_long(job: Job) -> dict[str, Any]:
+    """Where a job ran and how long it waited, ran, and took to collect (what is known of it), for
+    the log line of its end; JSON logs carry these as fields."""
     now = time.monotonic()
-    if job.backend is None:
-        return f", waited {now - job.accepted_mono:.2f}s"
-    if job.started_at is None:
-        return f" on {job.backend}, waited {now - job.accepted_mono:.2f}s"
-    return f" on {job.backend}, waited {job.started_at - job.accepted_mono:.2f}s, ran {now - job.started_at:.2f}s"
+    facts: dict[str, Any] = {"job_id": job.id, "client_id": job.client_id, "workflow": job.workflow}
+    started, finished = job.started_at, job.finished_at
+    facts["backend"] = job.backend
+    facts["waited_s"] = round((started if started is not None else now) - job.accepted_mono, 3)
+    if started is not None:
+        facts["ran_s"] = round((finished if finished is not None else now) - started, 3)
+    if finished is not None:
+        facts["collected_s"] = round(now - finished, 3)
+    return facts
+
+
+def _describe(facts: dict[str, Any]) -> str:
+    text = f" on {facts['backend']}" if facts["backend"] else ""
+    text += ", " + ", ".join(f"{k[:-2]} {facts[k]:.2f}s" for k in ("waited_s", "ran_s", "collected_s") if k in facts)
+    return text
 
 
 def open_status(client: Client) -> Status:
@@ -215,9 +226,11 @@ class Core:
             committed = job.move(state, error=error)
         self.queue.remove(job)
         self.closed(job)
-        log.info(
-            "job %s client %s: %s%s%s", job.id, job.client_id, state.value, _where_and_how_long(job),
-            f" ({error})" if error else "",
+        facts = {**_where_and_how_long(job), "outcome": state.value}
+        log.log(
+            logging.WARNING if state is JobState.FAILED else logging.INFO,
+            "job %s client %s: %s%s%s", job.id, job.client_id, state.value, _describe(facts),
+            f" ({error})" if error else "", extra={"fields": facts},
         )  # fmt: skip
         committed.add_done_callback(lambda _: self._ended(job, files, notify))
         return committed

@@ -123,6 +123,7 @@ class Job:
     attempts: int = 0  # hand-overs that failed before ComfyUI took the prompt
     retries: int = 0  # runs started again elsewhere after their backend died
     started_at: float | None = None  # monotonic time of ComfyUI's execution_start
+    finished_at: float | None = None  # monotonic time of ComfyUI's final `executing null`
     warm: bool = False  # its backend ran the same workflow just before it
     accepted_at: float = field(default_factory=time.time)
     accepted_mono: float = field(default_factory=time.monotonic)  # for the wait and run times it logs
@@ -184,6 +185,7 @@ class Job:
         progress = self.progress
         if event == "execution_start":
             self.started_at = self.last_event
+            self.finished_at = None
             self.seen_outputs = {}
             if self.state in (JobState.SUBMITTING, JobState.QUEUED):
                 self.move(JobState.RUNNING)
@@ -191,6 +193,7 @@ class Job:
             progress.cached([str(n) for n in data.get("nodes", [])])
         elif event == "executing":
             if data.get("node") is None:
+                self.finished_at = self.last_event
                 return True
             progress.executing(str(data["node"]))
         elif event == "progress":

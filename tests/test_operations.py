@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import shutil
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
-from .conftest import BridgeFactory, EmulatorFactory
-from .helpers import Client, generate
+import aiohttp
+import orjson
+import pytest
+
+from .conftest import FIXTURES, BridgeFactory, EmulatorFactory
+from .helpers import Client, generate, run_job
+from .test_process import bridge_process
 
 KEY = "ops-key-0123456789abcdef"
 
@@ -69,3 +77,47 @@ async def _status_is(client: Client, path: str, wanted: int) -> bool:
 async def _backend_state_is(client: Client, wanted: str) -> bool:
     _, body = await get_json(client, "/health")
     return bool(body["backends"][0]["state"] == wanted)
+
+
+async def test_access_log_has_a_line_per_request_refusals_included(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="comfybridge.access")
+    client = await make_bridge(await make_emulator())
+    await run_job(client, "logged", {"workflow": "solid", "1/batch_size": 1})
+    await client.get("/nope")
+    await generate(client, "logged", {"workflow": "missing"})
+    lines = [r for r in caplog.records if r.name == "comfybridge.access"]
+    seen = {(r.fields["method"], r.fields["route"], r.fields["status"], r.fields["client_id"]) for r in lines}  # type: ignore[attr-defined]
+    assert ("POST", "/generate-based-workflow", 200, "logged") in seen
+    assert ("GET", "/ws", 101, "logged") in seen  # logged when the socket closed
+    assert ("GET", "/nope", 404, None) in seen
+    assert ("POST", "/generate-based-workflow", 400, "logged") in seen
+    assert all(r.fields["duration_ms"] >= 0 and r.levelno == logging.INFO for r in lines)  # type: ignore[attr-defined]
+
+
+async def test_json_logs_carry_job_fields_and_failures_are_warnings(tmp_path: Path) -> None:
+    workdir = tmp_path
+    shutil.copytree(FIXTURES / "workflows", workdir / "workflows")
+    async with (
+        bridge_process(workdir, "--emulate", "1", "--log-format", "json") as (_, url),
+        aiohttp.ClientSession() as session,
+    ):
+        for body in ({"workflow": "solid", "1/batch_size": 1}, {"workflow": "broken"}):
+            async with session.ws_connect(f"{url}/ws", params={"clientId": "json"}) as ws:
+                async with session.post(f"{url}/generate-based-workflow", params={"clientId": "json"}, json=body):
+                    pass
+                async for msg in ws:
+                    if orjson.loads(msg.data)["status"] in ("closed", "error"):
+                        break
+    lines = [orjson.loads(line) for line in (workdir / "bridge.log").read_text().splitlines() if line.startswith("{")]
+    assert lines
+    assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
+    ends = [line for line in lines if line.get("outcome")]
+    done = next(line for line in ends if line["outcome"] == "done")
+    assert done["level"] == "INFO"
+    assert done["backend"].startswith("http://127.0.0.1:")
+    assert {"job_id", "waited_s", "ran_s", "collected_s"} <= set(done)
+    failed = next(line for line in ends if line["outcome"] == "failed")
+    assert failed["level"] == "WARNING"
+    assert any(line["logger"] == "comfybridge.access" and line["route"] == "/ws" for line in lines)

@@ -1,0 +1,89 @@
+"""Logging: text or JSON lines, an access log line per request, and quiet treatment of client faults."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
+from aiohttp.web_protocol import RequestPayloadError
+
+from .access import CALLER, unscoped
+
+access_log = logging.getLogger("comfybridge.access")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and the record's `fields` (a job's id,
+    backend and durations; a request's route, status and duration) as keys of their own."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            line.update(fields)
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(line, default=str).decode()
+
+
+def setup(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    logging.getLogger("aiohttp.server").addFilter(quiet_bad_requests)
+
+
+def quiet_bad_requests(record: logging.LogRecord) -> bool:
+    """Garbage that aiohttp's parser refuses (a bad method, a line over 8190 bytes) is the client's
+    fault: one line at INFO, not a traceback at ERROR."""
+    error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, RequestPayloadError) and isinstance(error.__cause__, BadHttpMessage):
+        error = error.__cause__
+    if isinstance(error, BadHttpMessage):
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.msg, record.args, record.exc_info = "refused a malformed request: %s", (error.message,), None
+    return True
+
+
+@web.middleware
+async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """One line per request once it is answered (a WebSocket: once it closes): method, route,
+    status, duration, clientId, caller. Outermost, so it sees every refusal too."""
+    if not access_log.isEnabledFor(logging.INFO):
+        return await handler(request)
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    finally:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else request.path
+        client_id = request.query.get("clientId")
+        fields = {
+            "method": request.method,
+            "route": route,
+            "status": status,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+            "client_id": unscoped(client_id) if client_id else None,
+            "caller": request.get(CALLER, request.remote),
+        }
+        access_log.info(
+            "%s %s %d %.1fms client=%s from %s", request.method, route, status, fields["duration_ms"],
+            fields["client_id"] or "-", fields["caller"], extra={"fields": fields},
+        )  # fmt: skip
