@@ -21,6 +21,10 @@ class UnknownClient(BadInput):
     pass
 
 
+class NotFound(BridgeError):
+    """Something the request names does not exist (404)."""
+
+
 class TooLarge(BridgeError):
     """An upload over the configured size (413)."""
 

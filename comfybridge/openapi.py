@@ -27,6 +27,7 @@ def _errors(*codes: int) -> dict[str, Any]:
         400: "bad input (the detail says what)",
         401: "a valid API key is required",
         403: "the API key may not do this",
+        404: "not found",
         405: "method not allowed",
         413: "too large",
         415: "not an allowed, whole media file",
@@ -76,6 +77,9 @@ def request_schema(workflow: Workflow) -> dict[str, Any]:
     }
     if workflow.description:
         schema["description"] = workflow.description
+    catalogue = workflow.catalogue_entry()
+    if catalogue["thumbnail"]:
+        schema["x-thumbnail"] = catalogue["thumbnail"]
     return schema
 
 
@@ -84,6 +88,16 @@ def document(workflows: WorkflowStore, aliases: list[str]) -> dict[str, Any]:
     per_workflow = {f"Generate_{alias}": request_schema(workflows.get(alias)) for alias in aliases}
     schemas: dict[str, Any] = {
         "Error": {"type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]},
+        "CatalogueEntry": {
+            "type": "object",
+            "required": ["name", "description", "thumbnail", "inputs"],
+            "properties": {
+                "name": _STRING,
+                "description": _STRING,
+                "thumbnail": {"type": ["string", "null"], "description": "a link to GET /workflow-thumbnail"},
+                "inputs": {"type": "object", "additionalProperties": _ref("Input")},
+            },
+        },
         "Status": {
             "type": "object",
             "properties": {
@@ -116,9 +130,30 @@ def document(workflows: WorkflowStore, aliases: list[str]) -> dict[str, Any]:
     paths: dict[str, Any] = {
         "/workflow-list": {
             "get": {
-                "summary": "Every workflow alias, sorted",
+                "summary": "Every workflow alias, sorted; `?detail=1`: the catalogue (description, thumbnail, inputs)",
+                "parameters": [{"name": "detail", "in": "query", "schema": {"type": "string", "enum": ["1", "true"]}}],
                 "responses": {
-                    "200": {"description": "aliases", **_json({"type": "array", "items": {"type": "string"}})}
+                    "200": {
+                        "description": "aliases, or catalogue entries with ?detail=1",
+                        **_json(
+                            {
+                                "oneOf": [
+                                    {"type": "array", "items": {"type": "string"}},
+                                    {"type": "array", "items": _ref("CatalogueEntry")},
+                                ]
+                            }
+                        ),
+                    }
+                },
+            }
+        },
+        "/workflow-thumbnail": {
+            "get": {
+                "summary": "A picture of what the workflow makes, when its alias entry names one",
+                "parameters": [{"name": "workflow", "in": "query", "required": True, "schema": _STRING}],
+                "responses": {
+                    "200": {"description": "the image", "content": {"image/*": {"schema": {"type": "string"}}}},
+                    **_errors(400, 403, 404),
                 },
             }
         },
@@ -271,7 +306,8 @@ def document(workflows: WorkflowStore, aliases: list[str]) -> dict[str, Any]:
         "info": {
             "title": "comfybridge",
             "version": __version__,
-            "description": 'One small API in front of many ComfyUI servers. Errors are {"detail": ...}.',
+            "description": 'One small API in front of many ComfyUI servers. Errors are {"detail": ...}. '
+            "The workflow catalogue (descriptions, thumbnails, inputs) is GET /workflow-list?detail=1.",
         },
         "paths": paths,
         "components": {

@@ -22,6 +22,7 @@ from .errors import (
     BridgeError,
     Forbidden,
     NoBackend,
+    NotFound,
     RateLimited,
     StorageFull,
     TooLarge,
@@ -31,6 +32,7 @@ from .errors import (
 )
 from .files import SMALL_FILE, open_off_loop
 from .keys import RESULTS, SCHEDULER, SETTINGS, UPLOADS, WORKFLOWS
+from .media import content_type_for
 from .results import ResultFile
 from .uploads import IncomingFile
 from .ws import websocket_handler
@@ -43,6 +45,7 @@ B64_CHUNK = 3 * 64 * 1024  # a multiple of 3, so chunks encode without padding i
 STATUS_OF: list[tuple[type[BridgeError], int]] = [
     (Unauthorized, 401),
     (Forbidden, 403),
+    (NotFound, 404),
     (TooLarge, 413),
     (UnsupportedMedia, 415),
     (TooManyJobs, 429),
@@ -130,7 +133,21 @@ def _aliases(request: web.Request) -> list[str]:
 
 
 async def workflow_list(request: web.Request) -> web.Response:
-    return json_response(_aliases(request))
+    """The aliases, as the contract has it; `?detail=1`: the catalogue (description, thumbnail, inputs)."""
+    aliases = _aliases(request)
+    if request.query.get("detail") not in ("1", "true"):
+        return json_response(aliases)
+    store = request.app[WORKFLOWS]
+    return json_response([store.get(alias).catalogue_entry() for alias in aliases])
+
+
+async def workflow_thumbnail(request: web.Request) -> web.StreamResponse:
+    workflow = request.app[WORKFLOWS].get(request.query.get("workflow"))
+    _allowed(request, workflow.alias)
+    if workflow.thumbnail is None:
+        raise NotFound(f"Workflow {workflow.alias!r} has no thumbnail.")
+    headers = {"Cache-Control": "max-age=300", "Content-Type": content_type_for(workflow.thumbnail.name)}
+    return web.FileResponse(workflow.thumbnail, headers=headers)
 
 
 async def openapi_json(request: web.Request) -> web.Response:
@@ -348,6 +365,7 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/ws", websocket_handler, allow_head=False)
     app.router.add_get("/workflow-list", workflow_list)
     app.router.add_get("/workflow-info", workflow_info)
+    app.router.add_get("/workflow-thumbnail", workflow_thumbnail)
     app.router.add_post("/upload", upload)
     app.router.add_post("/generate-based-workflow", generate)
     app.router.add_get("/history", history, allow_head=False)

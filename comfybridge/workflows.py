@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 
@@ -113,7 +114,17 @@ class Workflow:
     raw: bytes  # the file as loaded; every job decodes its own copy from it
     inputs: dict[str, InputSpec]
     description: str = ""
-    thumbnail: str | None = None
+    thumbnail: Path | None = None  # a picture of what it makes, inside the workflow folder
+
+    def catalogue_entry(self) -> dict[str, Any]:
+        """The workflow as the catalogue shows it: name, description, thumbnail link, inputs."""
+        thumbnail = f"/workflow-thumbnail?workflow={quote(self.alias)}" if self.thumbnail else None
+        return {
+            "name": self.alias,
+            "description": self.description,
+            "thumbnail": thumbnail,
+            "inputs": self.describe_inputs(),
+        }
 
     def describe_inputs(self) -> dict[str, dict[str, Any]]:
         return {key: spec.describe() for key, spec in self.inputs.items()}
@@ -259,8 +270,25 @@ def _load_workflow(folder: Path, entry: dict[str, Any]) -> Workflow:
         raw=raw,
         inputs=inputs,
         description=str(entry.get("description") or ""),
-        thumbnail=entry.get("thumbnail"),
+        thumbnail=_thumbnail(folder, entry),
     )
+
+
+THUMBNAIL_TYPES = {".png", ".jpg", ".jpeg", ".webp", ".gif"}
+
+
+def _thumbnail(folder: Path, entry: dict[str, Any]) -> Path | None:
+    """The alias file's `thumbnail`: a picture inside the workflow folder, checked at load."""
+    name = entry.get("thumbnail")
+    if not name:
+        return None
+    path = folder / str(name)
+    where = f"{folder / ALIAS_FILE}: alias {entry['alias']!r}"
+    if not path.resolve().is_relative_to(folder.resolve()) or not path.is_file():
+        raise WorkflowConfigError(f"{where}: thumbnail {name!r} is not a file in {folder}")
+    if path.suffix.lower() not in THUMBNAIL_TYPES:
+        raise WorkflowConfigError(f"{where}: thumbnail {name!r} must be {', '.join(sorted(THUMBNAIL_TYPES))}")
+    return path
 
 
 def _is_api_format(graph: Any) -> bool:

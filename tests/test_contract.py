@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -87,9 +88,7 @@ def live_bridge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A bridge process (with an emulated ComfyUI) on a free loopback port, for a client that is not
     asyncio: schemathesis calls it with `requests`."""
     workdir = tmp_path_factory.mktemp("fuzz")
-    (workdir / "workflows").mkdir()
-    for path in (FIXTURES / "workflows").iterdir():
-        (workdir / "workflows" / path.name).write_bytes(path.read_bytes())
+    shutil.copytree(FIXTURES / "workflows", workdir / "workflows")
     port = free_port()
     with (workdir / "bridge.log").open("wb") as log:
         proc = subprocess.Popen(
@@ -123,6 +122,9 @@ def api_schema(live_bridge: str) -> Any:
 OPERATIONS = [
     ("GET", "/workflow-list"),
     ("GET", "/workflow-info"),
+    ("GET", "/workflow-thumbnail"),
+    ("GET", "/health"),
+    ("GET", "/ready"),
     ("POST", "/upload"),
     ("POST", "/generate-based-workflow"),
     ("GET", "/history"),

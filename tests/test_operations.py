@@ -13,6 +13,9 @@ import aiohttp
 import orjson
 import pytest
 
+from comfybridge.errors import WorkflowConfigError
+from comfybridge.workflows import WorkflowStore
+
 from .conftest import FIXTURES, BridgeFactory, EmulatorFactory
 from .helpers import Client, generate, run_job
 from .test_process import bridge_process
@@ -121,3 +124,35 @@ async def test_json_logs_carry_job_fields_and_failures_are_warnings(tmp_path: Pa
     failed = next(line for line in ends if line["outcome"] == "failed")
     assert failed["level"] == "WARNING"
     assert any(line["logger"] == "comfybridge.access" and line["route"] == "/ws" for line in lines)
+
+
+async def test_catalogue_serves_descriptions_thumbnails_and_inputs(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, workflow_dir: Path
+) -> None:
+    client = await make_bridge(await make_emulator())
+    assert "text-to-image" in (await get_json(client, "/workflow-list"))[1]  # the contract's plain list stays
+    status, catalogue = await get_json(client, "/workflow-list?detail=1")
+    assert status == 200
+    entry = next(e for e in catalogue if e["name"] == "text-to-image")
+    assert entry["description"] == "SD 1.5 text to image"
+    assert entry["thumbnail"] == "/workflow-thumbnail?workflow=text-to-image"
+    assert entry["inputs"] == (await get_json(client, "/workflow-info?workflow=text-to-image"))[1]
+    resp = await client.get(entry["thumbnail"])
+    assert (resp.status, resp.content_type) == (200, "image/png")
+    assert await resp.read() == (workflow_dir / "thumbnails" / "text-to-image.png").read_bytes()
+    assert next(e for e in catalogue if e["name"] == "solid")["thumbnail"] is None
+    status, body = await get_json(client, "/workflow-thumbnail?workflow=solid")
+    assert (status, body) == (404, {"detail": "Workflow 'solid' has no thumbnail."})
+    _, document = await get_json(client, "/openapi.json")
+    schema = document["components"]["schemas"]["Generate_text-to-image"]
+    assert schema["x-thumbnail"] == entry["thumbnail"]
+
+
+def test_a_thumbnail_outside_the_folder_or_not_a_picture_is_refused_at_load(tmp_path: Path) -> None:
+    shutil.copy(FIXTURES / "workflows" / "b_emptyimage_save.json", tmp_path / "b.json")
+    (tmp_path / "notes.txt").write_text("hello")
+    for thumbnail, problem in (("../etc.png", "is not a file in"), ("notes.txt", "must be")):
+        entry = {"alias": "b", "fn": "b.json", "thumbnail": thumbnail}
+        (tmp_path / "workflow_alias.json").write_bytes(orjson.dumps([entry]))
+        with pytest.raises(WorkflowConfigError, match=problem):
+            WorkflowStore.load(tmp_path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import random
+import shutil
 import signal
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,7 @@ TINY = {"workflow": "solid", "1/width": 8, "1/height": 8, "1/batch_size": 1}
 
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
-    (tmp_path / "workflows").mkdir()
-    for path in (FIXTURES / "workflows").iterdir():
-        (tmp_path / "workflows" / path.name).write_bytes(path.read_bytes())
+    shutil.copytree(FIXTURES / "workflows", tmp_path / "workflows")
     return tmp_path
 
 
