@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Served without a key: a static page (the document it shows needs a key when keys are on), and the
 # probes a load balancer calls (they show details only to a caller with a key).
-OPEN_PATHS = {"/docs", "/health", "/ready"}
+OPEN_PATHS = {"/docs", "/health", "/ready", "/metrics"}  # /metrics checks its own key
 
 
 class KeyFileError(Exception):

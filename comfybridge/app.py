@@ -30,6 +30,7 @@ from .keys import (
     WORKFLOWS,
 )
 from .logs import access_middleware
+from .metrics import METRICS, Metrics, metrics_middleware
 from .results import ResultStore
 from .routes import error_middleware, setup_routes
 from .scheduler import Scheduler, SchedulerSettings
@@ -58,7 +59,13 @@ def create_app(settings: Settings, reload: Callable[[], Settings] | None = None)
     # cap is for anything read whole, and it is checked on the bytes after any Content-Encoding.
     policy = access_policy(settings)
     app = web.Application(
-        middlewares=[access_middleware, policy.cors_middleware(), error_middleware, policy.middleware()],
+        middlewares=[
+            access_middleware,
+            metrics_middleware,
+            policy.cors_middleware(),
+            error_middleware,
+            policy.middleware(),
+        ],
         client_max_size=int(settings.max_json_mb * MB),
     )
     app[SETTINGS] = settings
@@ -77,6 +84,8 @@ def create_app(settings: Settings, reload: Callable[[], Settings] | None = None)
     )
     app[RESULTS] = ResultStore(settings.data_dir / "results")
     app[HUB] = SocketHub()
+    app[METRICS] = metrics = Metrics()
+    journal.on_commit = metrics.commit_done
     app[BACKEND_URLS] = list(settings.backends)
     app.cleanup_ctx.extend([_stores, _journal, _emulators, _http_session, _scheduler, heartbeat])
     if reload is not None and not settings.emulate:
@@ -155,8 +164,10 @@ async def _scheduler(app: web.Application) -> AsyncIterator[None]:
         app[JOURNAL],
         app[STATE],
         app[HUB],
+        app[METRICS],
     )
     app[SCHEDULER] = scheduler
+    app[METRICS].watch(scheduler.health, app[HUB].open_sockets)
     rows = app[RECOVERED]
     await scheduler.start(list(rows))
     rows.clear()  # the jobs hold what they need now

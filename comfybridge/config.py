@@ -73,6 +73,7 @@ class Settings:
     trusted_proxies: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
     ready_max_queue: int = 0
+    metrics_key: str = ""
 
     @property
     def state_file(self) -> Path:
@@ -191,6 +192,7 @@ OPTIONS: dict[str, tuple[Parser, Callable[[Any], str | None] | None, str]] = {
     "log_level": (str, _level, "DEBUG, INFO, WARNING or ERROR"),
     "log_format": (str, _log_format, "text, or json (one object per line, with job and request fields)"),
     "access_log": (_flag_value, None, "a log line per request: method, route, status, duration, client (true/false)"),
+    "metrics_key": (str, None, "a token GET /metrics requires (Bearer); empty: the API keys, if any"),
     "ready_max_queue": (
         _number(int),
         _not_negative,

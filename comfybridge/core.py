@@ -28,6 +28,7 @@ from .comfy import BackendUnavailable
 from .fairqueue import FairQueue
 from .jobs import Job, JobState
 from .journal import JobStore
+from .metrics import Metrics
 from .planner import RunTimes
 from .results import ResultFile, ResultStore
 from .uploads import UploadStore
@@ -106,8 +107,10 @@ class Core:
         results: ResultStore,
         journal: JobStore,
         notifier: Notifier,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or Metrics()
         self.session = session
         self.workflows = workflows
         self.uploads = uploads
@@ -227,6 +230,7 @@ class Core:
         self.queue.remove(job)
         self.closed(job)
         facts = {**_where_and_how_long(job), "outcome": state.value}
+        self.metrics.job_ended(job.workflow, state.value)
         log.log(
             logging.WARNING if state is JobState.FAILED else logging.INFO,
             "job %s client %s: %s%s%s", job.id, job.client_id, state.value, _describe(facts),

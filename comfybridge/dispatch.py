@@ -60,6 +60,7 @@ class Dispatcher:
         backend.idle_since = None
         core.by_prompt[job.prompt_id] = job
         job.handing_over = True
+        job.handed_at = time.monotonic()
         try:
             try:
                 await job.move(JobState.SUBMITTING, backend=backend.name, prompt_id=job.prompt_id)

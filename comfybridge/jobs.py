@@ -124,6 +124,7 @@ class Job:
     retries: int = 0  # runs started again elsewhere after their backend died
     started_at: float | None = None  # monotonic time of ComfyUI's execution_start
     finished_at: float | None = None  # monotonic time of ComfyUI's final `executing null`
+    handed_at: float | None = None  # monotonic time its POST /prompt began
     warm: bool = False  # its backend ran the same workflow just before it
     accepted_at: float = field(default_factory=time.time)
     accepted_mono: float = field(default_factory=time.monotonic)  # for the wait and run times it logs

@@ -12,6 +12,7 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -119,6 +120,7 @@ class SqliteJournal:
         self.count = 0
         self.bridge_id = ""
         self.on_accepted: Callable[[int], None] = lambda count: None
+        self.on_commit: Callable[[float], None] = lambda seconds: None  # called in the writer thread
         self._committed = 0  # the count as committed, seen from the writer thread
         self._conn: sqlite3.Connection | None = None
         self._queue: queue.SimpleQueue[tuple[Write, asyncio.Future[Any]] | None] = queue.SimpleQueue()
@@ -275,10 +277,12 @@ class SqliteJournal:
         conn = self._conn
         assert conn is not None
         batch = _Batch(self._committed)
+        started = time.perf_counter()
         conn.execute("BEGIN IMMEDIATE")
         try:
             results = [write(conn, batch) for write in writes]
             conn.execute("COMMIT")
+            self.on_commit(time.perf_counter() - started)
         except BaseException:
             if conn.in_transaction:  # SQLite may have rolled back by itself (a full disk does)
                 conn.execute("ROLLBACK")

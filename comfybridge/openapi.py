@@ -268,6 +268,15 @@ def document(workflows: WorkflowStore, aliases: list[str]) -> dict[str, Any]:
                 "responses": {"200": {"description": "ok", **_json(HEALTH)}},
             }
         },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics (jobs, queue, backends, requests, journal commits)",
+                "responses": {
+                    "200": {"description": "text exposition format", "content": {"text/plain": {"schema": _STRING}}},
+                    **_errors(),
+                },
+            }
+        },
         "/ready": {
             "get": {
                 "summary": "Whether to send work here: 503 when no backend is usable, the queue is too deep, "

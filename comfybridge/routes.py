@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hmac
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -13,6 +14,7 @@ import orjson
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import openapi
 from .access import KEY, scoped, unscoped
@@ -33,6 +35,7 @@ from .errors import (
 from .files import SMALL_FILE, open_off_loop
 from .keys import RESULTS, SCHEDULER, SETTINGS, UPLOADS, WORKFLOWS
 from .media import content_type_for
+from .metrics import METRICS
 from .results import ResultFile
 from .uploads import IncomingFile
 from .ws import websocket_handler
@@ -360,6 +363,20 @@ async def ready(request: web.Request) -> web.Response:
     return json_response({"status": "not ready", "detail": reason, **report}, 503)
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus exposition. With `metrics_key` set, only for `Authorization: Bearer <metrics_key>`;
+    else, with API keys on, for any valid key; else open."""
+    settings = request.app[SETTINGS]
+    if settings.metrics_key:
+        presented = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(presented.encode(), settings.metrics_key.encode()):
+            raise Unauthorized("GET /metrics needs `Authorization: Bearer <metrics_key>`.")
+    elif (settings.api_keys or settings.api_keys_file) and request.get(KEY) is None:
+        raise Unauthorized("GET /metrics needs a valid API key.")
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
 def setup_routes(app: web.Application) -> None:
     # HEAD only where a GET changes nothing: /history hands results over (and forgets them).
     app.router.add_get("/ws", websocket_handler, allow_head=False)
@@ -374,6 +391,7 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_post("/free", free)
     app.router.add_post("/interrupt", interrupt)
     app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/ready", ready)
     app.router.add_get("/openapi.json", openapi_json)
     app.router.add_get("/docs", docs)

@@ -28,6 +28,7 @@ from .errors import NoBackend, RateLimited, ShuttingDown, TooManyJobs
 from .failover import Failover
 from .jobs import Job, JobState
 from .journal import JobStore
+from .metrics import Metrics
 from .planner import PLAN_HORIZON
 from .recovery import missing_results, recover
 from .results import JobResult, ResultStore
@@ -58,10 +59,11 @@ class Scheduler:
         journal: JobStore,
         state: StateStore,
         notifier: Notifier,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.state = state
-        self.core = core = Core(settings, session, workflows, uploads, results, journal, notifier)
+        self.core = core = Core(settings, session, workflows, uploads, results, journal, notifier, metrics)
         self.clients = core.clients
         self.backends = core.backends
         self.dispatcher = Dispatcher(core)
@@ -259,6 +261,7 @@ class Scheduler:
         if accepted.cancelled() or accepted.exception() is not None:
             self._unaccept(job, new_client)
             return False
+        core.metrics.job_accepted(job.workflow)
         job.seq = accepted.result()
         self.state.generation_count = core.journal.count
         core.spawn(self.state.save(), "save state")

@@ -39,6 +39,9 @@ class Tracker:
             backend.last_workflow = job.workflow
         if job.apply_event(event, data):
             self.prompt_finished(backend, job)
+        elif event == "execution_start":
+            waited = time.monotonic() - job.accepted_mono
+            self.core.metrics.job_started(job.workflow, backend.name, waited, job.handed_at)
         elif job.state is JobState.RUNNING:
             self.publish_progress(job)
 
@@ -53,8 +56,11 @@ class Tracker:
         """ComfyUI's final `executing null` (or its history, after a lost socket): only now is the
         prompt in /history."""
         core = self.core
-        if job.outcome == "success" and job.started_at is not None:
-            core.runtimes.observe(job.workflow, backend.name, time.monotonic() - job.started_at, job.warm)
+        if job.started_at is not None:
+            ran = time.monotonic() - job.started_at
+            core.metrics.job_finished(job.workflow, backend.name, ran)
+            if job.outcome == "success":
+                core.runtimes.observe(job.workflow, backend.name, ran, job.warm)
         core.drop_inflight(backend, job)
         if job.ended:
             return

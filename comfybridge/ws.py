@@ -110,6 +110,9 @@ class SocketHub:
     def client_ids(self) -> list[str]:
         return list(self._outboxes)
 
+    def open_sockets(self) -> int:
+        return sum(len(sockets) for sockets in self._outboxes.values())
+
     def add(self, client_id: str, ws: web.WebSocketResponse, transport: asyncio.BaseTransport | None) -> Outbox:
         outbox = Outbox(ws, transport)
         self._outboxes.setdefault(client_id, {})[ws] = outbox

@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from comfybridge.errors import WorkflowConfigError
 from comfybridge.workflows import WorkflowStore
@@ -156,3 +157,52 @@ def test_a_thumbnail_outside_the_folder_or_not_a_picture_is_refused_at_load(tmp_
         (tmp_path / "workflow_alias.json").write_bytes(orjson.dumps([entry]))
         with pytest.raises(WorkflowConfigError, match=problem):
             WorkflowStore.load(tmp_path)
+
+
+def scrape(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a Prometheus exposition, parsed by prometheus_client's own parser."""
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+async def test_metrics_count_jobs_backends_requests_and_commits(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    emulator = await make_emulator()
+    client = await make_bridge(emulator)
+    async with client.ws_connect("/ws", params={"clientId": "watcher"}):
+        for body in ({"workflow": "solid", "1/batch_size": 1}, {"workflow": "solid", "1/batch_size": 1}):
+            assert (await run_job(client, "metered", body))[-1]["status"] == "closed"
+        assert (await run_job(client, "metered", {"workflow": "broken"}))[-1]["status"] == "error"
+        resp = await client.get("/metrics")
+        assert resp.status == 200
+        assert resp.content_type == "text/plain"
+        samples = scrape(await resp.text())
+    backend = (("backend", emulator.url),)
+    assert samples[("comfybridge_jobs_accepted_total", (("workflow", "solid"),))] == 2
+    assert samples[("comfybridge_jobs_ended_total", (("outcome", "done"), ("workflow", "solid")))] == 2
+    assert samples[("comfybridge_jobs_ended_total", (("outcome", "failed"), ("workflow", "broken")))] == 1
+    assert samples[("comfybridge_job_run_seconds_count", (*backend, ("workflow", "solid")))] == 2
+    assert samples[("comfybridge_job_wait_seconds_count", (*backend, ("workflow", "solid")))] == 2
+    assert samples[("comfybridge_backend_busy_seconds_total", backend)] > 0
+    assert samples[("comfybridge_backend_up", backend)] == 1
+    assert samples[("comfybridge_backend_in_flight", backend)] == 0
+    assert samples[("comfybridge_queue_depth", ())] == 0
+    assert samples[("comfybridge_open_sockets", ())] == 1  # the watcher's
+    route = (("method", "POST"), ("route", "/generate-based-workflow"), ("status", "200"))
+    assert samples[("comfybridge_request_duration_seconds_count", route)] == 3
+    assert samples[("comfybridge_journal_commit_seconds_count", ())] >= 3 * 3  # accept, hand-over, end
+
+
+async def test_metrics_behind_a_key(make_emulator: EmulatorFactory, make_bridge: BridgeFactory) -> None:
+    keyed = await make_bridge(await make_emulator(), api_keys=(KEY,))
+    assert (await keyed.get("/metrics")).status == 401
+    assert (await keyed.get("/metrics", headers={"Authorization": f"Bearer {KEY}"})).status == 200
+    scraper = await make_bridge(await make_emulator(), api_keys=(KEY,), metrics_key="scrape-token")
+    assert (await scraper.get("/metrics", headers={"Authorization": f"Bearer {KEY}"})).status == 401
+    resp = await scraper.get("/metrics", headers={"Authorization": "Bearer scrape-token"})
+    assert resp.status == 200
+    assert "comfybridge_queue_depth" in await resp.text()
