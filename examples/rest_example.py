@@ -1,38 +1,48 @@
-"""A client that only speaks REST and polls /execution-info: workflow-info, upload, generate, results.
+"""A client that only speaks REST and polls /execution-info, with comfybridge.client's blocking
+face: inputs, upload, generate, a progress bar, results.
 
 python examples/rest_example.py --workflow invert --file 1/image=photo.png --out results/
 """
 
 from __future__ import annotations
 
-import asyncio
 import sys
+import time
 
-import aiohttp
-from common import check, dumps, follow, parse_args, prepare, save_results
+from common import parse_args, progress_bar, typed_inputs
+
+from comfybridge.client import Bridge, BridgeError
 
 POLL_SECONDS = 0.25
 
 
-async def main() -> int:
+def main() -> int:
     args = parse_args(__doc__ or "")
-    async with aiohttp.ClientSession() as session:
-        body = await prepare(session, args)
-        async with session.post(
-            f"{args.url}/generate-based-workflow", params={"clientId": args.client_id}, json=body
-        ) as resp:
-            print(f"sent {dumps(body)}: {(await check(resp))['detail']}")
-        while True:
-            async with session.get(f"{args.url}/execution-info", params={"clientId": args.client_id}) as resp:
-                status = await check(resp)
-            ended = follow(status)
-            if ended is not None:
-                break
-            await asyncio.sleep(POLL_SECONDS)
-        if ended:
-            return ended
-        return 0 if await save_results(session, args) else 1
+    with Bridge(args.url, args.client_id, args.api_key) as bridge:
+        try:
+            inputs = typed_inputs(args, bridge.inputs(args.workflow))
+            stored = bridge.upload(args.files) if args.files else {}
+            job = bridge.generate(args.workflow, {**inputs, **stored})
+            with progress_bar() as bar:
+                while True:
+                    status = bridge.status()
+                    if status.job_id == job.job_id and status.percent is not None:
+                        bar.update(status.percent - bar.n)
+                    if status.status in ("closed", "error") and status.jobs_left == 0:
+                        break
+                    time.sleep(POLL_SECONDS)
+            if status.status == "error":
+                print(f"error: {status.detail}", file=sys.stderr)
+                return 1
+            print(status.detail)
+            saved = bridge.save_results(args.out)
+        except BridgeError as exc:
+            print(f"error: {exc.detail}", file=sys.stderr)
+            return 1
+    for result in saved:
+        print(f"saved {result.path}")
+    return 0 if saved else 1
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    sys.exit(main())

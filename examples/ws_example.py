@@ -1,4 +1,5 @@
-"""A client that follows its job over the WebSocket: workflow-info, upload, generate, progress, results.
+"""A client that follows its job over the WebSocket, with comfybridge.client: inputs, upload,
+generate, a progress bar, results.
 
 python examples/ws_example.py --workflow solid-color --input 1/width=256 --out results/
 """
@@ -8,33 +9,32 @@ from __future__ import annotations
 import asyncio
 import sys
 
-import aiohttp
-from common import check, dumps, follow, parse_args, prepare, save_results
+from common import parse_args, progress_bar, typed_inputs
+
+from comfybridge.client import AsyncBridge, BridgeError, Event, JobFailed
 
 
 async def main() -> int:
     args = parse_args(__doc__ or "")
-    async with aiohttp.ClientSession() as session:
-        body = await prepare(session, args)
-        async with session.ws_connect(
-            f"{args.url.replace('http', 'ws', 1)}/ws", params={"clientId": args.client_id}
-        ) as ws:
-            async with session.post(
-                f"{args.url}/generate-based-workflow", params={"clientId": args.client_id}, json=body
-            ) as resp:
-                print(f"sent {dumps(body)}: {(await check(resp))['detail']}")
-            async for msg in ws:
-                if msg.type is not aiohttp.WSMsgType.TEXT:
-                    break
-                ended = follow(msg.json())
-                if ended is not None:
-                    break
-            else:
-                print("\nthe bridge closed the socket", file=sys.stderr)
-                return 1
-            if ended:
-                return ended
-        return 0 if await save_results(session, args) else 1
+    async with AsyncBridge(args.url, args.client_id, args.api_key) as bridge:
+        try:
+            inputs = typed_inputs(args, await bridge.inputs(args.workflow))
+            with progress_bar() as bar:
+
+                def show(event: Event) -> None:
+                    if event.percent is not None:
+                        bar.update(event.percent - bar.n)
+                    elif event.status == "closed":
+                        bar.write(event.detail)
+
+                await bridge.run(args.workflow, inputs, files=args.files, on_event=show)
+            saved = await bridge.save_results(args.out)
+        except (BridgeError, JobFailed) as exc:
+            print(f"error: {exc.detail}", file=sys.stderr)
+            return 1
+    for result in saved:
+        print(f"saved {result.path}")
+    return 0 if saved else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,73 @@
+"""comfybridge.client, async and blocking, against a real bridge in front of the emulator."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from comfybridge.client import AsyncBridge, Bridge, BridgeError, Event, JobFailed
+from comfybridge.emulator.png import png_first_pixel
+
+from .conftest import BridgeFactory, EmulatorFactory
+from .helpers import Client, png
+
+
+def url_of(client: Client) -> str:
+    return str(client.make_url("")).rstrip("/")
+
+
+async def test_async_client_runs_a_job_end_to_end(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, tmp_path: Path
+) -> None:
+    client = await make_bridge(await make_emulator())
+    events: list[Event] = []
+    async with AsyncBridge(url_of(client)) as bridge:
+        assert "invert" in await bridge.workflows()
+        assert "1/image" in await bridge.inputs("invert")
+        job = await bridge.run("invert", files={"1/image": ("green.png", png(8, 8, 0x2ED37E))}, on_event=events.append)
+        saved = await bridge.save_results(tmp_path / "out")
+        assert await bridge.save_results(tmp_path / "out") == []  # fetched once, then forgotten
+    assert events[-1].status == "closed"
+    assert events[-1].job_id == job.job_id
+    assert [e.percent for e in events if e.percent is not None][-1] == 100.0
+    [result] = saved
+    assert result.job_id == job.job_id
+    assert job.job_id in result.path.name
+    assert png_first_pixel(result.path.read_bytes()) == 0xFFFFFF ^ 0x2ED37E
+
+
+async def test_async_client_raises_the_bridges_detail(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    client = await make_bridge(await make_emulator())
+    async with AsyncBridge(url_of(client)) as bridge:
+        with pytest.raises(BridgeError) as refused:
+            await bridge.generate("nope")
+        assert refused.value.status == 400
+        assert refused.value.detail.startswith("Unknown workflow 'nope'")
+        with pytest.raises(JobFailed) as failed:
+            await bridge.run("broken")
+        assert "cannot identify image file" in failed.value.detail
+    async with AsyncBridge(url_of(client), api_key="not-a-key") as stranger:
+        assert await stranger.generation_count() >= 1  # keys are off: any key is ignored
+
+
+async def test_blocking_client_follows_and_saves_from_a_thread(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, tmp_path: Path
+) -> None:
+    client = await make_bridge(await make_emulator(pace=0.02))
+    url = url_of(client)
+
+    def script() -> tuple[list[Event], list[Path], str]:
+        with Bridge(url) as bridge:
+            job = bridge.generate("solid", {"1/batch_size": 1, "1/width": 16})
+            events = list(bridge.follow(job))
+            saved = [r.path for r in bridge.save_results(tmp_path / "sync")]
+            return events, saved, job.job_id
+
+    events, saved, job_id = await asyncio.to_thread(script)
+    assert events[-1].status == "closed"
+    assert all(e.job_id in (None, job_id) for e in events)
+    assert [p.name for p in saved] == [f"wf_b_empty_{job_id}_00001_.png"]
