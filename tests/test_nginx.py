@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,9 +14,9 @@ import pytest
 
 from comfybridge.emulator.png import png_size
 
-from .conftest import BridgeFactory, EmulatorFactory
-from .helpers import read_results, system_binary, wait_until_up, without_job_id
-from .test_process import free_port
+from .conftest import FIXTURES, BridgeFactory, EmulatorFactory
+from .helpers import png, read_results, system_binary, wait_until_up, without_job_id
+from .test_process import ROOT, bridge_process, free_port
 
 CONFIG = """
 worker_processes 1;
@@ -95,3 +96,78 @@ async def test_a_job_end_to_end_through_nginx(behind_nginx: str) -> None:
             assert resp.headers["X-Detail"].endswith("/ proxied")
         async with session.get(f"{url}/nope") as resp:
             assert (resp.status, await resp.json()) == (404, {"detail": "Not found: /nope"})
+
+
+def two_bridge_config(root: Path, port: int, bridges: list[int]) -> str:
+    """The shipped config/nginx-comfybridge.conf, pointed at these ports, inside a minimal nginx.conf."""
+    site = (ROOT / "config" / "nginx-comfybridge.conf").read_text()
+    site = site.replace("server 127.0.0.1:8001;", f"server 127.0.0.1:{bridges[0]};")
+    site = site.replace("server 127.0.0.1:8002;", f"server 127.0.0.1:{bridges[1]};")
+    site = site.replace("listen 80;", f"listen 127.0.0.1:{port};")
+    user = "user root;" if os.geteuid() == 0 else ""
+    return (
+        f"worker_processes 1;\n{user}\npid {root}/nginx.pid;\nerror_log {root}/error.log;\ndaemon off;\n"
+        "events { worker_connections 256; }\nhttp {\n    access_log off;\n"
+        + "".join(
+            f"    {kind}_temp_path {root}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
+        + site
+        + "}\n"
+    )
+
+
+async def test_two_bridges_behind_nginx_keep_each_client_on_one_bridge(
+    make_emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    binary = system_binary("nginx", "nginx-light")
+    emulators = [await make_emulator(pace=0.02), await make_emulator(pace=0.02)]
+    backends = ("--backends", ",".join(e.url for e in emulators), "--trusted-proxies", "127.0.0.1")
+    dirs = []
+    for name in ("one", "two"):
+        shutil.copytree(FIXTURES / "workflows", tmp_path / name / "workflows")
+        dirs.append(tmp_path / name)
+    async with bridge_process(dirs[0], *backends) as (_, first), bridge_process(dirs[1], *backends) as (_, second):
+        root = tmp_path / "nginx"
+        root.mkdir()
+        port = free_port()
+        ports = [int(first.rsplit(":", 1)[1]), int(second.rsplit(":", 1)[1])]
+        (root / "nginx.conf").write_text(two_bridge_config(root, port, ports))
+        proc = await asyncio.create_subprocess_exec(
+            binary, "-c", str(root / "nginx.conf"), "-p", str(root), stderr=asyncio.subprocess.DEVNULL
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            await wait_until_up(f"{url}/workflow-list", proc, root / "error.log")
+            clients = [f"user-{index}" for index in range(12)]
+            async with aiohttp.ClientSession() as session:
+                await asyncio.gather(*(one_client(session, url, client_id) for client_id in clients))
+        finally:
+            proc.terminate()
+            await proc.wait()
+    logs = [(directory / "bridge.log").read_text() for directory in dirs]
+    homes = {}
+    for client_id in clients:
+        seen = [f"client={client_id} " in log for log in logs]
+        assert seen.count(True) == 1, client_id  # upload, socket, generate and history on one bridge
+        homes[client_id] = seen.index(True)
+    assert set(homes.values()) == {0, 1}  # both bridges have clients
+    assert all(len(e.engine.started) > 0 for e in emulators)  # and their jobs use both GPUs
+    assert sum(len(e.engine.started) for e in emulators) == len(clients)
+
+
+async def one_client(session: aiohttp.ClientSession, url: str, client_id: str) -> None:
+    params = {"clientId": client_id}
+    form = aiohttp.FormData()
+    form.add_field("photo", png(8, 8, 0x112233), filename="p.png", content_type="image/png")
+    async with session.post(f"{url}/upload", params=params, data=form) as resp:
+        stored = (await resp.json())["photo"]
+    async with session.ws_connect(url.replace("http", "ws", 1) + "/ws", params=params) as ws:
+        body = {"workflow": "invert", "1/image": stored}
+        async with session.post(f"{url}/generate-based-workflow", params=params, json=body) as resp:
+            assert resp.status == 200, await resp.text()
+        async for msg in ws:
+            if orjson.loads(msg.data)["status"] in ("closed", "error"):
+                assert orjson.loads(msg.data)["status"] == "closed", msg.data
+                break
+    async with session.get(f"{url}/history", params=params) as resp:
+        assert len(await read_results(resp)) == 1
