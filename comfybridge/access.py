@@ -17,7 +17,8 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Middleware
 
 from .clients import SCOPE
-from .errors import Forbidden, RateLimited, Unauthorized
+from .errors import BadInput, Forbidden, RateLimited, Unauthorized
+from .webhooks import check_url
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class ApiKey:
     name: str  # shown in logs and scoped clientIds, never the secret
     secret: bytes = field(repr=False)
     workflows: frozenset[str] | None = None  # None: every workflow
+    webhook: str | None = None  # where its jobs' ends are told, unless a request names another
 
     def check_workflow(self, alias: str) -> None:
         if self.workflows is not None and alias not in self.workflows:
@@ -53,7 +55,7 @@ class KeyRing:
     @classmethod
     def load(cls, plain: Iterable[str], key_file: Path | None) -> KeyRing:
         """Keys from the settings (all workflows) and from a JSON file:
-        `[{"name": "studio", "key": "...", "workflows": ["text-to-image"]}, ...]`."""
+        `[{"name": "studio", "key": "...", "workflows": ["text-to-image"], "webhook": "https://..."}, ...]`."""
         keys = [ApiKey(f"key{index}", secret.encode()) for index, secret in enumerate(plain, 1)]
         if key_file is not None:
             try:
@@ -65,9 +67,10 @@ class KeyRing:
                             str(entry["name"]),
                             str(entry["key"]).encode(),
                             frozenset(map(str, workflows)) if workflows is not None else None,
+                            check_url(entry["webhook"]) if entry.get("webhook") else None,
                         )
                     )
-            except (OSError, orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            except (OSError, orjson.JSONDecodeError, KeyError, TypeError, AttributeError, BadInput) as exc:
                 raise KeyFileError(
                     f"API key file {key_file}: cannot be used ({exc.__class__.__name__}: {exc})"
                 ) from None

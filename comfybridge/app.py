@@ -12,7 +12,7 @@ from dataclasses import fields
 import aiohttp
 from aiohttp import web
 
-from .access import AccessPolicy, KeyRing, RateLimiter
+from .access import AccessPolicy, KeyFileError, KeyRing, RateLimiter
 from .config import ConfigError, Settings
 from .emulator import Emulator
 from .journal import SqliteJournal
@@ -36,6 +36,7 @@ from .routes import error_middleware, setup_routes
 from .scheduler import Scheduler, SchedulerSettings
 from .state import StateStore
 from .uploads import UploadLimits, UploadStore
+from .webhooks import Webhooks, secret_from
 from .workflows import WorkflowStore
 from .ws import SocketHub, heartbeat
 
@@ -104,6 +105,8 @@ async def _stores(app: web.Application) -> AsyncIterator[None]:
 def access_policy(settings: Settings) -> AccessPolicy:
     """Keys, rates, proxies and CORS from the settings. Raises KeyFileError for a key file it cannot use."""
     keys = KeyRing.load(settings.api_keys, settings.api_keys_file)
+    if not settings.webhook_secret and any(key.webhook for key in keys.keys):
+        raise KeyFileError(f"API key file {settings.api_keys_file}: keys with a webhook need webhook_secret set")
     burst = settings.rate_burst
     return AccessPolicy(
         keys=keys,
@@ -168,11 +171,32 @@ async def _scheduler(app: web.Application) -> AsyncIterator[None]:
     )
     app[SCHEDULER] = scheduler
     app[METRICS].watch(scheduler.health, app[HUB].open_sockets)
+    _webhooks(app, scheduler)
     rows = app[RECOVERED]
     await scheduler.start(list(rows))
     rows.clear()  # the jobs hold what they need now
     yield
     await scheduler.close()
+
+
+def _webhooks(app: web.Application, scheduler: Scheduler) -> None:
+    """Job ends are told to webhooks once journaled; calls a previous run left unacknowledged resume."""
+    settings, journal = app[SETTINGS], app[JOURNAL]
+    if not settings.webhook_secret:
+        if journal.deliveries:
+            log.warning("%d webhook calls wait, but webhook_secret is not set: not sent", len(journal.deliveries))
+        return
+    webhooks = Webhooks(
+        secret_from(settings.webhook_secret),
+        app[SESSION],
+        journal.delivered,
+        scheduler.core.spawn,
+        settings.webhook_max_age,
+    )
+    scheduler.core.on_delivery = webhooks.send
+    for delivery in journal.deliveries:
+        webhooks.send(delivery)
+    journal.deliveries = []
 
 
 def _reload_on_sighup(reload: Callable[[], Settings]) -> Callable[[web.Application], AsyncIterator[None]]:

@@ -16,6 +16,7 @@ from yarl import URL
 
 from . import __version__
 from .emulator.server import DIALECTS
+from .webhooks import secret_from
 
 DEFAULT_CONFIG = Path("config/comfybridge.toml")
 ENV_PREFIX = "COMFYBRIDGE_"
@@ -74,6 +75,8 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     ready_max_queue: int = 0
     metrics_key: str = ""
+    webhook_secret: str = ""
+    webhook_max_age: float = 86400.0
 
     @property
     def state_file(self) -> Path:
@@ -155,6 +158,14 @@ def _log_format(value: str) -> str | None:
     return None if value in ("text", "json") else "must be text or json"
 
 
+def _webhook_secret(value: str) -> str | None:
+    try:
+        secret_from(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _dialect(value: str) -> str | None:
     return None if value in DIALECTS else f"unknown ComfyUI dialect {value!r} (use {' or '.join(DIALECTS)})"
 
@@ -192,6 +203,8 @@ OPTIONS: dict[str, tuple[Parser, Callable[[Any], str | None] | None, str]] = {
     "log_level": (str, _level, "DEBUG, INFO, WARNING or ERROR"),
     "log_format": (str, _log_format, "text, or json (one object per line, with job and request fields)"),
     "access_log": (_flag_value, None, "a log line per request: method, route, status, duration, client (true/false)"),
+    "webhook_secret": (str, _webhook_secret, "signs webhook calls (Standard Webhooks; whsec_<base64> or any text)"),
+    "webhook_max_age": (_number(float), _positive, "seconds a webhook call is retried before it is given up"),
     "metrics_key": (str, None, "a token GET /metrics requires (Bearer); empty: the API keys, if any"),
     "ready_max_queue": (
         _number(int),

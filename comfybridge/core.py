@@ -6,12 +6,13 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
 
+from .access import unscoped
 from .backend import Backend
 from .clients import (
     CLOSED,
@@ -32,6 +33,7 @@ from .metrics import Metrics
 from .planner import RunTimes
 from .results import ResultFile, ResultStore
 from .uploads import UploadStore
+from .webhooks import delivery_for
 from .workflows import WorkflowStore
 
 log = logging.getLogger(__name__)
@@ -111,6 +113,8 @@ class Core:
     ) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
+        # Sends a webhook call once the job's end (which records it) is durable; set by the app.
+        self.on_delivery: Callable[[dict[str, Any]], object] = lambda delivery: None
         self.session = session
         self.workflows = workflows
         self.uploads = uploads
@@ -223,10 +227,17 @@ class Core:
         Returns the journal write, or None if the job had already ended."""
         if job.ended:
             return None
+        delivery = None
+        if job.webhook is not None:
+            told = [{"file_name": f.file_name, "content_type": f.content_type, "size": f.size} for f in files or []]
+            detail = CLOSED["detail"] if state is JobState.DONE else error or "error"
+            delivery = delivery_for(
+                job.id, unscoped(job.client_id), job.workflow, state.value, detail, told, job.webhook
+            )
         if files is not None:
-            committed = job.move(state, error=error, results=[f.record() for f in files])
+            committed = job.move(state, delivery, error=error, results=[f.record() for f in files])
         else:
-            committed = job.move(state, error=error)
+            committed = job.move(state, delivery, error=error)
         self.queue.remove(job)
         self.closed(job)
         facts = {**_where_and_how_long(job), "outcome": state.value}
@@ -236,7 +247,9 @@ class Core:
             "job %s client %s: %s%s%s", job.id, job.client_id, state.value, _describe(facts),
             f" ({error})" if error else "", extra={"fields": facts},
         )  # fmt: skip
-        committed.add_done_callback(lambda _: self._ended(job, files, notify))
+        committed.add_done_callback(lambda done: self._ended(job, files, notify))
+        if delivery is not None:
+            committed.add_done_callback(lambda done: done.exception() is None and self.on_delivery(delivery))
         return committed
 
     def _ended(self, job: Job, files: list[ResultFile] | None, notify: bool) -> None:

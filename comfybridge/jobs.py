@@ -48,7 +48,9 @@ class InvalidStep(Exception):
 class Recorder(Protocol):
     """Where a job's state changes are written (the journal); the future is done once it is durable."""
 
-    def update(self, job_id: str, fields: dict[str, Any]) -> asyncio.Future[None]: ...
+    def update(
+        self, job_id: str, fields: dict[str, Any], delivery: dict[str, Any] | None = None
+    ) -> asyncio.Future[None]: ...
 
 
 class Progress:
@@ -136,6 +138,7 @@ class Job:
     # The outputs ComfyUI's `executed` events announced, while every event since execution_start
     # has been seen (None otherwise): then its /history need not be read.
     seen_outputs: dict[str, Any] | None = None
+    webhook: str | None = None  # where to tell of its end (the request's `_webhook`, or its key's)
     journal: Recorder | None = field(default=None, repr=False, compare=False)
     progress: Progress = field(init=False)
 
@@ -149,12 +152,14 @@ class Job:
         job.prompt_id, job.state, job.backend = row["prompt_id"], JobState(row["state"]), row["backend"]
         job.error, job.attempts, job.retries = row["error"], row["attempts"], row["retries"]
         job.accepted_at, job.ended_at, job.results = row["accepted_at"], row["ended_at"], row["results"]
+        job.webhook = row.get("webhook")
         job.journal = journal
         return job
 
-    def move(self, to: JobState, **changes: Any) -> asyncio.Future[None]:
+    def move(self, to: JobState, delivery: dict[str, Any] | None = None, **changes: Any) -> asyncio.Future[None]:
         """The one place a job changes state: the step is checked, applied here at once (so every later
-        decision sees it) and recorded in the journal; the future is done when the record is durable."""
+        decision sees it) and recorded in the journal, with the webhook `delivery` that tells of it if
+        any; the future is done when the record is durable."""
         if to not in STEPS[self.state]:
             raise InvalidStep(f"job {self.id}: {self.state.value} -> {to.value}")
         for name, value in changes.items():
@@ -169,7 +174,7 @@ class Job:
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             done.set_result(None)
             return done
-        return self.journal.update(self.id, record)
+        return self.journal.update(self.id, record, delivery)
 
     @property
     def ended(self) -> bool:
@@ -244,6 +249,7 @@ class Job:
             "attempts": self.attempts,
             "retries": self.retries,
             "accepted_at": self.accepted_at,
+            "webhook": self.webhook,
         }
 
 

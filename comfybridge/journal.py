@@ -25,7 +25,7 @@ from .errors import StorageFull
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: jobs.webhook, and the deliveries table
 MAX_BATCH = 512  # writes in one commit at most, so one commit never holds the others back for long
 ENDED_STATES = ("done", "failed", "cancelled")
 JSON_COLUMNS = {"prompt", "uploads", "results"}
@@ -45,6 +45,7 @@ COLUMNS = (
     "prompt",
     "uploads",
     "results",
+    "webhook",
 )
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -63,9 +64,16 @@ CREATE TABLE IF NOT EXISTS jobs (
     ended_at REAL,
     prompt BLOB NOT NULL,
     uploads BLOB NOT NULL,
-    results BLOB
+    results BLOB,
+    webhook TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_client ON jobs (client_id);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id TEXT PRIMARY KEY,
+    url TEXT NOT NULL,
+    body BLOB NOT NULL,
+    created REAL NOT NULL
+);
 """
 
 
@@ -87,7 +95,16 @@ class JobStore(Protocol):
         """Record a new job; its future gives the job's place in acceptance order (the new count)."""
         ...
 
-    def update(self, job_id: str, fields: dict[str, Any]) -> asyncio.Future[None]: ...
+    deliveries: list[dict[str, Any]]  # webhook calls recorded but not yet acknowledged, found at open
+
+    def update(
+        self, job_id: str, fields: dict[str, Any], delivery: dict[str, Any] | None = None
+    ) -> asyncio.Future[None]:
+        """Change a job's record; `delivery`, a webhook call that tells of the change, is recorded in
+        the same transaction, so a change is never durable without its call."""
+        ...
+
+    def delivered(self, delivery_id: str) -> asyncio.Future[None]: ...
 
     def forget(self, job_ids: Iterable[str]) -> asyncio.Future[None]:
         """Drop jobs whose story is over (results fetched or expired)."""
@@ -121,6 +138,7 @@ class SqliteJournal:
         self.bridge_id = ""
         self.on_accepted: Callable[[int], None] = lambda count: None
         self.on_commit: Callable[[float], None] = lambda seconds: None  # called in the writer thread
+        self.deliveries: list[dict[str, Any]] = []  # webhook calls not yet acknowledged, found at open
         self._committed = 0  # the count as committed, seen from the writer thread
         self._conn: sqlite3.Connection | None = None
         self._queue: queue.SimpleQueue[tuple[Write, asyncio.Future[Any]] | None] = queue.SimpleQueue()
@@ -142,6 +160,8 @@ class SqliteJournal:
             if check != "ok":
                 raise JournalError(f"journal {self.path} is corrupt ({check})")
             conn.executescript(SCHEMA)
+            if "webhook" not in {column[1] for column in conn.execute("PRAGMA table_info(jobs)")}:
+                conn.execute("ALTER TABLE jobs ADD COLUMN webhook TEXT")  # a journal of schema 1
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
             self.bridge_id = meta.get("bridge_id") or f"comfybridge-{uuid.uuid4().hex[:12]}"
@@ -152,6 +172,10 @@ class SqliteJournal:
             )
             cursor = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM jobs ORDER BY seq")
             rows = [_row(record) for record in cursor]
+            self.deliveries = [
+                {"id": d[0], "url": d[1], "body": bytes(d[2]), "created": d[3]}
+                for d in conn.execute("SELECT id, url, body, created FROM deliveries ORDER BY created")
+            ]
         except sqlite3.DatabaseError as exc:
             self._close_connection()
             raise JournalError(
@@ -201,14 +225,23 @@ class SqliteJournal:
 
         return self._submit(write)
 
-    def update(self, job_id: str, fields: dict[str, Any]) -> asyncio.Future[None]:
+    def update(
+        self, job_id: str, fields: dict[str, Any], delivery: dict[str, Any] | None = None
+    ) -> asyncio.Future[None]:
         values = _values(fields)
 
         def write(conn: sqlite3.Connection, batch: _Batch) -> None:
             assignments = ", ".join(f"{name} = ?" for name in values)
             conn.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", [*values.values(), job_id])
+            if delivery is not None:  # in the same transaction as the change it tells of
+                row = (delivery["id"], delivery["url"], delivery["body"], delivery["created"])
+                conn.execute("INSERT OR IGNORE INTO deliveries (id, url, body, created) VALUES (?, ?, ?, ?)", row)
 
         return self._submit(write)
+
+    def delivered(self, delivery_id: str) -> asyncio.Future[None]:
+        """A webhook call was acknowledged (or given up): forget it."""
+        return self._submit(lambda conn, batch: conn.execute("DELETE FROM deliveries WHERE id = ?", (delivery_id,)))
 
     def forget(self, job_ids: Iterable[str]) -> asyncio.Future[None]:
         ids = [(job_id,) for job_id in job_ids]

@@ -38,6 +38,7 @@ from .media import content_type_for
 from .metrics import METRICS
 from .results import ResultFile
 from .uploads import IncomingFile
+from .webhooks import check_url
 from .ws import websocket_handler
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ STATUS_OF: list[tuple[type[BridgeError], int]] = [
     (StorageFull, 507),
     (BadInput, 400),
 ]
+WEBHOOK_KEY = "_webhook"
 NOT_SEEN = "The client ID has not been submitted to the server before. It is not recognized. / {}"
 NO_CONTENT = "No contents with that client id / {}"
 
@@ -218,8 +220,19 @@ async def generate(request: web.Request) -> web.Response:
     if not isinstance(body, dict):
         raise BadInput('The body must be a JSON object, e.g. {"workflow": "text-to-image"}.')
     _allowed(request, request.app[WORKFLOWS].get(body.get("workflow")).alias)
-    job, position = await request.app[SCHEDULER].submit(client_id, body)
+    webhook = _webhook(request, body.pop(WEBHOOK_KEY, None))
+    job, position = await request.app[SCHEDULER].submit(client_id, body, webhook)
     return json_response({"detail": f"queued / {position}", "job_id": job.id})
+
+
+def _webhook(request: web.Request, asked: Any) -> str | None:
+    """Where to tell of the job's end: the request's `_webhook` (a key no workflow input can have:
+    inputs are `node/input`), else its API key's, else nowhere."""
+    key = request.get(KEY)
+    url = check_url(asked) if asked is not None else key.webhook if key is not None else None
+    if url is not None and not request.app[SETTINGS].webhook_secret:
+        raise BadInput("This bridge sends no webhooks: it has no webhook_secret to sign them with.")
+    return url
 
 
 async def execution_info(request: web.Request) -> web.Response:

@@ -211,7 +211,7 @@ class Scheduler:
                 del self._grace[client.id]
 
     # submitting ------------------------------------------------------------------------------
-    async def submit(self, client_id: str, body: dict[str, Any]) -> tuple[Job, int]:
+    async def submit(self, client_id: str, body: dict[str, Any], webhook: str | None = None) -> tuple[Job, int]:
         """Accept one job: check it, journal it durably (which counts it), queue it; returns it and its
         place in line. Raises StorageFull if the journal cannot record it (nothing is changed then)."""
         core = self.core
@@ -236,7 +236,7 @@ class Scheduler:
             for spec in workflow.file_inputs()
             if values.get(spec.key, spec.default) != spec.default
         }
-        job = Job(client_id, workflow.alias, workflow.build(values), 0, uploads, journal=core.journal)
+        job = Job(client_id, workflow.alias, workflow.build(values), 0, uploads, webhook=webhook, journal=core.journal)
         if self.settings.output_subfolder:
             _prefix_outputs(job)
         core.opened(job)

@@ -1,0 +1,138 @@
+"""Webhooks: telling an app that its job ended, signed as Standard Webhooks sign them, retried
+with backoff until acknowledged, delivered at least once.
+
+A delivery is recorded in the journal in the same transaction as the job's end, so a restart
+resumes it; it is forgotten once the receiver answers 2xx (or after `max_age`). A slow, failing or
+dead receiver costs a task and a few requests, never a job or the bridge."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime
+import hashlib
+import hmac
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import aiohttp
+import orjson
+from yarl import URL
+
+from .errors import BadInput
+
+log = logging.getLogger(__name__)
+
+FIRST_RETRY = 1.0  # seconds; doubling up to MAX_RETRY_DELAY
+MAX_RETRY_DELAY = 600.0
+ATTEMPT_TIMEOUT = 10.0
+EVENTS = {"done": "job.done", "failed": "job.failed", "cancelled": "job.cancelled"}
+Spawn = Callable[[Coroutine[Any, Any, None], str], object]
+
+
+def secret_from(setting: str) -> bytes:
+    """`whsec_<base64>` as Standard Webhooks writes secrets, or any other string as its bytes."""
+    if setting.startswith("whsec_"):
+        try:
+            return base64.b64decode(setting.removeprefix("whsec_"), validate=True)
+        except ValueError:
+            raise ValueError("webhook_secret starts with whsec_ but is not base64 after it") from None
+    return setting.encode()
+
+
+def check_url(url: Any) -> str:
+    """A receiver's URL: absolute http(s), or BadInput naming the problem."""
+    if not isinstance(url, str) or not url:
+        raise BadInput("'_webhook' must be an http(s) URL.")
+    parsed = URL(url)
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise BadInput(f"'_webhook' must be an absolute http(s) URL; got {url!r}.")
+    return url
+
+
+def delivery_for(
+    job_id: str, client_id: str, workflow: str, outcome: str, detail: str, files: list[dict[str, Any]], url: str
+) -> dict[str, Any]:
+    """The call that tells `url` of a job's end: its id (stable, so a receiver can drop duplicates),
+    and its body."""
+    event = EVENTS[outcome]
+    body = {
+        "type": event,
+        "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
+        "data": {
+            "job_id": job_id,
+            "client_id": client_id,
+            "workflow": workflow,
+            "status": "closed" if outcome == "done" else "error",
+            "detail": detail,
+            "files": files,
+            "results": f"/history?clientId={client_id}" if outcome == "done" else None,
+        },
+    }
+    return {"id": f"msg_{job_id}_{outcome}", "url": url, "body": orjson.dumps(body), "created": time.time()}
+
+
+def sign(secret: bytes, message_id: str, timestamp: int, body: bytes) -> str:
+    """Standard Webhooks: base64 HMAC-SHA256 of `id.timestamp.body`, as `v1,<signature>`."""
+    signed = f"{message_id}.{timestamp}.".encode() + body
+    return "v1," + base64.b64encode(hmac.new(secret, signed, hashlib.sha256).digest()).decode()
+
+
+class Webhooks:
+    def __init__(
+        self,
+        secret: bytes,
+        session: aiohttp.ClientSession,
+        acknowledged: Callable[[str], object],
+        spawn: Spawn,
+        max_age: float = 86400.0,
+    ) -> None:
+        self.secret = secret
+        self.session = session
+        self.acknowledged = acknowledged  # forget a delivery (the journal's `delivered`)
+        self.spawn = spawn
+        self.max_age = max_age
+
+    def send(self, delivery: dict[str, Any]) -> None:
+        """Deliver in the background (a job's end never waits for its receiver)."""
+        self.spawn(self._deliver(delivery), f"webhook {delivery['id']}")
+
+    async def _deliver(self, delivery: dict[str, Any]) -> None:
+        delay, attempt = FIRST_RETRY, 0
+        while True:
+            attempt += 1
+            problem = await self._attempt(delivery)
+            if problem is None:
+                log.info("webhook %s delivered to %s (attempt %d)", delivery["id"], delivery["url"], attempt)
+                self.acknowledged(delivery["id"])
+                return
+            if time.time() - delivery["created"] + delay > self.max_age:
+                log.warning("webhook %s to %s given up after %d attempts: %s", delivery["id"], delivery["url"],
+                            attempt, problem)  # fmt: skip
+                self.acknowledged(delivery["id"])
+                return
+            log.warning(
+                "webhook %s to %s failed (%s); retrying in %gs", delivery["id"], delivery["url"], problem, delay
+            )
+            await asyncio.sleep(delay)
+            delay = min(MAX_RETRY_DELAY, delay * 2)
+
+    async def _attempt(self, delivery: dict[str, Any]) -> str | None:
+        """One POST; None when the receiver acknowledged it (2xx), else what went wrong."""
+        timestamp = int(time.time())
+        headers = {
+            "Content-Type": "application/json",
+            "webhook-id": delivery["id"],
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": sign(self.secret, delivery["id"], timestamp, delivery["body"]),
+        }
+        try:
+            timeout = aiohttp.ClientTimeout(total=ATTEMPT_TIMEOUT)
+            async with self.session.post(
+                delivery["url"], data=delivery["body"], headers=headers, timeout=timeout
+            ) as resp:
+                return None if 200 <= resp.status < 300 else f"HTTP {resp.status}"
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            return f"{exc.__class__.__name__}: {exc}"

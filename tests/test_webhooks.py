@@ -1,0 +1,215 @@
+"""Webhooks: signed calls to a real local receiver that fails on purpose, at least once, across restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+
+from comfybridge import webhooks
+from comfybridge.keys import JOURNAL
+
+from .conftest import BridgeFactory, EmulatorFactory, wait_for
+from .helpers import generate, run_job
+from .test_process import bridge_process, free_port
+from .test_restarts import TINY, backends, post_job, wait_closed
+from .test_restarts import workdir as workdir
+
+SECRET = "whsec_" + base64.b64encode(b"a secret of thirty-two bytes....").decode()
+
+
+class Receiver:
+    """A webhook receiver on a loopback port that refuses the first `failures` calls (HTTP 500)."""
+
+    def __init__(self, failures: int = 0, port: int = 0) -> None:
+        self.failures = failures
+        self.port = port
+        self.calls: list[tuple[dict[str, str], bytes]] = []
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.calls.append((dict(request.headers), await request.read()))
+        if self.failures > 0:
+            self.failures -= 1
+            return web.Response(status=500)
+        return web.Response(status=204)
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/hook", self.handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def events(self) -> list[dict[str, Any]]:
+        return [orjson.loads(body) for _, body in self.calls]
+
+
+def signature_is_valid(headers: dict[str, str], body: bytes) -> bool:
+    """Checked as a Standard Webhooks receiver checks it, written here independently."""
+    secret = base64.b64decode(SECRET.removeprefix("whsec_"))
+    signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
+    expected = base64.b64encode(hmac.new(secret, signed, hashlib.sha256).digest()).decode()
+    version, _, given = headers["webhook-signature"].partition(",")
+    return version == "v1" and hmac.compare_digest(given, expected)
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    started = Receiver(failures=2)
+    await started.start()
+    yield started
+    await started.stop()
+
+
+async def test_done_is_signed_retried_and_delivered_once_acknowledged(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(webhooks, "FIRST_RETRY", 0.05)
+    client = await make_bridge(await make_emulator(), webhook_secret=SECRET)
+    body = {"workflow": "solid", "1/batch_size": 2, "_webhook": receiver.url}
+    frames = await run_job(client, "hooked", body)
+    assert frames[-1]["status"] == "closed"  # the job never waited for the receiver
+    job_id = frames[-1]["job_id"]
+    await wait_for(lambda: len(receiver.calls) == 3)  # two refusals, then acknowledged
+    assert {headers["webhook-id"] for headers, _ in receiver.calls} == {f"msg_{job_id}_done"}
+    assert all(signature_is_valid(headers, body) for headers, body in receiver.calls)
+    assert abs(int(receiver.calls[-1][0]["webhook-timestamp"]) - time.time()) < 60
+    event = receiver.events()[-1]
+    assert event["type"] == "job.done"
+    data = event["data"]
+    assert (data["job_id"], data["client_id"], data["workflow"], data["status"]) == (
+        job_id,
+        "hooked",
+        "solid",
+        "closed",
+    )
+    assert [f["file_name"] for f in data["files"]] == [
+        f"wf_b_empty_{job_id}_00001_.png",
+        f"wf_b_empty_{job_id}_00002_.png",
+    ]
+    assert data["results"] == "/history?clientId=hooked"
+    journal = client.app[JOURNAL].path
+    await wait_for(lambda: _pending(journal) == 0)  # acknowledged: forgotten
+    await asyncio.sleep(0.3)
+    assert len(receiver.calls) == 3  # and never sent again
+
+
+async def test_failed_and_cancelled_jobs_are_told_too(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, receiver: Receiver
+) -> None:
+    receiver.failures = 0
+    emulator = await make_emulator(pace=0.2)
+    client = await make_bridge(emulator, webhook_secret=SECRET)
+    frames = await run_job(client, "broken", {"workflow": "broken", "_webhook": receiver.url})
+    assert frames[-1]["status"] == "error"
+    await generate(client, "stopped", {"workflow": "slow", "2/seed": 3, "_webhook": receiver.url})
+    await wait_for(lambda: len(emulator.engine.started) == 2)
+    await client.post("/interrupt", params={"clientId": "stopped"})
+    await wait_for(lambda: len(receiver.calls) == 2)
+    kinds = {event["data"]["client_id"]: event for event in receiver.events()}
+    assert kinds["broken"]["type"] == "job.failed"
+    assert "cannot identify image file" in kinds["broken"]["data"]["detail"]
+    assert kinds["broken"]["data"]["results"] is None
+    assert (kinds["stopped"]["type"], kinds["stopped"]["data"]["detail"]) == ("job.cancelled", "interrupted")
+
+
+async def test_a_dead_receiver_never_holds_a_job_back(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    client = await make_bridge(await make_emulator(), webhook_secret=SECRET)
+    dead = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens there
+    for index in range(3):
+        frames = await run_job(client, f"d{index}", {"workflow": "solid", "1/batch_size": 1, "_webhook": dead})
+        assert frames[-1]["status"] == "closed"
+    health = await (await client.get("/health")).json()
+    assert health["status"] == "ok"
+
+
+@pytest.mark.parametrize(
+    ("settings", "hook", "detail"),
+    [
+        ({}, "http://127.0.0.1:9/hook", "This bridge sends no webhooks: it has no webhook_secret to sign them with."),
+        (
+            {"webhook_secret": SECRET},
+            "ftp://example.com/x",
+            "'_webhook' must be an absolute http(s) URL; got 'ftp://example.com/x'.",
+        ),
+        ({"webhook_secret": SECRET}, 42, "'_webhook' must be an http(s) URL."),
+    ],
+)
+async def test_a_webhook_the_bridge_cannot_honour_is_refused(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, settings: dict[str, Any], hook: Any, detail: str
+) -> None:
+    client = await make_bridge(await make_emulator(), **settings)
+    status, body = await generate(client, "refused", {"workflow": "solid", "_webhook": hook})
+    assert (status, body) == (400, {"detail": detail})
+    assert await (await client.get("/generation-count")).json() == 0  # nothing accepted
+
+
+async def test_an_api_key_can_carry_its_webhook(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, receiver: Receiver, tmp_path: Path
+) -> None:
+    receiver.failures = 0
+    key_file = tmp_path / "keys.json"
+    key = "studio-key-0123456789"
+    key_file.write_bytes(orjson.dumps([{"name": "studio", "key": key, "webhook": receiver.url}]))
+    client = await make_bridge(await make_emulator(), api_keys_file=key_file, webhook_secret=SECRET)
+    headers = {"Authorization": f"Bearer {key}"}
+    resp = await client.post(
+        "/generate-based-workflow", params={"clientId": "keyed"}, json={"workflow": "solid"}, headers=headers
+    )
+    assert resp.status == 200
+    await wait_for(lambda: len(receiver.calls) == 1)
+    assert receiver.events()[0]["data"]["client_id"] == "keyed"  # as the app knows it, not scoped
+
+
+async def test_a_call_owed_before_a_crash_is_made_after_the_restart(
+    workdir: Path, make_emulator: EmulatorFactory
+) -> None:
+    emulator = await make_emulator()
+    port = free_port()
+    hook = f"http://127.0.0.1:{port}/hook"  # down for now
+    args = (*backends(emulator), "--webhook-secret", SECRET)
+    async with aiohttp.ClientSession() as session:
+        async with bridge_process(workdir, *args) as (proc, url):
+            job_id = await post_job(session, url, "owed", {**TINY, "_webhook": hook})
+            await wait_closed(session, url, ["owed"])
+            proc.kill()  # the call failed once and waits for its retry: now only the journal has it
+        assert _pending(workdir / "data" / "journal.sqlite3") == 1
+        receiver = Receiver(port=port)
+        await receiver.start()
+        try:
+            async with bridge_process(workdir, *args):
+                await wait_for(lambda: len(receiver.calls) >= 1)
+                assert receiver.events()[0]["data"]["job_id"] == job_id
+                assert signature_is_valid(*receiver.calls[0])
+                await wait_for(lambda: _pending(workdir / "data" / "journal.sqlite3") == 0)
+        finally:
+            await receiver.stop()
+
+
+def _pending(journal: Path) -> int:
+    with sqlite3.connect(journal) as conn:
+        return int(conn.execute("SELECT count(*) FROM deliveries").fetchone()[0])
