@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Served without a key: a static page (the document it shows needs a key when keys are on), and the
 # probes a load balancer calls (they show details only to a caller with a key).
-OPEN_PATHS = {"/docs", "/health", "/ready", "/metrics"}  # /metrics checks its own key
+OPEN_PATHS = {"/docs", "/health", "/ready", "/metrics", "/playground"}  # /metrics checks its own key
+OPEN_PREFIXES = ("/playground/",)  # the playground's own files: plain, public
+TOKEN_PATHS = {"/ws", "/workflow-thumbnail"}
 
 
 class KeyFileError(Exception):
@@ -102,7 +104,7 @@ def presented_key(request: web.Request) -> str | None:
         return value.strip()
     if request.headers.get("X-API-Key"):
         return request.headers["X-API-Key"]
-    if request.path == "/ws":  # browsers cannot set headers on a WebSocket
+    if request.path in TOKEN_PATHS:  # browsers set no headers on a WebSocket or an <img>
         return request.query.get("token")
     return None
 
@@ -179,7 +181,7 @@ class AccessPolicy:
             if self.keys.enabled:
                 presented = presented_key(request)
                 key = self.keys.find(presented) if presented else None
-                if key is None and request.path in OPEN_PATHS:
+                if key is None and (request.path in OPEN_PATHS or request.path.startswith(OPEN_PREFIXES)):
                     return await handler(request)
                 if key is None:
                     raise Unauthorized(

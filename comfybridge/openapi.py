@@ -299,6 +299,13 @@ def document(workflows: WorkflowStore, aliases: list[str]) -> dict[str, Any]:
                 "responses": {"200": {"description": "HTML", "content": {"text/html": {"schema": _STRING}}}},
             }
         },
+        "/playground": {
+            "get": {
+                "summary": "A page to try any workflow: a form from its inputs, live progress, the results "
+                "(its files are under /playground/)",
+                "responses": {"200": {"description": "HTML", "content": {"text/html": {"schema": _STRING}}}},
+            }
+        },
         "/ws": {
             "get": {
                 "summary": "The client's live status channel (WebSocket; `?token=KEY` when keys are on)",

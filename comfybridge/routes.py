@@ -7,6 +7,7 @@ import base64
 import hmac
 import logging
 import uuid
+from pathlib import Path
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -390,6 +391,13 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+PLAYGROUND = Path(__file__).parent / "playground"
+
+
+async def playground(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(PLAYGROUND / "index.html", headers={"Cache-Control": "no-cache"})
+
+
 def setup_routes(app: web.Application) -> None:
     # HEAD only where a GET changes nothing: /history hands results over (and forgets them).
     app.router.add_get("/ws", websocket_handler, allow_head=False)
@@ -407,4 +415,6 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/ready", ready)
     app.router.add_get("/openapi.json", openapi_json)
+    app.router.add_get("/playground", playground)
+    app.router.add_static("/playground/", PLAYGROUND, name="playground-files")
     app.router.add_get("/docs", docs)

@@ -134,6 +134,7 @@ OPERATIONS = [
     ("POST", "/interrupt"),
     ("GET", "/openapi.json"),
     ("GET", "/docs"),
+    ("GET", "/playground"),
     ("GET", "/ws"),
 ]
 
