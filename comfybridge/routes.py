@@ -7,8 +7,8 @@ import base64
 import hmac
 import logging
 import uuid
-from pathlib import Path
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
