@@ -29,8 +29,8 @@ from .keys import (
     UPLOADS,
     WORKFLOWS,
 )
-from .logs import access_middleware
-from .metrics import METRICS, Metrics, metrics_middleware
+from .logs import request_middleware
+from .metrics import METRICS, Metrics
 from .results import ResultStore
 from .routes import error_middleware, setup_routes
 from .scheduler import Scheduler, SchedulerSettings
@@ -61,8 +61,7 @@ def create_app(settings: Settings, reload: Callable[[], Settings] | None = None)
     policy = access_policy(settings)
     app = web.Application(
         middlewares=[
-            access_middleware,
-            metrics_middleware,
+            request_middleware,
             policy.cors_middleware(),
             error_middleware,
             policy.middleware(),

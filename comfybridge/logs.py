@@ -15,6 +15,7 @@ from aiohttp.http_exceptions import BadHttpMessage
 from aiohttp.web_protocol import RequestPayloadError
 
 from .access import CALLER, unscoped
+from .metrics import METRICS
 
 access_log = logging.getLogger("comfybridge.access")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -60,11 +61,10 @@ def quiet_bad_requests(record: logging.LogRecord) -> bool:
 
 
 @web.middleware
-async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """One line per request once it is answered (a WebSocket: once it closes): method, route,
-    status, duration, clientId, caller. Outermost, so it sees every refusal too."""
-    if not access_log.isEnabledFor(logging.INFO):
-        return await handler(request)
+async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Times each request once, for its latency metric and its access log line (method, route,
+    status, duration, clientId, caller). Outermost, so it sees every refusal too; a WebSocket is
+    seen when it closes."""
     started = time.perf_counter()
     status = 500
     try:
@@ -72,18 +72,21 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
         status = response.status
         return response
     finally:
+        seconds = time.perf_counter() - started
         resource = request.match_info.route.resource
-        route = resource.canonical if resource is not None else request.path
-        client_id = request.query.get("clientId")
-        fields = {
-            "method": request.method,
-            "route": route,
-            "status": status,
-            "duration_ms": round((time.perf_counter() - started) * 1000, 2),
-            "client_id": unscoped(client_id) if client_id else None,
-            "caller": request.get(CALLER, request.remote),
-        }
-        access_log.info(
-            "%s %s %d %.1fms client=%s from %s", request.method, route, status, fields["duration_ms"],
-            fields["client_id"] or "-", fields["caller"], extra={"fields": fields},
-        )  # fmt: skip
+        route = resource.canonical if resource is not None else "unmatched"  # a pattern: no clientIds
+        request.app[METRICS].request_done(route, request.method, status, seconds)
+        if access_log.isEnabledFor(logging.INFO):
+            client_id = request.query.get("clientId")
+            fields = {
+                "method": request.method,
+                "route": route if resource is not None else request.path,
+                "status": status,
+                "duration_ms": round(seconds * 1000, 2),
+                "client_id": unscoped(client_id) if client_id else None,
+                "caller": request.get(CALLER, request.remote),
+            }
+            access_log.info(
+                "%s %s %d %.1fms client=%s from %s", request.method, fields["route"], status,
+                fields["duration_ms"], fields["client_id"] or "-", fields["caller"], extra={"fields": fields},
+            )  # fmt: skip

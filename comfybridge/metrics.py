@@ -7,7 +7,7 @@ scheduler at scrape time, never kept up to date by hand."""
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from aiohttp import web
@@ -117,23 +117,6 @@ class _LiveGauges(Collector):
         yield up
         yield inflight
         yield speed
-
-
-@web.middleware
-async def metrics_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Request latency by route (its pattern, so clientIds never become label values)."""
-    started = time.perf_counter()
-    status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    finally:
-        resource = request.match_info.route.resource
-        route = resource.canonical if resource is not None else "unmatched"
-        request.app[METRICS].request_done(route, request.method, status, time.perf_counter() - started)
 
 
 METRICS = web.AppKey("metrics", Metrics)
