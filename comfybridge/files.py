@@ -27,7 +27,12 @@ def fsync_path(path: Path) -> None:
 
 def write_synced(path: Path, data: bytes) -> None:
     """Create `path` (and its folder) holding `data`, fsynced; the folder's entry is the caller's to sync."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(path.parent)  # usually new (a job's result folder); cheaper than Path.mkdir(parents=...)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as handle:
         handle.write(data)
         handle.flush()
