@@ -77,6 +77,7 @@ class Settings:
     metrics_key: str = ""
     webhook_secret: str = ""
     webhook_max_age: float = 86400.0
+    webhook_allow_private: bool = False
 
     @property
     def state_file(self) -> Path:
@@ -205,6 +206,11 @@ OPTIONS: dict[str, tuple[Parser, Callable[[Any], str | None] | None, str]] = {
     "access_log": (_flag_value, None, "a log line per request: method, route, status, duration, client (true/false)"),
     "webhook_secret": (str, _webhook_secret, "signs webhook calls (Standard Webhooks; whsec_<base64> or any text)"),
     "webhook_max_age": (_number(float), _positive, "seconds a webhook call is retried before it is given up"),
+    "webhook_allow_private": (
+        _flag_value,
+        None,
+        "let a request's _webhook point at loopback or private addresses (true/false)",
+    ),
     "metrics_key": (str, None, "a token GET /metrics requires (Bearer); empty: the API keys, if any"),
     "ready_max_queue": (
         _number(int),

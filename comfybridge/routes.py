@@ -39,7 +39,7 @@ from .media import content_type_for
 from .metrics import METRICS
 from .results import ResultFile
 from .uploads import IncomingFile
-from .webhooks import check_url
+from .webhooks import check_public, check_url
 from .ws import websocket_handler
 
 log = logging.getLogger(__name__)
@@ -221,18 +221,22 @@ async def generate(request: web.Request) -> web.Response:
     if not isinstance(body, dict):
         raise BadInput('The body must be a JSON object, e.g. {"workflow": "text-to-image"}.')
     _allowed(request, request.app[WORKFLOWS].get(body.get("workflow")).alias)
-    webhook = _webhook(request, body.pop(WEBHOOK_KEY, None))
+    webhook = await _webhook(request, body.pop(WEBHOOK_KEY, None))
     job, position = await request.app[SCHEDULER].submit(client_id, body, webhook)
     return json_response({"detail": f"queued / {position}", "job_id": job.id})
 
 
-def _webhook(request: web.Request, asked: Any) -> str | None:
+async def _webhook(request: web.Request, asked: Any) -> str | None:
     """Where to tell of the job's end: the request's `_webhook` (a key no workflow input can have:
-    inputs are `node/input`), else its API key's, else nowhere."""
+    inputs are `node/input`; it must be public unless `webhook_allow_private`), else its API key's
+    (the operator's choice), else nowhere."""
     key = request.get(KEY)
+    settings = request.app[SETTINGS]
     url = check_url(asked) if asked is not None else key.webhook if key is not None else None
-    if url is not None and not request.app[SETTINGS].webhook_secret:
+    if url is not None and not settings.webhook_secret:
         raise BadInput("This bridge sends no webhooks: it has no webhook_secret to sign them with.")
+    if asked is not None and not settings.webhook_allow_private:
+        await check_public(url or "")
     return url
 
 

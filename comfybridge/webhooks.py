@@ -12,7 +12,9 @@ import base64
 import datetime
 import hashlib
 import hmac
+import ipaddress
 import logging
+import socket
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -50,6 +52,26 @@ def check_url(url: Any) -> str:
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise BadInput(f"'_webhook' must be an absolute http(s) URL; got {url!r}.")
     return url
+
+
+def internal(address: str) -> bool:
+    """Loopback, private, link-local (cloud metadata), multicast or reserved: not the open internet."""
+    ip = ipaddress.ip_address(address)
+    return not ip.is_global or ip.is_multicast
+
+
+async def check_public(url: str) -> None:
+    """A client's `_webhook` must not make the bridge call its own network (server-side request
+    forgery): every address the host resolves to must be public. Raises BadInput."""
+    host = URL(url).host or ""
+    if host == "localhost" or host.endswith(".localhost"):
+        raise BadInput(f"'_webhook' may not point at this machine or its network ({host}).")
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        raise BadInput(f"'_webhook' host {host!r} does not resolve.") from None
+    if any(internal(str(info[4][0])) for info in infos):
+        raise BadInput(f"'_webhook' may not point at this machine or its network ({host}).")
 
 
 def delivery_for(

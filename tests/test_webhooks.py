@@ -87,7 +87,7 @@ async def test_done_is_signed_retried_and_delivered_once_acknowledged(
     make_emulator: EmulatorFactory, make_bridge: BridgeFactory, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(webhooks, "FIRST_RETRY", 0.05)
-    client = await make_bridge(await make_emulator(), webhook_secret=SECRET)
+    client = await make_bridge(await make_emulator(), webhook_secret=SECRET, webhook_allow_private=True)
     body = {"workflow": "solid", "1/batch_size": 2, "_webhook": receiver.url}
     frames = await run_job(client, "hooked", body)
     assert frames[-1]["status"] == "closed"  # the job never waited for the receiver
@@ -121,7 +121,7 @@ async def test_failed_and_cancelled_jobs_are_told_too(
 ) -> None:
     receiver.failures = 0
     emulator = await make_emulator(pace=0.2)
-    client = await make_bridge(emulator, webhook_secret=SECRET)
+    client = await make_bridge(emulator, webhook_secret=SECRET, webhook_allow_private=True)
     frames = await run_job(client, "broken", {"workflow": "broken", "_webhook": receiver.url})
     assert frames[-1]["status"] == "error"
     await generate(client, "stopped", {"workflow": "slow", "2/seed": 3, "_webhook": receiver.url})
@@ -138,7 +138,7 @@ async def test_failed_and_cancelled_jobs_are_told_too(
 async def test_a_dead_receiver_never_holds_a_job_back(
     make_emulator: EmulatorFactory, make_bridge: BridgeFactory
 ) -> None:
-    client = await make_bridge(await make_emulator(), webhook_secret=SECRET)
+    client = await make_bridge(await make_emulator(), webhook_secret=SECRET, webhook_allow_private=True)
     dead = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens there
     for index in range(3):
         frames = await run_job(client, f"d{index}", {"workflow": "solid", "1/batch_size": 1, "_webhook": dead})
@@ -157,6 +157,31 @@ async def test_a_dead_receiver_never_holds_a_job_back(
             "'_webhook' must be an absolute http(s) URL; got 'ftp://example.com/x'.",
         ),
         ({"webhook_secret": SECRET}, 42, "'_webhook' must be an http(s) URL."),
+        (
+            {"webhook_secret": SECRET},
+            "http://169.254.169.254/latest/meta-data",
+            "'_webhook' may not point at this machine or its network (169.254.169.254).",
+        ),
+        (
+            {"webhook_secret": SECRET},
+            "http://127.0.0.1:9/x",
+            "'_webhook' may not point at this machine or its network (127.0.0.1).",
+        ),
+        (
+            {"webhook_secret": SECRET},
+            "http://10.1.2.3/x",
+            "'_webhook' may not point at this machine or its network (10.1.2.3).",
+        ),
+        (
+            {"webhook_secret": SECRET},
+            "http://[::1]/x",
+            "'_webhook' may not point at this machine or its network (::1).",
+        ),
+        (
+            {"webhook_secret": SECRET},
+            "http://localhost:8080/x",
+            "'_webhook' may not point at this machine or its network (localhost).",
+        ),
     ],
 )
 async def test_a_webhook_the_bridge_cannot_honour_is_refused(
@@ -191,7 +216,7 @@ async def test_a_call_owed_before_a_crash_is_made_after_the_restart(
     emulator = await make_emulator()
     port = free_port()
     hook = f"http://127.0.0.1:{port}/hook"  # down for now
-    args = (*backends(emulator), "--webhook-secret", SECRET)
+    args = (*backends(emulator), "--webhook-secret", SECRET, "--webhook-allow-private", "true")
     async with aiohttp.ClientSession() as session:
         async with bridge_process(workdir, *args) as (proc, url):
             job_id = await post_job(session, url, "owed", {**TINY, "_webhook": hook})
