@@ -306,6 +306,12 @@ def document(workflows: WorkflowStore, aliases: list[str]) -> dict[str, Any]:
                 "responses": {"200": {"description": "HTML", "content": {"text/html": {"schema": _STRING}}}},
             }
         },
+        "/playground/": {
+            "get": {
+                "summary": "Redirects to /playground",
+                "responses": {"301": {"description": "to /playground"}},
+            }
+        },
         "/ws": {
             "get": {
                 "summary": "The client's live status channel (WebSocket; `?token=KEY` when keys are on)",

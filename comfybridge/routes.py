@@ -398,7 +398,9 @@ async def metrics(request: web.Request) -> web.Response:
 PLAYGROUND = Path(__file__).parent / "playground"
 
 
-async def playground(request: web.Request) -> web.FileResponse:
+async def playground(request: web.Request) -> web.StreamResponse:
+    if request.path.endswith("/"):  # its links are relative to /playground, not /playground/
+        raise web.HTTPMovedPermanently("../playground")
     return web.FileResponse(PLAYGROUND / "index.html", headers={"Cache-Control": "no-cache"})
 
 
@@ -420,5 +422,6 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/ready", ready)
     app.router.add_get("/openapi.json", openapi_json)
     app.router.add_get("/playground", playground)
+    app.router.add_get("/playground/", playground)  # before its files, which would refuse a listing
     app.router.add_static("/playground/", PLAYGROUND, name="playground-files")
     app.router.add_get("/docs", docs)

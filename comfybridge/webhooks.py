@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 FIRST_RETRY = 1.0  # seconds; doubling up to MAX_RETRY_DELAY
 MAX_RETRY_DELAY = 600.0
 ATTEMPT_TIMEOUT = 10.0
+MAX_URL = 2048
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
 EVENTS = {"done": "job.done", "failed": "job.failed", "cancelled": "job.cancelled"}
 Spawn = Callable[[Coroutine[Any, Any, None], str], object]
 
@@ -48,15 +50,29 @@ def check_url(url: Any) -> str:
     """A receiver's URL: absolute http(s), or BadInput naming the problem."""
     if not isinstance(url, str) or not url:
         raise BadInput("'_webhook' must be an http(s) URL.")
-    parsed = URL(url)
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise BadInput(f"'_webhook' must be an absolute http(s) URL; got {url!r}.")
+    try:
+        parsed = URL(url)
+        valid = parsed.scheme in ("http", "https") and bool(parsed.host) and parsed.port is not None
+    except (ValueError, UnicodeError):  # a port out of range, an unclosed bracket, ...
+        valid = False
+    if not valid or len(url) > MAX_URL:
+        shown = url if len(url) <= 200 else url[:200] + "..."
+        raise BadInput(f"'_webhook' must be an absolute http(s) URL; got {shown!r}.")
     return url
 
 
 def internal(address: str) -> bool:
-    """Loopback, private, link-local (cloud metadata), multicast or reserved: not the open internet."""
-    ip = ipaddress.ip_address(address)
+    """Loopback, private, link-local (cloud metadata), multicast or reserved: not the open internet.
+    An IPv6 address that carries an IPv4 one (mapped, compatible, NAT64, 6to4, Teredo) is judged
+    by the IPv4 address it leads to."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address):
+        value = int(ip)
+        embedded = [ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())]
+        if value >> 32 == 0 or ip in NAT64:  # ::a.b.c.d (deprecated), 64:ff9b::a.b.c.d
+            embedded.append(ipaddress.IPv4Address(value & 0xFFFFFFFF))
+        if any(v4 is not None and internal(str(v4)) for v4 in embedded):
+            return True
     return not ip.is_global or ip.is_multicast
 
 
@@ -68,8 +84,8 @@ async def check_public(url: str) -> None:
         raise BadInput(f"'_webhook' may not point at this machine or its network ({host}).")
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except OSError:
-        raise BadInput(f"'_webhook' host {host!r} does not resolve.") from None
+    except (OSError, UnicodeError, ValueError):  # unknown, or not a valid host name at all
+        raise BadInput(f"'_webhook' host {host[:200]!r} does not resolve.") from None
     if any(internal(str(info[4][0])) for info in infos):
         raise BadInput(f"'_webhook' may not point at this machine or its network ({host}).")
 

@@ -29,6 +29,8 @@ def main() -> int:
                     if status.job_id == job.job_id and status.percent is not None:
                         bar.update(status.percent - bar.n)
                     if status.status in ("closed", "error") and status.jobs_left == 0:
+                        if status.status == "closed":
+                            bar.update(100 - bar.n)
                         break
                     time.sleep(POLL_SECONDS)
             if status.status == "error":

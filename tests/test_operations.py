@@ -206,3 +206,17 @@ async def test_metrics_behind_a_key(make_emulator: EmulatorFactory, make_bridge:
     resp = await scraper.get("/metrics", headers={"Authorization": "Bearer scrape-token"})
     assert resp.status == 200
     assert "comfybridge_queue_depth" in await resp.text()
+
+
+async def test_the_playground_is_served_with_its_files(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    client = await make_bridge(await make_emulator(), api_keys=(KEY,))  # public even with keys on
+    page = await client.get("/playground")
+    assert (page.status, page.content_type) == (200, "text/html")
+    assert 'src="playground/app.js"' in await page.text()
+    for name, kind in (("app.js", "application/javascript"), ("style.css", "text/css")):
+        resp = await client.get(f"/playground/{name}")
+        assert (resp.status, resp.content_type) == (200, kind)
+    slash = await client.get("/playground/", allow_redirects=False)
+    assert (slash.status, slash.headers["Location"]) == (301, "../playground")

@@ -182,6 +182,22 @@ async def test_a_dead_receiver_never_holds_a_job_back(
             "http://localhost:8080/x",
             "'_webhook' may not point at this machine or its network (localhost).",
         ),
+        *[
+            (
+                {"webhook_secret": SECRET},
+                f"http://[{ip}]/x",
+                f"'_webhook' may not point at this machine or its network ({ip}).",
+            )
+            for ip in ("64:ff9b::7f00:1", "::7f00:1", "2002:7f00:1::")  # NAT64, IPv4-compatible, 6to4 of 127.0.0.1
+        ],
+        (
+            {},
+            "https://example.com:99999/",
+            "'_webhook' must be an absolute http(s) URL; got 'https://example.com:99999/'.",
+        ),
+        ({}, "http://[::1/", "'_webhook' must be an absolute http(s) URL; got 'http://[::1/'."),
+        ({"webhook_secret": SECRET}, "http://a..b/", "'_webhook' host 'a..b' does not resolve."),
+        ({"webhook_secret": SECRET}, f"http://{'a' * 64}.com/", f"'_webhook' host '{'a' * 64}.com' does not resolve."),
     ],
 )
 async def test_a_webhook_the_bridge_cannot_honour_is_refused(
