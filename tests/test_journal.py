@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -214,3 +215,42 @@ async def test_a_stopping_bridge_refuses_new_jobs_with_503(bridge: Client) -> No
         {"detail": "The bridge is shutting down and accepts no new jobs; try again in a moment."},
     )
     assert await (await bridge.get("/generation-count")).json() == 0
+
+
+SCHEMA_1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE jobs (
+    id TEXT PRIMARY KEY, seq INTEGER NOT NULL, client_id TEXT NOT NULL, workflow TEXT NOT NULL,
+    state TEXT NOT NULL, backend TEXT, prompt_id TEXT NOT NULL, error TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0, retries INTEGER NOT NULL DEFAULT 0,
+    accepted_at REAL NOT NULL, ended_at REAL, prompt BLOB NOT NULL, uploads BLOB NOT NULL, results BLOB
+);
+CREATE INDEX jobs_by_client ON jobs (client_id);
+PRAGMA user_version=1;
+"""
+
+
+async def test_a_journal_of_the_previous_release_opens_and_its_jobs_run(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory, base_settings: Any, workflow_dir: Path
+) -> None:
+    """Schema 1 (no webhook column, no deliveries table) is upgraded in place; its waiting job runs."""
+    path = base_settings.journal_file
+    path.parent.mkdir(parents=True)
+    prompt = orjson.loads((workflow_dir / "b_emptyimage_save.json").read_bytes())
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.executescript(SCHEMA_1)
+        conn.execute("INSERT INTO meta VALUES ('generation_count', '7'), ('bridge_id', 'comfybridge-old')")
+        conn.execute(
+            "INSERT INTO jobs (id, seq, client_id, workflow, state, prompt_id, accepted_at, prompt, uploads) "
+            "VALUES ('a' || hex(randomblob(15)), 7, 'veteran', 'solid', 'waiting', ?, 1.0, ?, '{}')",
+            ("0f0e0d0c-0b0a-4908-8706-050403020100", orjson.dumps(prompt)),
+        )
+        conn.commit()
+    client = await make_bridge(await make_emulator())
+    assert (await poll_status(client, "veteran", {"closed", "error"}))["status"] == "closed"
+    assert await (await client.get("/generation-count")).json() == 7
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+        assert "webhook" in columns
+        assert conn.execute("SELECT count(*) FROM deliveries").fetchone()[0] == 0

@@ -36,10 +36,13 @@ async function loadCatalogue() {
       button.type = "button";
       button.dataset.workflow = entry.name;
       button.setAttribute("aria-pressed", "false");
-      const picture = document.createElement("img");
-      picture.alt = "";
+      const picture = document.createElement(entry.thumbnail ? "img" : "span");
+      picture.className = "thumb";
       const key = $("key").value.trim();
-      if (entry.thumbnail) picture.src = entry.thumbnail.replace(/^\//, "") + (key ? "&token=" + encodeURIComponent(key) : "");
+      if (entry.thumbnail) {
+        picture.alt = "";
+        picture.src = entry.thumbnail.replace(/^\//, "") + (key ? "&token=" + encodeURIComponent(key) : "");
+      }
       const text = document.createElement("span");
       text.textContent = entry.name;
       const small = document.createElement("small");
