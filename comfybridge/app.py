@@ -36,7 +36,7 @@ from .routes import error_middleware, setup_routes
 from .scheduler import Scheduler, SchedulerSettings
 from .state import StateStore
 from .uploads import UploadLimits, UploadStore
-from .webhooks import Webhooks, secret_from
+from .webhooks import Webhooks, secret_from, webhook_session
 from .workflows import WorkflowStore
 from .ws import SocketHub, heartbeat
 
@@ -170,32 +170,37 @@ async def _scheduler(app: web.Application) -> AsyncIterator[None]:
     )
     app[SCHEDULER] = scheduler
     app[METRICS].watch(scheduler.health, app[HUB].open_sockets)
-    _webhooks(app, scheduler)
+    hooks_session = _webhooks(app, scheduler)
     rows = app[RECOVERED]
     await scheduler.start(list(rows))
     rows.clear()  # the jobs hold what they need now
     yield
     await scheduler.close()
+    if hooks_session is not None:  # after the scheduler: its tasks (deliveries too) are stopped
+        await hooks_session.close()
 
 
-def _webhooks(app: web.Application, scheduler: Scheduler) -> None:
+def _webhooks(app: web.Application, scheduler: Scheduler) -> aiohttp.ClientSession | None:
     """Job ends are told to webhooks once journaled; calls a previous run left unacknowledged resume."""
     settings, journal = app[SETTINGS], app[JOURNAL]
     if not settings.webhook_secret:
         if journal.deliveries:
             log.warning("%d webhook calls wait, but webhook_secret is not set: not sent", len(journal.deliveries))
-        return
+        return None
+    session = webhook_session(settings.webhook_allow_private)
     webhooks = Webhooks(
         secret_from(settings.webhook_secret),
-        app[SESSION],
+        session,
         journal.delivered,
         scheduler.core.spawn,
         settings.webhook_max_age,
+        settings.webhook_allow_private,
     )
     scheduler.core.on_delivery = webhooks.send
     for delivery in journal.deliveries:
         webhooks.send(delivery)
     journal.deliveries = []
+    return session
 
 
 def _reload_on_sighup(reload: Callable[[], Settings]) -> Callable[[web.Application], AsyncIterator[None]]:

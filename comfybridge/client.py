@@ -160,8 +160,12 @@ class AsyncBridge:
         async for msg in ws:
             if msg.type is not aiohttp.WSMsgType.TEXT:
                 break
-            frame = orjson.loads(msg.data)
-            yield Event(frame["status"], frame["detail"], frame.get("job_id"), frame.get("jobs_left"))
+            try:
+                frame = orjson.loads(msg.data)
+                event = Event(frame["status"], frame["detail"], frame.get("job_id"), frame.get("jobs_left"))
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                raise BridgeError(0, f"the bridge sent a frame that is not a status: {msg.data[:200]!r}") from None
+            yield event
 
     async def follow(self, job: Job, on_event: Callable[[Event], Any] | None = None) -> Event:
         """Wait for the job's end, passing each of its events to `on_event`; raises JobFailed."""

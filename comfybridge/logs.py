@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 import sys
@@ -19,6 +20,7 @@ from .metrics import METRICS
 
 access_log = logging.getLogger("comfybridge.access")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+CLIENT_CLOSED = 499  # nginx's code for a request whose client hung up first
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -71,6 +73,12 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         response = await handler(request)
         status = response.status
         return response
+    except web.HTTPException as exc:  # a redirect, passed through the error middleware as aiohttp raises it
+        status = exc.status
+        raise
+    except asyncio.CancelledError:
+        status = CLIENT_CLOSED  # the client went away before its answer
+        raise
     finally:
         seconds = time.perf_counter() - started
         resource = request.match_info.route.resource

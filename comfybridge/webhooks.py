@@ -21,6 +21,8 @@ from typing import Any
 
 import aiohttp
 import orjson
+from aiohttp.abc import ResolveResult
+from aiohttp.resolver import ThreadedResolver
 from yarl import URL
 
 from .errors import BadInput
@@ -118,6 +120,28 @@ def sign(secret: bytes, message_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(hmac.new(secret, signed, hashlib.sha256).digest()).decode()
 
 
+class PublicOnlyResolver(ThreadedResolver):
+    """Resolves a receiver's name at the moment of each connection and refuses internal addresses:
+    a name that answered with a public address when the job was accepted cannot be turned toward
+    the bridge's own network later (DNS rebinding)."""
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        found = await super().resolve(host, port, family)
+        refused = [r["host"] for r in found if internal(r["host"])]
+        if refused:
+            raise OSError(f"{host} resolves to an internal address ({refused[0]}); webhooks go to public ones")
+        return found
+
+
+def webhook_session(allow_private: bool) -> aiohttp.ClientSession:
+    """The webhooks' own session (never ComfyUI's pool): with private addresses not allowed, every
+    connection is checked when it is made."""
+    resolver = ThreadedResolver() if allow_private else PublicOnlyResolver()
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=resolver, limit=64))
+
+
 class Webhooks:
     def __init__(
         self,
@@ -126,12 +150,14 @@ class Webhooks:
         acknowledged: Callable[[str], object],
         spawn: Spawn,
         max_age: float = 86400.0,
+        allow_private: bool = False,
     ) -> None:
         self.secret = secret
         self.session = session
         self.acknowledged = acknowledged  # forget a delivery (the journal's `delivered`)
         self.spawn = spawn
         self.max_age = max_age
+        self.allow_private = allow_private
 
     def send(self, delivery: dict[str, Any]) -> None:
         """Deliver in the background (a job's end never waits for its receiver)."""
@@ -167,10 +193,24 @@ class Webhooks:
             "webhook-signature": sign(self.secret, delivery["id"], timestamp, delivery["body"]),
         }
         try:
+            if not self.allow_private:
+                host = URL(delivery["url"]).host or ""
+                if _is_ip(host) and internal(host):  # a literal address is never resolved: check it here
+                    return f"{host} is an internal address; webhooks go to public ones"
             timeout = aiohttp.ClientTimeout(total=ATTEMPT_TIMEOUT)
-            async with self.session.post(
-                delivery["url"], data=delivery["body"], headers=headers, timeout=timeout
-            ) as resp:
+            # Redirects are not followed: a public receiver must not bounce the signed call inward.
+            post = self.session.post(
+                delivery["url"], data=delivery["body"], headers=headers, timeout=timeout, allow_redirects=False
+            )
+            async with post as resp:
                 return None if 200 <= resp.status < 300 else f"HTTP {resp.status}"
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
             return f"{exc.__class__.__name__}: {exc}"
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

@@ -57,6 +57,7 @@ class Outbox:
         if (
             frame is not None
             and self.sender is None
+            and not self.ws.closed  # nothing after a Close frame (RFC 6455 §5.5.1)
             and transport is not None
             and not transport.is_closing()
             and transport.get_write_buffer_size() < HIGH_WATER

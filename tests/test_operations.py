@@ -220,3 +220,6 @@ async def test_the_playground_is_served_with_its_files(
         assert (resp.status, resp.content_type) == (200, kind)
     slash = await client.get("/playground/", allow_redirects=False)
     assert (slash.status, slash.headers["Location"]) == (301, "../playground")
+    samples = scrape(await (await client.get("/metrics", headers={"Authorization": f"Bearer {KEY}"})).text())
+    redirect = (("method", "GET"), ("route", "/playground/"), ("status", "301"))
+    assert samples[("comfybridge_request_duration_seconds_count", redirect)] == 1  # counted as what it was

@@ -216,7 +216,9 @@ async def test_an_api_key_can_carry_its_webhook(
     key_file = tmp_path / "keys.json"
     key = "studio-key-0123456789"
     key_file.write_bytes(orjson.dumps([{"name": "studio", "key": key, "webhook": receiver.url}]))
-    client = await make_bridge(await make_emulator(), api_keys_file=key_file, webhook_secret=SECRET)
+    client = await make_bridge(
+        await make_emulator(), api_keys_file=key_file, webhook_secret=SECRET, webhook_allow_private=True
+    )
     headers = {"Authorization": f"Bearer {key}"}
     resp = await client.post(
         "/generate-based-workflow", params={"clientId": "keyed"}, json={"workflow": "solid"}, headers=headers
@@ -254,3 +256,55 @@ async def test_a_call_owed_before_a_crash_is_made_after_the_restart(
 def _pending(journal: Path) -> int:
     with sqlite3.connect(journal) as conn:
         return int(conn.execute("SELECT count(*) FROM deliveries").fetchone()[0])
+
+
+async def test_a_redirect_is_never_followed(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A receiver that answers 307 toward another address does not get the signed call sent there."""
+    monkeypatch.setattr(webhooks, "FIRST_RETRY", 0.05)
+    inside = Receiver()
+    await inside.start()
+    bouncer = web.Application()
+    bounced: list[str] = []
+
+    async def bounce(request: web.Request) -> web.Response:
+        bounced.append(request.method)
+        raise web.HTTPTemporaryRedirect(inside.url)
+
+    bouncer.router.add_post("/hook", bounce)
+    runner = web.AppRunner(bouncer, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    try:
+        client = await make_bridge(await make_emulator(), webhook_secret=SECRET, webhook_allow_private=True)
+        body = {"workflow": "solid", "1/batch_size": 1, "_webhook": f"http://127.0.0.1:{port}/hook"}
+        assert (await run_job(client, "bounced", body))[-1]["status"] == "closed"
+        await wait_for(lambda: len(bounced) >= 2)  # a 307 is a failed attempt: tried again, never followed
+        assert inside.calls == []
+    finally:
+        await runner.cleanup()
+        await inside.stop()
+
+
+async def test_a_name_that_turns_internal_is_refused_when_connecting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DNS rebinding: the address is checked again at every connection, not only at submission."""
+    answers = {"rebinder.example": "10.0.0.7", "public.example": "93.184.216.34"}
+
+    async def resolve(self: Any, host: str, port: int = 0, family: Any = 0) -> list[dict[str, Any]]:
+        return [{"hostname": host, "host": answers[host], "port": port, "family": family, "proto": 0, "flags": 0}]
+
+    monkeypatch.setattr(webhooks.ThreadedResolver, "resolve", resolve)
+    resolver = webhooks.PublicOnlyResolver()
+    assert (await resolver.resolve("public.example", 443))[0]["host"] == "93.184.216.34"
+    with pytest.raises(OSError, match="internal address"):
+        await resolver.resolve("rebinder.example", 443)
+
+
+async def test_an_owed_call_to_an_internal_literal_is_not_made_once_private_is_off() -> None:
+    """A call recorded while private receivers were allowed is not made after that is turned off."""
+    async with aiohttp.ClientSession() as session:
+        hooks = webhooks.Webhooks(b"secret", session, lambda _: None, lambda coro, name: None, allow_private=False)
+        delivery = webhooks.delivery_for("j1", "c", "solid", "done", "Execution is done", [], "http://10.0.0.7/x")
+        assert await hooks._attempt(delivery) == "10.0.0.7 is an internal address; webhooks go to public ones"

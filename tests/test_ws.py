@@ -191,7 +191,7 @@ async def test_a_job_whose_backend_is_away_says_so(make_bridge: BridgeFactory, m
 
 async def test_frames_to_a_slow_reader_wait_in_order_and_close_comes_last() -> None:
     """While a socket's buffer is full, frames wait in its outbox and one task sends them in order;
-    a frame published meanwhile never jumps the line, and the 1011 close comes after them."""
+    a frame published meanwhile never jumps the line; after the 1011 close nothing is written."""
 
     class Transport(asyncio.WriteTransport):
         def __init__(self) -> None:
@@ -212,23 +212,28 @@ async def test_frames_to_a_slow_reader_wait_in_order_and_close_comes_last() -> N
         def __init__(self) -> None:
             self.sent: list[bytes] = []
             self.closed_with: int | None = None
+            self.closed = False
 
         async def send_frame(self, frame: bytes, opcode: WSMsgType) -> None:
             await asyncio.sleep(0)
             self.sent.append(frame)
 
         async def close(self, code: int, message: bytes) -> None:
-            self.closed_with = code
+            self.closed_with, self.closed = code, True
 
     transport, socket = Transport(), Socket()
     outbox = Outbox(socket, transport)  # type: ignore[arg-type]
     outbox.put(b"one")
     transport.buffered = 0  # drained, but "one" still waits: "two" must queue behind it
     outbox.put(b"two")
-    outbox.put(None)
-    await wait_for(lambda: socket.closed_with is not None)
+    await wait_for(lambda: outbox.sender is None)
     assert socket.sent == [b"one", b"two"]
     assert transport.written == []
-    assert socket.closed_with == 1011
     outbox.put(b"three")  # nothing waits now: straight to the socket, as one text frame
     assert transport.written == [text_frame(b"three")] == [b"\x81\x05three"]
+    outbox.put(None)
+    await wait_for(lambda: socket.closed_with is not None)
+    assert socket.closed_with == 1011
+    outbox.put(b"four")  # after the Close frame nothing more goes out on the wire
+    await asyncio.sleep(0.01)
+    assert transport.written == [text_frame(b"three")]
