@@ -125,6 +125,7 @@ OPERATIONS = [
     ("GET", "/workflow-thumbnail"),
     ("GET", "/health"),
     ("GET", "/ready"),
+    ("GET", "/metrics"),
     ("POST", "/upload"),
     ("POST", "/generate-based-workflow"),
     ("GET", "/history"),
