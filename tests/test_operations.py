@@ -223,3 +223,29 @@ async def test_the_playground_is_served_with_its_files(
     samples = scrape(await (await client.get("/metrics", headers={"Authorization": f"Bearer {KEY}"})).text())
     redirect = (("method", "GET"), ("route", "/playground/"), ("status", "301"))
     assert samples[("comfybridge_request_duration_seconds_count", redirect)] == 1  # counted as what it was
+
+
+async def test_idle_gaps_are_measured_between_prompts_already_handed_over(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    emulator = await make_emulator()
+    client = await make_bridge(emulator, pipeline_depth=1)
+    emulator.engine.pause()  # both prompts are inside ComfyUI before the first one starts
+    for name in ("gap-a", "gap-b"):
+        await generate(client, name, {"workflow": "solid", "1/batch_size": 1})
+    await eventually(lambda: _in_flight_is(client, 2))
+    emulator.engine.resume()
+    for name in ("gap-a", "gap-b"):
+        await eventually(lambda name=name: _status_is_closed(client, name))
+    samples = scrape(await (await client.get("/metrics")).text())
+    assert samples[("comfybridge_backend_idle_gap_seconds_count", (("backend", emulator.url),))] == 1
+
+
+async def _in_flight_is(client: Client, count: int) -> bool:
+    _, body = await get_json(client, "/health")
+    return bool(body["backends"][0]["in_flight"] == count)
+
+
+async def _status_is_closed(client: Client, client_id: str) -> bool:
+    _, body = await get_json(client, f"/execution-info?clientId={client_id}")
+    return bool(body["status"] == "closed")
