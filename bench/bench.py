@@ -145,15 +145,6 @@ def solid_prompt() -> dict[str, Any]:
     return prompt
 
 
-async def timed(job: Callable[[], Awaitable[Any]], count: int) -> list[float]:
-    samples = []
-    for _ in range(count):
-        start = time.perf_counter()
-        await job()
-        samples.append((time.perf_counter() - start) * 1000)
-    return samples
-
-
 def cpu_seconds(url: str) -> float:
     """User + system CPU time the process behind `url` has used so far."""
     with open(f"/proc/{PROCESSES[url].pid}/stat") as stat:
@@ -577,7 +568,7 @@ async def generate_p50(session: aiohttp.ClientSession, url: str, count: int) -> 
         async with session.post(f"{url}/generate-based-workflow", params=params, json=SOLID) as resp:
             assert resp.status == 200, await resp.text()
 
-    return statistics.median(await timed(one, count))
+    return statistics.median(await in_parallel(one, count, 1))
 
 
 async def bench_clients_scale(ids: int, concurrency: int = 64) -> dict[str, Any]:

@@ -5,18 +5,17 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import aiohttp
 import orjson
 from yarl import URL
 
 from .errors import StorageFull
-from .files import SMALL_FILE, open_off_loop, write_synced
+from .files import SMALL_FILE, open_off_loop, sync_handle, write_synced
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +83,6 @@ def describe_execution_error(data: dict[str, Any]) -> str:
     message = str(data.get("exception_message") or "").strip()
     kind = data.get("exception_type") or "error"
     return f"node {data.get('node_id')} ({data.get('node_type')}): {kind}: {message}"
-
-
-def _flush_and_sync(handle: BinaryIO) -> None:
-    handle.flush()
-    os.fsync(handle.fileno())
 
 
 class ComfyClient:
@@ -174,10 +168,14 @@ class ComfyClient:
 
     async def detect_dialect(self) -> None:
         """Whether this ComfyUI offers the jobs API: newer releases list jobs, 0.3.64 answers 404."""
-        status, _ = await self._request("GET", "/api/jobs", params={"limit": "1"})
+        self.jobs_api = await self._exists("/api/jobs", params={"limit": "1"})
+
+    async def _exists(self, path: str, **kwargs: Any) -> bool:
+        """GET `path`: True for 200, False for 404 (an answer too), BackendUnavailable otherwise."""
+        status, _ = await self._request("GET", path, **kwargs)
         if status not in (200, 404):
-            raise BackendUnavailable(f"{self.name}: GET /api/jobs answered HTTP {status}")
-        self.jobs_api = status == 200
+            raise BackendUnavailable(f"{self.name}: GET {path} answered HTTP {status}")
+        return status == 200
 
     async def cancel(self, prompt_id: str) -> None:
         """Take a prompt back, queued or running. The jobs API does it atomically; on 0.3.64 it is
@@ -213,10 +211,7 @@ class ComfyClient:
     async def knows(self, prompt_id: str) -> bool:
         """Whether ComfyUI has this prompt: queued, running, or in its history."""
         if self.jobs_api:
-            status, _ = await self._request("GET", f"/api/jobs/{prompt_id}")
-            if status in (200, 404):
-                return status == 200
-            raise BackendUnavailable(f"{self.name}: GET /api/jobs/{prompt_id} answered HTTP {status}")
+            return await self._exists(f"/api/jobs/{prompt_id}")
         running, pending = await self.queue()
         return prompt_id in running or prompt_id in pending or await self.history(prompt_id) is not None
 
@@ -243,7 +238,7 @@ class ComfyClient:
                     async for chunk in resp.content.iter_chunked(CHUNK):
                         size += len(chunk)
                         await asyncio.to_thread(handle.write, chunk)
-                    await asyncio.to_thread(_flush_and_sync, handle)
+                    await asyncio.to_thread(sync_handle, handle)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise BackendUnavailable(f"{self.name}: download of {ref.filename} failed: {exc}") from exc
         except OSError as exc:  # writing here, not ComfyUI, failed

@@ -35,8 +35,13 @@ def write_synced(path: Path, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as handle:
         handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+        sync_handle(handle)
+
+
+def sync_handle(handle: BinaryIO) -> None:
+    """Everything written to an open file, on disk."""
+    handle.flush()
+    os.fsync(handle.fileno())
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -44,8 +49,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{next(_temp_names)}.tmp")
     with open(tmp, "wb") as handle:
         handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+        sync_handle(handle)
     os.replace(tmp, path)
     fsync_path(path.parent)
 

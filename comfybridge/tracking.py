@@ -40,7 +40,7 @@ class Tracker:
         if job.apply_event(event, data):
             self.prompt_finished(backend, job)
         elif event == "execution_start":
-            waited = time.monotonic() - job.accepted_mono
+            waited = job.last_event - job.accepted_mono  # execution_start's moment
             self.core.metrics.job_started(job.workflow, backend.name, waited, job.handed_at)
         elif job.state is JobState.RUNNING:
             self.publish_progress(job)
