@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     backends = f"emulated x{settings.emulate}" if settings.emulate else ", ".join(settings.backends)
     banner = f"comfybridge on http://{settings.host}:{settings.port} -> ComfyUI {backends}"
-    if not (settings.api_keys or settings.api_keys_file) and not _loopback(settings.host):
+    if not settings.keys_on and not _loopback(settings.host):
         print(
             f"comfybridge: WARNING: listening on {settings.host} with no API keys: anyone who can reach this "
             "address can run jobs and, knowing a clientId, fetch its results. Set --api-keys or --api-keys-file.",

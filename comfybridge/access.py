@@ -8,13 +8,13 @@ import ipaddress
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
 from aiohttp import hdrs, web
-from aiohttp.typedefs import Middleware
+from aiohttp.typedefs import Handler, Middleware
 
 from .clients import SCOPE
 from .errors import BadInput, Forbidden, RateLimited, Unauthorized
@@ -22,7 +22,6 @@ from .webhooks import check_url
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Served without a key: a static page (the document it shows needs a key when keys are on), and the
 # probes a load balancer calls (they show details only to a caller with a key).
 OPEN_PATHS = {"/docs", "/health", "/ready", "/metrics", "/playground"}  # /metrics checks its own key

@@ -80,6 +80,11 @@ class Settings:
     webhook_allow_private: bool = False
 
     @property
+    def keys_on(self) -> bool:
+        """Whether callers need an API key."""
+        return bool(self.api_keys or self.api_keys_file)
+
+    @property
     def state_file(self) -> Path:
         return self.data_dir / "current_state.json"
 

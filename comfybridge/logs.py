@@ -7,19 +7,18 @@ import datetime
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage
+from aiohttp.typedefs import Handler
 from aiohttp.web_protocol import RequestPayloadError
 
 from .access import CALLER, unscoped
 from .metrics import METRICS
 
 access_log = logging.getLogger("comfybridge.access")
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CLIENT_CLOSED = 499  # nginx's code for a request whose client hung up first
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 

@@ -7,13 +7,14 @@ import base64
 import hmac
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.typedefs import Handler
 from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -61,8 +62,6 @@ STATUS_OF: list[tuple[type[BridgeError], int]] = [
 WEBHOOK_KEY = "_webhook"
 NOT_SEEN = "The client ID has not been submitted to the server before. It is not recognized. / {}"
 NO_CONTENT = "No contents with that client id / {}"
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -355,7 +354,7 @@ def _health_report(request: web.Request) -> dict[str, Any]:
     """The scheduler's report; with API keys on, a caller without one sees no backend addresses."""
     report = request.app[SCHEDULER].health()
     settings = request.app[SETTINGS]
-    if (settings.api_keys or settings.api_keys_file) and request.get(KEY) is None:
+    if settings.keys_on and request.get(KEY) is None:
         report["backends"] = [{"state": b["state"]} for b in report["backends"]]
     return report
 
@@ -389,7 +388,7 @@ async def metrics(request: web.Request) -> web.Response:
         presented = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
         if not hmac.compare_digest(presented.encode(), settings.metrics_key.encode()):
             raise Unauthorized("GET /metrics needs `Authorization: Bearer <metrics_key>`.")
-    elif (settings.api_keys or settings.api_keys_file) and request.get(KEY) is None:
+    elif settings.keys_on and request.get(KEY) is None:
         raise Unauthorized("GET /metrics needs a valid API key.")
     body = generate_latest(request.app[METRICS].registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -9,16 +9,14 @@ import logging
 import platform
 import tempfile
 import uuid
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 from aiohttp import WSCloseCode, web
+from aiohttp.typedefs import Handler
 
 from .engine import Engine, PromptRejected
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 log = logging.getLogger(__name__)
 
