@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
 import sys
+from dataclasses import replace
 
 from aiohttp import web
 
@@ -13,6 +15,7 @@ from . import logs
 from .access import KeyFileError
 from .app import create_app
 from .config import ConfigError, load_settings
+from .datadir import DataDirLocked
 from .errors import WorkflowConfigError
 from .journal import JournalError
 from .state import StateError
@@ -30,17 +33,8 @@ def _loopback(host: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(argv)
-        logs.setup(settings.log_level, settings.log_format)
-        logging.getLogger("comfybridge.access").disabled = not settings.access_log
-        app = create_app(settings, reload=lambda: load_settings(argv))
-    except (ConfigError, WorkflowConfigError, StateError, JournalError, KeyFileError) as exc:
-        print(f"comfybridge: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"comfybridge: error: {exc.strerror}: {exc.filename}", file=sys.stderr)
-        return 2
-    backends = f"emulated x{settings.emulate}" if settings.emulate else ", ".join(settings.backends)
-    banner = f"comfybridge on http://{settings.host}:{settings.port} -> ComfyUI {backends}"
+    except ConfigError as exc:
+        return _refuse(str(exc))
     if not settings.keys_on and not _loopback(settings.host):
         print(
             f"comfybridge: WARNING: listening on {settings.host} with no API keys: anyone who can reach this "
@@ -48,23 +42,69 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
             flush=True,
         )
+    # The port first: a bridge that cannot serve must not have recovered jobs or swept folders.
+    try:
+        sockets = listen(settings.host, settings.port)
+    except OSError as exc:  # the port is taken, or the address is not ours
+        return _refuse(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}")
+    settings = replace(settings, port=sockets[0].getsockname()[1])
+    try:
+        logs.setup(settings.log_level, settings.log_format)
+        logging.getLogger("comfybridge.access").disabled = not settings.access_log
+        app = create_app(settings, reload=lambda: load_settings(argv))
+    except (ConfigError, WorkflowConfigError, StateError, JournalError, KeyFileError, DataDirLocked) as exc:
+        _close(sockets)
+        return _refuse(str(exc))
+    except OSError as exc:
+        _close(sockets)
+        return _refuse(f"{exc.strerror}: {exc.filename}")
+    backends = f"emulated x{settings.emulate}" if settings.emulate else ", ".join(settings.backends)
+    banner = f"comfybridge on http://{settings.host}:{settings.port} -> ComfyUI {backends}"
     # run_app turns SIGTERM/SIGINT into a graceful stop: no new connections, in-flight requests
     # get shutdown_timeout seconds, then every cleanup context runs (journal closed) and we exit 0.
     # The banner is printed once the port is bound: `print` is called then.
-    try:
-        web.run_app(
-            app,
-            loop=_event_loop(),
-            host=settings.host,
-            port=settings.port,
-            shutdown_timeout=settings.shutdown_timeout,
-            access_log=None,
-            print=lambda _: print(banner, flush=True),
-        )
-    except OSError as exc:  # the port is taken, or the address is not ours
-        print(f"comfybridge: error: cannot listen on {settings.host}:{settings.port}: {exc.strerror}", file=sys.stderr)
-        return 2
+    web.run_app(
+        app,
+        loop=_event_loop(),
+        sock=sockets,
+        shutdown_timeout=settings.shutdown_timeout,
+        access_log=None,
+        print=lambda _: print(banner, flush=True),
+    )
     return 0
+
+
+def _refuse(reason: str) -> int:
+    print(f"comfybridge: error: {reason}", file=sys.stderr)
+    return 2
+
+
+def listen(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets for every address `host` names (both of `localhost`), all on one port
+    (the first one's, when `port` is 0). Raises OSError when one cannot be bound."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if sockets[1:]:
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            sock.bind(address)
+            sock.listen(1024)
+            sock.setblocking(False)
+    except BaseException:
+        _close(sockets)
+        raise
+    return sockets
+
+
+def _close(sockets: list[socket.socket]) -> None:
+    for sock in sockets:
+        sock.close()
 
 
 def _event_loop() -> asyncio.AbstractEventLoop:

@@ -14,10 +14,12 @@ from aiohttp import web
 
 from .access import AccessPolicy, KeyFileError, KeyRing, RateLimiter
 from .config import ConfigError, Settings
+from .datadir import DataDirLock
 from .emulator import Emulator
 from .journal import SqliteJournal
 from .keys import (
     BACKEND_URLS,
+    DATA_LOCK,
     HUB,
     JOURNAL,
     RECOVERED,
@@ -49,12 +51,18 @@ def create_app(settings: Settings, reload: Callable[[], Settings] | None = None)
     with the app.
 
     `reload` re-reads the settings on SIGHUP, to pick up a changed backend list without a restart.
-    Raises WorkflowConfigError, StateError or JournalError for a folder or file it cannot use.
+    Raises WorkflowConfigError, StateError or JournalError for a folder or file it cannot use, and
+    DataDirLocked (having read and changed nothing) when another bridge holds the data folder.
     """
-    workflows = WorkflowStore.load(settings.workflows)
-    state = StateStore.load(settings.state_file)
-    journal = SqliteJournal(settings.journal_file, sync=settings.journal_sync)
-    rows = journal.open(count_floor=state.generation_count)
+    lock = DataDirLock.acquire(settings.data_dir, f"http://{settings.host}:{settings.port}")
+    try:
+        workflows = WorkflowStore.load(settings.workflows)
+        state = StateStore.load(settings.state_file)
+        journal = SqliteJournal(settings.journal_file, sync=settings.journal_sync)
+        rows = journal.open(count_floor=state.generation_count)
+    except BaseException:
+        lock.release()
+        raise
     state.generation_count = journal.count
     # Bodies are read by the handlers with their own limits (JSON small, uploads streamed); this
     # cap is for anything read whole, and it is checked on the bytes after any Content-Encoding.
@@ -69,6 +77,7 @@ def create_app(settings: Settings, reload: Callable[[], Settings] | None = None)
         client_max_size=int(settings.max_json_mb * MB),
     )
     app[SETTINGS] = settings
+    app[DATA_LOCK] = lock
     app[WORKFLOWS] = workflows
     app[STATE] = state
     app[JOURNAL] = journal
@@ -91,6 +100,7 @@ def create_app(settings: Settings, reload: Callable[[], Settings] | None = None)
     if reload is not None and not settings.emulate:
         app.cleanup_ctx.append(_reload_on_sighup(reload))
     app.on_shutdown.extend([_stop_accepting, _close_sockets])
+    app.on_cleanup.append(_release_data_dir)  # after every cleanup context: the journal is closed
     setup_routes(app)
     return app
 
@@ -234,3 +244,7 @@ async def _stop_accepting(app: web.Application) -> None:
 
 async def _close_sockets(app: web.Application) -> None:
     await app[HUB].close_all()
+
+
+async def _release_data_dir(app: web.Application) -> None:
+    app[DATA_LOCK].release()

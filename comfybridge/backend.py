@@ -18,6 +18,9 @@ class Backend:
     healthy: bool = False  # its event socket is open
     draining: bool = False  # removed from the config: finishes what it has, takes nothing new
     sick_until: float = 0.0  # after repeated refusals of POST /prompt: no new work until then
+    stuck_prompt: str | None = None  # the prompt ComfyUI runs without a sign of progress: no work until it moves
+    running_seen: tuple[str | None, float] = (None, 0.0)  # what ComfyUI's /queue said runs, and since when
+    checking: bool = False  # the watchdog is asking its /queue
     submit_failures: int = 0
     queue_remaining: int = 0  # ComfyUI's own count, including prompts of other users
     last_workflow: str | None = None  # what it ran last, so its models are likely loaded
@@ -38,7 +41,18 @@ class Backend:
 
     @property
     def usable(self) -> bool:
-        return self.healthy and not self.draining and time.monotonic() >= self.sick_until
+        return self.healthy and not self.draining and self.stuck_prompt is None and time.monotonic() >= self.sick_until
+
+    @property
+    def state(self) -> str:
+        """What /health and /metrics say of it."""
+        if self.draining:
+            return "draining"
+        if not self.healthy:
+            return "down"
+        if self.stuck_prompt is not None:
+            return "stuck"  # its web server answers, but the prompt it runs shows no progress
+        return "up" if self.usable else "resting"  # resting: it refused prompts lately
 
     def lane(self, runtimes: RunTimes) -> Lane:
         """When this backend could start one more job: the rest of its work, ours and other users'."""

@@ -5,17 +5,19 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import shutil
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
 from yarl import URL
 
+from . import shapes
 from .errors import StorageFull
 from .files import SMALL_FILE, open_off_loop, sync_handle, write_synced
+from .shapes import Complaints, Malformed, OutputRef, describe_refusal
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +26,10 @@ ConnectHandler = Callable[[], Awaitable[None]]
 DisconnectHandler = Callable[[], None]
 
 CHUNK = 256 * 1024
+MB = 1024 * 1024
+ROOM_MARGIN = 16 * MB  # free space kept beyond a large download, for the journal and other writes
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 JSON_HEADERS = {"Content-Type": "application/json"}
-RESULT_KINDS_SKIPPED = {"animated", "text"}  # keys of an output that are not file lists
 
 
 class BackendUnavailable(Exception):
@@ -37,57 +40,25 @@ class BackendUnavailable(Exception):
         self.maybe_done = maybe_done  # no answer came: the request may still have taken effect
 
 
+class MalformedAnswer(BackendUnavailable):
+    """The backend answered 200 with something the bridge cannot use (not JSON, or a wrong shape):
+    a proxy's error page, or a ComfyUI that is not what it seems."""
+
+
 class PromptRefused(Exception):
     """ComfyUI refused the prompt (HTTP 400, or another error status); the message is readable."""
 
 
-@dataclass(frozen=True)
-class OutputRef:
-    """One output file of a prompt, as ComfyUI lists it in history."""
-
-    filename: str
-    subfolder: str
-    type: str
-
-
-def outputs_of(entry: dict[str, Any]) -> list[OutputRef]:
-    """Every result file (images, gifs, videos, audio, ...) with type "output", in ComfyUI's order."""
-    refs = []
-    for node_output in (entry.get("outputs") or {}).values():
-        for kind, items in node_output.items():
-            if kind in RESULT_KINDS_SKIPPED or not isinstance(items, list):
-                continue
-            for item in items:
-                if isinstance(item, dict) and item.get("type") == "output" and item.get("filename"):
-                    refs.append(OutputRef(item["filename"], item.get("subfolder") or "", "output"))
-    return refs
-
-
-def describe_refusal(body: Any) -> str:
-    """ComfyUI's validation answer as one readable sentence: the error, then each node's errors."""
-    if not isinstance(body, dict) or not isinstance(body.get("error"), dict):
-        return "ComfyUI refused the prompt"
-    error = body["error"]
-    text = str(error.get("message") or "ComfyUI refused the prompt")
-    if error.get("details"):
-        text += f" ({error['details']})"
-    parts = []
-    for node_id, node in (body.get("node_errors") or {}).items():
-        for item in node.get("errors", []):
-            detail = f": {item['details']}" if item.get("details") else ""
-            parts.append(f"node {node_id} ({node.get('class_type', '?')}): {item.get('message', 'error')}{detail}")
-    return text + (": " + "; ".join(parts) if parts else "")
-
-
-def describe_execution_error(data: dict[str, Any]) -> str:
-    message = str(data.get("exception_message") or "").strip()
-    kind = data.get("exception_type") or "error"
-    return f"node {data.get('node_id')} ({data.get('node_type')}): {kind}: {message}"
+class ResultTooLarge(Exception):
+    """An output file over the bridge's limit (max_result_mb)."""
 
 
 class ComfyClient:
     """Talks to one ComfyUI. The socket runs under the bridge's own client id, so ComfyUI sends it
-    the events of every prompt the bridge queued there; the owner matches them to jobs by prompt_id."""
+    the events of every prompt the bridge queued there; the owner matches them to jobs by prompt_id.
+
+    Every answer and event is checked for shape (`shapes`): a malformed answer raises
+    MalformedAnswer (a BackendUnavailable), a malformed event is logged and skipped."""
 
     def __init__(
         self,
@@ -95,13 +66,16 @@ class ComfyClient:
         session: aiohttp.ClientSession,
         client_id: str,
         request_timeout: float = 30.0,
+        max_event_bytes: int = 16 << 20,
     ) -> None:
         self.url = URL(base_url)
         self.name = base_url
         self.session = session
         self.client_id = client_id
         self.timeout = aiohttp.ClientTimeout(total=request_timeout)
+        self.max_event_bytes = max_event_bytes
         self.connected = False
+        self.complaints = Complaints(base_url, log)
         # Releases after 0.3.64 have /api/jobs and an atomic per-job cancel; asked at every connect,
         # since a ComfyUI may come back upgraded. None until the first answer.
         self.jobs_api: bool | None = None
@@ -121,7 +95,18 @@ class ComfyClient:
         status, body = await self._request(method, path, **kwargs)
         if status != 200:
             raise BackendUnavailable(f"{self.name}: {method} {path} answered HTTP {status}")
-        return orjson.loads(body) if body else None
+        try:
+            return orjson.loads(body) if body else None
+        except orjson.JSONDecodeError:
+            raise MalformedAnswer(f"{self.name}: {method} {path} answered 200 with {_glimpse(body)}") from None
+
+    async def _checked(self, parse: Callable[[Any], _T], method: str, path: str, **kwargs: Any) -> _T:
+        """A JSON answer read by its shape's parser; a wrong shape is a MalformedAnswer."""
+        answer = await self._json(method, path, **kwargs)
+        try:
+            return parse(answer)
+        except Malformed as exc:
+            raise MalformedAnswer(f"{self.name}: {method} {path}: {exc}") from None
 
     async def _post(self, path: str, payload: Any) -> Any:
         return await self._json("POST", path, data=orjson.dumps(payload), headers=JSON_HEADERS)
@@ -130,7 +115,13 @@ class ComfyClient:
         payload = orjson.dumps({"prompt": prompt, "client_id": self.client_id, "prompt_id": prompt_id})
         status, body = await self._request("POST", "/prompt", data=payload, headers=JSON_HEADERS)
         if status == 200:
-            answer = orjson.loads(body)
+            try:
+                answer = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                answer = None
+            if not isinstance(answer, dict):
+                # Not ComfyUI's answer (a proxy's page?): whether it took the prompt is unknown.
+                raise MalformedAnswer(f"{self.name}: POST /prompt answered 200 with {_glimpse(body)}", True)
             if answer.get("node_errors"):
                 # Some outputs were refused; ComfyUI runs the rest.
                 log.warning("%s: prompt %s partly refused: %s", self.name, prompt_id, describe_refusal(answer))
@@ -151,20 +142,17 @@ class ComfyClient:
         form.add_field("overwrite", "true")
         async with open_off_loop(path, "rb") as handle:
             form.add_field("image", handle, filename=name)
-            answer = await self._json("POST", "/upload/image", data=form)
-        return str(answer["name"])
+            return await self._checked(shapes.upload_name, "POST", "/upload/image", data=form)
 
     async def history(self, prompt_id: str) -> dict[str, Any] | None:
-        answer = await self._json("GET", f"/history/{prompt_id}")
-        entry = answer.get(prompt_id) if isinstance(answer, dict) else None
-        return entry if isinstance(entry, dict) else None
+        def entry(answer: Any) -> dict[str, Any] | None:
+            return shapes.history_entry(answer, prompt_id)
+
+        return await self._checked(entry, "GET", f"/history/{prompt_id}")
 
     async def queue(self) -> tuple[list[str], list[str]]:
         """Prompt ids running and pending in ComfyUI's queue."""
-        answer = await self._json("GET", "/queue")
-        running = [item[1] for item in answer.get("queue_running", [])]
-        pending = [item[1] for item in answer.get("queue_pending", [])]
-        return running, pending
+        return await self._checked(shapes.queue_ids, "GET", "/queue")
 
     async def detect_dialect(self) -> None:
         """Whether this ComfyUI offers the jobs API: newer releases list jobs, 0.3.64 answers 404."""
@@ -203,10 +191,7 @@ class ComfyClient:
 
     async def free_memory(self) -> tuple[int | None, int]:
         """Free VRAM of the first device (None without one) and free RAM, in bytes, from /system_stats."""
-        stats = await self._json("GET", "/system_stats")
-        devices = stats.get("devices") or []
-        vram = devices[0].get("vram_free") if devices and isinstance(devices[0], dict) else None
-        return (int(vram) if isinstance(vram, int | float) else None), int(stats["system"]["ram_free"])
+        return await self._checked(shapes.memory_free, "GET", "/system_stats")
 
     async def knows(self, prompt_id: str) -> bool:
         """Whether ComfyUI has this prompt: queued, running, or in its history."""
@@ -219,31 +204,37 @@ class ComfyClient:
         answer = await self._json("GET", "/object_info")
         return answer if isinstance(answer, dict) else {}
 
-    async def download(self, ref: OutputRef, target: Path) -> int:
+    async def download(self, ref: OutputRef, target: Path, max_bytes: int) -> int:
         """Copy one output file to `target`, fsynced (its folder too is created if needed). A small file
-        is written in one go; a large one streams, never held whole in memory."""
+        is written in one go; a large one streams, never held whole in memory, once the disk has room
+        for it (a full disk costs no download). Raises ResultTooLarge past `max_bytes`, StorageFull
+        when the bridge cannot write it, BackendUnavailable when ComfyUI cannot give it."""
         params = {"filename": ref.filename, "subfolder": ref.subfolder, "type": ref.type}
         size = 0
         try:
             timeout = aiohttp.ClientTimeout(total=None, sock_read=self.timeout.total)
             async with self.session.get(self.url / "view", params=params, timeout=timeout) as resp:
                 if resp.status != 200:
-                    raise BackendUnavailable(f"{self.name}: GET /view {ref.filename} answered HTTP {resp.status}")
-                if resp.content_length is not None and resp.content_length <= SMALL_FILE:
+                    raise BackendUnavailable(f"{self.name}: GET /view {ref.filename!r} answered HTTP {resp.status}")
+                length = resp.content_length
+                if length is not None and length > max_bytes:
+                    raise ResultTooLarge(_too_large(ref, length, max_bytes))
+                if length is not None and length <= SMALL_FILE:
                     data = await resp.read()
                     await asyncio.to_thread(write_synced, target, data)
                     return len(data)
-                await asyncio.to_thread(target.parent.mkdir, parents=True, exist_ok=True)
+                await asyncio.to_thread(_make_room, target, length)
                 async with open_off_loop(target, "wb") as handle:
                     async for chunk in resp.content.iter_chunked(CHUNK):
                         size += len(chunk)
+                        if size > max_bytes:
+                            raise ResultTooLarge(_too_large(ref, size, max_bytes))
                         await asyncio.to_thread(handle.write, chunk)
                     await asyncio.to_thread(sync_handle, handle)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise BackendUnavailable(f"{self.name}: download of {ref.filename} failed: {exc}") from exc
+            raise BackendUnavailable(f"{self.name}: download of {ref.filename!r} failed: {exc}") from exc
         except OSError as exc:  # writing here, not ComfyUI, failed
-            full = exc.errno in NO_SPACE
-            raise StorageFull(f"the bridge {'disk is full' if full else 'could not write'}: {exc}") from exc
+            raise storage_error(exc) from exc
         return size
 
     # events ----------------------------------------------------------------------------------
@@ -257,13 +248,15 @@ class ComfyClient:
     ) -> None:
         """Keep the event socket open forever, reconnecting with backoff; runs until cancelled.
 
-        `first_attempt` is set once the first try has connected or failed."""
+        Nothing ComfyUI sends ends it: a malformed event is skipped, a malformed answer while
+        connecting counts as a failed connect, an oversized frame closes the socket before it is
+        read (then it reconnects). `first_attempt` is set once the first try has connected or failed."""
         backoff = 0.2
         ws_url = self.url.with_scheme("wss" if self.url.scheme == "https" else "ws") / "ws"
         while True:
             try:
                 async with self.session.ws_connect(
-                    ws_url.with_query(clientId=self.client_id), heartbeat=10, max_msg_size=0
+                    ws_url.with_query(clientId=self.client_id), heartbeat=10, max_msg_size=self.max_event_bytes
                 ) as ws:
                     await self._json("GET", "/prompt")  # its REST side answers too, not only the socket
                     await self.detect_dialect()
@@ -275,22 +268,70 @@ class ComfyClient:
                     first_attempt.set()
                     async for msg in ws:
                         if msg.type is aiohttp.WSMsgType.TEXT:
-                            try:
-                                message = orjson.loads(msg.data)
-                            except orjson.JSONDecodeError:
-                                continue
-                            if isinstance(message, dict) and isinstance(message.get("data"), dict):
-                                on_event(str(message.get("type")), message["data"])
+                            self._receive(msg.data, on_event)
                         elif msg.type is aiohttp.WSMsgType.ERROR:
+                            log.warning("ComfyUI %s: event socket failed: %s", self.name, ws.exception())
                             break
                     log.warning("ComfyUI %s closed its socket", self.name)
             except (aiohttp.ClientError, TimeoutError, OSError, BackendUnavailable) as exc:
                 # Say it once per outage, not at every retry.
                 level = logging.WARNING if self.connected or not first_attempt.is_set() else logging.DEBUG
                 log.log(level, "ComfyUI %s unreachable (%s); retrying", self.name, exc)
+            except Exception:  # a fault of the bridge's own: logged, and listening goes on
+                log.exception("ComfyUI %s: the event socket failed unexpectedly; reconnecting", self.name)
             first_attempt.set()
             if self.connected:
                 self.connected = False
                 on_disconnect()
             await asyncio.sleep(backoff)
             backoff = min(max_backoff, backoff * 2)
+
+    def _receive(self, text: str, on_event: EventHandler) -> None:
+        """One text frame: checked for shape, then handed over; a bad one is skipped, never fatal."""
+        try:
+            message = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            self.complaints.note("event", f"not JSON: {_glimpse(text.encode())}")
+            return
+        if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+            self.complaints.note("event", f"not an event object: {_glimpse(text.encode())}")
+            return
+        kind = message["type"]
+        try:
+            checked = shapes.event(kind, message.get("data"))
+        except Malformed as exc:
+            self.complaints.note(f"{kind} event", str(exc))
+            return
+        if checked is None:
+            return  # an event the bridge does not follow
+        try:
+            on_event(kind, checked)
+        except Exception:  # a fault of the bridge's own must not end the listening
+            log.exception("ComfyUI %s: handling a %s event failed", self.name, kind)
+
+
+_T = TypeVar("_T")
+
+
+def _glimpse(body: bytes) -> str:
+    """What a body that is not JSON starts with, for a log line or an error."""
+    text = body[:80].decode(errors="replace").strip()
+    return f"{len(body)} bytes that are not JSON ({text!r}...)" if text else "an empty body"
+
+
+def _too_large(ref: OutputRef, size: int, limit: int) -> str:
+    return f"the output {ref.filename!r} is larger than the limit of {limit / MB:g} MB (max_result_mb)"
+
+
+def _make_room(target: Path, length: int | None) -> None:
+    """Create the target's folder and check the disk has room for `length` bytes, before any is read."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if length is not None and shutil.disk_usage(target.parent).free < length + ROOM_MARGIN:
+        raise OSError(errno.ENOSPC, f"no room for {length} bytes", str(target.parent))
+
+
+def storage_error(exc: OSError) -> StorageFull:
+    """A write of the bridge's own that failed, as the error the client or the log sees."""
+    if exc.errno in NO_SPACE:
+        return StorageFull(f"the bridge's disk is full ({exc.strerror})")
+    return StorageFull(f"the bridge could not write its data folder ({exc.strerror}: {exc.filename})")

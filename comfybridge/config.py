@@ -45,6 +45,12 @@ class Settings:
     max_request_mb: float = 500.0
     max_json_mb: float = 10.0
     max_upload_files: int = 16
+    max_text_kb: float = 256.0
+    max_result_mb: float = 8192.0
+    max_event_mb: float = 16.0
+    result_retries: int = 8
+    body_timeout: float = 60.0
+    stop_grace: float = 5.0
     allowed_media: tuple[str, ...] = ("image", "video", "audio")
     pipeline_depth: int = 1
     shutdown_timeout: float = 10.0
@@ -203,6 +209,16 @@ OPTIONS: dict[str, tuple[Parser, Callable[[Any], str | None] | None, str]] = {
     "max_request_mb": (_number(float), _positive, "largest whole upload request, in MB"),
     "max_json_mb": (_number(float), _positive, "largest JSON request body, in MB, counted after any decoding"),
     "max_upload_files": (_number(int), _positive, "most files in one upload request"),
+    "max_text_kb": (_number(float), _positive, "longest text a workflow input may take, in KB (UTF-8)"),
+    "max_result_mb": (_number(float), _positive, "largest output file a job may have, in MB (larger: the job fails)"),
+    "max_event_mb": (_number(float), _positive, "largest ComfyUI event frame, in MB (larger: refused unread)"),
+    "result_retries": (_number(int), _positive, "tries to copy a finished job's results before it fails"),
+    "body_timeout": (_number(float), _positive, "seconds a request body may take (uploads: plus 1 s per 64 KB)"),
+    "stop_grace": (
+        _number(float),
+        _not_negative,
+        "on SIGTERM, seconds to keep serving while /ready and new jobs answer 503 (a load balancer drains)",
+    ),
     "allowed_media": (_words, _media, "media kinds accepted by /upload (image, video, audio)"),
     "pipeline_depth": (_number(int), _not_negative, "prompts kept queued inside each ComfyUI behind the running one"),
     "shutdown_timeout": (_number(float), _not_negative, "seconds in-flight requests get to finish on SIGTERM"),

@@ -68,6 +68,9 @@ class SchedulerSettings:
     free_below_ram_mb: float
     delete_history: bool
     output_subfolder: bool
+    max_result_mb: float
+    result_retries: int
+    max_event_mb: float
 
 
 def _where_and_how_long(job: Job) -> dict[str, Any]:
@@ -127,8 +130,9 @@ class Core:
         self.backends: dict[str, Backend] = {}
         self.by_prompt: dict[str, Job] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
-        self.collecting: set[asyncio.Task[Any]] = set()  # jobs whose results are being copied
+        self.collecting: dict[str, asyncio.Task[Any]] = {}  # job id -> the task copying its results
         self.closing = False
+        self.journal_lost: str | None = None  # why the journal cannot be trusted any more, once it cannot
         self.open_jobs_by_key: Counter[str] = Counter()  # unfinished jobs of each API key
         self.settled = asyncio.Event()  # set whenever a prompt leaves a backend or a collection ends
 
@@ -142,11 +146,31 @@ class Core:
 
     def _reap(self, task: asyncio.Task[Any]) -> None:
         self.tasks.discard(task)
-        if task in self.collecting:
-            self.collecting.discard(task)
-            self.settled.set()
         if not task.cancelled() and task.exception() is not None:
             log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    def collect(self, job: Job, coro: Coroutine[Any, Any, Any]) -> None:
+        """Copy a finished job's results in a task of its own, which an interrupt can stop."""
+        task = self.spawn(coro, f"collect {job.id}")
+        self.collecting[job.id] = task
+        task.add_done_callback(lambda _: self._collected(job.id, task))
+
+    def _collected(self, job_id: str, task: asyncio.Task[Any]) -> None:
+        if self.collecting.get(job_id) is task:
+            del self.collecting[job_id]
+        self.settled.set()
+
+    def stop_collecting(self, job: Job) -> None:
+        """The job was interrupted while its results were being copied: stop copying (and retrying)."""
+        task = self.collecting.get(job.id)
+        if task is not None:
+            task.cancel()
+
+    def unstuck(self, backend: Backend, why: str) -> None:
+        """A stuck backend shows progress again: it takes work again."""
+        log.warning("backend %s is no longer stuck: %s", backend.name, why)
+        backend.stuck_prompt = None
+        self.wake_all()
 
     def wake_all(self) -> None:
         self.settled.set()

@@ -14,6 +14,7 @@ from .core import DISCONNECTED, Core
 from .errors import StorageFull
 from .jobs import Job, JobState
 from .planner import PLAN_HORIZON, plan_for
+from .uploads import UploadGone
 
 log = logging.getLogger(__name__)
 
@@ -77,20 +78,29 @@ class Dispatcher:
             prompt = job.prompt
             for key, name in job.uploads.items():
                 node_id, _, input_name = key.partition("/")
-                remote = await backend.client.upload(core.uploads.path_of(name), name)
+                try:
+                    remote = await backend.client.upload(core.uploads.path_of(name), name)
+                except FileNotFoundError:
+                    raise UploadGone(f"the uploaded file {name!r} of the job is gone") from None
                 prompt[node_id]["inputs"][input_name] = remote
             await backend.client.submit(prompt, job.prompt_id)
         except PromptRefused as exc:
             core.drop_inflight(backend, job)
             core.end(job, JobState.FAILED, str(exc))
             return
-        except KeyError:
+        except UploadGone as exc:
             core.drop_inflight(backend, job)
-            core.end(job, JobState.FAILED, "an uploaded file of the job is gone")
+            core.end(job, JobState.FAILED, str(exc))
             return
         except BackendUnavailable as exc:
             if not (exc.maybe_done and await self._took_it_after_all(backend, job)):
                 self._hand_over_failed(backend, job, exc)
+                return
+        except Exception as exc:  # a fault of the bridge's own: the job is handed over again, never lost
+            log.exception("job %s client %s: hand-over to %s failed", job.id, job.client_id, backend.name)
+            unknown = BackendUnavailable(f"the hand-over failed ({exc.__class__.__name__})", maybe_done=True)
+            if not await self._took_it_after_all(backend, job):
+                self._hand_over_failed(backend, job, unknown)
                 return
         finally:
             job.handing_over = False

@@ -1,8 +1,32 @@
-"""Domain errors the core raises; the HTTP edge maps each to a status code and a `detail`."""
+"""Domain errors the core raises; each carries the HTTP status the edge answers it with."""
+
+__all__ = [
+    "BadInput",
+    "BridgeError",
+    "Forbidden",
+    "NoBackend",
+    "NotFound",
+    "RateLimited",
+    "ShuttingDown",
+    "StorageFull",
+    "StorageUnavailable",
+    "TooLarge",
+    "TooManyJobs",
+    "Unauthorized",
+    "UnknownClient",
+    "UnknownWorkflow",
+    "UnsupportedMedia",
+    "WorkflowConfigError",
+]
 
 
 class BridgeError(Exception):
-    """Anything the client did or asked that the bridge refuses; the message is the client's `detail`."""
+    """Anything the client did or asked that the bridge refuses; the message is the client's `detail`.
+
+    `status` is the HTTP status it is answered with: a subclass says its own, so the edge never
+    depends on the order of a list."""
+
+    status = 400
 
     @property
     def detail(self) -> str:
@@ -24,17 +48,25 @@ class UnknownClient(BadInput):
 class NotFound(BridgeError):
     """Something the request names does not exist (404)."""
 
+    status = 404
+
 
 class TooLarge(BridgeError):
     """An upload over the configured size (413)."""
 
+    status = 413
+
 
 class UnsupportedMedia(BridgeError):
-    """An upload whose content is not an allowed media type (415)."""
+    """An upload whose content is not an allowed media type, or a body of the wrong type (415)."""
+
+    status = 415
 
 
 class TooManyJobs(BridgeError):
     """A client over its limit of jobs in line (429)."""
+
+    status = 429
 
 
 class RateLimited(TooManyJobs):
@@ -48,17 +80,31 @@ class RateLimited(TooManyJobs):
 class Unauthorized(BridgeError):
     """No API key, or a wrong one, where keys are required (401)."""
 
+    status = 401
+
 
 class Forbidden(BridgeError):
     """A valid caller asking for what its key does not allow (403)."""
+
+    status = 403
 
 
 class StorageFull(BridgeError):
     """The bridge's disk cannot take the write that accepting the request needs (507)."""
 
+    status = 507
+
+
+class StorageUnavailable(BridgeError):
+    """The bridge cannot use its data folder (read-only, no permission, its journal gone) (503)."""
+
+    status = 503
+
 
 class NoBackend(BridgeError):
     """No healthy ComfyUI backend can take the work (503)."""
+
+    status = 503
 
 
 class ShuttingDown(NoBackend):

@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
+from typing import Any
 
-from . import care
+from . import care, shapes
 from .backend import Backend
-from .comfy import describe_execution_error
+from .comfy import BackendUnavailable
 from .core import DISCONNECTED, Core
-from .jobs import JobState
+from .jobs import Job, JobState
 from .tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -29,29 +31,42 @@ class Failover:
             await self._remove_abandoned(backend)
             await self.reconcile(backend)
             if not backend.object_info_loaded:
-                core.workflows.apply_object_info(await backend.client.object_info())
-                backend.object_info_loaded = True
+                await self._learn_object_info(backend)
             backend.healthy = True
             backend.down_since = None
             log.info("backend %s is up", backend.name)
             core.wake_all()
 
-        def disconnected() -> None:
-            backend.healthy = False
-            log.warning("backend %s is down; %d prompts wait for it", backend.name, len(backend.inflight))
-            grace = core.settings.backend_grace
-            for job in backend.inflight:
-                job.seen_outputs = None  # events may be missed now: its /history will tell
-                if not job.ended:  # no stale percent while nothing runs: say what it waits for
-                    core.tell(job, "listening", f"waiting for its ComfyUI to come back (up to {grace:g}s)")
-            self.watch_absence(backend)
-
         await backend.client.listen(
             lambda event, data: self.tracker.on_event(backend, event, data),
             connected,
-            disconnected,
+            lambda: self.lost(backend),
             backend.first_attempt,
         )
+
+    def lost(self, backend: Backend) -> None:
+        """Its event socket is gone (or whoever listened to it failed): down until it reconnects."""
+        if not backend.healthy:
+            return
+        core = self.core
+        backend.healthy = False
+        log.warning("backend %s is down; %d prompts wait for it", backend.name, len(backend.inflight))
+        grace = core.settings.backend_grace
+        for job in backend.inflight:
+            job.seen_outputs = None  # events may be missed now: its /history will tell
+            if not job.ended:  # no stale percent while nothing runs: say what it waits for
+                core.tell(job, "listening", f"waiting for its ComfyUI to come back (up to {grace:g}s)")
+        self.watch_absence(backend)
+
+    async def _learn_object_info(self, backend: Backend) -> None:
+        """Input limits from /object_info; one that cannot be read is asked again at the next connect,
+        and keeps no backend out meanwhile."""
+        try:
+            self.core.workflows.apply_object_info(await backend.client.object_info())
+        except BackendUnavailable as exc:
+            log.warning("backend %s: /object_info not read (%s); input limits are learned later", backend.name, exc)
+            return
+        backend.object_info_loaded = True
 
     def watch_absence(self, backend: Backend) -> None:
         """From now on the backend is away: if it stays away for backend_grace, its jobs move."""
@@ -110,16 +125,8 @@ class Failover:
                 continue
             entry = await backend.client.history(job.prompt_id)
             if entry is not None:
-                messages = (entry.get("status") or {}).get("messages", [])
-                kinds = [m[0] for m in messages if m]
-                if "execution_interrupted" in kinds:
-                    job.outcome = "interrupted"
-                elif (entry.get("status") or {}).get("status_str") == "success":
-                    job.outcome = "success"
-                else:
-                    job.outcome = "error"
-                    errors = [describe_execution_error(m[1]) for m in messages if m and m[0] == "execution_error"]
-                    job.error = job.error or (errors[0] if errors else None)
+                finished = shapes.finished(entry)
+                job.outcome, job.error = finished.outcome, job.error or finished.error
                 self.tracker.prompt_finished(backend, job)
             elif not job.ended:
                 log.warning("job %s client %s: unknown to %s, sending it again", job.id, job.client_id, backend.name)
@@ -129,7 +136,8 @@ class Failover:
                 core.drop_inflight(backend, job)
 
     async def watchdog(self) -> None:
-        """Fail a running job that ComfyUI has said nothing about for job_idle_timeout; free idle backends."""
+        """Fail a running job that ComfyUI has said nothing about for job_idle_timeout; take a backend
+        whose prompt shows no progress at all out of service; free idle backends."""
         core = self.core
         limit = core.settings.job_idle_timeout
         while True:
@@ -138,18 +146,77 @@ class Failover:
             for backend in list(core.backends.values()):
                 if care.idle_free_due(backend, now, core.settings.free_idle_after):
                     core.spawn(care.free(backend, "idle"), f"free {backend.name}")
-                if not backend.healthy:
-                    continue  # a backend that is away is handled by failover
+                if not backend.healthy or backend.checking:
+                    continue  # a backend that is away is handled by failover; one being asked, by its answer
+                if backend.stuck_prompt is not None:
+                    self._ask(backend, self._still_stuck(backend))
+                    continue
                 head = next((j for j in backend.inflight if j.state is not JobState.SUBMITTING), None)
                 if head is None or now - head.last_event < limit:
                     continue
                 if head.state is JobState.QUEUED and backend.queue_remaining > len(backend.inflight):
-                    head.last_event = now  # still behind other users' prompts inside ComfyUI: waiting, not idle
+                    # Behind other prompts inside ComfyUI: waiting, or is nothing moving there at all?
+                    self._ask(backend, self._behind_others(backend, head))
                     continue
-                core.drop_inflight(backend, head)
-                if head.ended:
-                    continue
-                reason = f"time out error: exceed {limit:g}s"
+                self._stuck(backend, head, head.prompt_id)
+
+    def _ask(self, backend: Backend, question: Coroutine[Any, Any, None]) -> None:
+        """One question to a backend's /queue at a time, in a task of its own (the watchdog never waits)."""
+        backend.checking = True
+
+        async def asking() -> None:
+            try:
+                await question
+            except BackendUnavailable as exc:
+                log.debug("backend %s: /queue not read: %s", backend.name, exc)
+            finally:
+                backend.checking = False
+
+        self.core.spawn(asking(), f"watch {backend.name}")
+
+    async def _behind_others(self, backend: Backend, head: Job) -> None:
+        """A queued job with no event for job_idle_timeout, behind prompts that are not the bridge's:
+        while what ComfyUI runs changes, it waits; the same prompt running that long, with no sign of
+        progress, means ComfyUI is stuck."""
+        running, _ = await backend.client.queue()
+        now = time.monotonic()
+        current = running[0] if running else None
+        seen, since = backend.running_seen
+        if current is None or current != seen:
+            backend.running_seen = (current, now)
+            head.last_event = now  # ComfyUI moved on: a new wait begins
+        elif now - since >= self.core.settings.job_idle_timeout and not head.ended:
+            self._stuck(backend, head, current)
+
+    def _stuck(self, backend: Backend, head: Job, prompt_id: str) -> None:
+        """No progress at all for job_idle_timeout: the job it runs fails (the contract's time-out),
+        the backend takes no work until it moves again, and its other jobs go elsewhere."""
+        core = self.core
+        limit = core.settings.job_idle_timeout
+        reason = f"time out error: exceed {limit:g}s"
+        backend.stuck_prompt = prompt_id
+        log.error(
+            "backend %s is stuck: prompt %s shows no progress for %gs; no new work there until it moves",
+            backend.name, prompt_id, limit,
+        )  # fmt: skip
+        if head.prompt_id == prompt_id:
+            core.drop_inflight(backend, head)
+            if not head.ended:
                 log.warning("job %s client %s: %s", head.id, head.client_id, reason)
                 core.end(head, JobState.FAILED, reason)
-                core.spawn(core.cancel_on_backend(backend, head), f"cancel {head.id}")
+            core.spawn(core.cancel_on_backend(backend, head), f"cancel {head.id}")
+        for job in [j for j in backend.inflight if j.started_at is None]:
+            core.drop_inflight(backend, job)
+            core.spawn(backend.client.delete_queued([job.prompt_id]), f"take back {job.id}")
+            backend.abandoned.add(job.prompt_id)  # in case the delete does not reach it: removed at reconnect
+            if not job.ended:
+                log.warning("job %s client %s: moving off stuck %s", job.id, job.client_id, backend.name)
+                core.send_again(job)
+        core.unbind_clients_of(backend)
+        core.wake_all()
+
+    async def _still_stuck(self, backend: Backend) -> None:
+        """A stuck backend is asked, once a tick, whether the prompt it was stuck on still runs."""
+        running, _ = await backend.client.queue()
+        if backend.stuck_prompt is not None and backend.stuck_prompt not in running:
+            self.core.unstuck(backend, f"prompt {backend.stuck_prompt} no longer runs")

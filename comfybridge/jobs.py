@@ -9,8 +9,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .comfy import describe_execution_error
-
 
 class JobState(enum.StrEnum):
     WAITING = "waiting"  # in the bridge's queue for its backend
@@ -134,7 +132,8 @@ class Job:
     results: list[dict[str, Any]] | None = None  # the stored result files, once done
     last_event: float = field(default_factory=time.monotonic)
     handing_over: bool = False  # POST /prompt of this job is in flight from this process
-    told_progress: str = ""  # the last percent its client heard, so a frame is sent only on change
+    told_percent: float = 0.0  # the highest percent its client heard: frames only ever rise from it
+    resumed: bool = False  # recovered after a restart: it says so before its next progress frame
     # The outputs ComfyUI's `executed` events announced, while every event since execution_start
     # has been seen (None otherwise): then its /history need not be read.
     seen_outputs: dict[str, Any] | None = None
@@ -185,8 +184,9 @@ class Job:
         return self.state is JobState.RUNNING
 
     def apply_event(self, event: str, data: dict[str, Any]) -> bool:
-        """Follow one ComfyUI event of this job's prompt; True for the final `executing` with node null,
-        after which (and only after which) ComfyUI has the prompt in its history."""
+        """Follow one ComfyUI event of this job's prompt (checked by `shapes.event`); True for the final
+        `executing` with node null, after which (and only after which) ComfyUI has the prompt in its
+        history."""
         self.last_event = time.monotonic()
         progress = self.progress
         if event == "execution_start":
@@ -196,28 +196,25 @@ class Job:
             if self.state in (JobState.SUBMITTING, JobState.QUEUED):
                 self.move(JobState.RUNNING)
         elif event == "execution_cached":
-            progress.cached([str(n) for n in data.get("nodes", [])])
+            progress.cached(data["nodes"])
         elif event == "executing":
-            if data.get("node") is None:
+            if data["node"] is None:
                 self.finished_at = self.last_event
                 return True
-            progress.executing(str(data["node"]))
+            progress.executing(data["node"])
         elif event == "progress":
-            value, maximum = data.get("value"), data.get("max")
-            if isinstance(value, int | float) and isinstance(maximum, int | float):
-                progress.step(str(data.get("node")), float(value), float(maximum))
+            progress.step(data["node"], data["value"], data["max"])
         elif event == "progress_state":
-            for node_id, node in (data.get("nodes") or {}).items():
-                if isinstance(node, dict) and node.get("state") == "finished":
-                    progress.node_finished(str(node_id))
+            for node_id in data["finished"]:
+                progress.node_finished(node_id)
         elif event == "executed":
-            if self.seen_outputs is not None and isinstance(data.get("output"), dict):
-                self.seen_outputs[str(data.get("node"))] = data["output"]
+            if self.seen_outputs is not None:
+                self.seen_outputs[data["node"]] = data["output"]
         elif event == "execution_success":
             self.outcome = "success"
         elif event == "execution_error":
             self.outcome = "error"
-            self.error = describe_execution_error(data)
+            self.error = data["error"]
         elif event == "execution_interrupted":
             self.outcome = "interrupted"
         return False
@@ -229,7 +226,6 @@ class Job:
         self.started_at = None
         self.seen_outputs = None
         self.progress = Progress(self.prompt)
-        self.told_progress = ""
         return self.move(
             JobState.WAITING, prompt_id=str(uuid.uuid4()), backend=None, attempts=self.attempts, retries=self.retries
         )

@@ -106,6 +106,11 @@ class JobStore(Protocol):
 
     def delivered(self, delivery_id: str) -> asyncio.Future[None]: ...
 
+    def lost(self) -> str | None:
+        """Why the journal can no longer be trusted to be found by the next start (its file deleted or
+        replaced under the running bridge), or None. Blocking: run it in a thread."""
+        ...
+
     def forget(self, job_ids: Iterable[str]) -> asyncio.Future[None]:
         """Drop jobs whose story is over (results fetched or expired)."""
         ...
@@ -144,6 +149,7 @@ class SqliteJournal:
         self._queue: queue.SimpleQueue[tuple[Write, asyncio.Future[Any]] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the file opened
 
     # start-up --------------------------------------------------------------------------------
     def open(self, count_floor: int = 0) -> list[dict[str, Any]]:
@@ -189,7 +195,20 @@ class SqliteJournal:
             self._close_connection()
             raise JournalError(f"journal {self.path} cannot be opened: {exc}") from None
         self._committed = self.count
+        identity = self.path.stat()
+        self._identity = (identity.st_dev, identity.st_ino)
         return rows
+
+    def lost(self) -> str | None:
+        try:
+            now = self.path.stat()
+        except FileNotFoundError:
+            return f"{self.path} was deleted"
+        except OSError as exc:
+            return f"{self.path} cannot be read ({exc.strerror})"
+        if (now.st_dev, now.st_ino) != self._identity:
+            return f"{self.path} was replaced by another file"
+        return None
 
     def start(self) -> None:
         """Start the writer thread; writes are accepted from this event loop from now on."""

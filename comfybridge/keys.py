@@ -8,6 +8,7 @@ import aiohttp
 from aiohttp import web
 
 from .config import Settings
+from .datadir import DataDirLock
 from .journal import SqliteJournal
 from .results import ResultStore
 from .state import StateStore
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from .ws import SocketHub
 
 SETTINGS = web.AppKey("settings", Settings)
+DATA_LOCK = web.AppKey("data_lock", DataDirLock)
 WORKFLOWS = web.AppKey("workflows", WorkflowStore)
 STATE = web.AppKey("state", StateStore)
 JOURNAL = web.AppKey("journal", SqliteJournal)

@@ -102,6 +102,10 @@ class _LiveGauges(Collector):
         sockets.add_metric([], self.sockets())
         yield sockets
         up = GaugeMetricFamily("comfybridge_backend_up", "1 if the backend takes work now.", labels=["backend"])
+        stuck = GaugeMetricFamily(
+            "comfybridge_backend_stuck", "1 if the backend's prompt shows no progress at all (no work sent there).",
+            labels=["backend"],
+        )  # fmt: skip
         inflight = GaugeMetricFamily(
             "comfybridge_backend_in_flight", "Prompts the bridge has inside this backend.", labels=["backend"]
         )
@@ -111,10 +115,12 @@ class _LiveGauges(Collector):
         )  # fmt: skip
         for backend in report["backends"]:
             up.add_metric([backend["url"]], 1.0 if backend["state"] == "up" else 0.0)
+            stuck.add_metric([backend["url"]], 1.0 if backend["state"] == "stuck" else 0.0)
             inflight.add_metric([backend["url"]], backend["in_flight"])
             if backend["relative_speed"] is not None:
                 speed.add_metric([backend["url"]], backend["relative_speed"])
         yield up
+        yield stuck
         yield inflight
         yield speed
 

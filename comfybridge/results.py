@@ -7,19 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from .files import fsync_path
 
 log = logging.getLogger(__name__)
 
-LEGACY_META = "meta.json"  # where releases before the journal kept a result's record
+MAX_NAME = 100  # characters of ComfyUI's name kept in a stored file's name
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
 @dataclass(frozen=True)
@@ -121,29 +121,36 @@ class ResultStore:
         ]
 
     # start-up --------------------------------------------------------------------------------
-    def load_legacy(self) -> set[str]:
-        """Results stored by a release before the journal (a meta.json per folder): served from there
-        until fetched or expired. Blocking: run it in a thread. Returns their job ids."""
-        found = set()
-        for meta in self.root.glob(f"*/{LEGACY_META}") if self.root.is_dir() else []:
-            try:
-                record = orjson.loads(meta.read_bytes())
-                files = self.files_from(meta.parent.name, record["files"])
-                self.add(meta.parent.name, record["client_id"], int(record["seq"]), files, float(record["created"]))
-            except (OSError, ValueError, KeyError, TypeError):
-                continue
-            found.add(meta.parent.name)
-        return found
-
-    def remove_strays(self, keep: set[str]) -> None:
-        """Delete folders no finished job owns: downloads a crash cut short (the job will collect again).
+    def sort_out_folders(self, done: set[str], unfinished: set[str]) -> Path | None:
+        """At start-up, before anything collects: a finished job's folder stays; an unfinished job's
+        holds downloads a crash cut short (it collects again) and goes; anything no journal row names
+        is moved aside into `orphans/`, never deleted, since a journal lost or replaced by mistake must
+        not take finished, unfetched results with it. Returns where strays were moved, if any.
         Blocking: run it in a thread."""
         self.root.mkdir(parents=True, exist_ok=True)
-        for folder in self.root.iterdir():
-            if folder.name in keep:
+        aside = self.root.parent / "orphans" / time.strftime("results-%Y%m%d-%H%M%S")
+        moved = 0
+        for entry in sorted(self.root.iterdir()):
+            if entry.name in done:
                 continue
-            log.info("removing result folder %s: no finished job owns it", folder)
-            if folder.is_dir():
-                shutil.rmtree(folder, ignore_errors=True)
-            else:
-                folder.unlink(missing_ok=True)
+            if entry.name in unfinished:
+                shutil.rmtree(entry, ignore_errors=True)
+                continue
+            aside.mkdir(parents=True, exist_ok=True)
+            entry.rename(aside / entry.name)
+            moved += 1
+        if not moved:
+            return None
+        log.warning(
+            "moved %d result folders that no journal row names to %s: kept there until removed by hand", moved, aside
+        )
+        return aside
+
+
+def stored_name(index: int, file_name: str) -> str:
+    """The name a result file gets on the bridge's disk: ComfyUI's last path part with anything but
+    letters, digits, `.`, `_` and `-` replaced, and cut (keeping its end, the extension) to a length
+    any filesystem takes; the index keeps two outputs apart. The name clients see stays ComfyUI's."""
+    last = file_name.replace("\\", "/").rpartition("/")[2]
+    safe = _UNSAFE.sub("_", last)[-MAX_NAME:].lstrip(".")
+    return f"{index:03d}-{safe or 'output'}"

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import hmac
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -24,15 +25,11 @@ from .clients import SCOPE, check_client_id
 from .errors import (
     BadInput,
     BridgeError,
-    Forbidden,
     NoBackend,
     NotFound,
     RateLimited,
-    StorageFull,
     TooLarge,
-    TooManyJobs,
     Unauthorized,
-    UnsupportedMedia,
 )
 from .files import SMALL_FILE, open_off_loop
 from .keys import RESULTS, SCHEDULER, SETTINGS, UPLOADS, WORKFLOWS
@@ -48,20 +45,18 @@ log = logging.getLogger(__name__)
 CHUNK = 256 * 1024
 MB = 1024 * 1024
 B64_CHUNK = 3 * 64 * 1024  # a multiple of 3, so chunks encode without padding in between
-STATUS_OF: list[tuple[type[BridgeError], int]] = [
-    (Unauthorized, 401),
-    (Forbidden, 403),
-    (NotFound, 404),
-    (TooLarge, 413),
-    (UnsupportedMedia, 415),
-    (TooManyJobs, 429),
-    (NoBackend, 503),
-    (StorageFull, 507),
-    (BadInput, 400),
-]
 WEBHOOK_KEY = "_webhook"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 NOT_SEEN = "The client ID has not been submitted to the server before. It is not recognized. / {}"
 NO_CONTENT = "No contents with that client id / {}"
+
+
+def quoted_header_text(text: str) -> str:
+    """Text for a quoted header parameter (a part's `filename`): backslash and quote escaped as
+    quoted-string does it, every control character (CR, LF, NUL, ESC, DEL, ...) percent-encoded, so
+    no name ComfyUI makes can end the header or add one."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    return _CONTROL.sub(lambda found: f"%{ord(found.group()):02X}", escaped)
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -78,7 +73,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except BridgeError as exc:
-        status = next((code for kind, code in STATUS_OF if isinstance(exc, kind)), 400)
+        status = exc.status
         key = request.get(KEY)
         # The core names clients as it knows them, within their key; the caller knows them without.
         detail = exc.detail.replace(f"{key.name}{SCOPE}", "") if key is not None else exc.detail
@@ -291,7 +286,7 @@ async def _write_multipart(request: web.Request, files: list[tuple[str, ResultFi
     boundary = uuid.uuid4().hex
     heads = []
     for index, (job_id, item) in enumerate(files):
-        name = item.file_name.replace("\\", "\\\\").replace('"', '\\"')
+        name = quoted_header_text(item.file_name)
         heads.append(
             (
                 f"--{boundary}\r\n"
@@ -356,6 +351,7 @@ def _health_report(request: web.Request) -> dict[str, Any]:
     settings = request.app[SETTINGS]
     if settings.keys_on and request.get(KEY) is None:
         report["backends"] = [{"state": b["state"]} for b in report["backends"]]
+        report["journal"] = "ok" if report["journal"] == "ok" else "lost"  # not where it is
     return report
 
 
@@ -371,6 +367,8 @@ async def ready(request: web.Request) -> web.Response:
     limit = request.app[SETTINGS].ready_max_queue
     if report["stopping"]:
         reason = "the bridge is stopping"
+    elif report["journal"] != "ok":
+        reason = f"the job journal {report['journal']}; restart the bridge"
     elif not report["usable_backends"]:
         reason = "no ComfyUI backend is usable"
     elif limit and report["queued"] > limit:

@@ -14,6 +14,7 @@ import datetime
 import itertools
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -24,10 +25,10 @@ from .clients import Client, Status, about_job, scope_of, status_message
 from .comfy import ComfyClient
 from .core import Core, Notifier, SchedulerSettings, open_status
 from .dispatch import Dispatcher
-from .errors import NoBackend, RateLimited, ShuttingDown, TooManyJobs
+from .errors import NoBackend, RateLimited, ShuttingDown, StorageUnavailable, TooManyJobs
 from .failover import Failover
 from .jobs import Job, JobState
-from .journal import JobStore
+from .journal import ENDED_STATES, JobStore
 from .metrics import Metrics
 from .planner import PLAN_HORIZON
 from .recovery import missing_results, recover
@@ -40,6 +41,9 @@ from .workflows import WorkflowStore
 log = logging.getLogger(__name__)
 
 INTERRUPTED = status_message("error", "interrupted")
+RESTART_FIRST = 0.5  # seconds before a failed listener or worker starts again; doubles up to RESTART_MAX
+RESTART_MAX = 30.0
+JOURNAL_CHECK = 2.0  # seconds between looks at the journal file
 __all__ = ["Notifier", "Scheduler", "SchedulerSettings"]
 
 
@@ -79,9 +83,9 @@ class Scheduler:
         core = self.core
         # The data folder first, while no task can be collecting into it.
         gone = await asyncio.to_thread(missing_results, core, rows)
-        keep = {r["id"] for r in rows if r["state"] == JobState.DONE.value and r["id"] not in gone}
-        keep |= await asyncio.to_thread(core.results.load_legacy)
-        await asyncio.to_thread(core.results.remove_strays, keep)
+        done = {r["id"] for r in rows if r["state"] == JobState.DONE.value and r["id"] not in gone}
+        unfinished = {r["id"] for r in rows if r["state"] not in ENDED_STATES}
+        await asyncio.to_thread(core.results.sort_out_folders, done, unfinished)
         for url in self._initial:
             self._add_backend(url)
         summary = recover(core, rows, gone)
@@ -100,6 +104,7 @@ class Scheduler:
                 self.failover.watch_absence(backend)  # until its socket connects and reconciles
         core.spawn(self.failover.watchdog(), "watchdog")
         core.spawn(self._sweeper(), "sweeper")
+        core.spawn(self._watch_journal(), "journal watch")
         waits = [asyncio.ensure_future(b.first_attempt.wait()) for b in self.backends.values()]
         if waits:
             _, late = await asyncio.wait(waits, timeout=connect_timeout)
@@ -123,7 +128,7 @@ class Scheduler:
         prompts inside ComfyUI keep running there and are adopted then."""
         core = self.core
         core.closing = True
-        collecting = {t for t in core.collecting if not t.done()}
+        collecting = {t for t in core.collecting.values() if not t.done()}
         if collecting:
             await asyncio.wait(collecting, timeout=collect_timeout)
         tasks = list(core.tasks) + list(self._grace.values())
@@ -135,13 +140,35 @@ class Scheduler:
     def _add_backend(self, url: str) -> Backend:
         core = self.core
         journal = core.journal
-        client = ComfyClient(url, core.session, journal.bridge_id, request_timeout=self.settings.comfy_timeout)
+        client = ComfyClient(
+            url,
+            core.session,
+            journal.bridge_id,
+            request_timeout=self.settings.comfy_timeout,
+            max_event_bytes=int(self.settings.max_event_mb * 1024 * 1024),
+        )
         backend = self.backends[url] = Backend(client)
         backend.tasks = [
-            core.spawn(self.failover.listen(backend), f"listen {url}"),
-            core.spawn(self.dispatcher.work(backend), f"worker {url}"),
+            core.spawn(self._keep_running(backend, "listener", self.failover.listen), f"listen {url}"),
+            core.spawn(self._keep_running(backend, "worker", self.dispatcher.work), f"worker {url}"),
         ]
         return backend
+
+    async def _keep_running(self, backend: Backend, role: str, run: Callable[[Backend], Awaitable[None]]) -> None:
+        """A backend's listener and worker never stay dead: one that fails (a fault of the bridge's own;
+        nothing ComfyUI sends should do it) is logged and started again, and meanwhile the backend is
+        down, never `up` with no one listening."""
+        delay = RESTART_FIRST
+        while True:
+            try:
+                await run(backend)
+                return
+            except Exception:
+                log.exception("backend %s: its %s failed; starting it again in %gs", backend.name, role, delay)
+            backend.client.connected = False
+            self.failover.lost(backend)
+            await asyncio.sleep(delay)
+            delay = min(RESTART_MAX, delay * 2)
 
     def set_backends(self, urls: list[str]) -> None:
         """Apply a new backend list: new ones join, removed ones finish their prompts and leave."""
@@ -217,6 +244,10 @@ class Scheduler:
         core = self.core
         if core.closing:
             raise ShuttingDown("The bridge is shutting down and accepts no new jobs; try again in a moment.")
+        if core.journal_lost is not None:
+            raise StorageUnavailable(
+                f"The bridge cannot record new jobs: its journal {core.journal_lost}. It must be restarted."
+            )
         workflow = core.workflows.get(body.get("workflow"))
         values = workflow.check_request(body, lambda name: core.uploads.kind_for(name, client_id))
         known = self.clients.get(client_id)
@@ -314,17 +345,11 @@ class Scheduler:
         core = self.core
         backends = []
         for backend in self.backends.values():
-            if backend.draining:
-                state = "draining"
-            elif not backend.healthy:
-                state = "down"
-            else:
-                state = "up" if backend.usable else "resting"  # resting: it refused prompts lately
             factor = core.runtimes.speed_factor(backend.name)
             backends.append(
                 {
                     "url": backend.name,
-                    "state": state,
+                    "state": backend.state,
                     "in_flight": len(backend.inflight),
                     "comfyui_queue": backend.queue_remaining,
                     "relative_speed": round(1 / factor, 3) if factor else None,  # > 1: faster than the others
@@ -336,6 +361,7 @@ class Scheduler:
             "usable_backends": sum(1 for b in self.backends.values() if b.usable),
             "queued": len(core.queue),
             "stopping": core.closing,
+            "journal": core.journal_lost or "ok",
             "generation_count": core.journal.count,
         }
 
@@ -350,6 +376,7 @@ class Scheduler:
             backend = self.backends.get(job.backend or "")
             state = job.state
             ended.append(core.end(job, JobState.CANCELLED, "interrupted", notify=False))
+            core.stop_collecting(job)
             if state in (JobState.QUEUED, JobState.RUNNING) and backend is not None:
                 await core.cancel_on_backend(backend, job)
             # WAITING: end took it out of the queue. SUBMITTING: dispatch cancels it once ComfyUI answers.
@@ -379,6 +406,17 @@ class Scheduler:
         client = self.clients.get(client_id)
         if client is not None and self.clients.forget_if_done(client, core.owns_something):
             core.journal.forget_client(client_id)
+
+    async def _watch_journal(self) -> None:
+        """Notice a journal deleted or replaced under the running bridge: jobs accepted into a file the
+        next start will not find would be lost, so none are accepted from then on."""
+        core = self.core
+        while core.journal_lost is None:
+            await asyncio.sleep(JOURNAL_CHECK)
+            reason = await asyncio.to_thread(core.journal.lost)
+            if reason is not None:
+                core.journal_lost = reason
+                log.error("the job journal %s: accepting no new jobs until the bridge is restarted", reason)
 
     async def _sweeper(self) -> None:
         """Expire old uploads, results and finished clients."""

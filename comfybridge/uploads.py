@@ -27,6 +27,10 @@ SHARED = "_shared"  # folder of uploads made without a clientId, usable by any c
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
+class UploadGone(Exception):
+    """A file a job names is no longer stored (removed by hand, or lost with its disk)."""
+
+
 @dataclass
 class Upload:
     name: str
@@ -141,7 +145,10 @@ class UploadStore:
         return upload.kind
 
     def path_of(self, name: str) -> Path:
-        upload = self._uploads[name]
+        """Where an upload a job names is; UploadGone if it is not there any more."""
+        upload = self._uploads.get(name)
+        if upload is None:
+            raise UploadGone(f"the uploaded file {name!r} of the job is gone")
         upload.last_used = time.time()
         return upload.path
 

@@ -18,6 +18,8 @@ from comfybridge.config import Settings
 from comfybridge.emulator import Emulator
 from comfybridge.emulator.server import DIALECTS
 
+from .fake_comfy import FakeComfy
+
 FIXTURES = Path(__file__).parent / "fixtures"
 
 EmulatorFactory = Callable[..., Awaitable[Emulator]]
@@ -54,6 +56,22 @@ async def make_emulator(tmp_path: Path, dialect: str) -> AsyncIterator[EmulatorF
 @pytest.fixture
 async def emulator(make_emulator: EmulatorFactory) -> Emulator:
     return await make_emulator()
+
+
+@pytest.fixture
+async def make_fake(make_emulator: EmulatorFactory) -> AsyncIterator[Callable[..., Awaitable[FakeComfy]]]:
+    """Fake ComfyUIs (each in front of its own emulator) that misbehave as a test says; always stopped."""
+    started: list[FakeComfy] = []
+
+    async def make(pace: float = 0.002) -> FakeComfy:
+        fake = FakeComfy(await make_emulator(pace=pace))
+        await fake.start()
+        started.append(fake)
+        return fake
+
+    yield make
+    for fake in started:
+        await fake.stop()
 
 
 @pytest.fixture

@@ -121,7 +121,7 @@ async def test_request_rates_are_limited_per_key(make_bridge: BridgeFactory, mak
 
 
 async def test_x_forwarded_for_is_believed_only_from_trusted_proxies(
-    make_bridge: BridgeFactory, make_emulator: EmulatorFactory
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory, tmp_path: Path
 ) -> None:
     emulator = await make_emulator()
     behind = await make_bridge(emulator, ip_rate_limit=0.01, rate_burst=1, trusted_proxies=("127.0.0.1",))
@@ -130,7 +130,7 @@ async def test_x_forwarded_for_is_believed_only_from_trusted_proxies(
         assert resp.status == 200
     resp = await behind.get("/generation-count", headers={"X-Forwarded-For": "198.51.100.1"})
     assert resp.status == 429
-    exposed = await make_bridge(emulator, ip_rate_limit=0.01, rate_burst=1)
+    exposed = await make_bridge(emulator, ip_rate_limit=0.01, rate_burst=1, data_dir=tmp_path / "exposed")
     assert (await exposed.get("/generation-count", headers={"X-Forwarded-For": "198.51.100.1"})).status == 200
     resp = await exposed.get("/generation-count", headers={"X-Forwarded-For": "198.51.100.2"})  # a lie: ignored
     assert resp.status == 429
@@ -168,14 +168,16 @@ async def test_unfinished_jobs_per_key_are_limited(make_bridge: BridgeFactory, m
     emulator.engine.resume()
 
 
-async def test_cors_is_off_unless_origins_are_given(make_bridge: BridgeFactory, make_emulator: EmulatorFactory) -> None:
+async def test_cors_is_off_unless_origins_are_given(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory, tmp_path: Path
+) -> None:
     emulator = await make_emulator()
     preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
     off = await make_bridge(emulator)
     resp = await off.options("/generate-based-workflow", headers=preflight)
     assert resp.status == 403
     assert "Access-Control-Allow-Origin" not in (await off.get("/workflow-list", headers=preflight)).headers
-    on = await make_bridge(emulator, cors_origins=("https://app.example",))
+    on = await make_bridge(emulator, cors_origins=("https://app.example",), data_dir=tmp_path / "on")
     resp = await on.options("/generate-based-workflow", headers=preflight)
     assert resp.status == 204
     assert resp.headers["Access-Control-Allow-Origin"] == "https://app.example"

@@ -9,27 +9,21 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from comfybridge.comfy import (
-    BackendUnavailable,
-    ComfyClient,
-    OutputRef,
-    PromptRefused,
-    describe_refusal,
-    outputs_of,
-)
+from comfybridge.comfy import BackendUnavailable, ComfyClient, PromptRefused
+from comfybridge.shapes import OutputRef, describe_refusal, outputs_of
 
 
 def test_outputs_of_every_kind_and_only_outputs() -> None:
-    entry = {
-        "outputs": {
-            "9": {"images": [{"filename": "a.png", "subfolder": "", "type": "output"}]},
-            "4": {"images": [{"filename": "p.png", "subfolder": "", "type": "temp"}]},
-            "12": {"gifs": [{"filename": "v.mp4", "subfolder": "vid", "type": "output", "format": "video/h264-mp4"}]},
-            "13": {"audio": [{"filename": "s.flac", "subfolder": "", "type": "output"}], "animated": [True]},
-            "14": {"videos": [{"filename": "w.webm", "subfolder": "", "type": "output"}], "text": ["hi"]},
-        }
+    outputs = {
+        "9": {"images": [{"filename": "a.png", "subfolder": "", "type": "output"}]},
+        "4": {"images": [{"filename": "p.png", "subfolder": "", "type": "temp"}]},
+        "12": {"gifs": [{"filename": "v.mp4", "subfolder": "vid", "type": "output", "format": "video/h264-mp4"}]},
+        "13": {"audio": [{"filename": "s.flac", "subfolder": "", "type": "output"}], "animated": [True]},
+        "14": {"videos": [{"filename": "w.webm", "subfolder": "", "type": "output"}], "text": ["hi"]},
+        "15": {"images": [{"filename": ["not", "a", "name"], "type": "output"}, "junk", {"type": "output"}]},
+        "16": ["not", "an", "object"],
     }
-    assert outputs_of(entry) == [
+    assert outputs_of(outputs) == [
         OutputRef("a.png", "", "output"),
         OutputRef("v.mp4", "vid", "output"),
         OutputRef("s.flac", "", "output"),

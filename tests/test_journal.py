@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import shutil
 import sqlite3
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +17,7 @@ from comfybridge.journal import SqliteJournal
 from comfybridge.keys import JOURNAL, SETTINGS
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
-from .helpers import Client, generate, png, poll_status, read_results, run_job, seed, upload
+from .helpers import Client, fill, generate, png, poll_status, read_results, run_job, seed, small_disk, upload
 
 TINY = {"workflow": "solid", "1/width": 8, "1/height": 8, "1/batch_size": 1}
 
@@ -154,34 +150,6 @@ async def test_concurrent_accepts_share_commits(tmp_path: Path) -> None:
     assert reopened.bridge_id == journal.bridge_id
 
 
-@contextlib.contextmanager
-def small_disk(path: Path, size: str = "4m") -> Iterator[Path]:
-    """A real, small filesystem (tmpfs) at `path`; skipped where mounting is not allowed."""
-    path.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a small tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def fill(folder: Path) -> Path:
-    filler = folder / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
-    try:
-        while True:
-            os.write(fd, b"\0" * 65536)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-    return filler
-
-
 async def test_full_disk_refuses_with_507_and_corrupts_nothing(
     make_bridge: BridgeFactory, make_emulator: EmulatorFactory, tmp_path: Path
 ) -> None:
@@ -254,3 +222,55 @@ async def test_a_journal_of_the_previous_release_opens_and_its_jobs_run(
         columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
         assert "webhook" in columns
         assert conn.execute("SELECT count(*) FROM deliveries").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+async def test_a_journal_deleted_or_replaced_while_running_stops_new_jobs(
+    make_bridge: BridgeFactory,
+    make_emulator: EmulatorFactory,
+    tmp_path: Path,
+    how: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client = await make_bridge(await make_emulator())
+    await run_job(client, "before", TINY)
+    journal = tmp_path / "data" / "journal.sqlite3"
+    journal.unlink()
+    if how == "replaced":
+        journal.write_bytes(b"")
+    ready = await client.get("/ready")
+    async with asyncio.timeout(10):
+        while ready.status == 200:
+            await asyncio.sleep(0.05)
+            ready = await client.get("/ready")
+    assert ready.status == 503
+    assert (await ready.json())["detail"] == f"the job journal {journal} was {how}" + (
+        " by another file; restart the bridge" if how == "replaced" else "; restart the bridge"
+    )
+    status, body = await generate(client, "after", TINY)
+    assert status == 503
+    assert body["detail"].startswith("The bridge cannot record new jobs: its journal ")
+    assert body["detail"].endswith("It must be restarted.")
+    assert await (await client.get("/generation-count")).json() == 1
+    assert any(r.levelname == "ERROR" and "accepting no new jobs" in r.getMessage() for r in caplog.records)
+
+
+async def test_results_no_journal_row_names_are_moved_aside_at_start_never_deleted(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    emulator = await make_emulator()
+    client = await make_bridge(emulator)
+    frames = await run_job(client, "unfetched", TINY)
+    job_id = frames[-1]["job_id"]
+    stored = sorted((tmp_path / "data" / "results" / job_id).iterdir())
+    contents = [path.read_bytes() for path in stored]
+    await client.close()
+    for name in ("journal.sqlite3", "journal.sqlite3-wal", "journal.sqlite3-shm"):
+        (tmp_path / "data" / name).unlink(missing_ok=True)
+    again = await make_bridge(emulator)
+    assert (await again.get("/history", params={"clientId": "unfetched"})).status == 204
+    (aside,) = (tmp_path / "data" / "orphans").iterdir()
+    assert aside.name.startswith("results-")
+    assert [p.read_bytes() for p in sorted((aside / job_id).iterdir())] == contents
+    assert not (tmp_path / "data" / "results" / job_id).exists()
+    assert any(f"moved 1 result folders that no journal row names to {aside}" in r.getMessage() for r in caplog.records)

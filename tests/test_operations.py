@@ -197,11 +197,13 @@ async def test_metrics_count_jobs_backends_requests_and_commits(
     assert samples[("comfybridge_journal_commit_seconds_count", ())] >= 3 * 3  # accept, hand-over, end
 
 
-async def test_metrics_behind_a_key(make_emulator: EmulatorFactory, make_bridge: BridgeFactory) -> None:
+async def test_metrics_behind_a_key(make_emulator: EmulatorFactory, make_bridge: BridgeFactory, tmp_path: Path) -> None:
     keyed = await make_bridge(await make_emulator(), api_keys=(KEY,))
     assert (await keyed.get("/metrics")).status == 401
     assert (await keyed.get("/metrics", headers={"Authorization": f"Bearer {KEY}"})).status == 200
-    scraper = await make_bridge(await make_emulator(), api_keys=(KEY,), metrics_key="scrape-token")
+    scraper = await make_bridge(
+        await make_emulator(), api_keys=(KEY,), metrics_key="scrape-token", data_dir=tmp_path / "scraper"
+    )
     assert (await scraper.get("/metrics", headers={"Authorization": f"Bearer {KEY}"})).status == 401
     resp = await scraper.get("/metrics", headers={"Authorization": "Bearer scrape-token"})
     assert resp.status == 200

@@ -34,6 +34,8 @@ def free_port() -> int:
 
 def run_cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
     environ = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    if "--port" not in args:  # any free port: the port is bound before anything else is done
+        args = [*args, "--port", "0"]
     return subprocess.run(
         [sys.executable, "-m", "comfybridge", *args], cwd=cwd, env=environ, capture_output=True, text=True, timeout=30
     )
@@ -111,6 +113,38 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: 
     assert result.stderr.strip().endswith(lines[0])
     for fragment in fragments:
         assert fragment in lines[0]
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under `folder` with its size and modification time."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+async def test_a_second_bridge_on_the_same_data_folder_exits_2_having_changed_nothing(workdir: Path) -> None:
+    async with bridge_process(workdir) as (proc, url):
+        await submit(url, "first")
+        async with aiohttp.ClientSession() as session:
+            info: dict[str, str] = {}
+            while info.get("status") != "closed":
+                async with session.get(f"{url}/execution-info", params={"clientId": "first"}) as resp:
+                    info = await resp.json()
+            await asyncio.sleep(1.2)  # the state file follows the journal within a second: let it settle
+            before = await asyncio.to_thread(snapshot, workdir / "data")
+            result = await asyncio.to_thread(run_cli, ["--emulate", "1"], workdir)
+            assert_one_line_error(result, "data folder", "is in use by another comfybridge", f"pid {proc.pid}", url)
+            assert await asyncio.to_thread(snapshot, workdir / "data") == before
+            port = url.rpartition(":")[2]
+            result = await asyncio.to_thread(run_cli, ["--emulate", "1", "--port", port], workdir)
+            assert_one_line_error(result, f"cannot listen on 127.0.0.1:{port}")
+            assert await asyncio.to_thread(snapshot, workdir / "data") == before
+            async with session.get(f"{url}/history", params={"clientId": "first"}) as resp:
+                assert resp.status == 200
+                assert len(await resp.read()) > 0
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    # The kernel lets go of the lock with its holder: the next bridge starts.
+    async with bridge_process(workdir) as (proc, url):
+        assert await count(url) == 1
 
 
 def test_corrupt_state_file_stops_start_up(workdir: Path) -> None:

@@ -55,6 +55,7 @@ class Faults:
     drop_socket_after_nodes: int | None = None  # close every socket after N nodes of the next prompt
     start_delay: float = 0.0  # seconds before each prompt starts (a slow model load)
     video_mb: int = 0  # SaveImage also writes a video of this many MB (sparse: cheap to make, real to read)
+    hang_after_nodes: int | None = None  # the next prompt hangs inside its node N+1, deaf to interrupts, until released
 
 
 @dataclass(order=True)
@@ -128,6 +129,7 @@ class Engine:
         self.stopping = asyncio.Event()  # set at shutdown, so a hanging request can end
         self._unpaused = asyncio.Event()
         self._unpaused.set()
+        self._hang_released = asyncio.Event()
         self._last_signatures: dict[str, str] = {}
         self._drop_sockets: Callable[[], None] = lambda: None
         self._task: asyncio.Task[None] | None = None
@@ -439,6 +441,7 @@ class Engine:
             self.faults.runtime_error -= 1
         drop_after = self.faults.drop_socket_after_nodes
         self.faults.drop_socket_after_nodes = None
+        hang_after, self.faults.hang_after_nodes = self.faults.hang_after_nodes, None
         outcome = "success"
         # Cached nodes still yield values for the nodes after them.
         for node_id in order:
@@ -456,6 +459,10 @@ class Engine:
                     self._drop_sockets()
                 if fail_now:
                     raise NodeFailure("emulated failure (injected)", "RuntimeError")
+                if hang_after is not None and count == hang_after:
+                    # A node that never returns (a deadlocked custom node): no event, no interrupt.
+                    self._hang_released.clear()
+                    await self._hang_released.wait()
                 await self._spend(node, node_id, pid, sid)
                 results[node_id] = self._run_node_value(item.prompt, node_id, results)
                 ui = self._write_outputs(node, node_id, results, pid)
@@ -500,6 +507,10 @@ class Engine:
         self._running = None
         self.broadcast_status()
         self._emit("executing", {"node": None, "prompt_id": pid}, sid if sid else None)
+
+    def release_hang(self) -> None:
+        """The hung node returns at last (its prompt goes on, or stops if it was interrupted meanwhile)."""
+        self._hang_released.set()
 
     def _check_interrupt(self, prompt_id: str) -> None:
         if self._interrupt_id == prompt_id:

@@ -1,0 +1,122 @@
+"""A small fake ComfyUI for the misbehaviours a real one (and so the emulator) only shows when broken.
+
+It stands in front of an emulator and passes every request and every event through, except the
+answers a test replaces (a proxy's error page with 200, an array where an object belongs) and the
+frames a test pushes into the event sockets. The emulator stays faithful; the lies live here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import defaultdict, deque
+from collections.abc import Callable
+
+import aiohttp
+from aiohttp import web
+
+from comfybridge.emulator import Emulator
+
+HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "content-encoding", "host"}
+
+
+class FakeComfy:
+    def __init__(self, upstream: Emulator) -> None:
+        self.upstream = upstream
+        self.answers: dict[str, deque[tuple[int, bytes]]] = defaultdict(deque)
+        self.sockets: set[web.WebSocketResponse] = set()
+        self.seen: list[str] = []  # "GET /queue", ... every request, in order
+        self.rewrite: Callable[[str], str] = lambda text: text  # applied to every event ComfyUI sends
+        self._session: aiohttp.ClientSession | None = None
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def replace(self, route: str, status: int, body: bytes | str, times: int = 1) -> None:
+        """The next `times` requests of `route` ("GET /queue", "GET /history/{id}" as "GET /history/*")
+        get this answer instead of ComfyUI's."""
+        data = body.encode() if isinstance(body, str) else body
+        self.answers[route].extend([(status, data)] * times)
+
+    async def push(self, text: str) -> None:
+        """A text frame, as is, to every event socket."""
+        for ws in list(self.sockets):
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await ws.send_str(text)
+
+    async def drop_sockets(self) -> None:
+        for ws in list(self.sockets):
+            await ws.close()
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession()
+        app = web.Application(client_max_size=1 << 30)
+        app.router.add_get("/ws", self._socket)
+        app.router.add_route("*", "/{tail:.*}", self._forward)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        for ws in list(self.sockets):
+            await ws.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+
+    def _route(self, request: web.Request) -> str:
+        path = request.path.removeprefix("/api") if request.path.startswith("/api/") else request.path
+        if path.startswith("/history/"):
+            path = "/history/*"
+        return f"{request.method} {path}"
+
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
+        route = self._route(request)
+        self.seen.append(route)
+        canned = self.answers.get(route)
+        if canned:
+            status, body = canned.popleft()
+            return web.Response(status=status, body=body, content_type="application/json")
+        assert self._session is not None
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
+        async with self._session.request(
+            request.method, self.upstream.url + request.rel_url.human_repr(), headers=headers, data=await request.read()
+        ) as resp:
+            body = await resp.read()
+            kept = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_HEADERS}
+            return web.Response(status=resp.status, body=body, headers=kept)
+
+    async def _socket(self, request: web.Request) -> web.WebSocketResponse:
+        self.seen.append("GET /ws")
+        assert self._session is not None
+        ws = web.WebSocketResponse(max_msg_size=0)
+        await ws.prepare(request)
+        self.sockets.add(ws)
+        try:
+            async with self._session.ws_connect(f"{self.upstream.url}/ws?{request.query_string}") as upstream:
+                relay = asyncio.create_task(self._relay(upstream, ws))
+                try:
+                    async for msg in ws:
+                        if msg.type is aiohttp.WSMsgType.TEXT:
+                            await upstream.send_str(msg.data)
+                finally:
+                    relay.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await relay
+        finally:
+            self.sockets.discard(ws)
+        return ws
+
+    async def _relay(self, upstream: aiohttp.ClientWebSocketResponse, ws: web.WebSocketResponse) -> None:
+        async for msg in upstream:
+            if msg.type is aiohttp.WSMsgType.TEXT:
+                await ws.send_str(self.rewrite(msg.data))
+            elif msg.type is aiohttp.WSMsgType.BINARY:
+                await ws.send_bytes(msg.data)
+        await ws.close()

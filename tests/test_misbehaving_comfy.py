@@ -1,0 +1,224 @@
+"""Whatever ComfyUI (or a proxy before it) sends, no listener dies and every job ends: malformed events and
+answers are skipped or fail only their job, a backend that hangs is taken out of service."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+import pytest
+
+from comfybridge.emulator import Emulator
+from comfybridge.emulator.server import SOCKETS
+from comfybridge.keys import SCHEDULER
+
+from .conftest import BridgeFactory, EmulatorFactory, wait_for
+from .fake_comfy import FakeComfy
+from .helpers import Client, frames_until, generate, poll_status, read_results
+
+SOLID = {"workflow": "solid", "1/batch_size": 1}
+PROXY_PAGE = "<html><body><h1>502 Bad Gateway</h1></body></html>"
+
+
+def backend_states(client: Client) -> list[str]:
+    return [b["state"] for b in client.app[SCHEDULER].health()["backends"]]
+
+
+async def run_one(client: Client, client_id: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Submit, wait for the end, and fetch: the last status and the result files."""
+    status, answer = await generate(client, client_id, body or SOLID)
+    assert status == 200, answer
+    info = await poll_status(client, client_id, {"closed", "error"}, timeout=30)
+    resp = await client.get("/history", params={"clientId": client_id})
+    files = [part[1] for part in await read_results(resp)] if resp.status == 200 else []
+    return {"status": info["status"], "detail": info["detail"], "files": files}
+
+
+MALFORMED_EVENTS = [
+    '{"type": "status", "data": {"status": "busy"}}',
+    '{"type": "status", "data": {"status": {"exec_info": [1, 2]}}}',
+    '{"type": "status", "data": {"status": {"exec_info": {"queue_remaining": "many"}}}}',
+    '{"type": "status", "data": []}',
+    '{"type": "execution_cached", "data": {"nodes": null, "prompt_id": "p"}}',
+    '{"type": "execution_cached", "data": {"nodes": {"1": true}, "prompt_id": "p"}}',
+    '{"type": "executing", "data": {"node": {"id": 1}, "prompt_id": "p"}}',
+    '{"type": "executing", "data": {"node": "1", "prompt_id": 7}}',
+    '{"type": "progress", "data": {"value": "3", "max": 10, "node": "1", "prompt_id": "p"}}',
+    '{"type": "progress_state", "data": {"nodes": [1, 2], "prompt_id": "p"}}',
+    '{"type": "executed", "data": {"node": "1", "output": ["x"], "prompt_id": "p"}}',
+    '{"type": "execution_error", "data": "boom"}',
+    '{"type": 5, "data": {}}',
+    '["status", {}]',
+    "not json at all",
+    '{"type": "status"}',
+]
+
+
+async def test_malformed_events_are_skipped_and_the_listener_lives(
+    make_fake: Any, make_bridge: BridgeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake: FakeComfy = await make_fake()
+    client = await make_bridge(fake.url)
+    await wait_for(lambda: backend_states(client) == ["up"])
+    for frame in MALFORMED_EVENTS:
+        await fake.push(frame)
+    # The same garbage about the very prompt that runs, while it runs.
+    fake.upstream.engine.faults.start_delay = 0.3
+    status, _ = await generate(client, "garbage", SOLID)
+    assert status == 200
+    await wait_for(lambda: bool(fake.upstream.engine.started))
+    prompt_id = fake.upstream.engine.started[0]
+    for frame in MALFORMED_EVENTS:
+        await fake.push(frame.replace('"p"', orjson.dumps(prompt_id).decode()))
+    info = await poll_status(client, "garbage", {"closed", "error"}, timeout=30)
+    assert info["status"] == "closed"
+    assert backend_states(client) == ["up"]
+    fake.upstream.engine.faults.start_delay = 0
+    assert (await run_one(client, "after"))["status"] == "closed"  # still listening
+    complaints = [r.getMessage() for r in caplog.records if "sent a malformed" in r.getMessage()]
+    assert any("status.status is str, not an object" in line for line in complaints)
+    assert any("execution_cached.nodes is dict, not a list" in line for line in complaints)
+    assert any("not JSON" in line for line in complaints)
+    # Rate-limited: the second round of each kind within a minute is counted, not logged again.
+    assert len(complaints) < 2 * len(MALFORMED_EVENTS)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize(
+    ("route", "body"),
+    [
+        ("GET /queue", PROXY_PAGE),
+        ("GET /queue", '{"queue_running": {"a": 1}, "queue_pending": []}'),
+        ("GET /queue", '{"queue_running": [[1]], "queue_pending": []}'),
+        ("GET /queue", "[]"),
+        ("GET /history/*", PROXY_PAGE),
+        ("GET /history/*", '{"p": ["not", "an", "entry"]}'),
+    ],
+)
+async def test_malformed_answers_at_reconnect_delay_the_backend_not_kill_it(
+    make_fake: Any, make_bridge: BridgeFactory, route: str, body: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake: FakeComfy = await make_fake(pace=0.1)
+    client = await make_bridge(fake.url, backend_grace=30)
+    status, _ = await generate(client, "reconnect", {"workflow": "slow", "2/seed": 1})
+    assert status == 200
+    await wait_for(lambda: bool(fake.upstream.engine.started))
+    prompt_id = fake.upstream.engine.started[0]
+    fake.replace(route, 200, body.replace('"p"', orjson.dumps(prompt_id).decode()), times=3)
+    fake.replace("GET /prompt", 502, PROXY_PAGE)  # and a first reconnect that fails outright
+    await fake.drop_sockets()
+    await wait_for(lambda: backend_states(client) == ["down"])
+    info = await poll_status(client, "reconnect", {"closed", "error"}, timeout=30)
+    assert info["status"] == "closed", info
+    assert backend_states(client) == ["up"]
+    assert len(fake.upstream.engine.started) == 1  # adopted, never sent twice
+    assert not fake.answers[route]  # every bad answer was met, and outlived
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # refused as malformed, not a crash
+
+
+async def test_a_non_json_200_from_prompt_is_asked_about_never_sent_blindly(
+    make_fake: Any, make_bridge: BridgeFactory
+) -> None:
+    fake: FakeComfy = await make_fake()
+    client = await make_bridge(fake.url)
+    await wait_for(lambda: backend_states(client) == ["up"])
+    fake.replace("POST /prompt", 200, PROXY_PAGE)
+    outcome = await run_one(client, "prompt-page")
+    assert outcome["status"] == "closed"
+    assert len(fake.upstream.engine.started) == 1
+    assert fake.seen.count("POST /prompt") == 2  # unanswered once, asked about, then sent again
+
+
+async def test_history_malformed_for_good_fails_only_that_job(make_fake: Any, make_bridge: BridgeFactory) -> None:
+    fake: FakeComfy = await make_fake(pace=0.1)
+    client = await make_bridge(fake.url, result_retries=2, backend_grace=30)
+    status, _ = await generate(client, "unlucky", {"workflow": "slow", "2/seed": 2})
+    assert status == 200
+    await wait_for(lambda: bool(fake.upstream.engine.started))
+    fake.replace("GET /history/*", 200, PROXY_PAGE, times=10)
+    await fake.drop_sockets()  # its events are missed now: the outcome must come from /history
+    info = await poll_status(client, "unlucky", {"closed", "error"}, timeout=30)
+    assert info["status"] == "error"
+    assert info["detail"].startswith("ComfyUI did not give the results (")
+    assert "answered 200 with 50 bytes that are not JSON" in info["detail"]
+    fake.answers.clear()
+    assert (await run_one(client, "next"))["status"] == "closed"
+    assert backend_states(client) == ["up"]
+
+
+async def test_object_info_that_is_not_json_keeps_no_backend_out(make_fake: Any, make_bridge: BridgeFactory) -> None:
+    fake: FakeComfy = await make_fake()
+    fake.replace("GET /object_info", 200, PROXY_PAGE)
+    client = await make_bridge(fake.url)
+    assert (await run_one(client, "limits-later"))["status"] == "closed"
+    assert fake.seen.count("GET /object_info") == 1
+
+
+async def test_a_listener_that_fails_is_started_again_and_down_meanwhile(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    emulator = await make_emulator()
+    client = await make_bridge(emulator)
+    failover = client.app[SCHEDULER].failover
+    await wait_for(lambda: backend_states(client) == ["up"])
+    real_lost, faults = failover.lost, []
+
+    def lost_with_a_bug(backend: Any) -> None:
+        if not faults:  # the first call fails, as a bug in a handler would: the listener dies of it
+            faults.append(backend.name)
+            raise RuntimeError("a bug in the listener")
+        real_lost(backend)
+
+    failover.lost = lost_with_a_bug  # type: ignore[method-assign]
+    await _drop_bridge_sockets(emulator)
+    await wait_for(lambda: backend_states(client) == ["down"])
+    assert faults
+    await wait_for(lambda: backend_states(client) == ["up"])
+    assert (await run_one(client, "restarted"))["status"] == "closed"
+    assert any("its listener failed; starting it again" in r.getMessage() for r in caplog.records)
+
+
+async def _drop_bridge_sockets(emulator: Emulator) -> None:
+    for ws in list(emulator.app[SOCKETS].values()):
+        await ws.close()
+
+
+async def test_frames_over_the_limit_are_refused_unread(make_fake: Any, make_bridge: BridgeFactory) -> None:
+    fake: FakeComfy = await make_fake()
+    client = await make_bridge(fake.url, max_event_mb=0.01, backend_grace=30)
+    await wait_for(lambda: backend_states(client) == ["up"])
+    await fake.push('{"type": "status", "data": {"pad": "' + "x" * 20_000 + '"}}')
+    await wait_for(lambda: backend_states(client) == ["down"])
+    await wait_for(lambda: backend_states(client) == ["up"])  # it reconnects
+    assert (await run_one(client, "small-frames"))["status"] == "closed"
+
+
+async def test_a_hung_comfyui_is_stuck_its_jobs_move_and_it_comes_back(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    hung = await make_emulator(pace=0.05)
+    spare = await make_emulator(pace=0.05)
+    hung.engine.faults.hang_after_nodes = 1
+    client = await make_bridge(hung, job_idle_timeout=1.0)
+    scheduler = client.app[SCHEDULER]
+    async with client.ws_connect("/ws", params={"clientId": "patient"}) as ws:
+        for seed in (1, 2, 3):
+            status, _ = await generate(client, "patient", {"workflow": "slow", "2/seed": seed})
+            assert status == 200
+        await wait_for(lambda: hung.engine.queue_remaining == 2)  # one hung, one queued behind it
+        scheduler.set_backends([hung.url, spare.url])
+        first = await frames_until(ws, "error")
+        assert first[-1]["detail"] == "time out error: exceed 1s"
+        assert backend_states(client) == ["stuck", "up"]
+        assert (await client.get("/health")).status == 200
+        second = await frames_until(ws, "closed")
+        third = await frames_until(ws, "closed")
+    assert second[-1]["job_id"] != third[-1]["job_id"]
+    assert len(spare.engine.started) == 2  # the jobs behind the hung prompt ran elsewhere
+    assert hung.engine.queue_remaining == 1  # only the hung one is left there
+    metrics = await (await client.get("/metrics")).text()
+    assert f'comfybridge_backend_stuck{{backend="{hung.url}"}} 1.0' in metrics
+    hung.engine.release_hang()  # it moves again (its prompt was interrupted meanwhile)
+    await wait_for(lambda: backend_states(client) == ["up", "up"])
+    assert (await run_one(client, "later"))["status"] == "closed"

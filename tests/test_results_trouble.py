@@ -1,0 +1,163 @@
+"""A result that cannot be stored ends its job clearly and stops costing: names no disk or header can
+take, files over the limit, a full disk (bounded tries, no download without room), an interrupt."""
+
+from __future__ import annotations
+
+import base64
+import errno
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from comfybridge import comfy
+from comfybridge.keys import SCHEDULER
+
+from .conftest import BridgeFactory, EmulatorFactory, wait_for
+from .fake_comfy import FakeComfy
+from .helpers import generate, png, poll_status, small_disk
+
+SOLID = {"workflow": "solid", "1/batch_size": 1}
+NASTY_NAMES = [
+    "a\x00b.png",
+    "line\r\nX-Injected: yes.png",
+    "../../etc/passwd.png",
+    "x" * 300 + ".png",
+    "sub/dir\\evil.png",
+    "\x1b[31mred\x7f.png",
+    '"quoted";name.png',
+]
+
+
+def renaming(name: str) -> Any:
+    """Rewrites the `executed` event's file name, as a custom node with a strange prefix would make it."""
+
+    def rewrite(text: str) -> str:
+        message = orjson.loads(text)
+        if message.get("type") == "executed":
+            for item in message["data"]["output"].get("images", []):
+                item["filename"] = name
+        return orjson.dumps(message).decode()
+
+    return rewrite
+
+
+@pytest.mark.parametrize("name", NASTY_NAMES)
+async def test_output_names_no_disk_or_header_can_take_get_safe_stored_names(
+    make_fake: Any, make_bridge: BridgeFactory, name: str, tmp_path: Path
+) -> None:
+    fake: FakeComfy = await make_fake()
+    picture = png(3, 2, 0x123456)
+    fake.rewrite = renaming(name)
+    fake.replace("GET /view", 200, picture)
+    client = await make_bridge(fake.url)
+    for client_id, res_type in (("multi", None), ("b64", "base64")):
+        status, _ = await generate(client, client_id, SOLID)
+        assert status == 200
+        info = await poll_status(client, client_id, {"closed", "error"})
+        assert info["status"] == "closed", info
+        stored = [p for p in (tmp_path / "data" / "results").rglob("*") if p.is_file()]
+        assert len(stored) == 1
+        assert len(stored[0].name) <= 104
+        assert all(c.isalnum() or c in "._-" for c in stored[0].name)
+        params = {"clientId": client_id, **({"resType": res_type} if res_type else {})}
+        resp = await client.get("/history", params=params)
+        raw = await resp.read()
+        if res_type == "base64":
+            (item,) = orjson.loads(raw)["files"]
+            assert item["file_name"] == name  # ComfyUI's name, as it is, escaped by JSON
+            assert base64.b64decode(item["content"]) == picture
+        else:
+            head_lines = raw.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+            assert not [line for line in head_lines if line.startswith(b"X-Injected")]
+            assert not [line for line in head_lines if any(byte < 32 or byte == 127 for byte in line)]
+            payload = raw.split(b"\r\n\r\n", 1)[1]
+            assert payload[: payload.rindex(b"\r\n--")] == picture
+            fake.replace("GET /view", 200, picture)  # for the second client's job
+
+
+async def test_a_result_over_max_result_mb_fails_its_job_clearly(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, tmp_path: Path
+) -> None:
+    emulator = await make_emulator()
+    emulator.engine.faults.video_mb = 2
+    client = await make_bridge(emulator, max_result_mb=1)
+    status, _ = await generate(client, "huge", SOLID)
+    assert status == 200
+    info = await poll_status(client, "huge", {"closed", "error"})
+    assert info["status"] == "error"
+    assert info["detail"].startswith("The result cannot be kept: the output '")
+    assert info["detail"].endswith(".mp4' is larger than the limit of 1 MB (max_result_mb).")
+    assert not [p for p in (tmp_path / "data" / "results").rglob("*") if p.is_file()]
+    assert (await client.get("/history", params={"clientId": "huge"})).status == 204
+    assert emulator.engine.requests["GET /view"] <= 2  # refused from its length, not retried
+
+
+async def test_a_full_disk_fails_the_job_after_bounded_tries_without_downloading(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    emulator = await make_emulator()
+    emulator.engine.faults.video_mb = 16
+    data_dir = tmp_path / "small"
+    kind = "tmpfs"
+    try:
+        disk = small_disk(data_dir, "8m")
+        disk.__enter__()
+    except pytest.skip.Exception:
+        kind, disk = "injected", None
+        data_dir = tmp_path / "data"
+
+        def no_room(target: Path, length: int | None) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device", str(target.parent))
+
+        monkeypatch.setattr(comfy, "_make_room", no_room)
+    try:
+        client = await make_bridge(emulator, data_dir=data_dir, result_retries=3)
+        status, _ = await generate(client, "full", SOLID)
+        assert status == 200
+        info = await poll_status(client, "full", {"closed", "error"}, timeout=30)
+        assert info["status"] == "error", kind
+        assert info["detail"].startswith("The results could not be stored: the bridge's disk is full")
+        if kind == "tmpfs":  # refused from its length, before a byte of it was read
+            assert info["detail"].endswith(f"(no room for {16 << 20} bytes).")
+        # Three tries, each refused before the video's body is read.
+        assert emulator.engine.requests["GET /view"] <= 3 * 2
+        stored = [p for p in (data_dir / "results").rglob("*") if p.is_file()]
+        assert stored == []
+        # It never stopped serving: the next small job works once there is room.
+        emulator.engine.faults.video_mb = 0
+        monkeypatch.undo()
+        status, _ = await generate(client, "after", SOLID)
+        assert status == 200
+        assert (await poll_status(client, "after", {"closed", "error"}))["status"] == "closed"
+        await client.close()
+    finally:
+        if disk is not None:
+            disk.__exit__(None, None, None)
+
+
+async def test_interrupt_stops_the_tries_to_store_results(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    emulator = await make_emulator()
+    client = await make_bridge(emulator, result_retries=50)
+    tries: list[Path] = []
+
+    def no_room(target: Path, data: bytes) -> None:
+        tries.append(target)
+        raise OSError(errno.ENOSPC, "No space left on device", str(target.parent))
+
+    monkeypatch.setattr(comfy, "write_synced", no_room)
+    status, _ = await generate(client, "stop", SOLID)
+    assert status == 200
+    await wait_for(lambda: len(tries) >= 2)
+    resp = await client.post("/interrupt", params={"clientId": "stop"})
+    assert resp.status == 200
+    scheduler = client.app[SCHEDULER]
+    await wait_for(lambda: not scheduler.core.collecting)
+    count = len(tries)
+    info = await poll_status(client, "stop", {"error"})
+    assert info["detail"] == "interrupted"
+    assert len(tries) == count  # no try after the interrupt
+    assert not (tmp_path / "data" / "results" / info["job_id"]).exists()
