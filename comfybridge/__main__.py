@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         logs.setup(settings.log_level, settings.log_format)
         logging.getLogger("comfybridge.access").disabled = not settings.access_log
-        app = create_app(settings, reload=lambda: load_settings(argv))
+        app = create_app(settings, reload=lambda: load_settings(argv), handle_signals=True)
     except (ConfigError, WorkflowConfigError, StateError, JournalError, KeyFileError, DataDirLocked) as exc:
         _close(sockets)
         return _refuse(str(exc))

@@ -16,6 +16,7 @@ from .access import AccessPolicy, KeyFileError, KeyRing, RateLimiter
 from .config import ConfigError, Settings
 from .datadir import DataDirLock
 from .emulator import Emulator
+from .errors import WorkflowConfigError
 from .journal import SqliteJournal
 from .keys import (
     BACKEND_URLS,
@@ -46,11 +47,14 @@ log = logging.getLogger(__name__)
 MB = 1024 * 1024
 
 
-def create_app(settings: Settings, reload: Callable[[], Settings] | None = None) -> web.Application:
+def create_app(
+    settings: Settings, reload: Callable[[], Settings] | None = None, handle_signals: bool = False
+) -> web.Application:
     """Load what must be valid before serving (workflows, state, the job journal); start the rest
     with the app.
 
-    `reload` re-reads the settings on SIGHUP, to pick up a changed backend list without a restart.
+    With `handle_signals` (the process's own app, not a test's), SIGTERM drains for `stop_grace` and
+    SIGHUP reloads: `reload` re-reads the settings, to pick up a changed backend list without a restart.
     Raises WorkflowConfigError, StateError or JournalError for a folder or file it cannot use, and
     DataDirLocked (having read and changed nothing) when another bridge holds the data folder.
     """
@@ -75,6 +79,9 @@ def create_app(settings: Settings, reload: Callable[[], Settings] | None = None)
             policy.middleware(),
         ],
         client_max_size=int(settings.max_json_mb * MB),
+        # Bodies come as sent: a JSON body is inflated by its handler within its limit, so the rest
+        # of a refused compressed bomb is drained as the few bytes it is, never inflated.
+        handler_args={"auto_decompress": False},
     )
     app[SETTINGS] = settings
     app[DATA_LOCK] = lock
@@ -97,8 +104,8 @@ def create_app(settings: Settings, reload: Callable[[], Settings] | None = None)
     journal.on_commit = metrics.commit_done
     app[BACKEND_URLS] = list(settings.backends)
     app.cleanup_ctx.extend([_stores, _journal, _emulators, _http_session, _scheduler, heartbeat])
-    if reload is not None and not settings.emulate:
-        app.cleanup_ctx.append(_reload_on_sighup(reload))
+    if handle_signals:
+        app.cleanup_ctx.append(_signals(reload))
     app.on_shutdown.extend([_stop_accepting, _close_sockets])
     app.on_cleanup.append(_release_data_dir)  # after every cleanup context: the journal is closed
     setup_routes(app)
@@ -213,23 +220,50 @@ def _webhooks(app: web.Application, scheduler: Scheduler) -> aiohttp.ClientSessi
     return session
 
 
-def _reload_on_sighup(reload: Callable[[], Settings]) -> Callable[[web.Application], AsyncIterator[None]]:
+def _signals(reload: Callable[[], Settings] | None) -> Callable[[web.Application], AsyncIterator[None]]:
+    """SIGTERM drains before it stops: /ready and new jobs answer 503 "stopping" for `stop_grace`
+    seconds while everything else is served, so a load balancer takes the bridge out of rotation
+    before its port closes (a second SIGTERM, or SIGINT, stops at once). SIGHUP re-reads the
+    settings (the backend list, unless emulated) and the workflow folder."""
+
     async def context(app: web.Application) -> AsyncIterator[None]:
-        def apply() -> None:
+        settings, scheduler = app[SETTINGS], app[SCHEDULER]
+        loop = asyncio.get_running_loop()
+
+        def terminate() -> None:
+            if not scheduler.accepting or not settings.stop_grace:
+                raise web.GracefulExit()
+            scheduler.stop_accepting()
+            log.info("SIGTERM: refusing new jobs (503 stopping); the bridge stops in %gs", settings.stop_grace)
+            loop.call_later(settings.stop_grace, _stop_now)
+
+        def reread() -> None:
             try:
-                backends = list(reload().backends)
+                fresh = reload() if reload is not None else settings
             except ConfigError as exc:
                 log.error("SIGHUP: settings not reloaded: %s", exc)
                 return
-            log.info("SIGHUP: backends are now %s", ", ".join(backends))
-            app[SCHEDULER].set_backends(backends)
+            if not settings.emulate:
+                log.info("SIGHUP: backends are now %s", ", ".join(fresh.backends))
+                scheduler.set_backends(list(fresh.backends))
+            try:
+                app[WORKFLOWS].replace_with(WorkflowStore.load(settings.workflows))
+            except WorkflowConfigError as exc:
+                log.error("SIGHUP: workflows not reloaded, the ones loaded before stay: %s", exc)
+                return
+            scheduler.workflows_reloaded()
 
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, apply)
+        loop.add_signal_handler(signal.SIGTERM, terminate)
+        loop.add_signal_handler(signal.SIGHUP, reread)
         yield
         loop.remove_signal_handler(signal.SIGHUP)
+        loop.remove_signal_handler(signal.SIGTERM)
 
     return context
+
+
+def _stop_now() -> None:
+    raise web.GracefulExit()
 
 
 async def _stop_accepting(app: web.Application) -> None:
@@ -239,7 +273,7 @@ async def _stop_accepting(app: web.Application) -> None:
         log.info("draining: waiting up to %gs for jobs inside ComfyUI", settings.drain)
         await scheduler.drain(settings.drain)
     else:
-        scheduler.core.closing = True
+        scheduler.stop_dispatching()
 
 
 async def _close_sockets(app: web.Application) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -241,7 +242,9 @@ class AsyncBridge:
             try:
                 self._ws = await self.session.ws_connect(ws_url, params=params)
             except aiohttp.WSServerHandshakeError as exc:
-                raise BridgeError(exc.status, exc.message) from None
+                # The bridge says why in X-Detail: a handshake's refusal body is not readable here.
+                told = exc.headers.get("X-Detail") if exc.headers else None
+                raise BridgeError(exc.status, urllib.parse.unquote(told) if told else exc.message) from None
         return self._ws
 
     async def _json(self, method: str, path: str, client: bool = False, **kwargs: Any) -> Any:

@@ -67,8 +67,9 @@ class Client:
 
     @property
     def running(self) -> bool:
-        """A job of this client is executing on a backend (so no `listening` heartbeat)."""
-        return any(job.executing for job in self.jobs.values())
+        """A job of this client is executing on a backend, or its ending is being recorded (it has left
+        `jobs` but the client has not heard it yet): no `listening` heartbeat between 100% and `closed`."""
+        return any(job.executing for job in self.jobs.values()) or any(j not in self.jobs for j in self.untold)
 
 
 class ClientRegistry:

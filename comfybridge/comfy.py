@@ -15,7 +15,7 @@ import orjson
 from yarl import URL
 
 from . import shapes
-from .errors import StorageFull
+from .errors import StorageError, StorageFull, StorageUnavailable
 from .files import SMALL_FILE, open_off_loop, sync_handle, write_synced
 from .shapes import Complaints, Malformed, OutputRef, describe_refusal
 
@@ -207,7 +207,7 @@ class ComfyClient:
     async def download(self, ref: OutputRef, target: Path, max_bytes: int) -> int:
         """Copy one output file to `target`, fsynced (its folder too is created if needed). A small file
         is written in one go; a large one streams, never held whole in memory, once the disk has room
-        for it (a full disk costs no download). Raises ResultTooLarge past `max_bytes`, StorageFull
+        for it (a full disk costs no download). Raises ResultTooLarge past `max_bytes`, StorageError
         when the bridge cannot write it, BackendUnavailable when ComfyUI cannot give it."""
         params = {"filename": ref.filename, "subfolder": ref.subfolder, "type": ref.type}
         size = 0
@@ -330,8 +330,8 @@ def _make_room(target: Path, length: int | None) -> None:
         raise OSError(errno.ENOSPC, f"no room for {length} bytes", str(target.parent))
 
 
-def storage_error(exc: OSError) -> StorageFull:
+def storage_error(exc: OSError) -> StorageError:
     """A write of the bridge's own that failed, as the error the client or the log sees."""
     if exc.errno in NO_SPACE:
         return StorageFull(f"the bridge's disk is full ({exc.strerror})")
-    return StorageFull(f"the bridge could not write its data folder ({exc.strerror}: {exc.filename})")
+    return StorageUnavailable(f"the bridge could not write its data folder ({exc.strerror}: {exc.filename})")

@@ -71,6 +71,7 @@ class SchedulerSettings:
     max_result_mb: float
     result_retries: int
     max_event_mb: float
+    max_text_kb: float
 
 
 def _where_and_how_long(job: Job) -> dict[str, Any]:
@@ -131,7 +132,8 @@ class Core:
         self.by_prompt: dict[str, Job] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
         self.collecting: dict[str, asyncio.Task[Any]] = {}  # job id -> the task copying its results
-        self.closing = False
+        self.closing = False  # no more hand-overs: the bridge stops
+        self.accepting = True  # new jobs are taken (False from SIGTERM on, during its grace)
         self.journal_lost: str | None = None  # why the journal cannot be trusted any more, once it cannot
         self.open_jobs_by_key: Counter[str] = Counter()  # unfinished jobs of each API key
         self.settled = asyncio.Event()  # set whenever a prompt leaves a backend or a collection ends
@@ -178,15 +180,14 @@ class Core:
             backend.wakeup.set()
 
     # placement facts -------------------------------------------------------------------------
-    def bound_of(self, client_id: str) -> str | None:
-        """The backend a client's jobs must run on, if it is bound to one that can still take them."""
+    def preferred_of(self, client_id: str) -> str | None:
+        """The backend a client's work is on (its uploads there, caches warm), if it can take more:
+        the planner prefers it while it would not finish a job later than another backend."""
         client = self.clients.get(client_id)
         if client is None or client.backend is None:
             return None
         backend = self.backends.get(client.backend)
-        if backend is None or backend.draining or (not backend.healthy and backend.down_since is None):
-            return None
-        return client.backend
+        return client.backend if backend is not None and backend.usable else None
 
     def unbind_clients_of(self, backend: Backend) -> None:
         for client in self.clients:
@@ -318,7 +319,13 @@ class Core:
         return not client.untold or job_id == client.untold[0] or job_id not in client.untold
 
     def _send(self, client: Client, message: Status, close: bool = False) -> None:
-        if message["status"] == "closed" and client.jobs:
+        if "job_id" in message:
+            # Counted as it is sent, not as it was made: a frame that waited behind an earlier job's
+            # ending would otherwise miscount the jobs whose ending the client has still to hear.
+            ending = message["status"] in ("closed", "error") and message["job_id"] in client.untold
+            message = {**message, "jobs_left": len(client.untold) - ending}
+            close = close and not message["jobs_left"]
+        if message["status"] == "closed" and message.get("jobs_left"):
             # /execution-info says `closed` only once nothing of the client is left to run.
             client.status = open_status(client)
         else:

@@ -11,7 +11,7 @@ from .backend import Backend
 from .clients import CONNECTED, about_job
 from .comfy import BackendUnavailable, PromptRefused
 from .core import DISCONNECTED, Core
-from .errors import StorageFull
+from .errors import StorageError
 from .jobs import Job, JobState
 from .planner import PLAN_HORIZON, plan_for
 from .uploads import UploadGone
@@ -46,7 +46,7 @@ class Dispatcher:
             return None
         lanes = [b.lane(core.runtimes) for b in core.backends.values() if b.usable]
         jobs = list(itertools.islice(core.queue.order(), PLAN_HORIZON))
-        waiting = ((j.id, j.workflow, core.bound_of(j.client_id)) for j in jobs)
+        waiting = ((j.id, j.workflow, core.preferred_of(j.client_id)) for j in jobs)
         index = plan_for(backend.name, waiting, lanes, core.runtimes.estimate, core.settings.warm_slack)
         return None if index is None else jobs[index]
 
@@ -65,7 +65,7 @@ class Dispatcher:
         try:
             try:
                 await job.move(JobState.SUBMITTING, backend=backend.name, prompt_id=job.prompt_id)
-            except StorageFull as exc:
+            except StorageError as exc:
                 log.error("job %s client %s: hand-over not recorded (%s); waiting", job.id, job.client_id, exc)
                 core.drop_inflight(backend, job)
                 if not job.ended:
@@ -75,7 +75,7 @@ class Dispatcher:
             if job.ended:  # cancelled while the hand-over was being recorded
                 core.drop_inflight(backend, job)
                 return
-            prompt = job.prompt
+            prompt = job.graph()
             for key, name in job.uploads.items():
                 node_id, _, input_name = key.partition("/")
                 try:

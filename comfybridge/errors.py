@@ -3,11 +3,14 @@
 __all__ = [
     "BadInput",
     "BridgeError",
+    "Conflict",
     "Forbidden",
     "NoBackend",
     "NotFound",
     "RateLimited",
+    "RequestTimeout",
     "ShuttingDown",
+    "StorageError",
     "StorageFull",
     "StorageUnavailable",
     "TooLarge",
@@ -51,6 +54,18 @@ class NotFound(BridgeError):
     status = 404
 
 
+class Conflict(BridgeError):
+    """What the request asks for is being done by another request right now (409)."""
+
+    status = 409
+
+
+class RequestTimeout(BridgeError):
+    """A request body that did not arrive in time (408)."""
+
+    status = 408
+
+
 class TooLarge(BridgeError):
     """An upload over the configured size (413)."""
 
@@ -89,16 +104,20 @@ class Forbidden(BridgeError):
     status = 403
 
 
-class StorageFull(BridgeError):
+class StorageError(BridgeError):
+    """The bridge's own storage failed a write: never the client's fault."""
+
+    status = 503
+
+
+class StorageFull(StorageError):
     """The bridge's disk cannot take the write that accepting the request needs (507)."""
 
     status = 507
 
 
-class StorageUnavailable(BridgeError):
+class StorageUnavailable(StorageError):
     """The bridge cannot use its data folder (read-only, no permission, its journal gone) (503)."""
-
-    status = 503
 
 
 class NoBackend(BridgeError):

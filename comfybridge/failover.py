@@ -31,7 +31,7 @@ class Failover:
             await self._remove_abandoned(backend)
             await self.reconcile(backend)
             if not backend.object_info_loaded:
-                await self._learn_object_info(backend)
+                await self.learn_object_info(backend)
             backend.healthy = True
             backend.down_since = None
             log.info("backend %s is up", backend.name)
@@ -58,7 +58,7 @@ class Failover:
                 core.tell(job, "listening", f"waiting for its ComfyUI to come back (up to {grace:g}s)")
         self.watch_absence(backend)
 
-    async def _learn_object_info(self, backend: Backend) -> None:
+    async def learn_object_info(self, backend: Backend) -> None:
         """Input limits from /object_info; one that cannot be read is asked again at the next connect,
         and keeps no backend out meanwhile."""
         try:

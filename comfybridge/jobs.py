@@ -9,6 +9,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import orjson
+
 
 class JobState(enum.StrEnum):
     WAITING = "waiting"  # in the bridge's queue for its backend
@@ -111,7 +113,7 @@ def _weight(node: dict[str, Any]) -> int:
 class Job:
     client_id: str
     workflow: str
-    prompt: dict[str, Any]
+    prompt: bytes  # the API-format graph as JSON: compact while it waits (a dict is many times larger)
     seq: int  # generation count at acceptance: the job's place in acceptance order
     uploads: dict[str, str] = field(default_factory=dict)  # "node/input" -> upload name to send at dispatch
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -139,10 +141,19 @@ class Job:
     seen_outputs: dict[str, Any] | None = None
     webhook: str | None = None  # where to tell of its end (the request's `_webhook`, or its key's)
     journal: Recorder | None = field(default=None, repr=False, compare=False)
-    progress: Progress = field(init=False)
+    _progress: Progress | None = field(default=None, init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        self.progress = Progress(self.prompt)
+    @property
+    def progress(self) -> Progress:
+        """Made when first needed: a job that waits holds no per-node state."""
+        if self._progress is None:
+            self._progress = Progress(self.graph())
+        return self._progress
+
+    def graph(self) -> dict[str, Any]:
+        """A fresh copy of the prompt to send (the caller may patch it)."""
+        graph: dict[str, Any] = orjson.loads(self.prompt)
+        return graph
 
     @classmethod
     def restore(cls, row: dict[str, Any], journal: Recorder) -> Job:
@@ -225,7 +236,7 @@ class Job:
         self.outcome = None
         self.started_at = None
         self.seen_outputs = None
-        self.progress = Progress(self.prompt)
+        self._progress = None
         return self.move(
             JobState.WAITING, prompt_id=str(uuid.uuid4()), backend=None, attempts=self.attempts, retries=self.retries
         )

@@ -21,14 +21,14 @@ from typing import Any, Protocol
 
 import orjson
 
-from .errors import StorageFull
+from .errors import StorageFull, StorageUnavailable
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2  # 2: jobs.webhook, and the deliveries table
 MAX_BATCH = 512  # writes in one commit at most, so one commit never holds the others back for long
 ENDED_STATES = ("done", "failed", "cancelled")
-JSON_COLUMNS = {"prompt", "uploads", "results"}
+JSON_COLUMNS = {"uploads", "results"}  # and prompt, kept as the JSON bytes the job holds
 COLUMNS = (
     "id",
     "seq",
@@ -361,10 +361,12 @@ def _log_failure(future: asyncio.Future[Any]) -> None:
 
 
 def _storage_error(exc: Exception, path: Path) -> Exception:
+    """A failed journal write as the error a request answers with: a full disk (507), anything else
+    (read-only, no permission, an I/O error) 503, told to the operator in the log."""
     if getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL":
         return StorageFull("The bridge's disk is full, so nothing more can be recorded; try again later.")
     log.error("journal %s: write failed: %s", path, exc)
-    return StorageFull(f"The bridge could not record the change ({exc}); try again later.")
+    return StorageUnavailable(f"The bridge could not record the change ({exc}); its operator has been told.")
 
 
 def _values(fields: dict[str, Any]) -> dict[str, Any]:

@@ -75,34 +75,33 @@ def plan_for(
 ) -> int | None:
     """Index of the first waiting job that earliest-finish list scheduling gives to `backend`, or None.
 
-    `waiting` yields (job key, workflow, bound backend or None) in the order jobs are served. Each job
-    goes where it would finish first by the learned estimates (which already know warm runs apart
-    from cold ones); a backend that last ran the same workflow is preferred only when it finishes
-    within `warm_slack` (a fraction of the job's own length) of the best. Ties go to the backend
-    that is free sooner, never to whichever worker asked. Jobs of a bound client go to their
-    backend. A backend whose turn never comes stays idle: the others finish sooner.
+    `waiting` yields (job key, workflow, preferred backend or None) in the order jobs are served. Each
+    job goes where it would finish first by the learned estimates (which already know warm runs apart
+    from cold ones). The backend its client's work is on (uploads there, caches warm) is preferred,
+    and so is one that last ran the same workflow, but only while it finishes within `warm_slack` (a
+    fraction of the job's own length) of the best: affinity never leaves a GPU idle while a job it
+    would finish sooner waits. Ties go to the backend that is free sooner, never to whichever worker
+    asked. A backend whose turn never comes stays idle: the others finish sooner.
     """
     free = {lane.name: lane.free_in for lane in lanes}
     last = {lane.name: lane.last_workflow for lane in lanes}
     if backend not in free:
         return None
-    for index, (_, workflow, bound) in enumerate(waiting):
+    for index, (_, workflow, preferred) in enumerate(waiting):
         if index >= PLAN_HORIZON:
             return None
-        if bound is not None:
-            if bound not in free:
-                continue
-            target = bound
+        cost = {name: estimate(workflow, name, last[name] == workflow) for name in free}
+        finish = {name: free[name] + cost[name] for name in free}
+        target = min(finish, key=lambda name: (finish[name], free[name], name))
+        slack = warm_slack * cost[target]
+        if preferred in finish and finish[preferred] <= finish[target] + slack:
+            target = preferred
         else:
-            cost = {name: estimate(workflow, name, last[name] == workflow) for name in free}
-            finish = {name: free[name] + cost[name] for name in free}
-            target = min(finish, key=lambda name: (finish[name], free[name], name))
-            slack = warm_slack * cost[target]
             warm = [n for n in free if last[n] == workflow and finish[n] <= finish[target] + slack]
             if warm and last[target] != workflow:
                 target = min(warm, key=lambda name: (finish[name], free[name], name))
         if target == backend:
             return index
-        free[target] += estimate(workflow, target, last[target] == workflow)
+        free[target] += cost[target]
         last[target] = workflow
     return None

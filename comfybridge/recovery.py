@@ -67,6 +67,7 @@ def recover(core: Core, rows: list[dict[str, Any]], gone: set[str]) -> Recovered
             core.send_again(job)
         else:
             summary.handed_over += 1
+            job.resumed = True  # what the last process told its client is not known: it will say so
             backend.inflight.append(job)
             core.by_prompt[job.prompt_id] = job
             client.backend = client.last_backend = backend.name

@@ -7,13 +7,15 @@ import base64
 import hmac
 import logging
 import re
+import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Callable
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, hdrs, web, web_urldispatcher
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 from aiohttp.web_protocol import RequestPayloadError
@@ -25,11 +27,14 @@ from .clients import SCOPE, check_client_id
 from .errors import (
     BadInput,
     BridgeError,
+    Conflict,
     NoBackend,
     NotFound,
     RateLimited,
+    RequestTimeout,
     TooLarge,
     Unauthorized,
+    UnsupportedMedia,
 )
 from .files import SMALL_FILE, open_off_loop
 from .keys import RESULTS, SCHEDULER, SETTINGS, UPLOADS, WORKFLOWS
@@ -41,9 +46,14 @@ from .webhooks import check_public, check_url
 from .ws import websocket_handler
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 CHUNK = 256 * 1024
 MB = 1024 * 1024
+SLOW_RATE = 64 * 1024  # bytes a second a slow client's body earns beyond body_timeout
+FRAMING = 64 * 1024  # multipart framing a request's parts may add to their files, each
+HEADER_SAFE = " !\"#$&'()*+,-./:;<=>?@[]^_`{|}~"  # printable ASCII but %: kept as is in X-Detail
+ENCODINGS = {"identity", "gzip", "x-gzip", "deflate"}  # a JSON body's Content-Encodings, inflated here
 B64_CHUNK = 3 * 64 * 1024  # a multiple of 3, so chunks encode without padding in between
 WEBHOOK_KEY = "_webhook"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -78,6 +88,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         # The core names clients as it knows them, within their key; the caller knows them without.
         detail = exc.detail.replace(f"{key.name}{SCOPE}", "") if key is not None else exc.detail
         response = error_response(status, detail)
+        if request.headers.get(hdrs.UPGRADE, "").lower() == "websocket":
+            # A refused WebSocket handshake's body is not read by most WebSocket clients: say it here too.
+            response.headers["X-Detail"] = urllib.parse.quote(detail, safe=HEADER_SAFE)
         if isinstance(exc, RateLimited):
             response.headers["Retry-After"] = str(exc.retry_after)
         elif isinstance(exc, Unauthorized):
@@ -164,18 +177,76 @@ async def workflow_info(request: web.Request) -> web.Response:
     return json_response(workflow.describe_inputs())
 
 
+class BodyDeadline:
+    """When a request body must have arrived: `body_timeout` seconds from the start, plus one more
+    for every SLOW_RATE bytes received, so a large upload on a slow link is fine and a body that
+    trickles in a byte a second (holding a connection and a handler forever) is not."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.start = asyncio.get_running_loop().time()
+        self.received = 0
+
+    async def read(self, reading: Awaitable[_T]) -> _T:
+        """What `reading` gives (a chunk is counted), unless the deadline passes first: 408."""
+        try:
+            async with asyncio.timeout_at(self.start + self.timeout + self.received / SLOW_RATE):
+                got = await reading
+        except TimeoutError:
+            raise RequestTimeout(
+                f"The request body arrived too slowly: {self.received} bytes in {self.timeout:g} s and more "
+                "(body_timeout)."
+            ) from None
+        if isinstance(got, bytes | bytearray):
+            self.received += len(got)
+        return got
+
+
+def refuse_early(request: web.Request) -> None:
+    """What a POST can be refused for before a byte of its body is read: its type, its encoding, its
+    declared length. Called by the handlers, and before `100 Continue` is promised."""
+    settings = request.app[SETTINGS]
+    length = request.content_length
+    coding = request.headers.get(hdrs.CONTENT_ENCODING, "identity").strip().lower()
+    if request.path == "/upload":
+        if coding != "identity":
+            raise UnsupportedMedia("Send uploads without a Content-Encoding: media files are compressed already.")
+        limit = settings.max_request_mb * MB + FRAMING * settings.max_upload_files
+        if length is not None and length > limit:
+            raise TooLarge(f"The upload is larger than the limit of {settings.max_request_mb:g} MB.")
+        return
+    if request.content_type != "application/json" and not request.content_type.endswith("+json"):
+        raise UnsupportedMedia('Send the body as JSON, with "Content-Type: application/json".')
+    if coding not in ENCODINGS:
+        raise UnsupportedMedia(f"Content-Encoding {coding!r} is not supported (use gzip or deflate, or none).")
+    if length is not None and length > settings.max_json_mb * MB:
+        raise TooLarge(f"The request body is larger than the limit of {settings.max_json_mb:.3g} MB.")
+
+
+async def expect_continue(request: web.Request) -> None:
+    """`Expect: 100-continue`: promise to read the body only when it will not be refused at once; the
+    refusal itself (413, 415) is then the handler's answer, in JSON, before the body is sent."""
+    try:
+        refuse_early(request)
+    except BridgeError:
+        return
+    await web_urldispatcher._default_expect_handler(request)
+
+
 async def upload(request: web.Request) -> web.Response:
     client_id = _client_id(request, required=False)
     if not request.content_type.startswith("multipart/"):
         raise BadInput("Send files as multipart/form-data, one file per part.")
+    refuse_early(request)
     scheduler = request.app[SCHEDULER]
+    deadline = BodyDeadline(request.app[SETTINGS].body_timeout)
 
     async def parts() -> AsyncIterator[IncomingFile]:
         reader = await request.multipart()
-        while (part := await reader.next()) is not None:
+        while (part := await deadline.read(reader.next())) is not None:
             if not isinstance(part, BodyPartReader):
                 raise BadInput("Nested multipart bodies are not supported.")
-            yield IncomingFile(part.name or "", part.filename, _chunks(part))
+            yield IncomingFile(part.name or "", part.filename, _chunks(part, deadline))
 
     try:
         names = await request.app[UPLOADS].receive(client_id, parts())
@@ -188,24 +259,55 @@ async def upload(request: web.Request) -> web.Response:
     return json_response(names)
 
 
-async def _chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
-    while chunk := await part.read_chunk(CHUNK):
+async def _chunks(part: BodyPartReader, deadline: BodyDeadline) -> AsyncIterator[bytes]:
+    while chunk := await deadline.read(part.read_chunk(CHUNK)):
         yield chunk
 
 
 async def _json_body(request: web.Request) -> Any:
-    """The body as JSON, read in chunks and refused (413) as soon as it passes the limit: counted after
-    any Content-Encoding is undone, so a compressed bomb never inflates past it."""
-    limit = request.app[SETTINGS].max_json_mb * MB
+    """The body as JSON, read in chunks within its deadline and refused (413) as soon as it passes the
+    limit. A compressed body is inflated here, never more than the limit plus one byte: the server
+    hands bodies over as sent (`auto_decompress` off), so a bomb costs one bounded inflate, and the
+    rest of it, left unread, is drained as the few compressed bytes it is."""
+    settings = request.app[SETTINGS]
+    refuse_early(request)
+    limit = int(settings.max_json_mb * MB)
+    coding = request.headers.get(hdrs.CONTENT_ENCODING, "identity").strip().lower()
+    deadline = BodyDeadline(settings.body_timeout)
+    inflater: Any = None
     body = bytearray()
-    async for chunk in request.content.iter_chunked(CHUNK):
+    while chunk := await deadline.read(request.content.readany()):
+        if coding != "identity":
+            inflater = inflater or zlib.decompressobj(_window_bits(coding, chunk))
+            chunk = _inflate(inflater, chunk, limit + 1 - len(body))
         body += chunk
         if len(body) > limit:
             raise TooLarge(f"The request body is larger than the limit of {limit / MB:.3g} MB.")
+    if coding != "identity" and (inflater is None or not inflater.eof):
+        raise BadInput(f"The request body could not be read: its {coding} data is cut short.")
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError:
         raise BadInput('The body must be a JSON object, e.g. {"workflow": "text-to-image"}.') from None
+
+
+def _window_bits(coding: str, first: bytes) -> int:
+    """zlib's wbits for a body: gzip's header, or deflate with its zlib header or (as some clients
+    send it) without one."""
+    if coding != "deflate":
+        return 16 + zlib.MAX_WBITS
+    return zlib.MAX_WBITS if first[0] & 0x0F == 8 else -zlib.MAX_WBITS
+
+
+def _inflate(inflater: Any, chunk: bytes, room: int) -> bytes:
+    """Inflate one chunk, producing at most `room` bytes (past them the body is refused anyway)."""
+    try:
+        out: bytes = inflater.decompress(chunk, room)
+    except zlib.error:
+        raise BadInput("The request body could not be read: it is not valid compressed data.") from None
+    if inflater.unused_data:
+        raise BadInput("The request body could not be read: there is data after its compressed stream.")
+    return out + (b"\0" if inflater.unconsumed_tail else b"")  # more was left: over the limit
 
 
 async def generate(request: web.Request) -> web.Response:
@@ -268,6 +370,11 @@ async def history(request: web.Request) -> web.StreamResponse:
         return web.Response(status=204, headers={"X-Detail": NOT_SEEN.format(unscoped(client_id))})
     fetched = results.claim(client_id)  # a second request at the same time gets none of these
     if not fetched:
+        if results.holds(client_id):  # every one of them is on its way to another request
+            raise Conflict(
+                "The results of this clientId are being fetched by another request right now; "
+                "try again once that one has finished (they are forgotten only once it completes)."
+            )
         return web.Response(status=204, headers={"X-Detail": NO_CONTENT.format(unscoped(client_id))})
     files = [(result.job_id, f) for result in fetched for f in result.files]
     try:
@@ -407,8 +514,8 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/workflow-list", workflow_list)
     app.router.add_get("/workflow-info", workflow_info)
     app.router.add_get("/workflow-thumbnail", workflow_thumbnail)
-    app.router.add_post("/upload", upload)
-    app.router.add_post("/generate-based-workflow", generate)
+    app.router.add_post("/upload", upload, expect_handler=expect_continue)
+    app.router.add_post("/generate-based-workflow", generate, expect_handler=expect_continue)
     app.router.add_get("/history", history, allow_head=False)
     app.router.add_get("/execution-info", execution_info)
     app.router.add_get("/generation-count", generation_count)

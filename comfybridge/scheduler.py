@@ -14,10 +14,12 @@ import datetime
 import itertools
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import orjson
 
 from . import care
 from .backend import Backend
@@ -110,6 +112,27 @@ class Scheduler:
             _, late = await asyncio.wait(waits, timeout=connect_timeout)
             for task in late:
                 task.cancel()
+
+    @property
+    def accepting(self) -> bool:
+        """Whether new jobs are taken."""
+        return self.core.accepting and not self.core.closing
+
+    def stop_accepting(self) -> None:
+        """Refuse new jobs (503 stopping) and say so in /ready; everything else goes on."""
+        self.core.accepting = False
+
+    def stop_dispatching(self) -> None:
+        """Nothing more is handed to ComfyUI: what waits stays in the journal for the next start."""
+        self.core.accepting = False
+        self.core.closing = True
+
+    def workflows_reloaded(self) -> None:
+        """The workflow folder was read again: learn the inputs' limits again from the backends."""
+        for backend in self.backends.values():
+            backend.object_info_loaded = False
+            if backend.healthy:
+                self.core.spawn(self.failover.learn_object_info(backend), f"object_info {backend.name}")
 
     async def drain(self, within: float) -> None:
         """Stop handing out work and wait (bounded) for the jobs already inside ComfyUI to finish."""
@@ -222,8 +245,13 @@ class Scheduler:
         if client is None:
             return
         client.sockets -= 1
-        if client.sockets == 0 and client.jobs and not self.core.closing:
+        if client.sockets:
+            return
+        if client.jobs and not self.core.closing:
             self._grace[client_id] = asyncio.create_task(self._cancel_after_grace(client), name=f"grace {client_id}")
+        elif "job_id" not in client.status:
+            # It only ever had a socket: nothing to tell it or to keep, so it costs nothing once gone.
+            self.clients.forget_if_done(client, self.core.owns_something)
 
     async def _cancel_after_grace(self, client: Client) -> None:
         try:
@@ -242,14 +270,16 @@ class Scheduler:
         """Accept one job: check it, journal it durably (which counts it), queue it; returns it and its
         place in line. Raises StorageFull if the journal cannot record it (nothing is changed then)."""
         core = self.core
-        if core.closing:
+        if not self.accepting:
             raise ShuttingDown("The bridge is shutting down and accepts no new jobs; try again in a moment.")
         if core.journal_lost is not None:
             raise StorageUnavailable(
                 f"The bridge cannot record new jobs: its journal {core.journal_lost}. It must be restarted."
             )
         workflow = core.workflows.get(body.get("workflow"))
-        values = workflow.check_request(body, lambda name: core.uploads.kind_for(name, client_id))
+        values = workflow.check_request(
+            body, lambda name: core.uploads.kind_for(name, client_id), int(self.settings.max_text_kb * 1024)
+        )
         known = self.clients.get(client_id)
         limit = self.settings.max_jobs_per_client
         if limit and known is not None and len(known.jobs) >= limit:
@@ -267,9 +297,12 @@ class Scheduler:
             for spec in workflow.file_inputs()
             if values.get(spec.key, spec.default) != spec.default
         }
-        job = Job(client_id, workflow.alias, workflow.build(values), 0, uploads, webhook=webhook, journal=core.journal)
+        job_id = uuid.uuid4().hex
+        prompt = workflow.build(values)
         if self.settings.output_subfolder:
-            _prefix_outputs(job)
+            _prefix_outputs(prompt, job_id)
+        job = Job(client_id, workflow.alias, orjson.dumps(prompt), 0, uploads, id=job_id, webhook=webhook)
+        job.journal = core.journal
         core.opened(job)
         new_client = known is None
         accepted = core.journal.accept(job.record())
@@ -319,19 +352,14 @@ class Scheduler:
         return list(client.jobs.values()) if client is not None else []
 
     def _position(self, job: Job) -> int:
-        """One plus the jobs that run before it: on its backend if bound; else the jobs ahead of it
-        (waiting, and inside ComfyUI) shared among the usable backends."""
+        """One plus the jobs that run before it: those ahead of it (waiting, and inside ComfyUI), shared
+        among the usable backends, since affinity never keeps a job off an idle one."""
         core = self.core
-        bound = core.bound_of(job.client_id)
         ahead = 0
         for other in itertools.islice(core.queue.order(), PLAN_HORIZON):
             if other is job:
                 break
-            if bound is None or core.bound_of(other.client_id) == bound:
-                ahead += 1
-        if bound is not None:
-            return len(self.backends[bound].inflight) + ahead + 1
-        # Unbound: the work ahead of it spreads over every usable backend.
+            ahead += 1
         running = [len(b.inflight) for b in self.backends.values() if b.usable]
         return (sum(running) + ahead) // max(1, len(running)) + 1
 
@@ -360,7 +388,7 @@ class Scheduler:
             "backends": backends,
             "usable_backends": sum(1 for b in self.backends.values() if b.usable),
             "queued": len(core.queue),
-            "stopping": core.closing,
+            "stopping": not self.accepting,
             "journal": core.journal_lost or "ok",
             "generation_count": core.journal.count,
         }
@@ -386,13 +414,15 @@ class Scheduler:
             core.notifier.publish(client_id, client.status, close=True)
 
     async def free(self, client_id: str | None) -> bool:
-        """POST /free on the client's backend (or every one); a backend that is down is skipped.
-        False if not one backend could be freed."""
+        """POST /free on every backend that holds the client's work, or the one it used last (every
+        backend without a client, or for one that never had a backend); a backend that is down is
+        skipped. False if not one backend could be freed."""
         targets = list(self.backends.values())
         if client_id is not None:
             client = self.clients.require(client_id)
-            chosen = self.backends.get(client.backend or client.last_backend or "")
-            targets = [chosen] if chosen is not None else targets
+            names = {job.backend for job in client.jobs.values() if job.backend} | {client.last_backend}
+            holding = [self.backends[name] for name in names if name in self.backends]
+            targets = holding or targets
         freed = [await care.free(backend, "asked by a client") for backend in targets]
         return any(freed)
 
@@ -437,7 +467,7 @@ class Scheduler:
                     core.journal.forget_client(client.id)
 
 
-def _prefix_outputs(job: Job) -> None:
+def _prefix_outputs(prompt: dict[str, Any], job_id: str) -> None:
     """Give the job's output files a folder of their own and names that carry the job id:
     `comfybridge/<day>/<job>/<prefix>_<job id>`, so ComfyUI saves `<prefix>_<job id>_00001_.png`.
 
@@ -445,7 +475,7 @@ def _prefix_outputs(job: Job) -> None:
     slows every job; bridges sharing a ComfyUI never collide on names; and a client can match
     each file of `/history` to its job by name alone."""
     day = datetime.date.today().isoformat()
-    for node in job.prompt.values():
+    for node in prompt.values():
         prefix = node.get("inputs", {}).get("filename_prefix")
         if isinstance(prefix, str):
-            node["inputs"]["filename_prefix"] = f"comfybridge/{day}/{job.id[:12]}/{prefix}_{job.id}"
+            node["inputs"]["filename_prefix"] = f"comfybridge/{day}/{job_id[:12]}/{prefix}_{job_id}"

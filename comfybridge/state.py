@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from pathlib import Path
 
@@ -76,7 +77,12 @@ class StateStore:
                 await asyncio.shield(write)
             except asyncio.CancelledError:
                 # Hold the lock until the file is written: an older snapshot must never land last.
-                await write
+                with contextlib.suppress(OSError):
+                    await write
                 raise
+            except OSError as exc:  # the journal holds every count; this file catches up at the next write
+                log.warning("state file %s not written: %s", self.path, exc.strerror)
+                self._last_write = loop.time()
+                return
             self._saved = version
             self._last_write = loop.time()

@@ -11,7 +11,7 @@ from . import care, shapes
 from .backend import Backend
 from .comfy import BackendUnavailable, ResultTooLarge
 from .core import DISCONNECTED, Core
-from .errors import StorageFull
+from .errors import StorageError
 from .jobs import Job, JobState
 from .media import content_type_for
 from .results import ResultFile, stored_name, sync_folders
@@ -110,7 +110,7 @@ class Tracker:
             reason = f"ComfyUI did not give the results ({exc})" if backend.healthy else DISCONNECTED
             core.end(job, JobState.FAILED, reason)
             return
-        except StorageFull as exc:
+        except StorageError as exc:
             core.end(job, JobState.FAILED, f"The results could not be stored: {exc}.")
             return
         except Exception:  # a fault of the bridge's own: the job still ends, and it is logged
@@ -123,7 +123,7 @@ class Tracker:
         if ended is not None:
             try:
                 await ended
-            except StorageFull:
+            except StorageError:
                 return  # logged by the journal; ComfyUI keeps the prompt, so a restart can collect it again
         if core.settings.delete_history:
             care.forget_later(backend, job.prompt_id, core.spawn)
@@ -150,7 +150,7 @@ class Tracker:
         for number in range(1, tries + 1):
             try:
                 return await attempt()
-            except (BackendUnavailable, StorageFull) as exc:
+            except (BackendUnavailable, StorageError) as exc:
                 await self.core.results.discard(job.id)
                 if number == tries or job.ended:
                     raise

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .comfy import NO_SPACE
-from .errors import BadInput, StorageFull, TooLarge, UnsupportedMedia
+from .errors import BadInput, StorageFull, StorageUnavailable, TooLarge, UnsupportedMedia
 from .files import fsync_path, open_off_loop
 from .media import SNIFF_BYTES, is_complete, media_kind_of, sniff
 
@@ -157,7 +157,10 @@ class UploadStore:
         saved: dict[str, Upload] = {}
         total = 0
         folder = self.root / _owner_dir(owner)
-        await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
+        try:
+            await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_refused(exc) from None
         try:
             async for part in parts:
                 if len(saved) >= self.limits.max_files:
@@ -214,8 +217,8 @@ class UploadStore:
         except BaseException as exc:
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(tmp.unlink, missing_ok=True)
-            if isinstance(exc, OSError) and exc.errno in NO_SPACE:
-                raise StorageFull("The bridge's disk is full, so the file was not stored; try again later.") from None
+            if isinstance(exc, OSError):
+                raise write_refused(exc) from None
             raise
         return Upload(name, path, owner, kind, time.time()), size
 
@@ -246,6 +249,17 @@ class UploadStore:
             with contextlib.suppress(OSError):  # not empty, or gone: both fine
                 if folder.is_dir() and folder.stat().st_mtime < older_than:
                     folder.rmdir()
+
+
+def write_refused(exc: OSError) -> StorageFull | StorageUnavailable:
+    """An upload the disk would not take: full (507), or the data folder not writable (503)."""
+    if exc.errno in NO_SPACE:
+        return StorageFull("The bridge's disk is full, so the file was not stored; try again later.")
+    log.error("uploads: cannot write in %s: %s", exc.filename, exc.strerror)
+    return StorageUnavailable(
+        f"The bridge cannot write to its data folder ({exc.strerror}), so the file was not stored; "
+        "its operator has been told in the log."
+    )
 
 
 def _sync_and_rename(tmp: Path, path: Path) -> None:

@@ -11,7 +11,7 @@ from urllib.parse import quote
 
 import orjson
 
-from .errors import BadInput, UnknownWorkflow, WorkflowConfigError
+from .errors import BadInput, TooLarge, UnknownWorkflow, WorkflowConfigError
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,8 @@ class InputSpec:
         info.update({k: v for k, v in optional.items() if v is not None})
         return info
 
-    def check(self, value: Any, upload_kind: Callable[[str], str | None]) -> None:
-        """Raise BadInput when `value` does not fit this input."""
+    def check(self, value: Any, upload_kind: Callable[[str], str | None], max_text: int) -> None:
+        """Raise BadInput when `value` does not fit this input (TooLarge for a text over `max_text` bytes)."""
         if self.type == "float":
             fits = isinstance(value, int | float) and not isinstance(value, bool)
         elif self.type == "int":
@@ -87,6 +87,11 @@ class InputSpec:
             fits = isinstance(value, {"str": str, "bool": bool}[self.type])
         if not fits:
             raise BadInput(f"Input '{self.key}' must be a {self.type}, got {_json_type(value)}.")
+        if isinstance(value, str) and len(value) > max_text // 4 and len(value.encode()) > max_text:
+            raise TooLarge(
+                f"Input '{self.key}' is {len(value.encode()) / 1024:.0f} KB, longer than the limit of "
+                f"{max_text / 1024:g} KB (max_text_kb)."
+            )
         if self.upload:
             if value == self.default:
                 return
@@ -140,15 +145,17 @@ class Workflow:
             prompt[spec.node_id]["inputs"][spec.name] = value
         return prompt
 
-    def check_request(self, body: dict[str, Any], upload_kind: Callable[[str], str | None]) -> dict[str, Any]:
-        """The client's inputs, checked; raises BadInput naming what is wrong."""
+    def check_request(
+        self, body: dict[str, Any], upload_kind: Callable[[str], str | None], max_text: int
+    ) -> dict[str, Any]:
+        """The client's inputs, checked; raises BadInput (or TooLarge) naming what is wrong."""
         values = {k: v for k, v in body.items() if k != "workflow"}
         unknown = sorted(set(values) - set(self.inputs))
         if unknown:
             allowed = ", ".join(self.inputs) or "none"
             raise BadInput(f"Unknown input {unknown[0]!r} for workflow '{self.alias}'. Allowed inputs: {allowed}.")
         for key, value in values.items():
-            self.inputs[key].check(value, upload_kind)
+            self.inputs[key].check(value, upload_kind, max_text)
         return values
 
 
@@ -178,6 +185,11 @@ class WorkflowStore:
 
     def aliases(self) -> list[str]:
         return sorted(self._workflows)
+
+    def replace_with(self, fresh: WorkflowStore) -> None:
+        """Serve the workflows of a folder read again (SIGHUP); jobs already accepted keep their prompt."""
+        self._workflows = fresh._workflows
+        log.info("workflows reloaded: %s", ", ".join(self.aliases()))
 
     def get(self, alias: Any) -> Workflow:
         if not isinstance(alias, str) or not alias:

@@ -153,8 +153,8 @@ async def test_history_kept_when_download_breaks_off(bridge: Client, caplog: pyt
     await resp.content.read(1024)
     resp.close()  # the client goes away mid-download
     async with asyncio.timeout(10):
-        # 204 only until the bridge has seen the broken download end and released its results.
-        while (full := await bridge.get("/history", params={"clientId": "big"})).status == 204:
+        # 409 ("being fetched") only until the bridge has seen the broken download end and released them.
+        while (full := await bridge.get("/history", params={"clientId": "big"})).status == 409:
             await asyncio.sleep(0.01)
     assert full.status == 200
     parts = await read_results(full)
@@ -197,9 +197,17 @@ async def test_generate_bad_inputs_are_400_and_change_nothing(bridge: Client) ->
         assert status == 400, body
         assert answer["detail"].startswith(detail), answer
     for raw in (b"not json", b"[1, 2]"):
-        resp = await bridge.post("/generate-based-workflow", params={"clientId": "bad"}, data=raw)
+        json_type = {"Content-Type": "application/json"}
+        resp = await bridge.post("/generate-based-workflow", params={"clientId": "bad"}, data=raw, headers=json_type)
         assert resp.status == 400
         assert (await resp.json())["detail"].startswith("The body must be a JSON object")
+    # JSON sent as a form or as text/plain (what a web page may send without a CORS preflight): 415.
+    for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+        headers = {"Content-Type": kind} if kind else {}
+        body = b'{"workflow": "solid"}'
+        resp = await bridge.post("/generate-based-workflow", params={"clientId": "bad"}, data=body, headers=headers)
+        assert resp.status == 415, kind
+        assert await resp.json() == {"detail": 'Send the body as JSON, with "Content-Type: application/json".'}
     assert await (await bridge.get("/generation-count")).json() == 0
     assert (await bridge.get("/execution-info", params={"clientId": "bad"})).status == 400
 
@@ -347,6 +355,9 @@ async def test_a_second_history_request_does_not_get_what_the_first_is_sending(b
     first = await bridge.get("/history", params={"clientId": "twice"})
     assert first.status == 200  # headers are in; the 40 MB body is still on its way
     second = await bridge.get("/history", params={"clientId": "twice"})
-    assert second.status == 204
-    assert second.headers["X-Detail"] == "No contents with that client id / twice"
+    assert second.status == 409  # not "no contents": they exist, and are on their way elsewhere
+    assert await second.json() == {
+        "detail": "The results of this clientId are being fetched by another request right now; try again "
+        "once that one has finished (they are forgotten only once it completes)."
+    }
     assert len((await read_results(first))[0][3]) > 40 * 1024 * 1024

@@ -54,6 +54,26 @@ async def test_async_client_raises_the_bridges_detail(
         assert await stranger.generation_count() >= 1  # keys are off: any key is ignored
 
 
+async def test_the_client_reports_the_bridges_own_detail_for_a_refused_socket(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    key = "k" * 24
+    client = await make_bridge(await make_emulator(), api_keys=(key,), max_sockets_per_client=1)
+    async with AsyncBridge(url_of(client), api_key="wrong-key-of-some-length") as stranger:
+        with pytest.raises(BridgeError) as refused:
+            await anext(stranger.events())
+        assert (refused.value.status, refused.value.detail) == (401, "That API key is not valid.")
+    async with AsyncBridge(url_of(client), client_id="one-socket", api_key=key) as first:
+        events = first.events()
+        assert (await anext(events)).status == "connected"
+        async with AsyncBridge(url_of(client), client_id="one-socket", api_key=key) as second:
+            with pytest.raises(BridgeError) as refused:
+                await anext(second.events())
+            assert refused.value.status == 429
+            assert refused.value.detail == "This clientId already has 1 sockets open, the limit."
+        await events.aclose()
+
+
 async def test_blocking_client_follows_and_saves_from_a_thread(
     make_emulator: EmulatorFactory, make_bridge: BridgeFactory, tmp_path: Path
 ) -> None:

@@ -52,15 +52,14 @@ async def test_backend_killed_mid_job_moves_its_jobs(
 ) -> None:
     first = await make_emulator(pace=0.2)
     second = await make_emulator(pace=0.2)
-    client = await make_bridge(first, second, backend_grace=0.2)
+    client = await make_bridge(first, backend_grace=0.2)
     await generate(client, "pair", {"workflow": "slow", "2/seed": 1})
-    await generate(client, "pair", {"workflow": "slow", "2/seed": 2})  # same client: same backend, queued there
-    await wait_for(lambda: len(first.engine.started) + len(second.engine.started) == 1)
-    victim, other = (first, second) if first.engine.started else (second, first)
-    await wait_for(lambda: victim.engine.queue_remaining == 2)  # one running, one waiting inside ComfyUI
-    await victim.stop()
+    await generate(client, "pair", {"workflow": "slow", "2/seed": 2})
+    await wait_for(lambda: first.engine.queue_remaining == 2)  # one running, one waiting inside ComfyUI
+    scheduler_of(client).set_backends([first.url, second.url])
+    await first.stop()
     assert await outcome(client, "pair") == ["wf_c_slow_00001_.png", "wf_c_slow_00001_.png"]
-    assert len(other.engine.started) == 2
+    assert len(second.engine.started) == 2
 
 
 async def test_running_job_is_retried_only_once(make_emulator: EmulatorFactory, make_bridge: BridgeFactory) -> None:
@@ -75,6 +74,27 @@ async def test_running_job_is_retried_only_once(make_emulator: EmulatorFactory, 
     await two.stop()
     info = await poll_status(client, "unlucky", {"error", "closed"})
     assert info["detail"] == "server disconnected"
+
+
+async def test_progress_never_goes_down_when_a_job_runs_again_elsewhere(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    first = await make_emulator(pace=0.6)
+    second = await make_emulator(pace=0.6)
+    client = await make_bridge(first, second, backend_grace=0.1)
+    async with client.ws_connect("/ws", params={"clientId": "steady"}) as ws:
+        await generate(client, "steady", {"workflow": "text-to-image", "3/steps": 10})
+        frames = await frames_until(ws, "progress")
+        while float(frames[-1]["detail"].rstrip("%")) < 40:  # well into the sampler
+            frames += await frames_until(ws, "progress")
+        victim = first if first.engine.started else second
+        await victim.stop()
+        frames += await frames_until(ws, {"closed", "error"}, timeout=30)
+    assert frames[-1]["status"] == "closed"
+    values = [float(f["detail"].rstrip("%")) for f in frames if f["status"] == "progress"]
+    assert values == sorted(values)
+    assert values[-1] == 100.0
+    assert any(f["status"] == "listening" and "ComfyUI" in f["detail"] for f in frames)  # it said why it paused
 
 
 async def test_restarted_backend_gets_lost_prompts_again(

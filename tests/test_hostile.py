@@ -97,7 +97,10 @@ async def test_json_bodies_are_limited_after_decoding(
 ) -> None:
     client = await make_bridge(await make_emulator(), max_json_mb=1)
     big = orjson.dumps({**TINY, "pad": "x" * (2 * 1024 * 1024)})
-    resp = await client.post("/generate-based-workflow", params={"clientId": "big"}, data=io.BytesIO(big))
+    json_type = {"Content-Type": "application/json"}
+    resp = await client.post(
+        "/generate-based-workflow", params={"clientId": "big"}, data=io.BytesIO(big), headers=json_type
+    )
     assert resp.status == 413
     assert await resp.json() == {"detail": "The request body is larger than the limit of 1 MB."}
     # 200 KB of gzip that inflates to 200 MB: refused once 1 MB has been inflated, never held whole.
@@ -117,7 +120,9 @@ async def test_json_bodies_are_limited_after_decoding(
         yield b'"}'
 
     with contextlib.suppress(aiohttp.ClientError):  # the bridge may hang up on the rest of the upload
-        resp = await client.post("/generate-based-workflow", params={"clientId": "flood"}, data=flood())
+        resp = await client.post(
+            "/generate-based-workflow", params={"clientId": "flood"}, data=flood(), headers=json_type
+        )
         assert resp.status == 413
     assert rss_mb() - peak < 64
     status, _ = await generate(client, "after", TINY)  # everyone else carries on
@@ -197,9 +202,7 @@ async def test_protocol_garbage_and_a_taken_port_are_one_line_each(tmp_path: Pat
         head, _, body = (await asyncio.wait_for(reader.read(), 10)).partition(b"\r\n\r\n")
         writer.close()
         assert head.startswith(b"HTTP/1.1 400")
-        assert orjson.loads(body) == {
-            "detail": "The request body could not be read: Can not decode content-encoding: gzip"
-        }
+        assert orjson.loads(body) == {"detail": "The request body could not be read: it is not valid compressed data."}
         (tmp_path / "second" / "workflows").mkdir(parents=True)
         result = await asyncio.to_thread(run_cli, ["--port", port, "--emulate", "1"], tmp_path / "second")
         assert_one_line_error(result, f"cannot listen on 127.0.0.1:{port}", "in use")

@@ -115,7 +115,7 @@ async def test_an_upload_a_waiting_job_needs_does_not_expire(
 
 
 async def test_invalid_step_is_refused() -> None:
-    job = Job("c", "w", {"1": {"class_type": "X", "inputs": {}}}, 1)
+    job = Job("c", "w", b'{"1": {"class_type": "X", "inputs": {}}}', 1)
     await job.move(JobState.CANCELLED, error="interrupted")
     with pytest.raises(InvalidStep):
         job.move(JobState.RUNNING)
@@ -136,7 +136,7 @@ async def test_concurrent_accepts_share_commits(tmp_path: Path) -> None:
 
     journal._transaction = counted  # type: ignore[assignment,method-assign]
     try:
-        jobs = [Job(f"c{i}", "w", {"1": {"class_type": "X", "inputs": {}}}, 0) for i in range(200)]
+        jobs = [Job(f"c{i}", "w", b'{"1": {"class_type": "X", "inputs": {}}}', 0) for i in range(200)]
         seqs = await asyncio.gather(*(journal.accept(job.record()) for job in jobs))
     finally:
         await journal.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -12,6 +13,7 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -56,6 +58,8 @@ def workdir(tmp_path: Path) -> Path:
 async def bridge_process(workdir: Path, *args: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
     port = free_port()
     args = args or ("--emulate", "1")
+    if "--stop-grace" not in args:  # stop at once on SIGTERM, unless the test is about the grace
+        args = (*args, "--stop-grace", "0")
     log = await asyncio.to_thread(open, workdir / "bridge.log", "ab")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "comfybridge", *args, "--port", str(port),
@@ -113,6 +117,31 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: 
     assert result.stderr.strip().endswith(lines[0])
     for fragment in fragments:
         assert fragment in lines[0]
+
+
+async def test_sigterm_drains_for_stop_grace_with_ready_and_new_jobs_503_then_exits_0(workdir: Path) -> None:
+    async with bridge_process(workdir, "--emulate", "1", "--stop-grace", "30") as (proc, url):
+        await submit(url, "before")
+        async with aiohttp.ClientSession() as session:
+            proc.send_signal(signal.SIGTERM)
+            ready: dict[str, Any] = {}
+            while ready.get("detail") != "the bridge is stopping":
+                async with session.get(f"{url}/ready") as resp:
+                    ready = await resp.json()
+            assert resp.status == 503
+            body = {"workflow": "solid", "1/width": 8}
+            async with session.post(f"{url}/generate-based-workflow", params={"clientId": "late"}, json=body) as resp:
+                assert resp.status == 503
+                assert (await resp.json())["detail"].startswith("The bridge is shutting down")
+            async with session.get(f"{url}/execution-info", params={"clientId": "before"}) as resp:
+                assert resp.status == 200  # everything else is still served
+            async with session.get(f"{url}/health") as resp:
+                assert (await resp.json())["stopping"] is True
+            assert proc.returncode is None
+            proc.send_signal(signal.SIGTERM)  # a second one: now
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    log = (workdir / "bridge.log").read_text()
+    assert "SIGTERM: refusing new jobs (503 stopping); the bridge stops in 30s" in log
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
@@ -224,6 +253,27 @@ async def test_sighup_applies_a_new_backend_list(workdir: Path, make_emulator: E
                 await asyncio.sleep(0.05)
         await wait_for(lambda: len(new.engine.started) == 1)
     assert len(old.engine.started) == 1
+
+
+async def test_sighup_in_emulate_mode_reloads_the_workflows_and_keeps_serving(workdir: Path) -> None:
+    async with bridge_process(workdir) as (proc, url), aiohttp.ClientSession() as session:
+        async with session.get(f"{url}/workflow-list") as resp:
+            assert await resp.json() == ["solid"]
+        shutil.copy(workdir / "workflows" / "b_emptyimage_save.json", workdir / "workflows" / "second.json")
+        proc.send_signal(signal.SIGHUP)
+        async with asyncio.timeout(20):
+            while True:
+                async with session.get(f"{url}/workflow-list") as resp:
+                    if await resp.json() == ["second", "solid"]:
+                        break
+                await asyncio.sleep(0.05)
+        assert proc.returncode is None
+        await submit(url, "after-reload")
+        (workdir / "workflows" / "broken.json").write_text("{not json")
+        proc.send_signal(signal.SIGHUP)
+        await wait_for(lambda: "workflows not reloaded" in (workdir / "bridge.log").read_text())
+        async with session.get(f"{url}/workflow-list") as resp:
+            assert await resp.json() == ["second", "solid"]  # the ones loaded before stay
 
 
 async def test_burst_example_spreads_over_both_emulated_gpus(workdir: Path) -> None:

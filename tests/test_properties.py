@@ -47,7 +47,7 @@ def test_patching_inputs_changes_those_inputs_and_nothing_else(width: int, heigh
     workflow = store.get("solid")
     raw_before = workflow.raw
     values: dict[str, Any] = {"1/width": width, "1/height": height, "1/color": color}
-    workflow.check_request({"workflow": "solid", **values}, lambda name: None)
+    workflow.check_request({"workflow": "solid", **values}, lambda name: None, 1 << 20)
     prompt = workflow.build(values)
     original = orjson.loads(raw_before)
     assert prompt["1"]["inputs"] == {**original["1"]["inputs"], "width": width, "height": height, "color": color}

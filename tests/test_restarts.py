@@ -16,6 +16,7 @@ import orjson
 import pytest
 
 from comfybridge.emulator import Emulator
+from comfybridge.tracking import RESUMED
 
 from .conftest import FIXTURES, EmulatorFactory, wait_for
 from .test_process import assert_one_line_error, bridge_process, count, free_port, run_cli
@@ -173,7 +174,13 @@ async def test_job_running_at_a_crash_is_adopted_and_reports_progress(
                     if frames[-1]["status"] in ("closed", "error"):
                         break
             assert frames[-1]["status"] == "closed", frames
-            assert any(f["status"] == "progress" for f in frames), frames
+            progress = [i for i, f in enumerate(frames) if f["status"] == "progress"]
+            assert progress, frames
+            # What the last process told is unknown here: the job says it resumed before counting again.
+            told = frames[progress[0] - 1]
+            assert (told["status"], told["detail"]) == ("listening", RESUMED)
+            values = [float(frames[i]["detail"].rstrip("%")) for i in progress]
+            assert values == sorted(values)
             assert [job for job, _ in await fetch_results(session, url, "adopt")] == [job_id]
     assert len(emulator.engine.started) == 1
 

@@ -38,17 +38,35 @@ async def test_new_clients_go_to_the_least_loaded_backend(
         await client.post("/interrupt", params={"clientId": client_id})
 
 
-async def test_a_client_stays_on_its_backend(make_emulator: EmulatorFactory, make_bridge: BridgeFactory) -> None:
+async def test_one_clients_burst_uses_every_idle_gpu_and_is_told_job_by_job(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
     first = await make_emulator(pace=0.05)
     second = await make_emulator(pace=0.05)
     client = await make_bridge(first, second)
-    for _ in range(3):
-        status, _ = await generate(client, "sticky", {"workflow": "solid", "1/batch_size": 1})
-        assert status == 200
-    await poll_status(client, "sticky", {"closed"})
-    assert sorted([len(prompts_of(first)), len(prompts_of(second))]) == [0, 3]
-    parts = await read_results(await client.get("/history", params={"clientId": "sticky"}))
-    assert len(parts) == 3
+    async with client.ws_connect("/ws", params={"clientId": "burst"}) as ws:
+        job_ids = []
+        for _ in range(20):
+            status, body = await generate(client, "burst", {"workflow": "solid", "1/batch_size": 1})
+            assert status == 200
+            job_ids.append(body["job_id"])
+        await wait_for(lambda: bool(prompts_of(first)) and bool(prompts_of(second)))
+        await client.post("/free", params={"clientId": "burst"})  # frees both: the client's work is on both
+        assert len(first.engine.free_requests) == len(second.engine.free_requests) == 1
+        frames = await frames_until(ws, "closed")
+        while frames[-1].get("jobs_left"):
+            frames += await frames_until(ws, "closed")
+    assert len(prompts_of(first)) + len(prompts_of(second)) == 20
+    assert prompts_of(first)  # affinity left neither GPU idle
+    assert prompts_of(second)
+    told = [f["job_id"] for f in frames if f["status"] == "closed"]
+    assert told == job_ids, [
+        (f["status"], f.get("job_id", "")[:6], f.get("jobs_left")) for f in frames
+    ]  # job by job, in order, whichever GPU finished first
+    about = [f["job_id"] for f in frames if "job_id" in f]
+    assert about == sorted(about, key=job_ids.index)  # no frame of a later job before an earlier one's end
+    parts = await read_results(await client.get("/history", params={"clientId": "burst"}))
+    assert len(parts) == 20
 
 
 async def test_interrupt_waiting_job_never_reaches_comfyui(
