@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 import statistics
 import struct
+import tracemalloc
 import uuid
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +18,11 @@ import orjson
 import pytest
 
 from comfybridge.emulator import Emulator, pictures
-from comfybridge.emulator.png import png_first_pixel, png_size
+from comfybridge.emulator.png import Thumbnail, png_first_pixel, png_from_rows, png_size, png_thumbnail
 from comfybridge.keys import SCHEDULER
 
 from .conftest import FIXTURES, EmulatorFactory, wait_for
-from .helpers import png, read_results, run_job, upload
+from .helpers import JPEG, png, read_results, run_job, upload
 
 SCENARIOS: dict[str, list[dict[str, Any]]] = orjson.loads((FIXTURES / "ws_scenarios-0.3.64.json").read_bytes())
 WORKFLOWS = FIXTURES / "workflows"
@@ -469,3 +472,245 @@ def test_blur_blurs_and_sharpen_sharpens() -> None:
     assert pictures.blur({"w": 9, "h": 9, "b": 1, "c": 0x123456}, 3)["c"] == 0x123456  # solid stays solid
     inverted = pictures.invert(noisy)
     assert inverted["px"] == bytes(255 - v for v in noisy["px"])
+
+
+# Uploaded pictures: LoadImage decodes their real pixels (png.py), so invert and scale-blur work on them.
+RED, BLUE = (200, 30, 60), (20, 90, 220)
+
+
+def halves(width: int, height: int) -> bytes:
+    """A picture whose left half is RED and right half BLUE."""
+    row = bytes(RED) * (width // 2) + bytes(BLUE) * (width - width // 2)
+    return png_from_rows(width, height, [row] * height)
+
+
+def rgb_at(thumbnail: Thumbnail, x: int, y: int) -> tuple[int, ...]:
+    start = (y * thumbnail.tw + x) * 3
+    return tuple(thumbnail.rgb[start : start + 3])
+
+
+def inverse(colour: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(255 - v for v in colour)
+
+
+async def test_invert_inverts_every_pixel_of_an_uploaded_picture(make_bridge: Any, emulator: Emulator) -> None:
+    client = await make_bridge(emulator)
+    _, names = await upload(client, {"file": ("halves.png", halves(64, 48))}, client_id="halves")
+    data = await picture(client, "halves", {"workflow": "invert", "1/image": names["file"]})
+    result = png_thumbnail(data, 64)
+    assert result is not None
+    assert (result.width, result.height) == (64, 48)
+    for y in range(48):
+        for x in range(64):
+            if x < 30:
+                assert rgb_at(result, x, y) == inverse(RED), (x, y)
+            elif x >= 34:  # the tile's border column may mix both
+                assert rgb_at(result, x, y) == inverse(BLUE), (x, y)
+
+
+async def test_scale_blur_scales_and_blurs_an_uploaded_picture(make_bridge: Any, emulator: Emulator) -> None:
+    client = await make_bridge(emulator)
+    _, names = await upload(client, {"file": ("halves.png", halves(64, 64))}, client_id="blur")
+    data = await picture(client, "blur", {"workflow": "slow", "1/image": names["file"], "2/seed": 3})
+    result = png_thumbnail(data, 512)
+    assert result is not None
+    assert (result.width, result.height) == (512, 512)  # its last ImageScale's size
+    red = [rgb_at(result, x, 256)[0] for x in range(512)]  # across the middle: 200 on the left, 20 on the right
+    assert all(180 < level < 235 for level in red[:192])  # a little noise (and the sharpen's halo)
+    assert all(level < 40 for level in red[320:])
+    ramp = [level for level in red if 50 < level < 170]  # the sharp edge has become a ramp of several levels
+    assert len(set(ramp)) >= 2
+    assert len(ramp) >= 32
+
+
+async def test_a_picture_nothing_here_reads_is_one_colour(emulator: Emulator, session: aiohttp.ClientSession) -> None:
+    """A truncated PNG, or a JPEG that nothing here reads, still loads: as one colour, as before."""
+
+    async def inverted(name: str, data: bytes) -> Thumbnail | None:
+        form = aiohttp.FormData()
+        form.add_field("image", data, filename=name)
+        async with session.post(f"{emulator.url}/upload/image", data=form) as resp:
+            assert resp.status == 200
+        prompt = workflow("a_loadimage_invert_save.json")
+        prompt["1"]["inputs"]["image"] = name
+        _, answer = await post_prompt(session, emulator, {"prompt": prompt})
+        await wait_for(lambda: answer["prompt_id"] in emulator.engine.history)
+        entry = emulator.engine.history[answer["prompt_id"]]
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        [saved] = entry["outputs"]["3"]["images"]
+        return png_thumbnail((emulator.engine.output_dir / saved["filename"]).read_bytes(), 64)
+
+    whole = halves(64, 64)
+    cut = whole[: len(whole) - 40]  # inside IDAT
+    assert png_thumbnail(cut, 32) is None
+    assert pictures.load(cut) is None
+    for name, data in (("cut.png", cut), ("photo.jpg", JPEG)):
+        result = await inverted(name, data)
+        assert result is not None
+        assert result.rgb == result.rgb[:3] * (64 * 64), name
+
+
+def test_load_keeps_the_pixels_and_puts_alpha_in_the_mask() -> None:
+    """ComfyUI's LoadImage: the RGB picture, and a mask that is 1 - alpha (white where transparent)."""
+    lines = [b"".join(bytes((x * 30, y * 30, 90, 255 if x < 4 else 0)) for x in range(8)) for y in range(8)]
+    data = encode(8, 8, 6, 8, lines, (4,), 4)
+    loaded = pictures.load(data)
+    assert loaded is not None
+    image, mask = loaded
+    assert (image["w"], image["h"], image["tw"], image["th"]) == (8, 8, 8, 8)
+    assert image["px"][:9] == bytes((0, 0, 90, 30, 0, 90, 60, 0, 90))
+    assert mask["px"][: 3 * 8] == bytes(3 * 4) + b"\xff" * 3 * 4  # opaque left, transparent right
+    solid, empty = pictures.load(png(40, 40, 0x123456)) or ({}, {})
+    assert "px" not in solid  # one colour stays a solid image
+    assert solid["c"] == 0x123456
+    assert empty == {"w": 40, "h": 40, "b": 1, "c": 0}  # no alpha: an empty mask
+
+
+# The PNG reader, against pictures written here with zlib and struct and every row filter applied.
+def chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def filtered(kind: int, line: bytes, prior: bytes, bpp: int) -> bytes:
+    """One row with PNG filter `kind` applied, written straight from the standard's definitions."""
+    out = bytearray()
+    for i, value in enumerate(line):
+        left = line[i - bpp] if i >= bpp else 0
+        up, diagonal = prior[i], (prior[i - bpp] if i >= bpp else 0)
+        estimate = left + up - diagonal
+        nearest = min(
+            (abs(estimate - left), 0, left), (abs(estimate - up), 1, up), (abs(estimate - diagonal), 2, diagonal)
+        )
+        predicted = [0, left, up, (left + up) // 2, nearest[2]][kind]
+        out.append((value - predicted) % 256)
+    return bytes(out)
+
+
+def encode(
+    width: int, height: int, colour: int, depth: int, lines: list[bytes], kinds: tuple[int, ...], bpp: int,
+    extra: bytes = b"", interlace: int = 0, idat_size: int = 1 << 20,
+) -> bytes:  # fmt: skip
+    """A PNG of already packed `lines`, row y filtered with kinds[y % len(kinds)], its data in IDATs
+    of at most `idat_size` bytes."""
+    raw, prior = bytearray(), bytes(len(lines[0]))
+    for y, line in enumerate(lines):
+        kind = kinds[y % len(kinds)]
+        raw += bytes((kind,)) + filtered(kind, line, prior, bpp)
+        prior = line
+    header = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, interlace)
+    packed = zlib.compress(bytes(raw), 9)
+    idats = b"".join(chunk(b"IDAT", packed[i : i + idat_size]) for i in range(0, len(packed), idat_size))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + extra + idats + chunk(b"IEND", b"")
+
+
+FILTERS = [(0,), (1,), (2,), (3,), (4,), (0, 1, 2, 3, 4)]
+
+
+@pytest.mark.parametrize("kinds", FILTERS, ids=["none", "sub", "up", "average", "paeth", "mixed"])
+@pytest.mark.parametrize("colour", [0, 2, 3, 4, 6], ids=["grey", "rgb", "palette", "grey+alpha", "rgba"])
+def test_png_reader_reads_every_colour_type_through_every_filter(colour: int, kinds: tuple[int, ...]) -> None:
+    rng = random.Random(colour * 10 + len(kinds) + kinds[0])
+    width, height = 7, 6
+    palette = [tuple(rng.randrange(256) for _ in range(3)) for _ in range(6)]
+    alphas = [0, 80, 255, 30]  # tRNS may be shorter than the palette: the rest are opaque
+    extra = b""
+    if colour == 3:
+        indices = [[rng.randrange(6) for _ in range(width)] for _ in range(height)]
+        lines = [bytes(row) for row in indices]
+        pixels = [[(*palette[i], alphas[i] if i < 4 else 255) for i in row] for row in indices]
+        extra = chunk(b"PLTE", bytes(v for c in palette for v in c)) + chunk(b"tRNS", bytes(alphas))
+    else:
+        channels = {0: 1, 2: 3, 4: 2, 6: 4}[colour]
+        lines = [rng.randbytes(width * channels) for _ in range(height)]
+        pixels = []
+        for line in lines:
+            samples = [line[x * channels : (x + 1) * channels] for x in range(width)]
+            if channels <= 2:
+                pixels.append([(s[0], s[0], s[0], s[1] if channels == 2 else 255) for s in samples])
+            else:
+                pixels.append([(s[0], s[1], s[2], s[3] if channels == 4 else 255) for s in samples])
+    bpp = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}[colour]
+    data = encode(width, height, colour, 8, lines, kinds, bpp, extra)
+    result = png_thumbnail(data, 32)
+    assert result is not None
+    assert (result.width, result.height, result.tw, result.th) == (width, height, width, height)
+    assert result.rgb == bytes(v for row in pixels for p in row for v in p[:3])
+    if colour in (3, 4, 6):
+        assert result.alpha == bytes(p[3] for row in pixels for p in row)
+    else:
+        assert result.alpha is None
+
+
+@pytest.mark.parametrize(("colour", "depth"), [(0, 1), (0, 2), (0, 4), (3, 2), (0, 16), (2, 16), (6, 16)])
+def test_png_reader_spreads_packed_samples_and_keeps_the_high_byte_of_wide_ones(colour: int, depth: int) -> None:
+    rng = random.Random(depth)
+    width, height = 11, 3
+    channels = {0: 1, 2: 3, 3: 1, 6: 4}[colour]
+    top = (1 << min(depth, 8)) - 1
+    values = [[[rng.randrange(top + 1) for _ in range(channels)] for _ in range(width)] for _ in range(height)]
+    lines = []
+    for row in values:
+        if depth == 16:
+            lines.append(bytes(b for px in row for v in px for b in (v, rng.randrange(256))))
+        else:
+            packed = "".join(format(px[0], f"0{depth}b") for px in row)
+            packed += "0" * (-len(packed) % 8)
+            lines.append(int(packed, 2).to_bytes(len(packed) // 8, "big"))
+    palette = bytes(range(3 * 4))
+    extra = chunk(b"PLTE", palette) if colour == 3 else b""
+    bpp = max(1, channels * depth // 8)
+    data = encode(width, height, colour, depth, lines, (0, 1, 2, 3, 4), bpp, extra)
+    result = png_thumbnail(data, 32)
+    assert result is not None
+    if colour == 3:
+        want = bytes(v for row in values for px in row for v in palette[px[0] * 3 : px[0] * 3 + 3])
+    elif colour == 0:
+        want = bytes(v * 255 // top for row in values for px in row for v in (px[0],) * 3)
+    else:
+        want = bytes(v for row in values for px in row for v in px[:3])
+    assert result.rgb == want
+
+
+def test_png_reader_averages_a_large_picture_down_to_its_tile() -> None:
+    width, height = 96, 64
+    rng = random.Random(5)
+    lines = [rng.randbytes(width * 3) for _ in range(height)]
+    result = png_thumbnail(encode(width, height, 2, 8, lines, (4, 3), 3, idat_size=7), 32)
+    assert result is not None
+    assert (result.width, result.height, result.tw, result.th) == (96, 64, 32, 32)
+    for ty in range(32):
+        for tx in range(32):
+            block = [lines[y][x * 3] for y in (2 * ty, 2 * ty + 1) for x in range(3 * tx, 3 * tx + 3)]
+            assert result.rgb[(ty * 32 + tx) * 3] == (sum(block) + 3) // 6, (tx, ty)
+
+
+def test_png_reader_refuses_what_it_cannot_read_without_raising() -> None:
+    whole = encode(9, 9, 2, 8, [bytes(range(27))] * 9, (1, 4), 3)
+    data_end = whole.index(b"IEND") - 8  # before the IDAT's CRC and IEND's length; CRCs are not checked
+    for cut in range(len(whole)):
+        result = png_thumbnail(whole[:cut], 32)
+        assert (result is None) == (cut < data_end), cut
+    interlaced = encode(9, 9, 2, 8, [bytes(range(27))] * 9, (0,), 3, interlace=1)
+    raw = b"\x07" + bytes(27)  # no filter 7
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 9, 1, 8, 2, 0, 0, 0))
+    bad_filter = b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    corrupt = b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", b"not zlib at all") + chunk(b"IEND", b"")
+    for refused in (interlaced, bad_filter, corrupt, b"", b"GIF89a", b"\x89PNG\r\n\x1a\n"):
+        assert png_thumbnail(refused, 32) is None
+    assert png_thumbnail(whole, 32, max_pixels=80) is None  # 81 pixels
+    assert png_thumbnail(whole, 32, max_pixels=81) is not None
+
+
+def test_png_reader_inflates_no_more_than_its_rows() -> None:
+    """A 2x2 picture whose data inflates to 40 MB: the reader takes its rows and stops."""
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 2, 2, 8, 0, 0, 0, 0))
+    bomb = b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(bytes(40 << 20), 9)) + chunk(b"IEND", b"")
+    tracemalloc.start()
+    try:
+        result = png_thumbnail(bomb, 32)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result is not None
+    assert result.rgb == bytes(12)
+    assert peak < 2 << 20

@@ -32,6 +32,7 @@ BinarySender = Callable[[bytes, "str | None"], None]
 
 # Events ComfyUI broadcasts when a prompt has no client_id; the others are then not sent at all.
 _BROADCAST_WITHOUT_CLIENT = {"progress", "progress_state", "execution_interrupted"}
+_LOADERS = ("LoadImage", "LoadImageMask")
 _IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"BM")
 HISTORY_LIMIT = 10000
 
@@ -446,7 +447,7 @@ class Engine:
         # Cached nodes still yield values for the nodes after them.
         for node_id in order:
             if node_id in cached:
-                results[node_id] = self._run_node_value(item.prompt, node_id, results)
+                results[node_id] = await self._node_value(item.prompt, node_id, results)
         for count, node_id in enumerate(n for n in order if n not in cached):
             node = item.prompt[node_id]
             try:
@@ -464,7 +465,7 @@ class Engine:
                     self._hang_released.clear()
                     await self._hang_released.wait()
                 await self._spend(node, node_id, pid, sid)
-                results[node_id] = self._run_node_value(item.prompt, node_id, results)
+                results[node_id] = await self._node_value(item.prompt, node_id, results)
                 ui = self._write_outputs(node, node_id, results, pid)
                 if ui is not None:
                     ui_outputs[node_id] = ui
@@ -535,19 +536,29 @@ class Engine:
             return out[value[1]] if isinstance(out, tuple) and value[1] < len(out) else None
         return value
 
+    async def _node_value(self, prompt: dict[str, Any], node_id: str, results: dict[str, Any]) -> tuple[Any, ...]:
+        """A loader reads and decodes its file in a worker thread: a large picture takes a while in pure
+        Python, and the sockets and routes of this emulator must keep answering meanwhile."""
+        if prompt[node_id]["class_type"] in _LOADERS:
+            return await asyncio.to_thread(self._run_node_value, prompt, node_id, results)
+        return self._run_node_value(prompt, node_id, results)
+
     def _run_node_value(self, prompt: dict[str, Any], node_id: str, results: dict[str, Any]) -> tuple[Any, ...]:
-        """What the node passes on: image-like outputs carry (width, height, batch, colour)."""
+        """What the node passes on: image-like outputs are `pictures.Image` dicts (size, batch, colour, a tile)."""
         node = prompt[node_id]
         kind = node["class_type"]
         inputs = {k: self._resolve(v, results) for k, v in (node.get("inputs") or {}).items()}
-        if kind in ("LoadImage", "LoadImageMask"):
+        if kind in _LOADERS:
             path = self.input_dir / str(inputs.get("image"))
             data = path.read_bytes() if path.is_file() else b""
             head = data[:64]
             if not head.startswith(_IMAGE_MAGIC):
                 raise NodeFailure(f"cannot identify image file '{path}'", "PIL.UnidentifiedImageError")
+            loaded = pictures.load(data)
+            if loaded is not None:
+                return loaded
+            # Nothing here reads it: one colour, a PNG's first pixel if it has one, else from the file's bytes.
             width, height = png_size(head) or (64, 64)
-            # A PNG keeps its real colour (so invert really inverts it); other formats get one from their bytes.
             colour = png_first_pixel(data)
             if colour is None:
                 colour = int.from_bytes(hashlib.md5(head).digest()[:3], "big")

@@ -2,18 +2,22 @@
 
 An image is a dict `{"w", "h", "b", "c"}` (size, batch, a solid colour) that may carry a tile: `px`,
 `tw` x `th` RGB pixels at most TILE wide, scaled up to `w` x `h` when saved. Working on the tile
-keeps every node to a few milliseconds in pure Python, whatever the image size."""
+keeps every node to a few milliseconds in pure Python, whatever the image size. A loaded picture
+becomes such a tile too: its pixels averaged down as it is decoded."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
+import io
 import itertools
 import math
 import random
+import threading
 from typing import Any
 
-from .png import png_from_rows, solid_png
+from .png import MAX_PIXELS, PNG_SIGNATURE, Thumbnail, png_from_rows, png_thumbnail, solid_png
 
 TILE = 32
 Image = dict[str, Any]
@@ -30,6 +34,72 @@ def _tile(image: Image) -> tuple[int, int, bytes]:
 
 def _with_tile(image: Image, tw: int, th: int, px: bytes) -> Image:
     return {**image, "tw": tw, "th": th, "px": px, "c": int.from_bytes(px[:3], "big")}
+
+
+def load(data: bytes) -> tuple[Image, Image] | None:
+    """LoadImage's IMAGE and MASK from a picture file: its real pixels on a tile, and as ComfyUI does,
+    a mask of 1 - alpha (white where transparent) when it has alpha, else an empty one. PNGs are read
+    by png.py; other formats (JPEG, WebP, GIF, ...) and PNGs it refuses (interlaced) by Pillow, only if
+    Pillow happens to be importable: it is no dependency of comfybridge. None when neither reads the
+    file (no Pillow, truncated, over MAX_PIXELS): the caller falls back to one flat colour. Results are
+    remembered by content, since ComfyUI runs a loader again for every prompt that uses the file."""
+    key = hashlib.sha256(data).digest()
+    with _LOADED_LOCK:
+        if key in _LOADED:
+            return _LOADED[key]
+    thumbnail = png_thumbnail(data, TILE) if data.startswith(PNG_SIGNATURE) else None
+    if thumbnail is None:
+        thumbnail = _pillow_thumbnail(data)
+    loaded = None if thumbnail is None else _image_and_mask(thumbnail)
+    with _LOADED_LOCK:
+        _LOADED[key] = loaded
+        while len(_LOADED) > 32:
+            del _LOADED[next(iter(_LOADED))]
+    return loaded
+
+
+def _image_and_mask(thumbnail: Thumbnail) -> tuple[Image, Image]:
+    size = {"w": thumbnail.width, "h": thumbnail.height, "b": 1}
+    image = _solid_or_tile(size, thumbnail.tw, thumbnail.th, thumbnail.rgb)
+    if thumbnail.alpha is None:
+        return image, {**size, "c": 0}
+    grey = thumbnail.alpha.translate(_INVERT)
+    return image, _solid_or_tile(size, thumbnail.tw, thumbnail.th, bytes(v for g in grey for v in (g, g, g)))
+
+
+def _solid_or_tile(size: dict[str, int], tw: int, th: int, px: bytes) -> Image:
+    """A tile of one colour stays a solid image, as nodes already treat those (a blur leaves it alone)."""
+    if px == px[:3] * (tw * th):
+        return {**size, "c": int.from_bytes(px[:3], "big")}
+    return _with_tile(size, tw, th, px)
+
+
+def _pillow_thumbnail(data: bytes) -> Thumbnail | None:
+    """The picture through Pillow, when it is importable (imported by name so that it stays optional),
+    shrunk with Pillow's own box filter; JPEGs decode straight at a reduced scale."""
+    try:
+        pil = importlib.import_module("PIL.Image")
+        ops = importlib.import_module("PIL.ImageOps")
+    except ImportError:
+        return None
+    try:
+        with pil.open(io.BytesIO(data)) as opened:
+            width, height = opened.size
+            if width * height > MAX_PIXELS:
+                return None
+            if opened.getexif().get(0x0112) in (5, 6, 7, 8):  # ComfyUI turns it upright: a quarter turn
+                width, height = height, width
+            tw, th = min(TILE, width), min(TILE, height)
+            opened.draft("RGB", (TILE, TILE))  # a JPEG decodes at the smallest scale still this large
+            upright = ops.exif_transpose(opened)
+            has_alpha = "A" in upright.getbands() or (upright.mode == "P" and "transparency" in upright.info)
+            rgba = upright.convert("RGBA").resize((tw, th), pil.Resampling.BOX).tobytes()
+    except Exception:  # whatever Pillow cannot read, the emulator falls back
+        return None
+    rgb = bytearray(tw * th * 3)
+    for c in range(3):
+        rgb[c::3] = rgba[c::4]
+    return Thumbnail(width, height, tw, th, bytes(rgb), rgba[3::4] if has_alpha else None)
 
 
 def invert(image: Image) -> Image:
@@ -131,3 +201,5 @@ def _clamp(value: float) -> int:
 
 
 _INVERT = bytes(255 - i for i in range(256))
+_LOADED: dict[bytes, tuple[Image, Image] | None] = {}  # by the file's sha256, oldest first
+_LOADED_LOCK = threading.Lock()  # LoadImage decodes in a worker thread
