@@ -80,6 +80,8 @@ def create_app(settings: Settings, reload: Callable[[], Settings] | None = None)
             max_request_bytes=int(settings.max_request_mb * MB),
             max_files=settings.max_upload_files,
             allowed_kinds=settings.allowed_media,
+            max_frame_mp=settings.max_frame_mp,
+            max_total_mp=settings.max_total_mp,
         ),
     )
     app[RESULTS] = ResultStore(settings.data_dir / "results")

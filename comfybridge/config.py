@@ -46,6 +46,8 @@ class Settings:
     max_json_mb: float = 10.0
     max_upload_files: int = 16
     allowed_media: tuple[str, ...] = ("image", "video", "audio")
+    max_frame_mp: float = 50.0
+    max_total_mp: float = 200.0
     pipeline_depth: int = 1
     shutdown_timeout: float = 10.0
     log_level: str = "INFO"
@@ -204,6 +206,8 @@ OPTIONS: dict[str, tuple[Parser, Callable[[Any], str | None] | None, str]] = {
     "max_json_mb": (_number(float), _positive, "largest JSON request body, in MB, counted after any decoding"),
     "max_upload_files": (_number(int), _positive, "most files in one upload request"),
     "allowed_media": (_words, _media, "media kinds accepted by /upload (image, video, audio)"),
+    "max_frame_mp": (_number(float), _positive, "largest frame an uploaded image may have, in megapixels"),
+    "max_total_mp": (_number(float), _positive, "most pixels of all an uploaded image's frames, in megapixels"),
     "pipeline_depth": (_number(int), _not_negative, "prompts kept queued inside each ComfyUI behind the running one"),
     "shutdown_timeout": (_number(float), _not_negative, "seconds in-flight requests get to finish on SIGTERM"),
     "log_level": (str, _level, "DEBUG, INFO, WARNING or ERROR"),
