@@ -96,6 +96,8 @@ def create_app(
             max_request_bytes=int(settings.max_request_mb * MB),
             max_files=settings.max_upload_files,
             allowed_kinds=settings.allowed_media,
+            max_frame_mp=settings.max_frame_mp,
+            max_total_mp=settings.max_total_mp,
         ),
     )
     app[RESULTS] = ResultStore(settings.data_dir / "results")

@@ -52,6 +52,8 @@ class Settings:
     body_timeout: float = 60.0
     stop_grace: float = 5.0
     allowed_media: tuple[str, ...] = ("image", "video", "audio")
+    max_frame_mp: float = 50.0
+    max_total_mp: float = 200.0
     pipeline_depth: int = 1
     shutdown_timeout: float = 10.0
     log_level: str = "INFO"
@@ -220,6 +222,8 @@ OPTIONS: dict[str, tuple[Parser, Callable[[Any], str | None] | None, str]] = {
         "on SIGTERM, seconds to keep serving while /ready and new jobs answer 503 (a load balancer drains)",
     ),
     "allowed_media": (_words, _media, "media kinds accepted by /upload (image, video, audio)"),
+    "max_frame_mp": (_number(float), _positive, "largest frame an uploaded image may have, in megapixels"),
+    "max_total_mp": (_number(float), _positive, "most pixels of all an uploaded image's frames, in megapixels"),
     "pipeline_depth": (_number(int), _not_negative, "prompts kept queued inside each ComfyUI behind the running one"),
     "shutdown_timeout": (_number(float), _not_negative, "seconds in-flight requests get to finish on SIGTERM"),
     "log_level": (str, _level, "DEBUG, INFO, WARNING or ERROR"),

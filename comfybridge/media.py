@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import mimetypes
+import os
 import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -105,6 +109,286 @@ def _boxes_fill(handle: BinaryIO, size: int) -> bool:
             return False
         position += length
     return position == size
+
+
+# Decoders (Pillow, which ComfyUI loads images with) paint each frame onto the whole canvas, and a
+# frame placed outside it grows the canvas: so every frame is counted at the canvas's size so far.
+MAX_FRAMES = 100_000  # frames counted at most: past this a file is refused without reading on
+MAX_PIECES = 1_000_000  # headers (chunks, blocks, sub-blocks, segments) one image may make us read
+_BUFFER = 64 * 1024
+
+
+class BadHeaders(ValueError):
+    """Image headers that are cut off, run past the file, or are too many to read: the image is refused."""
+
+
+@dataclass(frozen=True)
+class Frames:
+    """What decoding an image would make, read from its headers alone."""
+
+    count: int  # MAX_FRAMES + 1 when there are more (counting stopped there)
+    width: int  # the largest frame
+    height: int
+    pixels: int  # all frames together
+    same_size: bool
+
+    @property
+    def frame_mp(self) -> float:
+        return self.width * self.height / 1e6
+
+    @property
+    def total_mp(self) -> float:
+        return self.pixels / 1e6
+
+
+class _Enough(Exception):
+    """Past MAX_FRAMES: the verdict is known, so the walk stops."""
+
+
+class _Tally:
+    """Frames as a decoder makes them: each at the canvas's size so far, which frames only grow."""
+
+    def __init__(self) -> None:
+        self.canvas = (0, 0)
+        self.first: tuple[int, int] | None = None
+        self.count = self.pixels = 0
+
+    def grow(self, width: int, height: int) -> None:
+        self.canvas = (max(self.canvas[0], width), max(self.canvas[1], height))
+
+    def add(self, width: int = 0, height: int = 0, left: int = 0, top: int = 0) -> None:
+        """One frame of this size at this place, decoded at the canvas's size."""
+        self.grow(left + width, top + height)
+        self.fill(self.count + 1)
+
+    def fill(self, count: int) -> None:
+        """Frames declared but not described, up to `count`, each the canvas's size."""
+        if count <= self.count:
+            return
+        self.first = self.first or self.canvas
+        self.pixels += (count - self.count) * self.canvas[0] * self.canvas[1]
+        self.count = count
+        if count > MAX_FRAMES:
+            self.count = MAX_FRAMES + 1
+            raise _Enough
+
+    def frames(self) -> Frames:
+        if self.count == 0:
+            raise BadHeaders("no image in the file")
+        return Frames(self.count, *self.canvas, self.pixels, self.first == self.canvas)
+
+
+class _Walk:
+    """A file read a header at a time: each read is small, and bodies are seeked over."""
+
+    def __init__(self, handle: BinaryIO, size: int) -> None:
+        self.handle = handle
+        self.size = size
+        self.pieces = 0
+
+    def take(self, count: int) -> bytes:
+        self.pieces += 1
+        if self.pieces > MAX_PIECES:
+            raise BadHeaders(f"more than {MAX_PIECES} headers")
+        data = self.handle.read(count)
+        if len(data) < count:
+            raise BadHeaders("cut off")
+        return data
+
+    def seek(self, position: int) -> None:
+        if position > self.size:
+            raise BadHeaders("a length runs past the end of the file")
+        self.handle.seek(position)
+
+    def skip(self, count: int) -> None:
+        self.seek(self.handle.tell() + count)
+
+
+def image_frames(path: Path, ext: str) -> Frames | None:
+    """How many frames an image has and how large, from its headers only, so a decompression bomb
+    (ComfyUI decodes every frame to float32) is refused before anything decodes it; None for a
+    format not read here. Reads in small pieces and stops past MAX_FRAMES or MAX_PIECES, so a
+    hostile file costs little; raises only BadHeaders. Blocking: run it in a thread."""
+    read = _READERS.get(ext)
+    if read is None:
+        return None
+    tally = _Tally()
+    with path.open("rb", buffering=_BUFFER) as handle, contextlib.suppress(_Enough):
+        read(_Walk(handle, os.fstat(handle.fileno()).st_size), tally)
+    return tally.frames()
+
+
+def _png(walk: _Walk, tally: _Tally) -> None:
+    """IHDR is the canvas. An APNG declares its frames in acTL (before the first IDAT, or it is a
+    still image) and places each in an fcTL; an IDAT before any fcTL is one frame more."""
+    chunks = _png_chunks(walk)
+    kind, length = next(chunks)
+    if kind != b"IHDR":
+        raise BadHeaders("no IHDR first")
+    tally.grow(*struct.unpack(">II", _body(walk, length, 8)))
+    declared = extra = 0
+    for kind, length in chunks:
+        if kind == b"acTL" and not declared:
+            (declared,) = struct.unpack(">I", _body(walk, length, 4))
+        elif kind == b"fcTL" and declared:
+            _, width, height, left, top = struct.unpack(">5I", _body(walk, length, 20))
+            tally.add(width, height, left, top)
+        elif kind == b"IDAT" and not declared:
+            break  # a still image
+        elif kind == b"IDAT" and not tally.count:
+            extra = 1  # the default image, shown before the animation
+            tally.add()
+        elif kind == b"IEND":
+            break
+    tally.fill(max(declared + extra, 1))
+
+
+def _body(walk: _Walk, length: int, need: int) -> bytes:
+    """The first `need` bytes of a chunk `length` long, whose fields need that many."""
+    if length < need:
+        raise BadHeaders("a chunk too short for its fields")
+    return walk.take(need)
+
+
+def _png_chunks(walk: _Walk) -> Iterator[tuple[bytes, int]]:
+    """(type, length) of each chunk; the next starts where the length says, whatever was read."""
+    position = 8
+    while True:
+        walk.seek(position)
+        length, kind = struct.unpack(">I4s", walk.take(8))
+        position += 12 + length
+        if position > walk.size:
+            raise BadHeaders("a chunk runs past the end of the file")
+        yield kind, length
+
+
+def _gif(walk: _Walk, tally: _Tally) -> None:
+    """The logical screen is the canvas; each image descriptor is a frame. Blocks and their data
+    sub-blocks are stepped over by their lengths: nothing is decompressed."""
+    width, height, flags = struct.unpack("<HHB", walk.take(11)[6:])
+    tally.grow(width, height)
+    walk.skip(2 + _palette(flags))
+    while True:
+        block = walk.take(1)
+        if block == b";":
+            return
+        if block == b"!":
+            walk.skip(1)  # the extension's label
+        elif block == b",":
+            left, top, width, height, flags = struct.unpack("<4HB", walk.take(9))
+            tally.add(width, height, left, top)
+            walk.skip(_palette(flags) + 1)  # and the LZW minimum code size
+        else:
+            raise BadHeaders(f"unknown GIF block {block!r}")
+        while length := walk.take(1)[0]:
+            walk.skip(length)
+
+
+def _palette(flags: int) -> int:
+    """Bytes of the colour table a GIF screen or image descriptor's flags announce."""
+    return 3 << ((flags & 7) + 1) if flags & 0x80 else 0
+
+
+def _jpeg(walk: _Walk, tally: _Tally) -> None:
+    """Segments up to the first start-of-frame (SOF0..SOF15, but C4, C8 and CC are other markers),
+    whose height and width are the image's: a JPEG is one frame."""
+    walk.skip(2)  # SOI
+    while True:
+        marker = walk.take(2)
+        if marker[0] != 0xFF:
+            raise BadHeaders("no marker where one should be")
+        code = marker[1]
+        while code == 0xFF:  # fill bytes
+            code = walk.take(1)[0]
+        if code == 0x01 or 0xD0 <= code <= 0xD8:
+            continue  # markers without a length
+        if code in (0xD9, 0xDA):
+            raise BadHeaders("image data before any frame header")
+        (length,) = struct.unpack(">H", walk.take(2))
+        if 0xC0 <= code <= 0xCF and code not in (0xC4, 0xC8, 0xCC):
+            if length < 7:
+                raise BadHeaders("short frame header")
+            _, height, width = struct.unpack(">BHH", walk.take(5))
+            tally.add(width, height)
+            return
+        if length < 2:
+            raise BadHeaders("segment shorter than its length field")
+        walk.skip(length - 2)
+
+
+def _webp(walk: _Walk, tally: _Tally) -> None:
+    """VP8X gives the canvas and ANMF each frame's place and size; a still image is its VP8
+    (lossy) or VP8L (lossless) bitstream's size, on the canvas if there is one."""
+    image = None
+    for kind, length in _riff_chunks(walk):
+        if kind == b"VP8X":
+            head = _body(walk, length, 10)
+            tally.grow(_u24(head, 4) + 1, _u24(head, 7) + 1)
+        elif kind == b"ANMF":
+            head = _body(walk, length, 12)
+            left, top, width, height = (_u24(head, at) for at in (0, 3, 6, 9))
+            tally.add(width + 1, height + 1, left * 2, top * 2)
+        elif kind == b"VP8 " and image is None:
+            image = _vp8_size(_body(walk, length, 10))
+        elif kind == b"VP8L" and image is None:
+            image = _vp8l_size(_body(walk, length, 5))
+    if not tally.count and image is not None:
+        tally.add(*image)
+
+
+def _riff_chunks(walk: _Walk) -> Iterator[tuple[bytes, int]]:
+    """(fourcc, length) of each chunk inside the RIFF, which end on even offsets."""
+    (riff_size,) = struct.unpack("<I", walk.take(8)[4:])
+    end = min(8 + riff_size, walk.size)
+    position = 12
+    while position + 8 <= end:
+        walk.seek(position)
+        kind, length = struct.unpack("<4sI", walk.take(8))
+        if position + 8 + length > end:
+            raise BadHeaders("a chunk runs past the end of the file")
+        position += 8 + length + (length & 1)
+        yield kind, length
+
+
+def _u24(data: bytes, at: int) -> int:
+    return int.from_bytes(data[at : at + 3], "little")
+
+
+def _vp8_size(head: bytes) -> tuple[int, int]:
+    if head[3:6] != b"\x9d\x01\x2a":
+        raise BadHeaders("no VP8 key frame")
+    width, height = struct.unpack("<HH", head[6:])
+    return width & 0x3FFF, height & 0x3FFF
+
+
+def _vp8l_size(head: bytes) -> tuple[int, int]:
+    if head[0] != 0x2F:
+        raise BadHeaders("no VP8L signature")
+    (bits,) = struct.unpack("<I", head[1:])
+    return (bits & 0x3FFF) + 1, (bits >> 14 & 0x3FFF) + 1
+
+
+def _bmp(walk: _Walk, tally: _Tally) -> None:
+    """The DIB header after the 14-byte file header: 16-bit sizes in the old 12-byte core header,
+    signed 32-bit ones from BITMAPINFOHEADER on (a negative height means top-down rows)."""
+    walk.skip(14)
+    (header_size,) = struct.unpack("<I", walk.take(4))
+    if header_size == 12:
+        width, height = struct.unpack("<HH", walk.take(4))
+    elif header_size >= 16:
+        width, height = struct.unpack("<ii", walk.take(8))
+    else:
+        raise BadHeaders("unknown BMP header")
+    tally.add(abs(width), abs(height))
+
+
+_READERS: dict[str, Callable[[_Walk, _Tally], None]] = {
+    ".png": _png,
+    ".gif": _gif,
+    ".jpg": _jpeg,
+    ".webp": _webp,
+    ".bmp": _bmp,
+}
 
 
 def media_kind_of(name: str) -> str | None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from .comfy import NO_SPACE
 from .errors import BadInput, StorageFull, StorageUnavailable, TooLarge, UnsupportedMedia
 from .files import fsync_path, open_off_loop
-from .media import SNIFF_BYTES, is_complete, media_kind_of, sniff
+from .media import MAX_FRAMES, SNIFF_BYTES, BadHeaders, Frames, image_frames, is_complete, media_kind_of, sniff
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,8 @@ class UploadLimits:
     max_request_bytes: int
     max_files: int
     allowed_kinds: tuple[str, ...]
+    max_frame_mp: float
+    max_total_mp: float
 
 
 class IncomingFile:
@@ -208,8 +210,7 @@ class UploadStore:
                     await asyncio.to_thread(handle.write, chunk)
             if not kind:
                 kind, mime, ext = self._check_media(head, part)
-            if not await asyncio.to_thread(is_complete, tmp, ext):
-                raise UnsupportedMedia(f"File {part.filename!r} is not a complete, well-formed {mime} file.")
+            await self._check_content(tmp, ext, mime, part.filename or "")
             name = safe_name(part.filename or "", mime, ext)
             path = folder / name
             # Synced before the client hears of it: a job that names it is journaled as durable.
@@ -221,6 +222,20 @@ class UploadStore:
                 raise write_refused(exc) from None
             raise
         return Upload(name, path, owner, kind, time.time()), size
+
+    async def _check_content(self, path: Path, ext: str, mime: str, filename: str) -> None:
+        """The whole file is well-formed and, for an image, its headers promise no more pixels than
+        the limits allow (ComfyUI decodes every frame to float32 at once)."""
+        broken = f"File {filename!r} is not a complete, well-formed {mime} file."
+        if not await asyncio.to_thread(is_complete, path, ext):
+            raise UnsupportedMedia(broken)
+        try:
+            frames = await asyncio.to_thread(image_frames, path, ext)
+        except BadHeaders:
+            raise UnsupportedMedia(broken) from None
+        problem = _over_pixels(filename, frames, self.limits) if frames else None
+        if problem:
+            raise TooLarge(problem)
 
     def _check_media(self, head: bytes, part: IncomingFile) -> tuple[str, str, str]:
         found = sniff(head)
@@ -266,6 +281,33 @@ def _sync_and_rename(tmp: Path, path: Path) -> None:
     fsync_path(tmp)
     os.replace(tmp, path)
     fsync_path(path.parent)
+
+
+def _over_pixels(filename: str, frames: Frames, limits: UploadLimits) -> str | None:
+    """Why an image would take too much memory to decode, or None: a small file of many or huge
+    frames could otherwise take a GPU server down."""
+    if frames.count > MAX_FRAMES:
+        return f"File {filename!r} has more than {MAX_FRAMES} frames, over the limit of {MAX_FRAMES} frames."
+    size = f"{frames.width}x{frames.height}"
+    if frames.count == 1:
+        shape = f"is {size}"
+    else:
+        shape = f"has {frames.count} frames of {'' if frames.same_size else 'up to '}{size}"
+    if frames.frame_mp > limits.max_frame_mp:
+        return (
+            f"File {filename!r} {shape} ({_mp(frames.frame_mp)} megapixels a frame), "
+            f"over the limit of {_mp(limits.max_frame_mp)} megapixels (max_frame_mp)."
+        )
+    if frames.total_mp > limits.max_total_mp:
+        return (
+            f"File {filename!r} {shape} ({_mp(frames.total_mp)} megapixels in all), "
+            f"over the limit of {_mp(limits.max_total_mp)} megapixels (max_total_mp)."
+        )
+    return None
+
+
+def _mp(megapixels: float) -> str:
+    return f"{megapixels:.0f}" if megapixels >= 1000 else f"{megapixels:.4g}"
 
 
 def _mb(size: int) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ from aiohttp.test_utils import TestClient
 from comfybridge.emulator.png import solid_png
 
 Client = TestClient[web.Request, web.Application]
+LARGE = 1024 * 1024
 
 
 def without_job_id(file_name: str) -> str:
@@ -39,8 +41,16 @@ def png(width: int = 8, height: int = 8, colour: int = 0x336699) -> bytes:
     return solid_png(width, height, colour)
 
 
+def jpeg(width: int, height: int) -> bytes:
+    """A JPEG's headers (JFIF, a baseline frame header of this size) and its end: what the bridge
+    reads of one, with no pixel data behind them."""
+    jfif = b"\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
+    frame = b"\xff\xc0" + struct.pack(">HBHHB", 11, 8, height, width, 1) + b"\x01\x11\x00"
+    return b"\xff\xd8" + jfif + frame + b"\xff\xd9"
+
+
 # The smallest files of other kinds that are whole by their format's own rules.
-JPEG = b"\xff\xd8\xff\xe0" + b"\0" * 40 + b"\xff\xd9"
+JPEG = jpeg(8, 8)
 WAV = b"RIFF" + struct.pack("<I", 28) + b"WAVEfmt " + b"\0" * 20
 MP4 = b"\0\0\0\x18ftypisom" + b"\0" * 12
 OGG = b"OggS" + b"\0" * 40
@@ -49,7 +59,8 @@ OGG = b"OggS" + b"\0" * 40
 async def upload(client: Client, files: dict[str, tuple[str, bytes]], client_id: str | None = None) -> Any:
     form = aiohttp.FormData()
     for field, (filename, data) in files.items():
-        form.add_field(field, data, filename=filename, content_type="application/octet-stream")
+        body = io.BytesIO(data) if len(data) > LARGE else data  # aiohttp warns of large bytes bodies
+        form.add_field(field, body, filename=filename, content_type="application/octet-stream")
     params = {"clientId": client_id} if client_id else {}
     resp = await client.post("/upload", data=form, params=params)
     return resp.status, await resp.json()
