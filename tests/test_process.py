@@ -55,7 +55,11 @@ def workdir(tmp_path: Path) -> Path:
 
 
 @asynccontextmanager
-async def bridge_process(workdir: Path, *args: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+async def bridge_process(
+    workdir: Path, *args: str, ready: str = "/generation-count"
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """`python -m comfybridge` on a free port, its stderr in workdir/bridge.log; up once `ready`
+    answers 200 (with API keys on, name a path that needs none)."""
     port = free_port()
     args = args or ("--emulate", "1")
     if "--stop-grace" not in args:  # stop at once on SIGTERM, unless the test is about the grace
@@ -68,7 +72,7 @@ async def bridge_process(workdir: Path, *args: str) -> AsyncIterator[tuple[async
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        await wait_until_up(f"{url}/generation-count", proc, workdir / "bridge.log")
+        await wait_until_up(f"{url}{ready}", proc, workdir / "bridge.log")
         yield proc, url
     finally:
         if proc.returncode is None:
