@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import io
 import itertools
 import os
 import shutil
+import signal
 import socket
 import statistics
 import sys
 import tempfile
 import time
 import uuid
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -66,7 +70,7 @@ async def process(args: list[str], url: str, ready_path: str) -> AsyncIterator[s
         yield url
     finally:
         if proc.returncode is None:
-            proc.terminate()
+            proc.send_signal(signal.SIGINT)  # a graceful stop at once (SIGTERM would drain for stop_grace)
         await proc.wait()
 
 
@@ -736,6 +740,61 @@ async def bench_real(target: str | None, jobs: int, clients: int = 8) -> dict[st
             "busy_ratio": round(busy["bridge"] / busy["direct"], 2)}  # fmt: skip
 
 
+def gzip_bomb(megabytes: int) -> bytes:
+    """A JSON body of `megabytes` MB once inflated, made without ever holding it inflated."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+    chunk = b"x" * (1024 * 1024)
+    pieces = [packer.compress(b'{"workflow": "')] + [packer.compress(chunk) for _ in range(megabytes)]
+    return b"".join([*pieces, packer.compress(b'"}'), packer.flush()])
+
+
+async def bench_bomb(requests: int, concurrency: int = 8) -> dict[str, Any]:
+    """Latency of small requests (GET /generation-count) from `concurrency` clients, alone and while
+    another client keeps posting a 2 MB gzip body that would inflate to 2 GB: how much one compressed
+    bomb costs everyone else."""
+    bomb = gzip_bomb(2048)
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    result: dict[str, Any] = {"name": "bomb", "requests": requests, "bomb_kb": len(bomb) // 1024}
+    async with stack([0.0]) as (url, _), aiohttp.ClientSession() as session:
+
+        async def small() -> None:
+            async with session.get(f"{url}/generation-count") as resp:
+                await resp.read()
+
+        await in_parallel(small, 200, concurrency)  # warm up
+        quiet = await in_parallel(small, requests, concurrency)
+        bombs = 0
+
+        async def bomber() -> None:
+            nonlocal bombs
+            async with aiohttp.ClientSession() as own:
+                while True:
+                    try:
+                        async with own.post(
+                            f"{url}/generate-based-workflow", params={"clientId": "bomb"},
+                            data=io.BytesIO(bomb), headers=headers,
+                        ) as resp:  # fmt: skip
+                            await resp.read()
+                    except aiohttp.ClientError:
+                        pass  # the bridge may hang up on the rest of a refused bomb
+                    bombs += 1
+
+        task = asyncio.create_task(bomber())
+        await asyncio.sleep(0.5)
+        try:
+            loud = await in_parallel(small, requests, concurrency)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    for tag, samples in (("quiet", quiet), ("bombed", loud)):
+        result[f"{tag}_p50_ms"] = round(statistics.median(samples), 2)
+        result[f"{tag}_p99_ms"] = round(percentile(samples, 99), 2)
+        result[f"{tag}_max_ms"] = round(max(samples), 2)
+    result["bombs_sent"] = bombs
+    return result
+
+
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], Awaitable[dict[str, Any]]]] = {
     "cpu_per_job": lambda args: bench_cpu_per_job(max(args.jobs, 500)),
     "overhead": lambda args: bench_overhead(args.jobs),
@@ -750,6 +809,7 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], Awaitable[dict[str, Any]]]]
     "recovery": lambda args: bench_recovery(args.recovery_jobs),
     "spread": lambda args: bench_spread(),
     "real": lambda args: bench_real(args.real, args.jobs),
+    "bomb": lambda args: bench_bomb(args.jobs * 10),
 }
 
 

@@ -59,6 +59,10 @@ class DataDirLock:
         os.pwrite(fd, orjson.dumps(holder), 0)
         return cls(path, fd)
 
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
     def release(self) -> None:
         if self._fd is not None:
             self._fd = None

@@ -99,10 +99,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
+        path = request.path.encode("utf-8", "replace").decode()  # a path may not be valid UTF-8
         if exc.status == 404:
-            detail = f"Not found: {request.path}"
+            detail = f"Not found: {path}"
         elif exc.status == 405:
-            detail = f"Method {request.method} is not allowed for {request.path}"
+            detail = f"Method {request.method} is not allowed for {path}"
         elif exc.status == 413:
             detail = "The request body is too large"
         else:

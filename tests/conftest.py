@@ -17,6 +17,7 @@ from comfybridge.app import create_app
 from comfybridge.config import Settings
 from comfybridge.emulator import Emulator
 from comfybridge.emulator.server import DIALECTS
+from comfybridge.keys import DATA_LOCK, SETTINGS
 
 from .fake_comfy import FakeComfy
 
@@ -96,10 +97,17 @@ def base_settings(tmp_path: Path, workflow_dir: Path) -> Settings:
 async def make_bridge(make_emulator: EmulatorFactory, aiohttp_client: Any, base_settings: Settings) -> BridgeFactory:
     """Bridges are stopped before the emulators (this fixture needs make_emulator, so it ends first)."""
 
+    made: list[TestClient[web.Request, web.Application]] = []
+
     async def make(*backends: Emulator | str, **overrides: Any) -> TestClient[web.Request, web.Application]:
         urls = tuple(b if isinstance(b, str) else b.url for b in backends) or base_settings.backends
+        if "data_dir" not in overrides and any(
+            c.app[SETTINGS].data_dir == base_settings.data_dir and c.app[DATA_LOCK].held for c in made
+        ):  # one bridge per data folder: a second one at the same time gets its own
+            overrides["data_dir"] = base_settings.data_dir.with_name(f"data-{len(made)}")
         settings = replace(base_settings, backends=urls, **overrides)
         client: TestClient[web.Request, web.Application] = await aiohttp_client(create_app(settings))
+        made.append(client)
         return client
 
     return make

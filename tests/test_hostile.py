@@ -212,3 +212,22 @@ async def test_protocol_garbage_and_a_taken_port_are_one_line_each(tmp_path: Pat
     assert "refused a malformed request" in log
     assert "Traceback" not in log
     assert " ERROR " not in log
+
+
+async def test_a_path_that_is_not_utf8_is_a_json_404_with_either_parser(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "workflows").mkdir()
+    for parser in ("C", "Python"):
+        if parser == "Python":
+            monkeypatch.setenv("AIOHTTP_NO_EXTENSIONS", "1")  # aiohttp's pure Python parser lets the bytes through
+        async with bridge_process(tmp_path) as (_, url):
+            host, port = url.removeprefix("http://").split(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"GET /caf\xe9\xff HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            assert answer.startswith((b"HTTP/1.1 404", b"HTTP/1.0 400")), (parser, answer[:80])
+            if answer.startswith(b"HTTP/1.1 404"):
+                assert orjson.loads(answer.partition(b"\r\n\r\n")[2])["detail"].startswith("Not found: /caf")
+    assert " ERROR " not in (tmp_path / "bridge.log").read_text()
