@@ -748,21 +748,35 @@ def gzip_bomb(megabytes: int) -> bytes:
     return b"".join([*pieces, packer.compress(b'"}'), packer.flush()])
 
 
-async def bench_bomb(requests: int, concurrency: int = 8) -> dict[str, Any]:
-    """Latency of small requests (GET /generation-count) from `concurrency` clients, alone and while
-    another client keeps posting a 2 MB gzip body that would inflate to 2 GB: how much one compressed
-    bomb costs everyone else."""
+async def for_seconds(job: Callable[[], Awaitable[Any]], seconds: float, concurrency: int) -> list[float]:
+    """Run `job` from `concurrency` clients for `seconds`; each call's latency in ms."""
+    samples: list[float] = []
+    stop = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        while (start := time.perf_counter()) < stop:
+            await job()
+            samples.append((time.perf_counter() - start) * 1000)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return samples
+
+
+async def bench_bomb(seconds: float = 10.0, concurrency: int = 8, every: float = 0.2) -> dict[str, Any]:
+    """Latency of small requests (GET /generation-count) from `concurrency` clients for `seconds`,
+    alone and while another client posts a 2 MB gzip body that would inflate to 2 GB every `every`
+    seconds: how much a compressed bomb costs everyone else."""
     bomb = gzip_bomb(2048)
     headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
-    result: dict[str, Any] = {"name": "bomb", "requests": requests, "bomb_kb": len(bomb) // 1024}
+    result: dict[str, Any] = {"name": "bomb", "seconds": seconds, "bomb_kb": len(bomb) // 1024, "every_s": every}
     async with stack([0.0]) as (url, _), aiohttp.ClientSession() as session:
 
         async def small() -> None:
             async with session.get(f"{url}/generation-count") as resp:
                 await resp.read()
 
-        await in_parallel(small, 200, concurrency)  # warm up
-        quiet = await in_parallel(small, requests, concurrency)
+        await for_seconds(small, 1.0, concurrency)  # warm up
+        quiet = await for_seconds(small, seconds, concurrency)
         bombs = 0
 
         async def bomber() -> None:
@@ -778,16 +792,17 @@ async def bench_bomb(requests: int, concurrency: int = 8) -> dict[str, Any]:
                     except aiohttp.ClientError:
                         pass  # the bridge may hang up on the rest of a refused bomb
                     bombs += 1
+                    await asyncio.sleep(every)
 
         task = asyncio.create_task(bomber())
-        await asyncio.sleep(0.5)
         try:
-            loud = await in_parallel(small, requests, concurrency)
+            loud = await for_seconds(small, seconds, concurrency)
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
     for tag, samples in (("quiet", quiet), ("bombed", loud)):
+        result[f"{tag}_requests"] = len(samples)
         result[f"{tag}_p50_ms"] = round(statistics.median(samples), 2)
         result[f"{tag}_p99_ms"] = round(percentile(samples, 99), 2)
         result[f"{tag}_max_ms"] = round(max(samples), 2)
@@ -809,7 +824,7 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], Awaitable[dict[str, Any]]]]
     "recovery": lambda args: bench_recovery(args.recovery_jobs),
     "spread": lambda args: bench_spread(),
     "real": lambda args: bench_real(args.real, args.jobs),
-    "bomb": lambda args: bench_bomb(args.jobs * 10),
+    "bomb": lambda args: bench_bomb(),
 }
 
 

@@ -53,6 +53,7 @@ MB = 1024 * 1024
 SLOW_RATE = 64 * 1024  # bytes a second a slow client's body earns beyond body_timeout
 FRAMING = 64 * 1024  # multipart framing a request's parts may add to their files, each
 HEADER_SAFE = " !\"#$&'()*+,-./:;<=>?@[]^_`{|}~"  # printable ASCII but %: kept as is in X-Detail
+INFLATE_SLICE = 1024 * 1024  # bytes inflated at a time before other requests get a turn
 ENCODINGS = {"identity", "gzip", "x-gzip", "deflate"}  # a JSON body's Content-Encodings, inflated here
 B64_CHUNK = 3 * 64 * 1024  # a multiple of 3, so chunks encode without padding in between
 WEBHOOK_KEY = "_webhook"
@@ -278,10 +279,15 @@ async def _json_body(request: web.Request) -> Any:
     inflater: Any = None
     body = bytearray()
     while chunk := await deadline.read(request.content.readany()):
-        if coding != "identity":
+        if coding == "identity":
+            body += chunk
+        else:
             inflater = inflater or zlib.decompressobj(_window_bits(coding, chunk))
-            chunk = _inflate(inflater, chunk, limit + 1 - len(body))
-        body += chunk
+            while chunk and len(body) <= limit:  # in slices, letting other requests run between them
+                body += _inflate(inflater, chunk, min(INFLATE_SLICE, limit + 1 - len(body)))
+                chunk = inflater.unconsumed_tail
+                if chunk:
+                    await asyncio.sleep(0)
         if len(body) > limit:
             raise TooLarge(f"The request body is larger than the limit of {limit / MB:.3g} MB.")
     if coding != "identity" and (inflater is None or not inflater.eof):
@@ -301,14 +307,14 @@ def _window_bits(coding: str, first: bytes) -> int:
 
 
 def _inflate(inflater: Any, chunk: bytes, room: int) -> bytes:
-    """Inflate one chunk, producing at most `room` bytes (past them the body is refused anyway)."""
+    """Inflate what `room` bytes of output allow of `chunk` (the rest stays in `unconsumed_tail`)."""
     try:
         out: bytes = inflater.decompress(chunk, room)
     except zlib.error:
         raise BadInput("The request body could not be read: it is not valid compressed data.") from None
     if inflater.unused_data:
         raise BadInput("The request body could not be read: there is data after its compressed stream.")
-    return out + (b"\0" if inflater.unconsumed_tail else b"")  # more was left: over the limit
+    return out
 
 
 async def generate(request: web.Request) -> web.Response:
