@@ -23,6 +23,7 @@ class Failover:
     def __init__(self, core: Core, tracker: Tracker) -> None:
         self.core = core
         self.tracker = tracker
+        self.ticks = 0  # rounds the watchdog has made, so a test can wait for the next one
 
     async def listen(self, backend: Backend) -> None:
         core = self.core
@@ -142,6 +143,7 @@ class Failover:
         limit = core.settings.job_idle_timeout
         while True:
             await asyncio.sleep(min(1.0, limit / 4))
+            self.ticks += 1
             now = time.monotonic()
             for backend in list(core.backends.values()):
                 if care.idle_free_due(backend, now, core.settings.free_idle_after):

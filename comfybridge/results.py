@@ -99,7 +99,13 @@ class ResultStore:
         """A delivery that did not complete: the results can be fetched again."""
         self._claimed.difference_update(r.job_id for r in results)
 
-    async def remove(self, client_id: str, results: list[JobResult]) -> None:
+    def being_sent(self, client_id: str) -> bool:
+        """Whether some of the client's results are on their way to a request right now."""
+        return any(r.job_id in self._claimed for r in self._by_client.get(client_id, []))
+
+    def forget(self, client_id: str, results: list[JobResult]) -> None:
+        """Delivered (or expired): no request gets them any more. Their files go with `delete`, once
+        the journal no longer names them."""
         gone = {r.job_id for r in results}
         self._claimed -= gone
         left = [r for r in self._by_client.get(client_id, []) if r.job_id not in gone]
@@ -107,6 +113,8 @@ class ResultStore:
             self._by_client[client_id] = left
         else:
             self._by_client.pop(client_id, None)
+
+    async def delete(self, results: list[JobResult]) -> None:
         await asyncio.to_thread(_delete, results)
 
     async def discard(self, job_id: str) -> None:

@@ -377,7 +377,7 @@ async def history(request: web.Request) -> web.StreamResponse:
         return web.Response(status=204, headers={"X-Detail": NOT_SEEN.format(unscoped(client_id))})
     fetched = results.claim(client_id)  # a second request at the same time gets none of these
     if not fetched:
-        if results.holds(client_id):  # every one of them is on its way to another request
+        if results.being_sent(client_id):  # every one of them is on its way to another request
             raise Conflict(
                 "The results of this clientId are being fetched by another request right now; "
                 "try again once that one has finished (they are forgotten only once it completes)."

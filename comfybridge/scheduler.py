@@ -431,8 +431,9 @@ class Scheduler:
         """After a full /history download: journal it before the files go; a client with nothing left
         is forgotten."""
         core = self.core
+        core.results.forget(client_id, fetched)  # at once: a request that comes next must not see them
         await core.journal.forget(r.job_id for r in fetched)
-        await core.results.remove(client_id, fetched)
+        await core.results.delete(fetched)
         client = self.clients.get(client_id)
         if client is not None and self.clients.forget_if_done(client, core.owns_something):
             core.journal.forget_client(client_id)
@@ -456,9 +457,10 @@ class Scheduler:
             await core.uploads.expire(settings.upload_ttl)
             old = core.results.expired(settings.result_ttl)
             if old:
-                await core.journal.forget(r.job_id for r in old)
                 for result in old:
-                    await core.results.remove(result.client_id, [result])
+                    core.results.forget(result.client_id, [result])
+                await core.journal.forget(r.job_id for r in old)
+                await core.results.delete(old)
                 log.info("expired %d unfetched results", len(old))
             cutoff = time.time() - settings.result_ttl
             core.journal.forget_ended_before(cutoff)

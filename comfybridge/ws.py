@@ -53,11 +53,12 @@ class Outbox:
         self.sender: asyncio.Task[None] | None = None
 
     def put(self, frame: bytes | None) -> None:
+        if self.ws.closed:
+            return  # nothing after a Close frame (RFC 6455 §5.5.1)
         transport = self.transport
         if (
             frame is not None
             and self.sender is None
-            and not self.ws.closed  # nothing after a Close frame (RFC 6455 §5.5.1)
             and transport is not None
             and not transport.is_closing()
             and transport.get_write_buffer_size() < HIGH_WATER
@@ -70,7 +71,7 @@ class Outbox:
 
     async def _send_waiting(self) -> None:
         try:
-            while self.waiting:
+            while self.waiting and not self.ws.closed:
                 frame = self.waiting.popleft()
                 if frame is None:
                     await self.ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"job failed")

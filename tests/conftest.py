@@ -123,3 +123,10 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None
     async with asyncio.timeout(timeout):
         while not predicate():
             await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """A working folder for a bridge process, with every test workflow."""
+    shutil.copytree(FIXTURES / "workflows", tmp_path / "workflows")
+    return tmp_path

@@ -8,9 +8,14 @@ import io
 import os
 import re
 import shutil
+import signal
+import socket
 import struct
 import subprocess
-from collections.abc import Iterator
+import sys
+import zlib
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +25,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from comfybridge.emulator import Emulator
 from comfybridge.emulator.png import solid_png
+from comfybridge.keys import SETTINGS
 
 Client = TestClient[web.Request, web.Application]
 LARGE = 1024 * 1024
@@ -133,19 +140,15 @@ def _tail(log: Path) -> str:
 
 
 def system_binary(name: str, package: str) -> str:
-    """The path of a system program a test needs. When missing, it is installed from Debian's
-    packages only if CI or COMFYBRIDGE_TEST_INSTALL=1 allows it (and we are root with apt-get);
-    otherwise the test is skipped, saying why. `make test` never changes the host unasked."""
+    """The path of a system program a test runs for real. `.ci/run` installs them (the list is
+    `.ci/system-packages`) before the tests; under CI=true a missing one fails the test, elsewhere
+    it is skipped saying how to get it. The tests never install anything themselves."""
     found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
-    allowed = os.environ.get("COMFYBRIDGE_TEST_INSTALL") == "1" or bool(os.environ.get("CI"))
-    if found is None and allowed and os.geteuid() == 0 and shutil.which("apt-get"):
-        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "timeout": 600}
-        subprocess.run(["apt-get", "update", "-qq"], check=False, **quiet)  # type: ignore[call-overload]
-        subprocess.run(["apt-get", "install", "-y", "-qq", package], check=False, **quiet)  # type: ignore[call-overload]
-        found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
     if found is None:
-        why = "as root with apt-get" if allowed else "set COMFYBRIDGE_TEST_INSTALL=1 to let the tests install it"
-        pytest.skip(f"{name} is not installed ({package}); {why}")
+        why = f"{name} is not installed: apt-get install {package} (CI installs .ci/system-packages)"
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
     return found
 
 
@@ -175,3 +178,171 @@ def fill(folder: Path) -> Path:
     finally:
         os.close(fd)
     return filler
+
+
+ROOT = Path(__file__).parent.parent
+
+
+def unused_port() -> int:
+    """A port nothing listens on now: for a program that cannot bind port 0 and say which it got
+    (nginx), or for an address that must refuse connections. Bridges and emulators bind port 0."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def run_cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    if "--port" not in args:  # any free port: the port is bound before anything else is done
+        args = [*args, "--port", "0"]
+    return subprocess.run(
+        [sys.executable, "-m", "comfybridge", *args], cwd=cwd, env=environ, capture_output=True, text=True, timeout=30
+    )
+
+
+@asynccontextmanager
+async def bridge_process(
+    workdir: Path, *args: str, ready: str = "/generation-count"
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """`python -m comfybridge` on port 0 (the port it binds is read from its banner), its stderr in
+    workdir/bridge.log; up once `ready` answers 200 (with API keys on, name a path that needs none)."""
+    args = args or ("--emulate", "1")
+    if "--stop-grace" not in args:  # stop at once on SIGTERM, unless the test is about the grace
+        args = (*args, "--stop-grace", "0")
+    if "--port" not in args:
+        args = (*args, "--port", "0")
+    log = await asyncio.to_thread(open, workdir / "bridge.log", "ab")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "comfybridge", *args,
+        cwd=workdir, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=asyncio.subprocess.PIPE, stderr=log,
+    )  # fmt: skip
+    try:
+        url = await _listening_url(proc, workdir / "bridge.log")
+        await wait_until_up(f"{url}{ready}", proc, workdir / "bridge.log")
+        yield proc, url
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+        log.close()
+
+
+async def _listening_url(proc: asyncio.subprocess.Process, log: Path) -> str:
+    """The address in the banner the bridge prints once its port is bound."""
+    assert proc.stdout is not None
+    async with asyncio.timeout(30):
+        line = await proc.stdout.readline()
+    found = re.match(rb"comfybridge on (http://\S+) ->", line)
+    if found is None:
+        await proc.wait()
+        raise AssertionError(f"no banner ({line!r}): {await asyncio.to_thread(_tail, log)}")
+    return found.group(1).decode()
+
+
+async def submit(url: str, client_id: str) -> None:
+    async with aiohttp.ClientSession() as session:
+        body = {"workflow": "solid", "1/width": 8}
+        async with session.post(f"{url}/generate-based-workflow", params={"clientId": client_id}, json=body) as resp:
+            assert resp.status == 200, await resp.text()
+
+
+async def count(url: str) -> int:
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/generation-count") as resp:
+        value: int = await resp.json()
+        return value
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("comfybridge: error: ")]
+    assert len(lines) == 1, result.stderr
+    assert result.stderr.strip().endswith(lines[0])
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+async def test_sigterm_drains_for_stop_grace_with_ready_and_new_jobs_503_then_exits_0(workdir: Path) -> None:
+    async with bridge_process(workdir, "--emulate", "1", "--stop-grace", "30") as (proc, url):
+        await submit(url, "before")
+        async with aiohttp.ClientSession() as session:
+            proc.send_signal(signal.SIGTERM)
+            ready: dict[str, Any] = {}
+            while ready.get("detail") != "the bridge is stopping":
+                async with session.get(f"{url}/ready") as resp:
+                    ready = await resp.json()
+            assert resp.status == 503
+            body = {"workflow": "solid", "1/width": 8}
+            async with session.post(f"{url}/generate-based-workflow", params={"clientId": "late"}, json=body) as resp:
+                assert resp.status == 503
+                assert (await resp.json())["detail"].startswith("The bridge is shutting down")
+            async with session.get(f"{url}/execution-info", params={"clientId": "before"}) as resp:
+                assert resp.status == 200  # everything else is still served
+            async with session.get(f"{url}/health") as resp:
+                assert (await resp.json())["stopping"] is True
+            assert proc.returncode is None
+            proc.send_signal(signal.SIGTERM)  # a second one: now
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    log = (workdir / "bridge.log").read_text()
+    assert "SIGTERM: refusing new jobs (503 stopping); the bridge stops in 30s" in log
+
+
+TINY = {"workflow": "solid", "1/width": 8, "1/height": 8, "1/batch_size": 1}
+
+
+def backends(*emulators: Emulator) -> tuple[str, ...]:
+    return ("--backends", ",".join(e.url for e in emulators), "--job-idle-timeout", "60")
+
+
+async def post_job(session: aiohttp.ClientSession, url: str, client_id: str, body: dict[str, Any]) -> str:
+    async with session.post(f"{url}/generate-based-workflow", params={"clientId": client_id}, json=body) as resp:
+        answer = await resp.json()
+        assert resp.status == 200, answer
+        job_id: str = answer["job_id"]
+        return job_id
+
+
+async def status_of(session: aiohttp.ClientSession, url: str, client_id: str) -> Any:
+    async with session.get(f"{url}/execution-info", params={"clientId": client_id}) as resp:
+        return await resp.json()
+
+
+async def wait_closed(session: aiohttp.ClientSession, url: str, client_ids: list[str], timeout: float = 90) -> None:
+    """Poll like a REST client until every client says `closed` (the guard only stops a hang)."""
+    async with asyncio.timeout(timeout):
+        for client_id in client_ids:
+            while (info := await status_of(session, url, client_id))["status"] != "closed":
+                assert info["status"] != "error", (client_id, info)
+                await asyncio.sleep(0.05)
+
+
+async def fetch_results(session: aiohttp.ClientSession, url: str, client_id: str) -> list[tuple[str, str]]:
+    """(job id, file name) of every part /history returns."""
+    async with session.get(f"{url}/history", params={"clientId": client_id}) as resp:
+        if resp.status == 204:
+            return []
+        assert resp.status == 200
+        reader = aiohttp.MultipartReader.from_response(resp)
+        parts = []
+        while (part := await reader.next()) is not None:
+            assert isinstance(part, aiohttp.BodyPartReader)
+            await part.read()
+            parts.append((part.headers["X-Job-Id"], part.filename or ""))
+        return parts
+
+
+def gzip_bomb(megabytes: int) -> bytes:
+    """A JSON body that inflates to `megabytes` MB, made without ever holding it inflated."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # 31: a gzip header and trailer
+    chunk = b"x" * (1024 * 1024)
+    pieces = [packer.compress(b'{"workflow": "')]
+    pieces += [packer.compress(chunk) for _ in range(megabytes)]
+    return b"".join([*pieces, packer.compress(b'"}'), packer.flush()])
+
+
+def stored(client: Client) -> list[Path]:
+    """Every file in the bridge's upload folder."""
+    root = client.app[SETTINGS].data_dir / "uploads"
+    return sorted(p for p in root.rglob("*") if p.is_file())

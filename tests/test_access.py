@@ -11,8 +11,7 @@ import orjson
 import pytest
 
 from .conftest import BridgeFactory, EmulatorFactory
-from .helpers import Client, png
-from .test_process import run_cli
+from .helpers import Client, png, run_cli
 
 A = "key-a-0123456789abcdef"
 B = "key-b-0123456789abcdef"

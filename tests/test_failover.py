@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -194,7 +193,9 @@ async def test_resource_care(make_emulator: EmulatorFactory, make_bridge: Bridge
     await wait_for(lambda: len(emulator.engine.free_requests) >= 1)
     assert emulator.engine.free_requests[0] == expected  # every 2 jobs
     await wait_for(lambda: len(emulator.engine.free_requests) == 2)  # then idle for 0.3 s
-    await asyncio.sleep(0.5)
+    watchdog = scheduler_of(client).failover
+    seen = watchdog.ticks
+    await wait_for(lambda: watchdog.ticks >= seen + 3)  # three more rounds, each past free_idle_after
     assert len(emulator.engine.free_requests) == 2  # once per idle spell, not again and again
     assert emulator.engine.history == {}  # delivered prompts are deleted from ComfyUI's history
     saved = sorted(p.relative_to(emulator.engine.output_dir) for p in emulator.engine.output_dir.rglob("*.png"))

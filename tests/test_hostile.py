@@ -8,7 +8,6 @@ import io
 import logging
 import resource
 import signal
-import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,8 +18,18 @@ import pytest
 from comfybridge.keys import SCHEDULER, SETTINGS
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
-from .helpers import Client, generate, png, read_results, run_job, upload
-from .test_process import assert_one_line_error, bridge_process, run_cli
+from .helpers import (
+    Client,
+    assert_one_line_error,
+    bridge_process,
+    generate,
+    gzip_bomb,
+    png,
+    read_results,
+    run_cli,
+    run_job,
+    upload,
+)
 
 TINY = {"workflow": "solid", "1/width": 8, "1/height": 8, "1/batch_size": 1}
 PNG = png()
@@ -77,15 +86,6 @@ async def test_head_never_hands_results_over(bridge: Client) -> None:
     parts = await read_results(await bridge.get("/history", params={"clientId": "linkcheck"}))
     assert len(parts) == 1
     assert (await bridge.head("/generation-count")).status == 200  # HEAD where it changes nothing
-
-
-def gzip_bomb(megabytes: int) -> bytes:
-    """A JSON body that inflates to `megabytes` MB, made without ever holding it inflated."""
-    packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # 31: a gzip header and trailer
-    chunk = b"x" * (1024 * 1024)
-    pieces = [packer.compress(b'{"workflow": "')]
-    pieces += [packer.compress(chunk) for _ in range(megabytes)]
-    return b"".join([*pieces, packer.compress(b'"}'), packer.flush()])
 
 
 def rss_mb() -> float:

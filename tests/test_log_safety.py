@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from comfybridge.logs import REDACTED, JsonFormatter, TextFormatter, one_line, quiet_bad_requests, redact, refusal
 
 from .conftest import FIXTURES, wait_for
-from .test_process import bridge_process, free_port
+from .helpers import bridge_process, unused_port
 
 KEY = "live-key-0123456789abcdef"  # the bridge's one key: clients with a broken request still send it
 WRONG = "wrong-key-fedcba9876543210"
@@ -226,7 +226,7 @@ async def test_a_hostile_client_leaves_no_key_and_no_forged_line(
         monkeypatch.setenv("AIOHTTP_NO_EXTENSIONS", "1")  # aiohttp's pure Python parser, with its own messages
     args = ("--emulate", "1", "--api-keys", KEY, "--log-format", log_format)
     args += ("--webhook-secret", "signing-secret-0123", "--webhook-allow-private", "true")
-    hook = f"http://127.0.0.1:{free_port()}/hook?token={HOOK_TOKEN}"  # nothing listens: its failures are logged
+    hook = f"http://127.0.0.1:{unused_port()}/hook?token={HOOK_TOKEN}"  # nothing listens: its failures are logged
     async with bridge_process(tmp_path, *args, ready="/health") as (proc, url):
         for chunks in MALFORMED:
             assert (await send(url, *chunks)).startswith(b"HTTP/1.0 400"), chunks[0][:60]

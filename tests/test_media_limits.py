@@ -15,8 +15,7 @@ from comfybridge.config import ConfigError, load_settings
 from comfybridge.media import MAX_FRAMES, BadHeaders, Frames, image_frames, is_complete
 
 from .conftest import BridgeFactory, EmulatorFactory
-from .helpers import Client, jpeg, png, upload
-from .test_uploads import stored
+from .helpers import Client, jpeg, png, stored, upload
 
 Rect = tuple[int, int, int, int]  # left, top, width, height
 

@@ -15,8 +15,7 @@ import pytest
 from comfybridge.emulator.png import png_size
 
 from .conftest import FIXTURES, BridgeFactory, EmulatorFactory
-from .helpers import png, read_results, system_binary, wait_until_up, without_job_id
-from .test_process import ROOT, bridge_process, free_port
+from .helpers import ROOT, bridge_process, png, read_results, system_binary, unused_port, wait_until_up, without_job_id
 
 CONFIG = """
 worker_processes 1;
@@ -56,7 +55,7 @@ async def behind_nginx(
     client = await make_bridge(await make_emulator(pace=0.01))
     root = tmp_path / "nginx"
     root.mkdir()
-    port = free_port()
+    port = unused_port()
     user = "user root;" if os.geteuid() == 0 else ""
     (root / "nginx.conf").write_text(CONFIG.format(user=user, root=root, port=port, upstream=client.server.port))
     proc = await asyncio.create_subprocess_exec(
@@ -129,7 +128,7 @@ async def test_two_bridges_behind_nginx_keep_each_client_on_one_bridge(
     async with bridge_process(dirs[0], *backends) as (_, first), bridge_process(dirs[1], *backends) as (_, second):
         root = tmp_path / "nginx"
         root.mkdir()
-        port = free_port()
+        port = unused_port()
         ports = [int(first.rsplit(":", 1)[1]), int(second.rsplit(":", 1)[1])]
         (root / "nginx.conf").write_text(two_bridge_config(root, port, ports))
         proc = await asyncio.create_subprocess_exec(

@@ -18,8 +18,7 @@ from comfybridge.errors import WorkflowConfigError
 from comfybridge.workflows import WorkflowStore
 
 from .conftest import FIXTURES, BridgeFactory, EmulatorFactory
-from .helpers import Client, generate, run_job
-from .test_process import bridge_process
+from .helpers import Client, bridge_process, generate, run_job
 
 KEY = "ops-key-0123456789abcdef"
 

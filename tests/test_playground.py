@@ -11,8 +11,7 @@ import pytest
 from comfybridge.emulator.png import png_first_pixel
 
 from .conftest import FIXTURES
-from .helpers import png, system_binary
-from .test_process import bridge_process
+from .helpers import bridge_process, png, system_binary
 
 playwright_api = pytest.importorskip("playwright.async_api", reason="playwright is not installed")
 

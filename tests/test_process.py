@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import orjson
@@ -22,25 +17,7 @@ import pytest
 from comfybridge.emulator.png import png_size
 
 from .conftest import FIXTURES, EmulatorFactory, wait_for
-from .helpers import wait_until_up, without_job_id
-
-ROOT = Path(__file__).parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def run_cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    environ = {**os.environ, "PYTHONPATH": str(ROOT), **env}
-    if "--port" not in args:  # any free port: the port is bound before anything else is done
-        args = [*args, "--port", "0"]
-    return subprocess.run(
-        [sys.executable, "-m", "comfybridge", *args], cwd=cwd, env=environ, capture_output=True, text=True, timeout=30
-    )
+from .helpers import ROOT, assert_one_line_error, bridge_process, count, run_cli, submit, without_job_id
 
 
 @pytest.fixture
@@ -52,46 +29,6 @@ def workdir(tmp_path: Path) -> Path:
         '[{"alias": "solid", "fn": "b_emptyimage_save.json", "inputs": ["1/width"]}]'
     )
     return tmp_path
-
-
-@asynccontextmanager
-async def bridge_process(
-    workdir: Path, *args: str, ready: str = "/generation-count"
-) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
-    """`python -m comfybridge` on a free port, its stderr in workdir/bridge.log; up once `ready`
-    answers 200 (with API keys on, name a path that needs none)."""
-    port = free_port()
-    args = args or ("--emulate", "1")
-    if "--stop-grace" not in args:  # stop at once on SIGTERM, unless the test is about the grace
-        args = (*args, "--stop-grace", "0")
-    log = await asyncio.to_thread(open, workdir / "bridge.log", "ab")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "comfybridge", *args, "--port", str(port),
-        cwd=workdir, env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=asyncio.subprocess.DEVNULL, stderr=log,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        await wait_until_up(f"{url}{ready}", proc, workdir / "bridge.log")
-        yield proc, url
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
-        log.close()
-
-
-async def submit(url: str, client_id: str) -> None:
-    async with aiohttp.ClientSession() as session:
-        body = {"workflow": "solid", "1/width": 8}
-        async with session.post(f"{url}/generate-based-workflow", params={"clientId": client_id}, json=body) as resp:
-            assert resp.status == 200, await resp.text()
-
-
-async def count(url: str) -> int:
-    async with aiohttp.ClientSession() as session, session.get(f"{url}/generation-count") as resp:
-        value: int = await resp.json()
-        return value
 
 
 async def test_counter_survives_sigterm_and_kill_9(workdir: Path) -> None:
@@ -111,41 +48,6 @@ async def test_counter_survives_sigterm_and_kill_9(workdir: Path) -> None:
         assert await count(url) == 3
         proc.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(proc.wait(), 20) == 0
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("comfybridge: error: ")]
-    assert len(lines) == 1, result.stderr
-    assert result.stderr.strip().endswith(lines[0])
-    for fragment in fragments:
-        assert fragment in lines[0]
-
-
-async def test_sigterm_drains_for_stop_grace_with_ready_and_new_jobs_503_then_exits_0(workdir: Path) -> None:
-    async with bridge_process(workdir, "--emulate", "1", "--stop-grace", "30") as (proc, url):
-        await submit(url, "before")
-        async with aiohttp.ClientSession() as session:
-            proc.send_signal(signal.SIGTERM)
-            ready: dict[str, Any] = {}
-            while ready.get("detail") != "the bridge is stopping":
-                async with session.get(f"{url}/ready") as resp:
-                    ready = await resp.json()
-            assert resp.status == 503
-            body = {"workflow": "solid", "1/width": 8}
-            async with session.post(f"{url}/generate-based-workflow", params={"clientId": "late"}, json=body) as resp:
-                assert resp.status == 503
-                assert (await resp.json())["detail"].startswith("The bridge is shutting down")
-            async with session.get(f"{url}/execution-info", params={"clientId": "before"}) as resp:
-                assert resp.status == 200  # everything else is still served
-            async with session.get(f"{url}/health") as resp:
-                assert (await resp.json())["stopping"] is True
-            assert proc.returncode is None
-            proc.send_signal(signal.SIGTERM)  # a second one: now
-        assert await asyncio.wait_for(proc.wait(), 20) == 0
-    log = (workdir / "bridge.log").read_text()
-    assert "SIGTERM: refusing new jobs (503 stopping); the bridge stops in 30s" in log
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:

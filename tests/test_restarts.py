@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import random
-import shutil
 import signal
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import orjson
@@ -18,58 +16,21 @@ import pytest
 from comfybridge.emulator import Emulator
 from comfybridge.tracking import RESUMED
 
-from .conftest import FIXTURES, EmulatorFactory, wait_for
-from .test_process import assert_one_line_error, bridge_process, count, free_port, run_cli
+from .conftest import EmulatorFactory, wait_for
+from .helpers import (
+    TINY,
+    assert_one_line_error,
+    backends,
+    bridge_process,
+    count,
+    fetch_results,
+    post_job,
+    run_cli,
+    status_of,
+    wait_closed,
+)
 
 JOBS_PER_ROUND = 25  # per client
-TINY = {"workflow": "solid", "1/width": 8, "1/height": 8, "1/batch_size": 1}
-
-
-@pytest.fixture
-def workdir(tmp_path: Path) -> Path:
-    shutil.copytree(FIXTURES / "workflows", tmp_path / "workflows")
-    return tmp_path
-
-
-def backends(*emulators: Emulator) -> tuple[str, ...]:
-    return ("--backends", ",".join(e.url for e in emulators), "--job-idle-timeout", "60")
-
-
-async def post_job(session: aiohttp.ClientSession, url: str, client_id: str, body: dict[str, Any]) -> str:
-    async with session.post(f"{url}/generate-based-workflow", params={"clientId": client_id}, json=body) as resp:
-        answer = await resp.json()
-        assert resp.status == 200, answer
-        job_id: str = answer["job_id"]
-        return job_id
-
-
-async def status_of(session: aiohttp.ClientSession, url: str, client_id: str) -> Any:
-    async with session.get(f"{url}/execution-info", params={"clientId": client_id}) as resp:
-        return await resp.json()
-
-
-async def wait_closed(session: aiohttp.ClientSession, url: str, client_ids: list[str], timeout: float = 90) -> None:
-    """Poll like a REST client until every client says `closed` (the guard only stops a hang)."""
-    async with asyncio.timeout(timeout):
-        for client_id in client_ids:
-            while (info := await status_of(session, url, client_id))["status"] != "closed":
-                assert info["status"] != "error", (client_id, info)
-                await asyncio.sleep(0.05)
-
-
-async def fetch_results(session: aiohttp.ClientSession, url: str, client_id: str) -> list[tuple[str, str]]:
-    """(job id, file name) of every part /history returns."""
-    async with session.get(f"{url}/history", params={"clientId": client_id}) as resp:
-        if resp.status == 204:
-            return []
-        assert resp.status == 200
-        reader = aiohttp.MultipartReader.from_response(resp)
-        parts = []
-        while (part := await reader.next()) is not None:
-            assert isinstance(part, aiohttp.BodyPartReader)
-            await part.read()
-            parts.append((part.headers["X-Job-Id"], part.filename or ""))
-        return parts
 
 
 def runs_per_job(*emulators: Emulator) -> collections.Counter[str]:
@@ -204,8 +165,8 @@ async def test_prompt_that_finished_while_the_bridge_was_down_is_collected_not_r
 
 @pytest.mark.both_dialects
 async def test_prompt_lost_by_a_restarted_comfyui_is_sent_again(workdir: Path, make_emulator: EmulatorFactory) -> None:
-    port = free_port()
-    first = await make_emulator(pace=0.01, port=port)
+    first = await make_emulator(pace=0.01)
+    port = first.port  # the ComfyUI that comes back listens where it did
     first.engine.pause()  # the job stays queued inside ComfyUI
     async with aiohttp.ClientSession() as session:
         async with bridge_process(workdir, *backends(first)) as (proc, url):

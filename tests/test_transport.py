@@ -15,8 +15,7 @@ import pytest
 from comfybridge import routes
 
 from .conftest import BridgeFactory, EmulatorFactory
-from .helpers import Client, generate
-from .test_hostile import gzip_bomb
+from .helpers import Client, generate, gzip_bomb
 
 TINY = {"workflow": "solid", "1/width": 8, "1/batch_size": 1}
 

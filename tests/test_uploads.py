@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -11,14 +10,9 @@ import pytest
 from comfybridge.keys import SETTINGS
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
-from .helpers import JPEG, MP4, OGG, WAV, Client, generate, png, read_results, run_job, upload, without_job_id
+from .helpers import JPEG, MP4, OGG, WAV, Client, generate, png, read_results, run_job, stored, upload, without_job_id
 
 NAME = r"[0-9a-f]{12}-{}"
-
-
-def stored(client: Client) -> list[Path]:
-    root = client.app[SETTINGS].data_dir / "uploads"
-    return sorted(p for p in root.rglob("*") if p.is_file())
 
 
 async def test_each_part_gets_a_unique_safe_name(bridge: Client) -> None:

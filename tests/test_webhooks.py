@@ -21,10 +21,7 @@ from comfybridge import webhooks
 from comfybridge.keys import JOURNAL
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
-from .helpers import generate, run_job
-from .test_process import bridge_process, free_port
-from .test_restarts import TINY, backends, post_job, wait_closed
-from .test_restarts import workdir as workdir
+from .helpers import TINY, backends, bridge_process, generate, post_job, run_job, unused_port, wait_closed
 
 SECRET = "whsec_" + base64.b64encode(b"a secret of thirty-two bytes....").decode()
 
@@ -139,7 +136,7 @@ async def test_a_dead_receiver_never_holds_a_job_back(
     make_emulator: EmulatorFactory, make_bridge: BridgeFactory
 ) -> None:
     client = await make_bridge(await make_emulator(), webhook_secret=SECRET, webhook_allow_private=True)
-    dead = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens there
+    dead = f"http://127.0.0.1:{unused_port()}/hook"  # nothing listens there
     for index in range(3):
         frames = await run_job(client, f"d{index}", {"workflow": "solid", "1/batch_size": 1, "_webhook": dead})
         assert frames[-1]["status"] == "closed"
@@ -232,7 +229,7 @@ async def test_a_call_owed_before_a_crash_is_made_after_the_restart(
     workdir: Path, make_emulator: EmulatorFactory
 ) -> None:
     emulator = await make_emulator()
-    port = free_port()
+    port = unused_port()
     hook = f"http://127.0.0.1:{port}/hook"  # down for now
     args = (*backends(emulator), "--webhook-secret", SECRET, "--webhook-allow-private", "true")
     async with aiohttp.ClientSession() as session:

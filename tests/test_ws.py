@@ -234,6 +234,8 @@ async def test_frames_to_a_slow_reader_wait_in_order_and_close_comes_last() -> N
     outbox.put(None)
     await wait_for(lambda: socket.closed_with is not None)
     assert socket.closed_with == 1011
-    outbox.put(b"four")  # after the Close frame nothing more goes out on the wire
-    await asyncio.sleep(0.01)
+    outbox.put(b"four")  # after the Close frame nothing more goes out, straight or queued
+    assert outbox.sender is None
+    assert not outbox.waiting
     assert transport.written == [text_frame(b"three")]
+    assert socket.sent == [b"one", b"two"]
