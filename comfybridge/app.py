@@ -211,13 +211,10 @@ def _webhooks(app: web.Application, scheduler: Scheduler) -> aiohttp.ClientSessi
         secret_from(settings.webhook_secret),
         session,
         journal.delivered,
-        scheduler.core.spawn,
         settings.webhook_max_age,
         settings.webhook_allow_private,
     )
-    scheduler.core.on_delivery = webhooks.send
-    for delivery in journal.deliveries:
-        webhooks.send(delivery)
+    scheduler.use_webhooks(webhooks, journal.deliveries)
     journal.deliveries = []
     return session
 

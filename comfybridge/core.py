@@ -26,12 +26,14 @@ from .clients import (
     status_message,
 )
 from .comfy import BackendUnavailable
+from .errors import StorageError
 from .fairqueue import FairQueue
 from .jobs import Job, JobState
 from .journal import JobStore
 from .metrics import Metrics
 from .planner import RunTimes
 from .results import ResultFile, ResultStore
+from .supervisor import Supervisor
 from .uploads import UploadStore
 from .webhooks import delivery_for
 from .workflows import WorkflowStore
@@ -39,6 +41,8 @@ from .workflows import WorkflowStore
 log = logging.getLogger(__name__)
 
 DISCONNECTED = "server disconnected"
+END_RETRY_FIRST = 1.0  # seconds before a job's end that could not be recorded is tried again; doubles
+END_RETRY_MAX = 30.0
 
 
 class Notifier(Protocol):
@@ -130,30 +134,39 @@ class Core:
         self.runtimes = RunTimes()
         self.backends: dict[str, Backend] = {}
         self.by_prompt: dict[str, Job] = {}
-        self.tasks: set[asyncio.Task[Any]] = set()
+        self.supervisor = Supervisor()  # every task and timer of the core
         self.collecting: dict[str, asyncio.Task[Any]] = {}  # job id -> the task copying its results
-        self.closing = False  # no more hand-overs: the bridge stops
+        self._closing = False
         self.accepting = True  # new jobs are taken (False from SIGTERM on, during its grace)
         self.journal_lost: str | None = None  # why the journal cannot be trusted any more, once it cannot
         self.open_jobs_by_key: Counter[str] = Counter()  # unfinished jobs of each API key
         self.settled = asyncio.Event()  # set whenever a prompt leaves a backend or a collection ends
 
     # tasks -----------------------------------------------------------------------------------
-    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-        """Every task is held until it ends, and its failure is logged."""
-        task = asyncio.create_task(coro, name=name)
-        self.tasks.add(task)
-        task.add_done_callback(self._reap)
-        return task
+    @property
+    def closing(self) -> bool:
+        """No more hand-overs: the bridge stops (what waits stays in the journal for the next start)."""
+        return self._closing
 
-    def _reap(self, task: asyncio.Task[Any]) -> None:
-        self.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+    def stop_dispatching(self) -> None:
+        self._closing = True
+        self.accepting = False
+        self.wake_all()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str, daemon: bool = False) -> asyncio.Task[Any] | None:
+        """Run `coro` under the supervisor; None once it is closing (the work is left as the journal
+        records it, for the next start)."""
+        if not self.supervisor.accepting:
+            coro.close()
+            log.debug("not started, the bridge is stopping: %s", name)
+            return None
+        return self.supervisor.spawn(coro, name, daemon)
 
     def collect(self, job: Job, coro: Coroutine[Any, Any, Any]) -> None:
         """Copy a finished job's results in a task of its own, which an interrupt can stop."""
         task = self.spawn(coro, f"collect {job.id}")
+        if task is None:
+            return  # stopping: ComfyUI keeps the prompt, the next start collects it
         self.collecting[job.id] = task
         task.add_done_callback(lambda _: self._collected(job.id, task))
 
@@ -272,10 +285,42 @@ class Core:
             "job %s client %s: %s%s%s", job.id, job.client_id, state.value, _describe(facts),
             f" ({error})" if error else "", extra={"fields": facts},
         )  # fmt: skip
-        committed.add_done_callback(lambda done: self._ended(job, files, notify))
-        if delivery is not None:
-            committed.add_done_callback(lambda done: done.exception() is None and self.on_delivery(delivery))
+        committed.add_done_callback(lambda done: self._end_recorded(job, done, files, notify, delivery))
         return committed
+
+    def _end_recorded(
+        self,
+        job: Job,
+        done: asyncio.Future[None],
+        files: list[ResultFile] | None,
+        notify: bool,
+        delivery: dict[str, Any] | None,
+    ) -> None:
+        """Only a durable end is told: one a restart would not find is recorded again until it lands."""
+        if done.cancelled() or done.exception() is not None:
+            self.spawn(self._record_end_again(job, files, notify, delivery), f"record end {job.id}")
+            return
+        self._ended(job, files, notify)
+        if delivery is not None:
+            self.on_delivery(delivery)
+
+    async def _record_end_again(
+        self, job: Job, files: list[ResultFile] | None, notify: bool, delivery: dict[str, Any] | None
+    ) -> None:
+        delay = END_RETRY_FIRST
+        while True:
+            log.error("job %s client %s: its end is not recorded; trying again in %gs", job.id, job.client_id, delay)
+            await asyncio.sleep(delay)
+            delay = min(END_RETRY_MAX, delay * 2)
+            try:
+                await job.record_again()
+            except StorageError:
+                continue
+            break
+        log.info("job %s client %s: its end is recorded now", job.id, job.client_id)
+        self._ended(job, files, notify)
+        if delivery is not None:
+            self.on_delivery(delivery)
 
     def _ended(self, job: Job, files: list[ResultFile] | None, notify: bool) -> None:
         if files is not None:

@@ -133,7 +133,7 @@ class Dispatcher:
         if backend.submit_failures >= 2:
             pause = min(30.0, 0.5 * 2.0 ** (backend.submit_failures - 2))
             backend.sick_until = time.monotonic() + pause
-            asyncio.get_running_loop().call_later(pause, core.wake_all)
+            core.supervisor.call_later(pause, core.wake_all)
             log.warning(
                 "backend %s refused %d hand-overs: no new work for %gs", backend.name, backend.submit_failures, pause
             )

@@ -72,7 +72,7 @@ class Failover:
     def watch_absence(self, backend: Backend) -> None:
         """From now on the backend is away: if it stays away for backend_grace, its jobs move."""
         backend.down_since = since = time.monotonic()
-        self.core.spawn(self._fail_over_later(backend, since), f"failover {backend.name}")
+        self.core.spawn(self._fail_over_later(backend, since), f"failover {backend.name}", daemon=True)
 
     async def _fail_over_later(self, backend: Backend, since: float) -> None:
         """A backend gone for backend_grace seconds loses its prompts to the healthy ones."""

@@ -142,6 +142,9 @@ class Job:
     webhook: str | None = None  # where to tell of its end (the request's `_webhook`, or its key's)
     journal: Recorder | None = field(default=None, repr=False, compare=False)
     _progress: Progress | None = field(default=None, init=False, repr=False, compare=False)
+    _last_record: tuple[dict[str, Any], dict[str, Any] | None] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     @property
     def progress(self) -> Progress:
@@ -184,6 +187,14 @@ class Job:
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             done.set_result(None)
             return done
+        self._last_record = (record, delivery)
+        return self.journal.update(self.id, record, delivery)
+
+    def record_again(self) -> asyncio.Future[None]:
+        """Write the last recorded change once more (its first write failed: a full disk)."""
+        assert self.journal is not None
+        assert self._last_record is not None
+        record, delivery = self._last_record
         return self.journal.update(self.id, record, delivery)
 
     @property

@@ -23,7 +23,7 @@ import orjson
 
 from . import care
 from .backend import Backend
-from .clients import Client, Status, about_job, scope_of, status_message
+from .clients import Client, Status, scope_of
 from .comfy import ComfyClient
 from .core import Core, Notifier, SchedulerSettings, open_status
 from .dispatch import Dispatcher
@@ -38,11 +38,11 @@ from .results import JobResult, ResultStore
 from .state import StateStore
 from .tracking import Tracker
 from .uploads import UploadStore
+from .webhooks import Webhooks
 from .workflows import WorkflowStore
 
 log = logging.getLogger(__name__)
 
-INTERRUPTED = status_message("error", "interrupted")
 RESTART_FIRST = 0.5  # seconds before a failed listener or worker starts again; doubles up to RESTART_MAX
 RESTART_MAX = 30.0
 JOURNAL_CHECK = 2.0  # seconds between looks at the journal file
@@ -76,7 +76,8 @@ class Scheduler:
         self.tracker = Tracker(core)
         self.failover = Failover(core, self.tracker)
         self._initial = list(backend_urls)
-        self._grace: dict[str, asyncio.Task[None]] = {}
+        self._grace: dict[str, asyncio.Task[Any]] = {}  # clients whose socket is gone, until they cancel
+        self._state_changed = asyncio.Event()
 
     # lifecycle -------------------------------------------------------------------------------
     async def start(self, rows: list[dict[str, Any]], connect_timeout: float = 3.0) -> None:
@@ -104,14 +105,14 @@ class Scheduler:
         for backend in self.backends.values():
             if backend.inflight:
                 self.failover.watch_absence(backend)  # until its socket connects and reconciles
-        core.spawn(self.failover.watchdog(), "watchdog")
-        core.spawn(self._sweeper(), "sweeper")
-        core.spawn(self._watch_journal(), "journal watch")
-        waits = [asyncio.ensure_future(b.first_attempt.wait()) for b in self.backends.values()]
-        if waits:
-            _, late = await asyncio.wait(waits, timeout=connect_timeout)
-            for task in late:
-                task.cancel()
+        core.spawn(self.failover.watchdog(), "watchdog", daemon=True)
+        core.spawn(self._sweeper(), "sweeper", daemon=True)
+        core.spawn(self._watch_journal(), "journal watch", daemon=True)
+        core.spawn(self._keep_state_file(), "state file", daemon=True)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(connect_timeout):
+                for backend in self.backends.values():
+                    await backend.first_attempt.wait()
 
     @property
     def accepting(self) -> bool:
@@ -124,8 +125,14 @@ class Scheduler:
 
     def stop_dispatching(self) -> None:
         """Nothing more is handed to ComfyUI: what waits stays in the journal for the next start."""
-        self.core.accepting = False
-        self.core.closing = True
+        self.core.stop_dispatching()
+
+    def use_webhooks(self, webhooks: Webhooks, owed: list[dict[str, Any]]) -> None:
+        """Tell job ends to webhooks once journaled; `owed`: calls a previous run left unacknowledged."""
+        webhooks.spawn = lambda coro, name: self.core.spawn(coro, name, daemon=True)
+        self.core.on_delivery = webhooks.send
+        for delivery in owed:
+            webhooks.send(delivery)
 
     def workflows_reloaded(self) -> None:
         """The workflow folder was read again: learn the inputs' limits again from the backends."""
@@ -137,7 +144,7 @@ class Scheduler:
     async def drain(self, within: float) -> None:
         """Stop handing out work and wait (bounded) for the jobs already inside ComfyUI to finish."""
         core = self.core
-        core.closing = True
+        core.stop_dispatching()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(within):
                 while any(b.inflight for b in self.backends.values()) or core.collecting:
@@ -149,15 +156,8 @@ class Scheduler:
 
         Nothing is failed or cancelled: jobs stay in the journal as they are and a restart resumes them;
         prompts inside ComfyUI keep running there and are adopted then."""
-        core = self.core
-        core.closing = True
-        collecting = {t for t in core.collecting.values() if not t.done()}
-        if collecting:
-            await asyncio.wait(collecting, timeout=collect_timeout)
-        tasks = list(core.tasks) + list(self._grace.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        self.core.stop_dispatching()
+        await self.core.supervisor.wait_and_close(collect_timeout)
 
     # backends at run time --------------------------------------------------------------------
     def _add_backend(self, url: str) -> Backend:
@@ -172,8 +172,8 @@ class Scheduler:
         )
         backend = self.backends[url] = Backend(client)
         backend.tasks = [
-            core.spawn(self._keep_running(backend, "listener", self.failover.listen), f"listen {url}"),
-            core.spawn(self._keep_running(backend, "worker", self.dispatcher.work), f"worker {url}"),
+            core.supervisor.spawn(self._keep_running(backend, "listener", self.failover.listen), f"listen {url}", True),
+            core.supervisor.spawn(self._keep_running(backend, "worker", self.dispatcher.work), f"worker {url}", True),
         ]
         return backend
 
@@ -207,7 +207,7 @@ class Scheduler:
                 log.info("backend %s removed: draining %d prompts", backend.name, len(backend.inflight))
                 backend.draining = True
                 self.core.unbind_clients_of(backend)
-                self.core.spawn(self._retire(backend), f"retire {backend.name}")
+                self.core.spawn(self._retire(backend), f"retire {backend.name}", daemon=True)
         self.core.wake_all()
 
     async def _retire(self, backend: Backend) -> None:
@@ -248,7 +248,9 @@ class Scheduler:
         if client.sockets:
             return
         if client.jobs and not self.core.closing:
-            self._grace[client_id] = asyncio.create_task(self._cancel_after_grace(client), name=f"grace {client_id}")
+            grace = self.core.spawn(self._cancel_after_grace(client), f"grace {client_id}", daemon=True)
+            if grace is not None:
+                self._grace[client_id] = grace
         elif "job_id" not in client.status:
             # It only ever had a socket: nothing to tell it or to keep, so it costs nothing once gone.
             self.clients.forget_if_done(client, self.core.owns_something)
@@ -328,7 +330,7 @@ class Scheduler:
         core.metrics.job_accepted(job.workflow)
         job.seq = accepted.result()
         self.state.generation_count = core.journal.count
-        core.spawn(self.state.save(), "save state")
+        self._state_changed.set()
         if job.ended:  # interrupted while its acceptance was being written
             return False
         if not any(j.state in (JobState.QUEUED, JobState.RUNNING) for j in self._client_jobs(job)):
@@ -395,23 +397,21 @@ class Scheduler:
 
     # control ---------------------------------------------------------------------------------
     async def interrupt(self, client_id: str) -> None:
-        """Cancel every job of the client: drop waiting ones, delete queued ones, stop the running one."""
+        """Cancel every job of the client: drop waiting ones, delete queued ones, stop the running one.
+        The client hears one `error` "interrupted", about its last job, once the ends are recorded."""
         core = self.core
         client = self.clients.require(client_id)
         jobs = list(client.jobs.values())
         ended = []
-        for job in jobs:
+        for index, job in enumerate(jobs):
             backend = self.backends.get(job.backend or "")
             state = job.state
-            ended.append(core.end(job, JobState.CANCELLED, "interrupted", notify=False))
+            ended.append(core.end(job, JobState.CANCELLED, "interrupted", notify=index == len(jobs) - 1))
             core.stop_collecting(job)
             if state in (JobState.QUEUED, JobState.RUNNING) and backend is not None:
                 await core.cancel_on_backend(backend, job)
             # WAITING: end took it out of the queue. SUBMITTING: dispatch cancels it once ComfyUI answers.
-        if jobs:
-            await asyncio.gather(*(e for e in ended if e is not None), return_exceptions=True)
-            client.status = about_job(INTERRUPTED, jobs[-1].id, len(client.jobs))
-            core.notifier.publish(client_id, client.status, close=True)
+        await asyncio.gather(*(e for e in ended if e is not None), return_exceptions=True)
 
     async def free(self, client_id: str | None) -> bool:
         """POST /free on every backend that holds the client's work, or the one it used last (every
@@ -437,6 +437,14 @@ class Scheduler:
         client = self.clients.get(client_id)
         if client is not None and self.clients.forget_if_done(client, core.owns_something):
             core.journal.forget_client(client_id)
+
+    async def _keep_state_file(self) -> None:
+        """`current_state.json` follows the journal's count: one writer, woken by accepted jobs (its
+        writes coalesce, at most one a second)."""
+        while True:
+            await self._state_changed.wait()
+            self._state_changed.clear()
+            await self.state.save()
 
     async def _watch_journal(self) -> None:
         """Notice a journal deleted or replaced under the running bridge: jobs accepted into a file the

@@ -148,14 +148,14 @@ class Webhooks:
         secret: bytes,
         session: aiohttp.ClientSession,
         acknowledged: Callable[[str], object],
-        spawn: Spawn,
         max_age: float = 86400.0,
         allow_private: bool = False,
     ) -> None:
         self.secret = secret
         self.session = session
         self.acknowledged = acknowledged  # forget a delivery (the journal's `delivered`)
-        self.spawn = spawn
+        # Where deliveries run: the scheduler's supervisor, which it sets (`Scheduler.use_webhooks`).
+        self.spawn: Spawn = lambda coro, name: coro.close()
         self.max_age = max_age
         self.allow_private = allow_private
 

@@ -12,12 +12,25 @@ from typing import Any
 import orjson
 import pytest
 
+from comfybridge.errors import StorageFull
 from comfybridge.jobs import InvalidStep, Job, JobState
 from comfybridge.journal import SqliteJournal
 from comfybridge.keys import JOURNAL, SETTINGS
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
-from .helpers import Client, fill, generate, png, poll_status, read_results, run_job, seed, small_disk, upload
+from .helpers import (
+    Client,
+    fill,
+    frames_until,
+    generate,
+    png,
+    poll_status,
+    read_results,
+    run_job,
+    seed,
+    small_disk,
+    upload,
+)
 
 TINY = {"workflow": "solid", "1/width": 8, "1/height": 8, "1/batch_size": 1}
 
@@ -274,3 +287,33 @@ async def test_results_no_journal_row_names_are_moved_aside_at_start_never_delet
     assert [p.read_bytes() for p in sorted((aside / job_id).iterdir())] == contents
     assert not (tmp_path / "data" / "results" / job_id).exists()
     assert any(f"moved 1 result folders that no journal row names to {aside}" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_jobs_end_is_told_only_once_it_is_recorded(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory
+) -> None:
+    client = await make_bridge(await make_emulator())
+    journal = client.app[JOURNAL]
+    real_update, refused = journal.update, []
+
+    def update(job_id: str, fields: dict[str, Any], delivery: dict[str, Any] | None = None) -> Any:
+        if fields.get("state") == "done" and len(refused) < 2:  # the disk refuses the end, twice
+            refused.append(job_id)
+            failed = asyncio.get_running_loop().create_future()
+            failed.set_exception(StorageFull("The bridge's disk is full, so nothing more can be recorded."))
+            return failed
+        return real_update(job_id, fields, delivery)
+
+    journal.update = update  # type: ignore[method-assign]
+    async with client.ws_connect("/ws", params={"clientId": "durable"}) as ws:
+        status, _ = await generate(client, "durable", TINY)
+        assert status == 200
+        await wait_for(lambda: len(refused) == 1)
+        info = await (await client.get("/execution-info", params={"clientId": "durable"})).json()
+        assert info["status"] != "closed"  # not durable, so not told
+        assert (await client.get("/history", params={"clientId": "durable"})).status == 204
+        frames = await frames_until(ws, "closed")  # once a later try lands
+    assert len(refused) == 2
+    assert "closed" not in [f["status"] for f in frames[:-1]]
+    assert [row[1] for row in journal_rows(client) if row[0] == "durable"] == ["done"]
+    assert (await client.get("/history", params={"clientId": "durable"})).status == 200

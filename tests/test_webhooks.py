@@ -302,6 +302,6 @@ async def test_a_name_that_turns_internal_is_refused_when_connecting(monkeypatch
 async def test_an_owed_call_to_an_internal_literal_is_not_made_once_private_is_off() -> None:
     """A call recorded while private receivers were allowed is not made after that is turned off."""
     async with aiohttp.ClientSession() as session:
-        hooks = webhooks.Webhooks(b"secret", session, lambda _: None, lambda coro, name: None, allow_private=False)
+        hooks = webhooks.Webhooks(b"secret", session, lambda _: None, allow_private=False)
         delivery = webhooks.delivery_for("j1", "c", "solid", "done", "Execution is done", [], "http://10.0.0.7/x")
         assert await hooks._attempt(delivery) == "10.0.0.7 is an internal address; webhooks go to public ones"
