@@ -207,7 +207,18 @@ class Core:
             if client.backend == backend.name:
                 client.backend = None
 
-    def drop_inflight(self, backend: Backend, job: Job) -> None:
+    def hand_over(self, backend: Backend, job: Job) -> None:
+        """The job goes into the backend's in-flight list (sent, or being sent, to its ComfyUI); its
+        client's work is on that backend from now on. `take_back` is the way out."""
+        backend.inflight.append(job)
+        backend.idle_since = None
+        self.by_prompt[job.prompt_id] = job
+        client = self.clients.get(job.client_id)
+        if client is not None:
+            client.backend = client.last_backend = backend.name
+
+    def take_back(self, backend: Backend, job: Job) -> None:
+        """The job leaves the backend's in-flight list (its prompt ended there, or never will)."""
         if job in backend.inflight:
             backend.inflight.remove(job)
             if backend.inflight:
@@ -215,14 +226,25 @@ class Core:
             else:
                 backend.idle_since = time.monotonic()
                 backend.freed_while_idle = False
+            client = self.clients.get(job.client_id)
+            if (
+                client is not None
+                and client.backend == backend.name
+                and not any(j in backend.inflight for j in client.jobs.values())
+            ):
+                client.backend = None  # nothing of it is there any more
         self.by_prompt.pop(job.prompt_id, None)
         self.wake_all()
 
-    def send_again(self, job: Job) -> None:
-        """Back to the head of the bridge's queue, under a fresh prompt_id."""
-        job.retry()
+    def send_again(self, job: Job, because: str | None = None) -> None:
+        """Back to the head of the bridge's queue, under a fresh prompt_id (`Job.retry` says why)."""
+        job.retry(because)
         self.queue.push_front(job)
         self.wake_all()
+
+    def set_status(self, client: Client, status: Status) -> None:
+        """The one place a client's latest status (what /execution-info answers) changes."""
+        client.status = status
 
     def owns_something(self, client_id: str) -> bool:
         """Results to fetch or uploads: what keeps a client without jobs or sockets known."""
@@ -248,8 +270,6 @@ class Core:
                 self.open_jobs_by_key[key] -= 1
                 if self.open_jobs_by_key[key] <= 0:
                     del self.open_jobs_by_key[key]
-            if not client.jobs:
-                client.backend = None
 
     # endings ---------------------------------------------------------------------------------
     def end(
@@ -372,9 +392,9 @@ class Core:
             close = close and not message["jobs_left"]
         if message["status"] == "closed" and message.get("jobs_left"):
             # /execution-info says `closed` only once nothing of the client is left to run.
-            client.status = open_status(client)
+            self.set_status(client, open_status(client))
         else:
-            client.status = message
+            self.set_status(client, message)
         self.notifier.publish(client.id, message, close)
 
     def told_ending(self, client: Client, job: Job) -> None:
@@ -403,4 +423,4 @@ class Core:
             except BackendUnavailable:
                 running, pending = [], []
             if job.prompt_id not in running and job.prompt_id not in pending:
-                self.drop_inflight(backend, job)
+                self.take_back(backend, job)

@@ -54,12 +54,7 @@ class Dispatcher:
         """Journal the hand-over first (so a crash mid-way is reconciled by prompt_id, never sent twice
         blindly), then send the job's uploads and its prompt."""
         core = self.core
-        client = core.clients.get(job.client_id)
-        if client is not None:
-            client.backend = client.last_backend = backend.name
-        backend.inflight.append(job)
-        backend.idle_since = None
-        core.by_prompt[job.prompt_id] = job
+        core.hand_over(backend, job)
         job.handing_over = True
         job.handed_at = time.monotonic()
         try:
@@ -67,13 +62,13 @@ class Dispatcher:
                 await job.move(JobState.SUBMITTING, backend=backend.name, prompt_id=job.prompt_id)
             except StorageError as exc:
                 log.error("job %s client %s: hand-over not recorded (%s); waiting", job.id, job.client_id, exc)
-                core.drop_inflight(backend, job)
+                core.take_back(backend, job)
                 if not job.ended:
                     core.send_again(job)
                 await asyncio.sleep(JOURNAL_PAUSE)
                 return
             if job.ended:  # cancelled while the hand-over was being recorded
-                core.drop_inflight(backend, job)
+                core.take_back(backend, job)
                 return
             prompt = job.graph()
             for key, name in job.uploads.items():
@@ -85,11 +80,11 @@ class Dispatcher:
                 prompt[node_id]["inputs"][input_name] = remote
             await backend.client.submit(prompt, job.prompt_id)
         except PromptRefused as exc:
-            core.drop_inflight(backend, job)
+            core.take_back(backend, job)
             core.end(job, JobState.FAILED, str(exc))
             return
         except UploadGone as exc:
-            core.drop_inflight(backend, job)
+            core.take_back(backend, job)
             core.end(job, JobState.FAILED, str(exc))
             return
         except BackendUnavailable as exc:
@@ -108,8 +103,9 @@ class Dispatcher:
         job.last_event = time.monotonic()
         if job.state is JobState.SUBMITTING:
             job.move(JobState.QUEUED)
+            client = core.clients.get(job.client_id)
             if client is not None and not job.ended and not client.running and not client.held:
-                client.status = about_job(CONNECTED, job.id, len(client.jobs))  # polled, never sent
+                core.set_status(client, about_job(CONNECTED, job.id, len(client.jobs)))  # polled, never sent
         log.info("job %s client %s: queued on %s as %s", job.id, job.client_id, backend.name, job.prompt_id)
         if job.state is JobState.CANCELLED:
             # The cancel raced the hand-over; now ComfyUI has named the prompt, take it back.
@@ -125,7 +121,7 @@ class Dispatcher:
     def _hand_over_failed(self, backend: Backend, job: Job, exc: BackendUnavailable) -> None:
         """POST /prompt failed: try elsewhere, and give a backend that keeps refusing a rest."""
         core = self.core
-        core.drop_inflight(backend, job)
+        core.take_back(backend, job)
         if exc.maybe_done:
             # ComfyUI may have queued it without answering: remove it there once it answers again.
             backend.abandoned.add(job.prompt_id)
@@ -139,16 +135,8 @@ class Dispatcher:
             )
         if job.ended:
             return
-        job.attempts += 1
-        if job.attempts >= MAX_ATTEMPTS:
+        if job.attempts + 1 >= MAX_ATTEMPTS:
             core.end(job, JobState.FAILED, NOT_ACCEPTED if backend.healthy else DISCONNECTED)
             return
         log.warning("job %s client %s: %s; will send it again", job.id, job.client_id, exc)
-        client = core.clients.get(job.client_id)
-        if (
-            client is not None
-            and client.backend == backend.name
-            and not any(j in backend.inflight for j in client.jobs.values())
-        ):
-            client.backend = None
-        core.send_again(job)
+        core.send_again(job, "hand-over")

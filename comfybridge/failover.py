@@ -82,17 +82,16 @@ class Failover:
             return
         log.warning("backend %s down for %gs: moving its jobs", backend.name, core.settings.backend_grace)
         for job in reversed(list(backend.inflight)):
-            core.drop_inflight(backend, job)
+            core.take_back(backend, job)
             backend.abandoned.add(job.prompt_id)
             if job.ended:
                 continue
-            if job.started_at is not None or job.state is JobState.RUNNING:
-                if job.retries >= 1:
-                    core.end(job, JobState.FAILED, DISCONNECTED)
-                    continue
-                job.retries += 1
+            ran = job.started_at is not None or job.state is JobState.RUNNING
+            if ran and job.retries >= 1:
+                core.end(job, JobState.FAILED, DISCONNECTED)
+                continue
             log.warning("job %s client %s: moving off %s", job.id, job.client_id, backend.name)
-            core.send_again(job)
+            core.send_again(job, "lost run" if ran else None)
             core.tell(job, "listening", "its ComfyUI is gone; waiting for another one")
         backend.down_since = None  # its clients are no longer held for it
         core.unbind_clients_of(backend)
@@ -127,14 +126,14 @@ class Failover:
             entry = await backend.client.history(job.prompt_id)
             if entry is not None:
                 finished = shapes.finished(entry)
-                job.outcome, job.error = finished.outcome, job.error or finished.error
+                job.outcome, job.reported = finished.outcome, job.reported or finished.error
                 self.tracker.prompt_finished(backend, job)
             elif not job.ended:
                 log.warning("job %s client %s: unknown to %s, sending it again", job.id, job.client_id, backend.name)
-                core.drop_inflight(backend, job)
+                core.take_back(backend, job)
                 core.send_again(job)
             else:
-                core.drop_inflight(backend, job)
+                core.take_back(backend, job)
 
     async def watchdog(self) -> None:
         """Fail a running job that ComfyUI has said nothing about for job_idle_timeout; take a backend
@@ -202,13 +201,13 @@ class Failover:
             backend.name, prompt_id, limit,
         )  # fmt: skip
         if head.prompt_id == prompt_id:
-            core.drop_inflight(backend, head)
+            core.take_back(backend, head)
             if not head.ended:
                 log.warning("job %s client %s: %s", head.id, head.client_id, reason)
                 core.end(head, JobState.FAILED, reason)
             core.spawn(core.cancel_on_backend(backend, head), f"cancel {head.id}")
         for job in [j for j in backend.inflight if j.started_at is None]:
-            core.drop_inflight(backend, job)
+            core.take_back(backend, job)
             core.spawn(backend.client.delete_queued([job.prompt_id]), f"take back {job.id}")
             backend.abandoned.add(job.prompt_id)  # in case the delete does not reach it: removed at reconnect
             if not job.ended:

@@ -122,6 +122,7 @@ class Job:
     backend: str | None = None
     error: str | None = None
     outcome: str | None = None  # what ComfyUI said: success, error or interrupted
+    reported: str | None = None  # ComfyUI's error text for this run (the job's `error` is set as it ends)
     attempts: int = 0  # hand-overs that failed before ComfyUI took the prompt
     retries: int = 0  # runs started again elsewhere after their backend died
     started_at: float | None = None  # monotonic time of ComfyUI's execution_start
@@ -236,20 +237,23 @@ class Job:
             self.outcome = "success"
         elif event == "execution_error":
             self.outcome = "error"
-            self.error = data["error"]
+            self.reported = data["error"]
         elif event == "execution_interrupted":
             self.outcome = "interrupted"
         return False
 
-    def retry(self) -> asyncio.Future[None]:
+    def retry(self, because: str | None = None) -> asyncio.Future[None]:
         """Back to the bridge's queue, to be sent again under a fresh prompt_id, so that a late event
-        of the old one cannot be mistaken for it."""
-        self.outcome = None
+        of the old one cannot be mistaken for it. `because` counts why, in the record: "hand-over"
+        (ComfyUI did not take it) or "lost run" (its backend died while it ran)."""
+        attempts = self.attempts + (because == "hand-over")
+        retries = self.retries + (because == "lost run")
+        self.outcome = self.reported = None
         self.started_at = None
         self.seen_outputs = None
         self._progress = None
         return self.move(
-            JobState.WAITING, prompt_id=str(uuid.uuid4()), backend=None, attempts=self.attempts, retries=self.retries
+            JobState.WAITING, prompt_id=str(uuid.uuid4()), backend=None, attempts=attempts, retries=retries
         )
 
     def record(self) -> dict[str, Any]:

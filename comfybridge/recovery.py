@@ -50,9 +50,9 @@ def recover(core: Core, rows: list[dict[str, Any]], gone: set[str]) -> Recovered
             if job.state is JobState.DONE:
                 files = core.results.files_from(job.id, job.results or [])
                 core.results.add(job.id, job.client_id, job.seq, files, created=job.ended_at)
-                client.status = about_job(CLOSED, job.id, 0)
+                core.set_status(client, about_job(CLOSED, job.id, 0))
             else:
-                client.status = about_job(status_message("error", job.error or "error"), job.id, 0)
+                core.set_status(client, about_job(status_message("error", job.error or "error"), job.id, 0))
             continue
         core.opened(job)
         backend = core.backends.get(job.backend or "")
@@ -68,12 +68,10 @@ def recover(core: Core, rows: list[dict[str, Any]], gone: set[str]) -> Recovered
         else:
             summary.handed_over += 1
             job.resumed = True  # what the last process told its client is not known: it will say so
-            backend.inflight.append(job)
-            core.by_prompt[job.prompt_id] = job
-            client.backend = client.last_backend = backend.name
+            core.hand_over(backend, job)
     for client in core.clients:
         if client.jobs:
-            client.status = open_status(client)
+            core.set_status(client, open_status(client))
     for owner in core.uploads.owners():
         core.clients.touch(owner)
     return summary

@@ -336,7 +336,7 @@ class Scheduler:
         if not any(j.state in (JobState.QUEUED, JobState.RUNNING) for j in self._client_jobs(job)):
             client = self.clients.get(job.client_id)
             if client is not None and not client.held:
-                client.status = open_status(client)
+                core.set_status(client, open_status(client))
         core.queue.push(job)
         core.wake_all()
         return True

@@ -74,7 +74,7 @@ class Tracker:
             core.metrics.job_finished(job.workflow, backend.name, ran)
             if job.outcome == "success":
                 core.runtimes.observe(job.workflow, backend.name, ran, job.warm)
-        core.drop_inflight(backend, job)
+        core.take_back(backend, job)
         if job.ended:
             return
         core.collect(job, self.collect(backend, job))
@@ -133,14 +133,14 @@ class Tracker:
         """How the prompt ended: from its events when every one since its start was seen, else from
         ComfyUI's history (None: ComfyUI has no entry for it)."""
         if job.seen_outputs is not None and job.outcome is not None:
-            return Finished(job.outcome, job.error, job.seen_outputs)
+            return Finished(job.outcome, job.reported, job.seen_outputs)
         entry = await backend.client.history(job.prompt_id)
         if entry is None:
             return None
         finished = shapes.finished(entry)
         if job.outcome is None:
             return finished
-        return Finished(job.outcome, job.error or finished.error, finished.outputs)  # the events it saw decide
+        return Finished(job.outcome, job.reported or finished.error, finished.outputs)  # the events it saw decide
 
     async def _retrying(self, job: Job, what: str, attempt: Any) -> Any:
         """Run `attempt` until it works, the job ends (an interrupt), or `result_retries` tries have
