@@ -37,10 +37,11 @@ from .errors import (
     UnsupportedMedia,
 )
 from .files import SMALL_FILE, open_off_loop
-from .keys import RESULTS, SCHEDULER, SETTINGS, UPLOADS, WORKFLOWS
+from .keys import SCHEDULER, SETTINGS, WORKFLOWS
 from .media import content_type_for
 from .metrics import METRICS
 from .results import ResultFile
+from .scheduler import Fetch
 from .uploads import IncomingFile
 from .webhooks import check_public, check_url
 from .ws import websocket_handler
@@ -251,13 +252,11 @@ async def upload(request: web.Request) -> web.Response:
             yield IncomingFile(part.name or "", part.filename, _chunks(part, deadline))
 
     try:
-        names = await request.app[UPLOADS].receive(client_id, parts())
+        names = await scheduler.store_uploads(client_id, parts())
     except ValueError as exc:  # what aiohttp's multipart reader says of a malformed body
         raise BadInput(f"Malformed multipart body: {exc}") from None
     except HttpProcessingError as exc:  # a part header it cannot parse
         raise BadInput(f"Malformed multipart body: {exc.message.splitlines()[0]}") from None
-    if client_id is not None:
-        scheduler.remember(client_id)
     return json_response(names)
 
 
@@ -372,16 +371,15 @@ async def history(request: web.Request) -> web.StreamResponse:
     client_id = _client_id(request)
     assert client_id is not None
     scheduler = request.app[SCHEDULER]
-    results = request.app[RESULTS]
-    if scheduler.clients.get(client_id) is None and not results.holds(client_id):
+    found, fetched = scheduler.claim_results(client_id)
+    if found is Fetch.UNKNOWN:
         return web.Response(status=204, headers={"X-Detail": NOT_SEEN.format(unscoped(client_id))})
-    fetched = results.claim(client_id)  # a second request at the same time gets none of these
-    if not fetched:
-        if results.being_sent(client_id):  # every one of them is on its way to another request
-            raise Conflict(
-                "The results of this clientId are being fetched by another request right now; "
-                "try again once that one has finished (they are forgotten only once it completes)."
-            )
+    if found is Fetch.BUSY:
+        raise Conflict(
+            "The results of this clientId are being fetched by another request right now; "
+            "try again once that one has finished (they are forgotten only once it completes)."
+        )
+    if found is Fetch.NOTHING:
         return web.Response(status=204, headers={"X-Detail": NO_CONTENT.format(unscoped(client_id))})
     files = [(result.job_id, f) for result in fetched for f in result.files]
     try:
@@ -390,7 +388,7 @@ async def history(request: web.Request) -> web.StreamResponse:
         else:
             response = await _write_multipart(request, files)
     except BaseException:
-        results.release(fetched)
+        scheduler.release_results(fetched)
         raise
     await scheduler.results_fetched(client_id, fetched)
     return response

@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import enum
 import itertools
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -37,7 +38,7 @@ from .recovery import missing_results, recover
 from .results import JobResult, ResultStore
 from .state import StateStore
 from .tracking import Tracker
-from .uploads import UploadStore
+from .uploads import IncomingFile, UploadStore
 from .webhooks import Webhooks
 from .workflows import WorkflowStore
 
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 RESTART_FIRST = 0.5  # seconds before a failed listener or worker starts again; doubles up to RESTART_MAX
 RESTART_MAX = 30.0
 JOURNAL_CHECK = 2.0  # seconds between looks at the journal file
-__all__ = ["Notifier", "Scheduler", "SchedulerSettings"]
+__all__ = ["Fetch", "Notifier", "Scheduler", "SchedulerSettings"]
 
 
 class Scheduler:
@@ -224,6 +225,13 @@ class Scheduler:
     def remember(self, client_id: str) -> Client:
         """Make a client known (in memory: it is on disk only once it owns something)."""
         return self.clients.touch(client_id)
+
+    async def store_uploads(self, client_id: str | None, parts: AsyncIterator[IncomingFile]) -> dict[str, str]:
+        """Store an upload request's files (all or none); with a clientId they are its own, and it is known."""
+        names = await self.core.uploads.receive(client_id, parts)
+        if client_id is not None:
+            self.remember(client_id)
+        return names
 
     def status_of(self, client_id: str) -> Status:
         return self.clients.require(client_id).status
@@ -427,6 +435,22 @@ class Scheduler:
         return any(freed)
 
     # results and expiry ----------------------------------------------------------------------
+    def claim_results(self, client_id: str) -> tuple[Fetch, list[JobResult]]:
+        """The client's finished results, reserved for one request to send (a second request at the
+        same time gets none of them). Hand them back with `results_fetched` once sent whole, or
+        `release_results` if the sending broke off."""
+        results = self.core.results
+        if self.clients.get(client_id) is None and not results.holds(client_id):
+            return Fetch.UNKNOWN, []
+        fetched = results.claim(client_id)
+        if fetched:
+            return Fetch.READY, fetched
+        return (Fetch.BUSY if results.being_sent(client_id) else Fetch.NOTHING), []
+
+    def release_results(self, fetched: list[JobResult]) -> None:
+        """A delivery that did not complete: the results can be fetched again."""
+        self.core.results.release(fetched)
+
     async def results_fetched(self, client_id: str, fetched: list[JobResult]) -> None:
         """After a full /history download: journal it before the files go; a client with nothing left
         is forgotten."""
@@ -475,6 +499,15 @@ class Scheduler:
             for client in self.clients:
                 if client.touched < cutoff and self.clients.forget_if_done(client, core.owns_something, True):
                     core.journal.forget_client(client.id)
+
+
+class Fetch(enum.Enum):
+    """What a client's request for its results finds."""
+
+    UNKNOWN = "unknown"  # a clientId the bridge has never seen (or has forgotten)
+    NOTHING = "nothing"  # known, with no finished results now
+    BUSY = "busy"  # every result is being sent to another request right now
+    READY = "ready"
 
 
 def _prefix_outputs(prompt: dict[str, Any], job_id: str) -> None:
