@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import socket
@@ -80,13 +81,18 @@ def _refuse(reason: str) -> int:
 
 
 def listen(host: str, port: int) -> list[socket.socket]:
-    """Listening sockets for every address `host` names (both of `localhost`), all on one port
-    (the first one's, when `port` is 0). Raises OSError when one cannot be bound."""
+    """Sockets bound to every address `host` names (both of `localhost`), all on one port (the first
+    one's, when `port` is 0); not listening yet, so a connection before the bridge serves is refused,
+    not left hanging. An address family this host cannot use (IPv6 turned off) is skipped, as
+    asyncio's own servers do. Raises OSError when none can be bound, or one that could is taken."""
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     sockets: list[socket.socket] = []
     try:
         for family, kind, proto, _, address in dict.fromkeys(infos):
-            sock = socket.socket(family, kind, proto)
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError:
+                continue
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
@@ -94,11 +100,12 @@ def listen(host: str, port: int) -> list[socket.socket]:
             if sockets[1:]:
                 address = (address[0], sockets[0].getsockname()[1], *address[2:])
             sock.bind(address)
-            sock.listen(1024)
             sock.setblocking(False)
     except BaseException:
         _close(sockets)
         raise
+    if not sockets:
+        raise OSError(errno.EAFNOSUPPORT, "no address of it can be used here")
     return sockets
 
 

@@ -228,13 +228,24 @@ def _signals(reload: Callable[[], Settings] | None) -> Callable[[web.Application
     async def context(app: web.Application) -> AsyncIterator[None]:
         settings, scheduler = app[SETTINGS], app[SCHEDULER]
         loop = asyncio.get_running_loop()
+        grace: list[asyncio.TimerHandle] = []
+        exiting: list[bool] = []
+
+        def stop_now() -> None:
+            """Stop the server (aiohttp's graceful exit); only once, whatever signals follow."""
+            for timer in grace:
+                timer.cancel()
+            if not exiting:
+                exiting.append(True)
+                raise web.GracefulExit()
 
         def terminate() -> None:
             if not scheduler.accepting or not settings.stop_grace:
-                raise web.GracefulExit()
+                stop_now()  # a second SIGTERM: now
+                return
             scheduler.stop_accepting()
             log.info("SIGTERM: refusing new jobs (503 stopping); the bridge stops in %gs", settings.stop_grace)
-            loop.call_later(settings.stop_grace, _stop_now)
+            grace.append(loop.call_later(settings.stop_grace, stop_now))
 
         def reread() -> None:
             try:
@@ -253,16 +264,15 @@ def _signals(reload: Callable[[], Settings] | None) -> Callable[[web.Application
             scheduler.workflows_reloaded()
 
         loop.add_signal_handler(signal.SIGTERM, terminate)
+        loop.add_signal_handler(signal.SIGINT, stop_now)
         loop.add_signal_handler(signal.SIGHUP, reread)
         yield
-        loop.remove_signal_handler(signal.SIGHUP)
-        loop.remove_signal_handler(signal.SIGTERM)
+        for timer in grace:
+            timer.cancel()
+        for number in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(number)
 
     return context
-
-
-def _stop_now() -> None:
-    raise web.GracefulExit()
 
 
 async def _stop_accepting(app: web.Application) -> None:

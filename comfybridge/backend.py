@@ -19,7 +19,6 @@ class Backend:
     draining: bool = False  # removed from the config: finishes what it has, takes nothing new
     sick_until: float = 0.0  # after repeated refusals of POST /prompt: no new work until then
     stuck_prompt: str | None = None  # the prompt ComfyUI runs without a sign of progress: no work until it moves
-    running_seen: tuple[str | None, float] = (None, 0.0)  # what ComfyUI's /queue said runs, and since when
     checking: bool = False  # the watchdog is asking its /queue
     submit_failures: int = 0
     queue_remaining: int = 0  # ComfyUI's own count, including prompts of other users

@@ -16,7 +16,7 @@ from yarl import URL
 
 from . import shapes
 from .errors import StorageError, StorageFull, StorageUnavailable
-from .files import SMALL_FILE, open_off_loop, sync_handle, write_synced
+from .files import SMALL_FILE, in_thread, open_off_loop, sync_handle, write_synced
 from .shapes import Complaints, Malformed, OutputRef, describe_refusal
 
 log = logging.getLogger(__name__)
@@ -27,9 +27,11 @@ DisconnectHandler = Callable[[], None]
 
 CHUNK = 256 * 1024
 MB = 1024 * 1024
+MAX_ANSWER = 128 * MB  # the largest REST answer read (ComfyUI's /object_info with many custom nodes: tens of MB)
 ROOM_MARGIN = 16 * MB  # free space kept beyond a large download, for the journal and other writes
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 JSON_HEADERS = {"Content-Type": "application/json"}
+MISSED = "missed"  # the event handed on for a prompt one of whose events was skipped as malformed
 
 
 class BackendUnavailable(Exception):
@@ -86,7 +88,12 @@ class ComfyClient:
             async with self.session.request(
                 method, self.url / path.lstrip("/"), timeout=self.timeout, **kwargs
             ) as resp:
-                return resp.status, await resp.read()
+                body = bytearray()
+                async for chunk in resp.content.iter_any():
+                    body += chunk
+                    if len(body) > MAX_ANSWER:  # files come from /view, streamed; answers are small
+                        raise MalformedAnswer(f"{self.name}: {method} {path} answered more than {MAX_ANSWER >> 20} MB")
+                return resp.status, bytes(body)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             refused = isinstance(exc, aiohttp.ClientConnectorError)
             raise BackendUnavailable(f"{self.name}: {exc.__class__.__name__}: {exc}", not refused) from exc
@@ -221,16 +228,16 @@ class ComfyClient:
                     raise ResultTooLarge(_too_large(ref, length, max_bytes))
                 if length is not None and length <= SMALL_FILE:
                     data = await resp.read()
-                    await asyncio.to_thread(write_synced, target, data)
+                    await in_thread(write_synced, target, data)
                     return len(data)
-                await asyncio.to_thread(_make_room, target, length)
+                await in_thread(_make_room, target, length)
                 async with open_off_loop(target, "wb") as handle:
                     async for chunk in resp.content.iter_chunked(CHUNK):
                         size += len(chunk)
                         if size > max_bytes:
                             raise ResultTooLarge(_too_large(ref, size, max_bytes))
-                        await asyncio.to_thread(handle.write, chunk)
-                    await asyncio.to_thread(sync_handle, handle)
+                        await in_thread(handle.write, chunk)
+                    await in_thread(sync_handle, handle)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise BackendUnavailable(f"{self.name}: download of {ref.filename!r} failed: {exc}") from exc
         except OSError as exc:  # writing here, not ComfyUI, failed
@@ -301,7 +308,11 @@ class ComfyClient:
             checked = shapes.event(kind, message.get("data"))
         except Malformed as exc:
             self.complaints.note(f"{kind} event", str(exc))
-            return
+            data = message.get("data")
+            if isinstance(data, dict) and isinstance(data.get("prompt_id"), str):
+                checked, kind = {"prompt_id": data["prompt_id"]}, MISSED  # its prompt missed an event
+            else:
+                return
         if checked is None:
             return  # an event the bridge does not follow
         try:

@@ -182,10 +182,23 @@ class Core:
             task.cancel()
 
     def unstuck(self, backend: Backend, why: str) -> None:
-        """A stuck backend shows progress again: it takes work again."""
+        """A stuck backend shows progress again: it takes work again, once the prompts moved off it
+        meanwhile are gone from it (they run elsewhere)."""
         log.warning("backend %s is no longer stuck: %s", backend.name, why)
         backend.stuck_prompt = None
+        self.spawn(self.remove_abandoned(backend), f"take back abandoned on {backend.name}")
         self.wake_all()
+
+    async def remove_abandoned(self, backend: Backend) -> None:
+        """Prompts moved elsewhere while this backend was away or stuck must not run here too; one
+        that cannot be cancelled now stays listed, for its next connect."""
+        for prompt_id in list(backend.abandoned):
+            try:
+                await backend.client.cancel(prompt_id)
+            except BackendUnavailable as exc:
+                log.warning("backend %s: prompt %s not taken back yet: %s", backend.name, prompt_id, exc)
+                return
+            backend.abandoned.discard(prompt_id)
 
     def wake_all(self) -> None:
         self.settled.set()

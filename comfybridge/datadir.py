@@ -44,6 +44,11 @@ class DataDirLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             os.close(fd)
+            if exc.errno in (errno.ENOLCK, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise DataDirLocked(
+                    f"data folder {data_dir} cannot be locked ({exc.strerror}: a network filesystem without "
+                    "locking?); one bridge per data folder needs a lock: use a local disk"
+                ) from None
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
             raise DataDirLocked(

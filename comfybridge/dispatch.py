@@ -55,7 +55,7 @@ class Dispatcher:
         blindly), then send the job's uploads and its prompt."""
         core = self.core
         core.hand_over(backend, job)
-        job.handing_over = True
+        sent = job.sending = job.prompt_id
         job.handed_at = time.monotonic()
         try:
             try:
@@ -78,7 +78,7 @@ class Dispatcher:
                 except FileNotFoundError:
                     raise UploadGone(f"the uploaded file {name!r} of the job is gone") from None
                 prompt[node_id]["inputs"][input_name] = remote
-            await backend.client.submit(prompt, job.prompt_id)
+            await backend.client.submit(prompt, sent)
         except PromptRefused as exc:
             core.take_back(backend, job)
             core.end(job, JobState.FAILED, str(exc))
@@ -98,8 +98,15 @@ class Dispatcher:
                 self._hand_over_failed(backend, job, unknown)
                 return
         finally:
-            job.handing_over = False
+            if job.sending == sent:
+                job.sending = None
         backend.submit_failures = 0
+        if job not in backend.inflight or job.prompt_id != sent:
+            # Taken off this backend while its hand-over was in flight (it went away, or got stuck):
+            # the prompt just sent must not run here as well.
+            backend.abandoned.add(sent)
+            core.spawn(core.remove_abandoned(backend), f"take back {sent}")
+            return
         job.last_event = time.monotonic()
         if job.state is JobState.SUBMITTING:
             job.move(JobState.QUEUED)

@@ -29,7 +29,9 @@ class Failover:
         core = self.core
 
         async def connected() -> None:
-            await self._remove_abandoned(backend)
+            await self.core.remove_abandoned(backend)
+            if backend.abandoned:  # not up until what was moved elsewhere is gone from it
+                raise BackendUnavailable(f"{backend.name}: {len(backend.abandoned)} moved prompts not taken back yet")
             await self.reconcile(backend)
             if not backend.object_info_loaded:
                 await self.learn_object_info(backend)
@@ -64,7 +66,7 @@ class Failover:
         and keeps no backend out meanwhile."""
         try:
             self.core.workflows.apply_object_info(await backend.client.object_info())
-        except BackendUnavailable as exc:
+        except (BackendUnavailable, ValueError, TypeError, AttributeError) as exc:  # unreachable, or a bad shape
             log.warning("backend %s: /object_info not read (%s); input limits are learned later", backend.name, exc)
             return
         backend.object_info_loaded = True
@@ -96,15 +98,6 @@ class Failover:
         backend.down_since = None  # its clients are no longer held for it
         core.unbind_clients_of(backend)
         core.wake_all()
-
-    async def _remove_abandoned(self, backend: Backend) -> None:
-        """Prompts moved elsewhere while this backend was away must not run here too."""
-        if not backend.abandoned:
-            return
-        gone = list(backend.abandoned)
-        for prompt_id in gone:
-            await backend.client.cancel(prompt_id)
-        backend.abandoned.difference_update(gone)
 
     async def reconcile(self, backend: Backend) -> None:
         """After a lost socket or a restart: ask ComfyUI about every prompt the bridge had there.
@@ -156,8 +149,9 @@ class Failover:
                 if head is None or now - head.last_event < limit:
                     continue
                 if head.state is JobState.QUEUED and backend.queue_remaining > len(backend.inflight):
-                    # Behind other prompts inside ComfyUI: waiting, or is nothing moving there at all?
-                    self._ask(backend, self._behind_others(backend, head))
+                    # Behind other users' prompts inside ComfyUI, whose progress only their owners hear:
+                    # waiting, not idle. (The bridge's own silent prompt is caught as the head below.)
+                    head.last_event = now
                     continue
                 self._stuck(backend, head, head.prompt_id)
 
@@ -174,20 +168,6 @@ class Failover:
                 backend.checking = False
 
         self.core.spawn(asking(), f"watch {backend.name}")
-
-    async def _behind_others(self, backend: Backend, head: Job) -> None:
-        """A queued job with no event for job_idle_timeout, behind prompts that are not the bridge's:
-        while what ComfyUI runs changes, it waits; the same prompt running that long, with no sign of
-        progress, means ComfyUI is stuck."""
-        running, _ = await backend.client.queue()
-        now = time.monotonic()
-        current = running[0] if running else None
-        seen, since = backend.running_seen
-        if current is None or current != seen:
-            backend.running_seen = (current, now)
-            head.last_event = now  # ComfyUI moved on: a new wait begins
-        elif now - since >= self.core.settings.job_idle_timeout and not head.ended:
-            self._stuck(backend, head, current)
 
     def _stuck(self, backend: Backend, head: Job, prompt_id: str) -> None:
         """No progress at all for job_idle_timeout: the job it runs fails (the contract's time-out),
@@ -206,6 +186,8 @@ class Failover:
                 log.warning("job %s client %s: %s", head.id, head.client_id, reason)
                 core.end(head, JobState.FAILED, reason)
             core.spawn(core.cancel_on_backend(backend, head), f"cancel {head.id}")
+        # Not yet started there, handed over or on the way (dispatch takes back a prompt whose POST
+        # answers after its job was moved): all go elsewhere.
         for job in [j for j in backend.inflight if j.started_at is None]:
             core.take_back(backend, job)
             core.spawn(backend.client.delete_queued([job.prompt_id]), f"take back {job.id}")

@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import itertools
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import BinaryIO, cast
+from typing import Any, BinaryIO, TypeVar, cast
+
+_T = TypeVar("_T")
 
 _temp_names = itertools.count()
 # Files up to this size are read or written whole, in one trip to a thread: a thread hop costs
@@ -52,6 +54,18 @@ def atomic_write(path: Path, data: bytes) -> None:
         sync_handle(handle)
     os.replace(tmp, path)
     fsync_path(path.parent)
+
+
+async def in_thread(func: Callable[..., _T], *args: Any) -> _T:
+    """`asyncio.to_thread`, except that a cancelled caller still waits for the thread to finish: a
+    write cut off by a cancel cannot land after its caller has cleaned up (and recreate a file)."""
+    running = asyncio.ensure_future(asyncio.to_thread(func, *args))
+    try:
+        return await asyncio.shield(running)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await running
+        raise
 
 
 @contextlib.asynccontextmanager

@@ -134,7 +134,7 @@ class Job:
     ended_at: float | None = None
     results: list[dict[str, Any]] | None = None  # the stored result files, once done
     last_event: float = field(default_factory=time.monotonic)
-    handing_over: bool = False  # POST /prompt of this job is in flight from this process
+    sending: str | None = None  # the prompt id whose POST /prompt is in flight from this process
     told_percent: float = 0.0  # the highest percent its client heard: frames only ever rise from it
     resumed: bool = False  # recovered after a restart: it says so before its next progress frame
     # The outputs ComfyUI's `executed` events announced, while every event since execution_start
@@ -197,6 +197,11 @@ class Job:
         assert self._last_record is not None
         record, delivery = self._last_record
         return self.journal.update(self.id, record, delivery)
+
+    @property
+    def handing_over(self) -> bool:
+        """Its current prompt's POST /prompt is in flight: its answer decides where it is."""
+        return self.sending is not None and self.sending == self.prompt_id
 
     @property
     def ended(self) -> bool:

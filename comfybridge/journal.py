@@ -204,8 +204,9 @@ class SqliteJournal:
             now = self.path.stat()
         except FileNotFoundError:
             return f"{self.path} was deleted"
-        except OSError as exc:
-            return f"{self.path} cannot be read ({exc.strerror})"
+        except OSError as exc:  # a passing trouble (NFS, I/O): not a verdict; the next look decides
+            log.warning("journal %s: cannot look at it now (%s)", self.path, exc.strerror)
+            return None
         if (now.st_dev, now.st_ino) != self._identity:
             return f"{self.path} was replaced by another file"
         return None

@@ -145,7 +145,7 @@ class ResultStore:
                 shutil.rmtree(entry, ignore_errors=True)
                 continue
             aside.mkdir(parents=True, exist_ok=True)
-            entry.rename(aside / entry.name)
+            shutil.move(entry, aside / entry.name)  # a rename, or a copy when results/ is another disk
             moved += 1
         if not moved:
             return None

@@ -10,7 +10,7 @@ import re
 import urllib.parse
 import uuid
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -282,11 +282,9 @@ async def _json_body(request: web.Request) -> Any:
             body += chunk
         else:
             inflater = inflater or zlib.decompressobj(_window_bits(coding, chunk))
-            while chunk and len(body) <= limit:  # in slices, letting other requests run between them
-                body += _inflate(inflater, chunk, min(INFLATE_SLICE, limit + 1 - len(body)))
-                chunk = inflater.unconsumed_tail
-                if chunk:
-                    await asyncio.sleep(0)
+            for piece in inflated(inflater, chunk, limit + 1 - len(body)):
+                body += piece
+                await asyncio.sleep(0)  # other requests run between slices
         if len(body) > limit:
             raise TooLarge(f"The request body is larger than the limit of {limit / MB:.3g} MB.")
     if coding != "identity" and (inflater is None or not inflater.eof):
@@ -303,6 +301,20 @@ def _window_bits(coding: str, first: bytes) -> int:
     if coding != "deflate":
         return 16 + zlib.MAX_WBITS
     return zlib.MAX_WBITS if first[0] & 0x0F == 8 else -zlib.MAX_WBITS
+
+
+def inflated(inflater: Any, chunk: bytes, room: int, size: int = INFLATE_SLICE) -> Iterator[bytes]:
+    """What `chunk` inflates to, in slices of at most `size` bytes and `room` in all (past that the
+    body is refused anyway; zlib's max_length of 0 would mean no limit, so it is never asked for).
+    A slice that fills up may leave output inside zlib with no input left: it is asked again until
+    a slice comes back short."""
+    while room > 0:
+        out = _inflate(inflater, chunk, min(size, room))
+        room -= len(out)
+        yield out
+        chunk = inflater.unconsumed_tail
+        if not chunk and (len(out) < size or inflater.eof):
+            return
 
 
 def _inflate(inflater: Any, chunk: bytes, room: int) -> bytes:

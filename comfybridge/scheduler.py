@@ -189,8 +189,9 @@ class Scheduler:
                 return
             except Exception:
                 log.exception("backend %s: its %s failed; starting it again in %gs", backend.name, role, delay)
-            backend.client.connected = False
-            self.failover.lost(backend)
+            if role == "listener":  # nobody hears its events now: down until the new listener connects
+                backend.client.connected = False
+                self.failover.lost(backend)
             await asyncio.sleep(delay)
             delay = min(RESTART_MAX, delay * 2)
 
@@ -414,12 +415,15 @@ class Scheduler:
         for index, job in enumerate(jobs):
             backend = self.backends.get(job.backend or "")
             state = job.state
-            ended.append(core.end(job, JobState.CANCELLED, "interrupted", notify=index == len(jobs) - 1))
+            ending = core.end(job, JobState.CANCELLED, "interrupted", notify=index == len(jobs) - 1)
+            if ending is None:
+                continue  # it ended meanwhile (its results are being recorded): nothing to stop
+            ended.append(ending)
             core.stop_collecting(job)
             if state in (JobState.QUEUED, JobState.RUNNING) and backend is not None:
                 await core.cancel_on_backend(backend, job)
             # WAITING: end took it out of the queue. SUBMITTING: dispatch cancels it once ComfyUI answers.
-        await asyncio.gather(*(e for e in ended if e is not None), return_exceptions=True)
+        await asyncio.gather(*ended, return_exceptions=True)
 
     async def free(self, client_id: str | None) -> bool:
         """POST /free on every backend that holds the client's work, or the one it used last (every

@@ -9,7 +9,7 @@ from typing import Any
 
 from . import care, shapes
 from .backend import Backend
-from .comfy import BackendUnavailable, ResultTooLarge
+from .comfy import MISSED, BackendUnavailable, ResultTooLarge
 from .core import DISCONNECTED, Core
 from .errors import StorageError
 from .jobs import Job, JobState
@@ -41,6 +41,9 @@ class Tracker:
         job = self.core.by_prompt.get(data["prompt_id"])
         if job is None:
             return  # an ended job still follows its prompt: its slot is free only once ComfyUI is done
+        if event == MISSED:
+            job.seen_outputs = None  # not everything was seen: its outcome will be read from /history
+            return
         if event == "execution_start":
             job.warm = backend.last_workflow == job.workflow
             backend.last_workflow = job.workflow
@@ -122,7 +125,7 @@ class Tracker:
                 await core.results.discard(job.id)  # partial downloads of a job that has no results
         if ended is not None:
             try:
-                await ended
+                await asyncio.shield(ended)  # an interrupt arriving now stops nothing already recorded
             except StorageError:
                 return  # logged by the journal; ComfyUI keeps the prompt, so a restart can collect it again
         if core.settings.delete_history:

@@ -208,16 +208,21 @@ class WorkflowStore:
                 node_info = object_info.get(spec.class_type)
                 if spec.upload or not isinstance(node_info, dict):
                     continue
-                sections = node_info.get("input", {})
-                config = sections.get("required", {}).get(spec.name) or sections.get("optional", {}).get(spec.name)
+                sections = node_info.get("input")
+                sections = sections if isinstance(sections, dict) else {}
+                config = None
+                for part in ("required", "optional"):
+                    inputs = sections.get(part)
+                    if config is None and isinstance(inputs, dict):
+                        config = inputs.get(spec.name)
                 if not isinstance(config, list) or not config:
                     continue
                 options = config[1] if len(config) > 1 and isinstance(config[1], dict) else {}
-                if isinstance(config[0], list):
+                if isinstance(config[0], list) and all(isinstance(c, str | int | float) for c in config[0]):
                     spec.choices = list(config[0])
-                if isinstance(options.get("min"), int | float):
+                if _is_number(options.get("min")):
                     spec.minimum = options["min"]
-                if isinstance(options.get("max"), int | float):
+                if _is_number(options.get("max")):
                     spec.maximum = options["max"]
                 if isinstance(options.get("tooltip"), str):
                     spec.description = options["tooltip"]
@@ -346,6 +351,10 @@ def _input_spec(path: Path, graph: dict[str, Any], node_id: str, name: str) -> I
         default=default,
         upload=upload,
     )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _json_type(value: Any) -> str:

@@ -27,6 +27,7 @@ class FakeComfy:
         self.sockets: set[web.WebSocketResponse] = set()
         self.seen: list[str] = []  # "GET /queue", ... every request, in order
         self.rewrite: Callable[[str], str] = lambda text: text  # applied to every event ComfyUI sends
+        self.held: dict[str, asyncio.Event] = {}  # requests of these routes wait for their event first
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -40,6 +41,11 @@ class FakeComfy:
         get this answer instead of ComfyUI's."""
         data = body.encode() if isinstance(body, str) else body
         self.answers[route].extend([(status, data)] * times)
+
+    def hold(self, route: str) -> asyncio.Event:
+        """Requests of `route` reach ComfyUI only once the returned event is set (a slow network)."""
+        self.held[route] = asyncio.Event()
+        return self.held[route]
 
     async def push(self, text: str) -> None:
         """A text frame, as is, to every event socket."""
@@ -79,6 +85,8 @@ class FakeComfy:
     async def _forward(self, request: web.Request) -> web.StreamResponse:
         route = self._route(request)
         self.seen.append(route)
+        if route in self.held:
+            await self.held[route].wait()
         canned = self.answers.get(route)
         if canned:
             status, body = canned.popleft()

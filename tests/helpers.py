@@ -8,7 +8,6 @@ import io
 import os
 import re
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -262,31 +261,6 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: 
     assert result.stderr.strip().endswith(lines[0])
     for fragment in fragments:
         assert fragment in lines[0]
-
-
-async def test_sigterm_drains_for_stop_grace_with_ready_and_new_jobs_503_then_exits_0(workdir: Path) -> None:
-    async with bridge_process(workdir, "--emulate", "1", "--stop-grace", "30") as (proc, url):
-        await submit(url, "before")
-        async with aiohttp.ClientSession() as session:
-            proc.send_signal(signal.SIGTERM)
-            ready: dict[str, Any] = {}
-            while ready.get("detail") != "the bridge is stopping":
-                async with session.get(f"{url}/ready") as resp:
-                    ready = await resp.json()
-            assert resp.status == 503
-            body = {"workflow": "solid", "1/width": 8}
-            async with session.post(f"{url}/generate-based-workflow", params={"clientId": "late"}, json=body) as resp:
-                assert resp.status == 503
-                assert (await resp.json())["detail"].startswith("The bridge is shutting down")
-            async with session.get(f"{url}/execution-info", params={"clientId": "before"}) as resp:
-                assert resp.status == 200  # everything else is still served
-            async with session.get(f"{url}/health") as resp:
-                assert (await resp.json())["stopping"] is True
-            assert proc.returncode is None
-            proc.send_signal(signal.SIGTERM)  # a second one: now
-        assert await asyncio.wait_for(proc.wait(), 20) == 0
-    log = (workdir / "bridge.log").read_text()
-    assert "SIGTERM: refusing new jobs (503 stopping); the bridge stops in 30s" in log
 
 
 TINY = {"workflow": "solid", "1/width": 8, "1/height": 8, "1/batch_size": 1}

@@ -222,3 +222,90 @@ async def test_a_hung_comfyui_is_stuck_its_jobs_move_and_it_comes_back(
     hung.engine.release_hang()  # it moves again (its prompt was interrupted meanwhile)
     await wait_for(lambda: backend_states(client) == ["up", "up"])
     assert (await run_one(client, "later"))["status"] == "closed"
+
+
+async def test_a_worker_that_fails_is_started_again_and_its_backend_stays_up(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    emulator = await make_emulator()
+    client = await make_bridge(emulator)
+    dispatcher = client.app[SCHEDULER].dispatcher
+    await wait_for(lambda: backend_states(client) == ["up"])
+    real_next, faults = dispatcher.next_for, []
+
+    def next_with_a_bug(backend: Any) -> Any:
+        if not faults:
+            faults.append(backend.name)
+            raise RuntimeError("a bug in the worker")
+        return real_next(backend)
+
+    dispatcher.next_for = next_with_a_bug  # type: ignore[method-assign]
+    outcome = await run_one(client, "after-a-worker-bug")
+    assert faults
+    assert outcome["status"] == "closed"
+    assert backend_states(client) == ["up"]  # its socket was fine all along: never marked down
+    assert any("its worker failed; starting it again" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"EmptyImage": {"input": []}}',
+        '{"EmptyImage": {"input": {"required": [1, 2]}}}',
+        '{"EmptyImage": {"input": {"required": {"width": ["INT", {"min": "zero", "max": [1]}]}}}}',
+        '{"EmptyImage": {"input": {"required": {"color": [[{"a": 1}], {}]}}}}',
+    ],
+)
+async def test_object_info_of_a_wrong_shape_keeps_no_backend_out(
+    make_fake: Any, make_bridge: BridgeFactory, body: str
+) -> None:
+    fake: FakeComfy = await make_fake()
+    fake.replace("GET /object_info", 200, body)
+    client = await make_bridge(fake.url)
+    assert (await run_one(client, "odd-object-info"))["status"] == "closed"
+    assert backend_states(client) == ["up"]
+
+
+async def test_waiting_behind_other_users_long_prompts_is_not_being_stuck(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    """Another user's prompts report their progress only to that user: a job queued behind them waits,
+    however long they take, and the backend is never taken for stuck."""
+    shared = await make_emulator(pace=0.6)
+    client = await make_bridge(shared, job_idle_timeout=1.0)
+    await wait_for(lambda: backend_states(client) == ["up"])
+    prompt = {"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+              "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "other"}}}  # fmt: skip
+    for _ in range(3):  # about 1.2 s each, queued by someone else
+        shared.engine.submit({"prompt": prompt, "client_id": "someone-else"})
+    outcome = await run_one(client, "behind-others")
+    assert outcome["status"] == "closed"
+    assert "stuck" not in backend_states(client)
+
+
+async def test_a_prompt_sent_while_its_backend_was_taken_for_stuck_does_not_run_there_too(
+    make_fake: Any, make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    fake: FakeComfy = await make_fake(pace=0.05)
+    hung = fake.upstream
+    spare = await make_emulator(pace=0.05)
+    hung.engine.faults.hang_after_nodes = 1
+    client = await make_bridge(fake.url, job_idle_timeout=1.0)
+    scheduler = client.app[SCHEDULER]
+    status, _ = await generate(client, "first", {"workflow": "slow", "2/seed": 1})
+    assert status == 200
+    await wait_for(lambda: len(hung.engine.started) == 1)  # it hangs there
+    late = fake.hold("POST /prompt")  # the next hand-over reaches ComfyUI only later
+    status, _ = await generate(client, "second", {"workflow": "slow", "2/seed": 2})
+    assert status == 200
+    await wait_for(lambda: fake.seen.count("POST /prompt") == 2)
+    scheduler.set_backends([fake.url, spare.url])
+    assert (await poll_status(client, "first", {"error"}))["detail"] == "time out error: exceed 1s"
+    assert (await poll_status(client, "second", {"closed", "error"}, timeout=30))["status"] == "closed"
+    assert len(spare.engine.started) == 1  # the second ran on the spare GPU
+    late.set()  # now its first hand-over arrives at the stuck ComfyUI, and is answered
+    await wait_for(lambda: fake.seen.count("POST /queue") >= 2)  # ... and taken back at once
+    await wait_for(lambda: hung.engine.queue_remaining == 1)
+    hung.engine.release_hang()
+    await wait_for(lambda: backend_states(client) == ["up", "up"])
+    assert len(hung.engine.started) == 1  # only the one that hung ever ran on it

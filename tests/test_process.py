@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -48,6 +49,45 @@ async def test_counter_survives_sigterm_and_kill_9(workdir: Path) -> None:
         assert await count(url) == 3
         proc.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(proc.wait(), 20) == 0
+
+
+async def test_sigterm_drains_for_stop_grace_with_ready_and_new_jobs_503_then_exits_0(workdir: Path) -> None:
+    async with bridge_process(workdir, "--emulate", "1", "--stop-grace", "30") as (proc, url):
+        await submit(url, "before")
+        async with aiohttp.ClientSession() as session:
+            proc.send_signal(signal.SIGTERM)
+            ready: dict[str, Any] = {}
+            while ready.get("detail") != "the bridge is stopping":
+                async with session.get(f"{url}/ready") as resp:
+                    ready = await resp.json()
+            assert resp.status == 503
+            body = {"workflow": "solid", "1/width": 8}
+            async with session.post(f"{url}/generate-based-workflow", params={"clientId": "late"}, json=body) as resp:
+                assert resp.status == 503
+                assert (await resp.json())["detail"].startswith("The bridge is shutting down")
+            async with session.get(f"{url}/execution-info", params={"clientId": "before"}) as resp:
+                assert resp.status == 200  # everything else is still served
+            async with session.get(f"{url}/health") as resp:
+                assert (await resp.json())["stopping"] is True
+            assert proc.returncode is None
+            proc.send_signal(signal.SIGTERM)  # a second one: now
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    log = (workdir / "bridge.log").read_text()
+    assert "SIGTERM: refusing new jobs (503 stopping); the bridge stops in 30s" in log
+
+
+async def test_a_second_signal_during_the_grace_stops_at_once_and_cleanly(workdir: Path) -> None:
+    args = ("--emulate", "1", "--emulator-pace", "1", "--stop-grace", "1", "--drain", "4")
+    async with bridge_process(workdir, *args) as (proc, url):
+        await submit(url, "before")  # a few seconds of work inside ComfyUI, for the drain to wait for
+        proc.send_signal(signal.SIGTERM)
+        await wait_for(lambda: "the bridge stops in 1s" in (workdir / "bridge.log").read_text())
+        proc.send_signal(signal.SIGINT)  # now; the grace timer must not fire in the middle of the stop
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    log = (workdir / "bridge.log").read_text()
+    assert "Traceback" not in log
+    async with bridge_process(workdir) as (proc, url):  # the lock was let go, the journal closed
+        assert await count(url) == 1
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
