@@ -112,8 +112,117 @@ def bmp(width: int, height: int) -> bytes:
     return b"BM" + struct.pack("<IHHI", 14 + 40 + len(pixels), 0, 0, 54) + info + pixels
 
 
+def tiff_entry(order: str, tag: int, kind: int, value: int, count: int = 1) -> bytes:
+    """One 12-byte directory entry; a SHORT value sits in the first half of its 4 bytes."""
+    field = struct.pack(order + "H", value) + b"\0\0" if kind == 3 else struct.pack(order + "I", value)
+    return struct.pack(order + "HHI", tag, kind, count) + field
+
+
+def tiff(pages: list[tuple[int, int]], order: str = "<", kind: int = 4, loop: bool = False) -> bytes:
+    """A TIFF of one directory per page holding its ImageWidth and ImageLength (LONG, or SHORT:
+    kind 3) and no pixel data; `loop`: the last directory leads back to the first."""
+    ifds = []
+    for index, (width, height) in enumerate(pages):
+        after = 8 + 30 * (index + 1) if index + 1 < len(pages) else (8 if loop else 0)
+        entries = tiff_entry(order, 256, kind, width) + tiff_entry(order, 257, kind, height)
+        ifds.append(struct.pack(order + "H", 2) + entries + struct.pack(order + "I", after))
+    return (b"II*\x00" if order == "<" else b"MM\x00*") + struct.pack(order + "I", 8) + b"".join(ifds)
+
+
+def box(kind: bytes, *parts: bytes) -> bytes:
+    body = b"".join(parts)
+    return struct.pack(">I", 8 + len(body)) + kind + body
+
+
+def full_box(kind: bytes, *parts: bytes, version: int = 0, flags: int = 0) -> bytes:
+    return box(kind, struct.pack(">I", version << 24 | flags), *parts)
+
+
+Reference = tuple[bytes, int, list[int]]  # type (dimg, thmb, auxl...), from item, to items
+Track = tuple[int, int, int, bytes]  # width, height, samples, handler
+
+
+def heif(
+    brand: bytes,
+    items: dict[int, tuple[int, int]],
+    references: list[Reference] | None = None,
+    tracks: list[Track] | None = None,
+) -> bytes:
+    """An HEIF file's boxes: ftyp; a meta box whose items have an ispe each (items of one size
+    share it, as encoders do) after a codec property all share, and these references; a moov box
+    of these tracks; a token of media data. No real image data: the boxes are what is read."""
+    sizes = sorted(set(items.values()))
+    ipco = box(
+        b"ipco", full_box(b"pixi", b"\x03\x08\x08\x08"), *(full_box(b"ispe", struct.pack(">II", *s)) for s in sizes)
+    )
+    wide = len(sizes) + 1 > 127  # property indexes past 7 bits take 15
+    index = ">H" if wide else ">B"
+    essential = 0x8000 if wide else 0x80
+    entries = [
+        struct.pack(">HB", item, 2) + struct.pack(index, 1 | essential) + struct.pack(index, 2 + sizes.index(size))
+        for item, size in items.items()
+    ]
+    ipma = full_box(b"ipma", struct.pack(">I", len(entries)), *entries, flags=int(wide))
+    refs = [box(kind, struct.pack(f">HH{len(to)}H", source, len(to), *to)) for kind, source, to in references or []]
+    meta = full_box(
+        b"meta",
+        full_box(b"hdlr", b"\0" * 4 + b"pict" + b"\0" * 13),
+        full_box(b"pitm", struct.pack(">H", max(items, default=1))),
+        full_box(b"iref", *refs),
+        box(b"iprp", ipco, ipma),
+    )
+    parts = [box(b"ftyp", brand, b"\0\0\0\0", b"mif1", brand), meta]
+    if tracks:
+        parts.append(box(b"moov", *(track(*t) for t in tracks)))
+    return b"".join(parts) + box(b"mdat", b"\0" * 16)
+
+
+def track(width: int, height: int, samples: int, handler: bytes = b"pict") -> bytes:
+    """A trak box: its presentation size in tkhd (16.16), its handler, its sample count in stsz."""
+    tkhd = full_box(b"tkhd", b"\0" * 72, struct.pack(">II", width << 16, height << 16), flags=3)
+    stbl = box(b"stbl", full_box(b"stsz", struct.pack(">II", 0, samples)))
+    hdlr = full_box(b"hdlr", b"\0" * 4 + handler + b"\0" * 13)
+    return box(b"trak", tkhd, box(b"mdia", hdlr, box(b"minf", stbl)))
+
+
+def mpo(
+    first: tuple[int, int],
+    others: list[tuple[int, int]],
+    claimed: int | None = None,
+    shift: int = 0,
+    late: bool = False,
+) -> bytes:
+    """A JPEG holding more after its end (an MPO): its MP index (APP2 "MPF"; after the frame
+    header if `late`) counts `claimed` images (all, by default) and has an entry for each, the
+    first, then a JPEG's headers apiece; `shift` moves where the entries after the first say
+    their image is."""
+    count = len(others) + 1
+    table_at = 8 + 2 + 3 * 12 + 4  # TIFF header, then a directory of three entries
+    directory = (
+        tiff_entry("<", 0xB000, 7, int.from_bytes(b"0100", "little"), count=4)
+        + tiff_entry("<", 0xB001, 4, count if claimed is None else claimed)
+        + tiff_entry("<", 0xB002, 7, table_at, count=16 * count)
+    )
+    main = jpeg(*first)
+    at = len(main) - 2 if late else 2  # before EOI, or after SOI
+    start = at + 8  # APP2 marker and length, "MPF\0": the index, where its offsets count from
+    position = len(main) + 8 + table_at + 16 * count  # the first image's end
+    offsets = [0]
+    for width, height in others:
+        offsets.append(position - start + shift)
+        position += len(jpeg(width, height))
+    table = b"".join(
+        struct.pack("<3I2H", 0x030000 if i == 0 else 0, 0, offset, 0, 0) for i, offset in enumerate(offsets)
+    )
+    index = b"II*\x00" + struct.pack("<IH", 8, 3) + directory + struct.pack("<I", 0) + table
+    app2 = b"\xff\xe2" + struct.pack(">H", 2 + 4 + len(index)) + b"MPF\x00" + index
+    return main[:at] + app2 + main[at:] + b"".join(jpeg(w, h) for w, h in others)
+
+
 FULL = (0, 0, 1024, 1024)
 TOTAL = "(10486 megapixels in all), over the limit of 200 megapixels (max_total_mp)."
+TIFF_TOTAL = "(314.6 megapixels in all), over the limit of 200 megapixels (max_total_mp)."
+MANY = f"has 10000 frames of 1024x1024 {TOTAL}"
 HUGE = "is 13000x13000 (169 megapixels a frame), over the limit of 50 megapixels (max_frame_mp)."
 BOMBS = {
     "GIF of many frames": ("x.gif", gif((1024, 1024), [FULL] * 10000), f"has 10000 frames of 1024x1024 {TOTAL}"),
@@ -139,6 +248,45 @@ BOMBS = {
     ),
     "huge top-down BMP": ("x.bmp", bmp(13000, -13000), HUGE),
     "GIF frame placed far outside a tiny screen": ("x.gif", gif((1, 1), [(12999, 12999, 1, 1)]), HUGE),
+    "TIFF of many pages": ("x.tiff", tiff([(1024, 1024)] * 300), f"has 300 frames of 1024x1024 {TIFF_TOTAL}"),
+    "huge TIFF": (
+        "x.tiff",
+        tiff([(40000, 40000)], order=">"),
+        "is 40000x40000 (1600 megapixels a frame), over the limit of 50 megapixels (max_frame_mp).",
+    ),
+    "TIFF whose second page is huge": (
+        "x.tiff",
+        tiff([(100, 100), (13000, 13000)]),
+        "has 2 frames of up to 13000x13000 (169 megapixels a frame), over the limit of 50 megapixels (max_frame_mp).",
+    ),
+    "huge AVIF": ("x.avif", heif(b"avif", {1: (13000, 13000)}), HUGE),
+    "huge HEIC": ("x.heic", heif(b"heic", {1: (13000, 13000)}), HUGE),
+    "HEIC thumbnail far larger than its image": (
+        "x.heic",
+        heif(b"heic", {1: (100, 100), 2: (13000, 13000)}, [(b"thmb", 2, [1])]),
+        HUGE,
+    ),
+    "HEIC grid of a huge tile": (
+        "x.heic",
+        heif(b"heic", {1: (13000, 13000), 2: (512, 512), 3: (1024, 512)}, [(b"dimg", 3, [1, 2])]),
+        HUGE,
+    ),
+    "HEIF of many images": ("x.heic", heif(b"mif1", dict.fromkeys(range(1, 10001), (1024, 1024))), MANY),
+    "AVIF sequence of many frames": (
+        "x.avif",
+        heif(b"avis", {1: (1024, 1024)}, tracks=[(1024, 1024, 9999, b"pict")]),
+        MANY,
+    ),
+    "MPO of many images": (
+        "x.jpg",
+        mpo((4000, 3000), [(4000, 3000)] * 999),
+        "has 1000 frames of 4000x3000 (12000 megapixels in all), over the limit of 200 megapixels (max_total_mp).",
+    ),
+    "MPO whose second image is huge": (
+        "x.jpg",
+        mpo((100, 100), [(13000, 13000)]),
+        "has 2 frames of up to 13000x13000 (169 megapixels a frame), over the limit of 50 megapixels (max_frame_mp).",
+    ),
     "GIF frames of growing size": (
         "x.gif",
         gif((100, 100), [(0, 0, 100, 100), (0, 0, 8000, 8000)]),
@@ -173,12 +321,31 @@ async def test_a_48_megapixel_photo_passes_and_a_larger_one_does_not(bridge: Cli
 
 
 SHORT = [(0, 0, 32, 32), (8, 8, 16, 16), (0, 0, 32, 32)]
+# A 48 MP phone photo: an 8064x6048 grid (item 193) of 16x12 tiles of 512x512, with a thumbnail and
+# a quarter-size gain map (an auxiliary image, itself a grid of 12 tiles).
+PYRAMID = [(8000 >> level, 6000 >> level) for level in range(6)]
+TILES = list(range(1, 193))
+GAIN_TILES = list(range(196, 208))
+GRID: tuple[dict[int, tuple[int, int]], list[Reference]] = (
+    {
+        **dict.fromkeys(TILES + GAIN_TILES, (512, 512)),
+        193: (8064, 6048),
+        194: (416, 312),
+        195: (2016, 1512),
+    },
+    [(b"dimg", 193, TILES), (b"thmb", 194, [193]), (b"auxl", 195, [193]), (b"dimg", 195, GAIN_TILES)],
+)
 GOOD = {
     "a.gif": gif((32, 32), SHORT),
     "a.png": apng(32, 32, 3),
     "a.webp": webp((32, 32), SHORT),
     "b.bmp": bmp(16, -16),
     "b.webp": riff(riff_chunk(b"VP8L", vp8l(32, 32))),
+    "c.tiff": tiff([(32, 32), (16, 16)], order=">", kind=3),
+    "c.jpg": mpo((1920, 1080), [(1920, 1080)]),  # a stereo pair
+    "c.avif": heif(b"avis", {1: (640, 480)}, tracks=[(640, 480, 48, b"pict"), (0, 0, 90_000, b"soun")]),
+    "c.heic": heif(b"heic", *GRID),
+    "d.tiff": tiff(PYRAMID),  # a 48 MP page and its reductions: 64 megapixels, each page its own size
 }
 
 
@@ -224,6 +391,7 @@ IEND = png_chunk(b"IEND", b"")
 GIF_HEAD = b"GIF89a" + struct.pack("<HHBBB", 8, 8, 0, 0, 0)
 SOI = b"\xff\xd8"
 EOI = b"\xff\xd9"
+FTYP = box(b"ftyp", b"heic", bytes(4))
 # Files whose ends look right (so the whole-file check passes) but whose headers are cut off, lie
 # about lengths or hold no image: refused as malformed, never a 500.
 BROKEN = {
@@ -242,6 +410,7 @@ BROKEN = {
     "JPEG segment shorter than its length": ("x.jpg", SOI + b"\xff\xe1\x00\x01" + b"\x00" * 40 + EOI),
     "JPEG scan before any frame header": ("x.jpg", SOI + b"\xff\xda\x00\x08" + b"\x00" * 40 + EOI),
     "JPEG junk where a marker belongs": ("x.jpg", jpeg(8, 8)[:20] + b"\x00" * 40 + EOI),
+    "JPEG junk after the frame header": ("x.jpg", jpeg(8, 8)[:-2] + b"\x00" * 40 + EOI),  # read up to the scan
     "JPEG frame header too short": ("x.jpg", SOI + b"\xff\xc0\x00\x04\x08\x00" + b"\x00" * 40 + EOI),
     "WebP chunk longer than the file": ("x.webp", riff(b"VP8L" + struct.pack("<I", 1000) + vp8l(8, 8) * 4)),
     "WebP VP8 without its start code": ("x.webp", riff(riff_chunk(b"VP8 ", b"\x00" * 24))),
@@ -253,8 +422,49 @@ BROKEN = {
         b"BM" + struct.pack("<IHHI", 40, 0, 0, 26) + struct.pack("<I", 5) + bytes(22),
     ),
     "BMP cut off in its header": ("x.bmp", b"BM" + struct.pack("<IHHI", 20, 0, 0, 26) + struct.pack("<IH", 40, 1)),
+    "TIFF directories in a loop": ("x.tiff", tiff([(8, 8)] * 3, loop=True)),
+    "TIFF directory leading to itself": ("x.tiff", tiff([(8, 8)], order=">", loop=True)),
+    "TIFF directory past the end": ("x.tiff", tiff([(8, 8)])[:-4] + struct.pack("<I", 10**6)),
+    "TIFF directory cut off": ("x.tiff", b"II*\x00" + struct.pack("<IH", 8, 5) + bytes(20)),
+    "TIFF directory of more entries than libtiff reads": (
+        "x.tiff",
+        b"II*\x00" + struct.pack("<IH", 8, 4097) + bytes(4097 * 12 + 4),
+    ),
+    "TIFF width as a fraction": (
+        "x.tiff",
+        b"II*\x00" + struct.pack("<IH", 8, 1) + tiff_entry("<", 256, 5, 8) + bytes(12),
+    ),
+    "HEIC box running past its parent": (
+        "x.heic",
+        FTYP + box(b"meta", bytes(4), box(b"iprp", b"\0\0\0\x40ipco" + bytes(8))),
+    ),
+    "HEIC without an image size": ("x.heic", heif(b"heic", {})),
+    "HEIC image size too short": (
+        "x.heic",
+        FTYP + box(b"meta", bytes(4), box(b"iprp", box(b"ipco", box(b"ispe", bytes(8))))),
+    ),
+    "HEIC properties associated before listed": (
+        "x.heic",
+        FTYP + box(b"meta", bytes(4), box(b"iprp", full_box(b"ipma", bytes(4)), box(b"ipco"))),
+    ),
+    "HEIC associations past their box": (
+        "x.heic",
+        FTYP + box(b"meta", bytes(4), box(b"iprp", box(b"ipco"), full_box(b"ipma", struct.pack(">I", 5)))),
+    ),
+    "MPO index without its number of images": (
+        "x.jpg",
+        mpo((8, 8), [(8, 8)]).replace(tiff_entry("<", 0xB001, 4, 2), tiff_entry("<", 0xB0FF, 4, 2)),
+    ),
+    "MPO index of another type": (
+        "x.jpg",
+        mpo((8, 8), [(8, 8)]).replace(tiff_entry("<", 0xB001, 4, 2), tiff_entry("<", 0xB001, 5, 2)),
+    ),
+    "MPO index that is no TIFF structure": ("x.jpg", SOI + b"\xff\xe2\x00\x0aMPF\x00XXXX" + jpeg(8, 8)[2:]),
+    "MPO entry where no JPEG starts": ("x.jpg", mpo((8, 8), [(8, 8)], shift=1)),
+    "MPO entry past the end": ("x.jpg", mpo((8, 8), [(8, 8)], shift=10**6)),
 }
 MIME = {".png": "image/png", ".gif": "image/gif", ".jpg": "image/jpeg", ".webp": "image/webp", ".bmp": "image/bmp"}
+MIME |= {".tiff": "image/tiff", ".avif": "image/avif", ".heic": "image/heic"}
 
 
 @pytest.mark.parametrize("case", sorted(BROKEN))
@@ -266,7 +476,7 @@ async def test_broken_headers_are_refused_as_malformed(bridge: Client, case: str
     assert stored(bridge) == []
 
 
-TAILS = {".png": IEND, ".gif": b";", ".jpg": EOI, ".webp": b"", ".bmp": b""}
+TAILS = {".png": IEND, ".gif": b";", ".jpg": EOI, ".webp": b"", ".bmp": b"", ".tiff": b"", ".avif": b"", ".heic": b""}
 
 
 def whole(ext: str, head: bytes) -> bytes:
@@ -276,7 +486,22 @@ def whole(ext: str, head: bytes) -> bytes:
         return b"RIFF" + struct.pack("<I", max(len(data), 12) - 8) + data[8:]
     if ext == ".bmp":
         return data[:2] + struct.pack("<I", max(len(data), 6)) + data[6:]
+    if ext == ".tiff":
+        return data.ljust(9, b"\0")  # past the first directory's offset
+    if ext in (".avif", ".heic"):
+        return tiled(data[:8] + ext[1:].encode() + data[12:])  # the brand, which says what the file is
     return data
+
+
+def tiled(data: bytes) -> bytes:
+    """ISO BMFF boxes cut anywhere, the last made to end where the file does, as whole ones do."""
+    position = 0
+    while position + 8 <= len(data):
+        (size,) = struct.unpack_from(">I", data, position)
+        if size < 8 or position + size >= len(data):
+            return data[:position] + struct.pack(">I", len(data) - position) + data[position + 4 :]
+        position += size
+    return data[:position]
 
 
 async def test_cut_off_bombs_are_never_an_error(bridge: Client) -> None:
@@ -299,6 +524,8 @@ SIGNATURES = {
     ".jpg": SOI,
     ".webp": b"RIFF\x00\x00\x00\x00WEBP",
     ".bmp": b"BM\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00",
+    ".tiff": b"II*\x00\x08\x00\x00\x00",
+    ".heic": FTYP,
 }
 
 
@@ -311,6 +538,187 @@ def test_any_bytes_after_a_signature_give_frames_or_a_refusal(ext: str, rest: by
         assert is_complete(path, ext)
         try:
             frames = image_frames(path, ext)
+        except BadHeaders:
+            return
+        assert isinstance(frames, Frames)
+        assert 1 <= frames.count <= MAX_FRAMES + 1
+        assert frames.pixels <= frames.count * frames.width * frames.height
+
+
+def frames_of(folder: Path, ext: str, data: bytes) -> Frames | None:
+    path = folder / f"image{ext}"
+    path.write_bytes(data)
+    assert is_complete(path, ext)
+    return image_frames(path, ext)
+
+
+def test_tiff_pages_are_frames_of_their_own_size(tmp_path: Path) -> None:
+    pixels = sum(width * height for width, height in PYRAMID)
+    assert frames_of(tmp_path, ".tiff", tiff(PYRAMID)) == Frames(6, 8000, 6000, pixels, same_size=False)
+    assert frames_of(tmp_path, ".tiff", tiff([(300, 200)] * 2, order=">", kind=3)) == Frames(2, 300, 200, 120000, True)
+    # As many entries as libtiff reads in one directory, none of them a size: a page of nothing.
+    crowded = b"MM\x00*" + struct.pack(">IH", 8, 4096) + bytes(4096 * 12 + 4)
+    assert frames_of(tmp_path, ".tiff", crowded) == Frames(1, 0, 0, 0, True)
+
+
+async def test_bigtiff_is_not_taken_for_an_image(bridge: Client) -> None:
+    """BigTIFF has no header reader, so it is not sniffed as an image at all."""
+    for head in (b"II+\x00\x08\x00\x00\x00", b"MM\x00+\x00\x08\x00\x00"):
+        status, body = await upload(bridge, {"file": ("big.tiff", head + bytes(32))})
+        detail = "File 'big.tiff' is not a recognised media file (allowed: image, video, audio)."
+        assert (status, body) == (415, {"detail": detail})
+    assert stored(bridge) == []
+
+
+def test_a_grid_photo_is_one_frame_of_its_full_size(tmp_path: Path) -> None:
+    """Tiles, thumbnail and gain map serve the grid, so only it is a frame; without the references
+    that say so, each image is a frame, at the largest size."""
+    items, references = GRID
+    assert frames_of(tmp_path, ".heic", heif(b"heic", items, references)) == Frames(1, 8064, 6048, 48771072, True)
+    assert frames_of(tmp_path, ".heic", heif(b"heic", items)) == Frames(207, 8064, 6048, 207 * 48771072, True)
+    # A thumbnail larger than its image: the largest image counts, whatever serves what.
+    thumbnail = heif(b"heic", {1: (100, 100), 2: (400, 300)}, [(b"thmb", 2, [1])])
+    assert frames_of(tmp_path, ".heic", thumbnail) == Frames(1, 400, 300, 120000, True)
+
+
+def test_heif_sequences_count_their_samples(tmp_path: Path) -> None:
+    still = {1: (640, 480)}
+    animated = heif(b"avis", still, tracks=[(640, 480, 24, b"pict"), (0, 0, 5000, b"soun")])
+    assert frames_of(tmp_path, ".avif", animated) == Frames(25, 640, 480, 25 * 307200, True)
+    # 16.16 fixed point, rounded up.
+    presented = b"\0" * 72 + struct.pack(">II", 640 << 16, 480 << 16)  # tkhd's end
+    odd = animated.replace(presented, presented[:-5] + b"\x01" + presented[-4:])
+    assert frames_of(tmp_path, ".avif", odd) == Frames(25, 641, 480, 307200 + 24 * 307680, False)
+    # A track of no presentation size is the size so far; a sequence may have no still image.
+    sizeless = heif(b"avis", still, tracks=[(0, 0, 9, b"vide")])
+    assert frames_of(tmp_path, ".avif", sizeless) == Frames(10, 640, 480, 10 * 307200, True)
+    bare = heif(b"avis", {}, tracks=[(320, 240, 3, b"pict")])
+    assert frames_of(tmp_path, ".avif", bare) == Frames(3, 320, 240, 3 * 76800, True)
+
+
+def test_mpo_images_are_frames(tmp_path: Path) -> None:
+    stereo = mpo((1920, 1080), [(1920, 1080)])
+    assert frames_of(tmp_path, ".jpg", stereo) == Frames(2, 1920, 1080, 2 * 2073600, True)
+    # More images counted than listed: those are the size so far; one counted is a plain JPEG.
+    assert frames_of(tmp_path, ".jpg", mpo((100, 50), [(200, 100)], claimed=5)) == Frames(
+        5, 200, 100, 5000 + 80000, False
+    )
+    assert frames_of(tmp_path, ".jpg", mpo((100, 50), [(200, 100)], claimed=1)) == Frames(1, 100, 50, 5000, True)
+    # An index after the frame header, before the scan, is read too, as Pillow reads it.
+    assert frames_of(tmp_path, ".jpg", mpo((100, 50), [(300, 20)], late=True)) == Frames(
+        2, 300, 50, 5000 + 15000, False
+    )
+
+
+BOX_TYPES = [b"meta", b"iprp", b"ipco", b"ipma", b"ispe", b"iref", b"dimg", b"thmb", b"auxl", b"moov", b"trak"]
+BOX_TYPES += [b"tkhd", b"mdia", b"hdlr", b"minf", b"stbl", b"stsz", b"free"]
+boxes = st.recursive(
+    st.builds(box, st.sampled_from(BOX_TYPES), st.binary(max_size=24)),
+    # Containers, some with a full box's 4 bytes before their children (or a wrong number of them).
+    lambda inner: st.builds(
+        lambda kind, head, children: box(kind, head, *children),
+        st.sampled_from(BOX_TYPES),
+        st.sampled_from([b"", b"\0" * 4, b"\x01\0\0\x01", b"\0\0\0\0\0\0\0\x02", b"\0\x03"]),
+        st.lists(inner, max_size=4),
+    ),
+    max_leaves=12,
+)
+directories = st.lists(
+    st.tuples(
+        st.lists(
+            st.tuples(
+                st.sampled_from([256, 257, 273]),
+                st.sampled_from([3, 4, 5]),
+                st.integers(0, 2),
+                st.integers(0, 2**32 - 1),
+            ),
+            max_size=4,
+        ),
+        st.integers(-1, 7),  # the next directory: none, one of these (a loop, maybe), the end or past it
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+def tiff_of(order: str, listed: list[tuple[list[tuple[int, int, int, int]], int]]) -> bytes:
+    """A TIFF of these directories: their entries (tag, type, count, value) and which one is next."""
+    starts = [8]
+    for entries, _ in listed:
+        starts.append(starts[-1] + 6 + 12 * len(entries))
+    body = b""
+    for entries, after in listed:
+        body += struct.pack(order + "H", len(entries))
+        body += b"".join(
+            struct.pack(order + "HHI", tag, kind, count) + struct.pack(order + "I", v)
+            for tag, kind, count, v in entries
+        )
+        body += struct.pack(order + "I", 0 if after < 0 else starts[after] if after < len(starts) else 2**32 - 1)
+    return (b"II*\x00" if order == "<" else b"MM\x00*") + struct.pack(order + "I", 8) + body
+
+
+def mpo_of(claimed: int, offsets: list[int], sizes: list[tuple[int, int]]) -> bytes:
+    """An MPO of images of these sizes whose index counts `claimed` and says they are at `offsets`."""
+    data = mpo(sizes[0], sizes[1:], claimed)
+    table = data.index(b"MPF\x00") + 4 + 50
+    for index, offset in enumerate(offsets[: len(sizes)]):
+        data = data[: table + 16 * index + 8] + struct.pack("<I", offset) + data[table + 16 * index + 12 :]
+    return data
+
+
+heifs = st.builds(
+    heif,
+    st.sampled_from([b"heic", b"avif", b"avis"]),
+    st.dictionaries(st.integers(1, 300), st.tuples(st.integers(0, 70000), st.integers(0, 70000)), max_size=150),
+    st.lists(
+        st.tuples(
+            st.sampled_from([b"dimg", b"thmb", b"auxl", b"cdsc"]),
+            st.integers(1, 300),
+            st.lists(st.integers(1, 300), max_size=5),
+        ),
+        max_size=4,
+    ),
+    st.lists(
+        st.tuples(
+            st.integers(0, 65535),
+            st.integers(0, 65535),
+            st.integers(0, 2**32 - 1),
+            st.sampled_from([b"pict", b"vide", b"soun"]),
+        ),
+        max_size=2,
+    ),
+)
+mpos = st.builds(
+    mpo_of,
+    st.integers(0, 2**32 - 1),
+    st.lists(st.integers(0, 2**32 - 1), max_size=3),
+    st.lists(st.tuples(st.integers(0, 65535), st.integers(0, 65535)), min_size=1, max_size=3),
+)
+tiffs = st.builds(tiff_of, st.sampled_from("<>"), directories)
+
+
+def mutated(ext: str, data: bytes, at: int, new: bytes) -> tuple[str, bytes]:
+    """`data` with `new` written over it somewhere past its first 16 bytes, made whole again."""
+    at = 16 + at % max(len(data) - 16, 1)
+    return ext, whole(ext, data[:at] + new + data[at + len(new) :])
+
+
+# Files built right, then maybe changed here and there; and trees of boxes of any kind.
+structured = st.one_of(
+    st.builds(mutated, st.just(".heic"), heifs, st.integers(0, 2**20), st.binary(max_size=4)),
+    st.builds(mutated, st.just(".tiff"), tiffs, st.integers(0, 2**20), st.binary(max_size=4)),
+    st.builds(mutated, st.just(".jpg"), mpos, st.integers(0, 2**20), st.binary(max_size=4)),
+    st.builds(lambda found: (".heic", tiled(FTYP + b"".join(found))), st.lists(boxes, max_size=3)),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(case=structured)
+def test_any_structure_of_boxes_directories_or_mp_entries_gives_frames_or_a_refusal(case: tuple[str, bytes]) -> None:
+    ext, data = case
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            frames = frames_of(Path(folder), ext, data)
         except BadHeaders:
             return
         assert isinstance(frames, Frames)

@@ -70,7 +70,8 @@ async def test_size_limits_are_413(make_bridge: BridgeFactory, make_emulator: Em
     client = await make_bridge(await make_emulator(), max_upload_mb=0.01, max_request_mb=0.015)
     status, body = await upload(client, {"file": ("big.png", png() + b"\0" * 20000)})
     assert (status, body) == (413, {"detail": "File 'big.png' is larger than the limit of 0.01 MB."})
-    parts = {f"f{i}": (f"{i}.jpg", JPEG[:-2] + b"\0" * 6000 + b"\xff\xd9") for i in range(3)}
+    scan = b"\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00" + b"\0" * 6000  # a scan header, then its data
+    parts = {f"f{i}": (f"{i}.jpg", JPEG[:-2] + scan + b"\xff\xd9") for i in range(3)}
     status, body = await upload(client, parts)
     assert status == 413
     assert body["detail"] in (
