@@ -12,14 +12,14 @@ from dataclasses import replace
 
 from aiohttp import web
 
-from . import logs
-from .access import KeyFileError
 from .app import create_app
 from .config import ConfigError, load_settings
-from .datadir import DataDirLocked
+from .edge import logs
+from .edge.access import KeyFileError
 from .errors import WorkflowConfigError
-from .journal import JournalError
-from .state import StateError
+from .store.counter import StateError
+from .store.datadir import DataDirLocked
+from .store.journal import JournalError
 
 
 def _loopback(host: str) -> bool:

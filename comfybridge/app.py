@@ -12,13 +12,12 @@ from dataclasses import fields
 import aiohttp
 from aiohttp import web
 
-from .access import AccessPolicy, KeyFileError, KeyRing, RateLimiter
 from .config import ConfigError, Settings
-from .datadir import DataDirLock
-from .emulator import Emulator
-from .errors import WorkflowConfigError
-from .journal import SqliteJournal
-from .keys import (
+from .core.scheduler import Scheduler, SchedulerSettings
+from .core.webhooks import Webhooks, secret_from, webhook_session
+from .core.workflows import WorkflowStore
+from .edge.access import AccessPolicy, KeyFileError, KeyRing, RateLimiter
+from .edge.appkeys import (
     BACKEND_URLS,
     DATA_LOCK,
     HUB,
@@ -32,16 +31,18 @@ from .keys import (
     UPLOADS,
     WORKFLOWS,
 )
-from .logs import request_middleware
-from .metrics import METRICS, Metrics
-from .results import ResultStore
-from .routes import error_middleware, setup_routes
-from .scheduler import Scheduler, SchedulerSettings
-from .state import StateStore
-from .uploads import UploadLimits, UploadStore
-from .webhooks import Webhooks, secret_from, webhook_session
-from .workflows import WorkflowStore
-from .ws import SocketHub, heartbeat
+from .edge.logs import request_middleware
+from .edge.metrics import METRICS, Metrics
+from .edge.routes import error_middleware, setup_routes
+from .edge.ws import SocketHub, heartbeat
+from .errors import WorkflowConfigError
+from .store.counter import StateStore
+from .store.datadir import DataDirLock
+from .store.journal import SqliteJournal
+from .store.results import ResultStore
+from .store.uploads import UploadLimits, UploadStore
+
+__all__ = ["MB", "create_app"]
 
 log = logging.getLogger(__name__)
 MB = 1024 * 1024
@@ -151,14 +152,18 @@ async def _journal(app: web.Application) -> AsyncIterator[None]:
 async def _emulators(app: web.Application) -> AsyncIterator[None]:
     """With --emulate N: N built-in ComfyUI emulators on free loopback ports become the backends."""
     settings = app[SETTINGS]
+    if not settings.emulate:
+        yield
+        return
+    from .emulator import Emulator  # the one import of the test double, and only when it is asked for
+
     emulators = [
         Emulator(pace=settings.emulator_pace, dialect=settings.emulator_dialect) for _ in range(settings.emulate)
     ]
     for emulator in emulators:
         await emulator.start()
         log.info("started ComfyUI emulator at %s", emulator.url)
-    if emulators:
-        app[BACKEND_URLS][:] = [e.url for e in emulators]
+    app[BACKEND_URLS][:] = [e.url for e in emulators]
     yield
     for emulator in emulators:
         await emulator.stop()

@@ -15,8 +15,10 @@ from dotenv import dotenv_values
 from yarl import URL
 
 from . import __version__
-from .emulator.server import DIALECTS
-from .webhooks import secret_from
+from .comfy.client import DIALECTS
+from .core.webhooks import secret_from
+
+__all__ = ["OPTIONS", "ConfigError", "Settings", "load_settings"]
 
 DEFAULT_CONFIG = Path("config/comfybridge.toml")
 ENV_PREFIX = "COMFYBRIDGE_"

@@ -1,4 +1,4 @@
-"""A client that only speaks REST and polls /execution-info, with comfybridge.client's blocking
+"""A client that only speaks REST and polls /execution-info, with comfybridge.sdk's blocking
 face: inputs, upload, generate, a progress bar, results.
 
 python examples/rest_example.py --workflow invert --file 1/image=photo.png --out results/
@@ -11,7 +11,7 @@ import time
 
 from common import parse_args, progress_bar, typed_inputs
 
-from comfybridge.client import Bridge, BridgeError
+from comfybridge.sdk import Bridge, BridgeError
 
 POLL_SECONDS = 0.25
 

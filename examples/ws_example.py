@@ -1,4 +1,4 @@
-"""A client that follows its job over the WebSocket, with comfybridge.client: inputs, upload,
+"""A client that follows its job over the WebSocket, with comfybridge.sdk: inputs, upload,
 generate, a progress bar, results.
 
 python examples/ws_example.py --workflow solid-color --input 1/width=256 --out results/
@@ -11,7 +11,7 @@ import sys
 
 from common import parse_args, progress_bar, typed_inputs
 
-from comfybridge.client import AsyncBridge, BridgeError, Event, JobFailed
+from comfybridge.sdk import AsyncBridge, BridgeError, Event, JobFailed
 
 
 async def main() -> int:

@@ -14,10 +14,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from comfybridge.app import create_app
+from comfybridge.comfy import DIALECTS
 from comfybridge.config import Settings
+from comfybridge.edge.appkeys import DATA_LOCK, SETTINGS
 from comfybridge.emulator import Emulator
-from comfybridge.emulator.server import DIALECTS
-from comfybridge.keys import DATA_LOCK, SETTINGS
 
 from .fake_comfy import FakeComfy
 

@@ -24,9 +24,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from comfybridge.edge.appkeys import SETTINGS
 from comfybridge.emulator import Emulator
 from comfybridge.emulator.png import solid_png
-from comfybridge.keys import SETTINGS
 
 Client = TestClient[web.Request, web.Application]
 LARGE = 1024 * 1024

@@ -11,10 +11,10 @@ from pathlib import Path
 import orjson
 import pytest
 
+from comfybridge.edge.appkeys import RESULTS, STATE
 from comfybridge.emulator import Emulator
 from comfybridge.emulator.png import png_size
-from comfybridge.keys import RESULTS, STATE
-from comfybridge.results import ResultFile
+from comfybridge.store.results import ResultFile
 
 from .conftest import BridgeFactory, wait_for
 from .helpers import Client, generate, png, read_results, run_job, seed, upload

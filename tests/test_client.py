@@ -1,4 +1,4 @@
-"""comfybridge.client, async and blocking, against a real bridge in front of the emulator."""
+"""comfybridge.sdk, async and blocking, against a real bridge in front of the emulator."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from comfybridge.client import AsyncBridge, Bridge, BridgeError, Event, JobFailed
 from comfybridge.emulator.png import png_first_pixel
+from comfybridge.sdk import AsyncBridge, Bridge, BridgeError, Event, JobFailed
 
 from .conftest import BridgeFactory, EmulatorFactory
 from .helpers import Client, png

@@ -9,8 +9,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from comfybridge.comfy import BackendUnavailable, ComfyClient, PromptRefused
-from comfybridge.shapes import OutputRef, describe_refusal, outputs_of
+from comfybridge.comfy.client import BackendUnavailable, ComfyClient, PromptRefused
+from comfybridge.comfy.shapes import OutputRef, describe_refusal, outputs_of
 
 
 def test_outputs_of_every_kind_and_only_outputs() -> None:

@@ -9,8 +9,8 @@ import pytest
 
 from comfybridge import __version__
 from comfybridge.config import OPTIONS, ConfigError, Settings, load_settings
+from comfybridge.core.workflows import WorkflowStore
 from comfybridge.errors import WorkflowConfigError
-from comfybridge.workflows import WorkflowStore
 
 
 def test_defaults(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
-from comfybridge.keys import SETTINGS
+from comfybridge.edge.appkeys import SETTINGS
 
 from .conftest import FIXTURES
 from .helpers import ROOT, Client, generate

@@ -17,9 +17,9 @@ import aiohttp
 import orjson
 import pytest
 
+from comfybridge.edge.appkeys import SCHEDULER
 from comfybridge.emulator import Emulator, pictures
 from comfybridge.emulator.png import Thumbnail, png_first_pixel, png_from_rows, png_size, png_thumbnail
-from comfybridge.keys import SCHEDULER
 
 from .conftest import FIXTURES, EmulatorFactory, wait_for
 from .helpers import JPEG, png, read_results, run_job, upload

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from comfybridge.edge.appkeys import SCHEDULER
 from comfybridge.emulator import Emulator
-from comfybridge.keys import SCHEDULER
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
 from .helpers import Client, frames_until, generate, poll_status, read_results, without_job_id

@@ -15,7 +15,7 @@ import aiohttp
 import orjson
 import pytest
 
-from comfybridge.keys import SCHEDULER, SETTINGS
+from comfybridge.edge.appkeys import SCHEDULER, SETTINGS
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
 from .helpers import (

@@ -12,10 +12,10 @@ from typing import Any
 import orjson
 import pytest
 
+from comfybridge.core.jobs import InvalidStep, Job, JobState
+from comfybridge.edge.appkeys import JOURNAL, SETTINGS
 from comfybridge.errors import StorageFull
-from comfybridge.jobs import InvalidStep, Job, JobState
-from comfybridge.journal import SqliteJournal
-from comfybridge.keys import JOURNAL, SETTINGS
+from comfybridge.store.journal import SqliteJournal
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
 from .helpers import (

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from comfybridge.journal import SqliteJournal
-from comfybridge.keys import SCHEDULER
+from comfybridge.edge.appkeys import SCHEDULER
+from comfybridge.store.journal import SqliteJournal
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
 from .helpers import generate, png, small_disk, upload

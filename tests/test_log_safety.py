@@ -19,7 +19,7 @@ from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine, InvalidHeader
 from hypothesis import given
 from hypothesis import strategies as st
 
-from comfybridge.logs import REDACTED, JsonFormatter, TextFormatter, one_line, quiet_bad_requests, redact, refusal
+from comfybridge.edge.logs import REDACTED, JsonFormatter, TextFormatter, one_line, quiet_bad_requests, redact, refusal
 
 from .conftest import FIXTURES, wait_for
 from .helpers import bridge_process, unused_port

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from comfybridge.config import ConfigError, load_settings
-from comfybridge.media import MAX_FRAMES, BadHeaders, Frames, image_frames, is_complete
+from comfybridge.store.media import MAX_FRAMES, BadHeaders, Frames, image_frames, is_complete
 
 from .conftest import BridgeFactory, EmulatorFactory
 from .helpers import Client, jpeg, png, stored, upload

@@ -9,9 +9,9 @@ from typing import Any
 import orjson
 import pytest
 
+from comfybridge.edge.appkeys import SCHEDULER
 from comfybridge.emulator import Emulator
 from comfybridge.emulator.server import SOCKETS
-from comfybridge.keys import SCHEDULER
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
 from .fake_comfy import FakeComfy

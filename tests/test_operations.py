@@ -14,8 +14,8 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from comfybridge.core.workflows import WorkflowStore
 from comfybridge.errors import WorkflowConfigError
-from comfybridge.workflows import WorkflowStore
 
 from .conftest import FIXTURES, BridgeFactory, EmulatorFactory
 from .helpers import Client, bridge_process, generate, run_job

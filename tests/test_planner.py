@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from comfybridge.fairqueue import FairQueue
-from comfybridge.jobs import Job
-from comfybridge.planner import Lane, RunTimes, plan_for
+from comfybridge.core.fairqueue import FairQueue
+from comfybridge.core.jobs import Job
+from comfybridge.core.planner import Lane, RunTimes, plan_for
 
 
 def test_run_times_learn_and_borrow() -> None:

@@ -12,11 +12,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from comfybridge.clients import CLIENT_ID, check_client_id
+from comfybridge.core.clients import CLIENT_ID, check_client_id
+from comfybridge.core.workflows import WorkflowStore
 from comfybridge.errors import BadInput
-from comfybridge.media import is_complete, sniff
-from comfybridge.uploads import safe_name
-from comfybridge.workflows import WorkflowStore
+from comfybridge.store.media import is_complete, sniff
+from comfybridge.store.uploads import safe_name
 
 from .conftest import FIXTURES
 

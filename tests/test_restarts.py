@@ -13,8 +13,8 @@ import aiohttp
 import orjson
 import pytest
 
+from comfybridge.core.tracking import RESUMED
 from comfybridge.emulator import Emulator
-from comfybridge.tracking import RESUMED
 
 from .conftest import EmulatorFactory, wait_for
 from .helpers import (

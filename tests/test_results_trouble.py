@@ -11,8 +11,8 @@ from typing import Any
 import orjson
 import pytest
 
-from comfybridge import comfy
-from comfybridge.keys import SCHEDULER
+from comfybridge.comfy import client as comfy
+from comfybridge.edge.appkeys import SCHEDULER
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
 from .fake_comfy import FakeComfy

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from comfybridge.edge.appkeys import SCHEDULER
 from comfybridge.emulator import Emulator
-from comfybridge.keys import SCHEDULER
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
 from .helpers import frames_until, generate, poll_status, read_results, run_job, seed, without_job_id

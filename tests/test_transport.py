@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 import pytest
 
-from comfybridge import routes
+from comfybridge.edge import routes
 
 from .conftest import BridgeFactory, EmulatorFactory
 from .helpers import Client, generate, gzip_bomb

@@ -7,7 +7,7 @@ import re
 import aiohttp
 import pytest
 
-from comfybridge.keys import SETTINGS
+from comfybridge.edge.appkeys import SETTINGS
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
 from .helpers import JPEG, MP4, OGG, WAV, Client, generate, png, read_results, run_job, stored, upload, without_job_id

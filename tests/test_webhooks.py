@@ -17,8 +17,8 @@ import orjson
 import pytest
 from aiohttp import web
 
-from comfybridge import webhooks
-from comfybridge.keys import JOURNAL
+from comfybridge.core import webhooks
+from comfybridge.edge.appkeys import JOURNAL
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
 from .helpers import TINY, backends, bridge_process, generate, post_job, run_job, unused_port, wait_closed

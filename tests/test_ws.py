@@ -11,8 +11,8 @@ import orjson
 import pytest
 from aiohttp import WSMsgType
 
+from comfybridge.edge.ws import HIGH_WATER, Outbox, text_frame
 from comfybridge.emulator import Emulator
-from comfybridge.ws import HIGH_WATER, Outbox, text_frame
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
 from .helpers import Client, frames_until, generate, poll_status, run_job, seed

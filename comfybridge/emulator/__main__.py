@@ -9,7 +9,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .server import DIALECTS, create_emulator_app
+from ..comfy.client import DIALECTS
+from .server import create_emulator_app
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,6 +24,8 @@ import orjson
 from . import pictures
 from .png import png_first_pixel, png_size, solid_png
 
+__all__ = ["Engine", "Faults", "PromptRejected"]
+
 log = logging.getLogger(__name__)
 
 # Send targets: a socket id, or None for a broadcast to every socket.

@@ -19,6 +19,8 @@ from typing import Any
 
 from .png import MAX_PIXELS, PNG_SIGNATURE, Thumbnail, png_from_rows, png_thumbnail, solid_png
 
+__all__ = ["Image", "add_noise", "blur", "imagine", "invert", "load", "sharpen", "to_png"]
+
 TILE = 32
 Image = dict[str, Any]
 

@@ -9,6 +9,17 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+__all__ = [
+    "MAX_PIXELS",
+    "PNG_SIGNATURE",
+    "Thumbnail",
+    "png_first_pixel",
+    "png_from_rows",
+    "png_size",
+    "png_thumbnail",
+    "solid_png",
+]
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Past these the reader refuses (its caller falls back), so an upload cannot make the emulator itself a
 # bomb: rows are inflated and reduced one at a time, so memory stays small whatever the size, but every

@@ -16,16 +16,16 @@ import orjson
 from aiohttp import WSCloseCode, web
 from aiohttp.typedefs import Handler
 
+from ..comfy.client import DIALECTS
 from .engine import Engine, PromptRejected
+
+__all__ = ["SOCKETS", "Emulator", "create_emulator_app"]
 
 log = logging.getLogger(__name__)
 
 ENGINE = web.AppKey("engine", Engine)
 SOCKETS = web.AppKey("sockets", dict[str, web.WebSocketResponse])
 MAX_UPLOAD_SIZE = 104857600
-# "0.3.64": the recorded release. "jobs": later releases, which add GET /api/jobs, GET /api/jobs/{id},
-# an atomic POST /api/jobs/{id}/cancel, canonical-UUID prompt ids, and asset ids on outputs.
-DIALECTS = ("0.3.64", "jobs")
 
 
 def _json(data: Any, status: int = 200) -> web.Response:

@@ -1,0 +1,362 @@
+"""ComfyUI client: one backend's REST calls and its event WebSocket, with automatic reconnect."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import shutil
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+import orjson
+from yarl import URL
+
+from ..errors import StorageError, StorageFull, StorageUnavailable
+from ..store.files import NO_SPACE, SMALL_FILE, in_thread, open_off_loop, sync_handle, write_synced
+from . import shapes
+from .shapes import Complaints, Malformed, OutputRef, describe_refusal
+
+__all__ = [
+    "CHUNK",
+    "DIALECTS",
+    "MB",
+    "MISSED",
+    "BackendUnavailable",
+    "ComfyClient",
+    "MalformedAnswer",
+    "PromptRefused",
+    "ResultTooLarge",
+]
+
+log = logging.getLogger(__name__)
+
+EventHandler = Callable[[str, dict[str, Any]], None]
+ConnectHandler = Callable[[], Awaitable[None]]
+DisconnectHandler = Callable[[], None]
+
+CHUNK = 256 * 1024
+MB = 1024 * 1024
+MAX_ANSWER = 128 * MB  # the largest REST answer read (ComfyUI's /object_info with many custom nodes: tens of MB)
+ROOM_MARGIN = 16 * MB  # free space kept beyond a large download, for the journal and other writes
+JSON_HEADERS = {"Content-Type": "application/json"}
+# "0.3.64": the recorded release. "jobs": later releases, which add GET /api/jobs, GET /api/jobs/{id},
+# an atomic POST /api/jobs/{id}/cancel, canonical-UUID prompt ids, and asset ids on outputs.
+DIALECTS = ("0.3.64", "jobs")
+MISSED = "missed"  # the event handed on for a prompt one of whose events was skipped as malformed
+
+
+class BackendUnavailable(Exception):
+    """The backend could not be reached, did not answer in time, or answered with an error status."""
+
+    def __init__(self, message: str, maybe_done: bool = False) -> None:
+        super().__init__(message)
+        self.maybe_done = maybe_done  # no answer came: the request may still have taken effect
+
+
+class MalformedAnswer(BackendUnavailable):
+    """The backend answered 200 with something the bridge cannot use (not JSON, or a wrong shape):
+    a proxy's error page, or a ComfyUI that is not what it seems."""
+
+
+class PromptRefused(Exception):
+    """ComfyUI refused the prompt (HTTP 400, or another error status); the message is readable."""
+
+
+class ResultTooLarge(Exception):
+    """An output file over the bridge's limit (max_result_mb)."""
+
+
+class ComfyClient:
+    """Talks to one ComfyUI. The socket runs under the bridge's own client id, so ComfyUI sends it
+    the events of every prompt the bridge queued there; the owner matches them to jobs by prompt_id.
+
+    Every answer and event is checked for shape (`shapes`): a malformed answer raises
+    MalformedAnswer (a BackendUnavailable), a malformed event is logged and skipped."""
+
+    def __init__(
+        self,
+        base_url: str,
+        session: aiohttp.ClientSession,
+        client_id: str,
+        request_timeout: float = 30.0,
+        max_event_bytes: int = 16 << 20,
+    ) -> None:
+        self.url = URL(base_url)
+        self.name = base_url
+        self.session = session
+        self.client_id = client_id
+        self.timeout = aiohttp.ClientTimeout(total=request_timeout)
+        self.max_event_bytes = max_event_bytes
+        self.connected = False
+        self.complaints = Complaints(base_url, log)
+        # Releases after 0.3.64 have /api/jobs and an atomic per-job cancel; asked at every connect,
+        # since a ComfyUI may come back upgraded. None until the first answer.
+        self.jobs_api: bool | None = None
+
+    # REST ------------------------------------------------------------------------------------
+    async def _request(self, method: str, path: str, **kwargs: Any) -> tuple[int, bytes]:
+        try:
+            async with self.session.request(
+                method, self.url / path.lstrip("/"), timeout=self.timeout, **kwargs
+            ) as resp:
+                body = bytearray()
+                async for chunk in resp.content.iter_any():
+                    body += chunk
+                    if len(body) > MAX_ANSWER:  # files come from /view, streamed; answers are small
+                        raise MalformedAnswer(f"{self.name}: {method} {path} answered more than {MAX_ANSWER >> 20} MB")
+                return resp.status, bytes(body)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            refused = isinstance(exc, aiohttp.ClientConnectorError)
+            raise BackendUnavailable(f"{self.name}: {exc.__class__.__name__}: {exc}", not refused) from exc
+
+    async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        status, body = await self._request(method, path, **kwargs)
+        if status != 200:
+            raise BackendUnavailable(f"{self.name}: {method} {path} answered HTTP {status}")
+        try:
+            return orjson.loads(body) if body else None
+        except orjson.JSONDecodeError:
+            raise MalformedAnswer(f"{self.name}: {method} {path} answered 200 with {_glimpse(body)}") from None
+
+    async def _checked(self, parse: Callable[[Any], _T], method: str, path: str, **kwargs: Any) -> _T:
+        """A JSON answer read by its shape's parser; a wrong shape is a MalformedAnswer."""
+        answer = await self._json(method, path, **kwargs)
+        try:
+            return parse(answer)
+        except Malformed as exc:
+            raise MalformedAnswer(f"{self.name}: {method} {path}: {exc}") from None
+
+    async def _post(self, path: str, payload: Any) -> Any:
+        return await self._json("POST", path, data=orjson.dumps(payload), headers=JSON_HEADERS)
+
+    async def submit(self, prompt: dict[str, Any], prompt_id: str) -> None:
+        payload = orjson.dumps({"prompt": prompt, "client_id": self.client_id, "prompt_id": prompt_id})
+        status, body = await self._request("POST", "/prompt", data=payload, headers=JSON_HEADERS)
+        if status == 200:
+            try:
+                answer = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                answer = None
+            if not isinstance(answer, dict):
+                # Not ComfyUI's answer (a proxy's page?): whether it took the prompt is unknown.
+                raise MalformedAnswer(f"{self.name}: POST /prompt answered 200 with {_glimpse(body)}", True)
+            if answer.get("node_errors"):
+                # Some outputs were refused; ComfyUI runs the rest.
+                log.warning("%s: prompt %s partly refused: %s", self.name, prompt_id, describe_refusal(answer))
+            return
+        if 400 <= status < 500:
+            # About this prompt (invalid, too large, ...): the job's error, never the backend's health.
+            try:
+                raise PromptRefused(describe_refusal(orjson.loads(body)))
+            except orjson.JSONDecodeError:
+                text = body[:200].decode(errors="replace").strip() or f"HTTP {status}"
+                raise PromptRefused(f"ComfyUI refused the prompt ({status}): {text}") from None
+        raise BackendUnavailable(f"{self.name}: POST /prompt answered HTTP {status}")
+
+    async def upload(self, path: Path, name: str) -> str:
+        """Send a file into the backend's input folder; returns the name ComfyUI gave it."""
+        form = aiohttp.FormData()
+        form.add_field("type", "input")
+        form.add_field("overwrite", "true")
+        async with open_off_loop(path, "rb") as handle:
+            form.add_field("image", handle, filename=name)
+            return await self._checked(shapes.upload_name, "POST", "/upload/image", data=form)
+
+    async def history(self, prompt_id: str) -> dict[str, Any] | None:
+        def entry(answer: Any) -> dict[str, Any] | None:
+            return shapes.history_entry(answer, prompt_id)
+
+        return await self._checked(entry, "GET", f"/history/{prompt_id}")
+
+    async def queue(self) -> tuple[list[str], list[str]]:
+        """Prompt ids running and pending in ComfyUI's queue."""
+        return await self._checked(shapes.queue_ids, "GET", "/queue")
+
+    async def detect_dialect(self) -> None:
+        """Whether this ComfyUI offers the jobs API: newer releases list jobs, 0.3.64 answers 404."""
+        self.jobs_api = await self._exists("/api/jobs", params={"limit": "1"})
+
+    async def _exists(self, path: str, **kwargs: Any) -> bool:
+        """GET `path`: True for 200, False for 404 (an answer too), BackendUnavailable otherwise."""
+        status, _ = await self._request("GET", path, **kwargs)
+        if status not in (200, 404):
+            raise BackendUnavailable(f"{self.name}: GET {path} answered HTTP {status}")
+        return status == 200
+
+    async def cancel(self, prompt_id: str) -> None:
+        """Take a prompt back, queued or running. The jobs API does it atomically; on 0.3.64 it is
+        a delete from the queue, then an interrupt only if that prompt is the one running."""
+        if self.jobs_api:
+            await self._post(f"/api/jobs/{prompt_id}/cancel", {})
+            return
+        await self.delete_queued([prompt_id])
+        await self.interrupt(prompt_id)
+
+    async def interrupt(self, prompt_id: str) -> None:
+        """Stop `prompt_id` only if it is the running one (older ComfyUI ignores the id, so look first)."""
+        running, _ = await self.queue()
+        if prompt_id in running:
+            await self._post("/interrupt", {"prompt_id": prompt_id})
+
+    async def delete_queued(self, prompt_ids: list[str]) -> None:
+        await self._post("/queue", {"delete": prompt_ids})
+
+    async def free(self) -> None:
+        await self._post("/free", {"unload_models": True, "free_memory": True})
+
+    async def delete_history(self, prompt_ids: list[str]) -> None:
+        await self._post("/history", {"delete": prompt_ids})
+
+    async def free_memory(self) -> tuple[int | None, int]:
+        """Free VRAM of the first device (None without one) and free RAM, in bytes, from /system_stats."""
+        return await self._checked(shapes.memory_free, "GET", "/system_stats")
+
+    async def knows(self, prompt_id: str) -> bool:
+        """Whether ComfyUI has this prompt: queued, running, or in its history."""
+        if self.jobs_api:
+            return await self._exists(f"/api/jobs/{prompt_id}")
+        running, pending = await self.queue()
+        return prompt_id in running or prompt_id in pending or await self.history(prompt_id) is not None
+
+    async def object_info(self) -> dict[str, Any]:
+        answer = await self._json("GET", "/object_info")
+        return answer if isinstance(answer, dict) else {}
+
+    async def download(self, ref: OutputRef, target: Path, max_bytes: int) -> int:
+        """Copy one output file to `target`, fsynced (its folder too is created if needed). A small file
+        is written in one go; a large one streams, never held whole in memory, once the disk has room
+        for it (a full disk costs no download). Raises ResultTooLarge past `max_bytes`, StorageError
+        when the bridge cannot write it, BackendUnavailable when ComfyUI cannot give it."""
+        params = {"filename": ref.filename, "subfolder": ref.subfolder, "type": ref.type}
+        size = 0
+        try:
+            timeout = aiohttp.ClientTimeout(total=None, sock_read=self.timeout.total)
+            async with self.session.get(self.url / "view", params=params, timeout=timeout) as resp:
+                if resp.status != 200:
+                    raise BackendUnavailable(f"{self.name}: GET /view {ref.filename!r} answered HTTP {resp.status}")
+                length = resp.content_length
+                if length is not None and length > max_bytes:
+                    raise ResultTooLarge(_too_large(ref, length, max_bytes))
+                if length is not None and length <= SMALL_FILE:
+                    data = await resp.read()
+                    await in_thread(write_synced, target, data)
+                    return len(data)
+                await in_thread(_make_room, target, length)
+                async with open_off_loop(target, "wb") as handle:
+                    async for chunk in resp.content.iter_chunked(CHUNK):
+                        size += len(chunk)
+                        if size > max_bytes:
+                            raise ResultTooLarge(_too_large(ref, size, max_bytes))
+                        await in_thread(handle.write, chunk)
+                    await in_thread(sync_handle, handle)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise BackendUnavailable(f"{self.name}: download of {ref.filename!r} failed: {exc}") from exc
+        except OSError as exc:  # writing here, not ComfyUI, failed
+            raise storage_error(exc) from exc
+        return size
+
+    # events ----------------------------------------------------------------------------------
+    async def listen(
+        self,
+        on_event: EventHandler,
+        on_connect: ConnectHandler,
+        on_disconnect: DisconnectHandler,
+        first_attempt: asyncio.Event,
+        max_backoff: float = 5.0,
+    ) -> None:
+        """Keep the event socket open forever, reconnecting with backoff; runs until cancelled.
+
+        Nothing ComfyUI sends ends it: a malformed event is skipped, a malformed answer while
+        connecting counts as a failed connect, an oversized frame closes the socket before it is
+        read (then it reconnects). `first_attempt` is set once the first try has connected or failed."""
+        backoff = 0.2
+        ws_url = self.url.with_scheme("wss" if self.url.scheme == "https" else "ws") / "ws"
+        while True:
+            try:
+                async with self.session.ws_connect(
+                    ws_url.with_query(clientId=self.client_id), heartbeat=10, max_msg_size=self.max_event_bytes
+                ) as ws:
+                    await self._json("GET", "/prompt")  # its REST side answers too, not only the socket
+                    await self.detect_dialect()
+                    self.connected = True
+                    backoff = 0.2
+                    dialect = "with the jobs API" if self.jobs_api else "0.3.64 dialect"
+                    log.info("connected to ComfyUI %s (%s)", self.name, dialect)
+                    await on_connect()
+                    first_attempt.set()
+                    async for msg in ws:
+                        if msg.type is aiohttp.WSMsgType.TEXT:
+                            self._receive(msg.data, on_event)
+                        elif msg.type is aiohttp.WSMsgType.ERROR:
+                            log.warning("ComfyUI %s: event socket failed: %s", self.name, ws.exception())
+                            break
+                    log.warning("ComfyUI %s closed its socket", self.name)
+            except (aiohttp.ClientError, TimeoutError, OSError, BackendUnavailable) as exc:
+                # Say it once per outage, not at every retry.
+                level = logging.WARNING if self.connected or not first_attempt.is_set() else logging.DEBUG
+                log.log(level, "ComfyUI %s unreachable (%s); retrying", self.name, exc)
+            except Exception:  # a fault of the bridge's own: logged, and listening goes on
+                log.exception("ComfyUI %s: the event socket failed unexpectedly; reconnecting", self.name)
+            first_attempt.set()
+            if self.connected:
+                self.connected = False
+                on_disconnect()
+            await asyncio.sleep(backoff)
+            backoff = min(max_backoff, backoff * 2)
+
+    def _receive(self, text: str, on_event: EventHandler) -> None:
+        """One text frame: checked for shape, then handed over; a bad one is skipped, never fatal."""
+        try:
+            message = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            self.complaints.note("event", f"not JSON: {_glimpse(text.encode())}")
+            return
+        if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+            self.complaints.note("event", f"not an event object: {_glimpse(text.encode())}")
+            return
+        kind = message["type"]
+        try:
+            checked = shapes.event(kind, message.get("data"))
+        except Malformed as exc:
+            self.complaints.note(f"{kind} event", str(exc))
+            data = message.get("data")
+            if isinstance(data, dict) and isinstance(data.get("prompt_id"), str):
+                checked, kind = {"prompt_id": data["prompt_id"]}, MISSED  # its prompt missed an event
+            else:
+                return
+        if checked is None:
+            return  # an event the bridge does not follow
+        try:
+            on_event(kind, checked)
+        except Exception:  # a fault of the bridge's own must not end the listening
+            log.exception("ComfyUI %s: handling a %s event failed", self.name, kind)
+
+
+_T = TypeVar("_T")
+
+
+def _glimpse(body: bytes) -> str:
+    """What a body that is not JSON starts with, for a log line or an error."""
+    text = body[:80].decode(errors="replace").strip()
+    return f"{len(body)} bytes that are not JSON ({text!r}...)" if text else "an empty body"
+
+
+def _too_large(ref: OutputRef, size: int, limit: int) -> str:
+    return f"the output {ref.filename!r} is larger than the limit of {limit / MB:g} MB (max_result_mb)"
+
+
+def _make_room(target: Path, length: int | None) -> None:
+    """Create the target's folder and check the disk has room for `length` bytes, before any is read."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if length is not None and shutil.disk_usage(target.parent).free < length + ROOM_MARGIN:
+        raise OSError(errno.ENOSPC, f"no room for {length} bytes", str(target.parent))
+
+
+def storage_error(exc: OSError) -> StorageError:
+    """A write of the bridge's own that failed, as the error the client or the log sees."""
+    if exc.errno in NO_SPACE:
+        return StorageFull(f"the bridge's disk is full ({exc.strerror})")
+    return StorageUnavailable(f"the bridge could not write its data folder ({exc.strerror}: {exc.filename})")

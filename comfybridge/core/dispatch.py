@@ -1,0 +1,151 @@
+"""The per-backend worker: keeps one ComfyUI fed with the jobs placement gives it, and hands them over."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+
+from ..comfy.client import BackendUnavailable, PromptRefused
+from ..errors import StorageError
+from ..store.uploads import UploadGone
+from .backend import Backend
+from .clients import CONNECTED, about_job
+from .jobs import Job, JobState
+from .planner import PLAN_HORIZON, plan_for
+from .shared import DISCONNECTED, Core
+
+__all__ = ["Dispatcher"]
+
+log = logging.getLogger(__name__)
+
+NOT_ACCEPTED = "ComfyUI did not accept the job"
+MAX_ATTEMPTS = 3  # hand-overs of one job that may fail before it does
+JOURNAL_PAUSE = 1.0  # seconds a worker waits when the journal cannot record a hand-over
+
+
+class Dispatcher:
+    def __init__(self, core: Core) -> None:
+        self.core = core
+
+    async def work(self, backend: Backend) -> None:
+        """Keep ComfyUI fed: up to `pipeline_depth` prompts wait inside it behind the running one."""
+        core = self.core
+        while True:
+            job = self.next_for(backend)
+            if job is None or core.closing:
+                backend.wakeup.clear()
+                await backend.wakeup.wait()
+                continue
+            core.queue.take(job)
+            if not job.ended:
+                await self.dispatch(backend, job)
+
+    def next_for(self, backend: Backend) -> Job | None:
+        core = self.core
+        if not (core.queue and backend.usable and len(backend.inflight) <= core.settings.pipeline_depth):
+            return None
+        lanes = [b.lane(core.runtimes) for b in core.backends.values() if b.usable]
+        jobs = list(itertools.islice(core.queue.order(), PLAN_HORIZON))
+        waiting = ((j.id, j.workflow, core.preferred_of(j.client_id)) for j in jobs)
+        index = plan_for(backend.name, waiting, lanes, core.runtimes.estimate, core.settings.warm_slack)
+        return None if index is None else jobs[index]
+
+    async def dispatch(self, backend: Backend, job: Job) -> None:
+        """Journal the hand-over first (so a crash mid-way is reconciled by prompt_id, never sent twice
+        blindly), then send the job's uploads and its prompt."""
+        core = self.core
+        core.hand_over(backend, job)
+        sent = job.sending = job.prompt_id
+        job.handed_at = time.monotonic()
+        try:
+            try:
+                await job.move(JobState.SUBMITTING, backend=backend.name, prompt_id=job.prompt_id)
+            except StorageError as exc:
+                log.error("job %s client %s: hand-over not recorded (%s); waiting", job.id, job.client_id, exc)
+                core.take_back(backend, job)
+                if not job.ended:
+                    core.send_again(job)
+                await asyncio.sleep(JOURNAL_PAUSE)
+                return
+            if job.ended:  # cancelled while the hand-over was being recorded
+                core.take_back(backend, job)
+                return
+            prompt = job.graph()
+            for key, name in job.uploads.items():
+                node_id, _, input_name = key.partition("/")
+                try:
+                    remote = await backend.client.upload(core.uploads.path_of(name), name)
+                except FileNotFoundError:
+                    raise UploadGone(f"the uploaded file {name!r} of the job is gone") from None
+                prompt[node_id]["inputs"][input_name] = remote
+            await backend.client.submit(prompt, sent)
+        except PromptRefused as exc:
+            core.take_back(backend, job)
+            core.end(job, JobState.FAILED, str(exc))
+            return
+        except UploadGone as exc:
+            core.take_back(backend, job)
+            core.end(job, JobState.FAILED, str(exc))
+            return
+        except BackendUnavailable as exc:
+            if not (exc.maybe_done and await self._took_it_after_all(backend, job)):
+                self._hand_over_failed(backend, job, exc)
+                return
+        except Exception as exc:  # a fault of the bridge's own: the job is handed over again, never lost
+            log.exception("job %s client %s: hand-over to %s failed", job.id, job.client_id, backend.name)
+            unknown = BackendUnavailable(f"the hand-over failed ({exc.__class__.__name__})", maybe_done=True)
+            if not await self._took_it_after_all(backend, job):
+                self._hand_over_failed(backend, job, unknown)
+                return
+        finally:
+            if job.sending == sent:
+                job.sending = None
+        backend.submit_failures = 0
+        if job not in backend.inflight or job.prompt_id != sent:
+            # Taken off this backend while its hand-over was in flight (it went away, or got stuck):
+            # the prompt just sent must not run here as well.
+            backend.abandoned.add(sent)
+            core.spawn(core.remove_abandoned(backend), f"take back {sent}")
+            return
+        job.last_event = time.monotonic()
+        if job.state is JobState.SUBMITTING:
+            job.move(JobState.QUEUED)
+            client = core.clients.get(job.client_id)
+            if client is not None and not job.ended and not client.running and not client.held:
+                core.set_status(client, about_job(CONNECTED, job.id, len(client.jobs)))  # polled, never sent
+        log.info("job %s client %s: queued on %s as %s", job.id, job.client_id, backend.name, job.prompt_id)
+        if job.state is JobState.CANCELLED:
+            # The cancel raced the hand-over; now ComfyUI has named the prompt, take it back.
+            core.spawn(core.cancel_on_backend(backend, job), f"cancel {job.id}")
+
+    async def _took_it_after_all(self, backend: Backend, job: Job) -> bool:
+        """A hand-over without an answer: ask ComfyUI before sending the prompt anywhere again."""
+        try:
+            return await backend.client.knows(job.prompt_id)
+        except BackendUnavailable:
+            return False
+
+    def _hand_over_failed(self, backend: Backend, job: Job, exc: BackendUnavailable) -> None:
+        """POST /prompt failed: try elsewhere, and give a backend that keeps refusing a rest."""
+        core = self.core
+        core.take_back(backend, job)
+        if exc.maybe_done:
+            # ComfyUI may have queued it without answering: remove it there once it answers again.
+            backend.abandoned.add(job.prompt_id)
+        backend.submit_failures += 1
+        if backend.submit_failures >= 2:
+            pause = min(30.0, 0.5 * 2.0 ** (backend.submit_failures - 2))
+            backend.sick_until = time.monotonic() + pause
+            core.supervisor.call_later(pause, core.wake_all)
+            log.warning(
+                "backend %s refused %d hand-overs: no new work for %gs", backend.name, backend.submit_failures, pause
+            )
+        if job.ended:
+            return
+        if job.attempts + 1 >= MAX_ATTEMPTS:
+            core.end(job, JobState.FAILED, NOT_ACCEPTED if backend.healthy else DISCONNECTED)
+            return
+        log.warning("job %s client %s: %s; will send it again", job.id, job.client_id, exc)
+        core.send_again(job, "hand-over")

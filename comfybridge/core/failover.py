@@ -1,0 +1,208 @@
+"""Backend health: the event socket's ups and downs, moving jobs off a dead backend, reconciling with
+one that comes back (or with every backend after a restart), and the idle-job watchdog."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+from ..comfy import shapes
+from ..comfy.client import BackendUnavailable
+from . import care
+from .backend import Backend
+from .jobs import Job, JobState
+from .shared import DISCONNECTED, Core
+from .tracking import Tracker
+
+__all__ = ["Failover"]
+
+log = logging.getLogger(__name__)
+
+
+class Failover:
+    def __init__(self, core: Core, tracker: Tracker) -> None:
+        self.core = core
+        self.tracker = tracker
+        self.ticks = 0  # rounds the watchdog has made, so a test can wait for the next one
+
+    async def listen(self, backend: Backend) -> None:
+        core = self.core
+
+        async def connected() -> None:
+            await self.core.remove_abandoned(backend)
+            if backend.abandoned:  # not up until what was moved elsewhere is gone from it
+                raise BackendUnavailable(f"{backend.name}: {len(backend.abandoned)} moved prompts not taken back yet")
+            await self.reconcile(backend)
+            if not backend.object_info_loaded:
+                await self.learn_object_info(backend)
+            backend.healthy = True
+            backend.down_since = None
+            log.info("backend %s is up", backend.name)
+            core.wake_all()
+
+        await backend.client.listen(
+            lambda event, data: self.tracker.on_event(backend, event, data),
+            connected,
+            lambda: self.lost(backend),
+            backend.first_attempt,
+        )
+
+    def lost(self, backend: Backend) -> None:
+        """Its event socket is gone (or whoever listened to it failed): down until it reconnects."""
+        if not backend.healthy:
+            return
+        core = self.core
+        backend.healthy = False
+        log.warning("backend %s is down; %d prompts wait for it", backend.name, len(backend.inflight))
+        grace = core.settings.backend_grace
+        for job in backend.inflight:
+            job.seen_outputs = None  # events may be missed now: its /history will tell
+            if not job.ended:  # no stale percent while nothing runs: say what it waits for
+                core.tell(job, "listening", f"waiting for its ComfyUI to come back (up to {grace:g}s)")
+        self.watch_absence(backend)
+
+    async def learn_object_info(self, backend: Backend) -> None:
+        """Input limits from /object_info; one that cannot be read is asked again at the next connect,
+        and keeps no backend out meanwhile."""
+        try:
+            self.core.workflows.apply_object_info(await backend.client.object_info())
+        except (BackendUnavailable, ValueError, TypeError, AttributeError) as exc:  # unreachable, or a bad shape
+            log.warning("backend %s: /object_info not read (%s); input limits are learned later", backend.name, exc)
+            return
+        backend.object_info_loaded = True
+
+    def watch_absence(self, backend: Backend) -> None:
+        """From now on the backend is away: if it stays away for backend_grace, its jobs move."""
+        backend.down_since = since = time.monotonic()
+        self.core.spawn(self._fail_over_later(backend, since), f"failover {backend.name}", daemon=True)
+
+    async def _fail_over_later(self, backend: Backend, since: float) -> None:
+        """A backend gone for backend_grace seconds loses its prompts to the healthy ones."""
+        core = self.core
+        await asyncio.sleep(core.settings.backend_grace)
+        if backend.healthy or backend.down_since != since:
+            return
+        log.warning("backend %s down for %gs: moving its jobs", backend.name, core.settings.backend_grace)
+        for job in reversed(list(backend.inflight)):
+            core.take_back(backend, job)
+            backend.abandoned.add(job.prompt_id)
+            if job.ended:
+                continue
+            ran = job.started_at is not None or job.state is JobState.RUNNING
+            if ran and job.retries >= 1:
+                core.end(job, JobState.FAILED, DISCONNECTED)
+                continue
+            log.warning("job %s client %s: moving off %s", job.id, job.client_id, backend.name)
+            core.send_again(job, "lost run" if ran else None)
+            core.tell(job, "listening", "its ComfyUI is gone; waiting for another one")
+        backend.down_since = None  # its clients are no longer held for it
+        core.unbind_clients_of(backend)
+        core.wake_all()
+
+    async def reconcile(self, backend: Backend) -> None:
+        """After a lost socket or a restart: ask ComfyUI about every prompt the bridge had there.
+        Still queued or running: adopted. Finished: collected. Unknown: sent again."""
+        core = self.core
+        if not backend.inflight:
+            return
+        running, pending = await backend.client.queue()
+        for job in list(backend.inflight):
+            if job.handing_over:
+                continue  # its POST /prompt is still in flight; its answer decides
+            if job.prompt_id in running or job.prompt_id in pending:
+                if job.state is JobState.SUBMITTING:
+                    job.move(JobState.QUEUED)
+                if job.prompt_id in running and job.state is JobState.QUEUED:
+                    job.started_at = time.monotonic()
+                    job.move(JobState.RUNNING)
+                continue
+            entry = await backend.client.history(job.prompt_id)
+            if entry is not None:
+                finished = shapes.finished(entry)
+                job.outcome, job.reported = finished.outcome, job.reported or finished.error
+                self.tracker.prompt_finished(backend, job)
+            elif not job.ended:
+                log.warning("job %s client %s: unknown to %s, sending it again", job.id, job.client_id, backend.name)
+                core.take_back(backend, job)
+                core.send_again(job)
+            else:
+                core.take_back(backend, job)
+
+    async def watchdog(self) -> None:
+        """Fail a running job that ComfyUI has said nothing about for job_idle_timeout; take a backend
+        whose prompt shows no progress at all out of service; free idle backends."""
+        core = self.core
+        limit = core.settings.job_idle_timeout
+        while True:
+            await asyncio.sleep(min(1.0, limit / 4))
+            self.ticks += 1
+            now = time.monotonic()
+            for backend in list(core.backends.values()):
+                if care.idle_free_due(backend, now, core.settings.free_idle_after):
+                    core.spawn(care.free(backend, "idle"), f"free {backend.name}")
+                if not backend.healthy or backend.checking:
+                    continue  # a backend that is away is handled by failover; one being asked, by its answer
+                if backend.stuck_prompt is not None:
+                    self._ask(backend, self._still_stuck(backend))
+                    continue
+                head = next((j for j in backend.inflight if j.state is not JobState.SUBMITTING), None)
+                if head is None or now - head.last_event < limit:
+                    continue
+                if head.state is JobState.QUEUED and backend.queue_remaining > len(backend.inflight):
+                    # Behind other users' prompts inside ComfyUI, whose progress only their owners hear:
+                    # waiting, not idle. (The bridge's own silent prompt is caught as the head below.)
+                    head.last_event = now
+                    continue
+                self._stuck(backend, head, head.prompt_id)
+
+    def _ask(self, backend: Backend, question: Coroutine[Any, Any, None]) -> None:
+        """One question to a backend's /queue at a time, in a task of its own (the watchdog never waits)."""
+        backend.checking = True
+
+        async def asking() -> None:
+            try:
+                await question
+            except BackendUnavailable as exc:
+                log.debug("backend %s: /queue not read: %s", backend.name, exc)
+            finally:
+                backend.checking = False
+
+        self.core.spawn(asking(), f"watch {backend.name}")
+
+    def _stuck(self, backend: Backend, head: Job, prompt_id: str) -> None:
+        """No progress at all for job_idle_timeout: the job it runs fails (the contract's time-out),
+        the backend takes no work until it moves again, and its other jobs go elsewhere."""
+        core = self.core
+        limit = core.settings.job_idle_timeout
+        reason = f"time out error: exceed {limit:g}s"
+        backend.stuck_prompt = prompt_id
+        log.error(
+            "backend %s is stuck: prompt %s shows no progress for %gs; no new work there until it moves",
+            backend.name, prompt_id, limit,
+        )  # fmt: skip
+        if head.prompt_id == prompt_id:
+            core.take_back(backend, head)
+            if not head.ended:
+                log.warning("job %s client %s: %s", head.id, head.client_id, reason)
+                core.end(head, JobState.FAILED, reason)
+            core.spawn(core.cancel_on_backend(backend, head), f"cancel {head.id}")
+        # Not yet started there, handed over or on the way (dispatch takes back a prompt whose POST
+        # answers after its job was moved): all go elsewhere.
+        for job in [j for j in backend.inflight if j.started_at is None]:
+            core.take_back(backend, job)
+            core.spawn(backend.client.delete_queued([job.prompt_id]), f"take back {job.id}")
+            backend.abandoned.add(job.prompt_id)  # in case the delete does not reach it: removed at reconnect
+            if not job.ended:
+                log.warning("job %s client %s: moving off stuck %s", job.id, job.client_id, backend.name)
+                core.send_again(job)
+        core.unbind_clients_of(backend)
+        core.wake_all()
+
+    async def _still_stuck(self, backend: Backend) -> None:
+        """A stuck backend is asked, once a tick, whether the prompt it was stuck on still runs."""
+        running, _ = await backend.client.queue()
+        if backend.stuck_prompt is not None and backend.stuck_prompt not in running:
+            self.core.unstuck(backend, f"prompt {backend.stuck_prompt} no longer runs")

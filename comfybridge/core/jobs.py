@@ -1,0 +1,285 @@
+"""The job model: one accepted request, its lifecycle, and its progress through ComfyUI's events."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+
+__all__ = ["ENDED", "InvalidStep", "Job", "JobState"]
+
+
+class JobState(enum.StrEnum):
+    WAITING = "waiting"  # in the bridge's queue for its backend
+    SUBMITTING = "submitting"  # uploads and POST /prompt in flight
+    QUEUED = "queued"  # in ComfyUI's queue, not started
+    RUNNING = "running"  # ComfyUI sent execution_start
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+ENDED = {JobState.DONE, JobState.FAILED, JobState.CANCELLED}
+# Every step a job may take. SUBMITTING may jump ahead: ComfyUI can start (even finish) a prompt
+# before its answer to POST /prompt arrives. Any live state may go back to WAITING, to be sent again.
+STEPS: dict[JobState, set[JobState]] = {
+    JobState.WAITING: {JobState.SUBMITTING} | ENDED,
+    JobState.SUBMITTING: {JobState.QUEUED, JobState.RUNNING, JobState.WAITING} | ENDED,
+    JobState.QUEUED: {JobState.RUNNING, JobState.WAITING} | ENDED,
+    JobState.RUNNING: {JobState.WAITING} | ENDED,
+    JobState.DONE: set(),
+    JobState.FAILED: set(),
+    JobState.CANCELLED: set(),
+}
+
+
+# Steps kept in memory only: after a restart the bridge asks ComfyUI where a handed-over prompt is
+# (queued, running or finished) anyway, so recording them would cost two commits per job for nothing.
+UNRECORDED = {JobState.QUEUED, JobState.RUNNING}
+
+
+class InvalidStep(Exception):
+    """A state change the job model does not allow: a bug in the caller, never a client's doing."""
+
+
+class Recorder(Protocol):
+    """Where a job's state changes are written (the journal); the future is done once it is durable."""
+
+    def update(
+        self, job_id: str, fields: dict[str, Any], delivery: dict[str, Any] | None = None
+    ) -> asyncio.Future[None]: ...
+
+
+class Progress:
+    """Percent of a job: executed nodes weighted by their work, sampler steps from `progress` events.
+
+    Cached nodes never run, so they leave the total; the percent never goes down and stays below
+    100 until ComfyUI says the job succeeded.
+    """
+
+    def __init__(self, prompt: dict[str, Any]) -> None:
+        self.weights = {node_id: _weight(node) for node_id, node in prompt.items()}
+        self.finished: set[str] = set()
+        self.current: str | None = None
+        self.fraction = 0.0
+        self.percent = 0.0
+
+    def cached(self, nodes: list[str]) -> None:
+        for node_id in nodes:
+            self.weights.pop(node_id, None)
+
+    def executing(self, node_id: str) -> None:
+        if self.current is not None:
+            self.finished.add(self.current)
+        self.current, self.fraction = node_id, 0.0
+
+    def step(self, node_id: str, value: float, maximum: float) -> None:
+        if node_id != self.current:
+            self.executing(node_id)
+        self.fraction = min(1.0, value / maximum) if maximum > 0 else 0.0
+
+    def node_finished(self, node_id: str) -> None:
+        self.finished.add(node_id)
+        if node_id == self.current:
+            self.current, self.fraction = None, 0.0
+
+    def update(self) -> float:
+        total = sum(self.weights.values())
+        if total <= 0:
+            return self.percent
+        done = float(sum(self.weights.get(n, 0) for n in self.finished))
+        if self.current is not None and self.current not in self.finished:
+            done += self.weights.get(self.current, 0) * self.fraction
+        self.percent = max(self.percent, min(99.99, 100.0 * done / total))
+        return self.percent
+
+    def complete(self) -> float:
+        self.percent = 100.0
+        return self.percent
+
+
+def _weight(node: dict[str, Any]) -> int:
+    """A sampler's steps dominate a job's time; every other node counts once."""
+    steps = (node.get("inputs") or {}).get("steps")
+    if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0:
+        return steps
+    return 1
+
+
+@dataclass
+class Job:
+    client_id: str
+    workflow: str
+    prompt: bytes  # the API-format graph as JSON: compact while it waits (a dict is many times larger)
+    seq: int  # generation count at acceptance: the job's place in acceptance order
+    uploads: dict[str, str] = field(default_factory=dict)  # "node/input" -> upload name to send at dispatch
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    prompt_id: str = field(default_factory=lambda: str(uuid.uuid4()))  # chosen here, so a cancel always has it
+    state: JobState = JobState.WAITING
+    backend: str | None = None
+    error: str | None = None
+    outcome: str | None = None  # what ComfyUI said: success, error or interrupted
+    reported: str | None = None  # ComfyUI's error text for this run (the job's `error` is set as it ends)
+    attempts: int = 0  # hand-overs that failed before ComfyUI took the prompt
+    retries: int = 0  # runs started again elsewhere after their backend died
+    started_at: float | None = None  # monotonic time of ComfyUI's execution_start
+    finished_at: float | None = None  # monotonic time of ComfyUI's final `executing null`
+    handed_at: float | None = None  # monotonic time its POST /prompt began
+    warm: bool = False  # its backend ran the same workflow just before it
+    accepted_at: float = field(default_factory=time.time)
+    accepted_mono: float = field(default_factory=time.monotonic)  # for the wait and run times it logs
+    ended_at: float | None = None
+    results: list[dict[str, Any]] | None = None  # the stored result files, once done
+    last_event: float = field(default_factory=time.monotonic)
+    sending: str | None = None  # the prompt id whose POST /prompt is in flight from this process
+    told_percent: float = 0.0  # the highest percent its client heard: frames only ever rise from it
+    resumed: bool = False  # recovered after a restart: it says so before its next progress frame
+    # The outputs ComfyUI's `executed` events announced, while every event since execution_start
+    # has been seen (None otherwise): then its /history need not be read.
+    seen_outputs: dict[str, Any] | None = None
+    webhook: str | None = None  # where to tell of its end (the request's `_webhook`, or its key's)
+    journal: Recorder | None = field(default=None, repr=False, compare=False)
+    _progress: Progress | None = field(default=None, init=False, repr=False, compare=False)
+    _last_record: tuple[dict[str, Any], dict[str, Any] | None] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+
+    @property
+    def progress(self) -> Progress:
+        """Made when first needed: a job that waits holds no per-node state."""
+        if self._progress is None:
+            self._progress = Progress(self.graph())
+        return self._progress
+
+    def graph(self) -> dict[str, Any]:
+        """A fresh copy of the prompt to send (the caller may patch it)."""
+        graph: dict[str, Any] = orjson.loads(self.prompt)
+        return graph
+
+    @classmethod
+    def restore(cls, row: dict[str, Any], journal: Recorder) -> Job:
+        """A job as the journal last recorded it."""
+        job = cls(row["client_id"], row["workflow"], row["prompt"], row["seq"], row["uploads"], id=row["id"])
+        job.prompt_id, job.state, job.backend = row["prompt_id"], JobState(row["state"]), row["backend"]
+        job.error, job.attempts, job.retries = row["error"], row["attempts"], row["retries"]
+        job.accepted_at, job.ended_at, job.results = row["accepted_at"], row["ended_at"], row["results"]
+        job.webhook = row.get("webhook")
+        job.journal = journal
+        return job
+
+    def move(self, to: JobState, delivery: dict[str, Any] | None = None, **changes: Any) -> asyncio.Future[None]:
+        """The one place a job changes state: the step is checked, applied here at once (so every later
+        decision sees it) and recorded in the journal, with the webhook `delivery` that tells of it if
+        any; the future is done when the record is durable."""
+        if to not in STEPS[self.state]:
+            raise InvalidStep(f"job {self.id}: {self.state.value} -> {to.value}")
+        for name, value in changes.items():
+            if name not in _RECORDED_CHANGES:
+                raise InvalidStep(f"job {self.id}: {name} is not part of a step")
+            setattr(self, name, value)
+        self.state = to
+        record: dict[str, Any] = {"state": to.value, **changes}
+        if to in ENDED:
+            self.ended_at = record["ended_at"] = time.time()
+        if self.journal is None or to in UNRECORDED:
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+        self._last_record = (record, delivery)
+        return self.journal.update(self.id, record, delivery)
+
+    def record_again(self) -> asyncio.Future[None]:
+        """Write the last recorded change once more (its first write failed: a full disk)."""
+        assert self.journal is not None
+        assert self._last_record is not None
+        record, delivery = self._last_record
+        return self.journal.update(self.id, record, delivery)
+
+    @property
+    def handing_over(self) -> bool:
+        """Its current prompt's POST /prompt is in flight: its answer decides where it is."""
+        return self.sending is not None and self.sending == self.prompt_id
+
+    @property
+    def ended(self) -> bool:
+        return self.state in ENDED
+
+    @property
+    def executing(self) -> bool:
+        return self.state is JobState.RUNNING
+
+    def apply_event(self, event: str, data: dict[str, Any]) -> bool:
+        """Follow one ComfyUI event of this job's prompt (checked by `shapes.event`); True for the final
+        `executing` with node null, after which (and only after which) ComfyUI has the prompt in its
+        history."""
+        self.last_event = time.monotonic()
+        progress = self.progress
+        if event == "execution_start":
+            self.started_at = self.last_event
+            self.finished_at = None
+            self.seen_outputs = {}
+            if self.state in (JobState.SUBMITTING, JobState.QUEUED):
+                self.move(JobState.RUNNING)
+        elif event == "execution_cached":
+            progress.cached(data["nodes"])
+        elif event == "executing":
+            if data["node"] is None:
+                self.finished_at = self.last_event
+                return True
+            progress.executing(data["node"])
+        elif event == "progress":
+            progress.step(data["node"], data["value"], data["max"])
+        elif event == "progress_state":
+            for node_id in data["finished"]:
+                progress.node_finished(node_id)
+        elif event == "executed":
+            if self.seen_outputs is not None:
+                self.seen_outputs[data["node"]] = data["output"]
+        elif event == "execution_success":
+            self.outcome = "success"
+        elif event == "execution_error":
+            self.outcome = "error"
+            self.reported = data["error"]
+        elif event == "execution_interrupted":
+            self.outcome = "interrupted"
+        return False
+
+    def retry(self, because: str | None = None) -> asyncio.Future[None]:
+        """Back to the bridge's queue, to be sent again under a fresh prompt_id, so that a late event
+        of the old one cannot be mistaken for it. `because` counts why, in the record: "hand-over"
+        (ComfyUI did not take it) or "lost run" (its backend died while it ran)."""
+        attempts = self.attempts + (because == "hand-over")
+        retries = self.retries + (because == "lost run")
+        self.outcome = self.reported = None
+        self.started_at = None
+        self.seen_outputs = None
+        self._progress = None
+        return self.move(
+            JobState.WAITING, prompt_id=str(uuid.uuid4()), backend=None, attempts=attempts, retries=retries
+        )
+
+    def record(self) -> dict[str, Any]:
+        """Everything needed to resume the job, as the journal keeps it (seq is given by the journal)."""
+        return {
+            "id": self.id,
+            "client_id": self.client_id,
+            "workflow": self.workflow,
+            "prompt": self.prompt,
+            "uploads": self.uploads,
+            "prompt_id": self.prompt_id,
+            "state": self.state.value,
+            "backend": self.backend,
+            "error": self.error,
+            "attempts": self.attempts,
+            "retries": self.retries,
+            "accepted_at": self.accepted_at,
+            "webhook": self.webhook,
+        }
+
+
+_RECORDED_CHANGES = {"backend", "prompt_id", "error", "results", "attempts", "retries"}

@@ -1,0 +1,79 @@
+"""Start-up recovery: every job the journal holds goes back where it was, before the bridge serves.
+
+Waiting jobs rejoin the fair queue in acceptance order; jobs handed to a backend wait there to be
+reconciled by prompt_id when its event socket connects (adopted, collected, or sent again), and move
+elsewhere if it stays away; finished jobs' results stay fetchable and their clients known."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from .clients import CLOSED, about_job, status_message
+from .jobs import ENDED, Job, JobState
+from .shared import Core, open_status
+
+__all__ = ["missing_results", "recover"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Recovered:
+    waiting: int = 0
+    handed_over: int = 0
+    finished: int = 0
+    forgotten: list[str] | None = None  # finished jobs whose files are gone
+
+
+def missing_results(core: Core, rows: list[dict[str, Any]]) -> set[str]:
+    """Ids of finished jobs whose result files are no longer on disk (blocking: run it in a thread)."""
+    gone = set()
+    for row in rows:
+        if row["state"] == JobState.DONE.value and row["results"] is not None:
+            files = core.results.files_from(row["id"], row["results"])
+            if not all(f.path.is_file() for f in files):
+                gone.add(row["id"])
+    return gone
+
+
+def recover(core: Core, rows: list[dict[str, Any]], gone: set[str]) -> Recovered:
+    """Rebuild the bridge's memory from the journal's rows (in acceptance order)."""
+    summary = Recovered(forgotten=sorted(gone))
+    for row in rows:
+        job = Job.restore(row, core.journal)
+        if job.id in gone:
+            log.warning("job %s client %s: its result files are gone; forgetting it", job.id, job.client_id)
+            continue
+        client = core.clients.touch(job.client_id)
+        if job.state in ENDED:
+            summary.finished += 1
+            if job.state is JobState.DONE:
+                files = core.results.files_from(job.id, job.results or [])
+                core.results.add(job.id, job.client_id, job.seq, files, created=job.ended_at)
+                core.set_status(client, about_job(CLOSED, job.id, 0))
+            else:
+                core.set_status(client, about_job(status_message("error", job.error or "error"), job.id, 0))
+            continue
+        core.opened(job)
+        backend = core.backends.get(job.backend or "")
+        if job.state is JobState.WAITING:
+            summary.waiting += 1
+            core.queue.push(job)
+        elif backend is None:
+            log.warning(
+                "job %s client %s: its backend %s is gone; sending it again", job.id, job.client_id, job.backend
+            )
+            summary.waiting += 1
+            core.send_again(job)
+        else:
+            summary.handed_over += 1
+            job.resumed = True  # what the last process told its client is not known: it will say so
+            core.hand_over(backend, job)
+    for client in core.clients:
+        if client.jobs:
+            core.set_status(client, open_status(client))
+    for owner in core.uploads.owners():
+        core.clients.touch(owner)
+    return summary

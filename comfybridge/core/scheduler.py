@@ -1,0 +1,528 @@
+"""Scheduler: the bridge's core as the edge sees it. Accepts, cancels and frees; owns the backends'
+tasks; recovers the journal's jobs at start-up; expires what is old.
+
+Knows nothing of HTTP: the edge calls its methods and receives status through a Notifier. The work
+itself is done by its parts: `dispatch` (per-backend workers), `tracking` (ComfyUI events and
+results), `failover` (health and reconciliation), `core` (shared state and job endings).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import enum
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import orjson
+
+from ..comfy.client import ComfyClient
+from ..errors import NoBackend, RateLimited, ShuttingDown, StorageUnavailable, TooManyJobs
+from ..store.counter import StateStore
+from ..store.journal import ENDED_STATES, JobStore
+from ..store.results import JobResult, ResultStore
+from ..store.uploads import IncomingFile, UploadStore
+from . import care
+from .backend import Backend
+from .clients import Client, Status, scope_of
+from .dispatch import Dispatcher
+from .failover import Failover
+from .jobs import Job, JobState
+from .observer import JobObserver
+from .planner import PLAN_HORIZON
+from .recovery import missing_results, recover
+from .shared import Core, Notifier, SchedulerSettings, open_status
+from .tracking import Tracker
+from .webhooks import Webhooks
+from .workflows import WorkflowStore
+
+log = logging.getLogger(__name__)
+
+RESTART_FIRST = 0.5  # seconds before a failed listener or worker starts again; doubles up to RESTART_MAX
+RESTART_MAX = 30.0
+JOURNAL_CHECK = 2.0  # seconds between looks at the journal file
+__all__ = ["Fetch", "Notifier", "Scheduler", "SchedulerSettings"]
+
+
+class Scheduler:
+    """Jobs wait in one fair queue; each backend's worker takes the job that earliest-finish placement
+    gives it, so fast backends take more, and no GPU idles while work it should do waits. Every step
+    of a job is journaled, so a restart picks up where the last process stopped."""
+
+    def __init__(
+        self,
+        settings: SchedulerSettings,
+        backend_urls: list[str],
+        session: aiohttp.ClientSession,
+        workflows: WorkflowStore,
+        uploads: UploadStore,
+        results: ResultStore,
+        journal: JobStore,
+        state: StateStore,
+        notifier: Notifier,
+        metrics: JobObserver | None = None,
+    ) -> None:
+        self.settings = settings
+        self.state = state
+        self.core = core = Core(settings, session, workflows, uploads, results, journal, notifier, metrics)
+        self.clients = core.clients
+        self.backends = core.backends
+        self.dispatcher = Dispatcher(core)
+        self.tracker = Tracker(core)
+        self.failover = Failover(core, self.tracker)
+        self._initial = list(backend_urls)
+        self._grace: dict[str, asyncio.Task[Any]] = {}  # clients whose socket is gone, until they cancel
+        self._state_changed = asyncio.Event()
+
+    # lifecycle -------------------------------------------------------------------------------
+    async def start(self, rows: list[dict[str, Any]], connect_timeout: float = 3.0) -> None:
+        """Recover the journal's jobs, start workers and event sockets; wait briefly so the first
+        requests find backends up (and adopted jobs reconciled)."""
+        core = self.core
+        # The data folder first, while no task can be collecting into it.
+        gone = await asyncio.to_thread(missing_results, core, rows)
+        done = {r["id"] for r in rows if r["state"] == JobState.DONE.value and r["id"] not in gone}
+        unfinished = {r["id"] for r in rows if r["state"] not in ENDED_STATES}
+        await asyncio.to_thread(core.results.sort_out_folders, done, unfinished)
+        for url in self._initial:
+            self._add_backend(url)
+        summary = recover(core, rows, gone)
+        if gone:
+            core.journal.forget(gone)
+        if rows:
+            log.info(
+                "recovered %d jobs: %d waiting, %d handed to a backend, %d finished",
+                len(rows) - len(gone),
+                summary.waiting,
+                summary.handed_over,
+                summary.finished,
+            )
+        for backend in self.backends.values():
+            if backend.inflight:
+                self.failover.watch_absence(backend)  # until its socket connects and reconciles
+        core.spawn(self.failover.watchdog(), "watchdog", daemon=True)
+        core.spawn(self._sweeper(), "sweeper", daemon=True)
+        core.spawn(self._watch_journal(), "journal watch", daemon=True)
+        core.spawn(self._keep_state_file(), "state file", daemon=True)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(connect_timeout):
+                for backend in self.backends.values():
+                    await backend.first_attempt.wait()
+
+    @property
+    def accepting(self) -> bool:
+        """Whether new jobs are taken."""
+        return self.core.accepting and not self.core.closing
+
+    def stop_accepting(self) -> None:
+        """Refuse new jobs (503 stopping) and say so in /ready; everything else goes on."""
+        self.core.accepting = False
+
+    def stop_dispatching(self) -> None:
+        """Nothing more is handed to ComfyUI: what waits stays in the journal for the next start."""
+        self.core.stop_dispatching()
+
+    def use_webhooks(self, webhooks: Webhooks, owed: list[dict[str, Any]]) -> None:
+        """Tell job ends to webhooks once journaled; `owed`: calls a previous run left unacknowledged."""
+        webhooks.spawn = lambda coro, name: self.core.spawn(coro, name, daemon=True)
+        self.core.on_delivery = webhooks.send
+        for delivery in owed:
+            webhooks.send(delivery)
+
+    def workflows_reloaded(self) -> None:
+        """The workflow folder was read again: learn the inputs' limits again from the backends."""
+        for backend in self.backends.values():
+            backend.object_info_loaded = False
+            if backend.healthy:
+                self.core.spawn(self.failover.learn_object_info(backend), f"object_info {backend.name}")
+
+    async def drain(self, within: float) -> None:
+        """Stop handing out work and wait (bounded) for the jobs already inside ComfyUI to finish."""
+        core = self.core
+        core.stop_dispatching()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                while any(b.inflight for b in self.backends.values()) or core.collecting:
+                    core.settled.clear()
+                    await core.settled.wait()
+
+    async def close(self, collect_timeout: float = 5.0) -> None:
+        """Refuse new work, let results being copied land (bounded), stop every task.
+
+        Nothing is failed or cancelled: jobs stay in the journal as they are and a restart resumes them;
+        prompts inside ComfyUI keep running there and are adopted then."""
+        self.core.stop_dispatching()
+        await self.core.supervisor.wait_and_close(collect_timeout)
+
+    # backends at run time --------------------------------------------------------------------
+    def _add_backend(self, url: str) -> Backend:
+        core = self.core
+        journal = core.journal
+        client = ComfyClient(
+            url,
+            core.session,
+            journal.bridge_id,
+            request_timeout=self.settings.comfy_timeout,
+            max_event_bytes=int(self.settings.max_event_mb * 1024 * 1024),
+        )
+        backend = self.backends[url] = Backend(client)
+        backend.tasks = [
+            core.supervisor.spawn(self._keep_running(backend, "listener", self.failover.listen), f"listen {url}", True),
+            core.supervisor.spawn(self._keep_running(backend, "worker", self.dispatcher.work), f"worker {url}", True),
+        ]
+        return backend
+
+    async def _keep_running(self, backend: Backend, role: str, run: Callable[[Backend], Awaitable[None]]) -> None:
+        """A backend's listener and worker never stay dead: one that fails (a fault of the bridge's own;
+        nothing ComfyUI sends should do it) is logged and started again, and meanwhile the backend is
+        down, never `up` with no one listening."""
+        delay = RESTART_FIRST
+        while True:
+            try:
+                await run(backend)
+                return
+            except Exception:
+                log.exception("backend %s: its %s failed; starting it again in %gs", backend.name, role, delay)
+            if role == "listener":  # nobody hears its events now: down until the new listener connects
+                backend.client.connected = False
+                self.failover.lost(backend)
+            await asyncio.sleep(delay)
+            delay = min(RESTART_MAX, delay * 2)
+
+    def set_backends(self, urls: list[str]) -> None:
+        """Apply a new backend list: new ones join, removed ones finish their prompts and leave."""
+        for url in urls:
+            existing = self.backends.get(url)
+            if existing is None:
+                log.info("backend %s added", url)
+                self._add_backend(url)
+            elif existing.draining:
+                existing.draining = False
+        for backend in list(self.backends.values()):
+            if backend.name not in urls and not backend.draining:
+                log.info("backend %s removed: draining %d prompts", backend.name, len(backend.inflight))
+                backend.draining = True
+                self.core.unbind_clients_of(backend)
+                self.core.spawn(self._retire(backend), f"retire {backend.name}", daemon=True)
+        self.core.wake_all()
+
+    async def _retire(self, backend: Backend) -> None:
+        while backend.inflight and backend.draining:
+            backend.wakeup.clear()
+            await backend.wakeup.wait()
+        if backend.draining:
+            for task in backend.tasks:
+                task.cancel()
+            self.backends.pop(backend.name, None)
+            log.info("backend %s drained and removed", backend.name)
+
+    # clients ---------------------------------------------------------------------------------
+    def remember(self, client_id: str) -> Client:
+        """Make a client known (in memory: it is on disk only once it owns something)."""
+        return self.clients.touch(client_id)
+
+    async def store_uploads(self, client_id: str | None, parts: AsyncIterator[IncomingFile]) -> dict[str, str]:
+        """Store an upload request's files (all or none); with a clientId they are its own, and it is known."""
+        names = await self.core.uploads.receive(client_id, parts)
+        if client_id is not None:
+            self.remember(client_id)
+        return names
+
+    def status_of(self, client_id: str) -> Status:
+        return self.clients.require(client_id).status
+
+    def is_running(self, client_id: str) -> bool:
+        client = self.clients.get(client_id)
+        return client is not None and client.running
+
+    def socket_opened(self, client_id: str) -> Client:
+        client = self.clients.touch(client_id)
+        client.sockets += 1
+        grace = self._grace.pop(client_id, None)
+        if grace is not None:
+            grace.cancel()
+        return client
+
+    def socket_closed(self, client_id: str) -> None:
+        client = self.clients.get(client_id)
+        if client is None:
+            return
+        client.sockets -= 1
+        if client.sockets:
+            return
+        if client.jobs and not self.core.closing:
+            grace = self.core.spawn(self._cancel_after_grace(client), f"grace {client_id}", daemon=True)
+            if grace is not None:
+                self._grace[client_id] = grace
+        elif "job_id" not in client.status:
+            # It only ever had a socket: nothing to tell it or to keep, so it costs nothing once gone.
+            self.clients.forget_if_done(client, self.core.owns_something)
+
+    async def _cancel_after_grace(self, client: Client) -> None:
+        try:
+            await asyncio.sleep(self.settings.disconnect_grace)
+            if client.sockets == 0:
+                log.info(
+                    "client %s: socket gone for %ss, cancelling its jobs", client.id, self.settings.disconnect_grace
+                )
+                await self.interrupt(client.id)
+        finally:
+            if self._grace.get(client.id) is asyncio.current_task():
+                del self._grace[client.id]
+
+    # submitting ------------------------------------------------------------------------------
+    async def submit(self, client_id: str, body: dict[str, Any], webhook: str | None = None) -> tuple[Job, int]:
+        """Accept one job: check it, journal it durably (which counts it), queue it; returns it and its
+        place in line. Raises StorageFull if the journal cannot record it (nothing is changed then)."""
+        core = self.core
+        if not self.accepting:
+            raise ShuttingDown("The bridge is shutting down and accepts no new jobs; try again in a moment.")
+        if core.journal_lost is not None:
+            raise StorageUnavailable(
+                f"The bridge cannot record new jobs: its journal {core.journal_lost}. It must be restarted."
+            )
+        workflow = core.workflows.get(body.get("workflow"))
+        values = workflow.check_request(
+            body, lambda name: core.uploads.kind_for(name, client_id), int(self.settings.max_text_kb * 1024)
+        )
+        known = self.clients.get(client_id)
+        limit = self.settings.max_jobs_per_client
+        if limit and known is not None and len(known.jobs) >= limit:
+            raise TooManyJobs(
+                f"clientId {client_id!r} already has {len(known.jobs)} jobs in line, the limit; "
+                "wait for one to finish or interrupt them."
+            )
+        key, per_key = scope_of(client_id), self.settings.max_jobs_per_key
+        if key is not None and per_key and core.open_jobs_by_key[key] >= per_key:
+            raise RateLimited(f"This API key already has {per_key} unfinished jobs, its limit; wait for one to end.")
+        if not any(b.usable for b in self.backends.values()):
+            raise NoBackend("No ComfyUI backend is available right now; try again shortly.")
+        uploads = {
+            spec.key: values[spec.key]
+            for spec in workflow.file_inputs()
+            if values.get(spec.key, spec.default) != spec.default
+        }
+        job_id = uuid.uuid4().hex
+        prompt = workflow.build(values)
+        if self.settings.output_subfolder:
+            _prefix_outputs(prompt, job_id)
+        job = Job(client_id, workflow.alias, orjson.dumps(prompt), 0, uploads, id=job_id, webhook=webhook)
+        job.journal = core.journal
+        core.opened(job)
+        new_client = known is None
+        accepted = core.journal.accept(job.record())
+        place = [1]  # taken when it joins the queue, before any worker can move it
+
+        def joined(done: asyncio.Future[int]) -> None:
+            if self._accepted(job, done, new_client):
+                place[0] = self._position(job)
+
+        # Queued by the journal's answer, not by this request: a client that hangs up mid-way
+        # cannot leave a recorded job behind that nothing runs.
+        accepted.add_done_callback(joined)
+        await asyncio.shield(accepted)
+        log.info("job %s client %s: accepted (%s) as #%d, place %d", job.id, client_id, job.workflow, job.seq, place[0])
+        return job, place[0]
+
+    def _accepted(self, job: Job, accepted: asyncio.Future[int], new_client: bool) -> bool:
+        """The journal answered: queue the job if it is recorded (True); if not, undo every trace."""
+        core = self.core
+        if accepted.cancelled() or accepted.exception() is not None:
+            self._unaccept(job, new_client)
+            return False
+        core.metrics.job_accepted(job.workflow)
+        job.seq = accepted.result()
+        self.state.generation_count = core.journal.count
+        self._state_changed.set()
+        if job.ended:  # interrupted while its acceptance was being written
+            return False
+        if not any(j.state in (JobState.QUEUED, JobState.RUNNING) for j in self._client_jobs(job)):
+            client = self.clients.get(job.client_id)
+            if client is not None and not client.held:
+                core.set_status(client, open_status(client))
+        core.queue.push(job)
+        core.wake_all()
+        return True
+
+    def _unaccept(self, job: Job, new_client: bool) -> None:
+        self.core.closed(job)
+        client = self.clients.get(job.client_id)
+        if client is not None:
+            self.core.told_ending(client, job)
+        if client is not None and new_client:
+            self.clients.forget_if_done(client, self.core.owns_something)
+
+    def _client_jobs(self, job: Job) -> list[Job]:
+        client = self.clients.get(job.client_id)
+        return list(client.jobs.values()) if client is not None else []
+
+    def _position(self, job: Job) -> int:
+        """One plus the jobs that run before it: those ahead of it (waiting, and inside ComfyUI), shared
+        among the usable backends, since affinity never keeps a job off an idle one."""
+        core = self.core
+        ahead = 0
+        for other in itertools.islice(core.queue.order(), PLAN_HORIZON):
+            if other is job:
+                break
+            ahead += 1
+        running = [len(b.inflight) for b in self.backends.values() if b.usable]
+        return (sum(running) + ahead) // max(1, len(running)) + 1
+
+    @property
+    def generation_count(self) -> int:
+        """Jobs ever accepted, as far as the journal has made durable."""
+        return self.core.journal.count
+
+    def health(self) -> dict[str, Any]:
+        """What an operator (or a load balancer) needs to know: each backend's state, the queue."""
+        core = self.core
+        backends = []
+        for backend in self.backends.values():
+            factor = core.runtimes.speed_factor(backend.name)
+            backends.append(
+                {
+                    "url": backend.name,
+                    "state": backend.state,
+                    "in_flight": len(backend.inflight),
+                    "comfyui_queue": backend.queue_remaining,
+                    "relative_speed": round(1 / factor, 3) if factor else None,  # > 1: faster than the others
+                    "jobs_api": backend.client.jobs_api,
+                }
+            )
+        return {
+            "backends": backends,
+            "usable_backends": sum(1 for b in self.backends.values() if b.usable),
+            "queued": len(core.queue),
+            "stopping": not self.accepting,
+            "journal": core.journal_lost or "ok",
+            "generation_count": core.journal.count,
+        }
+
+    # control ---------------------------------------------------------------------------------
+    async def interrupt(self, client_id: str) -> None:
+        """Cancel every job of the client: drop waiting ones, delete queued ones, stop the running one.
+        The client hears one `error` "interrupted", about its last job, once the ends are recorded."""
+        core = self.core
+        client = self.clients.require(client_id)
+        jobs = list(client.jobs.values())
+        ended = []
+        for index, job in enumerate(jobs):
+            backend = self.backends.get(job.backend or "")
+            state = job.state
+            ending = core.end(job, JobState.CANCELLED, "interrupted", notify=index == len(jobs) - 1)
+            if ending is None:
+                continue  # it ended meanwhile (its results are being recorded): nothing to stop
+            ended.append(ending)
+            core.stop_collecting(job)
+            if state in (JobState.QUEUED, JobState.RUNNING) and backend is not None:
+                await core.cancel_on_backend(backend, job)
+            # WAITING: end took it out of the queue. SUBMITTING: dispatch cancels it once ComfyUI answers.
+        await asyncio.gather(*ended, return_exceptions=True)
+
+    async def free(self, client_id: str | None) -> bool:
+        """POST /free on every backend that holds the client's work, or the one it used last (every
+        backend without a client, or for one that never had a backend); a backend that is down is
+        skipped. False if not one backend could be freed."""
+        targets = list(self.backends.values())
+        if client_id is not None:
+            client = self.clients.require(client_id)
+            names = {job.backend for job in client.jobs.values() if job.backend} | {client.last_backend}
+            holding = [self.backends[name] for name in names if name in self.backends]
+            targets = holding or targets
+        freed = [await care.free(backend, "asked by a client") for backend in targets]
+        return any(freed)
+
+    # results and expiry ----------------------------------------------------------------------
+    def claim_results(self, client_id: str) -> tuple[Fetch, list[JobResult]]:
+        """The client's finished results, reserved for one request to send (a second request at the
+        same time gets none of them). Hand them back with `results_fetched` once sent whole, or
+        `release_results` if the sending broke off."""
+        results = self.core.results
+        if self.clients.get(client_id) is None and not results.holds(client_id):
+            return Fetch.UNKNOWN, []
+        fetched = results.claim(client_id)
+        if fetched:
+            return Fetch.READY, fetched
+        return (Fetch.BUSY if results.being_sent(client_id) else Fetch.NOTHING), []
+
+    def release_results(self, fetched: list[JobResult]) -> None:
+        """A delivery that did not complete: the results can be fetched again."""
+        self.core.results.release(fetched)
+
+    async def results_fetched(self, client_id: str, fetched: list[JobResult]) -> None:
+        """After a full /history download: journal it before the files go; a client with nothing left
+        is forgotten."""
+        core = self.core
+        core.results.forget(client_id, fetched)  # at once: a request that comes next must not see them
+        await core.journal.forget(r.job_id for r in fetched)
+        await core.results.delete(fetched)
+        client = self.clients.get(client_id)
+        if client is not None and self.clients.forget_if_done(client, core.owns_something):
+            core.journal.forget_client(client_id)
+
+    async def _keep_state_file(self) -> None:
+        """`current_state.json` follows the journal's count: one writer, woken by accepted jobs (its
+        writes coalesce, at most one a second)."""
+        while True:
+            await self._state_changed.wait()
+            self._state_changed.clear()
+            await self.state.save()
+
+    async def _watch_journal(self) -> None:
+        """Notice a journal deleted or replaced under the running bridge: jobs accepted into a file the
+        next start will not find would be lost, so none are accepted from then on."""
+        core = self.core
+        while core.journal_lost is None:
+            await asyncio.sleep(JOURNAL_CHECK)
+            reason = await asyncio.to_thread(core.journal.lost)
+            if reason is not None:
+                core.journal_lost = reason
+                log.error("the job journal %s: accepting no new jobs until the bridge is restarted", reason)
+
+    async def _sweeper(self) -> None:
+        """Expire old uploads, results and finished clients."""
+        core, settings = self.core, self.settings
+        while True:
+            await asyncio.sleep(min(60.0, settings.upload_ttl / 10, settings.result_ttl / 10))
+            await core.uploads.expire(settings.upload_ttl)
+            old = core.results.expired(settings.result_ttl)
+            if old:
+                for result in old:
+                    core.results.forget(result.client_id, [result])
+                await core.journal.forget(r.job_id for r in old)
+                await core.results.delete(old)
+                log.info("expired %d unfetched results", len(old))
+            cutoff = time.time() - settings.result_ttl
+            core.journal.forget_ended_before(cutoff)
+            for client in self.clients:
+                if client.touched < cutoff and self.clients.forget_if_done(client, core.owns_something, True):
+                    core.journal.forget_client(client.id)
+
+
+class Fetch(enum.Enum):
+    """What a client's request for its results finds."""
+
+    UNKNOWN = "unknown"  # a clientId the bridge has never seen (or has forgotten)
+    NOTHING = "nothing"  # known, with no finished results now
+    BUSY = "busy"  # every result is being sent to another request right now
+    READY = "ready"
+
+
+def _prefix_outputs(prompt: dict[str, Any], job_id: str) -> None:
+    """Give the job's output files a folder of their own and names that carry the job id:
+    `comfybridge/<day>/<job>/<prefix>_<job id>`, so ComfyUI saves `<prefix>_<job id>_00001_.png`.
+
+    SaveImage lists its output folder on every save, so a shared folder of thousands of files
+    slows every job; bridges sharing a ComfyUI never collide on names; and a client can match
+    each file of `/history` to its job by name alone."""
+    day = datetime.date.today().isoformat()
+    for node in prompt.values():
+        prefix = node.get("inputs", {}).get("filename_prefix")
+        if isinstance(prefix, str):
+            node["inputs"]["filename_prefix"] = f"comfybridge/{day}/{job_id[:12]}/{prefix}_{job_id}"

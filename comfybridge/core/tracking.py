@@ -1,0 +1,179 @@
+"""Following jobs inside ComfyUI: its events become client progress, a finished prompt's files become results."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from ..comfy import shapes
+from ..comfy.client import MISSED, BackendUnavailable, ResultTooLarge
+from ..comfy.shapes import Finished, OutputRef
+from ..errors import StorageError
+from ..store.media import content_type_for
+from ..store.results import ResultFile, stored_name, sync_folders
+from . import care
+from .backend import Backend
+from .jobs import Job, JobState
+from .shared import DISCONNECTED, Core
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RESUMED", "Tracker"]
+
+FIRST_RETRY = 1.0  # seconds before collecting a finished job's results again; doubles each time
+MAX_RETRY_DELAY = 60.0
+RESUMED = "resumed after a restart; progress counts again from here"
+MB = 1024 * 1024
+
+
+class Tracker:
+    def __init__(self, core: Core) -> None:
+        self.core = core
+
+    def on_event(self, backend: Backend, event: str, data: dict[str, Any]) -> None:
+        """One event of the backend's socket, already checked for shape (`shapes.event`)."""
+        if event == "status":
+            backend.queue_remaining = data["queue_remaining"]
+            return
+        if backend.stuck_prompt is not None:
+            self.core.unstuck(backend, f"it sent {event} again")
+        job = self.core.by_prompt.get(data["prompt_id"])
+        if job is None:
+            return  # an ended job still follows its prompt: its slot is free only once ComfyUI is done
+        if event == MISSED:
+            job.seen_outputs = None  # not everything was seen: its outcome will be read from /history
+            return
+        if event == "execution_start":
+            job.warm = backend.last_workflow == job.workflow
+            backend.last_workflow = job.workflow
+        if job.apply_event(event, data):
+            self.prompt_finished(backend, job)
+        elif event == "execution_start":
+            waited = job.last_event - job.accepted_mono  # execution_start's moment
+            self.core.metrics.job_started(job.workflow, backend.name, waited, job.handed_at)
+        elif job.state is JobState.RUNNING:
+            self.publish_progress(job)
+
+    def publish_progress(self, job: Job) -> None:
+        """A progress frame when the percent rises: never lower than what the client heard, even when
+        the job runs again elsewhere. A job resumed after a restart says so before its first frame,
+        since what the last process told is not known."""
+        percent = job.progress.update()
+        if percent <= job.told_percent:
+            return
+        if job.resumed:
+            job.resumed = False
+            self.core.tell(job, "listening", RESUMED)
+        job.told_percent = percent
+        self.core.tell(job, "progress", f"{percent:.2f}%")
+
+    def prompt_finished(self, backend: Backend, job: Job) -> None:
+        """ComfyUI's final `executing null` (or its history, after a lost socket): only now is the
+        prompt in /history."""
+        core = self.core
+        if job.started_at is not None:
+            ran = time.monotonic() - job.started_at
+            core.metrics.job_finished(job.workflow, backend.name, ran)
+            if job.outcome == "success":
+                core.runtimes.observe(job.workflow, backend.name, ran, job.warm)
+        core.take_back(backend, job)
+        if job.ended:
+            return
+        core.collect(job, self.collect(backend, job))
+
+    async def collect(self, backend: Backend, job: Job) -> None:
+        """Read the finished prompt's outcome, copy its output files here and sync them, then journal
+        the ending; only after that may ComfyUI forget the prompt. Whatever fails, the job ends:
+        a trouble that may pass (ComfyUI away, the disk full) is tried again a bounded number of
+        times, one that will not (a file over the size limit) fails it at once."""
+        core = self.core
+        ended = None
+        try:
+            finished = await self._retrying(job, "read its outcome", lambda: self._outcome(backend, job))
+            if finished is None:
+                ended = core.end(job, JobState.FAILED, "ComfyUI has no record of how the prompt ended")
+            elif finished.outcome == "success":
+                refs = shapes.outputs_of(finished.outputs)
+                files = await self._retrying(job, "store its results", lambda: self._store_results(backend, job, refs))
+                if job.ended:  # interrupted meanwhile
+                    return
+                job.progress.complete()
+                self.publish_progress(job)
+                ended = core.end(job, JobState.DONE, files=files)
+            elif finished.outcome == "interrupted":
+                ended = core.end(job, JobState.CANCELLED, "interrupted")
+            else:
+                ended = core.end(job, JobState.FAILED, finished.error or "ComfyUI reported an error without details")
+        except ResultTooLarge as exc:
+            core.end(job, JobState.FAILED, f"The result cannot be kept: {exc}.")
+            return
+        except BackendUnavailable as exc:
+            log.warning("job %s client %s: results lost: %s", job.id, job.client_id, exc)
+            reason = f"ComfyUI did not give the results ({exc})" if backend.healthy else DISCONNECTED
+            core.end(job, JobState.FAILED, reason)
+            return
+        except StorageError as exc:
+            core.end(job, JobState.FAILED, f"The results could not be stored: {exc}.")
+            return
+        except Exception:  # a fault of the bridge's own: the job still ends, and it is logged
+            log.exception("job %s client %s: collecting its results failed", job.id, job.client_id)
+            core.end(job, JobState.FAILED, "The bridge failed to collect the results; the fault is in its log.")
+            return
+        finally:
+            if job.state is not JobState.DONE:
+                await core.results.discard(job.id)  # partial downloads of a job that has no results
+        if ended is not None:
+            try:
+                await asyncio.shield(ended)  # an interrupt arriving now stops nothing already recorded
+            except StorageError:
+                return  # logged by the journal; ComfyUI keeps the prompt, so a restart can collect it again
+        if core.settings.delete_history:
+            care.forget_later(backend, job.prompt_id, core.spawn)
+        await care.after_job(backend, job.prompt_id, core.settings)
+
+    async def _outcome(self, backend: Backend, job: Job) -> Finished | None:
+        """How the prompt ended: from its events when every one since its start was seen, else from
+        ComfyUI's history (None: ComfyUI has no entry for it)."""
+        if job.seen_outputs is not None and job.outcome is not None:
+            return Finished(job.outcome, job.reported, job.seen_outputs)
+        entry = await backend.client.history(job.prompt_id)
+        if entry is None:
+            return None
+        finished = shapes.finished(entry)
+        if job.outcome is None:
+            return finished
+        return Finished(job.outcome, job.reported or finished.error, finished.outputs)  # the events it saw decide
+
+    async def _retrying(self, job: Job, what: str, attempt: Any) -> Any:
+        """Run `attempt` until it works, the job ends (an interrupt), or `result_retries` tries have
+        failed with a trouble that may pass: ComfyUI not answering, or no room on the disk. Each
+        failure discards what it wrote, and the waits double, so a full disk costs little."""
+        delay, tries = FIRST_RETRY, self.core.settings.result_retries
+        for number in range(1, tries + 1):
+            try:
+                return await attempt()
+            except (BackendUnavailable, StorageError) as exc:
+                await self.core.results.discard(job.id)
+                if number == tries or job.ended:
+                    raise
+                log.warning(
+                    "job %s client %s: could not %s (%s); try %d of %d in %gs",
+                    job.id, job.client_id, what, exc, number + 1, tries, delay,
+                )  # fmt: skip
+                await asyncio.sleep(delay)
+                delay = min(MAX_RETRY_DELAY, delay * 2)
+        raise AssertionError("unreachable: the last try raises or returns")
+
+    async def _store_results(self, backend: Backend, job: Job, refs: list[OutputRef]) -> list[ResultFile]:
+        folder = self.core.results.folder_for(job.id)
+        limit = int(self.core.settings.max_result_mb * MB)
+        files = []
+        for index, ref in enumerate(refs):
+            target = folder / stored_name(index, ref.filename)
+            size = await backend.client.download(ref, target, limit)  # written and fsynced
+            files.append(ResultFile(ref.filename, target, content_type_for(ref.filename), size))
+        if files:  # the files' names in their folder, and the folder in its parent, survive a power cut
+            await asyncio.to_thread(sync_folders, folder)
+        return files

@@ -1,0 +1,219 @@
+"""Who may call, and how much: API keys (each key its own namespace of clientIds, optionally limited to
+some workflows), the caller's address behind trusted proxies, request rates, and CORS."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+from aiohttp import hdrs, web
+from aiohttp.typedefs import Handler, Middleware
+
+from ..core.clients import SCOPE
+from ..core.webhooks import check_url
+from ..errors import BadInput, Forbidden, RateLimited, Unauthorized
+
+__all__ = ["CALLER", "KEY", "AccessPolicy", "KeyFileError", "KeyRing", "RateLimiter", "scoped"]
+
+log = logging.getLogger(__name__)
+
+# Served without a key: a static page (the document it shows needs a key when keys are on), and the
+# probes a load balancer calls (they show details only to a caller with a key).
+OPEN_PATHS = {"/docs", "/health", "/ready", "/metrics", "/playground"}  # /metrics checks its own key
+OPEN_PREFIXES = ("/playground/",)  # the playground's own files: plain, public
+TOKEN_PATHS = {"/ws", "/workflow-thumbnail"}
+
+
+class KeyFileError(Exception):
+    """An API key file that cannot be used; start-up stops and names it."""
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    name: str  # shown in logs and scoped clientIds, never the secret
+    secret: bytes = field(repr=False)
+    workflows: frozenset[str] | None = None  # None: every workflow
+    webhook: str | None = None  # where its jobs' ends are told, unless a request names another
+
+    def check_workflow(self, alias: str) -> None:
+        if self.workflows is not None and alias not in self.workflows:
+            raise Forbidden(f"This API key may not use workflow {alias!r}.")
+
+
+class KeyRing:
+    def __init__(self, keys: Iterable[ApiKey]) -> None:
+        self.keys = list(keys)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.keys)
+
+    @classmethod
+    def load(cls, plain: Iterable[str], key_file: Path | None) -> KeyRing:
+        """Keys from the settings (all workflows) and from a JSON file:
+        `[{"name": "studio", "key": "...", "workflows": ["text-to-image"], "webhook": "https://..."}, ...]`."""
+        keys = [ApiKey(f"key{index}", secret.encode()) for index, secret in enumerate(plain, 1)]
+        if key_file is not None:
+            try:
+                entries = orjson.loads(key_file.read_bytes())
+                for entry in entries:
+                    workflows = entry.get("workflows")
+                    keys.append(
+                        ApiKey(
+                            str(entry["name"]),
+                            str(entry["key"]).encode(),
+                            frozenset(map(str, workflows)) if workflows is not None else None,
+                            check_url(entry["webhook"]) if entry.get("webhook") else None,
+                        )
+                    )
+            except (OSError, orjson.JSONDecodeError, KeyError, TypeError, AttributeError, BadInput) as exc:
+                raise KeyFileError(
+                    f"API key file {key_file}: cannot be used ({exc.__class__.__name__}: {exc})"
+                ) from None
+        names = [k.name for k in keys]
+        if len(set(names)) != len(names) or any(SCOPE in n or not n for n in names):
+            raise KeyFileError(f"API key names must be unique, non-empty and without {SCOPE!r}")
+        if any(len(k.secret) < 16 for k in keys):
+            raise KeyFileError("API keys must be at least 16 characters long")
+        return cls(keys)
+
+    def find(self, presented: str) -> ApiKey | None:
+        """The key matching `presented`, compared in constant time against every key."""
+        candidate = presented.encode()
+        found = None
+        for key in self.keys:
+            if hmac.compare_digest(candidate, key.secret):
+                found = key
+        return found
+
+
+KEY = web.RequestKey("api_key", ApiKey)
+CALLER = web.RequestKey("caller", str)  # the client's address, behind trusted proxies
+
+
+def presented_key(request: web.Request) -> str | None:
+    auth = request.headers.get(hdrs.AUTHORIZATION, "")
+    scheme, _, value = auth.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    if request.headers.get("X-API-Key"):
+        return request.headers["X-API-Key"]
+    if request.path in TOKEN_PATHS:  # browsers set no headers on a WebSocket or an <img>
+        return request.query.get("token")
+    return None
+
+
+def scoped(request: web.Request, client_id: str) -> str:
+    """The clientId as the core knows it: within the caller's key, so keys never share clients."""
+    key = request.get(KEY)
+    return client_id if key is None else f"{key.name}{SCOPE}{client_id}"
+
+
+# addresses and rates ---------------------------------------------------------------------------
+def caller_address(request: web.Request, trusted: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> str:
+    """The client's address: `X-Forwarded-For` is believed only when the peer is a trusted proxy,
+    and then only up to the first hop that is not one."""
+    peer = request.remote or ""
+    hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",") if h.strip()]
+    address = peer
+    while _is_trusted(address, trusted) and hops:
+        address = hops.pop()
+    return address
+
+
+def _is_trusted(address: str, trusted: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in trusted)
+
+
+class RateLimiter:
+    """A token bucket per caller: `rate` requests a second on average, bursts of `burst`."""
+
+    def __init__(self, rate: float, burst: float, max_callers: int = 100_000) -> None:
+        self.rate = rate
+        self.burst = max(burst, 1.0)
+        self.max_callers = max_callers
+        self._buckets: dict[str, tuple[float, float]] = {}  # caller -> (tokens, at)
+
+    def take(self, caller: str) -> None:
+        """Spend one token of the caller's bucket, or raise RateLimited saying when to come back."""
+        now = time.monotonic()
+        tokens, at = self._buckets.pop(caller, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - at) * self.rate)
+        if len(self._buckets) >= self.max_callers:  # forget the longest-idle callers (dicts keep order)
+            for stale in list(self._buckets)[: self.max_callers // 10]:
+                del self._buckets[stale]
+        if tokens < 1.0:
+            self._buckets[caller] = (tokens, now)
+            wait = math.ceil((1.0 - tokens) / self.rate)
+            raise RateLimited(f"Too many requests; try again in {wait} s.", retry_after=wait)
+        self._buckets[caller] = (tokens - 1.0, now)
+
+
+@dataclass
+class AccessPolicy:
+    keys: KeyRing
+    key_rate: RateLimiter | None = None
+    ip_rate: RateLimiter | None = None
+    trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = field(default_factory=list)
+    cors_origins: frozenset[str] = frozenset()
+
+    def middleware(self) -> Middleware:
+        @web.middleware
+        async def access(request: web.Request, handler: Handler) -> web.StreamResponse:
+            address = caller_address(request, self.trusted_proxies)
+            request[CALLER] = address
+            if self.ip_rate is not None:
+                self.ip_rate.take(address)
+            if self.keys.enabled:
+                presented = presented_key(request)
+                key = self.keys.find(presented) if presented else None
+                if key is None and (request.path in OPEN_PATHS or request.path.startswith(OPEN_PREFIXES)):
+                    return await handler(request)
+                if key is None:
+                    raise Unauthorized(
+                        "A valid API key is required: send `Authorization: Bearer KEY` or `X-API-Key: KEY` "
+                        "(`?token=KEY` on the WebSocket)."
+                        if presented is None
+                        else "That API key is not valid."
+                    )
+                request[KEY] = key
+                if self.key_rate is not None:
+                    self.key_rate.take(key.name)
+            return await handler(request)
+
+        return access
+
+    def cors_middleware(self) -> Middleware:
+        @web.middleware
+        async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
+            origin = request.headers.get(hdrs.ORIGIN)
+            allowed = origin is not None and ("*" in self.cors_origins or origin in self.cors_origins)
+            if request.method == "OPTIONS" and request.headers.get(hdrs.ACCESS_CONTROL_REQUEST_METHOD):
+                if not allowed:
+                    refusal = orjson.dumps({"detail": f"Origin {origin!r} may not call this bridge."})
+                    return web.Response(body=refusal, status=403, content_type="application/json")
+                response: web.StreamResponse = web.Response(status=204)
+                response.headers[hdrs.ACCESS_CONTROL_ALLOW_METHODS] = "GET, POST, OPTIONS"
+                response.headers[hdrs.ACCESS_CONTROL_ALLOW_HEADERS] = "Authorization, X-API-Key, Content-Type"
+                response.headers[hdrs.ACCESS_CONTROL_MAX_AGE] = "600"
+            else:
+                response = await handler(request)
+            if allowed and not response.prepared:
+                assert origin is not None
+                response.headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = origin
+                response.headers[hdrs.VARY] = "Origin"
+                response.headers[hdrs.ACCESS_CONTROL_EXPOSE_HEADERS] = "X-Detail, Retry-After"
+            return response
+
+        return cors

@@ -1,0 +1,48 @@
+"""Typed application keys: every shared object of the app, declared in one place."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from aiohttp import web
+
+from ..config import Settings
+from ..core.workflows import WorkflowStore
+from ..store.counter import StateStore
+from ..store.datadir import DataDirLock
+from ..store.journal import SqliteJournal
+from ..store.results import ResultStore
+from ..store.uploads import UploadStore
+
+__all__ = [
+    "BACKEND_URLS",
+    "DATA_LOCK",
+    "HUB",
+    "JOURNAL",
+    "RECOVERED",
+    "RESULTS",
+    "SCHEDULER",
+    "SESSION",
+    "SETTINGS",
+    "STATE",
+    "UPLOADS",
+    "WORKFLOWS",
+]
+
+if TYPE_CHECKING:
+    from ..core.scheduler import Scheduler
+    from .ws import SocketHub
+
+SETTINGS = web.AppKey("settings", Settings)
+DATA_LOCK = web.AppKey("data_lock", DataDirLock)
+WORKFLOWS = web.AppKey("workflows", WorkflowStore)
+STATE = web.AppKey("state", StateStore)
+JOURNAL = web.AppKey("journal", SqliteJournal)
+RECOVERED = web.AppKey("recovered", list[dict[str, Any]])  # the journal's rows, until the scheduler takes them
+UPLOADS = web.AppKey("uploads", UploadStore)
+RESULTS = web.AppKey("results", ResultStore)
+SESSION = web.AppKey("session", aiohttp.ClientSession)
+BACKEND_URLS = web.AppKey("backend_urls", list[str])
+HUB: web.AppKey[SocketHub] = web.AppKey("hub")
+SCHEDULER: web.AppKey[Scheduler] = web.AppKey("scheduler")

@@ -1,0 +1,410 @@
+"""The machine-readable contract: an OpenAPI 3.1 document of every route, with one request schema per
+workflow built from its exposed inputs, and a small self-contained page that shows it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import __version__
+from ..core.clients import CLIENT_ID
+from ..core.workflows import InputSpec, Workflow, WorkflowStore
+
+__all__ = ["DOCS_PAGE", "document"]
+
+JSON_TYPES = {"int": "integer", "float": "number", "str": "string", "bool": "boolean"}
+STATUSES = ["connected", "listening", "progress", "closed", "error"]
+_STRING = {"type": "string"}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    reasons = {
+        400: "bad input (the detail says what)",
+        401: "a valid API key is required",
+        403: "the API key may not do this",
+        404: "not found",
+        405: "method not allowed",
+        413: "too large",
+        415: "not an allowed, whole media file",
+        429: "too many requests or jobs (see Retry-After)",
+        503: "no backend can take it, or the bridge is stopping",
+        507: "the bridge's disk is full",
+    }
+    return {str(code): {"description": reasons[code], **_json(_ref("Error"))} for code in (*codes, 401, 429)}
+
+
+def _client_id(required: bool = True) -> dict[str, Any]:
+    return {
+        "name": "clientId",
+        "in": "query",
+        "required": required,
+        "description": "the app's id for one request context (a UUID is recommended)",
+        "schema": {"type": "string", "pattern": f"^{CLIENT_ID.pattern}$"},
+    }
+
+
+def input_schema(spec: InputSpec) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": JSON_TYPES[spec.type], "title": spec.title, "default": spec.default}
+    if spec.upload:
+        schema["description"] = f"the stored name of an uploaded {spec.upload} file (POST /upload)"
+        return schema
+    if spec.minimum is not None:
+        schema["minimum"] = spec.minimum
+    if spec.maximum is not None:
+        schema["maximum"] = spec.maximum
+    if spec.choices is not None:
+        schema["enum"] = spec.choices
+    if spec.description:
+        schema["description"] = spec.description
+    return schema
+
+
+def request_schema(workflow: Workflow) -> dict[str, Any]:
+    """What POST /generate-based-workflow takes for this workflow: its alias and its exposed inputs."""
+    properties: dict[str, Any] = {"workflow": {"const": workflow.alias}}
+    properties.update({key: input_schema(spec) for key, spec in workflow.inputs.items()})
+    schema: dict[str, Any] = {
+        "type": "object",
+        "title": workflow.alias,
+        "properties": properties,
+        "required": ["workflow"],
+        "additionalProperties": False,
+    }
+    if workflow.description:
+        schema["description"] = workflow.description
+    catalogue = workflow.catalogue_entry()
+    if catalogue["thumbnail"]:
+        schema["x-thumbnail"] = catalogue["thumbnail"]
+    return schema
+
+
+def document(workflows: WorkflowStore, aliases: list[str]) -> dict[str, Any]:
+    """The OpenAPI document for the workflows a caller may use."""
+    per_workflow = {f"Generate_{alias}": request_schema(workflows.get(alias)) for alias in aliases}
+    schemas: dict[str, Any] = {
+        "Error": {"type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]},
+        "CatalogueEntry": {
+            "type": "object",
+            "required": ["name", "description", "thumbnail", "inputs"],
+            "properties": {
+                "name": _STRING,
+                "description": _STRING,
+                "thumbnail": {"type": ["string", "null"], "description": "a link to GET /workflow-thumbnail"},
+                "inputs": {"type": "object", "additionalProperties": _ref("Input")},
+            },
+        },
+        "Status": {
+            "type": "object",
+            "properties": {
+                "status": {"enum": STATUSES},
+                "detail": {"type": "string"},
+                "details": {"type": "string", "description": "the same text as detail"},
+                "job_id": {"type": "string"},
+            },
+            "required": ["status", "detail", "details"],
+        },
+        "Input": {
+            "type": "object",
+            "properties": {
+                "type": {"enum": list(JSON_TYPES)},
+                "title": {"type": "string"},
+                "class": {"type": "string"},
+                "default": {},
+                "upload": {"enum": ["image", "video", "audio"]},
+                "min": {"type": "number"},
+                "max": {"type": "number"},
+                "choices": {"type": "array"},
+                "description": {"type": "string"},
+            },
+            "required": ["type", "title", "class", "default"],
+        },
+        **per_workflow,
+    }
+    generate_body = {"oneOf": [_ref(name) for name in per_workflow]} if per_workflow else {"type": "object"}
+    ok_detail = _json({"type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]})
+    paths: dict[str, Any] = {
+        "/workflow-list": {
+            "get": {
+                "summary": "Every workflow alias, sorted; `?detail=1`: the catalogue (description, thumbnail, inputs)",
+                "parameters": [{"name": "detail", "in": "query", "schema": {"type": "string", "enum": ["1", "true"]}}],
+                "responses": {
+                    "200": {
+                        "description": "aliases, or catalogue entries with ?detail=1",
+                        **_json(
+                            {
+                                "oneOf": [
+                                    {"type": "array", "items": {"type": "string"}},
+                                    {"type": "array", "items": _ref("CatalogueEntry")},
+                                ]
+                            }
+                        ),
+                    }
+                },
+            }
+        },
+        "/workflow-thumbnail": {
+            "get": {
+                "summary": "A picture of what the workflow makes, when its alias entry names one",
+                "parameters": [{"name": "workflow", "in": "query", "required": True, "schema": _STRING}],
+                "responses": {
+                    "200": {"description": "the image", "content": {"image/*": {"schema": {"type": "string"}}}},
+                    **_errors(400, 403, 404),
+                },
+            }
+        },
+        "/workflow-info": {
+            "get": {
+                "summary": "The inputs a workflow exposes",
+                "parameters": [{"name": "workflow", "in": "query", "required": True, "schema": {"type": "string"}}],
+                "responses": {
+                    "200": {
+                        "description": "inputs by `node/input`",
+                        **_json({"type": "object", "additionalProperties": _ref("Input")}),
+                    },
+                    **_errors(400, 403),
+                },
+            }
+        },
+        "/upload": {
+            "post": {
+                "summary": "Store files for later jobs (one file per part; the field name is your identifier)",
+                "parameters": [_client_id(required=False)],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "multipart/form-data": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {"file": {"type": "string", "format": "binary"}},
+                                "additionalProperties": {"type": "string", "format": "binary"},
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": {
+                        "description": "stored names by identifier",
+                        **_json({"type": "object", "additionalProperties": {"type": "string"}}),
+                    },
+                    **_errors(400, 413, 415, 507),
+                },
+            }
+        },
+        "/generate-based-workflow": {
+            "post": {
+                "summary": "Queue a job",
+                "parameters": [_client_id()],
+                "requestBody": {"required": True, **_json(generate_body)},
+                "responses": {
+                    "200": {
+                        "description": "accepted: its place in line and its id",
+                        **_json(
+                            {
+                                "type": "object",
+                                "properties": {"detail": {"type": "string"}, "job_id": {"type": "string"}},
+                                "required": ["detail", "job_id"],
+                            }
+                        ),
+                    },
+                    **_errors(400, 403, 413, 503, 507),
+                },
+            }
+        },
+        "/history": {
+            "get": {
+                "summary": "The results of the client's finished jobs, then forgets them",
+                "parameters": [
+                    _client_id(),
+                    {"name": "resType", "in": "query", "required": False, "schema": {"enum": ["base64"]}},
+                ],
+                "responses": {
+                    "200": {
+                        "description": "one part per file (multipart), or base64 JSON with resType=base64",
+                        "content": {
+                            "multipart/form-data": {"schema": {"type": "object"}},
+                            "application/json": {"schema": {"type": "object"}},
+                        },
+                    },
+                    "204": {"description": "nothing to fetch; the reason is in the X-Detail header"},
+                    **_errors(400),
+                },
+            }
+        },
+        "/execution-info": {
+            "get": {
+                "summary": "The client's latest status",
+                "parameters": [_client_id()],
+                "responses": {"200": {"description": "status", **_json(_ref("Status"))}, **_errors(400)},
+            }
+        },
+        "/generation-count": {
+            "get": {
+                "summary": "Jobs ever accepted",
+                "responses": {"200": {"description": "a bare integer", **_json({"type": "integer", "minimum": 0})}},
+            }
+        },
+        "/free": {
+            "post": {
+                "summary": "Ask ComfyUI to unload models and free memory",
+                "parameters": [_client_id(required=False)],
+                "responses": {"200": {"description": "done", **ok_detail}, **_errors(400, 503)},
+            }
+        },
+        "/interrupt": {
+            "post": {
+                "summary": "Cancel the client's jobs",
+                "parameters": [_client_id()],
+                "responses": {"200": {"description": "cancelled", **ok_detail}, **_errors(400)},
+            }
+        },
+        "/health": {
+            "get": {
+                "summary": "The process serves; each backend's state (addresses only for a caller with a key)",
+                "responses": {"200": {"description": "ok", **_json(HEALTH)}},
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics (jobs, queue, backends, requests, journal commits)",
+                "responses": {
+                    "200": {"description": "text exposition format", "content": {"text/plain": {"schema": _STRING}}},
+                    **_errors(),
+                },
+            }
+        },
+        "/ready": {
+            "get": {
+                "summary": "Whether to send work here: 503 when no backend is usable, the queue is too deep, "
+                "or the bridge is stopping",
+                "responses": {
+                    "200": {"description": "ready", **_json(HEALTH)},
+                    "503": {"description": "not ready; `detail` says why", **_json(HEALTH)},
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "This document (with API keys on, for the caller's workflows)",
+                "responses": {"200": {"description": "OpenAPI 3.1", **_json({"type": "object"})}},
+            }
+        },
+        "/docs": {
+            "get": {
+                "summary": "A page that shows this document (`/docs?token=KEY` when keys are on)",
+                "responses": {"200": {"description": "HTML", "content": {"text/html": {"schema": _STRING}}}},
+            }
+        },
+        "/playground": {
+            "get": {
+                "summary": "A page to try any workflow: a form from its inputs, live progress, the results "
+                "(its files are under /playground/)",
+                "responses": {"200": {"description": "HTML", "content": {"text/html": {"schema": _STRING}}}},
+            }
+        },
+        "/playground/": {
+            "get": {
+                "summary": "Redirects to /playground",
+                "responses": {"301": {"description": "to /playground"}},
+            }
+        },
+        "/ws": {
+            "get": {
+                "summary": "The client's live status channel (WebSocket; `?token=KEY` when keys are on)",
+                "parameters": [_client_id(), {"name": "token", "in": "query", "schema": {"type": "string"}}],
+                "responses": {
+                    "101": {"description": "switching to WebSocket; frames are Status objects"},
+                    **_errors(400),
+                },
+            }
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "comfybridge",
+            "version": __version__,
+            "description": 'One small API in front of many ComfyUI servers. Errors are {"detail": ...}. '
+            "The workflow catalogue (descriptions, thumbnails, inputs) is GET /workflow-list?detail=1.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            },
+        },
+        "security": [{}, {"bearer": []}, {"apiKey": []}],
+    }
+
+
+HEALTH: dict[str, Any] = {
+    "type": "object",
+    "required": ["status", "backends", "usable_backends", "queued", "stopping", "generation_count"],
+    "properties": {
+        "status": {"type": "string", "enum": ["ok", "ready", "not ready"]},
+        "detail": {"type": "string"},
+        "backends": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["state"],
+                "properties": {
+                    "url": {"type": "string"},
+                    "state": {"type": "string", "enum": ["up", "down", "draining", "resting"]},
+                    "in_flight": {"type": "integer"},
+                    "comfyui_queue": {"type": "integer"},
+                    "relative_speed": {"type": ["number", "null"]},
+                    "jobs_api": {"type": ["boolean", "null"]},
+                },
+            },
+        },
+        "usable_backends": {"type": "integer"},
+        "queued": {"type": "integer"},
+        "stopping": {"type": "boolean"},
+        "generation_count": {"type": "integer"},
+    },
+}
+
+
+DOCS_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>comfybridge API</title>
+<style>
+body{font:15px/1.5 system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}
+h2{margin-top:2rem;border-bottom:1px solid #ddd}code,pre{background:#f5f5f5;border-radius:4px;padding:.1rem .3rem}
+pre{padding:.6rem;overflow:auto}.m{font-weight:bold;text-transform:uppercase;margin-right:.5rem}
+</style></head><body>
+<h1>comfybridge API</h1>
+<p>The machine-readable contract is <a href="openapi.json"><code>openapi.json</code></a> (OpenAPI 3.1).</p>
+<div id="routes">Loading…</div>
+<script>
+const ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"};
+const esc = s => String(s).replace(/[&<>"']/g, c => ENTITIES[c]);
+const token = new URLSearchParams(location.search).get("token");  // with API keys on: /docs?token=KEY
+fetch("openapi.json", {headers: token ? {"X-API-Key": token} : {}}).then(r => r.json()).then(doc => {
+  if (!doc.paths) { document.getElementById("routes").textContent = doc.detail; return; }
+  const out = [];
+  for (const [path, ops] of Object.entries(doc.paths)) {
+    for (const [method, op] of Object.entries(ops)) {
+      const params = (op.parameters || []).map(p => p.name + (p.required ? "" : "?")).join(", ");
+      const codes = Object.keys(op.responses).join(" ");
+      out.push(`<h2><span class="m">${method}</span><code>${esc(path)}</code></h2><p>${esc(op.summary)}</p>` +
+        (params ? `<p>Query: <code>${esc(params)}</code></p>` : "") + `<p>Answers: ${esc(codes)}</p>`);
+    }
+  }
+  const bodies = Object.entries(doc.components.schemas).filter(([n]) => n.startsWith("Generate_"));
+  out.push("<h2>Workflows</h2>");
+  for (const [name, schema] of bodies) {
+    out.push(`<h3>${esc(schema.title)}</h3><pre>${esc(JSON.stringify(schema.properties, null, 2))}</pre>`);
+  }
+  document.getElementById("routes").innerHTML = out.join("");
+});
+</script></body></html>
+"""

@@ -1,0 +1,194 @@
+"""The WebSocket edge: `/ws?clientId=`, the registry of open sockets, and the `listening` heartbeat."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import orjson
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from ..core.clients import Status, check_client_id, status_message
+from ..errors import RateLimited
+from .access import CALLER, scoped
+from .appkeys import HUB, SCHEDULER, SETTINGS
+
+__all__ = ["HIGH_WATER", "Outbox", "SocketHub", "heartbeat", "text_frame", "websocket_handler"]
+
+log = logging.getLogger(__name__)
+
+CONNECTED_FRAME = orjson.dumps(status_message("connected", "server connected"))
+LISTENING_FRAME = orjson.dumps(status_message("listening", "server is listening"))
+
+
+# Frames wait in an outbox (drained by a task through aiohttp's flow control) once this much is
+# unsent to a socket; below it they go straight to the socket.
+HIGH_WATER = 64 * 1024
+
+
+def text_frame(payload: bytes) -> bytes:
+    """A whole, unmasked WebSocket text frame (RFC 6455 §5.2), as a server sends it. Valid whatever
+    extensions were agreed: a frame without RSV1 is uncompressed under permessage-deflate too."""
+    size = len(payload)
+    if size < 126:
+        return bytes((0x81, size)) + payload
+    if size < 1 << 16:
+        return bytes((0x81, 126)) + size.to_bytes(2, "big") + payload
+    return bytes((0x81, 127)) + size.to_bytes(8, "big") + payload
+
+
+class Outbox:
+    """One socket's outgoing frames, in order. With nothing waiting and the client reading, a frame is
+    written at once, pre-encoded, with no task and no queue (10,000 idle sockets hear a heartbeat every
+    second); otherwise frames wait here and one task sends them, awaiting a slow client, so the
+    scheduler that publishes is never blocked. None means: close with 1011 after what is before it."""
+
+    __slots__ = ("sender", "transport", "waiting", "ws")
+
+    def __init__(self, ws: web.WebSocketResponse, transport: asyncio.BaseTransport | None) -> None:
+        self.ws = ws
+        self.transport = transport if isinstance(transport, asyncio.WriteTransport) else None
+        self.waiting: collections.deque[bytes | None] = collections.deque()
+        self.sender: asyncio.Task[None] | None = None
+
+    def put(self, frame: bytes | None) -> None:
+        if self.ws.closed:
+            return  # nothing after a Close frame (RFC 6455 §5.5.1)
+        transport = self.transport
+        if (
+            frame is not None
+            and self.sender is None
+            and transport is not None
+            and not transport.is_closing()
+            and transport.get_write_buffer_size() < HIGH_WATER
+        ):
+            transport.write(text_frame(frame))
+            return
+        self.waiting.append(frame)
+        if self.sender is None:
+            self.sender = asyncio.create_task(self._send_waiting(), name="ws sender")
+
+    async def _send_waiting(self) -> None:
+        try:
+            while self.waiting and not self.ws.closed:
+                frame = self.waiting.popleft()
+                if frame is None:
+                    await self.ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"job failed")
+                    return
+                await self.ws.send_frame(frame, WSMsgType.TEXT)
+        except (ConnectionError, RuntimeError) as exc:
+            log.debug("socket send failed: %s", exc)
+        finally:
+            self.sender = None
+
+    async def close(self) -> None:
+        if self.sender is not None:
+            self.sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.sender
+
+
+class SocketHub:
+    """Open sockets per clientId, each with its outbox. Only a socket's handler reads it."""
+
+    def __init__(self) -> None:
+        self._outboxes: dict[str, dict[web.WebSocketResponse, Outbox]] = {}
+        self._by_address: dict[str, int] = {}
+
+    def count(self, client_id: str) -> int:
+        return len(self._outboxes.get(client_id, ()))
+
+    def from_address(self, address: str) -> int:
+        return self._by_address.get(address, 0)
+
+    def opened_from(self, address: str, change: int) -> None:
+        left = self._by_address.get(address, 0) + change
+        if left > 0:
+            self._by_address[address] = left
+        else:
+            self._by_address.pop(address, None)
+
+    def client_ids(self) -> list[str]:
+        return list(self._outboxes)
+
+    def open_sockets(self) -> int:
+        return sum(len(sockets) for sockets in self._outboxes.values())
+
+    def add(self, client_id: str, ws: web.WebSocketResponse, transport: asyncio.BaseTransport | None) -> Outbox:
+        outbox = Outbox(ws, transport)
+        self._outboxes.setdefault(client_id, {})[ws] = outbox
+        return outbox
+
+    def remove(self, client_id: str, ws: web.WebSocketResponse) -> None:
+        sockets = self._outboxes.get(client_id)
+        if sockets is not None:
+            sockets.pop(ws, None)
+            if not sockets:
+                del self._outboxes[client_id]
+
+    def publish(self, client_id: str, message: Status, close: bool = False) -> None:
+        self.send_frame(client_id, orjson.dumps(message), close)
+
+    def send_frame(self, client_id: str, frame: bytes, close: bool = False) -> None:
+        for outbox in self._outboxes.get(client_id, {}).values():
+            outbox.put(frame)
+            if close:
+                outbox.put(None)  # after an error frame: close with 1011
+
+    async def close_all(self) -> None:
+        for sockets in list(self._outboxes.values()):
+            for ws in list(sockets):
+                await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+
+
+async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
+    client_id = scoped(request, check_client_id(request.query.get("clientId")))
+    hub = request.app[HUB]
+    scheduler = request.app[SCHEDULER]
+    settings = request.app[SETTINGS]
+    address = request.get(CALLER, request.remote or "")
+    if hub.count(client_id) >= settings.max_sockets_per_client:
+        raise RateLimited(f"This clientId already has {settings.max_sockets_per_client} sockets open, the limit.")
+    if hub.from_address(address) >= settings.max_sockets_per_ip:
+        raise RateLimited(f"Your address already has {settings.max_sockets_per_ip} sockets open, the limit.")
+    ws = web.WebSocketResponse(heartbeat=30)
+    await ws.prepare(request)
+    hub.opened_from(address, +1)
+    scheduler.remember(client_id)
+    outbox = hub.add(client_id, ws, request.transport)
+    scheduler.socket_opened(client_id)
+    outbox.put(CONNECTED_FRAME)
+    log.debug("client %s: socket open", client_id)
+    try:
+        async for msg in ws:
+            if msg.type is WSMsgType.ERROR:
+                break
+    finally:
+        hub.opened_from(address, -1)
+        hub.remove(client_id, ws)
+        scheduler.socket_closed(client_id)
+        await outbox.close()
+        log.debug("client %s: socket closed", client_id)
+    return ws
+
+
+async def heartbeat(app: web.Application) -> AsyncIterator[None]:
+    """Every `heartbeat` seconds, a `listening` frame to each socket whose client has no job running."""
+    hub, scheduler = app[HUB], app[SCHEDULER]
+    interval = scheduler.settings.heartbeat
+
+    async def beat() -> None:
+        while True:
+            await asyncio.sleep(interval)
+            for client_id in hub.client_ids():
+                if not scheduler.is_running(client_id):
+                    hub.send_frame(client_id, LISTENING_FRAME)
+
+    task = asyncio.create_task(beat(), name="heartbeat")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

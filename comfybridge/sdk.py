@@ -1,0 +1,377 @@
+"""A Python client for comfybridge, async (`AsyncBridge`) and blocking (`Bridge`).
+
+    async with AsyncBridge("http://127.0.0.1:8000") as bridge:
+        job = await bridge.run("text-to-image", {"6/text": "a red fox"}, on_event=print)
+        paths = await bridge.save_results("results/")
+
+    with Bridge("http://127.0.0.1:8000") as bridge:
+        for event in bridge.follow(bridge.generate("invert", {}, files={"1/image": "cat.png"})):
+            print(event.percent)
+
+Every refusal raises `BridgeError` with the bridge's `detail`; a job that ends in error raises
+`JobFailed`. Results are streamed to files, never held whole in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import urllib.parse
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiofiles
+import aiohttp
+import orjson
+
+T = TypeVar("T")
+FileSource = str | Path | bytes | tuple[str, bytes]  # a path, raw bytes, or (file name, bytes)
+
+
+__all__ = ["AsyncBridge", "Bridge", "BridgeError", "Event", "Job", "JobFailed", "ResultFile"]
+
+
+class BridgeError(Exception):
+    """The bridge refused a request; `detail` is its reason, `status` the HTTP status."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(f"HTTP {status}: {detail}")
+        self.status = status
+        self.detail = detail
+
+
+class JobFailed(Exception):
+    """A job ended with an `error` status (ComfyUI's error, `interrupted`, a time-out, ...)."""
+
+    def __init__(self, job_id: str, detail: str) -> None:
+        super().__init__(detail)
+        self.job_id = job_id
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Event:
+    """One status message: `status` is connected, listening, progress, closed or error."""
+
+    status: str
+    detail: str
+    job_id: str | None = None
+    jobs_left: int | None = None
+
+    @property
+    def percent(self) -> float | None:
+        """The progress of a `progress` event, 0 to 100."""
+        return float(self.detail.rstrip("%")) if self.status == "progress" else None
+
+    @property
+    def ended(self) -> bool:
+        return self.status in ("closed", "error") and self.job_id is not None
+
+
+@dataclass(frozen=True)
+class Job:
+    job_id: str
+    place: int  # 1 + the jobs ahead of it when it was accepted ("queued / N")
+
+
+@dataclass(frozen=True)
+class ResultFile:
+    path: Path
+    job_id: str | None
+    content_type: str
+
+
+class AsyncBridge:
+    """One clientId's view of a bridge. Open a socket before generating to see every event:
+    `run` and `follow` do."""
+
+    def __init__(
+        self,
+        url: str,
+        client_id: str | None = None,
+        api_key: str | None = None,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.client_id = client_id or str(uuid.uuid4())
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}  # sent with every request
+        self._api_key = api_key
+        self._session = session
+        self._own_session = session is None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+
+    async def __aenter__(self) -> AsyncBridge:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._ws is not None:
+            await self._ws.close()
+            self._ws = None
+        if self._own_session and self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+    # catalogue -------------------------------------------------------------------------------
+    async def workflows(self) -> list[str]:
+        listed: list[str] = await self._json("GET", "/workflow-list")
+        return listed
+
+    async def catalogue(self) -> list[dict[str, Any]]:
+        """Each workflow's name, description, thumbnail link and inputs."""
+        entries: list[dict[str, Any]] = await self._json("GET", "/workflow-list", params={"detail": "1"})
+        return entries
+
+    async def inputs(self, workflow: str) -> dict[str, dict[str, Any]]:
+        described: dict[str, dict[str, Any]] = await self._json("GET", "/workflow-info", params={"workflow": workflow})
+        return described
+
+    # a job -----------------------------------------------------------------------------------
+    async def upload(self, files: Mapping[str, FileSource]) -> dict[str, str]:
+        """Upload files under their identifiers; returns the stored name of each."""
+        form = aiohttp.FormData()
+        for key, source in files.items():
+            name, data = await _read_source(source)
+            form.add_field(key, data, filename=name)
+        stored: dict[str, str] = await self._json("POST", "/upload", data=form, client=True)
+        return stored
+
+    async def generate(
+        self, workflow: str, inputs: Mapping[str, Any] | None = None, files: Mapping[str, FileSource] | None = None
+    ) -> Job:
+        """Queue a job (uploading `files` first, as inputs of the same names)."""
+        body: dict[str, Any] = {"workflow": workflow, **(inputs or {})}
+        if files:
+            body.update(await self.upload(files))
+        answer = await self._json("POST", "/generate-based-workflow", json=body, client=True)
+        place = int(str(answer["detail"]).rsplit("/", 1)[-1])
+        return Job(answer["job_id"], place)
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Every status message of this client, from a socket opened on first use, until it closes."""
+        ws = await self._socket()
+        async for msg in ws:
+            if msg.type is not aiohttp.WSMsgType.TEXT:
+                break
+            try:
+                frame = orjson.loads(msg.data)
+                event = Event(frame["status"], frame["detail"], frame.get("job_id"), frame.get("jobs_left"))
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                raise BridgeError(0, f"the bridge sent a frame that is not a status: {msg.data[:200]!r}") from None
+            yield event
+
+    async def follow(self, job: Job, on_event: Callable[[Event], Any] | None = None) -> Event:
+        """Wait for the job's end, passing each of its events to `on_event`; raises JobFailed."""
+        async for event in self.events():
+            if event.job_id not in (None, job.job_id):
+                continue
+            if on_event is not None:
+                on_event(event)
+            if event.ended and event.job_id == job.job_id:
+                if event.status == "error":
+                    raise JobFailed(job.job_id, event.detail)
+                return event
+        raise BridgeError(0, "the bridge closed the socket before the job ended")
+
+    async def run(
+        self,
+        workflow: str,
+        inputs: Mapping[str, Any] | None = None,
+        files: Mapping[str, FileSource] | None = None,
+        on_event: Callable[[Event], Any] | None = None,
+    ) -> Job:
+        """Generate and wait for the end: socket first, so no event is missed."""
+        await self._socket()
+        job = await self.generate(workflow, inputs, files)
+        await self.follow(job, on_event)
+        return job
+
+    async def status(self) -> Event:
+        """`/execution-info`: the client's status now (for clients that poll instead of listening)."""
+        frame = await self._json("GET", "/execution-info", client=True)
+        return Event(frame["status"], frame["detail"], frame.get("job_id"), frame.get("jobs_left"))
+
+    async def save_results(self, folder: str | Path) -> list[ResultFile]:
+        """Fetch every finished result of this client into `folder` (streamed), then the bridge
+        forgets them. An existing file is never overwritten: `name-1.png`, ..."""
+        target = Path(folder)
+        await asyncio.to_thread(target.mkdir, parents=True, exist_ok=True)
+        saved: list[ResultFile] = []
+        params = {"clientId": self.client_id}
+        async with self.session.get(f"{self.url}/history", params=params, headers=self._headers) as resp:
+            if resp.status == 204:
+                return saved
+            await _raise_for(resp)
+            reader = aiohttp.MultipartReader.from_response(resp)
+            while (part := await reader.next()) is not None:
+                assert isinstance(part, aiohttp.BodyPartReader)
+                path = await asyncio.to_thread(_free_path, target / Path(part.filename or f"{part.name}.bin").name)
+                async with aiofiles.open(path, "wb") as handle:
+                    while chunk := await part.read_chunk():
+                        await handle.write(chunk)
+                content_type = part.headers.get("Content-Type", "application/octet-stream")
+                saved.append(ResultFile(path, part.headers.get("X-Job-Id"), content_type))
+        return saved
+
+    async def interrupt(self) -> str:
+        answer = await self._json("POST", "/interrupt", client=True)
+        return str(answer["detail"])
+
+    async def free(self) -> str:
+        answer = await self._json("POST", "/free", client=True)
+        return str(answer["detail"])
+
+    async def generation_count(self) -> int:
+        return int(await self._json("GET", "/generation-count"))
+
+    # plumbing --------------------------------------------------------------------------------
+    async def _socket(self) -> aiohttp.ClientWebSocketResponse:
+        if self._ws is None or self._ws.closed:
+            params = {"clientId": self.client_id}
+            if self._api_key:
+                params["token"] = self._api_key
+            ws_url = self.url.replace("http", "ws", 1) + "/ws"
+            try:
+                self._ws = await self.session.ws_connect(ws_url, params=params)
+            except aiohttp.WSServerHandshakeError as exc:
+                # The bridge says why in X-Detail: a handshake's refusal body is not readable here.
+                told = exc.headers.get("X-Detail") if exc.headers else None
+                raise BridgeError(exc.status, urllib.parse.unquote(told) if told else exc.message) from None
+        return self._ws
+
+    async def _json(self, method: str, path: str, client: bool = False, **kwargs: Any) -> Any:
+        params = dict(kwargs.pop("params", {}))
+        if client:
+            params["clientId"] = self.client_id
+        request = self.session.request(method, self.url + path, params=params, headers=self._headers, **kwargs)
+        async with request as resp:
+            await _raise_for(resp)
+            return orjson.loads(await resp.read())
+
+
+async def _raise_for(resp: aiohttp.ClientResponse) -> None:
+    if resp.status < 400:
+        return
+    try:
+        detail = str(orjson.loads(await resp.read()).get("detail"))
+    except (orjson.JSONDecodeError, AttributeError):
+        detail = resp.reason or "error"
+    raise BridgeError(resp.status, detail)
+
+
+async def _read_source(source: FileSource) -> tuple[str, bytes]:
+    if isinstance(source, tuple):
+        return source
+    if isinstance(source, bytes):
+        return "upload.bin", source
+    path = Path(source)
+    return path.name, await asyncio.to_thread(path.read_bytes)
+
+
+def _free_path(path: Path) -> Path:
+    candidate, index = path, 1
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}-{index}{path.suffix}")
+        index += 1
+    return candidate
+
+
+class Bridge:
+    """The blocking face of AsyncBridge, for scripts and notebooks: the same methods, run on a
+    private event loop in a background thread."""
+
+    def __init__(self, url: str, client_id: str | None = None, api_key: str | None = None) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="comfybridge-client", daemon=True)
+        self._thread.start()
+        self._async = AsyncBridge(url, client_id, api_key)
+        self.client_id = self._async.client_id
+
+    def __enter__(self) -> Bridge:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        self._call(self._async.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def _call(self, coro: Awaitable[T]) -> T:
+        async def wrapped() -> T:
+            return await coro
+
+        return asyncio.run_coroutine_threadsafe(wrapped(), self._loop).result()
+
+    def workflows(self) -> list[str]:
+        return self._call(self._async.workflows())
+
+    def catalogue(self) -> list[dict[str, Any]]:
+        return self._call(self._async.catalogue())
+
+    def inputs(self, workflow: str) -> dict[str, dict[str, Any]]:
+        return self._call(self._async.inputs(workflow))
+
+    def upload(self, files: Mapping[str, FileSource]) -> dict[str, str]:
+        return self._call(self._async.upload(files))
+
+    def generate(
+        self, workflow: str, inputs: Mapping[str, Any] | None = None, files: Mapping[str, FileSource] | None = None
+    ) -> Job:
+        self._call(self._async._socket())  # listen before the job exists, so no event is missed
+        return self._call(self._async.generate(workflow, inputs, files))
+
+    def follow(self, job: Job) -> Iterator[Event]:
+        """The job's events as they come, ending with its `closed`; raises JobFailed on `error`."""
+        events = self._async.events().__aiter__()
+        while True:
+            try:
+                event = self._call(events.__anext__())
+            except StopAsyncIteration:
+                raise BridgeError(0, "the bridge closed the socket before the job ended") from None
+            if event.job_id not in (None, job.job_id):
+                continue
+            yield event
+            if event.ended and event.job_id == job.job_id:
+                if event.status == "error":
+                    raise JobFailed(job.job_id, event.detail)
+                return
+
+    def run(
+        self,
+        workflow: str,
+        inputs: Mapping[str, Any] | None = None,
+        files: Mapping[str, FileSource] | None = None,
+        on_event: Callable[[Event], Any] | None = None,
+    ) -> Job:
+        return self._call(self._async.run(workflow, inputs, files, on_event))
+
+    def status(self) -> Event:
+        return self._call(self._async.status())
+
+    def save_results(self, folder: str | Path) -> list[ResultFile]:
+        return self._call(self._async.save_results(folder))
+
+    def interrupt(self) -> str:
+        return self._call(self._async.interrupt())
+
+    def free(self) -> str:
+        return self._call(self._async.free())
+
+    def generation_count(self) -> int:
+        return self._call(self._async.generation_count())

@@ -1,0 +1,82 @@
+"""The data folder's lock: one bridge per data folder, taken before anything in it is read or changed."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import fcntl
+import os
+import weakref
+from pathlib import Path
+
+import orjson
+
+__all__ = ["DataDirLock", "DataDirLocked"]
+
+LOCK_FILE = "bridge.lock"
+
+
+class DataDirLocked(Exception):
+    """Another bridge holds the data folder; the message names it."""
+
+
+class DataDirLock:
+    """An exclusive `flock` on `<data dir>/bridge.lock`, held for the bridge's life.
+
+    Two bridges on one folder would both recover the journal, share one ComfyUI client id and
+    sweep each other's results. `flock` belongs to the open file, so a second bridge, even in the
+    same process, is refused, and the kernel releases the lock when its holder dies (kill -9
+    included): no stale lock to clean up by hand. The file names its holder, for the refusal."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+        self._finalizer = weakref.finalize(self, os.close, fd)
+
+    @classmethod
+    def acquire(cls, data_dir: Path, listening: str) -> DataDirLock:
+        """Take the lock (creating the folder if new) or raise DataDirLocked naming the holder."""
+        data_dir.mkdir(parents=True, exist_ok=True)
+        path = data_dir / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.ENOLCK, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise DataDirLocked(
+                    f"data folder {data_dir} cannot be locked ({exc.strerror}: a network filesystem without "
+                    "locking?); one bridge per data folder needs a lock: use a local disk"
+                ) from None
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise DataDirLocked(
+                f"data folder {data_dir} is in use by another comfybridge ({_holder(path)}); one bridge per data "
+                "folder: stop that one, or give this one its own --data-dir"
+            ) from None
+        holder = {
+            "pid": os.getpid(),
+            "listening": listening,
+            "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, orjson.dumps(holder), 0)
+        return cls(path, fd)
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            self._fd = None
+            self._finalizer()  # closing the file releases the lock
+
+
+def _holder(path: Path) -> str:
+    """What the lock file says of the bridge holding it, as a phrase."""
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+        info = orjson.loads(path.read_bytes())
+        return f"pid {int(info['pid'])}, listening on {info['listening']}, since {info['since']}"
+    return "its lock file does not say which"

@@ -1,0 +1,387 @@
+"""The job journal: every accepted job and each step of its life, the bridge's source of truth.
+
+`JobStore` is the interface the rest of the bridge uses; `SqliteJournal` keeps it in one SQLite file
+(WAL) written by one thread with group commit: every write that arrives while a commit is under way
+joins the next one, so a burst of accepted jobs shares a few fsyncs. Nothing else touches SQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import orjson
+
+from ..errors import StorageFull, StorageUnavailable
+
+__all__ = ["ENDED_STATES", "JobStore", "JournalError", "SqliteJournal", "Write"]
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 2  # 2: jobs.webhook, and the deliveries table
+MAX_BATCH = 512  # writes in one commit at most, so one commit never holds the others back for long
+ENDED_STATES = ("done", "failed", "cancelled")
+JSON_COLUMNS = {"uploads", "results"}  # and prompt, kept as the JSON bytes the job holds
+COLUMNS = (
+    "id",
+    "seq",
+    "client_id",
+    "workflow",
+    "state",
+    "backend",
+    "prompt_id",
+    "error",
+    "attempts",
+    "retries",
+    "accepted_at",
+    "ended_at",
+    "prompt",
+    "uploads",
+    "results",
+    "webhook",
+)
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    client_id TEXT NOT NULL,
+    workflow TEXT NOT NULL,
+    state TEXT NOT NULL,
+    backend TEXT,
+    prompt_id TEXT NOT NULL,
+    error TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    retries INTEGER NOT NULL DEFAULT 0,
+    accepted_at REAL NOT NULL,
+    ended_at REAL,
+    prompt BLOB NOT NULL,
+    uploads BLOB NOT NULL,
+    results BLOB,
+    webhook TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_by_client ON jobs (client_id);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id TEXT PRIMARY KEY,
+    url TEXT NOT NULL,
+    body BLOB NOT NULL,
+    created REAL NOT NULL
+);
+"""
+
+
+class JournalError(Exception):
+    """The journal exists but cannot be read or trusted; start-up stops rather than forget jobs."""
+
+
+class JobStore(Protocol):
+    """Where jobs are recorded. Every write returns a future that is done once the write is durable."""
+
+    count: int  # jobs ever accepted, as far as is durable
+    bridge_id: str  # this bridge's name at its ComfyUI backends, the same across restarts
+
+    def open(self, count_floor: int) -> list[dict[str, Any]]:
+        """Open (creating if new) and return every job still recorded, in acceptance order."""
+        ...
+
+    def accept(self, record: dict[str, Any]) -> asyncio.Future[int]:
+        """Record a new job; its future gives the job's place in acceptance order (the new count)."""
+        ...
+
+    deliveries: list[dict[str, Any]]  # webhook calls recorded but not yet acknowledged, found at open
+
+    def update(
+        self, job_id: str, fields: dict[str, Any], delivery: dict[str, Any] | None = None
+    ) -> asyncio.Future[None]:
+        """Change a job's record; `delivery`, a webhook call that tells of the change, is recorded in
+        the same transaction, so a change is never durable without its call."""
+        ...
+
+    def delivered(self, delivery_id: str) -> asyncio.Future[None]: ...
+
+    def lost(self) -> str | None:
+        """Why the journal can no longer be trusted to be found by the next start (its file deleted or
+        replaced under the running bridge), or None. Blocking: run it in a thread."""
+        ...
+
+    def forget(self, job_ids: Iterable[str]) -> asyncio.Future[None]:
+        """Drop jobs whose story is over (results fetched or expired)."""
+        ...
+
+    def forget_client(self, client_id: str) -> asyncio.Future[None]:
+        """Drop the ended jobs of a client the bridge no longer knows."""
+        ...
+
+    def forget_ended_before(self, cutoff: float) -> asyncio.Future[None]:
+        """Drop failed and cancelled jobs that ended before `cutoff` (their error has been there to read)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass
+class _Batch:
+    count: int  # the generation count inside the transaction under way
+    accepted: list[int] = field(default_factory=list)
+
+
+Write = Callable[[sqlite3.Connection, _Batch], Any]
+
+
+class SqliteJournal:
+    def __init__(self, path: Path, sync: bool = True) -> None:
+        self.path = path
+        self.sync = sync
+        self.count = 0
+        self.bridge_id = ""
+        self.on_accepted: Callable[[int], None] = lambda count: None
+        self.on_commit: Callable[[float], None] = lambda seconds: None  # called in the writer thread
+        self.deliveries: list[dict[str, Any]] = []  # webhook calls not yet acknowledged, found at open
+        self._committed = 0  # the count as committed, seen from the writer thread
+        self._conn: sqlite3.Connection | None = None
+        self._queue: queue.SimpleQueue[tuple[Write, asyncio.Future[Any]] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the file opened
+
+    # start-up --------------------------------------------------------------------------------
+    def open(self, count_floor: int = 0) -> list[dict[str, Any]]:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._conn = conn
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={'FULL' if self.sync else 'OFF'}")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise JournalError(f"journal {self.path} was written by a newer comfybridge (schema {version})")
+            check = conn.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise JournalError(f"journal {self.path} is corrupt ({check})")
+            conn.executescript(SCHEMA)
+            if "webhook" not in {column[1] for column in conn.execute("PRAGMA table_info(jobs)")}:
+                conn.execute("ALTER TABLE jobs ADD COLUMN webhook TEXT")  # a journal of schema 1
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+            self.bridge_id = meta.get("bridge_id") or f"comfybridge-{uuid.uuid4().hex[:12]}"
+            self.count = max(int(meta.get("generation_count", 0)), count_floor)
+            conn.executemany(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                [("bridge_id", self.bridge_id), ("generation_count", str(self.count))],
+            )
+            cursor = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM jobs ORDER BY seq")
+            rows = [_row(record) for record in cursor]
+            self.deliveries = [
+                {"id": d[0], "url": d[1], "body": bytes(d[2]), "created": d[3]}
+                for d in conn.execute("SELECT id, url, body, created FROM deliveries ORDER BY created")
+            ]
+        except sqlite3.DatabaseError as exc:
+            self._close_connection()
+            raise JournalError(
+                f"journal {self.path} is unreadable or corrupt ({exc}); restore it from a backup or move it "
+                "aside (accepted jobs are never dropped silently)"
+            ) from None
+        except (ValueError, TypeError, orjson.JSONDecodeError) as exc:
+            self._close_connection()
+            raise JournalError(f"journal {self.path} holds a record it cannot read ({exc})") from None
+        except OSError as exc:
+            self._close_connection()
+            raise JournalError(f"journal {self.path} cannot be opened: {exc}") from None
+        self._committed = self.count
+        identity = self.path.stat()
+        self._identity = (identity.st_dev, identity.st_ino)
+        return rows
+
+    def lost(self) -> str | None:
+        try:
+            now = self.path.stat()
+        except FileNotFoundError:
+            return f"{self.path} was deleted"
+        except OSError as exc:  # a passing trouble (NFS, I/O): not a verdict; the next look decides
+            log.warning("journal %s: cannot look at it now (%s)", self.path, exc.strerror)
+            return None
+        if (now.st_dev, now.st_ino) != self._identity:
+            return f"{self.path} was replaced by another file"
+        return None
+
+    def start(self) -> None:
+        """Start the writer thread; writes are accepted from this event loop from now on."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._write_loop, name="journal writer", daemon=True)
+        self._thread.start()
+
+    async def close(self) -> None:
+        """Every write asked for so far lands, then the file is closed."""
+        if self._thread is not None:
+            self._queue.put(None)
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+        self._close_connection()
+
+    def _close_connection(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # writes ----------------------------------------------------------------------------------
+    def accept(self, record: dict[str, Any]) -> asyncio.Future[int]:
+        values = _values(record)
+
+        def write(conn: sqlite3.Connection, batch: _Batch) -> int:
+            batch.count += 1
+            values["seq"] = batch.count
+            columns = ", ".join(values)
+            conn.execute(f"INSERT INTO jobs ({columns}) VALUES ({', '.join('?' * len(values))})", list(values.values()))
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'generation_count'", (str(batch.count),))
+            batch.accepted.append(batch.count)
+            return batch.count
+
+        return self._submit(write)
+
+    def update(
+        self, job_id: str, fields: dict[str, Any], delivery: dict[str, Any] | None = None
+    ) -> asyncio.Future[None]:
+        values = _values(fields)
+
+        def write(conn: sqlite3.Connection, batch: _Batch) -> None:
+            assignments = ", ".join(f"{name} = ?" for name in values)
+            conn.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", [*values.values(), job_id])
+            if delivery is not None:  # in the same transaction as the change it tells of
+                row = (delivery["id"], delivery["url"], delivery["body"], delivery["created"])
+                conn.execute("INSERT OR IGNORE INTO deliveries (id, url, body, created) VALUES (?, ?, ?, ?)", row)
+
+        return self._submit(write)
+
+    def delivered(self, delivery_id: str) -> asyncio.Future[None]:
+        """A webhook call was acknowledged (or given up): forget it."""
+        return self._submit(lambda conn, batch: conn.execute("DELETE FROM deliveries WHERE id = ?", (delivery_id,)))
+
+    def forget(self, job_ids: Iterable[str]) -> asyncio.Future[None]:
+        ids = [(job_id,) for job_id in job_ids]
+        return self._submit(lambda conn, batch: conn.executemany("DELETE FROM jobs WHERE id = ?", ids))
+
+    def forget_client(self, client_id: str) -> asyncio.Future[None]:
+        return self._submit(
+            lambda conn, batch: conn.execute(
+                "DELETE FROM jobs WHERE client_id = ? AND state IN (?, ?, ?)", (client_id, *ENDED_STATES)
+            )
+        )
+
+    def forget_ended_before(self, cutoff: float) -> asyncio.Future[None]:
+        return self._submit(
+            lambda conn, batch: conn.execute(
+                "DELETE FROM jobs WHERE state IN ('failed', 'cancelled') AND ended_at < ?", (cutoff,)
+            )
+        )
+
+    def _submit(self, write: Write) -> asyncio.Future[Any]:
+        if self._loop is None or self._thread is None:
+            raise RuntimeError("the journal is not open for writes")
+        future: asyncio.Future[Any] = self._loop.create_future()
+        future.add_done_callback(_log_failure)  # also for writes nobody waits for
+        self._queue.put((write, future))
+        return future
+
+    # the writer thread -----------------------------------------------------------------------
+    def _write_loop(self) -> None:
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            batch = [] if first is None else [first]
+            stop = first is None
+            while not stop and len(batch) < MAX_BATCH:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                else:
+                    batch.append(item)
+            if batch:
+                self._commit(batch)
+
+    def _commit(self, items: list[tuple[Write, asyncio.Future[Any]]]) -> None:
+        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        try:
+            results, accepted = self._transaction([write for write, _ in items])
+            outcomes = [(future, result, None) for (_, future), result in zip(items, results, strict=True)]
+        except Exception:
+            # One bad write must not fail the others that shared its commit: try each on its own.
+            accepted = []
+            for write, future in items:
+                try:
+                    (result,), one = self._transaction([write])
+                    accepted += one
+                    outcomes.append((future, result, None))
+                except Exception as exc:
+                    outcomes.append((future, None, _storage_error(exc, self.path)))
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._resolve, outcomes, max(accepted, default=0))
+
+    def _transaction(self, writes: list[Write]) -> tuple[list[Any], list[int]]:
+        conn = self._conn
+        assert conn is not None
+        batch = _Batch(self._committed)
+        started = time.perf_counter()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            results = [write(conn, batch) for write in writes]
+            conn.execute("COMMIT")
+            self.on_commit(time.perf_counter() - started)
+        except BaseException:
+            if conn.in_transaction:  # SQLite may have rolled back by itself (a full disk does)
+                conn.execute("ROLLBACK")
+            raise
+        self._committed = batch.count
+        return results, batch.accepted
+
+    def _resolve(self, outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]], count: int) -> None:
+        if count > self.count:
+            self.count = count  # only now is it durable, so only now is it served
+            self.on_accepted(count)
+        for future, result, error in outcomes:
+            if future.done():
+                continue
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+
+
+def _log_failure(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("journal write failed: %s", future.exception())
+
+
+def _storage_error(exc: Exception, path: Path) -> Exception:
+    """A failed journal write as the error a request answers with: a full disk (507), anything else
+    (read-only, no permission, an I/O error) 503, told to the operator in the log."""
+    if getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL":
+        return StorageFull("The bridge's disk is full, so nothing more can be recorded; try again later.")
+    log.error("journal %s: write failed: %s", path, exc)
+    return StorageUnavailable(f"The bridge could not record the change ({exc}); its operator has been told.")
+
+
+def _values(fields: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(fields) - set(COLUMNS)
+    if unknown:
+        raise ValueError(f"not journal columns: {sorted(unknown)}")
+    return {k: orjson.dumps(v) if k in JSON_COLUMNS and v is not None else v for k, v in fields.items()}
+
+
+def _row(record: tuple[Any, ...]) -> dict[str, Any]:
+    row = dict(zip(COLUMNS, record, strict=True))
+    for name in JSON_COLUMNS:
+        if row[name] is not None:
+            row[name] = orjson.loads(row[name])
+    return row

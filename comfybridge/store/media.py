@@ -1,0 +1,702 @@
+"""Media types by content: what an upload really is, whatever its name says."""
+
+from __future__ import annotations
+
+import contextlib
+import mimetypes
+import os
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+__all__ = [
+    "MAX_FRAMES",
+    "SNIFF_BYTES",
+    "BadHeaders",
+    "Frames",
+    "content_type_for",
+    "image_frames",
+    "is_complete",
+    "media_kind_of",
+    "sniff",
+]
+
+SNIFF_BYTES = 32
+
+
+def sniff(head: bytes) -> tuple[str, str, str] | None:
+    """(kind, MIME type, extension) of a file from its first bytes, or None for anything not media."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image", "image/png", ".png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "image", "image/jpeg", ".jpg"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "image", "image/gif", ".gif"
+    if head.startswith(b"RIFF") and len(head) >= 12:
+        riff = {b"WEBP": ("image", "image/webp", ".webp"), b"WAVE": ("audio", "audio/wav", ".wav")}
+        riff[b"AVI "] = ("video", "video/x-msvideo", ".avi")
+        return riff.get(head[8:12])
+    if head.startswith(b"BM"):
+        return "image", "image/bmp", ".bmp"
+    if head.startswith((b"II*\x00", b"MM\x00*")):
+        return "image", "image/tiff", ".tiff"
+    if head[4:8] == b"ftyp":
+        brand = head[8:12]
+        if brand in (b"avif", b"avis"):
+            return "image", "image/avif", ".avif"
+        if brand in (b"heic", b"heix", b"mif1"):
+            return "image", "image/heic", ".heic"
+        if brand.startswith(b"M4A"):
+            return "audio", "audio/mp4", ".m4a"
+        if brand == b"qt  ":
+            return "video", "video/quicktime", ".mov"
+        return "video", "video/mp4", ".mp4"
+    if head.startswith(b"\x1aE\xdf\xa3"):
+        return "video", "video/webm", ".webm"
+    if head.startswith(b"OggS"):
+        return "audio", "audio/ogg", ".ogg"
+    if head.startswith(b"fLaC"):
+        return "audio", "audio/flac", ".flac"
+    if head.startswith(b"ID3") or head[:2] in (b"\xff\xfb", b"\xff\xf3", b"\xff\xf2"):
+        return "audio", "audio/mpeg", ".mp3"
+    return None
+
+
+ISO_BMFF = {".mp4", ".mov", ".m4a", ".avif", ".heic"}
+OGG_MAX_PAGE = 65307
+
+
+def is_complete(path: Path, ext: str) -> bool:
+    """Whether the file is whole and well-formed where its format makes that cheap to see: its
+    structure must account for every byte (a PNG ends with IEND, a RIFF or BMP states its size, an
+    MP4's boxes add up), so a signature glued onto a script, or a cut-off file, is refused.
+    Blocking: run it in a thread."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        head = handle.read(64)
+        handle.seek(max(0, size - 64))
+        tail = handle.read()
+        if ext == ".png":
+            return head[12:16] == b"IHDR" and tail.endswith(b"IEND\xaeB`\x82")
+        if ext == ".jpg":
+            return tail.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
+        if ext == ".gif":
+            return tail.rstrip(b"\x00").endswith(b";")
+        if ext in (".webp", ".wav", ".avi"):
+            stated = struct.unpack("<I", head[4:8])[0] + 8
+            return stated in (size, size - 1)  # RIFF pads odd chunks with one byte
+        if ext == ".bmp":
+            return len(head) >= 6 and struct.unpack("<I", head[2:6])[0] == size
+        if ext == ".tiff":
+            order = "<" if head[:2] == b"II" else ">"
+            return len(head) >= 8 and 8 <= struct.unpack(order + "I", head[4:8])[0] < size
+        if ext in ISO_BMFF:
+            return _boxes_fill(handle, size)
+        if ext == ".flac":
+            return len(head) >= 8 and head[4] & 0x7F == 0 and head[5:8] == b"\x00\x00\x22"  # STREAMINFO
+        if ext == ".ogg":
+            handle.seek(max(0, size - OGG_MAX_PAGE))
+            return b"OggS" in handle.read()
+    return True  # WebM, MP3: the signature is all that is checked
+
+
+def _boxes_fill(handle: BinaryIO, size: int) -> bool:
+    """ISO BMFF (MP4, MOV, AVIF, HEIC): top-level boxes must tile the file exactly."""
+    position = 0
+    while position < size:
+        handle.seek(position)
+        header = handle.read(16)
+        if len(header) < 8:
+            return False
+        length = struct.unpack(">I", header[:4])[0]
+        if length == 1:
+            if len(header) < 16:
+                return False
+            length = struct.unpack(">Q", header[8:16])[0]
+        elif length == 0:
+            return True  # the last box runs to the end of the file
+        if length < 8:
+            return False
+        position += length
+    return position == size
+
+
+# Decoders (Pillow, which ComfyUI loads images with) paint each frame onto the whole canvas, and a
+# frame placed outside it grows the canvas: so every frame is counted at the canvas's size so far.
+MAX_FRAMES = 100_000  # frames counted at most: past this a file is refused without reading on
+MAX_PIECES = 1_000_000  # headers (chunks, blocks, sub-blocks, segments) one image may make us read
+_BUFFER = 64 * 1024
+
+
+class BadHeaders(ValueError):
+    """Image headers that are cut off, run past the file, or are too many to read: the image is refused."""
+
+
+@dataclass(frozen=True)
+class Frames:
+    """What decoding an image would make, read from its headers alone."""
+
+    count: int  # MAX_FRAMES + 1 when there are more (counting stopped there)
+    width: int  # the largest frame
+    height: int
+    pixels: int  # all frames together
+    same_size: bool
+
+    @property
+    def frame_mp(self) -> float:
+        return self.width * self.height / 1e6
+
+    @property
+    def total_mp(self) -> float:
+        return self.pixels / 1e6
+
+
+class _Enough(Exception):
+    """Past MAX_FRAMES: the verdict is known, so the walk stops."""
+
+
+class _Tally:
+    """Frames as a decoder makes them: each at the canvas's size so far, which frames only grow;
+    or, for a format whose frames are separate pictures, each at its own size (`own`)."""
+
+    def __init__(self) -> None:
+        self.canvas = (0, 0)
+        self.first: tuple[int, int] | None = None
+        self.varied = False  # frames of their own sizes, not all the same
+        self.count = self.pixels = 0
+
+    def grow(self, width: int, height: int) -> None:
+        self.canvas = (max(self.canvas[0], width), max(self.canvas[1], height))
+
+    def add(self, width: int = 0, height: int = 0, left: int = 0, top: int = 0) -> None:
+        """One frame of this size at this place, decoded at the canvas's size."""
+        self.grow(left + width, top + height)
+        self.fill(self.count + 1)
+
+    def fill(self, count: int) -> None:
+        """Frames declared but not described, up to `count`, each the canvas's size."""
+        if count <= self.count:
+            return
+        self.first = self.first or self.canvas
+        self._counted(count, self.canvas[0] * self.canvas[1])
+
+    def own(self, width: int, height: int) -> None:
+        """One frame decoded at its own size, on no canvas: the largest is the frame size."""
+        if width * height > self.canvas[0] * self.canvas[1]:
+            self.canvas = (width, height)
+        self.first = self.first or (width, height)
+        self.varied = self.varied or self.first != (width, height)
+        self._counted(self.count + 1, width * height)
+
+    def _counted(self, count: int, each: int) -> None:
+        """Frames up to `count`, each of `each` pixels; past MAX_FRAMES the walk stops."""
+        count = min(count, MAX_FRAMES + 1)
+        self.pixels += (count - self.count) * each
+        self.count = count
+        if count > MAX_FRAMES:
+            raise _Enough
+
+    def frames(self) -> Frames:
+        if self.count == 0:
+            raise BadHeaders("no image in the file")
+        return Frames(self.count, *self.canvas, self.pixels, self.first == self.canvas and not self.varied)
+
+
+class _Walk:
+    """A file read a header at a time: each read is small, and bodies are seeked over."""
+
+    def __init__(self, handle: BinaryIO, size: int) -> None:
+        self.handle = handle
+        self.size = size
+        self.pieces = 0
+
+    def take(self, count: int, pieces: int = 1) -> bytes:
+        """`count` bytes, which hold `pieces` headers (entries of a table read at once)."""
+        self.pieces += pieces
+        if self.pieces > MAX_PIECES:
+            raise BadHeaders(f"more than {MAX_PIECES} headers")
+        data = self.handle.read(count)
+        if len(data) < count:
+            raise BadHeaders("cut off")
+        return data
+
+    def seek(self, position: int) -> None:
+        if position > self.size:
+            raise BadHeaders("a length runs past the end of the file")
+        self.handle.seek(position)
+
+    def skip(self, count: int) -> None:
+        self.seek(self.handle.tell() + count)
+
+
+def image_frames(path: Path, ext: str) -> Frames | None:
+    """How many frames an image has and how large, from its headers only, so a decompression bomb
+    (ComfyUI decodes every frame to float32) is refused before anything decodes it; None for a
+    format not read here. Reads in small pieces and stops past MAX_FRAMES or MAX_PIECES, so a
+    hostile file costs little; raises only BadHeaders. Blocking: run it in a thread."""
+    read = _READERS.get(ext)
+    if read is None:
+        return None
+    tally = _Tally()
+    with path.open("rb", buffering=_BUFFER) as handle, contextlib.suppress(_Enough):
+        read(_Walk(handle, os.fstat(handle.fileno()).st_size), tally)
+    return tally.frames()
+
+
+def _png(walk: _Walk, tally: _Tally) -> None:
+    """IHDR is the canvas. An APNG declares its frames in acTL (before the first IDAT, or it is a
+    still image) and places each in an fcTL; an IDAT before any fcTL is one frame more."""
+    chunks = _png_chunks(walk)
+    kind, length = next(chunks)
+    if kind != b"IHDR":
+        raise BadHeaders("no IHDR first")
+    tally.grow(*struct.unpack(">II", _body(walk, length, 8)))
+    declared = extra = 0
+    for kind, length in chunks:
+        if kind == b"acTL" and not declared:
+            (declared,) = struct.unpack(">I", _body(walk, length, 4))
+        elif kind == b"fcTL" and declared:
+            _, width, height, left, top = struct.unpack(">5I", _body(walk, length, 20))
+            tally.add(width, height, left, top)
+        elif kind == b"IDAT" and not declared:
+            break  # a still image
+        elif kind == b"IDAT" and not tally.count:
+            extra = 1  # the default image, shown before the animation
+            tally.add()
+        elif kind == b"IEND":
+            break
+    tally.fill(max(declared + extra, 1))
+
+
+def _body(walk: _Walk, length: int, need: int) -> bytes:
+    """The first `need` bytes of a chunk `length` long, whose fields need that many."""
+    if length < need:
+        raise BadHeaders("a chunk too short for its fields")
+    return walk.take(need)
+
+
+def _png_chunks(walk: _Walk) -> Iterator[tuple[bytes, int]]:
+    """(type, length) of each chunk; the next starts where the length says, whatever was read."""
+    position = 8
+    while True:
+        walk.seek(position)
+        length, kind = struct.unpack(">I4s", walk.take(8))
+        position += 12 + length
+        if position > walk.size:
+            raise BadHeaders("a chunk runs past the end of the file")
+        yield kind, length
+
+
+def _gif(walk: _Walk, tally: _Tally) -> None:
+    """The logical screen is the canvas; each image descriptor is a frame. Blocks and their data
+    sub-blocks are stepped over by their lengths: nothing is decompressed."""
+    width, height, flags = struct.unpack("<HHB", walk.take(11)[6:])
+    tally.grow(width, height)
+    walk.skip(2 + _palette(flags))
+    while True:
+        block = walk.take(1)
+        if block == b";":
+            return
+        if block == b"!":
+            walk.skip(1)  # the extension's label
+        elif block == b",":
+            left, top, width, height, flags = struct.unpack("<4HB", walk.take(9))
+            tally.add(width, height, left, top)
+            walk.skip(_palette(flags) + 1)  # and the LZW minimum code size
+        else:
+            raise BadHeaders(f"unknown GIF block {block!r}")
+        while length := walk.take(1)[0]:
+            walk.skip(length)
+
+
+def _palette(flags: int) -> int:
+    """Bytes of the colour table a GIF screen or image descriptor's flags announce."""
+    return 3 << ((flags & 7) + 1) if flags & 0x80 else 0
+
+
+def _jpeg(walk: _Walk, tally: _Tally) -> None:
+    """A JPEG is one frame, unless an MP index (an APP2 segment starting "MPF": an MPO, as stereo
+    cameras and some phones write) counts more images after it: Pillow opens each as a frame, at
+    the offset its MP entry gives, of its own size (older Pillow: the first one's). So each counts
+    at the largest size so far, and images counted but given no entry at the size so far."""
+    walk.skip(2)  # SOI
+    size, index = _jpeg_headers(walk)
+    tally.add(*size)
+    if index is None:
+        return
+    at, data = index
+    images, offsets = _mp_index(data)
+    for offset in offsets[: images - 1]:
+        walk.seek(at + offset)
+        if walk.take(2) != b"\xff\xd8":
+            raise BadHeaders("an MP entry where no JPEG starts")
+        tally.add(*_jpeg_headers(walk)[0])
+    tally.fill(images)
+
+
+def _jpeg_headers(walk: _Walk) -> tuple[tuple[int, int], tuple[int, bytes] | None]:
+    """Segments from after SOI up to the scan, as Pillow reads them: the size its start-of-frame
+    headers (SOF0..SOF15, but C4, C8 and CC are other markers) give, and the MP index if there is
+    one, with where it starts in the file (its offsets count from there)."""
+    size: tuple[int, int] | None = None
+    index = None
+    while True:
+        marker = walk.take(2)
+        if marker[0] != 0xFF:
+            raise BadHeaders("no marker where one should be")
+        code = marker[1]
+        while code == 0xFF:  # fill bytes
+            code = walk.take(1)[0]
+        if code == 0x01 or 0xD0 <= code <= 0xD8:
+            continue  # markers without a length
+        if code in (0xD9, 0xDA):
+            if size is None:
+                raise BadHeaders("image data before any frame header")
+            return size, index
+        (length,) = struct.unpack(">H", walk.take(2))
+        if length < 2:
+            raise BadHeaders("segment shorter than its length field")
+        if 0xC0 <= code <= 0xCF and code not in (0xC4, 0xC8, 0xCC):
+            if length < 7:
+                raise BadHeaders("short frame header")
+            _, height, width = struct.unpack(">BHH", walk.take(5))
+            size = (max(width, size[0]), max(height, size[1])) if size else (width, height)
+            walk.skip(length - 7)
+        elif code == 0xE2 and length >= 6:
+            if walk.take(4) == b"MPF\x00":
+                index = (walk.handle.tell(), walk.take(length - 6))
+            else:
+                walk.skip(length - 6)  # an ICC profile's piece, most often
+        else:
+            walk.skip(length - 2)
+
+
+_TIFF_ORDER = {b"II*\x00": "<", b"MM\x00*": ">"}
+
+
+def _mp_index(index: bytes) -> tuple[int, list[int]]:
+    """How many images an MP index says the file holds (NumberOfImages, 0xB001), and where each
+    after the first starts, from its MP entries (0xB002, 16 bytes each), counted from the index's
+    start. The index is a TIFF structure, as small as the APP2 segment holding it."""
+    order = _TIFF_ORDER.get(index[:4])
+    if order is None or len(index) < 8:
+        raise BadHeaders("an MP index that is no TIFF structure")
+    (at,) = struct.unpack_from(order + "I", index, 4)
+    if at + 2 > len(index):
+        raise BadHeaders("an MP index cut off")
+    (count,) = struct.unpack_from(order + "H", index, at)
+    entries = index[at + 2 : at + 2 + 12 * count]
+    if len(entries) < 12 * count:
+        raise BadHeaders("an MP index cut off")
+    tags = _ifd(entries, order)
+    images = _tag_number(tags, order, 0xB001)
+    if images is None:
+        raise BadHeaders("an MP index without its number of images")
+    _, length, value = tags.get(0xB002, (7, 0, bytes(4)))
+    table = b""
+    if length >= 16:  # less is not one entry
+        (where,) = struct.unpack(order + "I", value)
+        table = index[where : where + length - length % 16]
+        if len(table) < length - length % 16:
+            raise BadHeaders("MP entries cut off")
+    offsets = [offset for _, _, offset, _, _ in struct.iter_unpack(order + "3I2H", table)]
+    return max(images, 1), offsets[1:]  # the first entry is the file itself
+
+
+def _ifd(entries: bytes, order: str) -> dict[int, tuple[int, int, bytes]]:
+    """A TIFF directory's 12-byte entries: tag -> (type, count, value or offset)."""
+    return {tag: (kind, count, value) for tag, kind, count, value in struct.iter_unpack(order + "2HI4s", entries)}
+
+
+def _tag_number(tags: dict[int, tuple[int, int, bytes]], order: str, tag: int) -> int | None:
+    """A tag's one SHORT or LONG value; any other type or count is refused, not guessed at."""
+    if tag not in tags:
+        return None
+    kind, count, value = tags[tag]
+    if kind not in (3, 4) or count != 1:
+        raise BadHeaders(f"TIFF tag {tag} is not one SHORT or LONG")
+    number: int = struct.unpack_from(order + ("H" if kind == 3 else "I"), value)[0]
+    return number
+
+
+TIFF_MAX_ENTRIES = 4096  # entries in one directory: libtiff refuses more as no directory at all
+
+
+def _tiff(walk: _Walk, tally: _Tally) -> None:
+    """Each directory (IFD) of the chain is a page, which Pillow opens as a frame of its own
+    ImageWidth x ImageLength (so a pyramid's smaller pages count as what they are). Classic TIFF
+    only: BigTIFF is not sniffed as an image. A directory seen twice is a loop, refused; so is one
+    of more entries than libtiff would read. Entries count as headers against MAX_PIECES."""
+    order = _TIFF_ORDER.get(walk.take(4))
+    if order is None:
+        raise BadHeaders("not a classic TIFF")
+    (offset,) = struct.unpack(order + "I", walk.take(4))
+    seen: set[int] = set()  # as many as the frames, which stop past MAX_FRAMES
+    while offset:
+        if offset in seen:
+            raise BadHeaders("a loop of TIFF directories")
+        seen.add(offset)
+        walk.seek(offset)
+        (count,) = struct.unpack(order + "H", walk.take(2))
+        if count > TIFF_MAX_ENTRIES:
+            raise BadHeaders(f"a TIFF directory of {count} entries")
+        tags = _ifd(walk.take(12 * count, pieces=count), order)
+        tally.own(_tag_number(tags, order, 256) or 0, _tag_number(tags, order, 257) or 0)
+        (offset,) = struct.unpack(order + "I", walk.take(4))
+
+
+def _webp(walk: _Walk, tally: _Tally) -> None:
+    """VP8X gives the canvas and ANMF each frame's place and size; a still image is its VP8
+    (lossy) or VP8L (lossless) bitstream's size, on the canvas if there is one."""
+    image = None
+    for kind, length in _riff_chunks(walk):
+        if kind == b"VP8X":
+            head = _body(walk, length, 10)
+            tally.grow(_u24(head, 4) + 1, _u24(head, 7) + 1)
+        elif kind == b"ANMF":
+            head = _body(walk, length, 12)
+            left, top, width, height = (_u24(head, at) for at in (0, 3, 6, 9))
+            tally.add(width + 1, height + 1, left * 2, top * 2)
+        elif kind == b"VP8 " and image is None:
+            image = _vp8_size(_body(walk, length, 10))
+        elif kind == b"VP8L" and image is None:
+            image = _vp8l_size(_body(walk, length, 5))
+    if not tally.count and image is not None:
+        tally.add(*image)
+
+
+def _riff_chunks(walk: _Walk) -> Iterator[tuple[bytes, int]]:
+    """(fourcc, length) of each chunk inside the RIFF, which end on even offsets."""
+    (riff_size,) = struct.unpack("<I", walk.take(8)[4:])
+    end = min(8 + riff_size, walk.size)
+    position = 12
+    while position + 8 <= end:
+        walk.seek(position)
+        kind, length = struct.unpack("<4sI", walk.take(8))
+        if position + 8 + length > end:
+            raise BadHeaders("a chunk runs past the end of the file")
+        position += 8 + length + (length & 1)
+        yield kind, length
+
+
+def _u24(data: bytes, at: int) -> int:
+    return int.from_bytes(data[at : at + 3], "little")
+
+
+def _vp8_size(head: bytes) -> tuple[int, int]:
+    if head[3:6] != b"\x9d\x01\x2a":
+        raise BadHeaders("no VP8 key frame")
+    width, height = struct.unpack("<HH", head[6:])
+    return width & 0x3FFF, height & 0x3FFF
+
+
+def _vp8l_size(head: bytes) -> tuple[int, int]:
+    if head[0] != 0x2F:
+        raise BadHeaders("no VP8L signature")
+    (bits,) = struct.unpack("<I", head[1:])
+    return (bits & 0x3FFF) + 1, (bits >> 14 & 0x3FFF) + 1
+
+
+def _bmp(walk: _Walk, tally: _Tally) -> None:
+    """The DIB header after the 14-byte file header: 16-bit sizes in the old 12-byte core header,
+    signed 32-bit ones from BITMAPINFOHEADER on (a negative height means top-down rows)."""
+    walk.skip(14)
+    (header_size,) = struct.unpack("<I", walk.take(4))
+    if header_size == 12:
+        width, height = struct.unpack("<HH", walk.take(4))
+    elif header_size >= 16:
+        width, height = struct.unpack("<ii", walk.take(8))
+    else:
+        raise BadHeaders("unknown BMP header")
+    tally.add(abs(width), abs(height))
+
+
+MAX_ITEMS = 100_000  # properties, item associations and references one HEIF file may declare
+
+
+def _heif(walk: _Walk, tally: _Tally) -> None:
+    """HEIF (HEIC, AVIF). A still image is an item of the top-level meta box, sized by its ispe
+    property. Decoders (libheif under pillow-heif, libavif) open the top-level images as frames:
+    the items that are no thumbnail (thmb), auxiliary image (auxl: alpha, depth, gain map) or
+    ingredient of a derived image (dimg: a grid's tiles). Those are decoded too, for the image they
+    serve, so each frame counts at the largest ispe in the file, and there is one at least: a phone
+    photo, a grid of 48 or 192 tiles with a thumbnail and a gain map, is one frame of the grid's
+    size. A sequence is a track of the moov box: its samples (stsz) are frames of its presentation
+    size (tkhd) or the size so far, unless it is a sound track. Not read: movie fragments (moof),
+    and the sizes coded inside the bitstreams, which the boxes declare."""
+    for kind, start, end in _boxes(walk, 0, walk.size):
+        if kind == b"meta":
+            largest, images = _heif_items(walk, start + 4, end)  # after its version and flags
+            tally.grow(*largest)
+            tally.fill(tally.count + images)
+        elif kind == b"moov":
+            for part, at, stop in _boxes(walk, start, end):
+                if part == b"trak":
+                    width, height, samples = _heif_track(walk, at, stop)
+                    tally.grow(width, height)
+                    tally.fill(tally.count + samples)
+
+
+def _boxes(walk: _Walk, start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
+    """(type, body's start, end) of each ISO BMFF box in [start, end), which they must fill; the
+    next starts where the size says, whatever was read."""
+    position = start
+    while position < end:
+        walk.seek(position)
+        size, kind = struct.unpack(">I4s", walk.take(8))
+        body = position + 8
+        if size == 1:
+            (size,) = struct.unpack(">Q", walk.take(8))
+            body += 8
+        elif size == 0:
+            size = end - position  # to the end of its parent
+        if size < body - position or position + size > end:
+            raise BadHeaders("a box runs past its parent")
+        yield kind, body, position + size
+        position += size
+
+
+def _fields(walk: _Walk, start: int, end: int, count: int) -> bytes:
+    """`count` bytes from `start`, which the box ending at `end` must hold."""
+    if start + count > end:
+        raise BadHeaders("a box too short for its fields")
+    walk.seek(start)
+    return walk.take(count)
+
+
+def _heif_items(walk: _Walk, start: int, end: int) -> tuple[tuple[int, int], int]:
+    """The largest ispe in a meta box, and how many top-level images it counts as (1 at least, if
+    any ispe): the items an ispe is associated with (ipma), but for thumbnails, auxiliary images
+    and ingredients (iref)."""
+    sized: set[int] | None = None  # the indexes of ispe properties in ipco
+    largest = (0, 0)
+    imaged: set[int] = set()
+    served: set[int] = set()
+    for kind, at, stop in _boxes(walk, start, end):
+        if kind == b"iprp":
+            for part, inner, limit in _boxes(walk, at, stop):
+                if part == b"ipco":
+                    sized, size = _ipco(walk, inner, limit)
+                    largest = max(largest, size, key=_area)
+                elif part == b"ipma":
+                    if sized is None:
+                        raise BadHeaders("item properties associated before they are listed")
+                    imaged |= _ipma(walk, inner, limit, sized)
+        elif kind == b"iref":
+            served |= _iref(walk, at, stop)
+    return largest, max(len(imaged - served), 1) if sized else 0
+
+
+def _ipco(walk: _Walk, start: int, end: int) -> tuple[set[int], tuple[int, int]]:
+    """Which properties (numbered from 1) are an ispe, and the largest of those."""
+    sized: set[int] = set()
+    largest = (0, 0)
+    for index, (kind, at, stop) in enumerate(_boxes(walk, start, end), 1):
+        if index > MAX_ITEMS:
+            raise BadHeaders(f"more than {MAX_ITEMS} item properties")
+        if kind == b"ispe":
+            width, height = struct.unpack(">4xII", _fields(walk, at, stop, 12))
+            sized.add(index)
+            largest = max(largest, (width, height), key=_area)
+    return sized, largest
+
+
+def _area(size: tuple[int, int]) -> int:
+    return size[0] * size[1]
+
+
+def _ipma(walk: _Walk, start: int, end: int, sized: set[int]) -> set[int]:
+    """The items associated with one of the `sized` properties."""
+    version, flags, entries = struct.unpack(">B3sI", _fields(walk, start, end, 8))
+    if entries > MAX_ITEMS:
+        raise BadHeaders(f"properties of more than {MAX_ITEMS} items")
+    wide = flags[2] & 1  # 15-bit property indexes, else 7-bit
+    imaged = set()
+    position = start + 8
+    for _ in range(entries):
+        head = _fields(walk, position, end, 5 if version else 3)
+        item, count = int.from_bytes(head[:-1], "big"), head[-1]
+        position += len(head)
+        associated = _fields(walk, position, end, count << wide)
+        position += len(associated)
+        indexes = struct.unpack(f">{count}{'H' if wide else 'B'}", associated)
+        if any(index & (0x7FFF if wide else 0x7F) in sized for index in indexes):
+            imaged.add(item)
+    return imaged
+
+
+def _iref(walk: _Walk, start: int, end: int) -> set[int]:
+    """Items that serve another: thumbnails and auxiliary images (the items thmb and auxl
+    references are from), and derived images' ingredients (what dimg references are to)."""
+    version = _fields(walk, start, end, 4)[0]
+    width = 4 if version else 2
+    code = ">I" if version else ">H"
+    served: set[int] = set()
+    for kind, at, stop in _boxes(walk, start + 4, end):
+        head = _fields(walk, at, stop, width + 2)
+        (item,) = struct.unpack(code, head[:width])
+        (count,) = struct.unpack(">H", head[width:])
+        if kind in (b"thmb", b"auxl"):
+            served.add(item)
+        elif kind == b"dimg":
+            ingredients = _fields(walk, at + width + 2, stop, width * count)
+            served.update(struct.unpack(f"{code[0]}{count}{code[1]}", ingredients))
+        if len(served) > MAX_ITEMS:
+            raise BadHeaders(f"references to more than {MAX_ITEMS} items")
+    return served
+
+
+def _heif_track(walk: _Walk, start: int, end: int) -> tuple[int, int, int]:
+    """A track's presentation size (tkhd, 16.16 fixed point, rounded up) and sample count (stsz or
+    stz2, the same field); none for a sound track (hdlr)."""
+    width = height = samples = 0
+    for kind, at, stop in _boxes(walk, start, end):
+        if kind == b"tkhd":
+            skip = 4 + (84 if _fields(walk, at, stop, 1)[0] else 72)  # version 1: 64-bit times
+            fixed = struct.unpack(">II", _fields(walk, at + skip, stop, 8))
+            width, height = ((value + 0xFFFF) >> 16 for value in fixed)
+        elif kind == b"mdia":
+            for part, inner, limit in _boxes(walk, at, stop):
+                if part == b"hdlr" and _fields(walk, inner, limit, 12)[8:] == b"soun":
+                    return 0, 0, 0
+                if part == b"minf":
+                    samples = max(samples, _samples(walk, inner, limit))
+    return width, height, samples
+
+
+def _samples(walk: _Walk, start: int, end: int) -> int:
+    """The sample count of a media information box's sample table."""
+    samples = 0
+    for kind, at, stop in _boxes(walk, start, end):
+        if kind == b"stbl":
+            for part, inner, limit in _boxes(walk, at, stop):
+                if part in (b"stsz", b"stz2"):
+                    samples = max(samples, struct.unpack(">8xI", _fields(walk, inner, limit, 12))[0])
+    return samples
+
+
+_READERS: dict[str, Callable[[_Walk, _Tally], None]] = {
+    ".png": _png,
+    ".gif": _gif,
+    ".jpg": _jpeg,
+    ".webp": _webp,
+    ".bmp": _bmp,
+    ".tiff": _tiff,
+    ".avif": _heif,
+    ".heic": _heif,
+}
+
+
+def media_kind_of(name: str) -> str | None:
+    """image, video or audio, from a stored name (whose extension the content chose)."""
+    guessed, _ = mimetypes.guess_type(name)
+    kind = (guessed or "").partition("/")[0]
+    return kind if kind in ("image", "video", "audio") else None
+
+
+def content_type_for(name: str) -> str:
+    """The Content-Type to send a stored file with, from its name."""
+    guessed, _ = mimetypes.guess_type(name)
+    return guessed or "application/octet-stream"

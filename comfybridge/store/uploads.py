@@ -1,0 +1,315 @@
+"""Upload store: client files kept under unique names until a job sends them to its backend."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import mimetypes
+import os
+import re
+import secrets
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import BadInput, StorageFull, StorageUnavailable, TooLarge, UnsupportedMedia
+from .files import NO_SPACE, fsync_path, open_off_loop
+from .media import MAX_FRAMES, SNIFF_BYTES, BadHeaders, Frames, image_frames, is_complete, media_kind_of, sniff
+
+__all__ = ["IncomingFile", "UploadGone", "UploadLimits", "UploadStore", "safe_name"]
+
+log = logging.getLogger(__name__)
+
+EMPTY_FOLDER_AGE = 60.0  # seconds an empty owner folder is kept (an upload may be about to use it)
+SHARED = "_shared"  # folder of uploads made without a clientId, usable by any client
+_SAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+class UploadGone(Exception):
+    """A file a job names is no longer stored (removed by hand, or lost with its disk)."""
+
+
+@dataclass
+class Upload:
+    name: str
+    path: Path
+    owner: str | None
+    kind: str
+    last_used: float
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    max_file_bytes: int
+    max_request_bytes: int
+    max_files: int
+    allowed_kinds: tuple[str, ...]
+    max_frame_mp: float
+    max_total_mp: float
+
+
+class IncomingFile:
+    """One part of an upload request, read in chunks; the edge adapts its multipart reader to this."""
+
+    def __init__(self, field_name: str, filename: str | None, chunks: AsyncIterator[bytes]) -> None:
+        self.field_name = field_name
+        self.filename = filename
+        self.chunks = chunks
+
+
+def safe_name(filename: str, mime: str, sniffed_ext: str) -> str:
+    """`<random>-<stem>.<ext>`: decoded, last path segment only, nothing that could escape a folder.
+    The client's extension is kept only when it names what the content is (`.jpeg` for a JPEG);
+    otherwise the content decides (`x.html` holding a PNG is stored as `.png`)."""
+    decoded = urllib.parse.unquote(filename)
+    last = re.split(r"[/\\]", decoded)[-1]
+    stem, dot, ext = last.rpartition(".")
+    if not dot:
+        stem, ext = last, ""
+    stem = _SAFE.sub("_", stem).replace("..", "_").strip(".")[:80] or "file"
+    ext = "." + ext.lower()
+    if not re.fullmatch(r"\.[a-z0-9]{1,8}", ext) or mimetypes.guess_type("x" + ext)[0] != mime:
+        ext = sniffed_ext
+    return f"{secrets.token_hex(6)}-{stem}{ext}"
+
+
+def _owner_dir(owner: str | None) -> str:
+    return SHARED if owner is None else "c-" + owner
+
+
+class UploadStore:
+    def __init__(self, root: Path, limits: UploadLimits) -> None:
+        self.root = root
+        self.limits = limits
+        self._uploads: dict[str, Upload] = {}
+        self._pins: dict[str, int] = {}  # upload name -> unfinished jobs that will send it
+        self._owned: dict[str, int] = {}  # client id -> uploads it owns
+
+    def owners(self) -> set[str]:
+        """Clients that own an upload (and so are known)."""
+        return set(self._owned)
+
+    def owns(self, client_id: str) -> bool:
+        return client_id in self._owned
+
+    def _index(self, upload: Upload) -> None:
+        self._uploads[upload.name] = upload
+        if upload.owner is not None:
+            self._owned[upload.owner] = self._owned.get(upload.owner, 0) + 1
+
+    def _unindex(self, upload: Upload) -> None:
+        self._uploads.pop(upload.name, None)
+        if upload.owner is not None:
+            left = self._owned.get(upload.owner, 0) - 1
+            if left > 0:
+                self._owned[upload.owner] = left
+            else:
+                self._owned.pop(upload.owner, None)
+
+    def pin(self, names: Iterable[str]) -> None:
+        """An unfinished job needs these files: they do not expire until it ends."""
+        for name in names:
+            self._pins[name] = self._pins.get(name, 0) + 1
+
+    def unpin(self, names: Iterable[str]) -> None:
+        """The job ended: its files expire `upload_ttl` from now unless used again."""
+        now = time.time()
+        for name in names:
+            left = self._pins.get(name, 0) - 1
+            if left > 0:
+                self._pins[name] = left
+            else:
+                self._pins.pop(name, None)
+            if name in self._uploads:
+                self._uploads[name].last_used = now
+
+    def load(self) -> None:
+        """Index what earlier runs left, so uploads survive a restart."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for folder in self.root.iterdir():
+            if not folder.is_dir():
+                continue
+            owner = None if folder.name == SHARED else folder.name.removeprefix("c-")
+            for path in folder.iterdir():
+                if path.name.startswith("."):
+                    path.unlink(missing_ok=True)  # an upload interrupted mid-write
+                    continue
+                kind = media_kind_of(path.name) or ""
+                self._index(Upload(path.name, path, owner, kind, path.stat().st_mtime))
+
+    def kind_for(self, name: str, client_id: str) -> str | None:
+        """The media kind of an upload this client may use (its own, or a shared one), else None."""
+        upload = self._uploads.get(name)
+        if upload is None or upload.owner not in (None, client_id):
+            return None
+        return upload.kind
+
+    def path_of(self, name: str) -> Path:
+        """Where an upload a job names is; UploadGone if it is not there any more."""
+        upload = self._uploads.get(name)
+        if upload is None:
+            raise UploadGone(f"the uploaded file {name!r} of the job is gone")
+        upload.last_used = time.time()
+        return upload.path
+
+    async def receive(self, owner: str | None, parts: AsyncIterator[IncomingFile]) -> dict[str, str]:
+        """Store every part; all or nothing: on any error the files of this request are removed."""
+        saved: dict[str, Upload] = {}
+        total = 0
+        folder = self.root / _owner_dir(owner)
+        try:
+            await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_refused(exc) from None
+        try:
+            async for part in parts:
+                if len(saved) >= self.limits.max_files:
+                    raise BadInput(f"Too many files in one upload: at most {self.limits.max_files}.")
+                identifier = part.field_name or "file"
+                if identifier in saved:
+                    raise BadInput(f"Two parts share the identifier {identifier!r}; give each file its own field name.")
+                if part.filename is None:
+                    raise BadInput(f"Part {identifier!r} is not a file: send it with a filename.")
+                upload, size = await self._receive_one(folder, owner, part, total)
+                total += size
+                saved[identifier] = upload
+        except BaseException:
+            for upload in saved.values():
+                await asyncio.to_thread(upload.path.unlink, missing_ok=True)
+            raise
+        if not saved:
+            raise BadInput("No file in the request: send multipart/form-data with one file per part.")
+        for upload in saved.values():
+            self._index(upload)
+        return {identifier: upload.name for identifier, upload in saved.items()}
+
+    async def _receive_one(
+        self, folder: Path, owner: str | None, part: IncomingFile, before: int
+    ) -> tuple[Upload, int]:
+        limits = self.limits
+        tmp = folder / f".{secrets.token_hex(8)}.part"
+        size = 0
+        head = b""
+        kind = mime = ext = ""
+        try:
+            async with open_off_loop(tmp, "wb") as handle:
+                async for chunk in part.chunks:
+                    size += len(chunk)
+                    if size > limits.max_file_bytes:
+                        raise TooLarge(
+                            f"File {part.filename!r} is larger than the limit of {_mb(limits.max_file_bytes)} MB."
+                        )
+                    if before + size > limits.max_request_bytes:
+                        raise TooLarge(f"The upload is larger than the limit of {_mb(limits.max_request_bytes)} MB.")
+                    if not kind:
+                        head += chunk[:SNIFF_BYTES]
+                        if len(head) >= SNIFF_BYTES:
+                            kind, mime, ext = self._check_media(head, part)
+                    await asyncio.to_thread(handle.write, chunk)
+            if not kind:
+                kind, mime, ext = self._check_media(head, part)
+            await self._check_content(tmp, ext, mime, part.filename or "")
+            name = safe_name(part.filename or "", mime, ext)
+            path = folder / name
+            # Synced before the client hears of it: a job that names it is journaled as durable.
+            await asyncio.to_thread(_sync_and_rename, tmp, path)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(tmp.unlink, missing_ok=True)
+            if isinstance(exc, OSError):
+                raise write_refused(exc) from None
+            raise
+        return Upload(name, path, owner, kind, time.time()), size
+
+    async def _check_content(self, path: Path, ext: str, mime: str, filename: str) -> None:
+        """The whole file is well-formed and, for an image, its headers promise no more pixels than
+        the limits allow (ComfyUI decodes every frame to float32 at once)."""
+        broken = f"File {filename!r} is not a complete, well-formed {mime} file."
+        if not await asyncio.to_thread(is_complete, path, ext):
+            raise UnsupportedMedia(broken)
+        try:
+            frames = await asyncio.to_thread(image_frames, path, ext)
+        except BadHeaders:
+            raise UnsupportedMedia(broken) from None
+        problem = _over_pixels(filename, frames, self.limits) if frames else None
+        if problem:
+            raise TooLarge(problem)
+
+    def _check_media(self, head: bytes, part: IncomingFile) -> tuple[str, str, str]:
+        found = sniff(head)
+        allowed = ", ".join(self.limits.allowed_kinds)
+        if found is None:
+            raise UnsupportedMedia(f"File {part.filename!r} is not a recognised media file (allowed: {allowed}).")
+        kind, mime, ext = found
+        if kind not in self.limits.allowed_kinds:
+            raise UnsupportedMedia(f"File {part.filename!r} is {mime}, which is not allowed (allowed: {allowed}).")
+        return kind, mime, ext
+
+    async def expire(self, ttl: float) -> int:
+        cutoff = time.time() - ttl
+        old = [u for u in self._uploads.values() if u.last_used < cutoff and u.name not in self._pins]
+        for upload in old:
+            self._unindex(upload)
+            await asyncio.to_thread(upload.path.unlink, missing_ok=True)
+        if old:
+            log.info("expired %d unused uploads", len(old))
+        await asyncio.to_thread(self._remove_empty_folders, time.time() - min(ttl, EMPTY_FOLDER_AGE))
+        return len(old)
+
+    def _remove_empty_folders(self, older_than: float) -> None:
+        """Owner folders left empty (a failed upload, every file expired), once they have been empty a while."""
+        for folder in self.root.iterdir():
+            with contextlib.suppress(OSError):  # not empty, or gone: both fine
+                if folder.is_dir() and folder.stat().st_mtime < older_than:
+                    folder.rmdir()
+
+
+def write_refused(exc: OSError) -> StorageFull | StorageUnavailable:
+    """An upload the disk would not take: full (507), or the data folder not writable (503)."""
+    if exc.errno in NO_SPACE:
+        return StorageFull("The bridge's disk is full, so the file was not stored; try again later.")
+    log.error("uploads: cannot write in %s: %s", exc.filename, exc.strerror)
+    return StorageUnavailable(
+        f"The bridge cannot write to its data folder ({exc.strerror}), so the file was not stored; "
+        "its operator has been told in the log."
+    )
+
+
+def _sync_and_rename(tmp: Path, path: Path) -> None:
+    fsync_path(tmp)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def _over_pixels(filename: str, frames: Frames, limits: UploadLimits) -> str | None:
+    """Why an image would take too much memory to decode, or None: a small file of many or huge
+    frames could otherwise take a GPU server down."""
+    if frames.count > MAX_FRAMES:
+        return f"File {filename!r} has more than {MAX_FRAMES} frames, over the limit of {MAX_FRAMES} frames."
+    size = f"{frames.width}x{frames.height}"
+    if frames.count == 1:
+        shape = f"is {size}"
+    else:
+        shape = f"has {frames.count} frames of {'' if frames.same_size else 'up to '}{size}"
+    if frames.frame_mp > limits.max_frame_mp:
+        return (
+            f"File {filename!r} {shape} ({_mp(frames.frame_mp)} megapixels a frame), "
+            f"over the limit of {_mp(limits.max_frame_mp)} megapixels (max_frame_mp)."
+        )
+    if frames.total_mp > limits.max_total_mp:
+        return (
+            f"File {filename!r} {shape} ({_mp(frames.total_mp)} megapixels in all), "
+            f"over the limit of {_mp(limits.max_total_mp)} megapixels (max_total_mp)."
+        )
+    return None
+
+
+def _mp(megapixels: float) -> str:
+    return f"{megapixels:.0f}" if megapixels >= 1000 else f"{megapixels:.4g}"
+
+
+def _mb(size: int) -> str:
+    return f"{size / (1024 * 1024):.3g}"
