@@ -33,7 +33,8 @@ from .edge.appkeys import (
 )
 from .edge.logs import request_middleware
 from .edge.metrics import METRICS, Metrics
-from .edge.routes import error_middleware, setup_routes
+from .edge.replies import error_middleware
+from .edge.routes import setup_routes
 from .edge.ws import SocketHub, heartbeat
 from .errors import WorkflowConfigError
 from .store.counter import StateStore

@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 import pytest
 
-from comfybridge.edge import routes
+from comfybridge.edge import bodies
 
 from .conftest import BridgeFactory, EmulatorFactory
 from .helpers import Client, generate, gzip_bomb
@@ -62,7 +62,7 @@ async def test_a_gzip_bomb_is_inflated_only_up_to_the_limit(
         def __getattr__(self, name: str) -> Any:
             return getattr(self.inner, name)
 
-    monkeypatch.setattr(routes.zlib, "decompressobj", Counting)
+    monkeypatch.setattr(bodies.zlib, "decompressobj", Counting)
     bomb = gzip_bomb(2000)  # 2 MB of gzip that would be 2 GB of JSON
     headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
     resp = await client.post(
@@ -172,6 +172,6 @@ def test_inflating_in_slices_reads_everything_zlib_holds_back(wbits: int) -> Non
             out = b"".join(
                 piece
                 for start in range(0, len(packed), chunking)
-                for piece in routes.inflated(inflater, packed[start : start + chunking], len(data) + 1, size)
+                for piece in bodies.inflated(inflater, packed[start : start + chunking], len(data) + 1, size)
             )
             assert (out, inflater.eof) == (data, True), (size, chunking)

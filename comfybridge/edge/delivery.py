@@ -1,0 +1,84 @@
+"""Results on their way out: `/history` as multipart or base64 JSON, streamed from the result store."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import uuid
+from collections.abc import Callable
+
+import orjson
+from aiohttp import web
+
+from ..store.files import SMALL_FILE, open_off_loop
+from ..store.results import ResultFile
+from .replies import quoted_header_text
+
+__all__ = ["write_base64", "write_multipart"]
+
+
+CHUNK = 256 * 1024
+B64_CHUNK = 3 * 64 * 1024  # a multiple of 3, so chunks encode without padding in between
+
+
+async def write_multipart(request: web.Request, files: list[tuple[str, ResultFile]]) -> web.StreamResponse:
+    boundary = uuid.uuid4().hex
+    heads = []
+    for index, (job_id, item) in enumerate(files):
+        name = quoted_header_text(item.file_name)
+        heads.append(
+            (
+                f"--{boundary}\r\n"
+                f'Content-Disposition: form-data; name="result_{index}"; filename="{name}"\r\n'
+                f"Content-Type: {item.content_type}\r\n"
+                f"Content-Length: {item.size}\r\n"
+                f"X-Job-Id: {job_id}\r\n\r\n"
+            ).encode()
+        )
+    tail = f"--{boundary}--\r\n".encode()
+    length = sum(len(h) + f.size + 2 for h, (_, f) in zip(heads, files, strict=True)) + len(tail)
+    response = web.StreamResponse(
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}", "Content-Length": str(length)}
+    )
+    await response.prepare(request)
+    for head, (_, item) in zip(heads, files, strict=True):
+        await response.write(head)
+        await _send_file(response, item, CHUNK, bytes)
+        await response.write(b"\r\n")
+    await response.write(tail)
+    await response.write_eof()
+    return response
+
+
+async def write_base64(request: web.Request, files: list[tuple[str, ResultFile]]) -> web.StreamResponse:
+    """`{"files": [{"file_name", "content_type", "job_id", "content"}]}`, encoded while it streams."""
+    pieces = []
+    for job_id, item in files:
+        meta = orjson.dumps({"file_name": item.file_name, "content_type": item.content_type, "job_id": job_id})
+        pieces.append(meta[:-1] + b',"content":"')
+    encoded = [4 * ((f.size + 2) // 3) for _, f in files]
+    length = len(b'{"files":[') + sum(len(p) + n + 2 for p, n in zip(pieces, encoded, strict=True))
+    length += max(0, len(files) - 1) + len(b"]}")
+    response = web.StreamResponse(headers={"Content-Type": "application/json", "Content-Length": str(length)})
+    await response.prepare(request)
+    await response.write(b'{"files":[')
+    for index, (piece, (_, item)) in enumerate(zip(pieces, files, strict=True)):
+        await response.write((b"," if index else b"") + piece)
+        await _send_file(response, item, B64_CHUNK, base64.b64encode)
+        await response.write(b'"}')
+    await response.write(b"]}")
+    await response.write_eof()
+    return response
+
+
+async def _send_file(
+    response: web.StreamResponse, item: ResultFile, size: int, encode: Callable[[bytes], bytes]
+) -> None:
+    """Stream a file in chunks read off the event loop; closed even when the client goes away.
+    A small file is read whole, in one trip to a thread."""
+    if item.size <= SMALL_FILE:
+        await response.write(encode(await asyncio.to_thread(item.path.read_bytes)))
+        return
+    async with open_off_loop(item.path, "rb") as handle:
+        while chunk := await asyncio.to_thread(handle.read, size):
+            await response.write(encode(chunk))

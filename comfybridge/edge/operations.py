@@ -1,0 +1,79 @@
+"""The routes for operators and browsers: health, readiness, Prometheus metrics, the docs page, the playground."""
+
+from __future__ import annotations
+
+import hmac
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ..errors import Unauthorized
+from . import openapi
+from .access import KEY
+from .appkeys import SCHEDULER, SETTINGS
+from .metrics import METRICS
+from .replies import json_response
+
+__all__ = ["PLAYGROUND", "docs", "health", "metrics", "playground", "ready"]
+
+
+def _health_report(request: web.Request) -> dict[str, Any]:
+    """The scheduler's report; with API keys on, a caller without one sees no backend addresses."""
+    report = request.app[SCHEDULER].health()
+    settings = request.app[SETTINGS]
+    if settings.keys_on and request.get(KEY) is None:
+        report["backends"] = [{"state": b["state"]} for b in report["backends"]]
+        report["journal"] = "ok" if report["journal"] == "ok" else "lost"  # not where it is
+    return report
+
+
+async def health(request: web.Request) -> web.Response:
+    """The process serves: always 200 while it does, with what it knows of its backends."""
+    return json_response({"status": "ok", **_health_report(request)})
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Whether to send work here: 503 with the reason when no backend is usable, the queue is too
+    deep, or the bridge is stopping."""
+    report = _health_report(request)
+    limit = request.app[SETTINGS].ready_max_queue
+    if report["stopping"]:
+        reason = "the bridge is stopping"
+    elif report["journal"] != "ok":
+        reason = f"the job journal {report['journal']}; restart the bridge"
+    elif not report["usable_backends"]:
+        reason = "no ComfyUI backend is usable"
+    elif limit and report["queued"] > limit:
+        reason = f"{report['queued']} jobs wait, more than ready_max_queue ({limit})"
+    else:
+        return json_response({"status": "ready", **report})
+    return json_response({"status": "not ready", "detail": reason, **report}, 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus exposition. With `metrics_key` set, only for `Authorization: Bearer <metrics_key>`;
+    else, with API keys on, for any valid key; else open."""
+    settings = request.app[SETTINGS]
+    if settings.metrics_key:
+        presented = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(presented.encode(), settings.metrics_key.encode()):
+            raise Unauthorized("GET /metrics needs `Authorization: Bearer <metrics_key>`.")
+    elif settings.keys_on and request.get(KEY) is None:
+        raise Unauthorized("GET /metrics needs a valid API key.")
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+PLAYGROUND = Path(__file__).parent / "playground"
+
+
+async def playground(request: web.Request) -> web.StreamResponse:
+    if request.path.endswith("/"):  # its links are relative to /playground, not /playground/
+        raise web.HTTPMovedPermanently("../playground")
+    return web.FileResponse(PLAYGROUND / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+async def docs(request: web.Request) -> web.Response:
+    return web.Response(text=openapi.DOCS_PAGE, content_type="text/html")

@@ -1,0 +1,87 @@
+"""How the edge answers: JSON bodies, and the middleware that turns every error into `{"detail": ...}`."""
+
+from __future__ import annotations
+
+import logging
+import re
+import urllib.parse
+from typing import Any
+
+import orjson
+from aiohttp import hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.typedefs import Handler
+from aiohttp.web_protocol import RequestPayloadError
+
+from ..core.clients import SCOPE
+from ..errors import BridgeError, RateLimited, Unauthorized
+from .access import KEY
+
+__all__ = ["error_middleware", "error_response", "json_response", "quoted_header_text"]
+
+log = logging.getLogger(__name__)
+
+HEADER_SAFE = " !\"#$&'()*+,-./:;<=>?@[]^_`{|}~"  # printable ASCII but %: kept as is in X-Detail
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def quoted_header_text(text: str) -> str:
+    """Text for a quoted header parameter (a part's `filename`): backslash and quote escaped as
+    quoted-string does it, every control character (CR, LF, NUL, ESC, DEL, ...) percent-encoded, so
+    no name ComfyUI makes can end the header or add one."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    return _CONTROL.sub(lambda found: f"%{ord(found.group()):02X}", escaped)
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def error_response(status: int, detail: str) -> web.Response:
+    return json_response({"detail": detail}, status)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure leaves as `{"detail": ...}` with the right status; never an HTML page."""
+    try:
+        return await handler(request)
+    except BridgeError as exc:
+        status = exc.status
+        key = request.get(KEY)
+        # The core names clients as it knows them, within their key; the caller knows them without.
+        detail = exc.detail.replace(f"{key.name}{SCOPE}", "") if key is not None else exc.detail
+        response = error_response(status, detail)
+        if request.headers.get(hdrs.UPGRADE, "").lower() == "websocket":
+            # A refused WebSocket handshake's body is not read by most WebSocket clients: say it here too.
+            response.headers["X-Detail"] = urllib.parse.quote(detail, safe=HEADER_SAFE)
+        if isinstance(exc, RateLimited):
+            response.headers["Retry-After"] = str(exc.retry_after)
+        elif isinstance(exc, Unauthorized):
+            response.headers["WWW-Authenticate"] = 'Bearer realm="comfybridge"'
+        return response
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        path = request.path.encode("utf-8", "replace").decode()  # a path may not be valid UTF-8
+        if exc.status == 404:
+            detail = f"Not found: {path}"
+        elif exc.status == 405:
+            detail = f"Method {request.method} is not allowed for {path}"
+        elif exc.status == 413:
+            detail = "The request body is too large"
+        else:
+            detail = exc.text or exc.reason
+        return error_response(exc.status, detail)
+    except RequestPayloadError as exc:  # a body aiohttp cannot decode (e.g. "gzip" that is not)
+        cause = exc.__cause__ or exc.__context__
+        reason = cause.message if isinstance(cause, HttpProcessingError) else str(exc)
+        return error_response(400, f"The request body could not be read: {reason.splitlines()[0] if reason else exc}")
+    except ConnectionError as exc:
+        # The client went away mid-request (an upload or a download cut off): a normal event, and
+        # this answer reaches no one.
+        log.info("%s %s: the client went away (%s)", request.method, request.path, exc)
+        return error_response(400, "The connection was lost before the request was complete.")
+    except Exception:
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return error_response(500, "Internal error in the bridge; it has been logged.")
