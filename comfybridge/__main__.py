@@ -13,6 +13,7 @@ from dataclasses import replace
 from aiohttp import web
 
 from .app import create_app
+from .comfy.client import shown
 from .config import ConfigError, load_settings
 from .edge import logs
 from .edge.access import KeyFileError
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         _close(sockets)
         return _refuse(f"{exc.strerror}: {exc.filename}")
-    backends = f"emulated x{settings.emulate}" if settings.emulate else ", ".join(settings.backends)
+    backends = f"emulated x{settings.emulate}" if settings.emulate else ", ".join(map(shown, settings.backends))
     banner = f"comfybridge on http://{settings.host}:{settings.port} -> ComfyUI {backends}"
     # run_app turns SIGTERM/SIGINT into a graceful stop: no new connections, in-flight requests
     # get shutdown_timeout seconds, then every cleanup context runs (journal closed) and we exit 0.

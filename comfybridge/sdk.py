@@ -216,7 +216,10 @@ class AsyncBridge:
             reader = aiohttp.MultipartReader.from_response(resp)
             while (part := await reader.next()) is not None:
                 assert isinstance(part, aiohttp.BodyPartReader)
-                path = await asyncio.to_thread(_free_path, target / Path(part.filename or f"{part.name}.bin").name)
+                name = Path(part.filename or "").name
+                if name in ("", ".", ".."):  # nothing of a name that is only a folder's
+                    name = f"{part.name}.bin"
+                path = await asyncio.to_thread(_free_path, target / name)
                 async with aiofiles.open(path, "wb") as handle:
                     while chunk := await part.read_chunk():
                         await handle.write(chunk)

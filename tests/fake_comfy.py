@@ -28,6 +28,7 @@ class FakeComfy:
         self.seen: list[str] = []  # "GET /queue", ... every request, in order
         self.rewrite: Callable[[str], str] = lambda text: text  # applied to every event ComfyUI sends
         self.held: dict[str, asyncio.Event] = {}  # requests of these routes wait for their event first
+        self.trickled: dict[str, float] = {}  # answers of these routes come a KB at a time, this many s apart
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -98,7 +99,14 @@ class FakeComfy:
         ) as resp:
             body = await resp.read()
             kept = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_HEADERS}
+        if route not in self.trickled:
             return web.Response(status=resp.status, body=body, headers=kept)
+        slow = web.StreamResponse(status=resp.status, headers={**kept, "Content-Length": str(len(body))})
+        await slow.prepare(request)
+        for start in range(0, len(body), 1024):
+            await asyncio.sleep(self.trickled[route])
+            await slow.write(body[start : start + 1024])
+        return slow
 
     async def _socket(self, request: web.Request) -> web.WebSocketResponse:
         self.seen.append("GET /ws")

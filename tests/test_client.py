@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
 
 from comfybridge.emulator.png import png_first_pixel
@@ -91,3 +93,25 @@ async def test_blocking_client_follows_and_saves_from_a_thread(
     assert events[-1].status == "closed"
     assert all(e.job_id in (None, job_id) for e in events)
     assert [p.name for p in saved] == [f"wf_b_empty_{job_id}_00001_.png"]
+
+
+async def test_the_client_saves_a_result_named_like_a_folder_inside_its_folder(
+    make_fake: Any, make_bridge: BridgeFactory, tmp_path: Path
+) -> None:
+    fake = await make_fake()
+
+    def named_dot(text: str) -> str:
+        message = orjson.loads(text)
+        if message.get("type") == "executed":
+            for item in message["data"]["output"].get("images", []):
+                item["filename"] = "."
+        return orjson.dumps(message).decode()
+
+    fake.rewrite = named_dot
+    fake.replace("GET /view", 200, png())
+    client = await make_bridge(fake.url)
+    async with AsyncBridge(url_of(client)) as bridge:
+        await bridge.run("solid", {"1/batch_size": 1})
+        saved = await bridge.save_results(tmp_path / "out")
+    assert [r.path.parent for r in saved] == [tmp_path / "out"]
+    assert saved[0].path.read_bytes() == png()

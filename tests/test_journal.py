@@ -251,6 +251,9 @@ async def test_a_journal_deleted_or_replaced_while_running_stops_new_jobs(
     journal.unlink()
     if how == "replaced":
         journal.write_bytes(b"")
+    status, body = await generate(client, "at-once", TINY)  # no window: the commit itself looks first
+    assert status == 503
+    assert body["detail"].startswith(("The bridge cannot record anything: its journal", "The bridge cannot record new"))
     ready = await client.get("/ready")
     async with asyncio.timeout(10):
         while ready.status == 200:

@@ -29,7 +29,7 @@ async def test_a_text_input_over_max_text_kb_is_refused_and_nothing_is_accepted(
     client = await make_bridge(await make_emulator(), max_text_kb=2)
     status, body = await generate(client, "long", {**TEXT, "6/text": "ü" * 1500})  # 3,000 bytes of UTF-8
     assert status == 413
-    assert body == {"detail": "Input '6/text' is 3 KB, longer than the limit of 2 KB (max_text_kb)."}
+    assert body == {"detail": "Input '6/text' is 3000 bytes long, over the limit of 2 KB (2048 bytes, max_text_kb)."}
     assert await (await client.get("/generation-count")).json() == 0
     status, _ = await generate(client, "long", {**TEXT, "6/text": "x" * 2048})  # at the limit: fine
     assert status == 200

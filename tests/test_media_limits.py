@@ -724,3 +724,15 @@ def test_any_structure_of_boxes_directories_or_mp_entries_gives_frames_or_a_refu
         assert isinstance(frames, Frames)
         assert 1 <= frames.count <= MAX_FRAMES + 1
         assert frames.pixels <= frames.count * frames.width * frames.height
+
+
+async def test_a_webp_frame_that_swallows_the_frames_after_it_is_refused(bridge: Client) -> None:
+    """libwebp decodes the frames hidden inside a first frame whose length covers the rest of the file;
+    counting that as one frame would let 60 frames of 2000x2000 through as 4 megapixels."""
+    honest = webp((2000, 2000), [(0, 0, 2000, 2000)] * 60)
+    first = honest.index(b"ANMF")
+    swallowing = bytearray(honest)
+    swallowing[first + 4 : first + 8] = struct.pack("<I", len(honest) - first - 8)
+    status, body = await upload(bridge, {"file": ("anim.webp", bytes(swallowing))})
+    assert (status, body) == (415, {"detail": "File 'anim.webp' is not a complete, well-formed image/webp file."})
+    assert stored(bridge) == []

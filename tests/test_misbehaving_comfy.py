@@ -309,3 +309,27 @@ async def test_a_prompt_sent_while_its_backend_was_taken_for_stuck_does_not_run_
     hung.engine.release_hang()
     await wait_for(lambda: backend_states(client) == ["up", "up"])
     assert len(hung.engine.started) == 1  # only the one that hung ever ran on it
+
+
+async def test_a_comfyui_whose_queue_does_not_move_is_stuck_and_its_jobs_go_elsewhere(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    """Nothing runs while prompts wait (a dead worker): waiting behind someone else's prompt is not
+    waiting at all then."""
+    dead = await make_emulator()
+    spare = await make_emulator()
+    dead.engine.pause()
+    prompt = {"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+              "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "other"}}}  # fmt: skip
+    dead.engine.submit({"prompt": prompt, "client_id": "someone-else"})
+    client = await make_bridge(dead, job_idle_timeout=1.0)
+    status, _ = await generate(client, "waits", SOLID)
+    assert status == 200
+    await wait_for(lambda: dead.engine.queue_remaining == 2)
+    client.app[SCHEDULER].set_backends([dead.url, spare.url])
+    info = await poll_status(client, "waits", {"closed", "error"}, timeout=30)
+    assert info["status"] == "closed"  # moved, not failed: the wait was not its fault
+    assert len(spare.engine.started) == 1
+    assert backend_states(client) == ["stuck", "up"]
+    dead.engine.resume()  # it runs again: back in service
+    await wait_for(lambda: backend_states(client) == ["up", "up"])

@@ -15,9 +15,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from comfybridge.core.workflows import WorkflowStore
+from comfybridge.edge.appkeys import SCHEDULER
+from comfybridge.edge.logs import redact
 from comfybridge.errors import WorkflowConfigError
 
-from .conftest import FIXTURES, BridgeFactory, EmulatorFactory
+from .conftest import FIXTURES, BridgeFactory, EmulatorFactory, wait_for
 from .helpers import Client, bridge_process, generate, run_job
 
 KEY = "ops-key-0123456789abcdef"
@@ -250,3 +252,20 @@ async def _in_flight_is(client: Client, count: int) -> bool:
 async def _status_is_closed(client: Client, client_id: str) -> bool:
     _, body = await get_json(client, f"/execution-info?clientId={client_id}")
     return bool(body["status"] == "closed")
+
+
+async def test_a_backend_address_with_a_password_or_token_shows_neither(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    emulator = await make_emulator()
+    url = f"http://admin:hunter2pass@127.0.0.1:{emulator.port}/?token=s3cret-token"
+    client = await make_bridge(url)
+    await wait_for(lambda: client.app[SCHEDULER].health()["usable_backends"] == 1)
+    for path in ("/health", "/metrics"):
+        text = await (await client.get(path)).text()
+        assert "hunter2pass" not in text
+        assert "s3cret-token" not in text
+        assert f"admin@127.0.0.1:{emulator.port}" in text
+    assert redact(f"connected to ComfyUI {url}") == (
+        f"connected to ComfyUI http://admin:[redacted]@127.0.0.1:{emulator.port}/?token=[redacted]"
+    )

@@ -242,3 +242,11 @@ async def test_burst_example_spreads_over_both_emulated_gpus(workdir: Path) -> N
     places = re.findall(r"done on (\S+), waited", log)
     assert len(places) == 4, log
     assert len(set(places)) == 2, log
+
+
+async def test_deleting_the_lock_file_lets_no_second_bridge_in(workdir: Path) -> None:
+    async with bridge_process(workdir) as (_, url):
+        (workdir / "data" / "bridge.lock").unlink()  # the folder itself is what is locked
+        result = await asyncio.to_thread(run_cli, ["--emulate", "1"], workdir)
+        assert_one_line_error(result, "data folder", "is in use by another comfybridge")
+        assert await count(url) == 0

@@ -161,3 +161,20 @@ async def test_interrupt_stops_the_tries_to_store_results(
     assert info["detail"] == "interrupted"
     assert len(tries) == count  # no try after the interrupt
     assert not (tmp_path / "data" / "results" / info["job_id"]).exists()
+
+
+async def test_a_result_that_trickles_in_fails_its_job_within_bounds(
+    make_fake: Any, make_bridge: BridgeFactory
+) -> None:
+    """Each read in time, yet the file never arrives: comfy_timeout plus a second per 64 KB, then the
+    bounded tries, then a clear error, never a job held for as long as ComfyUI drips."""
+    fake: FakeComfy = await make_fake()
+    fake.upstream.engine.faults.video_mb = 2  # streamed (over 1 MB): its deadline grows with what arrives
+    fake.trickled["GET /view"] = 0.05  # 20 KB a second
+    client = await make_bridge(fake.url, comfy_timeout=0.2, result_retries=2)
+    status, _ = await generate(client, "drip", SOLID)
+    assert status == 200
+    info = await poll_status(client, "drip", {"closed", "error"}, timeout=30)
+    assert info["status"] == "error"
+    assert info["detail"].startswith("ComfyUI did not give the results (")
+    assert "too slow" in info["detail"]

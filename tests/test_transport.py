@@ -142,6 +142,16 @@ async def test_expect_100_continue_is_not_promised_to_a_body_that_will_be_refuse
     )
     answer = await exchange(client, text)
     assert answer.startswith(b"HTTP/1.1 415 ")
+    for head in (
+        b"POST /generate-based-workflow?clientId=bad%20id HTTP/1.1\r\nContent-Type: application/json\r\n",
+        b"POST /free HTTP/1.1\r\n",  # reads no body at all
+        b"POST /interrupt?clientId=x HTTP/1.1\r\n",
+    ):
+        answer = await exchange(
+            client, head + b"Host: x\r\nContent-Length: 10737418240\r\nExpect: 100-continue\r\n\r\n"
+        )
+        assert b"100 Continue" not in answer, head
+        assert answer.startswith((b"HTTP/1.1 4", b"HTTP/1.1 200", b"HTTP/1.1 503")), answer[:40]
     # A body that will be read is promised, then read.
     body = orjson.dumps(TINY)
     fine = (

@@ -29,6 +29,7 @@ __all__ = [
     "MalformedAnswer",
     "PromptRefused",
     "ResultTooLarge",
+    "shown",
 ]
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,9 @@ DisconnectHandler = Callable[[], None]
 
 CHUNK = 256 * 1024
 MB = 1024 * 1024
-MAX_ANSWER = 128 * MB  # the largest REST answer read (ComfyUI's /object_info with many custom nodes: tens of MB)
+MAX_ANSWER = 128 * MB  # the largest REST answer read (/object_info with many custom nodes: tens of MB)
 ROOM_MARGIN = 16 * MB  # free space kept beyond a large download, for the journal and other writes
+SLOW_RATE = 64 * 1024  # bytes a second an output file's download earns beyond comfy_timeout
 JSON_HEADERS = {"Content-Type": "application/json"}
 # "0.3.64": the recorded release. "jobs": later releases, which add GET /api/jobs, GET /api/jobs/{id},
 # an atomic POST /api/jobs/{id}/cancel, canonical-UUID prompt ids, and asset ids on outputs.
@@ -232,6 +234,14 @@ class ComfyClient:
         when the bridge cannot write it, BackendUnavailable when ComfyUI cannot give it."""
         params = {"filename": ref.filename, "subfolder": ref.subfolder, "type": ref.type}
         size = 0
+        # A file that trickles (a byte now and then, each read in time) must still arrive: comfy_timeout
+        # plus a second for every SLOW_RATE bytes, or the try fails (and is tried again, a bounded
+        # number of times).
+        start = asyncio.get_running_loop().time()
+
+        def deadline() -> float:
+            return start + self.timeout.total + size / SLOW_RATE  # type: ignore[operator]
+
         try:
             timeout = aiohttp.ClientTimeout(total=None, sock_read=self.timeout.total)
             async with self.session.get(self.url / "view", params=params, timeout=timeout) as resp:
@@ -241,18 +251,28 @@ class ComfyClient:
                 if length is not None and length > max_bytes:
                     raise ResultTooLarge(_too_large(ref, length, max_bytes))
                 if length is not None and length <= SMALL_FILE:
-                    data = await resp.read()
+                    size = length
+                    async with asyncio.timeout_at(deadline()):
+                        data = await resp.read()
                     await in_thread(write_synced, target, data)
                     return len(data)
                 await in_thread(_make_room, target, length)
                 async with open_off_loop(target, "wb") as handle:
-                    async for chunk in resp.content.iter_chunked(CHUNK):
+                    while True:
+                        async with asyncio.timeout_at(deadline()):
+                            chunk = await resp.content.read(CHUNK)
+                        if not chunk:
+                            break
                         size += len(chunk)
                         if size > max_bytes:
                             raise ResultTooLarge(_too_large(ref, size, max_bytes))
                         await in_thread(handle.write, chunk)
                     await in_thread(sync_handle, handle)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except TimeoutError:
+            raise BackendUnavailable(
+                f"{self.name}: download of {ref.filename!r} too slow ({size} bytes, past its deadline)"
+            ) from None
+        except aiohttp.ClientError as exc:
             raise BackendUnavailable(f"{self.name}: download of {ref.filename!r} failed: {exc}") from exc
         except OSError as exc:  # writing here, not ComfyUI, failed
             raise storage_error(exc) from exc
@@ -282,16 +302,16 @@ class ComfyClient:
                     await self._json("GET", "/prompt")  # its REST side answers too, not only the socket
                     await self.detect_dialect()
                     self.connected = True
-                    backoff = 0.2
                     dialect = "with the jobs API" if self.jobs_api else "0.3.64 dialect"
                     log.info("connected to ComfyUI %s (%s)", self.name, dialect)
                     await on_connect()
+                    backoff = 0.2  # only a connect that went through: a failing one backs off
                     first_attempt.set()
                     async for msg in ws:
                         if msg.type is aiohttp.WSMsgType.TEXT:
                             self._receive(msg.data, on_event)
                         elif msg.type is aiohttp.WSMsgType.ERROR:
-                            log.warning("ComfyUI %s: event socket failed: %s", self.name, ws.exception())
+                            log.warning("ComfyUI %s: event socket failed: %s", self.name, msg.data or ws.exception())
                             break
                     log.warning("ComfyUI %s closed its socket", self.name)
             except (aiohttp.ClientError, TimeoutError, OSError, BackendUnavailable) as exc:
@@ -336,6 +356,12 @@ class ComfyClient:
 
 
 _T = TypeVar("_T")
+
+
+def shown(url: str) -> str:
+    """A backend's address as it may be shown (/health, /metrics, the banner): no password, no query."""
+    parsed = URL(url)
+    return str(parsed.with_password(None).with_query(None)) if parsed.password or parsed.query_string else url
 
 
 def _glimpse(body: bytes) -> str:

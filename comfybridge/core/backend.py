@@ -22,6 +22,7 @@ class Backend:
     sick_until: float = 0.0  # after repeated refusals of POST /prompt: no new work until then
     stuck_prompt: str | None = None  # the prompt ComfyUI runs without a sign of progress: no work until it moves
     checking: bool = False  # the watchdog is asking its /queue
+    stalled_since: float | None = None  # when its /queue was first seen with prompts waiting and none running
     submit_failures: int = 0
     queue_remaining: int = 0  # ComfyUI's own count, including prompts of other users
     last_workflow: str | None = None  # what it ran last, so its models are likely loaded

@@ -20,6 +20,7 @@ from .tracking import Tracker
 __all__ = ["Failover"]
 
 log = logging.getLogger(__name__)
+STALLED = ""  # what a backend is stuck on when nothing runs there while prompts wait
 
 
 class Failover:
@@ -152,11 +153,12 @@ class Failover:
                 if head is None or now - head.last_event < limit:
                     continue
                 if head.state is JobState.QUEUED and backend.queue_remaining > len(backend.inflight):
-                    # Behind other users' prompts inside ComfyUI, whose progress only their owners hear:
-                    # waiting, not idle. (The bridge's own silent prompt is caught as the head below.)
-                    head.last_event = now
+                    self._ask(backend, self._behind_others(backend, head))
                     continue
-                self._stuck(backend, head, head.prompt_id)
+                if head.state is JobState.RUNNING:  # it runs, and has said nothing for job_idle_timeout
+                    self._stuck(backend, head, head.prompt_id)
+                else:  # ComfyUI has not started it, with nothing of anyone's ahead: its queue is dead
+                    self._stuck(backend, None, STALLED)
 
     def _ask(self, backend: Backend, question: Coroutine[Any, Any, None]) -> None:
         """One question to a backend's /queue at a time, in a task of its own (the watchdog never waits)."""
@@ -172,23 +174,42 @@ class Failover:
 
         self.core.spawn(asking(), f"watch {backend.name}")
 
-    def _stuck(self, backend: Backend, head: Job, prompt_id: str) -> None:
-        """No progress at all for job_idle_timeout: the job it runs fails (the contract's time-out),
-        the backend takes no work until it moves again, and its other jobs go elsewhere."""
+    async def _behind_others(self, backend: Backend, head: Job) -> None:
+        """A job queued behind other users' prompts, whose progress only their owners hear, waits as
+        long as ComfyUI runs something. Nothing running at all while prompts wait, for
+        job_idle_timeout, is no progress at all (a dead worker): the backend is stuck."""
+        running, _ = await backend.client.queue()
+        if head.ended or head not in backend.inflight or head.state is not JobState.QUEUED:
+            return  # it moved on while ComfyUI was asked
+        now = time.monotonic()
+        if running:
+            backend.stalled_since = None
+            head.last_event = now  # waiting, not idle
+        elif backend.stalled_since is None:
+            backend.stalled_since = now
+        elif now - backend.stalled_since >= self.core.settings.job_idle_timeout:
+            self._stuck(backend, None, STALLED)  # the wait was no job's fault: they all move
+
+    def _stuck(self, backend: Backend, silent: Job | None, prompt_id: str) -> None:
+        """No progress at all for job_idle_timeout: the `silent` job (no event of its own for that
+        long) fails, as the contract's time-out says, and is taken back; the backend takes no work
+        until it moves again; its other jobs go elsewhere. `prompt_id` is what it is stuck on (the
+        prompt that runs, or STALLED: nothing runs while prompts wait)."""
         core = self.core
         limit = core.settings.job_idle_timeout
         reason = f"time out error: exceed {limit:g}s"
         backend.stuck_prompt = prompt_id
+        backend.stalled_since = None
+        what = f"prompt {prompt_id} shows" if prompt_id != STALLED else "its queue, with nothing running, shows"
         log.error(
-            "backend %s is stuck: prompt %s shows no progress for %gs; no new work there until it moves",
-            backend.name, prompt_id, limit,
-        )  # fmt: skip
-        if head.prompt_id == prompt_id:
-            core.take_back(backend, head)
-            if not head.ended:
-                log.warning("job %s client %s: %s", head.id, head.client_id, reason)
-                core.end(head, JobState.FAILED, reason)
-            core.spawn(core.cancel_on_backend(backend, head), f"cancel {head.id}")
+            "backend %s is stuck: %s no progress for %gs; no new work there until it moves", backend.name, what, limit
+        )
+        if silent is not None:
+            core.take_back(backend, silent)
+            if not silent.ended:
+                log.warning("job %s client %s: %s", silent.id, silent.client_id, reason)
+                core.end(silent, JobState.FAILED, reason)
+            core.spawn(core.cancel_on_backend(backend, silent), f"cancel {silent.id}")
         # Not yet started there, handed over or on the way (dispatch takes back a prompt whose POST
         # answers after its job was moved): all go elsewhere.
         for job in [j for j in backend.inflight if j.started_at is None]:
@@ -203,6 +224,9 @@ class Failover:
 
     async def _still_stuck(self, backend: Backend) -> None:
         """A stuck backend is asked, once a tick, whether the prompt it was stuck on still runs."""
-        running, _ = await backend.client.queue()
-        if backend.stuck_prompt is not None and backend.stuck_prompt not in running:
+        running, pending = await backend.client.queue()
+        if backend.stuck_prompt == STALLED:
+            if running or not pending:
+                self.core.unstuck(backend, "its queue moves again")
+        elif backend.stuck_prompt is not None and backend.stuck_prompt not in running:
             self.core.unstuck(backend, f"prompt {backend.stuck_prompt} no longer runs")

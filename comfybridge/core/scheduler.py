@@ -22,8 +22,8 @@ from typing import Any
 import aiohttp
 import orjson
 
-from ..comfy.client import ComfyClient
-from ..errors import NoBackend, RateLimited, ShuttingDown, StorageUnavailable, TooManyJobs
+from ..comfy.client import ComfyClient, shown
+from ..errors import NoBackend, RateLimited, ShuttingDown, StorageError, StorageUnavailable, TooManyJobs
 from ..store.counter import StateStore
 from ..store.journal import ENDED_STATES, JobStore
 from ..store.results import JobResult, ResultStore
@@ -387,7 +387,7 @@ class Scheduler:
             factor = core.runtimes.speed_factor(backend.name)
             backends.append(
                 {
-                    "url": backend.name,
+                    "url": shown(backend.name),
                     "state": backend.state,
                     "in_flight": len(backend.inflight),
                     "comfyui_queue": backend.queue_remaining,
@@ -460,7 +460,14 @@ class Scheduler:
         is forgotten."""
         core = self.core
         core.results.forget(client_id, fetched)  # at once: a request that comes next must not see them
-        await core.journal.forget(r.job_id for r in fetched)
+        try:
+            await core.journal.forget(r.job_id for r in fetched)
+        except StorageError as exc:
+            # Delivered whole all the same: the files stay while the journal names them, and a restart
+            # may serve them once more (at least once, never lost).
+            log.warning("client %s: %d results delivered, but not forgotten in the journal: %s", client_id,
+                        len(fetched), exc)  # fmt: skip
+            return
         await core.results.delete(fetched)
         client = self.clients.get(client_id)
         if client is not None and self.clients.forget_if_done(client, core.owns_something):

@@ -91,8 +91,8 @@ class InputSpec:
             raise BadInput(f"Input '{self.key}' must be a {self.type}, got {_json_type(value)}.")
         if isinstance(value, str) and len(value) > max_text // 4 and len(value.encode()) > max_text:
             raise TooLarge(
-                f"Input '{self.key}' is {len(value.encode()) / 1024:.0f} KB, longer than the limit of "
-                f"{max_text / 1024:g} KB (max_text_kb)."
+                f"Input '{self.key}' is {len(value.encode())} bytes long, over the limit of {max_text / 1024:g} KB "
+                f"({max_text} bytes, max_text_kb)."
             )
         if self.upload:
             if value == self.default:

@@ -11,10 +11,11 @@ from typing import Any, TypeVar
 import orjson
 from aiohttp import BodyPartReader, hdrs, web, web_urldispatcher
 
+from ..core.clients import check_client_id
 from ..errors import BadInput, BridgeError, RequestTimeout, TooLarge, UnsupportedMedia
 from .appkeys import SETTINGS
 
-__all__ = ["BodyDeadline", "expect_continue", "inflated", "json_body", "part_chunks", "refuse_early"]
+__all__ = ["BodyDeadline", "expect_continue", "expect_nothing", "inflated", "json_body", "part_chunks", "refuse_early"]
 
 
 _T = TypeVar("_T")
@@ -77,9 +78,16 @@ async def expect_continue(request: web.Request) -> None:
     refusal itself (413, 415) is then the handler's answer, in JSON, before the body is sent."""
     try:
         refuse_early(request)
+        client_id = request.query.get("clientId")
+        if client_id is not None or request.path != "/upload":  # /upload's is optional
+            check_client_id(client_id)
     except BridgeError:
         return
     await web_urldispatcher._default_expect_handler(request)
+
+
+async def expect_nothing(request: web.Request) -> None:
+    """For the routes that read no body (/free, /interrupt): never promise to read one."""
 
 
 async def part_chunks(part: BodyPartReader, deadline: BodyDeadline) -> AsyncIterator[bytes]:

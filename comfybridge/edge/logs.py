@@ -59,6 +59,7 @@ _SECRETS = re.compile(
     re.IGNORECASE,
 )
 _KEEP = rf"\g<1>\g<2>\g<3>\g<4>{REDACTED}"  # the name, and the scheme of an Authorization
+_USERINFO = re.compile(r"(//[^/@\s:'\"]*:)[^/@\s'\"]+@")  # the password of a URL's user
 
 # Shown escaped in a text line: C0 controls (CR, LF, ESC among them), DEL, C1 controls, the line and
 # paragraph separators (str.splitlines breaks at them too) and the bidirectional overrides and
@@ -77,6 +78,8 @@ ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | tupl
 def redact(text: str) -> str:
     """`text` with every secret it carries replaced by [redacted]. Cheap when none can be there
     (the access log calls it for every request): every shape holds one of a few words."""
+    if "@" in text:  # a URL's password: http://user:password@host
+        text = _USERINFO.sub(rf"\g<1>{REDACTED}@", text)
     lowered = text.lower()
     if not (
         "token" in lowered or "key" in lowered or "uthorization" in lowered or "bearer" in lowered

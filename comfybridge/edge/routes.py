@@ -17,7 +17,7 @@ from ..store.uploads import IncomingFile
 from . import openapi
 from .access import KEY, scoped
 from .appkeys import SCHEDULER, SETTINGS, WORKFLOWS
-from .bodies import BodyDeadline, expect_continue, json_body, part_chunks, refuse_early
+from .bodies import BodyDeadline, expect_continue, expect_nothing, json_body, part_chunks, refuse_early
 from .delivery import write_base64, write_multipart
 from .operations import PLAYGROUND, docs, health, metrics, playground, ready
 from .replies import json_response
@@ -195,8 +195,8 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/history", history, allow_head=False)
     app.router.add_get("/execution-info", execution_info)
     app.router.add_get("/generation-count", generation_count)
-    app.router.add_post("/free", free)
-    app.router.add_post("/interrupt", interrupt)
+    app.router.add_post("/free", free, expect_handler=expect_nothing)
+    app.router.add_post("/interrupt", interrupt, expect_handler=expect_nothing)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/ready", ready)

@@ -22,12 +22,13 @@ class DataDirLocked(Exception):
 
 
 class DataDirLock:
-    """An exclusive `flock` on `<data dir>/bridge.lock`, held for the bridge's life.
+    """An exclusive `flock` on the data folder itself, held for the bridge's life.
 
     Two bridges on one folder would both recover the journal, share one ComfyUI client id and
-    sweep each other's results. `flock` belongs to the open file, so a second bridge, even in the
-    same process, is refused, and the kernel releases the lock when its holder dies (kill -9
-    included): no stale lock to clean up by hand. The file names its holder, for the refusal."""
+    sweep each other's results. `flock` belongs to the open folder, so a second bridge, even in the
+    same process, is refused; the kernel releases it when its holder dies (kill -9 included), so
+    there is no stale lock to clean up by hand; and no file can be deleted to get around it.
+    `bridge.lock` only names the holder, for the refusal."""
 
     def __init__(self, path: Path, fd: int) -> None:
         self.path = path
@@ -39,7 +40,7 @@ class DataDirLock:
         """Take the lock (creating the folder if new) or raise DataDirLocked naming the holder."""
         data_dir.mkdir(parents=True, exist_ok=True)
         path = data_dir / LOCK_FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -60,8 +61,11 @@ class DataDirLock:
             "listening": listening,
             "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         }
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, orjson.dumps(holder), 0)
+        try:
+            path.write_bytes(orjson.dumps(holder))
+        except OSError:
+            os.close(fd)
+            raise
         return cls(path, fd)
 
     @property

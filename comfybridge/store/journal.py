@@ -312,6 +312,13 @@ class SqliteJournal:
 
     def _commit(self, items: list[tuple[Write, asyncio.Future[Any]]]) -> None:
         outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        gone = self.lost()  # a commit into a file the next start will not find is no commit
+        if gone is not None:
+            refusal = StorageUnavailable(f"The bridge cannot record anything: its journal {gone}.")
+            outcomes = [(future, None, refusal) for _, future in items]
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._resolve, outcomes, 0)
+            return
         try:
             results, accepted = self._transaction([write for write, _ in items])
             outcomes = [(future, result, None) for (_, future), result in zip(items, results, strict=True)]

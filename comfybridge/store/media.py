@@ -456,15 +456,28 @@ def _webp(walk: _Walk, tally: _Tally) -> None:
             head = _body(walk, length, 10)
             tally.grow(_u24(head, 4) + 1, _u24(head, 7) + 1)
         elif kind == b"ANMF":
+            start = walk.handle.tell()
             head = _body(walk, length, 12)
             left, top, width, height = (_u24(head, at) for at in (0, 3, 6, 9))
             tally.add(width + 1, height + 1, left * 2, top * 2)
+            _frame_data(walk, start + 16, start + length)
         elif kind == b"VP8 " and image is None:
             image = _vp8_size(_body(walk, length, 10))
         elif kind == b"VP8L" and image is None:
             image = _vp8l_size(_body(walk, length, 5))
     if not tally.count and image is not None:
         tally.add(*image)
+
+
+def _frame_data(walk: _Walk, position: int, end: int) -> None:
+    """An animation frame holds its bitstream (ALPH, VP8, VP8L) and nothing of the file's own: a frame
+    whose length swallows the frames after it (which libwebp still decodes) is refused."""
+    while position + 8 <= end:
+        walk.seek(position)
+        kind, length = struct.unpack("<4sI", walk.take(8))
+        if kind in (b"ANMF", b"ANIM", b"VP8X"):
+            raise BadHeaders(f"a frame holds a {kind.decode(errors='replace')} chunk")
+        position += 8 + length + (length & 1)
 
 
 def _riff_chunks(walk: _Walk) -> Iterator[tuple[bytes, int]]:
