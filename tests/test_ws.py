@@ -11,6 +11,7 @@ import orjson
 import pytest
 from aiohttp import WSMsgType
 
+from comfybridge.core.supervisor import Supervisor
 from comfybridge.edge.ws import HIGH_WATER, Outbox, text_frame
 from comfybridge.emulator import Emulator
 
@@ -222,7 +223,7 @@ async def test_frames_to_a_slow_reader_wait_in_order_and_close_comes_last() -> N
             self.closed_with, self.closed = code, True
 
     transport, socket = Transport(), Socket()
-    outbox = Outbox(socket, transport)  # type: ignore[arg-type]
+    outbox = Outbox(socket, transport, Supervisor())  # type: ignore[arg-type]
     outbox.put(b"one")
     transport.buffered = 0  # drained, but "one" still waits: "two" must queue behind it
     outbox.put(b"two")

@@ -24,7 +24,6 @@ class Recovered:
     waiting: int = 0
     handed_over: int = 0
     finished: int = 0
-    forgotten: list[str] | None = None  # finished jobs whose files are gone
 
 
 def missing_results(core: Core, rows: list[dict[str, Any]]) -> set[str]:
@@ -40,7 +39,7 @@ def missing_results(core: Core, rows: list[dict[str, Any]]) -> set[str]:
 
 def recover(core: Core, rows: list[dict[str, Any]], gone: set[str]) -> Recovered:
     """Rebuild the bridge's memory from the journal's rows (in acceptance order)."""
-    summary = Recovered(forgotten=sorted(gone))
+    summary = Recovered()
     for row in rows:
         job = Job.restore(row, core.journal)
         if job.id in gone:

@@ -12,6 +12,7 @@ import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from ..core.clients import Status, check_client_id, status_message
+from ..core.supervisor import Supervisor
 from ..errors import RateLimited
 from .access import CALLER, scoped
 from .appkeys import HUB, SCHEDULER, SETTINGS
@@ -46,10 +47,13 @@ class Outbox:
     second); otherwise frames wait here and one task sends them, awaiting a slow client, so the
     scheduler that publishes is never blocked. None means: close with 1011 after what is before it."""
 
-    __slots__ = ("sender", "transport", "waiting", "ws")
+    __slots__ = ("sender", "supervisor", "transport", "waiting", "ws")
 
-    def __init__(self, ws: web.WebSocketResponse, transport: asyncio.BaseTransport | None) -> None:
+    def __init__(
+        self, ws: web.WebSocketResponse, transport: asyncio.BaseTransport | None, supervisor: Supervisor
+    ) -> None:
         self.ws = ws
+        self.supervisor = supervisor  # the hub's: it holds the sender task while one runs
         self.transport = transport if isinstance(transport, asyncio.WriteTransport) else None
         self.waiting: collections.deque[bytes | None] = collections.deque()
         self.sender: asyncio.Task[None] | None = None
@@ -68,8 +72,8 @@ class Outbox:
             transport.write(text_frame(frame))
             return
         self.waiting.append(frame)
-        if self.sender is None:
-            self.sender = asyncio.create_task(self._send_waiting(), name="ws sender")
+        if self.sender is None and self.supervisor.accepting:
+            self.sender = self.supervisor.spawn(self._send_waiting(), "ws sender")
 
     async def _send_waiting(self) -> None:
         try:
@@ -85,10 +89,11 @@ class Outbox:
             self.sender = None
 
     async def close(self) -> None:
-        if self.sender is not None:
-            self.sender.cancel()
+        sender = self.sender
+        if sender is not None:
+            sender.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self.sender
+                await sender
 
 
 class SocketHub:
@@ -97,6 +102,7 @@ class SocketHub:
     def __init__(self) -> None:
         self._outboxes: dict[str, dict[web.WebSocketResponse, Outbox]] = {}
         self._by_address: dict[str, int] = {}
+        self.supervisor = Supervisor()  # the heartbeat, and the sender of each socket that is behind
 
     def count(self, client_id: str) -> int:
         return len(self._outboxes.get(client_id, ()))
@@ -118,7 +124,7 @@ class SocketHub:
         return sum(len(sockets) for sockets in self._outboxes.values())
 
     def add(self, client_id: str, ws: web.WebSocketResponse, transport: asyncio.BaseTransport | None) -> Outbox:
-        outbox = Outbox(ws, transport)
+        outbox = Outbox(ws, transport, self.supervisor)
         self._outboxes.setdefault(client_id, {})[ws] = outbox
         return outbox
 
@@ -187,8 +193,6 @@ async def heartbeat(app: web.Application) -> AsyncIterator[None]:
                 if not scheduler.is_running(client_id):
                     hub.send_frame(client_id, LISTENING_FRAME)
 
-    task = asyncio.create_task(beat(), name="heartbeat")
+    hub.supervisor.spawn(beat(), "heartbeat", daemon=True)
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await hub.supervisor.wait_and_close(0)

@@ -143,7 +143,6 @@ class SqliteJournal:
         self.sync = sync
         self.count = 0
         self.bridge_id = ""
-        self.on_accepted: Callable[[int], None] = lambda count: None
         self.on_commit: Callable[[float], None] = lambda seconds: None  # called in the writer thread
         self.deliveries: list[dict[str, Any]] = []  # webhook calls not yet acknowledged, found at open
         self._committed = 0  # the count as committed, seen from the writer thread
@@ -355,7 +354,6 @@ class SqliteJournal:
     def _resolve(self, outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]], count: int) -> None:
         if count > self.count:
             self.count = count  # only now is it durable, so only now is it served
-            self.on_accepted(count)
         for future, result, error in outcomes:
             if future.done():
                 continue
