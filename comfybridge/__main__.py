@@ -65,14 +65,17 @@ def main(argv: list[str] | None = None) -> int:
     # run_app turns SIGTERM/SIGINT into a graceful stop: no new connections, in-flight requests
     # get shutdown_timeout seconds, then every cleanup context runs (journal closed) and we exit 0.
     # The banner is printed once the port is bound: `print` is called then.
-    web.run_app(
-        app,
-        loop=_event_loop(),
-        sock=sockets,
-        shutdown_timeout=settings.shutdown_timeout,
-        access_log=None,
-        print=lambda _: print(banner, flush=True),
-    )
+    try:
+        web.run_app(
+            app,
+            loop=_event_loop(),
+            sock=sockets,
+            shutdown_timeout=settings.shutdown_timeout,
+            access_log=None,
+            print=lambda _: print(banner, flush=True),
+        )
+    except JournalError as exc:  # the journal (or the database) is opened as the app starts
+        return _refuse(str(exc))
     return 0
 
 

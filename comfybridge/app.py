@@ -39,7 +39,8 @@ from .edge.ws import SocketHub, heartbeat
 from .errors import WorkflowConfigError
 from .store.counter import StateStore
 from .store.datadir import DataDirLock
-from .store.journal import SqliteJournal
+from .store.journal import JobStore, SqliteJournal
+from .store.pgjournal import PgJournal
 from .store.results import ResultStore
 from .store.uploads import UploadLimits, UploadStore
 
@@ -57,19 +58,18 @@ def create_app(
 
     With `handle_signals` (the process's own app, not a test's), SIGTERM drains for `stop_grace` and
     SIGHUP reloads: `reload` re-reads the settings, to pick up a changed backend list without a restart.
-    Raises WorkflowConfigError, StateError or JournalError for a folder or file it cannot use, and
-    DataDirLocked (having read and changed nothing) when another bridge holds the data folder.
+    Raises WorkflowConfigError or StateError for a folder or file it cannot use, and DataDirLocked
+    (having read and changed nothing) when another bridge holds the data folder; the journal (or the
+    database) is opened as the app starts, and its JournalError comes out of the start.
     """
     lock = DataDirLock.acquire(settings.data_dir, f"http://{settings.host}:{settings.port}")
     try:
         workflows = WorkflowStore.load(settings.workflows)
         state = StateStore.load(settings.state_file)
-        journal = SqliteJournal(settings.journal_file, sync=settings.journal_sync)
-        rows = journal.open(count_floor=state.generation_count)
+        journal = journal_for(settings)
     except BaseException:
         lock.release()
         raise
-    state.generation_count = journal.count
     # Bodies are read by the handlers with their own limits (JSON small, uploads streamed); this
     # cap is for anything read whole, and it is checked on the bytes after any Content-Encoding.
     policy = access_policy(settings)
@@ -90,7 +90,7 @@ def create_app(
     app[WORKFLOWS] = workflows
     app[STATE] = state
     app[JOURNAL] = journal
-    app[RECOVERED] = rows
+    app[RECOVERED] = []  # the journal's rows, once it is open
     app[UPLOADS] = UploadStore(
         settings.data_dir / "uploads",
         UploadLimits(
@@ -122,6 +122,13 @@ async def _stores(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
+def journal_for(settings: Settings) -> JobStore:
+    """The job store the settings name: PostgreSQL with --database, else the SQLite journal."""
+    if settings.database:
+        return PgJournal(settings.database)
+    return SqliteJournal(settings.journal_file, sync=settings.journal_sync)
+
+
 def access_policy(settings: Settings) -> AccessPolicy:
     """Keys, rates, proxies and CORS from the settings. Raises KeyFileError for a key file it cannot use."""
     keys = KeyRing.load(settings.api_keys, settings.api_keys_file)
@@ -141,7 +148,8 @@ async def _journal(app: web.Application) -> AsyncIterator[None]:
     """The journal's writer runs for the app's whole life; at the end every write lands, then the
     state file takes the final count."""
     journal, state = app[JOURNAL], app[STATE]
-    journal.start()
+    app[RECOVERED] = await journal.open(count_floor=state.generation_count)
+    state.generation_count = journal.count
     try:
         yield
     finally:

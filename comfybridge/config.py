@@ -88,6 +88,7 @@ class Settings:
     webhook_secret: str = ""
     webhook_max_age: float = 86400.0
     webhook_allow_private: bool = False
+    database: str = ""
 
     @property
     def keys_on(self) -> bool:
@@ -168,6 +169,15 @@ def _not_negative(value: float) -> str | None:
 
 def _port(value: int) -> str | None:
     return None if 0 <= value <= 65535 else "must be a port number (0-65535)"
+
+
+def _database(value: str) -> str | None:
+    if not value:
+        return None
+    url = URL(value)
+    if url.scheme not in ("postgresql", "postgres") or not url.host:
+        return "must be empty (the SQLite journal) or a postgresql://user:password@host:port/database URL"
+    return None
 
 
 def _log_format(value: str) -> str | None:
@@ -266,6 +276,11 @@ OPTIONS: dict[str, tuple[Parser, Callable[[Any], str | None] | None, str]] = {
     "max_sockets_per_ip": (_number(int), _positive, "open WebSockets one address may have (429 beyond)"),
     "trusted_proxies": (_networks, None, "addresses (CIDR) whose X-Forwarded-For is believed, e.g. 127.0.0.1"),
     "cors_origins": (_words, None, "origins browsers may call from (* for any; none: CORS off)"),
+    "database": (
+        lambda value: str(value).strip(),
+        _database,
+        "empty: the SQLite journal in the data dir; postgresql://user:password@host:port/db: the jobs in PostgreSQL",
+    ),
 }
 
 

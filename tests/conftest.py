@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from comfybridge.edge.appkeys import DATA_LOCK, SETTINGS
 from comfybridge.emulator import Emulator
 
 from .fake_comfy import FakeComfy
+from .postgres import PostgresServer, running_postgres
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -28,9 +29,26 @@ BridgeFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Tests marked `both_dialects` run once per ComfyUI dialect the emulator speaks."""
+    """Tests marked `both_dialects` run once per ComfyUI dialect the emulator speaks; those marked
+    `both_stores` once with the SQLite journal and once with PostgreSQL."""
     if metafunc.definition.get_closest_marker("both_dialects") and "dialect" in metafunc.fixturenames:
         metafunc.parametrize("dialect", DIALECTS, indirect=True)
+    if metafunc.definition.get_closest_marker("both_stores") and "store" in metafunc.fixturenames:
+        metafunc.parametrize("store", ["sqlite", "postgres"], indirect=True)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    yield from running_postgres()
+
+
+@pytest.fixture
+def store(request: pytest.FixtureRequest) -> str:
+    """Where jobs are kept: "" for the SQLite journal, or a fresh PostgreSQL database's URL."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        return ""
+    server: PostgresServer = request.getfixturevalue("postgres")
+    return server.new_database()
 
 
 @pytest.fixture
@@ -83,8 +101,9 @@ def workflow_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def base_settings(tmp_path: Path, workflow_dir: Path) -> Settings:
+def base_settings(tmp_path: Path, workflow_dir: Path, store: str) -> Settings:
     return Settings(
+        database=store,
         workflows=workflow_dir,
         data_dir=tmp_path / "data",
         heartbeat=0.05,

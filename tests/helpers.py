@@ -266,8 +266,10 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: 
 TINY = {"workflow": "solid", "1/width": 8, "1/height": 8, "1/batch_size": 1}
 
 
-def backends(*emulators: Emulator) -> tuple[str, ...]:
-    return ("--backends", ",".join(e.url for e in emulators), "--job-idle-timeout", "60")
+def backends(*emulators: Emulator, database: str = "") -> tuple[str, ...]:
+    """A bridge process's flags for these emulators (and this database, "" for the SQLite journal)."""
+    flags = ("--backends", ",".join(e.url for e in emulators), "--job-idle-timeout", "60")
+    return (*flags, "--database", database) if database else flags
 
 
 async def post_job(session: aiohttp.ClientSession, url: str, client_id: str, body: dict[str, Any]) -> str:

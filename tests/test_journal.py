@@ -9,6 +9,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import orjson
 import pytest
 
@@ -35,13 +36,30 @@ from .helpers import (
 TINY = {"workflow": "solid", "1/width": 8, "1/height": 8, "1/batch_size": 1}
 
 
-def journal_rows(client: Client) -> list[tuple[str, str, str]]:
-    """(client id, state, error) of every job the journal holds, read as an operator would."""
-    path = client.app[SETTINGS].journal_file
-    with contextlib.closing(sqlite3.connect(path)) as conn:
-        return conn.execute("SELECT client_id, state, coalesce(error, '') FROM jobs ORDER BY seq").fetchall()
+ROWS = "SELECT client_id, state, coalesce(error, '') FROM jobs ORDER BY seq"
 
 
+async def journal_rows(client: Client) -> list[tuple[str, str, str]]:
+    """(client id, state, error) of every job the journal holds, read as an operator would, from the
+    SQLite file or the PostgreSQL database."""
+    settings = client.app[SETTINGS]
+    if settings.database:
+        conn = await asyncpg.connect(settings.database)
+        try:
+            return [tuple(row) for row in await conn.fetch(ROWS)]  # type: ignore[misc]
+        finally:
+            await conn.close()
+    with contextlib.closing(sqlite3.connect(settings.journal_file)) as conn:
+        return conn.execute(ROWS).fetchall()
+
+
+async def wait_until_rows(client: Client, rows: list[tuple[str, str, str]]) -> None:
+    async with asyncio.timeout(10):
+        while await journal_rows(client) != rows:
+            await asyncio.sleep(0.02)
+
+
+@pytest.mark.both_stores
 async def test_accepted_job_is_in_the_journal_before_the_answer(
     make_bridge: BridgeFactory, make_emulator: EmulatorFactory
 ) -> None:
@@ -50,17 +68,18 @@ async def test_accepted_job_is_in_the_journal_before_the_answer(
     client = await make_bridge(emulator)
     status, body = await generate(client, "journaled", TINY)
     assert status == 200
-    [(owner, state, _)] = journal_rows(client)
+    [(owner, state, _)] = await journal_rows(client)
     assert (owner, state in ("waiting", "submitting", "queued")) == ("journaled", True)
     assert body["job_id"]
     assert await (await client.get("/generation-count")).json() == 1
     emulator.engine.resume()
     await poll_status(client, "journaled", {"closed"})
-    assert journal_rows(client) == [("journaled", "done", "")]
+    assert await journal_rows(client) == [("journaled", "done", "")]
     await read_results(await client.get("/history", params={"clientId": "journaled"}))
-    await wait_for(lambda: journal_rows(client) == [])  # forgotten once the answer is complete
+    await wait_until_rows(client, [])  # forgotten once the answer is complete
 
 
+@pytest.mark.both_stores
 async def test_counter_is_the_larger_of_state_file_and_journal(
     make_bridge: BridgeFactory, make_emulator: EmulatorFactory, base_settings: object
 ) -> None:
@@ -83,6 +102,7 @@ async def test_counter_is_the_larger_of_state_file_and_journal(
     assert await (await third.get("/generation-count")).json() == 11
 
 
+@pytest.mark.both_stores
 async def test_clients_that_own_nothing_are_not_persisted(
     make_bridge: BridgeFactory, make_emulator: EmulatorFactory
 ) -> None:
@@ -107,6 +127,7 @@ async def test_clients_that_own_nothing_are_not_persisted(
     assert names["file"]
 
 
+@pytest.mark.both_stores
 async def test_an_upload_a_waiting_job_needs_does_not_expire(
     make_bridge: BridgeFactory, make_emulator: EmulatorFactory
 ) -> None:
@@ -137,8 +158,7 @@ async def test_invalid_step_is_refused() -> None:
 
 async def test_concurrent_accepts_share_commits(tmp_path: Path) -> None:
     journal = SqliteJournal(tmp_path / "journal.sqlite3")
-    journal.open()
-    journal.start()
+    await journal.open()
     commits = 0
     original = journal._transaction
 
@@ -157,7 +177,7 @@ async def test_concurrent_accepts_share_commits(tmp_path: Path) -> None:
     assert journal.count == 200
     assert commits < 20  # group commit: 200 accepts, a handful of fsyncs
     reopened = SqliteJournal(tmp_path / "journal.sqlite3")
-    rows = reopened.open()
+    rows = await reopened.open()
     await reopened.close()
     assert [row["seq"] for row in rows] == list(range(1, 201))
     assert reopened.bridge_id == journal.bridge_id
@@ -181,13 +201,14 @@ async def test_full_disk_refuses_with_507_and_corrupts_nothing(
         filler.unlink()
         await run_job(client, "after", TINY)
         assert await (await client.get("/generation-count")).json() == 2
-        assert [row[0] for row in journal_rows(client)] == ["before", "after"]
+        assert [row[0] for row in await journal_rows(client)] == ["before", "after"]
         await client.close()
         with contextlib.closing(sqlite3.connect(data_dir / "journal.sqlite3")) as conn:
             assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         assert client.app[JOURNAL].count == 2
 
 
+@pytest.mark.both_stores
 async def test_a_stopping_bridge_refuses_new_jobs_with_503(bridge: Client) -> None:
     await bridge.app.shutdown()  # what SIGTERM runs first, before connections close
     status, body = await generate(bridge, "late", TINY)
@@ -292,6 +313,7 @@ async def test_results_no_journal_row_names_are_moved_aside_at_start_never_delet
     assert any(f"moved 1 result folders that no journal row names to {aside}" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.both_stores
 async def test_a_jobs_end_is_told_only_once_it_is_recorded(
     make_bridge: BridgeFactory, make_emulator: EmulatorFactory
 ) -> None:
@@ -318,5 +340,5 @@ async def test_a_jobs_end_is_told_only_once_it_is_recorded(
         frames = await frames_until(ws, "closed")  # once a later try lands
     assert len(refused) == 2
     assert "closed" not in [f["status"] for f in frames[:-1]]
-    assert [row[1] for row in journal_rows(client) if row[0] == "durable"] == ["done"]
+    assert [row[1] for row in await journal_rows(client) if row[0] == "durable"] == ["done"]
     assert (await client.get("/history", params={"clientId": "durable"})).status == 200

@@ -48,7 +48,10 @@ def assert_no_prompt_ran_twice(*emulators: Emulator) -> None:
 
 
 @pytest.mark.timeout(120)
-async def test_kill_9_at_random_moments_under_load_loses_no_job(workdir: Path, make_emulator: EmulatorFactory) -> None:
+@pytest.mark.both_stores
+async def test_kill_9_at_random_moments_under_load_loses_no_job(
+    workdir: Path, make_emulator: EmulatorFactory, store: str
+) -> None:
     emulators = [await make_emulator(pace=0.01), await make_emulator(pace=0.01)]
     rng = random.Random(6)
     accepted: dict[str, str] = {}  # job id -> client id
@@ -57,7 +60,7 @@ async def test_kill_9_at_random_moments_under_load_loses_no_job(workdir: Path, m
     async with aiohttp.ClientSession() as session:
         last_count = 0
         for _ in range(3):
-            async with bridge_process(workdir, *backends(*emulators)) as (proc, url):
+            async with bridge_process(workdir, *backends(*emulators, database=store)) as (proc, url):
                 assert await count(url) >= last_count  # the counter never goes down across a crash
 
                 async def submit_until_killed(client_id: str, url: str = url) -> None:
@@ -76,7 +79,7 @@ async def test_kill_9_at_random_moments_under_load_loses_no_job(workdir: Path, m
                 proc.kill()
                 await proc.wait()
                 await asyncio.gather(*loops)
-        async with bridge_process(workdir, *backends(*emulators)) as (proc, url):
+        async with bridge_process(workdir, *backends(*emulators, database=store)) as (proc, url):
             assert await count(url) >= last_count
             await wait_closed(session, url, clients)
             delivered = [part for c in clients for part in await fetch_results(session, url, c)]
@@ -92,13 +95,14 @@ async def test_kill_9_at_random_moments_under_load_loses_no_job(workdir: Path, m
     assert all(runs[job_id[:12]] == 1 for job_id in job_ids), "a job ran twice"
 
 
+@pytest.mark.both_stores
 async def test_sigterm_with_40_jobs_in_line_then_restart_delivers_all(
-    workdir: Path, make_emulator: EmulatorFactory
+    workdir: Path, make_emulator: EmulatorFactory, store: str
 ) -> None:
     emulator = await make_emulator(pace=0.05)
     clients = [f"term-{i}" for i in range(10)]
     async with aiohttp.ClientSession() as session:
-        async with bridge_process(workdir, *backends(emulator)) as (proc, url):
+        async with bridge_process(workdir, *backends(emulator, database=store)) as (proc, url):
             async with session.ws_connect(f"{url}/ws", params={"clientId": "watcher"}) as ws:
                 jobs = await asyncio.gather(*(post_job(session, url, c, TINY) for c in clients for _ in range(4)))
                 await wait_for(lambda: len(emulator.engine.started) >= 2)
@@ -108,7 +112,7 @@ async def test_sigterm_with_40_jobs_in_line_then_restart_delivers_all(
                 assert ws.close_code == 1001
             assert await asyncio.wait_for(proc.wait(), 30) == 0
         assert len(emulator.engine.started) < 40, "all jobs ran before the stop: nothing was tested"
-        async with bridge_process(workdir, *backends(emulator)) as (proc, url):
+        async with bridge_process(workdir, *backends(emulator, database=store)) as (proc, url):
             await wait_closed(session, url, clients)
             delivered = [part for c in clients for part in await fetch_results(session, url, c)]
             assert await count(url) == 40
@@ -118,16 +122,17 @@ async def test_sigterm_with_40_jobs_in_line_then_restart_delivers_all(
 
 
 @pytest.mark.both_dialects
+@pytest.mark.both_stores
 async def test_job_running_at_a_crash_is_adopted_and_reports_progress(
-    workdir: Path, make_emulator: EmulatorFactory
+    workdir: Path, make_emulator: EmulatorFactory, store: str
 ) -> None:
     emulator = await make_emulator(pace=0.4)  # text-to-image: seven nodes, a 20-step sampler
     async with aiohttp.ClientSession() as session:
-        async with bridge_process(workdir, *backends(emulator)) as (proc, url):
+        async with bridge_process(workdir, *backends(emulator, database=store)) as (proc, url):
             job_id = await post_job(session, url, "adopt", {"workflow": "text-to-image"})
             await wait_for(lambda: len(emulator.engine.started) == 1)
             proc.kill()
-        async with bridge_process(workdir, *backends(emulator)) as (proc, url):
+        async with bridge_process(workdir, *backends(emulator, database=store)) as (proc, url):
             async with session.ws_connect(f"{url}/ws", params={"clientId": "adopt"}) as ws:
                 frames = []
                 async for msg in ws:

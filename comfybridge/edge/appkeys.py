@@ -11,7 +11,7 @@ from ..config import Settings
 from ..core.workflows import WorkflowStore
 from ..store.counter import StateStore
 from ..store.datadir import DataDirLock
-from ..store.journal import SqliteJournal
+from ..store.journal import JobStore
 from ..store.results import ResultStore
 from ..store.uploads import UploadStore
 
@@ -38,7 +38,7 @@ SETTINGS = web.AppKey("settings", Settings)
 DATA_LOCK = web.AppKey("data_lock", DataDirLock)
 WORKFLOWS = web.AppKey("workflows", WorkflowStore)
 STATE = web.AppKey("state", StateStore)
-JOURNAL = web.AppKey("journal", SqliteJournal)
+JOURNAL: web.AppKey[JobStore] = web.AppKey("journal")
 RECOVERED = web.AppKey("recovered", list[dict[str, Any]])  # the journal's rows, until the scheduler takes them
 UPLOADS = web.AppKey("uploads", UploadStore)
 RESULTS = web.AppKey("results", ResultStore)

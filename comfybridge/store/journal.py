@@ -23,7 +23,7 @@ import orjson
 
 from ..errors import StorageFull, StorageUnavailable
 
-__all__ = ["ENDED_STATES", "JobStore", "JournalError", "SqliteJournal", "Write"]
+__all__ = ["COLUMNS", "ENDED_STATES", "JobStore", "JournalError", "SqliteJournal", "Write", "row_of", "values_of"]
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +89,12 @@ class JobStore(Protocol):
     count: int  # jobs ever accepted, as far as is durable
     bridge_id: str  # this bridge's name at its ComfyUI backends, the same across restarts
 
-    def open(self, count_floor: int) -> list[dict[str, Any]]:
-        """Open (creating if new) and return every job still recorded, in acceptance order."""
+    async def open(self, count_floor: int = 0) -> list[dict[str, Any]]:
+        """Open (creating or upgrading it if need be) and take writes from now on; every job still
+        recorded, in acceptance order. Raises JournalError when it cannot be used."""
         ...
+
+    on_commit: Callable[[float], None]  # told each commit's duration (metrics)
 
     def accept(self, record: dict[str, Any]) -> asyncio.Future[int]:
         """Record a new job; its future gives the job's place in acceptance order (the new count)."""
@@ -153,7 +156,12 @@ class SqliteJournal:
         self._identity: tuple[int, int] | None = None  # (device, inode) of the file opened
 
     # start-up --------------------------------------------------------------------------------
-    def open(self, count_floor: int = 0) -> list[dict[str, Any]]:
+    async def open(self, count_floor: int = 0) -> list[dict[str, Any]]:
+        rows = await asyncio.to_thread(self._open_file, count_floor)
+        self._start()
+        return rows
+
+    def _open_file(self, count_floor: int) -> list[dict[str, Any]]:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -178,7 +186,7 @@ class SqliteJournal:
                 [("bridge_id", self.bridge_id), ("generation_count", str(self.count))],
             )
             cursor = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM jobs ORDER BY seq")
-            rows = [_row(record) for record in cursor]
+            rows = [row_of(record) for record in cursor]
             self.deliveries = [
                 {"id": d[0], "url": d[1], "body": bytes(d[2]), "created": d[3]}
                 for d in conn.execute("SELECT id, url, body, created FROM deliveries ORDER BY created")
@@ -212,7 +220,7 @@ class SqliteJournal:
             return f"{self.path} was replaced by another file"
         return None
 
-    def start(self) -> None:
+    def _start(self) -> None:
         """Start the writer thread; writes are accepted from this event loop from now on."""
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._write_loop, name="journal writer", daemon=True)
@@ -233,7 +241,7 @@ class SqliteJournal:
 
     # writes ----------------------------------------------------------------------------------
     def accept(self, record: dict[str, Any]) -> asyncio.Future[int]:
-        values = _values(record)
+        values = values_of(record)
 
         def write(conn: sqlite3.Connection, batch: _Batch) -> int:
             batch.count += 1
@@ -249,7 +257,7 @@ class SqliteJournal:
     def update(
         self, job_id: str, fields: dict[str, Any], delivery: dict[str, Any] | None = None
     ) -> asyncio.Future[None]:
-        values = _values(fields)
+        values = values_of(fields)
 
         def write(conn: sqlite3.Connection, batch: _Batch) -> None:
             assignments = ", ".join(f"{name} = ?" for name in values)
@@ -377,14 +385,14 @@ def _storage_error(exc: Exception, path: Path) -> Exception:
     return StorageUnavailable(f"The bridge could not record the change ({exc}); its operator has been told.")
 
 
-def _values(fields: dict[str, Any]) -> dict[str, Any]:
+def values_of(fields: dict[str, Any]) -> dict[str, Any]:
     unknown = set(fields) - set(COLUMNS)
     if unknown:
         raise ValueError(f"not journal columns: {sorted(unknown)}")
     return {k: orjson.dumps(v) if k in JSON_COLUMNS and v is not None else v for k, v in fields.items()}
 
 
-def _row(record: tuple[Any, ...]) -> dict[str, Any]:
+def row_of(record: tuple[Any, ...]) -> dict[str, Any]:
     row = dict(zip(COLUMNS, record, strict=True))
     for name in JSON_COLUMNS:
         if row[name] is not None:
