@@ -10,6 +10,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from comfybridge.core.jobs import Job
 from comfybridge.store.journal import JournalError
 from comfybridge.store.pgjournal import MIGRATIONS, PgJournal
 
@@ -74,3 +75,23 @@ async def test_two_bridges_starting_together_migrate_once(postgres: PostgresServ
         await conn.close()
     with pytest.raises(JournalError, match="written by a newer comfybridge"):
         await PgJournal(database).open()
+
+
+async def test_writes_land_in_the_order_asked_and_share_commits(postgres: PostgresServer) -> None:
+    journal = PgJournal(postgres.new_database())
+    await journal.open()
+    commits: list[float] = []
+    journal.on_commit = commits.append
+    try:
+        job = Job("c", "w", b'{"1": {"class_type": "X", "inputs": {}}}', 0)
+        await journal.accept(job.record())
+        steps = [journal.update(job.id, {"error": f"step {i}"}) for i in range(200)]
+        await asyncio.gather(*steps)
+    finally:
+        await journal.close()
+    assert len(commits) < 50  # 200 steps asked at once share a few commits
+    conn = await asyncpg.connect(journal.dsn)
+    try:
+        assert await conn.fetchval("SELECT error FROM jobs WHERE id = $1", job.id) == "step 199"
+    finally:
+        await conn.close()

@@ -35,7 +35,8 @@ MIGRATION_LOCK = 0x636F6D6679  # "comfy"
 # Held for a bridge's life: several bridges on one database need cluster mode's leases first.
 BRIDGE_LOCK = 0x6272696467  # "bridg"
 CONNECT_TIMEOUT = 10.0
-POOL_SIZE = 8  # connections a bridge holds at most; the journal's writes queue for them
+POOL_SIZE = 4  # connections a bridge holds at most: one for its lock, one for its writer, two for reads
+MAX_BATCH = 512  # writes in one commit at most
 MIGRATIONS: list[tuple[int, str]] = [
     (
         1,
@@ -87,7 +88,9 @@ class PgJournal:
         self.on_commit: Callable[[float], None] = lambda seconds: None
         self._pool: asyncpg.Pool | None = None
         self._held: Conn | None = None  # holds BRIDGE_LOCK
-        self._writes: set[asyncio.Task[Any]] = set()
+        self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+        self._error: StorageError | None = None  # what the last failed commit was
 
     # start-up --------------------------------------------------------------------------------
     async def open(self, count_floor: int = 0) -> list[dict[str, Any]]:
@@ -109,7 +112,9 @@ class PgJournal:
             async with held.transaction():
                 await held.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
                 await _migrate(held, where)
-                return await self._load(held, count_floor)
+                rows = await self._load(held, count_floor)
+            self._writer = asyncio.ensure_future(self._write_loop())
+            return rows
         except JournalError:
             await self._close_pool()
             raise
@@ -137,8 +142,10 @@ class PgJournal:
 
     async def close(self) -> None:
         """Every write asked for so far lands, then the connections close."""
-        if self._writes:
-            await asyncio.gather(*self._writes, return_exceptions=True)
+        if self._writer is not None:
+            self._queue.put_nowait(None)
+            await self._writer
+            self._writer = None
         await self._close_pool()
 
     async def _close_pool(self) -> None:
@@ -210,37 +217,83 @@ class PgJournal:
         )
 
     def _submit(
-        self, write: Callable[[Conn], Awaitable[Any]], then: Callable[[Any], Any] = lambda r: r
+        self, write: Callable[[Conn], Awaitable[Any]], then: Callable[[Any], Any] = lambda result: result
     ) -> asyncio.Future[Any]:
-        if self._pool is None:
+        if self._writer is None:
             raise RuntimeError("the journal is not open for writes")
-        task = asyncio.ensure_future(self._transaction(write, then))
-        self._writes.add(task)
-        task.add_done_callback(self._done)
-        return task
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_log_failure)  # also for writes nobody waits for
+        self._queue.put_nowait((write, then, future))
+        return future
 
-    async def _transaction(self, write: Callable[[Conn], Awaitable[Any]], then: Callable[[Any], Any]) -> Any:
+    async def _write_loop(self) -> None:
+        """The one writer: writes land in the order they were asked for (a job's later step never
+        under an earlier one), and those that queue up while a commit is under way share the next one."""
+        while True:
+            first = await self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < MAX_BATCH and not self._queue.empty():
+                item = self._queue.get_nowait()
+                if item is None:
+                    self._queue.put_nowait(None)  # seen after this batch
+                    break
+                batch.append(item)
+            await self._commit(batch)
+
+    async def _commit(self, batch: list[_Item]) -> None:
+        try:
+            results = await self._transaction([write for write, _, _ in batch])
+        except StorageError:
+            if len(batch) == 1:
+                _settle(batch[0][2], error=_last_error(self))
+                return
+            for item in batch:  # one bad write must not fail the others that shared its commit
+                await self._commit([item])
+            return
+        for (_, then, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(then(result))
+
+    async def _transaction(self, writes: list[Callable[[Conn], Awaitable[Any]]]) -> list[Any]:
         import asyncpg
 
         assert self._pool is not None
         started = time.perf_counter()
         try:
             async with self._pool.acquire() as conn, conn.transaction():
-                result = await write(conn)
+                results = [await write(conn) for write in writes]
         except asyncpg.DiskFullError:
-            raise StorageFull("The bridge's database is out of disk space; try again later.") from None
-        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            log.error("database %s: write failed: %s: %s", shown_dsn(self.dsn), exc.__class__.__name__, exc)
-            raise StorageUnavailable(
+            self._error = StorageFull("The bridge's database is out of disk space; try again later.")
+            raise self._error from None
+        except Exception as exc:  # unreachable, refused, or a fault: the writer must live on either way
+            expected = isinstance(exc, TimeoutError | OSError | asyncpg.PostgresError | asyncpg.InterfaceError)
+            log.error("database %s: write failed: %s: %s", shown_dsn(self.dsn), exc.__class__.__name__, exc,
+                      exc_info=None if expected else exc)  # fmt: skip
+            self._error = StorageUnavailable(
                 "The bridge's database cannot be reached or refused the change; try again shortly."
-            ) from None
+            )
+            raise self._error from None
         self.on_commit(time.perf_counter() - started)
-        return then(result)
+        return results
 
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        self._writes.discard(task)
-        if not task.cancelled() and isinstance(task.exception(), StorageError):
-            log.warning("journal write failed: %s", task.exception())
+
+_Item = tuple[Callable[["Conn"], Awaitable[Any]], Callable[[Any], Any], asyncio.Future[Any]]
+
+
+def _settle(future: asyncio.Future[Any], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
+
+
+def _last_error(journal: PgJournal) -> BaseException:
+    return journal._error or StorageUnavailable("The bridge could not record the change.")
+
+
+def _log_failure(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("journal write failed: %s", future.exception())
 
 
 async def _migrate(conn: Conn, where: str) -> None:
