@@ -38,6 +38,7 @@ WORKFLOWS = ROOT / "tests" / "fixtures" / "workflows"
 SOLID = {"workflow": "solid", "1/width": 64, "1/height": 64, "1/batch_size": 1}
 PROCESSES: dict[str, asyncio.subprocess.Process] = {}  # by URL, so a benchmark can kill a backend
 DATA_DIRS: dict[str, Path] = {}  # a bridge's data folder, by URL
+EVERY_BRIDGE: dict[str, Any] = {}  # settings every bridge started here gets (--database)
 
 
 def free_port() -> int:
@@ -512,7 +513,7 @@ async def bench_failover(jobs: int) -> dict[str, Any]:
 def bridge_args(port: int, comfy: list[str], data: Path, **settings: Any) -> list[str]:
     args = ["-m", "comfybridge", "--port", str(port), "--backends", ",".join(comfy)]
     args += ["--workflows", str(WORKFLOWS), "--data-dir", str(data), "--log-level", "WARNING"]
-    for key, value in settings.items():
+    for key, value in {**EVERY_BRIDGE, **settings}.items():
         args += ["--" + key.replace("_", "-"), str(value).lower() if isinstance(value, bool) else str(value)]
     return args
 
@@ -839,7 +840,10 @@ async def main() -> None:
     parser.add_argument(
         "--recovery-jobs", type=int, default=10_000, help="unfinished jobs for recovery (default %(default)s)"
     )
+    parser.add_argument("--database", metavar="URL", help="run every bridge with its jobs in this PostgreSQL")
     args = parser.parse_args()
+    if args.database:
+        EVERY_BRIDGE["database"] = args.database
     for name in args.only or list(BENCHMARKS):
         result = await BENCHMARKS[name](args)
         if args.json:
