@@ -21,6 +21,7 @@ from .core.webhooks import secret_from
 __all__ = ["OPTIONS", "ConfigError", "Settings", "load_settings"]
 
 DEFAULT_CONFIG = Path("config/comfybridge.toml")
+SECRETS = {"database", "webhook_secret", "metrics_key", "api_keys"}  # settings whose values are never echoed
 ENV_PREFIX = "COMFYBRIDGE_"
 
 
@@ -171,13 +172,21 @@ def _port(value: int) -> str | None:
     return None if 0 <= value <= 65535 else "must be a port number (0-65535)"
 
 
-def _database(value: str) -> str | None:
+def _database(value: str) -> str:
+    """A PostgreSQL URL (host, or a socket folder in `?host=`), or empty; a bad one is refused without
+    showing its password."""
+    value = str(value).strip()
     if not value:
-        return None
-    url = URL(value)
-    if url.scheme not in ("postgresql", "postgres") or not url.host:
-        return "must be empty (the SQLite journal) or a postgresql://user:password@host:port/database URL"
-    return None
+        return value
+    try:
+        url = URL(value)
+        usable = url.scheme in ("postgresql", "postgres") and bool(url.host or url.query.get("host"))
+        url.port  # noqa: B018 - a port out of range raises here
+    except (ValueError, TypeError):
+        usable = False
+    if not usable:
+        raise ValueError("must be empty (the SQLite journal) or a postgresql://user:password@host:port/database URL")
+    return value
 
 
 def _log_format(value: str) -> str | None:
@@ -277,8 +286,8 @@ OPTIONS: dict[str, tuple[Parser, Callable[[Any], str | None] | None, str]] = {
     "trusted_proxies": (_networks, None, "addresses (CIDR) whose X-Forwarded-For is believed, e.g. 127.0.0.1"),
     "cors_origins": (_words, None, "origins browsers may call from (* for any; none: CORS off)"),
     "database": (
-        lambda value: str(value).strip(),
         _database,
+        None,
         "empty: the SQLite journal in the data dir; postgresql://user:password@host:port/db: the jobs in PostgreSQL",
     ),
 }
@@ -354,13 +363,15 @@ def load_settings(
     values: dict[str, Any] = {}
     for name, (value, origin) in raw.items():
         parse, check, _ = OPTIONS[name]
+        shown = "(its value hidden)" if name in SECRETS else repr(value)
         try:
             parsed = parse(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{origin}: {value!r} is not a valid {name.replace('_', ' ')}") from None
+        except (TypeError, ValueError) as exc:
+            why = str(exc) if name in SECRETS and str(exc) else f"is not a valid {name.replace('_', ' ')}"
+            raise ConfigError(f"{origin}: {shown} {why}") from None
         problem = check(parsed) if check else None
         if problem:
-            raise ConfigError(f"{origin}: {value!r} {problem}")
+            raise ConfigError(f"{origin}: {shown} {problem}")
         values[name] = parsed
     if "log_level" in values:
         values["log_level"] = values["log_level"].upper()

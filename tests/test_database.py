@@ -5,17 +5,19 @@ and test_restarts.py run them on both stores)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
 import pytest
 
 from comfybridge.core.jobs import Job
+from comfybridge.errors import StorageUnavailable
 from comfybridge.store.journal import JournalError
 from comfybridge.store.pgjournal import MIGRATIONS, PgJournal
 
 from .helpers import assert_one_line_error, bridge_process, count, run_cli, submit, unused_port
-from .postgres import PostgresServer
+from .postgres import PostgresServer, running_postgres
 
 
 async def test_an_unreachable_database_is_one_line_and_exit_2(workdir: Path) -> None:
@@ -25,9 +27,15 @@ async def test_an_unreachable_database_is_one_line_and_exit_2(workdir: Path) -> 
     assert "s3cret" not in result.stderr
 
 
-def test_a_database_setting_that_is_not_postgresql_is_refused(workdir: Path) -> None:
-    result = run_cli(["--database", "mysql://h/db"], workdir)
-    assert_one_line_error(result, "--database: 'mysql://h/db' must be empty (the SQLite journal) or a postgresql://")
+@pytest.mark.parametrize(
+    "value", ["mysql://u:s3cret@h/db", "postgresql://u:s3cret@/db", "postgresql://u:s3cret@h:99999/db"]
+)
+def test_a_database_setting_that_is_not_usable_is_refused_without_its_password(workdir: Path, value: str) -> None:
+    result = run_cli(["--database", value], workdir)
+    assert_one_line_error(
+        result, "--database: (its value hidden) must be empty (the SQLite journal) or a postgresql://"
+    )
+    assert "s3cret" not in result.stderr
 
 
 async def test_jobs_survive_a_restart_in_the_database_not_the_data_folder(
@@ -95,3 +103,48 @@ async def test_writes_land_in_the_order_asked_and_share_commits(postgres: Postgr
         assert await conn.fetchval("SELECT error FROM jobs WHERE id = $1", job.id) == "step 199"
     finally:
         await conn.close()
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL of the test's own, which it may stop and start."""
+    yield from running_postgres()
+
+
+async def test_a_restarted_database_is_reconnected_and_its_lock_taken_again(own_postgres: PostgresServer) -> None:
+    journal = PgJournal(own_postgres.new_database())
+    await journal.open()
+    try:
+        job = Job("c", "w", b'{"1": {"class_type": "X", "inputs": {}}}', 0)
+        assert await journal.accept(job.record()) == 1
+        own_postgres.stop()
+        with pytest.raises(StorageUnavailable):
+            await journal.update(job.id, {"error": "while down"})  # refused at once, not hung
+        own_postgres.start()
+        await journal.update(job.id, {"error": "after"})  # a new session, locked again
+        second = PgJournal(journal.dsn)
+        with pytest.raises(JournalError, match="in use by another comfybridge"):
+            await second.open()
+        assert journal.lost() is None
+    finally:
+        await journal.close()
+
+
+async def test_a_database_taken_while_the_connection_was_down_is_lost_not_shared(
+    own_postgres: PostgresServer,
+) -> None:
+    first = PgJournal(own_postgres.new_database())
+    await first.open()
+    own_postgres.stop()
+    own_postgres.start()  # first's session is gone, and its lock with it
+    second = PgJournal(first.dsn)
+    await second.open()
+    try:
+        job = Job("c", "w", b'{"1": {"class_type": "X", "inputs": {}}}', 0)
+        with pytest.raises(StorageUnavailable, match="taken by another comfybridge"):
+            await first.accept(job.record())
+        assert first.lost() == "was taken by another comfybridge while the connection to it was down"
+        assert await second.accept(job.record()) == 1  # one bridge records, never two
+    finally:
+        await first.close()
+        await second.close()

@@ -21,10 +21,11 @@ from ..errors import StorageError, StorageFull, StorageUnavailable
 from .journal import COLUMNS, ENDED_STATES, JournalError, row_of, values_of
 
 if TYPE_CHECKING:
-    import asyncpg
-    from asyncpg.pool import PoolConnectionProxy
+    from typing import TypeAlias
 
-    Conn = PoolConnectionProxy[Any]
+    import asyncpg
+
+    Conn: TypeAlias = asyncpg.Connection[asyncpg.Record]
 
 __all__ = ["MIGRATIONS", "PgJournal", "shown_dsn"]
 
@@ -35,7 +36,7 @@ MIGRATION_LOCK = 0x636F6D6679  # "comfy"
 # Held for a bridge's life: several bridges on one database need cluster mode's leases first.
 BRIDGE_LOCK = 0x6272696467  # "bridg"
 CONNECT_TIMEOUT = 10.0
-POOL_SIZE = 4  # connections a bridge holds at most: one for its lock, one for its writer, two for reads
+COMMAND_TIMEOUT = 15.0  # seconds one commit may take before it counts as the database's trouble
 MAX_BATCH = 512  # writes in one commit at most
 MIGRATIONS: list[tuple[int, str]] = [
     (
@@ -71,9 +72,22 @@ MIGRATIONS: list[tuple[int, str]] = [
 
 
 def shown_dsn(dsn: str) -> str:
-    """A database URL as it may be shown: without its password."""
-    url = URL(dsn)
-    return str(url.with_password(None)) if url.password else dsn
+    """A database URL as it may be shown: without its password (after the user, or in the query)."""
+    try:
+        url = URL(dsn)
+        if url.password:
+            url = url.with_password(None)
+        hidden = {key: "[redacted]" for key in ("password", "sslpassword") if key in url.query}
+        return str(url.update_query(hidden) if hidden else url)
+    except (ValueError, TypeError):
+        return "(an unreadable database URL)"
+
+
+async def _connect(dsn: str) -> Conn:
+    import asyncpg
+
+    conn: Conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT, command_timeout=COMMAND_TIMEOUT)
+    return conn
 
 
 class PgJournal:
@@ -86,8 +100,9 @@ class PgJournal:
         self.bridge_id = ""
         self.deliveries: list[dict[str, Any]] = []
         self.on_commit: Callable[[float], None] = lambda seconds: None
-        self._pool: asyncpg.Pool | None = None
-        self._held: Conn | None = None  # holds BRIDGE_LOCK
+        self._conn: Conn | None = None  # the one connection: it holds BRIDGE_LOCK and runs every write
+        self._lost: str | None = None
+        self._splittable = False  # the last failed commit failed for one write's own data, not the database
         self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self._error: StorageError | None = None  # what the last failed commit was
@@ -100,27 +115,27 @@ class PgJournal:
             raise JournalError("--database needs the cluster extra: pip install 'comfybridge[cluster]'") from None
         where = shown_dsn(self.dsn)
         try:
-            self._pool = await asyncpg.create_pool(
-                self.dsn, min_size=1, max_size=POOL_SIZE, timeout=CONNECT_TIMEOUT, command_timeout=30
-            )
-            held = self._held = await self._pool.acquire()
-            if not await held.fetchval("SELECT pg_try_advisory_lock($1)", BRIDGE_LOCK):
+            conn = self._conn = await _connect(self.dsn)
+            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", BRIDGE_LOCK):
                 raise JournalError(
                     f"database {where} is in use by another comfybridge; several bridges on one database "
                     "need cluster mode (its leases are not in this release)"
                 )
-            async with held.transaction():
-                await held.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
-                await _migrate(held, where)
-                rows = await self._load(held, count_floor)
-            self._writer = asyncio.ensure_future(self._write_loop())
-            return rows
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+                await _migrate(conn, where)
+                rows = await self._load(conn, count_floor)
         except JournalError:
-            await self._close_pool()
+            self._drop_connection()
             raise
         except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            await self._close_pool()
+            self._drop_connection()
             raise JournalError(f"database {where} cannot be used: {exc.__class__.__name__}: {exc}") from None
+        except (ValueError, TypeError, KeyError) as exc:
+            self._drop_connection()
+            raise JournalError(f"database {where} holds a record it cannot read ({exc})") from None
+        self._writer = asyncio.ensure_future(self._write_loop())
+        return rows
 
     async def _load(self, conn: Conn, count_floor: int) -> list[dict[str, Any]]:
         meta: dict[str, str] = {row["key"]: row["value"] for row in await conn.fetch("SELECT key, value FROM meta")}
@@ -138,24 +153,38 @@ class PgJournal:
         return rows
 
     def lost(self) -> str | None:
-        return None  # a database is not a file that can be deleted under the bridge
+        """Set once the database was taken by another bridge while this one's connection was down."""
+        return self._lost
+
+    async def _locked(self) -> Conn:
+        """The one connection, which holds BRIDGE_LOCK: connected and locked again if it dropped (a
+        restart of PostgreSQL ends the session, and the lock with it)."""
+        if self._lost is not None:
+            raise StorageUnavailable(f"The bridge cannot record anything: its database {self._lost}.")
+        if self._conn is None or self._conn.is_closed():
+            self._drop_connection()
+            conn = self._conn = await _connect(self.dsn)
+            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", BRIDGE_LOCK):
+                self._drop_connection()
+                self._lost = "was taken by another comfybridge while the connection to it was down"
+                log.error("database %s %s: accepting no new jobs", shown_dsn(self.dsn), self._lost)
+                raise StorageUnavailable(f"The bridge cannot record anything: its database {self._lost}.")
+            log.info("database %s: connected again", shown_dsn(self.dsn))
+        return self._conn
 
     async def close(self) -> None:
-        """Every write asked for so far lands, then the connections close."""
+        """Every write asked for so far lands, then the connection closes (the lock goes with it)."""
         if self._writer is not None:
             self._queue.put_nowait(None)
             await self._writer
             self._writer = None
-        await self._close_pool()
+        self._drop_connection()
 
-    async def _close_pool(self) -> None:
-        if self._pool is None:
-            return
-        if self._held is not None:
-            await self._pool.release(self._held)
-            self._held = None
-        await self._pool.close()
-        self._pool = None
+    def _drop_connection(self) -> None:
+        """End the session at once, whatever the server's state: a frozen server cannot hold us up."""
+        if self._conn is not None:
+            self._conn.terminate()
+            self._conn = None
 
     # writes ----------------------------------------------------------------------------------
     def accept(self, record: dict[str, Any]) -> asyncio.Future[int]:
@@ -170,7 +199,13 @@ class PgJournal:
             values["seq"] = seq
             names = list(values)
             marks = ", ".join(f"${i}" for i in range(1, len(names) + 1))
-            await conn.execute(f"INSERT INTO jobs ({', '.join(names)}) VALUES ({marks})", *values.values())
+            stored = await conn.fetchval(
+                f"INSERT INTO jobs ({', '.join(names)}) VALUES ({marks}) ON CONFLICT (id) DO NOTHING RETURNING seq",
+                *values.values(),
+            )
+            if stored is None:  # a commit whose answer was lost, tried again: the job is in already
+                await conn.execute("UPDATE meta SET value = (value::bigint - 1)::text WHERE key = 'generation_count'")
+                return int(await conn.fetchval("SELECT seq FROM jobs WHERE id = $1", values["id"]))
             return seq
 
         def counted(seq: int) -> int:
@@ -219,7 +254,7 @@ class PgJournal:
     def _submit(
         self, write: Callable[[Conn], Awaitable[Any]], then: Callable[[Any], Any] = lambda result: result
     ) -> asyncio.Future[Any]:
-        if self._writer is None:
+        if self._writer is None or self._writer.done():
             raise RuntimeError("the journal is not open for writes")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         future.add_done_callback(_log_failure)  # also for writes nobody waits for
@@ -246,28 +281,37 @@ class PgJournal:
         try:
             results = await self._transaction([write for write, _, _ in batch])
         except StorageError:
-            if len(batch) == 1:
-                _settle(batch[0][2], error=_last_error(self))
+            if len(batch) == 1 or not self._splittable:  # the database's trouble: the others would fail too
+                for _, _, future in batch:
+                    _settle(future, error=_last_error(self))
                 return
             for item in batch:  # one bad write must not fail the others that shared its commit
                 await self._commit([item])
             return
         for (_, then, future), result in zip(batch, results, strict=True):
+            value = then(result)  # the count rises even if nobody waits for the answer any more
             if not future.done():
-                future.set_result(then(result))
+                future.set_result(value)
 
     async def _transaction(self, writes: list[Callable[[Conn], Awaitable[Any]]]) -> list[Any]:
         import asyncpg
 
-        assert self._pool is not None
         started = time.perf_counter()
+        self._splittable = False
         try:
-            async with self._pool.acquire() as conn, conn.transaction():
+            conn = await self._locked()
+            async with conn.transaction():
                 results = [await write(conn) for write in writes]
+        except StorageError as exc:
+            self._error = exc
+            raise
         except asyncpg.DiskFullError:
             self._error = StorageFull("The bridge's database is out of disk space; try again later.")
             raise self._error from None
         except Exception as exc:  # unreachable, refused, or a fault: the writer must live on either way
+            self._splittable = isinstance(exc, asyncpg.DataError | asyncpg.IntegrityConstraintViolationError)
+            if isinstance(exc, OSError | asyncpg.InterfaceError | asyncpg.PostgresConnectionError):
+                self._drop_connection()  # a new one at the next commit
             expected = isinstance(exc, TimeoutError | OSError | asyncpg.PostgresError | asyncpg.InterfaceError)
             log.error("database %s: write failed: %s: %s", shown_dsn(self.dsn), exc.__class__.__name__, exc,
                       exc_info=None if expected else exc)  # fmt: skip
