@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import asyncpg
 import pytest
 
@@ -16,7 +17,19 @@ from comfybridge.errors import StorageUnavailable
 from comfybridge.store.journal import JournalError
 from comfybridge.store.pgjournal import MIGRATIONS, PgJournal
 
-from .helpers import assert_one_line_error, bridge_process, count, run_cli, submit, unused_port
+from .conftest import EmulatorFactory, wait_for
+from .helpers import (
+    TINY,
+    assert_one_line_error,
+    backends,
+    bridge_process,
+    count,
+    fetch_results,
+    run_cli,
+    submit,
+    unused_port,
+    wait_closed,
+)
 from .postgres import PostgresServer, running_postgres
 
 
@@ -148,3 +161,56 @@ async def test_a_database_taken_while_the_connection_was_down_is_lost_not_shared
     finally:
         await first.close()
         await second.close()
+
+
+@pytest.mark.timeout(120)
+async def test_postgresql_stopped_and_started_mid_burst_loses_and_repeats_nothing(
+    workdir: Path, make_emulator: EmulatorFactory, own_postgres: PostgresServer
+) -> None:
+    """While the database is away: every request that needs it answers 503 within a bound (never a
+    500, never a hang), prompts inside ComfyUI run on; once it is back, every accepted job ends once."""
+    emulator = await make_emulator(pace=0.05)
+    database = own_postgres.new_database()
+    accepted: dict[str, str] = {}
+    refused = 0
+    clients = [f"db-{i}" for i in range(6)]
+    async with (
+        bridge_process(workdir, *backends(emulator, database=database)) as (_, url),
+        aiohttp.ClientSession() as session,
+    ):
+
+        async def submit_one(client_id: str) -> None:
+            nonlocal refused
+            async with asyncio.timeout(20):  # bounded, whatever the database does
+                async with session.post(
+                    f"{url}/generate-based-workflow", params={"clientId": client_id}, json=TINY
+                ) as resp:
+                    body = await resp.json()
+            assert resp.status in (200, 503), (resp.status, body)
+            if resp.status == 200:
+                accepted[body["job_id"]] = client_id
+            else:
+                refused += 1
+
+        for client_id in clients:
+            for _ in range(3):
+                await submit_one(client_id)
+        await wait_for(lambda: len(emulator.engine.started) >= 3)
+        own_postgres.stop()
+        for client_id in clients:
+            await submit_one(client_id)  # refused while it is away
+        async with session.get(f"{url}/health") as resp:
+            assert resp.status == 200
+        own_postgres.start()
+        for client_id in clients:
+            await submit_one(client_id)
+        await wait_closed(session, url, sorted(set(accepted.values())), timeout=90)
+        delivered = [job for c in clients for job, _ in await fetch_results(session, url, c)]
+    assert refused >= len(clients)
+    assert sorted(delivered) == sorted(accepted)  # every accepted job, once
+    log = (workdir / "bridge.log").read_text()
+    assert "write failed" in log  # the outage did hit the journal's writes
+    assert "Traceback" not in log
+    assert " 500 " not in log
+    started = emulator.engine.started
+    assert len(started) == len(set(started))  # no prompt ran twice
