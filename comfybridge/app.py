@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import signal
@@ -10,19 +11,20 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import fields
 
 import aiohttp
-from aiohttp import web
+from aiohttp import WSCloseCode, web
 
 from .config import ConfigError, Settings
 from .core.scheduler import Scheduler, SchedulerSettings
 from .core.webhooks import Webhooks, secret_from, webhook_session
 from .core.workflows import WorkflowStore
-from .edge.access import AccessPolicy, KeyFileError, KeyRing, RateLimiter
+from .edge.access import AccessPolicy, KeyFileError, KeyRing, RateLimiter, caller_address
 from .edge.appkeys import (
     BACKEND_URLS,
+    CLUSTER,
     DATA_LOCK,
     HUB,
     JOURNAL,
-    RECOVERED,
+    RELAY_SESSION,
     RESULTS,
     SCHEDULER,
     SESSION,
@@ -33,13 +35,15 @@ from .edge.appkeys import (
 )
 from .edge.logs import request_middleware
 from .edge.metrics import METRICS, Metrics
+from .edge.relay import ClusterView, relay_middleware, relay_session
 from .edge.replies import error_middleware
 from .edge.routes import setup_routes
 from .edge.ws import SocketHub, heartbeat
 from .errors import WorkflowConfigError
+from .leadership import Leadership
 from .store.counter import StateStore
 from .store.datadir import DataDirLock
-from .store.journal import JobStore, SqliteJournal
+from .store.journal import ENDED_STATES, JobStore, SqliteJournal
 from .store.pgjournal import PgJournal
 from .store.results import ResultStore
 from .store.uploads import UploadLimits, UploadStore
@@ -48,6 +52,8 @@ __all__ = ["MB", "create_app"]
 
 log = logging.getLogger(__name__)
 MB = 1024 * 1024
+LEADERSHIP = web.AppKey("leadership", Leadership)  # cluster mode only
+HOLD_FOR_RECONNECT = 30.0  # seconds the frames of a recovered job's client wait for its socket
 
 
 def create_app(
@@ -62,7 +68,9 @@ def create_app(
     (having read and changed nothing) when another bridge holds the data folder; the journal (or the
     database) is opened as the app starts, and its JournalError comes out of the start.
     """
-    lock = DataDirLock.acquire(settings.data_dir, f"http://{settings.host}:{settings.port}")
+    # In a cluster the bridges share the data folder; the database's lock says which one leads.
+    shared = bool(settings.database)
+    lock = DataDirLock.shared(settings.data_dir) if shared else DataDirLock.acquire(settings.data_dir, settings.own_url)
     try:
         workflows = WorkflowStore.load(settings.workflows)
         state = StateStore.load(settings.state_file)
@@ -73,24 +81,26 @@ def create_app(
     # Bodies are read by the handlers with their own limits (JSON small, uploads streamed); this
     # cap is for anything read whole, and it is checked on the bytes after any Content-Encoding.
     policy = access_policy(settings)
+    middlewares = [request_middleware, policy.cors_middleware(), error_middleware, policy.middleware()]
+    view = ClusterView(settings.own_url) if shared else None
+    if view is not None:
+        # Before keys and rates: the leader applies them, so they hold for the whole cluster.
+        policy.relayed_caller = view.caller_of
+        middlewares.insert(3, relay_middleware(view, lambda request: caller_address(request, policy.trusted_proxies)))
     app = web.Application(
-        middlewares=[
-            request_middleware,
-            policy.cors_middleware(),
-            error_middleware,
-            policy.middleware(),
-        ],
+        middlewares=middlewares,
         client_max_size=int(settings.max_json_mb * MB),
         # Bodies come as sent: a JSON body is inflated by its handler within its limit, so the rest
         # of a refused compressed bomb is drained as the few bytes it is, never inflated.
         handler_args={"auto_decompress": False},
     )
+    if view is not None:
+        app[CLUSTER] = view
     app[SETTINGS] = settings
     app[DATA_LOCK] = lock
     app[WORKFLOWS] = workflows
     app[STATE] = state
     app[JOURNAL] = journal
-    app[RECOVERED] = []  # the journal's rows, once it is open
     app[UPLOADS] = UploadStore(
         settings.data_dir / "uploads",
         UploadLimits(
@@ -107,7 +117,7 @@ def create_app(
     app[METRICS] = metrics = Metrics()
     journal.on_commit = metrics.commit_done
     app[BACKEND_URLS] = list(settings.backends)
-    app.cleanup_ctx.extend([_stores, _journal, _emulators, _http_session, _scheduler, heartbeat])
+    app.cleanup_ctx.extend([_stores, _emulators, _http_session, _core, heartbeat])
     if handle_signals:
         app.cleanup_ctx.append(_signals(reload))
     app.on_shutdown.extend([_stop_accepting, _close_sockets])
@@ -125,7 +135,7 @@ async def _stores(app: web.Application) -> AsyncIterator[None]:
 def journal_for(settings: Settings) -> JobStore:
     """The job store the settings name: PostgreSQL with --database, else the SQLite journal."""
     if settings.database:
-        return PgJournal(settings.database)
+        return PgJournal(settings.database, settings.own_url)
     return SqliteJournal(settings.journal_file, sync=settings.journal_sync)
 
 
@@ -142,20 +152,6 @@ def access_policy(settings: Settings) -> AccessPolicy:
         trusted_proxies=[ipaddress.ip_network(n, strict=False) for n in settings.trusted_proxies],
         cors_origins=frozenset(settings.cors_origins),
     )
-
-
-async def _journal(app: web.Application) -> AsyncIterator[None]:
-    """The journal's writer runs for the app's whole life; at the end every write lands, then the
-    state file takes the final count."""
-    journal, state = app[JOURNAL], app[STATE]
-    app[RECOVERED] = await journal.open(count_floor=state.generation_count)
-    state.generation_count = journal.count
-    try:
-        yield
-    finally:
-        await journal.close()
-        state.generation_count = journal.count
-        await state.save(promptly=True)
 
 
 async def _emulators(app: web.Application) -> AsyncIterator[None]:
@@ -185,7 +181,9 @@ async def _http_session(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
-async def _scheduler(app: web.Application) -> AsyncIterator[None]:
+async def _core(app: web.Application) -> AsyncIterator[None]:
+    """The scheduler, and the journal it writes: for the app's whole life on a single bridge; in a
+    cluster, for each term this bridge leads."""
     settings = app[SETTINGS]
     # The scheduler's settings are the same-named subset of the bridge's.
     own = SchedulerSettings(**{f.name: getattr(settings, f.name) for f in fields(SchedulerSettings)})
@@ -203,14 +201,62 @@ async def _scheduler(app: web.Application) -> AsyncIterator[None]:
     )
     app[SCHEDULER] = scheduler
     app[METRICS].watch(scheduler.health, app[HUB].open_sockets)
-    hooks_session = _webhooks(app, scheduler)
-    rows = app[RECOVERED]
-    await scheduler.start(list(rows))
-    rows.clear()  # the jobs hold what they need now
-    yield
-    await scheduler.close()
-    if hooks_session is not None:  # after the scheduler: its tasks (deliveries too) are stopped
-        await hooks_session.close()
+    view, journal = app.get(CLUSTER), app[JOURNAL]
+    if view is None or not isinstance(journal, PgJournal):
+        async with _term(app, again=False):
+            yield
+        return
+    await journal.connect()  # unreachable at start: JournalError, one line, exit 2
+    view.secret = journal.relay_secret
+
+    async def demoted() -> None:  # the sockets opened here belonged to the term: their clients reconnect
+        await app[HUB].close_all(WSCloseCode.SERVICE_RESTART, b"the cluster's leader changed")
+
+    leadership = app[LEADERSHIP] = Leadership(
+        view, journal, lambda again: _term(app, again), settings.leader_timeout, demoted
+    )
+    async with relay_session() as session:
+        app[RELAY_SESSION] = session
+        leadership.start()
+        try:
+            with contextlib.suppress(TimeoutError):  # so the first requests find a leader, or know of one
+                await asyncio.wait_for(leadership.settled.wait(), 30)
+            yield
+        finally:
+            await leadership.stop()
+            await journal.close()
+
+
+@contextlib.asynccontextmanager
+async def _term(app: web.Application, again: bool) -> AsyncIterator[None]:
+    """Leading: the journal open (its jobs recovered), the scheduler running; at the end every write
+    lands, then the state file takes the final count. `again`: this process led before, and its
+    scheduler and stores start afresh from the journal, as a new process would."""
+    journal, state, scheduler = app[JOURNAL], app[STATE], app[SCHEDULER]
+    rows = await journal.open(count_floor=state.generation_count)
+    state.generation_count = journal.count
+    try:
+        if again:
+            scheduler.reset()
+            app[RESULTS].clear()
+        if CLUSTER in app:  # other bridges may have stored uploads since
+            await asyncio.to_thread(app[UPLOADS].load)
+        hooks_session = _webhooks(app, scheduler)
+        # The sockets of clients whose jobs go on reconnect (relayed ones within a second or two): they
+        # hear what happened meanwhile.
+        app[HUB].hold({r["client_id"] for r in rows if r["state"] not in ENDED_STATES}, HOLD_FOR_RECONNECT)
+        try:
+            await scheduler.start(rows)
+            rows.clear()  # the jobs hold what they need now
+            yield
+        finally:
+            await scheduler.close()
+            if hooks_session is not None:  # after the scheduler: its tasks (deliveries too) are stopped
+                await hooks_session.close()
+    finally:
+        await journal.close()
+        state.generation_count = journal.count
+        await state.save(promptly=True)
 
 
 def _webhooks(app: web.Application, scheduler: Scheduler) -> aiohttp.ClientSession | None:
@@ -254,6 +300,9 @@ def _signals(reload: Callable[[], Settings] | None) -> Callable[[web.Application
                 raise web.GracefulExit()
 
         def terminate() -> None:
+            leadership = app.get(LEADERSHIP)
+            if leadership is not None:  # the next bridge leads at once; requests are relayed to it meanwhile
+                leadership.stand_down()
             if not scheduler.accepting or not settings.stop_grace:
                 stop_now()  # a second SIGTERM: now
                 return
@@ -301,6 +350,9 @@ async def _stop_accepting(app: web.Application) -> None:
 
 async def _close_sockets(app: web.Application) -> None:
     await app[HUB].close_all()
+    view = app.get(CLUSTER)
+    if view is not None:
+        await view.close_sockets()
 
 
 async def _release_data_dir(app: web.Application) -> None:

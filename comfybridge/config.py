@@ -90,6 +90,16 @@ class Settings:
     webhook_max_age: float = 86400.0
     webhook_allow_private: bool = False
     database: str = ""
+    advertise_url: str = ""
+    leader_timeout: float = 5.0
+
+    @property
+    def own_url(self) -> str:
+        """Where the other bridges of a cluster reach this one."""
+        if self.advertise_url:
+            return self.advertise_url
+        host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(self.host, self.host)
+        return f"http://{'[' + host + ']' if ':' in host and not host.startswith('[') else host}:{self.port}"
 
     @property
     def keys_on(self) -> bool:
@@ -186,6 +196,15 @@ def _database(value: str) -> str:
         usable = False
     if not usable:
         raise ValueError("must be empty (the SQLite journal) or a postgresql://user:password@host:port/database URL")
+    return value
+
+
+def _advertise_url(value: str) -> str:
+    value = str(value).strip().rstrip("/")
+    if value:
+        url = URL(value)
+        if url.scheme not in ("http", "https") or not url.host or url.path not in ("", "/"):
+            raise ValueError("must be empty or a base URL such as http://10.0.0.5:8188")
     return value
 
 
@@ -289,6 +308,16 @@ OPTIONS: dict[str, tuple[Parser, Callable[[Any], str | None] | None, str]] = {
         _database,
         None,
         "empty: the SQLite journal in the data dir; postgresql://user:password@host:port/db: the jobs in PostgreSQL",
+    ),
+    "advertise_url": (
+        _advertise_url,
+        None,
+        "with --database: the URL other bridges reach this one at (empty: http://host:port, loopback for 0.0.0.0)",
+    ),
+    "leader_timeout": (
+        _number(float),
+        _positive,
+        "with --database: seconds the leading bridge may go without reaching the database before it stops leading",
     ),
 }
 

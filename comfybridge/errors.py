@@ -6,8 +6,10 @@ __all__ = [
     "Conflict",
     "Forbidden",
     "NoBackend",
+    "NoLeader",
     "NotFound",
     "RateLimited",
+    "Relayed",
     "RequestTimeout",
     "ShuttingDown",
     "StorageError",
@@ -128,6 +130,21 @@ class NoBackend(BridgeError):
 
 class ShuttingDown(NoBackend):
     """The bridge is stopping and accepts no new work (503)."""
+
+
+class NoLeader(NoBackend):
+    """Cluster mode: no bridge leads right now (one died, or the database is away), so none can take
+    the request yet (503, with Retry-After)."""
+
+    retry_after = 1
+
+
+class Relayed(BridgeError):
+    """A refusal the leading bridge gave a request this bridge passed on, told as it was."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
 
 
 class WorkflowConfigError(Exception):

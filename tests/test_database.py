@@ -68,17 +68,6 @@ async def test_jobs_survive_a_restart_in_the_database_not_the_data_folder(
         await conn.close()
 
 
-async def test_a_second_bridge_on_one_database_is_refused_for_now(
-    workdir: Path, tmp_path: Path, postgres: PostgresServer
-) -> None:
-    database = postgres.new_database()
-    async with bridge_process(workdir, "--emulate", "1", "--database", database):
-        other = tmp_path / "other"
-        (other / "workflows").mkdir(parents=True)
-        result = await asyncio.to_thread(run_cli, ["--emulate", "1", "--database", database], other)
-        assert_one_line_error(result, "is in use by another comfybridge")
-
-
 async def test_two_bridges_starting_together_migrate_once(postgres: PostgresServer) -> None:
     database = postgres.new_database()
     journals = [PgJournal(database) for _ in range(4)]

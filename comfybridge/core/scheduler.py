@@ -70,15 +70,25 @@ class Scheduler:
     ) -> None:
         self.settings = settings
         self.state = state
-        self.core = core = Core(settings, session, workflows, uploads, results, journal, notifier, metrics)
+        self._parts = (settings, session, workflows, uploads, results, journal, notifier, metrics)
+        self._initial = list(backend_urls)
+        self._build()
+
+    def _build(self) -> None:
+        self.core = core = Core(*self._parts)
         self.clients = core.clients
         self.backends = core.backends
         self.dispatcher = Dispatcher(core)
         self.tracker = Tracker(core)
         self.failover = Failover(core, self.tracker)
-        self._initial = list(backend_urls)
         self._grace: dict[str, asyncio.Task[Any]] = {}  # clients whose socket is gone, until they cancel
         self._state_changed = asyncio.Event()
+
+    def reset(self) -> None:
+        """After `close`: forget everything, as a new process would, so `start` can run again (a bridge
+        of a cluster that stopped leading and leads again). The stores are the caller's to reload."""
+        self._initial = list(self.backends) or self._initial
+        self._build()
 
     # lifecycle -------------------------------------------------------------------------------
     async def start(self, rows: list[dict[str, Any]], connect_timeout: float = 3.0) -> None:

@@ -8,7 +8,7 @@ import ipaddress
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -167,11 +167,13 @@ class AccessPolicy:
     ip_rate: RateLimiter | None = None
     trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = field(default_factory=list)
     cors_origins: frozenset[str] = frozenset()
+    # Cluster mode: the caller's address another bridge of the cluster relayed the request for.
+    relayed_caller: Callable[[web.Request], str | None] = lambda request: None
 
     def middleware(self) -> Middleware:
         @web.middleware
         async def access(request: web.Request, handler: Handler) -> web.StreamResponse:
-            address = caller_address(request, self.trusted_proxies)
+            address = self.relayed_caller(request) or caller_address(request, self.trusted_proxies)
             request[CALLER] = address
             if self.ip_rate is not None:
                 self.ip_rate.take(address)

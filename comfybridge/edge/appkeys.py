@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -17,10 +17,11 @@ from ..store.uploads import UploadStore
 
 __all__ = [
     "BACKEND_URLS",
+    "CLUSTER",
     "DATA_LOCK",
     "HUB",
     "JOURNAL",
-    "RECOVERED",
+    "RELAY_SESSION",
     "RESULTS",
     "SCHEDULER",
     "SESSION",
@@ -32,6 +33,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from ..core.scheduler import Scheduler
+    from .relay import ClusterView
     from .ws import SocketHub
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -39,10 +41,11 @@ DATA_LOCK = web.AppKey("data_lock", DataDirLock)
 WORKFLOWS = web.AppKey("workflows", WorkflowStore)
 STATE = web.AppKey("state", StateStore)
 JOURNAL: web.AppKey[JobStore] = web.AppKey("journal")
-RECOVERED = web.AppKey("recovered", list[dict[str, Any]])  # the journal's rows, until the scheduler takes them
 UPLOADS = web.AppKey("uploads", UploadStore)
 RESULTS = web.AppKey("results", ResultStore)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 BACKEND_URLS = web.AppKey("backend_urls", list[str])
 HUB: web.AppKey[SocketHub] = web.AppKey("hub")
 SCHEDULER: web.AppKey[Scheduler] = web.AppKey("scheduler")
+CLUSTER: web.AppKey[ClusterView] = web.AppKey("cluster")  # cluster mode only
+RELAY_SESSION = web.AppKey("relay_session", aiohttp.ClientSession)  # cluster mode only

@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ..errors import Unauthorized
 from . import openapi
 from .access import KEY
-from .appkeys import SCHEDULER, SETTINGS
+from .appkeys import CLUSTER, SCHEDULER, SETTINGS
 from .metrics import METRICS
 from .replies import json_response
 
@@ -22,6 +22,9 @@ __all__ = ["PLAYGROUND", "docs", "health", "metrics", "playground", "ready"]
 def _health_report(request: web.Request) -> dict[str, Any]:
     """The scheduler's report; with API keys on, a caller without one sees no backend addresses."""
     report = request.app[SCHEDULER].health()
+    view = request.app.get(CLUSTER)
+    if view is not None:
+        report["cluster"] = view.report()
     settings = request.app[SETTINGS]
     if settings.keys_on and request.get(KEY) is None:
         report["backends"] = [{"state": b["state"]} for b in report["backends"]]
@@ -39,6 +42,12 @@ async def ready(request: web.Request) -> web.Response:
     deep, or the bridge is stopping."""
     report = _health_report(request)
     limit = request.app[SETTINGS].ready_max_queue
+    view = request.app.get(CLUSTER)
+    if view is not None and not view.leading:  # it relays: ready while a leader is known to relay to
+        if view.role == "follower" and view.leader_url not in (None, view.own_url):
+            return json_response({"status": "ready", **report})
+        reason = "the bridge is stopping" if view.role == "stepping down" else "no bridge of the cluster leads"
+        return json_response({"status": "not ready", "detail": reason, **report}, 503)
     if report["stopping"]:
         reason = "the bridge is stopping"
     elif report["journal"] != "ok":

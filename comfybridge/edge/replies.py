@@ -14,7 +14,7 @@ from aiohttp.typedefs import Handler
 from aiohttp.web_protocol import RequestPayloadError
 
 from ..core.clients import SCOPE
-from ..errors import BridgeError, RateLimited, Unauthorized
+from ..errors import BridgeError, Unauthorized
 from .access import KEY
 
 __all__ = ["error_middleware", "error_response", "json_response", "quoted_header_text"]
@@ -55,9 +55,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if request.headers.get(hdrs.UPGRADE, "").lower() == "websocket":
             # A refused WebSocket handshake's body is not read by most WebSocket clients: say it here too.
             response.headers["X-Detail"] = urllib.parse.quote(detail, safe=HEADER_SAFE)
-        if isinstance(exc, RateLimited):
-            response.headers["Retry-After"] = str(exc.retry_after)
-        elif isinstance(exc, Unauthorized):
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            response.headers["Retry-After"] = str(retry_after)
+        if isinstance(exc, Unauthorized):
             response.headers["WWW-Authenticate"] = 'Bearer realm="comfybridge"'
         return response
     except web.HTTPException as exc:

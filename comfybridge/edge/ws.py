@@ -6,7 +6,7 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 
 import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -28,6 +28,7 @@ LISTENING_FRAME = orjson.dumps(status_message("listening", "server is listening"
 # Frames wait in an outbox (drained by a task through aiohttp's flow control) once this much is
 # unsent to a socket; below it they go straight to the socket.
 HIGH_WATER = 64 * 1024
+MAX_HELD = 4096  # frames kept for one client whose socket is expected back
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -102,6 +103,7 @@ class SocketHub:
     def __init__(self) -> None:
         self._outboxes: dict[str, dict[web.WebSocketResponse, Outbox]] = {}
         self._by_address: dict[str, int] = {}
+        self._held: dict[str, list[bytes | None]] = {}  # frames for clients expected back, until they are
         self.supervisor = Supervisor()  # the heartbeat, and the sender of each socket that is behind
 
     def count(self, client_id: str) -> int:
@@ -139,15 +141,38 @@ class SocketHub:
         self.send_frame(client_id, orjson.dumps(message), close)
 
     def send_frame(self, client_id: str, frame: bytes, close: bool = False) -> None:
-        for outbox in self._outboxes.get(client_id, {}).values():
+        outboxes = self._outboxes.get(client_id)
+        if outboxes is None:
+            held = self._held.get(client_id)
+            if held is not None and len(held) < MAX_HELD:
+                held += (frame, None) if close else (frame,)
+            return
+        for outbox in outboxes.values():
             outbox.put(frame)
             if close:
                 outbox.put(None)  # after an error frame: close with 1011
 
-    async def close_all(self) -> None:
+    def hold(self, client_ids: Iterable[str], seconds: float) -> None:
+        """These clients' sockets are expected back (their jobs were taken over after a restart, or by
+        another bridge of a cluster): what is told to them meanwhile waits, for `seconds`, and a
+        socket that opens hears it first, in order."""
+        waiting = [c for c in client_ids if c not in self._outboxes]
+        for client_id in waiting:
+            self._held.setdefault(client_id, [])
+        asyncio.get_running_loop().call_later(seconds, self._let_go, waiting)
+
+    def replay(self, client_id: str, outbox: Outbox) -> None:
+        for frame in self._held.pop(client_id, ()):
+            outbox.put(frame)
+
+    def _let_go(self, client_ids: list[str]) -> None:
+        for client_id in client_ids:
+            self._held.pop(client_id, None)
+
+    async def close_all(self, code: int = WSCloseCode.GOING_AWAY, message: bytes = b"server shutdown") -> None:
         for sockets in list(self._outboxes.values()):
             for ws in list(sockets):
-                await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+                await ws.close(code=code, message=message)
 
 
 async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
@@ -167,6 +192,7 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     outbox = hub.add(client_id, ws, request.transport)
     scheduler.socket_opened(client_id)
     outbox.put(CONNECTED_FRAME)
+    hub.replay(client_id, outbox)
     log.debug("client %s: socket open", client_id)
     try:
         async for msg in ws:

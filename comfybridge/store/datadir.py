@@ -30,10 +30,17 @@ class DataDirLock:
     there is no stale lock to clean up by hand; and no file can be deleted to get around it.
     `bridge.lock` only names the holder, for the refusal."""
 
-    def __init__(self, path: Path, fd: int) -> None:
+    def __init__(self, path: Path, fd: int | None) -> None:
         self.path = path
-        self._fd: int | None = fd
-        self._finalizer = weakref.finalize(self, os.close, fd)
+        self._fd = fd
+        self._finalizer = weakref.finalize(self, os.close, fd) if fd is not None else None
+
+    @classmethod
+    def shared(cls, data_dir: Path) -> DataDirLock:
+        """No lock: the bridges of a cluster share the folder, and the database's lock says which one
+        of them leads (only the leader writes or sweeps it)."""
+        data_dir.mkdir(parents=True, exist_ok=True)
+        return cls(data_dir / LOCK_FILE, None)
 
     @classmethod
     def acquire(cls, data_dir: Path, listening: str) -> DataDirLock:
@@ -73,7 +80,7 @@ class DataDirLock:
         return self._fd is not None
 
     def release(self) -> None:
-        if self._fd is not None:
+        if self._fd is not None and self._finalizer is not None:
             self._fd = None
             self._finalizer()  # closing the file releases the lock
 

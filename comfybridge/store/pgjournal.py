@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from yarl import URL
 
 from ..errors import StorageError, StorageFull, StorageUnavailable
@@ -27,14 +30,18 @@ if TYPE_CHECKING:
 
     Conn: TypeAlias = asyncpg.Connection[asyncpg.Record]
 
-__all__ = ["MIGRATIONS", "PgJournal", "shown_dsn"]
+__all__ = ["MIGRATIONS", "Leader", "PgJournal", "shown_dsn"]
 
 log = logging.getLogger(__name__)
 
 # Taken (inside the migrating transaction) by every bridge that starts: two starting at once migrate once.
 MIGRATION_LOCK = 0x636F6D6679  # "comfy"
-# Held for a bridge's life: several bridges on one database need cluster mode's leases first.
+# Held by the leading bridge, on the one connection that carries its writes: if that session ends,
+# its lock and its writes end together, so two bridges can never both write as the leader.
 BRIDGE_LOCK = 0x6272696467  # "bridg"
+INCUMBENT_WAIT = 3.0  # seconds a bridge that lost the database waits, once back, before it campaigns
+# How long PostgreSQL keeps a silent leader's session (and lock): 5 s idle, then 3 probes 2 s apart.
+KEEPALIVES = {"tcp_keepalives_idle": "5", "tcp_keepalives_interval": "2", "tcp_keepalives_count": "3"}
 CONNECT_TIMEOUT = 10.0
 COMMAND_TIMEOUT = 15.0  # seconds one commit may take before it counts as the database's trouble
 MAX_BATCH = 512  # writes in one commit at most
@@ -86,21 +93,44 @@ def shown_dsn(dsn: str) -> str:
 async def _connect(dsn: str) -> Conn:
     import asyncpg
 
-    conn: Conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT, command_timeout=COMMAND_TIMEOUT)
+    conn: Conn = await asyncpg.connect(
+        dsn, timeout=CONNECT_TIMEOUT, command_timeout=COMMAND_TIMEOUT, server_settings=KEEPALIVES
+    )
     return conn
+
+
+@dataclass(frozen=True)
+class Leader:
+    """Who leads a cluster, as `meta` says: where other bridges reach it, which takeover it is."""
+
+    url: str
+    generation: int
+    since: float
+
+    def dumps(self) -> str:
+        return orjson.dumps({"url": self.url, "generation": self.generation, "since": self.since}).decode()
+
+    @classmethod
+    def parse(cls, text: str) -> Leader:
+        value = orjson.loads(text)
+        return cls(str(value["url"]), int(value["generation"]), float(value["since"]))
 
 
 class PgJournal:
     """Every write is one transaction on a pooled connection; its future is done once PostgreSQL has
     committed it (synchronous_commit as the server has it: on by default)."""
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, url: str = "") -> None:
         self.dsn = dsn
+        self.url = url  # where other bridges reach this one, told to them while it leads
+        self.leader: Leader | None = None  # who leads, as last seen
+        self.relay_secret = ""  # shared by the cluster's bridges: a request relayed by one is believed
         self.count = 0
         self.bridge_id = ""
         self.deliveries: list[dict[str, Any]] = []
         self.on_commit: Callable[[float], None] = lambda seconds: None
         self._conn: Conn | None = None  # the one connection: it holds BRIDGE_LOCK and runs every write
+        self._holds_lock = False
         self._lost: str | None = None
         self._splittable = False  # the last failed commit failed for one write's own data, not the database
         self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
@@ -108,7 +138,9 @@ class PgJournal:
         self._error: StorageError | None = None  # what the last failed commit was
 
     # start-up --------------------------------------------------------------------------------
-    async def open(self, count_floor: int = 0) -> list[dict[str, Any]]:
+    async def connect(self) -> None:
+        """Connect and bring the schema up to date (under MIGRATION_LOCK: two bridges starting at once
+        migrate once). Raises JournalError, naming the database without its password, if it cannot."""
         try:
             import asyncpg
         except ImportError:
@@ -116,15 +148,82 @@ class PgJournal:
         where = shown_dsn(self.dsn)
         try:
             conn = self._conn = await _connect(self.dsn)
-            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", BRIDGE_LOCK):
-                raise JournalError(
-                    f"database {where} is in use by another comfybridge; several bridges on one database "
-                    "need cluster mode (its leases are not in this release)"
-                )
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
                 await _migrate(conn, where)
-                rows = await self._load(conn, count_floor)
+                await conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('relay_secret', $1) ON CONFLICT (key) DO NOTHING",
+                    secrets.token_urlsafe(32),
+                )
+                self.relay_secret = str(await conn.fetchval("SELECT value FROM meta WHERE key = 'relay_secret'"))
+        except JournalError:
+            self._drop_connection()
+            raise
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            self._drop_connection()
+            raise JournalError(f"database {where} cannot be used: {exc.__class__.__name__}: {exc}") from None
+
+    async def campaign(
+        self, url: str, follow: Callable[[Leader | None], None], poll: float = 1.0, contend: bool = True
+    ) -> None:
+        """Wait until this bridge holds BRIDGE_LOCK, then say so in `meta` (its URL, the next generation).
+        Meanwhile `follow` hears, every `poll` seconds, who leads (None: nobody, or it is unknown); not
+        `contend`ing, it only follows, for ever.
+        After losing the database, it waits INCUMBENT_WAIT before trying again: a restart of PostgreSQL
+        frees the lock, and the bridge that held it should take it back, not a follower."""
+        import asyncpg
+
+        while True:
+            try:
+                if self._conn is None or self._conn.is_closed():
+                    self._drop_connection()
+                    self._conn = await _connect(self.dsn)
+                    await asyncio.sleep(INCUMBENT_WAIT)
+                conn = self._conn
+                won, leader = await _fetch_row(
+                    conn,
+                    "SELECT CASE WHEN $2 THEN pg_try_advisory_lock($1) ELSE false END, "
+                    "(SELECT value FROM meta WHERE key = 'leader')",
+                    BRIDGE_LOCK,
+                    contend,
+                )
+                if won:
+                    self._holds_lock = True
+                    generation = (Leader.parse(leader).generation if leader else 0) + 1
+                    self.leader = Leader(url, generation, time.time())
+                    await conn.execute(
+                        "INSERT INTO meta (key, value) VALUES ('leader', $1) "
+                        "ON CONFLICT (key) DO UPDATE SET value = $1",
+                        self.leader.dumps(),
+                    )
+                    return
+                self.leader = Leader.parse(leader) if leader else None
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                self._drop_connection()
+                self.leader = None
+                log.warning("database %s: %s: %s", shown_dsn(self.dsn), exc.__class__.__name__, exc)
+            except (ValueError, TypeError, KeyError) as exc:
+                self.leader = None
+                log.warning("database %s: the leader's record cannot be read (%s)", shown_dsn(self.dsn), exc)
+            follow(self.leader)
+            await asyncio.sleep(poll)
+
+    async def open(self, count_floor: int = 0) -> list[dict[str, Any]]:
+        """Load the journal and start its writer. This bridge must hold BRIDGE_LOCK: taken here if it
+        is free, else JournalError names the bridge that leads (cluster mode waits in `campaign`)."""
+        import asyncpg
+
+        where = shown_dsn(self.dsn)
+        if self._conn is None:
+            await self.connect()
+        assert self._conn is not None
+        self._lost = None
+        try:
+            conn = self._conn
+            if not self._holds_lock and not await conn.fetchval("SELECT pg_try_advisory_lock($1)", BRIDGE_LOCK):
+                raise JournalError(f"database {where} is in use by another comfybridge, which leads")
+            self._holds_lock = True
+            rows = await self._load(conn, count_floor)
         except JournalError:
             self._drop_connection()
             raise
@@ -136,6 +235,11 @@ class PgJournal:
             raise JournalError(f"database {where} holds a record it cannot read ({exc})") from None
         self._writer = asyncio.ensure_future(self._write_loop())
         return rows
+
+    def heartbeat(self) -> asyncio.Future[None]:
+        """A round trip through the writer (in order with the writes): done once the database answered
+        on the connection that holds the lock (connected and locked again first if it had dropped)."""
+        return self._submit(lambda conn: conn.execute("SELECT 1"))
 
     async def _load(self, conn: Conn, count_floor: int) -> list[dict[str, Any]]:
         meta: dict[str, str] = {row["key"]: row["value"] for row in await conn.fetch("SELECT key, value FROM meta")}
@@ -164,11 +268,16 @@ class PgJournal:
         if self._conn is None or self._conn.is_closed():
             self._drop_connection()
             conn = self._conn = await _connect(self.dsn)
-            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", BRIDGE_LOCK):
+            won, leader = await _fetch_row(
+                conn, "SELECT pg_try_advisory_lock($1), (SELECT value FROM meta WHERE key = 'leader')", BRIDGE_LOCK
+            )
+            # Free again is not enough: another bridge may have led meanwhile (and run our jobs).
+            if not won or (self.leader is not None and leader != self.leader.dumps()):
                 self._drop_connection()
                 self._lost = "was taken by another comfybridge while the connection to it was down"
                 log.error("database %s %s: accepting no new jobs", shown_dsn(self.dsn), self._lost)
                 raise StorageUnavailable(f"The bridge cannot record anything: its database {self._lost}.")
+            self._holds_lock = True
             log.info("database %s: connected again", shown_dsn(self.dsn))
         return self._conn
 
@@ -182,6 +291,7 @@ class PgJournal:
 
     def _drop_connection(self) -> None:
         """End the session at once, whatever the server's state: a frozen server cannot hold us up."""
+        self._holds_lock = False
         if self._conn is not None:
             self._conn.terminate()
             self._conn = None
@@ -324,6 +434,13 @@ class PgJournal:
 
 
 _Item = tuple[Callable[["Conn"], Awaitable[Any]], Callable[[Any], Any], asyncio.Future[Any]]
+
+
+async def _fetch_row(conn: Conn, query: str, *args: Any) -> tuple[Any, ...]:
+    row = await conn.fetchrow(query, *args)
+    if row is None:
+        raise ValueError("the database answered no row")
+    return tuple(row)
 
 
 def _settle(future: asyncio.Future[Any], error: BaseException) -> None:

@@ -74,6 +74,11 @@ class ResultStore:
         self._by_client: dict[str, list[JobResult]] = {}
         self._claimed: set[str] = set()  # job ids being sent to a client right now
 
+    def clear(self) -> None:
+        """Forget every result (they are added again from the journal as its jobs are recovered)."""
+        self._by_client.clear()
+        self._claimed.clear()
+
     def folder_for(self, job_id: str) -> Path:
         return self.root / job_id
 

@@ -127,7 +127,11 @@ class UploadStore:
                 self._uploads[name].last_used = now
 
     def load(self) -> None:
-        """Index what earlier runs left, so uploads survive a restart."""
+        """Index what earlier runs (or, in a cluster, other bridges) left, so uploads survive a restart.
+        Starts afresh: the jobs that pin files pin them again as they are recovered."""
+        self._uploads.clear()
+        self._pins.clear()
+        self._owned.clear()
         self.root.mkdir(parents=True, exist_ok=True)
         for folder in self.root.iterdir():
             if not folder.is_dir():

@@ -1,0 +1,267 @@
+"""Cluster mode's edge: a bridge that does not lead passes each request on to the one that does.
+
+One bridge of a cluster leads (it holds the database's lock): it runs the scheduler, so the fair
+queue, placement and every limit are the whole cluster's. The others serve /health, /ready and
+/metrics themselves and relay everything else, bodies streamed both ways, unchanged: a client may use
+any bridge for anything. A relayed WebSocket outlives a change of leader: when the leader's socket
+goes away (it stopped, or died), the relay connects to the next leader and the client's socket stays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import WSCloseCode, WSMsgType, hdrs, web
+from aiohttp.typedefs import Handler, Middleware
+
+from ..errors import NoLeader, Relayed
+from .appkeys import RELAY_SESSION
+from .ws import CONNECTED_FRAME
+
+__all__ = ["CALLER_HEADER", "LOCAL_PATHS", "RELAY_HEADER", "ClusterView", "relay_middleware", "relay_session"]
+
+log = logging.getLogger(__name__)
+
+LOCAL_PATHS = frozenset({"/health", "/ready", "/metrics"})  # about this bridge: never relayed
+RELAY_HEADER = "X-Comfybridge-Relay"  # the cluster's secret: the leader believes CALLER_HEADER then
+CALLER_HEADER = "X-Comfybridge-Caller"
+# Not passed on: they describe one connection (RFC 9110 §7.6.1), or are the relay's own to set.
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
+        "Transfer-Encoding", "Upgrade", "Host", "Expect", RELAY_HEADER, CALLER_HEADER,
+        "Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions", "Sec-WebSocket-Accept",
+    )
+)  # fmt: skip
+CHUNK = 64 * 1024
+# A relayed socket whose leader went away waits this long for the next one before it gives up.
+FOLLOW_PATIENCE = 60.0
+# Close codes after which the relay connects to the next leader: it stopped, restarted, or vanished.
+LEADER_GONE = frozenset({WSCloseCode.GOING_AWAY, WSCloseCode.SERVICE_RESTART, WSCloseCode.ABNORMAL_CLOSURE, None})
+
+
+@dataclass
+class ClusterView:
+    """What this bridge knows of its cluster: whether it leads, and where the leader is."""
+
+    own_url: str
+    role: str = "candidate"  # candidate (not yet known), follower, leader, stepping down
+    leader_url: str | None = None
+    generation: int = 0
+    secret: str = ""
+    relayed: int = 0  # requests passed on to the leader
+    leader_changes: int = 0
+    sockets: set[web.WebSocketResponse] = field(default_factory=set)  # clients' sockets relayed now
+
+    async def close_sockets(self) -> None:
+        """This bridge stops: its relayed sockets close as the leader's own would (1001)."""
+        for ws in list(self.sockets):
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+
+    @property
+    def leading(self) -> bool:
+        return self.role == "leader"
+
+    def follow(self, url: str | None, generation: int) -> None:
+        if (url, generation) != (self.leader_url, self.generation) and url is not None:
+            self.leader_changes += 1
+            log.info("the cluster's leader is %s (generation %d)", url, generation)
+        self.leader_url, self.generation = url, generation
+
+    def trusts(self, request: web.Request) -> bool:
+        """A request another bridge of the cluster relayed (so its caller header is believed)."""
+        presented = request.headers.get(RELAY_HEADER)
+        return bool(self.secret and presented and hmac.compare_digest(presented.encode(), self.secret.encode()))
+
+    def caller_of(self, request: web.Request) -> str | None:
+        """The address of the client a relayed request came from, as the relaying bridge saw it."""
+        return request.headers.get(CALLER_HEADER) if self.trusts(request) else None
+
+    def report(self) -> dict[str, Any]:
+        return {"role": self.role, "leader": self.leader_url, "generation": self.generation}
+
+    def upstream(self) -> str:
+        """The leader's URL, or NoLeader: none known, or it is this bridge, which is not ready to lead."""
+        url = self.leader_url
+        if url is None or url == self.own_url:
+            raise NoLeader("No bridge of the cluster leads right now (a new one is taking over); try again shortly.")
+        return url
+
+
+def relay_session() -> aiohttp.ClientSession:
+    """Bodies pass as they are (no decompression); no total timeout: the leader bounds its own replies."""
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, enable_cleanup_closed=True)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=3.0)
+    return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
+
+
+def relay_middleware(view: ClusterView, caller: Callable[[web.Request], str]) -> Middleware:
+    """`caller(request)`: the client's address as this bridge sees it (behind its trusted proxies)."""
+
+    @web.middleware
+    async def relay(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if view.leading or request.path in LOCAL_PATHS:
+            return await handler(request)
+        if view.trusts(request):  # relayed to a bridge that led then, and leads no more: never twice
+            raise NoLeader("The bridge that led has just stopped leading; try again shortly.")
+        upstream = view.upstream()
+        session = request.app[RELAY_SESSION]
+        view.relayed += 1
+        headers = _passed_on(request.headers)
+        headers[RELAY_HEADER] = view.secret
+        headers[CALLER_HEADER] = caller(request)
+        if request.headers.get(hdrs.UPGRADE, "").lower() == "websocket":
+            return await _relay_socket(request, view, session, headers)
+        return await _relay_http(request, upstream, session, headers)
+
+    return relay
+
+
+def _passed_on(headers: Any) -> dict[str, str]:
+    # A multidict flattened: repeated request headers are joined, as RFC 9110 §5.3 allows.
+    kept: dict[str, str] = {}
+    for name, value in headers.items():
+        if name.lower() not in HOP_BY_HOP:
+            kept[name] = f"{kept[name]}, {value}" if name in kept else value
+    return kept
+
+
+async def _relay_http(
+    request: web.Request, upstream: str, session: aiohttp.ClientSession, headers: dict[str, str]
+) -> web.StreamResponse:
+    body = request.content.iter_chunked(CHUNK) if request.body_exists else None
+    response: web.StreamResponse | None = None
+    try:
+        async with session.request(
+            request.method, upstream + request.path_qs, headers=headers, data=body, allow_redirects=False
+        ) as answer:
+            response = web.StreamResponse(status=answer.status, reason=answer.reason)
+            for name, value in answer.headers.items():
+                if name.lower() not in HOP_BY_HOP:
+                    response.headers.add(name, value)
+            await response.prepare(request)
+            async for chunk in answer.content.iter_chunked(CHUNK):
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+        if response is not None and response.prepared:
+            # Cut off mid-answer: the client must see a broken reply, never a shorter one that looks whole.
+            log.warning("relay from %s cut off mid-answer: %s", upstream, exc)
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+        log.info("relay to %s failed: %s", upstream, exc)
+        raise NoLeader("The bridge that leads could not be reached (it may be changing); try again shortly.") from None
+
+
+async def _open_upstream(
+    session: aiohttp.ClientSession, url: str, request: web.Request, headers: dict[str, str]
+) -> aiohttp.ClientWebSocketResponse:
+    try:
+        return await session.ws_connect(
+            url + request.path_qs, headers=headers, autoping=True, heartbeat=30, max_msg_size=0, compress=0
+        )
+    except aiohttp.WSServerHandshakeError as exc:
+        detail = urllib.parse.unquote(exc.headers.get("X-Detail", "") if exc.headers else "") or exc.message
+        raise Relayed(exc.status, detail) from None
+    except (aiohttp.ClientConnectionError, TimeoutError):
+        raise NoLeader("The bridge that leads could not be reached (it may be changing); try again shortly.") from None
+
+
+async def _relay_socket(
+    request: web.Request, view: ClusterView, session: aiohttp.ClientSession, headers: dict[str, str]
+) -> web.WebSocketResponse:
+    """The client's socket here, one to the leader behind it; frames pass on as they come. When the
+    leader's socket goes away, the next leader's is opened (its `connected` frame, said once already,
+    is not repeated); a close the leader means (an error frame's 1011) is passed on."""
+    upstream: aiohttp.ClientWebSocketResponse | None = await _open_upstream(session, view.upstream(), request, headers)
+    ws = web.WebSocketResponse(heartbeat=30)
+    await ws.prepare(request)
+    view.sockets.add(ws)
+    reader = asyncio.ensure_future(_drain_client(ws))
+    code: int | None = WSCloseCode.TRY_AGAIN_LATER
+    message = b"no bridge leads"
+    try:
+        while upstream is not None:
+            code, message = await _pump(upstream, ws, reader)
+            if ws.closed or code not in LEADER_GONE:
+                break
+            upstream = await _next_leader(session, view, request, headers, ws)
+            code, message = WSCloseCode.TRY_AGAIN_LATER, b"no bridge leads"
+        if not ws.closed:
+            await ws.close(code=code or WSCloseCode.GOING_AWAY, message=message)
+    finally:
+        view.sockets.discard(ws)
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+        if upstream is not None and not upstream.closed:
+            await upstream.close()
+    return ws
+
+
+async def _drain_client(ws: web.WebSocketResponse) -> None:
+    """Read the client's socket (it sends nothing the bridge uses) so its close and pings are seen."""
+    async for _ in ws:
+        pass
+
+
+async def _pump(
+    upstream: aiohttp.ClientWebSocketResponse, ws: web.WebSocketResponse, client_gone: asyncio.Future[None]
+) -> tuple[int | None, bytes]:
+    """Pass the leader's frames on until either side closes; the leader's close code and reason."""
+    while True:
+        receive = asyncio.ensure_future(upstream.receive())
+        await asyncio.wait((receive, client_gone), return_when=asyncio.FIRST_COMPLETED)
+        if not receive.done():
+            receive.cancel()
+            return WSCloseCode.OK, b""
+        msg = receive.result()
+        if msg.type is WSMsgType.TEXT:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await ws.send_str(msg.data)
+            continue
+        if msg.type is WSMsgType.BINARY:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await ws.send_bytes(msg.data)
+            continue
+        extra = msg.extra if isinstance(msg.extra, str) else ""
+        return upstream.close_code, extra.encode()
+
+
+async def _next_leader(
+    session: aiohttp.ClientSession,
+    view: ClusterView,
+    request: web.Request,
+    headers: dict[str, str],
+    ws: web.WebSocketResponse,
+) -> aiohttp.ClientWebSocketResponse | None:
+    """The socket of whichever bridge leads next (this one, once it leads, included); None if none
+    does within FOLLOW_PATIENCE or the client left meanwhile."""
+    deadline = time.monotonic() + FOLLOW_PATIENCE
+    while time.monotonic() < deadline and not ws.closed:
+        url = view.own_url if view.leading else view.leader_url
+        if url is not None and (view.leading or url != view.own_url):
+            try:
+                upstream = await _open_upstream(session, url, request, headers)
+            except (NoLeader, Relayed):
+                pass
+            else:
+                first = await upstream.receive()
+                if first.type is WSMsgType.TEXT and first.data.encode() != CONNECTED_FRAME:
+                    await ws.send_str(first.data)
+                log.info("relayed socket now through %s", url)
+                return upstream
+        await asyncio.sleep(0.5)
+    return None

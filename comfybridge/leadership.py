@@ -1,0 +1,155 @@
+"""Cluster mode (`--database`): which bridge of a cluster leads, and what leading starts and stops.
+
+The bridge holding the database's lock leads: it runs the scheduler over every backend, exactly as a
+single bridge does, so the fair queue, earliest-finish placement and pipelining are the cluster's. The
+others relay requests to it and wait for the lock. When the leader dies, its session ends, its lock
+is free, and the first bridge to take it recovers the journal as a restart does: prompts already in
+ComfyUI are adopted by prompt_id, never sent twice.
+
+A leader stops leading when it learns the lock is no longer its own, or when it cannot reach the
+database for `leader_timeout` seconds: well before PostgreSQL ends its silent session (KEEPALIVES)
+and another bridge can take over, it has closed its ComfyUI sockets and sends nothing more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+
+from .edge.relay import ClusterView
+from .store.pgjournal import Leader, PgJournal
+
+__all__ = ["HEARTBEAT", "Leadership"]
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT = 1.0  # seconds between a leader's round trips to the database
+RETRY = 2.0  # seconds before campaigning again after a term that could not start
+
+
+class Leadership:
+    """Campaign, lead for as long as the lock is this bridge's, stand down, campaign again.
+
+    `term()` is what leading is: entered once the lock is taken (journal open, scheduler started),
+    left when leading ends (scheduler closed, journal closed: the lock goes with its session)."""
+
+    def __init__(
+        self,
+        view: ClusterView,
+        journal: PgJournal,
+        term: Callable[[bool], AbstractAsyncContextManager[None]],
+        timeout: float,
+        demoted: Callable[[], Awaitable[None]],
+    ) -> None:
+        self.view = view
+        self.journal = journal
+        self.term = term  # term(again): again is True from the second term of this process on
+        self.timeout = timeout
+        self.demoted = demoted  # after a term ends: close what belonged to it (local clients' sockets)
+        self.terms = 0
+        self.settled = asyncio.Event()  # the first campaign ended: this bridge leads, or knows it follows
+        self._stand_down = asyncio.Event()  # SIGTERM: hand over at once, and lead no more
+        self._stop = asyncio.Event()  # the bridge stops
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    def stand_down(self) -> None:
+        """Stop leading at once (another bridge takes over within a second) and never lead again;
+        meanwhile requests are relayed to the new leader."""
+        self._stand_down.set()
+
+    async def stop(self) -> None:
+        """The bridge stops: a term under way ends as a stop does (its jobs stay journaled)."""
+        self._stand_down.set()
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+
+    def _follow(self, leader: Leader | None) -> None:
+        if self.view.role != "stepping down":
+            self.view.role = "follower"
+        self.settled.set()
+        self.view.follow(leader.url if leader else None, leader.generation if leader else 0)
+
+    async def _run(self) -> None:
+        url = self.view.own_url
+        while True:
+            if self._stand_down.is_set():
+                self.view.role = "stepping down"
+                await _race(self.journal.campaign(url, self._follow, contend=False), self._stop)
+                return
+            if await _race(self.journal.campaign(url, self._follow), self._stand_down):
+                await self._lead()
+            else:
+                await self.journal.close()  # a lock won just as the campaign was called off
+
+    async def _lead(self) -> None:
+        journal, view = self.journal, self.view
+        leader = journal.leader
+        assert leader is not None
+        log.info("this bridge leads the cluster now (generation %d)", leader.generation)
+        again, self.terms = self.terms > 0, self.terms + 1
+        try:
+            async with self.term(again):
+                view.role = "leader"
+                view.follow(view.own_url, leader.generation)
+                self.settled.set()
+                await self._hold()
+        except Exception:
+            log.exception("the term as leader failed; campaigning again in %gs", RETRY)
+            await _race(asyncio.sleep(RETRY), self._stand_down)
+        finally:
+            self.settled.set()
+            view.role = "follower"
+            view.follow(None, leader.generation)
+            await journal.close()  # the lock goes with its session, if the term left it
+            await self.demoted()
+
+    async def _hold(self) -> None:
+        """Until the lock is lost, the database stays away for `timeout`, or the bridge stands down."""
+        last_answer = time.monotonic()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stand_down.wait(), HEARTBEAT)
+                return
+            reason = self.journal.lost()
+            if reason is not None:
+                log.error("this bridge stops leading: its database %s", reason)
+                return
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await self.journal.heartbeat()
+                last_answer = time.monotonic()
+            except Exception as exc:  # whatever failed, the database did not answer
+                log.warning("the database did not answer the leader's heartbeat: %s", exc)
+            silent = time.monotonic() - last_answer
+            if silent >= self.timeout:
+                log.error(
+                    "this bridge stops leading: the database has not answered for %.0fs (prompts inside ComfyUI "
+                    "run on; the next leader adopts them)",
+                    silent,
+                )
+                return
+
+
+async def _race(work: Awaitable[object], event: asyncio.Event) -> bool:
+    """Await `work` until `event` is set: True if the work finished first."""
+    task = asyncio.ensure_future(work)
+    stop = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait((task, stop), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+    if task.done():
+        task.result()
+        return True
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return False

@@ -1,0 +1,161 @@
+"""Several bridge processes on one PostgreSQL behave as one bridge: one leads (runs the scheduler),
+the others relay every request to it; when it dies, another takes over its jobs by prompt_id."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+
+from comfybridge.emulator import Emulator
+
+from .conftest import EmulatorFactory, wait_for
+from .helpers import TINY, bridge_process, fetch_results, post_job, status_of
+from .postgres import PostgresServer
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@contextlib.asynccontextmanager
+async def cluster(
+    workdir: Path, database: str, emulators: list[Emulator], size: int
+) -> AsyncIterator[list[tuple[asyncio.subprocess.Process, str]]]:
+    """`size` bridge processes, started one after the other (the first leads), sharing the data
+    folder and the workflows; each has its own working folder and log."""
+    flags = (
+        "--backends", ",".join(e.url for e in emulators), "--database", database, "--job-idle-timeout", "60",
+        "--data-dir", str(workdir / "data"), "--workflows", str(workdir / "workflows"),
+    )  # fmt: skip
+    async with contextlib.AsyncExitStack() as stack:
+        bridges = []
+        for n in range(size):
+            own = workdir / f"bridge{n}"
+            own.mkdir()
+            bridges.append(await stack.enter_async_context(bridge_process(own, *flags, ready="/health")))
+        yield bridges
+
+
+async def health(session: aiohttp.ClientSession, url: str) -> dict[str, object]:
+    async with session.get(f"{url}/health") as resp:
+        report: dict[str, object] = await resp.json()
+        return report
+
+
+async def closed_job_ids(ws: aiohttp.ClientWebSocketResponse, wanted: int) -> list[str]:
+    """Job ids of `closed` frames, in order, until `wanted` of them came (the guard only stops a hang)."""
+    closed: list[str] = []
+    async with asyncio.timeout(90):
+        while len(closed) < wanted:
+            msg = await ws.receive()
+            assert msg.type is aiohttp.WSMsgType.TEXT, msg
+            frame = orjson.loads(msg.data)
+            if frame["status"] == "closed":
+                closed.append(frame["job_id"])
+    return closed
+
+
+async def test_a_client_on_three_bridges_hears_and_fetches_every_job(
+    workdir: Path, make_emulator: EmulatorFactory, postgres: PostgresServer
+) -> None:
+    emulators = [await make_emulator(pace=0.02), await make_emulator(pace=0.02)]
+    async with (
+        cluster(workdir, postgres.new_database(), emulators, 3) as bridges,
+        aiohttp.ClientSession() as session,
+    ):
+        (_, a), (_, b), (_, c) = bridges
+        assert [(await health(session, url))["cluster"]["role"] for url in (a, b, c)] == [  # type: ignore[index]
+            "leader", "follower", "follower",
+        ]  # fmt: skip
+        async with session.ws_connect(f"{c}/ws", params={"clientId": "everywhere"}) as ws:
+            first = orjson.loads((await ws.receive()).data)
+            assert first["status"] == "connected"
+            jobs = [await post_job(session, b, "everywhere", TINY) for _ in range(6)]
+            assert sorted(await closed_job_ids(ws, 6)) == sorted(jobs)
+        assert sorted(set(job for job, _ in await fetch_results(session, c, "everywhere"))) == sorted(jobs)
+        async with session.get(f"{a}/generation-count") as resp:
+            assert await resp.json() == 6
+        async with session.get(f"{b}/history", params={"clientId": "everywhere"}) as resp:
+            assert resp.status == 204  # fetched once, through C
+
+
+async def test_kill_9_of_the_leader_mid_burst_loses_nothing_and_runs_nothing_twice(
+    workdir: Path, make_emulator: EmulatorFactory, postgres: PostgresServer
+) -> None:
+    emulators = [await make_emulator(pace=0.1), await make_emulator(pace=0.1)]
+    async with (
+        cluster(workdir, postgres.new_database(), emulators, 3) as bridges,
+        aiohttp.ClientSession() as session,
+    ):
+        (leader, _), (_, b), (_, c) = bridges
+        async with session.ws_connect(f"{c}/ws", params={"clientId": "burst"}) as ws:
+            await ws.receive()  # connected
+            jobs = [await post_job(session, b, "burst", TINY) for _ in range(16)]
+            await wait_for(lambda: sum(len(e.engine.started) for e in emulators) >= 4)
+            os.kill(leader.pid, signal.SIGKILL)
+            closed = await closed_job_ids(ws, 16)  # the socket on C stays open through the takeover
+        assert sorted(closed) == sorted(jobs)
+        took_over = [await health(session, url) for url in (b, c)]
+        assert sorted(h["cluster"]["role"] for h in took_over) == ["follower", "leader"]  # type: ignore[index]
+        assert {h["cluster"]["generation"] for h in took_over} == {2}  # type: ignore[index]
+        delivered = [job for job, _ in await fetch_results(session, b, "burst")]
+        assert sorted(set(delivered)) == sorted(jobs)
+        info = await status_of(session, c, "burst")
+        assert info["status"] == "closed"
+    started = [prompt for e in emulators for prompt in e.engine.started]
+    assert len(started) == len(set(started)) == 16  # every job ran, none twice
+    for n in (1, 2):
+        assert "Traceback" not in (workdir / f"bridge{n}" / "bridge.log").read_text()
+
+
+async def test_sigterm_hands_the_lead_over_at_once_and_relays_meanwhile(
+    workdir: Path, make_emulator: EmulatorFactory, postgres: PostgresServer
+) -> None:
+    emulators = [await make_emulator(pace=0.02)]
+    async with (
+        cluster(workdir, postgres.new_database(), emulators, 2) as bridges,
+        aiohttp.ClientSession() as session,
+    ):
+        (first, a), (_, b) = bridges
+        await post_job(session, a, "handover", TINY)
+        first.send_signal(signal.SIGTERM)  # bridge_process gives no --stop-grace here: 0, so it goes
+        await first.wait()
+        async with asyncio.timeout(30):
+            while (await health(session, b))["cluster"]["role"] != "leader":  # type: ignore[index]
+                await asyncio.sleep(0.05)
+        job = await post_job(session, b, "handover", TINY)
+        async with asyncio.timeout(30):
+            while (await status_of(session, b, "handover")).get("job_id") != job:
+                await asyncio.sleep(0.05)
+        async with asyncio.timeout(30):
+            while (await status_of(session, b, "handover"))["status"] != "closed":
+                await asyncio.sleep(0.05)
+        assert len(await fetch_results(session, b, "handover")) >= 2
+
+
+async def test_bridges_starting_together_on_an_empty_database_elect_one_leader(
+    workdir: Path, make_emulator: EmulatorFactory, postgres: PostgresServer
+) -> None:
+    emulator = await make_emulator()
+    database = postgres.new_database()
+    flags = ("--backends", emulator.url, "--database", database, "--data-dir", str(workdir / "data"),
+             "--workflows", str(workdir / "workflows"))  # fmt: skip
+    for n in range(3):
+        (workdir / f"b{n}").mkdir()
+    async with contextlib.AsyncExitStack() as stack, aiohttp.ClientSession() as session:
+        bridges = await asyncio.gather(
+            *(stack.enter_async_context(bridge_process(workdir / f"b{n}", *flags, ready="/health")) for n in range(3))
+        )
+        reports = [await health(session, url) for _, url in bridges]
+        roles = sorted(r["cluster"]["role"] for r in reports)  # type: ignore[index]
+        assert roles == ["follower", "follower", "leader"]
+        leader = next(url for (_, url), r in zip(bridges, reports, strict=True) if r["cluster"]["role"] == "leader")  # type: ignore[index]
+        assert {r["cluster"]["leader"] for r in reports} == {leader}  # type: ignore[index]
+        job = await post_job(session, bridges[0][1], "together", TINY)
+        assert job
