@@ -29,6 +29,8 @@ def _health_report(request: web.Request) -> dict[str, Any]:
     if settings.keys_on and request.get(KEY) is None:
         report["backends"] = [{"state": b["state"]} for b in report["backends"]]
         report["journal"] = "ok" if report["journal"] == "ok" else "lost"  # not where it is
+        if "cluster" in report:
+            report["cluster"] = {"role": report["cluster"]["role"]}  # nor where the other bridges are
     return report
 
 

@@ -9,11 +9,13 @@ less CPU per job (0.25 vs 0.38 ms at 32 callers). It is the `cluster` extra.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import importlib.util
 import logging
 import secrets
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -141,12 +143,10 @@ class PgJournal:
     async def connect(self) -> None:
         """Connect and bring the schema up to date (under MIGRATION_LOCK: two bridges starting at once
         migrate once). Raises JournalError, naming the database without its password, if it cannot."""
-        try:
-            import asyncpg
-        except ImportError:
-            raise JournalError("--database needs the cluster extra: pip install 'comfybridge[cluster]'") from None
+        if importlib.util.find_spec("asyncpg") is None:
+            raise JournalError("--database needs the cluster extra: pip install 'comfybridge[cluster]'")
         where = shown_dsn(self.dsn)
-        try:
+        with self._refused_as_journal_error(where):
             conn = self._conn = await _connect(self.dsn)
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
@@ -156,12 +156,23 @@ class PgJournal:
                     secrets.token_urlsafe(32),
                 )
                 self.relay_secret = str(await conn.fetchval("SELECT value FROM meta WHERE key = 'relay_secret'"))
+
+    @contextlib.contextmanager
+    def _refused_as_journal_error(self, where: str) -> Iterator[None]:
+        """At start-up: any trouble with the database ends the session and is one JournalError line."""
+        import asyncpg
+
+        try:
+            yield
         except JournalError:
             self._drop_connection()
             raise
         except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             self._drop_connection()
             raise JournalError(f"database {where} cannot be used: {exc.__class__.__name__}: {exc}") from None
+        except (ValueError, TypeError, KeyError) as exc:
+            self._drop_connection()
+            raise JournalError(f"database {where} holds a record it cannot read ({exc})") from None
 
     async def campaign(
         self, url: str, follow: Callable[[Leader | None], None], poll: float = 1.0, contend: bool = True
@@ -211,28 +222,18 @@ class PgJournal:
     async def open(self, count_floor: int = 0) -> list[dict[str, Any]]:
         """Load the journal and start its writer. This bridge must hold BRIDGE_LOCK: taken here if it
         is free, else JournalError names the bridge that leads (cluster mode waits in `campaign`)."""
-        import asyncpg
 
         where = shown_dsn(self.dsn)
         if self._conn is None:
             await self.connect()
         assert self._conn is not None
         self._lost = None
-        try:
+        with self._refused_as_journal_error(where):
             conn = self._conn
             if not self._holds_lock and not await conn.fetchval("SELECT pg_try_advisory_lock($1)", BRIDGE_LOCK):
                 raise JournalError(f"database {where} is in use by another comfybridge, which leads")
             self._holds_lock = True
             rows = await self._load(conn, count_floor)
-        except JournalError:
-            self._drop_connection()
-            raise
-        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            self._drop_connection()
-            raise JournalError(f"database {where} cannot be used: {exc.__class__.__name__}: {exc}") from None
-        except (ValueError, TypeError, KeyError) as exc:
-            self._drop_connection()
-            raise JournalError(f"database {where} holds a record it cannot read ({exc})") from None
         self._writer = asyncio.ensure_future(self._write_loop())
         return rows
 
