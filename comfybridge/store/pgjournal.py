@@ -269,9 +269,13 @@ class PgJournal:
         if self._conn is None or self._conn.is_closed():
             self._drop_connection()
             conn = self._conn = await _connect(self.dsn)
-            won, leader = await _fetch_row(
-                conn, "SELECT pg_try_advisory_lock($1), (SELECT value FROM meta WHERE key = 'leader')", BRIDGE_LOCK
-            )
+            try:
+                won, leader = await _fetch_row(
+                    conn, "SELECT pg_try_advisory_lock($1), (SELECT value FROM meta WHERE key = 'leader')", BRIDGE_LOCK
+                )
+            except BaseException:  # a session half set up is never used
+                self._drop_connection()
+                raise
             # Free again is not enough: another bridge may have led meanwhile (and run our jobs).
             if not won or (self.leader is not None and leader != self.leader.dumps()):
                 self._drop_connection()
@@ -421,9 +425,11 @@ class PgJournal:
             raise self._error from None
         except Exception as exc:  # unreachable, refused, or a fault: the writer must live on either way
             self._splittable = isinstance(exc, asyncpg.DataError | asyncpg.IntegrityConstraintViolationError)
-            if isinstance(exc, OSError | asyncpg.InterfaceError | asyncpg.PostgresConnectionError):
+            # A session in a state the driver cannot tell (an operation cut short) is never used again.
+            broken = OSError | asyncpg.InterfaceError | asyncpg.InternalClientError | asyncpg.PostgresConnectionError
+            if isinstance(exc, broken):
                 self._drop_connection()  # a new one at the next commit
-            expected = isinstance(exc, TimeoutError | OSError | asyncpg.PostgresError | asyncpg.InterfaceError)
+            expected = isinstance(exc, TimeoutError | broken | asyncpg.PostgresError)
             log.error("database %s: write failed: %s: %s", shown_dsn(self.dsn), exc.__class__.__name__, exc,
                       exc_info=None if expected else exc)  # fmt: skip
             self._error = StorageUnavailable(
