@@ -59,8 +59,6 @@ class ClusterView:
     leader_url: str | None = None
     generation: int = 0
     secret: str = ""
-    relayed: int = 0  # requests passed on to the leader
-    leader_changes: int = 0
     sockets: set[web.WebSocketResponse] = field(default_factory=set)  # clients' sockets relayed now
 
     async def close_sockets(self) -> None:
@@ -74,7 +72,6 @@ class ClusterView:
 
     def follow(self, url: str | None, generation: int) -> None:
         if (url, generation) != (self.leader_url, self.generation) and url is not None:
-            self.leader_changes += 1
             log.info("the cluster's leader is %s (generation %d)", url, generation)
         self.leader_url, self.generation = url, generation
 
@@ -116,7 +113,6 @@ def relay_middleware(view: ClusterView, caller: Callable[[web.Request], str]) ->
             raise NoLeader("The bridge that led has just stopped leading; try again shortly.")
         upstream = view.upstream()
         session = request.app[RELAY_SESSION]
-        view.relayed += 1
         headers = _passed_on(request.headers)
         headers[RELAY_HEADER] = view.secret
         headers[CALLER_HEADER] = caller(request)
