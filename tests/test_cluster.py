@@ -163,3 +163,62 @@ async def test_bridges_starting_together_on_an_empty_database_elect_one_leader(
         assert {r["cluster"]["leader"] for r in reports} == {leader}  # type: ignore[index]
         job = await post_job(session, bridges[0][1], "together", TINY)
         assert job
+
+
+async def test_turns_are_fair_across_bridges(
+    workdir: Path, make_emulator: EmulatorFactory, postgres: PostgresServer
+) -> None:
+    """100 jobs of one client posted through A do not make a client with one job on B wait for them."""
+    emulators = [await make_emulator(pace=0.02)]
+    async with (
+        cluster(workdir, postgres.new_database(), emulators, 2) as bridges,
+        aiohttp.ClientSession() as session,
+    ):
+        (_, a), (_, b) = bridges
+        await asyncio.gather(*(post_job(session, a, "hundred", TINY) for _ in range(100)))
+        async with session.ws_connect(f"{b}/ws", params={"clientId": "single"}) as ws:
+            await ws.receive()  # connected
+            job = await post_job(session, b, "single", TINY)
+            assert await closed_job_ids(ws, 1) == [job]
+        left = (await status_of(session, a, "hundred"))["jobs_left"]
+        assert left >= 80, f"the single job waited for {100 - left} of the hundred"
+
+
+@pytest.mark.parametrize("outage", [3, 30])
+async def test_postgres_stopped_and_started_mid_burst_every_job_ends_once(
+    workdir: Path, make_emulator: EmulatorFactory, postgres: PostgresServer, outage: float
+) -> None:
+    """A short outage: the leader connects again and keeps its lead. A long one (past leader_timeout):
+    it stops leading; once the database is back a leader adopts the prompts that ran on meanwhile."""
+    emulators = [await make_emulator(pace=0.1), await make_emulator(pace=0.1)]
+    async with (
+        cluster(workdir, postgres.new_database(), emulators, 2) as bridges,
+        aiohttp.ClientSession() as session,
+    ):
+        (_, a), (_, b) = bridges
+        jobs = [await post_job(session, a, "outage", TINY) for _ in range(12)]
+        await wait_for(lambda: sum(len(e.engine.started) for e in emulators) >= 3)
+        postgres.stop()
+        try:
+            for url in (a, b):  # refused at once, whichever bridge is asked, and nothing accepted
+                async with asyncio.timeout(30):
+                    async with session.post(
+                        f"{url}/generate-based-workflow", params={"clientId": "refused"}, json=TINY
+                    ) as resp:
+                        assert resp.status == 503, await resp.text()
+                        assert (await resp.json())["detail"]
+            await asyncio.sleep(outage)  # the outage itself, not a timing assertion
+        finally:
+            postgres.start()
+        async with asyncio.timeout(120):
+            while not (
+                (info := await status_of(session, b, "outage")).get("jobs_left") == 0 and info["status"] == "closed"
+            ):
+                await asyncio.sleep(0.1)
+        assert sorted(set(job for job, _ in await fetch_results(session, b, "outage"))) == sorted(jobs)
+        async with session.get(f"{a}/execution-info", params={"clientId": "refused"}) as resp:
+            assert resp.status == 400  # an unknown clientId: the refused job was never accepted
+        async with session.get(f"{b}/generation-count") as resp:
+            assert await resp.json() == 12
+    started = [prompt for e in emulators for prompt in e.engine.started]
+    assert len(started) == len(set(started)) == 12  # every job ran, none twice
