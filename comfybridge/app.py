@@ -115,6 +115,8 @@ def create_app(
     app[RESULTS] = ResultStore(settings.data_dir / "results")
     app[HUB] = SocketHub()
     app[METRICS] = metrics = Metrics()
+    if view is not None:
+        metrics.watch_cluster(view.report)
     journal.on_commit = metrics.commit_done
     app[BACKEND_URLS] = list(settings.backends)
     app.cleanup_ctx.extend([_stores, _emulators, _http_session, _core, heartbeat])

@@ -48,6 +48,13 @@ async def health(session: aiohttp.ClientSession, url: str) -> dict[str, object]:
         return report
 
 
+async def metrics_of(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
+    """The bridge's own /metrics (never relayed), sample by sample."""
+    async with session.get(f"{url}/metrics") as resp:
+        text = await resp.text()
+    return {name: float(value) for name, value in (line.rsplit(" ", 1) for line in text.splitlines() if line[:1] != "#")}
+
+
 async def closed_job_ids(ws: aiohttp.ClientWebSocketResponse, wanted: int) -> list[str]:
     """Job ids of `closed` frames, in order, until `wanted` of them came (the guard only stops a hang)."""
     closed: list[str] = []
@@ -83,6 +90,11 @@ async def test_a_client_on_three_bridges_hears_and_fetches_every_job(
             assert await resp.json() == 6
         async with session.get(f"{b}/history", params={"clientId": "everywhere"}) as resp:
             assert resp.status == 204  # fetched once, through C
+        scraped = {url: await metrics_of(session, url) for url in (a, b, c)}
+        assert [scraped[url]["comfybridge_cluster_leader"] for url in (a, b, c)] == [1, 0, 0]
+        assert scraped[b]['comfybridge_relayed_total{kind="http"}'] == 7  # six jobs and a /history
+        assert scraped[c]['comfybridge_relayed_total{kind="websocket"}'] == 1
+        assert 'comfybridge_relayed_total{kind="http"}' not in scraped[a]  # the leader relays nothing
 
 
 async def test_kill_9_of_the_leader_mid_burst_loses_nothing_and_runs_nothing_twice(

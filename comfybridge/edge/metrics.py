@@ -57,11 +57,19 @@ class Metrics:
             "comfybridge_journal_commit_seconds", "Journal commits (one fsync each; a group commit holds "
             "many writes).", buckets=FAST_BUCKETS, registry=registry,
         )  # fmt: skip
+        self.relayed = Counter(
+            "comfybridge_relayed", "Cluster mode: requests and sockets this bridge passed on to the leader.",
+            ["kind"], registry=registry,
+        )  # fmt: skip
         self._last_end: dict[str, float] = {}  # backend -> monotonic time its last prompt ended
 
     def watch(self, report: Callable[[], dict[str, Any]], sockets: Callable[[], int]) -> None:
         """Gauges read at scrape time from the scheduler's health report and the socket hub."""
         self.registry.register(_LiveGauges(report, sockets))
+
+    def watch_cluster(self, report: Callable[[], dict[str, Any]]) -> None:
+        """Cluster mode: whether this bridge leads, and the leader's generation, read at scrape time."""
+        self.registry.register(_ClusterGauges(report))
 
     # fed by the core ------------------------------------------------------------------------------
     def job_accepted(self, workflow: str) -> None:
@@ -125,6 +133,22 @@ class _LiveGauges(Collector):
         yield stuck
         yield inflight
         yield speed
+
+
+class _ClusterGauges(Collector):
+    def __init__(self, report: Callable[[], dict[str, Any]]) -> None:
+        self.report = report
+
+    def collect(self) -> Iterator[Metric]:
+        report = self.report()
+        leads = GaugeMetricFamily("comfybridge_cluster_leader", "1 if this bridge leads its cluster now.")
+        leads.add_metric([], 1.0 if report["role"] == "leader" else 0.0)
+        yield leads
+        generation = GaugeMetricFamily(
+            "comfybridge_cluster_generation", "The leader's generation: it rises at every change of leader."
+        )
+        generation.add_metric([], report["generation"])
+        yield generation
 
 
 METRICS = web.AppKey("metrics", Metrics)

@@ -25,6 +25,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from ..errors import NoLeader, Relayed
 from .appkeys import RELAY_SESSION
+from .metrics import METRICS
 from .ws import CONNECTED_FRAME
 
 __all__ = ["CALLER_HEADER", "LOCAL_PATHS", "RELAY_HEADER", "ClusterView", "relay_middleware", "relay_session"]
@@ -116,7 +117,9 @@ def relay_middleware(view: ClusterView, caller: Callable[[web.Request], str]) ->
         headers = _passed_on(request.headers)
         headers[RELAY_HEADER] = view.secret
         headers[CALLER_HEADER] = caller(request)
-        if request.headers.get(hdrs.UPGRADE, "").lower() == "websocket":
+        socket = request.headers.get(hdrs.UPGRADE, "").lower() == "websocket"
+        request.app[METRICS].relayed.labels("websocket" if socket else "http").inc()
+        if socket:
             return await _relay_socket(request, view, session, headers)
         return await _relay_http(request, upstream, session, headers)
 
