@@ -52,7 +52,9 @@ async def metrics_of(session: aiohttp.ClientSession, url: str) -> dict[str, floa
     """The bridge's own /metrics (never relayed), sample by sample."""
     async with session.get(f"{url}/metrics") as resp:
         text = await resp.text()
-    return {name: float(value) for name, value in (line.rsplit(" ", 1) for line in text.splitlines() if line[:1] != "#")}
+    return {
+        name: float(value) for name, value in (line.rsplit(" ", 1) for line in text.splitlines() if line[:1] != "#")
+    }
 
 
 async def closed_job_ids(ws: aiohttp.ClientWebSocketResponse, wanted: int) -> list[str]:
