@@ -23,7 +23,7 @@ import tempfile
 import time
 import uuid
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -353,16 +353,18 @@ async def timeline(session: aiohttp.ClientSession, comfy: str) -> list[tuple[str
         return [tuple(item) for item in await resp.json()]  # type: ignore[misc]
 
 
-async def submit_all(session: aiohttp.ClientSession, url: str, bodies: list[dict[str, Any]]) -> list[str]:
-    """Each job from a client of its own, all at once; returns the client ids."""
+async def submit_all(session: aiohttp.ClientSession, url: str | list[str], bodies: list[dict[str, Any]]) -> list[str]:
+    """Each job from a client of its own, all at once (job i through bridge i mod n, given several);
+    returns the client ids."""
+    urls = [url] if isinstance(url, str) else url
     ids = [f"bench-{uuid.uuid4().hex[:8]}-{i}" for i in range(len(bodies))]
 
-    async def one(client_id: str, body: dict[str, Any]) -> None:
+    async def one(index: int, client_id: str, body: dict[str, Any]) -> None:
         params = {"clientId": client_id}
-        async with session.post(f"{url}/generate-based-workflow", params=params, json=body) as resp:
-            assert resp.status == 200, await resp.text()
+        async with session.post(f"{urls[index % len(urls)]}/generate-based-workflow", params=params, json=body) as r:
+            assert r.status == 200, await r.text()
 
-    await asyncio.gather(*(one(c, b) for c, b in zip(ids, bodies, strict=True)))
+    await asyncio.gather(*(one(i, c, b) for i, (c, b) in enumerate(zip(ids, bodies, strict=True))))
     return ids
 
 
@@ -811,6 +813,178 @@ async def bench_bomb(seconds: float = 10.0, concurrency: int = 8, every: float =
     return result
 
 
+@contextlib.contextmanager
+def postgres_server(url: str | None) -> Iterator[Callable[[], str]]:
+    """Fresh databases (a function that makes one and returns its URL): on the server at `url`
+    (--database), else on a throwaway PostgreSQL made here as the tests make theirs, with fsync on
+    and pg_stat_statements loaded so database round trips can be counted."""
+    if url:
+        yield lambda: url  # the caller's database: no statement counts, one database for every cluster
+        return
+    sys.path.insert(0, str(ROOT))
+    from tests.postgres import running_postgres
+
+    options = "-c fsync=on -c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track_utility=on"
+    with contextlib.contextmanager(running_postgres)(options) as server:
+
+        def new_database() -> str:
+            database = server.new_database()
+            psql = [str(server.bindir / "psql"), "-h", "127.0.0.1", "-p", str(server.port), "-U", "postgres"]
+            server.run(*psql, "-d", database.rsplit("/", 1)[1], "-c", "CREATE EXTENSION pg_stat_statements")
+            return database
+
+        yield new_database
+
+
+async def statements_run(database: str) -> int | None:
+    """Statements the server ran in `database` so far (each one a round trip for the bridge's driver,
+    BEGIN and COMMIT included); None without pg_stat_statements."""
+    import asyncpg
+
+    conn = await asyncpg.connect(database)
+    try:
+        return int(await conn.fetchval(
+            "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements WHERE dbid = "
+            "(SELECT oid FROM pg_database WHERE datname = current_database()) AND query NOT LIKE '%pg_stat_statements%'"
+        ))  # fmt: skip
+    except asyncpg.PostgresError:
+        return None
+    finally:
+        await conn.close()
+
+
+@asynccontextmanager
+async def cluster_of(size: int, comfy: list[str], database: str, **settings: Any) -> AsyncIterator[list[str]]:
+    """`size` bridges on one database and one data folder, started one after the other: the first
+    leads (checked), the others relay to it."""
+    data = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
+    try:
+        async with AsyncExitStack() as exits, aiohttp.ClientSession() as session:
+            urls = []
+            for _ in range(size):
+                port = free_port()
+                url = f"http://127.0.0.1:{port}"
+                args = bridge_args(port, comfy, data, database=database, **settings)
+                urls.append(await exits.enter_async_context(process(args, url, "/ready")))
+            async with session.get(f"{urls[0]}/health") as resp:
+                assert (await resp.json())["cluster"]["role"] == "leader"
+            yield urls
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
+
+
+async def frame_delays(session: aiohttp.ClientSession, leader: str, follower: str, jobs: int) -> list[float]:
+    """One client with a socket on the leader and one on a follower, `jobs` jobs one after another:
+    for every frame, how much later (ms) it came through the follower than straight from the leader."""
+    client_id = uuid.uuid4().hex
+    arrivals: dict[str, dict[bytes, float]] = {"leader": {}, "follower": {}}
+    sockets = {
+        name: await session.ws_connect(url.replace("http", "ws", 1) + "/ws", params={"clientId": client_id})
+        for name, url in (("leader", leader), ("follower", follower))
+    }
+
+    ended = {"leader": asyncio.Event(), "follower": asyncio.Event()}
+
+    async def listen(name: str, ws: aiohttp.ClientWebSocketResponse) -> None:
+        async for msg in ws:
+            arrivals[name][msg.data.encode()] = time.perf_counter()  # each frame is unique: job id, percent
+            if orjson.loads(msg.data)["status"] in ("closed", "error"):
+                ended[name].set()
+
+    listeners = [asyncio.create_task(listen(name, ws)) for name, ws in sockets.items()]
+    try:
+        for seed in range(jobs):
+            params = {"clientId": client_id}
+            body = {"workflow": "slow", "2/seed": seed}
+            async with session.post(f"{leader}/generate-based-workflow", params=params, json=body) as resp:
+                assert resp.status == 200, await resp.text()
+            for event in ended.values():
+                await event.wait()
+                event.clear()
+            async with session.get(f"{leader}/history", params=params) as resp:
+                await resp.read()
+    finally:
+        for ws in sockets.values():
+            await ws.close()
+        for task in listeners:
+            task.cancel()
+    return [
+        (arrivals["follower"][frame] - at) * 1000
+        for frame, at in arrivals["leader"].items()
+        if frame in arrivals["follower"] and b'"connected"' not in frame
+    ]
+
+
+async def bench_cluster(jobs: int, database: str | None) -> dict[str, Any]:
+    """Cluster mode: several bridges on one PostgreSQL, against a single SQLite bridge in the same run."""
+    result: dict[str, Any] = {"name": "cluster", "jobs": jobs}
+    with postgres_server(database) as new_database:
+        async with emulators([0.0] * 4) as comfy, aiohttp.ClientSession() as session:
+            # throughput: jobs/s with 1, 2 and 3 bridges, clients spread over them
+            for size in (1, 2, 3):
+                async with cluster_of(size, comfy, new_database()) as urls:
+                    await in_parallel(lambda: bridge_job(session, urls[0], SOLID), 40, 8)  # warm up
+                    next_url = itertools.cycle(urls).__next__
+                    started = time.perf_counter()
+                    await in_parallel(lambda turn=next_url: bridge_job(session, turn(), SOLID), jobs * 2, 20)
+                    result[f"jobs_per_s_{size}_bridges"] = round(jobs * 2 / (time.perf_counter() - started), 1)
+            # added latency of one job: a single SQLite bridge, the leader, a follower relaying to it
+            async with bridge_for(comfy) as single:
+                await in_parallel(lambda: bridge_job(session, single, SOLID), 20, 1)
+                sqlite_p50 = statistics.median(await in_parallel(lambda: bridge_job(session, single, SOLID), jobs, 1))
+            db = new_database()
+            async with cluster_of(2, comfy, db) as (leader, follower):
+                await in_parallel(lambda: bridge_job(session, leader, SOLID), 20, 1)
+                before = await statements_run(db)
+                leader_p50 = statistics.median(await in_parallel(lambda: bridge_job(session, leader, SOLID), jobs, 1))
+                after = await statements_run(db)
+                relayed_p50 = statistics.median(
+                    await in_parallel(lambda: bridge_job(session, follower, SOLID), jobs, 1)
+                )
+                delays = await frame_delays(session, leader, follower, max(10, jobs // 10))
+            result["sqlite_bridge_p50_ms"] = round(sqlite_p50, 2)
+            result["postgres_leader_p50_ms"] = round(leader_p50, 2)
+            result["through_follower_p50_ms"] = round(relayed_p50, 2)
+            result["postgres_added_p50_ms"] = round(leader_p50 - sqlite_p50, 2)
+            result["relay_added_p50_ms"] = round(relayed_p50 - leader_p50, 2)
+            if before is not None and after is not None:  # heartbeats and the follower's polls included
+                result["db_round_trips_per_job"] = round((after - before) / jobs, 1)
+            result["relayed_frame_delay_p50_ms"] = round(statistics.median(delays), 2)
+            result["relayed_frame_delay_p99_ms"] = round(percentile(delays, 99), 2)
+            result["relayed_frames"] = len(delays)
+            # takeover: kill -9 of the leader, then submit through a follower until it is accepted
+            async with cluster_of(3, comfy, new_database()) as urls:
+                await bridge_job(session, urls[1], SOLID)
+                PROCESSES[urls[0]].kill()
+                killed = time.perf_counter()
+                while True:
+                    async with session.post(
+                        f"{urls[1]}/generate-based-workflow", params={"clientId": "after"}, json=SOLID
+                    ) as resp:
+                        if resp.status == 200:
+                            break
+                    await asyncio.sleep(0.01)
+                result["takeover_s"] = round(time.perf_counter() - killed, 2)
+        # one schedule: the makespan benchmark's pool behind one bridge, then behind three
+        bodies = mixed_jobs(jobs)
+        spans = {}
+        for size in (1, 3):
+            async with AsyncExitStack() as exits:
+                comfy = await exits.enter_async_context(emulators([BASE_PACE / s for s in SPEEDS]))
+                session = await exits.enter_async_context(aiohttp.ClientSession())
+                if size == 1:  # today's bridge, its journal in SQLite
+                    urls = [await exits.enter_async_context(bridge_for(comfy))]
+                else:
+                    urls = await exits.enter_async_context(cluster_of(size, comfy, new_database()))
+                t0 = time.monotonic()
+                await submit_all(session, urls, bodies)
+                spans[size], _ = makespan_of(await wait_prompts(session, comfy, jobs), t0)
+        result["makespan_sqlite_bridge_s"] = round(spans[1], 2)
+        result["makespan_3_bridges_s"] = round(spans[3], 2)
+        result["makespan_ratio"] = round(spans[3] / spans[1], 3)
+    return result
+
+
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], Awaitable[dict[str, Any]]]] = {
     "cpu_per_job": lambda args: bench_cpu_per_job(max(args.jobs, 500)),
     "overhead": lambda args: bench_overhead(args.jobs),
@@ -826,6 +1000,7 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], Awaitable[dict[str, Any]]]]
     "spread": lambda args: bench_spread(),
     "real": lambda args: bench_real(args.real, args.jobs),
     "bomb": lambda args: bench_bomb(),
+    "cluster": lambda args: bench_cluster(args.jobs, args.database),
 }
 
 
@@ -840,9 +1015,12 @@ async def main() -> None:
     parser.add_argument(
         "--recovery-jobs", type=int, default=10_000, help="unfinished jobs for recovery (default %(default)s)"
     )
-    parser.add_argument("--database", metavar="URL", help="run every bridge with its jobs in this PostgreSQL")
+    parser.add_argument(
+        "--database", metavar="URL", help="run every bridge with its jobs in this PostgreSQL (cluster: else a "
+        "throwaway one, made here)",
+    )  # fmt: skip
     args = parser.parse_args()
-    if args.database:
+    if args.database and args.only != ["cluster"]:
         EVERY_BRIDGE["database"] = args.database
     for name in args.only or list(BENCHMARKS):
         result = await BENCHMARKS[name](args)

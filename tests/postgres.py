@@ -19,8 +19,9 @@ __all__ = ["PostgresServer", "running_postgres"]
 
 
 class PostgresServer:
-    def __init__(self, root: Path, bindir: Path, port: int, as_postgres: list[str]) -> None:
+    def __init__(self, root: Path, bindir: Path, port: int, as_postgres: list[str], options: str = "") -> None:
         self.root = root
+        self.options = options  # more server settings (-c name=value ...)
         self.bindir = bindir
         self.port = port
         self.as_postgres = as_postgres
@@ -31,6 +32,7 @@ class PostgresServer:
 
     def start(self) -> None:
         options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+        options += f" {self.options}"  # later settings win
         self.run(str(self.bindir / "pg_ctl"), "-D", str(self.root / "data"), "-o", options,
                  "-l", str(self.root / "log"), "-w", "start")  # fmt: skip
 
@@ -49,8 +51,9 @@ def _binaries() -> Path | None:
     return found[-1].parent if found else None
 
 
-def running_postgres() -> Iterator[PostgresServer]:
-    """The server for a test session; skipped where PostgreSQL is not installed (a failure under CI)."""
+def running_postgres(options: str = "") -> Iterator[PostgresServer]:
+    """The server for a test session (or a benchmark); skipped where PostgreSQL is not installed (a
+    failure under CI)."""
     bindir = _binaries()
     if bindir is None:
         why = "PostgreSQL is not installed: apt-get install postgresql (CI installs .ci/system-packages)"
@@ -62,7 +65,7 @@ def running_postgres() -> Iterator[PostgresServer]:
     if os.geteuid() == 0:  # initdb refuses root
         shutil.chown(root, "postgres")
         as_postgres = ["runuser", "-u", "postgres", "--"]
-    server = PostgresServer(root, bindir, unused_port(), as_postgres)
+    server = PostgresServer(root, bindir, unused_port(), as_postgres, options)
     server.run(str(bindir / "initdb"), "-D", str(root / "data"), "--auth=trust", "-U", "postgres", "-E", "UTF8",
                "--no-sync")  # fmt: skip
     server.start()

@@ -107,6 +107,26 @@ async def test_writes_land_in_the_order_asked_and_share_commits(postgres: Postgr
         await conn.close()
 
 
+async def test_a_job_accepted_again_keeps_its_number_and_counts_once(postgres: PostgresServer) -> None:
+    """A commit whose answer was lost is sent again: the job is in already, and the count rose once."""
+    journal = PgJournal(postgres.new_database())
+    await journal.open()
+    try:
+        first, second = (Job("c", "w", b"{}", 0) for _ in range(2))
+        assert await journal.accept(first.record()) == 1
+        assert await journal.accept(first.record()) == 1
+        assert await journal.accept(second.record()) == 2
+        assert journal.count == 2
+    finally:
+        await journal.close()
+    reopened = PgJournal(journal.dsn)
+    try:
+        assert len(await reopened.open()) == 2
+        assert reopened.count == 2
+    finally:
+        await reopened.close()
+
+
 @pytest.fixture
 def own_postgres() -> Iterator[PostgresServer]:
     """A PostgreSQL of the test's own, which it may stop and start."""

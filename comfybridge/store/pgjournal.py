@@ -305,23 +305,23 @@ class PgJournal:
     def accept(self, record: dict[str, Any]) -> asyncio.Future[int]:
         values = values_of(record)
 
+        names = [*values, "seq"]
+        marks = ", ".join(f"${i}" for i in range(1, len(values) + 1))
+        # One statement, one round trip: the count rises only if the job is new (a commit whose answer
+        # was lost, tried again, finds it in already and counts nothing).
+        query = (
+            f"WITH counted AS (UPDATE meta SET value = (value::bigint + 1)::text WHERE key = 'generation_count' "
+            f"AND NOT EXISTS (SELECT 1 FROM jobs WHERE id = ${list(values).index('id') + 1}) "
+            "RETURNING value::bigint AS seq) "
+            f"INSERT INTO jobs ({', '.join(names)}) VALUES ({marks}, coalesce((SELECT seq FROM counted), 0)) "
+            "ON CONFLICT (id) DO NOTHING RETURNING seq"
+        )
+
         async def write(conn: Conn) -> int:
-            seq = int(
-                await conn.fetchval(
-                    "UPDATE meta SET value = (value::bigint + 1)::text WHERE key = 'generation_count' RETURNING value"
-                )
-            )
-            values["seq"] = seq
-            names = list(values)
-            marks = ", ".join(f"${i}" for i in range(1, len(names) + 1))
-            stored = await conn.fetchval(
-                f"INSERT INTO jobs ({', '.join(names)}) VALUES ({marks}) ON CONFLICT (id) DO NOTHING RETURNING seq",
-                *values.values(),
-            )
-            if stored is None:  # a commit whose answer was lost, tried again: the job is in already
-                await conn.execute("UPDATE meta SET value = (value::bigint - 1)::text WHERE key = 'generation_count'")
+            stored = await conn.fetchval(query, *values.values())
+            if stored is None:  # in already
                 return int(await conn.fetchval("SELECT seq FROM jobs WHERE id = $1", values["id"]))
-            return seq
+            return int(stored)
 
         def counted(seq: int) -> int:
             self.count = max(self.count, seq)  # only now is it durable, so only now is it served
@@ -343,7 +343,7 @@ class PgJournal:
                     delivery["id"], delivery["url"], delivery["body"], delivery["created"],
                 )  # fmt: skip
 
-        return self._submit(write)
+        return self._submit(write, alone=delivery is None)
 
     def delivered(self, delivery_id: str) -> asyncio.Future[None]:
         return self._submit(lambda conn: conn.execute("DELETE FROM deliveries WHERE id = $1", delivery_id))
@@ -367,13 +367,18 @@ class PgJournal:
         )
 
     def _submit(
-        self, write: Callable[[Conn], Awaitable[Any]], then: Callable[[Any], Any] = lambda result: result
+        self,
+        write: Callable[[Conn], Awaitable[Any]],
+        then: Callable[[Any], Any] = lambda result: result,
+        alone: bool = True,
     ) -> asyncio.Future[Any]:
+        """`alone`: the write is one statement, atomic by itself; committed on its own, it needs no
+        BEGIN and COMMIT (two round trips of the three)."""
         if self._writer is None or self._writer.done():
             raise RuntimeError("the journal is not open for writes")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         future.add_done_callback(_log_failure)  # also for writes nobody waits for
-        self._queue.put_nowait((write, then, future))
+        self._queue.put_nowait((write, then, future, alone))
         return future
 
     async def _write_loop(self) -> None:
@@ -394,29 +399,32 @@ class PgJournal:
 
     async def _commit(self, batch: list[_Item]) -> None:
         try:
-            results = await self._transaction([write for write, _, _ in batch])
+            results = await self._transaction([write for write, _, _, _ in batch], alone=batch[0][3])
         except StorageError:
             if len(batch) == 1 or not self._splittable:  # the database's trouble: the others would fail too
-                for _, _, future in batch:
+                for _, _, future, _ in batch:
                     _settle(future, error=_last_error(self))
                 return
             for item in batch:  # one bad write must not fail the others that shared its commit
                 await self._commit([item])
             return
-        for (_, then, future), result in zip(batch, results, strict=True):
+        for (_, then, future, _), result in zip(batch, results, strict=True):
             value = then(result)  # the count rises even if nobody waits for the answer any more
             if not future.done():
                 future.set_result(value)
 
-    async def _transaction(self, writes: list[Callable[[Conn], Awaitable[Any]]]) -> list[Any]:
+    async def _transaction(self, writes: list[Callable[[Conn], Awaitable[Any]]], alone: bool) -> list[Any]:
         import asyncpg
 
         started = time.perf_counter()
         self._splittable = False
         try:
             conn = await self._locked()
-            async with conn.transaction():
-                results = [await write(conn) for write in writes]
+            if len(writes) == 1 and alone:
+                results = [await writes[0](conn)]
+            else:
+                async with conn.transaction():
+                    results = [await write(conn) for write in writes]
         except StorageError as exc:
             self._error = exc
             raise
@@ -440,7 +448,7 @@ class PgJournal:
         return results
 
 
-_Item = tuple[Callable[["Conn"], Awaitable[Any]], Callable[[Any], Any], asyncio.Future[Any]]
+_Item = tuple[Callable[["Conn"], Awaitable[Any]], Callable[[Any], Any], asyncio.Future[Any], bool]
 
 
 async def _fetch_row(conn: Conn, query: str, *args: Any) -> tuple[Any, ...]:
