@@ -16,6 +16,7 @@ from comfybridge.emulator.png import png_size
 
 from .conftest import FIXTURES, BridgeFactory, EmulatorFactory
 from .helpers import ROOT, bridge_process, png, read_results, system_binary, unused_port, wait_until_up, without_job_id
+from .postgres import PostgresServer
 
 CONFIG = """
 worker_processes 1;
@@ -97,11 +98,11 @@ async def test_a_job_end_to_end_through_nginx(behind_nginx: str) -> None:
             assert (resp.status, await resp.json()) == (404, {"detail": "Not found: /nope"})
 
 
-def two_bridge_config(root: Path, port: int, bridges: list[int]) -> str:
-    """The shipped config/nginx-comfybridge.conf, pointed at these ports, inside a minimal nginx.conf."""
-    site = (ROOT / "config" / "nginx-comfybridge.conf").read_text()
-    site = site.replace("server 127.0.0.1:8001;", f"server 127.0.0.1:{bridges[0]};")
-    site = site.replace("server 127.0.0.1:8002;", f"server 127.0.0.1:{bridges[1]};")
+def two_bridge_config(root: Path, port: int, bridges: list[int], shipped: str = "nginx-comfybridge.conf") -> str:
+    """A shipped config/nginx-*.conf, pointed at these ports, inside a minimal nginx.conf."""
+    site = (ROOT / "config" / shipped).read_text()
+    site = site.replace("server 127.0.0.1:8001", f"server 127.0.0.1:{bridges[0]}")
+    site = site.replace("server 127.0.0.1:8002", f"server 127.0.0.1:{bridges[1]}")
     site = site.replace("listen 80;", f"listen 127.0.0.1:{port};")
     user = "user root;" if os.geteuid() == 0 else ""
     return (
@@ -151,6 +152,49 @@ async def test_two_bridges_behind_nginx_keep_each_client_on_one_bridge(
         homes[client_id] = seen.index(True)
     assert set(homes.values()) == {0, 1}  # both bridges have clients
     assert all(len(e.engine.started) > 0 for e in emulators)  # and their jobs use both GPUs
+    assert sum(len(e.engine.started) for e in emulators) == len(clients)
+
+
+async def test_a_cluster_behind_nginx_serves_each_request_wherever_it_lands(
+    make_emulator: EmulatorFactory, tmp_path: Path, postgres: PostgresServer
+) -> None:
+    """The cluster's nginx config spreads requests with no regard to the clientId: a client's upload,
+    socket, job and fetch land on either bridge, and each still works."""
+    binary = system_binary("nginx", "nginx-light")
+    emulators = [await make_emulator(pace=0.02), await make_emulator(pace=0.02)]
+    shutil.copytree(FIXTURES / "workflows", tmp_path / "workflows")
+    flags = ("--backends", ",".join(e.url for e in emulators), "--trusted-proxies", "127.0.0.1",
+             "--database", postgres.new_database(), "--data-dir", str(tmp_path / "data"),
+             "--workflows", str(tmp_path / "workflows"))  # fmt: skip
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+    async with (
+        bridge_process(tmp_path / "one", *flags, ready="/health") as (_, first),
+        bridge_process(tmp_path / "two", *flags, ready="/health") as (_, second),
+    ):
+        root = tmp_path / "nginx"
+        root.mkdir()
+        port = unused_port()
+        ports = [int(first.rsplit(":", 1)[1]), int(second.rsplit(":", 1)[1])]
+        (root / "nginx.conf").write_text(two_bridge_config(root, port, ports, "nginx-comfybridge-cluster.conf"))
+        proc = await asyncio.create_subprocess_exec(
+            binary, "-c", str(root / "nginx.conf"), "-p", str(root), stderr=asyncio.subprocess.DEVNULL
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            await wait_until_up(f"{url}/workflow-list", proc, root / "error.log")
+            clients = [f"user-{index}" for index in range(12)]
+            async with aiohttp.ClientSession() as session:
+                await asyncio.gather(*(one_client(session, url, client_id) for client_id in clients))
+                async with session.get(f"{second}/metrics") as resp:
+                    relayed = [
+                        line for line in (await resp.text()).splitlines() if line.startswith("comfybridge_relayed")
+                    ]
+        finally:
+            proc.terminate()
+            await proc.wait()
+    kinds = {line.split('"')[1] for line in relayed if float(line.rsplit(" ", 1)[1]) > 0}
+    assert kinds == {"http", "websocket"}  # requests and sockets landed on the follower, which relayed them
     assert sum(len(e.engine.started) for e in emulators) == len(clients)
 
 
