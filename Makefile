@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run demo test fuzz lint type bench all clean
+.PHONY: install run demo cluster-demo test fuzz lint type bench all clean
 
 # Built under a lock, so `make demo` and `make test` started together do not break each other's
 # .venv: the second waits, then finds it fresh.
@@ -24,6 +24,10 @@ run: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m comfybridge --emulate 2 --emulator-pace 0.05
+
+# Two bridges on a throwaway PostgreSQL behind nginx, two emulators (Debian: postgresql nginx-light).
+cluster-demo: $(STAMP)
+	$(BIN)/python examples/cluster_demo.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -151,6 +151,25 @@ def system_binary(name: str, package: str) -> str:
     return found
 
 
+def nginx_config(root: Path, port: int, bridges: list[int], shipped: str = "nginx-comfybridge.conf") -> str:
+    """A shipped config/nginx-*.conf, pointed at these two bridges' ports and listening on `port`,
+    inside a minimal nginx.conf whose files all go under `root`."""
+    site = (ROOT / "config" / shipped).read_text()
+    site = site.replace("server 127.0.0.1:8001", f"server 127.0.0.1:{bridges[0]}")
+    site = site.replace("server 127.0.0.1:8002", f"server 127.0.0.1:{bridges[1]}")
+    site = site.replace("listen 80;", f"listen 127.0.0.1:{port};")
+    user = "user root;" if os.geteuid() == 0 else ""
+    return (
+        f"worker_processes 1;\n{user}\npid {root}/nginx.pid;\nerror_log {root}/error.log;\ndaemon off;\n"
+        "events { worker_connections 256; }\nhttp {\n    access_log off;\n"
+        + "".join(
+            f"    {kind}_temp_path {root}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
+        + site
+        + "}\n"
+    )
+
+
 @contextlib.contextmanager
 def small_disk(path: Path, size: str = "4m") -> Iterator[Path]:
     """A real, small filesystem (tmpfs) at `path`; skipped where mounting is not allowed."""

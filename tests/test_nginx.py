@@ -15,7 +15,16 @@ import pytest
 from comfybridge.emulator.png import png_size
 
 from .conftest import FIXTURES, BridgeFactory, EmulatorFactory
-from .helpers import ROOT, bridge_process, png, read_results, system_binary, unused_port, wait_until_up, without_job_id
+from .helpers import (
+    bridge_process,
+    nginx_config,
+    png,
+    read_results,
+    system_binary,
+    unused_port,
+    wait_until_up,
+    without_job_id,
+)
 from .postgres import PostgresServer
 
 CONFIG = """
@@ -98,24 +107,6 @@ async def test_a_job_end_to_end_through_nginx(behind_nginx: str) -> None:
             assert (resp.status, await resp.json()) == (404, {"detail": "Not found: /nope"})
 
 
-def two_bridge_config(root: Path, port: int, bridges: list[int], shipped: str = "nginx-comfybridge.conf") -> str:
-    """A shipped config/nginx-*.conf, pointed at these ports, inside a minimal nginx.conf."""
-    site = (ROOT / "config" / shipped).read_text()
-    site = site.replace("server 127.0.0.1:8001", f"server 127.0.0.1:{bridges[0]}")
-    site = site.replace("server 127.0.0.1:8002", f"server 127.0.0.1:{bridges[1]}")
-    site = site.replace("listen 80;", f"listen 127.0.0.1:{port};")
-    user = "user root;" if os.geteuid() == 0 else ""
-    return (
-        f"worker_processes 1;\n{user}\npid {root}/nginx.pid;\nerror_log {root}/error.log;\ndaemon off;\n"
-        "events { worker_connections 256; }\nhttp {\n    access_log off;\n"
-        + "".join(
-            f"    {kind}_temp_path {root}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-        )
-        + site
-        + "}\n"
-    )
-
-
 async def test_two_bridges_behind_nginx_keep_each_client_on_one_bridge(
     make_emulator: EmulatorFactory, tmp_path: Path
 ) -> None:
@@ -131,7 +122,7 @@ async def test_two_bridges_behind_nginx_keep_each_client_on_one_bridge(
         root.mkdir()
         port = unused_port()
         ports = [int(first.rsplit(":", 1)[1]), int(second.rsplit(":", 1)[1])]
-        (root / "nginx.conf").write_text(two_bridge_config(root, port, ports))
+        (root / "nginx.conf").write_text(nginx_config(root, port, ports))
         proc = await asyncio.create_subprocess_exec(
             binary, "-c", str(root / "nginx.conf"), "-p", str(root), stderr=asyncio.subprocess.DEVNULL
         )
@@ -176,7 +167,7 @@ async def test_a_cluster_behind_nginx_serves_each_request_wherever_it_lands(
         root.mkdir()
         port = unused_port()
         ports = [int(first.rsplit(":", 1)[1]), int(second.rsplit(":", 1)[1])]
-        (root / "nginx.conf").write_text(two_bridge_config(root, port, ports, "nginx-comfybridge-cluster.conf"))
+        (root / "nginx.conf").write_text(nginx_config(root, port, ports, "nginx-comfybridge-cluster.conf"))
         proc = await asyncio.create_subprocess_exec(
             binary, "-c", str(root / "nginx.conf"), "-p", str(root), stderr=asyncio.subprocess.DEVNULL
         )
