@@ -146,3 +146,19 @@ def test_placement_properties(
     # Work-conserving, affinity or not: if every backend is idle, some backend starts the first job.
     if all(busy.get(n, 0.0) == 0.0 for n in backends):
         assert 0 in picks.values()
+
+
+def test_run_times_kept_and_taken_back_skip_what_is_malformed() -> None:
+    learned = RunTimes()
+    learned.observe("wf", "a", 2.0)
+    learned.observe("wf", "b", 4.0, warm=True)
+    again = RunTimes()
+    assert again.restore(learned.dumps()) == 2
+    assert again.estimate("wf", "a") == 2.0
+    assert again.estimate("wf", "b", warm=True) == 4.0
+    damaged = (
+        '[["wf", "a", false, 2.0], ["wf", "b"], ["wf", "c", "no", 1], ["wf", "d", true, -1], 7, ["x", "y", true, 1e99]]'
+    )
+    assert RunTimes().restore(damaged) == 1
+    for text in ("", "{", '{"a": 1}', "null"):
+        assert RunTimes().restore(text) == 0

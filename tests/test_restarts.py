@@ -246,3 +246,26 @@ def test_corrupt_journal_stops_start_up_naming_it(workdir: Path) -> None:
     (workdir / "data" / "journal.sqlite3").write_bytes(b"this is not a database, it was damaged\n" * 200)
     result = run_cli(["--emulate", "1"], workdir)
     assert_one_line_error(result, "journal.sqlite3", "corrupt", "never dropped silently")
+
+
+@pytest.mark.both_stores
+async def test_learned_speeds_survive_a_restart(workdir: Path, make_emulator: EmulatorFactory, store: str) -> None:
+    """What the planner learned of each backend is kept in the journal: after a restart the slow
+    backend is known as slow before any new job ran (unknown, both would count as average, 1.0)."""
+    fast, slow = await make_emulator(pace=0.01), await make_emulator(pace=0.08)
+    flags = (*backends(fast, slow), *(("--database", store) if store else ()))
+
+    async def speeds(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
+        async with session.get(f"{url}/health") as resp:
+            return {b["url"]: b["relative_speed"] for b in (await resp.json())["backends"]}
+
+    async with aiohttp.ClientSession() as session:
+        async with bridge_process(workdir, *flags) as (proc, url):
+            await asyncio.gather(*(post_job(session, url, f"learn-{i}", TINY) for i in range(8)))
+            await wait_closed(session, url, [f"learn-{i}" for i in range(8)])
+            learned = await speeds(session, url)
+            proc.send_signal(signal.SIGTERM)
+            await proc.wait()
+        assert learned[slow.url] < 1 < learned[fast.url]
+        async with bridge_process(workdir, *flags) as (proc, url):
+            assert await speeds(session, url) == learned

@@ -6,6 +6,8 @@ import statistics
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import orjson
+
 __all__ = ["PLAN_HORIZON", "Lane", "RunTimes", "plan_for"]
 
 PLAN_HORIZON = 1000  # waiting jobs looked at per decision: enough to see past any realistic head of line
@@ -26,11 +28,32 @@ class RunTimes:
         self.prior = prior
         self.alpha = alpha
         self._mean: dict[tuple[str, str, bool], float] = {}
+        self.changes = 0  # observations so far: a keeper saves the table when this moved
 
     def observe(self, workflow: str, backend: str, seconds: float, warm: bool = False) -> None:
         key = (workflow, backend, warm)
         old = self._mean.get(key)
         self._mean[key] = seconds if old is None else old + self.alpha * (seconds - old)
+        self.changes += 1
+
+    def dumps(self) -> str:
+        """What was learned, as JSON text: [[workflow, backend, warm, seconds], ...]."""
+        return orjson.dumps([[w, b, h, v] for (w, b, h), v in self._mean.items()]).decode()
+
+    def restore(self, text: str) -> int:
+        """Take back what `dumps` gave (a restart, or a new leader, places well from its first job);
+        entries of any other shape are skipped, never trusted. Returns how many were taken."""
+        try:
+            entries = orjson.loads(text) if text else []
+        except orjson.JSONDecodeError:
+            return 0
+        taken = 0
+        for entry in entries if isinstance(entries, list) else []:
+            match entry:
+                case [str(workflow), str(backend), bool(warm), int(seconds) | float(seconds)] if 0 < seconds < 1e7:
+                    self._mean.setdefault((workflow, backend, warm), float(seconds))
+                    taken += 1
+        return taken
 
     def estimate(self, workflow: str, backend: str, warm: bool = False) -> float:
         for key in ((workflow, backend, warm), (workflow, backend, not warm)):

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 RESTART_FIRST = 0.5  # seconds before a failed listener or worker starts again; doubles up to RESTART_MAX
 RESTART_MAX = 30.0
 JOURNAL_CHECK = 2.0  # seconds between looks at the journal file
+LEARNED_EVERY = 10.0  # seconds between saves of the learned run times, when they changed
 __all__ = ["Fetch", "Notifier", "Scheduler", "SchedulerSettings"]
 
 
@@ -83,6 +84,7 @@ class Scheduler:
         self.failover = Failover(core, self.tracker)
         self._grace: dict[str, asyncio.Task[Any]] = {}  # clients whose socket is gone, until they cancel
         self._state_changed = asyncio.Event()
+        self._learned_saved = 0  # core.runtimes.changes when they were last kept
 
     def reset(self) -> None:
         """After `close`: forget everything, as a new process would, so `start` can run again (a bridge
@@ -102,6 +104,9 @@ class Scheduler:
         await asyncio.to_thread(core.results.sort_out_folders, done, unfinished)
         for url in self._initial:
             self._add_backend(url)
+        if core.runtimes.restore(core.journal.learned):
+            log.info("run times learned before taken back: %s", core.runtimes.dumps())
+        self._learned_saved = core.runtimes.changes
         summary = recover(core, rows, gone)
         if gone:
             core.journal.forget(gone)
@@ -120,6 +125,7 @@ class Scheduler:
         core.spawn(self._sweeper(), "sweeper", daemon=True)
         core.spawn(self._watch_journal(), "journal watch", daemon=True)
         core.spawn(self._keep_state_file(), "state file", daemon=True)
+        core.spawn(self._keep_learned(), "learned run times", daemon=True)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(connect_timeout):
                 for backend in self.backends.values():
@@ -169,6 +175,8 @@ class Scheduler:
         prompts inside ComfyUI keep running there and are adopted then."""
         self.core.stop_dispatching()
         await self.core.supervisor.wait_and_close(collect_timeout)
+        with contextlib.suppress(RuntimeError):  # a journal already closed (its file lost) keeps nothing
+            self._remember_learned()  # lands before the journal closes
 
     # backends at run time --------------------------------------------------------------------
     def _add_backend(self, url: str) -> Backend:
@@ -490,6 +498,23 @@ class Scheduler:
             await self._state_changed.wait()
             self._state_changed.clear()
             await self.state.save()
+
+    async def _keep_learned(self) -> None:
+        """What the planner learned is kept in the journal every LEARNED_EVERY seconds it changed, so
+        a restart (or the next leader of a cluster) places jobs well from its first one."""
+        while True:
+            await asyncio.sleep(LEARNED_EVERY)
+            with contextlib.suppress(Exception):  # the journal's trouble is logged and answered elsewhere
+                await self._remember_learned()
+
+    def _remember_learned(self) -> asyncio.Future[None]:
+        runtimes = self.core.runtimes
+        if runtimes.changes == self._learned_saved:
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+        self._learned_saved = runtimes.changes
+        return self.core.journal.remember(runtimes.dumps())
 
     async def _watch_journal(self) -> None:
         """Notice a journal deleted or replaced under the running bridge: jobs accepted into a file the

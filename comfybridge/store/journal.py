@@ -101,6 +101,11 @@ class JobStore(Protocol):
         ...
 
     deliveries: list[dict[str, Any]]  # webhook calls recorded but not yet acknowledged, found at open
+    learned: str  # the scheduler's learned run times as last remembered (JSON text), found at open
+
+    def remember(self, learned: str) -> asyncio.Future[None]:
+        """Keep the scheduler's learned run times (replacing what was kept)."""
+        ...
 
     def update(
         self, job_id: str, fields: dict[str, Any], delivery: dict[str, Any] | None = None
@@ -148,6 +153,7 @@ class SqliteJournal:
         self.bridge_id = ""
         self.on_commit: Callable[[float], None] = lambda seconds: None  # called in the writer thread
         self.deliveries: list[dict[str, Any]] = []  # webhook calls not yet acknowledged, found at open
+        self.learned = ""
         self._committed = 0  # the count as committed, seen from the writer thread
         self._conn: sqlite3.Connection | None = None
         self._queue: queue.SimpleQueue[tuple[Write, asyncio.Future[Any]] | None] = queue.SimpleQueue()
@@ -181,6 +187,7 @@ class SqliteJournal:
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
             self.bridge_id = meta.get("bridge_id") or f"comfybridge-{uuid.uuid4().hex[:12]}"
             self.count = max(int(meta.get("generation_count", 0)), count_floor)
+            self.learned = meta.get("run_times", "")
             conn.executemany(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                 [("bridge_id", self.bridge_id), ("generation_count", str(self.count))],
@@ -271,6 +278,13 @@ class SqliteJournal:
     def delivered(self, delivery_id: str) -> asyncio.Future[None]:
         """A webhook call was acknowledged (or given up): forget it."""
         return self._submit(lambda conn, batch: conn.execute("DELETE FROM deliveries WHERE id = ?", (delivery_id,)))
+
+    def remember(self, learned: str) -> asyncio.Future[None]:
+        return self._submit(
+            lambda conn, batch: conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('run_times', ?)", (learned,)
+            )
+        )
 
     def forget(self, job_ids: Iterable[str]) -> asyncio.Future[None]:
         ids = [(job_id,) for job_id in job_ids]

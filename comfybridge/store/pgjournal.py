@@ -130,6 +130,7 @@ class PgJournal:
         self.count = 0
         self.bridge_id = ""
         self.deliveries: list[dict[str, Any]] = []
+        self.learned = ""
         self.on_commit: Callable[[float], None] = lambda seconds: None
         self._conn: Conn | None = None  # the one connection: it holds BRIDGE_LOCK and runs every write
         self._holds_lock = False
@@ -246,6 +247,7 @@ class PgJournal:
         meta: dict[str, str] = {row["key"]: row["value"] for row in await conn.fetch("SELECT key, value FROM meta")}
         self.bridge_id = meta.get("bridge_id") or f"comfybridge-{uuid.uuid4().hex[:12]}"
         self.count = max(int(meta.get("generation_count", 0)), count_floor)
+        self.learned = meta.get("run_times", "")
         await conn.executemany(
             "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = $2",
             [("bridge_id", self.bridge_id), ("generation_count", str(self.count))],
@@ -347,6 +349,14 @@ class PgJournal:
 
     def delivered(self, delivery_id: str) -> asyncio.Future[None]:
         return self._submit(lambda conn: conn.execute("DELETE FROM deliveries WHERE id = $1", delivery_id))
+
+    def remember(self, learned: str) -> asyncio.Future[None]:
+        return self._submit(
+            lambda conn: conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('run_times', $1) ON CONFLICT (key) DO UPDATE SET value = $1",
+                learned,
+            )
+        )
 
     def forget(self, job_ids: Iterable[str]) -> asyncio.Future[None]:
         ids = list(job_ids)
