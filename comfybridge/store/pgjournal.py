@@ -47,6 +47,7 @@ KEEPALIVES = {"tcp_keepalives_idle": "5", "tcp_keepalives_interval": "2", "tcp_k
 CONNECT_TIMEOUT = 10.0
 COMMAND_TIMEOUT = 15.0  # seconds one commit may take before it counts as the database's trouble
 MAX_BATCH = 512  # writes in one commit at most
+FAILURE_LOG_EVERY = 10.0  # seconds between log lines about writes failing in a row (an outage)
 MIGRATIONS: list[tuple[int, str]] = [
     (
         1,
@@ -139,6 +140,8 @@ class PgJournal:
         self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self._error: StorageError | None = None  # what the last failed commit was
+        self._failures = 0  # commits failed in a row (an outage): logged once, then every FAILURE_LOG_EVERY
+        self._failure_logged = 0.0
 
     # start-up --------------------------------------------------------------------------------
     async def connect(self) -> None:
@@ -448,12 +451,18 @@ class PgJournal:
             if isinstance(exc, broken):
                 self._drop_connection()  # a new one at the next commit
             expected = isinstance(exc, TimeoutError | broken | asyncpg.PostgresError)
-            log.error("database %s: write failed: %s: %s", shown_dsn(self.dsn), exc.__class__.__name__, exc,
-                      exc_info=None if expected else exc)  # fmt: skip
+            self._failures += 1
+            if not expected or time.monotonic() - self._failure_logged >= FAILURE_LOG_EVERY:
+                self._failure_logged = time.monotonic()
+                log.error("database %s: write failed (%d in a row): %s: %s", shown_dsn(self.dsn), self._failures,
+                          exc.__class__.__name__, exc, exc_info=None if expected else exc)  # fmt: skip
             self._error = StorageUnavailable(
                 "The bridge's database cannot be reached or refused the change; try again shortly."
             )
             raise self._error from None
+        if self._failures:
+            log.info("database %s: writes land again (%d failed before)", shown_dsn(self.dsn), self._failures)
+            self._failures, self._failure_logged = 0, 0.0
         self.on_commit(time.perf_counter() - started)
         return results
 
