@@ -473,13 +473,24 @@ class Scheduler:
         """A delivery that did not complete: the results can be fetched again."""
         self.core.results.release(fetched)
 
-    async def results_fetched(self, client_id: str, fetched: list[JobResult]) -> None:
-        """After a full /history download: journal it before the files go; a client with nothing left
-        is forgotten."""
+    def results_fetched(self, client_id: str, fetched: list[JobResult]) -> None:
+        """After a full /history download: gone at once for the next request (and a client with
+        nothing left forgotten); journaled, sharing the next commit, then the files removed, without
+        holding up the client's connection."""
         core = self.core
-        core.results.forget(client_id, fetched)  # at once: a request that comes next must not see them
+        core.results.forget(client_id, fetched)
+        client = self.clients.get(client_id)
+        done = client is not None and self.clients.forget_if_done(client, core.owns_something)
+        core.spawn(self._forget_fetched(client_id, fetched, done), f"forget fetched {client_id}")
+
+    async def _forget_fetched(self, client_id: str, fetched: list[JobResult], client_done: bool) -> None:
+        """Journal the fetch before the files go."""
+        core = self.core
+        forgotten = core.journal.forget(r.job_id for r in fetched)
+        if client_done:
+            core.journal.forget_client(client_id)
         try:
-            await core.journal.forget(r.job_id for r in fetched)
+            await forgotten
         except StorageError as exc:
             # Delivered whole all the same: the files stay while the journal names them, and a restart
             # may serve them once more (at least once, never lost).
@@ -487,9 +498,6 @@ class Scheduler:
                         len(fetched), exc)  # fmt: skip
             return
         await core.results.delete(fetched)
-        client = self.clients.get(client_id)
-        if client is not None and self.clients.forget_if_done(client, core.owns_something):
-            core.journal.forget_client(client_id)
 
     async def _keep_state_file(self) -> None:
         """`current_state.json` follows the journal's count: one writer, woken by accepted jobs (its

@@ -180,7 +180,7 @@ async def history(request: web.Request) -> web.StreamResponse:
     except BaseException:
         scheduler.release_results(fetched)
         raise
-    await scheduler.results_fetched(client_id, fetched)
+    scheduler.results_fetched(client_id, fetched)
     return response
 
 
