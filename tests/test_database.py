@@ -127,6 +127,71 @@ async def test_a_job_accepted_again_keeps_its_number_and_counts_once(postgres: P
         await reopened.close()
 
 
+async def answer_dropping_proxy(port: int, trigger: bytes) -> asyncio.Server:
+    """A TCP proxy to PostgreSQL that lets the server run and commit the first statement holding
+    `trigger` (prepared, then executed: the second ReadyForQuery after it ends the execution's
+    answer), then cuts the connection instead of passing that answer on."""
+    ready = b"Z\x00\x00\x00\x05I"  # ReadyForQuery, idle: nothing is left uncommitted
+    armed = {"answers": -1}  # ReadyForQuery messages still to pass on before the cut; -1: not armed
+
+    async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", port)
+
+        async def upstream() -> None:
+            while data := await client_r.read(65536):
+                if trigger in data and armed["answers"] == -1:
+                    armed["answers"] = 1  # the preparation's answer passes; the execution's does not
+                server_w.write(data)
+                await server_w.drain()
+
+        async def downstream() -> None:
+            while data := await server_r.read(65536):
+                if armed["answers"] == 0 and ready in data:
+                    armed["answers"] = -2  # done: never again
+                    client_w.transport.abort()  # the client sees its connection reset at once
+                    return
+                if armed["answers"] > 0 and ready in data:
+                    armed["answers"] -= 1
+                client_w.write(data)
+                await client_w.drain()
+
+        try:
+            await asyncio.gather(upstream(), downstream(), return_exceptions=True)
+        finally:
+            for writer in (client_w, server_w):
+                writer.transport.abort()
+                writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+async def test_a_commit_whose_answer_is_lost_is_sent_again_not_refused(postgres: PostgresServer) -> None:
+    """The connection breaks after PostgreSQL committed an accept: the journal commits again on a new
+    session (the job is found in already), so the client hears 'accepted', not 'try again' (which
+    would make it submit a second job while the first waited unseen)."""
+    database = postgres.new_database()
+    proxy = await answer_dropping_proxy(postgres.port, b"WITH counted")
+    proxy_port = proxy.sockets[0].getsockname()[1]
+    journal = PgJournal(f"postgresql://postgres@127.0.0.1:{proxy_port}/{database.rsplit('/', 1)[1]}")
+    await journal.open()
+    try:
+        first, second = Job("c", "w", b"{}", 0), Job("c", "w", b"{}", 0)
+        assert await journal.accept(first.record()) == 1
+        assert await journal.accept(second.record()) == 2
+    finally:
+        await journal.close()
+        proxy.close()
+        await proxy.wait_closed()
+    conn = await asyncpg.connect(database)
+    try:
+        assert [tuple(r) for r in await conn.fetch("SELECT id, seq FROM jobs ORDER BY seq")] == [
+            (first.id, 1), (second.id, 2),
+        ]  # fmt: skip
+        assert await conn.fetchval("SELECT value FROM meta WHERE key = 'generation_count'") == "2"
+    finally:
+        await conn.close()
+
+
 @pytest.fixture
 def own_postgres() -> Iterator[PostgresServer]:
     """A PostgreSQL of the test's own, which it may stop and start."""

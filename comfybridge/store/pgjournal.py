@@ -385,8 +385,9 @@ class PgJournal:
         then: Callable[[Any], Any] = lambda result: result,
         alone: bool = True,
     ) -> asyncio.Future[Any]:
-        """`alone`: the write is one statement, atomic by itself; committed on its own, it needs no
-        BEGIN and COMMIT (two round trips of the three)."""
+        """`write` must be safe to repeat (a commit whose answer was lost is sent again). `alone`: it is
+        one statement, atomic by itself; committed on its own, it needs no BEGIN and COMMIT (two round
+        trips of the three)."""
         if self._writer is None or self._writer.done():
             raise RuntimeError("the journal is not open for writes")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -430,41 +431,57 @@ class PgJournal:
         import asyncpg
 
         started = time.perf_counter()
-        self._splittable = False
-        try:
-            conn = await self._locked()
-            if len(writes) == 1 and alone:
-                results = [await writes[0](conn)]
-            else:
-                async with conn.transaction():
-                    results = [await write(conn) for write in writes]
-        except StorageError as exc:
-            self._error = exc
-            raise
-        except asyncpg.DiskFullError:
-            self._error = StorageFull("The bridge's database is out of disk space; try again later.")
-            raise self._error from None
-        except Exception as exc:  # unreachable, refused, or a fault: the writer must live on either way
-            self._splittable = isinstance(exc, asyncpg.DataError | asyncpg.IntegrityConstraintViolationError)
-            # A session in a state the driver cannot tell (an operation cut short) is never used again.
-            broken = OSError | asyncpg.InterfaceError | asyncpg.InternalClientError | asyncpg.PostgresConnectionError
-            if isinstance(exc, broken):
-                self._drop_connection()  # a new one at the next commit
-            expected = isinstance(exc, TimeoutError | broken | asyncpg.PostgresError)
-            self._failures += 1
-            if not expected or time.monotonic() - self._failure_logged >= FAILURE_LOG_EVERY:
-                self._failure_logged = time.monotonic()
-                log.error("database %s: write failed (%d in a row): %s: %s", shown_dsn(self.dsn), self._failures,
-                          exc.__class__.__name__, exc, exc_info=None if expected else exc)  # fmt: skip
-            self._error = StorageUnavailable(
-                "The bridge's database cannot be reached or refused the change; try again shortly."
-            )
-            raise self._error from None
+        for attempt in (1, 2):
+            self._splittable = False
+            sent = False
+            try:
+                conn = await self._locked()
+                sent = True
+                if len(writes) == 1 and alone:
+                    results = [await writes[0](conn)]
+                else:
+                    async with conn.transaction():
+                        results = [await write(conn) for write in writes]
+                break
+            except StorageError as exc:
+                self._error = exc
+                raise
+            except asyncpg.DiskFullError:
+                self._error = StorageFull("The bridge's database is out of disk space; try again later.")
+                raise self._error from None
+            except Exception as exc:  # unreachable, refused, or a fault: the writer must live on either way
+                self._splittable = isinstance(exc, asyncpg.DataError | asyncpg.IntegrityConstraintViolationError)
+                # A session in a state the driver cannot tell (an operation cut short) is never used again.
+                broken = (
+                    OSError | asyncpg.InterfaceError | asyncpg.InternalClientError | asyncpg.PostgresConnectionError
+                )
+                if isinstance(exc, broken):
+                    self._drop_connection()  # a new one at the next commit
+                    if sent and attempt == 1:
+                        # The commit may have landed with only its answer lost: told "not accepted", a
+                        # client would submit again while the first job waited unseen. Every write is
+                        # safe to repeat, so the batch goes again, once, on a new session.
+                        log.warning("database %s: the connection broke during a commit (%s); committing again",
+                                    shown_dsn(self.dsn), exc.__class__.__name__)  # fmt: skip
+                        continue
+                self._failed(exc, expected=isinstance(exc, TimeoutError | broken | asyncpg.PostgresError))
+                self._error = StorageUnavailable(
+                    "The bridge's database cannot be reached or refused the change; try again shortly."
+                )
+                raise self._error from None
         if self._failures:
             log.info("database %s: writes land again (%d failed before)", shown_dsn(self.dsn), self._failures)
             self._failures, self._failure_logged = 0, 0.0
         self.on_commit(time.perf_counter() - started)
         return results
+
+    def _failed(self, exc: Exception, expected: bool) -> None:
+        """Log a failed commit: the first of an outage, then every FAILURE_LOG_EVERY (a fault: always)."""
+        self._failures += 1
+        if not expected or time.monotonic() - self._failure_logged >= FAILURE_LOG_EVERY:
+            self._failure_logged = time.monotonic()
+            log.error("database %s: write failed (%d in a row): %s: %s", shown_dsn(self.dsn), self._failures,
+                      exc.__class__.__name__, exc, exc_info=None if expected else exc)  # fmt: skip
 
 
 _Item = tuple[Callable[["Conn"], Awaitable[Any]], Callable[[Any], Any], asyncio.Future[Any], bool]
