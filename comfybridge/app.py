@@ -137,7 +137,7 @@ async def _stores(app: web.Application) -> AsyncIterator[None]:
 def journal_for(settings: Settings) -> JobStore:
     """The job store the settings name: PostgreSQL with --database, else the SQLite journal."""
     if settings.database:
-        return PgJournal(settings.database, settings.own_url)
+        return PgJournal(settings.database, settings.own_url, settings.leader_timeout)
     return SqliteJournal(settings.journal_file, sync=settings.journal_sync)
 
 
@@ -217,6 +217,7 @@ async def _core(app: web.Application) -> AsyncIterator[None]:
     leadership = app[LEADERSHIP] = Leadership(
         view, journal, lambda again: _term(app, again), settings.leader_timeout, demoted
     )
+    scheduler.may_send = leadership.holds
     async with relay_session() as session:
         app[RELAY_SESSION] = session
         leadership.start()

@@ -7,7 +7,7 @@ is free, and the first bridge to take it recovers the journal as a restart does:
 ComfyUI are adopted by prompt_id, never sent twice.
 
 A leader stops leading when it learns the lock is no longer its own, or when it cannot reach the
-database for `leader_timeout` seconds: well before PostgreSQL ends its silent session (KEEPALIVES)
+database for `leader_timeout` seconds: well before PostgreSQL ends its silent session (`keepalives`)
 and another bridge can take over, it has closed its ComfyUI sockets and sends nothing more.
 """
 
@@ -55,6 +55,12 @@ class Leadership:
         self._stand_down = asyncio.Event()  # SIGTERM: hand over at once, and lead no more
         self._stop = asyncio.Event()  # the bridge stops
         self._task: asyncio.Task[None] | None = None
+        self._answered = 0.0  # monotonic time of the database's last answer during a term
+
+    def holds(self) -> bool:
+        """The database answered this term's leader within `timeout`: it may still send prompts. Past
+        that it is about to stop leading, and well before PostgreSQL frees its lock (`keepalives`)."""
+        return time.monotonic() - self._answered < self.timeout
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._run())
@@ -95,6 +101,7 @@ class Leadership:
         assert leader is not None
         log.info("this bridge leads the cluster now (generation %d)", leader.generation)
         again, self.terms = self.terms > 0, self.terms + 1
+        self._answered = time.monotonic()  # the lock was just won
         try:
             async with self.term(again):
                 view.role = "leader"
@@ -113,7 +120,6 @@ class Leadership:
 
     async def _hold(self) -> None:
         """Until the lock is lost, the database stays away for `timeout`, or the bridge stands down."""
-        last_answer = time.monotonic()
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stand_down.wait(), HEARTBEAT)
@@ -125,10 +131,10 @@ class Leadership:
             try:
                 async with asyncio.timeout(self.timeout):
                     await self.journal.heartbeat()
-                last_answer = time.monotonic()
+                self._answered = time.monotonic()
             except Exception as exc:  # whatever failed, the database did not answer
                 log.warning("the database did not answer the leader's heartbeat: %s", exc)
-            silent = time.monotonic() - last_answer
+            silent = time.monotonic() - self._answered
             if silent >= self.timeout:
                 log.error(
                     "this bridge stops leading: the database has not answered for %.0fs (prompts inside ComfyUI "

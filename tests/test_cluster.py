@@ -9,15 +9,21 @@ import os
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 
+from comfybridge.edge.appkeys import RELAY_SESSION
+from comfybridge.edge.metrics import METRICS, Metrics
+from comfybridge.edge.relay import ClusterView, relay_middleware, relay_session
+from comfybridge.edge.replies import error_middleware
 from comfybridge.emulator import Emulator
 
 from .conftest import EmulatorFactory, wait_for
-from .helpers import TINY, bridge_process, fetch_results, post_job, status_of
+from .helpers import TINY, bridge_process, fetch_results, post_job, status_of, unused_port
 from .postgres import PostgresServer
 
 pytestmark = pytest.mark.timeout(180)
@@ -236,3 +242,64 @@ async def test_postgres_stopped_and_started_mid_burst_every_job_ends_once(
             assert await resp.json() == 12
     started = [prompt for e in emulators for prompt in e.engine.started]
     assert len(started) == len(set(started)) == 12  # every job ran, none twice
+
+
+async def test_a_request_cut_off_after_reaching_the_leader_is_not_called_safe_to_retry(
+    aiohttp_client: Any,
+) -> None:
+    """The leader dies after a job's request reached it (it may have accepted the job): the follower
+    says the outcome is unknown (502), never "try again" (503 with Retry-After), which would submit
+    it twice. A GET asks again at no cost, and one never sent may be sent again: 503 for both."""
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")  # the request reached the leader, which then died
+        writer.transport.abort()
+
+    leader = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    view = ClusterView("http://127.0.0.1:1", role="follower", secret="s")
+    view.leader_url = f"http://127.0.0.1:{leader.sockets[0].getsockname()[1]}"
+    app = web.Application(middlewares=[error_middleware, relay_middleware(view, lambda request: "127.0.0.1")])
+    app[METRICS] = Metrics()
+
+    async def session(app: web.Application) -> AsyncIterator[None]:
+        async with relay_session() as relayed:
+            app[RELAY_SESSION] = relayed
+            yield
+
+    app.cleanup_ctx.append(session)
+    client = await aiohttp_client(app)
+    try:
+        resp = await client.post("/generate-based-workflow", params={"clientId": "x"}, json=TINY)
+        assert resp.status == 502
+        assert "whether it was done is not known" in (await resp.json())["detail"]
+        assert "Retry-After" not in resp.headers
+        resp = await client.get("/execution-info", params={"clientId": "x"})
+        assert (resp.status, resp.headers["Retry-After"]) == (503, "1")
+        view.leader_url = f"http://127.0.0.1:{unused_port()}"  # nothing listens: nothing was sent
+        resp = await client.post("/generate-based-workflow", params={"clientId": "x"}, json=TINY)
+        assert (resp.status, resp.headers["Retry-After"]) == (503, "1")
+    finally:
+        leader.close()
+        await leader.wait_closed()
+
+
+async def test_sighup_on_a_follower_starts_no_scheduling_of_its_own(
+    workdir: Path, make_emulator: EmulatorFactory, postgres: PostgresServer
+) -> None:
+    """A follower told to reload keeps the backend list for when it leads; it opens nothing to
+    ComfyUI (its socket there would replace the leader's, which has the same name)."""
+    emulator = await make_emulator(pace=0.02)
+    async with (
+        cluster(workdir, postgres.new_database(), [emulator], 2) as bridges,
+        aiohttp.ClientSession() as session,
+    ):
+        (_, a), (follower, b) = bridges
+        follower.send_signal(signal.SIGHUP)
+        log = workdir / "bridge1" / "bridge.log"
+        await wait_for(lambda: "SIGHUP: backends are now" in log.read_text())
+        assert (await health(session, b))["backends"] == []
+        jobs = [await post_job(session, b, "after-hup", TINY) for _ in range(3)]
+        async with asyncio.timeout(60):
+            while (await status_of(session, a, "after-hup")).get("jobs_left") != 0:
+                await asyncio.sleep(0.05)
+        assert sorted(job for job, _ in await fetch_results(session, a, "after-hup")) == sorted(jobs)

@@ -228,3 +228,26 @@ async def test_place_in_line_counts_every_idle_backend(
     assert places == ["queued / 1", "queued / 1", "queued / 2", "queued / 2"]
     for index in range(4):
         await client.post("/interrupt", params={"clientId": f"line-{index}"})
+
+
+async def test_no_prompt_is_sent_while_the_bridge_may_not_send(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    """A cluster's leader that lost touch with its database says it may not send: a job handed over
+    then is taken back and waits (nothing reaches ComfyUI), and goes once sending is allowed again."""
+    emulator = await make_emulator()
+    client = await make_bridge(emulator)
+    scheduler = client.app[SCHEDULER]
+    allowed = {"send": False}
+    scheduler.may_send = lambda: allowed["send"]
+    asked: list[bool] = []
+    original = scheduler.core.may_send
+    scheduler.core.may_send = lambda: asked.append(True) or original()
+    status, _ = await generate(client, "fenced", {"workflow": "solid", "1/batch_size": 1})
+    assert status == 200
+    await wait_for(lambda: len(asked) >= 2)  # refused, taken back, handed over and refused again
+    assert prompts_of(emulator) == []
+    assert (await poll_status(client, "fenced", {"listening"}))["jobs_left"] == 1
+    allowed["send"] = True
+    assert (await poll_status(client, "fenced", {"closed"}))["jobs_left"] == 0
+    assert len(prompts_of(emulator)) == 1

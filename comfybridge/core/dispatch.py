@@ -80,6 +80,13 @@ class Dispatcher:
                 except FileNotFoundError:
                     raise UploadGone(f"the uploaded file {name!r} of the job is gone") from None
                 prompt[node_id]["inputs"][input_name] = remote
+            if not core.may_send():  # the journal keeps the hand-over for the next leader to reconcile
+                log.warning("job %s client %s: not sent, this bridge may no longer lead", job.id, job.client_id)
+                core.take_back(backend, job)
+                if not job.ended:
+                    core.send_again(job)  # should it lead on after all
+                await asyncio.sleep(JOURNAL_PAUSE)
+                return
             await backend.client.submit(prompt, sent)
         except PromptRefused as exc:
             core.take_back(backend, job)

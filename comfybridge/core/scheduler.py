@@ -73,10 +73,13 @@ class Scheduler:
         self.state = state
         self._parts = (settings, session, workflows, uploads, results, journal, notifier, metrics)
         self._initial = list(backend_urls)
+        self.may_send: Callable[[], bool] = lambda: True  # see Core.may_send; kept across reset()
+        self.running = False  # between start and close
         self._build()
 
     def _build(self) -> None:
         self.core = core = Core(*self._parts)
+        core.may_send = lambda: self.may_send()
         self.clients = core.clients
         self.backends = core.backends
         self.dispatcher = Dispatcher(core)
@@ -89,7 +92,6 @@ class Scheduler:
     def reset(self) -> None:
         """After `close`: forget everything, as a new process would, so `start` can run again (a bridge
         of a cluster that stopped leading and leads again). The stores are the caller's to reload."""
-        self._initial = list(self.backends) or self._initial
         self._build()
 
     # lifecycle -------------------------------------------------------------------------------
@@ -97,6 +99,7 @@ class Scheduler:
         """Recover the journal's jobs, start workers and event sockets; wait briefly so the first
         requests find backends up (and adopted jobs reconciled)."""
         core = self.core
+        self.running = True
         # The data folder first, while no task can be collecting into it.
         gone = await asyncio.to_thread(missing_results, core, rows)
         done = {r["id"] for r in rows if r["state"] == JobState.DONE.value and r["id"] not in gone}
@@ -173,6 +176,7 @@ class Scheduler:
 
         Nothing is failed or cancelled: jobs stay in the journal as they are and a restart resumes them;
         prompts inside ComfyUI keep running there and are adopted then."""
+        self.running = False
         self.core.stop_dispatching()
         await self.core.supervisor.wait_and_close(collect_timeout)
         with contextlib.suppress(RuntimeError):  # a journal already closed (its file lost) keeps nothing
@@ -214,7 +218,11 @@ class Scheduler:
             delay = min(RESTART_MAX, delay * 2)
 
     def set_backends(self, urls: list[str]) -> None:
-        """Apply a new backend list: new ones join, removed ones finish their prompts and leave."""
+        """Apply a new backend list: new ones join, removed ones finish their prompts and leave. Not
+        running (a cluster's bridge that does not lead now): kept for the next `start`."""
+        self._initial = list(urls)
+        if not self.running:
+            return
         for url in urls:
             existing = self.backends.get(url)
             if existing is None:

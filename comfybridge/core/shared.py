@@ -143,6 +143,10 @@ class Core:
         self.journal_lost: str | None = None  # why the journal cannot be trusted any more, once it cannot
         self.open_jobs_by_key: Counter[str] = Counter()  # unfinished jobs of each API key
         self.settled = asyncio.Event()  # set whenever a prompt leaves a backend or a collection ends
+        # Asked just before a prompt goes to ComfyUI: False once this bridge may no longer be the one
+        # that sends (a cluster's leader that lost touch with its database); the journal keeps the
+        # hand-over, and whichever bridge leads next reconciles it by prompt_id.
+        self.may_send: Callable[[], bool] = lambda: True
 
     # tasks -----------------------------------------------------------------------------------
     @property

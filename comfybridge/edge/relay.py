@@ -45,6 +45,9 @@ HOP_BY_HOP = frozenset(
     )
 )  # fmt: skip
 CHUNK = 64 * 1024
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # asking again changes nothing
+RELAY_READ_TIMEOUT = 60.0  # seconds a relayed request without a body may wait for the leader's next bytes
+UPSTREAM_FIRST_FRAME = 10.0  # seconds a next leader's socket may take to say `connected`
 # A relayed socket whose leader went away waits this long for the next one before it gives up.
 FOLLOW_PATIENCE = 60.0
 # Close codes after which the relay connects to the next leader: it stopped, restarted, or vanished.
@@ -141,9 +144,12 @@ async def _relay_http(
     body = request.content.iter_chunked(CHUNK) if request.body_exists else None
     response: web.StreamResponse | None = None
     try:
+        # A frozen leader must not hold the request forever; one reading a long upload answers late.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=3.0, sock_read=None if body else RELAY_READ_TIMEOUT)
         async with session.request(
-            request.method, upstream + request.path_qs, headers=headers, data=body, allow_redirects=False
-        ) as answer:
+            request.method, upstream + request.path_qs, headers=headers, data=body, allow_redirects=False,
+            timeout=timeout,
+        ) as answer:  # fmt: skip
             response = web.StreamResponse(status=answer.status, reason=answer.reason)
             for name, value in answer.headers.items():
                 if name.lower() not in HOP_BY_HOP:
@@ -153,7 +159,7 @@ async def _relay_http(
                 await response.write(chunk)
             await response.write_eof()
             return response
-    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
         if response is not None and response.prepared:
             # Cut off mid-answer: the client must see a broken reply, never a shorter one that looks whole.
             log.warning("relay from %s cut off mid-answer: %s", upstream, exc)
@@ -161,7 +167,16 @@ async def _relay_http(
                 request.transport.abort()
             return response
         log.info("relay to %s failed: %s", upstream, exc)
-        raise NoLeader("The bridge that leads could not be reached (it may be changing); try again shortly.") from None
+        if isinstance(exc, aiohttp.ClientConnectorError) or request.method in SAFE_METHODS:
+            raise NoLeader(
+                "The bridge that leads could not be reached (it may be changing); try again shortly."
+            ) from None
+        # Sent, then cut off: the leader may have done it (a job accepted), so "try again" could do it twice.
+        raise Relayed(
+            502,
+            "The bridge that leads stopped answering after the request reached it: whether it was done is not "
+            "known; see /execution-info before trying again.",
+        ) from None
 
 
 async def _open_upstream(
@@ -186,7 +201,12 @@ async def _relay_socket(
     is not repeated); a close the leader means (an error frame's 1011) is passed on."""
     upstream: aiohttp.ClientWebSocketResponse | None = await _open_upstream(session, view.upstream(), request, headers)
     ws = web.WebSocketResponse(heartbeat=30)
-    await ws.prepare(request)
+    try:
+        await ws.prepare(request)
+    except BaseException:  # the client left during the handshake: the leader's socket must not linger
+        assert upstream is not None
+        await upstream.close()
+        raise
     view.sockets.add(ws)
     reader = asyncio.ensure_future(_drain_client(ws))
     code: int | None = WSCloseCode.TRY_AGAIN_LATER
@@ -257,7 +277,12 @@ async def _next_leader(
             except (NoLeader, Relayed):
                 pass
             else:
-                first = await upstream.receive()
+                try:
+                    async with asyncio.timeout(UPSTREAM_FIRST_FRAME):
+                        first = await upstream.receive()
+                except TimeoutError:
+                    await upstream.close()
+                    continue
                 if first.type is WSMsgType.TEXT and first.data.encode() != CONNECTED_FRAME:
                     await ws.send_str(first.data)
                 log.info("relayed socket now through %s", url)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import importlib.util
 import logging
+import math
 import secrets
 import time
 import uuid
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 
     Conn: TypeAlias = asyncpg.Connection[asyncpg.Record]
 
-__all__ = ["MIGRATIONS", "Leader", "PgJournal", "shown_dsn"]
+__all__ = ["MIGRATIONS", "Leader", "PgJournal", "keepalives", "shown_dsn"]
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,20 @@ MIGRATION_LOCK = 0x636F6D6679  # "comfy"
 # its lock and its writes end together, so two bridges can never both write as the leader.
 BRIDGE_LOCK = 0x6272696467  # "bridg"
 INCUMBENT_WAIT = 3.0  # seconds a bridge that lost the database waits, once back, before it campaigns
-# How long PostgreSQL keeps a silent leader's session (and lock): 5 s idle, then 3 probes 2 s apart.
-KEEPALIVES = {"tcp_keepalives_idle": "5", "tcp_keepalives_interval": "2", "tcp_keepalives_count": "3"}
+# How long PostgreSQL keeps a silent leader's session (and lock): `silence` + 1 s idle, then 3 probes
+# 2 s apart, so at least 7 s after the leader itself has stopped sending (`silence` without an answer).
+KEEPALIVE_PROBES = (2, 3)  # seconds apart, how many
+
+
+def keepalives(silence: float) -> dict[str, str]:
+    interval, count = KEEPALIVE_PROBES
+    return {
+        "tcp_keepalives_idle": str(math.ceil(silence) + 1),
+        "tcp_keepalives_interval": str(interval),
+        "tcp_keepalives_count": str(count),
+    }
+
+
 CONNECT_TIMEOUT = 10.0
 COMMAND_TIMEOUT = 15.0  # seconds one commit may take before it counts as the database's trouble
 MAX_BATCH = 512  # writes in one commit at most
@@ -93,11 +106,11 @@ def shown_dsn(dsn: str) -> str:
         return "(an unreadable database URL)"
 
 
-async def _connect(dsn: str) -> Conn:
+async def _connect(dsn: str, settings: dict[str, str]) -> Conn:
     import asyncpg
 
     conn: Conn = await asyncpg.connect(
-        dsn, timeout=CONNECT_TIMEOUT, command_timeout=COMMAND_TIMEOUT, server_settings=KEEPALIVES
+        dsn, timeout=CONNECT_TIMEOUT, command_timeout=COMMAND_TIMEOUT, server_settings=settings
     )
     return conn
 
@@ -123,8 +136,11 @@ class PgJournal:
     """Every write is one transaction on a pooled connection; its future is done once PostgreSQL has
     committed it (synchronous_commit as the server has it: on by default)."""
 
-    def __init__(self, dsn: str, url: str = "") -> None:
+    def __init__(self, dsn: str, url: str = "", silence: float = 5.0) -> None:
+        """`silence`: how long the leader goes on without an answer from the database (its
+        leader_timeout); the server keeps a silent session well past it (`keepalives`)."""
         self.dsn = dsn
+        self._server_settings = keepalives(silence)
         self.url = url  # where other bridges reach this one, told to them while it leads
         self.leader: Leader | None = None  # who leads, as last seen
         self.relay_secret = ""  # shared by the cluster's bridges: a request relayed by one is believed
@@ -151,7 +167,7 @@ class PgJournal:
             raise JournalError("--database needs the cluster extra: pip install 'comfybridge[cluster]'")
         where = shown_dsn(self.dsn)
         with self._refused_as_journal_error(where):
-            conn = self._conn = await _connect(self.dsn)
+            conn = self._conn = await _connect(self.dsn, self._server_settings)
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
                 await _migrate(conn, where)
@@ -192,7 +208,7 @@ class PgJournal:
             try:
                 if self._conn is None or self._conn.is_closed():
                     self._drop_connection()
-                    self._conn = await _connect(self.dsn)
+                    self._conn = await _connect(self.dsn, self._server_settings)
                     await asyncio.sleep(INCUMBENT_WAIT)
                 conn = self._conn
                 won, leader = await _fetch_row(
@@ -273,7 +289,7 @@ class PgJournal:
             raise StorageUnavailable(f"The bridge cannot record anything: its database {self._lost}.")
         if self._conn is None or self._conn.is_closed():
             self._drop_connection()
-            conn = self._conn = await _connect(self.dsn)
+            conn = self._conn = await _connect(self.dsn, self._server_settings)
             try:
                 won, leader = await _fetch_row(
                     conn, "SELECT pg_try_advisory_lock($1), (SELECT value FROM meta WHERE key = 'leader')", BRIDGE_LOCK
