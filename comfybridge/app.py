@@ -137,7 +137,7 @@ async def _stores(app: web.Application) -> AsyncIterator[None]:
 def journal_for(settings: Settings) -> JobStore:
     """The job store the settings name: PostgreSQL with --database, else the SQLite journal."""
     if settings.database:
-        return PgJournal(settings.database, settings.own_url, settings.leader_timeout)
+        return PgJournal(settings.database, settings.own_url, settings.leader_timeout, settings.backends)
     return SqliteJournal(settings.journal_file, sync=settings.journal_sync)
 
 

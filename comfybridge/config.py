@@ -404,6 +404,12 @@ def load_settings(
         values[name] = parsed
     if "log_level" in values:
         values["log_level"] = values["log_level"].upper()
+    if values.get("database") and values.get("emulate"):
+        # Each bridge's emulators would die with it: the next leader could not adopt their prompts.
+        raise ConfigError(
+            f"{raw['emulate'][1]}: a cluster (--database) needs ComfyUI servers every bridge reaches: give "
+            "--backends (start emulators with python -m comfybridge.emulator --port P)"
+        )
     settings = replace(Settings(), **values)
     return _resolve_paths(settings, cwd)
 

@@ -56,6 +56,7 @@ class Leadership:
         self._stop = asyncio.Event()  # the bridge stops
         self._task: asyncio.Task[None] | None = None
         self._answered = 0.0  # monotonic time of the database's last answer during a term
+        self._checked = 0  # the leader generation whose backends were compared with this bridge's
 
     def holds(self) -> bool:
         """The database answered this term's leader within `timeout`: it may still send prompts. Past
@@ -81,6 +82,15 @@ class Leadership:
         if self.view.role != "stepping down":
             self.view.role = "follower"
         self.settled.set()
+        if leader is not None and leader.generation != self._checked and leader.url != self.view.own_url:
+            self._checked = leader.generation
+            own = self.journal.backends
+            if set(leader.backends) != set(own):
+                log.warning(
+                    "the leading bridge %s schedules over %s, this one's backends are %s: should this bridge "
+                    "lead, it would use its own (give every bridge of a cluster the same --backends)",
+                    leader.url, ", ".join(leader.backends) or "none", ", ".join(own) or "none",
+                )  # fmt: skip
         self.view.follow(leader.url if leader else None, leader.generation if leader else 0)
 
     async def _run(self) -> None:

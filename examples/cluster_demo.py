@@ -79,7 +79,8 @@ def main() -> None:
     python = sys.executable
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stopped as by Ctrl-C: everything cleaned up
     with contextlib.ExitStack() as stack:
-        database = stack.enter_context(contextlib.contextmanager(running_postgres)()).new_database()
+        postgres = stack.enter_context(contextlib.contextmanager(running_postgres)())
+        database = postgres.new_database()
         root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="comfybridge-cluster-demo-")))
         emulators = []
         for n in range(2):
@@ -107,12 +108,12 @@ def main() -> None:
         stack.enter_context(started([nginx, "-c", str(root / "nginx" / "nginx.conf"), "-p", str(root / "nginx")],
                                     root / "nginx" / "nginx.log", f"http://127.0.0.1:{args.port}/health"))  # fmt: skip
         print(f"""
-comfybridge cluster demo, everything under {root}:
+comfybridge cluster demo, its files under {root} and {postgres.root}:
   nginx       http://127.0.0.1:{args.port}   (the playground: http://127.0.0.1:{args.port}/playground)
   bridges     {", ".join(f"http://127.0.0.1:{p}" for p in bridges)}   (the first leads; /health says)
   emulators   {", ".join(emulators)}
   PostgreSQL  {database}
-Try: python examples/ws_example.py --url http://127.0.0.1:{args.port}
+Try: {python} examples/ws_example.py --url http://127.0.0.1:{args.port}
      kill -9 {pids[0]} (the leading bridge) and watch the other take over.
 Ctrl-C stops everything and removes it.""", flush=True)  # fmt: skip
         with contextlib.suppress(KeyboardInterrupt):

@@ -303,3 +303,20 @@ async def test_sighup_on_a_follower_starts_no_scheduling_of_its_own(
             while (await status_of(session, a, "after-hup")).get("jobs_left") != 0:
                 await asyncio.sleep(0.05)
         assert sorted(job for job, _ in await fetch_results(session, a, "after-hup")) == sorted(jobs)
+
+
+async def test_a_bridge_whose_backends_differ_from_the_leaders_says_so(
+    workdir: Path, make_emulator: EmulatorFactory, postgres: PostgresServer
+) -> None:
+    first, second = await make_emulator(), await make_emulator()
+    database = postgres.new_database()
+    shared = ("--database", database, "--data-dir", str(workdir / "data"), "--workflows", str(workdir / "workflows"))
+    for name in ("leader", "odd"):
+        (workdir / name).mkdir()
+    async with (
+        bridge_process(workdir / "leader", "--backends", first.url, *shared, ready="/health"),
+        bridge_process(workdir / "odd", "--backends", f"{first.url},{second.url}", *shared, ready="/health"),
+    ):
+        log = workdir / "odd" / "bridge.log"
+        await wait_for(lambda: "give every bridge of a cluster the same --backends" in log.read_text())
+    assert "same --backends" not in (workdir / "leader" / "bridge.log").read_text()

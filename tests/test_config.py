@@ -61,6 +61,11 @@ def test_config_file_by_flag_or_env(tmp_path: Path) -> None:
         (["--allowed-media", "image,pdf"], {}, "--allowed-media: 'image,pdf' unknown media kind 'pdf'"),
         (["--config", "missing.toml"], {}, "config file"),
         (["--log-level", "LOUD"], {}, "--log-level: 'LOUD' must be DEBUG, INFO, WARNING or ERROR"),
+        (
+            ["--emulate", "2"],
+            {"COMFYBRIDGE_DATABASE": "postgresql://u@h/db"},
+            "--emulate: a cluster (--database) needs ComfyUI servers every bridge reaches",
+        ),
     ],
 )
 def test_bad_settings_name_the_culprit(tmp_path: Path, argv: list[str], environ: dict[str, str], message: str) -> None:

@@ -107,8 +107,9 @@ class Scheduler:
         await asyncio.to_thread(core.results.sort_out_folders, done, unfinished)
         for url in self._initial:
             self._add_backend(url)
-        if core.runtimes.restore(core.journal.learned):
-            log.info("run times learned before taken back: %s", core.runtimes.dumps())
+        taken = core.runtimes.restore(core.journal.learned)
+        if taken:
+            log.info("%d run times learned before taken back (per workflow and backend)", taken)
         self._learned_saved = core.runtimes.changes
         summary = recover(core, rows, gone)
         if gone:

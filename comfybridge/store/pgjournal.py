@@ -122,24 +122,30 @@ class Leader:
     url: str
     generation: int
     since: float
+    backends: tuple[str, ...] = ()  # the ComfyUI servers it schedules over
 
     def dumps(self) -> str:
-        return orjson.dumps({"url": self.url, "generation": self.generation, "since": self.since}).decode()
+        return orjson.dumps(
+            {"url": self.url, "generation": self.generation, "since": self.since, "backends": self.backends}
+        ).decode()
 
     @classmethod
     def parse(cls, text: str) -> Leader:
         value = orjson.loads(text)
-        return cls(str(value["url"]), int(value["generation"]), float(value["since"]))
+        backends = tuple(str(url) for url in value.get("backends", ()))
+        return cls(str(value["url"]), int(value["generation"]), float(value["since"]), backends)
 
 
 class PgJournal:
     """Every write is one transaction on a pooled connection; its future is done once PostgreSQL has
     committed it (synchronous_commit as the server has it: on by default)."""
 
-    def __init__(self, dsn: str, url: str = "", silence: float = 5.0) -> None:
+    def __init__(self, dsn: str, url: str = "", silence: float = 5.0, backends: tuple[str, ...] = ()) -> None:
         """`silence`: how long the leader goes on without an answer from the database (its
-        leader_timeout); the server keeps a silent session well past it (`keepalives`)."""
+        leader_timeout); the server keeps a silent session well past it (`keepalives`). `backends`:
+        this bridge's ComfyUI servers, told to the others while it leads."""
         self.dsn = dsn
+        self.backends = backends
         self._server_settings = keepalives(silence)
         self.url = url  # where other bridges reach this one, told to them while it leads
         self.leader: Leader | None = None  # who leads, as last seen
@@ -221,7 +227,7 @@ class PgJournal:
                 if won:
                     self._holds_lock = True
                     generation = (Leader.parse(leader).generation if leader else 0) + 1
-                    self.leader = Leader(url, generation, time.time())
+                    self.leader = Leader(url, generation, time.time(), self.backends)
                     await conn.execute(
                         "INSERT INTO meta (key, value) VALUES ('leader', $1) "
                         "ON CONFLICT (key) DO UPDATE SET value = $1",
