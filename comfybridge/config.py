@@ -40,6 +40,7 @@ class Settings:
     emulator_pace: float = 0.005
     emulator_dialect: str = "0.3.64"
     heartbeat: float = 1.0
+    progress_every: float = 0.25
     disconnect_grace: float = 5.0
     job_idle_timeout: float = 60.0
     result_ttl: float = 86400.0
@@ -243,6 +244,11 @@ OPTIONS: dict[str, tuple[Parser, Callable[[Any], str | None] | None, str]] = {
     "emulator_pace": (_number(float), _not_negative, "seconds each emulated node takes (with --emulate)"),
     "emulator_dialect": (str, _dialect, "ComfyUI the emulators speak like: 0.3.64, or jobs (later releases)"),
     "heartbeat": (_number(float), _positive, "seconds between `listening` frames"),
+    "progress_every": (
+        _number(float),
+        _not_negative,
+        "a job's progress frames come at most this often (0: every rise)",
+    ),
     "disconnect_grace": (_number(float), _not_negative, "wait before a lost socket cancels its jobs"),
     "job_idle_timeout": (_number(float), _positive, "a job with no ComfyUI event this long fails"),
     "result_ttl": (_number(float), _positive, "seconds unfetched results (and finished clients) are kept"),

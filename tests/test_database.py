@@ -35,7 +35,7 @@ from .postgres import PostgresServer, running_postgres
 
 async def test_an_unreachable_database_is_one_line_and_exit_2(workdir: Path) -> None:
     dsn = f"postgresql://bridge:s3cret@127.0.0.1:{unused_port()}/jobs"  # nothing listens there
-    result = await asyncio.to_thread(run_cli, ["--emulate", "1", "--database", dsn], workdir)
+    result = await asyncio.to_thread(run_cli, ["--backends", "127.0.0.1:9", "--database", dsn], workdir)
     assert_one_line_error(result, "database postgresql://bridge@127.0.0.1:", "cannot be used")
     assert "s3cret" not in result.stderr
 
@@ -52,14 +52,15 @@ def test_a_database_setting_that_is_not_usable_is_refused_without_its_password(w
 
 
 async def test_jobs_survive_a_restart_in_the_database_not_the_data_folder(
-    workdir: Path, postgres: PostgresServer
+    workdir: Path, postgres: PostgresServer, make_emulator: EmulatorFactory
 ) -> None:
     database = postgres.new_database()
-    async with bridge_process(workdir, "--emulate", "1", "--database", database) as (_, url):
+    flags = (*backends(await make_emulator()), "--database", database)
+    async with bridge_process(workdir, *flags) as (_, url):
         await submit(url, "kept")
         await submit(url, "kept")
     assert not (workdir / "data" / "journal.sqlite3").exists()
-    async with bridge_process(workdir, "--emulate", "1", "--database", database) as (_, url):
+    async with bridge_process(workdir, *flags) as (_, url):
         assert await count(url) == 2
     conn = await asyncpg.connect(database)
     try:

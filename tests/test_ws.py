@@ -42,7 +42,7 @@ async def test_open_socket_says_connected_then_listening(bridge: Client) -> None
 
 async def test_progress_rises_to_100_then_closed(make_emulator: EmulatorFactory, make_bridge: BridgeFactory) -> None:
     emulator = await make_emulator(pace=0.02)
-    client = await make_bridge(emulator)
+    client = await make_bridge(emulator, progress_every=0)  # every rise
     frames = await run_job(client, "steps", {"workflow": "text-to-image", "3/steps": 10})
     start = next(i for i, f in enumerate(frames) if f["status"] == "progress")
     running = frames[start:-1]
@@ -240,3 +240,17 @@ async def test_frames_to_a_slow_reader_wait_in_order_and_close_comes_last() -> N
     assert not outbox.waiting
     assert transport.written == [text_frame(b"three")]
     assert socket.sent == [b"one", b"two"]
+
+
+async def test_progress_frames_are_coalesced_the_last_never_held_back(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    """Within `progress_every` only the latest percent would be told, once it is over: with one
+    longer than the job, its first frame and its 100.00% are all, and `closed` follows at once."""
+    emulator = await make_emulator(pace=0.02)
+    client = await make_bridge(emulator, progress_every=3600)
+    frames = await run_job(client, "coalesced", {"workflow": "text-to-image", "3/steps": 10})
+    progress = [f["detail"] for f in frames if f["status"] == "progress"]
+    assert len(progress) == 2
+    assert progress[-1] == "100.00%"
+    assert frames[-1]["status"] == "closed"

@@ -84,6 +84,8 @@ class Job:
     last_event: float = field(default_factory=time.monotonic)
     sending: str | None = None  # the prompt id whose POST /prompt is in flight from this process
     told_percent: float = 0.0  # the highest percent its client heard: frames only ever rise from it
+    told_at: float = 0.0  # monotonic time of its last progress frame
+    progress_due: asyncio.TimerHandle | None = field(default=None, repr=False, compare=False)  # a held frame
     resumed: bool = False  # recovered after a restart: it says so before its next progress frame
     # The outputs ComfyUI's `executed` events announced, while every event since execution_start
     # has been seen (None otherwise): then its /history need not be read.

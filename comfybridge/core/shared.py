@@ -58,6 +58,7 @@ class SchedulerSettings:
     """What the scheduler needs of the bridge's settings (same names; defaults live in config.Settings)."""
 
     heartbeat: float
+    progress_every: float
     disconnect_grace: float
     job_idle_timeout: float
     result_ttl: float

@@ -56,18 +56,35 @@ class Tracker:
         elif job.state is JobState.RUNNING:
             self.publish_progress(job)
 
-    def publish_progress(self, job: Job) -> None:
+    def publish_progress(self, job: Job, final: bool = False) -> None:
         """A progress frame when the percent rises: never lower than what the client heard, even when
-        the job runs again elsewhere. A job resumed after a restart says so before its first frame,
-        since what the last process told is not known."""
+        the job runs again elsewhere, and at most one every `progress_every` seconds (a fast sampler
+        makes dozens of steps a second): a rise within it is told when it is over, the latest one
+        only. The `final` frame (100%, just before `closed`) goes at once. A job resumed after a
+        restart says so before its first frame, since what the last process told is not known."""
         percent = job.progress.update()
         if percent <= job.told_percent:
             return
+        now, every = time.monotonic(), self.core.settings.progress_every
+        if not final and now - job.told_at < every:
+            if job.progress_due is None:
+                job.progress_due = asyncio.get_running_loop().call_later(
+                    job.told_at + every - now, self._progress_due, job
+                )
+            return
+        if job.progress_due is not None:
+            job.progress_due.cancel()
+            job.progress_due = None
         if job.resumed:
             job.resumed = False
             self.core.tell(job, "listening", RESUMED)
-        job.told_percent = percent
+        job.told_percent, job.told_at = percent, now
         self.core.tell(job, "progress", f"{percent:.2f}%")
+
+    def _progress_due(self, job: Job) -> None:
+        job.progress_due = None
+        if not job.ended:
+            self.publish_progress(job)
 
     def prompt_finished(self, backend: Backend, job: Job) -> None:
         """ComfyUI's final `executing null` (or its history, after a lost socket): only now is the
@@ -100,7 +117,7 @@ class Tracker:
                 if job.ended:  # interrupted meanwhile
                     return
                 job.progress.complete()
-                self.publish_progress(job)
+                self.publish_progress(job, final=True)
                 ended = core.end(job, JobState.DONE, files=files)
             elif finished.outcome == "interrupted":
                 ended = core.end(job, JobState.CANCELLED, "interrupted")
