@@ -34,7 +34,8 @@ async def one_job(session: aiohttp.ClientSession, url: str, workflow: str, index
             if frame["status"] in ("closed", "error"):
                 break
         ended = time.monotonic()
-        await session.get(f"{url}/history", params=params)  # fetch, so the bridge can forget the results
+        async with session.get(f"{url}/history", params=params) as resp:  # fetched whole, the results are forgotten
+            await resp.read()
     started = started or ended
     return answer["job_id"], started - submitted, ended - started
 
