@@ -320,3 +320,55 @@ async def test_a_bridge_whose_backends_differ_from_the_leaders_says_so(
         log = workdir / "odd" / "bridge.log"
         await wait_for(lambda: "give every bridge of a cluster the same --backends" in log.read_text())
     assert "same --backends" not in (workdir / "leader" / "bridge.log").read_text()
+
+
+async def test_a_client_gone_during_a_relayed_handshake_leaves_no_socket_at_the_leader(aiohttp_client: Any) -> None:
+    """The client hangs up while the follower is still opening the leader's socket for it: once the
+    follower finds it gone, it closes the leader's socket too (which would otherwise count against
+    the client's socket limits, and keep it 'connected', for ever)."""
+    client_gone = asyncio.Event()
+    at_leader: list[str] = []  # "open", then "closed"
+
+    async def leader_ws(request: web.Request) -> web.WebSocketResponse:
+        await client_gone.wait()  # the leader answers the handshake only after the client left
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        at_leader.append("open")
+        await ws.send_str('{"status":"connected","detail":"server connected","details":"server connected"}')
+        async for _ in ws:
+            pass
+        at_leader.append("closed")
+        return ws
+
+    leader_app = web.Application()
+    leader_app.router.add_get("/ws", leader_ws)
+    leader = await aiohttp_client(leader_app)
+    view = ClusterView("http://127.0.0.1:1", role="follower", secret="s")
+    view.leader_url = str(leader.make_url("")).rstrip("/")
+    app = web.Application(middlewares=[error_middleware, relay_middleware(view, lambda request: "127.0.0.1")])
+    app[METRICS] = Metrics()
+
+    async def session(app: web.Application) -> AsyncIterator[None]:
+        async with relay_session() as relayed:
+            app[RELAY_SESSION] = relayed
+            yield
+
+    app.cleanup_ctx.append(session)
+    runner = web.AppRunner(app, handler_cancellation=False)  # as python -m comfybridge runs (run_app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+        writer.write(
+            b"GET /ws?clientId=gone HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        await writer.drain()
+        await wait_for(lambda: len(app[RELAY_SESSION].connector._acquired) > 0)  # type: ignore[attr-defined]
+        writer.close()
+        await writer.wait_closed()
+        client_gone.set()
+        await wait_for(lambda: at_leader == ["open", "closed"])
+    finally:
+        await runner.cleanup()
