@@ -383,13 +383,19 @@ async def bench_idle_gap(jobs: int) -> dict[str, Any]:
     result: dict[str, Any] = {"name": "idle_gap", "jobs": jobs}
     for label, depth in (("pipelined", 1), ("unpipelined", 0)):
         async with stack([0.01], pipeline_depth=depth) as (url, comfy), aiohttp.ClientSession() as session:
-            await submit_all(session, url, [dict(SOLID, **{"1/width": 32 + i}) for i in range(jobs)])
-            (line,) = await wait_prompts(session, comfy, jobs)
-        line.sort(key=lambda item: item[1])
-        gaps = [(nxt[1] - prev[2]) * 1000 for prev, nxt in itertools.pairwise(line)]
+            gaps = await idle_gaps(session, [url], comfy[0], jobs)
         result[f"{label}_median_ms"] = round(statistics.median(gaps), 3)
         result[f"{label}_p95_ms"] = round(statistics.quantiles(gaps, n=20)[18], 3)
     return result
+
+
+async def idle_gaps(session: aiohttp.ClientSession, urls: list[str], comfy: str, jobs: int) -> list[float]:
+    """`jobs` small jobs submitted at once (over `urls`) to one backend: each gap (ms) between one
+    prompt's end and the next one's start inside it."""
+    await submit_all(session, urls, [dict(SOLID, **{"1/width": 32 + i}) for i in range(jobs)])
+    (line,) = await wait_prompts(session, [comfy], jobs)
+    line.sort(key=lambda item: item[1])
+    return [(nxt[1] - prev[2]) * 1000 for prev, nxt in itertools.pairwise(line)]
 
 
 SPEEDS = [1, 2, 4]  # relative speeds of the three emulated GPUs in the makespan benchmark
@@ -965,6 +971,18 @@ async def bench_cluster(jobs: int, database: str | None) -> dict[str, Any]:
                             break
                     await asyncio.sleep(0.01)
                 result["takeover_s"] = round(time.perf_counter() - killed, 2)
+        # pipelining: the idle gap of one backend behind one SQLite bridge, then behind a cluster of two
+        for size in (1, 2):
+            async with AsyncExitStack() as exits:
+                (comfy,) = await exits.enter_async_context(emulators([0.01]))
+                session = await exits.enter_async_context(aiohttp.ClientSession())
+                if size == 1:
+                    urls = [await exits.enter_async_context(bridge_for([comfy]))]
+                else:
+                    urls = await exits.enter_async_context(cluster_of(size, [comfy], new_database()))
+                gaps = await idle_gaps(session, urls, comfy, jobs)
+            label = "sqlite_bridge" if size == 1 else "cluster"
+            result[f"idle_gap_{label}_median_ms"] = round(statistics.median(gaps), 3)
         # one schedule: the makespan benchmark's pool behind one bridge, then behind three
         bodies = mixed_jobs(jobs)
         spans = {}

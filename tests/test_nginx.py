@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 from collections.abc import AsyncIterator
@@ -57,6 +58,21 @@ http {{
 """
 
 
+@contextlib.asynccontextmanager
+async def nginx(binary: str, root: Path, port: int) -> AsyncIterator[str]:
+    """nginx with `root`/nginx.conf, listening on `port`, until the block ends; its URL."""
+    proc = await asyncio.create_subprocess_exec(
+        binary, "-c", str(root / "nginx.conf"), "-p", str(root), stderr=asyncio.subprocess.DEVNULL
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await wait_until_up(f"{url}/workflow-list", proc, root / "error.log")
+        yield url
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+
 @pytest.fixture
 async def behind_nginx(
     make_bridge: BridgeFactory, make_emulator: EmulatorFactory, tmp_path: Path
@@ -68,16 +84,8 @@ async def behind_nginx(
     port = unused_port()
     user = "user root;" if os.geteuid() == 0 else ""
     (root / "nginx.conf").write_text(CONFIG.format(user=user, root=root, port=port, upstream=client.server.port))
-    proc = await asyncio.create_subprocess_exec(
-        binary, "-c", str(root / "nginx.conf"), "-p", str(root), stderr=asyncio.subprocess.DEVNULL
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        await wait_until_up(f"{url}/workflow-list", proc, root / "error.log")
+    async with nginx(binary, root, port) as url:
         yield url
-    finally:
-        proc.terminate()
-        await proc.wait()
 
 
 async def test_a_job_end_to_end_through_nginx(behind_nginx: str) -> None:
@@ -123,18 +131,9 @@ async def test_two_bridges_behind_nginx_keep_each_client_on_one_bridge(
         port = unused_port()
         ports = [int(first.rsplit(":", 1)[1]), int(second.rsplit(":", 1)[1])]
         (root / "nginx.conf").write_text(nginx_config(root, port, ports))
-        proc = await asyncio.create_subprocess_exec(
-            binary, "-c", str(root / "nginx.conf"), "-p", str(root), stderr=asyncio.subprocess.DEVNULL
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            await wait_until_up(f"{url}/workflow-list", proc, root / "error.log")
-            clients = [f"user-{index}" for index in range(12)]
-            async with aiohttp.ClientSession() as session:
-                await asyncio.gather(*(one_client(session, url, client_id) for client_id in clients))
-        finally:
-            proc.terminate()
-            await proc.wait()
+        clients = [f"user-{index}" for index in range(12)]
+        async with nginx(binary, root, port) as url, aiohttp.ClientSession() as session:
+            await asyncio.gather(*(one_client(session, url, client_id) for client_id in clients))
     logs = [(directory / "bridge.log").read_text() for directory in dirs]
     homes = {}
     for client_id in clients:
@@ -168,22 +167,11 @@ async def test_a_cluster_behind_nginx_serves_each_request_wherever_it_lands(
         port = unused_port()
         ports = [int(first.rsplit(":", 1)[1]), int(second.rsplit(":", 1)[1])]
         (root / "nginx.conf").write_text(nginx_config(root, port, ports, "nginx-comfybridge-cluster.conf"))
-        proc = await asyncio.create_subprocess_exec(
-            binary, "-c", str(root / "nginx.conf"), "-p", str(root), stderr=asyncio.subprocess.DEVNULL
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            await wait_until_up(f"{url}/workflow-list", proc, root / "error.log")
-            clients = [f"user-{index}" for index in range(12)]
-            async with aiohttp.ClientSession() as session:
-                await asyncio.gather(*(one_client(session, url, client_id) for client_id in clients))
-                async with session.get(f"{second}/metrics") as resp:
-                    relayed = [
-                        line for line in (await resp.text()).splitlines() if line.startswith("comfybridge_relayed")
-                    ]
-        finally:
-            proc.terminate()
-            await proc.wait()
+        clients = [f"user-{index}" for index in range(12)]
+        async with nginx(binary, root, port) as url, aiohttp.ClientSession() as session:
+            await asyncio.gather(*(one_client(session, url, client_id) for client_id in clients))
+            async with session.get(f"{second}/metrics") as resp:
+                relayed = [line for line in (await resp.text()).splitlines() if line.startswith("comfybridge_relayed")]
     kinds = {line.split('"')[1] for line in relayed if float(line.rsplit(" ", 1)[1]) > 0}
     assert kinds == {"http", "websocket"}  # requests and sockets landed on the follower, which relayed them
     assert sum(len(e.engine.started) for e in emulators) == len(clients)
