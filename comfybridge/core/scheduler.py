@@ -495,9 +495,11 @@ class Scheduler:
     async def _forget_fetched(self, client_id: str, fetched: list[JobResult], client_done: bool) -> None:
         """Journal the fetch before the files go."""
         core = self.core
-        forgotten = core.journal.forget(r.job_id for r in fetched)
+        # A client with nothing left: all its ended jobs go, these with them (one write, not two).
         if client_done:
-            core.journal.forget_client(client_id)
+            forgotten = core.journal.forget_client(client_id)
+        else:
+            forgotten = core.journal.forget(r.job_id for r in fetched)
         try:
             await forgotten
         except StorageError as exc:
