@@ -58,6 +58,10 @@ class Leadership:
         self._answered = 0.0  # monotonic time of the database's last answer during a term
         self._checked = 0  # the leader generation whose backends were compared with this bridge's
 
+    def _renewed(self) -> None:
+        self._answered = time.monotonic()
+        self.view.lease_until = time.time() + self.timeout
+
     def holds(self) -> bool:
         """The database answered this term's leader within `timeout`: it may still send prompts. Past
         that it is about to stop leading, and well before PostgreSQL frees its lock (`keepalives`)."""
@@ -111,7 +115,7 @@ class Leadership:
         assert leader is not None
         log.info("this bridge leads the cluster now (generation %d)", leader.generation)
         again, self.terms = self.terms > 0, self.terms + 1
-        self._answered = time.monotonic()  # the lock was just won
+        self._renewed()  # the lock was just won
         try:
             async with self.term(again):
                 view.role = "leader"
@@ -124,6 +128,7 @@ class Leadership:
         finally:
             self.settled.set()
             view.role = "follower"
+            view.lease_until = None
             view.follow(None, leader.generation)
             await journal.close()  # the lock goes with its session, if the term left it
             await self.demoted()
@@ -141,7 +146,7 @@ class Leadership:
             try:
                 async with asyncio.timeout(self.timeout):
                     await self.journal.heartbeat()
-                self._answered = time.monotonic()
+                self._renewed()
             except Exception as exc:  # whatever failed, the database did not answer
                 log.warning("the database did not answer the leader's heartbeat: %s", exc)
             silent = time.monotonic() - self._answered

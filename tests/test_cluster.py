@@ -103,6 +103,11 @@ async def test_a_client_on_three_bridges_hears_and_fetches_every_job(
         assert scraped[b]['comfybridge_relayed_total{kind="http"}'] == 7  # six jobs and a /history
         assert scraped[c]['comfybridge_relayed_total{kind="websocket"}'] == 1
         assert 'comfybridge_relayed_total{kind="http"}' not in scraped[a]  # the leader relays nothing
+        assert 0 < scraped[a]["comfybridge_cluster_lease_seconds"] <= 5  # renewed each second, 5 s long
+        assert "comfybridge_cluster_lease_seconds" not in scraped[b]
+        reports = [(await health(session, url))["cluster"] for url in (a, b)]
+        assert 0 < reports[0]["lease_expires_in"] <= 5  # type: ignore[index,operator]
+        assert "lease_expires_in" not in reports[1]  # type: ignore[operator]
 
 
 async def test_kill_9_of_the_leader_mid_burst_loses_nothing_and_runs_nothing_twice(

@@ -149,6 +149,14 @@ class _ClusterGauges(Collector):
         )
         generation.add_metric([], report["generation"])
         yield generation
+        lease = GaugeMetricFamily(
+            "comfybridge_cluster_lease_seconds",
+            "On the leader: seconds it may still send prompts without another answer from the database "
+            "(renewed each second; 0 when it is about to stop leading).",
+        )
+        if "lease_expires_in" in report:
+            lease.add_metric([], report["lease_expires_in"])
+        yield lease
 
 
 METRICS = web.AppKey("metrics", Metrics)

@@ -64,6 +64,9 @@ class ClusterView:
     generation: int = 0
     secret: str = ""
     sockets: set[web.WebSocketResponse] = field(default_factory=set)  # clients' sockets relayed now
+    # While leading: until when (wall clock) it may send prompts without another answer from the
+    # database: its hold on every backend, renewed by each heartbeat.
+    lease_until: float | None = None
 
     async def close_sockets(self) -> None:
         """This bridge stops: its relayed sockets close as the leader's own would (1001)."""
@@ -89,7 +92,10 @@ class ClusterView:
         return request.headers.get(CALLER_HEADER) if self.trusts(request) else None
 
     def report(self) -> dict[str, Any]:
-        return {"role": self.role, "leader": self.leader_url, "generation": self.generation}
+        report: dict[str, Any] = {"role": self.role, "leader": self.leader_url, "generation": self.generation}
+        if self.leading and self.lease_until is not None:
+            report["lease_expires_in"] = round(max(0.0, self.lease_until - time.time()), 3)
+        return report
 
     def upstream(self) -> str:
         """The leader's URL, or NoLeader: none known, or it is this bridge, which is not ready to lead."""
