@@ -139,9 +139,10 @@ def make_big(bridge: Client, client_id: str) -> int:
     (result,) = store.claim(client_id)
     store.release([result])
     small = result.files[0]
-    small.path.write_bytes(png() + b"\0" * (40 * 1024 * 1024))
-    size = small.path.stat().st_size
-    result.files[0] = ResultFile(small.file_name, small.path, small.content_type, size)
+    path = store.blobs.path(small.key)  # type: ignore[attr-defined]
+    path.write_bytes(png() + b"\0" * (40 * 1024 * 1024))
+    size = path.stat().st_size
+    result.files[0] = ResultFile(small.file_name, small.key, small.content_type, size)
     return size
 
 

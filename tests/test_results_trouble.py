@@ -11,8 +11,8 @@ from typing import Any
 import orjson
 import pytest
 
-from comfybridge.comfy import client as comfy
 from comfybridge.edge.appkeys import SCHEDULER
+from comfybridge.store import blobs
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
 from .fake_comfy import FakeComfy
@@ -111,7 +111,7 @@ async def test_a_full_disk_fails_the_job_after_bounded_tries_without_downloading
         def no_room(target: Path, length: int | None) -> None:
             raise OSError(errno.ENOSPC, "No space left on device", str(target.parent))
 
-        monkeypatch.setattr(comfy, "_make_room", no_room)
+        monkeypatch.setattr(blobs, "_make_room", no_room)
     try:
         client = await make_bridge(emulator, data_dir=data_dir, result_retries=3)
         status, _ = await generate(client, "full", SOLID)
@@ -148,7 +148,7 @@ async def test_interrupt_stops_the_tries_to_store_results(
         tries.append(target)
         raise OSError(errno.ENOSPC, "No space left on device", str(target.parent))
 
-    monkeypatch.setattr(comfy, "write_synced", no_room)
+    monkeypatch.setattr(blobs, "write_synced", no_room)
     status, _ = await generate(client, "stop", SOLID)
     assert status == 200
     await wait_for(lambda: len(tries) >= 2)

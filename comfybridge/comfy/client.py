@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
-import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import orjson
 from yarl import URL
 
-from ..errors import StorageError, StorageFull, StorageUnavailable
-from ..store.files import NO_SPACE, SMALL_FILE, in_thread, open_off_loop, sync_handle, write_synced
+from ..store.files import SMALL_FILE, open_off_loop
 from . import shapes
 from .shapes import Complaints, Malformed, OutputRef, describe_refusal
 
@@ -41,13 +38,20 @@ DisconnectHandler = Callable[[], None]
 CHUNK = 256 * 1024
 MB = 1024 * 1024
 MAX_ANSWER = 128 * MB  # the largest REST answer read (/object_info with many custom nodes: tens of MB)
-ROOM_MARGIN = 16 * MB  # free space kept beyond a large download, for the journal and other writes
 SLOW_RATE = 64 * 1024  # bytes a second an output file's download earns beyond comfy_timeout
 JSON_HEADERS = {"Content-Type": "application/json"}
 # "0.3.64": the recorded release. "jobs": later releases, which add GET /api/jobs, GET /api/jobs/{id},
 # an atomic POST /api/jobs/{id}/cancel, canonical-UUID prompt ids, and asset ids on outputs.
 DIALECTS = ("0.3.64", "jobs")
 MISSED = "missed"  # the event handed on for a prompt one of whose events was skipped as malformed
+
+
+class Sink(Protocol):
+    """Where a download goes (the store's writer): it raises StorageError when it cannot take it."""
+
+    async def reserve(self, size: int | None) -> None: ...
+
+    async def write(self, chunk: bytes) -> None: ...
 
 
 class BackendUnavailable(Exception):
@@ -227,11 +231,11 @@ class ComfyClient:
         answer = await self._json("GET", "/object_info")
         return answer if isinstance(answer, dict) else {}
 
-    async def download(self, ref: OutputRef, target: Path, max_bytes: int) -> int:
-        """Copy one output file to `target`, fsynced (its folder too is created if needed). A small file
-        is written in one go; a large one streams, never held whole in memory, once the disk has room
-        for it (a full disk costs no download). Raises ResultTooLarge past `max_bytes`, StorageError
-        when the bridge cannot write it, BackendUnavailable when ComfyUI cannot give it."""
+    async def download(self, ref: OutputRef, target: Sink, max_bytes: int) -> int:
+        """Copy one output file into `target` (the caller commits or aborts it). A small file is
+        read in one go; a large one streams, never held whole in memory, once the store has said it
+        can take it (a full disk costs no download). Raises ResultTooLarge past `max_bytes`,
+        StorageError when the bridge cannot store it, BackendUnavailable when ComfyUI cannot give it."""
         params = {"filename": ref.filename, "subfolder": ref.subfolder, "type": ref.type}
         size = 0
         # A file that trickles (a byte now and then, each read in time) must still arrive: comfy_timeout
@@ -254,28 +258,24 @@ class ComfyClient:
                     size = length
                     async with asyncio.timeout_at(deadline()):
                         data = await resp.read()
-                    await in_thread(write_synced, target, data)
+                    await target.write(data)
                     return len(data)
-                await in_thread(_make_room, target, length)
-                async with open_off_loop(target, "wb") as handle:
-                    while True:
-                        async with asyncio.timeout_at(deadline()):
-                            chunk = await resp.content.read(CHUNK)
-                        if not chunk:
-                            break
-                        size += len(chunk)
-                        if size > max_bytes:
-                            raise ResultTooLarge(_too_large(ref, size, max_bytes))
-                        await in_thread(handle.write, chunk)
-                    await in_thread(sync_handle, handle)
+                await target.reserve(length)
+                while True:
+                    async with asyncio.timeout_at(deadline()):
+                        chunk = await resp.content.read(CHUNK)
+                    if not chunk:
+                        break
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise ResultTooLarge(_too_large(ref, size, max_bytes))
+                    await target.write(chunk)
         except TimeoutError:
             raise BackendUnavailable(
                 f"{self.name}: download of {ref.filename!r} too slow ({size} bytes, past its deadline)"
             ) from None
         except aiohttp.ClientError as exc:
             raise BackendUnavailable(f"{self.name}: download of {ref.filename!r} failed: {exc}") from exc
-        except OSError as exc:  # writing here, not ComfyUI, failed
-            raise storage_error(exc) from exc
         return size
 
     # events ----------------------------------------------------------------------------------
@@ -372,17 +372,3 @@ def _glimpse(body: bytes) -> str:
 
 def _too_large(ref: OutputRef, size: int, limit: int) -> str:
     return f"the output {ref.filename!r} is larger than the limit of {limit / MB:g} MB (max_result_mb)"
-
-
-def _make_room(target: Path, length: int | None) -> None:
-    """Create the target's folder and check the disk has room for `length` bytes, before any is read."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if length is not None and shutil.disk_usage(target.parent).free < length + ROOM_MARGIN:
-        raise OSError(errno.ENOSPC, f"no room for {length} bytes", str(target.parent))
-
-
-def storage_error(exc: OSError) -> StorageError:
-    """A write of the bridge's own that failed, as the error the client or the log sees."""
-    if exc.errno in NO_SPACE:
-        return StorageFull(f"the bridge's disk is full ({exc.strerror})")
-    return StorageUnavailable(f"the bridge could not write its data folder ({exc.strerror}: {exc.filename})")

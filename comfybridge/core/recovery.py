@@ -26,15 +26,14 @@ class Recovered:
     finished: int = 0
 
 
-def missing_results(core: Core, rows: list[dict[str, Any]]) -> set[str]:
-    """Ids of finished jobs whose result files are no longer on disk (blocking: run it in a thread)."""
-    gone = set()
-    for row in rows:
-        if row["state"] == JobState.DONE.value and row["results"] is not None:
-            files = core.results.files_from(row["id"], row["results"])
-            if not all(f.path.is_file() for f in files):
-                gone.add(row["id"])
-    return gone
+async def missing_results(core: Core, rows: list[dict[str, Any]]) -> set[str]:
+    """Ids of finished jobs whose result files are no longer in the store."""
+    done = {
+        row["id"]: core.results.files_from(row["id"], row["results"])
+        for row in rows
+        if row["state"] == JobState.DONE.value and row["results"] is not None
+    }
+    return await core.results.missing(done) if done else set()
 
 
 def recover(core: Core, rows: list[dict[str, Any]], gone: set[str]) -> Recovered:

@@ -101,10 +101,10 @@ class Scheduler:
         core = self.core
         self.running = True
         # The data folder first, while no task can be collecting into it.
-        gone = await asyncio.to_thread(missing_results, core, rows)
+        gone = await missing_results(core, rows)
         done = {r["id"] for r in rows if r["state"] == JobState.DONE.value and r["id"] not in gone}
         unfinished = {r["id"] for r in rows if r["state"] not in ENDED_STATES}
-        await asyncio.to_thread(core.results.sort_out_folders, done, unfinished)
+        await core.results.sort_out(done, unfinished, self.settings.result_ttl)
         for url in self._initial:
             self._add_backend(url)
         taken = core.runtimes.restore(core.journal.learned)

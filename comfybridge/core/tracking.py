@@ -12,7 +12,7 @@ from ..comfy.client import MISSED, BackendUnavailable, ResultTooLarge
 from ..comfy.shapes import Finished, OutputRef
 from ..errors import StorageError
 from ..store.media import content_type_for
-from ..store.results import ResultFile, stored_name, sync_folders
+from ..store.results import ResultFile
 from . import care
 from .backend import Backend
 from .jobs import Job, JobState
@@ -184,13 +184,19 @@ class Tracker:
         raise AssertionError("unreachable: the last try raises or returns")
 
     async def _store_results(self, backend: Backend, job: Job, refs: list[OutputRef]) -> list[ResultFile]:
-        folder = self.core.results.folder_for(job.id)
+        results = self.core.results
         limit = int(self.core.settings.max_result_mb * MB)
         files = []
         for index, ref in enumerate(refs):
-            target = folder / stored_name(index, ref.filename)
-            size = await backend.client.download(ref, target, limit)  # written and fsynced
-            files.append(ResultFile(ref.filename, target, content_type_for(ref.filename), size))
+            key = results.key_for(job.id, index, ref.filename)
+            writer = results.writer(key)
+            try:
+                await backend.client.download(ref, writer, limit)
+                size = await writer.commit()  # durable, and its size checked
+            except BaseException:
+                await writer.abort()
+                raise
+            files.append(ResultFile(ref.filename, key, content_type_for(ref.filename), size))
         if files:  # the files' names in their folder, and the folder in its parent, survive a power cut
-            await asyncio.to_thread(sync_folders, folder)
+            await results.seal(job.id)
         return files

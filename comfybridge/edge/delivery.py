@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import uuid
 from collections.abc import Callable
@@ -10,8 +9,9 @@ from collections.abc import Callable
 import orjson
 from aiohttp import web
 
-from ..store.files import SMALL_FILE, open_off_loop
-from ..store.results import ResultFile
+from ..store.files import SMALL_FILE
+from ..store.results import ResultFile, ResultStore
+from .appkeys import RESULTS
 from .replies import quoted_header_text
 
 __all__ = ["write_base64", "write_multipart"]
@@ -43,7 +43,7 @@ async def write_multipart(request: web.Request, files: list[tuple[str, ResultFil
     await response.prepare(request)
     for head, (_, item) in zip(heads, files, strict=True):
         await response.write(head)
-        await _send_file(response, item, CHUNK, bytes)
+        await _send_file(response, request.app[RESULTS], item, CHUNK, bytes)
         await response.write(b"\r\n")
     await response.write(tail)
     await response.write_eof()
@@ -64,7 +64,7 @@ async def write_base64(request: web.Request, files: list[tuple[str, ResultFile]]
     await response.write(b'{"files":[')
     for index, (piece, (_, item)) in enumerate(zip(pieces, files, strict=True)):
         await response.write((b"," if index else b"") + piece)
-        await _send_file(response, item, B64_CHUNK, base64.b64encode)
+        await _send_file(response, request.app[RESULTS], item, B64_CHUNK, base64.b64encode)
         await response.write(b'"}')
     await response.write(b"]}")
     await response.write_eof()
@@ -72,13 +72,21 @@ async def write_base64(request: web.Request, files: list[tuple[str, ResultFile]]
 
 
 async def _send_file(
-    response: web.StreamResponse, item: ResultFile, size: int, encode: Callable[[bytes], bytes]
+    response: web.StreamResponse, store: ResultStore, item: ResultFile, size: int, encode: Callable[[bytes], bytes]
 ) -> None:
-    """Stream a file in chunks read off the event loop; closed even when the client goes away.
-    A small file is read whole, in one trip to a thread."""
+    """Stream a file from the store in chunks of `size` (the last may be shorter: base64 needs
+    every other one whole); a small file is read whole, in one trip."""
     if item.size <= SMALL_FILE:
-        await response.write(encode(await asyncio.to_thread(item.path.read_bytes)))
+        await response.write(encode(await store.read(item)))
         return
-    async with open_off_loop(item.path, "rb") as handle:
-        while chunk := await asyncio.to_thread(handle.read, size):
+    held = b""
+    async for chunk in store.chunks(item, size):
+        if not held and len(chunk) == size:  # a local file's chunks come whole: no copy
             await response.write(encode(chunk))
+            continue
+        held += chunk
+        while len(held) >= size:
+            await response.write(encode(held[:size]))
+            held = held[size:]
+    if held:
+        await response.write(encode(held))

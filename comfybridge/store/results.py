@@ -1,7 +1,8 @@
-"""Result store: each finished job's output files, held on the bridge's disk until fetched or expired.
+"""Result store: each finished job's output files, held in the blob store (a local folder, or object
+storage) until fetched or expired.
 
 The journal records which files a finished job has; this store keeps the files and, in memory, which
-client may fetch them."""
+client may fetch them. A job's files are named `<job id>/<index>-<name>`."""
 
 from __future__ import annotations
 
@@ -10,13 +11,14 @@ import logging
 import re
 import shutil
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .files import fsync_path
+from .blobs import BlobStore, BlobWriter, LocalBlobs
 
-__all__ = ["JobResult", "ResultFile", "ResultStore", "stored_name", "sync_folders"]
+__all__ = ["JobResult", "ResultFile", "ResultStore", "stored_name"]
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +29,14 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 @dataclass(frozen=True)
 class ResultFile:
     file_name: str  # the name ComfyUI gave the output
-    path: Path
+    key: str  # its name in the blob store: <job id>/<stored name>
     content_type: str
     size: int
 
     def record(self) -> dict[str, Any]:
         return {
             "file_name": self.file_name,
-            "path": self.path.name,
+            "path": self.key.rpartition("/")[2],
             "content_type": self.content_type,
             "size": self.size,
         }
@@ -47,30 +49,11 @@ class JobResult:
     seq: int  # acceptance order, so results come back in job order
     created: float
     files: list[ResultFile]
-    folder: Path
-
-
-def _delete(results: list[JobResult]) -> None:
-    """Remove fetched results: their known files, then their folders (all at once, in one thread)."""
-    for result in results:
-        try:
-            for item in result.files:
-                item.path.unlink(missing_ok=True)
-            result.folder.rmdir()
-        except OSError:  # something else in the folder (a partial download): remove it all
-            shutil.rmtree(result.folder, ignore_errors=True)
-
-
-def sync_folders(folder: Path) -> None:
-    """fsync a job's result folder and the folder that holds it (the files themselves are synced as
-    they are written), so a power cut after `closed` loses nothing."""
-    fsync_path(folder)
-    fsync_path(folder.parent)
 
 
 class ResultStore:
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    def __init__(self, blobs: BlobStore | Path) -> None:
+        self.blobs: BlobStore = LocalBlobs(blobs) if isinstance(blobs, Path) else blobs
         self._by_client: dict[str, list[JobResult]] = {}
         self._claimed: set[str] = set()  # job ids being sent to a client right now
 
@@ -79,16 +62,35 @@ class ResultStore:
         self._by_client.clear()
         self._claimed.clear()
 
-    def folder_for(self, job_id: str) -> Path:
-        return self.root / job_id
+    @staticmethod
+    def key_for(job_id: str, index: int, file_name: str) -> str:
+        return f"{job_id}/{stored_name(index, file_name)}"
+
+    def writer(self, key: str) -> BlobWriter:
+        return self.blobs.writer(key)
+
+    async def seal(self, job_id: str) -> None:
+        """A job's files are all written: their names, too, survive a power cut."""
+        if isinstance(self.blobs, LocalBlobs):
+            await self.blobs.seal(job_id)
+
+    def chunks(self, item: ResultFile, size: int) -> AsyncIterator[bytes]:
+        return self.blobs.chunks(item.key, size)
+
+    async def read(self, item: ResultFile) -> bytes:
+        return await self.blobs.read(item.key)
 
     def files_from(self, job_id: str, records: list[dict[str, Any]]) -> list[ResultFile]:
-        folder = self.folder_for(job_id)
-        return [ResultFile(r["file_name"], folder / r["path"], r["content_type"], int(r["size"])) for r in records]
+        return [ResultFile(r["file_name"], f"{job_id}/{r['path']}", r["content_type"], int(r["size"])) for r in records]
+
+    async def missing(self, jobs: dict[str, list[ResultFile]]) -> set[str]:
+        """Ids of the given jobs some of whose files are not in the store any more."""
+        present = {key for key, _ in await self.blobs.keys()}
+        return {job_id for job_id, files in jobs.items() if not all(f.key in present for f in files)}
 
     def add(self, job_id: str, client_id: str, seq: int, files: list[ResultFile], created: float | None = None) -> None:
         """Hand a finished job's files to its client; only now do they count as results."""
-        result = JobResult(job_id, client_id, seq, created or time.time(), files, self.folder_for(job_id))
+        result = JobResult(job_id, client_id, seq, created or time.time(), files)
         results = self._by_client.setdefault(client_id, [])
         results.append(result)
         results.sort(key=lambda r: r.seq)
@@ -122,11 +124,11 @@ class ResultStore:
             self._by_client.pop(client_id, None)
 
     async def delete(self, results: list[JobResult]) -> None:
-        await asyncio.to_thread(_delete, results)
+        await self.blobs.delete([item.key for result in results for item in result.files])
 
     async def discard(self, job_id: str) -> None:
         """Remove the partial downloads of a job that did not finish."""
-        await asyncio.to_thread(shutil.rmtree, self.folder_for(job_id), True)
+        await self.blobs.delete_prefix(f"{job_id}/")
 
     def expired(self, ttl: float) -> list[JobResult]:
         """Results older than `ttl` that no request is sending right now."""
@@ -136,30 +138,50 @@ class ResultStore:
         ]
 
     # start-up --------------------------------------------------------------------------------
-    def sort_out_folders(self, done: set[str], unfinished: set[str]) -> Path | None:
-        """At start-up, before anything collects: a finished job's folder stays; an unfinished job's
-        holds downloads a crash cut short (it collects again) and goes; anything no journal row names
-        is moved aside into `orphans/`, never deleted, since a journal lost or replaced by mistake must
-        not take finished, unfetched results with it. Returns where strays were moved, if any.
-        Blocking: run it in a thread."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        aside = self.root.parent / "orphans" / time.strftime("results-%Y%m%d-%H%M%S")
-        moved = 0
-        for entry in sorted(self.root.iterdir()):
-            if entry.name in done:
+    async def sort_out(self, done: set[str], unfinished: set[str], orphan_age: float) -> None:
+        """At start-up, before anything collects: a finished job's files stay; an unfinished job's are
+        downloads a crash cut short (it collects again) and go. Files no journal row names: in a local
+        folder they are moved aside into `orphans/`, never deleted (a journal lost or replaced by
+        mistake must not take finished, unfetched results with it); in object storage they go once
+        older than `orphan_age` (the result TTL: they would have expired by then)."""
+        blobs = self.blobs
+        if isinstance(blobs, LocalBlobs):
+            await asyncio.to_thread(_sort_out_folders, blobs.root, done, unfinished)
+            return
+        partial, orphans = [], []
+        cutoff = time.time() - orphan_age
+        for key, modified in await blobs.keys():
+            job_id = key.partition("/")[0]
+            if job_id in done:
                 continue
-            if entry.name in unfinished:
-                shutil.rmtree(entry, ignore_errors=True)
-                continue
-            aside.mkdir(parents=True, exist_ok=True)
-            shutil.move(entry, aside / entry.name)  # a rename, or a copy when results/ is another disk
-            moved += 1
-        if not moved:
-            return None
-        log.warning(
-            "moved %d result folders that no journal row names to %s: kept there until removed by hand", moved, aside
-        )
-        return aside
+            if job_id in unfinished:
+                partial.append(key)
+            elif modified < cutoff:
+                orphans.append(key)
+        await blobs.delete(partial + orphans)
+        if orphans:
+            log.warning("removed %d result objects no journal row names, older than %gs", len(orphans), orphan_age)
+
+
+def _sort_out_folders(root: Path, done: set[str], unfinished: set[str]) -> Path | None:
+    root.mkdir(parents=True, exist_ok=True)
+    aside = root.parent / "orphans" / time.strftime("results-%Y%m%d-%H%M%S")
+    moved = 0
+    for entry in sorted(root.iterdir()):
+        if entry.name in done:
+            continue
+        if entry.name in unfinished:
+            shutil.rmtree(entry, ignore_errors=True)
+            continue
+        aside.mkdir(parents=True, exist_ok=True)
+        shutil.move(entry, aside / entry.name)  # a rename, or a copy when results/ is another disk
+        moved += 1
+    if not moved:
+        return None
+    log.warning(
+        "moved %d result folders that no journal row names to %s: kept there until removed by hand", moved, aside
+    )
+    return aside
 
 
 def stored_name(index: int, file_name: str) -> str:
