@@ -21,6 +21,7 @@ from .errors import WorkflowConfigError
 from .store.counter import StateError
 from .store.datadir import DataDirLocked
 from .store.journal import JournalError
+from .store.s3 import ObjectStoreError
 
 
 def _loopback(host: str) -> bool:
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             access_log=None,
             print=lambda _: print(banner, flush=True),
         )
-    except JournalError as exc:  # the journal (or the database) is opened as the app starts
+    except (JournalError, ObjectStoreError) as exc:  # the journal, the database, the bucket: opened at start
         return _refuse(str(exc))
     return 0
 

@@ -46,6 +46,7 @@ from .store.datadir import DataDirLock
 from .store.journal import ENDED_STATES, JobStore, SqliteJournal
 from .store.pgjournal import PgJournal
 from .store.results import ResultStore
+from .store.s3 import S3Blobs
 from .store.uploads import UploadLimits, UploadStore
 
 __all__ = ["MB", "create_app"]
@@ -112,7 +113,9 @@ def create_app(
             max_total_mp=settings.max_total_mp,
         ),
     )
-    app[RESULTS] = ResultStore(settings.data_dir / "results")
+    app[RESULTS] = ResultStore(
+        S3Blobs(settings.storage, settings.s3_endpoint) if settings.storage else settings.data_dir / "results"
+    )
     app[HUB] = SocketHub()
     app[METRICS] = metrics = Metrics()
     if view is not None:
@@ -129,9 +132,16 @@ def create_app(
 
 
 async def _stores(app: web.Application) -> AsyncIterator[None]:
-    # Indexing the uploads earlier runs left walks the data folder: off the event loop.
-    await asyncio.to_thread(app[UPLOADS].load)
-    yield
+    blobs = app[RESULTS].blobs
+    if isinstance(blobs, S3Blobs):
+        await blobs.start()  # the bucket must answer: ObjectStoreError, one line, exit 2
+    try:
+        # Indexing the uploads earlier runs left walks the data folder: off the event loop.
+        await asyncio.to_thread(app[UPLOADS].load)
+        yield
+    finally:
+        if isinstance(blobs, S3Blobs):
+            await blobs.close()
 
 
 def journal_for(settings: Settings) -> JobStore:

@@ -17,11 +17,13 @@ from yarl import URL
 from . import __version__
 from .comfy.client import DIALECTS
 from .core.webhooks import secret_from
+from .store.s3 import parse_storage_url
 
 __all__ = ["OPTIONS", "ConfigError", "Settings", "load_settings"]
 
 DEFAULT_CONFIG = Path("config/comfybridge.toml")
 SECRETS = {"database", "webhook_secret", "metrics_key", "api_keys"}  # settings whose values are never echoed
+EXPLAINED = {"storage", "s3_endpoint"}  # settings whose parser says what is wrong
 ENV_PREFIX = "COMFYBRIDGE_"
 
 
@@ -93,6 +95,9 @@ class Settings:
     database: str = ""
     advertise_url: str = ""
     leader_timeout: float = 5.0
+    storage: str = ""
+    s3_endpoint: str = ""
+    link_ttl: float = 3600.0
 
     @property
     def own_url(self) -> str:
@@ -197,6 +202,22 @@ def _database(value: str) -> str:
         usable = False
     if not usable:
         raise ValueError("must be empty (the SQLite journal) or a postgresql://user:password@host:port/database URL")
+    return value
+
+
+def _storage(value: str) -> str:
+    value = str(value).strip()
+    if value:
+        parse_storage_url(value)  # ValueError says what is wrong
+    return value
+
+
+def _endpoint(value: str) -> str:
+    value = str(value).strip().rstrip("/")
+    if value:
+        url = URL(value)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError("must be an http(s)://host[:port] URL of an S3-compatible server")
     return value
 
 
@@ -325,6 +346,13 @@ OPTIONS: dict[str, tuple[Parser, Callable[[Any], str | None] | None, str]] = {
         _positive,
         "with --database: seconds the leading bridge may go without reaching the database before it stops leading",
     ),
+    "storage": (
+        _storage,
+        None,
+        "empty: uploads and results in folders under the data dir; s3://bucket/prefix: in object storage",
+    ),
+    "s3_endpoint": (_endpoint, None, "with s3:// storage: an S3-compatible server's URL (empty: AWS)"),
+    "link_ttl": (_number(float), _positive, "with s3:// storage: seconds a /history?resType=url link works"),
 }
 
 
@@ -402,7 +430,8 @@ def load_settings(
         try:
             parsed = parse(value)
         except (TypeError, ValueError) as exc:
-            why = str(exc) if name in SECRETS and str(exc) else f"is not a valid {name.replace('_', ' ')}"
+            told = name in SECRETS or name in EXPLAINED
+            why = str(exc) if told and str(exc) else f"is not a valid {name.replace('_', ' ')}"
             raise ConfigError(f"{origin}: {shown} {why}") from None
         problem = check(parsed) if check else None
         if problem:

@@ -21,6 +21,7 @@ from comfybridge.emulator import Emulator
 
 from .fake_comfy import FakeComfy
 from .postgres import PostgresServer, running_postgres
+from .s3 import S3Server, running_s3
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -40,6 +41,11 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresServer]:
     yield from running_postgres()
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3Server]:
+    yield from running_s3()
 
 
 @pytest.fixture

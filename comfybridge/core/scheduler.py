@@ -466,6 +466,11 @@ class Scheduler:
         return any(freed)
 
     # results and expiry ----------------------------------------------------------------------
+    @property
+    def result_store(self) -> ResultStore:
+        """Where finished jobs' files are read from (as bytes, or as links when it has them)."""
+        return self.core.results
+
     def claim_results(self, client_id: str) -> tuple[Fetch, list[JobResult]]:
         """The client's finished results, reserved for one request to send (a second request at the
         same time gets none of them). Hand them back with `results_fetched` once sent whole, or
@@ -482,17 +487,19 @@ class Scheduler:
         """A delivery that did not complete: the results can be fetched again."""
         self.core.results.release(fetched)
 
-    def results_fetched(self, client_id: str, fetched: list[JobResult]) -> None:
+    def results_fetched(self, client_id: str, fetched: list[JobResult], keep_for: float = 0) -> None:
         """After a full /history download: gone at once for the next request (and a client with
-        nothing left forgotten); journaled, sharing the next commit, then the files removed, without
-        holding up the client's connection."""
+        nothing left forgotten); journaled, sharing the next commit, then the files removed (after
+        `keep_for` seconds: links to them were handed out), without holding up the client's connection."""
         core = self.core
         core.results.forget(client_id, fetched)
         client = self.clients.get(client_id)
         done = client is not None and self.clients.forget_if_done(client, core.owns_something)
-        core.spawn(self._forget_fetched(client_id, fetched, done), f"forget fetched {client_id}")
+        core.spawn(self._forget_fetched(client_id, fetched, done, keep_for), f"forget fetched {client_id}")
 
-    async def _forget_fetched(self, client_id: str, fetched: list[JobResult], client_done: bool) -> None:
+    async def _forget_fetched(
+        self, client_id: str, fetched: list[JobResult], client_done: bool, keep_for: float
+    ) -> None:
         """Journal the fetch before the files go."""
         core = self.core
         # A client with nothing left: all its ended jobs go, these with them (one write, not two).
@@ -508,7 +515,14 @@ class Scheduler:
             log.warning("client %s: %d results delivered, but not forgotten in the journal: %s", client_id,
                         len(fetched), exc)  # fmt: skip
             return
-        await core.results.delete(fetched)
+        if keep_for:  # a stop cuts this short: the objects are then orphans, which the sweep removes
+            core.spawn(self._delete_later(fetched, keep_for), f"delete linked {client_id}", daemon=True)
+        else:
+            await core.results.delete(fetched)
+
+    async def _delete_later(self, fetched: list[JobResult], delay: float) -> None:
+        await asyncio.sleep(delay)
+        await self.core.results.delete(fetched)
 
     async def _keep_state_file(self) -> None:
         """`current_state.json` follows the journal's count: one writer, woken by accepted jobs (its

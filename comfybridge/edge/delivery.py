@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import datetime
 import uuid
 from collections.abc import Callable
 
@@ -11,17 +12,18 @@ from aiohttp import web
 
 from ..store.files import SMALL_FILE
 from ..store.results import ResultFile, ResultStore
-from .appkeys import RESULTS
 from .replies import quoted_header_text
 
-__all__ = ["write_base64", "write_multipart"]
+__all__ = ["links_reply", "write_base64", "write_multipart"]
 
 
 CHUNK = 256 * 1024
 B64_CHUNK = 3 * 64 * 1024  # a multiple of 3, so chunks encode without padding in between
 
 
-async def write_multipart(request: web.Request, files: list[tuple[str, ResultFile]]) -> web.StreamResponse:
+async def write_multipart(
+    request: web.Request, store: ResultStore, files: list[tuple[str, ResultFile]]
+) -> web.StreamResponse:
     boundary = uuid.uuid4().hex
     heads = []
     for index, (job_id, item) in enumerate(files):
@@ -43,14 +45,16 @@ async def write_multipart(request: web.Request, files: list[tuple[str, ResultFil
     await response.prepare(request)
     for head, (_, item) in zip(heads, files, strict=True):
         await response.write(head)
-        await _send_file(response, request.app[RESULTS], item, CHUNK, bytes)
+        await _send_file(response, store, item, CHUNK, bytes)
         await response.write(b"\r\n")
     await response.write(tail)
     await response.write_eof()
     return response
 
 
-async def write_base64(request: web.Request, files: list[tuple[str, ResultFile]]) -> web.StreamResponse:
+async def write_base64(
+    request: web.Request, store: ResultStore, files: list[tuple[str, ResultFile]]
+) -> web.StreamResponse:
     """`{"files": [{"file_name", "content_type", "job_id", "content"}]}`, encoded while it streams."""
     pieces = []
     for job_id, item in files:
@@ -64,7 +68,7 @@ async def write_base64(request: web.Request, files: list[tuple[str, ResultFile]]
     await response.write(b'{"files":[')
     for index, (piece, (_, item)) in enumerate(zip(pieces, files, strict=True)):
         await response.write((b"," if index else b"") + piece)
-        await _send_file(response, request.app[RESULTS], item, B64_CHUNK, base64.b64encode)
+        await _send_file(response, store, item, B64_CHUNK, base64.b64encode)
         await response.write(b'"}')
     await response.write(b"]}")
     await response.write_eof()
@@ -90,3 +94,21 @@ async def _send_file(
             held = held[size:]
     if held:
         await response.write(encode(held))
+
+
+async def links_reply(store: ResultStore, files: list[tuple[str, ResultFile]], ttl: float) -> web.Response:
+    """`{"files": [{"file_name", "content_type", "job_id", "url", "expires_at"}]}`: presigned links."""
+    expires = int(ttl)
+    expires_at = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=expires)
+    stamp = expires_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+    listed = [
+        {
+            "file_name": item.file_name,
+            "content_type": item.content_type,
+            "job_id": job_id,
+            "url": await store.link(item, expires),
+            "expires_at": stamp,
+        }
+        for job_id, item in files
+    ]
+    return web.Response(body=orjson.dumps({"files": listed}), content_type="application/json")

@@ -222,11 +222,12 @@ def document(workflows: WorkflowStore, aliases: list[str]) -> dict[str, Any]:
                 "summary": "The results of the client's finished jobs, then forgets them",
                 "parameters": [
                     _client_id(),
-                    {"name": "resType", "in": "query", "required": False, "schema": {"enum": ["base64"]}},
+                    {"name": "resType", "in": "query", "required": False, "schema": {"enum": ["base64", "url"]}},
                 ],
                 "responses": {
                     "200": {
-                        "description": "one part per file (multipart), or base64 JSON with resType=base64",
+                        "description": "one part per file (multipart), base64 JSON with resType=base64, or presigned "
+                        "links with resType=url (results in object storage only)",
                         "content": {
                             "multipart/form-data": {"schema": {"type": "object"}},
                             "application/json": {"schema": {"type": "object"}},

@@ -18,7 +18,7 @@ from . import openapi
 from .access import KEY, scoped
 from .appkeys import SCHEDULER, SETTINGS, WORKFLOWS
 from .bodies import BodyDeadline, expect_continue, expect_nothing, json_body, part_chunks, refuse_early
-from .delivery import write_base64, write_multipart
+from .delivery import links_reply, write_base64, write_multipart
 from .operations import PLAYGROUND, docs, health, metrics, playground, ready
 from .replies import json_response
 from .ws import websocket_handler
@@ -161,6 +161,12 @@ async def history(request: web.Request) -> web.StreamResponse:
     client_id = _client_id(request)
     assert client_id is not None
     scheduler = request.app[SCHEDULER]
+    as_links = request.query.get("resType") == "url"
+    if as_links and not scheduler.result_store.links:
+        raise BadInput(
+            "resType=url needs results kept in object storage (--storage s3://...); this bridge keeps them on "
+            "its disk: fetch them as multipart, or with resType=base64."
+        )
     found, fetched = scheduler.claim_results(client_id)
     if found is Fetch.UNKNOWN:
         return web.Response(status=204, headers={"X-Detail": NOT_SEEN.format(unscoped(client_id))})
@@ -172,11 +178,20 @@ async def history(request: web.Request) -> web.StreamResponse:
     if found is Fetch.NOTHING:
         return web.Response(status=204, headers={"X-Detail": NO_CONTENT.format(unscoped(client_id))})
     files = [(result.job_id, f) for result in fetched for f in result.files]
+    if as_links:
+        ttl = request.app[SETTINGS].link_ttl
+        try:
+            links = await links_reply(scheduler.result_store, files, ttl)
+        except BaseException:
+            scheduler.release_results(fetched)
+            raise
+        scheduler.results_fetched(client_id, fetched, keep_for=ttl)  # the objects outlive their links
+        return links
     try:
         if request.query.get("resType") == "base64":
-            response = await write_base64(request, files)
+            response = await write_base64(request, scheduler.result_store, files)
         else:
-            response = await write_multipart(request, files)
+            response = await write_multipart(request, scheduler.result_store, files)
     except BaseException:
         scheduler.release_results(fetched)
         raise

@@ -80,6 +80,16 @@ class ResultStore:
     async def read(self, item: ResultFile) -> bytes:
         return await self.blobs.read(item.key)
 
+    @property
+    def links(self) -> bool:
+        """Whether results can be handed out as links (object storage), not only as bytes."""
+        return not isinstance(self.blobs, LocalBlobs)
+
+    async def link(self, item: ResultFile, expires: int) -> str:
+        url = await self.blobs.link(item.key, expires)
+        assert url is not None, "a store without links"
+        return url
+
     def files_from(self, job_id: str, records: list[dict[str, Any]]) -> list[ResultFile]:
         return [ResultFile(r["file_name"], f"{job_id}/{r['path']}", r["content_type"], int(r["size"])) for r in records]
 

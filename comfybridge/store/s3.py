@@ -1,0 +1,220 @@
+"""Blobs in S3-compatible object storage (`--storage s3://bucket/prefix`), through aiobotocore.
+
+A blob is written as one PUT when small, else as a multipart upload of PART-sized parts, so a large
+result streams through with at most one part held; nothing is visible under its name until the
+upload completes, and its stored size is checked before `commit` returns. Credentials come from
+the standard AWS variables and files; `--s3-endpoint` names any S3-compatible server."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from ..errors import StorageUnavailable
+from .blobs import BlobGone, BlobWriter
+
+__all__ = ["PART", "ObjectStoreError", "S3Blobs", "parse_storage_url"]
+
+log = logging.getLogger(__name__)
+
+PART = 8 * 1024 * 1024  # bytes per part of a multipart upload (S3's minimum is 5 MiB)
+DELETE_BATCH = 1000  # keys per DeleteObjects call, S3's limit
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+class ObjectStoreError(Exception):
+    """The object storage the settings name cannot be used at start-up (one line, exit 2)."""
+
+
+def parse_storage_url(url: str) -> tuple[str, str]:
+    """`s3://bucket/prefix` -> (bucket, prefix ending in `/`, or empty). Raises ValueError."""
+    if not url.startswith("s3://"):
+        raise ValueError("must be empty (folders under the data dir) or s3://bucket/prefix")
+    bucket, _, prefix = url[len("s3://") :].partition("/")
+    if not _BUCKET.fullmatch(bucket):
+        raise ValueError(f"names no valid bucket ({bucket!r}): 3-63 lowercase letters, digits, '.' or '-'")
+    prefix = prefix.strip("/")
+    return bucket, prefix + "/" if prefix else ""
+
+
+class S3Blobs:
+    def __init__(self, url: str, endpoint: str = "") -> None:
+        self.bucket, self.prefix = parse_storage_url(url)
+        self.endpoint = endpoint
+        self.where = url
+        self._client: Any = None
+        self._exits = contextlib.AsyncExitStack()
+
+    async def start(self) -> None:
+        """Open the client and check the bucket answers: ObjectStoreError, in one line, if not."""
+        try:
+            from aiobotocore.config import AioConfig
+            from aiobotocore.session import get_session
+        except ImportError:
+            raise ObjectStoreError("--storage s3://... needs the s3 extra: pip install 'comfybridge[s3]'") from None
+        config = AioConfig(
+            signature_version="s3v4",
+            connect_timeout=5,
+            read_timeout=30,
+            retries={"max_attempts": 3, "mode": "standard"},
+            max_pool_connections=64,
+            s3={"addressing_style": "path"} if self.endpoint else None,
+        )
+        session = get_session()
+        self._client = await self._exits.enter_async_context(
+            session.create_client("s3", endpoint_url=self.endpoint or None, config=config)
+        )
+        try:
+            with _trouble(f"the bucket {self.bucket}"):
+                await self._client.head_bucket(Bucket=self.bucket)
+        except StorageUnavailable as exc:
+            await self.close()
+            raise ObjectStoreError(f"storage {self.where} cannot be used: {exc}") from None
+
+    async def close(self) -> None:
+        await self._exits.aclose()
+        self._client = None
+
+    def _name(self, key: str) -> str:
+        return self.prefix + key
+
+    def writer(self, key: str) -> BlobWriter:
+        return _S3Writer(self, self._name(key))
+
+    async def chunks(self, key: str, size: int) -> AsyncIterator[bytes]:
+        with _trouble(f"reading {key}", key):
+            answer = await self._client.get_object(Bucket=self.bucket, Key=self._name(key))
+            body = answer["Body"]
+            try:
+                while chunk := await body.read(size):
+                    yield chunk
+            finally:
+                body.close()
+
+    async def read(self, key: str) -> bytes:
+        with _trouble(f"reading {key}", key):
+            answer = await self._client.get_object(Bucket=self.bucket, Key=self._name(key))
+            async with answer["Body"] as body:
+                data: bytes = await body.read()
+                return data
+
+    async def exists(self, key: str) -> bool:
+        try:
+            with _trouble(f"looking for {key}", key):
+                await self._client.head_object(Bucket=self.bucket, Key=self._name(key))
+        except BlobGone:
+            return False
+        return True
+
+    async def delete(self, keys: list[str]) -> None:
+        for start in range(0, len(keys), DELETE_BATCH):
+            batch = [{"Key": self._name(key)} for key in keys[start : start + DELETE_BATCH]]
+            with _trouble("deleting"):
+                await self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+
+    async def delete_prefix(self, prefix: str) -> None:
+        await self.delete([key for key, _ in await self.keys(prefix)])
+
+    async def keys(self, prefix: str = "") -> list[tuple[str, float]]:
+        found = []
+        with _trouble("listing"):
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self._name(prefix)
+            )
+            async for page in pages:
+                for item in page.get("Contents", ()):
+                    found.append((item["Key"][len(self.prefix) :], item["LastModified"].timestamp()))
+        return found
+
+    async def link(self, key: str, expires: int) -> str | None:
+        with _trouble("signing a link"):
+            url: str = await self._client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": self._name(key)}, ExpiresIn=expires
+            )
+        return url
+
+
+class _S3Writer:
+    def __init__(self, store: S3Blobs, name: str) -> None:
+        self.store = store
+        self.name = name
+        self.size = 0
+        self._held = bytearray()
+        self._upload_id: str | None = None
+        self._parts: list[dict[str, Any]] = []
+
+    async def reserve(self, size: int | None) -> None:
+        pass  # object storage has no disk of ours to fill
+
+    async def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        self._held += chunk
+        while len(self._held) >= PART:
+            await self._send_part(PART)
+
+    async def _send_part(self, length: int) -> None:
+        client, bucket = self.store._client, self.store.bucket
+        with _trouble(f"storing {self.name}"):
+            if self._upload_id is None:
+                started = await client.create_multipart_upload(Bucket=bucket, Key=self.name)
+                self._upload_id = started["UploadId"]
+            number = len(self._parts) + 1
+            sent = await client.upload_part(
+                Bucket=bucket, Key=self.name, UploadId=self._upload_id, PartNumber=number,
+                Body=bytes(self._held[:length]),
+            )  # fmt: skip
+        self._parts.append({"ETag": sent["ETag"], "PartNumber": number})
+        del self._held[:length]
+
+    async def commit(self) -> int:
+        client, bucket = self.store._client, self.store.bucket
+        if self._upload_id is None:
+            with _trouble(f"storing {self.name}"):
+                await client.put_object(Bucket=bucket, Key=self.name, Body=bytes(self._held))
+        else:
+            if self._held:
+                await self._send_part(len(self._held))
+            with _trouble(f"storing {self.name}"):
+                await client.complete_multipart_upload(
+                    Bucket=bucket, Key=self.name, UploadId=self._upload_id, MultipartUpload={"Parts": self._parts}
+                )
+            self._upload_id = None
+        self._held.clear()
+        with _trouble(f"checking {self.name}"):
+            stored = (await client.head_object(Bucket=bucket, Key=self.name))["ContentLength"]
+        if stored != self.size:
+            raise StorageUnavailable(f"object storage kept {stored} bytes of {self.name}, not {self.size}")
+        return self.size
+
+    async def abort(self) -> None:
+        self._held.clear()
+        client, bucket = self.store._client, self.store.bucket
+        with contextlib.suppress(Exception):  # an upload left unfinished is the bucket's lifecycle rule's
+            if self._upload_id is not None:
+                await client.abort_multipart_upload(Bucket=bucket, Key=self.name, UploadId=self._upload_id)
+            else:
+                await client.delete_object(Bucket=bucket, Key=self.name)
+
+
+@contextlib.contextmanager
+def _trouble(what: str, key: str | None = None) -> Iterator[None]:
+    """Object storage's failures as the bridge's: a missing key is BlobGone; anything else (refused,
+    unreachable, wrong credentials, no bucket) StorageUnavailable, with S3's own code."""
+    import aiohttp
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", "error"))
+        if key is not None and code in ("NoSuchKey", "404", "NotFound"):
+            raise BlobGone(key) from None
+        log.error("object storage: %s failed: %s %s", what, code, error.get("Message", ""))
+        raise StorageUnavailable(f"object storage refused {what} ({code})") from None
+    except (BotoCoreError, aiohttp.ClientError, TimeoutError, OSError) as exc:
+        log.error("object storage: %s failed: %s", what, exc)
+        raise StorageUnavailable(f"object storage cannot be reached ({exc.__class__.__name__})") from None

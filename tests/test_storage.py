@@ -1,0 +1,122 @@
+"""Results in S3-compatible object storage (`--storage s3://...`), against a real S3 API server
+(moto's, see tests/s3.py), through the bridge's HTTP and WebSocket edge."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import urllib.parse
+from pathlib import Path
+
+import aiohttp
+import orjson
+
+from .conftest import BridgeFactory, EmulatorFactory, wait_for
+from .helpers import (
+    TINY,
+    assert_one_line_error,
+    backends,
+    bridge_process,
+    fetch_results,
+    post_job,
+    read_results,
+    run_cli,
+    run_job,
+    wait_closed,
+)
+from .s3 import S3Server
+
+
+async def test_results_are_kept_in_the_bucket_until_fetched_then_removed(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, s3: S3Server, tmp_path: Path
+) -> None:
+    bucket = s3.new_bucket()
+    client = await make_bridge(await make_emulator(), storage=f"s3://{bucket}/bridge", s3_endpoint=s3.url)
+    frames = await run_job(client, "stored", {"workflow": "solid", "1/batch_size": 2})
+    job_id = frames[-1]["job_id"]
+    keys = s3.keys(bucket)
+    assert len(keys) == 2
+    assert all(key.startswith(f"bridge/{job_id}/") for key in keys)
+    assert not list((tmp_path / "data" / "results").rglob("*.png"))  # nothing on the bridge's disk
+    parts = await read_results(await client.get("/history", params={"clientId": "stored"}))
+    assert len(parts) == 2
+    assert all(part[3].startswith(b"\x89PNG") for part in parts)
+    await wait_for(lambda: s3.keys(bucket) == [])  # removed once the fetch is journaled
+
+
+async def test_a_large_result_streams_through_a_multipart_upload_and_back_as_base64(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, s3: S3Server
+) -> None:
+    emulator = await make_emulator()
+    emulator.engine.faults.video_mb = 20  # more than two parts of 8 MiB
+    bucket = s3.new_bucket()
+    client = await make_bridge(emulator, storage=f"s3://{bucket}", s3_endpoint=s3.url)
+    frames = await run_job(client, "video", TINY)
+    assert frames[-1]["status"] == "closed", frames[-1]
+    (video_key,) = [key for key in s3.keys(bucket) if key.endswith(".mp4")]
+    stored = s3.client().get_object(Bucket=bucket, Key=video_key)["Body"].read()
+    assert len(stored) == 20 << 20
+    (original,) = (emulator.root / "output").rglob("*.mp4")
+    assert hashlib.sha256(stored).digest() == hashlib.sha256(original.read_bytes()).digest()
+    resp = await client.get("/history", params={"clientId": "video", "resType": "base64"})
+    files = orjson.loads(await resp.read())["files"]
+    videos = [f for f in files if f["file_name"].endswith(".mp4")]
+    assert base64.b64decode(videos[0]["content"]) == stored
+
+
+async def test_results_as_presigned_links_count_as_fetched(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, s3: S3Server
+) -> None:
+    bucket = s3.new_bucket()
+    client = await make_bridge(await make_emulator(), storage=f"s3://{bucket}/p", s3_endpoint=s3.url)
+    frames = await run_job(client, "linked", TINY)
+    resp = await client.get("/history", params={"clientId": "linked", "resType": "url"})
+    assert resp.status == 200
+    (item,) = (await resp.json())["files"]
+    assert item["job_id"] == frames[-1]["job_id"]
+    assert item["content_type"] == "image/png"
+    assert item["expires_at"].endswith("Z")
+    url = urllib.parse.urlsplit(item["url"])
+    query = urllib.parse.parse_qs(url.query)
+    assert query["X-Amz-Algorithm"] == ["AWS4-HMAC-SHA256"]  # SigV4 (moto does not check signatures)
+    assert query["X-Amz-Expires"] == ["3600"]
+    async with aiohttp.ClientSession() as session, session.get(item["url"]) as got:
+        assert got.status == 200
+        assert (await got.read()).startswith(b"\x89PNG")
+    again = await client.get("/history", params={"clientId": "linked"})
+    assert again.status == 204  # counted as fetched
+    await asyncio.sleep(0.2)  # the objects must outlive their links (not a timing assertion)
+    assert len(s3.keys(bucket)) == 1
+
+
+async def test_links_need_object_storage(make_emulator: EmulatorFactory, make_bridge: BridgeFactory) -> None:
+    client = await make_bridge(await make_emulator())
+    await run_job(client, "local", TINY)
+    resp = await client.get("/history", params={"clientId": "local", "resType": "url"})
+    assert resp.status == 400
+    assert "resType=url needs results kept in object storage" in (await resp.json())["detail"]
+    assert (await client.get("/history", params={"clientId": "local"})).status == 200  # nothing was lost
+
+
+async def test_results_in_the_bucket_survive_a_kill_9(
+    workdir: Path, make_emulator: EmulatorFactory, s3: S3Server
+) -> None:
+    bucket = s3.new_bucket()
+    flags = (*backends(await make_emulator()), "--storage", f"s3://{bucket}/r", "--s3-endpoint", s3.url)
+    async with aiohttp.ClientSession() as session:
+        async with bridge_process(workdir, *flags) as (proc, url):
+            jobs = [await post_job(session, url, "kept", TINY) for _ in range(3)]
+            await wait_closed(session, url, ["kept"])
+            proc.kill()
+        async with bridge_process(workdir, *flags) as (_, url):
+            assert sorted(job for job, _ in await fetch_results(session, url, "kept")) == sorted(jobs)
+
+
+def test_a_bucket_that_cannot_be_used_is_one_line_and_exit_2(workdir: Path, s3: S3Server) -> None:
+    missing = run_cli(["--emulate", "1", "--storage", "s3://no-such-bucket-here", "--s3-endpoint", s3.url], workdir)
+    assert_one_line_error(missing, "storage s3://no-such-bucket-here cannot be used", "(404)")
+    away = run_cli(["--emulate", "1", "--storage", "s3://bucket-x", "--s3-endpoint", "http://127.0.0.1:9"], workdir)
+    assert_one_line_error(away, "storage s3://bucket-x cannot be used", "cannot be reached")
+    bad = run_cli(["--emulate", "1", "--storage", "s3://No_Bucket"], workdir)
+    assert_one_line_error(bad, "--storage: 's3://No_Bucket' names no valid bucket")
