@@ -102,6 +102,9 @@ def create_app(
     app[WORKFLOWS] = workflows
     app[STATE] = state
     app[JOURNAL] = journal
+    # With object storage, one client for the bucket: uploads under <prefix>uploads/, results under
+    # <prefix>results/; nothing of either stays on this bridge's disk.
+    bucket = S3Blobs(settings.storage, settings.s3_endpoint) if settings.storage else None
     app[UPLOADS] = UploadStore(
         settings.data_dir / "uploads",
         UploadLimits(
@@ -112,10 +115,9 @@ def create_app(
             max_frame_mp=settings.max_frame_mp,
             max_total_mp=settings.max_total_mp,
         ),
+        bucket.child("uploads") if bucket else None,
     )
-    app[RESULTS] = ResultStore(
-        S3Blobs(settings.storage, settings.s3_endpoint) if settings.storage else settings.data_dir / "results"
-    )
+    app[RESULTS] = ResultStore(bucket.child("results") if bucket else settings.data_dir / "results")
     app[HUB] = SocketHub()
     app[METRICS] = metrics = Metrics()
     if view is not None:
@@ -137,7 +139,7 @@ async def _stores(app: web.Application) -> AsyncIterator[None]:
         await blobs.start()  # the bucket must answer: ObjectStoreError, one line, exit 2
     try:
         # Indexing the uploads earlier runs left walks the data folder: off the event loop.
-        await asyncio.to_thread(app[UPLOADS].load)
+        await app[UPLOADS].reload()
         yield
     finally:
         if isinstance(blobs, S3Blobs):
@@ -253,7 +255,7 @@ async def _term(app: web.Application, again: bool) -> AsyncIterator[None]:
             scheduler.reset()
             app[RESULTS].clear()
         if CLUSTER in app:  # other bridges may have stored uploads since
-            await asyncio.to_thread(app[UPLOADS].load)
+            await app[UPLOADS].reload()
         hooks_session = _webhooks(app, scheduler)
         # The sockets of clients whose jobs go on reconnect (relayed ones within a second or two): they
         # hear what happened meanwhile.

@@ -23,8 +23,9 @@ from comfybridge.edge.replies import error_middleware
 from comfybridge.emulator import Emulator
 
 from .conftest import EmulatorFactory, wait_for
-from .helpers import TINY, bridge_process, fetch_results, post_job, status_of, unused_port
+from .helpers import TINY, bridge_process, fetch_results, png, post_job, status_of, unused_port
 from .postgres import PostgresServer
+from .s3 import S3Server
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -377,3 +378,45 @@ async def test_a_client_gone_during_a_relayed_handshake_leaves_no_socket_at_the_
         await wait_for(lambda: at_leader == ["open", "closed"])
     finally:
         await runner.cleanup()
+
+
+async def test_a_cluster_on_object_storage_shares_no_folder_and_survives_kill_9(
+    workdir: Path, make_emulator: EmulatorFactory, postgres: PostgresServer, s3: S3Server
+) -> None:
+    """Each bridge has a data folder of its own; uploads and results live in one bucket. An upload
+    through the follower feeds jobs the leader runs; the leader dies mid-burst; the other bridge
+    takes over and every job's result comes back, from the bucket."""
+    emulators = [await make_emulator(pace=0.1), await make_emulator(pace=0.1)]
+    bucket = s3.new_bucket()
+    flags = ("--backends", ",".join(e.url for e in emulators), "--database", postgres.new_database(),
+             "--storage", f"s3://{bucket}/c", "--s3-endpoint", s3.url, "--workflows", str(workdir / "workflows"),
+             "--job-idle-timeout", "60")  # fmt: skip
+    for name in ("a", "b"):
+        (workdir / name).mkdir()
+    async with (
+        bridge_process(workdir / "a", *flags, "--data-dir", str(workdir / "a" / "data"), ready="/health") as (
+            leader,
+            _,
+        ),
+        bridge_process(workdir / "b", *flags, "--data-dir", str(workdir / "b" / "data"), ready="/health") as (_, b),
+        aiohttp.ClientSession() as session,
+    ):
+        form = aiohttp.FormData()
+        form.add_field("file", png(10, 6, 0x0F0F0F), filename="in.png", content_type="image/png")
+        async with session.post(f"{b}/upload", params={"clientId": "bucketed"}, data=form) as resp:
+            assert resp.status == 200, await resp.text()
+            name = (await resp.json())["file"]
+        body = {"workflow": "invert", "1/image": name}
+        jobs = [await post_job(session, b, "bucketed", body) for _ in range(8)]
+        await wait_for(lambda: sum(len(e.engine.started) for e in emulators) >= 2)
+        os.kill(leader.pid, signal.SIGKILL)
+        async with asyncio.timeout(90):
+            while not (
+                (info := await status_of(session, b, "bucketed")).get("jobs_left") == 0 and info["status"] == "closed"
+            ):
+                await asyncio.sleep(0.05)
+        assert sorted(set(job for job, _ in await fetch_results(session, b, "bucketed"))) == sorted(jobs)
+    started = [prompt for e in emulators for prompt in e.engine.started]
+    assert len(started) == len(set(started)) == 8
+    for name in ("a", "b"):  # nothing of the uploads or the results on either bridge's disk
+        assert not [p for p in (workdir / name / "data").rglob("*.png") if p.is_file()]

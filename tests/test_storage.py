@@ -19,11 +19,15 @@ from .helpers import (
     backends,
     bridge_process,
     fetch_results,
+    generate,
+    png,
     post_job,
     read_results,
     run_cli,
     run_job,
+    upload,
     wait_closed,
+    without_job_id,
 )
 from .s3 import S3Server
 
@@ -37,7 +41,7 @@ async def test_results_are_kept_in_the_bucket_until_fetched_then_removed(
     job_id = frames[-1]["job_id"]
     keys = s3.keys(bucket)
     assert len(keys) == 2
-    assert all(key.startswith(f"bridge/{job_id}/") for key in keys)
+    assert all(key.startswith(f"bridge/results/{job_id}/") for key in keys)
     assert not list((tmp_path / "data" / "results").rglob("*.png"))  # nothing on the bridge's disk
     parts = await read_results(await client.get("/history", params={"clientId": "stored"}))
     assert len(parts) == 2
@@ -120,3 +124,36 @@ def test_a_bucket_that_cannot_be_used_is_one_line_and_exit_2(workdir: Path, s3: 
     assert_one_line_error(away, "storage s3://bucket-x cannot be used", "cannot be reached")
     bad = run_cli(["--emulate", "1", "--storage", "s3://No_Bucket"], workdir)
     assert_one_line_error(bad, "--storage: 's3://No_Bucket' names no valid bucket")
+
+
+async def test_uploads_are_kept_in_the_bucket_sent_from_there_and_survive_a_restart(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, s3: S3Server, tmp_path: Path
+) -> None:
+    emulator = await make_emulator()
+    bucket = s3.new_bucket()
+    storage = {"storage": f"s3://{bucket}/u", "s3_endpoint": s3.url}
+    first = await make_bridge(emulator, **storage)
+    status, names = await upload(first, {"file": ("keep.png", png(12, 10, 0x102030))}, client_id="uploader")
+    assert status == 200
+    assert s3.keys(bucket) == [f"u/uploads/c-uploader/{names['file']}"]
+    assert not [p for p in (tmp_path / "data" / "uploads").rglob("*") if p.is_file()]  # nothing kept here
+    frames = await run_job(first, "uploader", {"workflow": "invert", "1/image": names["file"]})
+    assert frames[-1]["status"] == "closed", frames[-1]
+    (sent,) = (emulator.root / "input").glob("*keep*")  # streamed from the bucket to ComfyUI
+    assert sent.read_bytes() == png(12, 10, 0x102030)
+    await first.close()
+    second = await make_bridge(emulator, **storage)
+    parts = await read_results(await second.get("/history", params={"clientId": "uploader"}))
+    assert [without_job_id(p[1]) for p in parts] == ["wf_a_invert_00001_.png"]
+    status, _ = await generate(second, "uploader", {"workflow": "invert", "1/image": names["file"]})
+    assert status == 200  # the upload is known again after the restart, from the bucket
+
+
+async def test_expired_uploads_leave_the_bucket(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, s3: S3Server
+) -> None:
+    bucket = s3.new_bucket()
+    client = await make_bridge(await make_emulator(), storage=f"s3://{bucket}", s3_endpoint=s3.url, upload_ttl=0.5)
+    await upload(client, {"file": ("gone.png", png())}, client_id="brief")
+    assert len(s3.keys(bucket)) == 1
+    await wait_for(lambda: s3.keys(bucket) == [], timeout=30)  # the sweeper's turn comes within a tenth of the TTL

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -162,12 +162,16 @@ class ComfyClient:
                 raise PromptRefused(f"ComfyUI refused the prompt ({status}): {text}") from None
         raise BackendUnavailable(f"{self.name}: POST /prompt answered HTTP {status}")
 
-    async def upload(self, path: Path, name: str) -> str:
-        """Send a file into the backend's input folder; returns the name ComfyUI gave it."""
+    async def upload(self, source: Path | AsyncIterator[bytes], name: str) -> str:
+        """Send a file (a local one, or bytes as they come) into the backend's input folder; returns
+        the name ComfyUI gave it."""
         form = aiohttp.FormData()
         form.add_field("type", "input")
         form.add_field("overwrite", "true")
-        async with open_off_loop(path, "rb") as handle:
+        if not isinstance(source, Path):
+            form.add_field("image", source, filename=name, content_type="application/octet-stream")
+            return await self._checked(shapes.upload_name, "POST", "/upload/image", data=form)
+        async with open_off_loop(source, "rb") as handle:
             form.add_field("image", handle, filename=name)
             return await self._checked(shapes.upload_name, "POST", "/upload/image", data=form)
 

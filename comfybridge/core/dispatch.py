@@ -76,7 +76,7 @@ class Dispatcher:
             for key, name in job.uploads.items():
                 node_id, _, input_name = key.partition("/")
                 try:
-                    remote = await backend.client.upload(core.uploads.path_of(name), name)
+                    remote = await backend.client.upload(await core.uploads.source_of(name), name)
                 except FileNotFoundError:
                     raise UploadGone(f"the uploaded file {name!r} of the job is gone") from None
                 prompt[node_id]["inputs"][input_name] = remote

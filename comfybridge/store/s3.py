@@ -40,13 +40,33 @@ def parse_storage_url(url: str) -> tuple[str, str]:
     return bucket, prefix + "/" if prefix else ""
 
 
+class _Connection:
+    """One client for a bucket, shared by the stores under its prefix."""
+
+    def __init__(self) -> None:
+        self.client: Any = None
+        self.exits = contextlib.AsyncExitStack()
+
+
 class S3Blobs:
     def __init__(self, url: str, endpoint: str = "") -> None:
         self.bucket, self.prefix = parse_storage_url(url)
         self.endpoint = endpoint
+        self.url = url  # as configured
         self.where = url
-        self._client: Any = None
-        self._exits = contextlib.AsyncExitStack()
+        self._connection = _Connection()
+
+    def child(self, name: str) -> S3Blobs:
+        """The blobs under `<prefix>name/`, through the same client (started and closed with this one)."""
+        other = S3Blobs(self.url, self.endpoint)
+        other.prefix = f"{self.prefix}{name}/"
+        other.where = f"s3://{self.bucket}/{other.prefix}"
+        other._connection = self._connection
+        return other
+
+    @property
+    def _client(self) -> Any:
+        return self._connection.client
 
     async def start(self) -> None:
         """Open the client and check the bucket answers: ObjectStoreError, in one line, if not."""
@@ -64,7 +84,7 @@ class S3Blobs:
             s3={"addressing_style": "path"} if self.endpoint else None,
         )
         session = get_session()
-        self._client = await self._exits.enter_async_context(
+        self._connection.client = await self._connection.exits.enter_async_context(
             session.create_client("s3", endpoint_url=self.endpoint or None, config=config)
         )
         try:
@@ -72,11 +92,11 @@ class S3Blobs:
                 await self._client.head_bucket(Bucket=self.bucket)
         except StorageUnavailable as exc:
             await self.close()
-            raise ObjectStoreError(f"storage {self.where} cannot be used: {exc}") from None
+            raise ObjectStoreError(f"storage {self.url} cannot be used: {exc}") from None
 
     async def close(self) -> None:
-        await self._exits.aclose()
-        self._client = None
+        await self._connection.exits.aclose()
+        self._connection.client = None
 
     def _name(self, key: str) -> str:
         return self.prefix + key

@@ -9,6 +9,7 @@ import mimetypes
 import os
 import re
 import secrets
+import shutil
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Iterable
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BadInput, StorageFull, StorageUnavailable, TooLarge, UnsupportedMedia
+from .blobs import BlobStore
 from .files import NO_SPACE, fsync_path, open_off_loop
 from .media import MAX_FRAMES, SNIFF_BYTES, BadHeaders, Frames, image_frames, is_complete, media_kind_of, sniff
 
@@ -25,6 +27,8 @@ log = logging.getLogger(__name__)
 
 EMPTY_FOLDER_AGE = 60.0  # seconds an empty owner folder is kept (an upload may be about to use it)
 SHARED = "_shared"  # folder of uploads made without a clientId, usable by any client
+SPOOL = ".spool"  # with object storage: where a file waits while it is checked
+STREAM_CHUNK = 256 * 1024
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -35,7 +39,7 @@ class UploadGone(Exception):
 @dataclass
 class Upload:
     name: str
-    path: Path
+    path: Path  # on the local disk; in object storage, its key there
     owner: str | None
     kind: str
     last_used: float
@@ -81,9 +85,13 @@ def _owner_dir(owner: str | None) -> str:
 
 
 class UploadStore:
-    def __init__(self, root: Path, limits: UploadLimits) -> None:
+    """Files under `root/<owner>/`; with `blobs` (object storage) kept there instead, as
+    `<owner>/<name>`, and `root` only spools each file while it is checked."""
+
+    def __init__(self, root: Path, limits: UploadLimits, blobs: BlobStore | None = None) -> None:
         self.root = root
         self.limits = limits
+        self.blobs = blobs
         self._uploads: dict[str, Upload] = {}
         self._pins: dict[str, int] = {}  # upload name -> unfinished jobs that will send it
         self._owned: dict[str, int] = {}  # client id -> uploads it owns
@@ -126,15 +134,30 @@ class UploadStore:
             if name in self._uploads:
                 self._uploads[name].last_used = now
 
-    def load(self) -> None:
+    async def reload(self) -> None:
         """Index what earlier runs (or, in a cluster, other bridges) left, so uploads survive a restart.
         Starts afresh: the jobs that pin files pin them again as they are recovered."""
+        if self.blobs is None:
+            await asyncio.to_thread(self.load)
+            return
+        self._forget_all()
+        await asyncio.to_thread(shutil.rmtree, self.root / SPOOL, True)  # files a crash left mid-check
+        for key, modified in await self.blobs.keys():
+            folder, _, name = key.rpartition("/")
+            owner = None if folder == SHARED else folder.removeprefix("c-")
+            self._index(Upload(name, Path(key), owner, media_kind_of(name) or "", modified))
+
+    def _forget_all(self) -> None:
         self._uploads.clear()
         self._pins.clear()
         self._owned.clear()
+
+    def load(self) -> None:
+        """`reload` for a local folder (blocking: run it in a thread)."""
+        self._forget_all()
         self.root.mkdir(parents=True, exist_ok=True)
         for folder in self.root.iterdir():
-            if not folder.is_dir():
+            if not folder.is_dir() or folder.name.startswith("."):
                 continue
             owner = None if folder.name == SHARED else folder.name.removeprefix("c-")
             for path in folder.iterdir():
@@ -151,19 +174,26 @@ class UploadStore:
             return None
         return upload.kind
 
-    def path_of(self, name: str) -> Path:
-        """Where an upload a job names is; UploadGone if it is not there any more."""
+    async def source_of(self, name: str) -> Path | AsyncIterator[bytes]:
+        """An upload a job names: its path, or its bytes streamed from object storage; UploadGone if
+        it is not there any more."""
         upload = self._uploads.get(name)
+        gone = UploadGone(f"the uploaded file {name!r} of the job is gone")
         if upload is None:
-            raise UploadGone(f"the uploaded file {name!r} of the job is gone")
+            raise gone
         upload.last_used = time.time()
-        return upload.path
+        if self.blobs is None:
+            return upload.path
+        key = upload.path.as_posix()
+        if not await self.blobs.exists(key):
+            raise gone
+        return self.blobs.chunks(key, STREAM_CHUNK)
 
     async def receive(self, owner: str | None, parts: AsyncIterator[IncomingFile]) -> dict[str, str]:
         """Store every part; all or nothing: on any error the files of this request are removed."""
         saved: dict[str, Upload] = {}
         total = 0
-        folder = self.root / _owner_dir(owner)
+        folder = self.root / (_owner_dir(owner) if self.blobs is None else SPOOL)
         try:
             await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
         except OSError as exc:
@@ -181,8 +211,7 @@ class UploadStore:
                 total += size
                 saved[identifier] = upload
         except BaseException:
-            for upload in saved.values():
-                await asyncio.to_thread(upload.path.unlink, missing_ok=True)
+            await self._remove(list(saved.values()))
             raise
         if not saved:
             raise BadInput("No file in the request: send multipart/form-data with one file per part.")
@@ -218,8 +247,12 @@ class UploadStore:
             await self._check_content(tmp, ext, mime, part.filename or "")
             name = safe_name(part.filename or "", mime, ext)
             path = folder / name
-            # Synced before the client hears of it: a job that names it is journaled as durable.
-            await asyncio.to_thread(_sync_and_rename, tmp, path)
+            if self.blobs is not None:  # checked whole here; kept there (durable once committed)
+                path = Path(f"{_owner_dir(owner)}/{name}")
+                await self._keep(tmp, path.as_posix())
+            else:
+                # Synced before the client hears of it: a job that names it is journaled as durable.
+                await asyncio.to_thread(_sync_and_rename, tmp, path)
         except BaseException as exc:
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(tmp.unlink, missing_ok=True)
@@ -227,6 +260,27 @@ class UploadStore:
                 raise write_refused(exc) from None
             raise
         return Upload(name, path, owner, kind, time.time()), size
+
+    async def _keep(self, tmp: Path, key: str) -> None:
+        """Copy a checked file into object storage, then drop it here."""
+        assert self.blobs is not None
+        writer = self.blobs.writer(key)
+        try:
+            async with open_off_loop(tmp, "rb") as handle:
+                while chunk := await asyncio.to_thread(handle.read, STREAM_CHUNK):
+                    await writer.write(chunk)
+            await writer.commit()
+        except BaseException:
+            await writer.abort()
+            raise
+        await asyncio.to_thread(tmp.unlink, missing_ok=True)
+
+    async def _remove(self, uploads: list[Upload]) -> None:
+        if self.blobs is not None:
+            await self.blobs.delete([upload.path.as_posix() for upload in uploads])
+            return
+        for upload in uploads:
+            await asyncio.to_thread(upload.path.unlink, missing_ok=True)
 
     async def _check_content(self, path: Path, ext: str, mime: str, filename: str) -> None:
         """The whole file is well-formed and, for an image, its headers promise no more pixels than
@@ -257,10 +311,11 @@ class UploadStore:
         old = [u for u in self._uploads.values() if u.last_used < cutoff and u.name not in self._pins]
         for upload in old:
             self._unindex(upload)
-            await asyncio.to_thread(upload.path.unlink, missing_ok=True)
+        await self._remove(old)
         if old:
             log.info("expired %d unused uploads", len(old))
-        await asyncio.to_thread(self._remove_empty_folders, time.time() - min(ttl, EMPTY_FOLDER_AGE))
+        if self.blobs is None:
+            await asyncio.to_thread(self._remove_empty_folders, time.time() - min(ttl, EMPTY_FOLDER_AGE))
         return len(old)
 
     def _remove_empty_folders(self, older_than: float) -> None:
