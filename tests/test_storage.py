@@ -21,10 +21,12 @@ from .helpers import (
     fetch_results,
     generate,
     png,
+    poll_status,
     post_job,
     read_results,
     run_cli,
     run_job,
+    unused_port,
     upload,
     wait_closed,
     without_job_id,
@@ -157,3 +159,36 @@ async def test_expired_uploads_leave_the_bucket(
     await upload(client, {"file": ("gone.png", png())}, client_id="brief")
     assert len(s3.keys(bucket)) == 1
     await wait_for(lambda: s3.keys(bucket) == [], timeout=30)  # the sweeper's turn comes within a tenth of the TTL
+
+
+async def test_object_storage_away_a_while_then_back_loses_nothing(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, s3: S3Server
+) -> None:
+    """The S3 server stops while a job runs: an upload meanwhile answers 503 with a detail; the
+    finished job's results are stored again until the server is back, and the job ends well.
+    (A server of its own, on a port it can stop and take again; `s3` sets the credentials.)"""
+    from moto.server import ThreadedMotoServer
+
+    port = unused_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    bucket = S3Server(url).new_bucket()
+    emulator = await make_emulator(pace=0.05)
+    client = await make_bridge(emulator, storage=f"s3://{bucket}", s3_endpoint=url, result_retries=20)
+    try:
+        status, _ = await generate(client, "patient", {"workflow": "slow", "2/seed": 1})
+        assert status == 200
+        server.stop()  # the bucket's state stays in this process: the same server comes back
+        status, answer = await upload(client, {"file": ("x.png", png())}, client_id="patient")
+        assert status == 503
+        assert "object storage cannot be reached" in answer["detail"]
+        await wait_for(lambda: len(emulator.engine.timeline) == 1, timeout=30)  # ComfyUI finished it
+        await asyncio.sleep(1.5)  # at least one try to store it fails (not a timing assertion)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        info = await poll_status(client, "patient", {"closed", "error"}, timeout=60)
+        assert info["status"] == "closed", info
+        assert len(await read_results(await client.get("/history", params={"clientId": "patient"}))) == 1
+    finally:
+        server.stop()
