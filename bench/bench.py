@@ -1003,6 +1003,27 @@ async def bench_cluster(jobs: int, database: str | None) -> dict[str, Any]:
     return result
 
 
+@asynccontextmanager
+async def s3_server() -> AsyncIterator[str]:
+    """moto's S3 server in a process of its own, with throwaway credentials every bridge inherits."""
+    os.environ.update(
+        {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+    )
+    port = free_port()
+    args = ["-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    async with process(args, f"http://127.0.0.1:{port}", "/moto-api/") as url:
+        yield url
+
+
+async def new_bucket(endpoint: str) -> str:
+    from aiobotocore.session import get_session
+
+    name = f"bench-{uuid.uuid4().hex[:12]}"
+    async with get_session().create_client("s3", endpoint_url=endpoint, region_name="us-east-1") as s3:
+        await s3.create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], Awaitable[dict[str, Any]]]] = {
     "cpu_per_job": lambda args: bench_cpu_per_job(max(args.jobs, 500)),
     "overhead": lambda args: bench_overhead(args.jobs),
@@ -1037,15 +1058,25 @@ async def main() -> None:
         "--database", metavar="URL", help="run every bridge with its jobs in this PostgreSQL (cluster: else a "
         "throwaway one, made here)",
     )  # fmt: skip
+    parser.add_argument(
+        "--s3", action="store_true", help="every bridge keeps uploads and results in object storage: a throwaway "
+        "S3 server (moto's, in a process of its own) made here",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.database and args.only != ["cluster"]:
         EVERY_BRIDGE["database"] = args.database
-    for name in args.only or list(BENCHMARKS):
-        result = await BENCHMARKS[name](args)
-        if args.json:
-            print(orjson.dumps(result).decode(), flush=True)
-        else:
-            print(f"{name:12} " + "  ".join(f"{k}={v}" for k, v in result.items() if k != "name"), flush=True)
+    async with AsyncExitStack() as exits:
+        if args.s3:
+            EVERY_BRIDGE["s3_endpoint"] = endpoint = await exits.enter_async_context(s3_server())
+            EVERY_BRIDGE["storage"] = await new_bucket(endpoint)
+        for name in args.only or list(BENCHMARKS):
+            result = await BENCHMARKS[name](args)
+            if args.s3:
+                result["storage"] = "s3"
+            if args.json:
+                print(orjson.dumps(result).decode(), flush=True)
+            else:
+                print(f"{name:12} " + "  ".join(f"{k}={v}" for k, v in result.items() if k != "name"), flush=True)
 
 
 if __name__ == "__main__":
