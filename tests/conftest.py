@@ -36,6 +36,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("dialect", DIALECTS, indirect=True)
     if metafunc.definition.get_closest_marker("both_stores") and "store" in metafunc.fixturenames:
         metafunc.parametrize("store", ["sqlite", "postgres"], indirect=True)
+    if metafunc.definition.get_closest_marker("both_storages") and "storage" in metafunc.fixturenames:
+        metafunc.parametrize("storage", ["folders", "s3"], indirect=True)
 
 
 @pytest.fixture(scope="session")
@@ -55,6 +57,16 @@ def store(request: pytest.FixtureRequest) -> str:
         return ""
     server: PostgresServer = request.getfixturevalue("postgres")
     return server.new_database()
+
+
+@pytest.fixture
+def storage(request: pytest.FixtureRequest) -> dict[str, str]:
+    """Where uploads and results are kept: folders under the data dir, or a fresh bucket of a real
+    S3 API server (the settings that say so)."""
+    if getattr(request, "param", "folders") == "folders":
+        return {}
+    server: S3Server = request.getfixturevalue("s3")
+    return {"storage": f"s3://{server.new_bucket()}/t", "s3_endpoint": server.url}
 
 
 @pytest.fixture
@@ -107,8 +119,9 @@ def workflow_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def base_settings(tmp_path: Path, workflow_dir: Path, store: str) -> Settings:
+def base_settings(tmp_path: Path, workflow_dir: Path, store: str, storage: dict[str, str]) -> Settings:
     return Settings(
+        **storage,
         database=store,
         workflows=workflow_dir,
         data_dir=tmp_path / "data",

@@ -27,6 +27,7 @@ from aiohttp.test_utils import TestClient
 from comfybridge.edge.appkeys import SETTINGS
 from comfybridge.emulator import Emulator
 from comfybridge.emulator.png import solid_png
+from comfybridge.store.s3 import parse_storage_url
 
 Client = TestClient[web.Request, web.Application]
 LARGE = 1024 * 1024
@@ -338,6 +339,16 @@ def gzip_bomb(megabytes: int) -> bytes:
 
 
 def stored(client: Client) -> list[Path]:
-    """Every file in the bridge's upload folder."""
-    root = client.app[SETTINGS].data_dir / "uploads"
-    return sorted(p for p in root.rglob("*") if p.is_file())
+    """Every file in the bridge's upload folder, and with object storage every upload object, as
+    if it were in that folder (`<prefix>uploads/c-x/name` as `data/uploads/c-x/name`)."""
+    settings = client.app[SETTINGS]
+    root = settings.data_dir / "uploads"
+    found = [p for p in root.rglob("*") if p.is_file()]  # with object storage: only a spool left behind
+    if settings.storage:
+        import boto3
+
+        bucket, prefix = parse_storage_url(settings.storage)
+        s3 = boto3.client("s3", endpoint_url=settings.s3_endpoint, region_name="us-east-1")
+        pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "uploads/")
+        found += [root / item["Key"].removeprefix(prefix + "uploads/") for p in pages for item in p.get("Contents", ())]
+    return sorted(found)

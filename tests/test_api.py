@@ -75,6 +75,7 @@ async def test_workflow_info_unknown_or_missing_alias_is_400(bridge: Client) -> 
 
 
 # /generate-based-workflow and /history -----------------------------------------------------------
+@pytest.mark.both_storages
 async def test_generate_then_history_returns_the_patched_images(bridge: Client) -> None:
     frames = await run_job(bridge, "c1", {"workflow": "solid", "1/width": 40, "1/height": 24, "1/batch_size": 2})
     assert seed(frames[-1]) == {"status": "closed", "detail": "Execution is done", "details": "Execution is done"}
@@ -99,6 +100,7 @@ async def test_each_job_gets_its_own_copy_of_the_workflow(bridge: Client, workfl
     assert (workflow_dir / "b_emptyimage_save.json").read_bytes() == before
 
 
+@pytest.mark.both_storages
 async def test_history_in_job_order_then_forgets(bridge: Client) -> None:
     await run_job(bridge, "order", {"workflow": "solid", "1/width": 10, "1/batch_size": 2})
     await run_job(bridge, "order", {"workflow": "solid", "1/width": 20, "1/batch_size": 1})
@@ -112,6 +114,7 @@ async def test_history_in_job_order_then_forgets(bridge: Client) -> None:
     )
 
 
+@pytest.mark.both_storages
 async def test_history_base64(bridge: Client) -> None:
     frames = await run_job(bridge, "b64", {"workflow": "solid", "1/width": 8, "1/height": 8, "1/batch_size": 1})
     resp = await bridge.get("/history", params={"clientId": "b64", "resType": "base64"})
@@ -122,6 +125,7 @@ async def test_history_base64(bridge: Client) -> None:
     assert png_size(base64.b64decode(body["files"][0]["content"])) == (8, 8)
 
 
+@pytest.mark.both_storages
 async def test_history_204_texts(bridge: Client) -> None:
     resp = await bridge.get("/history", params={"clientId": "never-seen"})
     assert resp.status == 204
@@ -235,6 +239,7 @@ async def test_client_id_is_checked_everywhere(bridge: Client) -> None:
         assert resp.status == 400
 
 
+@pytest.mark.both_storages
 async def test_uploaded_file_feeds_a_file_input(bridge: Client) -> None:
     status, names = await upload(bridge, {"photo": ("my photo.png", png(30, 20))}, client_id="up")
     assert status == 200
@@ -245,6 +250,7 @@ async def test_uploaded_file_feeds_a_file_input(bridge: Client) -> None:
     assert png_size(parts[0][3]) == (30, 20)
 
 
+@pytest.mark.both_storages
 async def test_upload_of_another_client_is_not_usable(bridge: Client) -> None:
     _, names = await upload(bridge, {"file": ("a.png", png())}, client_id="owner")
     status, body = await generate(bridge, "thief", {"workflow": "invert", "1/image": names["file"]})
