@@ -11,6 +11,7 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+import pytest
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
 from .helpers import (
@@ -162,7 +163,7 @@ async def test_expired_uploads_leave_the_bucket(
 
 
 async def test_object_storage_away_a_while_then_back_loses_nothing(
-    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, s3: S3Server
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, s3: S3Server, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The S3 server stops while a job runs: an upload meanwhile answers 503 with a detail; the
     finished job's results are stored again until the server is back, and the job ends well.
@@ -183,8 +184,9 @@ async def test_object_storage_away_a_while_then_back_loses_nothing(
         status, answer = await upload(client, {"file": ("x.png", png())}, client_id="patient")
         assert status == 503
         assert "object storage cannot be reached" in answer["detail"]
-        await wait_for(lambda: len(emulator.engine.timeline) == 1, timeout=30)  # ComfyUI finished it
-        await asyncio.sleep(1.5)  # at least one try to store it fails (not a timing assertion)
+        await wait_for(  # ComfyUI finished it, and a try to store its results failed
+            lambda: any("could not store its results" in r.getMessage() for r in caplog.records), timeout=60
+        )
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         server.start()
         info = await poll_status(client, "patient", {"closed", "error"}, timeout=60)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import StorageError
 from .blobs import BlobStore, BlobWriter, LocalBlobs
 
 __all__ = ["JobResult", "ResultFile", "ResultStore", "stored_name"]
@@ -134,11 +135,20 @@ class ResultStore:
             self._by_client.pop(client_id, None)
 
     async def delete(self, results: list[JobResult]) -> None:
-        await self.blobs.delete([item.key for result in results for item in result.files])
+        """Remove fetched or expired results' files. Best effort: with the store away they stay, and
+        the sweep at start removes them once no journal row names them."""
+        try:
+            await self.blobs.delete([item.key for result in results for item in result.files])
+        except StorageError as exc:
+            log.warning("%d results' files not removed now: %s", len(results), exc)
 
     async def discard(self, job_id: str) -> None:
-        """Remove the partial downloads of a job that did not finish."""
-        await self.blobs.delete_prefix(f"{job_id}/")
+        """Remove the partial downloads of a job that did not finish. Best effort: with the store away
+        they stay (a next try writes the same names; the sweep at start removes what is left)."""
+        try:
+            await self.blobs.delete_prefix(f"{job_id}/")
+        except StorageError as exc:
+            log.warning("job %s: partial results not removed now: %s", job_id, exc)
 
     def expired(self, ttl: float) -> list[JobResult]:
         """Results older than `ttl` that no request is sending right now."""

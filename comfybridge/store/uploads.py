@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import BadInput, StorageFull, StorageUnavailable, TooLarge, UnsupportedMedia
+from ..errors import BadInput, StorageError, StorageFull, StorageUnavailable, TooLarge, UnsupportedMedia
 from .blobs import BlobStore
 from .files import NO_SPACE, fsync_path, open_off_loop
 from .media import MAX_FRAMES, SNIFF_BYTES, BadHeaders, Frames, image_frames, is_complete, media_kind_of, sniff
@@ -277,7 +277,10 @@ class UploadStore:
 
     async def _remove(self, uploads: list[Upload]) -> None:
         if self.blobs is not None:
-            await self.blobs.delete([upload.path.as_posix() for upload in uploads])
+            try:
+                await self.blobs.delete([upload.path.as_posix() for upload in uploads])
+            except StorageError as exc:  # they stay in the bucket, unindexed: a later start indexes them again
+                log.warning("%d uploads not removed from object storage now: %s", len(uploads), exc)
             return
         for upload in uploads:
             await asyncio.to_thread(upload.path.unlink, missing_ok=True)
