@@ -156,7 +156,7 @@ async def test_expired_uploads_leave_the_bucket(
     make_emulator: EmulatorFactory, make_bridge: BridgeFactory, s3: S3Server
 ) -> None:
     bucket = s3.new_bucket()
-    client = await make_bridge(await make_emulator(), storage=f"s3://{bucket}", s3_endpoint=s3.url, upload_ttl=0.5)
+    client = await make_bridge(await make_emulator(), storage=f"s3://{bucket}", s3_endpoint=s3.url, upload_ttl=2)
     await upload(client, {"file": ("gone.png", png())}, client_id="brief")
     assert len(s3.keys(bucket)) == 1
     await wait_for(lambda: s3.keys(bucket) == [], timeout=30)  # the sweeper's turn comes within a tenth of the TTL
