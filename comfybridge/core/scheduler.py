@@ -537,15 +537,16 @@ class Scheduler:
         a restart (or the next leader of a cluster) places jobs well from its first one."""
         while True:
             await asyncio.sleep(LEARNED_EVERY)
-            with contextlib.suppress(Exception):  # the journal's trouble is logged and answered elsewhere
-                await self._remember_learned()
+            saving = self._remember_learned()
+            if saving is not None:
+                with contextlib.suppress(Exception):  # the journal's trouble is logged and answered elsewhere
+                    await saving
 
-    def _remember_learned(self) -> asyncio.Future[None]:
+    def _remember_learned(self) -> asyncio.Future[None] | None:
+        """Keep the run times if they changed since last kept; the write's future, or None."""
         runtimes = self.core.runtimes
         if runtimes.changes == self._learned_saved:
-            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            done.set_result(None)
-            return done
+            return None
         self._learned_saved = runtimes.changes
         return self.core.journal.remember(runtimes.dumps())
 

@@ -48,6 +48,7 @@ CHUNK = 64 * 1024
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # asking again changes nothing
 RELAY_READ_TIMEOUT = 60.0  # seconds a relayed request without a body may wait for the leader's next bytes
 UPSTREAM_FIRST_FRAME = 10.0  # seconds a next leader's socket may take to say `connected`
+UNREACHABLE = "The bridge that leads could not be reached (it may be changing); try again shortly."
 # A relayed socket whose leader went away waits this long for the next one before it gives up.
 FOLLOW_PATIENCE = 60.0
 # Close codes after which the relay connects to the next leader: it stopped, restarted, or vanished.
@@ -174,9 +175,7 @@ async def _relay_http(
             return response
         log.info("relay to %s failed: %s", upstream, exc)
         if isinstance(exc, aiohttp.ClientConnectorError) or request.method in SAFE_METHODS:
-            raise NoLeader(
-                "The bridge that leads could not be reached (it may be changing); try again shortly."
-            ) from None
+            raise NoLeader(UNREACHABLE) from None
         # Sent, then cut off: the leader may have done it (a job accepted), so "try again" could do it twice.
         raise Relayed(
             502,
@@ -196,7 +195,7 @@ async def _open_upstream(
         detail = urllib.parse.unquote(exc.headers.get("X-Detail", "") if exc.headers else "") or exc.message
         raise Relayed(exc.status, detail) from None
     except (aiohttp.ClientConnectionError, TimeoutError):
-        raise NoLeader("The bridge that leads could not be reached (it may be changing); try again shortly.") from None
+        raise NoLeader(UNREACHABLE) from None
 
 
 async def _relay_socket(

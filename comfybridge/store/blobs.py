@@ -43,6 +43,7 @@ class BlobWriter(Protocol):
 
 class BlobStore(Protocol):
     where: str  # for logs: the folder, or s3://bucket/prefix
+    links: bool  # whether `link` gives URLs (object storage), not only bytes
 
     def writer(self, key: str) -> BlobWriter: ...
 
@@ -53,6 +54,9 @@ class BlobStore(Protocol):
         """A small blob, whole."""
 
     async def exists(self, key: str) -> bool: ...
+
+    async def seal(self, prefix: str) -> None:
+        """The blobs under `prefix` are all written: their names, too, survive a power cut."""
 
     async def delete(self, keys: list[str]) -> None:
         """Remove these blobs (those already gone are no error)."""
@@ -79,6 +83,8 @@ class LocalBlobs:
     """Blobs as files under `root` (a name's `/` makes folders). A small blob is written in one trip
     to a thread; a large one streams. Each is fsynced at commit; the caller syncs the folders once
     a group is written (`seal`)."""
+
+    links = False
 
     def __init__(self, root: Path) -> None:
         self.root = root

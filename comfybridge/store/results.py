@@ -72,8 +72,7 @@ class ResultStore:
 
     async def seal(self, job_id: str) -> None:
         """A job's files are all written: their names, too, survive a power cut."""
-        if isinstance(self.blobs, LocalBlobs):
-            await self.blobs.seal(job_id)
+        await self.blobs.seal(job_id)
 
     def chunks(self, item: ResultFile, size: int) -> AsyncIterator[bytes]:
         return self.blobs.chunks(item.key, size)
@@ -84,7 +83,7 @@ class ResultStore:
     @property
     def links(self) -> bool:
         """Whether results can be handed out as links (object storage), not only as bytes."""
-        return not isinstance(self.blobs, LocalBlobs)
+        return self.blobs.links
 
     async def link(self, item: ResultFile, expires: int) -> str:
         url = await self.blobs.link(item.key, expires)

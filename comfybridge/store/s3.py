@@ -49,6 +49,8 @@ class _Connection:
 
 
 class S3Blobs:
+    links = True
+
     def __init__(self, url: str, endpoint: str = "") -> None:
         self.bucket, self.prefix = parse_storage_url(url)
         self.endpoint = endpoint
@@ -128,6 +130,9 @@ class S3Blobs:
         except BlobGone:
             return False
         return True
+
+    async def seal(self, prefix: str) -> None:
+        pass  # an object is durable once its upload completes
 
     async def delete(self, keys: list[str]) -> None:
         for start in range(0, len(keys), DELETE_BATCH):
