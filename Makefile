@@ -29,8 +29,14 @@ demo: $(STAMP)
 cluster-demo: $(STAMP)
 	$(BIN)/python examples/cluster_demo.py
 
+# Then the contract, restarts and the cluster again with uploads and results in S3 (moto's server).
+STORAGE_TESTS = tests/test_api.py tests/test_contract.py tests/test_ws.py tests/test_restarts.py \
+	tests/test_webhooks.py tests/test_hostile.py tests/test_uploads.py tests/test_access.py \
+	tests/test_limits.py tests/test_operations.py tests/test_cluster.py
+
 test: $(STAMP)
 	$(BIN)/python -m pytest
+	COMFYBRIDGE_TEST_STORAGE=s3 $(BIN)/python -m pytest $(STORAGE_TESTS)
 
 # Schemathesis against /openapi.json: up to 200 generated requests per operation instead of 50.
 fuzz: $(STAMP)

@@ -104,7 +104,7 @@ def create_app(
     app[JOURNAL] = journal
     # With object storage, one client for the bucket: uploads under <prefix>uploads/, results under
     # <prefix>results/; nothing of either stays on this bridge's disk.
-    bucket = S3Blobs(settings.storage, settings.s3_endpoint) if settings.storage else None
+    bucket = S3Blobs(settings.storage, settings.s3_endpoint, settings.s3_timeout) if settings.storage else None
     app[UPLOADS] = UploadStore(
         settings.data_dir / "uploads",
         UploadLimits(

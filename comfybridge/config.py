@@ -98,6 +98,7 @@ class Settings:
     storage: str = ""
     s3_endpoint: str = ""
     link_ttl: float = 3600.0
+    s3_timeout: float = 10.0
 
     @property
     def own_url(self) -> str:
@@ -353,6 +354,11 @@ OPTIONS: dict[str, tuple[Parser, Callable[[Any], str | None] | None, str]] = {
     ),
     "s3_endpoint": (_endpoint, None, "with s3:// storage: an S3-compatible server's URL (empty: AWS)"),
     "link_ttl": (_number(float), _positive, "with s3:// storage: seconds a /history?resType=url link works"),
+    "s3_timeout": (
+        _number(float),
+        _positive,
+        "with s3:// storage: seconds to connect or to wait for an answer (3 tries)",
+    ),
 }
 
 

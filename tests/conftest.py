@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
@@ -29,6 +30,15 @@ EmulatorFactory = Callable[..., Awaitable[Emulator]]
 BridgeFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With COMFYBRIDGE_TEST_STORAGE=s3 only the tests whose bridges keep files run (again, on S3)."""
+    if os.environ.get("COMFYBRIDGE_TEST_STORAGE") != "s3":
+        return
+    kept = [item for item in items if "storage" in getattr(item, "fixturenames", ())]
+    config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+    items[:] = kept
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Tests marked `both_dialects` run once per ComfyUI dialect the emulator speaks; those marked
     `both_stores` once with the SQLite journal and once with PostgreSQL."""
@@ -36,8 +46,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("dialect", DIALECTS, indirect=True)
     if metafunc.definition.get_closest_marker("both_stores") and "store" in metafunc.fixturenames:
         metafunc.parametrize("store", ["sqlite", "postgres"], indirect=True)
-    if metafunc.definition.get_closest_marker("both_storages") and "storage" in metafunc.fixturenames:
-        metafunc.parametrize("storage", ["folders", "s3"], indirect=True)
 
 
 @pytest.fixture(scope="session")
@@ -61,9 +69,10 @@ def store(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def storage(request: pytest.FixtureRequest) -> dict[str, str]:
-    """Where uploads and results are kept: folders under the data dir, or a fresh bucket of a real
-    S3 API server (the settings that say so)."""
-    if getattr(request, "param", "folders") == "folders":
+    """Where the in-process bridges keep uploads and results: folders under the data dir, or with
+    COMFYBRIDGE_TEST_STORAGE=s3 (`make test` runs the contract's tests so too) a fresh bucket of a
+    real S3 API server (the settings that say so)."""
+    if getattr(request, "param", os.environ.get("COMFYBRIDGE_TEST_STORAGE", "folders")) == "folders":
         return {}
     server: S3Server = request.getfixturevalue("s3")
     return {"storage": f"s3://{server.new_bucket()}/t", "s3_endpoint": server.url}

@@ -286,10 +286,15 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: 
 TINY = {"workflow": "solid", "1/width": 8, "1/height": 8, "1/batch_size": 1}
 
 
-def backends(*emulators: Emulator, database: str = "") -> tuple[str, ...]:
-    """A bridge process's flags for these emulators (and this database, "" for the SQLite journal)."""
-    flags = ("--backends", ",".join(e.url for e in emulators), "--job-idle-timeout", "60")
-    return (*flags, "--database", database) if database else flags
+def backends(*emulators: Emulator, database: str = "", storage: dict[str, str] | None = None) -> tuple[str, ...]:
+    """A bridge process's flags for these emulators (and this database, "" for the SQLite journal,
+    and this storage, the `storage` fixture's settings: none for folders under the data dir)."""
+    flags: tuple[str, ...] = ("--backends", ",".join(e.url for e in emulators), "--job-idle-timeout", "60")
+    if database:
+        flags += ("--database", database)
+    if storage:
+        flags += ("--storage", storage["storage"], "--s3-endpoint", storage["s3_endpoint"])
+    return flags
 
 
 async def post_job(session: aiohttp.ClientSession, url: str, client_id: str, body: dict[str, Any]) -> str:
@@ -338,17 +343,22 @@ def gzip_bomb(megabytes: int) -> bytes:
     return b"".join([*pieces, packer.compress(b'"}'), packer.flush()])
 
 
-def stored(client: Client) -> list[Path]:
-    """Every file in the bridge's upload folder, and with object storage every upload object, as
-    if it were in that folder (`<prefix>uploads/c-x/name` as `data/uploads/c-x/name`)."""
+def stored(client: Client, area: str = "uploads") -> list[Path]:
+    """Every file the in-process bridge keeps in `area` (see `kept`)."""
     settings = client.app[SETTINGS]
-    root = settings.data_dir / "uploads"
+    return kept(settings.data_dir, area, {"storage": settings.storage, "s3_endpoint": settings.s3_endpoint})
+
+
+def kept(data_dir: Path, area: str, storage: dict[str, str]) -> list[Path]:
+    """Every file in a bridge's `area` folder (uploads or results), and with object storage every
+    object there, as if it were in that folder (`<prefix>uploads/c-x/name` as `data/uploads/c-x/name`)."""
+    root = data_dir / area
     found = [p for p in root.rglob("*") if p.is_file()]  # with object storage: only a spool left behind
-    if settings.storage:
+    if storage.get("storage"):
         import boto3
 
-        bucket, prefix = parse_storage_url(settings.storage)
-        s3 = boto3.client("s3", endpoint_url=settings.s3_endpoint, region_name="us-east-1")
-        pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "uploads/")
-        found += [root / item["Key"].removeprefix(prefix + "uploads/") for p in pages for item in p.get("Contents", ())]
+        bucket, prefix = parse_storage_url(storage["storage"])
+        s3 = boto3.client("s3", endpoint_url=storage["s3_endpoint"], region_name="us-east-1")
+        pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}{area}/")
+        found += [root / item["Key"].removeprefix(f"{prefix}{area}/") for p in pages for item in p.get("Contents", ())]
     return sorted(found)

@@ -75,7 +75,6 @@ async def test_workflow_info_unknown_or_missing_alias_is_400(bridge: Client) -> 
 
 
 # /generate-based-workflow and /history -----------------------------------------------------------
-@pytest.mark.both_storages
 async def test_generate_then_history_returns_the_patched_images(bridge: Client) -> None:
     frames = await run_job(bridge, "c1", {"workflow": "solid", "1/width": 40, "1/height": 24, "1/batch_size": 2})
     assert seed(frames[-1]) == {"status": "closed", "detail": "Execution is done", "details": "Execution is done"}
@@ -100,7 +99,6 @@ async def test_each_job_gets_its_own_copy_of_the_workflow(bridge: Client, workfl
     assert (workflow_dir / "b_emptyimage_save.json").read_bytes() == before
 
 
-@pytest.mark.both_storages
 async def test_history_in_job_order_then_forgets(bridge: Client) -> None:
     await run_job(bridge, "order", {"workflow": "solid", "1/width": 10, "1/batch_size": 2})
     await run_job(bridge, "order", {"workflow": "solid", "1/width": 20, "1/batch_size": 1})
@@ -114,7 +112,6 @@ async def test_history_in_job_order_then_forgets(bridge: Client) -> None:
     )
 
 
-@pytest.mark.both_storages
 async def test_history_base64(bridge: Client) -> None:
     frames = await run_job(bridge, "b64", {"workflow": "solid", "1/width": 8, "1/height": 8, "1/batch_size": 1})
     resp = await bridge.get("/history", params={"clientId": "b64", "resType": "base64"})
@@ -125,7 +122,6 @@ async def test_history_base64(bridge: Client) -> None:
     assert png_size(base64.b64decode(body["files"][0]["content"])) == (8, 8)
 
 
-@pytest.mark.both_storages
 async def test_history_204_texts(bridge: Client) -> None:
     resp = await bridge.get("/history", params={"clientId": "never-seen"})
     assert resp.status == 204
@@ -137,22 +133,22 @@ async def test_history_204_texts(bridge: Client) -> None:
         assert resp.headers["X-Detail"] == "No contents with that client id / known"
 
 
-def make_big(bridge: Client, client_id: str) -> int:
+async def make_big(bridge: Client, client_id: str) -> int:
     """Grow a stored result past what socket buffers hold, so a response is surely mid-way for a while."""
     store = bridge.app[RESULTS]
     (result,) = store.claim(client_id)
     store.release([result])
     small = result.files[0]
-    path = store.blobs.path(small.key)  # type: ignore[attr-defined]
-    path.write_bytes(png() + b"\0" * (40 * 1024 * 1024))
-    size = path.stat().st_size
+    writer = store.writer(small.key)
+    await writer.write(png() + b"\0" * (40 * 1024 * 1024))
+    size = await writer.commit()
     result.files[0] = ResultFile(small.file_name, small.key, small.content_type, size)
     return size
 
 
 async def test_history_kept_when_download_breaks_off(bridge: Client, caplog: pytest.LogCaptureFixture) -> None:
     await run_job(bridge, "big", {"workflow": "solid", "1/width": 8, "1/batch_size": 1})
-    size = make_big(bridge, "big")
+    size = await make_big(bridge, "big")
     resp = await bridge.get("/history", params={"clientId": "big"})
     assert resp.status == 200
     await resp.content.read(1024)
@@ -239,7 +235,6 @@ async def test_client_id_is_checked_everywhere(bridge: Client) -> None:
         assert resp.status == 400
 
 
-@pytest.mark.both_storages
 async def test_uploaded_file_feeds_a_file_input(bridge: Client) -> None:
     status, names = await upload(bridge, {"photo": ("my photo.png", png(30, 20))}, client_id="up")
     assert status == 200
@@ -250,7 +245,6 @@ async def test_uploaded_file_feeds_a_file_input(bridge: Client) -> None:
     assert png_size(parts[0][3]) == (30, 20)
 
 
-@pytest.mark.both_storages
 async def test_upload_of_another_client_is_not_usable(bridge: Client) -> None:
     _, names = await upload(bridge, {"file": ("a.png", png())}, client_id="owner")
     status, body = await generate(bridge, "thief", {"workflow": "invert", "1/image": names["file"]})
@@ -358,7 +352,7 @@ async def test_no_backend_is_503(make_bridge: BridgeFactory) -> None:
 
 async def test_a_second_history_request_does_not_get_what_the_first_is_sending(bridge: Client) -> None:
     await run_job(bridge, "twice", {"workflow": "solid", "1/width": 8, "1/batch_size": 1})
-    make_big(bridge, "twice")
+    await make_big(bridge, "twice")
     first = await bridge.get("/history", params={"clientId": "twice"})
     assert first.status == 200  # headers are in; the 40 MB body is still on its way
     second = await bridge.get("/history", params={"clientId": "twice"})

@@ -32,20 +32,26 @@ pytestmark = pytest.mark.timeout(180)
 
 @contextlib.asynccontextmanager
 async def cluster(
-    workdir: Path, database: str, emulators: list[Emulator], size: int
+    workdir: Path, database: str, emulators: list[Emulator], size: int, storage: dict[str, str]
 ) -> AsyncIterator[list[tuple[asyncio.subprocess.Process, str]]]:
-    """`size` bridge processes, started one after the other (the first leads), sharing the data
-    folder and the workflows; each has its own working folder and log."""
+    """`size` bridge processes, started one after the other (the first leads), sharing the
+    workflows and either the data folder or, with object storage (`storage`), a bucket and no
+    folder at all; each has its own working folder and log."""
     flags = (
         "--backends", ",".join(e.url for e in emulators), "--database", database, "--job-idle-timeout", "60",
-        "--data-dir", str(workdir / "data"), "--workflows", str(workdir / "workflows"),
+        "--workflows", str(workdir / "workflows"),
     )  # fmt: skip
+    if storage:
+        flags += ("--storage", storage["storage"], "--s3-endpoint", storage["s3_endpoint"])
     async with contextlib.AsyncExitStack() as stack:
         bridges = []
         for n in range(size):
             own = workdir / f"bridge{n}"
             own.mkdir()
-            bridges.append(await stack.enter_async_context(bridge_process(own, *flags, ready="/health")))
+            data = own / "data" if storage else workdir / "data"
+            bridges.append(
+                await stack.enter_async_context(bridge_process(own, *flags, "--data-dir", str(data), ready="/health"))
+            )
         yield bridges
 
 
@@ -78,11 +84,11 @@ async def closed_job_ids(ws: aiohttp.ClientWebSocketResponse, wanted: int) -> li
 
 
 async def test_a_client_on_three_bridges_hears_and_fetches_every_job(
-    workdir: Path, make_emulator: EmulatorFactory, postgres: PostgresServer
+    workdir: Path, make_emulator: EmulatorFactory, postgres: PostgresServer, storage: dict[str, str]
 ) -> None:
     emulators = [await make_emulator(pace=0.02), await make_emulator(pace=0.02)]
     async with (
-        cluster(workdir, postgres.new_database(), emulators, 3) as bridges,
+        cluster(workdir, postgres.new_database(), emulators, 3, storage) as bridges,
         aiohttp.ClientSession() as session,
     ):
         (_, a), (_, b), (_, c) = bridges
@@ -112,11 +118,11 @@ async def test_a_client_on_three_bridges_hears_and_fetches_every_job(
 
 
 async def test_kill_9_of_the_leader_mid_burst_loses_nothing_and_runs_nothing_twice(
-    workdir: Path, make_emulator: EmulatorFactory, postgres: PostgresServer
+    workdir: Path, make_emulator: EmulatorFactory, postgres: PostgresServer, storage: dict[str, str]
 ) -> None:
     emulators = [await make_emulator(pace=0.1), await make_emulator(pace=0.1)]
     async with (
-        cluster(workdir, postgres.new_database(), emulators, 3) as bridges,
+        cluster(workdir, postgres.new_database(), emulators, 3, storage) as bridges,
         aiohttp.ClientSession() as session,
     ):
         (leader, _), (_, b), (_, c) = bridges
@@ -145,11 +151,11 @@ async def test_kill_9_of_the_leader_mid_burst_loses_nothing_and_runs_nothing_twi
 
 
 async def test_sigterm_hands_the_lead_over_at_once_and_relays_meanwhile(
-    workdir: Path, make_emulator: EmulatorFactory, postgres: PostgresServer
+    workdir: Path, make_emulator: EmulatorFactory, postgres: PostgresServer, storage: dict[str, str]
 ) -> None:
     emulators = [await make_emulator(pace=0.02)]
     async with (
-        cluster(workdir, postgres.new_database(), emulators, 2) as bridges,
+        cluster(workdir, postgres.new_database(), emulators, 2, storage) as bridges,
         aiohttp.ClientSession() as session,
     ):
         (first, a), (_, b) = bridges
@@ -192,12 +198,12 @@ async def test_bridges_starting_together_on_an_empty_database_elect_one_leader(
 
 
 async def test_turns_are_fair_across_bridges(
-    workdir: Path, make_emulator: EmulatorFactory, postgres: PostgresServer
+    workdir: Path, make_emulator: EmulatorFactory, postgres: PostgresServer, storage: dict[str, str]
 ) -> None:
     """100 jobs of one client posted through A do not make a client with one job on B wait for them."""
     emulators = [await make_emulator(pace=0.02)]
     async with (
-        cluster(workdir, postgres.new_database(), emulators, 2) as bridges,
+        cluster(workdir, postgres.new_database(), emulators, 2, storage) as bridges,
         aiohttp.ClientSession() as session,
     ):
         (_, a), (_, b) = bridges
@@ -212,13 +218,13 @@ async def test_turns_are_fair_across_bridges(
 
 @pytest.mark.parametrize("outage", [3, 30])
 async def test_postgres_stopped_and_started_mid_burst_every_job_ends_once(
-    workdir: Path, make_emulator: EmulatorFactory, postgres: PostgresServer, outage: float
+    workdir: Path, make_emulator: EmulatorFactory, postgres: PostgresServer, storage: dict[str, str], outage: float
 ) -> None:
     """A short outage: the leader connects again and keeps its lead. A long one (past leader_timeout):
     it stops leading; once the database is back a leader adopts the prompts that ran on meanwhile."""
     emulators = [await make_emulator(pace=0.1), await make_emulator(pace=0.1)]
     async with (
-        cluster(workdir, postgres.new_database(), emulators, 2) as bridges,
+        cluster(workdir, postgres.new_database(), emulators, 2, storage) as bridges,
         aiohttp.ClientSession() as session,
     ):
         (_, a), (_, b) = bridges
@@ -290,13 +296,13 @@ async def test_a_request_cut_off_after_reaching_the_leader_is_not_called_safe_to
 
 
 async def test_sighup_on_a_follower_starts_no_scheduling_of_its_own(
-    workdir: Path, make_emulator: EmulatorFactory, postgres: PostgresServer
+    workdir: Path, make_emulator: EmulatorFactory, postgres: PostgresServer, storage: dict[str, str]
 ) -> None:
     """A follower told to reload keeps the backend list for when it leads; it opens nothing to
     ComfyUI (its socket there would replace the leader's, which has the same name)."""
     emulator = await make_emulator(pace=0.02)
     async with (
-        cluster(workdir, postgres.new_database(), [emulator], 2) as bridges,
+        cluster(workdir, postgres.new_database(), [emulator], 2, storage) as bridges,
         aiohttp.ClientSession() as session,
     ):
         (_, a), (follower, b) = bridges
@@ -384,8 +390,9 @@ async def test_a_cluster_on_object_storage_shares_no_folder_and_survives_kill_9(
     workdir: Path, make_emulator: EmulatorFactory, postgres: PostgresServer, s3: S3Server
 ) -> None:
     """Each bridge has a data folder of its own; uploads and results live in one bucket. An upload
-    through the follower feeds jobs the leader runs; the leader dies mid-burst; the other bridge
-    takes over and every job's result comes back, from the bucket."""
+    through the follower feeds jobs the leader runs, and a result comes back through it as a link;
+    the leader dies mid-burst; the other bridge takes over and every job's result comes back, from
+    the bucket."""
     emulators = [await make_emulator(pace=0.1), await make_emulator(pace=0.1)]
     bucket = s3.new_bucket()
     flags = ("--backends", ",".join(e.url for e in emulators), "--database", postgres.new_database(),
@@ -407,6 +414,15 @@ async def test_a_cluster_on_object_storage_shares_no_folder_and_survives_kill_9(
             assert resp.status == 200, await resp.text()
             name = (await resp.json())["file"]
         body = {"workflow": "invert", "1/image": name}
+        linked = await post_job(session, b, "linked", body)
+        async with asyncio.timeout(30):
+            while (await status_of(session, b, "linked")).get("status") != "closed":
+                await asyncio.sleep(0.05)
+        async with session.get(f"{b}/history", params={"clientId": "linked", "resType": "url"}) as resp:
+            (item,) = (await resp.json())["files"]  # relayed: links signed by the leader
+        assert item["job_id"] == linked
+        async with session.get(item["url"]) as got:
+            assert (await got.read()).startswith(b"\x89PNG")
         jobs = [await post_job(session, b, "bucketed", body) for _ in range(8)]
         await wait_for(lambda: sum(len(e.engine.started) for e in emulators) >= 2)
         os.kill(leader.pid, signal.SIGKILL)

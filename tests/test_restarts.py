@@ -24,6 +24,7 @@ from .helpers import (
     bridge_process,
     count,
     fetch_results,
+    kept,
     post_job,
     run_cli,
     status_of,
@@ -50,7 +51,7 @@ def assert_no_prompt_ran_twice(*emulators: Emulator) -> None:
 @pytest.mark.timeout(120)
 @pytest.mark.both_stores
 async def test_kill_9_at_random_moments_under_load_loses_no_job(
-    workdir: Path, make_emulator: EmulatorFactory, store: str
+    workdir: Path, make_emulator: EmulatorFactory, store: str, storage: dict[str, str]
 ) -> None:
     emulators = [await make_emulator(pace=0.01), await make_emulator(pace=0.01)]
     rng = random.Random(6)
@@ -60,7 +61,7 @@ async def test_kill_9_at_random_moments_under_load_loses_no_job(
     async with aiohttp.ClientSession() as session:
         last_count = 0
         for _ in range(3):
-            async with bridge_process(workdir, *backends(*emulators, database=store)) as (proc, url):
+            async with bridge_process(workdir, *backends(*emulators, database=store, storage=storage)) as (proc, url):
                 assert await count(url) >= last_count  # the counter never goes down across a crash
 
                 async def submit_until_killed(client_id: str, url: str = url) -> None:
@@ -79,7 +80,7 @@ async def test_kill_9_at_random_moments_under_load_loses_no_job(
                 proc.kill()
                 await proc.wait()
                 await asyncio.gather(*loops)
-        async with bridge_process(workdir, *backends(*emulators, database=store)) as (proc, url):
+        async with bridge_process(workdir, *backends(*emulators, database=store, storage=storage)) as (proc, url):
             assert await count(url) >= last_count
             await wait_closed(session, url, clients)
             delivered = [part for c in clients for part in await fetch_results(session, url, c)]
@@ -97,12 +98,12 @@ async def test_kill_9_at_random_moments_under_load_loses_no_job(
 
 @pytest.mark.both_stores
 async def test_sigterm_with_40_jobs_in_line_then_restart_delivers_all(
-    workdir: Path, make_emulator: EmulatorFactory, store: str
+    workdir: Path, make_emulator: EmulatorFactory, store: str, storage: dict[str, str]
 ) -> None:
     emulator = await make_emulator(pace=0.05)
     clients = [f"term-{i}" for i in range(10)]
     async with aiohttp.ClientSession() as session:
-        async with bridge_process(workdir, *backends(emulator, database=store)) as (proc, url):
+        async with bridge_process(workdir, *backends(emulator, database=store, storage=storage)) as (proc, url):
             async with session.ws_connect(f"{url}/ws", params={"clientId": "watcher"}) as ws:
                 jobs = await asyncio.gather(*(post_job(session, url, c, TINY) for c in clients for _ in range(4)))
                 await wait_for(lambda: len(emulator.engine.started) >= 2)
@@ -112,7 +113,7 @@ async def test_sigterm_with_40_jobs_in_line_then_restart_delivers_all(
                 assert ws.close_code == 1001
             assert await asyncio.wait_for(proc.wait(), 30) == 0
         assert len(emulator.engine.started) < 40, "all jobs ran before the stop: nothing was tested"
-        async with bridge_process(workdir, *backends(emulator, database=store)) as (proc, url):
+        async with bridge_process(workdir, *backends(emulator, database=store, storage=storage)) as (proc, url):
             await wait_closed(session, url, clients)
             delivered = [part for c in clients for part in await fetch_results(session, url, c)]
             assert await count(url) == 40
@@ -124,15 +125,15 @@ async def test_sigterm_with_40_jobs_in_line_then_restart_delivers_all(
 @pytest.mark.both_dialects
 @pytest.mark.both_stores
 async def test_job_running_at_a_crash_is_adopted_and_reports_progress(
-    workdir: Path, make_emulator: EmulatorFactory, store: str
+    workdir: Path, make_emulator: EmulatorFactory, store: str, storage: dict[str, str]
 ) -> None:
     emulator = await make_emulator(pace=0.4)  # text-to-image: seven nodes, a 20-step sampler
     async with aiohttp.ClientSession() as session:
-        async with bridge_process(workdir, *backends(emulator, database=store)) as (proc, url):
+        async with bridge_process(workdir, *backends(emulator, database=store, storage=storage)) as (proc, url):
             job_id = await post_job(session, url, "adopt", {"workflow": "text-to-image"})
             await wait_for(lambda: len(emulator.engine.started) == 1)
             proc.kill()
-        async with bridge_process(workdir, *backends(emulator, database=store)) as (proc, url):
+        async with bridge_process(workdir, *backends(emulator, database=store, storage=storage)) as (proc, url):
             async with session.ws_connect(f"{url}/ws", params={"clientId": "adopt"}) as ws:
                 frames = []
                 async for msg in ws:
@@ -153,59 +154,71 @@ async def test_job_running_at_a_crash_is_adopted_and_reports_progress(
 
 @pytest.mark.both_dialects
 async def test_prompt_that_finished_while_the_bridge_was_down_is_collected_not_rerun(
-    workdir: Path, make_emulator: EmulatorFactory
+    workdir: Path, make_emulator: EmulatorFactory, storage: dict[str, str]
 ) -> None:
     emulator = await make_emulator(pace=0.3)
     async with aiohttp.ClientSession() as session:
-        async with bridge_process(workdir, *backends(emulator)) as (proc, url):
+        async with bridge_process(workdir, *backends(emulator, storage=storage)) as (proc, url):
             job_id = await post_job(session, url, "done-while-down", TINY)
             await wait_for(lambda: len(emulator.engine.started) == 1)
             proc.kill()
         await wait_for(lambda: len(emulator.engine.history) == 1)
-        async with bridge_process(workdir, *backends(emulator)) as (proc, url):
+        async with bridge_process(workdir, *backends(emulator, storage=storage)) as (proc, url):
             await wait_closed(session, url, ["done-while-down"])
             assert [job for job, _ in await fetch_results(session, url, "done-while-down")] == [job_id]
     assert len(emulator.engine.started) == 1
 
 
 @pytest.mark.both_dialects
-async def test_prompt_lost_by_a_restarted_comfyui_is_sent_again(workdir: Path, make_emulator: EmulatorFactory) -> None:
+async def test_prompt_lost_by_a_restarted_comfyui_is_sent_again(
+    workdir: Path, make_emulator: EmulatorFactory, storage: dict[str, str]
+) -> None:
     first = await make_emulator(pace=0.01)
     port = first.port  # the ComfyUI that comes back listens where it did
     first.engine.pause()  # the job stays queued inside ComfyUI
     async with aiohttp.ClientSession() as session:
-        async with bridge_process(workdir, *backends(first)) as (proc, url):
+        async with bridge_process(workdir, *backends(first, storage=storage)) as (proc, url):
             job_id = await post_job(session, url, "lost", TINY)
             await wait_for(lambda: first.engine.queue_remaining == 1)
             proc.kill()
         await first.stop()  # ComfyUI restarts too, forgetting its queue
         second = await make_emulator(pace=0.01, port=port)
-        async with bridge_process(workdir, *backends(second)) as (proc, url):
+        async with bridge_process(workdir, *backends(second, storage=storage)) as (proc, url):
             await wait_closed(session, url, ["lost"])
             assert [job for job, _ in await fetch_results(session, url, "lost")] == [job_id]
     assert first.engine.started == []
     assert len(second.engine.started) == 1
 
 
-async def test_waiting_jobs_survive_a_crash_in_order(workdir: Path, make_emulator: EmulatorFactory) -> None:
+async def test_waiting_jobs_survive_a_crash_in_order(
+    workdir: Path, make_emulator: EmulatorFactory, storage: dict[str, str]
+) -> None:
     emulator = await make_emulator(pace=0.01)
     emulator.engine.pause()
     async with aiohttp.ClientSession() as session:
-        async with bridge_process(workdir, *backends(emulator), "--pipeline-depth", "0") as (proc, url):
+        async with bridge_process(workdir, *backends(emulator, storage=storage), "--pipeline-depth", "0") as (
+            proc,
+            url,
+        ):
             jobs = [await post_job(session, url, "order", {**TINY, "1/width": 8 + i}) for i in range(5)]
             proc.kill()
         emulator.engine.resume()
-        async with bridge_process(workdir, *backends(emulator), "--delete-history", "false") as (proc, url):
+        async with bridge_process(workdir, *backends(emulator, storage=storage), "--delete-history", "false") as (
+            proc,
+            url,
+        ):
             await wait_closed(session, url, ["order"])
             assert [job for job, _ in await fetch_results(session, url, "order")] == jobs
     widths = [emulator.engine.history[p]["prompt"][2]["1"]["inputs"]["width"] for p in emulator.engine.started]
     assert widths == [8, 9, 10, 11, 12]
 
 
-async def test_drain_lets_running_jobs_finish_before_exit(workdir: Path, make_emulator: EmulatorFactory) -> None:
+async def test_drain_lets_running_jobs_finish_before_exit(
+    workdir: Path, make_emulator: EmulatorFactory, storage: dict[str, str]
+) -> None:
     emulator = await make_emulator(pace=0.3)
     async with aiohttp.ClientSession() as session:
-        async with bridge_process(workdir, *backends(emulator), "--drain", "30") as (proc, url):
+        async with bridge_process(workdir, *backends(emulator, storage=storage), "--drain", "30") as (proc, url):
             async with session.ws_connect(f"{url}/ws", params={"clientId": "drained"}) as ws:
                 await post_job(session, url, "drained", TINY)
                 await wait_for(lambda: len(emulator.engine.started) == 1)
@@ -214,31 +227,31 @@ async def test_drain_lets_running_jobs_finish_before_exit(workdir: Path, make_em
             assert statuses[-1] == "closed"
             assert ws.close_code == 1001
             assert await asyncio.wait_for(proc.wait(), 30) == 0
-        async with bridge_process(workdir, *backends(emulator)) as (proc, url):
+        async with bridge_process(workdir, *backends(emulator, storage=storage)) as (proc, url):
             assert len(await fetch_results(session, url, "drained")) == 1
 
 
 async def test_results_stay_fetchable_across_restarts_until_fetched(
-    workdir: Path, make_emulator: EmulatorFactory
+    workdir: Path, make_emulator: EmulatorFactory, storage: dict[str, str]
 ) -> None:
     emulator = await make_emulator()
     async with aiohttp.ClientSession() as session:
-        async with bridge_process(workdir, *backends(emulator)) as (proc, url):
+        async with bridge_process(workdir, *backends(emulator, storage=storage)) as (proc, url):
             job_id = await post_job(session, url, "keeper", TINY)
             await wait_closed(session, url, ["keeper"])
             proc.kill()
-        async with bridge_process(workdir, *backends(emulator)) as (proc, url):
+        async with bridge_process(workdir, *backends(emulator, storage=storage)) as (proc, url):
             assert (await status_of(session, url, "keeper"))["status"] == "closed"
             assert [job for job, _ in await fetch_results(session, url, "keeper")] == [job_id]
             proc.send_signal(signal.SIGTERM)
             await proc.wait()
         async with (
-            bridge_process(workdir, *backends(emulator)) as (proc, url),
+            bridge_process(workdir, *backends(emulator, storage=storage)) as (proc, url),
             session.get(f"{url}/history", params={"clientId": "keeper"}) as resp,
         ):
             assert resp.status == 204
             assert resp.headers["X-Detail"].startswith("The client ID has not been submitted")
-    assert not any((workdir / "data" / "results").iterdir())
+    assert not kept(workdir / "data", "results", storage)
 
 
 def test_corrupt_journal_stops_start_up_naming_it(workdir: Path) -> None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import struct
 import urllib.parse
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -14,6 +16,7 @@ import orjson
 import pytest
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
+from .faulty_s3 import FAULTS, faulty_s3
 from .helpers import (
     TINY,
     assert_one_line_error,
@@ -194,3 +197,106 @@ async def test_object_storage_away_a_while_then_back_loses_nothing(
         assert len(await read_results(await client.get("/history", params={"clientId": "patient"}))) == 1
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+async def test_object_storage_in_trouble_refuses_clearly_and_loses_nothing(
+    make_emulator: EmulatorFactory,
+    make_bridge: BridgeFactory,
+    s3: S3Server,
+    fault: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """S3 answering 5xx, refusing the credentials, without the bucket, or not answering at all: an
+    upload and a fetch meanwhile answer 503 with S3's own reason, and change nothing; a job that
+    finishes meanwhile waits for the store (past `result_retries`) and ends well once it is back."""
+    bucket = s3.new_bucket()
+    async with faulty_s3(s3.url) as proxy:
+        storage = {"storage": f"s3://{bucket}/t", "s3_endpoint": proxy.url, "s3_timeout": 0.5}
+        client = await make_bridge(await make_emulator(pace=0.05), **storage, result_retries=1)
+        await run_job(client, "earlier", TINY)
+        status, _ = await generate(client, "patient", {"workflow": "slow", "2/seed": 1})
+        assert status == 200
+        before = s3.keys(bucket)
+        proxy.fault = fault
+        reason = "cannot be reached (ReadTimeoutError)" if fault == "hang" else f"({FAULTS[fault][1]})"
+        status, answer = await upload(client, {"file": ("x.png", png())}, client_id="patient")
+        assert (status, reason in answer["detail"]) == (503, True), answer
+        fetch = await client.get("/history", params={"clientId": "earlier"})
+        assert (fetch.status, reason in (await fetch.json())["detail"]) == (503, True)
+        await wait_for(  # ComfyUI finished it, and more tries to store its results than result_retries failed
+            lambda: sum("could not store its results" in r.getMessage() for r in caplog.records) >= 2, timeout=60
+        )
+        assert proxy.refused
+        proxy.fault = None
+        info = await poll_status(client, "patient", {"closed", "error"}, timeout=60)
+        assert info["status"] == "closed", info
+        for client_id in ("earlier", "patient"):  # the fetch that was refused lost nothing
+            assert len(await read_results(await client.get("/history", params={"clientId": client_id}))) == 1
+        assert before
+        await wait_for(lambda: s3.keys(bucket) == [])  # the refused upload left nothing; fetched results go
+
+
+async def test_objects_no_record_names_are_swept_while_running(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, s3: S3Server
+) -> None:
+    """A deletion refused, or a store's answer lost after it did the work, leaves objects nobody
+    names: the running bridge removes them once older than anything could still need them."""
+    bucket = s3.new_bucket()
+    client = await make_bridge(
+        await make_emulator(), storage=f"s3://{bucket}/t", s3_endpoint=s3.url, result_ttl=1, link_ttl=1, upload_ttl=2
+    )
+    status, _ = await upload(client, {"file": ("kept.png", png())}, client_id="owner")
+    assert status == 200
+    orphans = ["t/results/0123456789abcdef/000-lost.png", "t/uploads/c-owner/0123456789ab-lost.png"]
+    for key in orphans:
+        s3.client().put_object(Bucket=bucket, Key=key, Body=png())
+    await wait_for(lambda: not set(orphans) & set(s3.keys(bucket)), timeout=30)
+
+
+async def test_an_upload_streams_into_the_bucket_as_it_arrives(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, s3: S3Server
+) -> None:
+    """Parts of a large upload reach the bucket while the client is still sending it; the object
+    appears, whole, only once all of it has arrived and passed the checks."""
+    bucket = s3.new_bucket()
+    client = await make_bridge(await make_emulator(), storage=f"s3://{bucket}/t", s3_endpoint=s3.url)
+    samples = 20 * 1024 * 1024
+    wav = (
+        b"RIFF" + struct.pack("<I", 36 + samples) + b"WAVEfmt " + struct.pack("<IHHIIHH", 16, 1, 1, 8000, 16000, 2, 16)
+    )
+    wav += b"data" + struct.pack("<I", samples) + b"\0" * samples
+    boundary = "streamed-upload"
+    opening = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="long.wav"\r\n'
+        "Content-Type: audio/wav\r\n\r\n"
+    ).encode()
+    half = len(wav) * 3 // 4
+
+    def parts_in_flight() -> int:
+        s3c = s3.client()
+        uploads = s3c.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+        return sum(
+            len(s3c.list_parts(Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"]).get("Parts", [])) for u in uploads
+        )
+
+    async def body() -> AsyncIterator[bytes]:
+        yield opening
+        for start in range(0, half, 1024 * 1024):
+            yield wav[start : min(start + 1024 * 1024, half)]
+        await wait_for(lambda: parts_in_flight() >= 1, timeout=30)  # sent on while the client waits
+        assert s3.keys(bucket) == []  # nothing visible under its name yet
+        yield wav[half:]
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    resp = await client.post(
+        "/upload",
+        params={"clientId": "streamer"},
+        data=body(),
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
+    answer = await resp.json()
+    assert resp.status == 200, answer
+    (key,) = s3.keys(bucket)
+    assert key == f"t/uploads/c-streamer/{answer['file']}"
+    assert s3.client().head_object(Bucket=bucket, Key=key)["ContentLength"] == len(wav)

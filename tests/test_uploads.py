@@ -15,7 +15,6 @@ from .helpers import JPEG, MP4, OGG, WAV, Client, generate, png, read_results, r
 NAME = r"[0-9a-f]{12}-{}"
 
 
-@pytest.mark.both_storages
 async def test_each_part_gets_a_unique_safe_name(bridge: Client) -> None:
     files = {
         "identifier_1": ("photo.png", png()),
@@ -39,7 +38,6 @@ async def raw_upload(client: Client, disposition: str, data: bytes) -> tuple[int
     return resp.status, await resp.json()
 
 
-@pytest.mark.both_storages
 async def test_encoded_filenames_are_decoded(bridge: Client) -> None:
     status, body = await raw_upload(
         bridge, "form-data; name=\"pic\"; filename*=UTF-8''%EC%82%AC%EC%A7%84%20cat.png", png()
@@ -51,7 +49,6 @@ async def test_encoded_filenames_are_decoded(bridge: Client) -> None:
     assert re.fullmatch(r"[0-9a-f]{12}-na_me\.jpg", body["odd"])
 
 
-@pytest.mark.both_storages
 async def test_content_decides_the_media_type(bridge: Client) -> None:
     status, body = await upload(bridge, {"file": ("notes.png", b"just some text, not an image at all....")})
     assert status == 415
@@ -69,7 +66,6 @@ async def test_media_kinds_are_configurable(make_bridge: BridgeFactory, make_emu
     assert body["detail"] == "File 'a.wav' is audio/wav, which is not allowed (allowed: image)."
 
 
-@pytest.mark.both_storages
 async def test_size_limits_are_413(make_bridge: BridgeFactory, make_emulator: EmulatorFactory) -> None:
     client = await make_bridge(await make_emulator(), max_upload_mb=0.01, max_request_mb=0.015)
     status, body = await upload(client, {"file": ("big.png", png() + b"\0" * 20000)})
@@ -85,14 +81,12 @@ async def test_size_limits_are_413(make_bridge: BridgeFactory, make_emulator: Em
     assert stored(client) == []
 
 
-@pytest.mark.both_storages
 async def test_a_bad_part_stores_nothing(bridge: Client) -> None:
     status, _ = await upload(bridge, {"good": ("a.png", png()), "bad": ("b.png", b"nope" * 20)}, client_id="atomic")
     assert status == 415
     assert stored(bridge) == []
 
 
-@pytest.mark.both_storages
 async def test_bad_requests(make_bridge: BridgeFactory, make_emulator: EmulatorFactory) -> None:
     client = await make_bridge(await make_emulator(), max_upload_files=2)
     resp = await client.post("/upload", json={"file": "x"})
@@ -105,7 +99,6 @@ async def test_bad_requests(make_bridge: BridgeFactory, make_emulator: EmulatorF
     assert stored(client) == []
 
 
-@pytest.mark.both_storages
 async def test_upload_makes_the_client_known(bridge: Client) -> None:
     assert (await bridge.get("/execution-info", params={"clientId": "uploader"})).status == 400
     await upload(bridge, {"file": ("a.png", png())}, client_id="uploader")
@@ -124,13 +117,12 @@ async def test_unused_uploads_expire(make_bridge: BridgeFactory, make_emulator: 
 async def test_unfetched_results_expire(make_bridge: BridgeFactory, make_emulator: EmulatorFactory) -> None:
     client = await make_bridge(await make_emulator(), result_ttl=0.5)
     await run_job(client, "forgetful", {"workflow": "solid", "1/batch_size": 1})
-    results = client.app[SETTINGS].data_dir / "results"
-    await wait_for(lambda: not any(results.iterdir()))
+    assert stored(client, "results")
+    await wait_for(lambda: not stored(client, "results"))
     resp = await client.get("/history", params={"clientId": "forgetful"})
     assert resp.status == 204
 
 
-@pytest.mark.both_storages
 async def test_uploads_and_results_survive_a_restart(
     make_bridge: BridgeFactory, make_emulator: EmulatorFactory
 ) -> None:
@@ -157,14 +149,12 @@ UNSAFE = {
 
 
 @pytest.mark.parametrize("case", sorted(UNSAFE))
-@pytest.mark.both_storages
 async def test_only_whole_media_files_are_stored(bridge: Client, case: str) -> None:
     status, body = await upload(bridge, {"file": UNSAFE[case]})
     assert status == 415, body
     assert stored(bridge) == []
 
 
-@pytest.mark.both_storages
 async def test_the_content_names_the_stored_extension(bridge: Client) -> None:
     status, names = await upload(
         bridge,
@@ -176,7 +166,6 @@ async def test_the_content_names_the_stored_extension(bridge: Client) -> None:
     assert re.fullmatch(r"[0-9a-f]{12}-holiday\.jpeg", names["photo"])  # the client's name, when it is true
 
 
-@pytest.mark.both_storages
 async def test_a_file_input_takes_only_its_kind(bridge: Client) -> None:
     _, names = await upload(bridge, {"file": ("song.wav", WAV)}, client_id="kinds")
     status, body = await generate(bridge, "kinds", {"workflow": "invert", "1/image": names["file"]})

@@ -48,6 +48,7 @@ RESTART_FIRST = 0.5  # seconds before a failed listener or worker starts again; 
 RESTART_MAX = 30.0
 JOURNAL_CHECK = 2.0  # seconds between looks at the journal file
 LEARNED_EVERY = 10.0  # seconds between saves of the learned run times, when they changed
+ORPHANS_EVERY = 3600.0  # at most: seconds between sweeps of object storage for objects nothing names
 __all__ = ["Fetch", "Notifier", "Scheduler", "SchedulerSettings"]
 
 
@@ -104,7 +105,7 @@ class Scheduler:
         gone = await missing_results(core, rows)
         done = {r["id"] for r in rows if r["state"] == JobState.DONE.value and r["id"] not in gone}
         unfinished = {r["id"] for r in rows if r["state"] not in ENDED_STATES}
-        await core.results.sort_out(done, unfinished, self.settings.result_ttl)
+        await core.results.sort_out(done, unfinished, self.orphan_age)
         for url in self._initial:
             self._add_backend(url)
         taken = core.runtimes.restore(core.journal.learned)
@@ -561,11 +562,23 @@ class Scheduler:
                 core.journal_lost = reason
                 log.error("the job journal %s: accepting no new jobs until the bridge is restarted", reason)
 
+    @property
+    def orphan_age(self) -> float:
+        """Seconds after which a result object no record names is surely nobody's: an unfetched one
+        expires after result_ttl, a fetched one's links outlive the fetch by link_ttl."""
+        return self.settings.result_ttl + self.settings.link_ttl
+
     async def _sweeper(self) -> None:
-        """Expire old uploads, results and finished clients."""
+        """Expire old uploads, results and finished clients; now and then, remove the objects that no
+        record names (a deletion refused or cut short by a stop, an upload whose answer was lost)."""
         core, settings = self.core, self.settings
+        orphans_due = time.monotonic() + min(ORPHANS_EVERY, settings.result_ttl)
         while True:
             await asyncio.sleep(min(60.0, settings.upload_ttl / 10, settings.result_ttl / 10))
+            if time.monotonic() >= orphans_due:
+                orphans_due = time.monotonic() + min(ORPHANS_EVERY, settings.result_ttl)
+                await core.results.sweep_orphans(set(core.collecting), self.orphan_age)
+                await core.uploads.sweep_orphans(settings.upload_ttl)
             await core.uploads.expire(settings.upload_ttl)
             old = core.results.expired(settings.result_ttl)
             if old:

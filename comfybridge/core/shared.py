@@ -62,6 +62,7 @@ class SchedulerSettings:
     disconnect_grace: float
     job_idle_timeout: float
     result_ttl: float
+    link_ttl: float  # with object storage: seconds a handed-out link to a result works
     upload_ttl: float
     pipeline_depth: int
     backend_grace: float

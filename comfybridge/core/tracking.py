@@ -10,7 +10,7 @@ from typing import Any
 from ..comfy import shapes
 from ..comfy.client import MISSED, BackendUnavailable, ResultTooLarge
 from ..comfy.shapes import Finished, OutputRef
-from ..errors import StorageError
+from ..errors import StorageError, StorageUnavailable
 from ..store.media import content_type_for
 from ..store.results import ResultFile
 from . import care
@@ -165,23 +165,27 @@ class Tracker:
 
     async def _retrying(self, job: Job, what: str, attempt: Any) -> Any:
         """Run `attempt` until it works, the job ends (an interrupt), or `result_retries` tries have
-        failed with a trouble that may pass: ComfyUI not answering, or no room on the disk. Each
-        failure discards what it wrote, and the waits double, so a full disk costs little."""
-        delay, tries = FIRST_RETRY, self.core.settings.result_retries
-        for number in range(1, tries + 1):
+        failed with a trouble that may pass: ComfyUI not answering, or no room on the disk. Object
+        storage away is waited for however long it takes (the results are safe in ComfyUI
+        meanwhile, and a job accepted is not given up for a store's outage). Each failure discards
+        what it wrote, and the waits double, so a full disk costs little."""
+        delay, tries, number = FIRST_RETRY, self.core.settings.result_retries, 0
+        while True:
+            number += 1
             try:
                 return await attempt()
             except (BackendUnavailable, StorageError) as exc:
                 await self.core.results.discard(job.id)
-                if number == tries or job.ended:
+                waits = isinstance(exc, StorageUnavailable) and self.core.results.links
+                if job.ended or (number >= tries and not waits):
                     raise
                 log.warning(
-                    "job %s client %s: could not %s (%s); try %d of %d in %gs",
-                    job.id, job.client_id, what, exc, number + 1, tries, delay,
+                    "job %s client %s: could not %s (%s); try %d%s in %gs",
+                    job.id, job.client_id, what, exc, number + 1,
+                    " (until object storage is back)" if waits else f" of {tries}", delay,
                 )  # fmt: skip
                 await asyncio.sleep(delay)
                 delay = min(MAX_RETRY_DELAY, delay * 2)
-        raise AssertionError("unreachable: the last try raises or returns")
 
     async def _store_results(self, backend: Backend, job: Job, refs: list[OutputRef]) -> list[ResultFile]:
         results = self.core.results

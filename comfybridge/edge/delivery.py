@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import datetime
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator
 
 import orjson
 from aiohttp import web
@@ -39,13 +39,18 @@ async def write_multipart(
         )
     tail = f"--{boundary}--\r\n".encode()
     length = sum(len(h) + f.size + 2 for h, (_, f) in zip(heads, files, strict=True)) + len(tail)
+    chunks = await _opened(store, files[0][1], CHUNK) if files else None  # a store away: 503, not a cut
     response = web.StreamResponse(
         headers={"Content-Type": f"multipart/form-data; boundary={boundary}", "Content-Length": str(length)}
     )
     await response.prepare(request)
-    for head, (_, item) in zip(heads, files, strict=True):
+    for index, (head, (_, item)) in enumerate(zip(heads, files, strict=True)):
         await response.write(head)
-        await _send_file(response, store, item, CHUNK, bytes)
+        if index:
+            chunks = await _opened(store, item, CHUNK)
+        assert chunks is not None
+        async for chunk in chunks:
+            await response.write(chunk)
         await response.write(b"\r\n")
     await response.write(tail)
     await response.write_eof()
@@ -63,37 +68,54 @@ async def write_base64(
     encoded = [4 * ((f.size + 2) // 3) for _, f in files]
     length = len(b'{"files":[') + sum(len(p) + n + 2 for p, n in zip(pieces, encoded, strict=True))
     length += max(0, len(files) - 1) + len(b"]}")
+    chunks = await _opened(store, files[0][1], B64_CHUNK) if files else None  # a store away: 503, not a cut
     response = web.StreamResponse(headers={"Content-Type": "application/json", "Content-Length": str(length)})
     await response.prepare(request)
     await response.write(b'{"files":[')
     for index, (piece, (_, item)) in enumerate(zip(pieces, files, strict=True)):
         await response.write((b"," if index else b"") + piece)
-        await _send_file(response, store, item, B64_CHUNK, base64.b64encode)
+        if index:
+            chunks = await _opened(store, item, B64_CHUNK)
+        assert chunks is not None
+        async for chunk in chunks:
+            await response.write(base64.b64encode(chunk))
         await response.write(b'"}')
     await response.write(b"]}")
     await response.write_eof()
     return response
 
 
-async def _send_file(
-    response: web.StreamResponse, store: ResultStore, item: ResultFile, size: int, encode: Callable[[bytes], bytes]
-) -> None:
-    """Stream a file from the store in chunks of `size` (the last may be shorter: base64 needs
-    every other one whole); a small file is read whole, in one trip."""
+async def _opened(store: ResultStore, item: ResultFile, size: int) -> AsyncIterator[bytes]:
+    """A file's chunks (see `_chunks`), the first already read: a store that cannot give the file
+    fails here, before anything of it is sent."""
+    chunks = _chunks(store, item, size)
+    first = await anext(chunks, b"")
+
+    async def from_first() -> AsyncIterator[bytes]:
+        yield first
+        async for chunk in chunks:
+            yield chunk
+
+    return from_first()
+
+
+async def _chunks(store: ResultStore, item: ResultFile, size: int) -> AsyncIterator[bytes]:
+    """A file from the store in chunks of `size` (the last may be shorter: base64 needs every other
+    one whole); a small file is read whole, in one trip."""
     if item.size <= SMALL_FILE:
-        await response.write(encode(await store.read(item)))
+        yield await store.read(item)
         return
     held = b""
     async for chunk in store.chunks(item, size):
         if not held and len(chunk) == size:  # a local file's chunks come whole: no copy
-            await response.write(encode(chunk))
+            yield chunk
             continue
         held += chunk
         while len(held) >= size:
-            await response.write(encode(held[:size]))
+            yield held[:size]
             held = held[size:]
     if held:
-        await response.write(encode(held))
+        yield held
 
 
 async def links_reply(store: ResultStore, files: list[tuple[str, ResultFile]], ttl: float) -> web.Response:

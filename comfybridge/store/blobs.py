@@ -9,14 +9,14 @@ import contextlib
 import errno
 import logging
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from ..errors import StorageError, StorageFull, StorageUnavailable
 from .files import NO_SPACE, SMALL_FILE, fsync_path, in_thread, open_off_loop, sync_handle, write_synced
 
-__all__ = ["BlobGone", "BlobStore", "BlobWriter", "LocalBlobs", "storage_error"]
+__all__ = ["BlobGone", "BlobStore", "BlobWriter", "LocalBlobs", "storage_error", "sweep"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,20 @@ class BlobStore(Protocol):
 
     async def link(self, key: str, expires: int) -> str | None:
         """A URL anyone may GET the blob from for `expires` seconds (None: this store has none)."""
+
+
+async def sweep(blobs: BlobStore, orphan: Callable[[str, float], bool], what: str) -> int:
+    """Delete the blobs `orphan(key, modified)` picks. Best effort: a store away is logged and the
+    next sweep tries again. How many went."""
+    try:
+        gone = [key for key, modified in await blobs.keys() if orphan(key, modified)]
+        await blobs.delete(gone)
+    except StorageError as exc:
+        log.warning("%s no record names not swept now: %s", what, exc)
+        return 0
+    if gone:
+        log.warning("removed %d %s no record names", len(gone), what)
+    return len(gone)
 
 
 def storage_error(exc: OSError) -> StorageError:

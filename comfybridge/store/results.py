@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StorageError
-from .blobs import BlobStore, BlobWriter, LocalBlobs
+from .blobs import BlobStore, BlobWriter, LocalBlobs, sweep
 
 __all__ = ["JobResult", "ResultFile", "ResultStore", "stored_name"]
 
@@ -155,6 +155,18 @@ class ResultStore:
         return [
             r for rs in self._by_client.values() for r in rs if r.created < cutoff and r.job_id not in self._claimed
         ]
+
+    async def sweep_orphans(self, busy: set[str], older_than: float) -> int:
+        """In object storage, delete the objects older than `older_than` seconds that belong to no
+        result held here and to no job in `busy` (being collected). A local folder is sorted out
+        at start only (its orphans are moved aside, never deleted)."""
+        if isinstance(self.blobs, LocalBlobs):
+            return 0
+        held = {r.job_id for rs in self._by_client.values() for r in rs} | busy
+        cutoff = time.time() - older_than
+        return await sweep(
+            self.blobs, lambda key, modified: modified < cutoff and key.partition("/")[0] not in held, "result objects"
+        )
 
     # start-up --------------------------------------------------------------------------------
     async def sort_out(self, done: set[str], unfinished: set[str], orphan_age: float) -> None:

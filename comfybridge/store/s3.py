@@ -51,16 +51,17 @@ class _Connection:
 class S3Blobs:
     links = True
 
-    def __init__(self, url: str, endpoint: str = "") -> None:
+    def __init__(self, url: str, endpoint: str = "", timeout: float = 10.0) -> None:
         self.bucket, self.prefix = parse_storage_url(url)
         self.endpoint = endpoint
+        self.timeout = timeout
         self.url = url  # as configured
         self.where = url
         self._connection = _Connection()
 
     def child(self, name: str) -> S3Blobs:
         """The blobs under `<prefix>name/`, through the same client (started and closed with this one)."""
-        other = S3Blobs(self.url, self.endpoint)
+        other = S3Blobs(self.url, self.endpoint, self.timeout)
         other.prefix = f"{self.prefix}{name}/"
         other.where = f"s3://{self.bucket}/{other.prefix}"
         other._connection = self._connection
@@ -79,8 +80,8 @@ class S3Blobs:
             raise ObjectStoreError("--storage s3://... needs the s3 extra: pip install 'comfybridge[s3]'") from None
         config = AioConfig(
             signature_version="s3v4",
-            connect_timeout=5,
-            read_timeout=30,
+            connect_timeout=self.timeout,
+            read_timeout=self.timeout,
             retries={"max_attempts": 3, "mode": "standard"},
             max_pool_connections=64,
             s3={"addressing_style": "path"} if self.endpoint else None,

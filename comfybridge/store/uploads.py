@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BadInput, StorageError, StorageFull, StorageUnavailable, TooLarge, UnsupportedMedia
-from .blobs import BlobStore
+from .blobs import BlobStore, BlobWriter, sweep
 from .files import NO_SPACE, fsync_path, open_off_loop
 from .media import MAX_FRAMES, SNIFF_BYTES, BadHeaders, Frames, image_frames, is_complete, media_kind_of, sniff
 
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 EMPTY_FOLDER_AGE = 60.0  # seconds an empty owner folder is kept (an upload may be about to use it)
 SHARED = "_shared"  # folder of uploads made without a clientId, usable by any client
-SPOOL = ".spool"  # with object storage: where a file waits while it is checked
+SPOOL = ".spool"  # with object storage: where a copy of a file waits while it is checked
 STREAM_CHUNK = 256 * 1024
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -222,11 +222,15 @@ class UploadStore:
     async def _receive_one(
         self, folder: Path, owner: str | None, part: IncomingFile, before: int
     ) -> tuple[Upload, int]:
+        """One file, written to `folder` as it arrives and, with object storage, to the store at the
+        same time (a multipart upload, completed only once the whole file has passed its checks)."""
         limits = self.limits
         tmp = folder / f".{secrets.token_hex(8)}.part"
         size = 0
         head = b""
-        kind = mime = ext = ""
+        kind = mime = ext = name = ""
+        early: list[bytes] = []  # with object storage: what came before the content said its name
+        writer: BlobWriter | None = None
         try:
             async with open_off_loop(tmp, "wb") as handle:
                 async for chunk in part.chunks:
@@ -241,39 +245,39 @@ class UploadStore:
                         head += chunk[:SNIFF_BYTES]
                         if len(head) >= SNIFF_BYTES:
                             kind, mime, ext = self._check_media(head, part)
+                            name = safe_name(part.filename or "", mime, ext)
                     await asyncio.to_thread(handle.write, chunk)
+                    if self.blobs is not None:
+                        early.append(chunk)
+                        if name:
+                            writer = writer or self.blobs.writer(f"{_owner_dir(owner)}/{name}")
+                            for held in early:
+                                await writer.write(held)
+                            early.clear()
             if not kind:
                 kind, mime, ext = self._check_media(head, part)
+                name = safe_name(part.filename or "", mime, ext)
             await self._check_content(tmp, ext, mime, part.filename or "")
-            name = safe_name(part.filename or "", mime, ext)
-            path = folder / name
             if self.blobs is not None:  # checked whole here; kept there (durable once committed)
                 path = Path(f"{_owner_dir(owner)}/{name}")
-                await self._keep(tmp, path.as_posix())
+                writer = writer or self.blobs.writer(path.as_posix())
+                for held in early:
+                    await writer.write(held)
+                await writer.commit()
+                await asyncio.to_thread(tmp.unlink, missing_ok=True)
             else:
                 # Synced before the client hears of it: a job that names it is journaled as durable.
+                path = folder / name
                 await asyncio.to_thread(_sync_and_rename, tmp, path)
         except BaseException as exc:
+            if writer is not None:
+                await writer.abort()
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(tmp.unlink, missing_ok=True)
             if isinstance(exc, OSError):
                 raise write_refused(exc) from None
             raise
         return Upload(name, path, owner, kind, time.time()), size
-
-    async def _keep(self, tmp: Path, key: str) -> None:
-        """Copy a checked file into object storage, then drop it here."""
-        assert self.blobs is not None
-        writer = self.blobs.writer(key)
-        try:
-            async with open_off_loop(tmp, "rb") as handle:
-                while chunk := await asyncio.to_thread(handle.read, STREAM_CHUNK):
-                    await writer.write(chunk)
-            await writer.commit()
-        except BaseException:
-            await writer.abort()
-            raise
-        await asyncio.to_thread(tmp.unlink, missing_ok=True)
 
     async def _remove(self, uploads: list[Upload]) -> None:
         if self.blobs is not None:
@@ -320,6 +324,18 @@ class UploadStore:
         if self.blobs is None:
             await asyncio.to_thread(self._remove_empty_folders, time.time() - min(ttl, EMPTY_FOLDER_AGE))
         return len(old)
+
+    async def sweep_orphans(self, older_than: float) -> int:
+        """In object storage, delete the upload objects this store does not index that are older than
+        `older_than` seconds (one whose deletion was refused, or whose upload answer was lost)."""
+        if self.blobs is None:
+            return 0
+        cutoff = time.time() - older_than
+        return await sweep(
+            self.blobs,
+            lambda key, modified: modified < cutoff and key.rpartition("/")[2] not in self._uploads,
+            "upload objects",
+        )
 
     def _remove_empty_folders(self, older_than: float) -> None:
         """Owner folders left empty (a failed upload, every file expired), once they have been empty a while."""
