@@ -1062,7 +1062,14 @@ async def main() -> None:
         "--s3", action="store_true", help="every bridge keeps uploads and results in object storage: a throwaway "
         "S3 server (moto's, in a process of its own) made here",
     )  # fmt: skip
+    parser.add_argument(
+        "--bridge", metavar="SETTING=VALUE", action="append", default=[],
+        help="a setting for every bridge, as its flag without dashes (e.g. inline_result_kb=0)",
+    )  # fmt: skip
     args = parser.parse_args()
+    for setting in args.bridge:
+        key, _, value = setting.partition("=")
+        EVERY_BRIDGE[key] = value
     if args.database and args.only != ["cluster"]:
         EVERY_BRIDGE["database"] = args.database
     async with AsyncExitStack() as exits:

@@ -117,7 +117,9 @@ def create_app(
         ),
         bucket.child("uploads") if bucket else None,
     )
-    app[RESULTS] = ResultStore(bucket.child("results") if bucket else settings.data_dir / "results")
+    app[RESULTS] = ResultStore(
+        bucket.child("results") if bucket else settings.data_dir / "results", int(settings.inline_result_kb * 1024)
+    )
     app[HUB] = SocketHub()
     app[METRICS] = metrics = Metrics()
     if view is not None:

@@ -53,6 +53,7 @@ class Settings:
     max_upload_files: int = 16
     max_text_kb: float = 256.0
     max_result_mb: float = 8192.0
+    inline_result_kb: float = 1024.0
     max_event_mb: float = 16.0
     result_retries: int = 8
     body_timeout: float = 60.0
@@ -281,6 +282,11 @@ OPTIONS: dict[str, tuple[Parser, Callable[[Any], str | None] | None, str]] = {
     "max_upload_files": (_number(int), _positive, "most files in one upload request"),
     "max_text_kb": (_number(float), _positive, "longest text a workflow input may take, in KB (UTF-8)"),
     "max_result_mb": (_number(float), _positive, "largest output file a job may have, in MB (larger: the job fails)"),
+    "inline_result_kb": (
+        _number(float),
+        _not_negative,
+        "output files up to this size (KB) are kept in the journal, not as files",
+    ),
     "max_event_mb": (_number(float), _positive, "largest ComfyUI event frame, in MB (larger: refused unread)"),
     "result_retries": (_number(int), _positive, "tries to copy a finished job's results before it fails"),
     "body_timeout": (_number(float), _positive, "seconds a request body may take (uploads: plus 1 s per 64 KB)"),

@@ -139,7 +139,7 @@ async def make_big(bridge: Client, client_id: str) -> int:
     (result,) = store.claim(client_id)
     store.release([result])
     small = result.files[0]
-    writer = store.writer(small.key)
+    writer = store.blobs.writer(small.key)
     await writer.write(png() + b"\0" * (40 * 1024 * 1024))
     size = await writer.commit()
     result.files[0] = ResultFile(small.file_name, small.key, small.content_type, size)

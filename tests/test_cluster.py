@@ -188,6 +188,9 @@ async def test_bridges_starting_together_on_an_empty_database_elect_one_leader(
         bridges = await asyncio.gather(
             *(stack.enter_async_context(bridge_process(workdir / f"b{n}", *flags, ready="/health")) for n in range(3))
         )
+        async with asyncio.timeout(10):  # a follower names the leader once it has read its record
+            while None in {(await health(session, url))["cluster"]["leader"] for _, url in bridges}:  # type: ignore[index]
+                await asyncio.sleep(0.05)
         reports = [await health(session, url) for _, url in bridges]
         roles = sorted(r["cluster"]["role"] for r in reports)  # type: ignore[index]
         assert roles == ["follower", "follower", "leader"]
@@ -414,11 +417,11 @@ async def test_a_cluster_on_object_storage_shares_no_folder_and_survives_kill_9(
             assert resp.status == 200, await resp.text()
             name = (await resp.json())["file"]
         body = {"workflow": "invert", "1/image": name}
-        linked = await post_job(session, b, "linked", body)
+        linked = await post_job(session, b, "bucketed", body)
         async with asyncio.timeout(30):
-            while (await status_of(session, b, "linked")).get("status") != "closed":
+            while (await status_of(session, b, "bucketed")).get("status") != "closed":
                 await asyncio.sleep(0.05)
-        async with session.get(f"{b}/history", params={"clientId": "linked", "resType": "url"}) as resp:
+        async with session.get(f"{b}/history", params={"clientId": "bucketed", "resType": "url"}) as resp:
             (item,) = (await resp.json())["files"]  # relayed: links signed by the leader
         assert item["job_id"] == linked
         async with session.get(item["url"]) as got:
@@ -433,6 +436,6 @@ async def test_a_cluster_on_object_storage_shares_no_folder_and_survives_kill_9(
                 await asyncio.sleep(0.05)
         assert sorted(set(job for job, _ in await fetch_results(session, b, "bucketed"))) == sorted(jobs)
     started = [prompt for e in emulators for prompt in e.engine.started]
-    assert len(started) == len(set(started)) == 8
+    assert len(started) == len(set(started)) == 9
     for name in ("a", "b"):  # nothing of the uploads or the results on either bridge's disk
         assert not [p for p in (workdir / name / "data").rglob("*.png") if p.is_file()]

@@ -4,6 +4,7 @@ pinned uploads, and a full disk."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import sqlite3
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 from comfybridge.core.jobs import InvalidStep, Job, JobState
 from comfybridge.edge.appkeys import JOURNAL, SETTINGS
 from comfybridge.errors import StorageFull
+from comfybridge.store import results as results_module
 from comfybridge.store.journal import SqliteJournal
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
@@ -30,6 +32,7 @@ from .helpers import (
     run_job,
     seed,
     small_disk,
+    stored,
     upload,
 )
 
@@ -296,7 +299,7 @@ async def test_results_no_journal_row_names_are_moved_aside_at_start_never_delet
     make_bridge: BridgeFactory, make_emulator: EmulatorFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     emulator = await make_emulator()
-    client = await make_bridge(emulator)
+    client = await make_bridge(emulator, inline_result_kb=0)  # results as files
     frames = await run_job(client, "unfetched", TINY)
     job_id = frames[-1]["job_id"]
     stored = sorted((tmp_path / "data" / "results" / job_id).iterdir())
@@ -304,7 +307,7 @@ async def test_results_no_journal_row_names_are_moved_aside_at_start_never_delet
     await client.close()
     for name in ("journal.sqlite3", "journal.sqlite3-wal", "journal.sqlite3-shm"):
         (tmp_path / "data" / name).unlink(missing_ok=True)
-    again = await make_bridge(emulator)
+    again = await make_bridge(emulator, inline_result_kb=0)
     assert (await again.get("/history", params={"clientId": "unfetched"})).status == 204
     (aside,) = (tmp_path / "data" / "orphans").iterdir()
     assert aside.name.startswith("results-")
@@ -342,3 +345,39 @@ async def test_a_jobs_end_is_told_only_once_it_is_recorded(
     assert "closed" not in [f["status"] for f in frames[:-1]]
     assert [row[1] for row in await journal_rows(client) if row[0] == "durable"] == ["done"]
     assert (await client.get("/history", params={"clientId": "durable"})).status == 200
+
+
+@pytest.mark.both_stores
+async def test_small_results_ride_in_the_journal_with_no_file_of_their_own(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory, storage: dict[str, str]
+) -> None:
+    """An output up to inline_result_kb is kept with its job's end: no file (or object) is
+    written, it survives a restart, and it comes back whole, as bytes or as base64."""
+    emulator = await make_emulator()
+    client = await make_bridge(emulator)
+    jobs = [(await run_job(client, "small", TINY))[-1]["job_id"] for _ in range(2)]
+    assert stored(client, "results") == []
+    await client.close()
+    again = await make_bridge(emulator)
+    answer = await (await again.get("/history", params={"clientId": "small", "resType": "base64"})).json()
+    assert sorted(f["job_id"] for f in answer["files"]) == sorted(jobs)
+    contents = [base64.b64decode(f["content"]) for f in answer["files"]]
+    assert all(c.startswith(b"\x89PNG") and c.endswith(b"IEND\xaeB`\x82") for c in contents)
+    assert (await again.get("/history", params={"clientId": "small"})).status == 204
+    assert stored(again, "results") == []
+
+
+async def test_larger_results_and_any_past_the_memory_budget_are_files(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = await make_bridge(await make_emulator(), inline_result_kb=0.1)
+    await run_job(client, "large", {**TINY, "1/width": 64, "1/height": 64})  # a PNG over 100 bytes
+    assert len(stored(client, "results")) == 1
+    roomy = await make_bridge(await make_emulator())
+    monkeypatch.setattr(results_module, "INLINE_BUDGET", 0)  # memory holds no more inline results
+    await run_job(roomy, "spilled", TINY)
+    assert len(stored(roomy, "results")) == 1
+    for bridge, client_id in ((client, "large"), (roomy, "spilled")):
+        (part,) = await read_results(await bridge.get("/history", params={"clientId": client_id}))
+        assert part[3].startswith(b"\x89PNG")
+    await wait_for(lambda: stored(client, "results") == stored(roomy, "results") == [])  # deleted once fetched

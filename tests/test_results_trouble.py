@@ -51,7 +51,7 @@ async def test_output_names_no_disk_or_header_can_take_get_safe_stored_names(
     picture = png(3, 2, 0x123456)
     fake.rewrite = renaming(name)
     fake.replace("GET /view", 200, picture)
-    client = await make_bridge(fake.url)
+    client = await make_bridge(fake.url, inline_result_kb=0)  # results as files, named on the disk
     for client_id, res_type in (("multi", None), ("b64", "base64")):
         status, _ = await generate(client, client_id, SOLID)
         assert status == 200
@@ -141,7 +141,7 @@ async def test_interrupt_stops_the_tries_to_store_results(
     make_emulator: EmulatorFactory, make_bridge: BridgeFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     emulator = await make_emulator()
-    client = await make_bridge(emulator, result_retries=50)
+    client = await make_bridge(emulator, result_retries=50, inline_result_kb=0)
     tries: list[Path] = []
 
     def no_room(target: Path, data: bytes) -> None:

@@ -42,7 +42,9 @@ async def test_results_are_kept_in_the_bucket_until_fetched_then_removed(
     make_emulator: EmulatorFactory, make_bridge: BridgeFactory, s3: S3Server, tmp_path: Path
 ) -> None:
     bucket = s3.new_bucket()
-    client = await make_bridge(await make_emulator(), storage=f"s3://{bucket}/bridge", s3_endpoint=s3.url)
+    client = await make_bridge(
+        await make_emulator(), storage=f"s3://{bucket}/bridge", s3_endpoint=s3.url, inline_result_kb=0
+    )
     frames = await run_job(client, "stored", {"workflow": "solid", "1/batch_size": 2})
     job_id = frames[-1]["job_id"]
     keys = s3.keys(bucket)
@@ -179,7 +181,9 @@ async def test_object_storage_away_a_while_then_back_loses_nothing(
     url = f"http://127.0.0.1:{port}"
     bucket = S3Server(url).new_bucket()
     emulator = await make_emulator(pace=0.05)
-    client = await make_bridge(emulator, storage=f"s3://{bucket}", s3_endpoint=url, result_retries=20)
+    client = await make_bridge(
+        emulator, storage=f"s3://{bucket}", s3_endpoint=url, result_retries=20, inline_result_kb=0
+    )
     try:
         status, _ = await generate(client, "patient", {"workflow": "slow", "2/seed": 1})
         assert status == 200
@@ -212,7 +216,7 @@ async def test_object_storage_in_trouble_refuses_clearly_and_loses_nothing(
     finishes meanwhile waits for the store (past `result_retries`) and ends well once it is back."""
     bucket = s3.new_bucket()
     async with faulty_s3(s3.url) as proxy:
-        storage = {"storage": f"s3://{bucket}/t", "s3_endpoint": proxy.url, "s3_timeout": 0.5}
+        storage = {"storage": f"s3://{bucket}/t", "s3_endpoint": proxy.url, "s3_timeout": 0.5, "inline_result_kb": 0}
         client = await make_bridge(await make_emulator(pace=0.05), **storage, result_retries=1)
         await run_job(client, "earlier", TINY)
         status, _ = await generate(client, "patient", {"workflow": "slow", "2/seed": 1})

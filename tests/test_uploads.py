@@ -115,7 +115,7 @@ async def test_unused_uploads_expire(make_bridge: BridgeFactory, make_emulator: 
 
 
 async def test_unfetched_results_expire(make_bridge: BridgeFactory, make_emulator: EmulatorFactory) -> None:
-    client = await make_bridge(await make_emulator(), result_ttl=0.5)
+    client = await make_bridge(await make_emulator(), result_ttl=0.5, inline_result_kb=0)  # results as files
     await run_job(client, "forgetful", {"workflow": "solid", "1/batch_size": 1})
     assert stored(client, "results")
     await wait_for(lambda: not stored(client, "results"))

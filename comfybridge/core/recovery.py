@@ -49,6 +49,7 @@ def recover(core: Core, rows: list[dict[str, Any]], gone: set[str]) -> Recovered
             summary.finished += 1
             if job.state is JobState.DONE:
                 files = core.results.files_from(job.id, job.results or [])
+                job.results = None  # the result store holds them now
                 core.results.add(job.id, job.client_id, job.seq, files, created=job.ended_at)
                 core.set_status(client, about_job(CLOSED, job.id, 0))
             else:

@@ -523,7 +523,7 @@ class Scheduler:
 
     async def _delete_later(self, fetched: list[JobResult], delay: float) -> None:
         await asyncio.sleep(delay)
-        await self.core.results.delete(fetched)
+        await self.core.results.delete(fetched, linked=True)
 
     async def _keep_state_file(self) -> None:
         """`current_state.json` follows the journal's count: one writer, woken by accepted jobs (its

@@ -366,6 +366,7 @@ class Core:
     def _ended(self, job: Job, files: list[ResultFile] | None, notify: bool) -> None:
         if files is not None:
             self.results.add(job.id, job.client_id, job.seq, files)
+            job.results = None  # recorded; its encoded copy of inline files would double their memory
         client = self.clients.get(job.client_id)
         if client is None:
             return

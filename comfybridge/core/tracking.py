@@ -192,15 +192,13 @@ class Tracker:
         limit = int(self.core.settings.max_result_mb * MB)
         files = []
         for index, ref in enumerate(refs):
-            key = results.key_for(job.id, index, ref.filename)
-            writer = results.writer(key)
+            writer = results.writer(results.key_for(job.id, index, ref.filename))
             try:
                 await backend.client.download(ref, writer, limit)
-                size = await writer.commit()  # durable, and its size checked
+                files.append(await writer.commit(ref.filename, content_type_for(ref.filename)))  # size checked
             except BaseException:
                 await writer.abort()
                 raise
-            files.append(ResultFile(ref.filename, key, content_type_for(ref.filename), size))
-        if files:  # the files' names in their folder, and the folder in its parent, survive a power cut
-            await results.seal(job.id)
+        # The files' names in their folder, and the folder in its parent, survive a power cut.
+        await results.seal(job.id, files)
         return files

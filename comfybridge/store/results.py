@@ -1,12 +1,15 @@
-"""Result store: each finished job's output files, held in the blob store (a local folder, or object
-storage) until fetched or expired.
+"""Result store: each finished job's output files, held until fetched or expired.
 
 The journal records which files a finished job has; this store keeps the files and, in memory, which
-client may fetch them. A job's files are named `<job id>/<index>-<name>`."""
+client may fetch them. A small file (up to `inline_max` bytes) is kept inline: its bytes ride in the
+job's end commit and are served from memory, so it costs no file or object of its own (while the
+inline bytes held stay under INLINE_BUDGET). A larger one goes to the blob store (a local folder,
+or object storage), named `<job id>/<index>-<name>`."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import re
 import shutil
@@ -19,12 +22,15 @@ from typing import Any
 from ..errors import StorageError
 from .blobs import BlobStore, BlobWriter, LocalBlobs, sweep
 
-__all__ = ["JobResult", "ResultFile", "ResultStore", "stored_name"]
+__all__ = ["INLINE_BUDGET", "JobResult", "ResultFile", "ResultStore", "ResultWriter", "stored_name"]
 
 log = logging.getLogger(__name__)
 
 MAX_NAME = 100  # characters of ComfyUI's name kept in a stored file's name
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+INLINE_BUDGET = 256 * 1024 * 1024  # bytes of inline results held in memory at most; past it, files
 
 
 @dataclass(frozen=True)
@@ -33,14 +39,18 @@ class ResultFile:
     key: str  # its name in the blob store: <job id>/<stored name>
     content_type: str
     size: int
+    data: bytes | None = None  # kept inline (in the journal and here), not in the blob store
 
     def record(self) -> dict[str, Any]:
-        return {
+        record: dict[str, Any] = {
             "file_name": self.file_name,
             "path": self.key.rpartition("/")[2],
             "content_type": self.content_type,
             "size": self.size,
         }
+        if self.data is not None:
+            record["inline"] = base64.b64encode(self.data).decode()
+        return record
 
 
 @dataclass
@@ -53,8 +63,10 @@ class JobResult:
 
 
 class ResultStore:
-    def __init__(self, blobs: BlobStore | Path) -> None:
+    def __init__(self, blobs: BlobStore | Path, inline_max: int = 0) -> None:
         self.blobs: BlobStore = LocalBlobs(blobs) if isinstance(blobs, Path) else blobs
+        self.inline_max = inline_max
+        self.inline_held = 0  # bytes of inline results held now
         self._by_client: dict[str, list[JobResult]] = {}
         self._claimed: set[str] = set()  # job ids being sent to a client right now
 
@@ -62,23 +74,30 @@ class ResultStore:
         """Forget every result (they are added again from the journal as its jobs are recovered)."""
         self._by_client.clear()
         self._claimed.clear()
+        self.inline_held = 0
 
     @staticmethod
     def key_for(job_id: str, index: int, file_name: str) -> str:
         return f"{job_id}/{stored_name(index, file_name)}"
 
-    def writer(self, key: str) -> BlobWriter:
-        return self.blobs.writer(key)
+    def writer(self, key: str) -> ResultWriter:
+        """Where one output file is downloaded to: kept inline if it is small, else a blob."""
+        return ResultWriter(self, key)
 
-    async def seal(self, job_id: str) -> None:
+    async def seal(self, job_id: str, files: list[ResultFile]) -> None:
         """A job's files are all written: their names, too, survive a power cut."""
-        await self.blobs.seal(job_id)
+        if any(f.data is None for f in files):
+            await self.blobs.seal(job_id)
 
-    def chunks(self, item: ResultFile, size: int) -> AsyncIterator[bytes]:
-        return self.blobs.chunks(item.key, size)
+    async def chunks(self, item: ResultFile, size: int) -> AsyncIterator[bytes]:
+        if item.data is not None:
+            yield item.data
+            return
+        async for chunk in self.blobs.chunks(item.key, size):
+            yield chunk
 
     async def read(self, item: ResultFile) -> bytes:
-        return await self.blobs.read(item.key)
+        return item.data if item.data is not None else await self.blobs.read(item.key)
 
     @property
     def links(self) -> bool:
@@ -86,20 +105,34 @@ class ResultStore:
         return self.blobs.links
 
     async def link(self, item: ResultFile, expires: int) -> str:
+        """A link to the file; one kept inline is put in the blob store first (links are rare)."""
+        if item.data is not None:
+            writer = self.blobs.writer(item.key)
+            try:
+                await writer.write(item.data)
+                await writer.commit()
+            except BaseException:
+                await writer.abort()
+                raise
         url = await self.blobs.link(item.key, expires)
         assert url is not None, "a store without links"
         return url
 
     def files_from(self, job_id: str, records: list[dict[str, Any]]) -> list[ResultFile]:
-        return [ResultFile(r["file_name"], f"{job_id}/{r['path']}", r["content_type"], int(r["size"])) for r in records]
+        return [_file_of(job_id, r) for r in records]
 
     async def missing(self, jobs: dict[str, list[ResultFile]]) -> set[str]:
         """Ids of the given jobs some of whose files are not in the store any more."""
+        if all(f.data is not None for files in jobs.values() for f in files):
+            return set()  # all inline: nothing to look for
         present = {key for key, _ in await self.blobs.keys()}
-        return {job_id for job_id, files in jobs.items() if not all(f.key in present for f in files)}
+        return {
+            job_id for job_id, files in jobs.items() if not all(f.data is not None or f.key in present for f in files)
+        }
 
     def add(self, job_id: str, client_id: str, seq: int, files: list[ResultFile], created: float | None = None) -> None:
         """Hand a finished job's files to its client; only now do they count as results."""
+        self.inline_held += _inline_size(files)
         result = JobResult(job_id, client_id, seq, created or time.time(), files)
         results = self._by_client.setdefault(client_id, [])
         results.append(result)
@@ -127,17 +160,22 @@ class ResultStore:
         the journal no longer names them."""
         gone = {r.job_id for r in results}
         self._claimed -= gone
+        self.inline_held -= sum(_inline_size(r.files) for r in self._by_client.get(client_id, []) if r.job_id in gone)
         left = [r for r in self._by_client.get(client_id, []) if r.job_id not in gone]
         if left:
             self._by_client[client_id] = left
         else:
             self._by_client.pop(client_id, None)
 
-    async def delete(self, results: list[JobResult]) -> None:
-        """Remove fetched or expired results' files. Best effort: with the store away they stay, and
-        the sweep at start removes them once no journal row names them."""
+    async def delete(self, results: list[JobResult], linked: bool = False) -> None:
+        """Remove fetched or expired results' files (those kept inline have none, unless `linked`
+        put them in the blob store). Best effort: with the store away they stay, and a sweep
+        removes them once no journal row names them."""
+        keys = [item.key for result in results for item in result.files if linked or item.data is None]
+        if not keys:
+            return
         try:
-            await self.blobs.delete([item.key for result in results for item in result.files])
+            await self.blobs.delete(keys)
         except StorageError as exc:
             log.warning("%d results' files not removed now: %s", len(results), exc)
 
@@ -192,6 +230,63 @@ class ResultStore:
         await blobs.delete(partial + orphans)
         if orphans:
             log.warning("removed %d result objects no journal row names, older than %gs", len(orphans), orphan_age)
+
+
+class ResultWriter:
+    """One output file on its way in (a `Sink` for the download): held in memory while it is no
+    larger than the store's `inline_max`, then written to a blob instead."""
+
+    def __init__(self, store: ResultStore, key: str) -> None:
+        self.store = store
+        self.key = key
+        self._held = bytearray()
+        self._blob: BlobWriter | None = None
+
+    async def reserve(self, size: int | None) -> None:
+        if size is not None and size > self.store.inline_max:
+            await self._to_blob(size)
+
+    async def write(self, chunk: bytes) -> None:
+        if self._blob is not None:
+            await self._blob.write(chunk)
+            return
+        self._held += chunk
+        if len(self._held) > self.store.inline_max:
+            await self._to_blob(None)
+
+    async def _to_blob(self, size: int | None) -> None:
+        self._blob = self.store.blobs.writer(self.key)
+        await self._blob.reserve(size)
+        if self._held:
+            await self._blob.write(bytes(self._held))
+            self._held.clear()
+
+    async def commit(self, file_name: str, content_type: str) -> ResultFile:
+        """The file, durable (a blob, synced or stored) or ready to ride in the job's end commit."""
+        store = self.store
+        if self._blob is None and store.inline_held + len(self._held) > INLINE_BUDGET:
+            await self._to_blob(len(self._held))  # memory is not the place for more
+        if self._blob is not None:
+            size = await self._blob.commit()
+            return ResultFile(file_name, self.key, content_type, size)
+        return ResultFile(file_name, self.key, content_type, len(self._held), bytes(self._held))
+
+    async def abort(self) -> None:
+        self._held.clear()
+        if self._blob is not None:
+            await self._blob.abort()
+
+
+def _file_of(job_id: str, record: dict[str, Any]) -> ResultFile:
+    inline = record.get("inline")
+    data = base64.b64decode(inline) if inline is not None else None
+    return ResultFile(
+        record["file_name"], f"{job_id}/{record['path']}", record["content_type"], int(record["size"]), data
+    )
+
+
+def _inline_size(files: list[ResultFile]) -> int:
+    return sum(len(f.data) for f in files if f.data is not None)
 
 
 def _sort_out_folders(root: Path, done: set[str], unfinished: set[str]) -> Path | None:
