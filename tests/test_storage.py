@@ -223,7 +223,7 @@ async def test_object_storage_in_trouble_refuses_clearly_and_loses_nothing(
         assert status == 200
         before = s3.keys(bucket)
         proxy.fault = fault
-        reason = "cannot be reached (ReadTimeoutError)" if fault == "hang" else f"({FAULTS[fault][1]})"
+        reason = "cannot be reached (ReadTimeoutError)" if fault == "hang" else f"({FAULTS[fault][1]}"
         status, answer = await upload(client, {"file": ("x.png", png())}, client_id="patient")
         assert (status, reason in answer["detail"]) == (503, True), answer
         fetch = await client.get("/history", params={"clientId": "earlier"})
@@ -304,3 +304,12 @@ async def test_an_upload_streams_into_the_bucket_as_it_arrives(
     (key,) = s3.keys(bucket)
     assert key == f"t/uploads/c-streamer/{answer['file']}"
     assert s3.client().head_object(Bucket=bucket, Key=key)["ContentLength"] == len(wav)
+
+
+async def test_credentials_refused_at_start_are_one_line_and_exit_2(workdir: Path, s3: S3Server) -> None:
+    bucket = s3.new_bucket()
+    async with faulty_s3(s3.url) as proxy:
+        proxy.fault = "403"
+        flags = ["--emulate", "1", "--storage", f"s3://{bucket}", "--s3-endpoint", proxy.url]
+        result = await asyncio.to_thread(run_cli, flags, workdir)
+    assert_one_line_error(result, f"storage s3://{bucket} cannot be used", "(403: check the credentials)")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 import aiohttp
 import pytest
 
+from comfybridge.core import scheduler as scheduler_module
 from comfybridge.edge.appkeys import SETTINGS
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
@@ -171,3 +173,20 @@ async def test_a_file_input_takes_only_its_kind(bridge: Client) -> None:
     status, body = await generate(bridge, "kinds", {"workflow": "invert", "1/image": names["file"]})
     assert status == 400
     assert body["detail"] == f"Input '1/image' takes an image file, but {names['file']!r} is audio."
+
+
+async def test_a_sweep_expires_a_bounded_number_of_results(
+    make_bridge: BridgeFactory,
+    make_emulator: EmulatorFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A backlog of expired results goes a batch per sweep, not all in one long one."""
+    monkeypatch.setattr(scheduler_module, "SWEEP_BATCH", 1)
+    caplog.set_level(logging.INFO, logger="comfybridge")
+    client = await make_bridge(await make_emulator(), result_ttl=0.5)
+    for _ in range(3):
+        await run_job(client, "backlog", {"workflow": "solid", "1/batch_size": 1})
+    await wait_for(lambda: sum("expired 1 unfetched results" in r.getMessage() for r in caplog.records) == 3)
+    assert not any("expired 2" in r.getMessage() or "expired 3" in r.getMessage() for r in caplog.records)
+    assert (await client.get("/history", params={"clientId": "backlog"})).status == 204

@@ -48,6 +48,7 @@ RESTART_FIRST = 0.5  # seconds before a failed listener or worker starts again; 
 RESTART_MAX = 30.0
 JOURNAL_CHECK = 2.0  # seconds between looks at the journal file
 LEARNED_EVERY = 10.0  # seconds between saves of the learned run times, when they changed
+SWEEP_BATCH = 1000  # expired results, and expired uploads, removed per sweep at most (the rest: next sweep)
 ORPHANS_EVERY = 3600.0  # at most: seconds between sweeps of object storage for objects nothing names
 __all__ = ["Fetch", "Notifier", "Scheduler", "SchedulerSettings"]
 
@@ -579,8 +580,8 @@ class Scheduler:
                 orphans_due = time.monotonic() + min(ORPHANS_EVERY, settings.result_ttl)
                 await core.results.sweep_orphans(set(core.collecting), self.orphan_age)
                 await core.uploads.sweep_orphans(settings.upload_ttl)
-            await core.uploads.expire(settings.upload_ttl)
-            old = core.results.expired(settings.result_ttl)
+            await core.uploads.expire(settings.upload_ttl, SWEEP_BATCH)
+            old = core.results.expired(settings.result_ttl)[:SWEEP_BATCH]
             if old:
                 for result in old:
                     core.results.forget(result.client_id, [result])

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 PART = 8 * 1024 * 1024  # bytes per part of a multipart upload (S3's minimum is 5 MiB)
 DELETE_BATCH = 1000  # keys per DeleteObjects call, S3's limit
+_CREDENTIALS_REFUSED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"}
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
@@ -240,7 +241,8 @@ def _trouble(what: str, key: str | None = None) -> Iterator[None]:
         if key is not None and code in ("NoSuchKey", "404", "NotFound"):
             raise BlobGone(key) from None
         log.error("object storage: %s failed: %s %s", what, code, error.get("Message", ""))
-        raise StorageUnavailable(f"object storage refused {what} ({code})") from None
+        hint = ": check the credentials" if code in _CREDENTIALS_REFUSED else ""
+        raise StorageUnavailable(f"object storage refused {what} ({code}{hint})") from None
     except (BotoCoreError, aiohttp.ClientError, TimeoutError, OSError) as exc:
         log.error("object storage: %s failed: %s", what, exc)
         raise StorageUnavailable(f"object storage cannot be reached ({exc.__class__.__name__})") from None

@@ -313,9 +313,10 @@ class UploadStore:
             raise UnsupportedMedia(f"File {part.filename!r} is {mime}, which is not allowed (allowed: {allowed}).")
         return kind, mime, ext
 
-    async def expire(self, ttl: float) -> int:
+    async def expire(self, ttl: float, limit: int | None = None) -> int:
+        """Remove uploads unused for `ttl` seconds that no unfinished job needs (at most `limit`)."""
         cutoff = time.time() - ttl
-        old = [u for u in self._uploads.values() if u.last_used < cutoff and u.name not in self._pins]
+        old = [u for u in self._uploads.values() if u.last_used < cutoff and u.name not in self._pins][:limit]
         for upload in old:
             self._unindex(upload)
         await self._remove(old)
