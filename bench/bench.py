@@ -696,57 +696,87 @@ async def bench_spread(clients: int = 6) -> dict[str, Any]:
     }
 
 
-def busy_fraction(history: dict[str, Any], prompt_ids: set[str]) -> float:
-    """Share of the wall time (first start to last end) ComfyUI spent running these prompts."""
+def spans_of(history: dict[str, Any], prompt_ids: set[str]) -> list[tuple[float, float]]:
+    """(start, end) in ComfyUI's own clock (ms) of each of these prompts, by start."""
     spans = []
     for prompt_id in prompt_ids:
         events = dict((name, data) for name, data in history[prompt_id]["status"]["messages"])
         spans.append((events["execution_start"]["timestamp"], events["execution_success"]["timestamp"]))
+    return sorted(spans)
+
+
+def busy_fraction(spans: list[tuple[float, float]]) -> float:
+    """Share of the wall time (first start to last end) ComfyUI spent running these prompts."""
     wall = max(end for _, end in spans) - min(start for start, _ in spans)
     return sum(end - start for start, end in spans) / wall if wall > 0 else 1.0
 
 
 async def comfy_history(session: aiohttp.ClientSession, comfy: str) -> dict[str, Any]:
-    async with session.get(f"{comfy}/history") as resp:
+    async with session.get(f"{comfy}/history", params={"max_items": 100000}) as resp:
         history: dict[str, Any] = await resp.json()
         return history
 
 
-async def bench_real(target: str | None, jobs: int, clients: int = 8) -> dict[str, Any]:
-    """Against a real ComfyUI (`--real HOST:PORT`): added latency per tiny job, throughput and
-    ComfyUI's busy fraction with `clients` clients, through the bridge vs a direct client."""
+async def peer_job(session: aiohttp.ClientSession, peer: str, prompt: dict[str, Any]) -> int:
+    """The same job through another wrapper of one ComfyUI: SaladTechnologies/comfyui-api's
+    synchronous `POST /prompt`, which answers with the outputs base64-encoded."""
+    async with session.post(f"{peer}/prompt", json={"prompt": prompt}) as resp:
+        body = await resp.read()
+        assert resp.status == 200, body[:300]
+        return len(body)
+
+
+async def bench_real(target: str | None, jobs: int, clients: int = 8, peer: str | None = None) -> dict[str, Any]:
+    """Against a real ComfyUI (`--real HOST:PORT`): added latency per tiny job, throughput,
+    ComfyUI's busy fraction and its idle gap between prompts with `clients` clients, through the
+    bridge vs a direct client, and through another wrapper (`--peer URL`) in the same run. The
+    paths take turns: two rounds, each path in turn within a round."""
     if not target:
         return {"name": "real", "skipped": "no --real HOST:PORT given"}
     comfy = target if "://" in target else f"http://{target}"
     async with bridge_for([comfy], delete_history=False) as url, aiohttp.ClientSession() as session:
         prompt = solid_prompt()
 
-        def direct() -> Awaitable[int]:
-            return direct_job(session, comfy, prompt)
+        def fresh() -> dict[str, Any]:
+            """A name of its own for each direct prompt, as the bridge and the peer give theirs:
+            ComfyUI's cache would otherwise skip the SaveImage of a prompt it has just run."""
+            mine: dict[str, Any] = orjson.loads(orjson.dumps(prompt))
+            mine["2"]["inputs"]["filename_prefix"] = f"direct/{uuid.uuid4().hex}/x"  # a folder each, as the bridge
+            return mine
 
-        def bridged() -> Awaitable[int]:
-            return bridge_job(session, url, SOLID)
-
-        await in_parallel(direct, 10, 1)  # warm up both paths
-        await in_parallel(bridged, 10, 1)
-        straight = await in_parallel(direct, jobs, 1)
-        through = await in_parallel(bridged, jobs, 1)
-        rates, busy = {}, {}
-        for name, job in (("direct", direct), ("bridge", bridged)):
-            known = set(await comfy_history(session, comfy))
-            start = time.perf_counter()
-            await in_parallel(job, jobs, clients)
-            rates[name] = jobs / (time.perf_counter() - start)
-            history = await comfy_history(session, comfy)
-            busy[name] = busy_fraction(history, set(history) - known)
-    return {"name": "real", "comfyui": comfy, "jobs": jobs, "clients": clients,
-            "direct_p50_ms": round(statistics.median(straight), 2),
-            "bridge_p50_ms": round(statistics.median(through), 2),
-            "added_p50_ms": round(statistics.median(through) - statistics.median(straight), 2),
-            "bridge_jobs_s": round(rates["bridge"], 1), "direct_jobs_s": round(rates["direct"], 1),
-            "throughput_ratio": round(rates["bridge"] / rates["direct"], 2),
-            "busy_direct": round(busy["direct"], 3), "busy_bridge": round(busy["bridge"], 3),
-            "busy_ratio": round(busy["bridge"] / busy["direct"], 2)}  # fmt: skip
+        paths: dict[str, Callable[[], Awaitable[int]]] = {
+            "direct": lambda: direct_job(session, comfy, fresh()),
+            "bridge": lambda: bridge_job(session, url, SOLID),
+        }
+        if peer:
+            paths["peer"] = lambda: peer_job(session, peer, prompt)
+        for job in paths.values():  # warm up every path
+            await in_parallel(job, 10, 1)
+        latency: dict[str, list[float]] = {name: [] for name in paths}
+        rates: dict[str, list[float]] = {name: [] for name in paths}
+        rounds: dict[str, list[list[tuple[float, float]]]] = {name: [] for name in paths}  # spans, per round
+        for _ in range(2):
+            for name, job in paths.items():
+                latency[name] += await in_parallel(job, jobs // 2, 1)
+                known = set(await comfy_history(session, comfy))
+                start = time.perf_counter()
+                await in_parallel(job, jobs, clients)
+                rates[name].append(jobs / (time.perf_counter() - start))
+                history = await comfy_history(session, comfy)
+                rounds[name].append(spans_of(history, set(history) - known))
+    p50 = {name: statistics.median(values) for name, values in latency.items()}
+    rate = {name: statistics.mean(values) for name, values in rates.items()}
+    result: dict[str, Any] = {"name": "real", "comfyui": comfy, "jobs": jobs, "clients": clients}
+    for name in paths:
+        result[f"{name}_p50_ms"] = round(p50[name], 2)
+        result[f"{name}_jobs_s"] = round(rate[name], 1)
+        result[f"{name}_busy"] = round(statistics.mean(busy_fraction(spans) for spans in rounds[name]), 3)
+        gaps = [max(0.0, b[0] - a[1]) for spans in rounds[name] for a, b in itertools.pairwise(spans)]
+        result[f"{name}_idle_gap_p50_ms"] = round(statistics.median(gaps), 2)
+        if name != "direct":
+            result[f"{name}_added_p50_ms"] = round(p50[name] - p50["direct"], 2)
+            result[f"{name}_throughput_ratio"] = round(rate[name] / rate["direct"], 2)
+    return result
 
 
 def gzip_bomb(megabytes: int) -> bytes:
@@ -1037,7 +1067,7 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], Awaitable[dict[str, Any]]]]
     "clients_scale": lambda args: bench_clients_scale(args.ids),
     "recovery": lambda args: bench_recovery(args.recovery_jobs),
     "spread": lambda args: bench_spread(),
-    "real": lambda args: bench_real(args.real, args.jobs),
+    "real": lambda args: bench_real(args.real, args.jobs, peer=args.peer),
     "bomb": lambda args: bench_bomb(),
     "cluster": lambda args: bench_cluster(args.jobs, args.database),
 }
@@ -1049,6 +1079,9 @@ async def main() -> None:
     parser.add_argument("--jobs", type=int, default=200, help="jobs per measurement (default %(default)s)")
     parser.add_argument("--json", action="store_true", help="one JSON object per benchmark")
     parser.add_argument("--real", metavar="HOST:PORT", help="a real ComfyUI for the `real` benchmark")
+    parser.add_argument(
+        "--peer", metavar="URL", help="`real` also through SaladTechnologies/comfyui-api in front of that ComfyUI"
+    )
     parser.add_argument("--sockets", type=int, default=10_000, help="idle sockets for websockets (default %(default)s)")
     parser.add_argument("--ids", type=int, default=100_000, help="clientIds for clients_scale (default %(default)s)")
     parser.add_argument(
