@@ -381,3 +381,18 @@ async def test_larger_results_and_any_past_the_memory_budget_are_files(
         (part,) = await read_results(await bridge.get("/history", params={"clientId": client_id}))
         assert part[3].startswith(b"\x89PNG")
     await wait_for(lambda: stored(client, "results") == stored(roomy, "results") == [])  # deleted once fetched
+
+
+async def test_a_jobs_inline_results_are_bounded_so_its_end_commit_stays_small(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inline results of one job share one commit: past JOB_INLINE_MAX the job's further files are
+    files, counted as each is committed (not only once the job has ended)."""
+    client = await make_bridge(await make_emulator())
+    await run_job(client, "probe", TINY)
+    (one,) = await read_results(await client.get("/history", params={"clientId": "probe"}))
+    monkeypatch.setattr(results_module, "JOB_INLINE_MAX", len(one[3]))  # room for one of the pair
+    await run_job(client, "pair", {**TINY, "1/batch_size": 2})
+    assert len(stored(client, "results")) == 1
+    parts = await read_results(await client.get("/history", params={"clientId": "pair"}))
+    assert [len(p[3]) for p in parts] == [len(one[3])] * 2

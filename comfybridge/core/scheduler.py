@@ -90,6 +90,7 @@ class Scheduler:
         self._grace: dict[str, asyncio.Task[Any]] = {}  # clients whose socket is gone, until they cancel
         self._state_changed = asyncio.Event()
         self._learned_saved = 0  # core.runtimes.changes when they were last kept
+        self._linked: set[str] = set()  # jobs whose results were handed out as links that still work
 
     def reset(self) -> None:
         """After `close`: forget everything, as a new process would, so `start` can run again (a bridge
@@ -518,13 +519,17 @@ class Scheduler:
                         len(fetched), exc)  # fmt: skip
             return
         if keep_for:  # a stop cuts this short: the objects are then orphans, which the sweep removes
-            core.spawn(self._delete_later(fetched, keep_for), f"delete linked {client_id}", daemon=True)
+            linked = {r.job_id for r in fetched}  # kept from the sweep while the links work
+            self._linked |= linked
+            keys = core.results.keys_of(fetched, linked=True)  # the keys only: no inline bytes held
+            core.spawn(self._delete_later(keys, linked, keep_for), f"delete linked {client_id}", daemon=True)
         else:
-            await core.results.delete(fetched)
+            await core.results.delete(core.results.keys_of(fetched))
 
-    async def _delete_later(self, fetched: list[JobResult], delay: float) -> None:
+    async def _delete_later(self, keys: list[str], linked: set[str], delay: float) -> None:
         await asyncio.sleep(delay)
-        await self.core.results.delete(fetched, linked=True)
+        await self.core.results.delete(keys)
+        self._linked -= linked
 
     async def _keep_state_file(self) -> None:
         """`current_state.json` follows the journal's count: one writer, woken by accepted jobs (its
@@ -578,7 +583,7 @@ class Scheduler:
             await asyncio.sleep(min(60.0, settings.upload_ttl / 10, settings.result_ttl / 10))
             if time.monotonic() >= orphans_due:
                 orphans_due = time.monotonic() + min(ORPHANS_EVERY, settings.result_ttl)
-                await core.results.sweep_orphans(set(core.collecting), self.orphan_age)
+                await core.results.sweep_orphans(set(core.collecting) | self._linked, self.orphan_age)
                 await core.uploads.sweep_orphans(settings.upload_ttl)
             await core.uploads.expire(settings.upload_ttl, SWEEP_BATCH)
             old = core.results.expired(settings.result_ttl)[:SWEEP_BATCH]
@@ -586,7 +591,7 @@ class Scheduler:
                 for result in old:
                     core.results.forget(result.client_id, [result])
                 await core.journal.forget(r.job_id for r in old)
-                await core.results.delete(old)
+                await core.results.delete(core.results.keys_of(old))
                 log.info("expired %d unfetched results", len(old))
             cutoff = time.time() - settings.result_ttl
             core.journal.forget_ended_before(cutoff)

@@ -169,20 +169,20 @@ class Tracker:
         storage away is waited for however long it takes (the results are safe in ComfyUI
         meanwhile, and a job accepted is not given up for a store's outage). Each failure discards
         what it wrote, and the waits double, so a full disk costs little."""
-        delay, tries, number = FIRST_RETRY, self.core.settings.result_retries, 0
+        delay, tries, failed = FIRST_RETRY, self.core.settings.result_retries, 0
         while True:
-            number += 1
             try:
                 return await attempt()
             except (BackendUnavailable, StorageError) as exc:
                 await self.core.results.discard(job.id)
                 waits = isinstance(exc, StorageUnavailable) and self.core.results.links
-                if job.ended or (number >= tries and not waits):
+                failed += not waits  # a wait for object storage uses none of the tries
+                if job.ended or failed >= tries:
                     raise
                 log.warning(
-                    "job %s client %s: could not %s (%s); try %d%s in %gs",
-                    job.id, job.client_id, what, exc, number + 1,
-                    " (until object storage is back)" if waits else f" of {tries}", delay,
+                    "job %s client %s: could not %s (%s); %s in %gs",
+                    job.id, job.client_id, what, exc,
+                    "again once object storage is back" if waits else f"try {failed + 1} of {tries}", delay,
                 )  # fmt: skip
                 await asyncio.sleep(delay)
                 delay = min(MAX_RETRY_DELAY, delay * 2)

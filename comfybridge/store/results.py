@@ -22,7 +22,7 @@ from typing import Any
 from ..errors import StorageError
 from .blobs import BlobStore, BlobWriter, LocalBlobs, sweep
 
-__all__ = ["INLINE_BUDGET", "JobResult", "ResultFile", "ResultStore", "ResultWriter", "stored_name"]
+__all__ = ["INLINE_BUDGET", "JOB_INLINE_MAX", "JobResult", "ResultFile", "ResultStore", "ResultWriter", "stored_name"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
 INLINE_BUDGET = 256 * 1024 * 1024  # bytes of inline results held in memory at most; past it, files
+JOB_INLINE_MAX = 16 * 1024 * 1024  # bytes of one job's inline results at most (they share one commit)
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,8 @@ class ResultStore:
     def __init__(self, blobs: BlobStore | Path, inline_max: int = 0) -> None:
         self.blobs: BlobStore = LocalBlobs(blobs) if isinstance(blobs, Path) else blobs
         self.inline_max = inline_max
-        self.inline_held = 0  # bytes of inline results held now
+        self.inline_held = 0  # bytes of inline results held now, those of jobs still collecting included
+        self._collecting: dict[str, int] = {}  # job id -> inline bytes of its files committed so far
         self._by_client: dict[str, list[JobResult]] = {}
         self._claimed: set[str] = set()  # job ids being sent to a client right now
 
@@ -74,6 +76,7 @@ class ResultStore:
         """Forget every result (they are added again from the journal as its jobs are recovered)."""
         self._by_client.clear()
         self._claimed.clear()
+        self._collecting.clear()
         self.inline_held = 0
 
     @staticmethod
@@ -132,7 +135,7 @@ class ResultStore:
 
     def add(self, job_id: str, client_id: str, seq: int, files: list[ResultFile], created: float | None = None) -> None:
         """Hand a finished job's files to its client; only now do they count as results."""
-        self.inline_held += _inline_size(files)
+        self.inline_held += _inline_size(files) - self._collecting.pop(job_id, 0)  # counted once committed
         result = JobResult(job_id, client_id, seq, created or time.time(), files)
         results = self._by_client.setdefault(client_id, [])
         results.append(result)
@@ -167,21 +170,26 @@ class ResultStore:
         else:
             self._by_client.pop(client_id, None)
 
-    async def delete(self, results: list[JobResult], linked: bool = False) -> None:
-        """Remove fetched or expired results' files (those kept inline have none, unless `linked`
-        put them in the blob store). Best effort: with the store away they stay, and a sweep
-        removes them once no journal row names them."""
-        keys = [item.key for result in results for item in result.files if linked or item.data is None]
+    @staticmethod
+    def keys_of(results: list[JobResult], linked: bool = False) -> list[str]:
+        """The blob names of these results' files (those kept inline have none, unless `linked`
+        put them in the blob store)."""
+        return [item.key for result in results for item in result.files if linked or item.data is None]
+
+    async def delete(self, keys: list[str]) -> None:
+        """Remove fetched or expired results' files. Best effort: with the store away they stay, and
+        a sweep removes them once no journal row names them."""
         if not keys:
             return
         try:
             await self.blobs.delete(keys)
         except StorageError as exc:
-            log.warning("%d results' files not removed now: %s", len(results), exc)
+            log.warning("%d result files not removed now: %s", len(keys), exc)
 
     async def discard(self, job_id: str) -> None:
         """Remove the partial downloads of a job that did not finish. Best effort: with the store away
         they stay (a next try writes the same names; the sweep at start removes what is left)."""
+        self.inline_held -= self._collecting.pop(job_id, 0)
         try:
             await self.blobs.delete_prefix(f"{job_id}/")
         except StorageError as exc:
@@ -263,13 +271,16 @@ class ResultWriter:
 
     async def commit(self, file_name: str, content_type: str) -> ResultFile:
         """The file, durable (a blob, synced or stored) or ready to ride in the job's end commit."""
-        store = self.store
-        if self._blob is None and store.inline_held + len(self._held) > INLINE_BUDGET:
-            await self._to_blob(len(self._held))  # memory is not the place for more
+        store, size = self.store, len(self._held)
+        job_id = self.key.partition("/")[0]
+        job_bytes = store._collecting.get(job_id, 0)
+        if self._blob is None and (store.inline_held + size > INLINE_BUDGET or job_bytes + size > JOB_INLINE_MAX):
+            await self._to_blob(size)  # memory, or the job's one commit, is not the place for more
         if self._blob is not None:
-            size = await self._blob.commit()
-            return ResultFile(file_name, self.key, content_type, size)
-        return ResultFile(file_name, self.key, content_type, len(self._held), bytes(self._held))
+            return ResultFile(file_name, self.key, content_type, await self._blob.commit())
+        store._collecting[job_id] = job_bytes + size
+        store.inline_held += size
+        return ResultFile(file_name, self.key, content_type, size, bytes(self._held))
 
     async def abort(self) -> None:
         self._held.clear()

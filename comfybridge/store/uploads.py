@@ -95,6 +95,7 @@ class UploadStore:
         self._uploads: dict[str, Upload] = {}
         self._pins: dict[str, int] = {}  # upload name -> unfinished jobs that will send it
         self._owned: dict[str, int] = {}  # client id -> uploads it owns
+        self._arriving: set[str] = set()  # names stored by a request not yet answered (not indexed yet)
 
     def owners(self) -> set[str]:
         """Clients that own an upload (and so are known)."""
@@ -210,9 +211,12 @@ class UploadStore:
                 upload, size = await self._receive_one(folder, owner, part, total)
                 total += size
                 saved[identifier] = upload
+                self._arriving.add(upload.name)
         except BaseException:
             await self._remove(list(saved.values()))
             raise
+        finally:
+            self._arriving.difference_update(upload.name for upload in saved.values())
         if not saved:
             raise BadInput("No file in the request: send multipart/form-data with one file per part.")
         for upload in saved.values():
@@ -270,10 +274,12 @@ class UploadStore:
                 path = folder / name
                 await asyncio.to_thread(_sync_and_rename, tmp, path)
         except BaseException as exc:
-            if writer is not None:
-                await writer.abort()
-            with contextlib.suppress(OSError):
-                await asyncio.to_thread(tmp.unlink, missing_ok=True)
+            try:
+                if writer is not None:
+                    await writer.abort()
+            finally:  # the spool copy goes even when the abort is cut short
+                with contextlib.suppress(OSError):
+                    await asyncio.to_thread(tmp.unlink, missing_ok=True)
             if isinstance(exc, OSError):
                 raise write_refused(exc) from None
             raise
@@ -332,11 +338,12 @@ class UploadStore:
         if self.blobs is None:
             return 0
         cutoff = time.time() - older_than
-        return await sweep(
-            self.blobs,
-            lambda key, modified: modified < cutoff and key.rpartition("/")[2] not in self._uploads,
-            "upload objects",
-        )
+
+        def orphan(key: str, modified: float) -> bool:
+            name = key.rpartition("/")[2]
+            return modified < cutoff and name not in self._uploads and name not in self._arriving
+
+        return await sweep(self.blobs, orphan, "upload objects")
 
     def _remove_empty_folders(self, older_than: float) -> None:
         """Owner folders left empty (a failed upload, every file expired), once they have been empty a while."""
