@@ -40,6 +40,20 @@ async def source(total: int) -> AsyncIterator[bytes]:
         yield block
 
 
+async def in_parts(chunks: AsyncIterator[bytes], send: Callable[[int, bytes], Awaitable[str]]) -> list[dict[str, Any]]:
+    """Regroup `chunks` into PART-sized parts, send each (`send(number, body)` -> its ETag)."""
+    parts: list[dict[str, Any]] = []
+    held = bytearray()
+    async for chunk in chunks:
+        held += chunk
+        if len(held) >= PART:
+            parts.append({"ETag": await send(len(parts) + 1, bytes(held)), "PartNumber": len(parts) + 1})
+            held.clear()
+    if held:
+        parts.append({"ETag": await send(len(parts) + 1, bytes(held)), "PartNumber": len(parts) + 1})
+    return parts
+
+
 class Client:
     """put(key, bytes), head(key) -> size, get(key) -> bytes, delete(key), put_stream(key, chunks),
     get_stream(key) -> bytes read (chunk by chunk, nothing kept)."""
@@ -76,20 +90,12 @@ async def aiobotocore_client(endpoint: str, bucket: str, stack: Any) -> Client:
 
     async def put_stream(key: str, chunks: AsyncIterator[bytes]) -> None:
         upload = (await s3.create_multipart_upload(Bucket=bucket, Key=key))["UploadId"]
-        parts, held = [], bytearray()
 
-        async def send() -> None:
-            number = len(parts) + 1
-            sent = await s3.upload_part(Bucket=bucket, Key=key, UploadId=upload, PartNumber=number, Body=bytes(held))
-            parts.append({"ETag": sent["ETag"], "PartNumber": number})
-            held.clear()
+        async def send(number: int, body: bytes) -> str:
+            sent = await s3.upload_part(Bucket=bucket, Key=key, UploadId=upload, PartNumber=number, Body=body)
+            return str(sent["ETag"])
 
-        async for chunk in chunks:
-            held += chunk
-            if len(held) >= PART:
-                await send()
-        if held:
-            await send()
+        parts = await in_parts(chunks, send)
         await s3.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload, MultipartUpload={"Parts": parts})
 
     async def get_stream(key: str) -> int:
@@ -129,22 +135,12 @@ async def boto3_client(endpoint: str, bucket: str, stack: Any) -> Client:
 
     async def put_stream(key: str, chunks: AsyncIterator[bytes]) -> None:
         upload = (await run(s3.create_multipart_upload, Bucket=bucket, Key=key))["UploadId"]
-        parts, held = [], bytearray()
 
-        async def send() -> None:
-            number = len(parts) + 1
-            sent = await run(
-                s3.upload_part, Bucket=bucket, Key=key, UploadId=upload, PartNumber=number, Body=bytes(held)
-            )
-            parts.append({"ETag": sent["ETag"], "PartNumber": number})
-            held.clear()
+        async def send(number: int, body: bytes) -> str:
+            sent = await run(s3.upload_part, Bucket=bucket, Key=key, UploadId=upload, PartNumber=number, Body=body)
+            return str(sent["ETag"])
 
-        async for chunk in chunks:
-            held += chunk
-            if len(held) >= PART:
-                await send()
-        if held:
-            await send()
+        parts = await in_parts(chunks, send)
         await run(
             s3.complete_multipart_upload, Bucket=bucket, Key=key, UploadId=upload, MultipartUpload={"Parts": parts}
         )
