@@ -150,6 +150,30 @@ async def test_kill_9_of_the_leader_mid_burst_loses_nothing_and_runs_nothing_twi
         assert "Traceback" not in (workdir / f"bridge{n}" / "bridge.log").read_text()
 
 
+async def test_kill_9_of_a_follower_loses_nothing(
+    workdir: Path, make_emulator: EmulatorFactory, postgres: PostgresServer, storage: dict[str, str]
+) -> None:
+    """A follower holds nothing of its own: jobs submitted through it, then its death, and every
+    one of them ends once and is fetched through the leader."""
+    emulators = [await make_emulator(pace=0.05)]
+    async with (
+        cluster(workdir, postgres.new_database(), emulators, 2, storage) as bridges,
+        aiohttp.ClientSession() as session,
+    ):
+        (_, a), (follower, b) = bridges
+        jobs = [await post_job(session, b, "via-follower", TINY) for _ in range(6)]
+        os.kill(follower.pid, signal.SIGKILL)
+        async with asyncio.timeout(60):
+            while not (
+                (info := await status_of(session, a, "via-follower")).get("jobs_left") == 0
+                and info["status"] == "closed"
+            ):
+                await asyncio.sleep(0.05)
+        assert sorted(set(job for job, _ in await fetch_results(session, a, "via-follower"))) == sorted(jobs)
+    started = [prompt for e in emulators for prompt in e.engine.started]
+    assert len(started) == len(set(started)) == 6
+
+
 async def test_sigterm_hands_the_lead_over_at_once_and_relays_meanwhile(
     workdir: Path, make_emulator: EmulatorFactory, postgres: PostgresServer, storage: dict[str, str]
 ) -> None:
