@@ -78,10 +78,10 @@ async def sweep(blobs: BlobStore, orphan: Callable[[str, float], bool], what: st
         gone = [key for key, modified in await blobs.keys() if orphan(key, modified)]
         await blobs.delete(gone)
     except StorageError as exc:
-        log.warning("%s no record names not swept now: %s", what, exc)
+        log.warning("%s not removed now: %s", what, exc)
         return 0
     if gone:
-        log.warning("removed %d %s no record names", len(gone), what)
+        log.warning("removed %d %s", len(gone), what)
     return len(gone)
 
 

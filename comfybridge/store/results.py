@@ -133,6 +133,16 @@ class ResultStore:
             job_id for job_id, files in jobs.items() if not all(f.data is not None or f.key in present for f in files)
         }
 
+    def take_inline(self, job_id: str, size: int) -> bool:
+        """Count `size` more inline bytes of the job being collected, if they fit the memory budget
+        and the job's one commit; False (and nothing counted) if they do not."""
+        job_bytes = self._collecting.get(job_id, 0)
+        if self.inline_held + size > INLINE_BUDGET or job_bytes + size > JOB_INLINE_MAX:
+            return False
+        self._collecting[job_id] = job_bytes + size
+        self.inline_held += size
+        return True
+
     def add(self, job_id: str, client_id: str, seq: int, files: list[ResultFile], created: float | None = None) -> None:
         """Hand a finished job's files to its client; only now do they count as results."""
         self.inline_held += _inline_size(files) - self._collecting.pop(job_id, 0)  # counted once committed
@@ -211,7 +221,9 @@ class ResultStore:
         held = {r.job_id for rs in self._by_client.values() for r in rs} | busy
         cutoff = time.time() - older_than
         return await sweep(
-            self.blobs, lambda key, modified: modified < cutoff and key.partition("/")[0] not in held, "result objects"
+            self.blobs,
+            lambda key, modified: modified < cutoff and key.partition("/")[0] not in held,
+            "result objects no record names",
         )
 
     # start-up --------------------------------------------------------------------------------
@@ -220,24 +232,23 @@ class ResultStore:
         downloads a crash cut short (it collects again) and go. Files no journal row names: in a local
         folder they are moved aside into `orphans/`, never deleted (a journal lost or replaced by
         mistake must not take finished, unfetched results with it); in object storage they go once
-        older than `orphan_age` (the result TTL: they would have expired by then)."""
+        older than `orphan_age` (by then they would have expired, and their links too). Best effort:
+        with the store away they wait for the next sweep."""
         blobs = self.blobs
         if isinstance(blobs, LocalBlobs):
             await asyncio.to_thread(_sort_out_folders, blobs.root, done, unfinished)
             return
-        partial, orphans = [], []
         cutoff = time.time() - orphan_age
-        for key, modified in await blobs.keys():
+
+        def leftover(key: str, modified: float) -> bool:
             job_id = key.partition("/")[0]
-            if job_id in done:
-                continue
-            if job_id in unfinished:
-                partial.append(key)
-            elif modified < cutoff:
-                orphans.append(key)
-        await blobs.delete(partial + orphans)
-        if orphans:
-            log.warning("removed %d result objects no journal row names, older than %gs", len(orphans), orphan_age)
+            return job_id not in done and (job_id in unfinished or modified < cutoff)
+
+        await sweep(
+            blobs,
+            leftover,
+            f"result objects of unfinished jobs, or that no journal row names older than {orphan_age:g}s",
+        )
 
 
 class ResultWriter:
@@ -271,15 +282,11 @@ class ResultWriter:
 
     async def commit(self, file_name: str, content_type: str) -> ResultFile:
         """The file, durable (a blob, synced or stored) or ready to ride in the job's end commit."""
-        store, size = self.store, len(self._held)
-        job_id = self.key.partition("/")[0]
-        job_bytes = store._collecting.get(job_id, 0)
-        if self._blob is None and (store.inline_held + size > INLINE_BUDGET or job_bytes + size > JOB_INLINE_MAX):
+        size = len(self._held)
+        if self._blob is None and not self.store.take_inline(self.key.partition("/")[0], size):
             await self._to_blob(size)  # memory, or the job's one commit, is not the place for more
         if self._blob is not None:
             return ResultFile(file_name, self.key, content_type, await self._blob.commit())
-        store._collecting[job_id] = job_bytes + size
-        store.inline_held += size
         return ResultFile(file_name, self.key, content_type, size, bytes(self._held))
 
     async def abort(self) -> None:

@@ -343,7 +343,7 @@ class UploadStore:
             name = key.rpartition("/")[2]
             return modified < cutoff and name not in self._uploads and name not in self._arriving
 
-        return await sweep(self.blobs, orphan, "upload objects")
+        return await sweep(self.blobs, orphan, "upload objects no record names")
 
     def _remove_empty_folders(self, older_than: float) -> None:
         """Owner folders left empty (a failed upload, every file expired), once they have been empty a while."""
