@@ -33,6 +33,9 @@ class Dispatcher:
         """Keep ComfyUI fed: up to `pipeline_depth` prompts wait inside it behind the running one."""
         core = self.core
         while True:
+            if backend.recorded:  # handed over in their accept records: sent first, in that order
+                await self.send(backend, *backend.recorded.popleft())
+                continue
             job = self.next_for(backend)
             if job is None or core.closing:
                 backend.wakeup.clear()
@@ -44,13 +47,47 @@ class Dispatcher:
 
     def next_for(self, backend: Backend) -> Job | None:
         core = self.core
-        if not (core.queue and backend.usable and len(backend.inflight) <= core.settings.pipeline_depth):
+        if not (core.queue and self._has_room(backend)):
             return None
-        lanes = [b.lane(core.runtimes) for b in core.backends.values() if b.usable]
         jobs = list(itertools.islice(core.queue.order(), PLAN_HORIZON))
-        waiting = ((j.id, j.workflow, core.preferred_of(j.client_id)) for j in jobs)
-        index = plan_for(backend.name, waiting, lanes, core.runtimes.estimate, core.settings.warm_slack)
+        index = self._plan(backend, jobs)
         return None if index is None else jobs[index]
+
+    def taker_at_once(self, job: Job) -> Backend | None:
+        """The backend a job just arriving goes to without waiting in the bridge's queue: only when
+        nothing waits there (so it overtakes no one), and only the one a worker would give it to.
+        Its hand-over is then part of its accept record: one commit before ComfyUI has it, not two."""
+        core = self.core
+        if core.queue or core.closing or not core.may_send():
+            return None
+        return next((b for b in core.backends.values() if self._has_room(b) and self._plan(b, [job]) == 0), None)
+
+    def _has_room(self, backend: Backend) -> bool:
+        return backend.usable and len(backend.inflight) <= self.core.settings.pipeline_depth
+
+    def _plan(self, backend: Backend, jobs: list[Job]) -> int | None:
+        core = self.core
+        lanes = [b.lane(core.runtimes) for b in core.backends.values() if b.usable]
+        waiting = ((j.id, j.workflow, core.preferred_of(j.client_id)) for j in jobs)
+        return plan_for(backend.name, waiting, lanes, core.runtimes.estimate, core.settings.warm_slack)
+
+    def hand_over_at_once(self, backend: Backend, job: Job) -> None:
+        """The job goes to `backend` as it is accepted: its accept record says so (`Job.record`), and
+        once that is durable (`recorded`) the backend's worker sends it."""
+        self.core.hand_over(backend, job)
+        job.state, job.backend = JobState.SUBMITTING, backend.name
+        job.sending = job.prompt_id  # in flight from here: a reconcile meanwhile leaves it to the send
+        job.handed_at = time.monotonic()
+
+    def recorded(self, backend: Backend, job: Job, accepted: bool) -> None:
+        """The accept record of a job handed over at once is written (or failed, or the job was
+        interrupted meanwhile): send it, or take it back."""
+        if accepted and not job.ended:
+            backend.recorded.append((job, job.prompt_id))
+            backend.wakeup.set()
+            return
+        job.sending = None
+        self.core.take_back(backend, job)
 
     async def dispatch(self, backend: Backend, job: Job) -> None:
         """Journal the hand-over first (so a crash mid-way is reconciled by prompt_id, never sent twice
@@ -60,16 +97,25 @@ class Dispatcher:
         sent = job.sending = job.prompt_id
         job.handed_at = time.monotonic()
         try:
-            try:
-                await job.move(JobState.SUBMITTING, backend=backend.name, prompt_id=job.prompt_id)
-            except StorageError as exc:
-                log.error("job %s client %s: hand-over not recorded (%s); waiting", job.id, job.client_id, exc)
-                core.take_back(backend, job)
-                if not job.ended:
-                    core.send_again(job)
-                await asyncio.sleep(JOURNAL_PAUSE)
-                return
-            if job.ended:  # cancelled while the hand-over was being recorded
+            await job.move(JobState.SUBMITTING, backend=backend.name, prompt_id=job.prompt_id)
+        except StorageError as exc:
+            log.error("job %s client %s: hand-over not recorded (%s); waiting", job.id, job.client_id, exc)
+            job.sending = None
+            core.take_back(backend, job)
+            if not job.ended:
+                core.send_again(job)
+            await asyncio.sleep(JOURNAL_PAUSE)
+            return
+        await self.send(backend, job, sent)
+
+    async def send(self, backend: Backend, job: Job, sent: str) -> None:
+        """Send a job whose hand-over (prompt `sent`, to this backend) is recorded: its uploads, then
+        its prompt. Taken back meanwhile (its backend went away) or cancelled, it is not sent."""
+        core = self.core
+        try:
+            if job.prompt_id != sent or job not in backend.inflight:
+                return  # taken back meanwhile (its backend went away): it waits in the queue again
+            if job.ended:  # cancelled while its hand-over was being recorded
                 core.take_back(backend, job)
                 return
             prompt = job.graph()

@@ -346,11 +346,14 @@ class Scheduler:
         job.journal = core.journal
         core.opened(job)
         new_client = known is None
+        taker = self.dispatcher.taker_at_once(job)
+        if taker is not None:
+            self.dispatcher.hand_over_at_once(taker, job)
         accepted = core.journal.accept(job.record())
         place = [1]  # taken when it joins the queue, before any worker can move it
 
         def joined(done: asyncio.Future[int]) -> None:
-            if self._accepted(job, done, new_client):
+            if self._accepted(job, done, new_client, taker):
                 place[0] = self._position(job)
 
         # Queued by the journal's answer, not by this request: a client that hangs up mid-way
@@ -360,10 +363,14 @@ class Scheduler:
         log.info("job %s client %s: accepted (%s) as #%d, place %d", job.id, client_id, job.workflow, job.seq, place[0])
         return job, place[0]
 
-    def _accepted(self, job: Job, accepted: asyncio.Future[int], new_client: bool) -> bool:
-        """The journal answered: queue the job if it is recorded (True); if not, undo every trace."""
+    def _accepted(self, job: Job, accepted: asyncio.Future[int], new_client: bool, taker: Backend | None) -> bool:
+        """The journal answered: queue the job if it is recorded (True), or have `taker` send it if it
+        was handed over in its accept record; if it is not recorded, undo every trace."""
         core = self.core
-        if accepted.cancelled() or accepted.exception() is not None:
+        recorded = not accepted.cancelled() and accepted.exception() is None
+        if taker is not None:
+            self.dispatcher.recorded(taker, job, recorded)
+        if not recorded:
             self._unaccept(job, new_client)
             return False
         core.metrics.job_accepted(job.workflow)
@@ -376,8 +383,9 @@ class Scheduler:
             client = self.clients.get(job.client_id)
             if client is not None and not client.held:
                 core.set_status(client, open_status(client))
-        core.queue.push(job)
-        core.wake_all()
+        if taker is None:
+            core.queue.push(job)
+            core.wake_all()
         return True
 
     def _unaccept(self, job: Job, new_client: bool) -> None:
@@ -396,6 +404,9 @@ class Scheduler:
         """One plus the jobs that run before it: those ahead of it (waiting, and inside ComfyUI), shared
         among the usable backends, since affinity never keeps a job off an idle one."""
         core = self.core
+        backend = self.backends.get(job.backend or "")
+        if backend is not None and job in backend.inflight:  # handed over already
+            return backend.inflight.index(job) + 1
         ahead = 0
         for other in itertools.islice(core.queue.order(), PLAN_HORIZON):
             if other is job:
