@@ -60,10 +60,11 @@ async def wait_up(url: str, path: str) -> None:
 
 
 @asynccontextmanager
-async def process(args: list[str], url: str, ready_path: str) -> AsyncIterator[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+async def process(args: list[str], url: str, ready_path: str, root: Path = ROOT) -> AsyncIterator[str]:
+    """`python ARGS` with the comfybridge of the checkout at `root`."""
+    env = {**os.environ, "PYTHONPATH": str(root)}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, *args, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+        sys.executable, *args, env=env, cwd=root, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
     )
     PROCESSES[url] = proc
     try:
@@ -88,14 +89,15 @@ async def emulators(paces: list[float]) -> AsyncIterator[list[str]]:
 
 
 @asynccontextmanager
-async def bridge_for(comfy: list[str], **bridge: Any) -> AsyncIterator[str]:
-    """One bridge process in front of the given ComfyUI servers, with a data folder of its own."""
+async def bridge_for(comfy: list[str], root: Path = ROOT, **bridge: Any) -> AsyncIterator[str]:
+    """One bridge process (of the checkout at `root`) in front of the given ComfyUI servers, with a
+    data folder of its own."""
     data = Path(tempfile.mkdtemp(prefix="bench-"))
     try:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         DATA_DIRS[url] = data
-        async with process(bridge_args(port, comfy, data, **bridge), url, "/generation-count"):
+        async with process(bridge_args(port, comfy, data, **bridge), url, "/generation-count", root):
             yield url
     finally:
         shutil.rmtree(data, ignore_errors=True)
@@ -726,15 +728,21 @@ async def peer_job(session: aiohttp.ClientSession, peer: str, prompt: dict[str, 
         return len(body)
 
 
-async def bench_real(target: str | None, jobs: int, clients: int = 8, peer: str | None = None) -> dict[str, Any]:
+async def bench_real(
+    target: str | None, jobs: int, clients: int = 8, peer: str | None = None, before: Path | None = None
+) -> dict[str, Any]:
     """Against a real ComfyUI (`--real HOST:PORT`): added latency per tiny job, throughput,
     ComfyUI's busy fraction and its idle gap between prompts with `clients` clients, through the
-    bridge vs a direct client, and through another wrapper (`--peer URL`) in the same run. The
-    paths take turns: two rounds, each path in turn within a round."""
+    bridge vs a direct client, and through another wrapper (`--peer URL`) and a bridge of another
+    checkout (`--before DIR`) in the same run. The paths take turns: two rounds, each path in turn
+    within a round."""
     if not target:
         return {"name": "real", "skipped": "no --real HOST:PORT given"}
     comfy = target if "://" in target else f"http://{target}"
-    async with bridge_for([comfy], delete_history=False) as url, aiohttp.ClientSession() as session:
+    async with AsyncExitStack() as exits:
+        url = await exits.enter_async_context(bridge_for([comfy], delete_history=False))
+        session = await exits.enter_async_context(aiohttp.ClientSession())
+        earlier = await exits.enter_async_context(bridge_for([comfy], before, delete_history=False)) if before else ""
         prompt = solid_prompt()
 
         def fresh() -> dict[str, Any]:
@@ -750,6 +758,8 @@ async def bench_real(target: str | None, jobs: int, clients: int = 8, peer: str 
         }
         if peer:
             paths["peer"] = lambda: peer_job(session, peer, prompt)
+        if earlier:
+            paths["before"] = lambda: bridge_job(session, earlier, SOLID)
         for job in paths.values():  # warm up every path
             await in_parallel(job, 10, 1)
         latency: dict[str, list[float]] = {name: [] for name in paths}
@@ -1067,7 +1077,7 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], Awaitable[dict[str, Any]]]]
     "clients_scale": lambda args: bench_clients_scale(args.ids),
     "recovery": lambda args: bench_recovery(args.recovery_jobs),
     "spread": lambda args: bench_spread(),
-    "real": lambda args: bench_real(args.real, args.jobs, peer=args.peer),
+    "real": lambda args: bench_real(args.real, args.jobs, peer=args.peer, before=args.before),
     "bomb": lambda args: bench_bomb(),
     "cluster": lambda args: bench_cluster(args.jobs, args.database),
 }
@@ -1082,6 +1092,10 @@ async def main() -> None:
     parser.add_argument(
         "--peer", metavar="URL", help="`real` also through SaladTechnologies/comfyui-api in front of that ComfyUI"
     )
+    parser.add_argument(
+        "--before", metavar="DIR", type=Path, help="`real` also through a bridge run from this checkout (e.g. "
+        "`git worktree add DIR <commit>`: the code before a change), in the same run",
+    )  # fmt: skip
     parser.add_argument("--sockets", type=int, default=10_000, help="idle sockets for websockets (default %(default)s)")
     parser.add_argument("--ids", type=int, default=100_000, help="clientIds for clients_scale (default %(default)s)")
     parser.add_argument(

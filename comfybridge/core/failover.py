@@ -90,7 +90,7 @@ class Failover:
         for job in reversed(list(backend.inflight)):
             core.take_back(backend, job)
             backend.abandoned.add(job.prompt_id)
-            if job.ended:
+            if job.ended or job.id in core.collecting:  # its prompt succeeded: its results are being fetched
                 continue
             ran = job.started_at is not None or job.state is JobState.RUNNING
             if ran and job.retries >= 1:

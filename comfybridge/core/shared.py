@@ -30,6 +30,7 @@ from .clients import (
     status_message,
     unscoped,
 )
+from .early import EarlyFetches
 from .fairqueue import FairQueue
 from .jobs import Job, JobState
 from .observer import JobObserver, NullObserver
@@ -140,6 +141,7 @@ class Core:
         self.by_prompt: dict[str, Job] = {}
         self.supervisor = Supervisor()  # every task and timer of the core
         self.collecting: dict[str, asyncio.Task[Any]] = {}  # job id -> the task copying its results
+        self.early = EarlyFetches(self.spawn)  # output files fetched while their prompts go on
         self._closing = False
         self.accepting = True  # new jobs are taken (False from SIGTERM on, during its grace)
         self.journal_lost: str | None = None  # why the journal cannot be trusted any more, once it cannot
@@ -255,6 +257,7 @@ class Core:
             ):
                 client.backend = None  # nothing of it is there any more
         self.by_prompt.pop(job.prompt_id, None)
+        self.early.forget(job.prompt_id)
         self.wake_all()
 
     def send_again(self, job: Job, because: str | None = None) -> None:

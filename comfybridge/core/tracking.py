@@ -15,6 +15,7 @@ from ..store.media import content_type_for
 from ..store.results import ResultFile
 from . import care
 from .backend import Backend
+from .early import Fetch
 from .jobs import Job, JobState
 from .shared import DISCONNECTED, Core
 
@@ -48,11 +49,17 @@ class Tracker:
         if event == "execution_start":
             job.warm = backend.last_workflow == job.workflow
             backend.last_workflow = job.workflow
+        elif event == "executed" and job.seen_outputs is not None and not job.ended:
+            limit = min(self.core.results.inline_max, int(self.core.settings.max_result_mb * MB))
+            refs = shapes.outputs_of({data["node"]: data["output"]})
+            self.core.early.start(backend.client, job.prompt_id, refs, limit)
         if job.apply_event(event, data):
             self.prompt_finished(backend, job)
         elif event == "execution_start":
             waited = job.last_event - job.accepted_mono  # execution_start's moment
             self.core.metrics.job_started(job.workflow, backend.name, waited, job.handed_at)
+        elif event == "execution_success" and job.seen_outputs is not None:
+            self._collect(backend, job)  # its outputs are known and written: no need to wait for its end
         elif job.state is JobState.RUNNING:
             self.publish_progress(job)
 
@@ -87,20 +94,26 @@ class Tracker:
             self.publish_progress(job)
 
     def prompt_finished(self, backend: Backend, job: Job) -> None:
-        """ComfyUI's final `executing null` (or its history, after a lost socket): only now is the
-        prompt in /history."""
+        """ComfyUI's final `executing null` (or its history, after a lost socket): the prompt has left
+        ComfyUI, and only now is it in /history. Its results are collected unless they already are."""
         core = self.core
         if job.started_at is not None:
             ran = time.monotonic() - job.started_at
             core.metrics.job_finished(job.workflow, backend.name, ran)
             if job.outcome == "success":
                 core.runtimes.observe(job.workflow, backend.name, ran, job.warm)
+        self._collect(backend, job)
         core.take_back(backend, job)
-        if job.ended:
-            return
-        core.collect(job, self.collect(backend, job))
 
-    async def collect(self, backend: Backend, job: Job) -> None:
+    def _collect(self, backend: Backend, job: Job) -> None:
+        """Collect the job's results once: at `execution_success` when every event of its prompt was
+        seen (ComfyUI's history write and final `executing null` are not waited for), else once the
+        prompt has left ComfyUI."""
+        core = self.core
+        if not job.ended and job.id not in core.collecting:
+            core.collect(job, self.collect(backend, job, core.early.take(job.prompt_id)))
+
+    async def collect(self, backend: Backend, job: Job, fetched: list[Fetch]) -> None:
         """Read the finished prompt's outcome, copy its output files here and sync them, then journal
         the ending; only after that may ComfyUI forget the prompt. Whatever fails, the job ends:
         a trouble that may pass (ComfyUI away, the disk full) is tried again a bounded number of
@@ -113,7 +126,10 @@ class Tracker:
                 ended = core.end(job, JobState.FAILED, "ComfyUI has no record of how the prompt ended")
             elif finished.outcome == "success":
                 refs = shapes.outputs_of(finished.outputs)
-                files = await self._retrying(job, "store its results", lambda: self._store_results(backend, job, refs))
+                early = await core.early.results_for(fetched, refs)
+                files = await self._retrying(
+                    job, "store its results", lambda: self._store_results(backend, job, refs, early)
+                )
                 if job.ended:  # interrupted meanwhile
                     return
                 job.progress.complete()
@@ -139,6 +155,7 @@ class Tracker:
             core.end(job, JobState.FAILED, "The bridge failed to collect the results; the fault is in its log.")
             return
         finally:
+            core.early.drop(fetched)
             if job.state is not JobState.DONE:
                 await core.results.discard(job.id)  # partial downloads of a job that has no results
         if ended is not None:
@@ -187,14 +204,20 @@ class Tracker:
                 await asyncio.sleep(delay)
                 delay = min(MAX_RETRY_DELAY, delay * 2)
 
-    async def _store_results(self, backend: Backend, job: Job, refs: list[OutputRef]) -> list[ResultFile]:
+    async def _store_results(
+        self, backend: Backend, job: Job, refs: list[OutputRef], early: list[bytes | None]
+    ) -> list[ResultFile]:
+        """Store each output: the bytes fetched early if there are some (`EarlyFetches`), else downloaded now."""
         results = self.core.results
         limit = int(self.core.settings.max_result_mb * MB)
         files = []
-        for index, ref in enumerate(refs):
+        for index, (ref, data) in enumerate(zip(refs, early, strict=True)):
             writer = results.writer(results.key_for(job.id, index, ref.filename))
             try:
-                await backend.client.download(ref, writer, limit)
+                if data is not None:
+                    await writer.write(data)
+                else:
+                    await backend.client.download(ref, writer, limit)
                 files.append(await writer.commit(ref.filename, content_type_for(ref.filename)))  # size checked
             except BaseException:
                 await writer.abort()

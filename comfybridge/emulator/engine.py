@@ -58,7 +58,10 @@ class Faults:
     drop_socket_after_nodes: int | None = None  # close every socket after N nodes of the next prompt
     start_delay: float = 0.0  # seconds before each prompt starts (a slow model load)
     video_mb: int = 0  # SaveImage also writes a video of this many MB (sparse: cheap to make, real to read)
-    hang_after_nodes: int | None = None  # the next prompt hangs inside its node N+1, deaf to interrupts, until released
+    # The next prompt hangs inside its node N+1, deaf to interrupts, until released; N = all its nodes:
+    # it hangs after its last node, before it reports how it ended.
+    hang_after_nodes: int | None = None
+    hold_end: bool = False  # the next prompt's final `executing null` waits until released (a slow history write)
 
 
 @dataclass(order=True)
@@ -445,6 +448,7 @@ class Engine:
         drop_after = self.faults.drop_socket_after_nodes
         self.faults.drop_socket_after_nodes = None
         hang_after, self.faults.hang_after_nodes = self.faults.hang_after_nodes, None
+        hold_end, self.faults.hold_end = self.faults.hold_end, False
         outcome = "success"
         # Cached nodes still yield values for the nodes after them.
         for node_id in order:
@@ -463,9 +467,7 @@ class Engine:
                 if fail_now:
                     raise NodeFailure("emulated failure (injected)", "RuntimeError")
                 if hang_after is not None and count == hang_after:
-                    # A node that never returns (a deadlocked custom node): no event, no interrupt.
-                    self._hang_released.clear()
-                    await self._hang_released.wait()
+                    await self._hang()  # a node that never returns (a deadlocked custom node)
                 await self._spend(node, node_id, pid, sid)
                 results[node_id] = await self._node_value(item.prompt, node_id, results)
                 ui = self._write_outputs(node, node_id, results, pid)
@@ -501,15 +503,24 @@ class Engine:
                     },
                 )
                 break
+        if outcome == "success" and hang_after == len(order) - len(cached):
+            await self._hang()
         if outcome == "success":
             record("execution_success", {"prompt_id": pid, "timestamp": _now_ms()})
             self._last_signatures.update(signatures)
         # ComfyUI writes history after execution_success, then broadcasts the queue, then sends executing null.
         await asyncio.sleep(0)
+        if hold_end:
+            await self._hang()
         self._store_history(item, ui_outputs, outcome, messages)
         self._running = None
         self.broadcast_status()
         self._emit("executing", {"node": None, "prompt_id": pid}, sid if sid else None)
+
+    async def _hang(self) -> None:
+        """Wait, deaf to interrupts and sending nothing, until `release_hang`."""
+        self._hang_released.clear()
+        await self._hang_released.wait()
 
     def release_hang(self) -> None:
         """The hung node returns at last (its prompt goes on, or stops if it was interrupted meanwhile)."""

@@ -1,0 +1,77 @@
+"""Results on their way before the prompt ends: an output is fetched as its node reports it, and a
+prompt that succeeded is collected without waiting for ComfyUI to let go of it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from comfybridge.edge.appkeys import SCHEDULER
+
+from .conftest import BridgeFactory, EmulatorFactory, wait_for
+from .helpers import frames_until, generate, poll_status, read_results
+
+SOLID = {"workflow": "solid", "1/width": 16, "1/height": 16, "1/batch_size": 1}
+SOLID_NODES = 2  # EmptyImage, SaveImage
+
+
+def only_output(root: Path) -> bytes:
+    (path,) = [p for p in (root / "output").rglob("*.png") if p.is_file()]
+    return path.read_bytes()
+
+
+async def test_an_output_is_fetched_as_its_node_reports_it_and_only_once(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    emulator = await make_emulator()
+    emulator.engine.faults.hang_after_nodes = SOLID_NODES  # every node has run; the prompt has not ended
+    client = await make_bridge(emulator)
+    async with client.ws_connect("/ws", params={"clientId": "eager"}) as ws:
+        status, _ = await generate(client, "eager", SOLID)
+        assert status == 200
+        await wait_for(lambda: emulator.engine.requests["GET /view"] == 1)  # while the prompt still runs
+        assert (await poll_status(client, "eager", {"progress", "connected"}))["status"] != "closed"
+        emulator.engine.release_hang()
+        await frames_until(ws, "closed")
+    parts = await read_results(await client.get("/history", params={"clientId": "eager"}))
+    assert [part[3] for part in parts] == [only_output(emulator.root)]
+    assert emulator.engine.requests["GET /view"] == 1  # not downloaded again when the prompt ended
+    assert client.app[SCHEDULER].core.early.held == 0
+
+
+async def test_a_prompt_that_succeeded_is_collected_before_comfyui_lets_go_of_it(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    emulator = await make_emulator()
+    emulator.engine.faults.hold_end = True  # `execution_success` is sent, the final `executing null` is not
+    client = await make_bridge(emulator)
+    async with client.ws_connect("/ws", params={"clientId": "early"}) as ws:
+        status, _ = await generate(client, "early", SOLID)
+        assert status == 200
+        await frames_until(ws, "closed", timeout=5)
+        parts = await read_results(await client.get("/history", params={"clientId": "early"}))
+        assert [part[3] for part in parts] == [only_output(emulator.root)]
+        assert emulator.engine.queue_remaining == 1  # ComfyUI has not let go of it yet
+        emulator.engine.release_hang()
+        status, _ = await generate(client, "early", SOLID)  # the backend's slot is free again
+        assert status == 200
+        assert (await frames_until(ws, {"closed", "error"}))[-1]["status"] == "closed"
+
+
+async def test_an_output_fetched_early_for_a_job_interrupted_meanwhile_is_dropped(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    emulator = await make_emulator()
+    emulator.engine.faults.hang_after_nodes = SOLID_NODES
+    client = await make_bridge(emulator)
+    async with client.ws_connect("/ws", params={"clientId": "fickle"}) as ws:
+        status, _ = await generate(client, "fickle", SOLID)
+        assert status == 200
+        await wait_for(lambda: emulator.engine.requests["GET /view"] == 1)
+        await client.post("/interrupt", params={"clientId": "fickle"})
+        assert (await frames_until(ws, "error"))[-1]["detail"] == "interrupted"
+        emulator.engine.release_hang()  # ComfyUI ends the prompt well after all: too late
+        await wait_for(lambda: emulator.engine.queue_remaining == 0)
+    core = client.app[SCHEDULER].core
+    await wait_for(lambda: not core.by_prompt)
+    assert core.early.held == 0
+    assert (await client.get("/history", params={"clientId": "fickle"})).status == 204
