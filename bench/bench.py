@@ -719,6 +719,17 @@ async def comfy_history(session: aiohttp.ClientSession, comfy: str) -> dict[str,
         return history
 
 
+async def count_ran_dry(session: aiohttp.ClientSession, comfy: str, count: list[int]) -> None:
+    """Count ComfyUI's `status` broadcasts saying its queue is empty: at a prompt's end, it ran dry
+    (nothing queued behind it), whoever was to feed it."""
+    async with session.ws_connect(f"{comfy}/ws", params={"clientId": f"watcher-{uuid.uuid4().hex}"}) as ws:
+        async for msg in ws:
+            if msg.type is aiohttp.WSMsgType.TEXT:
+                message = orjson.loads(msg.data)
+                if message["type"] == "status" and message["data"]["status"]["exec_info"]["queue_remaining"] == 0:
+                    count[0] += 1
+
+
 async def peer_job(session: aiohttp.ClientSession, peer: str, prompt: dict[str, Any]) -> int:
     """The same job through another wrapper of one ComfyUI: SaladTechnologies/comfyui-api's
     synchronous `POST /prompt`, which answers with the outputs base64-encoded."""
@@ -762,6 +773,9 @@ async def bench_real(
             paths["before"] = lambda: bridge_job(session, earlier, SOLID)
         for job in paths.values():  # warm up every path
             await in_parallel(job, 10, 1)
+        ran_dry = [0]
+        watcher = asyncio.create_task(count_ran_dry(session, comfy, ran_dry))
+        dry: dict[str, int] = dict.fromkeys(paths, 0)
         latency: dict[str, list[float]] = {name: [] for name in paths}
         rates: dict[str, list[float]] = {name: [] for name in paths}
         rounds: dict[str, list[list[tuple[float, float]]]] = {name: [] for name in paths}  # spans, per round
@@ -769,11 +783,14 @@ async def bench_real(
             for name, job in paths.items():
                 latency[name] += await in_parallel(job, jobs // 2, 1)
                 known = set(await comfy_history(session, comfy))
+                ran_dry[0] = 0
                 start = time.perf_counter()
                 await in_parallel(job, jobs, clients)
                 rates[name].append(jobs / (time.perf_counter() - start))
+                dry[name] += ran_dry[0]
                 history = await comfy_history(session, comfy)
                 rounds[name].append(spans_of(history, set(history) - known))
+        watcher.cancel()
     p50 = {name: statistics.median(values) for name, values in latency.items()}
     rate = {name: statistics.mean(values) for name, values in rates.items()}
     result: dict[str, Any] = {"name": "real", "comfyui": comfy, "jobs": jobs, "clients": clients}
@@ -783,6 +800,9 @@ async def bench_real(
         result[f"{name}_busy"] = round(statistics.mean(busy_fraction(spans) for spans in rounds[name]), 3)
         gaps = [max(0.0, b[0] - a[1]) for spans in rounds[name] for a, b in itertools.pairwise(spans)]
         result[f"{name}_idle_gap_p50_ms"] = round(statistics.median(gaps), 2)
+        # ComfyUI stamps whole milliseconds: over hundreds of gaps the mean resolves what the median cannot.
+        result[f"{name}_idle_gap_mean_ms"] = round(statistics.mean(gaps), 2)
+        result[f"{name}_ran_dry_pct"] = round(100 * dry[name] / (2 * jobs), 1)  # of prompt ends, under load
         if name != "direct":
             result[f"{name}_added_p50_ms"] = round(p50[name] - p50["direct"], 2)
             result[f"{name}_throughput_ratio"] = round(rate[name] / rate["direct"], 2)
