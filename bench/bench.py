@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import io
 import itertools
 import os
@@ -178,44 +179,59 @@ def percentile(samples: list[float], q: int) -> float:
     return statistics.quantiles(samples, n=100)[q - 1]
 
 
-async def bench_cpu_per_job(jobs: int) -> dict[str, Any]:
+async def bench_cpu_per_job(jobs: int, before: Path | None = None) -> dict[str, Any]:
     """The bridge's own CPU time per job (user + sys of its process ÷ jobs), full flow (socket,
-    generate, `closed`, `/history`), one job at a time and 32 at a time; pace-0 emulator."""
+    generate, `closed`, `/history`), one job at a time and 32 at a time; pace-0 emulator. With
+    `before`, a bridge of that checkout is measured in turn beside it, on the same emulator."""
     result: dict[str, Any] = {"name": "cpu_per_job", "jobs": jobs}
-    async with stack([0.0]) as (url, _), aiohttp.ClientSession() as session:
-        await in_parallel(lambda: bridge_job(session, url, SOLID), 50, 8)  # warm up
+    async with AsyncExitStack() as exits:
+        comfy = await exits.enter_async_context(emulators([0.0]))
+        bridges = {"bridge": await exits.enter_async_context(bridge_for(comfy))}
+        if before:
+            bridges["before"] = await exits.enter_async_context(bridge_for(comfy, before))
+        session = await exits.enter_async_context(aiohttp.ClientSession())
+        for url in bridges.values():
+            await in_parallel(functools.partial(bridge_job, session, url, SOLID), 50, 8)  # warm up
         for concurrency in (1, 32):
-            before = cpu_seconds(url)
-            await in_parallel(lambda: bridge_job(session, url, SOLID), jobs, concurrency)
-            result[f"bridge_cpu_ms_c{concurrency}"] = round((cpu_seconds(url) - before) * 1000 / jobs, 2)
+            for name, url in bridges.items():
+                spent = cpu_seconds(url)
+                await in_parallel(functools.partial(bridge_job, session, url, SOLID), jobs, concurrency)
+                result[f"{name}_cpu_ms_c{concurrency}"] = round((cpu_seconds(url) - spent) * 1000 / jobs, 2)
     return result
 
 
-async def bench_overhead(jobs: int) -> dict[str, Any]:
+async def bench_overhead(jobs: int, before: Path | None = None) -> dict[str, Any]:
     """Latency of one small job through the bridge against the same steps sent to ComfyUI directly,
-    alone (c1) and with 64 clients at once (c64); pace-0 emulator."""
+    alone (c1) and with 64 clients at once (c64); pace-0 emulator. With `before`, a bridge of that
+    checkout is measured in turn beside it (its figures prefixed `before_`)."""
     result: dict[str, Any] = {"name": "overhead", "jobs": jobs}
-    async with stack([0.0]) as (url, comfy), aiohttp.ClientSession() as session:
+    async with AsyncExitStack() as exits:
+        comfy = await exits.enter_async_context(emulators([0.0]))
+        bridges = {"": await exits.enter_async_context(bridge_for(comfy))}
+        if before:
+            bridges["before_"] = await exits.enter_async_context(bridge_for(comfy, before))
+        session = await exits.enter_async_context(aiohttp.ClientSession())
         prompt = solid_prompt()
 
         def direct() -> Awaitable[int]:
             return direct_job(session, comfy[0], prompt)
 
-        def bridged() -> Awaitable[int]:
-            return bridge_job(session, url, SOLID)
-
-        await in_parallel(direct, 20, 1)  # warm up both paths
-        await in_parallel(bridged, 20, 1)
+        await in_parallel(direct, 20, 1)  # warm up every path
+        for url in bridges.values():
+            await in_parallel(functools.partial(bridge_job, session, url, SOLID), 20, 1)
         for concurrency in (1, 64):
             count = jobs if concurrency == 1 else max(jobs, 4 * concurrency)
-            straight = await in_parallel(direct, count, concurrency)
-            through = await in_parallel(bridged, count, concurrency)
             tag = f"c{concurrency}"
-            result[f"direct_p50_ms_{tag}"] = round(statistics.median(straight), 2)
-            result[f"bridge_p50_ms_{tag}"] = round(statistics.median(through), 2)
-            result[f"added_p50_ms_{tag}"] = round(statistics.median(through) - statistics.median(straight), 2)
-            if concurrency == 1:
-                result["added_p99_ms_c1"] = round(percentile(through, 99) - percentile(straight, 99), 2)
+            for prefix, url in bridges.items():
+                straight = await in_parallel(direct, count, concurrency)
+                through = await in_parallel(functools.partial(bridge_job, session, url, SOLID), count, concurrency)
+                result[f"{prefix}direct_p50_ms_{tag}"] = round(statistics.median(straight), 2)
+                result[f"{prefix}bridge_p50_ms_{tag}"] = round(statistics.median(through), 2)
+                added = statistics.median(through) - statistics.median(straight)
+                result[f"{prefix}added_p50_ms_{tag}"] = round(added, 2)
+                if concurrency == 1:
+                    added_p99 = percentile(through, 99) - percentile(straight, 99)
+                    result[f"{prefix}added_p99_ms_c1"] = round(added_p99, 2)
     return result
 
 
@@ -1085,8 +1101,8 @@ async def new_bucket(endpoint: str) -> str:
 
 
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], Awaitable[dict[str, Any]]]] = {
-    "cpu_per_job": lambda args: bench_cpu_per_job(max(args.jobs, 500)),
-    "overhead": lambda args: bench_overhead(args.jobs),
+    "cpu_per_job": lambda args: bench_cpu_per_job(max(args.jobs, 500), args.before),
+    "overhead": lambda args: bench_overhead(args.jobs, args.before),
     "throughput": lambda args: bench_throughput(args.jobs * 2),
     "websockets": lambda args: bench_websockets(args.sockets),
     "streaming": lambda args: bench_streaming(),
@@ -1113,8 +1129,8 @@ async def main() -> None:
         "--peer", metavar="URL", help="`real` also through SaladTechnologies/comfyui-api in front of that ComfyUI"
     )
     parser.add_argument(
-        "--before", metavar="DIR", type=Path, help="`real` also through a bridge run from this checkout (e.g. "
-        "`git worktree add DIR <commit>`: the code before a change), in the same run",
+        "--before", metavar="DIR", type=Path, help="real, overhead and cpu_per_job also through a bridge run from "
+        "this checkout (e.g. `git worktree add DIR <commit>`: the code before a change), in the same run",
     )  # fmt: skip
     parser.add_argument("--sockets", type=int, default=10_000, help="idle sockets for websockets (default %(default)s)")
     parser.add_argument("--ids", type=int, default=100_000, help="clientIds for clients_scale (default %(default)s)")
