@@ -3,8 +3,14 @@ prompt that succeeded is collected without waiting for ComfyUI to let go of it."
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+import pytest
+
+from comfybridge.core import care
+from comfybridge.core.backend import Backend
+from comfybridge.core.jobs import Job
 from comfybridge.edge.appkeys import SCHEDULER
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
@@ -75,3 +81,64 @@ async def test_an_output_fetched_early_for_a_job_interrupted_meanwhile_is_droppe
     await wait_for(lambda: not core.by_prompt)
     assert core.early.held == 0
     assert (await client.get("/history", params={"clientId": "fickle"})).status == 204
+
+
+async def test_a_prompt_collected_early_is_deleted_from_comfyui_history_once_it_leaves(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(care, "FORGET_DELAY", 0.0)  # a delete sent at delivery would go out at once
+    emulator = await make_emulator()
+    emulator.engine.faults.hold_end = True  # ComfyUI writes its history only after the hold
+    client = await make_bridge(emulator)  # delete_history is on by default
+    async with client.ws_connect("/ws", params={"clientId": "tidy"}) as ws:
+        status, _ = await generate(client, "tidy", SOLID)
+        assert status == 200
+        await frames_until(ws, "closed", timeout=5)
+        await read_results(await client.get("/history", params={"clientId": "tidy"}))
+        (prompt_id,) = emulator.engine.started
+        emulator.engine.release_hang()
+        await wait_for(lambda: emulator.engine.queue_remaining == 0)
+    await wait_for(lambda: prompt_id not in emulator.engine.history)
+
+
+async def test_a_collect_stopped_before_its_first_step_gives_its_early_fetches_back(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    emulator = await make_emulator()
+    emulator.engine.faults.hang_after_nodes = SOLID_NODES
+    client = await make_bridge(emulator)
+    scheduler = client.app[SCHEDULER]
+    core = scheduler.core
+    status, _ = await generate(client, "quick", SOLID)
+    assert status == 200
+    await wait_for(lambda: core.early.held > 0)
+    ((backend, job),) = [(b, j) for b in core.backends.values() for j in b.inflight]
+    job.outcome = "success"  # as execution_success makes it, an interrupt already on its way
+    interrupting = asyncio.ensure_future(scheduler.interrupt("quick"))
+    scheduler.tracker._collect(backend, job)  # cancelled by the interrupt before it runs a step
+    await interrupting
+    emulator.engine.release_hang()
+    await wait_for(lambda: not core.by_prompt and not core.collecting)
+    assert core.early.held == 0
+
+
+async def test_a_socket_lost_right_after_success_does_not_fail_the_job(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    emulator = await make_emulator()
+    emulator.engine.faults.hold_end = True  # its history is not written yet when the socket goes
+    client = await make_bridge(emulator)
+    scheduler = client.app[SCHEDULER]
+    collect = scheduler.tracker._collect
+
+    def collect_then_lose(backend: Backend, job: Job) -> None:
+        collect(backend, job)
+        scheduler.failover.lost(backend)  # the socket's end, read in the same step as execution_success
+
+    scheduler.tracker._collect = collect_then_lose  # type: ignore[method-assign]
+    async with client.ws_connect("/ws", params={"clientId": "steady"}) as ws:
+        status, _ = await generate(client, "steady", SOLID)
+        assert status == 200
+        frames = await frames_until(ws, {"closed", "error"}, timeout=5)
+        emulator.engine.release_hang()
+    assert frames[-1]["status"] == "closed", frames[-1]

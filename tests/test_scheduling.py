@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
+import threading
+from typing import Any
+
 import pytest
 
+from comfybridge.core.backend import Backend
+from comfybridge.core.jobs import Job
 from comfybridge.edge.appkeys import SCHEDULER
 from comfybridge.emulator import Emulator
 
@@ -11,6 +18,8 @@ from .conftest import BridgeFactory, EmulatorFactory, wait_for
 from .helpers import frames_until, generate, poll_status, read_results, run_job, seed, without_job_id
 
 pytestmark = pytest.mark.both_dialects  # every test here runs against both ComfyUI dialects
+
+SOLID = {"workflow": "solid", "1/width": 16, "1/height": 16, "1/batch_size": 1}
 
 
 def prompts_of(emulator: Emulator) -> list[str]:
@@ -251,3 +260,85 @@ async def test_no_prompt_is_sent_while_the_bridge_may_not_send(
     allowed["send"] = True
     assert (await poll_status(client, "fenced", {"closed"}))["jobs_left"] == 0
     assert len(prompts_of(emulator)) == 1
+
+
+def held_journal(client: object) -> threading.Event:
+    """Hold the journal's writer, as a slow disk would: every write waits, in order, until set."""
+    journal = client.app[SCHEDULER].core.journal  # type: ignore[attr-defined]
+    go = threading.Event()
+    journal._submit(lambda conn, batch: go.wait(10))
+    return go
+
+
+def refuse_next_accept(client: object) -> None:
+    """The next accept fails in the journal (an I/O error), in its turn among the other writes."""
+    journal = client.app[SCHEDULER].core.journal  # type: ignore[attr-defined]
+
+    def accept(record: dict[str, Any]) -> asyncio.Future[int]:
+        journal.accept = original
+
+        def write(conn: sqlite3.Connection, batch: Any) -> int:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        return journal._submit(write)  # type: ignore[no-any-return]
+
+    original, journal.accept = journal.accept, accept
+
+
+async def test_a_job_handed_over_at_once_never_overtakes_one_still_being_accepted(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    emulator = await make_emulator()
+    emulator.engine.faults.hang_after_nodes = 1  # the first job holds the only slot
+    client = await make_bridge(emulator, pipeline_depth=0)
+    scheduler = client.app[SCHEDULER]
+    sent: list[str] = []
+    send = scheduler.dispatcher.send
+
+    async def noted(backend: Backend, job: Job, prompt_id: str) -> None:
+        sent.append(job.id)
+        await send(backend, job, prompt_id)
+
+    scheduler.dispatcher.send = noted  # type: ignore[method-assign]
+    assert (await generate(client, "line", SOLID))[0] == 200
+    await wait_for(lambda: len(emulator.engine.started) == 1)
+    go = held_journal(client)
+    earlier = asyncio.ensure_future(generate(client, "line", SOLID))  # no room: it will join the queue
+    await wait_for(lambda: scheduler.core.pending_accepts == 1)
+    emulator.engine.release_hang()  # the slot frees while its accept is still being written
+    await wait_for(lambda: not any(b.inflight for b in scheduler.core.backends.values()))
+    later = asyncio.ensure_future(generate(client, "line", SOLID))  # the queue is empty, a backend free
+    await wait_for(lambda: scheduler.core.pending_accepts == 2)  # it waits its turn too
+    go.set()
+    (_, first), (_, second) = await earlier, await later
+    await poll_status(client, "line", {"closed"})
+    assert sent[1:] == [first["job_id"], second["job_id"]]
+
+
+@pytest.mark.parametrize("accepted", [True, False])
+async def test_a_job_moved_while_its_accept_is_written_runs_once_or_not_at_all(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, accepted: bool
+) -> None:
+    emulator = await make_emulator()
+    client = await make_bridge(emulator)
+    core = client.app[SCHEDULER].core
+    (backend,) = core.backends.values()
+    go = held_journal(client)
+    if not accepted:
+        refuse_next_accept(client)
+    answer = asyncio.ensure_future(generate(client, "moved", SOLID))
+    await wait_for(lambda: bool(backend.inflight))  # handed over at once; its accept waits
+    (job,) = backend.inflight
+    core.take_back(backend, job)  # what a failover does to a job not started on a backend gone too long
+    core.send_again(job)
+    await wait_for(lambda: job in backend.inflight)  # handed over again, under a new prompt id
+    go.set()
+    status, _ = await answer
+    if accepted:
+        assert status == 200
+        await poll_status(client, "moved", {"closed"})
+        assert emulator.engine.requests["POST /prompt"] == 1
+    else:
+        assert status == 503
+        await wait_for(lambda: not backend.inflight and not core.queue)
+        assert emulator.engine.requests["POST /prompt"] == 0

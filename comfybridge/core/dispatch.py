@@ -58,8 +58,8 @@ class Dispatcher:
         nothing waits there (so it overtakes no one), and only the one a worker would give it to.
         Its hand-over is then part of its accept record: one commit before ComfyUI has it, not two."""
         core = self.core
-        if core.queue or core.closing or not core.may_send():
-            return None
+        if core.queue or core.pending_accepts or core.closing or not core.may_send():
+            return None  # (a job whose accept is being written joins the queue next: it goes first)
         return next((b for b in core.backends.values() if self._has_room(b) and self._plan(b, [job]) == 0), None)
 
     def _has_room(self, backend: Backend) -> bool:
@@ -79,11 +79,14 @@ class Dispatcher:
         job.sending = job.prompt_id  # in flight from here: a reconcile meanwhile leaves it to the send
         job.handed_at = time.monotonic()
 
-    def recorded(self, backend: Backend, job: Job, accepted: bool) -> None:
-        """The accept record of a job handed over at once is written (or failed, or the job was
-        interrupted meanwhile): send it, or take it back."""
+    def recorded(self, backend: Backend, job: Job, prompt_id: str, accepted: bool) -> None:
+        """The accept record of a job handed over at once (as `prompt_id`) is written, or failed: the
+        backend's worker sends it, unless it was interrupted meanwhile (then it is taken back) or
+        moved (its backend went away: it waits in the queue under a new prompt id)."""
+        if job.prompt_id != prompt_id or job not in backend.inflight:
+            return
         if accepted and not job.ended:
-            backend.recorded.append((job, job.prompt_id))
+            backend.recorded.append((job, prompt_id))
             backend.wakeup.set()
             return
         job.sending = None

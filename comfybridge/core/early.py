@@ -3,7 +3,7 @@
 A prompt's last node is often its output node: by the time ComfyUI says the prompt is over, its
 files have long been written. Fetching each one as its node reports it takes the download off the
 path between the prompt's end and the client's `closed`. Only small files are fetched early, into
-memory (at most `inline_max` each, `EARLY_BUDGET` in all); they are stored when the prompt has
+memory (at most `inline_max` each, `EARLY_BUDGET` in all, counted as each starts); they are stored when the prompt has
 ended well, and only if the outputs it ended with are exactly those announced. Anything else (a
 larger file, a failed fetch, outputs that changed) is downloaded when the prompt ends, as always.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from ..comfy.client import ComfyClient
@@ -22,9 +23,16 @@ __all__ = ["EARLY_BUDGET", "EarlyFetches", "Fetch"]
 
 log = logging.getLogger(__name__)
 
-EARLY_BUDGET = 64 * 1024 * 1024  # bytes fetched early and not yet stored, at most (past it, no new early fetch)
+EARLY_BUDGET = 64 * 1024 * 1024  # bytes early fetches may hold in all (each counts its limit until dropped)
 
-Fetch = tuple[OutputRef, "asyncio.Task[bytes | None] | None"]  # None: not fetched early
+
+@dataclass
+class Fetch:
+    ref: OutputRef
+    task: asyncio.Task[bytes | None] | None  # None: not fetched early (over the budget)
+    reserved: int = 0  # bytes of the budget it holds until it is dropped
+
+
 Spawn = Callable[[Coroutine[Any, Any, Any], str], "asyncio.Task[Any] | None"]
 
 
@@ -44,27 +52,29 @@ class _Held:
 class EarlyFetches:
     def __init__(self, spawn: Spawn) -> None:
         self.spawn = spawn
-        self.held = 0  # bytes fetched and not yet stored or dropped
+        self.held = 0  # bytes of the budget taken by fetches not yet dropped
         self._by_prompt: dict[str, list[Fetch]] = {}
 
     def start(self, client: ComfyClient, prompt_id: str, refs: list[OutputRef], limit: int) -> None:
         """Fetch these files of the prompt now (those of one `executed` event), each if it is at most
-        `limit` bytes and the budget allows."""
+        `limit` bytes and the budget has `limit` left for it."""
         fetches = self._by_prompt.setdefault(prompt_id, [])
         for ref in refs:
-            task = None
-            if limit > 0 and self.held < EARLY_BUDGET:
-                task = self.spawn(self._fetch(client, ref, limit), f"early fetch {ref.filename}")
-            fetches.append((ref, task))
+            fetch = Fetch(ref, None)
+            if 0 < limit <= EARLY_BUDGET - self.held:
+                fetch.task = self.spawn(self._fetch(client, ref, limit), f"early fetch {ref.filename}")
+                fetch.reserved = limit if fetch.task is not None else 0
+                self.held += fetch.reserved
+            fetches.append(fetch)
 
-    async def _fetch(self, client: ComfyClient, ref: OutputRef, limit: int) -> bytes | None:
+    @staticmethod
+    async def _fetch(client: ComfyClient, ref: OutputRef, limit: int) -> bytes | None:
         held = _Held()
         try:
             await client.download(ref, held, limit)
         except Exception as exc:  # too large to hold, or not given now: fetched when the prompt ends
             log.debug("%s not fetched early: %s", ref.filename, exc)
             return None
-        self.held += len(held.data)  # after the last await: a fetch cancelled before this counts nothing
         return bytes(held.data)
 
     def take(self, prompt_id: str) -> list[Fetch]:
@@ -76,18 +86,18 @@ class EarlyFetches:
         self.drop(self.take(prompt_id))
 
     def drop(self, fetches: list[Fetch]) -> None:
-        for _, task in fetches:
-            if task is None:
-                continue
-            if not task.done():
-                task.cancel()
-            elif not task.cancelled() and (data := task.result()) is not None:
-                self.held -= len(data)
+        """Stop what still runs and give the budget back (once: the list is emptied)."""
+        for fetch in fetches:
+            if fetch.task is not None and not fetch.task.done():
+                fetch.task.cancel()
+            self.held -= fetch.reserved
+        fetches.clear()
 
-    async def results_for(self, fetches: list[Fetch], refs: list[OutputRef]) -> list[bytes | None]:
+    @staticmethod
+    async def results_for(fetches: list[Fetch], refs: list[OutputRef]) -> list[bytes | None]:
         """Each of the prompt's final outputs' bytes if it was fetched early (None: download it). Used
         only when the outputs are exactly those announced, in the same order (a node that ran twice
         may have replaced its files)."""
-        if [ref for ref, _ in fetches] != refs:
+        if [fetch.ref for fetch in fetches] != refs:
             return [None] * len(refs)
-        return [await task if task is not None else None for _, task in fetches]
+        return [await fetch.task if fetch.task is not None else None for fetch in fetches]

@@ -91,6 +91,7 @@ class Job:
     # has been seen (None otherwise): then its /history need not be read.
     seen_outputs: dict[str, Any] | None = None
     webhook: str | None = None  # where to tell of its end (the request's `_webhook`, or its key's)
+    forget_on_leave: bool = False  # delivered before ComfyUI let go of its prompt: delete its history then
     journal: Recorder | None = field(default=None, repr=False, compare=False)
     _progress: Progress | None = field(default=None, init=False, repr=False, compare=False)
     _last_record: tuple[dict[str, Any], dict[str, Any] | None] | None = field(

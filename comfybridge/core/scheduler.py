@@ -349,11 +349,18 @@ class Scheduler:
         taker = self.dispatcher.taker_at_once(job)
         if taker is not None:
             self.dispatcher.hand_over_at_once(taker, job)
+        else:
+            core.pending_accepts += 1
+        handed_as = job.prompt_id
         accepted = core.journal.accept(job.record())
         place = [1]  # taken when it joins the queue, before any worker can move it
 
         def joined(done: asyncio.Future[int]) -> None:
-            if self._accepted(job, done, new_client, taker):
+            if taker is not None:
+                self.dispatcher.recorded(taker, job, handed_as, not done.cancelled() and done.exception() is None)
+            else:
+                core.pending_accepts -= 1
+            if self._accepted(job, done, new_client, queue=taker is None):
                 place[0] = self._position(job)
 
         # Queued by the journal's answer, not by this request: a client that hangs up mid-way
@@ -363,14 +370,11 @@ class Scheduler:
         log.info("job %s client %s: accepted (%s) as #%d, place %d", job.id, client_id, job.workflow, job.seq, place[0])
         return job, place[0]
 
-    def _accepted(self, job: Job, accepted: asyncio.Future[int], new_client: bool, taker: Backend | None) -> bool:
-        """The journal answered: queue the job if it is recorded (True), or have `taker` send it if it
-        was handed over in its accept record; if it is not recorded, undo every trace."""
+    def _accepted(self, job: Job, accepted: asyncio.Future[int], new_client: bool, queue: bool) -> bool:
+        """The journal answered: the job is recorded (True), and joins the queue if `queue` (not if it
+        was handed over in its accept record); if it is not recorded, undo every trace."""
         core = self.core
-        recorded = not accepted.cancelled() and accepted.exception() is None
-        if taker is not None:
-            self.dispatcher.recorded(taker, job, recorded)
-        if not recorded:
+        if accepted.cancelled() or accepted.exception() is not None:
             self._unaccept(job, new_client)
             return False
         core.metrics.job_accepted(job.workflow)
@@ -383,12 +387,19 @@ class Scheduler:
             client = self.clients.get(job.client_id)
             if client is not None and not client.held:
                 core.set_status(client, open_status(client))
-        if taker is None:
+        if queue:
             core.queue.push(job)
             core.wake_all()
         return True
 
     def _unaccept(self, job: Job, new_client: bool) -> None:
+        # A job handed over at once may have been moved meanwhile (its backend went away): wherever it
+        # is now, it goes, before any send (every later write about it waits behind its accept).
+        self.core.queue.remove(job)
+        backend = self.backends.get(job.backend or "")
+        if backend is not None and job in backend.inflight:
+            job.sending = None
+            self.core.take_back(backend, job)
         self.core.closed(job)
         client = self.clients.get(job.client_id)
         if client is not None:
@@ -406,13 +417,14 @@ class Scheduler:
         core = self.core
         backend = self.backends.get(job.backend or "")
         if backend is not None and job in backend.inflight:  # handed over already
-            return backend.inflight.index(job) + 1
+            return sum(not j.ended for j in backend.inflight[: backend.inflight.index(job)]) + 1
         ahead = 0
         for other in itertools.islice(core.queue.order(), PLAN_HORIZON):
             if other is job:
                 break
             ahead += 1
-        running = [len(b.inflight) for b in self.backends.values() if b.usable]
+        # A job that ended (its results collected) may stay in flight until ComfyUI lets go of it.
+        running = [sum(not j.ended for j in b.inflight) for b in self.backends.values() if b.usable]
         return (sum(running) + ahead) // max(1, len(running)) + 1
 
     @property

@@ -142,6 +142,7 @@ class Core:
         self.supervisor = Supervisor()  # every task and timer of the core
         self.collecting: dict[str, asyncio.Task[Any]] = {}  # job id -> the task copying its results
         self.early = EarlyFetches(self.spawn)  # output files fetched while their prompts go on
+        self.pending_accepts = 0  # jobs whose accept is being written, to join the queue then
         self._closing = False
         self.accepting = True  # new jobs are taken (False from SIGTERM on, during its grace)
         self.journal_lost: str | None = None  # why the journal cannot be trusted any more, once it cannot
@@ -172,13 +173,14 @@ class Core:
             return None
         return self.supervisor.spawn(coro, name, daemon)
 
-    def collect(self, job: Job, coro: Coroutine[Any, Any, Any]) -> None:
+    def collect(self, job: Job, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any] | None:
         """Copy a finished job's results in a task of its own, which an interrupt can stop."""
         task = self.spawn(coro, f"collect {job.id}")
         if task is None:
-            return  # stopping: ComfyUI keeps the prompt, the next start collects it
+            return None  # stopping: ComfyUI keeps the prompt, the next start collects it
         self.collecting[job.id] = task
         task.add_done_callback(lambda _: self._collected(job.id, task))
+        return task
 
     def _collected(self, job_id: str, task: asyncio.Task[Any]) -> None:
         if self.collecting.get(job_id) is task:

@@ -104,24 +104,39 @@ class Tracker:
                 core.runtimes.observe(job.workflow, backend.name, ran, job.warm)
         self._collect(backend, job)
         core.take_back(backend, job)
+        if job.forget_on_leave:
+            care.forget_later(backend, job.prompt_id, core.spawn)
 
     def _collect(self, backend: Backend, job: Job) -> None:
         """Collect the job's results once: at `execution_success` when every event of its prompt was
         seen (ComfyUI's history write and final `executing null` are not waited for), else once the
-        prompt has left ComfyUI."""
+        prompt has left ComfyUI. What the events said is taken now: a socket lost a moment later
+        must not send the collection to a /history not yet written."""
         core = self.core
-        if not job.ended and job.id not in core.collecting:
-            core.collect(job, self.collect(backend, job, core.early.take(job.prompt_id)))
+        if job.ended or job.id in core.collecting:
+            return
+        seen = None
+        if job.seen_outputs is not None and job.outcome is not None:
+            seen = Finished(job.outcome, job.reported, job.seen_outputs)
+        fetched = core.early.take(job.prompt_id)
+        task = core.collect(job, self.collect(backend, job, fetched, seen))
+        if task is None:
+            core.early.drop(fetched)
+        else:  # given back even if the task is cancelled before its first step
+            task.add_done_callback(lambda _: core.early.drop(fetched))
 
-    async def collect(self, backend: Backend, job: Job, fetched: list[Fetch]) -> None:
-        """Read the finished prompt's outcome, copy its output files here and sync them, then journal
-        the ending; only after that may ComfyUI forget the prompt. Whatever fails, the job ends:
+    async def collect(self, backend: Backend, job: Job, fetched: list[Fetch], seen: Finished | None) -> None:
+        """Take the finished prompt's outcome (`seen` in its events, else read), copy its output files
+        here and sync them, then journal the ending; only after that may ComfyUI forget the prompt.
+        Whatever fails, the job ends:
         a trouble that may pass (ComfyUI away, the disk full) is tried again a bounded number of
         times, one that will not (a file over the size limit) fails it at once."""
         core = self.core
         ended = None
         try:
-            finished = await self._retrying(job, "read its outcome", lambda: self._outcome(backend, job))
+            finished = seen
+            if finished is None:
+                finished = await self._retrying(job, "read its outcome", lambda: self._outcome(backend, job))
             if finished is None:
                 ended = core.end(job, JobState.FAILED, "ComfyUI has no record of how the prompt ended")
             elif finished.outcome == "success":
@@ -155,7 +170,6 @@ class Tracker:
             core.end(job, JobState.FAILED, "The bridge failed to collect the results; the fault is in its log.")
             return
         finally:
-            core.early.drop(fetched)
             if job.state is not JobState.DONE:
                 await core.results.discard(job.id)  # partial downloads of a job that has no results
         if ended is not None:
@@ -164,14 +178,15 @@ class Tracker:
             except StorageError:
                 return  # logged by the journal; ComfyUI keeps the prompt, so a restart can collect it again
         if core.settings.delete_history:
-            care.forget_later(backend, job.prompt_id, core.spawn)
+            if job.prompt_id in core.by_prompt:  # collected before ComfyUI let go: it writes its history later
+                job.forget_on_leave = True
+            else:
+                care.forget_later(backend, job.prompt_id, core.spawn)
         await care.after_job(backend, job.prompt_id, core.settings)
 
     async def _outcome(self, backend: Backend, job: Job) -> Finished | None:
-        """How the prompt ended: from its events when every one since its start was seen, else from
-        ComfyUI's history (None: ComfyUI has no entry for it)."""
-        if job.seen_outputs is not None and job.outcome is not None:
-            return Finished(job.outcome, job.reported, job.seen_outputs)
+        """How the prompt ended, when its events did not say it all: from ComfyUI's history (None:
+        ComfyUI has no entry for it)."""
         entry = await backend.client.history(job.prompt_id)
         if entry is None:
             return None
