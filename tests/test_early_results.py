@@ -142,3 +142,18 @@ async def test_a_socket_lost_right_after_success_does_not_fail_the_job(
         frames = await frames_until(ws, {"closed", "error"}, timeout=5)
         emulator.engine.release_hang()
     assert frames[-1]["status"] == "closed", frames[-1]
+
+
+async def test_a_job_delivered_before_comfyui_lets_go_is_not_counted_ahead_in_line(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    emulator = await make_emulator()
+    emulator.engine.faults.hold_end = True
+    client = await make_bridge(emulator)
+    async with client.ws_connect("/ws", params={"clientId": "next"}) as ws:
+        assert (await generate(client, "next", SOLID))[0] == 200
+        await frames_until(ws, "closed", timeout=5)  # still in ComfyUI, its end not yet reported
+        status, answer = await generate(client, "next", SOLID)
+        assert (status, answer["detail"]) == (200, "queued / 1")
+        emulator.engine.release_hang()
+        await frames_until(ws, "closed")
