@@ -179,16 +179,23 @@ def percentile(samples: list[float], q: int) -> float:
     return statistics.quantiles(samples, n=100)[q - 1]
 
 
+async def bridges_beside(exits: AsyncExitStack, before: Path | None) -> tuple[list[str], dict[str, str]]:
+    """A pace-0 emulator, and in front of it this checkout's bridge and, with `before`, one of that
+    checkout: (the emulator's URL list, {"bridge": url, "before": url})."""
+    comfy = await exits.enter_async_context(emulators([0.0]))
+    bridges = {"bridge": await exits.enter_async_context(bridge_for(comfy))}
+    if before:
+        bridges["before"] = await exits.enter_async_context(bridge_for(comfy, before))
+    return comfy, bridges
+
+
 async def bench_cpu_per_job(jobs: int, before: Path | None = None) -> dict[str, Any]:
     """The bridge's own CPU time per job (user + sys of its process ÷ jobs), full flow (socket,
     generate, `closed`, `/history`), one job at a time and 32 at a time; pace-0 emulator. With
     `before`, a bridge of that checkout is measured in turn beside it, on the same emulator."""
     result: dict[str, Any] = {"name": "cpu_per_job", "jobs": jobs}
     async with AsyncExitStack() as exits:
-        comfy = await exits.enter_async_context(emulators([0.0]))
-        bridges = {"bridge": await exits.enter_async_context(bridge_for(comfy))}
-        if before:
-            bridges["before"] = await exits.enter_async_context(bridge_for(comfy, before))
+        _, bridges = await bridges_beside(exits, before)
         session = await exits.enter_async_context(aiohttp.ClientSession())
         for url in bridges.values():
             await in_parallel(functools.partial(bridge_job, session, url, SOLID), 50, 8)  # warm up
@@ -206,10 +213,7 @@ async def bench_overhead(jobs: int, before: Path | None = None) -> dict[str, Any
     checkout is measured in turn beside it (its figures prefixed `before_`)."""
     result: dict[str, Any] = {"name": "overhead", "jobs": jobs}
     async with AsyncExitStack() as exits:
-        comfy = await exits.enter_async_context(emulators([0.0]))
-        bridges = {"": await exits.enter_async_context(bridge_for(comfy))}
-        if before:
-            bridges["before_"] = await exits.enter_async_context(bridge_for(comfy, before))
+        comfy, bridges = await bridges_beside(exits, before)
         session = await exits.enter_async_context(aiohttp.ClientSession())
         prompt = solid_prompt()
 
@@ -222,7 +226,8 @@ async def bench_overhead(jobs: int, before: Path | None = None) -> dict[str, Any
         for concurrency in (1, 64):
             count = jobs if concurrency == 1 else max(jobs, 4 * concurrency)
             tag = f"c{concurrency}"
-            for prefix, url in bridges.items():
+            for name, url in bridges.items():
+                prefix = "" if name == "bridge" else f"{name}_"
                 straight = await in_parallel(direct, count, concurrency)
                 through = await in_parallel(functools.partial(bridge_job, session, url, SOLID), count, concurrency)
                 result[f"{prefix}direct_p50_ms_{tag}"] = round(statistics.median(straight), 2)
