@@ -349,10 +349,16 @@ class Scheduler:
         taker = self.dispatcher.taker_at_once(job)
         if taker is not None:
             self.dispatcher.hand_over_at_once(taker, job)
-        else:
-            core.pending_accepts += 1
         handed_as = job.prompt_id
-        accepted = core.journal.accept(job.record())
+        try:
+            accepted = core.journal.accept(job.record())
+        except BaseException:  # a journal closing under the request: nothing of the job stays
+            if taker is not None:
+                self.dispatcher.recorded(taker, job, handed_as, accepted=False)
+            self._unaccept(job, new_client)
+            raise
+        if taker is None:
+            core.pending_accepts += 1
         place = [1]  # taken when it joins the queue, before any worker can move it
 
         def joined(done: asyncio.Future[int]) -> None:
