@@ -128,9 +128,9 @@ class Tracker:
     async def collect(self, backend: Backend, job: Job, fetched: list[Fetch], seen: Finished | None) -> None:
         """Take the finished prompt's outcome (`seen` in its events, else read), copy its output files
         here and sync them, then journal the ending; only after that may ComfyUI forget the prompt.
-        Whatever fails, the job ends:
-        a trouble that may pass (ComfyUI away, the disk full) is tried again a bounded number of
-        times, one that will not (a file over the size limit) fails it at once."""
+        Whatever fails, the job ends: a trouble that may pass (ComfyUI away, the disk full) is tried
+        again a bounded number of times, one that will not (a file over the size limit) fails it at
+        once."""
         core = self.core
         ended = None
         try:
