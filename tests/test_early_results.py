@@ -7,17 +7,34 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
 
 from comfybridge.core import care
 from comfybridge.core.backend import Backend
 from comfybridge.core.jobs import Job
 from comfybridge.edge.appkeys import SCHEDULER
+from comfybridge.emulator import Emulator
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
 from .helpers import frames_until, generate, poll_status, read_results
 
 SOLID = {"workflow": "solid", "1/width": 16, "1/height": 16, "1/batch_size": 1}
 SOLID_NODES = 2  # EmptyImage, SaveImage
+
+
+async def comfy_holding(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, at: str
+) -> tuple[Emulator, TestClient[web.Request, web.Application]]:
+    """An emulator whose next prompt stops until released: at "outcome" (every node has run, how it
+    ended is not said yet) or at "end" (`execution_success` sent, the final `executing null` not);
+    and a bridge in front of it."""
+    emulator = await make_emulator()
+    if at == "outcome":
+        emulator.engine.faults.hang_after_nodes = SOLID_NODES
+    else:
+        emulator.engine.faults.hold_end = True
+    return emulator, await make_bridge(emulator)
 
 
 def only_output(root: Path) -> bytes:
@@ -28,9 +45,9 @@ def only_output(root: Path) -> bytes:
 async def test_an_output_is_fetched_as_its_node_reports_it_and_only_once(
     make_emulator: EmulatorFactory, make_bridge: BridgeFactory
 ) -> None:
-    emulator = await make_emulator()
-    emulator.engine.faults.hang_after_nodes = SOLID_NODES  # every node has run; the prompt has not ended
-    client = await make_bridge(emulator)
+    emulator, client = await comfy_holding(
+        make_emulator, make_bridge, "outcome"
+    )  # every node has run; the prompt has not ended
     async with client.ws_connect("/ws", params={"clientId": "eager"}) as ws:
         status, _ = await generate(client, "eager", SOLID)
         assert status == 200
@@ -47,9 +64,9 @@ async def test_an_output_is_fetched_as_its_node_reports_it_and_only_once(
 async def test_a_prompt_that_succeeded_is_collected_before_comfyui_lets_go_of_it(
     make_emulator: EmulatorFactory, make_bridge: BridgeFactory
 ) -> None:
-    emulator = await make_emulator()
-    emulator.engine.faults.hold_end = True  # `execution_success` is sent, the final `executing null` is not
-    client = await make_bridge(emulator)
+    emulator, client = await comfy_holding(
+        make_emulator, make_bridge, "end"
+    )  # `execution_success` is sent, the final `executing null` is not
     async with client.ws_connect("/ws", params={"clientId": "early"}) as ws:
         status, _ = await generate(client, "early", SOLID)
         assert status == 200
@@ -66,9 +83,7 @@ async def test_a_prompt_that_succeeded_is_collected_before_comfyui_lets_go_of_it
 async def test_an_output_fetched_early_for_a_job_interrupted_meanwhile_is_dropped(
     make_emulator: EmulatorFactory, make_bridge: BridgeFactory
 ) -> None:
-    emulator = await make_emulator()
-    emulator.engine.faults.hang_after_nodes = SOLID_NODES
-    client = await make_bridge(emulator)
+    emulator, client = await comfy_holding(make_emulator, make_bridge, "outcome")
     async with client.ws_connect("/ws", params={"clientId": "fickle"}) as ws:
         status, _ = await generate(client, "fickle", SOLID)
         assert status == 200
@@ -87,9 +102,9 @@ async def test_a_prompt_collected_early_is_deleted_from_comfyui_history_once_it_
     make_emulator: EmulatorFactory, make_bridge: BridgeFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(care, "FORGET_DELAY", 0.0)  # a delete sent at delivery would go out at once
-    emulator = await make_emulator()
-    emulator.engine.faults.hold_end = True  # ComfyUI writes its history only after the hold
-    client = await make_bridge(emulator)  # delete_history is on by default
+    emulator, client = await comfy_holding(
+        make_emulator, make_bridge, "end"
+    )  # ComfyUI writes its history only after the hold
     async with client.ws_connect("/ws", params={"clientId": "tidy"}) as ws:
         status, _ = await generate(client, "tidy", SOLID)
         assert status == 200
@@ -104,9 +119,7 @@ async def test_a_prompt_collected_early_is_deleted_from_comfyui_history_once_it_
 async def test_a_collect_stopped_before_its_first_step_gives_its_early_fetches_back(
     make_emulator: EmulatorFactory, make_bridge: BridgeFactory
 ) -> None:
-    emulator = await make_emulator()
-    emulator.engine.faults.hang_after_nodes = SOLID_NODES
-    client = await make_bridge(emulator)
+    emulator, client = await comfy_holding(make_emulator, make_bridge, "outcome")
     scheduler = client.app[SCHEDULER]
     core = scheduler.core
     status, _ = await generate(client, "quick", SOLID)
@@ -125,9 +138,9 @@ async def test_a_collect_stopped_before_its_first_step_gives_its_early_fetches_b
 async def test_a_socket_lost_right_after_success_does_not_fail_the_job(
     make_emulator: EmulatorFactory, make_bridge: BridgeFactory
 ) -> None:
-    emulator = await make_emulator()
-    emulator.engine.faults.hold_end = True  # its history is not written yet when the socket goes
-    client = await make_bridge(emulator)
+    emulator, client = await comfy_holding(
+        make_emulator, make_bridge, "end"
+    )  # its history is not written yet when the socket goes
     scheduler = client.app[SCHEDULER]
     collect = scheduler.tracker._collect
 
@@ -147,9 +160,7 @@ async def test_a_socket_lost_right_after_success_does_not_fail_the_job(
 async def test_a_job_delivered_before_comfyui_lets_go_is_not_counted_ahead_in_line(
     make_emulator: EmulatorFactory, make_bridge: BridgeFactory
 ) -> None:
-    emulator = await make_emulator()
-    emulator.engine.faults.hold_end = True
-    client = await make_bridge(emulator)
+    emulator, client = await comfy_holding(make_emulator, make_bridge, "end")
     async with client.ws_connect("/ws", params={"clientId": "next"}) as ws:
         assert (await generate(client, "next", SOLID))[0] == 200
         await frames_until(ws, "closed", timeout=5)  # still in ComfyUI, its end not yet reported

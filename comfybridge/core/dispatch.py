@@ -13,7 +13,7 @@ from ..store.uploads import UploadGone
 from .backend import Backend
 from .clients import CONNECTED, about_job
 from .jobs import Job, JobState
-from .planner import PLAN_HORIZON, plan_for
+from .planner import PLAN_HORIZON, Lane, plan_for
 from .shared import DISCONNECTED, Core
 
 __all__ = ["Dispatcher"]
@@ -50,7 +50,7 @@ class Dispatcher:
         if not (core.queue and self._has_room(backend)):
             return None
         jobs = list(itertools.islice(core.queue.order(), PLAN_HORIZON))
-        index = self._plan(backend, jobs)
+        index = self._plan(backend, jobs, self._lanes())
         return None if index is None else jobs[index]
 
     def taker_at_once(self, job: Job) -> Backend | None:
@@ -60,14 +60,18 @@ class Dispatcher:
         core = self.core
         if core.queue or core.pending_accepts or core.closing or not core.may_send():
             return None  # (a job whose accept is being written joins the queue next: it goes first)
-        return next((b for b in core.backends.values() if self._has_room(b) and self._plan(b, [job]) == 0), None)
+        lanes = self._lanes()  # once: each backend's plan reads them all
+        return next((b for b in core.backends.values() if self._has_room(b) and self._plan(b, [job], lanes) == 0), None)
 
     def _has_room(self, backend: Backend) -> bool:
         return backend.usable and len(backend.inflight) <= self.core.settings.pipeline_depth
 
-    def _plan(self, backend: Backend, jobs: list[Job]) -> int | None:
+    def _lanes(self) -> list[Lane]:
         core = self.core
-        lanes = [b.lane(core.runtimes) for b in core.backends.values() if b.usable]
+        return [b.lane(core.runtimes) for b in core.backends.values() if b.usable]
+
+    def _plan(self, backend: Backend, jobs: list[Job], lanes: list[Lane]) -> int | None:
+        core = self.core
         waiting = ((j.id, j.workflow, core.preferred_of(j.client_id)) for j in jobs)
         return plan_for(backend.name, waiting, lanes, core.runtimes.estimate, core.settings.warm_slack)
 
