@@ -320,6 +320,7 @@ async def test_a_job_moved_while_its_accept_is_written_runs_once_or_not_at_all(
     make_emulator: EmulatorFactory, make_bridge: BridgeFactory, accepted: bool
 ) -> None:
     emulator = await make_emulator()
+    emulator.engine.pause()  # what is sent waits in ComfyUI's queue, where it can still be taken back
     client = await make_bridge(emulator)
     core = client.app[SCHEDULER].core
     (backend,) = core.backends.values()
@@ -327,18 +328,64 @@ async def test_a_job_moved_while_its_accept_is_written_runs_once_or_not_at_all(
     if not accepted:
         refuse_next_accept(client)
     answer = asyncio.ensure_future(generate(client, "moved", SOLID))
-    await wait_for(lambda: bool(backend.inflight))  # handed over at once; its accept waits
+    await wait_for(lambda: emulator.engine.requests["POST /prompt"] == 1)  # sent at once; its accept waits
     (job,) = backend.inflight
+    first = job.prompt_id
     core.take_back(backend, job)  # what a failover does to a job not started on a backend gone too long
-    core.send_again(job)
-    await wait_for(lambda: job in backend.inflight)  # handed over again, under a new prompt id
+    core.send_again(job)  # it waits in the queue under a new prompt id
     go.set()
     status, _ = await answer
+    await wait_for(lambda: first not in prompts_of(emulator))  # the first prompt is taken back from ComfyUI
     if accepted:
         assert status == 200
+        await wait_for(lambda: prompts_of(emulator) == [job.prompt_id])
+        emulator.engine.resume()
         await poll_status(client, "moved", {"closed"})
-        assert emulator.engine.requests["POST /prompt"] == 1
+        assert emulator.engine.started == [job.prompt_id]  # the second one only
     else:
         assert status == 503
         await wait_for(lambda: not backend.inflight and not core.queue)
-        assert emulator.engine.requests["POST /prompt"] == 0
+        emulator.engine.resume()
+        assert emulator.engine.requests["POST /prompt"] == 1
+        assert prompts_of(emulator) == []
+        assert (await client.get("/execution-info", params={"clientId": "moved"})).status == 400
+
+
+@pytest.mark.parametrize("accepted", [True, False])
+async def test_a_prompt_runs_while_its_accept_is_written_and_its_client_hears_of_it_only_after(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, accepted: bool
+) -> None:
+    emulator = await make_emulator()
+    client = await make_bridge(emulator, heartbeat=0.2)
+    tracker = client.app[SCHEDULER].tracker
+    ws = await client.ws_connect("/ws", params={"clientId": "early"})
+    go = held_journal(client)
+    if not accepted:
+        refuse_next_accept(client)
+    answer = asyncio.ensure_future(generate(client, "early", SOLID))
+
+    def heard_its_end() -> bool:  # ComfyUI ran it and said so, and the bridge holds what it said
+        return any(event == "execution_success" for held in tracker.held.values() for _, event, _ in held)
+
+    await wait_for(heard_its_end)
+    assert len(emulator.engine.started) == 1
+    assert not answer.done()
+    before = await frames_until(ws, "listening")  # a heartbeat: the job is not heard of yet
+    go.set()
+    status, body = await answer
+    if accepted:
+        assert status == 200
+        frames = await frames_until(ws, "closed")
+        assert [f["status"] for f in frames if f.get("job_id") == body["job_id"]][-2:] == ["progress", "closed"]
+        resp = await client.get("/history", params={"clientId": "early"})
+        assert resp.status == 200
+        assert len(await read_results(resp)) == 1
+    else:
+        assert status == 503
+        await wait_for(lambda: not tracker.held)
+        frames = await frames_until(ws, "listening")
+        assert all("job_id" not in f for f in frames)  # a job not accepted is never heard of
+        assert await (await client.get("/generation-count")).json() == 0
+    assert all("job_id" not in f for f in before)
+    assert all(f["status"] in ("connected", "listening", "progress", "closed") for f in before + frames)
+    assert emulator.engine.requests["POST /prompt"] == 1

@@ -29,8 +29,8 @@ class Backend:
     last_workflow: str | None = None  # what it ran last, so its models are likely loaded
     delivered: list[str] = field(default_factory=list)  # prompt ids to delete from its history, together
     abandoned: set[str] = field(default_factory=set)  # prompt ids moved elsewhere, to remove when it is back
-    # Jobs handed over in their accept records, with the prompt id recorded: its worker sends them.
-    recorded: collections.deque[tuple[Job, str]] = field(default_factory=collections.deque)
+    # Jobs handed over as they were accepted, with their prompt ids: its worker sends them first.
+    at_once: collections.deque[tuple[Job, str]] = field(default_factory=collections.deque)
     down_since: float | None = None
     idle_since: float | None = field(default_factory=time.monotonic)
     freed_while_idle: bool = False

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 NOT_ACCEPTED = "ComfyUI did not accept the job"
 MAX_ATTEMPTS = 3  # hand-overs of one job that may fail before it does
 JOURNAL_PAUSE = 1.0  # seconds a worker waits when the journal cannot record a hand-over
+NOT_SENT = Exception("not sent: this bridge may not send now")  # the job waits in the queue again
 
 
 class Dispatcher:
@@ -33,8 +34,8 @@ class Dispatcher:
         """Keep ComfyUI fed: up to `pipeline_depth` prompts wait inside it behind the running one."""
         core = self.core
         while True:
-            if backend.recorded:  # handed over in their accept records: sent first, in that order
-                await self.send(backend, *backend.recorded.popleft())
+            if backend.at_once:  # handed over as they were accepted: sent first, in that order
+                await self.send(backend, *backend.at_once.popleft())
                 continue
             job = self.next_for(backend)
             if job is None or core.closing:
@@ -77,24 +78,13 @@ class Dispatcher:
 
     def hand_over_at_once(self, backend: Backend, job: Job) -> None:
         """The job goes to `backend` as it is accepted: its accept record says so (`Job.record`), and
-        once that is durable (`recorded`) the backend's worker sends it."""
+        the backend's worker sends it while that record is written (`send` waits for it after)."""
         self.core.hand_over(backend, job)
         job.state, job.backend = JobState.SUBMITTING, backend.name
         job.sending = job.prompt_id  # in flight from here: a reconcile meanwhile leaves it to the send
         job.handed_at = time.monotonic()
-
-    def recorded(self, backend: Backend, job: Job, prompt_id: str, accepted: bool) -> None:
-        """The accept record of a job handed over at once (as `prompt_id`) is written, or failed: the
-        backend's worker sends it, unless it was interrupted meanwhile (then it is taken back) or
-        moved (its backend went away: it waits in the queue under a new prompt id)."""
-        if job.prompt_id != prompt_id or job not in backend.inflight:
-            return
-        if accepted and not job.ended:
-            backend.recorded.append((job, prompt_id))
-            backend.wakeup.set()
-            return
-        job.sending = None
-        self.core.take_back(backend, job)
+        backend.at_once.append((job, job.prompt_id))
+        backend.wakeup.set()
 
     async def dispatch(self, backend: Backend, job: Job) -> None:
         """Journal the hand-over first (so a crash mid-way is reconciled by prompt_id, never sent twice
@@ -116,15 +106,62 @@ class Dispatcher:
         await self.send(backend, job, sent)
 
     async def send(self, backend: Backend, job: Job, sent: str) -> None:
-        """Send a job whose hand-over (prompt `sent`, to this backend) is recorded: its uploads, then
-        its prompt. Taken back meanwhile (its backend went away) or cancelled, it is not sent."""
+        """Send a job handed over to this backend as prompt `sent`: its uploads, then its prompt. One
+        handed over at once is sent while its accept record is written: whatever ComfyUI answers
+        waits for that record, and a job the journal refused is taken back from ComfyUI. Taken back
+        meanwhile (its backend went away) or cancelled, it is not sent."""
         core = self.core
+        accepting = job.accepting
         try:
             if job.prompt_id != sent or job not in backend.inflight:
                 return  # taken back meanwhile (its backend went away): it waits in the queue again
             if job.ended:  # cancelled while its hand-over was being recorded
                 core.take_back(backend, job)
                 return
+            failure = await self._deliver(backend, job, sent)
+            if accepting is not None:
+                await asyncio.wait((accepting,))
+        finally:
+            if job.sending == sent:
+                job.sending = None
+        if accepting is not None and (accepting.cancelled() or accepting.exception() is not None):
+            # Not accepted (the client is told so): it was taken back; ComfyUI may have it.
+            if failure is None or (isinstance(failure, BackendUnavailable) and failure.maybe_done):
+                self._abandon(backend, sent)
+            return
+        if failure is NOT_SENT:
+            return
+        if isinstance(failure, (PromptRefused, UploadGone)):
+            core.take_back(backend, job)
+            core.end(job, JobState.FAILED, str(failure))
+            return
+        if isinstance(failure, BackendUnavailable) and not (
+            failure.maybe_done and await self._took_it_after_all(backend, job)
+        ):
+            self._hand_over_failed(backend, job, failure)
+            return
+        backend.submit_failures = 0
+        if job not in backend.inflight or job.prompt_id != sent:
+            # Taken off this backend while its hand-over was in flight (it went away, or got stuck):
+            # the prompt just sent must not run here as well.
+            self._abandon(backend, sent)
+            return
+        job.last_event = time.monotonic()
+        if job.state is JobState.SUBMITTING:
+            job.move(JobState.QUEUED)
+            client = core.clients.get(job.client_id)
+            if client is not None and not job.ended and not client.running and not client.held:
+                core.set_status(client, about_job(CONNECTED, job.id, len(client.jobs)))  # polled, never sent
+        log.info("job %s client %s: queued on %s as %s", job.id, job.client_id, backend.name, job.prompt_id)
+        if job.state is JobState.CANCELLED:
+            # The cancel raced the hand-over; now ComfyUI has named the prompt, take it back.
+            core.spawn(core.cancel_on_backend(backend, job), f"cancel {job.id}")
+
+    async def _deliver(self, backend: Backend, job: Job, sent: str) -> Exception | None:
+        """POST the job's uploads and prompt to ComfyUI: None once it has the prompt, NOT_SENT if this
+        bridge may not send now (the job waits again), else why the hand-over failed."""
+        core = self.core
+        try:
             prompt = job.graph()
             for key, name in job.uploads.items():
                 node_id, _, input_name = key.partition("/")
@@ -139,46 +176,19 @@ class Dispatcher:
                 if not job.ended:
                     core.send_again(job)  # should it lead on after all
                 await asyncio.sleep(JOURNAL_PAUSE)
-                return
+                return NOT_SENT
             await backend.client.submit(prompt, sent)
-        except PromptRefused as exc:
-            core.take_back(backend, job)
-            core.end(job, JobState.FAILED, str(exc))
-            return
-        except UploadGone as exc:
-            core.take_back(backend, job)
-            core.end(job, JobState.FAILED, str(exc))
-            return
-        except BackendUnavailable as exc:
-            if not (exc.maybe_done and await self._took_it_after_all(backend, job)):
-                self._hand_over_failed(backend, job, exc)
-                return
+        except (PromptRefused, UploadGone, BackendUnavailable) as exc:
+            return exc
         except Exception as exc:  # a fault of the bridge's own: the job is handed over again, never lost
             log.exception("job %s client %s: hand-over to %s failed", job.id, job.client_id, backend.name)
-            unknown = BackendUnavailable(f"the hand-over failed ({exc.__class__.__name__})", maybe_done=True)
-            if not await self._took_it_after_all(backend, job):
-                self._hand_over_failed(backend, job, unknown)
-                return
-        finally:
-            if job.sending == sent:
-                job.sending = None
-        backend.submit_failures = 0
-        if job not in backend.inflight or job.prompt_id != sent:
-            # Taken off this backend while its hand-over was in flight (it went away, or got stuck):
-            # the prompt just sent must not run here as well.
-            backend.abandoned.add(sent)
-            core.spawn(core.remove_abandoned(backend), f"take back {sent}")
-            return
-        job.last_event = time.monotonic()
-        if job.state is JobState.SUBMITTING:
-            job.move(JobState.QUEUED)
-            client = core.clients.get(job.client_id)
-            if client is not None and not job.ended and not client.running and not client.held:
-                core.set_status(client, about_job(CONNECTED, job.id, len(client.jobs)))  # polled, never sent
-        log.info("job %s client %s: queued on %s as %s", job.id, job.client_id, backend.name, job.prompt_id)
-        if job.state is JobState.CANCELLED:
-            # The cancel raced the hand-over; now ComfyUI has named the prompt, take it back.
-            core.spawn(core.cancel_on_backend(backend, job), f"cancel {job.id}")
+            return BackendUnavailable(f"the hand-over failed ({exc.__class__.__name__})", maybe_done=True)
+        return None
+
+    def _abandon(self, backend: Backend, prompt_id: str) -> None:
+        """A prompt sent to this backend that must not run there: taken back from its ComfyUI."""
+        backend.abandoned.add(prompt_id)
+        self.core.spawn(self.core.remove_abandoned(backend), f"take back {prompt_id}")
 
     async def _took_it_after_all(self, backend: Backend, job: Job) -> bool:
         """A hand-over without an answer: ask ComfyUI before sending the prompt anywhere again."""

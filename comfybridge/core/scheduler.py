@@ -348,26 +348,26 @@ class Scheduler:
         new_client = known is None
         taker = self.dispatcher.taker_at_once(job)
         if taker is not None:
-            self.dispatcher.hand_over_at_once(taker, job)
-        handed_as = job.prompt_id
+            self.dispatcher.hand_over_at_once(taker, job)  # sent while its accept is written
         try:
             accepted = core.journal.accept(job.record())
         except BaseException:  # a journal closing under the request: nothing of the job stays
-            if taker is not None:
-                self.dispatcher.recorded(taker, job, handed_as, accepted=False)
             self._unaccept(job, new_client)
             raise
         if taker is None:
             core.pending_accepts += 1
+        else:
+            job.accepting = accepted
         place = [1]  # taken when it joins the queue, before any worker can move it
 
         def joined(done: asyncio.Future[int]) -> None:
-            if taker is not None:
-                self.dispatcher.recorded(taker, job, handed_as, not done.cancelled() and done.exception() is None)
-            else:
+            if taker is None:
                 core.pending_accepts -= 1
+            job.accepting = None
             if self._accepted(job, done, new_client, queue=taker is None):
                 place[0] = self._position(job)
+            if taker is not None:  # what its ComfyUI said of it meanwhile is heard now, or never
+                self.tracker.accept_decided(job, not done.cancelled() and done.exception() is None)
 
         # Queued by the journal's answer, not by this request: a client that hangs up mid-way
         # cannot leave a recorded job behind that nothing runs.
@@ -400,7 +400,7 @@ class Scheduler:
 
     def _unaccept(self, job: Job, new_client: bool) -> None:
         # A job handed over at once may have been moved meanwhile (its backend went away): wherever it
-        # is now, it goes, before any send (every later write about it waits behind its accept).
+        # is now, it goes. A prompt of it already sent is taken back from ComfyUI by its send.
         self.core.queue.remove(job)
         backend = self.backends.get(job.backend or "")
         if backend is not None and job in backend.inflight:

@@ -32,6 +32,9 @@ MB = 1024 * 1024
 class Tracker:
     def __init__(self, core: Core) -> None:
         self.core = core
+        # Events of prompts sent while their jobs' accept records are written, by job id: a client
+        # must hear nothing of a job before its answer says it is accepted, and nothing ends first.
+        self.held: dict[str, list[tuple[Backend, str, dict[str, Any]]]] = {}
 
     def on_event(self, backend: Backend, event: str, data: dict[str, Any]) -> None:
         """One event of the backend's socket, already checked for shape (`shapes.event`)."""
@@ -43,6 +46,9 @@ class Tracker:
         job = self.core.by_prompt.get(data["prompt_id"])
         if job is None:
             return  # an ended job still follows its prompt: its slot is free only once ComfyUI is done
+        if job.accepting is not None:
+            self.held.setdefault(job.id, []).append((backend, event, data))
+            return
         if event == MISSED:
             job.seen_outputs = None  # not everything was seen: its outcome will be read from /history
             return
@@ -62,6 +68,13 @@ class Tracker:
             self._collect(backend, job)  # its outputs are known and written: no need to wait for its end
         elif job.state is JobState.RUNNING:
             self.publish_progress(job)
+
+    def accept_decided(self, job: Job, recorded: bool) -> None:
+        """The accept record of a job sent meanwhile is written (`recorded`), or failed: the events
+        its ComfyUI sent meanwhile are taken now, in order, or dropped with the job."""
+        for backend, event, data in self.held.pop(job.id, ()):
+            if recorded:
+                self.on_event(backend, event, data)
 
     def publish_progress(self, job: Job, final: bool = False) -> None:
         """A progress frame when the percent rises: never lower than what the client heard, even when

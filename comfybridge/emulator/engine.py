@@ -391,10 +391,11 @@ class Engine:
     # execution -------------------------------------------------------------------------------
     async def _worker(self) -> None:
         while True:
-            while not self._pending:
+            await self._unpaused.wait()
+            if not self._pending:  # (also emptied while paused)
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            await self._unpaused.wait()
+                continue
             item = heapq.heappop(self._pending)
             self._running = item
             self.started.append(item.prompt_id)
