@@ -119,8 +119,8 @@ class Dispatcher:
                 core.take_back(backend, job)
                 return
             failure = await self._deliver(backend, job, sent)
-            if accepting is not None:
-                await asyncio.wait((accepting,))
+            if job.accepting is not None:  # (None once the scheduler has taken its answer)
+                await asyncio.wait((job.accepting,))
         finally:
             if job.sending == sent:
                 job.sending = None
