@@ -766,8 +766,8 @@ async def bench_real(
     """Against a real ComfyUI (`--real HOST:PORT`): added latency per tiny job, throughput,
     ComfyUI's busy fraction and its idle gap between prompts with `clients` clients, through the
     bridge vs a direct client, and through another wrapper (`--peer URL`) and a bridge of another
-    checkout (`--before DIR`) in the same run. The paths take turns: two rounds, each path in turn
-    within a round."""
+    checkout (`--before DIR`) in the same run. The paths take turns: job by job for the latency,
+    then two rounds of load, each path in turn within a round."""
     if not target:
         return {"name": "real", "skipped": "no --real HOST:PORT given"}
     comfy = target if "://" in target else f"http://{target}"
@@ -800,9 +800,11 @@ async def bench_real(
         latency: dict[str, list[float]] = {name: [] for name in paths}
         rates: dict[str, list[float]] = {name: [] for name in paths}
         rounds: dict[str, list[list[tuple[float, float]]]] = {name: [] for name in paths}  # spans, per round
+        for _ in range(jobs):  # one job of each path in turn: ComfyUI's drift (its history grows) hits all alike
+            for name, job in paths.items():
+                latency[name] += await in_parallel(job, 1, 1)
         for _ in range(2):
             for name, job in paths.items():
-                latency[name] += await in_parallel(job, jobs // 2, 1)
                 known = set(await comfy_history(session, comfy))
                 ran_dry[0] = 0
                 start = time.perf_counter()
