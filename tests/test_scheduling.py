@@ -380,6 +380,8 @@ async def test_a_prompt_runs_while_its_accept_is_written_and_its_client_hears_of
         resp = await client.get("/history", params={"clientId": "early"})
         assert resp.status == 200
         assert len(await read_results(resp)) == 1
+        cancels = emulator.engine.requests["POST /queue"] + emulator.engine.requests["POST /api/jobs/{job_id}/cancel"]
+        assert cancels == 0  # a prompt that ran to its end is not taken back
     else:
         assert status == 503
         await wait_for(lambda: not tracker.held)
@@ -389,3 +391,55 @@ async def test_a_prompt_runs_while_its_accept_is_written_and_its_client_hears_of
     assert all("job_id" not in f for f in before)
     assert all(f["status"] in ("connected", "listening", "progress", "closed") for f in before + frames)
     assert emulator.engine.requests["POST /prompt"] == 1
+
+
+@pytest.mark.parametrize("accepted", [True, False])
+async def test_a_socket_lost_while_the_accept_is_written_leaves_the_results_to_comfyuis_history(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, accepted: bool
+) -> None:
+    emulator = await make_emulator()
+    client = await make_bridge(emulator, heartbeat=0.2)
+    (backend,) = client.app[SCHEDULER].core.backends.values()
+    ws = await client.ws_connect("/ws", params={"clientId": "gap"})
+    go = held_journal(client)
+    if not accepted:
+        refuse_next_accept(client)
+    emulator.engine.faults.drop_socket_after_nodes = 1  # the SaveImage's `executed` is never heard
+    answer = asyncio.ensure_future(generate(client, "gap", SOLID))
+    await wait_for(lambda: len(emulator.engine.timeline) == 1)  # the prompt ran to its end meanwhile
+    await wait_for(lambda: emulator.engine.requests["GET /ws"] == 2 and backend.healthy)  # back, still accepting
+    go.set()
+    status, _ = await answer
+    if accepted:
+        assert status == 200
+        await poll_status(client, "gap", {"closed"})
+        resp = await client.get("/history", params={"clientId": "gap"})
+        assert resp.status == 200
+        assert len(await read_results(resp)) == 1  # read from ComfyUI's /history, not the events before the gap
+    else:
+        assert status == 503
+        await wait_for(lambda: not backend.inflight)
+        frames = await frames_until(ws, "listening")
+        assert all("job_id" not in f for f in frames)
+        assert emulator.engine.requests["GET /history/{prompt_id}"] == 0  # a job that is not, is not collected
+
+
+async def test_a_job_interrupted_while_its_accept_is_written_and_then_refused_is_never_heard_of(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    emulator = await make_emulator()
+    emulator.engine.pause()
+    client = await make_bridge(emulator, heartbeat=0.2)
+    ws = await client.ws_connect("/ws", params={"clientId": "gone"})
+    go = held_journal(client)
+    refuse_next_accept(client)
+    answer = asyncio.ensure_future(generate(client, "gone", SOLID))
+    await wait_for(lambda: emulator.engine.requests["POST /prompt"] == 1)
+    interrupt = asyncio.ensure_future(client.post("/interrupt", params={"clientId": "gone"}))
+    await wait_for(lambda: client.app[SCHEDULER].core.clients.get("gone").jobs == {})  # type: ignore[union-attr]
+    go.set()
+    assert (await answer)[0] == 503
+    await interrupt
+    frames = await frames_until(ws, "listening")
+    assert all("job_id" not in f for f in frames)  # no `error` "interrupted" about a job it was refused
+    assert emulator.engine.queue_snapshot()["queue_pending"] == []  # and its prompt is taken back

@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 
 NOT_ACCEPTED = "ComfyUI did not accept the job"
 MAX_ATTEMPTS = 3  # hand-overs of one job that may fail before it does
-JOURNAL_PAUSE = 1.0  # seconds a worker waits when the journal cannot record a hand-over
-NOT_SENT = Exception("not sent: this bridge may not send now")  # the job waits in the queue again
+JOURNAL_PAUSE = 1.0  # seconds a worker waits when the journal cannot record a hand-over, or it may not send
+NOT_SENT = object()  # what `_deliver` returns when this bridge may not send now
 
 
 class Dispatcher:
@@ -57,7 +57,7 @@ class Dispatcher:
     def taker_at_once(self, job: Job) -> Backend | None:
         """The backend a job just arriving goes to without waiting in the bridge's queue: only when
         nothing waits there (so it overtakes no one), and only the one a worker would give it to.
-        Its hand-over is then part of its accept record: one commit before ComfyUI has it, not two."""
+        Its hand-over is then part of its accept record, and it is sent while that is written."""
         core = self.core
         if core.queue or core.pending_accepts or core.closing or not core.may_send():
             return None  # (a job whose accept is being written joins the queue next: it goes first)
@@ -115,21 +115,26 @@ class Dispatcher:
         try:
             if job.prompt_id != sent or job not in backend.inflight:
                 return  # taken back meanwhile (its backend went away): it waits in the queue again
-            if job.ended:  # cancelled while its hand-over was being recorded
+            if job.ended:  # cancelled before its prompt went out
                 core.take_back(backend, job)
                 return
             failure = await self._deliver(backend, job, sent)
-            if job.accepting is not None:  # (None once the scheduler has taken its answer)
-                await asyncio.wait((job.accepting,))
         finally:
             if job.sending == sent:
                 job.sending = None
+        if job.accepting is not None:  # (None once the scheduler has taken its answer)
+            await asyncio.wait((job.accepting,))
         if accepting is not None and (accepting.cancelled() or accepting.exception() is not None):
             # Not accepted (the client is told so): it was taken back; ComfyUI may have it.
             if failure is None or (isinstance(failure, BackendUnavailable) and failure.maybe_done):
                 self._abandon(backend, sent)
             return
-        if failure is NOT_SENT:
+        if failure is NOT_SENT:  # the journal keeps the hand-over for the next leader to reconcile
+            log.warning("job %s client %s: not sent, this bridge may no longer lead", job.id, job.client_id)
+            core.take_back(backend, job)
+            if not job.ended:
+                core.send_again(job)  # should it lead on after all
+            await asyncio.sleep(JOURNAL_PAUSE)
             return
         if isinstance(failure, (PromptRefused, UploadGone)):
             core.take_back(backend, job)
@@ -143,8 +148,10 @@ class Dispatcher:
         backend.submit_failures = 0
         if job not in backend.inflight or job.prompt_id != sent:
             # Taken off this backend while its hand-over was in flight (it went away, or got stuck):
-            # the prompt just sent must not run here as well.
-            self._abandon(backend, sent)
+            # the prompt just sent must not run here as well, unless it already ran to its end
+            # (its events came while its accept record was written).
+            if job.prompt_id != sent or job.outcome is None:
+                self._abandon(backend, sent)
             return
         job.last_event = time.monotonic()
         if job.state is JobState.SUBMITTING:
@@ -157,9 +164,9 @@ class Dispatcher:
             # The cancel raced the hand-over; now ComfyUI has named the prompt, take it back.
             core.spawn(core.cancel_on_backend(backend, job), f"cancel {job.id}")
 
-    async def _deliver(self, backend: Backend, job: Job, sent: str) -> Exception | None:
+    async def _deliver(self, backend: Backend, job: Job, sent: str) -> object:
         """POST the job's uploads and prompt to ComfyUI: None once it has the prompt, NOT_SENT if this
-        bridge may not send now (the job waits again), else why the hand-over failed."""
+        bridge may not send now, else the exception that says why the hand-over failed."""
         core = self.core
         try:
             prompt = job.graph()
@@ -170,12 +177,7 @@ class Dispatcher:
                 except FileNotFoundError:
                     raise UploadGone(f"the uploaded file {name!r} of the job is gone") from None
                 prompt[node_id]["inputs"][input_name] = remote
-            if not core.may_send():  # the journal keeps the hand-over for the next leader to reconcile
-                log.warning("job %s client %s: not sent, this bridge may no longer lead", job.id, job.client_id)
-                core.take_back(backend, job)
-                if not job.ended:
-                    core.send_again(job)  # should it lead on after all
-                await asyncio.sleep(JOURNAL_PAUSE)
+            if not core.may_send():
                 return NOT_SENT
             await backend.client.submit(prompt, sent)
         except (PromptRefused, UploadGone, BackendUnavailable) as exc:

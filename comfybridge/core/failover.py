@@ -4,13 +4,14 @@ one that comes back (or with every backend after a restart), and the idle-job wa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Coroutine
 from typing import Any
 
 from ..comfy import shapes
-from ..comfy.client import BackendUnavailable
+from ..comfy.client import MISSED, BackendUnavailable
 from . import care
 from .backend import Backend
 from .jobs import Job, JobState
@@ -60,6 +61,9 @@ class Failover:
         log.warning("backend %s is down; %d prompts wait for it", backend.name, len(backend.inflight))
         grace = core.settings.backend_grace
         for job in backend.inflight:
+            if job.accepting is not None:  # its client hears nothing of it yet: the gap is kept in its place
+                self.tracker.hold(backend, job, MISSED, {"prompt_id": job.prompt_id})
+                continue
             job.seen_outputs = None  # events may be missed now: its /history will tell
             if not job.ended:  # no stale percent while nothing runs: say what it waits for
                 core.tell(job, "listening", f"waiting for its ComfyUI to come back (up to {grace:g}s)")
@@ -113,6 +117,9 @@ class Failover:
         for job in list(backend.inflight):
             if job.handing_over:
                 continue  # its POST /prompt is still in flight; its answer decides
+            if job.accepting is not None:  # sent while its accept is written: asked about once it is
+                job.accepting.add_done_callback(lambda _: core.spawn(self._reconcile_again(backend), "reconcile"))
+                continue
             if job.prompt_id in running or job.prompt_id in pending:
                 if job.state is JobState.SUBMITTING:
                     job.move(JobState.QUEUED)
@@ -131,6 +138,10 @@ class Failover:
                 core.send_again(job)
             else:
                 core.take_back(backend, job)
+
+    async def _reconcile_again(self, backend: Backend) -> None:
+        with contextlib.suppress(BackendUnavailable):  # away again: its next connect reconciles
+            await self.reconcile(backend)
 
     async def watchdog(self) -> None:
         """Fail a running job that ComfyUI has said nothing about for job_idle_timeout; take a backend

@@ -85,6 +85,7 @@ class Job:
     sending: str | None = None  # the prompt id whose POST /prompt is in flight from this process
     # Its accept record while it is written, for a job sent meanwhile: what ComfyUI says waits for it.
     accepting: asyncio.Future[int] | None = field(default=None, repr=False, compare=False)
+    refused: bool = False  # its accept record failed: its client got an error, and hears nothing more of it
     told_percent: float = 0.0  # the highest percent its client heard: frames only ever rise from it
     told_at: float = 0.0  # monotonic time of its last progress frame
     progress_due: asyncio.TimerHandle | None = field(default=None, repr=False, compare=False)  # a held frame

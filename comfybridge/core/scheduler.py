@@ -401,6 +401,7 @@ class Scheduler:
     def _unaccept(self, job: Job, new_client: bool) -> None:
         # A job handed over at once may have been moved meanwhile (its backend went away): wherever it
         # is now, it goes. A prompt of it already sent is taken back from ComfyUI by its send.
+        job.refused = True
         self.core.queue.remove(job)
         backend = self.backends.get(job.backend or "")
         if backend is not None and job in backend.inflight:
@@ -481,7 +482,7 @@ class Scheduler:
             core.stop_collecting(job)
             if state in (JobState.QUEUED, JobState.RUNNING) and backend is not None:
                 await core.cancel_on_backend(backend, job)
-            # WAITING: end took it out of the queue. SUBMITTING: dispatch cancels it once ComfyUI answers.
+            # WAITING: end took it out of the queue. SUBMITTING: its send cancels it once ComfyUI answers.
         await asyncio.gather(*ended, return_exceptions=True)
 
     async def free(self, client_id: str | None) -> bool:

@@ -343,6 +343,8 @@ class Core:
         delivery: dict[str, Any] | None,
     ) -> None:
         """Only a durable end is told: one a restart would not find is recorded again until it lands."""
+        if job.refused:  # ended (interrupted) while its accept was written, which then failed
+            return
         if done.cancelled() or done.exception() is not None:
             self.spawn(self._record_end_again(job, files, notify, delivery), f"record end {job.id}")
             return
@@ -358,6 +360,8 @@ class Core:
             log.error("job %s client %s: its end is not recorded; trying again in %gs", job.id, job.client_id, delay)
             await asyncio.sleep(delay)
             delay = min(END_RETRY_MAX, delay * 2)
+            if job.refused:
+                return
             try:
                 await job.record_again()
             except StorageError:
@@ -393,7 +397,7 @@ class Core:
         """A status frame about one job. A client hears about its jobs in order: while an earlier
         job's ending is being recorded, frames about later ones wait for it."""
         client = self.clients.get(job.client_id)
-        if client is None:
+        if client is None or job.accepting is not None:  # not a word before its client's answer
             return
         self._tell(client, about_job(status_message(status, detail), job.id, len(client.jobs)))
 

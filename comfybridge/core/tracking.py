@@ -47,8 +47,22 @@ class Tracker:
         if job is None:
             return  # an ended job still follows its prompt: its slot is free only once ComfyUI is done
         if job.accepting is not None:
-            self.held.setdefault(job.id, []).append((backend, event, data))
+            self.hold(backend, job, event, data)
             return
+        self._apply(backend, job, event, data)
+
+    def hold(self, backend: Backend, job: Job, event: str, data: dict[str, Any]) -> None:
+        """Keep an event of a job whose accept record is being written, until `accept_decided`."""
+        self.held.setdefault(job.id, []).append((backend, event, data))
+
+    def accept_decided(self, job: Job, recorded: bool) -> None:
+        """The accept record of a job sent meanwhile is written (`recorded`), or failed: the events
+        its ComfyUI sent meanwhile are taken now, in order, or dropped with the job."""
+        for backend, event, data in self.held.pop(job.id, ()):
+            if recorded and self.core.by_prompt.get(data["prompt_id"]) is job:
+                self._apply(backend, job, event, data)
+
+    def _apply(self, backend: Backend, job: Job, event: str, data: dict[str, Any]) -> None:
         if event == MISSED:
             job.seen_outputs = None  # not everything was seen: its outcome will be read from /history
             return
@@ -68,13 +82,6 @@ class Tracker:
             self._collect(backend, job)  # its outputs are known and written: no need to wait for its end
         elif job.state is JobState.RUNNING:
             self.publish_progress(job)
-
-    def accept_decided(self, job: Job, recorded: bool) -> None:
-        """The accept record of a job sent meanwhile is written (`recorded`), or failed: the events
-        its ComfyUI sent meanwhile are taken now, in order, or dropped with the job."""
-        for backend, event, data in self.held.pop(job.id, ()):
-            if recorded:
-                self.on_event(backend, event, data)
 
     def publish_progress(self, job: Job, final: bool = False) -> None:
         """A progress frame when the percent rises: never lower than what the client heard, even when
