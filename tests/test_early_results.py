@@ -10,14 +10,14 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from comfybridge.core import care, early
+from comfybridge.core import care
 from comfybridge.core.backend import Backend
 from comfybridge.core.jobs import Job
 from comfybridge.edge.appkeys import SCHEDULER
 from comfybridge.emulator import Emulator
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
-from .helpers import frames_until, generate, poll_status, read_results, stored
+from .helpers import frames_until, generate, poll_status, read_results
 
 SOLID = {"workflow": "solid", "1/width": 16, "1/height": 16, "1/batch_size": 1}
 SOLID_NODES = 2  # EmptyImage, SaveImage
@@ -168,42 +168,3 @@ async def test_a_job_delivered_before_comfyui_lets_go_is_not_counted_ahead_in_li
         assert (status, answer["detail"]) == (200, "queued / 1")
         emulator.engine.release_hang()
         await frames_until(ws, "closed")
-
-
-async def test_an_output_too_large_to_ride_inline_is_fetched_early_too_and_stored_as_a_file(
-    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
-) -> None:
-    emulator = await make_emulator()
-    emulator.engine.faults.hang_after_nodes = SOLID_NODES
-    client = await make_bridge(emulator, inline_result_kb=0)  # every result is a file of its own
-    async with client.ws_connect("/ws", params={"clientId": "big"}) as ws:
-        assert (await generate(client, "big", SOLID))[0] == 200
-        await wait_for(lambda: emulator.engine.requests["GET /view"] == 1)  # while the prompt still runs
-        emulator.engine.release_hang()
-        await frames_until(ws, "closed")
-        assert len(stored(client, "results")) == 1
-    parts = await read_results(await client.get("/history", params={"clientId": "big"}))
-    assert [part[3] for part in parts] == [only_output(emulator.root)]
-    assert emulator.engine.requests["GET /view"] == 1  # not downloaded again when the prompt ended
-    assert client.app[SCHEDULER].core.early.held == 0
-
-
-async def test_a_file_the_early_budget_cannot_take_is_downloaded_when_the_prompt_ends(
-    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(early, "EARLY_BUDGET", 5 << 19)  # 2.5 MiB: the image and a first MiB of the video
-    emulator = await make_emulator()
-    emulator.engine.faults.hang_after_nodes = SOLID_NODES
-    emulator.engine.faults.video_mb = 3  # over what is left once its length is known
-    client = await make_bridge(emulator)
-    core = client.app[SCHEDULER].core
-    async with client.ws_connect("/ws", params={"clientId": "over"}) as ws:
-        assert (await generate(client, "over", SOLID))[0] == 200
-        await wait_for(lambda: emulator.engine.requests["GET /view"] == 2)  # the image, and the video's start
-        await wait_for(lambda: core.early.held < 1 << 20)  # the video's fetch left its share as it stopped
-        emulator.engine.release_hang()
-        await frames_until(ws, "closed")
-    parts = await read_results(await client.get("/history", params={"clientId": "over"}))
-    assert sorted(len(part[3]) for part in parts)[1] == 3 << 20  # the video, whole
-    assert emulator.engine.requests["GET /view"] == 3  # the video once more at the end, the image not
-    assert core.early.held == 0

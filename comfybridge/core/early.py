@@ -2,12 +2,10 @@
 
 A prompt's last node is often its output node: by the time ComfyUI says the prompt is over, its
 files have long been written. Fetching each one as its node reports it takes the download off the
-path between the prompt's end and the client's `closed`. Files up to `EARLY_FILE_MAX` are fetched
-early, into memory, `EARLY_BUDGET` in all: each counts a small file's worth as it starts, its real
-size once ComfyUI says it (a file the budget cannot take then is left). They are stored when the
-prompt has ended well (small ones inline, the others as blobs, as a download would be), and only
-if the outputs it ended with are exactly those announced. Anything else (a larger file, a failed
-fetch, outputs that changed) is downloaded when the prompt ends, as always.
+path between the prompt's end and the client's `closed`. Only small files are fetched early, into
+memory (at most `inline_max` each, `EARLY_BUDGET` in all, counted as each starts); they are stored when the prompt has
+ended well, and only if the outputs it ended with are exactly those announced. Anything else (a
+larger file, a failed fetch, outputs that changed) is downloaded when the prompt ends, as always.
 """
 
 from __future__ import annotations
@@ -20,14 +18,12 @@ from typing import Any
 
 from ..comfy.client import ComfyClient
 from ..comfy.shapes import OutputRef
-from ..store.files import SMALL_FILE
 
-__all__ = ["EARLY_BUDGET", "EARLY_FILE_MAX", "EarlyFetches", "Fetch"]
+__all__ = ["EARLY_BUDGET", "EarlyFetches", "Fetch"]
 
 log = logging.getLogger(__name__)
 
-EARLY_BUDGET = 64 * 1024 * 1024  # bytes early fetches may hold in all (each counts its share until dropped)
-EARLY_FILE_MAX = 8 * 1024 * 1024  # the largest file fetched early: a big image, not a video
+EARLY_BUDGET = 64 * 1024 * 1024  # bytes early fetches may hold in all (each counts its limit until dropped)
 
 
 @dataclass
@@ -40,25 +36,14 @@ class Fetch:
 Spawn = Callable[[Coroutine[Any, Any, Any], str], "asyncio.Task[Any] | None"]
 
 
-class OverBudget(Exception):
-    """A file the early fetches' budget cannot take now: it is downloaded when the prompt ends."""
-
-
 class _Held:
-    """A download's bytes, in memory (a `Sink`). It starts counting a small file's worth of the
-    budget; a larger file counts its size (or its limit, unsaid) once the download reserves it."""
+    """A download's bytes, in memory (a `Sink`)."""
 
-    def __init__(self, early: EarlyFetches, fetch: Fetch, limit: int) -> None:
-        self.early = early
-        self.fetch = fetch
-        self.limit = limit
+    def __init__(self) -> None:
         self.data = bytearray()
 
     async def reserve(self, size: int | None) -> None:
-        want = self.limit if size is None else size  # (never more: the download refuses a larger file first)
-        if self.early.held + want - self.fetch.reserved > EARLY_BUDGET:
-            raise OverBudget(f"{self.fetch.ref.filename}: {want} bytes, more than early fetches may hold now")
-        self.early.count(self.fetch, want)
+        pass  # the download's own limit keeps it small
 
     async def write(self, chunk: bytes) -> None:
         self.data += chunk
@@ -72,31 +57,24 @@ class EarlyFetches:
 
     def start(self, client: ComfyClient, prompt_id: str, refs: list[OutputRef], limit: int) -> None:
         """Fetch these files of the prompt now (those of one `executed` event), each if it is at most
-        `limit` bytes and the budget can take it."""
+        `limit` bytes and the budget has `limit` left for it."""
         fetches = self._by_prompt.setdefault(prompt_id, [])
         for ref in refs:
             fetch = Fetch(ref, None)
-            first = min(limit, SMALL_FILE)  # a file up to this is read whole, without a reserve
-            if 0 < first <= EARLY_BUDGET - self.held:
-                fetch.task = self.spawn(self._fetch(client, fetch, limit), f"early fetch {ref.filename}")
-                if fetch.task is not None:
-                    self.count(fetch, first)
+            if 0 < limit <= EARLY_BUDGET - self.held:
+                fetch.task = self.spawn(self._fetch(client, ref, limit), f"early fetch {ref.filename}")
+                fetch.reserved = limit if fetch.task is not None else 0
+                self.held += fetch.reserved
             fetches.append(fetch)
 
-    def count(self, fetch: Fetch, size: int) -> None:
-        """What `fetch` holds of the budget from now on."""
-        self.held += size - fetch.reserved
-        fetch.reserved = size
-
-    async def _fetch(self, client: ComfyClient, fetch: Fetch, limit: int) -> bytes | None:
-        held = _Held(self, fetch, limit)
+    @staticmethod
+    async def _fetch(client: ComfyClient, ref: OutputRef, limit: int) -> bytes | None:
+        held = _Held()
         try:
-            await client.download(fetch.ref, held, limit)
+            await client.download(ref, held, limit)
         except Exception as exc:  # too large to hold, or not given now: fetched when the prompt ends
-            log.debug("%s not fetched early: %s", fetch.ref.filename, exc)
-            self.count(fetch, 0)
+            log.debug("%s not fetched early: %s", ref.filename, exc)
             return None
-        self.count(fetch, len(held.data))
         return bytes(held.data)
 
     def take(self, prompt_id: str) -> list[Fetch]:

@@ -15,7 +15,7 @@ from ..store.media import content_type_for
 from ..store.results import ResultFile
 from . import care
 from .backend import Backend
-from .early import EARLY_FILE_MAX, Fetch
+from .early import Fetch
 from .jobs import Job, JobState
 from .shared import DISCONNECTED, Core
 
@@ -70,7 +70,7 @@ class Tracker:
             job.warm = backend.last_workflow == job.workflow
             backend.last_workflow = job.workflow
         elif event == "executed" and job.seen_outputs is not None and not job.ended:
-            limit = min(EARLY_FILE_MAX, int(self.core.settings.max_result_mb * MB))
+            limit = min(self.core.results.inline_max, int(self.core.settings.max_result_mb * MB))
             refs = shapes.outputs_of({data["node"]: data["output"]})
             self.core.early.start(backend.client, job.prompt_id, refs, limit)
         if job.apply_event(event, data):
@@ -250,7 +250,6 @@ class Tracker:
             writer = results.writer(results.key_for(job.id, index, ref.filename))
             try:
                 if data is not None:
-                    await writer.reserve(len(data))  # a file too large to ride inline goes to a blob at once
                     await writer.write(data)
                 else:
                     await backend.client.download(ref, writer, limit)
