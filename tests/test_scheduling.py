@@ -439,7 +439,7 @@ async def test_a_job_interrupted_while_its_accept_is_written_and_then_refused_is
     await wait_for(lambda: client.app[SCHEDULER].core.clients.get("gone").jobs == {})  # type: ignore[union-attr]
     go.set()
     assert (await answer)[0] == 503
-    await interrupt
+    (await interrupt).release()
     frames = await frames_until(ws, "listening")
     assert all("job_id" not in f for f in frames)  # no `error` "interrupted" about a job it was refused
     assert emulator.engine.queue_snapshot()["queue_pending"] == []  # and its prompt is taken back
