@@ -7,6 +7,7 @@ import sqlite3
 import threading
 from typing import Any
 
+import aiohttp
 import pytest
 
 from comfybridge.core.backend import Backend
@@ -285,6 +286,20 @@ def refuse_next_accept(client: object) -> None:
     original, journal.accept = journal.accept, accept
 
 
+async def accept_held(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, client_id: str, refused: bool
+) -> tuple[Emulator, Any, aiohttp.ClientWebSocketResponse, threading.Event]:
+    """An emulator, a bridge in front (heartbeat 0.2 s), a socket for `client_id`, and the bridge's
+    journal held (`go` releases it) and, if `refused`, failing its next accept."""
+    emulator = await make_emulator()
+    client = await make_bridge(emulator, heartbeat=0.2)
+    ws = await client.ws_connect("/ws", params={"clientId": client_id})
+    go = held_journal(client)
+    if refused:
+        refuse_next_accept(client)
+    return emulator, client, ws, go
+
+
 async def test_a_job_handed_over_at_once_never_overtakes_one_still_being_accepted(
     make_emulator: EmulatorFactory, make_bridge: BridgeFactory
 ) -> None:
@@ -355,13 +370,8 @@ async def test_a_job_moved_while_its_accept_is_written_runs_once_or_not_at_all(
 async def test_a_prompt_runs_while_its_accept_is_written_and_its_client_hears_of_it_only_after(
     make_emulator: EmulatorFactory, make_bridge: BridgeFactory, accepted: bool
 ) -> None:
-    emulator = await make_emulator()
-    client = await make_bridge(emulator, heartbeat=0.2)
+    emulator, client, ws, go = await accept_held(make_emulator, make_bridge, "early", refused=not accepted)
     tracker = client.app[SCHEDULER].tracker
-    ws = await client.ws_connect("/ws", params={"clientId": "early"})
-    go = held_journal(client)
-    if not accepted:
-        refuse_next_accept(client)
     answer = asyncio.ensure_future(generate(client, "early", SOLID))
 
     def heard_its_end() -> bool:  # ComfyUI ran it and said so, and the bridge holds what it said
@@ -397,13 +407,8 @@ async def test_a_prompt_runs_while_its_accept_is_written_and_its_client_hears_of
 async def test_a_socket_lost_while_the_accept_is_written_leaves_the_results_to_comfyuis_history(
     make_emulator: EmulatorFactory, make_bridge: BridgeFactory, accepted: bool
 ) -> None:
-    emulator = await make_emulator()
-    client = await make_bridge(emulator, heartbeat=0.2)
+    emulator, client, ws, go = await accept_held(make_emulator, make_bridge, "gap", refused=not accepted)
     (backend,) = client.app[SCHEDULER].core.backends.values()
-    ws = await client.ws_connect("/ws", params={"clientId": "gap"})
-    go = held_journal(client)
-    if not accepted:
-        refuse_next_accept(client)
     emulator.engine.faults.drop_socket_after_nodes = 1  # the SaveImage's `executed` is never heard
     answer = asyncio.ensure_future(generate(client, "gap", SOLID))
     await wait_for(lambda: len(emulator.engine.timeline) == 1)  # the prompt ran to its end meanwhile
@@ -427,12 +432,8 @@ async def test_a_socket_lost_while_the_accept_is_written_leaves_the_results_to_c
 async def test_a_job_interrupted_while_its_accept_is_written_and_then_refused_is_never_heard_of(
     make_emulator: EmulatorFactory, make_bridge: BridgeFactory
 ) -> None:
-    emulator = await make_emulator()
+    emulator, client, ws, go = await accept_held(make_emulator, make_bridge, "gone", refused=True)
     emulator.engine.pause()
-    client = await make_bridge(emulator, heartbeat=0.2)
-    ws = await client.ws_connect("/ws", params={"clientId": "gone"})
-    go = held_journal(client)
-    refuse_next_accept(client)
     answer = asyncio.ensure_future(generate(client, "gone", SOLID))
     await wait_for(lambda: emulator.engine.requests["POST /prompt"] == 1)
     interrupt = asyncio.ensure_future(client.post("/interrupt", params={"clientId": "gone"}))
