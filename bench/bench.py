@@ -32,7 +32,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from comfybridge.emulator.png import solid_png
+from comfybridge.emulator.png import png_from_rows, solid_png
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = ROOT / "tests" / "fixtures" / "workflows"
@@ -832,6 +832,116 @@ async def bench_real(
     return result
 
 
+async def kept_bridge_job(
+    session: aiohttp.ClientSession, url: str, ws: aiohttp.ClientWebSocketResponse, client_id: str, body: dict[str, Any]
+) -> tuple[float, float]:
+    """One job as the client library does it, its socket open from job to job: ms to the submit's
+    answer, and to the results fetched."""
+    start = time.perf_counter()
+    async with session.post(f"{url}/generate-based-workflow", params={"clientId": client_id}, json=body) as resp:
+        assert resp.status == 200, await resp.text()
+        job_id = (await resp.json())["job_id"]
+    answered = time.perf_counter()
+    async for msg in ws:
+        frame = orjson.loads(msg.data)
+        assert frame["status"] != "error", msg.data
+        if frame["status"] == "closed" and frame.get("job_id") == job_id:
+            break
+    async with session.get(f"{url}/history", params={"clientId": client_id}) as resp:
+        await resp.read()
+    return (answered - start) * 1000, (time.perf_counter() - start) * 1000
+
+
+async def kept_direct_job(
+    session: aiohttp.ClientSession, comfy: str, ws: aiohttp.ClientWebSocketResponse, client_id: str, prompt: Any
+) -> tuple[float, float]:
+    """The same straight against ComfyUI, its socket open from job to job: POST /prompt, its final
+    `executing null`, /history, /view."""
+    start = time.perf_counter()
+    async with session.post(f"{comfy}/prompt", json={"prompt": prompt, "client_id": client_id}) as resp:
+        prompt_id = (await resp.json())["prompt_id"]
+    answered = time.perf_counter()
+    async for msg in ws:
+        if msg.type is not aiohttp.WSMsgType.TEXT:
+            continue  # previews
+        message = orjson.loads(msg.data)
+        data = message["data"]
+        if message["type"] == "executing" and data["node"] is None and data.get("prompt_id") == prompt_id:
+            break
+    async with session.get(f"{comfy}/history/{prompt_id}") as resp:
+        entry = (await resp.json())[prompt_id]
+    for output in entry["outputs"].values():
+        for image in output["images"]:
+            async with session.get(f"{comfy}/view", params=image) as resp:
+                await resp.read()
+    return (answered - start) * 1000, (time.perf_counter() - start) * 1000
+
+
+async def bench_real_kept(
+    target: str | None, jobs: int, peer: str | None = None, before: Path | None = None, noise: int = 0
+) -> dict[str, Any]:
+    """Against a real ComfyUI (`--real`), one job at a time, each path in turn, every client's socket
+    open from job to job (as the client library keeps it): the submit's answer and the whole job,
+    p50, through the bridge, a direct client, `--peer` and `--before`. With `--noise SIDE`, a
+    SIDE x SIDE noise PNG through `invert` instead of a tiny prompt (bridges only: a large result)."""
+    if not target:
+        return {"name": "real_kept", "skipped": "no --real HOST:PORT given"}
+    comfy = target if "://" in target else f"http://{target}"
+    async with AsyncExitStack() as exits:
+        session = await exits.enter_async_context(aiohttp.ClientSession())
+        bridges = {"bridge": await exits.enter_async_context(bridge_for([comfy], delete_history=False))}
+        if before:
+            bridges["before"] = await exits.enter_async_context(bridge_for([comfy], before, delete_history=False))
+        ids = {name: uuid.uuid4().hex for name in [*bridges, "direct"]}
+        paths: dict[str, Callable[[], Awaitable[tuple[float, float]]]] = {}
+        for name, url in bridges.items():
+            body: dict[str, Any] = SOLID
+            if noise:
+                form = aiohttp.FormData()
+                rows = [os.urandom(noise * 3) for _ in range(noise)]
+                form.add_field("file", png_from_rows(noise, noise, rows), filename="noise.png")
+                async with session.post(f"{url}/upload", params={"clientId": ids[name]}, data=form) as resp:
+                    body = {"workflow": "invert", "1/image": (await resp.json())["file"]}
+            ws = await exits.enter_async_context(
+                session.ws_connect(url.replace("http", "ws", 1) + "/ws", params={"clientId": ids[name]})
+            )
+            paths[name] = functools.partial(kept_bridge_job, session, url, ws, ids[name], body)
+        if not noise:
+            prompt = solid_prompt()
+
+            async def direct(ws: aiohttp.ClientWebSocketResponse) -> tuple[float, float]:
+                mine: dict[str, Any] = orjson.loads(orjson.dumps(prompt))
+                mine["2"]["inputs"]["filename_prefix"] = f"direct/{uuid.uuid4().hex}/x"  # as in `real`
+                return await kept_direct_job(session, comfy, ws, ids["direct"], mine)
+
+            ws = await exits.enter_async_context(session.ws_connect(f"{comfy}/ws", params={"clientId": ids["direct"]}))
+            paths["direct"] = functools.partial(direct, ws)
+            if peer:
+
+                async def through_peer() -> tuple[float, float]:
+                    start = time.perf_counter()
+                    await peer_job(session, peer, prompt)
+                    whole = (time.perf_counter() - start) * 1000
+                    return whole, whole
+
+                paths["peer"] = through_peer
+        samples: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
+        for round_ in range(jobs + 5):  # five to warm up
+            for name, job in paths.items():
+                sample = await job()
+                if round_ >= 5:
+                    samples[name].append(sample)
+                await asyncio.sleep(0.02)  # what one job leaves behind settles before the next path's
+    result: dict[str, Any] = {"name": "real_kept", "comfyui": comfy, "jobs": jobs, "noise": noise}
+    for name, values in samples.items():
+        result[f"{name}_submit_p50_ms"] = round(statistics.median(v[0] for v in values), 2)
+        result[f"{name}_p50_ms"] = round(statistics.median(v[1] for v in values), 2)
+    if "direct" in samples:
+        for name in sorted(samples.keys() - {"direct"}):
+            result[f"{name}_added_p50_ms"] = round(result[f"{name}_p50_ms"] - result["direct_p50_ms"], 2)
+    return result
+
+
 def gzip_bomb(megabytes: int) -> bytes:
     """A JSON body of `megabytes` MB once inflated, made without ever holding it inflated."""
     packer = zlib.compressobj(9, zlib.DEFLATED, 31)
@@ -1121,6 +1231,7 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], Awaitable[dict[str, Any]]]]
     "recovery": lambda args: bench_recovery(args.recovery_jobs),
     "spread": lambda args: bench_spread(),
     "real": lambda args: bench_real(args.real, args.jobs, peer=args.peer, before=args.before),
+    "real_kept": lambda args: bench_real_kept(args.real, min(args.jobs, 100), args.peer, args.before, args.noise),
     "bomb": lambda args: bench_bomb(),
     "cluster": lambda args: bench_cluster(args.jobs, args.database),
 }
@@ -1139,6 +1250,9 @@ async def main() -> None:
         "--before", metavar="DIR", type=Path, help="real, overhead and cpu_per_job also through a bridge run from "
         "this checkout (e.g. `git worktree add DIR <commit>`: the code before a change), in the same run",
     )  # fmt: skip
+    parser.add_argument(
+        "--noise", metavar="SIDE", type=int, default=0, help="real_kept: a SIDE x SIDE noise PNG through `invert`"
+    )
     parser.add_argument("--sockets", type=int, default=10_000, help="idle sockets for websockets (default %(default)s)")
     parser.add_argument("--ids", type=int, default=100_000, help="clientIds for clients_scale (default %(default)s)")
     parser.add_argument(
