@@ -137,14 +137,28 @@ async def direct_job(session: aiohttp.ClientSession, url: str, prompt: dict[str,
             message = orjson.loads(msg.data)
             if message["type"] == "executing" and message["data"]["node"] is None:
                 break
-    async with session.get(f"{url}/history/{prompt_id}") as resp:
+    return await comfy_outputs(session, url, prompt_id)
+
+
+async def comfy_outputs(session: aiohttp.ClientSession, comfy: str, prompt_id: str) -> int:
+    """A finished prompt's outputs as a direct client fetches them: its /history entry, then each
+    image by /view; their bytes."""
+    async with session.get(f"{comfy}/history/{prompt_id}") as resp:
         entry = (await resp.json())[prompt_id]
     size = 0
     for output in entry["outputs"].values():
         for image in output["images"]:
-            async with session.get(f"{url}/view", params=image) as resp:
+            async with session.get(f"{comfy}/view", params=image) as resp:
                 size += len(await resp.read())
     return size
+
+
+def fresh_prompt(prompt: dict[str, Any]) -> dict[str, Any]:
+    """`solid_prompt` with a name of its own, as the bridge and the peer give each prompt: ComfyUI's
+    cache would otherwise skip the SaveImage of a prompt it has just run."""
+    mine: dict[str, Any] = orjson.loads(orjson.dumps(prompt))
+    mine["2"]["inputs"]["filename_prefix"] = f"direct/{uuid.uuid4().hex}/x"  # a folder each, as the bridge
+    return mine
 
 
 def solid_prompt() -> dict[str, Any]:
@@ -776,16 +790,8 @@ async def bench_real(
         session = await exits.enter_async_context(aiohttp.ClientSession())
         earlier = await exits.enter_async_context(bridge_for([comfy], before, delete_history=False)) if before else ""
         prompt = solid_prompt()
-
-        def fresh() -> dict[str, Any]:
-            """A name of its own for each direct prompt, as the bridge and the peer give theirs:
-            ComfyUI's cache would otherwise skip the SaveImage of a prompt it has just run."""
-            mine: dict[str, Any] = orjson.loads(orjson.dumps(prompt))
-            mine["2"]["inputs"]["filename_prefix"] = f"direct/{uuid.uuid4().hex}/x"  # a folder each, as the bridge
-            return mine
-
         paths: dict[str, Callable[[], Awaitable[int]]] = {
-            "direct": lambda: direct_job(session, comfy, fresh()),
+            "direct": lambda: direct_job(session, comfy, fresh_prompt(prompt)),
             "bridge": lambda: bridge_job(session, url, SOLID),
         }
         if peer:
@@ -868,12 +874,7 @@ async def kept_direct_job(
         data = message["data"]
         if message["type"] == "executing" and data["node"] is None and data.get("prompt_id") == prompt_id:
             break
-    async with session.get(f"{comfy}/history/{prompt_id}") as resp:
-        entry = (await resp.json())[prompt_id]
-    for output in entry["outputs"].values():
-        for image in output["images"]:
-            async with session.get(f"{comfy}/view", params=image) as resp:
-                await resp.read()
+    await comfy_outputs(session, comfy, prompt_id)
     return (answered - start) * 1000, (time.perf_counter() - start) * 1000
 
 
@@ -910,9 +911,7 @@ async def bench_real_kept(
             prompt = solid_prompt()
 
             async def direct(ws: aiohttp.ClientWebSocketResponse) -> tuple[float, float]:
-                mine: dict[str, Any] = orjson.loads(orjson.dumps(prompt))
-                mine["2"]["inputs"]["filename_prefix"] = f"direct/{uuid.uuid4().hex}/x"  # as in `real`
-                return await kept_direct_job(session, comfy, ws, ids["direct"], mine)
+                return await kept_direct_job(session, comfy, ws, ids["direct"], fresh_prompt(prompt))
 
             ws = await exits.enter_async_context(session.ws_connect(f"{comfy}/ws", params={"clientId": ids["direct"]}))
             paths["direct"] = functools.partial(direct, ws)
