@@ -1195,6 +1195,56 @@ async def bench_cluster(jobs: int, database: str | None) -> dict[str, Any]:
     return result
 
 
+async def bench_storage(jobs: int, database: str | None) -> dict[str, Any]:
+    """The same bridge with its jobs in SQLite (the default), in PostgreSQL (`--database`, else a
+    throwaway server made here) and with its files in S3 (moto, in a process of its own), side by
+    side on one pace-0 emulator: added latency of one job and CPU per job, each beside SQLite's. The
+    paths take turns job by job (and block by block at c32), so the machine's slow phases hit all
+    alike."""
+    result: dict[str, Any] = {"name": "storage", "jobs": jobs}
+    with postgres_server(database) as new_database:
+        async with AsyncExitStack() as exits:
+            endpoint = await exits.enter_async_context(s3_server())
+            bucket = await new_bucket(endpoint)
+            comfy = await exits.enter_async_context(emulators([0.0]))
+            bridges = {
+                "sqlite": await exits.enter_async_context(bridge_for(comfy)),
+                "postgres": await exits.enter_async_context(bridge_for(comfy, database=new_database())),
+                "s3": await exits.enter_async_context(bridge_for(comfy, s3_endpoint=endpoint, storage=bucket)),
+            }
+            session = await exits.enter_async_context(aiohttp.ClientSession())
+            prompt = solid_prompt()
+            paths: dict[str, Callable[[], Awaitable[int]]] = {"direct": lambda: direct_job(session, comfy[0], prompt)}
+            for name, url in bridges.items():
+                paths[name] = functools.partial(bridge_job, session, url, SOLID)
+            for job in paths.values():  # warm up every path
+                await in_parallel(job, 20, 1)
+            latency: dict[str, list[float]] = {name: [] for name in paths}
+            spent = {name: cpu_seconds(url) for name, url in bridges.items()}
+            for _ in range(jobs):
+                for name, job in paths.items():
+                    latency[name] += await in_parallel(job, 1, 1)
+            cpu_c1 = {name: (cpu_seconds(url) - spent[name]) / jobs for name, url in bridges.items()}
+            cpu_c32: dict[str, float] = dict.fromkeys(bridges, 0.0)
+            for _ in range(4):  # four blocks each, in turn
+                for name, url in bridges.items():
+                    before = cpu_seconds(url)
+                    await in_parallel(paths[name], jobs // 2, 32)
+                    cpu_c32[name] += (cpu_seconds(url) - before) / (4 * (jobs // 2))
+    p50 = {name: statistics.median(samples) for name, samples in latency.items()}
+    result["direct_p50_ms"] = round(p50["direct"], 2)
+    for name in bridges:
+        added = p50[name] - p50["direct"]
+        result[f"{name}_added_p50_ms"] = round(added, 2)
+        result[f"{name}_cpu_ms_c1"] = round(cpu_c1[name] * 1000, 2)
+        result[f"{name}_cpu_ms_c32"] = round(cpu_c32[name] * 1000, 2)
+        if name != "sqlite":
+            result[f"{name}_added_p50_ratio"] = round(added / (p50["sqlite"] - p50["direct"]), 2)
+            result[f"{name}_cpu_c1_ratio"] = round(cpu_c1[name] / cpu_c1["sqlite"], 2)
+            result[f"{name}_cpu_c32_ratio"] = round(cpu_c32[name] / cpu_c32["sqlite"], 2)
+    return result
+
+
 @asynccontextmanager
 async def s3_server() -> AsyncIterator[str]:
     """moto's S3 server in a process of its own, with throwaway credentials every bridge inherits."""
@@ -1233,7 +1283,9 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], Awaitable[dict[str, Any]]]]
     "real_kept": lambda args: bench_real_kept(args.real, min(args.jobs, 100), args.peer, args.before, args.noise),
     "bomb": lambda args: bench_bomb(),
     "cluster": lambda args: bench_cluster(args.jobs, args.database),
+    "storage": lambda args: bench_storage(args.jobs, args.database),
 }
+OWN_DATABASE = {"cluster", "storage"}  # these take --database as the server they make databases on
 
 
 async def main() -> None:
@@ -1258,7 +1310,7 @@ async def main() -> None:
         "--recovery-jobs", type=int, default=10_000, help="unfinished jobs for recovery (default %(default)s)"
     )
     parser.add_argument(
-        "--database", metavar="URL", help="run every bridge with its jobs in this PostgreSQL (cluster: else a "
+        "--database", metavar="URL", help="run every bridge with its jobs in this PostgreSQL (cluster, storage: else a "
         "throwaway one, made here)",
     )  # fmt: skip
     parser.add_argument(
@@ -1273,7 +1325,7 @@ async def main() -> None:
     for setting in args.bridge:
         key, _, value = setting.partition("=")
         EVERY_BRIDGE[key] = value
-    if args.database and args.only != ["cluster"]:
+    if args.database and not set(args.only or BENCHMARKS) <= OWN_DATABASE:
         EVERY_BRIDGE["database"] = args.database
     async with AsyncExitStack() as exits:
         if args.s3:
