@@ -179,6 +179,25 @@ async def test_a_listener_that_fails_is_started_again_and_down_meanwhile(
     assert any("its listener failed; starting it again" in r.getMessage() for r in caplog.records)
 
 
+async def test_a_socket_back_mid_run_hears_the_running_node_without_a_complaint(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ComfyUI tells a socket that comes back while its prompt runs which node runs, with no
+    prompt_id: that is its protocol, not a malformed event, and the job still ends with its file."""
+    emulator = await make_emulator(pace=0.3)
+    client = await make_bridge(emulator, backend_grace=30)
+    status, _ = await generate(client, "back", {"workflow": "slow", "2/seed": 1})
+    assert status == 200
+    await wait_for(lambda: bool(emulator.engine.started))
+    await _drop_bridge_sockets(emulator)
+    await wait_for(lambda: backend_states(client) == ["down"])
+    await wait_for(lambda: backend_states(client) == ["up"])
+    result = await run_one(client, "back")
+    assert result["status"] == "closed"
+    assert result["files"]
+    assert not [r for r in caplog.records if "sent a malformed" in r.getMessage()]
+
+
 async def _drop_bridge_sockets(emulator: Emulator) -> None:
     for ws in list(emulator.app[SOCKETS].values()):
         await ws.close()

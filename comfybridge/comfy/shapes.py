@@ -197,6 +197,8 @@ def event(kind: str, data: Any) -> dict[str, Any] | None:
             raise Malformed("status.exec_info.queue_remaining is not a count")
         return {"queue_remaining": remaining}
     prompt_id = body.get("prompt_id")
+    if kind == "executing" and "prompt_id" not in body:
+        return None  # told to a socket that reconnects mid-run: which node runs, of no prompt; reconcile covers it
     if not isinstance(prompt_id, str):
         raise Malformed(f"{kind} has no prompt_id")
     checked: dict[str, Any] = {"prompt_id": prompt_id}
