@@ -139,6 +139,7 @@ OPERATIONS = [
     ("GET", "/docs"),
     ("GET", "/playground"),
     ("GET", "/playground/"),
+    ("GET", "/playground/{name}"),
     ("GET", "/ws"),
 ]
 

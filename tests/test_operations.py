@@ -222,6 +222,10 @@ async def test_the_playground_is_served_with_its_files(
     for name, kind in (("app.js", "application/javascript"), ("style.css", "text/css")):
         resp = await client.get(f"/playground/{name}")
         assert (resp.status, resp.content_type) == (200, kind)
+    for missing in ("nope.js", "playground/app.js", "..%2F..%2Fapp.py"):
+        resp = await client.get(f"/playground/{missing}")
+        assert (resp.status, resp.content_type) == (404, "application/json"), missing
+        assert (await resp.json())["detail"]
     slash = await client.get("/playground/", allow_redirects=False)
     assert (slash.status, slash.headers["Location"]) == (301, "../playground")
     samples = scrape(await (await client.get("/metrics", headers={"Authorization": f"Bearer {KEY}"})).text())

@@ -315,6 +315,13 @@ def document(workflows: WorkflowStore, aliases: list[str]) -> dict[str, Any]:
                 "responses": {"301": {"description": "to /playground"}},
             }
         },
+        "/playground/{name}": {
+            "get": {
+                "summary": "One of the playground's files (app.js, style.css)",
+                "parameters": [{"name": "name", "in": "path", "required": True, "schema": _STRING}],
+                "responses": {"200": {"description": "the file"}, **_errors(404)},
+            }
+        },
         "/ws": {
             "get": {
                 "summary": "The client's live status channel (WebSocket; `?token=KEY` when keys are on)",

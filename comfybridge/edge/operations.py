@@ -16,7 +16,7 @@ from .appkeys import CLUSTER, SCHEDULER, SETTINGS
 from .metrics import METRICS
 from .replies import json_response
 
-__all__ = ["PLAYGROUND", "docs", "health", "metrics", "playground", "ready"]
+__all__ = ["docs", "health", "metrics", "playground", "playground_file", "ready"]
 
 
 def _health_report(request: web.Request) -> dict[str, Any]:
@@ -78,12 +78,22 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 PLAYGROUND = Path(__file__).parent / "playground"
+PLAYGROUND_FILES = frozenset(path.name for path in PLAYGROUND.iterdir())  # read once: they ship with the bridge
 
 
 async def playground(request: web.Request) -> web.StreamResponse:
     if request.path.endswith("/"):  # its links are relative to /playground, not /playground/
         raise web.HTTPMovedPermanently("../playground")
     return web.FileResponse(PLAYGROUND / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+async def playground_file(request: web.Request) -> web.StreamResponse:
+    """One of the playground's own files. Not a static route: aiohttp's answers a missing file with
+    an empty 404 of its own, where every error of the bridge is `{"detail"}`."""
+    name = request.match_info["name"]
+    if name not in PLAYGROUND_FILES:
+        raise web.HTTPNotFound()
+    return web.FileResponse(PLAYGROUND / name, headers={"Cache-Control": "no-cache"})
 
 
 async def docs(request: web.Request) -> web.Response:

@@ -19,7 +19,7 @@ from .access import KEY, scoped
 from .appkeys import SCHEDULER, SETTINGS, WORKFLOWS
 from .bodies import BodyDeadline, expect_continue, expect_nothing, json_body, part_chunks, refuse_early
 from .delivery import links_reply, write_base64, write_multipart
-from .operations import PLAYGROUND, docs, health, metrics, playground, ready
+from .operations import docs, health, metrics, playground, playground_file, ready
 from .replies import json_response
 from .ws import websocket_handler
 
@@ -217,6 +217,6 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/ready", ready)
     app.router.add_get("/openapi.json", openapi_json)
     app.router.add_get("/playground", playground)
-    app.router.add_get("/playground/", playground)  # before its files, which would refuse a listing
-    app.router.add_static("/playground/", PLAYGROUND, name="playground-files")
+    app.router.add_get("/playground/", playground)
+    app.router.add_get("/playground/{name}", playground_file)
     app.router.add_get("/docs", docs)
