@@ -26,8 +26,9 @@ demo: $(STAMP)
 	$(BIN)/python -m comfybridge --emulate 2 --emulator-pace 0.05
 
 # Two bridges on a throwaway PostgreSQL behind nginx, two emulators (Debian: postgresql nginx-light).
+CLUSTER_PORT ?= 8080
 cluster-demo: $(STAMP)
-	$(BIN)/python examples/cluster_demo.py
+	$(BIN)/python examples/cluster_demo.py --port $(CLUSTER_PORT)
 
 # Then the contract, restarts and the cluster again with uploads and results in S3 (moto's server).
 STORAGE_TESTS = tests/test_api.py tests/test_contract.py tests/test_ws.py tests/test_restarts.py \
