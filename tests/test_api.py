@@ -122,6 +122,17 @@ async def test_history_base64(bridge: Client) -> None:
     assert png_size(base64.b64decode(body["files"][0]["content"])) == (8, 8)
 
 
+async def test_history_unknown_res_type_is_400_and_keeps_the_results(bridge: Client) -> None:
+    await run_job(bridge, "typo", {"workflow": "solid", "1/width": 8, "1/height": 8, "1/batch_size": 1})
+    for res_type in ("xml", "BASE64", "base64 ", "multipart"):
+        resp = await bridge.get("/history", params={"clientId": "typo", "resType": res_type})
+        assert resp.status == 400, res_type
+        assert "resType must be base64 or url" in (await resp.json())["detail"]
+    resp = await bridge.get("/history", params={"clientId": "typo", "resType": ""})  # empty: the default
+    assert (resp.status, resp.content_type) == (200, "multipart/form-data")
+    assert len(await read_results(resp)) == 1
+
+
 async def test_history_204_texts(bridge: Client) -> None:
     resp = await bridge.get("/history", params={"clientId": "never-seen"})
     assert resp.status == 204

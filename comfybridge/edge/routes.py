@@ -156,12 +156,18 @@ async def interrupt(request: web.Request) -> web.Response:
     return json_response({"detail": f"interrupted that clientId will be ignored. / {unscoped(client_id)}"})
 
 
+RES_TYPES = frozenset({"", "base64", "url"})  # "": multipart, the seed's default
+
+
 async def history(request: web.Request) -> web.StreamResponse:
     """Stream every finished result of the client, then forget them once the response is complete."""
     client_id = _client_id(request)
     assert client_id is not None
     scheduler = request.app[SCHEDULER]
-    as_links = request.query.get("resType") == "url"
+    res_type = request.query.get("resType", "")
+    if res_type not in RES_TYPES:  # before anything is handed over: a typo must not cost the results
+        raise BadInput(f"resType must be base64 or url, or left out for multipart; got {res_type[:40]!r}.")
+    as_links = res_type == "url"
     if as_links and not scheduler.result_store.links:
         raise BadInput(
             "resType=url needs results kept in object storage (--storage s3://...); this bridge keeps them on "
@@ -188,7 +194,7 @@ async def history(request: web.Request) -> web.StreamResponse:
         scheduler.results_fetched(client_id, fetched, keep_for=ttl)  # the objects outlive their links
         return links
     try:
-        if request.query.get("resType") == "base64":
+        if res_type == "base64":
             response = await write_base64(request, scheduler.result_store, files)
         else:
             response = await write_multipart(request, scheduler.result_store, files)
