@@ -351,6 +351,9 @@ async def test_wrong_method_is_json_405(bridge: Client) -> None:
     resp = await bridge.get("/interrupt", params={"clientId": "x"})
     assert resp.status == 405
     assert await resp.json() == {"detail": "Method GET is not allowed for /interrupt"}
+    assert resp.headers["Allow"] == "POST"
+    put = await bridge.put("/workflow-list")
+    assert (put.status, set(put.headers["Allow"].split(","))) == (405, {"GET", "HEAD"})
 
 
 async def test_no_backend_is_503(make_bridge: BridgeFactory) -> None:

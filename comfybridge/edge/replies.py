@@ -73,7 +73,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             detail = "The request body is too large"
         else:
             detail = exc.text or exc.reason
-        return error_response(exc.status, detail)
+        response = error_response(exc.status, detail)
+        if hdrs.ALLOW in exc.headers:  # a 405 names the methods that are (RFC 9110 §15.5.6)
+            response.headers[hdrs.ALLOW] = exc.headers[hdrs.ALLOW]
+        return response
     except RequestPayloadError as exc:  # a body aiohttp cannot decode (e.g. "gzip" that is not)
         cause = exc.__cause__ or exc.__context__
         reason = cause.message if isinstance(cause, HttpProcessingError) else str(exc)
