@@ -97,6 +97,30 @@ async def test_a_key_never_reaches_another_keys_clients(keyed: Client) -> None:
     assert resp.status == 200
 
 
+async def test_uploads_without_a_client_id_are_for_the_clients_of_their_key_only(keyed: Client) -> None:
+    form = aiohttp.FormData()
+    form.add_field("file", png(), filename="pooled.png")
+    name = (await (await keyed.post("/upload", data=form, headers=auth(A))).json())["file"]
+    body = {"workflow": "invert", "1/image": name}
+    resp = await keyed.post("/generate-based-workflow", params={"clientId": "other"}, json=body, headers=auth(B))
+    assert resp.status == 400
+    assert "names no uploaded file" in (await resp.json())["detail"]
+    resp = await keyed.post("/generate-based-workflow", params={"clientId": "any"}, json=body, headers=auth(A))
+    assert resp.status == 200
+
+
+async def test_two_different_keys_in_one_request_are_refused(keyed: Client) -> None:
+    for headers in (
+        {"Authorization": f"Bearer {A}", "X-API-Key": B},
+        [("Authorization", f"Bearer {A}"), ("Authorization", f"Bearer {B}")],
+    ):
+        resp = await keyed.get("/workflow-list", headers=headers)
+        assert resp.status == 401
+        assert (await resp.json())["detail"] == "The request carries more than one API key; send one."
+    same = await keyed.get("/workflow-list", headers={"Authorization": f"Bearer {A}", "X-API-Key": A})
+    assert same.status == 200
+
+
 async def test_a_key_limited_to_workflows(keyed: Client) -> None:
     headers = {"X-API-Key": "key-c-0123456789abcdef"}
     assert await (await keyed.get("/workflow-list", headers=headers)).json() == ["solid"]

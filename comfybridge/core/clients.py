@@ -48,6 +48,12 @@ def scope_of(client_id: str) -> str | None:
     return scope if sep else None
 
 
+def key_pool(scope: str | None) -> str | None:
+    """Who owns an upload made without a clientId: nobody, so any client may use it; with API keys,
+    the key's pool, so any client of that key may, and no other key's."""
+    return None if scope is None else scope + SCOPE
+
+
 Status = dict[str, Any]
 
 

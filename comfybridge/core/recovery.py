@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from .clients import CLOSED, about_job, status_message
+from .clients import CLOSED, about_job, status_message, unscoped
 from .jobs import ENDED, Job, JobState
 from .shared import Core, open_status
 
@@ -74,5 +74,6 @@ def recover(core: Core, rows: list[dict[str, Any]], gone: set[str]) -> Recovered
         if client.jobs:
             core.set_status(client, open_status(client))
     for owner in core.uploads.owners():
-        core.clients.touch(owner)
+        if unscoped(owner):  # not a key's pool of uploads made without a clientId
+            core.clients.touch(owner)
     return summary

@@ -30,7 +30,7 @@ from ..store.results import JobResult, ResultStore
 from ..store.uploads import IncomingFile, UploadStore
 from . import care
 from .backend import Backend
-from .clients import Client, Status, scope_of
+from .clients import Client, Status, key_pool, scope_of
 from .dispatch import Dispatcher
 from .failover import Failover
 from .jobs import Job, JobState
@@ -257,9 +257,13 @@ class Scheduler:
         """Make a client known (in memory: it is on disk only once it owns something)."""
         return self.clients.touch(client_id)
 
-    async def store_uploads(self, client_id: str | None, parts: AsyncIterator[IncomingFile]) -> dict[str, str]:
-        """Store an upload request's files (all or none); with a clientId they are its own, and it is known."""
-        names = await self.core.uploads.receive(client_id, parts)
+    async def store_uploads(
+        self, client_id: str | None, parts: AsyncIterator[IncomingFile], scope: str | None = None
+    ) -> dict[str, str]:
+        """Store an upload request's files (all or none); with a clientId they are its own, and it is
+        known; without, they are for any client of the caller's API key (`scope`), or of none."""
+        owner = client_id if client_id is not None else key_pool(scope)
+        names = await self.core.uploads.receive(owner, parts)
         if client_id is not None:
             self.remember(client_id)
         return names
@@ -318,8 +322,9 @@ class Scheduler:
                 f"The bridge cannot record new jobs: its journal {core.journal_lost}. It must be restarted."
             )
         workflow = core.workflows.get(body.get("workflow"))
+        pool = key_pool(scope_of(client_id))
         values = workflow.check_request(
-            body, lambda name: core.uploads.kind_for(name, client_id), int(self.settings.max_text_kb * 1024)
+            body, lambda name: core.uploads.kind_for(name, client_id, pool), int(self.settings.max_text_kb * 1024)
         )
         known = self.clients.get(client_id)
         limit = self.settings.max_jobs_per_client

@@ -99,12 +99,18 @@ CALLER = web.RequestKey("caller", str)  # the client's address, behind trusted p
 
 
 def presented_key(request: web.Request) -> str | None:
-    auth = request.headers.get(hdrs.AUTHORIZATION, "")
-    scheme, _, value = auth.partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    if request.headers.get("X-API-Key"):
-        return request.headers["X-API-Key"]
+    """The API key the request carries. Two different ones (two headers, or both kinds) are refused:
+    which one the caller meant cannot be told, and trying the first would be a guess."""
+    keys = set()
+    for auth in request.headers.getall(hdrs.AUTHORIZATION, ()):
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            keys.add(value.strip())
+    keys.update(value for value in request.headers.getall("X-API-Key", ()) if value)
+    if len(keys) > 1:
+        raise Unauthorized("The request carries more than one API key; send one.")
+    if keys:
+        return keys.pop()
     if request.path in TOKEN_PATHS:  # browsers set no headers on a WebSocket or an <img>
         return request.query.get("token")
     return None

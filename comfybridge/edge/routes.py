@@ -98,7 +98,8 @@ async def upload(request: web.Request) -> web.Response:
             yield IncomingFile(part.name or "", part.filename, part_chunks(part, deadline))
 
     try:
-        names = await scheduler.store_uploads(client_id, parts())
+        key = request.get(KEY)
+        names = await scheduler.store_uploads(client_id, parts(), key.name if key is not None else None)
     except ValueError as exc:  # what aiohttp's multipart reader says of a malformed body
         raise BadInput(f"Malformed multipart body: {exc}") from None
     except HttpProcessingError as exc:  # a part header it cannot parse

@@ -168,10 +168,11 @@ class UploadStore:
                 kind = media_kind_of(path.name) or ""
                 self._index(Upload(path.name, path, owner, kind, path.stat().st_mtime))
 
-    def kind_for(self, name: str, client_id: str) -> str | None:
-        """The media kind of an upload this client may use (its own, or a shared one), else None."""
+    def kind_for(self, name: str, client_id: str, pool: str | None) -> str | None:
+        """The media kind of an upload this client may use (its own, or one of `pool`: the uploads
+        made without a clientId that it may use), else None."""
         upload = self._uploads.get(name)
-        if upload is None or upload.owner not in (None, client_id):
+        if upload is None or upload.owner not in (pool, client_id):
             return None
         return upload.kind
 
