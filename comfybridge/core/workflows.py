@@ -88,7 +88,11 @@ class InputSpec:
         else:
             fits = isinstance(value, {"str": str, "bool": bool}[self.type])
         if not fits:
-            raise BadInput(f"Input '{self.key}' must be a {self.type}, got {_json_type(value)}.")
+            got = _json_type(value)
+            if got == "float" and self.type == "int" and float(value).is_integer():
+                got = "a whole number over 64 bits"  # the JSON parser reads those as floats
+            article = "an" if self.type == "int" else "a"
+            raise BadInput(f"Input '{self.key}' must be {article} {self.type}, got {got}.")
         if isinstance(value, str) and len(value) > max_text // 4 and len(value.encode()) > max_text:
             raise TooLarge(
                 f"Input '{self.key}' is {len(value.encode())} bytes long, over the limit of {max_text / 1024:g} KB "

@@ -44,8 +44,8 @@ class BodyDeadline:
                 got = await reading
         except TimeoutError:
             raise RequestTimeout(
-                f"The request body arrived too slowly: {self.received} bytes in {self.timeout:g} s and more "
-                "(body_timeout)."
+                f"The request body arrived too slowly: it may take {self.timeout:g} s (body_timeout), and 1 s "
+                f"more for every {SLOW_RATE // 1024} KB."
             ) from None
         if isinstance(got, bytes | bytearray):
             self.received += len(got)
