@@ -142,6 +142,9 @@ async def test_catalogue_serves_descriptions_thumbnails_and_inputs(
     resp = await client.get(entry["thumbnail"])
     assert (resp.status, resp.content_type) == (200, "image/png")
     assert await resp.read() == (workflow_dir / "thumbnails" / "text-to-image.png").read_bytes()
+    for asked in ("bytes=5-2", "garbage", "bytes=0-3"):  # a Range is ignored: the picture is small
+        ranged = await client.get(entry["thumbnail"], headers={"Range": asked})
+        assert (ranged.status, await ranged.read()) == (200, await resp.read()), asked
     assert next(e for e in catalogue if e["name"] == "solid")["thumbnail"] is None
     status, body = await get_json(client, "/workflow-thumbnail?workflow=solid")
     assert (status, body) == (404, {"detail": "Workflow 'solid' has no thumbnail."})
