@@ -10,6 +10,8 @@ import aiohttp
 import orjson
 import pytest
 
+from comfybridge.edge.appkeys import SCHEDULER
+
 from .conftest import BridgeFactory, EmulatorFactory
 from .helpers import Client, png, run_cli
 
@@ -109,6 +111,24 @@ async def test_uploads_without_a_client_id_are_for_the_clients_of_their_key_only
     assert resp.status == 200
 
 
+async def test_a_keys_pool_of_uploads_survives_a_restart(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    emulator, data = await make_emulator(), tmp_path / "pool"
+    first = await make_bridge(emulator, api_keys=(A, B), data_dir=data)
+    form = aiohttp.FormData()
+    form.add_field("file", png(), filename="pooled.png")
+    name = (await (await first.post("/upload", data=form, headers=auth(A))).json())["file"]
+    await first.close()
+    again = await make_bridge(emulator, api_keys=(A, B), data_dir=data)
+    body = {"workflow": "invert", "1/image": name}
+    resp = await again.post("/generate-based-workflow", params={"clientId": "b"}, json=body, headers=auth(B))
+    assert resp.status == 400
+    resp = await again.post("/generate-based-workflow", params={"clientId": "a"}, json=body, headers=auth(A))
+    assert resp.status == 200
+    assert [c.id for c in again.app[SCHEDULER].clients] == ["key1~a"]  # the pool is no client of its own
+
+
 async def test_two_different_keys_in_one_request_are_refused(keyed: Client) -> None:
     for headers in (
         {"Authorization": f"Bearer {A}", "X-API-Key": B},
@@ -119,6 +139,9 @@ async def test_two_different_keys_in_one_request_are_refused(keyed: Client) -> N
         assert (await resp.json())["detail"] == "The request carries more than one API key; send one."
     same = await keyed.get("/workflow-list", headers={"Authorization": f"Bearer {A}", "X-API-Key": A})
     assert same.status == 200
+    for open_page in ("/health", "/ready", "/docs", "/playground"):  # they need no key: two are no harm
+        resp = await keyed.get(open_page, headers={"Authorization": f"Bearer {A}", "X-API-Key": B})
+        assert resp.status != 401, open_page
 
 
 async def test_a_key_limited_to_workflows(keyed: Client) -> None:
@@ -227,3 +250,8 @@ def test_a_bad_key_file_stops_start_up(tmp_path: Path) -> None:
     result = run_cli(["--api-keys-file", "keys.json"], tmp_path)
     assert result.returncode == 2
     assert "API keys must be at least 16 characters long" in result.stderr
+    for name in ("a/../../x", "team/a", "..", "a~b", "", "x" * 65):
+        (tmp_path / "keys.json").write_bytes(orjson.dumps([{"name": name, "key": A}]))
+        result = run_cli(["--api-keys-file", "keys.json"], tmp_path)
+        assert result.returncode == 2, name
+        assert "API key names must be unique, 1-64 characters of A-Z a-z 0-9 _ . -" in result.stderr

@@ -78,6 +78,27 @@ async def test_malformed_multipart_is_a_400_json(bridge: Client, case: str, capl
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+async def test_a_client_id_given_twice_is_refused_and_changes_nothing(bridge: Client) -> None:
+    await run_job(bridge, "first", TINY)
+    twice = [("clientId", "first"), ("clientId", "second")]
+    for method, path in (
+        ("POST", "/generate-based-workflow"),
+        ("GET", "/history"),
+        ("GET", "/execution-info"),
+        ("POST", "/interrupt"),
+        ("POST", "/free"),
+        ("POST", "/upload"),
+    ):
+        resp = await bridge.request(method, path, params=twice, json=TINY if "generate" in path else None)
+        assert resp.status == 400, path
+        assert (await resp.json())["detail"] == "clientId is given more than once; give it once."
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await bridge.ws_connect("/ws", params=twice)
+    assert refused.value.status == 400
+    assert (await bridge.get("/history", params={"clientId": "first"})).status == 200  # nothing was handed over
+    assert (await bridge.get("/execution-info", params={"clientId": "second"})).status == 400  # never made
+
+
 async def test_head_never_hands_results_over(bridge: Client) -> None:
     await run_job(bridge, "linkcheck", TINY)
     head = await bridge.head("/history", params={"clientId": "linkcheck"})

@@ -225,6 +225,12 @@ async def test_the_playground_is_served_with_its_files(
     for name, kind in (("app.js", "application/javascript"), ("style.css", "text/css")):
         resp = await client.get(f"/playground/{name}")
         assert (resp.status, resp.content_type) == (200, kind)
+    whole = await (await client.get("/playground/app.js")).read()
+    for asked in ("bytes=5-2", "garbage", "bytes=0-3"):  # a Range is ignored: the files are small
+        for path in ("/playground", "/playground/app.js"):
+            ranged = await client.get(path, headers={"Range": asked})
+            assert ranged.status == 200, (path, asked)
+        assert await ranged.read() == whole
     for missing in ("nope.js", "playground/app.js", "..%2F..%2Fapp.py"):
         resp = await client.get(f"/playground/{missing}")
         assert (resp.status, resp.content_type) == (404, "application/json"), missing

@@ -142,6 +142,13 @@ async def test_expect_100_continue_is_not_promised_to_a_body_that_will_be_refuse
     )
     answer = await exchange(client, text)
     assert answer.startswith(b"HTTP/1.1 415 ")
+    twice = (
+        b"POST /upload?clientId=a&clientId=b HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=x"
+        b"\r\nContent-Length: 20\r\nExpect: 100-continue\r\n\r\n"
+    )
+    answer = await exchange(client, twice)
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert b"100 Continue" not in answer
     for head in (
         b"POST /generate-based-workflow?clientId=bad%20id HTTP/1.1\r\nContent-Type: application/json\r\n",
         b"POST /free HTTP/1.1\r\n",  # reads no body at all

@@ -25,6 +25,7 @@ __all__ = [
     "Status",
     "about_job",
     "check_client_id",
+    "key_pool",
     "scope_of",
     "status_message",
     "unscoped",

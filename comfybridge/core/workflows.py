@@ -89,7 +89,7 @@ class InputSpec:
             fits = isinstance(value, {"str": str, "bool": bool}[self.type])
         if not fits:
             got = _json_type(value)
-            if got == "float" and self.type == "int" and float(value).is_integer():
+            if got == "float" and self.type == "int" and abs(value) >= 2**63 and float(value).is_integer():
                 got = "a whole number over 64 bits"  # the JSON parser reads those as floats
             article = "an" if self.type == "int" else "a"
             raise BadInput(f"Input '{self.key}' must be {article} {self.type}, got {got}.")

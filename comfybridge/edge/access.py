@@ -7,6 +7,7 @@ import hmac
 import ipaddress
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -16,11 +17,11 @@ import orjson
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
-from ..core.clients import SCOPE
+from ..core.clients import SCOPE, check_client_id
 from ..core.webhooks import check_url
 from ..errors import BadInput, Forbidden, RateLimited, Unauthorized
 
-__all__ = ["CALLER", "KEY", "AccessPolicy", "KeyFileError", "KeyRing", "RateLimiter", "scoped"]
+__all__ = ["CALLER", "KEY", "AccessPolicy", "KeyFileError", "KeyRing", "RateLimiter", "client_id_of", "scoped"]
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 # probes a load balancer calls (they show details only to a caller with a key).
 OPEN_PATHS = {"/docs", "/health", "/ready", "/metrics", "/playground"}  # /metrics checks its own key
 OPEN_PREFIXES = ("/playground/",)  # the playground's own files: plain, public
+KEY_NAME = re.compile(r"(?!\.+$)[A-Za-z0-9_.-]{1,64}")
 TOKEN_PATHS = {"/ws", "/workflow-thumbnail"}
 
 
@@ -78,8 +80,9 @@ class KeyRing:
                     f"API key file {key_file}: cannot be used ({exc.__class__.__name__}: {exc})"
                 ) from None
         names = [k.name for k in keys]
-        if len(set(names)) != len(names) or any(SCOPE in n or not n for n in names):
-            raise KeyFileError(f"API key names must be unique, non-empty and without {SCOPE!r}")
+        if len(set(names)) != len(names) or not all(KEY_NAME.fullmatch(n) for n in names):
+            # A name becomes part of folder and object names (its clients' uploads): nothing that could escape.
+            raise KeyFileError("API key names must be unique, 1-64 characters of A-Z a-z 0-9 _ . - (not only dots)")
         if any(len(k.secret) < 16 for k in keys):
             raise KeyFileError("API keys must be at least 16 characters long")
         return cls(keys)
@@ -114,6 +117,17 @@ def presented_key(request: web.Request) -> str | None:
     if request.path in TOKEN_PATHS:  # browsers set no headers on a WebSocket or an <img>
         return request.query.get("token")
     return None
+
+
+def client_id_of(request: web.Request, required: bool = True) -> str | None:
+    """The request's clientId, checked, as the core knows it (within the caller's API key). Given
+    twice, it is refused: which one the caller meant cannot be told."""
+    given = request.query.getall("clientId", ())
+    if len(given) > 1:
+        raise BadInput("clientId is given more than once; give it once.")
+    if not given and not required:
+        return None
+    return scoped(request, check_client_id(given[0] if given else None))
 
 
 def scoped(request: web.Request, client_id: str) -> str:
@@ -184,9 +198,15 @@ class AccessPolicy:
             if self.ip_rate is not None:
                 self.ip_rate.take(address)
             if self.keys.enabled:
-                presented = presented_key(request)
+                is_open = request.path in OPEN_PATHS or request.path.startswith(OPEN_PREFIXES)
+                try:
+                    presented = presented_key(request)
+                except Unauthorized:
+                    if not is_open:
+                        raise
+                    presented = None  # an open page needs no key: two of them are as good as none
                 key = self.keys.find(presented) if presented else None
-                if key is None and (request.path in OPEN_PATHS or request.path.startswith(OPEN_PREFIXES)):
+                if key is None and is_open:
                     return await handler(request)
                 if key is None:
                     raise Unauthorized(

@@ -11,8 +11,8 @@ from typing import Any, TypeVar
 import orjson
 from aiohttp import BodyPartReader, hdrs, web, web_urldispatcher
 
-from ..core.clients import check_client_id
 from ..errors import BadInput, BridgeError, RequestTimeout, TooLarge, UnsupportedMedia
+from .access import client_id_of
 from .appkeys import SETTINGS
 
 __all__ = ["BodyDeadline", "expect_continue", "expect_nothing", "inflated", "json_body", "part_chunks", "refuse_early"]
@@ -78,9 +78,7 @@ async def expect_continue(request: web.Request) -> None:
     refusal itself (413, 415) is then the handler's answer, in JSON, before the body is sent."""
     try:
         refuse_early(request)
-        client_id = request.query.get("clientId")
-        if client_id is not None or request.path != "/upload":  # /upload's is optional
-            check_client_id(client_id)
+        client_id_of(request, required=request.path != "/upload")  # /upload's is optional
     except BridgeError:
         return
     await web_urldispatcher._default_expect_handler(request)

@@ -77,23 +77,32 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-PLAYGROUND = Path(__file__).parent / "playground"
-PLAYGROUND_FILES = frozenset(path.name for path in PLAYGROUND.iterdir())  # read once: they ship with the bridge
+PLAYGROUND_TYPES = {".html": "text/html", ".js": "application/javascript", ".css": "text/css"}
+# The playground's few small files, read once: they ship with the bridge. Served from memory, whole
+# (a Range is ignored, as RFC 9110 allows: aiohttp's file answer made a malformed one an empty 416).
+PLAYGROUND = {
+    path.name: (path.read_bytes(), PLAYGROUND_TYPES[path.suffix])
+    for path in (Path(__file__).parent / "playground").iterdir()
+    if path.suffix in PLAYGROUND_TYPES
+}
+
+
+def _playground_file(name: str) -> web.Response:
+    if name not in PLAYGROUND:
+        raise web.HTTPNotFound()
+    body, content_type = PLAYGROUND[name]
+    return web.Response(body=body, content_type=content_type, charset="utf-8", headers={"Cache-Control": "no-cache"})
 
 
 async def playground(request: web.Request) -> web.StreamResponse:
     if request.path.endswith("/"):  # its links are relative to /playground, not /playground/
         raise web.HTTPMovedPermanently("../playground")
-    return web.FileResponse(PLAYGROUND / "index.html", headers={"Cache-Control": "no-cache"})
+    return _playground_file("index.html")
 
 
 async def playground_file(request: web.Request) -> web.StreamResponse:
-    """One of the playground's own files. Not a static route: aiohttp's answers a missing file with
-    an empty 404 of its own, where every error of the bridge is `{"detail"}`."""
-    name = request.match_info["name"]
-    if name not in PLAYGROUND_FILES:
-        raise web.HTTPNotFound()
-    return web.FileResponse(PLAYGROUND / name, headers={"Cache-Control": "no-cache"})
+    """One of the playground's own files; any other name is a 404 with `{"detail"}`."""
+    return _playground_file(request.match_info["name"])
 
 
 async def docs(request: web.Request) -> web.Response:

@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, hdrs, web
 from aiohttp.typedefs import Handler, Middleware
+from multidict import CIMultiDict
 
 from ..errors import NoLeader, Relayed
 from .appkeys import RELAY_SESSION
@@ -136,17 +137,14 @@ def relay_middleware(view: ClusterView, caller: Callable[[web.Request], str]) ->
     return relay
 
 
-def _passed_on(headers: Any) -> dict[str, str]:
-    # A multidict flattened: repeated request headers are joined, as RFC 9110 §5.3 allows.
-    kept: dict[str, str] = {}
-    for name, value in headers.items():
-        if name.lower() not in HOP_BY_HOP:
-            kept[name] = f"{kept[name]}, {value}" if name in kept else value
-    return kept
+def _passed_on(headers: Any) -> CIMultiDict[str]:
+    # Repeated headers stay repeated: the leader must see the request as this bridge did (two API
+    # keys are two keys, not one joined by a comma).
+    return CIMultiDict((name, value) for name, value in headers.items() if name.lower() not in HOP_BY_HOP)
 
 
 async def _relay_http(
-    request: web.Request, upstream: str, session: aiohttp.ClientSession, headers: dict[str, str]
+    request: web.Request, upstream: str, session: aiohttp.ClientSession, headers: CIMultiDict[str]
 ) -> web.StreamResponse:
     body = request.content.iter_chunked(CHUNK) if request.body_exists else None
     response: web.StreamResponse | None = None
@@ -185,7 +183,7 @@ async def _relay_http(
 
 
 async def _open_upstream(
-    session: aiohttp.ClientSession, url: str, request: web.Request, headers: dict[str, str]
+    session: aiohttp.ClientSession, url: str, request: web.Request, headers: CIMultiDict[str]
 ) -> aiohttp.ClientWebSocketResponse:
     try:
         return await session.ws_connect(
@@ -199,7 +197,7 @@ async def _open_upstream(
 
 
 async def _relay_socket(
-    request: web.Request, view: ClusterView, session: aiohttp.ClientSession, headers: dict[str, str]
+    request: web.Request, view: ClusterView, session: aiohttp.ClientSession, headers: CIMultiDict[str]
 ) -> web.WebSocketResponse:
     """The client's socket here, one to the leader behind it; frames pass on as they come. When the
     leader's socket goes away, the next leader's is opened (its `connected` frame, said once already,
@@ -268,7 +266,7 @@ async def _next_leader(
     session: aiohttp.ClientSession,
     view: ClusterView,
     request: web.Request,
-    headers: dict[str, str],
+    headers: CIMultiDict[str],
     ws: web.WebSocketResponse,
 ) -> aiohttp.ClientWebSocketResponse | None:
     """The socket of whichever bridge leads next (this one, once it leads, included); None if none

@@ -9,14 +9,14 @@ from typing import Any
 from aiohttp import BodyPartReader, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from ..core.clients import check_client_id, unscoped
+from ..core.clients import unscoped
 from ..core.scheduler import Fetch
 from ..core.webhooks import check_public, check_url
 from ..errors import BadInput, Conflict, NoBackend, NotFound
 from ..store.media import content_type_for
 from ..store.uploads import IncomingFile
 from . import openapi
-from .access import KEY, scoped
+from .access import KEY, client_id_of
 from .appkeys import SCHEDULER, SETTINGS, WORKFLOWS
 from .bodies import BodyDeadline, expect_continue, expect_nothing, json_body, part_chunks, refuse_early
 from .delivery import links_reply, write_base64, write_multipart
@@ -30,14 +30,6 @@ __all__ = ["setup_routes"]
 WEBHOOK_KEY = "_webhook"
 NOT_SEEN = "The client ID has not been submitted to the server before. It is not recognized. / {}"
 NO_CONTENT = "No contents with that client id / {}"
-
-
-def _client_id(request: web.Request, required: bool = True) -> str | None:
-    """The request's clientId, checked, as the core knows it (within the caller's API key)."""
-    value = request.query.get("clientId")
-    if value is None and not required:
-        return None
-    return scoped(request, check_client_id(value))
 
 
 def _allowed(request: web.Request, alias: str) -> None:
@@ -87,7 +79,7 @@ async def workflow_info(request: web.Request) -> web.Response:
 
 
 async def upload(request: web.Request) -> web.Response:
-    client_id = _client_id(request, required=False)
+    client_id = client_id_of(request, required=False)
     if not request.content_type.startswith("multipart/"):
         raise BadInput("Send files as multipart/form-data, one file per part.")
     refuse_early(request)
@@ -112,7 +104,7 @@ async def upload(request: web.Request) -> web.Response:
 
 
 async def generate(request: web.Request) -> web.Response:
-    client_id = _client_id(request)
+    client_id = client_id_of(request)
     assert client_id is not None
     body = await json_body(request)
     if not isinstance(body, dict):
@@ -138,7 +130,7 @@ async def _webhook(request: web.Request, asked: Any) -> str | None:
 
 
 async def execution_info(request: web.Request) -> web.Response:
-    client_id = _client_id(request)
+    client_id = client_id_of(request)
     assert client_id is not None
     return json_response(request.app[SCHEDULER].status_of(client_id))
 
@@ -148,14 +140,14 @@ async def generation_count(request: web.Request) -> web.Response:
 
 
 async def free(request: web.Request) -> web.Response:
-    client_id = _client_id(request, required=False)
+    client_id = client_id_of(request, required=False)
     if not await request.app[SCHEDULER].free(client_id):
         raise NoBackend("No ComfyUI backend is up to free its memory; try again shortly.")
     return json_response({"detail": f"server memory free now / {unscoped(client_id) if client_id else 'ALL'}"})
 
 
 async def interrupt(request: web.Request) -> web.Response:
-    client_id = _client_id(request)
+    client_id = client_id_of(request)
     assert client_id is not None
     await request.app[SCHEDULER].interrupt(client_id)
     return json_response({"detail": f"interrupted that clientId will be ignored. / {unscoped(client_id)}"})
@@ -166,7 +158,7 @@ RES_TYPES = frozenset({"", "base64", "url"})  # "": multipart, the seed's defaul
 
 async def history(request: web.Request) -> web.StreamResponse:
     """Stream every finished result of the client, then forget them once the response is complete."""
-    client_id = _client_id(request)
+    client_id = client_id_of(request)
     assert client_id is not None
     scheduler = request.app[SCHEDULER]
     res_type = request.query.get("resType", "")

@@ -11,10 +11,10 @@ from collections.abc import AsyncIterator, Iterable
 import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from ..core.clients import Status, check_client_id, status_message
+from ..core.clients import Status, status_message
 from ..core.supervisor import Supervisor
 from ..errors import RateLimited
-from .access import CALLER, scoped
+from .access import CALLER, client_id_of
 from .appkeys import HUB, SCHEDULER, SETTINGS
 
 __all__ = ["HIGH_WATER", "Outbox", "SocketHub", "heartbeat", "text_frame", "websocket_handler"]
@@ -176,7 +176,8 @@ class SocketHub:
 
 
 async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
-    client_id = scoped(request, check_client_id(request.query.get("clientId")))
+    client_id = client_id_of(request)
+    assert client_id is not None
     hub = request.app[HUB]
     scheduler = request.app[SCHEDULER]
     settings = request.app[SETTINGS]
