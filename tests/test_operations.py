@@ -203,9 +203,15 @@ async def test_metrics_count_jobs_backends_requests_and_commits(
 
 
 async def test_metrics_behind_a_key(make_emulator: EmulatorFactory, make_bridge: BridgeFactory, tmp_path: Path) -> None:
-    keyed = await make_bridge(await make_emulator(), api_keys=(KEY,))
+    limited = "limited-key-0123456789"
+    key_file = tmp_path / "keys.json"
+    key_file.write_bytes(orjson.dumps([{"name": "limited", "key": limited, "workflows": ["solid"]}]))
+    keyed = await make_bridge(await make_emulator(), api_keys=(KEY,), api_keys_file=key_file)
     assert (await keyed.get("/metrics")).status == 401
     assert (await keyed.get("/metrics", headers={"Authorization": f"Bearer {KEY}"})).status == 200
+    narrow = await keyed.get("/metrics", headers={"Authorization": f"Bearer {limited}"})
+    assert narrow.status == 403  # the figures name every workflow, those it may not use too
+    assert "not limited to some" in (await narrow.json())["detail"]
     scraper = await make_bridge(
         await make_emulator(), api_keys=(KEY,), metrics_key="scrape-token", data_dir=tmp_path / "scraper"
     )

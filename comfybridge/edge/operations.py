@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..errors import Unauthorized
+from ..errors import Forbidden, Unauthorized
 from . import openapi
 from .access import KEY
 from .appkeys import CLUSTER, SCHEDULER, SETTINGS
@@ -65,14 +65,18 @@ async def ready(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus exposition. With `metrics_key` set, only for `Authorization: Bearer <metrics_key>`;
-    else, with API keys on, for any valid key; else open."""
+    else, with API keys on, for a valid key that may use every workflow (the figures name them all);
+    else open."""
     settings = request.app[SETTINGS]
+    key = request.get(KEY)
     if settings.metrics_key:
         presented = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
         if not hmac.compare_digest(presented.encode(), settings.metrics_key.encode()):
             raise Unauthorized("GET /metrics needs `Authorization: Bearer <metrics_key>`.")
-    elif settings.keys_on and request.get(KEY) is None:
+    elif settings.keys_on and key is None:
         raise Unauthorized("GET /metrics needs a valid API key.")
+    elif key is not None and key.workflows is not None:
+        raise Forbidden("GET /metrics names every workflow: it needs a key not limited to some, or the metrics_key.")
     body = generate_latest(request.app[METRICS].registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
