@@ -1227,6 +1227,7 @@ async def bench_storage(jobs: int, database: str | None) -> dict[str, Any]:
             for _ in range(jobs):
                 for name, job in paths.items():
                     latency[name] += await in_parallel(job, 1, 1)
+                    await asyncio.sleep(0.02)  # what one job leaves behind settles before the next path's
             cpu: dict[tuple[str, int], float] = {}
             for concurrency in (1, 32):
                 for _ in range(4):  # four blocks each, in turn
