@@ -809,6 +809,7 @@ async def bench_real(
         for _ in range(jobs):  # one job of each path in turn: ComfyUI's drift (its history grows) hits all alike
             for name, job in paths.items():
                 latency[name] += await in_parallel(job, 1, 1)
+                await asyncio.sleep(0.02)  # what one job leaves behind settles before the next path's
         for _ in range(2):
             for name, job in paths.items():
                 known = set(await comfy_history(session, comfy))
