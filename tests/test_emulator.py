@@ -20,6 +20,7 @@ import pytest
 from comfybridge.edge.appkeys import SCHEDULER
 from comfybridge.emulator import Emulator, pictures
 from comfybridge.emulator.png import Thumbnail, png_first_pixel, png_from_rows, png_size, png_thumbnail
+from comfybridge.emulator.server import SOCKETS
 
 from .conftest import FIXTURES, EmulatorFactory, wait_for
 from .helpers import JPEG, png, read_results, run_job, upload
@@ -332,6 +333,20 @@ async def test_reconnect_mid_run_is_told_the_running_node(make_emulator: Emulato
             first = await Listener(again).until(lambda m: m["type"] == "executing")
     assert first[0]["type"] == "status"
     assert first[1] == {"type": "executing", "data": {"node": emulator.engine.last_node_id}}
+
+
+async def test_a_stale_socket_that_ends_deafens_the_newer_one_as_in_comfyui(make_emulator: EmulatorFactory) -> None:
+    """ComfyUI's server.py forgets a clientId's older socket without closing it, and the end of any
+    socket forgets its clientId: the newer socket, still open, hears nothing from then on."""
+    emulator = await make_emulator()
+    sockets = emulator.app[SOCKETS]
+    async with aiohttp.ClientSession() as session:
+        older = await session.ws_connect(f"{emulator.url}/ws?clientId=twice")
+        async with session.ws_connect(f"{emulator.url}/ws?clientId=twice") as newer:
+            assert orjson.loads((await newer.receive()).data)["type"] == "status"  # the newer one is in
+            await older.close()
+            await wait_for(lambda: "twice" not in sockets)
+            assert not newer.closed
 
 
 async def test_cache_never_serves_a_node_whose_input_runs_again(make_bridge: Any, emulator: Emulator) -> None:

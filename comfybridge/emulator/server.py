@@ -170,10 +170,11 @@ def _routes() -> web.RouteTableDef:
         sid = request.query.get("clientId") or uuid.uuid4().hex
         ws = web.WebSocketResponse(max_msg_size=0)
         await ws.prepare(request)
-        old = sockets.get(sid)
-        sockets[sid] = ws  # a reconnect with the same id replaces the old socket
-        if old is not None and not old.closed:
-            await old.close()
+        # As ComfyUI does: a socket of the same clientId is forgotten, not closed (it just hears nothing
+        # more), and the end of any socket forgets its clientId, so a stale socket that ends after a
+        # newer one connected leaves the newer one deaf too.
+        sockets.pop(sid, None)
+        sockets[sid] = ws
         try:
             await ws.send_str(
                 orjson.dumps({"type": "status", "data": {**engine.status_message(), "sid": sid}}).decode()
@@ -190,8 +191,7 @@ def _routes() -> web.RouteTableDef:
                         flags = _features(engine)
                         await ws.send_str(orjson.dumps({"type": "feature_flags", "data": flags}).decode())
         finally:
-            if sockets.get(sid) is ws:
-                del sockets[sid]
+            sockets.pop(sid, None)
         return ws
 
     @routes.get("/prompt")
