@@ -259,9 +259,10 @@ async def _term(app: web.Application, again: bool) -> AsyncIterator[None]:
         if CLUSTER in app:  # other bridges may have stored uploads since
             await app[UPLOADS].reload()
         hooks_session = _webhooks(app, scheduler)
-        # The sockets of clients whose jobs go on reconnect (relayed ones within a second or two): they
-        # hear what happened meanwhile.
-        app[HUB].hold({r["client_id"] for r in rows if r["state"] not in ENDED_STATES}, HOLD_FOR_RECONNECT)
+        # The sockets of clients whose jobs go on, or whose results wait, reconnect (relayed ones within
+        # a second or two): they hear what happened meanwhile, and which jobs ended (recovery says it).
+        expected = {r["client_id"] for r in rows if r["state"] not in ENDED_STATES or r["state"] == "done"}
+        app[HUB].hold(expected, HOLD_FOR_RECONNECT)
         try:
             await scheduler.start(rows)
             rows.clear()  # the jobs hold what they need now

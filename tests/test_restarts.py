@@ -241,6 +241,11 @@ async def test_results_stay_fetchable_across_restarts_until_fetched(
             await wait_closed(session, url, ["keeper"])
             proc.kill()
         async with bridge_process(workdir, *backends(emulator, storage=storage)) as (proc, url):
+            # Its `closed` may have been lost with the process that ended the job: a socket back says it again.
+            async with session.ws_connect(url.replace("http", "ws", 1) + "/ws", params={"clientId": "keeper"}) as ws:
+                frames = [orjson.loads((await ws.receive(timeout=10)).data) for _ in range(2)]
+            assert [f["status"] for f in frames] == ["connected", "closed"]
+            assert (frames[1]["job_id"], frames[1]["jobs_left"]) == (job_id, 0)
             assert (await status_of(session, url, "keeper"))["status"] == "closed"
             assert [job for job, _ in await fetch_results(session, url, "keeper")] == [job_id]
             proc.send_signal(signal.SIGTERM)

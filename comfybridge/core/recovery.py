@@ -39,6 +39,7 @@ async def missing_results(core: Core, rows: list[dict[str, Any]]) -> set[str]:
 def recover(core: Core, rows: list[dict[str, Any]], gone: set[str]) -> Recovered:
     """Rebuild the bridge's memory from the journal's rows (in acceptance order)."""
     summary = Recovered()
+    done: list[Job] = []  # finished with results not fetched yet, in acceptance order
     for row in rows:
         job = Job.restore(row, core.journal)
         if job.id in gone:
@@ -52,6 +53,7 @@ def recover(core: Core, rows: list[dict[str, Any]], gone: set[str]) -> Recovered
                 job.results = None  # the result store holds them now
                 core.results.add(job.id, job.client_id, job.seq, files, created=job.ended_at)
                 core.set_status(client, about_job(CLOSED, job.id, 0))
+                done.append(job)
             else:
                 core.set_status(client, about_job(status_message("error", job.error or "error"), job.id, 0))
             continue
@@ -70,6 +72,11 @@ def recover(core: Core, rows: list[dict[str, Any]], gone: set[str]) -> Recovered
             summary.handed_over += 1
             job.resumed = True  # what the last process told its client is not known: it will say so
             core.hand_over(backend, job)
+    for job in done:
+        # The last process may have ended it durably and died before its `closed` went out: said
+        # again, before any frame of the client's later jobs. Heard twice, it asks for a fetch the
+        # client owes anyway (its results are still here).
+        core.notifier.publish(job.client_id, about_job(CLOSED, job.id, len(core.clients.require(job.client_id).jobs)))
     for client in core.clients:
         if client.jobs:
             core.set_status(client, open_status(client))
