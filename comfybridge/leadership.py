@@ -122,16 +122,24 @@ class Leadership:
                 view.follow(view.own_url, leader.generation)
                 self.settled.set()
                 await self._hold()
+                # Not leading from now on, while the term still closes (results landing, the journal
+                # flushed): requests are relayed, /health says so, nothing is refused as "stopping".
+                self._no_longer_leading(leader)
         except Exception:
             log.exception("the term as leader failed; campaigning again in %gs", RETRY)
             await _race(asyncio.sleep(RETRY), self._stand_down)
         finally:
             self.settled.set()
-            view.role = "follower"
-            view.lease_until = None
-            view.follow(None, leader.generation)
+            self._no_longer_leading(leader)
             await journal.close()  # the lock goes with its session, if the term left it
             await self.demoted()
+
+    def _no_longer_leading(self, leader: Leader) -> None:
+        view = self.view
+        if view.role == "leader":
+            view.role = "follower"
+        view.lease_until = None
+        view.follow(None, leader.generation)
 
     async def _hold(self) -> None:
         """Until the lock is lost, the database stays away for `timeout`, or the bridge stands down."""

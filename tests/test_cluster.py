@@ -115,6 +115,14 @@ async def test_a_client_on_three_bridges_hears_and_fetches_every_job(
         reports = [(await health(session, url))["cluster"] for url in (a, b)]
         assert 0 < reports[0]["lease_expires_in"] <= 5  # type: ignore[index,operator]
         assert "lease_expires_in" not in reports[1]  # type: ignore[operator]
+        follower_health = await health(session, b)
+        assert "generation_count" not in follower_health  # no figures of its own idle scheduler
+        assert follower_health["schedule"] == "kept by the leading bridge: see its /health"
+        # An Upgrade header on a plain request is no socket: the follower relays it as the request it is.
+        upgrade = {"Upgrade": "websocket", "Connection": "Upgrade"}
+        async with session.get(f"{b}/workflow-list", headers=upgrade) as resp:
+            assert resp.status == 200
+            assert "solid" in await resp.json()
 
 
 async def test_kill_9_of_the_leader_mid_burst_loses_nothing_and_runs_nothing_twice(

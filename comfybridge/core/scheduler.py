@@ -182,6 +182,13 @@ class Scheduler:
         prompts inside ComfyUI keep running there and are adopted then."""
         self.running = False
         self.core.stop_dispatching()
+        # The event sockets close first, at once: the next leader of a cluster connects with the same
+        # ComfyUI clientId, and ComfyUI forgets a clientId (the newer socket too) when an older socket
+        # of it closes. Nothing that is still collected needs them.
+        listeners = [backend.tasks[0] for backend in self.backends.values() if backend.tasks]
+        for task in listeners:
+            task.cancel()
+        await asyncio.gather(*listeners, return_exceptions=True)
         await self.core.supervisor.wait_and_close(collect_timeout)
         with contextlib.suppress(RuntimeError):  # a journal already closed (its file lost) keeps nothing
             self._remember_learned()  # lands before the journal closes

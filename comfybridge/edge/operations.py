@@ -20,15 +20,21 @@ __all__ = ["docs", "health", "metrics", "playground", "playground_file", "ready"
 
 
 def _health_report(request: web.Request) -> dict[str, Any]:
-    """The scheduler's report; with API keys on, a caller without one sees no backend addresses."""
-    report = request.app[SCHEDULER].health()
+    """The scheduler's report; with API keys on, a caller without one sees no backend addresses. A
+    bridge of a cluster that does not lead has no schedule of its own to report (its scheduler is
+    idle, or still holds a past term's figures): it says whose it is."""
     view = request.app.get(CLUSTER)
+    if view is not None and not view.leading:
+        report: dict[str, Any] = {"backends": [], "schedule": "kept by the leading bridge: see its /health"}
+    else:
+        report = request.app[SCHEDULER].health()
     if view is not None:
         report["cluster"] = view.report()
     settings = request.app[SETTINGS]
     if settings.keys_on and request.get(KEY) is None:
         report["backends"] = [{"state": b["state"]} for b in report["backends"]]
-        report["journal"] = "ok" if report["journal"] == "ok" else "lost"  # not where it is
+        if "journal" in report:
+            report["journal"] = "ok" if report["journal"] == "ok" else "lost"  # not where it is
         if "cluster" in report:
             report["cluster"] = {"role": report["cluster"]["role"]}  # nor where the other bridges are
     return report

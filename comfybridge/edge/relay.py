@@ -128,7 +128,9 @@ def relay_middleware(view: ClusterView, caller: Callable[[web.Request], str]) ->
         headers = _passed_on(request.headers)
         headers[RELAY_HEADER] = view.secret
         headers[CALLER_HEADER] = caller(request)
-        socket = request.headers.get(hdrs.UPGRADE, "").lower() == "websocket"
+        # Only what the leader would take as a socket is relayed as one: an Upgrade header elsewhere is noise.
+        upgrade = request.headers.get(hdrs.UPGRADE, "").lower() == "websocket"
+        socket = upgrade and request.method == "GET" and request.path == "/ws"
         request.app[METRICS].relayed.labels("websocket" if socket else "http").inc()
         if socket:
             return await _relay_socket(request, view, session, headers)

@@ -60,6 +60,7 @@ def keepalives(silence: float) -> dict[str, str]:
 CONNECT_TIMEOUT = 10.0
 COMMAND_TIMEOUT = 15.0  # seconds one commit may take before it counts as the database's trouble
 MAX_BATCH = 512  # writes in one commit at most
+UNANSWERED = "The bridge's database did not answer in time; try again shortly."
 FAILURE_LOG_EVERY = 10.0  # seconds between log lines about writes failing in a row (an outage)
 MIGRATIONS: list[tuple[int, str]] = [
     (
@@ -215,7 +216,8 @@ class PgJournal:
                 if self._conn is None or self._conn.is_closed():
                     self._drop_connection()
                     self._conn = await _connect(self.dsn, self._server_settings)
-                    await asyncio.sleep(INCUMBENT_WAIT)
+                    if contend:  # one that only follows (standing down) must learn the next leader at once
+                        await asyncio.sleep(INCUMBENT_WAIT)
                 conn = self._conn
                 won, leader = await _fetch_row(
                     conn,
@@ -414,7 +416,10 @@ class PgJournal:
             raise RuntimeError("the journal is not open for writes")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         future.add_done_callback(_log_failure)  # also for writes nobody waits for
-        self._queue.put_nowait((write, then, future, alone))
+        # An answer within COMMAND_TIMEOUT of the request, whatever waits before it: a hung database
+        # is a 503 in bounded time, never a request held for as long as the outage lasts.
+        deadline = asyncio.get_running_loop().time() + COMMAND_TIMEOUT
+        self._queue.put_nowait((write, then, future, alone, deadline))
         return future
 
     async def _write_loop(self) -> None:
@@ -431,25 +436,34 @@ class PgJournal:
                     self._queue.put_nowait(None)  # seen after this batch
                     break
                 batch.append(item)
-            await self._commit(batch)
+            now = asyncio.get_running_loop().time()
+            for item in [item for item in batch if item[4] <= now]:  # never sent: refused, nothing landed
+                batch.remove(item)
+                _settle(item[2], StorageUnavailable(UNANSWERED))
+            if batch:
+                await self._commit(batch)
 
     async def _commit(self, batch: list[_Item]) -> None:
         try:
-            results = await self._transaction([write for write, _, _, _ in batch], alone=batch[0][3])
+            deadline = min(item[4] for item in batch)
+            results = await self._transaction([item[0] for item in batch], batch[0][3], deadline)
         except StorageError:
             if len(batch) == 1 or not self._splittable:  # the database's trouble: the others would fail too
-                for _, _, future, _ in batch:
-                    _settle(future, error=_last_error(self))
+                for item in batch:
+                    _settle(item[2], error=_last_error(self))
                 return
             for item in batch:  # one bad write must not fail the others that shared its commit
                 await self._commit([item])
             return
-        for (_, then, future, _), result in zip(batch, results, strict=True):
+        for (_, then, future, _, _), result in zip(batch, results, strict=True):
             value = then(result)  # the count rises even if nobody waits for the answer any more
             if not future.done():
                 future.set_result(value)
 
-    async def _transaction(self, writes: list[Callable[[Conn], Awaitable[Any]]], alone: bool) -> list[Any]:
+    async def _transaction(
+        self, writes: list[Callable[[Conn], Awaitable[Any]]], alone: bool, deadline: float
+    ) -> list[Any]:
+        """Commit `writes` by `deadline` (loop time), the one try again on a new session included."""
         import asyncpg
 
         started = time.perf_counter()
@@ -457,13 +471,14 @@ class PgJournal:
             self._splittable = False
             sent = False
             try:
-                conn = await self._locked()
-                sent = True
-                if len(writes) == 1 and alone:
-                    results = [await writes[0](conn)]
-                else:
-                    async with conn.transaction():
-                        results = [await write(conn) for write in writes]
+                async with asyncio.timeout_at(deadline):
+                    conn = await self._locked()
+                    sent = True
+                    if len(writes) == 1 and alone:
+                        results = [await writes[0](conn)]
+                    else:
+                        async with conn.transaction():
+                            results = [await write(conn) for write in writes]
                 break
             except StorageError as exc:
                 self._error = exc
@@ -506,7 +521,8 @@ class PgJournal:
                       exc.__class__.__name__, exc, exc_info=None if expected else exc)  # fmt: skip
 
 
-_Item = tuple[Callable[["Conn"], Awaitable[Any]], Callable[[Any], Any], asyncio.Future[Any], bool]
+# (write, what to make of its result, the caller's future, one statement alone, answer by: loop time)
+_Item = tuple[Callable[["Conn"], Awaitable[Any]], Callable[[Any], Any], asyncio.Future[Any], bool, float]
 
 
 async def _fetch_row(conn: Conn, query: str, *args: Any) -> tuple[Any, ...]:
@@ -526,7 +542,8 @@ def _last_error(journal: PgJournal) -> BaseException:
 
 
 def _log_failure(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled() and future.exception() is not None:
+    # The database's trouble is logged where it is met, once an outage and then every FAILURE_LOG_EVERY.
+    if not future.cancelled() and future.exception() is not None and not isinstance(future.exception(), StorageError):
         log.warning("journal write failed: %s", future.exception())
 
 
