@@ -3,6 +3,7 @@ answers are skipped or fail only their job, a backend that hangs is taken out of
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -196,6 +197,26 @@ async def test_a_socket_back_mid_run_hears_the_running_node_without_a_complaint(
     assert result["status"] == "closed"
     assert result["files"]
     assert not [r for r in caplog.records if "sent a malformed" in r.getMessage()]
+
+
+async def test_a_closing_scheduler_lets_go_of_comfyuis_socket_before_its_collects_end(
+    make_fake: Any, make_bridge: BridgeFactory
+) -> None:
+    """The event socket closes first: the next leader of a cluster connects with the same ComfyUI
+    clientId, and ComfyUI forgets a clientId, the newer socket included, when an older one closes."""
+    fake: FakeComfy = await make_fake()
+    client = await make_bridge(fake.url)
+    await wait_for(lambda: backend_states(client) == ["up"])
+    release = fake.hold("GET /view")  # the job's result is being fetched, and stays so
+    status, _ = await generate(client, "collecting", SOLID)
+    assert status == 200
+    scheduler = client.app[SCHEDULER]
+    await wait_for(lambda: bool(scheduler.core.collecting))
+    closing = asyncio.create_task(scheduler.close(collect_timeout=60))
+    await wait_for(lambda: not fake.sockets)
+    assert not closing.done()  # the collect still runs
+    release.set()
+    await closing
 
 
 async def _drop_bridge_sockets(emulator: Emulator) -> None:
