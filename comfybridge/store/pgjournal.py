@@ -60,7 +60,6 @@ def keepalives(silence: float) -> dict[str, str]:
 CONNECT_TIMEOUT = 10.0
 COMMAND_TIMEOUT = 15.0  # seconds one commit may take before it counts as the database's trouble
 MAX_BATCH = 512  # writes in one commit at most
-UNANSWERED = "The bridge's database did not answer in time; try again shortly."
 FAILURE_LOG_EVERY = 10.0  # seconds between log lines about writes failing in a row (an outage)
 MIGRATIONS: list[tuple[int, str]] = [
     (
@@ -416,10 +415,7 @@ class PgJournal:
             raise RuntimeError("the journal is not open for writes")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         future.add_done_callback(_log_failure)  # also for writes nobody waits for
-        # An answer within COMMAND_TIMEOUT of the request, whatever waits before it: a hung database
-        # is a 503 in bounded time, never a request held for as long as the outage lasts.
-        deadline = asyncio.get_running_loop().time() + COMMAND_TIMEOUT
-        self._queue.put_nowait((write, then, future, alone, deadline))
+        self._queue.put_nowait((write, then, future, alone))
         return future
 
     async def _write_loop(self) -> None:
@@ -436,34 +432,25 @@ class PgJournal:
                     self._queue.put_nowait(None)  # seen after this batch
                     break
                 batch.append(item)
-            now = asyncio.get_running_loop().time()
-            for item in [item for item in batch if item[4] <= now]:  # never sent: refused, nothing landed
-                batch.remove(item)
-                _settle(item[2], StorageUnavailable(UNANSWERED))
-            if batch:
-                await self._commit(batch)
+            await self._commit(batch)
 
     async def _commit(self, batch: list[_Item]) -> None:
         try:
-            deadline = min(item[4] for item in batch)
-            results = await self._transaction([item[0] for item in batch], batch[0][3], deadline)
+            results = await self._transaction([write for write, _, _, _ in batch], alone=batch[0][3])
         except StorageError:
             if len(batch) == 1 or not self._splittable:  # the database's trouble: the others would fail too
-                for item in batch:
-                    _settle(item[2], error=_last_error(self))
+                for _, _, future, _ in batch:
+                    _settle(future, error=_last_error(self))
                 return
             for item in batch:  # one bad write must not fail the others that shared its commit
                 await self._commit([item])
             return
-        for (_, then, future, _, _), result in zip(batch, results, strict=True):
+        for (_, then, future, _), result in zip(batch, results, strict=True):
             value = then(result)  # the count rises even if nobody waits for the answer any more
             if not future.done():
                 future.set_result(value)
 
-    async def _transaction(
-        self, writes: list[Callable[[Conn], Awaitable[Any]]], alone: bool, deadline: float
-    ) -> list[Any]:
-        """Commit `writes` by `deadline` (loop time), the one try again on a new session included."""
+    async def _transaction(self, writes: list[Callable[[Conn], Awaitable[Any]]], alone: bool) -> list[Any]:
         import asyncpg
 
         started = time.perf_counter()
@@ -471,14 +458,13 @@ class PgJournal:
             self._splittable = False
             sent = False
             try:
-                async with asyncio.timeout_at(deadline):
-                    conn = await self._locked()
-                    sent = True
-                    if len(writes) == 1 and alone:
-                        results = [await writes[0](conn)]
-                    else:
-                        async with conn.transaction():
-                            results = [await write(conn) for write in writes]
+                conn = await self._locked()
+                sent = True
+                if len(writes) == 1 and alone:
+                    results = [await writes[0](conn)]
+                else:
+                    async with conn.transaction():
+                        results = [await write(conn) for write in writes]
                 break
             except StorageError as exc:
                 self._error = exc
@@ -521,8 +507,7 @@ class PgJournal:
                       exc.__class__.__name__, exc, exc_info=None if expected else exc)  # fmt: skip
 
 
-# (write, what to make of its result, the caller's future, one statement alone, answer by: loop time)
-_Item = tuple[Callable[["Conn"], Awaitable[Any]], Callable[[Any], Any], asyncio.Future[Any], bool, float]
+_Item = tuple[Callable[["Conn"], Awaitable[Any]], Callable[[Any], Any], asyncio.Future[Any], bool]
 
 
 async def _fetch_row(conn: Conn, query: str, *args: Any) -> tuple[Any, ...]:
@@ -542,8 +527,7 @@ def _last_error(journal: PgJournal) -> BaseException:
 
 
 def _log_failure(future: asyncio.Future[Any]) -> None:
-    # The database's trouble is logged where it is met, once an outage and then every FAILURE_LOG_EVERY.
-    if not future.cancelled() and future.exception() is not None and not isinstance(future.exception(), StorageError):
+    if not future.cancelled() and future.exception() is not None:
         log.warning("journal write failed: %s", future.exception())
 
 
