@@ -353,7 +353,12 @@ def kept(data_dir: Path, area: str, storage: dict[str, str]) -> list[Path]:
     """Every file in a bridge's `area` folder (uploads or results), and with object storage every
     object there, as if it were in that folder (`<prefix>uploads/c-x/name` as `data/uploads/c-x/name`)."""
     root = data_dir / area
-    found = [p for p in root.rglob("*") if p.is_file()]  # with object storage: only a spool left behind
+    while True:
+        try:
+            found = [p for p in root.rglob("*") if p.is_file()]  # with object storage: only a spool left behind
+            break
+        except FileNotFoundError:  # a folder the bridge removed while it was walked: look again
+            continue
     if storage.get("storage"):
         import boto3
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import random
 import signal
+import sqlite3
 from pathlib import Path
 
 import aiohttp
@@ -150,6 +152,47 @@ async def test_job_running_at_a_crash_is_adopted_and_reports_progress(
             assert values == sorted(values)
             assert [job for job, _ in await fetch_results(session, url, "adopt")] == [job_id]
     assert len(emulator.engine.started) == 1
+
+
+async def test_a_later_job_finished_before_a_crash_is_told_closed_again_after_the_earlier_one(
+    workdir: Path, make_emulator: EmulatorFactory
+) -> None:
+    """Job 1 waits inside one ComfyUI while job 2 finishes on the other; after a crash, job 2's
+    `closed` is said again, but only after job 1's: a client hears its jobs in order."""
+    emulators = [await make_emulator(pace=0.05), await make_emulator(pace=0.05)]
+    for emulator in emulators:
+        emulator.engine.pause()
+    body = {"workflow": "slow", "2/seed": 1}
+    journal = workdir / "data" / "journal.sqlite3"
+
+    def state_of(job_id: str) -> str | None:
+        with contextlib.closing(sqlite3.connect(f"file:{journal}?mode=ro", uri=True)) as conn:
+            row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return row[0] if row else None
+
+    async with aiohttp.ClientSession() as session:
+        async with bridge_process(workdir, *backends(*emulators)) as (proc, url):
+            first = await post_job(session, url, "order", body)
+            await wait_for(lambda: any(e.engine.queue_remaining for e in emulators))
+            held = next(e for e in emulators if e.engine.queue_remaining)
+            other = next(e for e in emulators if e is not held)
+            second = await post_job(session, url, "order", {**body, "2/seed": 2})
+            await wait_for(lambda: other.engine.queue_remaining == 1)
+            other.engine.resume()
+            await wait_for(lambda: state_of(second) == "done")
+            proc.kill()
+        async with (
+            bridge_process(workdir, *backends(*emulators)) as (proc, url),
+            session.ws_connect(f"{url}/ws", params={"clientId": "order"}) as ws,
+        ):
+            held.engine.resume()
+            closed: list[str] = []
+            async with asyncio.timeout(60):  # only a guard against a hang
+                while len(closed) < 2:
+                    frame = orjson.loads((await ws.receive()).data)
+                    if frame["status"] == "closed":
+                        closed.append(frame["job_id"])
+    assert closed == [first, second]  # nothing of job 2 before job 1's ending
 
 
 @pytest.mark.both_dialects

@@ -151,6 +151,8 @@ class Failover:
         while True:
             await asyncio.sleep(min(1.0, limit / 4))
             self.ticks += 1
+            if core.closing:  # its event sockets are closed: a silence now says nothing of ComfyUI
+                continue
             now = time.monotonic()
             for backend in list(core.backends.values()):
                 if care.idle_free_due(backend, now, core.settings.free_idle_after):

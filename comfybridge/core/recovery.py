@@ -72,11 +72,18 @@ def recover(core: Core, rows: list[dict[str, Any]], gone: set[str]) -> Recovered
             summary.handed_over += 1
             job.resumed = True  # what the last process told its client is not known: it will say so
             core.hand_over(backend, job)
+    seqs = {job.id: job.seq for client in core.clients for job in client.jobs.values()}
     for job in done:
         # The last process may have ended it durably and died before its `closed` went out: said
-        # again, before any frame of the client's later jobs. Heard twice, it asks for a fetch the
-        # client owes anyway (its results are still here).
-        core.notifier.publish(job.client_id, about_job(CLOSED, job.id, len(core.clients.require(job.client_id).jobs)))
+        # again, in its place among the client's jobs (after the endings of earlier ones still
+        # open, before any frame of later ones). Heard twice, it asks for a fetch the client owes
+        # anyway (its results are still here).
+        client = core.clients.require(job.client_id)
+        place = sum(1 for other in client.untold if seqs.get(other, 0) < job.seq)
+        if place:
+            client.untold.insert(place, job.id)
+        seqs[job.id] = job.seq
+        core.tell_ending_again(client, about_job(CLOSED, job.id, 0))
     for client in core.clients:
         if client.jobs:
             core.set_status(client, open_status(client))

@@ -401,6 +401,11 @@ class Core:
             return
         self._tell(client, about_job(status_message(status, detail), job.id, len(client.jobs)))
 
+    def tell_ending_again(self, client: Client, message: Status) -> None:
+        """The ending of a job recovered as finished, told again; held behind the endings of the
+        client's earlier jobs when it is among its untold ones."""
+        self._tell(client, message)
+
     def _tell(self, client: Client, message: Status, close: bool = False) -> None:
         """Send now if the frame is about the client's oldest job whose ending it has not heard;
         frames about later jobs wait for that ending."""
