@@ -119,7 +119,12 @@ class StorageFull(StorageError):
 
 
 class StorageUnavailable(StorageError):
-    """The bridge cannot use its data folder (read-only, no permission, its journal gone) (503)."""
+    """The bridge cannot use its data folder (read-only, no permission, its journal gone) or its
+    database (503; with Retry-After where the trouble is likely to pass, e.g. a database restarting)."""
+
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class NoBackend(BridgeError):

@@ -265,6 +265,7 @@ async def test_postgresql_stopped_and_started_mid_burst_loses_and_repeats_nothin
             if resp.status == 200:
                 accepted[body["job_id"]] = client_id
             else:
+                assert resp.headers["Retry-After"] == "2", body  # the outage is likely to pass
                 refused += 1
 
         for client_id in clients:

@@ -38,7 +38,8 @@ class Backend:
     object_info_loaded: bool = False
     first_attempt: asyncio.Event = field(default_factory=asyncio.Event)
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    listener: asyncio.Task[None] | None = None  # holds the event socket
+    worker: asyncio.Task[None] | None = None  # sends the prompts
 
     @property
     def name(self) -> str:

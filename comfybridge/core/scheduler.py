@@ -185,7 +185,7 @@ class Scheduler:
         # The event sockets close first, at once: the next leader of a cluster connects with the same
         # ComfyUI clientId, and ComfyUI forgets a clientId (the newer socket too) when an older socket
         # of it closes. Nothing that is still collected needs them.
-        listeners = [backend.tasks[0] for backend in self.backends.values() if backend.tasks]
+        listeners = [backend.listener for backend in self.backends.values() if backend.listener is not None]
         for task in listeners:
             task.cancel()
         await asyncio.gather(*listeners, return_exceptions=True)
@@ -205,10 +205,12 @@ class Scheduler:
             max_event_bytes=int(self.settings.max_event_mb * 1024 * 1024),
         )
         backend = self.backends[url] = Backend(client)
-        backend.tasks = [
-            core.supervisor.spawn(self._keep_running(backend, "listener", self.failover.listen), f"listen {url}", True),
-            core.supervisor.spawn(self._keep_running(backend, "worker", self.dispatcher.work), f"worker {url}", True),
-        ]
+        backend.listener = core.supervisor.spawn(
+            self._keep_running(backend, "listener", self.failover.listen), f"listen {url}", True
+        )
+        backend.worker = core.supervisor.spawn(
+            self._keep_running(backend, "worker", self.dispatcher.work), f"worker {url}", True
+        )
         return backend
 
     async def _keep_running(self, backend: Backend, role: str, run: Callable[[Backend], Awaitable[None]]) -> None:
@@ -254,8 +256,9 @@ class Scheduler:
             backend.wakeup.clear()
             await backend.wakeup.wait()
         if backend.draining:
-            for task in backend.tasks:
-                task.cancel()
+            for task in (backend.listener, backend.worker):
+                if task is not None:
+                    task.cancel()
             self.backends.pop(backend.name, None)
             log.info("backend %s drained and removed", backend.name)
 

@@ -61,6 +61,7 @@ CONNECT_TIMEOUT = 10.0
 COMMAND_TIMEOUT = 15.0  # seconds one commit may take before it counts as the database's trouble
 MAX_BATCH = 512  # writes in one commit at most
 FAILURE_LOG_EVERY = 10.0  # seconds between log lines about writes failing in a row (an outage)
+RETRY_AFTER = 2  # seconds a refused client is told to wait: a restart of PostgreSQL takes about that
 MIGRATIONS: list[tuple[int, str]] = [
     (
         1,
@@ -489,7 +490,8 @@ class PgJournal:
                         continue
                 self._failed(exc, expected=isinstance(exc, TimeoutError | broken | asyncpg.PostgresError))
                 self._error = StorageUnavailable(
-                    "The bridge's database cannot be reached or refused the change; try again shortly."
+                    "The bridge's database cannot be reached or refused the change; try again shortly.",
+                    retry_after=RETRY_AFTER,
                 )
                 raise self._error from None
         if self._failures:
