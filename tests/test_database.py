@@ -15,7 +15,8 @@ import pytest
 from comfybridge.core.jobs import Job
 from comfybridge.errors import StorageUnavailable
 from comfybridge.store.journal import JournalError
-from comfybridge.store.pgjournal import MIGRATIONS, PgJournal
+from comfybridge.store import pgjournal
+from comfybridge.store.pgjournal import MIGRATIONS, Leader, PgJournal
 
 from .conftest import EmulatorFactory, wait_for
 from .helpers import (
@@ -86,6 +87,34 @@ async def test_two_bridges_starting_together_migrate_once(postgres: PostgresServ
         await conn.close()
     with pytest.raises(JournalError, match="written by a newer comfybridge"):
         await PgJournal(database).open()
+
+
+async def test_a_bridge_standing_down_learns_the_next_leader_without_the_incumbents_wait(
+    postgres: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wait after a lost connection lets a restarted database's incumbent take its lock back
+    before a follower does. A bridge that stands down (it only follows) must not wait: until it knows
+    the next leader, it can only refuse the requests it would relay."""
+    database = postgres.new_database()
+    leader, standing_down = PgJournal(database), PgJournal(database)
+    await leader.connect()
+    await leader.campaign("http://leader", lambda _: None)  # nobody else contends: won at once
+    monkeypatch.setattr(pgjournal, "INCUMBENT_WAIT", 3600.0)  # were it waited, the test would time out
+    heard = asyncio.Event()
+
+    def follow(next_leader: Leader | None) -> None:
+        if next_leader is not None and next_leader.url == "http://leader":
+            heard.set()
+
+    campaign = asyncio.create_task(standing_down.campaign("http://other", follow, contend=False))
+    try:
+        async with asyncio.timeout(30):
+            await heard.wait()
+    finally:
+        campaign.cancel()
+        await asyncio.gather(campaign, return_exceptions=True)
+        await standing_down.close()
+        await leader.close()
 
 
 async def test_writes_land_in_the_order_asked_and_share_commits(postgres: PostgresServer) -> None:
