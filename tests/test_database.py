@@ -14,8 +14,8 @@ import pytest
 
 from comfybridge.core.jobs import Job
 from comfybridge.errors import StorageUnavailable
-from comfybridge.store.journal import JournalError
 from comfybridge.store import pgjournal
+from comfybridge.store.journal import JournalError
 from comfybridge.store.pgjournal import MIGRATIONS, Leader, PgJournal
 
 from .conftest import EmulatorFactory, wait_for
