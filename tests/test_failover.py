@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,33 @@ async def test_restarted_backend_gets_lost_prompts_again(
         assert len(reborn.engine.started) == 1
     finally:
         await reborn.stop()
+
+
+async def test_a_prompt_its_comfyui_loses_twice_while_running_fails_not_sent_for_ever(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, tmp_path: Path, dialect: str
+) -> None:
+    """A ComfyUI that dies under a prompt and is back within backend_grace, twice (a prompt that
+    crashes it, say): the job fails as one whose backends died twice does, instead of being sent
+    again at every return."""
+    emulator = await make_emulator(pace=0.2)
+    client = await make_bridge(emulator, backend_grace=30)
+    await generate(client, "poison", {"workflow": "slow", "2/seed": 4})
+    port, current = emulator.port, emulator
+
+    def running_on(here: Emulator) -> bool:  # sent there and started, as the bridge knows it
+        return bool(here.engine.started) and any(job.started_at is not None for job in active(client, "poison"))
+
+    for life in range(2):
+        await wait_for(functools.partial(running_on, current))
+        await current.stop()
+        current = Emulator(root=tmp_path / f"life{life}", pace=0.2, port=port, dialect=dialect)
+        await current.start()
+    try:
+        info = await poll_status(client, "poison", {"error", "closed"})
+        assert info["detail"] == "server disconnected"
+        assert current.engine.started == []  # not sent a third time
+    finally:
+        await current.stop()
 
 
 async def test_hanging_prompt_goes_elsewhere(make_emulator: EmulatorFactory, make_bridge: BridgeFactory) -> None:

@@ -96,16 +96,23 @@ class Failover:
             backend.abandoned.add(job.prompt_id)
             if job.ended or job.id in core.collecting:  # its prompt succeeded: its results are being fetched
                 continue
-            ran = job.started_at is not None or job.state is JobState.RUNNING
-            if ran and job.retries >= 1:
-                core.end(job, JobState.FAILED, DISCONNECTED)
-                continue
-            log.warning("job %s client %s: moving off %s", job.id, job.client_id, backend.name)
-            core.send_again(job, "lost run" if ran else None)
-            core.tell(job, "listening", "its ComfyUI is gone; waiting for another one")
+            if self._send_again(job):
+                log.warning("job %s client %s: moving off %s", job.id, job.client_id, backend.name)
+                core.tell(job, "listening", "its ComfyUI is gone; waiting for another one")
         backend.down_since = None  # its clients are no longer held for it
         core.unbind_clients_of(backend)
         core.wake_all()
+
+    def _send_again(self, job: Job) -> bool:
+        """A job whose prompt its ComfyUI lost goes back to the queue, unless it was lost twice while it
+        ran: then it fails, so that a prompt that kills ComfyUI (which comes back and forgets it) is not
+        sent for ever. Returns whether it is sent again."""
+        ran = job.started_at is not None or job.state is JobState.RUNNING
+        if ran and job.retries >= 1:
+            self.core.end(job, JobState.FAILED, DISCONNECTED)
+            return False
+        self.core.send_again(job, "lost run" if ran else None)
+        return True
 
     async def reconcile(self, backend: Backend) -> None:
         """After a lost socket or a restart: ask ComfyUI about every prompt the bridge had there.
@@ -133,9 +140,10 @@ class Failover:
                 job.outcome, job.reported = finished.outcome, job.reported or finished.error
                 self.tracker.prompt_finished(backend, job)
             elif not job.ended:
-                log.warning("job %s client %s: unknown to %s, sending it again", job.id, job.client_id, backend.name)
                 core.take_back(backend, job)
-                core.send_again(job)
+                if self._send_again(job):
+                    log.warning("job %s client %s: unknown to %s, sending it again",
+                                job.id, job.client_id, backend.name)  # fmt: skip
             else:
                 core.take_back(backend, job)
 
