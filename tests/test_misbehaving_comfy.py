@@ -373,3 +373,34 @@ async def test_a_comfyui_whose_queue_does_not_move_is_stuck_and_its_jobs_go_else
     assert backend_states(client) == ["stuck", "up"]
     dead.engine.resume()  # it runs again: back in service
     await wait_for(lambda: backend_states(client) == ["up", "up"])
+
+
+async def test_with_no_comfyui_that_runs_anything_a_job_still_ends(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    """A dead worker and nowhere else to go: the job's prompt stalls, is taken back and tried once
+    more (the prompts in that queue may all have been ours), stalls again and fails with the time-out,
+    instead of going back and forth for ever. The backend is then tried with one prompt at a time,
+    and trusted again once one starts."""
+    # The dead one would win a tie (the planner breaks them by name): only the doubt sends work past it.
+    dead, spare = sorted([await make_emulator(), await make_emulator()], key=lambda emulator: emulator.url)
+    dead.engine.pause()
+    spare.engine.pause()  # joins later, as idle as the dead one looks
+    client = await make_bridge(dead, job_idle_timeout=1.0)
+    assert (await generate(client, "stranded", SOLID))[0] == 200
+    info = await poll_status(client, "stranded", {"closed", "error"}, timeout=30)
+    assert (info["status"], info["detail"]) == ("error", "time out error: exceed 1s")
+    await wait_for(lambda: backend_states(client) == ["up"] and dead.engine.queue_remaining == 0)
+    # Still in doubt: with another backend about, a new job goes there, not to the dead one.
+    client.app[SCHEDULER].set_backends([dead.url, spare.url])
+    await wait_for(lambda: backend_states(client) == ["up", "up"])
+    assert (await generate(client, "next", SOLID))[0] == 200
+    await wait_for(lambda: spare.engine.queue_remaining == 1)
+    assert dead.engine.queue_remaining == 0
+    spare.engine.resume()
+    assert (await poll_status(client, "next", {"closed", "error"}))["status"] == "closed"
+    dead.engine.resume()  # it runs again: a job sent there starts, and the doubt is gone
+    client.app[SCHEDULER].set_backends([dead.url])
+    assert (await generate(client, "later", SOLID))[0] == 200
+    assert (await poll_status(client, "later", {"closed", "error"}, timeout=30))["status"] == "closed"
+    assert client.app[SCHEDULER].backends[dead.url].doubt == 0.0

@@ -24,6 +24,9 @@ class Backend:
     stuck_prompt: str | None = None  # the prompt ComfyUI runs without a sign of progress: no work until it moves
     checking: bool = False  # the watchdog is asking its /queue
     stalled_since: float | None = None  # when its /queue was first seen with prompts waiting and none running
+    # Back from a stall with nothing to show that its queue moves: seconds added to its lane, and one
+    # prompt at a time there, until a prompt starts (a dead worker takes one job, not all, each time).
+    doubt: float = 0.0
     submit_failures: int = 0
     queue_remaining: int = 0  # ComfyUI's own count, including prompts of other users
     last_workflow: str | None = None  # what it ran last, so its models are likely loaded
@@ -63,7 +66,7 @@ class Backend:
     def lane(self, runtimes: RunTimes) -> Lane:
         """When this backend could start one more job: the rest of its work, ours and other users'."""
         now = time.monotonic()
-        busy = 0.0
+        busy = self.doubt
         for job in self.inflight:
             estimate = runtimes.estimate(job.workflow, self.name, job.warm)
             busy += max(0.0, estimate - (now - job.started_at)) if job.started_at is not None else estimate

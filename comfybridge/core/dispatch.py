@@ -65,7 +65,7 @@ class Dispatcher:
         return next((b for b in core.backends.values() if self._has_room(b) and self._plan(b, [job], lanes) == 0), None)
 
     def _has_room(self, backend: Backend) -> bool:
-        return backend.usable and len(backend.inflight) <= self.core.settings.pipeline_depth
+        return backend.usable and len(backend.inflight) <= (0 if backend.doubt else self.core.settings.pipeline_depth)
 
     def _lanes(self) -> list[Lane]:
         core = self.core

@@ -232,14 +232,22 @@ class Failover:
                 core.end(silent, JobState.FAILED, reason)
             core.spawn(core.cancel_on_backend(backend, silent), f"cancel {silent.id}")
         # Not yet started there, handed over or on the way (dispatch takes back a prompt whose POST
-        # answers after its job was moved): all go elsewhere.
+        # answers after its job was moved): all go elsewhere. A stall counts against each of them as
+        # a lost run does, so that with no ComfyUI that runs anything every job still ends.
+        stalled = prompt_id == STALLED
         for job in [j for j in backend.inflight if j.started_at is None]:
             core.take_back(backend, job)
             core.spawn(backend.client.delete_queued([job.prompt_id]), f"take back {job.id}")
             backend.abandoned.add(job.prompt_id)  # in case the delete does not reach it: removed at reconnect
-            if not job.ended:
-                log.warning("job %s client %s: moving off stuck %s", job.id, job.client_id, backend.name)
-                core.send_again(job)
+            if job.ended:
+                continue
+            if stalled and job.retries >= 1:
+                log.warning("job %s client %s: %s (stalled twice)", job.id, job.client_id, reason)
+                core.end(job, JobState.FAILED, reason)
+                continue
+            log.warning("job %s client %s: moving off stuck %s", job.id, job.client_id, backend.name)
+            core.send_again(job, "lost run" if stalled else None)
+            core.tell(job, "listening", "its ComfyUI does not run it; waiting for another one")
         core.unbind_clients_of(backend)
         core.wake_all()
 
@@ -247,7 +255,10 @@ class Failover:
         """A stuck backend is asked, once a tick, whether the prompt it was stuck on still runs."""
         running, pending = await backend.client.queue()
         if backend.stuck_prompt == STALLED:
-            if running or not pending:
+            if running:
                 self.core.unstuck(backend, "its queue moves again")
+            elif not pending:  # our prompts were taken back: only a prompt sent there can tell
+                backend.doubt = self.core.settings.job_idle_timeout
+                self.core.unstuck(backend, "its queue is empty; trying it with one prompt")
         elif backend.stuck_prompt is not None and backend.stuck_prompt not in running:
             self.core.unstuck(backend, f"prompt {backend.stuck_prompt} no longer runs")

@@ -72,7 +72,7 @@ class Job:
     outcome: str | None = None  # what ComfyUI said: success, error or interrupted
     reported: str | None = None  # ComfyUI's error text for this run (the job's `error` is set as it ends)
     attempts: int = 0  # hand-overs that failed before ComfyUI took the prompt
-    retries: int = 0  # runs started again elsewhere after their backend died
+    retries: int = 0  # runs lost (its backend died under it, or its queue stalled), sent again
     started_at: float | None = None  # monotonic time of ComfyUI's execution_start
     finished_at: float | None = None  # monotonic time of ComfyUI's final `executing null`
     handed_at: float | None = None  # monotonic time its POST /prompt began
@@ -204,7 +204,7 @@ class Job:
     def retry(self, because: str | None = None) -> asyncio.Future[None]:
         """Back to the bridge's queue, to be sent again under a fresh prompt_id, so that a late event
         of the old one cannot be mistaken for it. `because` counts why, in the record: "hand-over"
-        (ComfyUI did not take it) or "lost run" (its backend died while it ran)."""
+        (ComfyUI did not take it) or "lost run" (its backend died while it ran, or ran nothing)."""
         attempts = self.attempts + (because == "hand-over")
         retries = self.retries + (because == "lost run")
         self.outcome = self.reported = None

@@ -43,6 +43,7 @@ class Tracker:
             return
         if backend.stuck_prompt is not None:
             self.core.unstuck(backend, f"it sent {event} again")
+        backend.doubt = 0.0  # its worker runs prompts
         job = self.core.by_prompt.get(data["prompt_id"])
         if job is None:
             return  # an ended job still follows its prompt: its slot is free only once ComfyUI is done
