@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import shutil
+from collections.abc import Iterable
 
 import aiohttp
 import pytest
 
 from comfybridge.core import scheduler as scheduler_module
-from comfybridge.edge.appkeys import SETTINGS
+from comfybridge.edge.appkeys import JOURNAL, SETTINGS
+from comfybridge.errors import StorageFull
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
 from .helpers import JPEG, MP4, OGG, WAV, Client, generate, png, read_results, run_job, stored, upload, without_job_id
@@ -190,3 +194,44 @@ async def test_a_sweep_expires_a_bounded_number_of_results(
     await wait_for(lambda: sum("expired 1 unfetched results" in r.getMessage() for r in caplog.records) == 3)
     assert not any("expired 2" in r.getMessage() or "expired 3" in r.getMessage() for r in caplog.records)
     assert (await client.get("/history", params={"clientId": "backlog"})).status == 204
+
+
+async def test_a_sweep_that_fails_does_not_end_the_sweeping(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The uploads folder removed under the bridge (or a full disk) fails a sweep: the next one runs
+    all the same, and results still expire."""
+    caplog.set_level(logging.INFO, logger="comfybridge")
+    client = await make_bridge(await make_emulator(), upload_ttl=0.3, result_ttl=0.5, inline_result_kb=0)
+    uploads = client.app[SETTINGS].data_dir / "uploads"
+    shutil.rmtree(uploads)
+    await wait_for(lambda: any("the sweep of expired" in r.getMessage() for r in caplog.records))
+    uploads.mkdir()
+    await run_job(client, "after", {"workflow": "solid", "1/batch_size": 1})
+    assert stored(client, "results")
+    await wait_for(lambda: not stored(client, "results"))
+    assert (await client.get("/history", params={"clientId": "after"})).status == 204
+
+
+async def test_results_whose_expiry_cannot_be_written_stay_fetchable(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk refuses the journal's note that results expired: they stay the client's, in
+    memory as on disk, and a next sweep tries again (they were dropped from memory first, so the
+    client lost them while their files and rows stayed for good)."""
+    client = await make_bridge(await make_emulator(), result_ttl=0.5, inline_result_kb=0)
+    journal = client.app[JOURNAL]
+    refused = asyncio.Event()
+
+    def full(job_ids: Iterable[str]) -> asyncio.Future[None]:
+        refused.set()
+        future = asyncio.get_running_loop().create_future()
+        future.set_exception(StorageFull("The bridge's disk is full"))
+        return future
+
+    monkeypatch.setattr(journal, "forget", full)
+    await run_job(client, "patient", {"workflow": "solid", "1/batch_size": 1})
+    await asyncio.wait_for(refused.wait(), 10)
+    resp = await client.get("/history", params={"clientId": "patient"})
+    assert resp.status == 200
+    assert len(await read_results(resp)) == 1

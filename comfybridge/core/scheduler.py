@@ -622,27 +622,42 @@ class Scheduler:
     async def _sweeper(self) -> None:
         """Expire old uploads, results and finished clients; now and then, remove the objects that no
         record names (a deletion refused or cut short by a stop, an upload whose answer was lost)."""
-        core, settings = self.core, self.settings
+        settings = self.settings
         orphans_due = time.monotonic() + min(ORPHANS_EVERY, settings.result_ttl)
         while True:
             await asyncio.sleep(min(60.0, settings.upload_ttl / 10, settings.result_ttl / 10))
-            if time.monotonic() >= orphans_due:
+            orphans = time.monotonic() >= orphans_due
+            if orphans:
                 orphans_due = time.monotonic() + min(ORPHANS_EVERY, settings.result_ttl)
-                await core.results.sweep_orphans(set(core.collecting) | self._linked, self.orphan_age)
-                await core.uploads.sweep_orphans(settings.upload_ttl)
-            await core.uploads.expire(settings.upload_ttl, SWEEP_BATCH)
-            old = core.results.expired(settings.result_ttl)[:SWEEP_BATCH]
-            if old:
-                for result in old:
-                    core.results.forget(result.client_id, [result])
+            try:
+                await self._sweep(orphans)
+            except (StorageError, OSError) as exc:  # a full disk, a folder removed: the next sweep tries again
+                log.error("the sweep of expired uploads and results failed; trying again later: %s", exc)
+            except Exception:  # a fault of ours, which must not end the sweeping for good
+                log.exception("the sweep of expired uploads and results failed; trying again later")
+
+    async def _sweep(self, orphans: bool) -> None:
+        core, settings = self.core, self.settings
+        if orphans:
+            await core.results.sweep_orphans(set(core.collecting) | self._linked, self.orphan_age)
+            await core.uploads.sweep_orphans(settings.upload_ttl)
+        await core.uploads.expire(settings.upload_ttl, SWEEP_BATCH)
+        old = core.results.expired(settings.result_ttl)[:SWEEP_BATCH]
+        if old:
+            core.results.hold(old)  # no request takes them while their end is written
+            try:
                 await core.journal.forget(r.job_id for r in old)
-                await core.results.delete(core.results.keys_of(old))
-                log.info("expired %d unfetched results", len(old))
-            cutoff = time.time() - settings.result_ttl
-            core.journal.forget_ended_before(cutoff)
-            for client in self.clients:
-                if client.touched < cutoff and self.clients.forget_if_done(client, core.owns_something, True):
-                    core.journal.forget_client(client.id)
+            finally:
+                core.results.release(old)
+            for result in old:
+                core.results.forget(result.client_id, [result])
+            await core.results.delete(core.results.keys_of(old))
+            log.info("expired %d unfetched results", len(old))
+        cutoff = time.time() - settings.result_ttl
+        core.journal.forget_ended_before(cutoff)
+        for client in self.clients:
+            if client.touched < cutoff and self.clients.forget_if_done(client, core.owns_something, True):
+                core.journal.forget_client(client.id)
 
 
 class Fetch(enum.Enum):

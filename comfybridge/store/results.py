@@ -160,6 +160,10 @@ class ResultStore:
         self._claimed.update(r.job_id for r in results)
         return results
 
+    def hold(self, results: list[JobResult]) -> None:
+        """Reserve these results for the bridge itself (their expiry being written): no request gets them."""
+        self._claimed.update(r.job_id for r in results)
+
     def release(self, results: list[JobResult]) -> None:
         """A delivery that did not complete: the results can be fetched again."""
         self._claimed.difference_update(r.job_id for r in results)
