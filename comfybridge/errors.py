@@ -5,6 +5,7 @@ __all__ = [
     "BridgeError",
     "Conflict",
     "Forbidden",
+    "Gone",
     "NoBackend",
     "NoLeader",
     "NotFound",
@@ -60,6 +61,12 @@ class Conflict(BridgeError):
     """What the request asks for is being done by another request right now (409)."""
 
     status = 409
+
+
+class Gone(BridgeError):
+    """What the request names existed and is lost for good (410)."""
+
+    status = 410
 
 
 class RequestTimeout(BridgeError):

@@ -16,7 +16,7 @@ from comfybridge.store import blobs
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
 from .fake_comfy import FakeComfy
-from .helpers import generate, png, poll_status, small_disk
+from .helpers import generate, png, poll_status, read_results, run_job, small_disk, stored
 
 SOLID = {"workflow": "solid", "1/batch_size": 1}
 NASTY_NAMES = [
@@ -179,3 +179,29 @@ async def test_a_result_that_trickles_in_fails_its_job_within_bounds(
     assert info["status"] == "error"
     assert info["detail"].startswith("ComfyUI did not give the results (")
     assert "too slow" in info["detail"]
+
+
+@pytest.mark.parametrize("tamper", ["remove", "cut short"])
+async def test_a_result_file_lost_to_other_hands_is_one_clear_410(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, tamper: str
+) -> None:
+    """A result file removed from the data folder, or cut short, by hand: not a 500 at every fetch
+    (the client's other results stuck behind it), nor an answer shorter than it says taken for whole
+    and forgotten: one 410 naming the job, whose results are forgotten, then the others."""
+    client = await make_bridge(await make_emulator(), inline_result_kb=0)  # results as files
+    jobs = []
+    for _ in range(2):
+        frames = await run_job(client, "tampered", SOLID)
+        jobs.append(frames[-1]["job_id"])
+    (victim,) = [path for path in stored(client, "results") if jobs[0] in str(path)]
+    if tamper == "remove":
+        victim.unlink()
+    else:
+        victim.write_bytes(victim.read_bytes()[:100])
+    resp = await client.get("/history", params={"clientId": "tampered"})
+    assert resp.status == 410
+    assert jobs[0] in (await resp.json())["detail"]
+    resp = await client.get("/history", params={"clientId": "tampered"})
+    assert resp.status == 200
+    assert [part[1] for part in await read_results(resp)] == [f"wf_b_empty_{jobs[1]}_00001_.png"]
+    assert (await client.get("/history", params={"clientId": "tampered"})).status == 204

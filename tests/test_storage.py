@@ -313,3 +313,23 @@ async def test_credentials_refused_at_start_are_one_line_and_exit_2(workdir: Pat
         flags = ["--emulate", "1", "--storage", f"s3://{bucket}", "--s3-endpoint", proxy.url]
         result = await asyncio.to_thread(run_cli, flags, workdir)
     assert_one_line_error(result, f"storage s3://{bucket} cannot be used", "(403: check the credentials)")
+
+
+async def test_a_result_object_removed_by_other_hands_cuts_the_answer_once_then_the_rest_come(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, s3: S3Server
+) -> None:
+    """Object storage is not asked about every object before a fetch: an object deleted by hand
+    shows when it is read. After the answer began, it is cut off (a short answer would be taken for
+    whole, and the results forgotten); the lost job's results are forgotten, the others come next."""
+    bucket = s3.new_bucket()
+    client = await make_bridge(await make_emulator(), storage=f"s3://{bucket}", s3_endpoint=s3.url, inline_result_kb=0)
+    jobs = [(await run_job(client, "tampered", {"workflow": "solid", "1/batch_size": 1}))[-1]["job_id"] for _ in "ab"]
+    (victim,) = [key for key in s3.keys(bucket) if jobs[1] in key]
+    s3.client().delete_object(Bucket=bucket, Key=victim)
+    resp = await client.get("/history", params={"clientId": "tampered"})
+    assert resp.status == 200  # the first job's file was on its way when the second's was missed
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await resp.read()
+    resp = await client.get("/history", params={"clientId": "tampered"})
+    assert [without_job_id(part[1]) for part in await read_results(resp)] == ["wf_b_empty_00001_.png"]
+    assert (await client.get("/history", params={"clientId": "tampered"})).status == 204

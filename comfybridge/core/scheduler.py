@@ -545,6 +545,14 @@ class Scheduler:
         done = client is not None and self.clients.forget_if_done(client, core.owns_something)
         core.spawn(self._forget_fetched(client_id, fetched, done, keep_for), f"forget fetched {client_id}")
 
+    def results_lost(self, client_id: str, lost: list[JobResult], why: str) -> None:
+        """Results that can never be delivered (their files removed or cut short by other hands):
+        forgotten as if fetched, and said loudly, since a client lost them."""
+        if lost:
+            log.error("client %s: results of job %s lost (%s); forgotten", client_id,
+                      ", ".join(r.job_id for r in lost), why)  # fmt: skip
+            self.results_fetched(client_id, lost)
+
     async def _forget_fetched(
         self, client_id: str, fetched: list[JobResult], client_done: bool, keep_for: float
     ) -> None:

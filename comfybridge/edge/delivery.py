@@ -3,22 +3,34 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import orjson
 from aiohttp import web
 
+from ..store.blobs import BlobGone
 from ..store.files import SMALL_FILE
 from ..store.results import ResultFile, ResultStore
 from .replies import quoted_header_text
 
-__all__ = ["links_reply", "write_base64", "write_multipart"]
+__all__ = ["ResultLost", "links_reply", "write_base64", "write_multipart"]
 
 
 CHUNK = 256 * 1024
 B64_CHUNK = 3 * 64 * 1024  # a multiple of 3, so chunks encode without padding in between
+
+
+class ResultLost(Exception):
+    """A result file gone from the store, or not of its recorded size (removed or cut short by other
+    hands). `sent`: the answer had begun, so it must be cut off, never completed short."""
+
+    def __init__(self, job_id: str, why: str) -> None:
+        super().__init__(why)
+        self.job_id = job_id
+        self.sent = False
 
 
 async def write_multipart(
@@ -39,19 +51,20 @@ async def write_multipart(
         )
     tail = f"--{boundary}--\r\n".encode()
     length = sum(len(h) + f.size + 2 for h, (_, f) in zip(heads, files, strict=True)) + len(tail)
-    chunks = await _opened(store, files[0][1], CHUNK) if files else None  # a store away: 503, not a cut
+    chunks = await _opened(store, *files[0], CHUNK) if files else None  # a store away: 503, not a cut
     response = web.StreamResponse(
         headers={"Content-Type": f"multipart/form-data; boundary={boundary}", "Content-Length": str(length)}
     )
     await response.prepare(request)
-    for index, (head, (_, item)) in enumerate(zip(heads, files, strict=True)):
-        await response.write(head)
-        if index:
-            chunks = await _opened(store, item, CHUNK)
-        assert chunks is not None
-        async for chunk in chunks:
-            await response.write(chunk)
-        await response.write(b"\r\n")
+    with _cut_if_lost():
+        for index, (head, (job_id, item)) in enumerate(zip(heads, files, strict=True)):
+            await response.write(head)
+            if index:
+                chunks = await _opened(store, job_id, item, CHUNK)
+            assert chunks is not None
+            async for chunk in chunks:
+                await response.write(chunk)
+            await response.write(b"\r\n")
     await response.write(tail)
     await response.write_eof()
     return response
@@ -68,27 +81,37 @@ async def write_base64(
     encoded = [4 * ((f.size + 2) // 3) for _, f in files]
     length = len(b'{"files":[') + sum(len(p) + n + 2 for p, n in zip(pieces, encoded, strict=True))
     length += max(0, len(files) - 1) + len(b"]}")
-    chunks = await _opened(store, files[0][1], B64_CHUNK) if files else None  # a store away: 503, not a cut
+    chunks = await _opened(store, *files[0], B64_CHUNK) if files else None  # a store away: 503, not a cut
     response = web.StreamResponse(headers={"Content-Type": "application/json", "Content-Length": str(length)})
     await response.prepare(request)
     await response.write(b'{"files":[')
-    for index, (piece, (_, item)) in enumerate(zip(pieces, files, strict=True)):
-        await response.write((b"," if index else b"") + piece)
-        if index:
-            chunks = await _opened(store, item, B64_CHUNK)
-        assert chunks is not None
-        async for chunk in chunks:
-            await response.write(base64.b64encode(chunk))
-        await response.write(b'"}')
+    with _cut_if_lost():
+        for index, (piece, (job_id, item)) in enumerate(zip(pieces, files, strict=True)):
+            await response.write((b"," if index else b"") + piece)
+            if index:
+                chunks = await _opened(store, job_id, item, B64_CHUNK)
+            assert chunks is not None
+            async for chunk in chunks:
+                await response.write(base64.b64encode(chunk))
+            await response.write(b'"}')
     await response.write(b"]}")
     await response.write_eof()
     return response
 
 
-async def _opened(store: ResultStore, item: ResultFile, size: int) -> AsyncIterator[bytes]:
+@contextlib.contextmanager
+def _cut_if_lost() -> Iterator[None]:
+    try:
+        yield
+    except ResultLost as exc:
+        exc.sent = True
+        raise
+
+
+async def _opened(store: ResultStore, job_id: str, item: ResultFile, size: int) -> AsyncIterator[bytes]:
     """A file's chunks (see `_chunks`), the first already read: a store that cannot give the file
     fails here, before anything of it is sent."""
-    chunks = _chunks(store, item, size)
+    chunks = _checked(store, job_id, item, size)
     first = await anext(chunks, b"")
 
     async def from_first() -> AsyncIterator[bytes]:
@@ -97,6 +120,22 @@ async def _opened(store: ResultStore, item: ResultFile, size: int) -> AsyncItera
             yield chunk
 
     return from_first()
+
+
+async def _checked(store: ResultStore, job_id: str, item: ResultFile, size: int) -> AsyncIterator[bytes]:
+    """`_chunks`, counted: ResultLost if the file is gone, or ends before or after its recorded size
+    (a response completed short would be taken for whole, and the results forgotten)."""
+    sent = 0
+    try:
+        async for chunk in _chunks(store, item, size):
+            sent += len(chunk)
+            if sent > item.size:
+                break
+            yield chunk
+    except BlobGone:
+        raise ResultLost(job_id, f"{item.file_name} of job {job_id} is gone from the bridge's storage") from None
+    if sent != item.size:
+        raise ResultLost(job_id, f"{item.file_name} of job {job_id} is not of its recorded size ({item.size} bytes)")
 
 
 async def _chunks(store: ResultStore, item: ResultFile, size: int) -> AsyncIterator[bytes]:

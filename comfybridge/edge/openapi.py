@@ -31,6 +31,8 @@ def _errors(*codes: int) -> dict[str, Any]:
         403: "the API key may not do this",
         404: "not found",
         405: "method not allowed",
+        409: "the client's results are being sent to another request right now",
+        410: "results whose files were lost (removed or cut short by other hands), now forgotten",
         413: "too large",
         415: "not an allowed, whole media file",
         429: "too many requests or jobs (see Retry-After)",
@@ -234,7 +236,7 @@ def document(workflows: WorkflowStore, aliases: list[str]) -> dict[str, Any]:
                         },
                     },
                     "204": {"description": "nothing to fetch; the reason is in the X-Detail header"},
-                    **_errors(400),
+                    **_errors(400, 409, 410),
                 },
             }
         },

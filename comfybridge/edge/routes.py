@@ -10,16 +10,17 @@ from aiohttp import BodyPartReader, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from ..core.clients import unscoped
-from ..core.scheduler import Fetch
+from ..core.scheduler import Fetch, Scheduler
 from ..core.webhooks import check_public, check_url
-from ..errors import BadInput, Conflict, NoBackend, NotFound
+from ..errors import BadInput, Conflict, Gone, NoBackend, NotFound
 from ..store.media import content_type_for
+from ..store.results import JobResult
 from ..store.uploads import IncomingFile
 from . import openapi
 from .access import KEY, client_id_of
 from .appkeys import SCHEDULER, SETTINGS, WORKFLOWS
 from .bodies import BodyDeadline, expect_continue, expect_nothing, json_body, part_chunks, refuse_early
-from .delivery import links_reply, write_base64, write_multipart
+from .delivery import ResultLost, links_reply, write_base64, write_multipart
 from .operations import docs, health, metrics, playground, playground_file, ready
 from .replies import json_response
 from .ws import websocket_handler
@@ -181,6 +182,9 @@ async def history(request: web.Request) -> web.StreamResponse:
     if found is Fetch.NOTHING:
         return web.Response(status=204, headers={"X-Detail": NO_CONTENT.format(unscoped(client_id))})
     files = [(result.job_id, f) for result in fetched for f in result.files]
+    damaged = await scheduler.result_store.damaged(files)
+    if damaged:
+        raise _lost(scheduler, client_id, fetched, damaged, "removed or cut short on the bridge's disk")
     if as_links:
         ttl = request.app[SETTINGS].link_ttl
         try:
@@ -195,11 +199,28 @@ async def history(request: web.Request) -> web.StreamResponse:
             response = await write_base64(request, scheduler.result_store, files)
         else:
             response = await write_multipart(request, scheduler.result_store, files)
+    except ResultLost as exc:
+        refusal = _lost(scheduler, client_id, fetched, {exc.job_id}, str(exc))
+        if exc.sent and request.transport is not None:  # cut off: a short answer would pass for whole
+            request.transport.close()
+            raise ConnectionResetError(str(exc)) from None
+        raise refusal from None
     except BaseException:
         scheduler.release_results(fetched)
         raise
     scheduler.results_fetched(client_id, fetched)
     return response
+
+
+def _lost(scheduler: Scheduler, client_id: str, fetched: list[JobResult], jobs: set[str], why: str) -> Gone:
+    """Results whose files other hands removed or cut short are forgotten, so that they do not fail
+    every fetch; the others can be fetched again at once."""
+    scheduler.release_results([r for r in fetched if r.job_id not in jobs])
+    scheduler.results_lost(client_id, [r for r in fetched if r.job_id in jobs], why)
+    return Gone(
+        f"The results of job {', '.join(sorted(jobs))} are lost ({why}); they are forgotten. "
+        "Fetch again for the other results."
+    )
 
 
 def setup_routes(app: web.Application) -> None:

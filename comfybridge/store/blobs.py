@@ -55,6 +55,10 @@ class BlobStore(Protocol):
 
     async def exists(self, key: str) -> bool: ...
 
+    async def sizes(self, keys: list[str]) -> dict[str, int] | None:
+        """The size of each of these blobs that exists; None where asking costs a round trip each
+        (object storage: its reads fail instead)."""
+
     async def seal(self, prefix: str) -> None:
         """The blobs under `prefix` are all written: their names, too, survive a power cut."""
 
@@ -133,6 +137,9 @@ class LocalBlobs:
     async def exists(self, key: str) -> bool:
         return await asyncio.to_thread(self.path(key).is_file)
 
+    async def sizes(self, keys: list[str]) -> dict[str, int] | None:
+        return await asyncio.to_thread(_sizes, self.root, keys)
+
     async def delete(self, keys: list[str]) -> None:
         await asyncio.to_thread(_delete_files, self.root, keys)
 
@@ -150,6 +157,14 @@ class LocalBlobs:
 def _sync_folders(folder: Path) -> None:
     fsync_path(folder)
     fsync_path(folder.parent)
+
+
+def _sizes(root: Path, keys: list[str]) -> dict[str, int]:
+    found = {}
+    for key in keys:
+        with contextlib.suppress(OSError):
+            found[key] = (root / key).stat().st_size
+    return found
 
 
 def _delete_files(root: Path, keys: list[str]) -> None:

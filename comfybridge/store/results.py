@@ -124,6 +124,16 @@ class ResultStore:
     def files_from(self, job_id: str, records: list[dict[str, Any]]) -> list[ResultFile]:
         return [_file_of(job_id, r) for r in records]
 
+    async def damaged(self, files: list[tuple[str, ResultFile]]) -> set[str]:
+        """Ids of the jobs among these (job id, file) whose stored files are gone or not of their
+        recorded size: removed or cut short by other hands. Asked of a local folder only (a stat
+        each, one trip to a thread); from object storage, such a file fails its read."""
+        stored = [(job_id, f) for job_id, f in files if f.data is None]
+        sizes = await self.blobs.sizes([f.key for _, f in stored]) if stored else None
+        if sizes is None:
+            return set()
+        return {job_id for job_id, f in stored if sizes.get(f.key) != f.size}
+
     async def missing(self, jobs: dict[str, list[ResultFile]]) -> set[str]:
         """Ids of the given jobs some of whose files are not in the store any more."""
         if all(f.data is not None for files in jobs.values() for f in files):

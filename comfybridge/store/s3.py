@@ -133,6 +133,9 @@ class S3Blobs:
             return False
         return True
 
+    async def sizes(self, keys: list[str]) -> dict[str, int] | None:
+        return None  # a HEAD each: a read of an object that is gone fails instead
+
     async def seal(self, prefix: str) -> None:
         pass  # an object is durable once its upload completes
 
