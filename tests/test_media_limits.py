@@ -397,6 +397,18 @@ FTYP = box(b"ftyp", b"heic", bytes(4))
 BROKEN = {
     "PNG chunk longer than the file": ("x.png", apng(8, 8, 1)[:33] + b"\x7f\xff\xff\xffIDAT" + IEND),
     "PNG IHDR too short for a size": ("x.png", b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", b"\x00\x00") + IEND),
+    "PNG with a second IHDR (a decoder may take its size)": (
+        "x.png",
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 4, 8, 0, 0, 0, 0))
+        + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 12000, 12000, 8, 0, 0, 0, 0))
+        + png_chunk(b"IDAT", deflated(4, 4))
+        + IEND,
+    ),
+    "PNG of no pixels": (
+        "x.png",
+        b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 0, 0, 8, 0, 0, 0, 0)) + IEND,
+    ),
     "APNG fcTL too short": (
         "x.png",
         apng(8, 8, 1)[:33] + png_chunk(b"acTL", struct.pack(">II", 2, 0)) + png_chunk(b"fcTL", b"\x00" * 8) + IEND,

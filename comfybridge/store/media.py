@@ -252,7 +252,10 @@ def _png(walk: _Walk, tally: _Tally) -> None:
     kind, length = next(chunks)
     if kind != b"IHDR":
         raise BadHeaders("no IHDR first")
-    tally.grow(*struct.unpack(">II", _body(walk, length, 8)))
+    size = struct.unpack(">II", _body(walk, length, 8))
+    if 0 in size:  # the PNG standard forbids it; decoders differ on what they make of it
+        raise BadHeaders("an image with no pixels")
+    tally.grow(*size)
     declared = extra = 0
     for kind, length in chunks:
         if kind == b"acTL" and not declared:
@@ -267,6 +270,8 @@ def _png(walk: _Walk, tally: _Tally) -> None:
             tally.add()
         elif kind == b"IEND":
             break
+        elif kind == b"IHDR":  # one only: a decoder may take the second's size, which was not checked
+            raise BadHeaders("a second IHDR")
     tally.fill(max(declared + extra, 1))
 
 
