@@ -162,6 +162,29 @@ class SqliteJournal:
         self._identity: tuple[int, int] | None = None  # (device, inode) of the file opened
 
     # start-up --------------------------------------------------------------------------------
+    def _check_not_emptied(self, counted: int) -> None:
+        """SQLite takes an empty file for an empty journal: one emptied by other hands, in a data folder
+        that counted jobs, would lose them in silence. A journal that is not there at all starts afresh
+        (a first start, or one after an upgrade from before the journal), said in the log."""
+        if counted <= 0:
+            return
+        wal = self.path.with_name(self.path.name + "-wal")
+        if not self.path.exists():
+            if not wal.exists():
+                log.warning(
+                    "no journal at %s, though this data folder counted %d jobs: starting with none "
+                    "(jobs accepted before, if any, are not known to this bridge)",
+                    self.path,
+                    counted,
+                )
+            return
+        if self.path.stat().st_size == 0 and (not wal.exists() or wal.stat().st_size == 0):
+            raise JournalError(
+                f"journal {self.path} is empty, but this data folder counted {counted} jobs: it was emptied by "
+                "other hands. Restore it from a backup, or remove it to start with no jobs (accepted jobs are "
+                "never dropped silently)"
+            )
+
     async def open(self, count_floor: int = 0) -> list[dict[str, Any]]:
         rows = await asyncio.to_thread(self._open_file, count_floor)
         self._start()
@@ -170,6 +193,7 @@ class SqliteJournal:
     def _open_file(self, count_floor: int) -> list[dict[str, Any]]:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._check_not_emptied(count_floor)
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._conn = conn
             conn.execute("PRAGMA journal_mode=WAL")
