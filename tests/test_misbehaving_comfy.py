@@ -404,3 +404,26 @@ async def test_with_no_comfyui_that_runs_anything_a_job_still_ends(
     assert (await generate(client, "later", SOLID))[0] == 200
     assert (await poll_status(client, "later", {"closed", "error"}, timeout=30))["status"] == "closed"
     assert client.app[SCHEDULER].backends[dead.url].doubt == 0.0
+
+
+async def test_a_prompt_comfyui_never_says_it_left_frees_its_place_once_gone_from_the_queue(
+    make_fake: Any, make_bridge: BridgeFactory
+) -> None:
+    """No final `executing null` (a fork of ComfyUI, a proxy that dropped it): the job ends at its
+    `execution_success` all the same, and its place in ComfyUI, held until the prompt leaves, is
+    freed once ComfyUI's queue no longer has it, instead of being held for good."""
+    fake: FakeComfy = await make_fake()
+
+    def without_the_last_word(text: str) -> str:
+        message = orjson.loads(text)
+        if message.get("type") == "executing" and message["data"].get("node") is None:
+            return orjson.dumps({"type": "dropped", "data": {}}).decode()
+        return text
+
+    fake.rewrite = without_the_last_word
+    client = await make_bridge(fake.url, job_idle_timeout=1.0, pipeline_depth=0)
+    for name in ("first", "second", "third"):  # one place only: each waits for the one before to leave
+        assert (await generate(client, name, SOLID))[0] == 200
+    for name in ("first", "second", "third"):
+        assert (await poll_status(client, name, {"closed", "error"}, timeout=30))["status"] == "closed"
+    await wait_for(lambda: not client.app[SCHEDULER].backends[fake.url].inflight)

@@ -173,6 +173,9 @@ class Failover:
                 head = next((j for j in backend.inflight if j.state is not JobState.SUBMITTING), None)
                 if head is None or now - head.last_event < limit:
                     continue
+                if head.ended:  # it ended, and its prompt's final `executing null` never came
+                    self._ask(backend, self._left_unsaid(backend, head))
+                    continue
                 if head.state is JobState.QUEUED and backend.queue_remaining > len(backend.inflight):
                     self._ask(backend, self._behind_others(backend, head))
                     continue
@@ -180,6 +183,16 @@ class Failover:
                     self._stuck(backend, head, head.prompt_id)
                 else:  # ComfyUI has not started it, with nothing of anyone's ahead: its queue is dead
                     self._stuck(backend, None, STALLED)
+
+    async def _left_unsaid(self, backend: Backend, job: Job) -> None:
+        """An ended job still holds its place until ComfyUI says its prompt left (`executing null`).
+        Said nowhere (a fork of ComfyUI, a proxy that dropped it), the place would be held for good:
+        once ComfyUI's queue no longer has the prompt, it is free."""
+        running, pending = await backend.client.queue()
+        if job in backend.inflight and job.prompt_id not in running and job.prompt_id not in pending:
+            log.warning("job %s: %s never said its prompt left, but it has", job.id, backend.name)
+            self.tracker.left(backend, job)
+            self.core.wake_all()
 
     def _ask(self, backend: Backend, question: Coroutine[Any, Any, None]) -> None:
         """One question to a backend's /queue at a time, in a task of its own (the watchdog never waits)."""

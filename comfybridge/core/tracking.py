@@ -124,9 +124,14 @@ class Tracker:
             if job.outcome == "success":
                 core.runtimes.observe(job.workflow, backend.name, ran, job.warm)
         self._collect(backend, job)
-        core.take_back(backend, job)
+        self.left(backend, job)
+
+    def left(self, backend: Backend, job: Job) -> None:
+        """The job's prompt has left ComfyUI: its place there is free (and its history, once
+        delivered, may go)."""
+        self.core.take_back(backend, job)
         if job.forget_on_leave:
-            care.forget_later(backend, job.prompt_id, core.spawn)
+            care.forget_later(backend, job.prompt_id, self.core.spawn)
 
     def _collect(self, backend: Backend, job: Job) -> None:
         """Collect the job's results once: at `execution_success` when every event of its prompt was
