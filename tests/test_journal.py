@@ -293,6 +293,9 @@ async def test_a_journal_deleted_or_replaced_while_running_stops_new_jobs(
     assert body["detail"].endswith("It must be restarted.")
     assert await (await client.get("/generation-count")).json() == 1
     assert any(r.levelname == "ERROR" and "accepting no new jobs" in r.getMessage() for r in caplog.records)
+    status, body = await upload(client, {"file": ("a.png", png())}, client_id="after")  # no job could use it
+    assert status == 503
+    assert body["detail"].startswith("The bridge cannot take uploads: its journal ")
 
 
 async def test_results_no_journal_row_names_are_moved_aside_at_start_never_deleted(

@@ -272,6 +272,10 @@ class Scheduler:
     ) -> dict[str, str]:
         """Store an upload request's files (all or none); with a clientId they are its own, and it is
         known; without, they are for any client of the caller's API key (`scope`), or of none."""
+        if self.core.journal_lost is not None:  # no job could use them: the folder is not ours any more
+            raise StorageUnavailable(
+                f"The bridge cannot take uploads: its journal {self.core.journal_lost}. It must be restarted."
+            )
         owner = client_id if client_id is not None else key_pool(scope)
         names = await self.core.uploads.receive(owner, parts)
         if client_id is not None:
