@@ -202,7 +202,9 @@ async def test_a_sweep_that_fails_does_not_end_the_sweeping(
     """The uploads folder removed under the bridge (or a full disk) fails a sweep: the next one runs
     all the same, and results still expire."""
     caplog.set_level(logging.INFO, logger="comfybridge")
-    client = await make_bridge(await make_emulator(), upload_ttl=0.3, result_ttl=0.5, inline_result_kb=0)
+    client = await make_bridge(  # in folders, whatever the test run's storage: one is removed
+        await make_emulator(), upload_ttl=0.3, result_ttl=0.5, inline_result_kb=0, storage="", s3_endpoint=""
+    )
     uploads = client.app[SETTINGS].data_dir / "uploads"
     shutil.rmtree(uploads)
     await wait_for(lambda: any("the sweep of expired" in r.getMessage() for r in caplog.records))
