@@ -242,6 +242,37 @@ async def test_frames_to_a_slow_reader_wait_in_order_and_close_comes_last() -> N
     assert socket.sent == [b"one", b"two"]
 
 
+def test_a_frame_to_a_socket_of_uvloop_is_written_at_once() -> None:
+    """uvloop's transports have WriteTransport's methods but not its class: a frame to one is written
+    straight, as to asyncio's, not sent by a task of its own."""
+    uvloop = pytest.importorskip("uvloop")
+
+    class Socket:
+        closed = False
+
+    async def main() -> bytes:
+        loop = asyncio.get_running_loop()
+        heard: asyncio.Future[bytes] = loop.create_future()
+
+        class Reader(asyncio.Protocol):
+            def data_received(self, data: bytes) -> None:
+                heard.set_result(data)
+
+        server = await loop.create_server(Reader, "127.0.0.1", 0)
+        transport, _ = await loop.create_connection(asyncio.Protocol, *server.sockets[0].getsockname()[:2])
+        try:
+            outbox = Outbox(Socket(), transport, Supervisor())  # type: ignore[arg-type]
+            outbox.put(b"one")
+            assert outbox.sender is None
+            return await asyncio.wait_for(heard, 5)
+        finally:
+            transport.close()
+            server.close()
+            await server.wait_closed()
+
+    assert uvloop.run(main()) == text_frame(b"one")
+
+
 async def test_progress_frames_are_coalesced_the_last_never_held_back(
     make_emulator: EmulatorFactory, make_bridge: BridgeFactory
 ) -> None:

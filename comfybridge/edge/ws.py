@@ -7,6 +7,7 @@ import collections
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterable
+from typing import cast
 
 import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -55,7 +56,10 @@ class Outbox:
     ) -> None:
         self.ws = ws
         self.supervisor = supervisor  # the hub's: it holds the sender task while one runs
-        self.transport = transport if isinstance(transport, asyncio.WriteTransport) else None
+        # Not isinstance(transport, asyncio.WriteTransport): uvloop's have its methods, not its class,
+        # and every frame would go through a task.
+        writable = hasattr(transport, "get_write_buffer_size")
+        self.transport = cast(asyncio.WriteTransport, transport) if writable else None
         self.waiting: collections.deque[bytes | None] = collections.deque()
         self.sender: asyncio.Task[None] | None = None
 
