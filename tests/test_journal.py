@@ -17,6 +17,7 @@ import pytest
 from comfybridge.core.jobs import InvalidStep, Job, JobState
 from comfybridge.edge.appkeys import JOURNAL, SETTINGS
 from comfybridge.errors import StorageFull
+from comfybridge.store import journal as journal_module
 from comfybridge.store import results as results_module
 from comfybridge.store.journal import SqliteJournal
 
@@ -184,6 +185,37 @@ async def test_concurrent_accepts_share_commits(tmp_path: Path) -> None:
     await reopened.close()
     assert [row["seq"] for row in rows] == list(range(1, 201))
     assert reopened.bridge_id == journal.bridge_id
+
+
+async def test_forgets_wait_and_share_one_commit_and_spare_a_job_accepted_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Forgets are written together, LATER seconds on (or at close), in one commit off the path of the
+    writes that follow; a client's forget spares its job accepted meanwhile, even if that one ended first."""
+    monkeypatch.setattr(journal_module, "LATER", 3600.0)  # they go at close, whatever the machine's pace
+    journal = SqliteJournal(tmp_path / "journal.sqlite3")
+    await journal.open()
+    commits: list[float] = []
+    try:
+        jobs = [Job(f"c{i}", "w", b'{"1": {"class_type": "X", "inputs": {}}}', 0) for i in range(20)]
+        await asyncio.gather(*(journal.accept(job.record()) for job in jobs))
+        await asyncio.gather(*(journal.update(job.id, {"state": "done"}) for job in jobs))
+        journal.on_commit = commits.append
+        forgets = [journal.forget([job.id]) for job in jobs[:10]]
+        forgets += [journal.forget_client(job.client_id) for job in jobs[10:19]]
+        again = Job("c10", "w", b'{"1": {"class_type": "X", "inputs": {}}}', 0)  # c10 is back meanwhile
+        await journal.accept(again.record())
+        await journal.update(again.id, {"state": "done"})
+        assert len(commits) == 2
+        assert not any(forget.done() for forget in forgets)
+    finally:
+        await journal.close()
+    await asyncio.gather(*forgets)
+    assert len(commits) == 3
+    reopened = SqliteJournal(tmp_path / "journal.sqlite3")
+    rows = await reopened.open()
+    await reopened.close()
+    assert [row["id"] for row in rows] == [jobs[19].id, again.id]
 
 
 async def test_full_disk_refuses_with_507_and_corrupts_nothing(

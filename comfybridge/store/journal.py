@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2  # 2: jobs.webhook, and the deliveries table
 MAX_BATCH = 512  # writes in one commit at most, so one commit never holds the others back for long
+LATER = 0.5  # seconds forgets wait to be written together, off the path of the jobs that follow
 ENDED_STATES = ("done", "failed", "cancelled")
 JSON_COLUMNS = {"uploads", "results"}  # and prompt, kept as the JSON bytes the job holds
 COLUMNS = (
@@ -159,6 +160,8 @@ class SqliteJournal:
         self._queue: queue.SimpleQueue[tuple[Write, asyncio.Future[Any]] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._later: list[tuple[Write, asyncio.Future[Any]]] = []  # forgets waiting to go together
+        self._later_timer: asyncio.TimerHandle | None = None
         self._identity: tuple[int, int] | None = None  # (device, inode) of the file opened
 
     # start-up --------------------------------------------------------------------------------
@@ -260,6 +263,7 @@ class SqliteJournal:
     async def close(self) -> None:
         """Every write asked for so far lands, then the file is closed."""
         if self._thread is not None:
+            self._send_later()
             self._queue.put(None)
             await asyncio.to_thread(self._thread.join)
             self._thread = None
@@ -312,13 +316,17 @@ class SqliteJournal:
 
     def forget(self, job_ids: Iterable[str]) -> asyncio.Future[None]:
         ids = [(job_id,) for job_id in job_ids]
-        return self._submit(lambda conn, batch: conn.executemany("DELETE FROM jobs WHERE id = ?", ids))
+        return self._submit(lambda conn, batch: conn.executemany("DELETE FROM jobs WHERE id = ?", ids), later=True)
 
     def forget_client(self, client_id: str) -> asyncio.Future[None]:
+        # Written later: a job the clientId gets meanwhile, which may end before, is counted past `upto`.
+        upto = self.count
         return self._submit(
             lambda conn, batch: conn.execute(
-                "DELETE FROM jobs WHERE client_id = ? AND state IN (?, ?, ?)", (client_id, *ENDED_STATES)
-            )
+                "DELETE FROM jobs WHERE client_id = ? AND state IN (?, ?, ?) AND seq <= ?",
+                (client_id, *ENDED_STATES, upto),
+            ),
+            later=True,
         )
 
     def forget_ended_before(self, cutoff: float) -> asyncio.Future[None]:
@@ -328,13 +336,29 @@ class SqliteJournal:
             )
         )
 
-    def _submit(self, write: Write) -> asyncio.Future[Any]:
+    def _submit(self, write: Write, later: bool = False) -> asyncio.Future[Any]:
+        """Hand a write to the writer thread. Writes `later` (forgets: nothing waits on them but the
+        removal of files already delivered) wait LATER seconds and go together: one commit for all the
+        jobs fetched meanwhile, not one each, and none in the way of the next job's accept."""
         if self._loop is None or self._thread is None:
             raise RuntimeError("the journal is not open for writes")
         future: asyncio.Future[Any] = self._loop.create_future()
         future.add_done_callback(_log_failure)  # also for writes nobody waits for
+        if later:
+            self._later.append((write, future))
+            if self._later_timer is None:
+                self._later_timer = self._loop.call_later(LATER, self._send_later)
+            return future
         self._queue.put((write, future))
         return future
+
+    def _send_later(self) -> None:
+        if self._later_timer is not None:
+            self._later_timer.cancel()
+            self._later_timer = None
+        for item in self._later:
+            self._queue.put(item)
+        self._later.clear()
 
     # the writer thread -----------------------------------------------------------------------
     def _write_loop(self) -> None:
