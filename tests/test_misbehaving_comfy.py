@@ -427,3 +427,24 @@ async def test_a_prompt_comfyui_never_says_it_left_frees_its_place_once_gone_fro
     for name in ("first", "second", "third"):
         assert (await poll_status(client, name, {"closed", "error"}, timeout=30))["status"] == "closed"
     await wait_for(lambda: not client.app[SCHEDULER].backends[fake.url].inflight)
+
+
+async def test_jobs_behind_a_cancelled_prompt_that_ignores_the_interrupt_move_off(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    """A job ends at its interrupt, but a node deaf to it keeps its prompt running: the job queued
+    behind it on that ComfyUI moves to another, as behind any prompt that shows no progress."""
+    held = await make_emulator()
+    client = await make_bridge(held, job_idle_timeout=1.0, pipeline_depth=1)
+    held.engine.faults.hang_after_nodes = 1  # a node deaf to interrupts
+    assert (await generate(client, "a", SOLID))[0] == 200
+    assert (await generate(client, "b", SOLID))[0] == 200
+    scheduler = client.app[SCHEDULER]
+    await wait_for(lambda: len(held.engine.started) == 1 and len(scheduler.backends[held.url].inflight) == 2)
+    assert (await client.post("/interrupt", params={"clientId": "a"})).status == 200
+    await poll_status(client, "a", {"error"})
+    spare = await make_emulator()
+    scheduler.set_backends([held.url, spare.url])
+    assert (await poll_status(client, "b", {"closed", "error"}, timeout=15))["status"] == "closed"
+    assert len(spare.engine.started) == 1
+    held.engine.release_hang()

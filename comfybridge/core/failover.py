@@ -96,22 +96,22 @@ class Failover:
             backend.abandoned.add(job.prompt_id)
             if job.ended or job.id in core.collecting:  # its prompt succeeded: its results are being fetched
                 continue
-            if self._send_again(job):
+            if self._send_again(job, _ran(job)):
                 log.warning("job %s client %s: moving off %s", job.id, job.client_id, backend.name)
                 core.tell(job, "listening", "its ComfyUI is gone; waiting for another one")
         backend.down_since = None  # its clients are no longer held for it
         core.unbind_clients_of(backend)
         core.wake_all()
 
-    def _send_again(self, job: Job) -> bool:
-        """A job whose prompt its ComfyUI lost goes back to the queue, unless it was lost twice while it
-        ran: then it fails, so that a prompt that kills ComfyUI (which comes back and forgets it) is not
-        sent for ever. Returns whether it is sent again."""
-        ran = job.started_at is not None or job.state is JobState.RUNNING
-        if ran and job.retries >= 1:
-            self.core.end(job, JobState.FAILED, DISCONNECTED)
+    def _send_again(self, job: Job, lost: bool, failure: str = DISCONNECTED) -> bool:
+        """A job whose prompt its ComfyUI lost or will not run goes back to the queue. A `lost` run
+        (it ran, or waited job_idle_timeout in a queue that never moved) counts, and a second one fails
+        it with `failure`: a prompt that kills ComfyUI (which comes back and forgets it), or ComfyUIs
+        that run nothing, must not keep it going for ever. Returns whether it is sent again."""
+        if lost and job.retries >= 1:
+            self.core.end(job, JobState.FAILED, failure)
             return False
-        self.core.send_again(job, "lost run" if ran else None)
+        self.core.send_again(job, "lost run" if lost else None)
         return True
 
     async def reconcile(self, backend: Backend) -> None:
@@ -141,7 +141,7 @@ class Failover:
                 self.tracker.prompt_finished(backend, job)
             elif not job.ended:
                 core.take_back(backend, job)
-                if self._send_again(job):
+                if self._send_again(job, _ran(job)):
                     log.warning("job %s client %s: unknown to %s, sending it again",
                                 job.id, job.client_id, backend.name)  # fmt: skip
             else:
@@ -185,11 +185,18 @@ class Failover:
                     self._stuck(backend, None, STALLED)
 
     async def _left_unsaid(self, backend: Backend, job: Job) -> None:
-        """An ended job still holds its place until ComfyUI says its prompt left (`executing null`).
-        Said nowhere (a fork of ComfyUI, a proxy that dropped it), the place would be held for good:
-        once ComfyUI's queue no longer has the prompt, it is free."""
+        """An ended job still holds its place until ComfyUI says its prompt left (`executing null`),
+        for job_idle_timeout now. Gone from ComfyUI's queue (the word lost: a fork of ComfyUI, a proxy
+        that dropped it), the place is free. Still running there (ended by an interrupt that a node
+        ignores, say), the backend is stuck on it, and the jobs behind it move."""
         running, pending = await backend.client.queue()
-        if job in backend.inflight and job.prompt_id not in running and job.prompt_id not in pending:
+        if job not in backend.inflight:
+            return
+        if job.prompt_id in running:
+            self._stuck(backend, job, job.prompt_id)
+        elif job.prompt_id in pending:
+            self._stuck(backend, None, STALLED)
+        else:
             log.warning("job %s: %s never said its prompt left, but it has", job.id, backend.name)
             self.tracker.left(backend, job)
             self.core.wake_all()
@@ -247,20 +254,19 @@ class Failover:
         # Not yet started there, handed over or on the way (dispatch takes back a prompt whose POST
         # answers after its job was moved): all go elsewhere. A stall counts against each of them as
         # a lost run does, so that with no ComfyUI that runs anything every job still ends.
-        stalled = prompt_id == STALLED
+        # A stall counts against a job that waited it out, as a lost run does (with no ComfyUI that
+        # runs anything, every job still ends); not against one handed over a moment ago.
+        stalled_since = time.monotonic() - limit if prompt_id == STALLED else None
         for job in [j for j in backend.inflight if j.started_at is None]:
             core.take_back(backend, job)
             core.spawn(backend.client.delete_queued([job.prompt_id]), f"take back {job.id}")
             backend.abandoned.add(job.prompt_id)  # in case the delete does not reach it: removed at reconnect
             if job.ended:
                 continue
-            if stalled and job.retries >= 1:
-                log.warning("job %s client %s: %s (stalled twice)", job.id, job.client_id, reason)
-                core.end(job, JobState.FAILED, reason)
-                continue
-            log.warning("job %s client %s: moving off stuck %s", job.id, job.client_id, backend.name)
-            core.send_again(job, "lost run" if stalled else None)
-            core.tell(job, "listening", "its ComfyUI does not run it; waiting for another one")
+            waited = stalled_since is not None and job.handed_at is not None and job.handed_at <= stalled_since
+            if self._send_again(job, waited, reason):
+                log.warning("job %s client %s: moving off stuck %s", job.id, job.client_id, backend.name)
+                core.tell(job, "listening", "its ComfyUI does not run it; waiting for another one")
         core.unbind_clients_of(backend)
         core.wake_all()
 
@@ -275,3 +281,7 @@ class Failover:
                 self.core.unstuck(backend, "its queue is empty; trying it with one prompt")
         elif backend.stuck_prompt is not None and backend.stuck_prompt not in running:
             self.core.unstuck(backend, f"prompt {backend.stuck_prompt} no longer runs")
+
+
+def _ran(job: Job) -> bool:
+    return job.started_at is not None or job.state is JobState.RUNNING
