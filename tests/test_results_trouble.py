@@ -8,6 +8,7 @@ import errno
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 
@@ -16,9 +17,10 @@ from comfybridge.store import blobs
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
 from .fake_comfy import FakeComfy
-from .helpers import generate, png, poll_status, read_results, run_job, small_disk, stored
+from .helpers import generate, png, poll_status, read_results, run_job, small_disk, stored, without_job_id
 
 SOLID = {"workflow": "solid", "1/batch_size": 1}
+ON_DISK = {"storage": "", "s3_endpoint": ""}  # results as files in the data folder, whatever the run's storage
 NASTY_NAMES = [
     "a\x00b.png",
     "line\r\nX-Injected: yes.png",
@@ -191,7 +193,7 @@ async def test_a_result_file_lost_to_other_hands_is_one_clear_410(
     """A result file removed from the data folder, or cut short, by hand: not a 500 at every fetch
     (the client's other results stuck behind it), nor an answer shorter than it says taken for whole
     and forgotten: one 410 naming the job, whose results are forgotten, then the others."""
-    client = await make_bridge(await make_emulator(), inline_result_kb=0)  # results as files
+    client = await make_bridge(await make_emulator(), inline_result_kb=0, **ON_DISK)
     jobs = []
     for _ in range(2):
         frames = await run_job(client, "tampered", SOLID)
@@ -208,3 +210,52 @@ async def test_a_result_file_lost_to_other_hands_is_one_clear_410(
     assert resp.status == 200
     assert [part[1] for part in await read_results(resp)] == [f"wf_b_empty_{jobs[1]}_00001_.png"]
     assert (await client.get("/history", params={"clientId": "tampered"})).status == 204
+
+
+async def test_a_passing_read_error_is_a_503_and_keeps_the_results(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EIO, a permission, a stale NFS handle: a trouble that may pass, not a file lost. The fetch is
+    refused (503), nothing is forgotten, and the next fetch gets the results."""
+    client = await make_bridge(await make_emulator(), inline_result_kb=0, **ON_DISK)
+    job = (await run_job(client, "nfs", SOLID))[-1]["job_id"]
+    (victim,) = [path for path in stored(client, "results") if job in str(path)]
+    real = Path.stat
+
+    def flaky(self: Path, *args: Any, **kwargs: Any) -> Any:
+        if self == victim:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", flaky)
+    resp = await client.get("/history", params={"clientId": "nfs"})
+    assert resp.status == 503
+    assert "could not read its data folder" in (await resp.json())["detail"]
+    monkeypatch.setattr(Path, "stat", real)
+    resp = await client.get("/history", params={"clientId": "nfs"})
+    assert [without_job_id(part[1]) for part in await read_results(resp)] == ["wf_b_empty_00001_.png"]
+
+
+async def test_a_read_error_after_the_answer_began_cuts_it_off(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second file that cannot be read once the first is on its way: the connection is cut (an
+    error answer would land inside the body), and the results stay for the next fetch."""
+    client = await make_bridge(await make_emulator(), inline_result_kb=0, **ON_DISK)
+    jobs = [(await run_job(client, "eio", SOLID))[-1]["job_id"] for _ in "ab"]
+    (victim,) = [path for path in stored(client, "results") if jobs[1] in str(path)]
+    real = Path.read_bytes
+
+    def flaky(self: Path) -> bytes:
+        if self == victim:
+            raise OSError(errno.EIO, "Input/output error", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", flaky)
+    resp = await client.get("/history", params={"clientId": "eio"})
+    assert resp.status == 200
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await resp.read()
+    monkeypatch.setattr(Path, "read_bytes", real)
+    resp = await client.get("/history", params={"clientId": "eio"})
+    assert len(await read_results(resp)) == 2

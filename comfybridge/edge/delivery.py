@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import datetime
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import orjson
 from aiohttp import web
@@ -25,12 +24,11 @@ B64_CHUNK = 3 * 64 * 1024  # a multiple of 3, so chunks encode without padding i
 
 class ResultLost(Exception):
     """A result file gone from the store, or not of its recorded size (removed or cut short by other
-    hands). `sent`: the answer had begun, so it must be cut off, never completed short."""
+    hands). Raised once the answer has begun, it is cut off (`error_middleware`), never completed short."""
 
     def __init__(self, job_id: str, why: str) -> None:
         super().__init__(why)
         self.job_id = job_id
-        self.sent = False
 
 
 async def write_multipart(
@@ -56,15 +54,14 @@ async def write_multipart(
         headers={"Content-Type": f"multipart/form-data; boundary={boundary}", "Content-Length": str(length)}
     )
     await response.prepare(request)
-    with _cut_if_lost():
-        for index, (head, (job_id, item)) in enumerate(zip(heads, files, strict=True)):
-            await response.write(head)
-            if index:
-                chunks = await _opened(store, job_id, item, CHUNK)
-            assert chunks is not None
-            async for chunk in chunks:
-                await response.write(chunk)
-            await response.write(b"\r\n")
+    for index, (head, (job_id, item)) in enumerate(zip(heads, files, strict=True)):
+        await response.write(head)
+        if index:
+            chunks = await _opened(store, job_id, item, CHUNK)
+        assert chunks is not None
+        async for chunk in chunks:
+            await response.write(chunk)
+        await response.write(b"\r\n")
     await response.write(tail)
     await response.write_eof()
     return response
@@ -85,27 +82,17 @@ async def write_base64(
     response = web.StreamResponse(headers={"Content-Type": "application/json", "Content-Length": str(length)})
     await response.prepare(request)
     await response.write(b'{"files":[')
-    with _cut_if_lost():
-        for index, (piece, (job_id, item)) in enumerate(zip(pieces, files, strict=True)):
-            await response.write((b"," if index else b"") + piece)
-            if index:
-                chunks = await _opened(store, job_id, item, B64_CHUNK)
-            assert chunks is not None
-            async for chunk in chunks:
-                await response.write(base64.b64encode(chunk))
-            await response.write(b'"}')
+    for index, (piece, (job_id, item)) in enumerate(zip(pieces, files, strict=True)):
+        await response.write((b"," if index else b"") + piece)
+        if index:
+            chunks = await _opened(store, job_id, item, B64_CHUNK)
+        assert chunks is not None
+        async for chunk in chunks:
+            await response.write(base64.b64encode(chunk))
+        await response.write(b'"}')
     await response.write(b"]}")
     await response.write_eof()
     return response
-
-
-@contextlib.contextmanager
-def _cut_if_lost() -> Iterator[None]:
-    try:
-        yield
-    except ResultLost as exc:
-        exc.sent = True
-        raise
 
 
 async def _opened(store: ResultStore, job_id: str, item: ResultFile, size: int) -> AsyncIterator[bytes]:

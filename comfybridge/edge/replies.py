@@ -43,9 +43,30 @@ def error_response(status: int, detail: str) -> web.Response:
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure leaves as `{"detail": ...}` with the right status; never an HTML page."""
+    """Every failure leaves as `{"detail": ...}` with the right status; never an HTML page. One after
+    the answer began cuts the connection instead: a new answer would land inside the body, and a
+    body cut short could pass for whole (a result file lost mid-download)."""
     try:
         return await handler(request)
+    except Exception as exc:
+        if isinstance(exc, web.HTTPException) and exc.status < 400:
+            raise  # a redirect, not an error
+        if request.writer is None or request.writer.output_size == 0:
+            return _detailed(request, exc)
+        if isinstance(exc, ConnectionError):  # the client went away mid-download: a normal event
+            log.info("%s %s: the client went away (%s)", request.method, request.path, exc)
+        else:
+            log.warning("%s %s: cut off after its answer began: %s: %s", request.method, request.path,
+                        exc.__class__.__name__, exc, exc_info=not isinstance(exc, BridgeError))  # fmt: skip
+        if request.transport is not None:
+            request.transport.close()
+        return web.Response(status=500)  # written nowhere: the connection is closed
+
+
+def _detailed(request: web.Request, exc: Exception) -> web.StreamResponse:
+    """The error as `{"detail": ...}` with its status."""
+    try:
+        raise exc
     except BridgeError as exc:
         status = exc.status
         key = request.get(KEY)

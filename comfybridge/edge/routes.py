@@ -182,7 +182,11 @@ async def history(request: web.Request) -> web.StreamResponse:
     if found is Fetch.NOTHING:
         return web.Response(status=204, headers={"X-Detail": NO_CONTENT.format(unscoped(client_id))})
     files = [(result.job_id, f) for result in fetched for f in result.files]
-    damaged = await scheduler.result_store.damaged(files)
+    try:
+        damaged = await scheduler.result_store.damaged(files)
+    except BaseException:
+        scheduler.release_results(fetched)
+        raise
     if damaged:
         raise _lost(scheduler, client_id, fetched, damaged, "removed or cut short on the bridge's disk")
     if as_links:
@@ -199,12 +203,8 @@ async def history(request: web.Request) -> web.StreamResponse:
             response = await write_base64(request, scheduler.result_store, files)
         else:
             response = await write_multipart(request, scheduler.result_store, files)
-    except ResultLost as exc:
-        refusal = _lost(scheduler, client_id, fetched, {exc.job_id}, str(exc))
-        if exc.sent and request.transport is not None:  # cut off: a short answer would pass for whole
-            request.transport.close()
-            raise ConnectionResetError(str(exc)) from None
-        raise refusal from None
+    except ResultLost as exc:  # once the answer has begun, error_middleware cuts it off
+        raise _lost(scheduler, client_id, fetched, {exc.job_id}, str(exc)) from None
     except BaseException:
         scheduler.release_results(fetched)
         raise

@@ -160,10 +160,16 @@ def _sync_folders(folder: Path) -> None:
 
 
 def _sizes(root: Path, keys: list[str]) -> dict[str, int]:
+    """Only a file that is not there is missing: any other trouble (EIO, a permission, a stale NFS
+    handle) may pass, and is the storage's (StorageError), not a verdict on the file."""
     found = {}
     for key in keys:
-        with contextlib.suppress(OSError):
+        try:
             found[key] = (root / key).stat().st_size
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as exc:
+            raise StorageUnavailable(f"the bridge could not read its data folder ({exc.strerror}: {key})") from None
     return found
 
 
