@@ -201,8 +201,8 @@ async def test_forgets_wait_and_share_one_commit_and_spare_a_job_accepted_after(
         await asyncio.gather(*(journal.accept(job.record()) for job in jobs))
         await asyncio.gather(*(journal.update(job.id, {"state": "done"}) for job in jobs))
         journal.on_commit = commits.append
-        forgets = [journal.forget([job.id]) for job in jobs[:10]]
-        forgets += [journal.forget_client(job.client_id) for job in jobs[10:19]]
+        forgets = [journal.forget([job.id], later=True) for job in jobs[:10]]
+        forgets += [journal.forget_client(job.client_id, later=True) for job in jobs[10:19]]
         again = Job("c10", "w", b'{"1": {"class_type": "X", "inputs": {}}}', 0)  # c10 is back meanwhile
         await journal.accept(again.record())
         await journal.update(again.id, {"state": "done"})

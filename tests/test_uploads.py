@@ -199,20 +199,24 @@ async def test_a_sweep_expires_a_bounded_number_of_results(
 async def test_a_sweep_that_fails_does_not_end_the_sweeping(
     make_bridge: BridgeFactory, make_emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The uploads folder removed under the bridge (or a full disk) fails a sweep: the next one runs
-    all the same, and results still expire."""
+    """The uploads folder removed under the bridge fails each sweep of uploads: results still expire
+    meanwhile (each step of a sweep on its own), and the uploads' sweep works again once it is back."""
     caplog.set_level(logging.INFO, logger="comfybridge")
     client = await make_bridge(  # in folders, whatever the test run's storage: one is removed
         await make_emulator(), upload_ttl=0.3, result_ttl=0.5, inline_result_kb=0, storage="", s3_endpoint=""
     )
+    await upload(client, {"file": ("a.png", png())}, client_id="after")
     uploads = client.app[SETTINGS].data_dir / "uploads"
     shutil.rmtree(uploads)
-    await wait_for(lambda: any("the sweep of expired" in r.getMessage() for r in caplog.records))
-    uploads.mkdir()
     await run_job(client, "after", {"workflow": "solid", "1/batch_size": 1})
     assert stored(client, "results")
-    await wait_for(lambda: not stored(client, "results"))
+    await wait_for(lambda: any("sweeping expired uploads failed" in r.getMessage() for r in caplog.records))
+    await wait_for(lambda: not stored(client, "results"))  # while the folder is still gone
     assert (await client.get("/history", params={"clientId": "after"})).status == 204
+    uploads.mkdir()
+    await upload(client, {"file": ("b.png", png())}, client_id="later")
+    assert stored(client)
+    await wait_for(lambda: not stored(client))
 
 
 async def test_results_whose_expiry_cannot_be_written_stay_fetchable(

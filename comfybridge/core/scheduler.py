@@ -564,9 +564,9 @@ class Scheduler:
         core = self.core
         # A client with nothing left: all its ended jobs go, these with them (one write, not two).
         if client_done:
-            forgotten = core.journal.forget_client(client_id)
+            forgotten = core.journal.forget_client(client_id, later=True)
         else:
-            forgotten = core.journal.forget(r.job_id for r in fetched)
+            forgotten = core.journal.forget((r.job_id for r in fetched), later=True)
         try:
             await forgotten
         except StorageError as exc:
@@ -641,35 +641,54 @@ class Scheduler:
             orphans = time.monotonic() >= orphans_due
             if orphans:
                 orphans_due = time.monotonic() + min(ORPHANS_EVERY, settings.result_ttl)
-            try:
-                await self._sweep(orphans)
-            except (StorageError, OSError) as exc:  # a full disk, a folder removed: the next sweep tries again
-                log.error("the sweep of expired uploads and results failed; trying again later: %s", exc)
-            except Exception:  # a fault of ours, which must not end the sweeping for good
-                log.exception("the sweep of expired uploads and results failed; trying again later")
+            await self._sweep(orphans)
 
     async def _sweep(self, orphans: bool) -> None:
+        """Each step on its own: one that fails (a folder removed, a full disk) is tried again at the
+        next sweep, and leaves the others to run."""
         core, settings = self.core, self.settings
         if orphans:
-            await core.results.sweep_orphans(set(core.collecting) | self._linked, self.orphan_age)
-            await core.uploads.sweep_orphans(settings.upload_ttl)
-        await core.uploads.expire(settings.upload_ttl, SWEEP_BATCH)
-        old = core.results.expired(settings.result_ttl)[:SWEEP_BATCH]
-        if old:
-            core.results.hold(old)  # no request takes them while their end is written
-            try:
-                await core.journal.forget(r.job_id for r in old)
-            finally:
-                core.results.release(old)
-            for result in old:
-                core.results.forget(result.client_id, [result])
-            await core.results.delete(core.results.keys_of(old))
-            log.info("expired %d unfetched results", len(old))
-        cutoff = time.time() - settings.result_ttl
+            await _tried(
+                "objects no record names",
+                core.results.sweep_orphans(set(core.collecting) | self._linked, self.orphan_age),
+            )
+            await _tried("upload objects no record names", core.uploads.sweep_orphans(settings.upload_ttl))
+        await _tried("expired uploads", core.uploads.expire(settings.upload_ttl, SWEEP_BATCH))
+        await _tried("expired results", self._expire_results())
+        await _tried("finished clients", self._forget_old_clients())
+
+    async def _expire_results(self) -> None:
+        core = self.core
+        old = core.results.expired(self.settings.result_ttl)[:SWEEP_BATCH]
+        if not old:
+            return
+        core.results.hold(old)  # no request takes them while their end is written
+        try:
+            await core.journal.forget(r.job_id for r in old)
+        finally:
+            core.results.release(old)
+        for result in old:
+            core.results.forget(result.client_id, [result])
+        await core.results.delete(core.results.keys_of(old))
+        log.info("expired %d unfetched results", len(old))
+
+    async def _forget_old_clients(self) -> None:
+        core = self.core
+        cutoff = time.time() - self.settings.result_ttl
         core.journal.forget_ended_before(cutoff)
         for client in self.clients:
             if client.touched < cutoff and self.clients.forget_if_done(client, core.owns_something, True):
                 core.journal.forget_client(client.id)
+
+
+async def _tried(what: str, step: Awaitable[Any]) -> None:
+    """One step of the sweep; its failure is logged, never the sweeper's end."""
+    try:
+        await step
+    except (StorageError, OSError) as exc:  # a full disk, a folder removed: the next sweep tries again
+        log.error("sweeping %s failed; trying again at the next sweep: %s", what, exc)
+    except Exception:  # a fault of ours
+        log.exception("sweeping %s failed; trying again at the next sweep", what)
 
 
 class Fetch(enum.Enum):

@@ -122,12 +122,13 @@ class JobStore(Protocol):
         replaced under the running bridge), or None. Blocking: run it in a thread."""
         ...
 
-    def forget(self, job_ids: Iterable[str]) -> asyncio.Future[None]:
-        """Drop jobs whose story is over (results fetched or expired)."""
+    def forget(self, job_ids: Iterable[str], later: bool = False) -> asyncio.Future[None]:
+        """Drop jobs whose story is over (results fetched or expired). `later`: it may wait a moment,
+        to share a commit with others (a fetch's: nothing waits on it but removing delivered files)."""
         ...
 
-    def forget_client(self, client_id: str) -> asyncio.Future[None]:
-        """Drop the ended jobs of a client the bridge no longer knows."""
+    def forget_client(self, client_id: str, later: bool = False) -> asyncio.Future[None]:
+        """Drop the ended jobs of a client the bridge no longer knows (`later` as for `forget`)."""
         ...
 
     def forget_ended_before(self, cutoff: float) -> asyncio.Future[None]:
@@ -314,19 +315,19 @@ class SqliteJournal:
             )
         )
 
-    def forget(self, job_ids: Iterable[str]) -> asyncio.Future[None]:
+    def forget(self, job_ids: Iterable[str], later: bool = False) -> asyncio.Future[None]:
         ids = [(job_id,) for job_id in job_ids]
-        return self._submit(lambda conn, batch: conn.executemany("DELETE FROM jobs WHERE id = ?", ids), later=True)
+        return self._submit(lambda conn, batch: conn.executemany("DELETE FROM jobs WHERE id = ?", ids), later)
 
-    def forget_client(self, client_id: str) -> asyncio.Future[None]:
-        # Written later: a job the clientId gets meanwhile, which may end before, is counted past `upto`.
+    def forget_client(self, client_id: str, later: bool = False) -> asyncio.Future[None]:
+        # Perhaps written later: a job the clientId gets meanwhile, which may end first, is counted past `upto`.
         upto = self.count
         return self._submit(
             lambda conn, batch: conn.execute(
                 "DELETE FROM jobs WHERE client_id = ? AND state IN (?, ?, ?) AND seq <= ?",
                 (client_id, *ENDED_STATES, upto),
             ),
-            later=True,
+            later,
         )
 
     def forget_ended_before(self, cutoff: float) -> asyncio.Future[None]:

@@ -385,11 +385,11 @@ class PgJournal:
             )
         )
 
-    def forget(self, job_ids: Iterable[str]) -> asyncio.Future[None]:
+    def forget(self, job_ids: Iterable[str], later: bool = False) -> asyncio.Future[None]:
         ids = list(job_ids)
         return self._submit(lambda conn: conn.execute("DELETE FROM jobs WHERE id = ANY($1::text[])", ids))
 
-    def forget_client(self, client_id: str) -> asyncio.Future[None]:
+    def forget_client(self, client_id: str, later: bool = False) -> asyncio.Future[None]:
         return self._submit(
             lambda conn: conn.execute(
                 "DELETE FROM jobs WHERE client_id = $1 AND state = ANY($2::text[])", client_id, list(ENDED_STATES)
@@ -491,7 +491,7 @@ class PgJournal:
                 self._failed(exc, expected=isinstance(exc, TimeoutError | broken | asyncpg.PostgresError))
                 self._error = StorageUnavailable(
                     "The bridge's database cannot be reached or refused the change; try again shortly.",
-                    retry_after=RETRY_AFTER,
+                    retry_after=RETRY_AFTER if isinstance(exc, TimeoutError | broken) else None,  # likely to pass
                 )
                 raise self._error from None
         if self._failures:
