@@ -448,3 +448,22 @@ async def test_jobs_behind_a_cancelled_prompt_that_ignores_the_interrupt_move_of
     assert (await poll_status(client, "b", {"closed", "error"}, timeout=15))["status"] == "closed"
     assert len(spare.engine.started) == 1
     held.engine.release_hang()
+
+
+async def test_a_backend_in_doubt_after_a_stall_takes_one_prompt_at_a_time(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    """Back from a stall with nothing to show that its queue moves, a ComfyUI gets one prompt, not as
+    many as pipelining would give it: the next job waits in the bridge until one starts there."""
+    dead = await make_emulator()
+    dead.engine.pause()
+    client = await make_bridge(dead, job_idle_timeout=1.0, pipeline_depth=1)  # two in flight when trusted
+    backend = client.app[SCHEDULER].backends[dead.url]
+    assert (await generate(client, "first", SOLID))[0] == 200
+    await wait_for(lambda: backend.doubt > 0 and dead.engine.queue_remaining == 1)  # taken back, sent again
+    assert (await generate(client, "second", SOLID))[0] == 200  # a backend with room takes it as accepted
+    assert [job.client_id for job in backend.inflight] == ["first"]
+    dead.engine.resume()
+    for name in ("first", "second"):
+        assert (await poll_status(client, name, {"closed", "error"}))["status"] == "closed"
+    assert backend.doubt == 0.0

@@ -241,3 +241,32 @@ async def test_results_whose_expiry_cannot_be_written_stay_fetchable(
     resp = await client.get("/history", params={"clientId": "patient"})
     assert resp.status == 200
     assert len(await read_results(resp)) == 1
+
+
+async def test_results_being_expired_are_not_handed_to_a_fetch_meanwhile(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the journal writes that results expired, a fetch does not get them (their files go
+    next, under its feet): it is told to try again, and then finds nothing."""
+    client = await make_bridge(await make_emulator(), result_ttl=0.5, inline_result_kb=0)
+    journal = client.app[JOURNAL]
+    written, asked = asyncio.Event(), asyncio.Event()
+    forget = journal.forget
+
+    def slow(job_ids: Iterable[str], later: bool = False) -> asyncio.Future[None]:
+        ids = list(job_ids)
+        asked.set()
+
+        async def when_let() -> None:
+            await written.wait()
+            await forget(ids, later)
+
+        return asyncio.ensure_future(when_let())
+
+    monkeypatch.setattr(journal, "forget", slow)
+    await run_job(client, "late", {"workflow": "solid", "1/batch_size": 1})
+    await asyncio.wait_for(asked.wait(), 10)
+    assert (await client.get("/history", params={"clientId": "late"})).status == 409
+    written.set()
+    await wait_for(lambda: not stored(client, "results"))
+    assert (await client.get("/history", params={"clientId": "late"})).status == 204

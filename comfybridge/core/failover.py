@@ -252,10 +252,9 @@ class Failover:
                 core.end(silent, JobState.FAILED, reason)
             core.spawn(core.cancel_on_backend(backend, silent), f"cancel {silent.id}")
         # Not yet started there, handed over or on the way (dispatch takes back a prompt whose POST
-        # answers after its job was moved): all go elsewhere. A stall counts against each of them as
-        # a lost run does, so that with no ComfyUI that runs anything every job still ends.
-        # A stall counts against a job that waited it out, as a lost run does (with no ComfyUI that
-        # runs anything, every job still ends); not against one handed over a moment ago.
+        # answers after its job was moved): all go elsewhere. A stall counts against a job that waited
+        # it out, as a lost run does (with no ComfyUI that runs anything, every job still ends); not
+        # against one handed over a moment ago.
         stalled_since = time.monotonic() - limit if prompt_id == STALLED else None
         for job in [j for j in backend.inflight if j.started_at is None]:
             core.take_back(backend, job)
