@@ -127,6 +127,15 @@ async def bridge_job(session: aiohttp.ClientSession, url: str, body: dict[str, A
         return len(await resp.read())
 
 
+async def bridge_wait_job(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> int:
+    """One job in one request (`?wait=1`), as a client of a synchronous wrapper does it."""
+    params = {"clientId": uuid.uuid4().hex, "wait": "1"}
+    async with session.post(f"{url}/generate-based-workflow", params=params, json=body) as resp:
+        data = await resp.read()
+        assert resp.status == 200, data[:300]
+        return len(data)
+
+
 async def direct_job(session: aiohttp.ClientSession, url: str, prompt: dict[str, Any]) -> int:
     """The same job straight against ComfyUI: socket, POST /prompt, wait for executing null, /history, /view."""
     client_id = uuid.uuid4().hex
@@ -205,7 +214,8 @@ async def bridges_beside(exits: AsyncExitStack, before: Path | None) -> tuple[li
 
 async def bench_cpu_per_job(jobs: int, before: Path | None = None) -> dict[str, Any]:
     """The bridge's own CPU time per job (user + sys of its process ÷ jobs), full flow (socket,
-    generate, `closed`, `/history`), one job at a time and 32 at a time; pace-0 emulator. With
+    generate, `closed`, `/history`; and `wait_`: one `?wait=1` request), one job at a time and 32 at
+    a time; pace-0 emulator. With
     `before`, a bridge of that checkout is measured in turn beside it, on the same emulator."""
     result: dict[str, Any] = {"name": "cpu_per_job", "jobs": jobs}
     async with AsyncExitStack() as exits:
@@ -218,6 +228,10 @@ async def bench_cpu_per_job(jobs: int, before: Path | None = None) -> dict[str, 
                 spent = cpu_seconds(url)
                 await in_parallel(functools.partial(bridge_job, session, url, SOLID), jobs, concurrency)
                 result[f"{name}_cpu_ms_c{concurrency}"] = round((cpu_seconds(url) - spent) * 1000 / jobs, 2)
+            url = bridges["bridge"]  # and the same job in one request (`?wait=1`)
+            spent = cpu_seconds(url)
+            await in_parallel(functools.partial(bridge_wait_job, session, url, SOLID), jobs, concurrency)
+            result[f"wait_cpu_ms_c{concurrency}"] = round((cpu_seconds(url) - spent) * 1000 / jobs, 2)
     return result
 
 
@@ -251,6 +265,10 @@ async def bench_overhead(jobs: int, before: Path | None = None) -> dict[str, Any
                 if concurrency == 1:
                     added_p99 = percentile(through, 99) - percentile(straight, 99)
                     result[f"{prefix}added_p99_ms_c1"] = round(added_p99, 2)
+                    if name == "bridge":  # the same job in one request (`?wait=1`)
+                        wait = functools.partial(bridge_wait_job, session, url, SOLID)
+                        waited = statistics.median(await in_parallel(wait, count, 1))
+                        result["wait_added_p50_ms_c1"] = round(waited - statistics.median(straight), 2)
     return result
 
 
@@ -793,6 +811,7 @@ async def bench_real(
         paths: dict[str, Callable[[], Awaitable[int]]] = {
             "direct": lambda: direct_job(session, comfy, fresh_prompt(prompt)),
             "bridge": lambda: bridge_job(session, url, SOLID),
+            "bridge_wait": lambda: bridge_wait_job(session, url, SOLID),  # one request, as the peer's clients
         }
         if peer:
             paths["peer"] = lambda: peer_job(session, peer, prompt)

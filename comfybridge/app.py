@@ -357,13 +357,16 @@ def _signals(reload: Callable[[], Settings] | None) -> Callable[[web.Application
 
 
 async def _stop_accepting(app: web.Application) -> None:
-    """First thing on SIGTERM: refuse new jobs; with `drain`, let the jobs inside ComfyUI finish."""
+    """First thing on SIGTERM: refuse new jobs; with `drain`, let the jobs inside ComfyUI finish.
+    Then requests still waiting for a job's end (`?wait=1`) are answered, before the server waits
+    for its open requests."""
     settings, scheduler = app[SETTINGS], app[SCHEDULER]
     if settings.drain:
         log.info("draining: waiting up to %gs for jobs inside ComfyUI", settings.drain)
         await scheduler.drain(settings.drain)
     else:
         scheduler.stop_dispatching()
+    scheduler.stop_waiting()
 
 
 async def _close_sockets(app: web.Application) -> None:

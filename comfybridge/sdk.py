@@ -205,27 +205,29 @@ class AsyncBridge:
     async def save_results(self, folder: str | Path) -> list[ResultFile]:
         """Fetch every finished result of this client into `folder` (streamed), then the bridge
         forgets them. An existing file is never overwritten: `name-1.png`, ..."""
-        target = Path(folder)
-        await asyncio.to_thread(target.mkdir, parents=True, exist_ok=True)
-        saved: list[ResultFile] = []
         params = {"clientId": self.client_id}
         async with self.session.get(f"{self.url}/history", params=params, headers=self._headers) as resp:
-            if resp.status == 204:
-                return saved
-            await _raise_for(resp)
-            reader = aiohttp.MultipartReader.from_response(resp)
-            while (part := await reader.next()) is not None:
-                assert isinstance(part, aiohttp.BodyPartReader)
-                name = Path(part.filename or "").name
-                if name in ("", ".", ".."):  # nothing of a name that is only a folder's
-                    name = f"{part.name}.bin"
-                path = await asyncio.to_thread(_free_path, target / name)
-                async with aiofiles.open(path, "wb") as handle:
-                    while chunk := await part.read_chunk():
-                        await handle.write(chunk)
-                content_type = part.headers.get("Content-Type", "application/octet-stream")
-                saved.append(ResultFile(path, part.headers.get("X-Job-Id"), content_type))
-        return saved
+            return await _save_parts(resp, Path(folder))
+
+    async def generate_and_save(
+        self,
+        workflow: str,
+        folder: str | Path,
+        inputs: Mapping[str, Any] | None = None,
+        files: Mapping[str, FileSource] | None = None,
+    ) -> list[ResultFile]:
+        """One job in one request (`?wait=1`): its results saved into `folder` as `save_results`
+        does; raises JobFailed. No socket: for scripts that need no progress."""
+        body: dict[str, Any] = {"workflow": workflow, **(inputs or {})}
+        if files:
+            body.update(await self.upload(files))
+        params = {"clientId": self.client_id, "wait": "1"}
+        url = f"{self.url}/generate-based-workflow"
+        async with self.session.post(url, params=params, json=body, headers=self._headers) as resp:
+            if resp.status == 502:
+                failed = await resp.json()
+                raise JobFailed(failed["job_id"], failed["detail"])
+            return await _save_parts(resp, Path(folder))
 
     async def interrupt(self) -> str:
         answer = await self._json("POST", "/interrupt", client=True)
@@ -271,6 +273,28 @@ async def _raise_for(resp: aiohttp.ClientResponse) -> None:
     except (orjson.JSONDecodeError, AttributeError):
         detail = resp.reason or "error"
     raise BridgeError(resp.status, detail)
+
+
+async def _save_parts(resp: aiohttp.ClientResponse, target: Path) -> list[ResultFile]:
+    """A multipart answer of results, each part streamed into a file of `target` of its own."""
+    saved: list[ResultFile] = []
+    if resp.status == 204:
+        return saved
+    await _raise_for(resp)
+    await asyncio.to_thread(target.mkdir, parents=True, exist_ok=True)
+    reader = aiohttp.MultipartReader.from_response(resp)
+    while (part := await reader.next()) is not None:
+        assert isinstance(part, aiohttp.BodyPartReader)
+        name = Path(part.filename or "").name
+        if name in ("", ".", ".."):  # nothing of a name that is only a folder's
+            name = f"{part.name}.bin"
+        path = await asyncio.to_thread(_free_path, target / name)
+        async with aiofiles.open(path, "wb") as handle:
+            while chunk := await part.read_chunk():
+                await handle.write(chunk)
+        content_type = part.headers.get("Content-Type", "application/octet-stream")
+        saved.append(ResultFile(path, part.headers.get("X-Job-Id"), content_type))
+    return saved
 
 
 async def _read_source(source: FileSource) -> tuple[str, bytes]:
@@ -369,6 +393,15 @@ class Bridge:
 
     def save_results(self, folder: str | Path) -> list[ResultFile]:
         return self._call(self._async.save_results(folder))
+
+    def generate_and_save(
+        self,
+        workflow: str,
+        folder: str | Path,
+        inputs: Mapping[str, Any] | None = None,
+        files: Mapping[str, FileSource] | None = None,
+    ) -> list[ResultFile]:
+        return self._call(self._async.generate_and_save(workflow, folder, inputs, files))
 
     def interrupt(self) -> str:
         return self._call(self._async.interrupt())

@@ -115,3 +115,18 @@ async def test_the_client_saves_a_result_named_like_a_folder_inside_its_folder(
         saved = await bridge.save_results(tmp_path / "out")
     assert [r.path.parent for r in saved] == [tmp_path / "out"]
     assert saved[0].path.read_bytes() == png()
+
+
+async def test_one_request_generates_and_saves_or_raises_the_jobs_error(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, tmp_path: Path
+) -> None:
+    client = await make_bridge(await make_emulator())
+    async with AsyncBridge(url_of(client)) as bridge:
+        [result] = await bridge.generate_and_save("invert", tmp_path / "one", files={"1/image": ("g.png", png(8, 8))})
+        with pytest.raises(JobFailed) as failed:
+            await bridge.generate_and_save("broken", tmp_path / "none")
+        assert "cannot identify image file" in failed.value.detail
+        assert await bridge.save_results(tmp_path / "rest") == []  # handed over in the answer already
+    assert result.job_id is not None
+    assert result.job_id in result.path.name
+    assert png_first_pixel(result.path.read_bytes()) == 0xFFFFFF ^ 0x336699

@@ -260,3 +260,25 @@ async def test_deleting_the_lock_file_lets_no_second_bridge_in(workdir: Path) ->
         result = await asyncio.to_thread(run_cli, ["--emulate", "1"], workdir)
         assert_one_line_error(result, "data folder", "is in use by another comfybridge")
         assert await count(url) == 0
+
+
+async def test_a_request_waiting_for_its_job_gets_503_when_the_bridge_stops(workdir: Path) -> None:
+    """`?wait=1` while SIGTERM stops the bridge: a clear 503, and the job stays journaled."""
+    slow = ("--emulate", "1", "--emulator-pace", "30")  # the job is still running when the bridge stops
+    async with bridge_process(workdir, *slow) as (proc, url), aiohttp.ClientSession() as session:
+        call = asyncio.ensure_future(
+            session.post(f"{url}/generate-based-workflow", params={"clientId": "late", "wait": "1"},
+                         json={"workflow": "solid"})
+        )  # fmt: skip
+        await wait_for(lambda: "accepted (solid)" in (workdir / "bridge.log").read_text(), timeout=15)
+        proc.send_signal(signal.SIGTERM)
+        async with await call as resp:
+            assert resp.status == 503
+            assert "ends after the restart" in (await resp.json())["detail"]
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    async with (
+        bridge_process(workdir, *slow) as (_, url),
+        aiohttp.ClientSession() as session,
+        session.get(f"{url}/execution-info", params={"clientId": "late"}) as resp,
+    ):
+        assert (await resp.json())["status"] in ("progress", "connected"), "the job was kept"

@@ -95,6 +95,8 @@ class Job:
     seen_outputs: dict[str, Any] | None = None
     webhook: str | None = None  # where to tell of its end (the request's `_webhook`, or its key's)
     forget_on_leave: bool = False  # delivered before ComfyUI let go of its prompt: delete its history then
+    # A request waiting for its end (`?wait=1`): resolved once its end is durable and its results held.
+    awaited: asyncio.Future[None] | None = field(default=None, repr=False, compare=False)
     journal: Recorder | None = field(default=None, repr=False, compare=False)
     _progress: Progress | None = field(default=None, init=False, repr=False, compare=False)
     _last_record: tuple[dict[str, Any], dict[str, Any] | None] | None = field(

@@ -182,6 +182,7 @@ class Scheduler:
         prompts inside ComfyUI keep running there and are adopted then."""
         self.running = False
         self.core.stop_dispatching()
+        self.stop_waiting()
         # The event sockets close first, at once: the next leader of a cluster connects with the same
         # ComfyUI clientId, and ComfyUI forgets a clientId (the newer socket too) when an older socket
         # of it closes. Nothing that is still collected needs them.
@@ -192,6 +193,19 @@ class Scheduler:
         await self.core.supervisor.wait_and_close(collect_timeout)
         with contextlib.suppress(RuntimeError):  # a journal already closed (its file lost) keeps nothing
             self._remember_learned()  # lands before the journal closes
+
+    def stop_waiting(self) -> None:
+        """Requests waiting for a job's end are answered now: the job ends after a restart."""
+        for client in self.clients:
+            for job in client.jobs.values():
+                if job.awaited is not None and not job.awaited.done():
+                    job.awaited.set_exception(
+                        ShuttingDown(
+                            f"The bridge is stopping before job {job.id} ended; it stays journaled and ends "
+                            "after the restart: fetch its results with /history then."
+                        )
+                    )
+                    job.awaited.add_done_callback(lambda done: done.exception())  # said to no one if none waits
 
     # backends at run time --------------------------------------------------------------------
     def _add_backend(self, url: str) -> Backend:
@@ -325,9 +339,12 @@ class Scheduler:
                 del self._grace[client.id]
 
     # submitting ------------------------------------------------------------------------------
-    async def submit(self, client_id: str, body: dict[str, Any], webhook: str | None = None) -> tuple[Job, int]:
+    async def submit(
+        self, client_id: str, body: dict[str, Any], webhook: str | None = None, wait: bool = False
+    ) -> tuple[Job, int]:
         """Accept one job: check it, journal it durably (which counts it), queue it; returns it and its
-        place in line. Raises StorageFull if the journal cannot record it (nothing is changed then)."""
+        place in line. Raises StorageFull if the journal cannot record it (nothing is changed then).
+        With `wait`, the job's `awaited` is resolved once its end is durable (see `ended`)."""
         core = self.core
         if not self.accepting:
             raise ShuttingDown("The bridge is shutting down and accepts no new jobs; try again in a moment.")
@@ -363,6 +380,8 @@ class Scheduler:
             _prefix_outputs(prompt, job_id)
         job = Job(client_id, workflow.alias, orjson.dumps(prompt), 0, uploads, id=job_id, webhook=webhook)
         job.journal = core.journal
+        if wait:
+            job.awaited = asyncio.get_running_loop().create_future()
         core.opened(job)
         new_client = known is None
         taker = self.dispatcher.taker_at_once(job)
@@ -534,6 +553,14 @@ class Scheduler:
         if fetched:
             return Fetch.READY, fetched
         return (Fetch.BUSY if results.being_sent(client_id) else Fetch.NOTHING), []
+
+    async def ended(self, job: Job) -> list[JobResult]:
+        """Wait for a job submitted with `wait` to end; then its results (none if it failed, or if
+        another request fetched them first), reserved as `claim_results` does. A bridge that stops
+        first raises ShuttingDown: the job stays journaled, and ends after the restart."""
+        assert job.awaited is not None, "submitted without wait"
+        await asyncio.shield(job.awaited)  # a request that goes away must not cancel it for the core
+        return self.core.results.claim(job.client_id, job.id)
 
     def release_results(self, fetched: list[JobResult]) -> None:
         """A delivery that did not complete: the results can be fetched again."""

@@ -376,6 +376,8 @@ class Core:
         if files is not None:
             self.results.add(job.id, job.client_id, job.seq, files)
             job.results = None  # recorded; its encoded copy of inline files would double their memory
+        if job.awaited is not None and not job.awaited.done():
+            job.awaited.set_result(None)
         client = self.clients.get(job.client_id)
         if client is None:
             return

@@ -201,17 +201,47 @@ def document(workflows: WorkflowStore, aliases: list[str]) -> dict[str, Any]:
         },
         "/generate-based-workflow": {
             "post": {
-                "summary": "Queue a job",
-                "parameters": [_client_id()],
+                "summary": "Queue a job; with wait=1, answer once it ended, with its results",
+                "parameters": [
+                    _client_id(),
+                    {
+                        "name": "wait",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"enum": ["1", "true", "0", "false"]},
+                        "description": "answer once the job ended: its results, as GET /history gives them",
+                    },
+                    {
+                        "name": "resType",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"enum": ["base64", "url"]},
+                        "description": "with wait: how the results come, as for GET /history",
+                    },
+                ],
                 "requestBody": {"required": True, **_json(generate_body)},
                 "responses": {
                     "200": {
-                        "description": "accepted: its place in line and its id",
+                        "description": "accepted: its place in line and its id; with wait, the job's results "
+                        "(multipart, base64 JSON or links, as GET /history), which then count as fetched",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {"detail": {"type": "string"}, "job_id": {"type": "string"}},
+                                }
+                            },
+                            "multipart/form-data": {"schema": {"type": "object"}},
+                        },
+                    },
+                    "204": {"description": "with wait: the job left no results to hand over (X-Detail says why)"},
+                    "502": {
+                        "description": "with wait: the job ended without results; its error, as its socket heard it",
                         **_json(
                             {
                                 "type": "object",
-                                "properties": {"detail": {"type": "string"}, "job_id": {"type": "string"}},
-                                "required": ["detail", "job_id"],
+                                "properties": {"status": {"const": "error"}, "detail": _STRING, "job_id": _STRING},
+                                "required": ["status", "detail", "job_id"],
                             }
                         ),
                     },

@@ -10,6 +10,7 @@ from aiohttp import BodyPartReader, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from ..core.clients import unscoped
+from ..core.jobs import JobState
 from ..core.scheduler import Fetch, Scheduler
 from ..core.webhooks import check_public, check_url
 from ..errors import BadInput, Conflict, Gone, NoBackend, NotFound
@@ -104,16 +105,35 @@ async def upload(request: web.Request) -> web.Response:
     return json_response(names)
 
 
-async def generate(request: web.Request) -> web.Response:
+async def generate(request: web.Request) -> web.StreamResponse:
     client_id = client_id_of(request)
     assert client_id is not None
+    wait = _flag(request, "wait")
+    res_type = _res_type(request) if wait else ""
     body = await json_body(request)
     if not isinstance(body, dict):
         raise BadInput('The body must be a JSON object, e.g. {"workflow": "text-to-image"}.')
     _allowed(request, request.app[WORKFLOWS].get(body.get("workflow")).alias)
     webhook = await _webhook(request, body.pop(WEBHOOK_KEY, None))
-    job, position = await request.app[SCHEDULER].submit(client_id, body, webhook)
-    return json_response({"detail": f"queued / {position}", "job_id": job.id})
+    scheduler = request.app[SCHEDULER]
+    job, position = await scheduler.submit(client_id, body, webhook, wait=wait)
+    if not wait:
+        return json_response({"detail": f"queued / {position}", "job_id": job.id})
+    # The synchronous form: one request for the whole job, as wrappers of one ComfyUI offer it. The
+    # socket, /execution-info and webhooks still hear of the job as ever.
+    fetched = await scheduler.ended(job)
+    if job.state is not JobState.DONE:
+        return json_response({"status": "error", "detail": job.error or "error", "job_id": job.id}, 502)
+    if not fetched:  # fetched meanwhile by /history, or being fetched by one
+        return web.Response(status=204, headers={"X-Detail": f"Job {job.id} has no results left to hand over."})
+    return await _deliver(request, scheduler, client_id, fetched, res_type)
+
+
+def _flag(request: web.Request, name: str) -> bool:
+    value = request.query.get(name, "").lower()
+    if value not in FLAGS:
+        raise BadInput(f"{name} must be 1, true, 0 or false; got {value[:40]!r}.")
+    return FLAGS[value]
 
 
 async def _webhook(request: web.Request, asked: Any) -> str | None:
@@ -155,6 +175,20 @@ async def interrupt(request: web.Request) -> web.Response:
 
 
 RES_TYPES = frozenset({"", "base64", "url"})  # "": multipart, the seed's default
+FLAGS = {"": False, "0": False, "false": False, "1": True, "true": True}
+
+
+def _res_type(request: web.Request) -> str:
+    """How results are to be handed over, checked before anything is: a typo must not cost them."""
+    res_type = request.query.get("resType", "")
+    if res_type not in RES_TYPES:
+        raise BadInput(f"resType must be base64 or url, or left out for multipart; got {res_type[:40]!r}.")
+    if res_type == "url" and not request.app[SCHEDULER].result_store.links:
+        raise BadInput(
+            "resType=url needs results kept in object storage (--storage s3://...); this bridge keeps them on "
+            "its disk: fetch them as multipart, or with resType=base64."
+        )
+    return res_type
 
 
 async def history(request: web.Request) -> web.StreamResponse:
@@ -162,15 +196,7 @@ async def history(request: web.Request) -> web.StreamResponse:
     client_id = client_id_of(request)
     assert client_id is not None
     scheduler = request.app[SCHEDULER]
-    res_type = request.query.get("resType", "")
-    if res_type not in RES_TYPES:  # before anything is handed over: a typo must not cost the results
-        raise BadInput(f"resType must be base64 or url, or left out for multipart; got {res_type[:40]!r}.")
-    as_links = res_type == "url"
-    if as_links and not scheduler.result_store.links:
-        raise BadInput(
-            "resType=url needs results kept in object storage (--storage s3://...); this bridge keeps them on "
-            "its disk: fetch them as multipart, or with resType=base64."
-        )
+    res_type = _res_type(request)
     found, fetched = scheduler.claim_results(client_id)
     if found is Fetch.UNKNOWN:
         return web.Response(status=204, headers={"X-Detail": NOT_SEEN.format(unscoped(client_id))})
@@ -181,6 +207,13 @@ async def history(request: web.Request) -> web.StreamResponse:
         )
     if found is Fetch.NOTHING:
         return web.Response(status=204, headers={"X-Detail": NO_CONTENT.format(unscoped(client_id))})
+    return await _deliver(request, scheduler, client_id, fetched, res_type)
+
+
+async def _deliver(
+    request: web.Request, scheduler: Scheduler, client_id: str, fetched: list[JobResult], res_type: str
+) -> web.StreamResponse:
+    """Send results reserved for this request, and forget them once sent whole; released if not."""
     files = [(result.job_id, f) for result in fetched for f in result.files]
     try:
         damaged = await scheduler.result_store.damaged(files)
@@ -189,7 +222,7 @@ async def history(request: web.Request) -> web.StreamResponse:
         raise
     if damaged:
         raise _lost(scheduler, client_id, fetched, damaged, "removed or cut short on the bridge's disk")
-    if as_links:
+    if res_type == "url":
         ttl = request.app[SETTINGS].link_ttl
         try:
             links = await links_reply(scheduler.result_store, files, ttl)

@@ -164,9 +164,14 @@ class ResultStore:
     def holds(self, client_id: str) -> bool:
         return bool(self._by_client.get(client_id))
 
-    def claim(self, client_id: str) -> list[JobResult]:
-        """The client's results not already being sent by another request, now reserved for this one."""
-        results = [r for r in self._by_client.get(client_id, []) if r.job_id not in self._claimed]
+    def claim(self, client_id: str, job_id: str | None = None) -> list[JobResult]:
+        """The client's results (or only that job's) not already being sent by another request, now
+        reserved for this one."""
+        results = [
+            r
+            for r in self._by_client.get(client_id, [])
+            if r.job_id not in self._claimed and (job_id is None or r.job_id == job_id)
+        ]
         self._claimed.update(r.job_id for r in results)
         return results
 
