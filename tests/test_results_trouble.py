@@ -236,13 +236,42 @@ async def test_a_passing_read_error_is_a_503_and_keeps_the_results(
     assert [without_job_id(part[1]) for part in await read_results(resp)] == ["wf_b_empty_00001_.png"]
 
 
+async def test_a_read_error_before_the_answer_is_a_503_that_keeps_the_results(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small results are read whole before anything is sent: a file that cannot be read then (EIO,
+    which may pass) is the storage's trouble, and nothing is handed over or forgotten."""
+    client = await make_bridge(await make_emulator(), inline_result_kb=0, **ON_DISK)
+    jobs = [(await run_job(client, "eio", SOLID))[-1]["job_id"] for _ in "ab"]
+    (victim,) = [path for path in stored(client, "results") if jobs[1] in str(path)]
+    real = Path.read_bytes
+
+    def flaky(self: Path) -> bytes:
+        if self == victim:
+            raise OSError(errno.EIO, "Input/output error", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", flaky)
+    resp = await client.get("/history", params={"clientId": "eio"})
+    assert resp.status == 503
+    assert "could not read its data folder" in (await resp.json())["detail"]
+    monkeypatch.setattr(Path, "read_bytes", real)
+    resp = await client.get("/history", params={"clientId": "eio"})
+    assert len(await read_results(resp)) == 2
+
+
 async def test_a_read_error_after_the_answer_began_cuts_it_off(
     make_emulator: EmulatorFactory, make_bridge: BridgeFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A second file that cannot be read once the first is on its way: the connection is cut (an
-    error answer would land inside the body), and the results stay for the next fetch."""
-    client = await make_bridge(await make_emulator(), inline_result_kb=0, **ON_DISK)
-    jobs = [(await run_job(client, "eio", SOLID))[-1]["job_id"] for _ in "ab"]
+    """A file that cannot be read once earlier ones are on their way (results too large to be read
+    first): the connection is cut (an error answer would land inside the body), and the results
+    stay for the next fetch."""
+    emulator = await make_emulator()
+    client = await make_bridge(emulator, inline_result_kb=0, **ON_DISK)
+    emulator.engine.faults.video_mb = 2  # the first job's video is streamed, not read whole first
+    jobs = [(await run_job(client, "eio", SOLID))[-1]["job_id"]]
+    emulator.engine.faults.video_mb = 0
+    jobs.append((await run_job(client, "eio", SOLID))[-1]["job_id"])
     (victim,) = [path for path in stored(client, "results") if jobs[1] in str(path)]
     real = Path.read_bytes
 
@@ -258,4 +287,4 @@ async def test_a_read_error_after_the_answer_began_cuts_it_off(
         await resp.read()
     monkeypatch.setattr(Path, "read_bytes", real)
     resp = await client.get("/history", params={"clientId": "eio"})
-    assert len(await read_results(resp)) == 2
+    assert len(await read_results(resp)) == 3

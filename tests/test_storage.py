@@ -322,14 +322,37 @@ async def test_a_result_object_removed_by_other_hands_cuts_the_answer_once_then_
     shows when it is read. After the answer began, it is cut off (a short answer would be taken for
     whole, and the results forgotten); the lost job's results are forgotten, the others come next."""
     bucket = s3.new_bucket()
+    emulator = await make_emulator()
+    client = await make_bridge(emulator, storage=f"s3://{bucket}", s3_endpoint=s3.url, inline_result_kb=0)
+    body = {"workflow": "solid", "1/batch_size": 1}
+    emulator.engine.faults.video_mb = 2  # too large to be read before the answer: it streams
+    jobs = [(await run_job(client, "tampered", body))[-1]["job_id"]]
+    emulator.engine.faults.video_mb = 0
+    jobs.append((await run_job(client, "tampered", body))[-1]["job_id"])
+    (victim,) = [key for key in s3.keys(bucket) if jobs[1] in key]
+    s3.client().delete_object(Bucket=bucket, Key=victim)
+    resp = await client.get("/history", params={"clientId": "tampered"})
+    assert resp.status == 200  # the first job's files were on their way when the second's was missed
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await resp.read()
+    resp = await client.get("/history", params={"clientId": "tampered"})
+    assert len(await read_results(resp)) == 2  # the first job's picture and video
+    assert (await client.get("/history", params={"clientId": "tampered"})).status == 204
+
+
+async def test_a_small_result_object_removed_by_other_hands_is_a_410_before_anything_is_sent(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, s3: S3Server
+) -> None:
+    """Small results are read whole before the answer: a missing object is said (410, naming its
+    job), its job's results are forgotten, and the others come with the next fetch."""
+    bucket = s3.new_bucket()
     client = await make_bridge(await make_emulator(), storage=f"s3://{bucket}", s3_endpoint=s3.url, inline_result_kb=0)
     jobs = [(await run_job(client, "tampered", {"workflow": "solid", "1/batch_size": 1}))[-1]["job_id"] for _ in "ab"]
     (victim,) = [key for key in s3.keys(bucket) if jobs[1] in key]
     s3.client().delete_object(Bucket=bucket, Key=victim)
     resp = await client.get("/history", params={"clientId": "tampered"})
-    assert resp.status == 200  # the first job's file was on its way when the second's was missed
-    with pytest.raises(aiohttp.ClientPayloadError):
-        await resp.read()
+    assert resp.status == 410
+    assert jobs[1] in (await resp.json())["detail"]
     resp = await client.get("/history", params={"clientId": "tampered"})
     assert [without_job_id(part[1]) for part in await read_results(resp)] == ["wf_b_empty_00001_.png"]
     assert (await client.get("/history", params={"clientId": "tampered"})).status == 204

@@ -49,10 +49,13 @@ async def write_multipart(
         )
     tail = f"--{boundary}--\r\n".encode()
     length = sum(len(h) + f.size + 2 for h, (_, f) in zip(heads, files, strict=True)) + len(tail)
-    chunks = await _opened(store, *files[0], CHUNK) if files else None  # a store away: 503, not a cut
-    response = web.StreamResponse(
-        headers={"Content-Type": f"multipart/form-data; boundary={boundary}", "Content-Length": str(length)}
-    )
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}", "Content-Length": str(length)}
+    whole = await _read_whole(store, files)
+    if whole is not None:
+        pieces = [piece for head, data in zip(heads, whole, strict=True) for piece in (head, data, b"\r\n")]
+        return await _send_whole(request, headers, b"".join(pieces) + tail)
+    chunks = await _opened(store, *files[0], CHUNK)  # a store away: 503, not a cut
+    response = web.StreamResponse(headers=headers)
     await response.prepare(request)
     for index, (head, (job_id, item)) in enumerate(zip(heads, files, strict=True)):
         await response.write(head)
@@ -78,8 +81,13 @@ async def write_base64(
     encoded = [4 * ((f.size + 2) // 3) for _, f in files]
     length = len(b'{"files":[') + sum(len(p) + n + 2 for p, n in zip(pieces, encoded, strict=True))
     length += max(0, len(files) - 1) + len(b"]}")
-    chunks = await _opened(store, *files[0], B64_CHUNK) if files else None  # a store away: 503, not a cut
-    response = web.StreamResponse(headers={"Content-Type": "application/json", "Content-Length": str(length)})
+    headers = {"Content-Type": "application/json", "Content-Length": str(length)}
+    whole = await _read_whole(store, files)
+    if whole is not None:
+        encoded_files = [piece + base64.b64encode(data) + b'"}' for piece, data in zip(pieces, whole, strict=True)]
+        return await _send_whole(request, headers, b'{"files":[' + b",".join(encoded_files) + b"]}")
+    chunks = await _opened(store, *files[0], B64_CHUNK)  # a store away: 503, not a cut
+    response = web.StreamResponse(headers=headers)
     await response.prepare(request)
     await response.write(b'{"files":[')
     for index, (piece, (job_id, item)) in enumerate(zip(pieces, files, strict=True)):
@@ -93,6 +101,41 @@ async def write_base64(
     await response.write(b"]}")
     await response.write_eof()
     return response
+
+
+async def _read_whole(store: ResultStore, files: list[tuple[str, ResultFile]]) -> list[bytes] | None:
+    """Each file's bytes, when together they are small enough to go out in one write (results kept
+    inline, the usual case: a write each would cost a system call each); None otherwise. A file lost
+    fails here, before anything is sent."""
+    if sum(f.size for _, f in files) > SMALL_FILE:
+        return None
+    whole = []
+    for job_id, item in files:
+        try:
+            data = await store.read(item)
+        except BlobGone:
+            raise _gone(job_id, item) from None
+        if len(data) != item.size:
+            raise _cut(job_id, item)
+        whole.append(data)
+    return whole
+
+
+async def _send_whole(request: web.Request, headers: dict[str, str], body: bytes) -> web.StreamResponse:
+    """Headers and body in one write; complete once this returns, as a streamed answer is."""
+    assert headers["Content-Length"] == str(len(body))
+    response = web.StreamResponse(headers=headers)
+    await response.prepare(request)
+    await response.write_eof(body)
+    return response
+
+
+def _gone(job_id: str, item: ResultFile) -> ResultLost:
+    return ResultLost(job_id, f"{item.file_name} of job {job_id} is gone from the bridge's storage")
+
+
+def _cut(job_id: str, item: ResultFile) -> ResultLost:
+    return ResultLost(job_id, f"{item.file_name} of job {job_id} is not of its recorded size ({item.size} bytes)")
 
 
 async def _opened(store: ResultStore, job_id: str, item: ResultFile, size: int) -> AsyncIterator[bytes]:
@@ -120,9 +163,9 @@ async def _checked(store: ResultStore, job_id: str, item: ResultFile, size: int)
                 break
             yield chunk
     except BlobGone:
-        raise ResultLost(job_id, f"{item.file_name} of job {job_id} is gone from the bridge's storage") from None
+        raise _gone(job_id, item) from None
     if sent != item.size:
-        raise ResultLost(job_id, f"{item.file_name} of job {job_id} is not of its recorded size ({item.size} bytes)")
+        raise _cut(job_id, item)
 
 
 async def _chunks(store: ResultStore, item: ResultFile, size: int) -> AsyncIterator[bytes]:

@@ -131,8 +131,10 @@ class LocalBlobs:
     async def read(self, key: str) -> bytes:
         try:
             return await asyncio.to_thread(self.path(key).read_bytes)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise BlobGone(key) from None
+        except OSError as exc:  # as in _sizes: the storage's trouble, which may pass
+            raise StorageUnavailable(f"the bridge could not read its data folder ({exc.strerror}: {key})") from None
 
     async def exists(self, key: str) -> bool:
         return await asyncio.to_thread(self.path(key).is_file)
