@@ -444,3 +444,41 @@ async def test_a_job_interrupted_while_its_accept_is_written_and_then_refused_is
     frames = await frames_until(ws, "listening")
     assert all("job_id" not in f for f in frames)  # no `error` "interrupted" about a job it was refused
     assert emulator.engine.queue_snapshot()["queue_pending"] == []  # and its prompt is taken back
+
+
+def pending_inside(emulator: Emulator) -> int:
+    return len(emulator.engine.queue_snapshot()["queue_pending"])
+
+
+async def queued_in_bridge(client: Any) -> int:
+    return int((await (await client.get("/health")).json())["queued"])
+
+
+async def test_prompts_known_to_be_tiny_are_queued_deeper_inside_comfyui(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    """A GPU must not wait for the bridge's turnaround between prompts of a few milliseconds: those
+    are queued inside ComfyUI beyond `pipeline_depth`; a workflow not seen there yet is not."""
+    emulator = await make_emulator(pace=0)
+    client = await make_bridge(emulator, pipeline_depth=1)
+    for _ in range(3):  # learned: `solid` takes milliseconds on this backend
+        await run_job(client, "learn", SOLID)
+    emulator.engine.faults.hang_after_nodes = 0  # the next prompt holds the GPU
+    await generate(client, "holder", {"workflow": "slow", "2/seed": 1})
+    await wait_for(lambda: emulator.engine.queue_remaining == 1)
+    for index in range(2):  # never seen here: one waits inside ComfyUI, the other in the bridge
+        await generate(client, f"new-{index}", {"workflow": "slow", "2/seed": 10 + index})
+    await wait_for(lambda: pending_inside(emulator) == 1)
+    assert await queued_in_bridge(client) == 1
+    emulator.engine.release_hang()
+    await poll_status(client, "new-1", {"closed"})
+    emulator.engine.faults.hang_after_nodes = 0
+    await generate(client, "holder", {"workflow": "slow", "2/seed": 2})
+    await wait_for(lambda: emulator.engine.queue_remaining == 1)
+    for index in range(5):
+        await generate(client, f"tiny-{index}", dict(SOLID, **{"1/width": 20 + index}))
+    await wait_for(lambda: pending_inside(emulator) == 5)  # all of them, not one
+    assert await queued_in_bridge(client) == 0
+    emulator.engine.release_hang()
+    for index in range(5):
+        await poll_status(client, f"tiny-{index}", {"closed"})

@@ -24,6 +24,11 @@ NOT_ACCEPTED = "ComfyUI did not accept the job"
 MAX_ATTEMPTS = 3  # hand-overs of one job that may fail before it does
 JOURNAL_PAUSE = 1.0  # seconds a worker waits when the journal cannot record a hand-over, or it may not send
 NOT_SENT = object()  # what `_deliver` returns when this bridge may not send now
+# Prompts known to take less than this are queued deeper than `pipeline_depth` inside a ComfyUI, up
+# to this much queued work: the bridge's own turnaround between prompts (an event in, the next prompt
+# out, on a busy loop) must not leave a GPU idle. Bounded: a cancel then has that many to remove.
+COVER = 0.02
+MAX_DEPTH = 8
 
 
 class Dispatcher:
@@ -31,7 +36,7 @@ class Dispatcher:
         self.core = core
 
     async def work(self, backend: Backend) -> None:
-        """Keep ComfyUI fed: up to `pipeline_depth` prompts wait inside it behind the running one."""
+        """Keep ComfyUI fed: prompts wait inside it behind the running one (see `_has_room`)."""
         core = self.core
         while True:
             if backend.at_once:  # handed over as they were accepted: sent first, in that order
@@ -65,7 +70,25 @@ class Dispatcher:
         return next((b for b in core.backends.values() if self._has_room(b) and self._plan(b, [job], lanes) == 0), None)
 
     def _has_room(self, backend: Backend) -> bool:
-        return backend.usable and len(backend.inflight) <= (0 if backend.doubt else self.core.settings.pipeline_depth)
+        """Whether one more prompt may go inside this ComfyUI: `pipeline_depth` wait behind the running
+        one, and more (up to MAX_DEPTH) while what waits is known to take less than COVER."""
+        if not backend.usable:
+            return False
+        if backend.doubt:  # one prompt at a time until its queue is seen to move
+            return not backend.inflight
+        queued = len(backend.inflight) - 1  # behind the running one
+        depth = self.core.settings.pipeline_depth
+        if queued < depth:
+            return True
+        if depth == 0 or queued >= MAX_DEPTH:
+            return False
+        work = 0.0
+        for job in backend.inflight[1:]:
+            seconds = self.core.runtimes.known(job.workflow, backend.name)
+            if seconds is None:  # not seen there yet: no guess makes the queue deeper
+                return False
+            work += seconds
+        return work < COVER
 
     def _lanes(self) -> list[Lane]:
         core = self.core

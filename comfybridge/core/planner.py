@@ -66,6 +66,14 @@ class RunTimes:
         typical = statistics.fmean(self._mean.values()) if self._mean else self.prior
         return typical * self.speed_factor(backend)
 
+    def known(self, workflow: str, backend: str) -> float | None:
+        """What this workflow was seen to take on this backend (either warmth), or None: no guess."""
+        for warm in (False, True):
+            seen = self._mean.get((workflow, backend, warm))
+            if seen is not None:
+                return seen
+        return None
+
     def speed_factor(self, backend: str) -> float:
         """How much longer this backend takes than the others on the workflows both have run (1.0 unknown)."""
         ratios = []
