@@ -15,6 +15,7 @@ Every refusal raises `BridgeError` with the bridge's `detail`; a job that ends i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import urllib.parse
 import uuid
@@ -28,6 +29,8 @@ import aiohttp
 import orjson
 
 T = TypeVar("T")
+# Downloads and jobs waited for take as long as they take; only connecting is bounded.
+NO_TOTAL = aiohttp.ClientTimeout(total=None, sock_connect=30)
 FileSource = str | Path | bytes | tuple[str, bytes]  # a path, raw bytes, or (file name, bytes)
 
 
@@ -206,7 +209,8 @@ class AsyncBridge:
         """Fetch every finished result of this client into `folder` (streamed), then the bridge
         forgets them. An existing file is never overwritten: `name-1.png`, ..."""
         params = {"clientId": self.client_id}
-        async with self.session.get(f"{self.url}/history", params=params, headers=self._headers) as resp:
+        url = f"{self.url}/history"
+        async with self.session.get(url, params=params, headers=self._headers, timeout=NO_TOTAL) as resp:
             return await _save_parts(resp, Path(folder))
 
     async def generate_and_save(
@@ -223,10 +227,11 @@ class AsyncBridge:
             body.update(await self.upload(files))
         params = {"clientId": self.client_id, "wait": "1"}
         url = f"{self.url}/generate-based-workflow"
-        async with self.session.post(url, params=params, json=body, headers=self._headers) as resp:
-            if resp.status == 502:
-                failed = await resp.json()
-                raise JobFailed(failed["job_id"], failed["detail"])
+        async with self.session.post(url, params=params, json=body, headers=self._headers, timeout=NO_TOTAL) as resp:
+            if resp.status == 502:  # the job's own failure names it; a proxy's 502 does not
+                with contextlib.suppress(orjson.JSONDecodeError, KeyError, TypeError):
+                    failed = orjson.loads(await resp.read())
+                    raise JobFailed(failed["job_id"], failed["detail"])
             return await _save_parts(resp, Path(folder))
 
     async def interrupt(self) -> str:

@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 import pytest
+from aiohttp import web
 
 from comfybridge.emulator.png import png_first_pixel
 from comfybridge.sdk import AsyncBridge, Bridge, BridgeError, Event, JobFailed
@@ -130,3 +131,19 @@ async def test_one_request_generates_and_saves_or_raises_the_jobs_error(
     assert result.job_id is not None
     assert result.job_id in result.path.name
     assert png_first_pixel(result.path.read_bytes()) == 0xFFFFFF ^ 0x336699
+
+
+async def test_a_502_that_names_no_job_is_the_bridges_error_not_a_jobs(aiohttp_server: Any, tmp_path: Path) -> None:
+    """A relaying bridge's (or a proxy's) own 502 is not a job that failed."""
+
+    async def relay_lost(request: web.Request) -> web.Response:
+        return web.json_response({"detail": "The bridge that leads stopped answering"}, status=502)
+
+    app = web.Application()
+    app.router.add_post("/generate-based-workflow", relay_lost)
+    server = await aiohttp_server(app)
+    async with AsyncBridge(str(server.make_url("")).rstrip("/")) as bridge:
+        with pytest.raises(BridgeError) as refused:
+            await bridge.generate_and_save("solid", tmp_path)
+    assert refused.value.status == 502
+    assert refused.value.detail == "The bridge that leads stopped answering"

@@ -274,7 +274,7 @@ async def test_a_request_waiting_for_its_job_gets_503_when_the_bridge_stops(work
         proc.send_signal(signal.SIGTERM)
         async with await call as resp:
             assert resp.status == 503
-            assert "ends after the restart" in (await resp.json())["detail"]
+            assert "stays journaled" in (await resp.json())["detail"]
         assert await asyncio.wait_for(proc.wait(), 20) == 0
     async with (
         bridge_process(workdir, *slow) as (_, url),

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+
+from comfybridge.edge.appkeys import SCHEDULER
+from comfybridge.errors import StorageFull
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
 from .helpers import frames_until, generate, poll_status, read_results
@@ -91,13 +96,19 @@ async def test_bad_wait_or_res_type_accepts_nothing(
     assert await count(client) == 0
 
 
-async def test_a_caller_that_hangs_up_loses_nothing(make_emulator: EmulatorFactory, make_bridge: BridgeFactory) -> None:
+@pytest.mark.parametrize("res_type", ["", "url"])
+async def test_a_caller_that_hangs_up_loses_nothing(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, storage: dict[str, str], res_type: str
+) -> None:
+    if res_type == "url" and not storage:
+        pytest.skip("results as links need object storage: the S3 pass of `make test` runs this")
     emulator = await make_emulator()
     emulator.engine.faults.hang_after_nodes = 2  # every node has run; how it ended is not said yet
     client = await make_bridge(emulator)
     url = str(client.make_url(GENERATE))
+    params = {"clientId": "gone", "wait": "1", "resType": res_type}
     async with aiohttp.ClientSession() as session:
-        call = asyncio.ensure_future(session.post(url, params={"clientId": "gone", "wait": "1"}, json=SOLID))
+        call = asyncio.ensure_future(session.post(url, params=params, json=SOLID))
         await wait_for(lambda: emulator.engine.requests["POST /prompt"] == 1)
         call.cancel()  # the caller hangs up while its job runs
     emulator.engine.release_hang()
@@ -120,3 +131,54 @@ async def test_links_when_results_are_in_object_storage(
         assert got.status == 200
         assert (await got.read()).startswith(b"\x89PNG")
     assert (await client.get("/history", params={"clientId": "linked"})).status == 204
+
+
+async def test_a_job_without_output_files_is_a_204_and_leaves_nothing_behind(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, workflow_dir: Path
+) -> None:
+    (workflow_dir / "preview_only.json").write_bytes(
+        orjson.dumps(
+            {
+                "1": {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 16, "batch_size": 1, "color": 0}},
+                "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
+            }
+        )
+    )
+    aliases = orjson.loads((workflow_dir / "workflow_alias.json").read_bytes())
+    aliases.append({"alias": "preview-only", "fn": "preview_only.json", "inputs": ["1/width"]})
+    (workflow_dir / "workflow_alias.json").write_bytes(orjson.dumps(aliases))
+    client = await make_bridge(await make_emulator())
+    resp = await client.post(GENERATE, params={"clientId": "bare", "wait": "1"}, json={"workflow": "preview-only"})
+    assert resp.status == 204
+    assert "no results" in resp.headers["X-Detail"]
+    after = await client.get("/history", params={"clientId": "bare"})
+    assert after.status == 204  # not an empty multipart answer later
+
+
+async def test_a_stop_answers_a_request_whose_jobs_end_is_still_being_written(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    """The job has left its client's jobs while its end is written (here: never, a full disk); a
+    stop must answer its request all the same."""
+    client = await make_bridge(await make_emulator())
+    scheduler = client.app[SCHEDULER]
+    journal = scheduler.core.journal
+    write = journal.update
+    refused: list[str] = []
+
+    def update(job_id: str, fields: dict[str, Any], delivery: Any = None) -> asyncio.Future[None]:
+        if fields.get("state") not in ("done", "failed", "cancelled"):
+            return write(job_id, fields, delivery)
+        refused.append(job_id)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future.set_exception(StorageFull("the bridge's disk is full"))
+        return future
+
+    journal.update = update  # type: ignore[method-assign]
+    call = asyncio.ensure_future(client.post(GENERATE, params={"clientId": "w", "wait": "1"}, json=SOLID))
+    await wait_for(lambda: bool(refused))
+    scheduler.stop_waiting()  # what a SIGTERM does first
+    async with asyncio.timeout(30):  # unanswered, it would wait forever
+        resp = await call
+    assert resp.status == 503
+    assert "stays journaled" in (await resp.json())["detail"]

@@ -91,6 +91,9 @@ class Scheduler:
         self._state_changed = asyncio.Event()
         self._learned_saved = 0  # core.runtimes.changes when they were last kept
         self._linked: set[str] = set()  # jobs whose results were handed out as links that still work
+        # Jobs a request waits for (`?wait=1`) until their end is durable: a stop answers each, also
+        # one whose end is still being written (it has left its client's jobs by then).
+        self._waited: dict[str, Job] = {}
 
     def reset(self) -> None:
         """After `close`: forget everything, as a new process would, so `start` can run again (a bridge
@@ -196,16 +199,16 @@ class Scheduler:
 
     def stop_waiting(self) -> None:
         """Requests waiting for a job's end are answered now: the job ends after a restart."""
-        for client in self.clients:
-            for job in client.jobs.values():
-                if job.awaited is not None and not job.awaited.done():
-                    job.awaited.set_exception(
-                        ShuttingDown(
-                            f"The bridge is stopping before job {job.id} ended; it stays journaled and ends "
-                            "after the restart: fetch its results with /history then."
-                        )
+        for job in list(self._waited.values()):
+            if job.awaited is not None and not job.awaited.done():
+                job.awaited.set_exception(
+                    ShuttingDown(
+                        f"This bridge stopped before job {job.id} ended; the job stays journaled and ends "
+                        "once a bridge runs again (in a cluster, the next to lead): fetch its results with "
+                        "/history then."
                     )
-                    job.awaited.add_done_callback(lambda done: done.exception())  # said to no one if none waits
+                )
+                job.awaited.add_done_callback(lambda done: done.exception())  # said to no one if none waits
 
     # backends at run time --------------------------------------------------------------------
     def _add_backend(self, url: str) -> Backend:
@@ -382,6 +385,8 @@ class Scheduler:
         job.journal = core.journal
         if wait:
             job.awaited = asyncio.get_running_loop().create_future()
+            self._waited[job.id] = job
+            job.awaited.add_done_callback(lambda _: self._waited.pop(job.id, None))
         core.opened(job)
         new_client = known is None
         taker = self.dispatcher.taker_at_once(job)
@@ -440,6 +445,7 @@ class Scheduler:
         # A job handed over at once may have been moved meanwhile (its backend went away): wherever it
         # is now, it goes. A prompt of it already sent is taken back from ComfyUI by its send.
         job.refused = True
+        self._waited.pop(job.id, None)
         self.core.queue.remove(job)
         backend = self.backends.get(job.backend or "")
         if backend is not None and job in backend.inflight:
@@ -557,7 +563,7 @@ class Scheduler:
     async def ended(self, job: Job) -> list[JobResult]:
         """Wait for a job submitted with `wait` to end; then its results (none if it failed, or if
         another request fetched them first), reserved as `claim_results` does. A bridge that stops
-        first raises ShuttingDown: the job stays journaled, and ends after the restart."""
+        first raises ShuttingDown: the job stays journaled, and ends once a bridge runs again."""
         assert job.awaited is not None, "submitted without wait"
         await asyncio.shield(job.awaited)  # a request that goes away must not cancel it for the core
         return self.core.results.claim(job.client_id, job.id)

@@ -124,7 +124,9 @@ async def generate(request: web.Request) -> web.StreamResponse:
     fetched = await scheduler.ended(job)
     if job.state is not JobState.DONE:
         return json_response({"status": "error", "detail": job.error or "error", "job_id": job.id}, 502)
-    if not fetched:  # fetched meanwhile by /history, or being fetched by one
+    if not any(result.files for result in fetched):  # no output, or fetched meanwhile by /history
+        if fetched:
+            scheduler.results_fetched(client_id, fetched)  # nothing to send: handed over all the same
         return web.Response(status=204, headers={"X-Detail": f"Job {job.id} has no results left to hand over."})
     return await _deliver(request, scheduler, client_id, fetched, res_type)
 
@@ -226,6 +228,8 @@ async def _deliver(
         ttl = request.app[SETTINGS].link_ttl
         try:
             links = await links_reply(scheduler.result_store, files, ttl)
+            await links.prepare(request)  # sent here: a caller gone meanwhile must not cost the results
+            await links.write_eof()
         except BaseException:
             scheduler.release_results(fetched)
             raise
