@@ -4,6 +4,7 @@ the others relay every request to it; when it dies, another takes over its jobs 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import signal
@@ -123,6 +124,14 @@ async def test_a_client_on_three_bridges_hears_and_fetches_every_job(
         async with session.get(f"{b}/workflow-list", headers=upgrade) as resp:
             assert resp.status == 200
             assert "solid" in await resp.json()
+        # One request for a whole job, through a follower: answered once the leader's job ended.
+        params = {"clientId": "at-once", "wait": "1", "resType": "base64"}
+        async with session.post(f"{c}/generate-based-workflow", params=params, json=TINY) as resp:
+            assert resp.status == 200, await resp.text()
+            (item,) = (await resp.json())["files"]
+        assert base64.b64decode(item["content"]).startswith(b"\x89PNG")
+        async with session.get(f"{a}/history", params={"clientId": "at-once"}) as resp:
+            assert resp.status == 204  # handed over in that answer
 
 
 async def test_kill_9_of_the_leader_mid_burst_loses_nothing_and_runs_nothing_twice(
