@@ -236,14 +236,8 @@ async def test_a_passing_read_error_is_a_503_and_keeps_the_results(
     assert [without_job_id(part[1]) for part in await read_results(resp)] == ["wf_b_empty_00001_.png"]
 
 
-async def test_a_read_error_before_the_answer_is_a_503_that_keeps_the_results(
-    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Small results are read whole before anything is sent: a file that cannot be read then (EIO,
-    which may pass) is the storage's trouble, and nothing is handed over or forgotten."""
-    client = await make_bridge(await make_emulator(), inline_result_kb=0, **ON_DISK)
-    jobs = [(await run_job(client, "eio", SOLID))[-1]["job_id"] for _ in "ab"]
-    (victim,) = [path for path in stored(client, "results") if jobs[1] in str(path)]
+def unreadable(monkeypatch: pytest.MonkeyPatch, victim: Path) -> None:
+    """Reading this file fails with EIO (a disk's passing trouble) until `monkeypatch.undo()`."""
     real = Path.read_bytes
 
     def flaky(self: Path) -> bytes:
@@ -252,10 +246,21 @@ async def test_a_read_error_before_the_answer_is_a_503_that_keeps_the_results(
         return real(self)
 
     monkeypatch.setattr(Path, "read_bytes", flaky)
+
+
+async def test_a_read_error_before_the_answer_is_a_503_that_keeps_the_results(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small results are read whole before anything is sent: a file that cannot be read then (EIO,
+    which may pass) is the storage's trouble, and nothing is handed over or forgotten."""
+    client = await make_bridge(await make_emulator(), inline_result_kb=0, **ON_DISK)
+    jobs = [(await run_job(client, "eio", SOLID))[-1]["job_id"] for _ in "ab"]
+    (victim,) = [path for path in stored(client, "results") if jobs[1] in str(path)]
+    unreadable(monkeypatch, victim)
     resp = await client.get("/history", params={"clientId": "eio"})
     assert resp.status == 503
     assert "could not read its data folder" in (await resp.json())["detail"]
-    monkeypatch.setattr(Path, "read_bytes", real)
+    monkeypatch.undo()
     resp = await client.get("/history", params={"clientId": "eio"})
     assert len(await read_results(resp)) == 2
 
@@ -273,18 +278,11 @@ async def test_a_read_error_after_the_answer_began_cuts_it_off(
     emulator.engine.faults.video_mb = 0
     jobs.append((await run_job(client, "eio", SOLID))[-1]["job_id"])
     (victim,) = [path for path in stored(client, "results") if jobs[1] in str(path)]
-    real = Path.read_bytes
-
-    def flaky(self: Path) -> bytes:
-        if self == victim:
-            raise OSError(errno.EIO, "Input/output error", str(self))
-        return real(self)
-
-    monkeypatch.setattr(Path, "read_bytes", flaky)
+    unreadable(monkeypatch, victim)
     resp = await client.get("/history", params={"clientId": "eio"})
     assert resp.status == 200
     with pytest.raises(aiohttp.ClientPayloadError):
         await resp.read()
-    monkeypatch.setattr(Path, "read_bytes", real)
+    monkeypatch.undo()
     resp = await client.get("/history", params={"clientId": "eio"})
     assert len(await read_results(resp)) == 3
