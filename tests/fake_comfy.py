@@ -23,7 +23,7 @@ HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "content-enc
 class FakeComfy:
     def __init__(self, upstream: Emulator) -> None:
         self.upstream = upstream
-        self.answers: dict[str, deque[tuple[int, bytes]]] = defaultdict(deque)
+        self.answers: dict[str, deque[tuple[int, bytes, str]]] = defaultdict(deque)
         self.sockets: set[web.WebSocketResponse] = set()
         self.seen: list[str] = []  # "GET /queue", ... every request, in order
         self.rewrite: Callable[[str], str] = lambda text: text  # applied to every event ComfyUI sends
@@ -37,11 +37,13 @@ class FakeComfy:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def replace(self, route: str, status: int, body: bytes | str, times: int = 1) -> None:
+    def replace(
+        self, route: str, status: int, body: bytes | str, times: int = 1, content_type: str = "application/json"
+    ) -> None:
         """The next `times` requests of `route` ("GET /queue", "GET /history/{id}" as "GET /history/*")
         get this answer instead of ComfyUI's."""
         data = body.encode() if isinstance(body, str) else body
-        self.answers[route].extend([(status, data)] * times)
+        self.answers[route].extend([(status, data, content_type)] * times)
 
     def hold(self, route: str) -> asyncio.Event:
         """Requests of `route` reach ComfyUI only once the returned event is set (a slow network)."""
@@ -90,8 +92,8 @@ class FakeComfy:
             await self.held[route].wait()
         canned = self.answers.get(route)
         if canned:
-            status, body = canned.popleft()
-            return web.Response(status=status, body=body, content_type="application/json")
+            status, body, content_type = canned.popleft()
+            return web.Response(status=status, body=body, content_type=content_type)
         assert self._session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
         async with self._session.request(

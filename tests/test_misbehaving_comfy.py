@@ -131,6 +131,27 @@ async def test_a_non_json_200_from_prompt_is_asked_about_never_sent_blindly(
     assert fake.seen.count("POST /prompt") == 2  # unanswered once, asked about, then sent again
 
 
+async def test_a_web_page_in_place_of_an_output_file_is_never_delivered_as_it(
+    make_fake: Any, make_bridge: BridgeFactory
+) -> None:
+    """ComfyUI serves no output as a web page (an .html output is sent as a download): one is a proxy's
+    page with 200. Tried again; for good, the job fails saying so, and no page is handed over."""
+    fake: FakeComfy = await make_fake()
+    client = await make_bridge(fake.url, result_retries=2)
+    await wait_for(lambda: backend_states(client) == ["up"])
+    fake.replace("GET /view", 200, PROXY_PAGE, content_type="text/html")
+    await generate(client, "once", SOLID)
+    assert (await poll_status(client, "once", {"closed", "error"}))["status"] == "closed"
+    parts = await read_results(await client.get("/history", params={"clientId": "once"}))
+    assert [part[3][:8] for part in parts] == [b"\x89PNG\r\n\x1a\n"]  # the file, fetched again
+    assert fake.seen.count("GET /view") == 2
+    fake.replace("GET /view", 200, PROXY_PAGE, times=10, content_type="text/html")
+    outcome = await run_one(client, "always")
+    assert outcome["status"] == "error"
+    assert "answered a web page (text/html), not the file" in outcome["detail"]
+    assert outcome["files"] == []
+
+
 async def test_history_malformed_for_good_fails_only_that_job(make_fake: Any, make_bridge: BridgeFactory) -> None:
     fake: FakeComfy = await make_fake(pace=0.1)
     client = await make_bridge(fake.url, result_retries=2, backend_grace=30)

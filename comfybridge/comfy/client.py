@@ -40,6 +40,8 @@ MB = 1024 * 1024
 MAX_ANSWER = 128 * MB  # the largest REST answer read (/object_info with many custom nodes: tens of MB)
 SLOW_RATE = 64 * 1024  # bytes a second an output file's download earns beyond comfy_timeout
 JSON_HEADERS = {"Content-Type": "application/json"}
+# What /view never answers (ComfyUI sends HTML-like outputs as downloads): a proxy's page in its place.
+WEB_PAGES = frozenset({"text/html", "application/xhtml+xml"})
 # "0.3.64": the recorded release. "jobs": later releases, which add GET /api/jobs, GET /api/jobs/{id},
 # an atomic POST /api/jobs/{id}/cancel, canonical-UUID prompt ids, and asset ids on outputs.
 DIALECTS = ("0.3.64", "jobs")
@@ -255,6 +257,11 @@ class ComfyClient:
             async with self.session.get(self.url / "view", params=params, timeout=timeout) as resp:
                 if resp.status != 200:
                     raise BackendUnavailable(f"{self.name}: GET /view {ref.filename!r} answered HTTP {resp.status}")
+                if resp.content_type in WEB_PAGES:  # ComfyUI serves even an .html output as a download
+                    raise BackendUnavailable(
+                        f"{self.name}: GET /view {ref.filename!r} answered a web page ({resp.content_type}), "
+                        "not the file: a proxy in front of ComfyUI?"
+                    )
                 length = resp.content_length
                 if length is not None and length > max_bytes:
                     raise ResultTooLarge(_too_large(ref, length, max_bytes))
