@@ -26,7 +26,7 @@ class FakeComfy:
         self.answers: dict[str, deque[tuple[int, bytes, str]]] = defaultdict(deque)
         self.sockets: set[web.WebSocketResponse] = set()
         self.seen: list[str] = []  # "GET /queue", ... every request, in order
-        self.rewrite: Callable[[str], str] = lambda text: text  # applied to every event ComfyUI sends
+        self.rewrite: Callable[[str], str] = lambda text: text  # applied to every event ComfyUI sends; "" drops it
         self.held: dict[str, asyncio.Event] = {}  # requests of these routes wait for their event first
         self.trickled: dict[str, float] = {}  # answers of these routes come a KB at a time, this many s apart
         self._session: aiohttp.ClientSession | None = None
@@ -134,7 +134,9 @@ class FakeComfy:
     async def _relay(self, upstream: aiohttp.ClientWebSocketResponse, ws: web.WebSocketResponse) -> None:
         async for msg in upstream:
             if msg.type is aiohttp.WSMsgType.TEXT:
-                await ws.send_str(self.rewrite(msg.data))
+                text = self.rewrite(msg.data)
+                if text:  # rewritten to nothing: the frame is dropped
+                    await ws.send_str(text)
             elif msg.type is aiohttp.WSMsgType.BINARY:
                 await ws.send_bytes(msg.data)
         await ws.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -16,7 +17,7 @@ from comfybridge.emulator.server import SOCKETS
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
 from .fake_comfy import FakeComfy
-from .helpers import Client, frames_until, generate, poll_status, read_results
+from .helpers import Client, frames_until, generate, poll_status, read_results, without_job_id
 
 SOLID = {"workflow": "solid", "1/batch_size": 1}
 PROXY_PAGE = "<html><body><h1>502 Bad Gateway</h1></body></html>"
@@ -150,6 +151,51 @@ async def test_a_web_page_in_place_of_an_output_file_is_never_delivered_as_it(
     assert outcome["status"] == "error"
     assert "answered a web page (text/html), not the file" in outcome["detail"]
     assert outcome["files"] == []
+
+
+async def test_a_second_execution_start_in_one_run_costs_no_output(
+    make_fake: Any, make_bridge: BridgeFactory, workflow_dir: Path
+) -> None:
+    """No real ComfyUI says it twice; a fork or a proxy that repeats it between two outputs must not
+    make the bridge forget the first: the outputs are read from /history then."""
+    two_saves = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "first"}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "second"}},
+    }
+    (workflow_dir / "two_saves.json").write_bytes(orjson.dumps(two_saves))
+    aliases = orjson.loads((workflow_dir / "workflow_alias.json").read_bytes())
+    aliases.append({"alias": "two-saves", "fn": "two_saves.json", "inputs": []})
+    (workflow_dir / "workflow_alias.json").write_bytes(orjson.dumps(aliases))
+    fake: FakeComfy = await make_fake()
+    client = await make_bridge(fake.url)
+    await wait_for(lambda: backend_states(client) == ["up"])
+    fake.upstream.engine.faults.hang_after_nodes = 2  # inside the second SaveImage: the first one has said so
+    await generate(client, "twice", {"workflow": "two-saves"})
+    await wait_for(lambda: fake.seen.count("GET /view") == 1)  # the first output, announced and fetched
+    prompt_id = orjson.dumps(fake.upstream.engine.started[0]).decode()
+    await fake.push(f'{{"type": "execution_start", "data": {{"prompt_id": {prompt_id}, "timestamp": 1}}}}')
+    fake.upstream.engine.release_hang()
+    info = await poll_status(client, "twice", {"closed", "error"})
+    assert info["status"] == "closed"
+    parts = await read_results(await client.get("/history", params={"clientId": "twice"}))
+    assert sorted(without_job_id(part[1]).split("_")[0] for part in parts) == ["first", "second"]
+
+
+async def test_a_success_with_no_output_announced_asks_history(make_fake: Any, make_bridge: BridgeFactory) -> None:
+    """`executed` lost on the way (a proxy, a fork): a job that succeeded is not taken for one
+    without files; /history has the outputs."""
+    fake: FakeComfy = await make_fake()
+
+    def without_executed(text: str) -> str:
+        return "" if orjson.loads(text).get("type") == "executed" else text
+
+    fake.rewrite = without_executed
+    client = await make_bridge(fake.url)
+    outcome = await run_one(client, "unannounced")
+    assert outcome["status"] == "closed"
+    assert len(outcome["files"]) == 1
+    assert "GET /history/*" in fake.seen
 
 
 async def test_history_malformed_for_good_fails_only_that_job(make_fake: Any, make_bridge: BridgeFactory) -> None:

@@ -174,9 +174,12 @@ class Job:
         self.last_event = time.monotonic()
         progress = self.progress
         if event == "execution_start":
-            self.started_at = self.last_event
+            if self.started_at is None:
+                self.started_at = self.last_event
+                self.seen_outputs = {}
+            else:  # twice in one run (no real ComfyUI does it): what was seen is kept, and /history asked
+                self.seen_outputs = None
             self.finished_at = None
-            self.seen_outputs = {}
             if self.state in (JobState.SUBMITTING, JobState.QUEUED):
                 self.move(JobState.RUNNING)
         elif event == "execution_cached":
@@ -196,6 +199,8 @@ class Job:
                 self.seen_outputs[data["node"]] = data["output"]
         elif event == "execution_success":
             self.outcome = "success"
+            if not self.seen_outputs:  # no output announced (none made, or its event lost): /history says
+                self.seen_outputs = None
         elif event == "execution_error":
             self.outcome = "error"
             self.reported = data["error"]
