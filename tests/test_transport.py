@@ -151,6 +151,14 @@ async def test_expect_100_continue_is_not_promised_to_a_body_that_will_be_refuse
         )
         assert b"100 Continue" not in answer, head
         assert answer.startswith((b"HTTP/1.1 4", b"HTTP/1.1 200", b"HTTP/1.1 503")), answer[:40]
+    # An expectation other than 100-continue: refused in JSON, as every error, and nothing read.
+    answer = await exchange(
+        client,
+        b"POST /generate-based-workflow?clientId=t HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 20\r\nExpect: 200-maybe\r\nConnection: close\r\n\r\n",
+    )
+    assert answer.startswith(b"HTTP/1.1 417 ")
+    assert "200-maybe" in orjson.loads(answer.partition(b"\r\n\r\n")[2])["detail"]
     # A body that will be read is promised, then read.
     body = orjson.dumps(TINY)
     fine = (

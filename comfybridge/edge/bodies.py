@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import Any, TypeVar
 
 import orjson
-from aiohttp import BodyPartReader, hdrs, web, web_urldispatcher
+from aiohttp import BodyPartReader, HttpVersion11, hdrs, web, web_urldispatcher
 
 from ..errors import BadInput, BridgeError, RequestTimeout, TooLarge, UnsupportedMedia
 from .access import client_id_of
@@ -73,15 +73,22 @@ def refuse_early(request: web.Request) -> None:
         raise TooLarge(f"The request body is larger than the limit of {settings.max_json_mb:.3g} MB.")
 
 
-async def expect_continue(request: web.Request) -> None:
+async def expect_continue(request: web.Request) -> web.Response | None:
     """`Expect: 100-continue`: promise to read the body only when it will not be refused at once; the
     refusal itself (413, 415) is then the handler's answer, in JSON, before the body is sent."""
     try:
         refuse_early(request)
         client_id_of(request, required=request.path != "/upload")  # /upload's is optional
     except BridgeError:
-        return
+        return None
+    expect = request.headers.get(hdrs.EXPECT, "")
+    if request.version == HttpVersion11 and expect.strip().lower() != "100-continue":
+        # aiohttp's own answer would be a text/plain 417; every error here is JSON.
+        return web.json_response(
+            {"detail": f"Expect: {expect[:80]!r} is not understood; send Expect: 100-continue, or none."}, status=417
+        )
     await web_urldispatcher._default_expect_handler(request)
+    return None
 
 
 async def expect_nothing(request: web.Request) -> None:
