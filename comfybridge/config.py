@@ -298,7 +298,7 @@ OPTIONS: dict[str, tuple[Parser, Callable[[Any], str | None] | None, str]] = {
     "allowed_media": (_words, _media, "media kinds accepted by /upload (image, video, audio)"),
     "max_frame_mp": (_number(float), _positive, "largest frame an uploaded image may have, in megapixels"),
     "max_total_mp": (_number(float), _positive, "most pixels of all an uploaded image's frames, in megapixels"),
-    "pipeline_depth": (_number(int), _not_negative, "prompts kept queued inside each ComfyUI behind the running one"),
+    "pipeline_depth": (_number(int), _not_negative, "prompts queued in each ComfyUI behind the running one; 0: none"),
     "shutdown_timeout": (_number(float), _not_negative, "seconds in-flight requests get to finish on SIGTERM"),
     "log_level": (str, _level, "DEBUG, INFO, WARNING or ERROR"),
     "log_format": (str, _log_format, "text, or json (one object per line, with job and request fields)"),

@@ -13,7 +13,9 @@ import orjson
 import pytest
 
 from comfybridge.edge.appkeys import SCHEDULER
+from comfybridge.errors import StorageUnavailable
 from comfybridge.store import blobs
+from comfybridge.store.blobs import BlobGone, LocalBlobs
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
 from .fake_comfy import FakeComfy
@@ -286,3 +288,26 @@ async def test_a_read_error_after_the_answer_began_cuts_it_off(
     monkeypatch.undo()
     resp = await client.get("/history", params={"clientId": "eio"})
     assert len(await read_results(resp)) == 3
+
+
+@pytest.mark.parametrize("how", ["read", "chunks"])
+async def test_a_stored_file_that_cannot_be_read_is_the_storages_trouble_not_a_lost_file(
+    tmp_path: Path, how: str
+) -> None:
+    """Only a file that is not there is gone (BlobGone: the job's results are forgotten); one that
+    cannot be read (here a folder in its place: EISDIR; on a disk, EIO or a stale NFS handle) is the
+    storage's passing trouble (503, the results kept), read whole or streamed."""
+    store = LocalBlobs(tmp_path)
+    (tmp_path / "folder-not-file").mkdir()
+    (tmp_path / "plain").write_bytes(b"x")
+
+    async def read(key: str) -> bytes:
+        if how == "read":
+            return await store.read(key)
+        return b"".join([chunk async for chunk in store.chunks(key, 1024)])
+
+    with pytest.raises(StorageUnavailable):
+        await read("folder-not-file")
+    for gone in ("missing", "plain/below"):  # not there; under a file, so not there either
+        with pytest.raises(BlobGone):
+            await read(gone)

@@ -454,31 +454,67 @@ async def queued_in_bridge(client: Any) -> int:
     return int((await (await client.get("/health")).json())["queued"])
 
 
+def learned(client: Any, workflow: str, seconds: float) -> None:
+    """What the bridge has seen `workflow` take on its one backend."""
+    core = client.app[SCHEDULER].core
+    (name,) = core.backends
+    core.runtimes.observe(workflow, name, seconds)
+
+
+async def hold_the_gpu(client: Any, emulator: Emulator, seed: int) -> None:
+    emulator.engine.faults.hang_after_nodes = 0  # the next prompt runs until released
+    await generate(client, f"holder-{seed}", {"workflow": "slow", "2/seed": seed})
+    await wait_for(lambda: emulator.engine.queue_remaining == 1)
+
+
 async def test_prompts_known_to_be_tiny_are_queued_deeper_inside_comfyui(
     make_emulator: EmulatorFactory, make_bridge: BridgeFactory
 ) -> None:
     """A GPU must not wait for the bridge's turnaround between prompts of a few milliseconds: those
-    are queued inside ComfyUI beyond `pipeline_depth`; a workflow not seen there yet is not."""
+    are queued inside ComfyUI beyond `pipeline_depth`; no other prompt is: one of a workflow not seen
+    there yet, or known to take longer than what is left of the 20 ms."""
     emulator = await make_emulator(pace=0)
     client = await make_bridge(emulator, pipeline_depth=1)
-    for _ in range(3):  # learned: `solid` takes milliseconds on this backend
-        await run_job(client, "learn", SOLID)
-    emulator.engine.faults.hang_after_nodes = 0  # the next prompt holds the GPU
-    await generate(client, "holder", {"workflow": "slow", "2/seed": 1})
-    await wait_for(lambda: emulator.engine.queue_remaining == 1)
-    for index in range(2):  # never seen here: one waits inside ComfyUI, the other in the bridge
-        await generate(client, f"new-{index}", {"workflow": "slow", "2/seed": 10 + index})
-    await wait_for(lambda: pending_inside(emulator) == 1)
-    assert await queued_in_bridge(client) == 1
-    emulator.engine.release_hang()
-    await poll_status(client, "new-1", {"closed"})
-    emulator.engine.faults.hang_after_nodes = 0
-    await generate(client, "holder", {"workflow": "slow", "2/seed": 2})
-    await wait_for(lambda: emulator.engine.queue_remaining == 1)
+    learned(client, "solid", 0.001)
+    await hold_the_gpu(client, emulator, 1)
     for index in range(5):
         await generate(client, f"tiny-{index}", dict(SOLID, **{"1/width": 20 + index}))
     await wait_for(lambda: pending_inside(emulator) == 5)  # all of them, not one
     assert await queued_in_bridge(client) == 0
+    await generate(client, "unseen", {"workflow": "invert"})  # never run here: it waits in the bridge
+    assert await queued_in_bridge(client) == 1
     emulator.engine.release_hang()
     for index in range(5):
         await poll_status(client, f"tiny-{index}", {"closed"})
+    await poll_status(client, "unseen", {"closed", "error"})
+    learned(client, "slow", 60.0)  # known, but far over what is left
+    await hold_the_gpu(client, emulator, 2)
+    await generate(client, "tiny", SOLID)  # the pipeline_depth place
+    await wait_for(lambda: pending_inside(emulator) == 1)
+    await generate(client, "long", {"workflow": "slow", "2/seed": 3})
+    assert await queued_in_bridge(client) == 1
+    assert pending_inside(emulator) == 1
+    emulator.engine.release_hang()
+    await poll_status(client, "long", {"closed"})
+
+
+async def test_jobs_that_went_straight_into_comfyui_were_turns(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    """A client whose tiny jobs a deep pipeline took as they came has had its turns: its next job
+    waits behind one of a client that came later and has had none."""
+    emulator = await make_emulator(pace=0)
+    client = await make_bridge(emulator, pipeline_depth=1)
+    learned(client, "solid", 0.001)
+    learned(client, "slow", 60.0)
+    await hold_the_gpu(client, emulator, 1)
+    for index in range(3):
+        await generate(client, "eager", dict(SOLID, **{"1/width": 20 + index}))
+    await wait_for(lambda: pending_inside(emulator) == 3)
+    await generate(client, "eager", {"workflow": "slow", "2/seed": 7})
+    await generate(client, "patient", dict(SOLID, **{"1/width": 40}))
+    eager_slow, patient = (job_prompt_ids(client, name)[-1] for name in ("eager", "patient"))
+    emulator.engine.release_hang()
+    await poll_status(client, "eager", {"closed"}, timeout=30)
+    started = emulator.engine.started
+    assert started.index(patient) < started.index(eager_slow)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import time
 
 from ..comfy.client import BackendUnavailable, PromptRefused
@@ -36,7 +37,7 @@ class Dispatcher:
         self.core = core
 
     async def work(self, backend: Backend) -> None:
-        """Keep ComfyUI fed: prompts wait inside it behind the running one (see `_has_room`)."""
+        """Keep ComfyUI fed: prompts wait inside it behind the running one (see `_room`)."""
         core = self.core
         while True:
             if backend.at_once:  # handed over as they were accepted: sent first, in that order
@@ -53,11 +54,14 @@ class Dispatcher:
 
     def next_for(self, backend: Backend) -> Job | None:
         core = self.core
-        if not (core.queue and self._has_room(backend)):
+        room = self._room(backend) if core.queue else None
+        if room is None:
             return None
         jobs = list(itertools.islice(core.queue.order(), PLAN_HORIZON))
         index = self._plan(backend, jobs, self._lanes())
-        return None if index is None else jobs[index]
+        if index is None or not self._fits(backend, jobs[index], room):
+            return None  # (not a later job that fits instead: it would overtake this one)
+        return jobs[index]
 
     def taker_at_once(self, job: Job) -> Backend | None:
         """The backend a job just arriving goes to without waiting in the bridge's queue: only when
@@ -67,28 +71,39 @@ class Dispatcher:
         if core.queue or core.pending_accepts or core.closing or not core.may_send():
             return None  # (a job whose accept is being written joins the queue next: it goes first)
         lanes = self._lanes()  # once: each backend's plan reads them all
-        return next((b for b in core.backends.values() if self._has_room(b) and self._plan(b, [job], lanes) == 0), None)
+        for backend in core.backends.values():
+            room = self._room(backend)
+            if room is not None and self._plan(backend, [job], lanes) == 0 and self._fits(backend, job, room):
+                return backend
+        return None
 
-    def _has_room(self, backend: Backend) -> bool:
-        """Whether one more prompt may go inside this ComfyUI: `pipeline_depth` wait behind the running
-        one, and more (up to MAX_DEPTH) while what waits is known to take less than COVER."""
+    def _room(self, backend: Backend) -> float | None:
+        """Whether one more prompt may go inside this ComfyUI: None if not; infinite for one of the
+        `pipeline_depth` places behind the running one; beyond them (up to MAX_DEPTH), the seconds
+        of work still under COVER, which only a prompt known to take no longer may fill (`_fits`)."""
         if not backend.usable:
-            return False
+            return None
         if backend.doubt:  # one prompt at a time until its queue is seen to move
-            return not backend.inflight
+            return None if backend.inflight else math.inf
         queued = len(backend.inflight) - 1  # behind the running one
         depth = self.core.settings.pipeline_depth
         if queued < depth:
-            return True
+            return math.inf
         if depth == 0 or queued >= MAX_DEPTH:
-            return False
+            return None
         work = 0.0
         for job in backend.inflight[1:]:
             seconds = self.core.runtimes.known(job.workflow, backend.name)
             if seconds is None:  # not seen there yet: no guess makes the queue deeper
-                return False
+                return None
             work += seconds
-        return work < COVER
+        return COVER - work if work < COVER else None
+
+    def _fits(self, backend: Backend, job: Job, room: float) -> bool:
+        if room == math.inf:
+            return True
+        seconds = self.core.runtimes.known(job.workflow, backend.name)
+        return seconds is not None and seconds <= room
 
     def _lanes(self) -> list[Lane]:
         core = self.core
@@ -103,6 +118,7 @@ class Dispatcher:
         """The job goes to `backend` as it is accepted: its accept record says so (`Job.record`), and
         the backend's worker sends it while that record is written (`send` waits for it after)."""
         self.core.hand_over(backend, job)
+        self.core.queue.served(job.client_id)  # a turn, though it never waited
         job.state, job.backend = JobState.SUBMITTING, backend.name
         job.sending = job.prompt_id  # in flight from here: a reconcile meanwhile leaves it to the send
         job.handed_at = time.monotonic()

@@ -125,8 +125,10 @@ class LocalBlobs:
             async with open_off_loop(path, "rb") as handle:
                 while chunk := await asyncio.to_thread(handle.read, size):
                     yield chunk
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise BlobGone(key) from None
+        except OSError as exc:  # as in `read`
+            raise StorageUnavailable(f"the bridge could not read its data folder ({exc.strerror}: {key})") from None
 
     async def read(self, key: str) -> bytes:
         try:
