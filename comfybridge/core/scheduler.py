@@ -198,7 +198,7 @@ class Scheduler:
             self._remember_learned()  # lands before the journal closes
 
     def stop_waiting(self) -> None:
-        """Requests waiting for a job's end are answered now: the job ends after a restart."""
+        """Requests waiting for a job's end are answered now (503): the job ends once a bridge runs again."""
         for job in list(self._waited.values()):
             if job.awaited is not None and not job.awaited.done():
                 job.awaited.set_exception(
