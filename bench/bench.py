@@ -793,13 +793,19 @@ async def peer_job(session: aiohttp.ClientSession, peer: str, prompt: dict[str, 
 
 
 async def bench_real(
-    target: str | None, jobs: int, clients: int = 8, peer: str | None = None, before: Path | None = None
+    target: str | None,
+    jobs: int,
+    clients: int = 8,
+    peer: str | None = None,
+    before: Path | None = None,
+    outputs: Path | None = None,
 ) -> dict[str, Any]:
     """Against a real ComfyUI (`--real HOST:PORT`): added latency per tiny job, throughput,
     ComfyUI's busy fraction and its idle gap between prompts with `clients` clients, through the
-    bridge vs a direct client, and through another wrapper (`--peer URL`) and a bridge of another
-    checkout (`--before DIR`) in the same run. The paths take turns: job by job for the latency,
-    then two rounds of load, each path in turn within a round."""
+    bridge vs a direct client, and through another wrapper (`--peer URL`), a bridge of another
+    checkout (`--before DIR`) and a bridge reading ComfyUI's output folder (`--real-outputs DIR`:
+    `comfy_outputs`, as the peer reads it) in the same run. The paths take turns: job by job for
+    the latency, then two rounds of load, each path in turn within a round."""
     if not target:
         return {"name": "real", "skipped": "no --real HOST:PORT given"}
     comfy = target if "://" in target else f"http://{target}"
@@ -817,6 +823,12 @@ async def bench_real(
             paths["peer"] = lambda: peer_job(session, peer, prompt)
         if earlier:
             paths["before"] = lambda: bridge_job(session, earlier, SOLID)
+        if outputs:
+            local = await exits.enter_async_context(
+                bridge_for([comfy], delete_history=False, comfy_outputs=f"{comfy}={outputs}")
+            )
+            paths["local"] = lambda: bridge_job(session, local, SOLID)
+            paths["local_wait"] = lambda: bridge_wait_job(session, local, SOLID)
         for job in paths.values():  # warm up every path
             await in_parallel(job, 10, 1)
         ran_dry = [0]
@@ -1306,7 +1318,9 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], Awaitable[dict[str, Any]]]]
     "clients_scale": lambda args: bench_clients_scale(args.ids),
     "recovery": lambda args: bench_recovery(args.recovery_jobs),
     "spread": lambda args: bench_spread(),
-    "real": lambda args: bench_real(args.real, args.jobs, peer=args.peer, before=args.before),
+    "real": lambda args: bench_real(
+        args.real, args.jobs, peer=args.peer, before=args.before, outputs=args.real_outputs
+    ),
     "real_kept": lambda args: bench_real_kept(args.real, min(args.jobs, 100), args.peer, args.before, args.noise),
     "bomb": lambda args: bench_bomb(),
     "cluster": lambda args: bench_cluster(args.jobs, args.database),
@@ -1324,6 +1338,10 @@ async def main() -> None:
     parser.add_argument(
         "--peer", metavar="URL", help="`real` also through SaladTechnologies/comfyui-api in front of that ComfyUI"
     )
+    parser.add_argument(
+        "--real-outputs", metavar="DIR", type=Path, help="`real` also through a bridge that reads that ComfyUI's "
+        "output folder, DIR (`comfy_outputs`), instead of fetching over /view",
+    )  # fmt: skip
     parser.add_argument(
         "--before", metavar="DIR", type=Path, help="real, overhead and cpu_per_job also through a bridge run from "
         "this checkout (e.g. `git worktree add DIR <commit>`: the code before a change), in the same run",

@@ -23,7 +23,7 @@ __all__ = ["OPTIONS", "ConfigError", "Settings", "load_settings"]
 
 DEFAULT_CONFIG = Path("config/comfybridge.toml")
 SECRETS = {"database", "webhook_secret", "metrics_key", "api_keys"}  # settings whose values are never echoed
-EXPLAINED = {"storage", "s3_endpoint"}  # settings whose parser says what is wrong
+EXPLAINED = {"storage", "s3_endpoint", "comfy_outputs"}  # settings whose parser says what is wrong
 ENV_PREFIX = "COMFYBRIDGE_"
 
 
@@ -76,6 +76,7 @@ class Settings:
     free_below_ram_mb: float = 0.0
     delete_history: bool = True
     output_subfolder: bool = True
+    comfy_outputs: tuple[tuple[str, Path], ...] = ()  # (backend URL, its output folder as seen here)
     drain: float = 0.0
     journal_sync: bool = True
     api_keys: tuple[str, ...] = ()
@@ -164,6 +165,20 @@ def _backends(value: Any) -> tuple[str, ...]:
     if not urls:
         raise ValueError("empty")
     return tuple(urls)
+
+
+def _comfy_outputs(value: Any) -> tuple[tuple[str, Path], ...]:
+    """`URL=FOLDER` pairs: a comma list, or a TOML table of URL = folder."""
+    pairs = value.items() if isinstance(value, dict) else (item.partition("=")[::2] for item in _words(value))
+    found = []
+    for url, folder in pairs:
+        if not str(folder).strip():
+            raise ValueError(f"must be URL=FOLDER pairs, e.g. http://127.0.0.1:8188=/opt/comfyui/output; got {url!r}")
+        try:
+            found.append((_backends(url)[0], Path(str(folder).strip())))
+        except ValueError:
+            raise ValueError(f"names {url!r}, which is not a ComfyUI host:port or URL") from None
+    return tuple(found)
 
 
 def _optional_path(value: Any) -> Path | None:
@@ -326,6 +341,12 @@ OPTIONS: dict[str, tuple[Parser, Callable[[Any], str | None] | None, str]] = {
     "free_below_ram_mb": (_number(float), _not_negative, "free memory when free RAM is under this (0: off)"),
     "delete_history": (_flag_value, None, "delete delivered prompts from ComfyUI's history (true/false)"),
     "output_subfolder": (_flag_value, None, "save each job's outputs in comfybridge/<day>/<job>/ (true/false)"),
+    "comfy_outputs": (
+        _comfy_outputs,
+        None,
+        "comma list of URL=FOLDER: a backend's output folder as this machine sees it, its outputs read "
+        "from disk instead of fetched over GET /view (needs output_subfolder)",
+    ),
     "drain": (_number(float), _not_negative, "on SIGTERM, seconds to wait for jobs inside ComfyUI to finish (0: none)"),
     "journal_sync": (_flag_value, None, "fsync the job journal at every commit (false only for benchmarks)"),
     "api_keys": (_words, None, "comma list of API keys that may call the bridge (none: no keys needed)"),
@@ -457,8 +478,25 @@ def load_settings(
             f"{raw['emulate'][1]}: a cluster (--database) needs ComfyUI servers every bridge reaches: give "
             "--backends (start emulators with python -m comfybridge.emulator --port P)"
         )
-    settings = replace(Settings(), **values)
-    return _resolve_paths(settings, cwd)
+    settings = _resolve_paths(replace(Settings(), **values), cwd)
+    if settings.comfy_outputs:
+        _check_comfy_outputs(settings, raw["comfy_outputs"][1])
+    return settings
+
+
+def _check_comfy_outputs(settings: Settings, origin: str) -> None:
+    """Each folder must belong to a backend and be a folder; and job outputs must carry their job's
+    id in their names (`output_subfolder`), so a folder set wrongly can never hand over another
+    prompt's file of the same name: it only sends the bridge back to /view."""
+    if settings.emulate:
+        raise ConfigError(f"{origin}: the built-in emulators are fetched from over /view; leave it out with --emulate")
+    if not settings.output_subfolder:
+        raise ConfigError(f"{origin}: reading outputs from a folder needs output_subfolder = true")
+    for url, folder in settings.comfy_outputs:
+        if url not in settings.backends:
+            raise ConfigError(f"{origin}: {url} is not one of the backends ({', '.join(settings.backends)})")
+        if not folder.is_dir():
+            raise ConfigError(f"{origin}: {folder} (for {url}) is not a folder")
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -476,4 +514,11 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 def _resolve_paths(settings: Settings, cwd: Path) -> Settings:
     keys = cwd / settings.api_keys_file if settings.api_keys_file is not None else None
-    return replace(settings, workflows=cwd / settings.workflows, data_dir=cwd / settings.data_dir, api_keys_file=keys)
+    outputs = tuple((url, cwd / folder) for url, folder in settings.comfy_outputs)
+    return replace(
+        settings,
+        workflows=cwd / settings.workflows,
+        data_dir=cwd / settings.data_dir,
+        api_keys_file=keys,
+        comfy_outputs=outputs,
+    )

@@ -199,3 +199,38 @@ def test_every_setting_is_documented_with_its_default(tmp_path: Path) -> None:
     assert load_settings(["--config", "all.toml"], environ={}, cwd=tmp_path) == load_settings(
         [], environ={}, cwd=tmp_path
     )
+
+
+def test_comfy_outputs_pairs_backends_with_their_folders(tmp_path: Path) -> None:
+    (tmp_path / "out-a").mkdir()
+    (tmp_path / "out-b").mkdir()
+    argv = ["--backends", "127.0.0.1:8188,gpu2:8189", "--comfy-outputs", "127.0.0.1:8188=out-a"]
+    settings = load_settings(argv, environ={}, cwd=tmp_path)
+    assert settings.comfy_outputs == (("http://127.0.0.1:8188", tmp_path / "out-a"),)
+    (tmp_path / "c.toml").write_text(
+        'backends = ["127.0.0.1:8188", "gpu2:8189"]\n'
+        f'comfy_outputs = {{"http://gpu2:8189" = "{tmp_path / "out-b"}", "127.0.0.1:8188" = "out-a"}}\n'
+    )
+    settings = load_settings(["--config", "c.toml"], environ={}, cwd=tmp_path)
+    assert dict(settings.comfy_outputs) == {
+        "http://gpu2:8189": tmp_path / "out-b",
+        "http://127.0.0.1:8188": tmp_path / "out-a",
+    }
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--comfy-outputs", "127.0.0.1:8188"], "must be URL=FOLDER pairs"),
+        (["--comfy-outputs", "nohost=out"], "names 'nohost', which is not a ComfyUI host:port or URL"),
+        (["--comfy-outputs", "127.0.0.1:9999=out"], "http://127.0.0.1:9999 is not one of the backends"),
+        (["--comfy-outputs", "127.0.0.1:8188=nothere"], "is not a folder"),
+        (["--comfy-outputs", "127.0.0.1:8188=out", "--output-subfolder", "false"], "needs output_subfolder = true"),
+        (["--comfy-outputs", "127.0.0.1:8188=out", "--emulate", "1"], "the built-in emulators"),
+    ],
+)
+def test_comfy_outputs_that_cannot_be_used_are_refused(tmp_path: Path, argv: list[str], message: str) -> None:
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_settings(argv, environ={}, cwd=tmp_path)
+    assert str(caught.value).startswith("--comfy-outputs: ")

@@ -14,6 +14,7 @@ from yarl import URL
 
 from ..store.files import SMALL_FILE, open_off_loop
 from . import shapes
+from .outputs import LocalOutputs, LocalReadFailed, LocalTooLarge
 from .shapes import Complaints, Malformed, OutputRef, describe_refusal
 
 __all__ = [
@@ -91,6 +92,7 @@ class ComfyClient:
         client_id: str,
         request_timeout: float = 30.0,
         max_event_bytes: int = 16 << 20,
+        outputs: Path | None = None,
     ) -> None:
         self.url = URL(base_url)
         self.name = base_url
@@ -103,6 +105,8 @@ class ComfyClient:
         # Releases after 0.3.64 have /api/jobs and an atomic per-job cancel; asked at every connect,
         # since a ComfyUI may come back upgraded. None until the first answer.
         self.jobs_api: bool | None = None
+        # Its output folder, when this machine can read it: outputs are read there, not over /view.
+        self.outputs = LocalOutputs(outputs, base_url) if outputs is not None else None
 
     # REST ------------------------------------------------------------------------------------
     async def _request(self, method: str, path: str, **kwargs: Any) -> tuple[int, bytes]:
@@ -242,6 +246,15 @@ class ComfyClient:
         read in one go; a large one streams, never held whole in memory, once the store has said it
         can take it (a full disk costs no download). Raises ResultTooLarge past `max_bytes`,
         StorageError when the bridge cannot store it, BackendUnavailable when ComfyUI cannot give it."""
+        if self.outputs is not None:
+            try:
+                copied = await self.outputs.copy(ref, target, max_bytes)
+            except LocalTooLarge as exc:
+                raise ResultTooLarge(_too_large(ref, exc.size, max_bytes)) from None
+            except LocalReadFailed as exc:
+                raise BackendUnavailable(f"{self.name}: {exc}") from None
+            if copied is not None:
+                return copied
         params = {"filename": ref.filename, "subfolder": ref.subfolder, "type": ref.type}
         size = 0
         # A file that trickles (a byte now and then, each read in time) must still arrive: comfy_timeout

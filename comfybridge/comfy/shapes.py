@@ -242,8 +242,15 @@ class Complaints:
     """Logs what a backend sent malformed: the first of each kind at once, then at most one line a
     minute with how many were skipped meanwhile, so a broken ComfyUI cannot flood the log."""
 
-    def __init__(self, name: str, logger: logging.Logger, every: float = 60.0) -> None:
+    def __init__(
+        self,
+        name: str,
+        logger: logging.Logger,
+        every: float = 60.0,
+        said: str = "ComfyUI %s sent a malformed %s, skipped: %s%s",  # name, what, problem, how many more
+    ) -> None:
         self.name = name
+        self.said = said
         self.log = logger
         self.every = every
         self._last: dict[str, float] = {}
@@ -258,4 +265,4 @@ class Complaints:
         skipped = self._skipped.pop(what, 0)
         self._last[what] = now
         more = f" ({skipped} more since the last such line)" if skipped else ""
-        self.log.warning("ComfyUI %s sent a malformed %s, skipped: %s%s", self.name, what, problem, more)
+        self.log.warning(self.said, self.name, what, problem, more)

@@ -220,6 +220,7 @@ class Scheduler:
             journal.bridge_id,
             request_timeout=self.settings.comfy_timeout,
             max_event_bytes=int(self.settings.max_event_mb * 1024 * 1024),
+            outputs=dict(self.settings.comfy_outputs).get(url),
         )
         backend = self.backends[url] = Backend(client)
         backend.listener = core.supervisor.spawn(

@@ -8,6 +8,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
@@ -77,6 +78,7 @@ class SchedulerSettings:
     free_below_ram_mb: float
     delete_history: bool
     output_subfolder: bool
+    comfy_outputs: tuple[tuple[str, Path], ...]  # (backend URL, its output folder as seen here)
     max_result_mb: float
     result_retries: int
     max_event_mb: float

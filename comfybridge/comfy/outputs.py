@@ -1,0 +1,115 @@
+"""A ComfyUI's output folder on this machine: its files read from disk, not fetched over GET /view.
+
+ComfyUI writes an output file before it announces it (`executed`). When its output folder is on
+this machine (the same host, or a shared disk), reading the file costs the bridge a thread trip
+where /view costs an HTTP request and ComfyUI an answer: most of what collecting a small result
+costs, on the path between the prompt's end and the client's answer.
+
+The names come from ComfyUI's events, so every path is resolved and must stay inside the folder (no
+`..`, no symlink out of it), and only a regular file is read. A file that is not there (a folder set
+wrongly, a ComfyUI on another host) is fetched over /view as before, and the log says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import stat
+from pathlib import Path
+from typing import Protocol
+
+from ..store.files import SMALL_FILE, in_thread, open_off_loop
+from .shapes import Complaints, OutputRef
+
+__all__ = ["LocalOutputs", "LocalReadFailed", "LocalTooLarge"]
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20  # bytes read from disk at a time, past SMALL_FILE
+
+
+class Sink(Protocol):
+    async def reserve(self, size: int | None) -> None: ...
+
+    async def write(self, chunk: bytes) -> None: ...
+
+
+class LocalReadFailed(Exception):
+    """The file broke off while being read, part of it already written to the sink."""
+
+
+class LocalTooLarge(Exception):
+    """The file is larger than the caller may take."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.size = size
+
+
+class LocalOutputs:
+    """One ComfyUI's output folder, as this machine sees it."""
+
+    def __init__(self, folder: Path, name: str) -> None:
+        self.root = os.path.realpath(folder)
+        said = "ComfyUI %s: a %s fetched over /view, not read from its folder: %s%s"
+        self.complaints = Complaints(name, log, said=said)
+
+    def _place(self, ref: OutputRef) -> str | None:
+        """The file's real path, if it lies inside the folder (blocking: it resolves links)."""
+        path = os.path.realpath(os.path.join(self.root, ref.subfolder, ref.filename))
+        return path if path.startswith(self.root + os.sep) else None
+
+    def _look(self, ref: OutputRef, max_bytes: int) -> tuple[str, int, bytes | None] | str:
+        """In a thread: the file's path, its size, and its bytes if it is small; or why it cannot be
+        read here."""
+        path = self._place(ref)
+        if path is None:
+            return f"its name leads out of {self.root}"
+        try:
+            # O_NONBLOCK: a FIFO planted under the name cannot hang the open.
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            return f"{exc.strerror or exc} ({path})"
+        with os.fdopen(fd, "rb") as handle:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                return f"{path} is not a regular file"
+            if info.st_size > max_bytes:
+                raise LocalTooLarge(info.st_size)
+            if info.st_size > SMALL_FILE:
+                return path, info.st_size, None
+            data = handle.read(info.st_size + 1)
+        if len(data) != info.st_size:
+            return f"{path} changed while it was read"
+        return path, len(data), data
+
+    async def copy(self, ref: OutputRef, target: Sink, max_bytes: int) -> int | None:
+        """Copy the output into `target` and return its size; None when it cannot be read here
+        (nothing was written then: fetch it over /view). Raises LocalTooLarge past `max_bytes`, and
+        LocalReadFailed when the file broke off part-way."""
+        try:
+            found = await in_thread(self._look, ref, max_bytes)
+        except OSError as exc:  # the read itself failed (EIO): /view may still give it
+            found = f"{exc.strerror or exc}"
+        if isinstance(found, str):
+            self.complaints.note("file", f"{ref.filename!r}: {found}")
+            return None
+        path, size, data = found
+        if data is not None:
+            await target.write(data)
+            return size
+        await target.reserve(size)
+        copied = 0
+        try:
+            async with open_off_loop(Path(path), "rb") as handle:
+                while chunk := await asyncio.to_thread(handle.read, CHUNK):
+                    copied += len(chunk)
+                    if copied > max_bytes:
+                        raise LocalTooLarge(copied)
+                    await target.write(chunk)
+        except OSError as exc:  # the sink raises StorageError, never OSError: this is the read
+            raise LocalReadFailed(f"reading {path} failed: {exc.strerror or exc}") from exc
+        if copied != size:
+            raise LocalReadFailed(f"{path} changed while it was read ({copied} bytes of {size})")
+        return copied

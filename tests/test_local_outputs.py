@@ -1,0 +1,144 @@
+"""Outputs read from ComfyUI's own output folder when this machine can see it (`comfy_outputs`),
+never from outside it, and fetched over /view whenever the folder does not have them."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from comfybridge.comfy.outputs import LocalOutputs, LocalReadFailed, LocalTooLarge
+from comfybridge.comfy.shapes import OutputRef
+from comfybridge.emulator import Emulator
+
+from .conftest import BridgeFactory, EmulatorFactory
+from .helpers import read_results
+
+SOLID = {"workflow": "solid", "1/width": 16, "1/height": 16, "1/batch_size": 1}
+
+
+def only_output(emulator: Emulator) -> bytes:
+    (path,) = [p for p in emulator.engine.output_dir.rglob("*.png") if p.is_file()]
+    return path.read_bytes()
+
+
+async def wait_for_results(client: object, client_id: str) -> list[tuple[str, str, str, bytes]]:
+    resp = await client.post(  # type: ignore[attr-defined]
+        "/generate-based-workflow", params={"clientId": client_id, "wait": "1"}, json=SOLID
+    )
+    assert resp.status == 200, await resp.text()
+    return await read_results(resp)
+
+
+async def test_outputs_are_read_from_the_folder_not_over_view(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    emulator = await make_emulator()
+    client = await make_bridge(emulator, comfy_outputs=((emulator.url, emulator.engine.output_dir),))
+    for turn in range(3):
+        parts = await wait_for_results(client, f"local{turn}")
+        assert [part[3] for part in parts] == [only_output(emulator)]
+        for path in emulator.engine.output_dir.rglob("*.png"):
+            path.unlink()  # each turn's file is the only one
+    assert emulator.engine.requests["GET /view"] == 0
+
+
+async def test_a_folder_without_the_file_sends_the_bridge_to_view(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    emulator = await make_emulator()
+    elsewhere = tmp_path / "another-comfy-output"
+    elsewhere.mkdir()
+    client = await make_bridge(emulator, comfy_outputs=((emulator.url, elsewhere),))
+    with caplog.at_level(logging.WARNING, logger="comfybridge.comfy.outputs"):
+        parts = await wait_for_results(client, "astray")
+    assert [part[3] for part in parts] == [only_output(emulator)]
+    assert emulator.engine.requests["GET /view"] == 1
+    assert "fetched over /view, not read from its folder" in caplog.text
+
+
+async def test_a_link_out_of_the_folder_is_not_followed(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, tmp_path: Path
+) -> None:
+    """ComfyUI names its files in its events: whatever the folder holds, nothing outside it is read."""
+    emulator = await make_emulator()
+    folder = tmp_path / "linked"
+    folder.mkdir()
+    (emulator.engine.output_dir / "comfybridge").mkdir(parents=True, exist_ok=True)
+    (folder / "comfybridge").symlink_to(emulator.engine.output_dir / "comfybridge")
+    client = await make_bridge(emulator, comfy_outputs=((emulator.url, folder),))
+    parts = await wait_for_results(client, "linked")
+    assert [part[3] for part in parts] == [only_output(emulator)]
+    assert emulator.engine.requests["GET /view"] == 1
+
+
+async def test_an_output_over_the_limit_fails_its_job_without_a_download(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    emulator = await make_emulator()
+    client = await make_bridge(
+        emulator, comfy_outputs=((emulator.url, emulator.engine.output_dir),), max_result_mb=20 / (1024 * 1024)
+    )
+    resp = await client.post("/generate-based-workflow", params={"clientId": "big", "wait": "1"}, json=SOLID)
+    assert resp.status == 502
+    assert "The result cannot be kept" in (await resp.json())["detail"]
+    assert emulator.engine.requests["GET /view"] == 0
+
+
+class Taken:
+    """A sink that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.reserved: list[int | None] = []
+
+    async def reserve(self, size: int | None) -> None:
+        self.reserved.append(size)
+
+    async def write(self, chunk: bytes) -> None:
+        self.data += chunk
+
+
+async def test_a_large_output_streams_from_the_folder(tmp_path: Path) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "big.bin").write_bytes(data)
+    outputs, sink = LocalOutputs(tmp_path, "comfy"), Taken()
+    assert await outputs.copy(OutputRef("big.bin", "sub", "output"), sink, len(data)) == len(data)
+    assert sink.data == data
+    assert sink.reserved == [len(data)]
+    with pytest.raises(LocalTooLarge):
+        await outputs.copy(OutputRef("big.bin", "sub", "output"), Taken(), len(data) - 1)
+
+
+@pytest.mark.parametrize("planted", ["dotdot", "symlink", "fifo", "folder"])
+async def test_what_is_not_a_file_of_the_folder_is_left_to_view(tmp_path: Path, planted: str) -> None:
+    root, outside = tmp_path / "output", tmp_path / "secret.png"
+    root.mkdir()
+    outside.write_bytes(b"not ComfyUI's")
+    name = "x.png"
+    if planted == "dotdot":
+        name = "../secret.png"
+    elif planted == "symlink":
+        (root / name).symlink_to(outside)
+    elif planted == "fifo":
+        os.mkfifo(root / name)  # opening it for reading would wait for a writer
+    else:
+        (root / name).mkdir()
+    sink = Taken()
+    assert await LocalOutputs(root, "comfy").copy(OutputRef(name, "", "output"), sink, 1 << 20) is None
+    assert not sink.data
+
+
+async def test_a_file_that_breaks_off_is_a_failed_read(tmp_path: Path) -> None:
+    (tmp_path / "big.bin").write_bytes(b"\0" * (3 << 20))
+
+    class Cutting(Taken):
+        async def write(self, chunk: bytes) -> None:
+            await super().write(chunk)
+            os.truncate(tmp_path / "big.bin", len(self.data))  # the rest is gone
+
+    with pytest.raises(LocalReadFailed, match="changed while it was read"):
+        await LocalOutputs(tmp_path, "comfy").copy(OutputRef("big.bin", "", "output"), Cutting(), 4 << 20)
