@@ -77,6 +77,7 @@ class Settings:
     delete_history: bool = True
     output_subfolder: bool = True
     comfy_outputs: tuple[tuple[str, Path], ...] = ()  # (backend URL, its output folder as seen here)
+    delete_outputs: bool = True
     drain: float = 0.0
     journal_sync: bool = True
     api_keys: tuple[str, ...] = ()
@@ -346,6 +347,11 @@ OPTIONS: dict[str, tuple[Parser, Callable[[Any], str | None] | None, str]] = {
         None,
         "comma list of URL=FOLDER: a backend's output folder as this machine sees it, its outputs read "
         "from disk instead of fetched over GET /view (needs output_subfolder)",
+    ),
+    "delete_outputs": (
+        _flag_value,
+        None,
+        "with comfy_outputs: delete each job's outputs from ComfyUI's folder once stored here (true/false)",
     ),
     "drain": (_number(float), _not_negative, "on SIGTERM, seconds to wait for jobs inside ComfyUI to finish (0: none)"),
     "journal_sync": (_flag_value, None, "fsync the job journal at every commit (false only for benchmarks)"),

@@ -13,9 +13,10 @@ from comfybridge.comfy.outputs import LocalOutputs, LocalReadFailed, LocalTooLar
 from comfybridge.comfy.shapes import OutputRef
 from comfybridge.emulator import Emulator
 
-from .conftest import BridgeFactory, EmulatorFactory
+from .conftest import BridgeFactory, EmulatorFactory, wait_for
 from .helpers import read_results
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SOLID = {"workflow": "solid", "1/width": 16, "1/height": 16, "1/batch_size": 1}
 
 
@@ -36,12 +37,32 @@ async def test_outputs_are_read_from_the_folder_not_over_view(
     make_emulator: EmulatorFactory, make_bridge: BridgeFactory
 ) -> None:
     emulator = await make_emulator()
-    client = await make_bridge(emulator, comfy_outputs=((emulator.url, emulator.engine.output_dir),))
+    client = await make_bridge(
+        emulator, comfy_outputs=((emulator.url, emulator.engine.output_dir),), delete_outputs=False
+    )
     for turn in range(3):
         parts = await wait_for_results(client, f"local{turn}")
         assert [part[3] for part in parts] == [only_output(emulator)]
         for path in emulator.engine.output_dir.rglob("*.png"):
             path.unlink()  # each turn's file is the only one
+    assert emulator.engine.requests["GET /view"] == 0
+
+
+async def test_stored_outputs_are_deleted_from_comfyuis_folder(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    emulator = await make_emulator()
+    output = emulator.engine.output_dir
+    client = await make_bridge(emulator, comfy_outputs=((emulator.url, output),))
+    (output / "kept.png").write_bytes(b"an admin's own file")
+    parts = await wait_for_results(client, "tidy")
+    assert parts[0][3].startswith(PNG_SIGNATURE)
+    resp = await client.get("/history", params={"clientId": "tidy"})
+    assert resp.status == 204  # handed over by the one request
+    await wait_for(lambda: not [p for p in output.rglob("*") if p.is_file() and p.name != "kept.png"])
+    (day,) = (output / "comfybridge").iterdir()
+    assert list(day.iterdir()) == []  # the job's own folder too
+    assert (output / "kept.png").read_bytes() == b"an admin's own file"
     assert emulator.engine.requests["GET /view"] == 0
 
 
@@ -56,7 +77,8 @@ async def test_a_folder_without_the_file_sends_the_bridge_to_view(
         parts = await wait_for_results(client, "astray")
     assert [part[3] for part in parts] == [only_output(emulator)]
     assert emulator.engine.requests["GET /view"] == 1
-    assert "fetched over /view, not read from its folder" in caplog.text
+    assert "its output folder: could not read a file" in caplog.text
+    assert "fetched over /view" in caplog.text
 
 
 async def test_a_link_out_of_the_folder_is_not_followed(

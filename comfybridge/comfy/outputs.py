@@ -52,7 +52,7 @@ class LocalOutputs:
 
     def __init__(self, folder: Path, name: str) -> None:
         self.root = os.path.realpath(folder)
-        said = "ComfyUI %s: a %s fetched over /view, not read from its folder: %s%s"
+        said = "ComfyUI %s, its output folder: could not %s a file, %s%s"
         self.complaints = Complaints(name, log, said=said)
 
     def _place(self, ref: OutputRef) -> str | None:
@@ -84,6 +84,29 @@ class LocalOutputs:
             return f"{path} changed while it was read"
         return path, len(data), data
 
+    async def remove(self, refs: list[OutputRef]) -> None:
+        """Delete these outputs, and each one's folder once empty (a job's own, with output_subfolder),
+        from ComfyUI's folder: the bridge has stored them. Only regular files inside the folder."""
+        await in_thread(self._remove, refs)
+
+    def _remove(self, refs: list[OutputRef]) -> None:
+        folders = set()
+        for ref in refs:
+            path = self._place(ref)
+            try:
+                if path is not None and stat.S_ISREG(os.lstat(path).st_mode):
+                    os.unlink(path)
+                    folders.add(os.path.dirname(path))
+            except FileNotFoundError:
+                pass  # not there to begin with: fetched over /view, which the log has said
+            except OSError as exc:
+                self.complaints.note("delete", f"{ref.filename!r}: {exc.strerror or exc}")
+        for folder in folders - {self.root}:
+            try:
+                os.rmdir(folder)  # only the job's own folder: a day's folder may be in use by ComfyUI
+            except OSError:
+                pass  # not empty (another output, or not only this job's)
+
     async def copy(self, ref: OutputRef, target: Sink, max_bytes: int) -> int | None:
         """Copy the output into `target` and return its size; None when it cannot be read here
         (nothing was written then: fetch it over /view). Raises LocalTooLarge past `max_bytes`, and
@@ -93,7 +116,7 @@ class LocalOutputs:
         except OSError as exc:  # the read itself failed (EIO): /view may still give it
             found = f"{exc.strerror or exc}"
         if isinstance(found, str):
-            self.complaints.note("file", f"{ref.filename!r}: {found}")
+            self.complaints.note("read", f"{ref.filename!r}: {found}; fetched over /view")
             return None
         path, size, data = found
         if data is not None:

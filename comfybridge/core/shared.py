@@ -79,6 +79,7 @@ class SchedulerSettings:
     delete_history: bool
     output_subfolder: bool
     comfy_outputs: tuple[tuple[str, Path], ...]  # (backend URL, its output folder as seen here)
+    delete_outputs: bool  # and delete each job's outputs there once stored
     max_result_mb: float
     result_retries: int
     max_event_mb: float

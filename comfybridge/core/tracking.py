@@ -159,6 +159,7 @@ class Tracker:
         once."""
         core = self.core
         ended = None
+        refs: list[OutputRef] = []
         try:
             finished = seen
             if finished is None:
@@ -203,6 +204,8 @@ class Tracker:
                 await asyncio.shield(ended)  # an interrupt arriving now stops nothing already recorded
             except StorageError:
                 return  # logged by the journal; ComfyUI keeps the prompt, so a restart can collect it again
+        if refs and backend.client.outputs is not None and core.settings.delete_outputs:
+            await backend.client.outputs.remove(refs)  # kept here now: ComfyUI's disk need not fill up
         if core.settings.delete_history:
             if job.prompt_id in core.by_prompt:  # collected before ComfyUI let go: it writes its history later
                 job.forget_on_leave = True
