@@ -13,6 +13,7 @@ wrongly, a ComfyUI on another host) is fetched over /view as before, and the log
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import stat
@@ -102,10 +103,8 @@ class LocalOutputs:
             except OSError as exc:
                 self.complaints.note("delete", f"{ref.filename!r}: {exc.strerror or exc}")
         for folder in folders - {self.root}:
-            try:
+            with contextlib.suppress(OSError):  # not empty: another output, not only this job's
                 os.rmdir(folder)  # only the job's own folder: a day's folder may be in use by ComfyUI
-            except OSError:
-                pass  # not empty (another output, or not only this job's)
 
     async def copy(self, ref: OutputRef, target: Sink, max_bytes: int) -> int | None:
         """Copy the output into `target` and return its size; None when it cannot be read here
