@@ -78,13 +78,15 @@ async def process(args: list[str], url: str, ready_path: str, root: Path = ROOT)
 
 
 @asynccontextmanager
-async def emulators(paces: list[float]) -> AsyncIterator[list[str]]:
-    """ComfyUI emulators in their own processes, one per pace."""
+async def emulators(paces: list[float], root: Path | None = None) -> AsyncIterator[list[str]]:
+    """ComfyUI emulators in their own processes, one per pace (with `root`, each in `root/<index>`,
+    its outputs in `root/<index>/output`)."""
     async with AsyncExitStack() as exits:
         urls = []
-        for pace in paces:
+        for index, pace in enumerate(paces):
             port = free_port()
             args = ["-m", "comfybridge.emulator", "--port", str(port), "--pace", str(pace)]
+            args += ["--root", str(root / str(index))] if root else []
             urls.append(await exits.enter_async_context(process(args, f"http://127.0.0.1:{port}", "/system_stats")))
         yield urls
 
@@ -203,10 +205,14 @@ def percentile(samples: list[float], q: int) -> float:
 
 
 async def bridges_beside(exits: AsyncExitStack, before: Path | None) -> tuple[list[str], dict[str, str]]:
-    """A pace-0 emulator, and in front of it this checkout's bridge and, with `before`, one of that
-    checkout: (the emulator's URL list, {"bridge": url, "before": url})."""
-    comfy = await exits.enter_async_context(emulators([0.0]))
+    """A pace-0 emulator, and in front of it this checkout's bridge, the same reading the emulator's
+    output folder (`comfy_outputs`) and, with `before`, one of that checkout: (the emulator's URL
+    list, {"bridge": url, "local": url, "before": url})."""
+    root = Path(exits.enter_context(tempfile.TemporaryDirectory(prefix="bench-comfy-")))
+    comfy = await exits.enter_async_context(emulators([0.0], root))
     bridges = {"bridge": await exits.enter_async_context(bridge_for(comfy))}
+    outputs = f"{comfy[0]}={root / '0' / 'output'}"
+    bridges["local"] = await exits.enter_async_context(bridge_for(comfy, comfy_outputs=outputs))
     if before:
         bridges["before"] = await exits.enter_async_context(bridge_for(comfy, before))
     return comfy, bridges
@@ -228,10 +234,11 @@ async def bench_cpu_per_job(jobs: int, before: Path | None = None) -> dict[str, 
                 spent = cpu_seconds(url)
                 await in_parallel(functools.partial(bridge_job, session, url, SOLID), jobs, concurrency)
                 result[f"{name}_cpu_ms_c{concurrency}"] = round((cpu_seconds(url) - spent) * 1000 / jobs, 2)
-            url = bridges["bridge"]  # and the same job in one request (`?wait=1`)
-            spent = cpu_seconds(url)
-            await in_parallel(functools.partial(bridge_wait_job, session, url, SOLID), jobs, concurrency)
-            result[f"wait_cpu_ms_c{concurrency}"] = round((cpu_seconds(url) - spent) * 1000 / jobs, 2)
+            for name in ("bridge", "local"):  # and the same job in one request (`?wait=1`)
+                url, prefix = bridges[name], "" if name == "bridge" else f"{name}_"
+                spent = cpu_seconds(url)
+                await in_parallel(functools.partial(bridge_wait_job, session, url, SOLID), jobs, concurrency)
+                result[f"{prefix}wait_cpu_ms_c{concurrency}"] = round((cpu_seconds(url) - spent) * 1000 / jobs, 2)
     return result
 
 
@@ -265,10 +272,13 @@ async def bench_overhead(jobs: int, before: Path | None = None) -> dict[str, Any
                 if concurrency == 1:
                     added_p99 = percentile(through, 99) - percentile(straight, 99)
                     result[f"{prefix}added_p99_ms_c1"] = round(added_p99, 2)
-                    if name == "bridge":  # the same job in one request (`?wait=1`)
+                    if name != "before":  # the same job in one request (`?wait=1`)
                         wait = functools.partial(bridge_wait_job, session, url, SOLID)
-                        waited = statistics.median(await in_parallel(wait, count, 1))
-                        result["wait_added_p50_ms_c1"] = round(waited - statistics.median(straight), 2)
+                        waited = await in_parallel(wait, count, 1)
+                        added = statistics.median(waited) - statistics.median(straight)
+                        result[f"{prefix}wait_added_p50_ms_c1"] = round(added, 2)
+                        added_p99 = percentile(waited, 99) - percentile(straight, 99)
+                        result[f"{prefix}wait_added_p99_ms_c1"] = round(added_p99, 2)
     return result
 
 
