@@ -33,7 +33,8 @@ cluster-demo: $(STAMP)
 # Then the contract, restarts and the cluster again with uploads and results in S3 (moto's server).
 STORAGE_TESTS = tests/test_api.py tests/test_contract.py tests/test_ws.py tests/test_restarts.py \
 	tests/test_webhooks.py tests/test_hostile.py tests/test_uploads.py tests/test_access.py \
-	tests/test_limits.py tests/test_operations.py tests/test_cluster.py tests/test_early_results.py tests/test_wait.py
+	tests/test_limits.py tests/test_operations.py tests/test_cluster.py tests/test_early_results.py tests/test_wait.py \
+	tests/test_local_folders.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

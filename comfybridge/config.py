@@ -23,7 +23,7 @@ __all__ = ["OPTIONS", "ConfigError", "Settings", "load_settings"]
 
 DEFAULT_CONFIG = Path("config/comfybridge.toml")
 SECRETS = {"database", "webhook_secret", "metrics_key", "api_keys"}  # settings whose values are never echoed
-EXPLAINED = {"storage", "s3_endpoint", "comfy_outputs"}  # settings whose parser says what is wrong
+EXPLAINED = {"storage", "s3_endpoint", "comfy_outputs", "comfy_inputs"}  # settings whose parser says what is wrong
 ENV_PREFIX = "COMFYBRIDGE_"
 
 
@@ -78,6 +78,7 @@ class Settings:
     output_subfolder: bool = True
     comfy_outputs: tuple[tuple[str, Path], ...] = ()  # (backend URL, its output folder as seen here)
     delete_outputs: bool = True
+    comfy_inputs: tuple[tuple[str, Path], ...] = ()  # (backend URL, its input folder as seen here)
     drain: float = 0.0
     journal_sync: bool = True
     api_keys: tuple[str, ...] = ()
@@ -168,7 +169,7 @@ def _backends(value: Any) -> tuple[str, ...]:
     return tuple(urls)
 
 
-def _comfy_outputs(value: Any) -> tuple[tuple[str, Path], ...]:
+def _backend_folders(value: Any) -> tuple[tuple[str, Path], ...]:
     """`URL=FOLDER` pairs: a comma list, or a TOML table of URL = folder."""
     pairs = value.items() if isinstance(value, dict) else (item.partition("=")[::2] for item in _words(value))
     found = []
@@ -343,7 +344,7 @@ OPTIONS: dict[str, tuple[Parser, Callable[[Any], str | None] | None, str]] = {
     "delete_history": (_flag_value, None, "delete delivered prompts from ComfyUI's history (true/false)"),
     "output_subfolder": (_flag_value, None, "save each job's outputs in comfybridge/<day>/<job>/ (true/false)"),
     "comfy_outputs": (
-        _comfy_outputs,
+        _backend_folders,
         None,
         "comma list of URL=FOLDER: a backend's output folder as this machine sees it, its outputs read "
         "from disk instead of fetched over GET /view (needs output_subfolder)",
@@ -352,6 +353,12 @@ OPTIONS: dict[str, tuple[Parser, Callable[[Any], str | None] | None, str]] = {
         _flag_value,
         None,
         "with comfy_outputs: delete each job's outputs from ComfyUI's folder once stored here (true/false)",
+    ),
+    "comfy_inputs": (
+        _backend_folders,
+        None,
+        "comma list of URL=FOLDER: a backend's input folder as this machine sees it, uploads written there "
+        "instead of sent over POST /upload/image (checked at each connect)",
     ),
     "drain": (_number(float), _not_negative, "on SIGTERM, seconds to wait for jobs inside ComfyUI to finish (0: none)"),
     "journal_sync": (_flag_value, None, "fsync the job journal at every commit (false only for benchmarks)"),
@@ -485,20 +492,21 @@ def load_settings(
             "--backends (start emulators with python -m comfybridge.emulator --port P)"
         )
     settings = _resolve_paths(replace(Settings(), **values), cwd)
-    if settings.comfy_outputs:
-        _check_comfy_outputs(settings, raw["comfy_outputs"][1])
+    for name in ("comfy_outputs", "comfy_inputs"):
+        if getattr(settings, name):
+            _check_backend_folders(settings, name, raw[name][1])
     return settings
 
 
-def _check_comfy_outputs(settings: Settings, origin: str) -> None:
+def _check_backend_folders(settings: Settings, name: str, origin: str) -> None:
     """Each folder must belong to a backend and be a folder; and job outputs must carry their job's
     id in their names (`output_subfolder`), so a folder set wrongly can never hand over another
     prompt's file of the same name: it only sends the bridge back to /view."""
     if settings.emulate:
-        raise ConfigError(f"{origin}: the built-in emulators are fetched from over /view; leave it out with --emulate")
-    if not settings.output_subfolder:
+        raise ConfigError(f"{origin}: the built-in emulators are reached over HTTP; leave it out with --emulate")
+    if name == "comfy_outputs" and not settings.output_subfolder:
         raise ConfigError(f"{origin}: reading outputs from a folder needs output_subfolder = true")
-    for url, folder in settings.comfy_outputs:
+    for url, folder in getattr(settings, name):
         if url not in settings.backends:
             raise ConfigError(f"{origin}: {url} is not one of the backends ({', '.join(settings.backends)})")
         if not folder.is_dir():
@@ -520,11 +528,11 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 def _resolve_paths(settings: Settings, cwd: Path) -> Settings:
     keys = cwd / settings.api_keys_file if settings.api_keys_file is not None else None
-    outputs = tuple((url, cwd / folder) for url, folder in settings.comfy_outputs)
     return replace(
         settings,
         workflows=cwd / settings.workflows,
         data_dir=cwd / settings.data_dir,
         api_keys_file=keys,
-        comfy_outputs=outputs,
+        comfy_outputs=tuple((url, cwd / folder) for url, folder in settings.comfy_outputs),
+        comfy_inputs=tuple((url, cwd / folder) for url, folder in settings.comfy_inputs),
     )

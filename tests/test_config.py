@@ -205,8 +205,13 @@ def test_comfy_outputs_pairs_backends_with_their_folders(tmp_path: Path) -> None
     (tmp_path / "out-a").mkdir()
     (tmp_path / "out-b").mkdir()
     argv = ["--backends", "127.0.0.1:8188,gpu2:8189", "--comfy-outputs", "127.0.0.1:8188=out-a"]
-    settings = load_settings(argv, environ={}, cwd=tmp_path)
+    settings = load_settings([*argv, "--comfy-inputs", "gpu2:8189=out-b"], environ={}, cwd=tmp_path)
     assert settings.comfy_outputs == (("http://127.0.0.1:8188", tmp_path / "out-a"),)
+    assert settings.comfy_inputs == (("http://gpu2:8189", tmp_path / "out-b"),)
+    (tmp_path / "out-a").rmdir()
+    with pytest.raises(ConfigError, match=r"out-a \(for http://127.0.0.1:8188\) is not a folder"):
+        load_settings(argv, environ={}, cwd=tmp_path)
+    (tmp_path / "out-a").mkdir()
     (tmp_path / "c.toml").write_text(
         'backends = ["127.0.0.1:8188", "gpu2:8189"]\n'
         f'comfy_outputs = {{"http://gpu2:8189" = "{tmp_path / "out-b"}", "127.0.0.1:8188" = "out-a"}}\n'
@@ -227,10 +232,12 @@ def test_comfy_outputs_pairs_backends_with_their_folders(tmp_path: Path) -> None
         (["--comfy-outputs", "127.0.0.1:8188=nothere"], "is not a folder"),
         (["--comfy-outputs", "127.0.0.1:8188=out", "--output-subfolder", "false"], "needs output_subfolder = true"),
         (["--comfy-outputs", "127.0.0.1:8188=out", "--emulate", "1"], "the built-in emulators"),
+        (["--comfy-inputs", "127.0.0.1:9999=out"], "http://127.0.0.1:9999 is not one of the backends"),
+        (["--comfy-inputs", "127.0.0.1:8188=nothere"], "is not a folder"),
     ],
 )
-def test_comfy_outputs_that_cannot_be_used_are_refused(tmp_path: Path, argv: list[str], message: str) -> None:
+def test_folders_that_cannot_be_used_are_refused(tmp_path: Path, argv: list[str], message: str) -> None:
     (tmp_path / "out").mkdir()
     with pytest.raises(ConfigError, match=message) as caught:
         load_settings(argv, environ={}, cwd=tmp_path)
-    assert str(caught.value).startswith("--comfy-outputs: ")
+    assert str(caught.value).startswith(argv[0] + ": ")

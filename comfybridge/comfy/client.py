@@ -12,9 +12,9 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from ..store.files import SMALL_FILE, open_off_loop
+from ..store.files import SMALL_FILE, in_thread, open_off_loop
 from . import shapes
-from .outputs import LocalOutputs, LocalReadFailed, LocalTooLarge
+from .folders import LocalInputs, LocalOutputs, LocalReadFailed, LocalTooLarge
 from .shapes import Complaints, Malformed, OutputRef, describe_refusal
 
 __all__ = [
@@ -93,6 +93,7 @@ class ComfyClient:
         request_timeout: float = 30.0,
         max_event_bytes: int = 16 << 20,
         outputs: Path | None = None,
+        inputs: Path | None = None,
     ) -> None:
         self.url = URL(base_url)
         self.name = base_url
@@ -105,8 +106,10 @@ class ComfyClient:
         # Releases after 0.3.64 have /api/jobs and an atomic per-job cancel; asked at every connect,
         # since a ComfyUI may come back upgraded. None until the first answer.
         self.jobs_api: bool | None = None
-        # Its output folder, when this machine can read it: outputs are read there, not over /view.
+        # Its folders, when this machine can reach them: outputs are read there, not over /view;
+        # uploads written there, not sent over /upload/image.
         self.outputs = LocalOutputs(outputs, base_url) if outputs is not None else None
+        self.inputs = LocalInputs(inputs, base_url) if inputs is not None else None
 
     # REST ------------------------------------------------------------------------------------
     async def _request(self, method: str, path: str, **kwargs: Any) -> tuple[int, bytes]:
@@ -171,6 +174,12 @@ class ComfyClient:
     async def upload(self, source: Path | AsyncIterator[bytes], name: str) -> str:
         """Send a file (a local one, or bytes as they come) into the backend's input folder; returns
         the name ComfyUI gave it."""
+        if self.inputs is not None and self.inputs.usable:
+            try:
+                if await self.inputs.place(source, name):
+                    return name
+            except OSError as exc:
+                raise BackendUnavailable(f"{self.name}: writing {name!r} into its input folder failed") from exc
         form = aiohttp.FormData()
         form.add_field("type", "input")
         form.add_field("overwrite", "true")
@@ -194,6 +203,30 @@ class ComfyClient:
     async def detect_dialect(self) -> None:
         """Whether this ComfyUI offers the jobs API: newer releases list jobs, 0.3.64 answers 404."""
         self.jobs_api = await self._exists("/api/jobs", params={"limit": "1"})
+
+    async def check_inputs(self) -> None:
+        """Whether ComfyUI reads its inputs from the folder set for it: it must serve back a file
+        written there. Asked at every connect (a ComfyUI may come back with other folders)."""
+        inputs = self.inputs
+        if inputs is None:
+            return
+        was, inputs.usable = inputs.usable, False
+        try:
+            name, data = await in_thread(inputs.write_probe)
+        except OSError as exc:
+            log.warning("ComfyUI %s: its input folder %s cannot be written (%s); uploads go over HTTP", self.name,
+                        inputs.folder, exc.strerror or exc)  # fmt: skip
+            return
+        try:
+            status, body = await self._request("GET", "/view", params={"filename": name, "type": "input"})
+        finally:
+            await in_thread(inputs.remove_probe, name)
+        inputs.usable = status == 200 and body == data
+        if not inputs.usable:
+            log.warning("ComfyUI %s does not read its inputs from %s (it did not serve back a file written there); "
+                        "uploads go over HTTP", self.name, inputs.folder)  # fmt: skip
+        elif not was:
+            log.info("uploads to ComfyUI %s are written into %s", self.name, inputs.folder)
 
     async def _exists(self, path: str, **kwargs: Any) -> bool:
         """GET `path`: True for 200, False for 404 (an answer too), BackendUnavailable otherwise."""
@@ -325,6 +358,7 @@ class ComfyClient:
                 ) as ws:
                     await self._json("GET", "/prompt")  # its REST side answers too, not only the socket
                     await self.detect_dialect()
+                    await self.check_inputs()
                     self.connected = True
                     dialect = "with the jobs API" if self.jobs_api else "0.3.64 dialect"
                     log.info("connected to ComfyUI %s (%s)", self.name, dialect)

@@ -221,6 +221,7 @@ class Scheduler:
             request_timeout=self.settings.comfy_timeout,
             max_event_bytes=int(self.settings.max_event_mb * 1024 * 1024),
             outputs=dict(self.settings.comfy_outputs).get(url),
+            inputs=dict(self.settings.comfy_inputs).get(url),
         )
         backend = self.backends[url] = Backend(client)
         backend.listener = core.supervisor.spawn(

@@ -80,6 +80,7 @@ class SchedulerSettings:
     output_subfolder: bool
     comfy_outputs: tuple[tuple[str, Path], ...]  # (backend URL, its output folder as seen here)
     delete_outputs: bool  # and delete each job's outputs there once stored
+    comfy_inputs: tuple[tuple[str, Path], ...]  # (backend URL, its input folder as seen here)
     max_result_mb: float
     result_retries: int
     max_event_mb: float

@@ -1,20 +1,24 @@
-"""Outputs read from ComfyUI's own output folder when this machine can see it (`comfy_outputs`),
-never from outside it, and fetched over /view whenever the folder does not have them."""
+"""ComfyUI's folders when this machine can see them: outputs read from its output folder
+(`comfy_outputs`), never from outside it, and fetched over /view whenever the folder does not have
+them; uploads written into its input folder (`comfy_inputs`) once ComfyUI is seen to read it."""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from comfybridge.comfy.outputs import LocalOutputs, LocalReadFailed, LocalTooLarge
+from comfybridge.comfy.folders import LocalInputs, LocalOutputs, LocalReadFailed, LocalTooLarge
 from comfybridge.comfy.shapes import OutputRef
+from comfybridge.edge.appkeys import SCHEDULER
 from comfybridge.emulator import Emulator
+from comfybridge.emulator.png import png_size
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
-from .helpers import read_results
+from .helpers import png, read_results, upload
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SOLID = {"workflow": "solid", "1/width": 16, "1/height": 16, "1/batch_size": 1}
@@ -73,7 +77,7 @@ async def test_a_folder_without_the_file_sends_the_bridge_to_view(
     elsewhere = tmp_path / "another-comfy-output"
     elsewhere.mkdir()
     client = await make_bridge(emulator, comfy_outputs=((emulator.url, elsewhere),))
-    with caplog.at_level(logging.WARNING, logger="comfybridge.comfy.outputs"):
+    with caplog.at_level(logging.WARNING, logger="comfybridge.comfy.folders"):
         parts = await wait_for_results(client, "astray")
     assert [part[3] for part in parts] == [only_output(emulator)]
     assert emulator.engine.requests["GET /view"] == 1
@@ -164,3 +168,73 @@ async def test_a_file_that_breaks_off_is_a_failed_read(tmp_path: Path) -> None:
 
     with pytest.raises(LocalReadFailed, match="changed while it was read"):
         await LocalOutputs(tmp_path, "comfy").copy(OutputRef("big.bin", "", "output"), Cutting(), 4 << 20)
+
+
+async def invert_through(client: object, client_id: str) -> tuple[str, bytes]:
+    """Upload a picture, invert it in one request: (the upload's name, the result)."""
+    status, names = await upload(client, {"photo": ("photo.png", png(30, 20))}, client_id=client_id)  # type: ignore[arg-type]
+    assert status == 200
+    resp = await client.post(  # type: ignore[attr-defined]
+        "/generate-based-workflow",
+        params={"clientId": client_id, "wait": "1"},
+        json={"workflow": "invert", "1/image": names["photo"]},
+    )
+    assert resp.status == 200, await resp.text()
+    (part,) = await read_results(resp)
+    return names["photo"], part[3]
+
+
+async def test_uploads_are_written_into_the_input_folder_comfyui_reads(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    emulator = await make_emulator()
+    client = await make_bridge(emulator, comfy_inputs=((emulator.url, emulator.engine.input_dir),))
+    inputs = client.app[SCHEDULER].backends[emulator.url].client.inputs
+    await wait_for(lambda: inputs is not None and inputs.usable)  # ComfyUI served back the probe
+    name, result = await invert_through(client, "in")
+    assert png_size(result) == (30, 20)
+    assert (emulator.engine.input_dir / name).read_bytes() == png(30, 20)
+    assert emulator.engine.requests["POST /upload/image"] == 0
+    assert not [p for p in emulator.engine.input_dir.iterdir() if p.name.startswith(".")]  # no probe, no temporary
+
+
+async def test_a_folder_comfyui_does_not_read_sends_uploads_over_http(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    emulator = await make_emulator()
+    elsewhere = tmp_path / "another-comfy-input"
+    elsewhere.mkdir()
+    with caplog.at_level(logging.WARNING, logger="comfybridge.comfy.client"):
+        client = await make_bridge(emulator, comfy_inputs=((emulator.url, elsewhere),))
+        _, result = await invert_through(client, "astray")
+    assert png_size(result) == (30, 20)
+    assert emulator.engine.requests["POST /upload/image"] == 1
+    assert "does not read its inputs from" in caplog.text
+    assert list(elsewhere.iterdir()) == []  # the probe is gone too
+
+
+@pytest.mark.parametrize("name", ["sub/x.png", ".hidden.png"])
+async def test_an_upload_is_written_only_under_its_own_plain_name(tmp_path: Path, name: str) -> None:
+    (tmp_path / "sub").mkdir()
+    source = tmp_path / "source.png"
+    source.write_bytes(b"picture")
+    inputs = LocalInputs(tmp_path / "input", "comfy")
+    (tmp_path / "input").mkdir()
+    assert await inputs.place(source, name) is False
+    assert list((tmp_path / "input").iterdir()) == []
+
+
+async def test_an_input_folder_that_cannot_be_written_is_left_for_http(tmp_path: Path) -> None:
+    source = tmp_path / "source.png"
+    source.write_bytes(b"picture")
+    inputs = LocalInputs(tmp_path / "gone", "comfy")
+    inputs.usable = True
+    assert await inputs.place(source, "x.png") is False
+    assert inputs.usable is False  # until the next connect's check
+
+    async def stream() -> AsyncIterator[bytes]:
+        yield b"pic"
+        yield b"ture"
+
+    with pytest.raises(FileNotFoundError):  # a stream cannot be sent again from its start: the hand-over fails
+        await inputs.place(stream(), "x.png")

@@ -1,33 +1,40 @@
-"""A ComfyUI's output folder on this machine: its files read from disk, not fetched over GET /view.
+"""A ComfyUI's folders as this machine sees them: outputs read from its output folder instead of
+fetched over GET /view, uploads written into its input folder instead of sent over /upload/image.
 
-ComfyUI writes an output file before it announces it (`executed`). When its output folder is on
-this machine (the same host, or a shared disk), reading the file costs the bridge a thread trip
-where /view costs an HTTP request and ComfyUI an answer: most of what collecting a small result
-costs, on the path between the prompt's end and the client's answer.
+ComfyUI writes an output file before it announces it (`executed`). When its folders are on this
+machine (the same host, or a shared disk), a file costs the bridge a thread trip where HTTP costs
+a request and ComfyUI an answer: most of what collecting a small result costs, on the path between
+the prompt's end and the client's answer, and for a large upload most of its hand-over.
 
-The names come from ComfyUI's events, so every path is resolved and must stay inside the folder (no
-`..`, no symlink out of it), and only a regular file is read. A file that is not there (a folder set
-wrongly, a ComfyUI on another host) is fetched over /view as before, and the log says so.
+Output names come from ComfyUI's events, so every path is resolved and must stay inside the folder
+(no `..`, no symlink out of it), and only a regular file is read. A file that is not there (a
+folder set wrongly, a ComfyUI on another host) is fetched over /view as before, and the log says
+so. An input folder is checked at every connect: ComfyUI must serve back a file written there,
+else uploads go over HTTP.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
+import shutil
 import stat
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Protocol
 
 from ..store.files import SMALL_FILE, in_thread, open_off_loop
 from .shapes import Complaints, OutputRef
 
-__all__ = ["LocalOutputs", "LocalReadFailed", "LocalTooLarge"]
+__all__ = ["LocalInputs", "LocalOutputs", "LocalReadFailed", "LocalTooLarge"]
 
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20  # bytes read from disk at a time, past SMALL_FILE
+_temp_names = itertools.count()
 
 
 class Sink(Protocol):
@@ -135,3 +142,71 @@ class LocalOutputs:
         if copied != size:
             raise LocalReadFailed(f"{path} changed while it was read ({copied} bytes of {size})")
         return copied
+
+
+class LocalInputs:
+    """One ComfyUI's input folder, as this machine sees it: uploads are copied in, whole, under a
+    temporary name first, so ComfyUI never loads half a file. `usable` says whether ComfyUI was
+    seen to read from this folder (checked at each connect, `confirm`)."""
+
+    def __init__(self, folder: Path, name: str) -> None:
+        self.folder = folder
+        self.usable = False
+        said = "ComfyUI %s, its input folder: could not %s a file, %s%s"
+        self.complaints = Complaints(name, log, said=said)
+
+    def _temp(self, name: str) -> Path:
+        return self.folder / f".{name}.comfybridge-{os.getpid()}-{next(_temp_names)}.tmp"
+
+    def _copy(self, source: Path, name: str) -> None:
+        temp = self._temp(name)
+        try:
+            shutil.copyfile(source, temp)  # a copy, not a link: what ComfyUI does to it stays its own
+            os.replace(temp, self.folder / name)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+
+    async def place(self, source: Path | AsyncIterator[bytes], name: str) -> bool:
+        """Put an upload into the folder as `name`. False when it could not be written and nothing
+        was taken from `source`: send it over HTTP. Raises OSError when a stream broke off part-way
+        (it cannot be sent from its start again here). After a failure, uploads go over HTTP until
+        the next connect's check."""
+        if os.sep in name or name.startswith("."):
+            return False  # the bridge's own upload names have neither; never write anywhere else
+        if isinstance(source, Path):
+            try:
+                await in_thread(self._copy, source, name)
+            except OSError as exc:
+                self._failed(name, exc)
+                return False
+            return True
+        temp = self._temp(name)
+        try:
+            async with open_off_loop(temp, "wb") as handle:
+                async for chunk in source:
+                    await in_thread(handle.write, chunk)
+            await in_thread(os.replace, temp, self.folder / name)
+        except OSError as exc:
+            self._failed(name, exc)
+            raise
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                await in_thread(os.unlink, temp)
+        return True
+
+    def _failed(self, name: str, exc: OSError) -> None:
+        self.usable = False
+        self.complaints.note("write", f"{name!r}: {exc.strerror or exc}; uploads go over HTTP until it reconnects")
+
+    def write_probe(self) -> tuple[str, bytes]:
+        """In a thread: a file for ComfyUI to serve back (GET /view?type=input), proof that this is
+        the folder it reads its inputs from."""
+        data = os.urandom(16).hex().encode()
+        name = f".comfybridge-probe-{data.decode()}"
+        (self.folder / name).write_bytes(data)
+        return name, data
+
+    def remove_probe(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.folder / name)
