@@ -92,9 +92,14 @@ async def emulators(paces: list[float], root: Path | None = None) -> AsyncIterat
 
 
 @asynccontextmanager
-async def bridge_for(comfy: list[str], root: Path = ROOT, **bridge: Any) -> AsyncIterator[str]:
+async def bridge_for(
+    comfy: list[str], root: Path = ROOT, home: Path | None = None, **bridge: Any
+) -> AsyncIterator[str]:
     """One bridge process (of the checkout at `root`) in front of the given ComfyUI servers, with a
-    data folder of its own."""
+    data folder of its own; with `home` (one ComfyUI's folder), reading its outputs from
+    home/output and writing uploads into home/input."""
+    if home is not None:
+        bridge |= {"comfy_outputs": f"{comfy[0]}={home / 'output'}", "comfy_inputs": f"{comfy[0]}={home / 'input'}"}
     data = Path(tempfile.mkdtemp(prefix="bench-"))
     try:
         port = free_port()
@@ -205,14 +210,13 @@ def percentile(samples: list[float], q: int) -> float:
 
 
 async def bridges_beside(exits: AsyncExitStack, before: Path | None) -> tuple[list[str], dict[str, str]]:
-    """A pace-0 emulator, and in front of it this checkout's bridge, the same reading the emulator's
-    output folder (`comfy_outputs`) and, with `before`, one of that checkout: (the emulator's URL
+    """A pace-0 emulator, and in front of it this checkout's bridge, the same using the emulator's
+    folders (`comfy_outputs`, `comfy_inputs`) and, with `before`, one of that checkout: (the emulator's URL
     list, {"bridge": url, "local": url, "before": url})."""
     root = Path(exits.enter_context(tempfile.TemporaryDirectory(prefix="bench-comfy-")))
     comfy = await exits.enter_async_context(emulators([0.0], root))
     bridges = {"bridge": await exits.enter_async_context(bridge_for(comfy))}
-    outputs = f"{comfy[0]}={root / '0' / 'output'}"
-    bridges["local"] = await exits.enter_async_context(bridge_for(comfy, comfy_outputs=outputs))
+    bridges["local"] = await exits.enter_async_context(bridge_for(comfy, home=root / "0"))
     if before:
         bridges["before"] = await exits.enter_async_context(bridge_for(comfy, before))
     return comfy, bridges
@@ -808,12 +812,12 @@ async def bench_real(
     clients: int = 8,
     peer: str | None = None,
     before: Path | None = None,
-    outputs: Path | None = None,
+    home: Path | None = None,
 ) -> dict[str, Any]:
     """Against a real ComfyUI (`--real HOST:PORT`): added latency per tiny job, throughput,
     ComfyUI's busy fraction and its idle gap between prompts with `clients` clients, through the
     bridge vs a direct client, and through another wrapper (`--peer URL`), a bridge of another
-    checkout (`--before DIR`) and a bridge reading ComfyUI's output folder (`--real-outputs DIR`:
+    checkout (`--before DIR`) and a bridge reading ComfyUI's output folder (`--real-home DIR`:
     `comfy_outputs`, as the peer reads it) in the same run. The paths take turns: job by job for
     the latency, then two rounds of load, each path in turn within a round."""
     if not target:
@@ -833,10 +837,8 @@ async def bench_real(
             paths["peer"] = lambda: peer_job(session, peer, prompt)
         if earlier:
             paths["before"] = lambda: bridge_job(session, earlier, SOLID)
-        if outputs:
-            local = await exits.enter_async_context(
-                bridge_for([comfy], delete_history=False, comfy_outputs=f"{comfy}={outputs}")
-            )
+        if home:
+            local = await exits.enter_async_context(bridge_for([comfy], home=home, delete_history=False))
             paths["local"] = lambda: bridge_job(session, local, SOLID)
             paths["local_wait"] = lambda: bridge_wait_job(session, local, SOLID)
         for job in paths.values():  # warm up every path
@@ -921,12 +923,18 @@ async def kept_direct_job(
 
 
 async def bench_real_kept(
-    target: str | None, jobs: int, peer: str | None = None, before: Path | None = None, noise: int = 0
+    target: str | None,
+    jobs: int,
+    peer: str | None = None,
+    before: Path | None = None,
+    noise: int = 0,
+    home: Path | None = None,
 ) -> dict[str, Any]:
     """Against a real ComfyUI (`--real`), one job at a time, each path in turn, every client's socket
     open from job to job (as the client library keeps it): the submit's answer and the whole job,
-    p50, through the bridge, a direct client, `--peer` and `--before`. With `--noise SIDE`, a
-    SIDE x SIDE noise PNG through `invert` instead of a tiny prompt (bridges only: a large result)."""
+    p50, through the bridge, a direct client, `--peer`, `--before` and `--real-home` (`local`). With
+    `--noise SIDE`, a SIDE x SIDE noise PNG through `invert` instead of a tiny prompt (bridges only:
+    a large upload and a large result)."""
     if not target:
         return {"name": "real_kept", "skipped": "no --real HOST:PORT given"}
     comfy = target if "://" in target else f"http://{target}"
@@ -935,6 +943,8 @@ async def bench_real_kept(
         bridges = {"bridge": await exits.enter_async_context(bridge_for([comfy], delete_history=False))}
         if before:
             bridges["before"] = await exits.enter_async_context(bridge_for([comfy], before, delete_history=False))
+        if home:
+            bridges["local"] = await exits.enter_async_context(bridge_for([comfy], home=home, delete_history=False))
         ids = {name: uuid.uuid4().hex for name in [*bridges, "direct"]}
         paths: dict[str, Callable[[], Awaitable[tuple[float, float]]]] = {}
         for name, url in bridges.items():
@@ -1328,10 +1338,10 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], Awaitable[dict[str, Any]]]]
     "clients_scale": lambda args: bench_clients_scale(args.ids),
     "recovery": lambda args: bench_recovery(args.recovery_jobs),
     "spread": lambda args: bench_spread(),
-    "real": lambda args: bench_real(
-        args.real, args.jobs, peer=args.peer, before=args.before, outputs=args.real_outputs
+    "real": lambda args: bench_real(args.real, args.jobs, peer=args.peer, before=args.before, home=args.real_home),
+    "real_kept": lambda args: bench_real_kept(
+        args.real, min(args.jobs, 100), args.peer, args.before, args.noise, args.real_home
     ),
-    "real_kept": lambda args: bench_real_kept(args.real, min(args.jobs, 100), args.peer, args.before, args.noise),
     "bomb": lambda args: bench_bomb(),
     "cluster": lambda args: bench_cluster(args.jobs, args.database),
     "storage": lambda args: bench_storage(args.jobs, args.database),
@@ -1349,8 +1359,8 @@ async def main() -> None:
         "--peer", metavar="URL", help="`real` also through SaladTechnologies/comfyui-api in front of that ComfyUI"
     )
     parser.add_argument(
-        "--real-outputs", metavar="DIR", type=Path, help="`real` also through a bridge that reads that ComfyUI's "
-        "output folder, DIR (`comfy_outputs`), instead of fetching over /view",
+        "--real-home", metavar="DIR", type=Path, help="`real` and `real_kept` also through a bridge that reads "
+        "that ComfyUI's DIR/output (`comfy_outputs`) and writes uploads into DIR/input (`comfy_inputs`)",
     )  # fmt: skip
     parser.add_argument(
         "--before", metavar="DIR", type=Path, help="real, overhead and cpu_per_job also through a bridge run from "
