@@ -336,7 +336,7 @@ def _signals(reload: Callable[[], Settings] | None) -> Callable[[web.Application
                 return
             if not settings.emulate:
                 log.info("SIGHUP: backends are now %s", ", ".join(fresh.backends))
-                scheduler.set_backends(list(fresh.backends))
+                scheduler.set_backends(list(fresh.backends), (dict(fresh.comfy_outputs), dict(fresh.comfy_inputs)))
             try:
                 app[WORKFLOWS].replace_with(WorkflowStore.load(settings.workflows))
             except WorkflowConfigError as exc:

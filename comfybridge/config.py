@@ -172,15 +172,18 @@ def _backends(value: Any) -> tuple[str, ...]:
 def _backend_folders(value: Any) -> tuple[tuple[str, Path], ...]:
     """`URL=FOLDER` pairs: a comma list, or a TOML table of URL = folder."""
     pairs = value.items() if isinstance(value, dict) else (item.partition("=")[::2] for item in _words(value))
-    found = []
+    found: dict[str, Path] = {}
     for url, folder in pairs:
-        if not str(folder).strip():
+        if not isinstance(folder, str) or not folder.strip():
             raise ValueError(f"must be URL=FOLDER pairs, e.g. http://127.0.0.1:8188=/opt/comfyui/output; got {url!r}")
         try:
-            found.append((_backends(url)[0], Path(str(folder).strip())))
+            backend = _backends(url)[0]
         except ValueError:
             raise ValueError(f"names {url!r}, which is not a ComfyUI host:port or URL") from None
-    return tuple(found)
+        if backend in found:
+            raise ValueError(f"names {backend} twice")
+        found[backend] = Path(folder.strip())
+    return tuple(found.items())
 
 
 def _optional_path(value: Any) -> Path | None:

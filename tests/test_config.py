@@ -217,6 +217,9 @@ def test_comfy_outputs_pairs_backends_with_their_folders(tmp_path: Path) -> None
         f'comfy_outputs = {{"http://gpu2:8189" = "{tmp_path / "out-b"}", "127.0.0.1:8188" = "out-a"}}\n'
     )
     settings = load_settings(["--config", "c.toml"], environ={}, cwd=tmp_path)
+    (tmp_path / "d.toml").write_text('comfy_outputs = {"127.0.0.1:8188" = ["out-a"]}\n')
+    with pytest.raises(ConfigError, match="must be URL=FOLDER pairs"):
+        load_settings(["--config", "d.toml"], environ={}, cwd=tmp_path)
     assert dict(settings.comfy_outputs) == {
         "http://gpu2:8189": tmp_path / "out-b",
         "http://127.0.0.1:8188": tmp_path / "out-a",
@@ -233,6 +236,7 @@ def test_comfy_outputs_pairs_backends_with_their_folders(tmp_path: Path) -> None
         (["--comfy-outputs", "127.0.0.1:8188=out", "--output-subfolder", "false"], "needs output_subfolder = true"),
         (["--comfy-outputs", "127.0.0.1:8188=out", "--emulate", "1"], "the built-in emulators"),
         (["--comfy-inputs", "127.0.0.1:9999=out"], "http://127.0.0.1:9999 is not one of the backends"),
+        (["--comfy-inputs", "127.0.0.1:8188=out,http://127.0.0.1:8188=out"], "names http://127.0.0.1:8188 twice"),
         (["--comfy-inputs", "127.0.0.1:8188=nothere"], "is not a folder"),
     ],
 )

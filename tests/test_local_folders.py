@@ -8,11 +8,14 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
 
 from comfybridge.comfy.folders import LocalInputs, LocalOutputs, LocalReadFailed, LocalTooLarge
 from comfybridge.comfy.shapes import OutputRef
+from comfybridge.core.jobs import job_folder
 from comfybridge.edge.appkeys import SCHEDULER
 from comfybridge.emulator import Emulator
 from comfybridge.emulator.png import png_size
@@ -113,6 +116,61 @@ async def test_an_output_over_the_limit_fails_its_job_without_a_download(
     assert emulator.engine.requests["GET /view"] == 0
 
 
+async def test_only_the_jobs_own_outputs_are_read_here_or_deleted(make_fake: Any, make_bridge: BridgeFactory) -> None:
+    """A name ComfyUI reports that the bridge did not give the job (a cached node's earlier file, a
+    prefix wired from another node, a custom node's naming) may be another prompt's, or an admin's:
+    it is fetched over /view, as ComfyUI serves it, and never deleted."""
+    fake = await make_fake()
+    output = fake.upstream.engine.output_dir
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "admin.png").write_bytes(png(4, 4))
+
+    def named_elsewhere(text: str) -> str:
+        message = orjson.loads(text)
+        if message.get("type") == "executed":
+            message["data"]["output"]["images"] = [{"filename": "admin.png", "subfolder": "", "type": "output"}]
+        return orjson.dumps(message).decode()
+
+    fake.rewrite = named_elsewhere
+    client = await make_bridge(fake.url, comfy_outputs=((fake.url, output),))
+    parts = await wait_for_results(client, "cached")
+    assert [part[3] for part in parts] == [png(4, 4)]
+    assert fake.seen.count("GET /view") >= 1
+    assert (output / "admin.png").read_bytes() == png(4, 4)
+
+
+def test_a_job_folder_is_only_what_the_bridge_named_for_that_job() -> None:
+    job = "0123456789abcdef0123456789abcdef"
+    mine = OutputRef(f"x_{job}_00001_.png", f"comfybridge/2026-12-01/{job[:12]}/video", "output")
+    assert job_folder(job, mine) == f"comfybridge/2026-12-01/{job[:12]}"
+    assert job_folder(job, OutputRef("x_00001_.png", f"comfybridge/2026-12-01/{job[:12]}", "output")) is None
+    assert job_folder(job, OutputRef(f"x_{job}_00001_.png", "comfybridge/2026-12-01/another", "output")) is None
+    assert job_folder(job, OutputRef(f"x_{job}_00001_.png", "", "output")) is None
+
+
+async def test_removal_goes_up_to_the_jobs_folder_and_no_further(tmp_path: Path) -> None:
+    job_dir = tmp_path / "comfybridge" / "day" / "job"
+    (job_dir / "video").mkdir(parents=True)
+    (job_dir / "video" / "a.mp4").write_bytes(b"v")
+    (job_dir / "b.png").write_bytes(b"p")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "c.png").write_bytes(b"not the job's")
+    (job_dir / "linked").symlink_to(outside)
+    refs = [
+        OutputRef("a.mp4", "comfybridge/day/job/video", "output"),
+        OutputRef("b.png", "comfybridge/day/job", "output"),
+        OutputRef("c.png", "comfybridge/day/job/linked", "output"),  # through a link: not followed
+    ]
+    await LocalOutputs(tmp_path, "comfy").remove(refs, "comfybridge/day/job")
+    assert (outside / "c.png").read_bytes() == b"not the job's"
+    assert sorted(p.name for p in job_dir.iterdir()) == ["linked"]  # the job's folder keeps the link
+    (job_dir / "linked").unlink()
+    await LocalOutputs(tmp_path, "comfy").remove(refs[:1], "comfybridge/day/job")
+    assert list((tmp_path / "comfybridge" / "day").iterdir()) == []  # the job's folder, not the day's
+    assert (tmp_path / "comfybridge" / "day").is_dir()
+
+
 class Taken:
     """A sink that keeps what it is given."""
 
@@ -139,23 +197,31 @@ async def test_a_large_output_streams_from_the_folder(tmp_path: Path) -> None:
         await outputs.copy(OutputRef("big.bin", "sub", "output"), Taken(), len(data) - 1)
 
 
-@pytest.mark.parametrize("planted", ["dotdot", "symlink", "fifo", "folder"])
+@pytest.mark.parametrize("planted", ["dotdot", "inner-dotdot", "symlink", "linked-folder", "fifo", "folder", "nul"])
 async def test_what_is_not_a_file_of_the_folder_is_left_to_view(tmp_path: Path, planted: str) -> None:
     root, outside = tmp_path / "output", tmp_path / "secret.png"
-    root.mkdir()
+    (root / "sub").mkdir(parents=True)
     outside.write_bytes(b"not ComfyUI's")
-    name = "x.png"
+    name, subfolder = "x.png", ""
     if planted == "dotdot":
         name = "../secret.png"
+    elif planted == "inner-dotdot":
+        name, subfolder = "secret.png", "sub/../.."
     elif planted == "symlink":
         (root / name).symlink_to(outside)
+    elif planted == "linked-folder":
+        name, subfolder = "secret.png", "out"
+        (root / "out").symlink_to(tmp_path)
     elif planted == "fifo":
         os.mkfifo(root / name)  # opening it for reading would wait for a writer
-    else:
+    elif planted == "folder":
         (root / name).mkdir()
-    sink = Taken()
-    assert await LocalOutputs(root, "comfy").copy(OutputRef(name, "", "output"), sink, 1 << 20) is None
+    else:
+        name = "x\0.png"
+    sink, open_before = Taken(), len(os.listdir("/proc/self/fd"))
+    assert await LocalOutputs(root, "comfy").copy(OutputRef(name, subfolder, "output"), sink, 1 << 20) is None
     assert not sink.data
+    assert len(os.listdir("/proc/self/fd")) == open_before  # nothing left open
 
 
 async def test_a_file_that_breaks_off_is_a_failed_read(tmp_path: Path) -> None:

@@ -108,8 +108,9 @@ class ComfyClient:
         self.jobs_api: bool | None = None
         # Its folders, when this machine can reach them: outputs are read there, not over /view;
         # uploads written there, not sent over /upload/image.
-        self.outputs = LocalOutputs(outputs, base_url) if outputs is not None else None
-        self.inputs = LocalInputs(inputs, base_url) if inputs is not None else None
+        self.outputs: LocalOutputs | None = None
+        self.inputs: LocalInputs | None = None
+        self.use_folders(outputs, inputs)
 
     # REST ------------------------------------------------------------------------------------
     async def _request(self, method: str, path: str, **kwargs: Any) -> tuple[int, bytes]:
@@ -204,6 +205,16 @@ class ComfyClient:
         """Whether this ComfyUI offers the jobs API: newer releases list jobs, 0.3.64 answers 404."""
         self.jobs_api = await self._exists("/api/jobs", params={"limit": "1"})
 
+    def use_folders(self, outputs: Path | None, inputs: Path | None) -> bool:
+        """Its output and input folders as this machine sees them (None: over HTTP). True when the
+        input folder is new: it is used once `check_inputs` has found ComfyUI reading it."""
+        if (self.outputs.folder if self.outputs else None) != outputs:
+            self.outputs = LocalOutputs(outputs, self.name) if outputs is not None else None
+        if (self.inputs.folder if self.inputs else None) == inputs:
+            return False
+        self.inputs = LocalInputs(inputs, self.name) if inputs is not None else None
+        return inputs is not None
+
     async def check_inputs(self) -> None:
         """Whether ComfyUI reads its inputs from the folder set for it: it must serve back a file
         written there. Asked at every connect (a ComfyUI may come back with other folders)."""
@@ -274,12 +285,14 @@ class ComfyClient:
         answer = await self._json("GET", "/object_info")
         return answer if isinstance(answer, dict) else {}
 
-    async def download(self, ref: OutputRef, target: Sink, max_bytes: int) -> int:
+    async def download(self, ref: OutputRef, target: Sink, max_bytes: int, local: bool = False) -> int:
         """Copy one output file into `target` (the caller commits or aborts it). A small file is
         read in one go; a large one streams, never held whole in memory, once the store has said it
-        can take it (a full disk costs no download). Raises ResultTooLarge past `max_bytes`,
-        StorageError when the bridge cannot store it, BackendUnavailable when ComfyUI cannot give it."""
-        if self.outputs is not None:
+        can take it (a full disk costs no download). With `local` (the caller's word that the file
+        is its job's own), it is read from ComfyUI's output folder when this machine sees it.
+        Raises ResultTooLarge past `max_bytes`, StorageError when the bridge cannot store it,
+        BackendUnavailable when ComfyUI cannot give it."""
+        if local and self.outputs is not None:
             try:
                 copied = await self.outputs.copy(ref, target, max_bytes)
             except LocalTooLarge as exc:

@@ -24,7 +24,7 @@ import shutil
 import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from ..store.files import SMALL_FILE, in_thread, open_off_loop
 from .shapes import Complaints, OutputRef
@@ -56,92 +56,178 @@ class LocalTooLarge(Exception):
 
 
 class LocalOutputs:
-    """One ComfyUI's output folder, as this machine sees it."""
+    """One ComfyUI's output folder, as this machine sees it.
+
+    Paths are walked from the folder one name at a time, relative to the folder above and never
+    through a symlink (`O_NOFOLLOW`), so no name ComfyUI reports, and no link swapped in meanwhile,
+    reaches a file outside it. Which files the bridge may read or delete here is the caller's
+    choice (only a job's own, see `owns_output`)."""
 
     def __init__(self, folder: Path, name: str) -> None:
-        self.root = os.path.realpath(folder)
+        self.folder = folder
         said = "ComfyUI %s, its output folder: could not %s a file, %s%s"
         self.complaints = Complaints(name, log, said=said)
 
-    def _place(self, ref: OutputRef) -> str | None:
-        """The file's real path, if it lies inside the folder (blocking: it resolves links)."""
-        path = os.path.realpath(os.path.join(self.root, ref.subfolder, ref.filename))
-        return path if path.startswith(self.root + os.sep) else None
+    def _folder_of(self, ref: OutputRef) -> int:
+        """In a thread: an open descriptor of the ref's folder (the caller closes it). Raises
+        OSError (ELOOP for a link) or ValueError (a name that is no plain name)."""
+        if not _plain(ref.filename):
+            raise ValueError("not a plain name")
+        return self._walk([name for name in ref.subfolder.split("/") if name])
 
-    def _look(self, ref: OutputRef, max_bytes: int) -> tuple[str, int, bytes | None] | str:
-        """In a thread: the file's path, its size, and its bytes if it is small; or why it cannot be
-        read here."""
-        path = self._place(ref)
-        if path is None:
-            return f"its name leads out of {self.root}"
+    def _walk(self, names: list[str]) -> int:
+        """An open descriptor of the folder `names` leads to from this one, never through a link."""
+        if any(not _plain(name) for name in names):
+            raise ValueError("not a plain name")
+        fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            # O_NONBLOCK: a FIFO planted under the name cannot hang the open.
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            for name in names:
+                inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                os.close(fd)
+                fd = inner
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _open(self, ref: OutputRef) -> tuple[BinaryIO, int] | str:
+        """In a thread: the file open for reading and its size, or why it cannot be read here."""
+        try:
+            folder = self._folder_of(ref)
+        except (OSError, ValueError) as exc:
+            return _why(exc)
+        try:
+            # O_NONBLOCK: a FIFO under the name cannot hang the open.
+            fd = os.open(ref.filename, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder)
         except OSError as exc:
-            return f"{exc.strerror or exc} ({path})"
-        with os.fdopen(fd, "rb") as handle:
+            return _why(exc)
+        finally:
+            os.close(folder)
+        try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
-                return f"{path} is not a regular file"
-            if info.st_size > max_bytes:
-                raise LocalTooLarge(info.st_size)
-            if info.st_size > SMALL_FILE:
-                return path, info.st_size, None
-            data = handle.read(info.st_size + 1)
-        if len(data) != info.st_size:
-            return f"{path} changed while it was read"
-        return path, len(data), data
+                os.close(fd)
+                return "not a regular file"
+            return os.fdopen(fd, "rb"), info.st_size
+        except BaseException:
+            os.close(fd)
+            raise
 
-    async def remove(self, refs: list[OutputRef]) -> None:
-        """Delete these outputs, and each one's folder once empty (a job's own, with output_subfolder),
-        from ComfyUI's folder: the bridge has stored them. Only regular files inside the folder."""
-        await in_thread(self._remove, refs)
-
-    def _remove(self, refs: list[OutputRef]) -> None:
-        folders = set()
-        for ref in refs:
-            path = self._place(ref)
-            try:
-                if path is not None and stat.S_ISREG(os.lstat(path).st_mode):
-                    os.unlink(path)
-                    folders.add(os.path.dirname(path))
-            except FileNotFoundError:
-                pass  # not there to begin with: fetched over /view, which the log has said
-            except OSError as exc:
-                self.complaints.note("delete", f"{ref.filename!r}: {exc.strerror or exc}")
-        for folder in folders - {self.root}:
-            with contextlib.suppress(OSError):  # not empty: another output, not only this job's
-                os.rmdir(folder)  # only the job's own folder: a day's folder may be in use by ComfyUI
+    def _read_small(self, ref: OutputRef, max_bytes: int) -> bytes | int | str:
+        """In a thread: the file's bytes if it is small, its size if not, or why it cannot be read."""
+        opened = self._open(ref)
+        if isinstance(opened, str):
+            return opened
+        handle, size = opened
+        with handle:
+            if size > max_bytes:
+                raise LocalTooLarge(size)
+            if size > SMALL_FILE:
+                return size
+            data = handle.read(size + 1)
+        return data if len(data) == size else "it changed while it was read"
 
     async def copy(self, ref: OutputRef, target: Sink, max_bytes: int) -> int | None:
         """Copy the output into `target` and return its size; None when it cannot be read here
         (nothing was written then: fetch it over /view). Raises LocalTooLarge past `max_bytes`, and
         LocalReadFailed when the file broke off part-way."""
         try:
-            found = await in_thread(self._look, ref, max_bytes)
+            found = await in_thread(self._read_small, ref, max_bytes)
         except OSError as exc:  # the read itself failed (EIO): /view may still give it
-            found = f"{exc.strerror or exc}"
+            found = _why(exc)
+        if isinstance(found, bytes):
+            await target.write(found)
+            return len(found)
         if isinstance(found, str):
             self.complaints.note("read", f"{ref.filename!r}: {found}; fetched over /view")
             return None
-        path, size, data = found
-        if data is not None:
-            await target.write(data)
-            return size
-        await target.reserve(size)
+        # Larger: streamed from a descriptor of its own, opened the same safe way.
+        opening = asyncio.ensure_future(asyncio.to_thread(self._open, ref))
+        try:
+            opened = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            opening.add_done_callback(_close_opened)
+            raise
+        if isinstance(opened, str):
+            self.complaints.note("read", f"{ref.filename!r}: {opened}; fetched over /view")
+            return None
+        handle, size = opened
         copied = 0
         try:
-            async with open_off_loop(Path(path), "rb") as handle:
-                while chunk := await asyncio.to_thread(handle.read, CHUNK):
-                    copied += len(chunk)
-                    if copied > max_bytes:
-                        raise LocalTooLarge(copied)
-                    await target.write(chunk)
+            if size > max_bytes:
+                raise LocalTooLarge(size)
+            await target.reserve(size)
+            while chunk := await asyncio.to_thread(handle.read, CHUNK):
+                copied += len(chunk)
+                if copied > max_bytes:
+                    raise LocalTooLarge(copied)
+                await target.write(chunk)
         except OSError as exc:  # the sink raises StorageError, never OSError: this is the read
-            raise LocalReadFailed(f"reading {path} failed: {exc.strerror or exc}") from exc
+            raise LocalReadFailed(f"reading {ref.filename!r} failed: {exc.strerror or exc}") from exc
+        finally:
+            await asyncio.shield(asyncio.ensure_future(asyncio.to_thread(handle.close)))
         if copied != size:
-            raise LocalReadFailed(f"{path} changed while it was read ({copied} bytes of {size})")
+            raise LocalReadFailed(f"{ref.filename!r} changed while it was read ({copied} bytes of {size})")
         return copied
+
+    async def remove(self, refs: list[OutputRef], top: str) -> None:
+        """Delete these outputs (the caller's to choose: a job's own), then their folders, each once
+        empty, up to and including `top` (the job's own folder, e.g. `comfybridge/<day>/<job>`):
+        never a folder above it, which ComfyUI may be saving into."""
+        await in_thread(self._remove, refs, top)
+
+    def _remove(self, refs: list[OutputRef], top: str) -> None:
+        floor = len([name for name in top.split("/") if name])
+        for ref in refs:
+            try:
+                folder = self._folder_of(ref)
+            except FileNotFoundError:
+                continue  # not there to begin with: fetched over /view, which the log has said
+            except (OSError, ValueError) as exc:
+                self.complaints.note("delete", f"{ref.filename!r}: {_why(exc)}")
+                continue
+            try:
+                if stat.S_ISREG(os.stat(ref.filename, dir_fd=folder, follow_symlinks=False).st_mode):
+                    os.unlink(ref.filename, dir_fd=folder)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                self.complaints.note("delete", f"{ref.filename!r}: {_why(exc)}")
+            finally:
+                os.close(folder)
+        folders = {tuple(name for name in ref.subfolder.split("/") if name) for ref in refs}
+        for names in sorted(folders, key=len, reverse=True):  # the deepest first
+            for depth in range(len(names), max(floor, 1) - 1, -1):
+                try:
+                    parent = self._walk(list(names[: depth - 1]))
+                except (OSError, ValueError):
+                    break
+                try:
+                    os.rmdir(names[depth - 1], dir_fd=parent)  # refuses a folder that is not empty
+                except FileNotFoundError:
+                    continue  # removed with another output's folders
+                except OSError:
+                    break  # not empty: nor is any folder above it
+                finally:
+                    os.close(parent)
+
+
+def _plain(name: str) -> bool:
+    """A name of one folder entry: not empty, no separator, no `.`/`..`, no NUL."""
+    return name not in ("", ".", "..") and "/" not in name and "\0" not in name
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        return str(exc.strerror or exc)
+    return "its name is not a plain file name"
+
+
+def _close_opened(opening: asyncio.Future[tuple[BinaryIO, int] | str]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        found = opening.result()
+        if not isinstance(found, str):
+            found[0].close()
 
 
 class LocalInputs:

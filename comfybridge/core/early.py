@@ -18,6 +18,7 @@ from typing import Any
 
 from ..comfy.client import ComfyClient
 from ..comfy.shapes import OutputRef
+from .jobs import job_folder
 
 __all__ = ["EARLY_BUDGET", "EarlyFetches", "Fetch"]
 
@@ -55,23 +56,25 @@ class EarlyFetches:
         self.held = 0  # bytes of the budget taken by fetches not yet dropped
         self._by_prompt: dict[str, list[Fetch]] = {}
 
-    def start(self, client: ComfyClient, prompt_id: str, refs: list[OutputRef], limit: int) -> None:
+    def start(self, client: ComfyClient, job_id: str, prompt_id: str, refs: list[OutputRef], limit: int) -> None:
         """Fetch these files of the prompt now (those of one `executed` event), each if it is at most
-        `limit` bytes and the budget has `limit` left for it."""
+        `limit` bytes and the budget has `limit` left for it (the job's own from ComfyUI's folder when
+        this machine sees it)."""
         fetches = self._by_prompt.setdefault(prompt_id, [])
         for ref in refs:
             fetch = Fetch(ref, None)
             if 0 < limit <= EARLY_BUDGET - self.held:
-                fetch.task = self.spawn(self._fetch(client, ref, limit), f"early fetch {ref.filename}")
+                local = job_folder(job_id, ref) is not None
+                fetch.task = self.spawn(self._fetch(client, ref, limit, local), f"early fetch {ref.filename}")
                 fetch.reserved = limit if fetch.task is not None else 0
                 self.held += fetch.reserved
             fetches.append(fetch)
 
     @staticmethod
-    async def _fetch(client: ComfyClient, ref: OutputRef, limit: int) -> bytes | None:
+    async def _fetch(client: ComfyClient, ref: OutputRef, limit: int, local: bool) -> bytes | None:
         held = _Held()
         try:
-            await client.download(ref, held, limit)
+            await client.download(ref, held, limit, local)
         except Exception as exc:  # too large to hold, or not given now: fetched when the prompt ends
             log.debug("%s not fetched early: %s", ref.filename, exc)
             return None

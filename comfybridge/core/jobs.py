@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import enum
 import time
 import uuid
@@ -11,9 +12,36 @@ from typing import Any, Protocol
 
 import orjson
 
+from ..comfy.shapes import OutputRef
 from .progress import Progress
 
-__all__ = ["ENDED", "InvalidStep", "Job", "JobState"]
+__all__ = ["ENDED", "InvalidStep", "Job", "JobState", "job_folder", "name_outputs"]
+
+OUTPUTS_FOLDER = "comfybridge"  # in ComfyUI's output folder: comfybridge/<day>/<job id[:12]>/...
+
+
+def name_outputs(prompt: dict[str, Any], job_id: str) -> None:
+    """Give the job's output files a folder of their own and names that carry the job id:
+    `comfybridge/<day>/<job>/<prefix>_<job id>`, so ComfyUI saves `<prefix>_<job id>_00001_.png`.
+
+    SaveImage lists its output folder on every save, so a shared folder of thousands of files
+    slows every job; bridges sharing a ComfyUI never collide on names; and a client can match
+    each file of `/history` to its job by name alone."""
+    day = datetime.date.today().isoformat()
+    for node in prompt.values():
+        prefix = node.get("inputs", {}).get("filename_prefix")
+        if isinstance(prefix, str):
+            node["inputs"]["filename_prefix"] = f"{OUTPUTS_FOLDER}/{day}/{job_id[:12]}/{prefix}_{job_id}"
+
+
+def job_folder(job_id: str, ref: OutputRef) -> str | None:
+    """The job's own folder (`comfybridge/<day>/<job>`) if this output is one `name_outputs` named
+    for it, else None: a name ComfyUI reports for another reason (a cached node's earlier file, a
+    prefix wired from another node, a custom node's own naming) is another prompt's, or nobody's."""
+    names = ref.subfolder.split("/")
+    if len(names) >= 3 and names[0] == OUTPUTS_FOLDER and names[2] == job_id[:12] and job_id in ref.filename:
+        return "/".join(names[:3])
+    return None
 
 
 class JobState(enum.StrEnum):

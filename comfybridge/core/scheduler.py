@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import enum
 import itertools
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 
-from ..comfy.client import ComfyClient, shown
+from ..comfy.client import BackendUnavailable, ComfyClient, shown
 from ..errors import NoBackend, RateLimited, ShuttingDown, StorageError, StorageUnavailable, TooManyJobs
 from ..store.counter import StateStore
 from ..store.journal import ENDED_STATES, JobStore
@@ -33,7 +33,7 @@ from .backend import Backend
 from .clients import Client, Status, key_pool, scope_of
 from .dispatch import Dispatcher
 from .failover import Failover
-from .jobs import Job, JobState
+from .jobs import Job, JobState, name_outputs
 from .observer import JobObserver
 from .planner import PLAN_HORIZON
 from .recovery import missing_results, recover
@@ -75,6 +75,8 @@ class Scheduler:
         self.state = state
         self._parts = (settings, session, workflows, uploads, results, journal, notifier, metrics)
         self._initial = list(backend_urls)
+        # Each backend's output and input folder as this machine sees them (`comfy_outputs`, `comfy_inputs`).
+        self._folders = (dict(settings.comfy_outputs), dict(settings.comfy_inputs))
         self.may_send: Callable[[], bool] = lambda: True  # see Core.may_send; kept across reset()
         self.running = False  # between start and close
         self._build()
@@ -220,8 +222,8 @@ class Scheduler:
             journal.bridge_id,
             request_timeout=self.settings.comfy_timeout,
             max_event_bytes=int(self.settings.max_event_mb * 1024 * 1024),
-            outputs=dict(self.settings.comfy_outputs).get(url),
-            inputs=dict(self.settings.comfy_inputs).get(url),
+            outputs=self._folders[0].get(url),
+            inputs=self._folders[1].get(url),
         )
         backend = self.backends[url] = Backend(client)
         backend.listener = core.supervisor.spawn(
@@ -249,12 +251,18 @@ class Scheduler:
             await asyncio.sleep(delay)
             delay = min(RESTART_MAX, delay * 2)
 
-    def set_backends(self, urls: list[str]) -> None:
-        """Apply a new backend list: new ones join, removed ones finish their prompts and leave. Not
-        running (a cluster's bridge that does not lead now): kept for the next `start`."""
+    def set_backends(self, urls: list[str], folders: tuple[dict[str, Path], dict[str, Path]] | None = None) -> None:
+        """Apply a new backend list (and their folders, `comfy_outputs` and `comfy_inputs`): new ones
+        join, removed ones finish their prompts and leave. Not running (a cluster's bridge that does
+        not lead now): kept for the next `start`."""
         self._initial = list(urls)
+        if folders is not None:
+            self._folders = folders
         if not self.running:
             return
+        for url, backend in self.backends.items():
+            if backend.client.use_folders(self._folders[0].get(url), self._folders[1].get(url)):
+                self.core.spawn(self._check_inputs(backend), f"check inputs of {url}")
         for url in urls:
             existing = self.backends.get(url)
             if existing is None:
@@ -269,6 +277,11 @@ class Scheduler:
                 self.core.unbind_clients_of(backend)
                 self.core.spawn(self._retire(backend), f"retire {backend.name}", daemon=True)
         self.core.wake_all()
+
+    @staticmethod
+    async def _check_inputs(backend: Backend) -> None:
+        with contextlib.suppress(BackendUnavailable):  # checked again at the next connect
+            await backend.client.check_inputs()
 
     async def _retire(self, backend: Backend) -> None:
         while backend.inflight and backend.draining:
@@ -382,7 +395,7 @@ class Scheduler:
         job_id = uuid.uuid4().hex
         prompt = workflow.build(values)
         if self.settings.output_subfolder:
-            _prefix_outputs(prompt, job_id)
+            name_outputs(prompt, job_id)
         job = Job(client_id, workflow.alias, orjson.dumps(prompt), 0, uploads, id=job_id, webhook=webhook)
         job.journal = core.journal
         if wait:
@@ -733,17 +746,3 @@ class Fetch(enum.Enum):
     NOTHING = "nothing"  # known, with no finished results now
     BUSY = "busy"  # every result is being sent to another request right now
     READY = "ready"
-
-
-def _prefix_outputs(prompt: dict[str, Any], job_id: str) -> None:
-    """Give the job's output files a folder of their own and names that carry the job id:
-    `comfybridge/<day>/<job>/<prefix>_<job id>`, so ComfyUI saves `<prefix>_<job id>_00001_.png`.
-
-    SaveImage lists its output folder on every save, so a shared folder of thousands of files
-    slows every job; bridges sharing a ComfyUI never collide on names; and a client can match
-    each file of `/history` to its job by name alone."""
-    day = datetime.date.today().isoformat()
-    for node in prompt.values():
-        prefix = node.get("inputs", {}).get("filename_prefix")
-        if isinstance(prefix, str):
-            node["inputs"]["filename_prefix"] = f"comfybridge/{day}/{job_id[:12]}/{prefix}_{job_id}"

@@ -9,6 +9,7 @@ from typing import Any
 
 from ..comfy import shapes
 from ..comfy.client import MISSED, BackendUnavailable, ResultTooLarge
+from ..comfy.folders import LocalOutputs
 from ..comfy.shapes import Finished, OutputRef
 from ..errors import StorageError, StorageUnavailable
 from ..store.media import content_type_for
@@ -16,7 +17,7 @@ from ..store.results import ResultFile
 from . import care
 from .backend import Backend
 from .early import Fetch
-from .jobs import Job, JobState
+from .jobs import Job, JobState, job_folder
 from .shared import DISCONNECTED, Core
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ class Tracker:
         elif event == "executed" and job.seen_outputs is not None and not job.ended:
             limit = min(self.core.results.inline_max, int(self.core.settings.max_result_mb * MB))
             refs = shapes.outputs_of({data["node"]: data["output"]})
-            self.core.early.start(backend.client, job.prompt_id, refs, limit)
+            self.core.early.start(backend.client, job.id, job.prompt_id, refs, limit)
         if job.apply_event(event, data):
             self.prompt_finished(backend, job)
         elif event == "execution_start":
@@ -205,13 +206,25 @@ class Tracker:
             except StorageError:
                 return  # logged by the journal; ComfyUI keeps the prompt, so a restart can collect it again
         if refs and backend.client.outputs is not None and core.settings.delete_outputs:
-            await backend.client.outputs.remove(refs)  # kept here now: ComfyUI's disk need not fill up
+            await self._remove_outputs(backend.client.outputs, job, refs)
         if core.settings.delete_history:
             if job.prompt_id in core.by_prompt:  # collected before ComfyUI let go: it writes its history later
                 job.forget_on_leave = True
             else:
                 care.forget_later(backend, job.prompt_id, core.spawn)
         await care.after_job(backend, job.prompt_id, core.settings)
+
+    @staticmethod
+    async def _remove_outputs(outputs: LocalOutputs, job: Job, refs: list[OutputRef]) -> None:
+        """Delete the job's own output files and folder from ComfyUI's: kept here now, so ComfyUI's
+        disk need not fill up with copies. Nothing that is not the job's own (`job_folder`)."""
+        own: dict[str, list[OutputRef]] = {}
+        for ref in refs:
+            folder = job_folder(job.id, ref)
+            if folder is not None:
+                own.setdefault(folder, []).append(ref)
+        for folder, files in own.items():
+            await outputs.remove(files, folder)
 
     async def _outcome(self, backend: Backend, job: Job) -> Finished | None:
         """How the prompt ended, when its events did not say it all: from ComfyUI's history (None:
@@ -261,7 +274,7 @@ class Tracker:
                 if data is not None:
                     await writer.write(data)
                 else:
-                    await backend.client.download(ref, writer, limit)
+                    await backend.client.download(ref, writer, limit, job_folder(job.id, ref) is not None)
                 files.append(await writer.commit(ref.filename, content_type_for(ref.filename)))  # size checked
             except BaseException:
                 await writer.abort()

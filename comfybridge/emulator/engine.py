@@ -450,6 +450,8 @@ class Engine:
         self.faults.drop_socket_after_nodes = None
         hang_after, self.faults.hang_after_nodes = self.faults.hang_after_nodes, None
         hold_end, self.faults.hold_end = self.faults.hold_end, False
+        if hang_after is not None or hold_end:
+            self._hang_released.clear()  # armed now: a release from here on lets the hang pass, even an early one
         outcome = "success"
         # Cached nodes still yield values for the nodes after them.
         for node_id in order:
@@ -519,8 +521,7 @@ class Engine:
         self._emit("executing", {"node": None, "prompt_id": pid}, sid if sid else None)
 
     async def _hang(self) -> None:
-        """Wait, deaf to interrupts and sending nothing, until `release_hang`."""
-        self._hang_released.clear()
+        """Wait, deaf to interrupts and sending nothing, until `release_hang` (since the prompt began)."""
         await self._hang_released.wait()
 
     def release_hang(self) -> None:
