@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
@@ -55,7 +56,7 @@ class Leadership:
         self._stand_down = asyncio.Event()  # SIGTERM: hand over at once, and lead no more
         self._stop = asyncio.Event()  # the bridge stops
         self._task: asyncio.Task[None] | None = None
-        self._answered = 0.0  # monotonic time of the database's last answer during a term
+        self._answered = -math.inf  # monotonic time of the database's last answer during a term
         self._checked = 0  # the leader generation whose backends were compared with this bridge's
 
     def _renewed(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import enum
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -115,7 +116,7 @@ class Job:
     accepting: asyncio.Future[int] | None = field(default=None, repr=False, compare=False)
     refused: bool = False  # its accept record failed: its client got an error, and hears nothing more of it
     told_percent: float = 0.0  # the highest percent its client heard: frames only ever rise from it
-    told_at: float = 0.0  # monotonic time of its last progress frame
+    told_at: float = -math.inf  # monotonic time of its last progress frame (none yet: the first goes at once)
     progress_due: asyncio.TimerHandle | None = field(default=None, repr=False, compare=False)  # a held frame
     resumed: bool = False  # recovered after a restart: it says so before its next progress frame
     # The outputs ComfyUI's `executed` events announced, while every event since execution_start

@@ -164,7 +164,7 @@ class PgJournal:
         self._writer: asyncio.Task[None] | None = None
         self._error: StorageError | None = None  # what the last failed commit was
         self._failures = 0  # commits failed in a row (an outage): logged once, then every FAILURE_LOG_EVERY
-        self._failure_logged = 0.0
+        self._failure_logged = -math.inf  # monotonic: none yet (a machine just booted has small ones)
 
     # start-up --------------------------------------------------------------------------------
     async def connect(self) -> None:
@@ -496,7 +496,7 @@ class PgJournal:
                 raise self._error from None
         if self._failures:
             log.info("database %s: writes land again (%d failed before)", shown_dsn(self.dsn), self._failures)
-            self._failures, self._failure_logged = 0, 0.0
+            self._failures, self._failure_logged = 0, -math.inf
         self.on_commit(time.perf_counter() - started)
         return results
 
