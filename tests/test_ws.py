@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import re
 from typing import Any
 
@@ -277,9 +278,10 @@ async def test_progress_frames_are_coalesced_the_last_never_held_back(
     make_emulator: EmulatorFactory, make_bridge: BridgeFactory
 ) -> None:
     """Within `progress_every` only the latest percent would be told, once it is over: with one
-    longer than the job, its first frame and its 100.00% are all, and `closed` follows at once."""
+    longer than the job, its first frame and its 100.00% are all, and `closed` follows at once.
+    It is also longer than the machine has been up: a job never told is not one told at boot."""
     emulator = await make_emulator(pace=0.02)
-    client = await make_bridge(emulator, progress_every=3600)
+    client = await make_bridge(emulator, progress_every=time.monotonic() + 3600)
     frames = await run_job(client, "coalesced", {"workflow": "text-to-image", "3/steps": 10})
     progress = [f["detail"] for f in frames if f["status"] == "progress"]
     assert len(progress) == 2
