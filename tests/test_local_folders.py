@@ -297,10 +297,47 @@ async def test_an_input_folder_that_cannot_be_written_is_left_for_http(tmp_path:
     inputs.usable = True
     assert await inputs.place(source, "x.png") is False
     assert inputs.usable is False  # until the next connect's check
+    taken: list[bytes] = []
 
     async def stream() -> AsyncIterator[bytes]:
-        yield b"pic"
-        yield b"ture"
+        for chunk in (b"pic", b"ture"):
+            taken.append(chunk)
+            yield chunk
 
-    with pytest.raises(FileNotFoundError):  # a stream cannot be sent again from its start: the hand-over fails
-        await inputs.place(stream(), "x.png")
+    assert await inputs.place(stream(), "x.png") is False
+    assert taken == []  # nothing taken from the stream: it goes over HTTP whole
+
+
+async def test_an_upload_replaces_a_link_planted_in_the_folder_and_never_writes_through_it(tmp_path: Path) -> None:
+    folder, victim = tmp_path / "input", tmp_path / "victim.txt"
+    folder.mkdir()
+    victim.write_bytes(b"the bridge's user's file")
+    (folder / "x.png").symlink_to(victim)
+    source = tmp_path / "source.png"
+    source.write_bytes(b"picture")
+    assert await LocalInputs(folder, "comfy").place(source, "x.png") is True
+    assert not (folder / "x.png").is_symlink()
+    assert (folder / "x.png").read_bytes() == b"picture"
+    assert victim.read_bytes() == b"the bridge's user's file"
+    assert [p.name for p in folder.iterdir()] == ["x.png"]  # no temporary file left
+
+
+async def test_a_gone_upload_is_said_gone_not_blamed_on_the_folder(tmp_path: Path) -> None:
+    (tmp_path / "input").mkdir()
+    inputs = LocalInputs(tmp_path / "input", "comfy")
+    inputs.usable = True
+    with pytest.raises(FileNotFoundError):
+        await inputs.place(tmp_path / "gone.png", "x.png")
+    assert inputs.usable is True
+
+
+def test_temporary_files_a_killed_bridge_left_are_swept_at_the_next_check(tmp_path: Path) -> None:
+    inputs = LocalInputs(tmp_path, "comfy")
+    old, fresh = tmp_path / ".x.png.0badc0de.comfybridge.tmp", tmp_path / ".y.png.feedf00d.comfybridge.tmp"
+    for path in (old, fresh, tmp_path / "admin.png"):
+        path.write_bytes(b"...")
+    os.utime(old, (1, 1))
+    name, data = inputs.write_probe()
+    assert (tmp_path / name).read_bytes() == data
+    inputs.remove_probe(name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [fresh.name, "admin.png"]

@@ -179,7 +179,11 @@ class ComfyClient:
             try:
                 if await self.inputs.place(source, name):
                     return name
-            except OSError as exc:
+            except FileNotFoundError:
+                if isinstance(source, Path):
+                    raise  # the upload is gone: the dispatcher says so
+                raise BackendUnavailable(f"{self.name}: writing {name!r} into its input folder failed") from None
+            except OSError as exc:  # a stream broke off part-way: the hand-over is tried again
                 raise BackendUnavailable(f"{self.name}: writing {name!r} into its input folder failed") from exc
         form = aiohttp.FormData()
         form.add_field("type", "input")

@@ -17,16 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import os
 import shutil
 import stat
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from ..store.files import SMALL_FILE, in_thread, open_off_loop
+from ..store.files import SMALL_FILE, in_thread
 from .shapes import Complaints, OutputRef
 
 __all__ = ["LocalInputs", "LocalOutputs", "LocalReadFailed", "LocalTooLarge"]
@@ -34,7 +34,9 @@ __all__ = ["LocalInputs", "LocalOutputs", "LocalReadFailed", "LocalTooLarge"]
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20  # bytes read from disk at a time, past SMALL_FILE
-_temp_names = itertools.count()
+TEMP_SUFFIX = ".comfybridge.tmp"  # an upload on its way into an input folder: `.<name>.<random><suffix>`
+PROBE_PREFIX = ".comfybridge-probe-"  # the file ComfyUI is asked to serve back, at each connect
+STALE_TEMP = 600.0  # seconds after which such files are a killed bridge's, removed at the next connect
 
 
 class Sink(Protocol):
@@ -197,6 +199,8 @@ class LocalOutputs:
                 os.close(folder)
         folders = {tuple(name for name in ref.subfolder.split("/") if name) for ref in refs}
         for names in sorted(folders, key=len, reverse=True):  # the deepest first
+            if not all(_plain(name) for name in names):
+                continue
             for depth in range(len(names), max(floor, 1) - 1, -1):
                 try:
                     parent = self._walk(list(names[: depth - 1]))
@@ -231,9 +235,11 @@ def _close_opened(opening: asyncio.Future[tuple[BinaryIO, int] | str]) -> None:
 
 
 class LocalInputs:
-    """One ComfyUI's input folder, as this machine sees it: uploads are copied in, whole, under a
-    temporary name first, so ComfyUI never loads half a file. `usable` says whether ComfyUI was
-    seen to read from this folder (checked at each connect, `confirm`)."""
+    """One ComfyUI's input folder, as this machine sees it. An upload is written whole under a
+    temporary name of its own, created new in the folder (never through a link someone planted
+    there, never over another file), then renamed into place, so ComfyUI never loads half a
+    file. `usable` says whether ComfyUI was seen to read from this folder (`ComfyClient.check_inputs`,
+    at each connect)."""
 
     def __init__(self, folder: Path, name: str) -> None:
         self.folder = folder
@@ -241,44 +247,85 @@ class LocalInputs:
         said = "ComfyUI %s, its input folder: could not %s a file, %s%s"
         self.complaints = Complaints(name, log, said=said)
 
-    def _temp(self, name: str) -> Path:
-        return self.folder / f".{name}.comfybridge-{os.getpid()}-{next(_temp_names)}.tmp"
-
-    def _copy(self, source: Path, name: str) -> None:
-        temp = self._temp(name)
+    def _create(self, name: str) -> tuple[int, str, int]:
+        """In a thread: the folder's descriptor, a new temporary file's name there and its
+        descriptor (the caller closes both). Raises OSError when the folder cannot take it."""
+        folder = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        temp = f".{name}.{os.urandom(8).hex()}{TEMP_SUFFIX}"
         try:
-            shutil.copyfile(source, temp)  # a copy, not a link: what ComfyUI does to it stays its own
-            os.replace(temp, self.folder / name)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            return folder, temp, os.open(temp, flags, 0o644, dir_fd=folder)
+        except BaseException:
+            os.close(folder)
+            raise
 
-    async def place(self, source: Path | AsyncIterator[bytes], name: str) -> bool:
-        """Put an upload into the folder as `name`. False when it could not be written and nothing
-        was taken from `source`: send it over HTTP. Raises OSError when a stream broke off part-way
-        (it cannot be sent from its start again here). After a failure, uploads go over HTTP until
-        the next connect's check."""
-        if os.sep in name or name.startswith("."):
-            return False  # the bridge's own upload names have neither; never write anywhere else
-        if isinstance(source, Path):
+    def _finish(self, created: tuple[int, str, int], name: str | None) -> None:
+        """In a thread: rename the temporary file to `name` (None: remove it), close both."""
+        folder, temp, fd = created
+        try:
+            os.close(fd)
+            if name is not None:
+                os.replace(
+                    temp, name, src_dir_fd=folder, dst_dir_fd=folder
+                )  # a link under `name` is replaced, not followed
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(temp, dir_fd=folder)
+            os.close(folder)
+
+    def _copy(self, source: Path, name: str) -> bool:
+        """In a thread: copy a local upload in; False when the folder cannot take it. Raises
+        FileNotFoundError when the upload is gone."""
+        with open(source, "rb") as src:
             try:
-                await in_thread(self._copy, source, name)
+                created = self._create(name)
             except OSError as exc:
                 self._failed(name, exc)
                 return False
-            return True
-        temp = self._temp(name)
+            try:
+                with os.fdopen(os.dup(created[2]), "wb") as dst:  # a copy, not a link: ComfyUI's to change
+                    shutil.copyfileobj(src, dst, CHUNK)
+            except OSError as exc:
+                self._finish(created, None)
+                if not os.path.exists(source):
+                    raise  # the upload is gone: the caller says so
+                self._failed(name, exc)  # the folder's trouble (full, ...): over HTTP, from its start
+                return False
+            try:
+                self._finish(created, name)
+            except OSError as exc:
+                self._failed(name, exc)
+                return False
+        return True
+
+    async def place(self, source: Path | AsyncIterator[bytes], name: str) -> bool:
+        """Put an upload into the folder as `name`. False when the folder could not take it and
+        nothing was taken from `source`: send it over HTTP (and so are later ones, until the next
+        connect's check). Raises OSError when a stream broke off part-way (it cannot be sent from
+        its start again here), or when a local upload cannot be read."""
+        if not _plain(name) or name.startswith("."):
+            return False  # the bridge's own upload names are neither; never write anywhere else
+        if isinstance(source, Path):
+            return await in_thread(self._copy, source, name)
+        creating = asyncio.ensure_future(asyncio.to_thread(self._create, name))
         try:
-            async with open_off_loop(temp, "wb") as handle:
-                async for chunk in source:
-                    await in_thread(handle.write, chunk)
-            await in_thread(os.replace, temp, self.folder / name)
+            created = await asyncio.shield(creating)
+        except asyncio.CancelledError:
+            creating.add_done_callback(lambda done: _discard_created(self, done))
+            raise
+        except OSError as exc:
+            self._failed(name, exc)
+            return False
+        renamed = None
+        try:
+            async for chunk in source:
+                await in_thread(_write_all, created[2], chunk)
+            renamed = name
         except OSError as exc:
             self._failed(name, exc)
             raise
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                await in_thread(os.unlink, temp)
+            await in_thread(self._finish, created, renamed)
         return True
 
     def _failed(self, name: str, exc: OSError) -> None:
@@ -287,12 +334,42 @@ class LocalInputs:
 
     def write_probe(self) -> tuple[str, bytes]:
         """In a thread: a file for ComfyUI to serve back (GET /view?type=input), proof that this is
-        the folder it reads its inputs from."""
+        the folder it reads its inputs from. Temporary files a bridge killed meanwhile left here
+        (older than STALE_TEMP) are removed first."""
+        self._sweep()
         data = os.urandom(16).hex().encode()
-        name = f".comfybridge-probe-{data.decode()}"
-        (self.folder / name).write_bytes(data)
+        name = f"{PROBE_PREFIX}{data.decode()}"
+        created = self._create(name)
+        try:
+            _write_all(created[2], data)
+        except BaseException:
+            self._finish(created, None)
+            raise
+        self._finish(created, name)
         return name, data
 
     def remove_probe(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.folder / name)
+
+    def _sweep(self) -> None:
+        stale = time.time() - STALE_TEMP
+        with contextlib.suppress(OSError), os.scandir(self.folder) as entries:
+            for entry in entries:
+                ours = entry.name.startswith(".") and entry.name.endswith(TEMP_SUFFIX)
+                if not (ours or entry.name.startswith(PROBE_PREFIX)):
+                    continue
+                with contextlib.suppress(OSError):
+                    if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < stale:
+                        os.unlink(entry.path)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _discard_created(inputs: LocalInputs, creating: asyncio.Future[tuple[int, str, int]]) -> None:
+    if not creating.cancelled() and creating.exception() is None:
+        inputs._finish(creating.result(), None)  # the same object's cleanup, after a cancel
