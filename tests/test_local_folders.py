@@ -162,11 +162,11 @@ async def test_removal_goes_up_to_the_jobs_folder_and_no_further(tmp_path: Path)
         OutputRef("b.png", "comfybridge/day/job", "output"),
         OutputRef("c.png", "comfybridge/day/job/linked", "output"),  # through a link: not followed
     ]
-    await LocalOutputs(tmp_path, "comfy").remove(refs, "comfybridge/day/job")
+    await LocalOutputs(tmp_path, "comfy").remove([(refs, "comfybridge/day/job")])
     assert (outside / "c.png").read_bytes() == b"not the job's"
     assert sorted(p.name for p in job_dir.iterdir()) == ["linked"]  # the job's folder keeps the link
     (job_dir / "linked").unlink()
-    await LocalOutputs(tmp_path, "comfy").remove(refs[:1], "comfybridge/day/job")
+    await LocalOutputs(tmp_path, "comfy").remove([(refs[:1], "comfybridge/day/job")])
     assert list((tmp_path / "comfybridge" / "day").iterdir()) == []  # the job's folder, not the day's
     assert (tmp_path / "comfybridge" / "day").is_dir()
 

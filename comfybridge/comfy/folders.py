@@ -22,9 +22,9 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from ..store.files import SMALL_FILE, in_thread
 from .shapes import Complaints, OutputRef
@@ -37,6 +37,8 @@ CHUNK = 1 << 20  # bytes read from disk at a time, past SMALL_FILE
 TEMP_SUFFIX = ".comfybridge.tmp"  # an upload on its way into an input folder: `.<name>.<random><suffix>`
 PROBE_PREFIX = ".comfybridge-probe-"  # the file ComfyUI is asked to serve back, at each connect
 STALE_TEMP = 600.0  # seconds after which such files are a killed bridge's, removed at the next connect
+REMOVE_DELAY = 0.25  # seconds stored outputs wait, to be deleted together in one thread trip
+Spawn = Callable[[Coroutine[Any, Any, None], str], object]
 
 
 class Sink(Protocol):
@@ -67,6 +69,7 @@ class LocalOutputs:
 
     def __init__(self, folder: Path, name: str) -> None:
         self.folder = folder
+        self._due: list[tuple[list[OutputRef], str]] = []  # outputs to remove at the next batch
         said = "ComfyUI %s, its output folder: could not %s a file, %s%s"
         self.complaints = Complaints(name, log, said=said)
 
@@ -172,11 +175,27 @@ class LocalOutputs:
             raise LocalReadFailed(f"{ref.filename!r} changed while it was read ({copied} bytes of {size})")
         return copied
 
-    async def remove(self, refs: list[OutputRef], top: str) -> None:
-        """Delete these outputs (the caller's to choose: a job's own), then their folders, each once
-        empty, up to and including `top` (the job's own folder, e.g. `comfybridge/<day>/<job>`):
-        never a folder above it, which ComfyUI may be saving into."""
-        await in_thread(self._remove, refs, top)
+    async def remove(self, due: list[tuple[list[OutputRef], str]]) -> None:
+        """Delete each batch of outputs (the caller's to choose: a job's own), then their folders,
+        each once empty, up to and including its `top` (the job's own folder, e.g.
+        `comfybridge/<day>/<job>`): never a folder above it, which ComfyUI may be saving into."""
+        await in_thread(self._remove_all, due)
+
+    def remove_later(self, refs: list[OutputRef], top: str, spawn: Spawn) -> None:
+        """`remove`, together with the others of the next REMOVE_DELAY seconds: one thread trip for
+        many jobs under load (a bridge killed meanwhile leaves them, as ComfyUI always kept them)."""
+        self._due.append((refs, top))
+        if len(self._due) == 1:
+            spawn(self._remove_due(), f"remove outputs in {self.folder}")
+
+    async def _remove_due(self) -> None:
+        await asyncio.sleep(REMOVE_DELAY)
+        due, self._due = self._due, []
+        await self.remove(due)
+
+    def _remove_all(self, due: list[tuple[list[OutputRef], str]]) -> None:
+        for refs, top in due:
+            self._remove(refs, top)
 
     def _remove(self, refs: list[OutputRef], top: str) -> None:
         floor = len([name for name in top.split("/") if name])

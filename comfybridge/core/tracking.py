@@ -206,7 +206,7 @@ class Tracker:
             except StorageError:
                 return  # logged by the journal; ComfyUI keeps the prompt, so a restart can collect it again
         if refs and backend.client.outputs is not None and core.settings.delete_outputs:
-            await self._remove_outputs(backend.client.outputs, job, refs)
+            self._remove_outputs(backend.client.outputs, job, refs)
         if core.settings.delete_history:
             if job.prompt_id in core.by_prompt:  # collected before ComfyUI let go: it writes its history later
                 job.forget_on_leave = True
@@ -214,8 +214,7 @@ class Tracker:
                 care.forget_later(backend, job.prompt_id, core.spawn)
         await care.after_job(backend, job.prompt_id, core.settings)
 
-    @staticmethod
-    async def _remove_outputs(outputs: LocalOutputs, job: Job, refs: list[OutputRef]) -> None:
+    def _remove_outputs(self, outputs: LocalOutputs, job: Job, refs: list[OutputRef]) -> None:
         """Delete the job's own output files and folder from ComfyUI's: kept here now, so ComfyUI's
         disk need not fill up with copies. Nothing that is not the job's own (`job_folder`)."""
         own: dict[str, list[OutputRef]] = {}
@@ -224,7 +223,7 @@ class Tracker:
             if folder is not None:
                 own.setdefault(folder, []).append(ref)
         for folder, files in own.items():
-            await outputs.remove(files, folder)
+            outputs.remove_later(files, folder, self.core.spawn)
 
     async def _outcome(self, backend: Backend, job: Job) -> Finished | None:
         """How the prompt ended, when its events did not say it all: from ComfyUI's history (None:
