@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
@@ -14,7 +14,7 @@ from yarl import URL
 
 from ..store.files import SMALL_FILE, in_thread, open_off_loop
 from . import shapes
-from .folders import LocalInputs, LocalOutputs, LocalReadFailed, LocalTooLarge
+from .folders import LocalInputs, LocalOutputs, LocalReadFailed, LocalTooLarge, Sink
 from .shapes import Complaints, Malformed, OutputRef, describe_refusal
 
 __all__ = [
@@ -47,14 +47,6 @@ WEB_PAGES = frozenset({"text/html", "application/xhtml+xml"})
 # an atomic POST /api/jobs/{id}/cancel, canonical-UUID prompt ids, and asset ids on outputs.
 DIALECTS = ("0.3.64", "jobs")
 MISSED = "missed"  # the event handed on for a prompt one of whose events was skipped as malformed
-
-
-class Sink(Protocol):
-    """Where a download goes (the store's writer): it raises StorageError when it cannot take it."""
-
-    async def reserve(self, size: int | None) -> None: ...
-
-    async def write(self, chunk: bytes) -> None: ...
 
 
 class BackendUnavailable(Exception):

@@ -42,6 +42,8 @@ Spawn = Callable[[Coroutine[Any, Any, None], str], object]
 
 
 class Sink(Protocol):
+    """Where a download goes (the store's writer): it raises StorageError when it cannot take it."""
+
     async def reserve(self, size: int | None) -> None: ...
 
     async def write(self, chunk: bytes) -> None: ...
