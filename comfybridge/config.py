@@ -79,6 +79,7 @@ class Settings:
     comfy_outputs: tuple[tuple[str, Path], ...] = ()  # (backend URL, its output folder as seen here)
     delete_outputs: bool = True
     comfy_inputs: tuple[tuple[str, Path], ...] = ()  # (backend URL, its input folder as seen here)
+    delete_inputs: bool = True
     drain: float = 0.0
     journal_sync: bool = True
     api_keys: tuple[str, ...] = ()
@@ -362,6 +363,12 @@ OPTIONS: dict[str, tuple[Parser, Callable[[Any], str | None] | None, str]] = {
         None,
         "comma list of URL=FOLDER: a backend's input folder as this machine sees it, uploads written there "
         "instead of sent over POST /upload/image (checked at each connect)",
+    ),
+    "delete_inputs": (
+        _flag_value,
+        None,
+        "with comfy_inputs: delete each upload written into ComfyUI's folder once no unfinished job needs it "
+        "(true/false)",
     ),
     "drain": (_number(float), _not_negative, "on SIGTERM, seconds to wait for jobs inside ComfyUI to finish (0: none)"),
     "journal_sync": (_flag_value, None, "fsync the job journal at every commit (false only for benchmarks)"),

@@ -4,9 +4,11 @@ them; uploads written into its input folder (`comfy_inputs`) once ComfyUI is see
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -254,7 +256,7 @@ async def test_uploads_are_written_into_the_input_folder_comfyui_reads(
     make_emulator: EmulatorFactory, make_bridge: BridgeFactory
 ) -> None:
     emulator = await make_emulator()
-    client = await make_bridge(emulator, comfy_inputs=((emulator.url, emulator.engine.input_dir),))
+    client = await make_bridge(emulator, comfy_inputs=((emulator.url, emulator.engine.input_dir),), delete_inputs=False)
     inputs = client.app[SCHEDULER].backends[emulator.url].client.inputs
     await wait_for(lambda: inputs is not None and inputs.usable)  # ComfyUI served back the probe
     name, result = await invert_through(client, "in")
@@ -262,6 +264,91 @@ async def test_uploads_are_written_into_the_input_folder_comfyui_reads(
     assert (emulator.engine.input_dir / name).read_bytes() == png(30, 20)
     assert emulator.engine.requests["POST /upload/image"] == 0
     assert not [p for p in emulator.engine.input_dir.iterdir() if p.name.startswith(".")]  # no probe, no temporary
+
+
+async def test_an_upload_is_deleted_from_comfyuis_folder_once_no_unfinished_job_needs_it(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    emulator = await make_emulator()
+    client = await make_bridge(emulator, comfy_inputs=((emulator.url, emulator.engine.input_dir),))
+    inputs = client.app[SCHEDULER].backends[emulator.url].client.inputs
+    await wait_for(lambda: inputs is not None and inputs.usable)
+    seeded = sorted(p.name for p in emulator.engine.input_dir.iterdir())
+    status, names = await upload(client, {"photo": ("photo.png", png(30, 20))}, client_id="shared")  # type: ignore[arg-type]
+    assert status == 200
+    # Two jobs with the same upload, the second queued inside ComfyUI while the first runs and ends;
+    # each prompt starts a while after the one before, long after the first job's end is stored.
+    emulator.engine.faults.start_delay = 1.0
+    body = {"workflow": "invert", "1/image": names["photo"]}
+    answers = await asyncio.gather(
+        *(
+            client.post("/generate-based-workflow", params={"clientId": "shared", "wait": "1"}, json=body)
+            for _ in range(2)
+        )
+    )
+    for resp in answers:
+        assert resp.status == 200, await resp.text()  # the second still found its file
+    await wait_for(lambda: sorted(p.name for p in emulator.engine.input_dir.iterdir()) == seeded)
+    emulator.engine.faults.start_delay = 0.0
+    _, result = await invert_through(client, "again")  # written there anew for the next job
+    assert png_size(result) == (30, 20)
+    await wait_for(lambda: sorted(p.name for p in emulator.engine.input_dir.iterdir()) == seeded)
+    assert emulator.engine.requests["POST /upload/image"] == 0
+
+
+async def test_only_uploads_the_bridge_wrote_are_deleted_and_a_new_copy_outlives_an_old_deletion(
+    tmp_path: Path,
+) -> None:
+    folder, victim = tmp_path / "input", tmp_path / "victim.txt"
+    folder.mkdir()
+    victim.write_bytes(b"kept")
+    source = tmp_path / "source.png"
+    source.write_bytes(b"picture")
+    inputs = LocalInputs(folder, "comfy")
+    batches: list[asyncio.Task[None]] = []
+
+    def spawn(coro: Coroutine[Any, Any, None], name: str) -> None:
+        batches.append(asyncio.ensure_future(coro))
+
+    assert await inputs.place(source, "sent-again.png")
+    assert await inputs.place(source, "linked.png")
+    (folder / "admin.png").write_bytes(b"an admin's")
+    (folder / "linked.png").unlink()
+    (folder / "linked.png").symlink_to(victim)  # swapped for a link meanwhile: the link goes, not its target
+    inputs.remove_later(["sent-again.png", "linked.png", "admin.png"], spawn)
+    await inputs.settle("sent-again.png")  # a job sends it here again before the batch runs
+    assert await inputs.place(source, "sent-again.png")
+    await asyncio.gather(*batches)
+    assert sorted(p.name for p in folder.iterdir()) == ["admin.png", "sent-again.png"]
+    assert victim.read_bytes() == b"kept"
+    inputs.remove_later(["sent-again.png"], spawn)
+    await asyncio.gather(*batches)
+    assert sorted(p.name for p in folder.iterdir()) == ["admin.png"]
+
+
+async def test_a_copy_sent_while_its_old_one_is_being_deleted_waits_for_that_deletion(tmp_path: Path) -> None:
+    source = tmp_path / "source.png"
+    source.write_bytes(b"picture")
+    inputs = LocalInputs(tmp_path, "comfy")
+    assert await inputs.place(source, "x.png")
+    release, unlinking = threading.Event(), inputs._unlink_all
+
+    def held(names: set[str]) -> None:
+        release.wait()
+        unlinking(names)
+
+    inputs._unlink_all = held  # type: ignore[method-assign]
+    batch: list[asyncio.Task[None]] = []
+    inputs.remove_later(["x.png"], lambda coro, name: batch.append(asyncio.ensure_future(coro)))
+    await wait_for(lambda: inputs._removing is not None)  # the deletion is under way, in its thread
+    settling = asyncio.ensure_future(inputs.settle("x.png"))
+    await asyncio.sleep(0)
+    assert not settling.done()
+    release.set()
+    await settling
+    assert await inputs.place(source, "x.png")
+    await batch[0]
+    assert (tmp_path / "x.png").read_bytes() == b"picture"
 
 
 async def test_a_folder_comfyui_does_not_read_sends_uploads_over_http(

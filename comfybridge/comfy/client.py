@@ -167,6 +167,8 @@ class ComfyClient:
     async def upload(self, source: Path | AsyncIterator[bytes], name: str) -> str:
         """Send a file (a local one, or bytes as they come) into the backend's input folder; returns
         the name ComfyUI gave it."""
+        if self.inputs is not None:
+            await self.inputs.settle(name)  # a deletion of its last copy there must not hit this one
         if self.inputs is not None and self.inputs.usable:
             try:
                 if await self.inputs.place(source, name):

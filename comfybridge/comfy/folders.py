@@ -22,7 +22,7 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
@@ -260,11 +260,16 @@ class LocalInputs:
     temporary name of its own, created new in the folder (never through a link someone planted
     there, never over another file), then renamed into place, so ComfyUI never loads half a
     file. `usable` says whether ComfyUI was seen to read from this folder (`ComfyClient.check_inputs`,
-    at each connect)."""
+    at each connect). What the bridge wrote here it deletes once no unfinished job needs it
+    (`remove_later`); nothing else here is deleted but its own stale temporary files."""
 
     def __init__(self, folder: Path, name: str) -> None:
         self.folder = folder
         self.usable = False
+        self.placed: set[str] = set()  # uploads this bridge wrote here and has not deleted
+        self._due: set[str] = set()  # of those, the ones no unfinished job needs: deleted at the next batch
+        self._batching = False
+        self._removing: tuple[set[str], asyncio.Future[None]] | None = None  # a batch being deleted
         said = "ComfyUI %s, its input folder: could not %s a file, %s%s"
         self.complaints = Complaints(name, log, said=said)
 
@@ -327,7 +332,10 @@ class LocalInputs:
         if not _plain(name) or name.startswith("."):
             return False  # the bridge's own upload names are neither; never write anywhere else
         if isinstance(source, Path):
-            return await in_thread(self._copy, source, name)
+            copied = await in_thread(self._copy, source, name)
+            if copied:
+                self.placed.add(name)
+            return copied
         creating = asyncio.ensure_future(asyncio.to_thread(self._create, name))
         try:
             created = await asyncio.shield(creating)
@@ -347,7 +355,60 @@ class LocalInputs:
             raise
         finally:
             await in_thread(self._finish, created, renamed)
+        self.placed.add(name)
         return True
+
+    async def settle(self, name: str) -> None:
+        """Before `name` is sent to this ComfyUI again (written here or over HTTP): its deletion, if
+        one is pending, is called off, and one under way is waited for, so it cannot delete the new file."""
+        self._due.discard(name)
+        removing = self._removing
+        if removing is not None and name in removing[0]:
+            await asyncio.shield(removing[1])
+
+    def remove_later(self, names: Iterable[str], spawn: Spawn) -> None:
+        """Delete these uploads (those this bridge wrote here; no unfinished job needs them any more)
+        together with the others of the next REMOVE_DELAY seconds, in one thread trip."""
+        self._due.update(self.placed.intersection(names))
+        if self._due and not self._batching:
+            self._batching = True
+            spawn(self._remove_due(), f"remove uploads in {self.folder}")
+
+    async def _remove_due(self) -> None:
+        try:
+            await asyncio.sleep(REMOVE_DELAY)
+        finally:
+            self._batching = False
+        names, self._due = self._due, set()
+        if not names:
+            return  # each was sent again meanwhile (`settle`)
+        self.placed -= names
+        removing = asyncio.ensure_future(in_thread(self._unlink_all, names))
+        self._removing = (names, removing)
+        try:
+            await asyncio.shield(removing)
+        finally:
+            if self._removing is not None and self._removing[1] is removing:
+                self._removing = None
+
+    def _unlink_all(self, names: set[str]) -> None:
+        """In a thread: unlink each name in the folder (a link planted under it is removed itself,
+        never followed)."""
+        try:
+            folder = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            self.complaints.note("delete", f"{len(names)} uploads: {exc.strerror or exc}; they stay")
+            return
+        try:
+            for name in names:
+                try:
+                    os.unlink(name, dir_fd=folder)
+                except FileNotFoundError:
+                    pass  # deleted by someone else: what was wanted
+                except OSError as exc:
+                    self.complaints.note("delete", f"{name!r}: {exc.strerror or exc}; it stays")
+        finally:
+            os.close(folder)
 
     def _failed(self, name: str, exc: OSError) -> None:
         self.usable = False

@@ -81,6 +81,7 @@ class SchedulerSettings:
     comfy_outputs: tuple[tuple[str, Path], ...]  # (backend URL, its output folder as seen here)
     delete_outputs: bool  # and delete each job's outputs there once stored
     comfy_inputs: tuple[tuple[str, Path], ...]  # (backend URL, its input folder as seen here)
+    delete_inputs: bool  # and delete uploads written there once no unfinished job needs them
     max_result_mb: float
     result_retries: int
     max_event_mb: float
@@ -294,7 +295,11 @@ class Core:
         """A job leaves its client's unfinished jobs (ended, or never accepted)."""
         client = self.clients.get(job.client_id)
         if client is not None and client.jobs.pop(job.id, None) is not None:
-            self.uploads.unpin(job.uploads.values())
+            unneeded = self.uploads.unpin(job.uploads.values())
+            if unneeded and self.settings.delete_inputs:
+                for backend in self.backends.values():  # wherever a hand-over wrote them
+                    if backend.client.inputs is not None:
+                        backend.client.inputs.remove_later(unneeded, self.spawn)
             key = scope_of(job.client_id)
             if key is not None:
                 self.open_jobs_by_key[key] -= 1

@@ -123,17 +123,21 @@ class UploadStore:
         for name in names:
             self._pins[name] = self._pins.get(name, 0) + 1
 
-    def unpin(self, names: Iterable[str]) -> None:
-        """The job ended: its files expire `upload_ttl` from now unless used again."""
+    def unpin(self, names: Iterable[str]) -> list[str]:
+        """The job ended: its files expire `upload_ttl` from now unless used again. Returns those no
+        unfinished job needs any more."""
         now = time.time()
+        unneeded = []
         for name in names:
             left = self._pins.get(name, 0) - 1
             if left > 0:
                 self._pins[name] = left
             else:
                 self._pins.pop(name, None)
+                unneeded.append(name)
             if name in self._uploads:
                 self._uploads[name].last_used = now
+        return unneeded
 
     async def reload(self) -> None:
         """Index what earlier runs (or, in a cluster, other bridges) left, so uploads survive a restart.
