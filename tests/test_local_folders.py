@@ -5,6 +5,7 @@ them; uploads written into its input folder (`comfy_inputs`) once ComfyUI is see
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import threading
@@ -54,7 +55,7 @@ async def test_outputs_are_read_from_the_folder_not_over_view(
         assert [part[3] for part in parts] == [only_output(emulator)]
         for path in emulator.engine.output_dir.rglob("*.png"):
             path.unlink()  # each turn's file is the only one
-    assert emulator.engine.requests["GET /view"] == 0
+    assert emulator.engine.requests["GET /view"] == 1  # the folder's check at connect, no output
 
 
 async def test_stored_outputs_are_deleted_from_comfyuis_folder(
@@ -72,37 +73,58 @@ async def test_stored_outputs_are_deleted_from_comfyuis_folder(
     (day,) = (output / "comfybridge").iterdir()
     assert list(day.iterdir()) == []  # the job's own folder too
     assert (output / "kept.png").read_bytes() == b"an admin's own file"
-    assert emulator.engine.requests["GET /view"] == 0
+    assert emulator.engine.requests["GET /view"] == 1  # the folder's check at connect, no output
 
 
-async def test_a_folder_without_the_file_sends_the_bridge_to_view(
+async def test_a_folder_comfyui_does_not_write_is_found_out_at_connect_and_left_alone(
     make_emulator: EmulatorFactory, make_bridge: BridgeFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     emulator = await make_emulator()
     elsewhere = tmp_path / "another-comfy-output"
     elsewhere.mkdir()
-    client = await make_bridge(emulator, comfy_outputs=((emulator.url, elsewhere),))
-    with caplog.at_level(logging.WARNING, logger="comfybridge.comfy.folders"):
+    with caplog.at_level(logging.INFO, logger="comfybridge.comfy.client"):
+        client = await make_bridge(emulator, comfy_outputs=((emulator.url, elsewhere),))
         parts = await wait_for_results(client, "astray")
     assert [part[3] for part in parts] == [only_output(emulator)]
-    assert emulator.engine.requests["GET /view"] == 1
-    assert "its output folder: could not read a file" in caplog.text
-    assert "fetched over /view" in caplog.text
+    assert emulator.engine.requests["GET /view"] == 2  # the check, then the output
+    assert "does not use" in caplog.text
+    assert "outputs are fetched over /view" in caplog.text
+    assert list(elsewhere.iterdir()) == []  # the check's file is gone too
+
+
+async def test_a_read_only_output_folder_is_read_unchecked(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An output folder mounted read-only here still serves reads (each one checked as ever)."""
+
+    def read_only(self: LocalOutputs) -> tuple[str, bytes]:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(LocalOutputs, "write_probe", read_only)
+    emulator = await make_emulator()
+    client = await make_bridge(
+        emulator, comfy_outputs=((emulator.url, emulator.engine.output_dir),), delete_outputs=False
+    )
+    parts = await wait_for_results(client, "read-only")
+    assert [part[3] for part in parts] == [only_output(emulator)]
+    assert emulator.engine.requests["GET /view"] == 0
 
 
 async def test_a_link_out_of_the_folder_is_not_followed(
-    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, tmp_path: Path
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
 ) -> None:
-    """ComfyUI names its files in its events: whatever the folder holds, nothing outside it is read."""
+    """ComfyUI names its files in its events: whatever the folder holds, nothing outside it is read.
+    Here ComfyUI's own folder links its `comfybridge` subfolder elsewhere (inside it, or ComfyUI
+    would not save there): ComfyUI writes through the link, the bridge reads nothing through it."""
     emulator = await make_emulator()
-    folder = tmp_path / "linked"
-    folder.mkdir()
-    (emulator.engine.output_dir / "comfybridge").mkdir(parents=True, exist_ok=True)
-    (folder / "comfybridge").symlink_to(emulator.engine.output_dir / "comfybridge")
-    client = await make_bridge(emulator, comfy_outputs=((emulator.url, folder),))
+    elsewhere = emulator.engine.output_dir / "linked"
+    elsewhere.mkdir(parents=True)
+    (emulator.engine.output_dir / "comfybridge").symlink_to(elsewhere)
+    client = await make_bridge(emulator, comfy_outputs=((emulator.url, emulator.engine.output_dir),))
     parts = await wait_for_results(client, "linked")
     assert [part[3] for part in parts] == [only_output(emulator)]
-    assert emulator.engine.requests["GET /view"] == 1
+    assert emulator.engine.requests["GET /view"] == 2  # the folder's check, then the output
+    assert list(elsewhere.rglob("*.png"))  # nothing deleted through the link either
 
 
 async def test_an_output_over_the_limit_fails_its_job_without_a_download(
@@ -115,7 +137,7 @@ async def test_an_output_over_the_limit_fails_its_job_without_a_download(
     resp = await client.post("/generate-based-workflow", params={"clientId": "big", "wait": "1"}, json=SOLID)
     assert resp.status == 502
     assert "The result cannot be kept" in (await resp.json())["detail"]
-    assert emulator.engine.requests["GET /view"] == 0
+    assert emulator.engine.requests["GET /view"] == 1  # the folder's check at connect, no output
 
 
 async def test_only_the_jobs_own_outputs_are_read_here_or_deleted(make_fake: Any, make_bridge: BridgeFactory) -> None:
@@ -362,7 +384,7 @@ async def test_a_folder_comfyui_does_not_read_sends_uploads_over_http(
         _, result = await invert_through(client, "astray")
     assert png_size(result) == (30, 20)
     assert emulator.engine.requests["POST /upload/image"] == 1
-    assert "does not read its inputs from" in caplog.text
+    assert "does not use" in caplog.text
     assert list(elsewhere.iterdir()) == []  # the probe is gone too
 
 

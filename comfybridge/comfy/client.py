@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -204,38 +205,49 @@ class ComfyClient:
         self.jobs_api = await self._exists("/api/jobs", params={"limit": "1"})
 
     def use_folders(self, outputs: Path | None, inputs: Path | None) -> bool:
-        """Its output and input folders as this machine sees them (None: over HTTP). True when the
-        input folder is new: it is used once `check_inputs` has found ComfyUI reading it."""
+        """Its output and input folders as this machine sees them (None: over HTTP). True when one
+        is new: it is used once `check_folders` has found ComfyUI using it."""
+        new = False
         if (self.outputs.folder if self.outputs else None) != outputs:
             self.outputs = LocalOutputs(outputs, self.name) if outputs is not None else None
-        if (self.inputs.folder if self.inputs else None) == inputs:
-            return False
-        self.inputs = LocalInputs(inputs, self.name) if inputs is not None else None
-        return inputs is not None
+            new = outputs is not None
+        if (self.inputs.folder if self.inputs else None) != inputs:
+            self.inputs = LocalInputs(inputs, self.name) if inputs is not None else None
+            new = new or inputs is not None
+        return new
 
-    async def check_inputs(self) -> None:
-        """Whether ComfyUI reads its inputs from the folder set for it: it must serve back a file
-        written there. Asked at every connect (a ComfyUI may come back with other folders)."""
-        inputs = self.inputs
-        if inputs is None:
-            return
-        was, inputs.usable = inputs.usable, False
+    async def check_folders(self) -> None:
+        """Whether ComfyUI uses the folders set for it: it must serve back a file written there.
+        Asked at every connect (a ComfyUI may come back with other folders)."""
+        if self.outputs is not None:
+            await self._check_folder(self.outputs, "outputs are fetched over /view")
+        if self.inputs is not None:
+            await self._check_folder(self.inputs, "uploads go over HTTP")
+
+    async def _check_folder(self, folder: LocalOutputs | LocalInputs, otherwise: str) -> None:
+        was, folder.usable = folder.usable, False
         try:
-            name, data = await in_thread(inputs.write_probe)
+            name, data = await in_thread(folder.write_probe)
         except OSError as exc:
-            log.warning("ComfyUI %s: its input folder %s cannot be written (%s); uploads go over HTTP", self.name,
-                        inputs.folder, exc.strerror or exc)  # fmt: skip
+            read_only = exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+            if read_only and isinstance(folder, LocalOutputs):  # it still serves reads, each one checked
+                folder.usable = True
+                log.info("ComfyUI %s: its output folder %s is read-only here, so it was not checked", self.name,
+                         folder.folder)  # fmt: skip
+                return
+            log.warning("ComfyUI %s: its %s folder %s cannot be written (%s); %s", self.name, folder.kind,
+                        folder.folder, exc.strerror or exc, otherwise)  # fmt: skip
             return
         try:
-            status, body = await self._request("GET", "/view", params={"filename": name, "type": "input"})
+            status, body = await self._request("GET", "/view", params={"filename": name, "type": folder.kind})
         finally:
-            await in_thread(inputs.remove_probe, name)
-        inputs.usable = status == 200 and body == data
-        if not inputs.usable:
-            log.warning("ComfyUI %s does not read its inputs from %s (it did not serve back a file written there); "
-                        "uploads go over HTTP", self.name, inputs.folder)  # fmt: skip
+            await in_thread(folder.remove_probe, name)
+        folder.usable = status == 200 and body == data
+        if not folder.usable:
+            log.warning("ComfyUI %s does not use %s as its %s folder (it did not serve back a file written there); %s",
+                        self.name, folder.folder, folder.kind, otherwise)  # fmt: skip
         elif not was:
-            log.info("uploads to ComfyUI %s are written into %s", self.name, inputs.folder)
+            log.info("ComfyUI %s: its %s folder is %s, used directly", self.name, folder.kind, folder.folder)
 
     async def _exists(self, path: str, **kwargs: Any) -> bool:
         """GET `path`: True for 200, False for 404 (an answer too), BackendUnavailable otherwise."""
@@ -290,7 +302,7 @@ class ComfyClient:
         is its job's own), it is read from ComfyUI's output folder when this machine sees it.
         Raises ResultTooLarge past `max_bytes`, StorageError when the bridge cannot store it,
         BackendUnavailable when ComfyUI cannot give it."""
-        if local and self.outputs is not None:
+        if local and self.outputs is not None and self.outputs.usable:
             try:
                 copied = await self.outputs.copy(ref, target, max_bytes)
             except LocalTooLarge as exc:
@@ -369,7 +381,7 @@ class ComfyClient:
                 ) as ws:
                     await self._json("GET", "/prompt")  # its REST side answers too, not only the socket
                     await self.detect_dialect()
-                    await self.check_inputs()
+                    await self.check_folders()
                     self.connected = True
                     dialect = "with the jobs API" if self.jobs_api else "0.3.64 dialect"
                     log.info("connected to ComfyUI %s (%s)", self.name, dialect)

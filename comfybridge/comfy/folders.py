@@ -9,8 +9,8 @@ the prompt's end and the client's answer, and for a large upload most of its han
 Output names come from ComfyUI's events, so every path is resolved and must stay inside the folder
 (no `..`, no symlink out of it), and only a regular file is read. A file that is not there (a
 folder set wrongly, a ComfyUI on another host) is fetched over /view as before, and the log says
-so. An input folder is checked at every connect: ComfyUI must serve back a file written there,
-else uploads go over HTTP.
+so. Each folder is checked at every connect: ComfyUI must serve back a file written there, else
+outputs are fetched over /view and uploads go over HTTP.
 """
 
 from __future__ import annotations
@@ -61,7 +61,77 @@ class LocalTooLarge(Exception):
         self.size = size
 
 
-class LocalOutputs:
+class _Folder:
+    """One of ComfyUI's folders as this machine sees it, and the proof that it is that folder: a
+    file written here that ComfyUI serves back (`write_probe`, asked at each connect)."""
+
+    kind = ""  # "output" or "input": ComfyUI's name for the folder (GET /view?type=...)
+
+    def __init__(self, folder: Path, name: str) -> None:
+        self.folder = folder
+        self.usable = False  # ComfyUI was seen to use this folder
+        said = f"ComfyUI %s, its {self.kind} folder: could not %s a file, %s%s"
+        self.complaints = Complaints(name, log, said=said)
+
+    def _create(self, name: str) -> tuple[int, str, int]:
+        """In a thread: the folder's descriptor, a new temporary file's name there and its
+        descriptor (the caller closes both). Raises OSError when the folder cannot take it."""
+        folder = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        temp = f".{name}.{os.urandom(8).hex()}{TEMP_SUFFIX}"
+        try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            return folder, temp, os.open(temp, flags, 0o644, dir_fd=folder)
+        except BaseException:
+            os.close(folder)
+            raise
+
+    def _finish(self, created: tuple[int, str, int], name: str | None) -> None:
+        """In a thread: rename the temporary file to `name` (None: remove it), close both."""
+        folder, temp, fd = created
+        try:
+            os.close(fd)
+            if name is not None:
+                os.replace(
+                    temp, name, src_dir_fd=folder, dst_dir_fd=folder
+                )  # a link under `name` is replaced, not followed
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(temp, dir_fd=folder)
+            os.close(folder)
+
+    def write_probe(self) -> tuple[str, bytes]:
+        """In a thread: a file for ComfyUI to serve back (GET /view?type=<kind>), proof that this is
+        the folder it uses. Temporary files a bridge killed meanwhile left here (older than
+        STALE_TEMP) are removed first."""
+        self._sweep()
+        data = os.urandom(16).hex().encode()
+        name = f"{PROBE_PREFIX}{data.decode()}"
+        created = self._create(name)
+        try:
+            _write_all(created[2], data)
+        except BaseException:
+            self._finish(created, None)
+            raise
+        self._finish(created, name)
+        return name, data
+
+    def remove_probe(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.folder / name)
+
+    def _sweep(self) -> None:
+        stale = time.time() - STALE_TEMP
+        with contextlib.suppress(OSError), os.scandir(self.folder) as entries:
+            for entry in entries:
+                ours = entry.name.startswith(".") and entry.name.endswith(TEMP_SUFFIX)
+                if not (ours or entry.name.startswith(PROBE_PREFIX)):
+                    continue
+                with contextlib.suppress(OSError):
+                    if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < stale:
+                        os.unlink(entry.path)
+
+
+class LocalOutputs(_Folder):
     """One ComfyUI's output folder, as this machine sees it.
 
     Paths are walked from the folder one name at a time, relative to the folder above and never
@@ -69,11 +139,11 @@ class LocalOutputs:
     reaches a file outside it. Which files the bridge may read or delete here is the caller's
     choice (only a job's own, see `owns_output`)."""
 
+    kind = "output"
+
     def __init__(self, folder: Path, name: str) -> None:
-        self.folder = folder
+        super().__init__(folder, name)
         self._due: list[tuple[list[OutputRef], str]] = []  # outputs to remove at the next batch
-        said = "ComfyUI %s, its output folder: could not %s a file, %s%s"
-        self.complaints = Complaints(name, log, said=said)
 
     def _folder_of(self, ref: OutputRef) -> int:
         """In a thread: an open descriptor of the ref's folder (the caller closes it). Raises
@@ -255,49 +325,21 @@ def _close_opened(opening: asyncio.Future[tuple[BinaryIO, int] | str]) -> None:
             found[0].close()
 
 
-class LocalInputs:
+class LocalInputs(_Folder):
     """One ComfyUI's input folder, as this machine sees it. An upload is written whole under a
     temporary name of its own, created new in the folder (never through a link someone planted
     there, never over another file), then renamed into place, so ComfyUI never loads half a
-    file. `usable` says whether ComfyUI was seen to read from this folder (`ComfyClient.check_inputs`,
-    at each connect). What the bridge wrote here it deletes once no unfinished job needs it
-    (`remove_later`); nothing else here is deleted but its own stale temporary files."""
+    file. What the bridge wrote here it deletes once no unfinished job needs it (`remove_later`);
+    nothing else here is deleted but its own stale temporary files."""
+
+    kind = "input"
 
     def __init__(self, folder: Path, name: str) -> None:
-        self.folder = folder
-        self.usable = False
+        super().__init__(folder, name)
         self.placed: set[str] = set()  # uploads this bridge wrote here and has not deleted
         self._due: set[str] = set()  # of those, the ones no unfinished job needs: deleted at the next batch
         self._batching = False
         self._removing: tuple[set[str], asyncio.Future[None]] | None = None  # a batch being deleted
-        said = "ComfyUI %s, its input folder: could not %s a file, %s%s"
-        self.complaints = Complaints(name, log, said=said)
-
-    def _create(self, name: str) -> tuple[int, str, int]:
-        """In a thread: the folder's descriptor, a new temporary file's name there and its
-        descriptor (the caller closes both). Raises OSError when the folder cannot take it."""
-        folder = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        temp = f".{name}.{os.urandom(8).hex()}{TEMP_SUFFIX}"
-        try:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-            return folder, temp, os.open(temp, flags, 0o644, dir_fd=folder)
-        except BaseException:
-            os.close(folder)
-            raise
-
-    def _finish(self, created: tuple[int, str, int], name: str | None) -> None:
-        """In a thread: rename the temporary file to `name` (None: remove it), close both."""
-        folder, temp, fd = created
-        try:
-            os.close(fd)
-            if name is not None:
-                os.replace(
-                    temp, name, src_dir_fd=folder, dst_dir_fd=folder
-                )  # a link under `name` is replaced, not followed
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(temp, dir_fd=folder)
-            os.close(folder)
 
     def _copy(self, source: Path, name: str) -> bool:
         """In a thread: copy a local upload in; False when the folder cannot take it. Raises
@@ -413,37 +455,6 @@ class LocalInputs:
     def _failed(self, name: str, exc: OSError) -> None:
         self.usable = False
         self.complaints.note("write", f"{name!r}: {exc.strerror or exc}; uploads go over HTTP until it reconnects")
-
-    def write_probe(self) -> tuple[str, bytes]:
-        """In a thread: a file for ComfyUI to serve back (GET /view?type=input), proof that this is
-        the folder it reads its inputs from. Temporary files a bridge killed meanwhile left here
-        (older than STALE_TEMP) are removed first."""
-        self._sweep()
-        data = os.urandom(16).hex().encode()
-        name = f"{PROBE_PREFIX}{data.decode()}"
-        created = self._create(name)
-        try:
-            _write_all(created[2], data)
-        except BaseException:
-            self._finish(created, None)
-            raise
-        self._finish(created, name)
-        return name, data
-
-    def remove_probe(self, name: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.folder / name)
-
-    def _sweep(self) -> None:
-        stale = time.time() - STALE_TEMP
-        with contextlib.suppress(OSError), os.scandir(self.folder) as entries:
-            for entry in entries:
-                ours = entry.name.startswith(".") and entry.name.endswith(TEMP_SUFFIX)
-                if not (ours or entry.name.startswith(PROBE_PREFIX)):
-                    continue
-                with contextlib.suppress(OSError):
-                    if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < stale:
-                        os.unlink(entry.path)
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -262,7 +262,7 @@ class Scheduler:
             return
         for url, backend in self.backends.items():
             if backend.client.use_folders(self._folders[0].get(url), self._folders[1].get(url)):
-                self.core.spawn(self._check_inputs(backend), f"check inputs of {url}")
+                self.core.spawn(self._check_folders(backend), f"check folders of {url}")
         for url in urls:
             existing = self.backends.get(url)
             if existing is None:
@@ -279,9 +279,9 @@ class Scheduler:
         self.core.wake_all()
 
     @staticmethod
-    async def _check_inputs(backend: Backend) -> None:
+    async def _check_folders(backend: Backend) -> None:
         with contextlib.suppress(BackendUnavailable):  # checked again at the next connect
-            await backend.client.check_inputs()
+            await backend.client.check_folders()
 
     async def _retire(self, backend: Backend) -> None:
         while backend.inflight and backend.draining:

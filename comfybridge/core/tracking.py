@@ -205,8 +205,9 @@ class Tracker:
                 await asyncio.shield(ended)  # an interrupt arriving now stops nothing already recorded
             except StorageError:
                 return  # logged by the journal; ComfyUI keeps the prompt, so a restart can collect it again
-        if refs and backend.client.outputs is not None and core.settings.delete_outputs:
-            self._remove_outputs(backend.client.outputs, job, refs)
+        outputs = backend.client.outputs
+        if refs and outputs is not None and outputs.usable and core.settings.delete_outputs:
+            self._remove_outputs(outputs, job, refs)
         if core.settings.delete_history:
             if job.prompt_id in core.by_prompt:  # collected before ComfyUI let go: it writes its history later
                 job.forget_on_leave = True
