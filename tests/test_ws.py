@@ -143,6 +143,33 @@ async def test_interrupt_running_job(make_emulator: EmulatorFactory, make_bridge
     await wait_for(lambda: len(interrupted_prompts(emulator)) == 1)
 
 
+async def test_interrupting_several_jobs_tells_each_ones_end_in_order(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    """Two jobs running at once on two GPUs, then one interrupt: each job's `error`, the first
+    job's before anything of the second's (the second's progress, held back until then, may come
+    in between), and the socket closes after the last."""
+    first_gpu, second_gpu = await make_emulator(pace=0.3), await make_emulator(pace=0.3)
+    client = await make_bridge(first_gpu, second_gpu)
+    async with client.ws_connect("/ws", params={"clientId": "both"}) as ws:
+        jobs = []
+        for seed_value in (1, 2):
+            status, body = await generate(client, "both", {"workflow": "slow", "2/seed": seed_value})
+            assert status == 200
+            jobs.append(body["job_id"])
+        await wait_for(lambda: all(e.engine.started for e in (first_gpu, second_gpu)))  # both run now
+        await frames_until(ws, "progress")
+        await client.post("/interrupt", params={"clientId": "both"})
+        frames = await frames_until(ws, "error")
+        while frames[-1].get("job_id") != jobs[-1]:
+            frames += await frames_until(ws, "error")
+        assert (await ws.receive()).type is aiohttp.WSMsgType.CLOSE
+    about = [f for f in frames if "job_id" in f]
+    assert [f["job_id"] for f in about] == sorted((f["job_id"] for f in about), key=jobs.index)  # never interleaved
+    ends = [(f["job_id"], f["jobs_left"], seed(f)) for f in about if f["status"] == "error"]
+    assert ends == [(jobs[0], 1, INTERRUPTED), (jobs[1], 0, INTERRUPTED)]
+
+
 async def test_a_client_hears_about_its_jobs_one_after_another(
     make_bridge: BridgeFactory, make_emulator: EmulatorFactory
 ) -> None:

@@ -526,15 +526,15 @@ class Scheduler:
     # control ---------------------------------------------------------------------------------
     async def interrupt(self, client_id: str) -> None:
         """Cancel every job of the client: drop waiting ones, delete queued ones, stop the running one.
-        The client hears one `error` "interrupted", about its last job, once the ends are recorded."""
+        The client hears each one's `error` "interrupted", job by job, once its end is recorded (and
+        its socket closes after the last)."""
         core = self.core
         client = self.clients.require(client_id)
-        jobs = list(client.jobs.values())
         ended = []
-        for index, job in enumerate(jobs):
+        for job in list(client.jobs.values()):
             backend = self.backends.get(job.backend or "")
             state = job.state
-            ending = core.end(job, JobState.CANCELLED, "interrupted", notify=index == len(jobs) - 1)
+            ending = core.end(job, JobState.CANCELLED, "interrupted")
             if ending is None:
                 continue  # it ended meanwhile (its results are being recorded): nothing to stop
             ended.append(ending)
