@@ -69,6 +69,7 @@ def create_app(
     (having read and changed nothing) when another bridge holds the data folder; the journal (or the
     database) is opened as the app starts, and its JournalError comes out of the start.
     """
+    policy = access_policy(settings)  # first: a bad key is one line, before anything is loaded or locked
     # In a cluster the bridges share the data folder; the database's lock says which one leads.
     shared = bool(settings.database)
     lock = DataDirLock.shared(settings.data_dir) if shared else DataDirLock.acquire(settings.data_dir, settings.own_url)
@@ -81,7 +82,6 @@ def create_app(
         raise
     # Bodies are read by the handlers with their own limits (JSON small, uploads streamed); this
     # cap is for anything read whole, and it is checked on the bytes after any Content-Encoding.
-    policy = access_policy(settings)
     middlewares = [request_middleware, policy.cors_middleware(), error_middleware, policy.middleware()]
     view = ClusterView(settings.own_url) if shared else None
     if view is not None:

@@ -9,7 +9,7 @@ import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from dotenv import dotenv_values
 from yarl import URL
@@ -131,13 +131,22 @@ class Settings:
 Parser = Callable[[Any], Any]
 
 
+class Invalid(ValueError):
+    """A value a parser refused, with what is wrong in words (shown after the value)."""
+
+
 def _number(kind: type) -> Parser:
+    wanted = "a whole number" if kind is int else "a number"
+
     def parse(value: Any) -> Any:
-        if isinstance(value, bool):
-            raise ValueError
+        if isinstance(value, bool) or (kind is int and isinstance(value, float)):  # TOML's 2.5 is no port
+            raise Invalid(f"is not {wanted}")
         if isinstance(value, str):
             value = value.strip()
-        return kind(value)
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            raise Invalid(f"is not {wanted}") from None
 
     return parse
 
@@ -150,7 +159,7 @@ def _flag_value(value: Any) -> bool:
         return True
     if text in ("0", "false", "no", "off"):
         return False
-    raise ValueError(value)
+    raise Invalid("is not true or false")
 
 
 def _words(value: Any) -> tuple[str, ...]:
@@ -163,10 +172,10 @@ def _backends(value: Any) -> tuple[str, ...]:
     for item in _words(value):
         url = URL(item if "://" in item else f"http://{item}")
         if url.scheme not in ("http", "https") or not url.host or (url.explicit_port is None and "://" not in item):
-            raise ValueError(item)
+            raise Invalid(f"names {item!r}, which is not a ComfyUI host:port or http(s) URL")
         urls.append(str(url).rstrip("/"))
     if not urls:
-        raise ValueError("empty")
+        raise Invalid("names no ComfyUI (give host:port or URLs, comma-separated)")
     return tuple(urls)
 
 
@@ -195,7 +204,10 @@ def _optional_path(value: Any) -> Path | None:
 def _networks(value: Any) -> tuple[str, ...]:
     words = _words(value)
     for word in words:
-        ipaddress.ip_network(word, strict=False)  # ValueError names a bad one
+        try:
+            ipaddress.ip_network(word, strict=False)
+        except ValueError:
+            raise Invalid(f"names {word!r}, which is not an IP address or network (e.g. 10.0.0.0/8)") from None
     return words
 
 
@@ -266,7 +278,7 @@ def _webhook_secret(value: str) -> str | None:
 
 
 def _dialect(value: str) -> str | None:
-    return None if value in DIALECTS else f"unknown ComfyUI dialect {value!r} (use {' or '.join(DIALECTS)})"
+    return None if value in DIALECTS else f"is not a ComfyUI dialect the emulator speaks (use {' or '.join(DIALECTS)})"
 
 
 def _media(value: tuple[str, ...]) -> str | None:
@@ -420,8 +432,14 @@ def _env(name: str) -> str:
     return ENV_PREFIX + name.upper()
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line, as every other bad setting (argparse would print its whole usage first)."""
+        raise ConfigError(f"{message} (python -m comfybridge --help lists the settings)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m comfybridge",
         description="One small API in front of many ComfyUI servers.",
         argument_default=argparse.SUPPRESS,
@@ -486,7 +504,7 @@ def load_settings(
         try:
             parsed = parse(value)
         except (TypeError, ValueError) as exc:
-            told = name in SECRETS or name in EXPLAINED
+            told = isinstance(exc, Invalid) or name in SECRETS or name in EXPLAINED
             why = str(exc) if told and str(exc) else f"is not a valid {name.replace('_', ' ')}"
             raise ConfigError(f"{origin}: {shown} {why}") from None
         problem = check(parsed) if check else None
@@ -501,6 +519,8 @@ def load_settings(
             f"{raw['emulate'][1]}: a cluster (--database) needs ComfyUI servers every bridge reaches: give "
             "--backends (start emulators with python -m comfybridge.emulator --port P)"
         )
+    if values.get("emulate") and "backends" in flags and "emulate" in flags:
+        raise ConfigError("--backends and --emulate: the emulators are the backends; give one or the other")
     settings = _resolve_paths(replace(Settings(), **values), cwd)
     for name in ("comfy_outputs", "comfy_inputs"):
         if getattr(settings, name):

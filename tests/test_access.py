@@ -249,7 +249,11 @@ def test_a_bad_key_file_stops_start_up(tmp_path: Path) -> None:
     (tmp_path / "keys.json").write_text('[{"name": "x", "key": "short"}]')
     result = run_cli(["--api-keys-file", "keys.json"], tmp_path)
     assert result.returncode == 2
-    assert "API keys must be at least 16 characters long" in result.stderr
+    assert "API keys must be at least 16 characters long; shorter: key 'x' in " in result.stderr
+    result = run_cli(["--api-keys", f"{A},short"], tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1].endswith("shorter: key 2 of api_keys")
+    assert "loaded" not in result.stderr  # one line: nothing was loaded before the keys were checked
     for name in ("a/../../x", "team/a", "..", "a~b", "", "x" * 65):
         (tmp_path / "keys.json").write_bytes(orjson.dumps([{"name": name, "key": A}]))
         result = run_cli(["--api-keys-file", "keys.json"], tmp_path)

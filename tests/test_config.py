@@ -45,6 +45,15 @@ def test_backends_forms(tmp_path: Path) -> None:
     assert load_settings([], environ=environ, cwd=tmp_path).backends == ("https://gpu.example/comfy",)
 
 
+@pytest.mark.parametrize(("line", "message"), [("port = 18731.9", "port in"), ("emulate = 1.7", "emulate in")])
+def test_a_fraction_in_the_config_file_is_refused_where_a_whole_number_is_due(
+    tmp_path: Path, line: str, message: str
+) -> None:
+    (tmp_path / "mine.toml").write_text(f"[comfybridge]\n{line}\n")
+    with pytest.raises(ConfigError, match=f"^{message} .*is not a whole number$"):
+        load_settings(["--config", "mine.toml"], environ={}, cwd=tmp_path)
+
+
 def test_config_file_by_flag_or_env(tmp_path: Path) -> None:
     (tmp_path / "mine.toml").write_text("[comfybridge]\nport = 9100\n")
     assert load_settings(["--config", "mine.toml"], environ={}, cwd=tmp_path).port == 9100
@@ -54,10 +63,15 @@ def test_config_file_by_flag_or_env(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("argv", "environ", "message"),
     [
-        (["--port", "abc"], {}, "--port: 'abc' is not a valid port"),
+        (["--port", "abc"], {}, "--port: 'abc' is not a whole number"),
+        (["--access-log", "maybe"], {}, "--access-log: 'maybe' is not true or false"),
+        (["--trusted-proxies", "notanip"], {}, "--trusted-proxies: 'notanip' names 'notanip', which is not an IP"),
+        (["--emulator-dialect", "0.4"], {}, "--emulator-dialect: '0.4' is not a ComfyUI dialect the emulator speaks"),
+        (["--emulate", "1", "--backends", "a:1"], {}, "--backends and --emulate: the emulators are the backends"),
+        (["--no-such-flag"], {}, "unrecognized arguments: --no-such-flag (python -m comfybridge --help"),
         (["--port", "70000"], {}, "--port: '70000' must be a port number (0-65535)"),
         ([], {"COMFYBRIDGE_HEARTBEAT": "0"}, "COMFYBRIDGE_HEARTBEAT in environment: '0' must be greater than 0"),
-        (["--backends", "nohost"], {}, "--backends: 'nohost' is not a valid backends"),
+        (["--backends", "nohost"], {}, "--backends: 'nohost' names 'nohost', which is not a ComfyUI host:port"),
         (["--allowed-media", "image,pdf"], {}, "--allowed-media: 'image,pdf' unknown media kind 'pdf'"),
         (["--config", "missing.toml"], {}, "config file"),
         (["--log-level", "LOUD"], {}, "--log-level: 'LOUD' must be DEBUG, INFO, WARNING or ERROR"),
@@ -86,7 +100,7 @@ def test_a_bad_value_names_the_file_it_came_from(tmp_path: Path) -> None:
     (tmp_path / "config" / "comfybridge.toml").write_text("port = 'eighty'\n")
     with pytest.raises(ConfigError) as caught:
         load_settings([], environ={}, cwd=tmp_path)
-    assert str(caught.value).startswith(f"port in {tmp_path / 'config' / 'comfybridge.toml'}: 'eighty' is not a valid")
+    assert str(caught.value).startswith(f"port in {tmp_path / 'config' / 'comfybridge.toml'}: 'eighty' is not a whole number")
     (tmp_path / "config" / "comfybridge.toml").write_text("port = 8001\n")
     (tmp_path / ".env").write_text("COMFYBRIDGE_HEARTBEAT=-1\n")
     with pytest.raises(ConfigError) as caught:

@@ -141,7 +141,7 @@ def test_an_emptied_journal_stops_start_up_where_jobs_were_counted(workdir: Path
 @pytest.mark.parametrize(
     ("args", "env", "fragments"),
     [
-        (["--port", "abc"], {}, ["--port: 'abc' is not a valid port"]),
+        (["--port", "abc"], {}, ["--port: 'abc' is not a whole number"]),
         ([], {"COMFYBRIDGE_DISCONNECT_GRACE": "-1"}, ["COMFYBRIDGE_DISCONNECT_GRACE", "must not be negative"]),
         (["--workflows", "nowhere"], {}, ["workflow folder", "nowhere does not exist"]),
     ],

@@ -9,7 +9,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,7 +58,7 @@ class KeyRing:
         return bool(self.keys)
 
     @classmethod
-    def load(cls, plain: Iterable[str], key_file: Path | None) -> KeyRing:
+    def load(cls, plain: Sequence[str], key_file: Path | None) -> KeyRing:
         """Keys from the settings (all workflows) and from a JSON file:
         `[{"name": "studio", "key": "...", "workflows": ["text-to-image"], "webhook": "https://..."}, ...]`."""
         keys = [ApiKey(f"key{index}", secret.encode()) for index, secret in enumerate(plain, 1)]
@@ -83,8 +83,13 @@ class KeyRing:
         if len(set(names)) != len(names) or not all(KEY_NAME.fullmatch(n) for n in names):
             # A name becomes part of folder and object names (its clients' uploads): nothing that could escape.
             raise KeyFileError("API key names must be unique, 1-64 characters of A-Z a-z 0-9 _ . - (not only dots)")
-        if any(len(k.secret) < 16 for k in keys):
-            raise KeyFileError("API keys must be at least 16 characters long")
+        short = [
+            f"key {k.name.removeprefix('key')} of api_keys" if index < len(plain) else f"key {k.name!r} in {key_file}"
+            for index, k in enumerate(keys)
+            if len(k.secret) < 16
+        ]
+        if short:
+            raise KeyFileError(f"API keys must be at least 16 characters long; shorter: {', '.join(short)}")
         return cls(keys)
 
     def find(self, presented: str) -> ApiKey | None:
