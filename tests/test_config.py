@@ -100,7 +100,9 @@ def test_a_bad_value_names_the_file_it_came_from(tmp_path: Path) -> None:
     (tmp_path / "config" / "comfybridge.toml").write_text("port = 'eighty'\n")
     with pytest.raises(ConfigError) as caught:
         load_settings([], environ={}, cwd=tmp_path)
-    assert str(caught.value).startswith(f"port in {tmp_path / 'config' / 'comfybridge.toml'}: 'eighty' is not a whole number")
+    assert str(caught.value).startswith(
+        f"port in {tmp_path / 'config' / 'comfybridge.toml'}: 'eighty' is not a whole number"
+    )
     (tmp_path / "config" / "comfybridge.toml").write_text("port = 8001\n")
     (tmp_path / ".env").write_text("COMFYBRIDGE_HEARTBEAT=-1\n")
     with pytest.raises(ConfigError) as caught:
