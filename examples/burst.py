@@ -13,6 +13,7 @@ import uuid
 
 import aiohttp
 import orjson
+from common import unreachable
 
 
 async def one_job(session: aiohttp.ClientSession, url: str, workflow: str, index: int) -> tuple[str, float, float]:
@@ -48,7 +49,10 @@ async def main() -> None:
     args = parser.parse_args()
     async with aiohttp.ClientSession() as session:
         began = time.monotonic()
-        jobs = await asyncio.gather(*(one_job(session, args.url, args.workflow, i) for i in range(args.clients)))
+        try:
+            jobs = await asyncio.gather(*(one_job(session, args.url, args.workflow, i) for i in range(args.clients)))
+        except aiohttp.ClientConnectionError as exc:
+            raise SystemExit(unreachable(args.url, exc)) from None
         total = time.monotonic() - began
     print(f"{'job':<34} {'waited':>8} {'ran':>8}")
     for job_id, waited, ran in jobs:

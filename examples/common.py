@@ -23,7 +23,18 @@ def parse_args(description: str) -> argparse.Namespace:
     parser.add_argument("--client-id", default=f"example-{uuid.uuid4()}", help="default: a fresh UUID")
     args = parser.parse_args()
     args.files = {key: Path(path) for key, path in pairs(args.file).items()}
+    for key, path in args.files.items():
+        if not path.is_file():
+            sys.exit(f"error: {path} (for {key}) is not a file")
     return args
+
+
+def unreachable(url: str, exc: OSError) -> int:
+    """The one line a client says when the bridge does not answer at all."""
+    print(
+        f"error: cannot reach the bridge at {url} ({exc.strerror or exc}); is it running (make demo)?", file=sys.stderr
+    )
+    return 1
 
 
 def pairs(items: list[str]) -> dict[str, str]:

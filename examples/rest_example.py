@@ -9,7 +9,8 @@ from __future__ import annotations
 import sys
 import time
 
-from common import parse_args, progress_bar, typed_inputs
+import aiohttp
+from common import parse_args, progress_bar, typed_inputs, unreachable
 
 from comfybridge.sdk import Bridge, BridgeError
 
@@ -41,6 +42,8 @@ def main() -> int:
         except BridgeError as exc:
             print(f"error: {exc.detail}", file=sys.stderr)
             return 1
+        except aiohttp.ClientConnectionError as exc:
+            return unreachable(args.url, exc)
     for result in saved:
         print(f"saved {result.path}")
     return 0 if saved else 1

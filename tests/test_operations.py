@@ -241,8 +241,9 @@ async def test_the_playground_is_served_with_its_files(
         resp = await client.get(f"/playground/{missing}")
         assert (resp.status, resp.content_type) == (404, "application/json"), missing
         assert (await resp.json())["detail"]
-    slash = await client.get("/playground/", allow_redirects=False)
-    assert (slash.status, slash.headers["Location"]) == (301, "../playground")
+    for page_again in ("/playground/", "/playground/index.html"):  # where its relative links would not work
+        moved = await client.get(page_again, allow_redirects=False)
+        assert (moved.status, moved.headers["Location"]) == (301, "../playground"), page_again
     samples = scrape(await (await client.get("/metrics", headers={"Authorization": f"Bearer {KEY}"})).text())
     redirect = (("method", "GET"), ("route", "/playground/"), ("status", "301"))
     assert samples[("comfybridge_request_duration_seconds_count", redirect)] == 1  # counted as what it was

@@ -18,7 +18,7 @@ import pytest
 from comfybridge.emulator.png import png_size
 
 from .conftest import FIXTURES, EmulatorFactory, wait_for
-from .helpers import ROOT, assert_one_line_error, bridge_process, count, run_cli, submit, without_job_id
+from .helpers import ROOT, assert_one_line_error, bridge_process, count, run_cli, submit, unused_port, without_job_id
 
 
 @pytest.fixture
@@ -186,6 +186,30 @@ async def test_example_clients_save_results(workdir: Path, script: str) -> None:
     saved = sorted(p.name for p in (workdir / "out").iterdir())
     assert [without_job_id(name) for name in saved] == ["wf_b_empty_00001_.png", "wf_b_empty_00002_.png"]
     assert png_size((workdir / "out" / saved[0]).read_bytes()) == (24, 384)
+
+
+UNREACHABLE = "error: cannot reach the bridge at "
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "said"),
+    [
+        ("ws_example.py", [], UNREACHABLE),
+        ("rest_example.py", [], UNREACHABLE),
+        ("burst.py", [], UNREACHABLE),
+        ("ws_example.py", ["--file", "1/image=/no/such.png"], "error: /no/such.png"),
+        ("rest_example.py", ["--file", "1/image=/no/such.png"], "error: /no/such.png"),
+    ],
+)
+def test_example_clients_say_in_one_line_what_is_wrong(script: str, args: list[str], said: str) -> None:
+    closed = f"http://127.0.0.1:{unused_port()}"  # nothing listens there
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), "--url", closed, *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.startswith(said), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 async def test_sighup_applies_a_new_backend_list(workdir: Path, make_emulator: EmulatorFactory) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 from aiohttp import WSMsgType
 
 from comfybridge.core.supervisor import Supervisor
+from comfybridge.edge.appkeys import SCHEDULER
 from comfybridge.edge.ws import HIGH_WATER, Outbox, text_frame
 from comfybridge.emulator import Emulator
 
@@ -80,10 +82,16 @@ async def test_comfyui_validation_error_reaches_the_client(bridge: Client) -> No
     )
 
 
-async def test_error_keeps_socket_open_while_more_jobs_wait(bridge: Client) -> None:
-    async with bridge.ws_connect("/ws", params={"clientId": "two"}) as ws:
-        await generate(bridge, "two", {"workflow": "broken"})
-        await generate(bridge, "two", {"workflow": "solid", "1/batch_size": 1})
+async def test_error_keeps_socket_open_while_more_jobs_wait(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    emulator = await make_emulator()
+    emulator.engine.faults.runtime_error = 1  # the first job fails...
+    emulator.engine.faults.start_delay = 0.3  # ...once the second one is surely in line
+    client = await make_bridge(emulator)
+    async with client.ws_connect("/ws", params={"clientId": "two"}) as ws:
+        await generate(client, "two", {"workflow": "solid", "1/batch_size": 1})
+        await generate(client, "two", {"workflow": "solid", "1/batch_size": 1})
         frames = await frames_until(ws, "closed")
         assert [f["status"] for f in frames if f["status"] in ("error", "closed")] == ["error", "closed"]
         assert not ws.closed
@@ -121,6 +129,28 @@ async def test_socket_back_within_grace_keeps_the_job(
     async with client.ws_connect("/ws", params={"clientId": "flaky"}) as ws:
         assert (await frames_until(ws, {"closed", "error"}))[-1]["status"] == "closed"
     assert interrupted_prompts(emulator) == []
+
+
+async def test_jobs_that_end_within_the_grace_are_not_said_cancelled(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = await make_bridge(await make_emulator(), disconnect_grace=0.3)
+    scheduler = client.app[SCHEDULER]
+    with caplog.at_level(logging.INFO, logger="comfybridge.core.scheduler"):
+        async with client.ws_connect("/ws", params={"clientId": "brief"}):
+            await generate(client, "brief", {"workflow": "solid", "1/batch_size": 1})
+        await wait_for(lambda: "brief" in scheduler._grace)
+        await wait_for(lambda: "brief" not in scheduler._grace)  # the grace ran out, the job long done
+    assert (await poll_status(client, "brief", {"closed", "error"}))["status"] == "closed"
+    assert "cancelling" not in caplog.text
+
+
+async def test_a_plain_request_to_the_socket_is_told_what_it_is(bridge: Client) -> None:
+    resp = await bridge.get("/ws", params={"clientId": "curious"})
+    assert resp.status == 400
+    assert await resp.json() == {
+        "detail": "This is the WebSocket endpoint: connect to it with a WebSocket client (Upgrade: websocket)."
+    }
 
 
 async def test_rest_only_jobs_are_never_cancelled_by_sockets(bridge: Client) -> None:

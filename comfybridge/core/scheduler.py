@@ -347,10 +347,11 @@ class Scheduler:
     async def _cancel_after_grace(self, client: Client) -> None:
         try:
             await asyncio.sleep(self.settings.disconnect_grace)
-            if client.sockets == 0:
+            if client.sockets == 0 and client.jobs:  # its jobs may all have ended meanwhile
                 log.info(
-                    "client %s: socket gone for %ss, cancelling its jobs", client.id, self.settings.disconnect_grace
-                )
+                    "client %s: socket gone for %ss, cancelling its %d jobs",
+                    client.id, self.settings.disconnect_grace, len(client.jobs),
+                )  # fmt: skip
                 await self.interrupt(client.id)
         finally:
             if self._grace.get(client.id) is asyncio.current_task():

@@ -31,10 +31,13 @@ def _errors(*codes: int) -> dict[str, Any]:
         403: "the API key may not do this",
         404: "not found",
         405: "method not allowed",
+        408: "the body did not arrive in time",
         409: "the client's results are being sent to another request right now",
         410: "results whose files were lost (removed or cut short by other hands), now forgotten",
         413: "too large",
-        415: "not an allowed, whole media file",
+        415: "an upload that is not an allowed, whole media file, or a body in a Content-Type or Content-Encoding "
+        "the route does not take",
+        417: "an Expect header other than 100-continue",
         429: "too many requests or jobs (see Retry-After)",
         503: "no backend can take it, or the bridge is stopping",
         507: "the bridge's disk is full",
@@ -108,7 +111,12 @@ def document(workflows: WorkflowStore, aliases: list[str]) -> dict[str, Any]:
                 "status": {"enum": STATUSES},
                 "detail": {"type": "string"},
                 "details": {"type": "string", "description": "the same text as detail"},
-                "job_id": {"type": "string"},
+                "job_id": {"type": "string", "description": "the job the message is about"},
+                "jobs_left": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": "the client's jobs it has still to hear the end of (with job_id)",
+                },
             },
             "required": ["status", "detail", "details"],
         },
@@ -135,7 +143,9 @@ def document(workflows: WorkflowStore, aliases: list[str]) -> dict[str, Any]:
         "/workflow-list": {
             "get": {
                 "summary": "Every workflow alias, sorted; `?detail=1`: the catalogue (description, thumbnail, inputs)",
-                "parameters": [{"name": "detail", "in": "query", "schema": {"type": "string", "enum": ["1", "true"]}}],
+                "parameters": [
+                    {"name": "detail", "in": "query", "schema": {"type": "string", "enum": ["1", "true", "0", "false"]}}
+                ],
                 "responses": {
                     "200": {
                         "description": "aliases, or catalogue entries with ?detail=1",
@@ -147,7 +157,8 @@ def document(workflows: WorkflowStore, aliases: list[str]) -> dict[str, Any]:
                                 ]
                             }
                         ),
-                    }
+                    },
+                    **_errors(400),
                 },
             }
         },
@@ -195,7 +206,7 @@ def document(workflows: WorkflowStore, aliases: list[str]) -> dict[str, Any]:
                         "description": "stored names by identifier",
                         **_json({"type": "object", "additionalProperties": {"type": "string"}}),
                     },
-                    **_errors(400, 413, 415, 507),
+                    **_errors(400, 408, 413, 415, 417, 507),
                 },
             }
         },
@@ -245,7 +256,7 @@ def document(workflows: WorkflowStore, aliases: list[str]) -> dict[str, Any]:
                             }
                         ),
                     },
-                    **_errors(400, 403, 413, 503, 507),
+                    **_errors(400, 403, 408, 413, 415, 417, 503, 507),
                 },
             }
         },
@@ -280,7 +291,10 @@ def document(workflows: WorkflowStore, aliases: list[str]) -> dict[str, Any]:
         "/generation-count": {
             "get": {
                 "summary": "Jobs ever accepted",
-                "responses": {"200": {"description": "a bare integer", **_json({"type": "integer", "minimum": 0})}},
+                "responses": {
+                    "200": {"description": "a bare integer", **_json({"type": "integer", "minimum": 0})},
+                    **_errors(),
+                },
             }
         },
         "/free": {
@@ -325,7 +339,7 @@ def document(workflows: WorkflowStore, aliases: list[str]) -> dict[str, Any]:
         "/openapi.json": {
             "get": {
                 "summary": "This document (with API keys on, for the caller's workflows)",
-                "responses": {"200": {"description": "OpenAPI 3.1", **_json({"type": "object"})}},
+                "responses": {"200": {"description": "OpenAPI 3.1", **_json({"type": "object"})}, **_errors()},
             }
         },
         "/docs": {

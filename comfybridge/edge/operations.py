@@ -112,7 +112,10 @@ async def playground(request: web.Request) -> web.StreamResponse:
 
 async def playground_file(request: web.Request) -> web.StreamResponse:
     """One of the playground's own files; any other name is a 404 with `{"detail"}`."""
-    return _playground_file(request.match_info["name"])
+    name = request.match_info["name"]
+    if name == "index.html":  # the page itself, at the address its relative links are made for
+        raise web.HTTPMovedPermanently("../playground")
+    return _playground_file(name)
 
 
 async def docs(request: web.Request) -> web.Response:

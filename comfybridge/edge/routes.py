@@ -52,7 +52,7 @@ def _aliases(request: web.Request) -> list[str]:
 async def workflow_list(request: web.Request) -> web.Response:
     """The aliases, as the contract has it; `?detail=1`: the catalogue (description, thumbnail, inputs)."""
     aliases = _aliases(request)
-    if request.query.get("detail") not in ("1", "true"):
+    if not _flag(request, "detail"):
         return json_response(aliases)
     store = request.app[WORKFLOWS]
     return json_response([store.get(alias).catalogue_entry() for alias in aliases])

@@ -14,7 +14,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from ..core.clients import Status, status_message
 from ..core.supervisor import Supervisor
-from ..errors import RateLimited
+from ..errors import BadInput, RateLimited
 from .access import CALLER, client_id_of
 from .appkeys import HUB, SCHEDULER, SETTINGS
 
@@ -191,6 +191,8 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     if hub.from_address(address) >= settings.max_sockets_per_ip:
         raise RateLimited(f"Your address already has {settings.max_sockets_per_ip} sockets open, the limit.")
     ws = web.WebSocketResponse(heartbeat=30)
+    if not ws.can_prepare(request).ok:
+        raise BadInput("This is the WebSocket endpoint: connect to it with a WebSocket client (Upgrade: websocket).")
     await ws.prepare(request)
     hub.opened_from(address, +1)
     scheduler.remember(client_id)
