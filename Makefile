@@ -3,31 +3,41 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
+COMMA := ,
 
 .PHONY: install run demo cluster-demo test fuzz lint type bench all clean
 
 # Built under a lock, so `make demo` and `make test` started together do not break each other's
-# .venv: the second waits, then finds it fresh.
-$(STAMP): setup.py setup.cfg
+# .venv: the second waits, then finds it fresh. Running the bridge needs only what it runs with
+# (and the examples'); the tests and checks need the whole toolchain.
+define installed
 	@flock $(VENV).lock sh -c '\
-	  if [ -f $(STAMP) ] && [ $(STAMP) -nt setup.py ] && [ $(STAMP) -nt setup.cfg ]; then exit 0; fi; \
+	  if [ -f $(1) ] && [ $(1) -nt setup.py ] && [ $(1) -nt setup.cfg ]; then exit 0; fi; \
 	  set -e; \
 	  $(PYTHON) -m venv $(VENV); \
 	  $(BIN)/pip install --quiet --upgrade pip; \
-	  $(BIN)/pip install --quiet -e ".[dev]"; \
-	  touch $(STAMP)'
+	  $(BIN)/pip install --quiet -e ".[$(2)]"; \
+	  touch $(1)'
+endef
+
+$(STAMP): setup.py setup.cfg
+	$(call installed,$(STAMP),dev)
+
+$(RUN_STAMP): setup.py setup.cfg
+	$(call installed,$(RUN_STAMP),examples$(COMMA)fast$(COMMA)cluster)
 
 install: $(STAMP)
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(BIN)/python -m comfybridge
 
-demo: $(STAMP)
+demo: $(RUN_STAMP)
 	$(BIN)/python -m comfybridge --emulate 2 --emulator-pace 0.05
 
 # Two bridges on a throwaway PostgreSQL behind nginx, two emulators (Debian: postgresql nginx-light).
 CLUSTER_PORT ?= 8080
-cluster-demo: $(STAMP)
+cluster-demo: $(RUN_STAMP)
 	$(BIN)/python examples/cluster_demo.py --port $(CLUSTER_PORT)
 
 # Then the contract, restarts and the cluster again with uploads and results in S3 (moto's server).
