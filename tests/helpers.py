@@ -202,6 +202,15 @@ def fill(folder: Path) -> Path:
 ROOT = Path(__file__).parent.parent
 
 
+def files_under(folder: Path) -> list[Path] | None:
+    """Every file under `folder`, or None while a folder in it was being removed as it was listed
+    (a bridge tidying up): look again."""
+    try:
+        return [p for p in folder.rglob("*") if p.is_file()]
+    except FileNotFoundError:
+        return None
+
+
 def unused_port() -> int:
     """A port nothing listens on now: for a program that cannot bind port 0 and say which it got
     (nginx), or for an address that must refuse connections. Bridges and emulators bind port 0."""

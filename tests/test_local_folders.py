@@ -13,10 +13,11 @@ from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 
-from comfybridge.comfy.folders import LocalInputs, LocalOutputs, LocalReadFailed, LocalTooLarge
+from comfybridge.comfy.folders import InputFolders, LocalInputs, LocalOutputs, LocalReadFailed, LocalTooLarge
 from comfybridge.comfy.shapes import OutputRef
 from comfybridge.core.jobs import job_folder
 from comfybridge.edge.appkeys import SCHEDULER
@@ -24,7 +25,7 @@ from comfybridge.emulator import Emulator
 from comfybridge.emulator.png import png_size
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
-from .helpers import png, read_results, upload
+from .helpers import backends, bridge_process, fetch_results, files_under, png, post_job, read_results, upload
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SOLID = {"workflow": "solid", "1/width": 16, "1/height": 16, "1/batch_size": 1}
@@ -69,7 +70,7 @@ async def test_stored_outputs_are_deleted_from_comfyuis_folder(
     assert parts[0][3].startswith(PNG_SIGNATURE)
     resp = await client.get("/history", params={"clientId": "tidy"})
     assert resp.status == 204  # handed over by the one request
-    await wait_for(lambda: not [p for p in output.rglob("*") if p.is_file() and p.name != "kept.png"])
+    await wait_for(lambda: files_under(output) == [output / "kept.png"])
     (day,) = (output / "comfybridge").iterdir()
     assert list(day.iterdir()) == []  # the job's own folder too
     assert (output / "kept.png").read_bytes() == b"an admin's own file"
@@ -318,7 +319,30 @@ async def test_an_upload_is_deleted_from_comfyuis_folder_once_no_unfinished_job_
     assert emulator.engine.requests["POST /upload/image"] == 0
 
 
-async def test_only_uploads_the_bridge_wrote_are_deleted_and_a_new_copy_outlives_an_old_deletion(
+async def test_an_upload_a_killed_bridge_wrote_is_deleted_once_its_job_ends_after_the_restart(
+    workdir: Path, make_emulator: EmulatorFactory
+) -> None:
+    emulator = await make_emulator(pace=0.4)  # the job runs on while the bridge is down
+    folder = emulator.engine.input_dir
+    seeded = sorted(p.name for p in folder.iterdir())
+    flags = (*backends(emulator), "--comfy-inputs", f"{emulator.url}={folder}")
+    async with aiohttp.ClientSession() as session:
+        async with bridge_process(workdir, *flags) as (proc, url):
+            form = aiohttp.FormData()
+            form.add_field("photo", png(30, 20), filename="photo.png", content_type="image/png")
+            async with session.post(f"{url}/upload", params={"clientId": "kept"}, data=form) as resp:
+                name = (await resp.json())["photo"]
+            await post_job(session, url, "kept", {"workflow": "invert", "1/image": name})
+            await wait_for(lambda: len(emulator.engine.started) == 1)
+            assert (folder / name).is_file()
+            proc.kill()
+        async with bridge_process(workdir, *flags) as (proc, url):
+            await wait_for(lambda: sorted(p.name for p in folder.iterdir()) == seeded)  # the adopted job ended
+            assert [job for job, _ in await fetch_results(session, url, "kept")]
+    assert len(emulator.engine.started) == 1
+
+
+async def test_a_new_copy_outlives_an_old_deletion_and_a_planted_link_is_removed_not_followed(
     tmp_path: Path,
 ) -> None:
     folder, victim = tmp_path / "input", tmp_path / "victim.txt"
@@ -334,42 +358,72 @@ async def test_only_uploads_the_bridge_wrote_are_deleted_and_a_new_copy_outlives
 
     assert await inputs.place(source, "sent-again.png")
     assert await inputs.place(source, "linked.png")
-    (folder / "admin.png").write_bytes(b"an admin's")
     (folder / "linked.png").unlink()
     (folder / "linked.png").symlink_to(victim)  # swapped for a link meanwhile: the link goes, not its target
-    inputs.remove_later(["sent-again.png", "linked.png", "admin.png"], spawn)
+    inputs.remove_later(["sent-again.png", "linked.png", "never-here.png"], spawn)
     await inputs.settle("sent-again.png")  # a job sends it here again before the batch runs
     assert await inputs.place(source, "sent-again.png")
     await asyncio.gather(*batches)
-    assert sorted(p.name for p in folder.iterdir()) == ["admin.png", "sent-again.png"]
+    assert sorted(p.name for p in folder.iterdir()) == ["sent-again.png"]
     assert victim.read_bytes() == b"kept"
     inputs.remove_later(["sent-again.png"], spawn)
     await asyncio.gather(*batches)
-    assert sorted(p.name for p in folder.iterdir()) == ["admin.png"]
+    assert list(folder.iterdir()) == []
 
 
-async def test_a_copy_sent_while_its_old_one_is_being_deleted_waits_for_that_deletion(tmp_path: Path) -> None:
+async def test_backends_that_share_an_input_folder_share_its_deletions(tmp_path: Path) -> None:
+    """One ComfyUI's deletion of an upload must not hit the copy another ComfyUI, reading the same
+    folder (here named through a link), was just given."""
+    folder = tmp_path / "input"
+    folder.mkdir()
+    (tmp_path / "same").symlink_to(folder)
+    source = tmp_path / "source.png"
+    source.write_bytes(b"picture")
+    shared = InputFolders()
+    first, second = LocalInputs(folder, "comfy-a", shared), LocalInputs(tmp_path / "same", "comfy-b", shared)
+    assert first.deletions is second.deletions
+    batches: list[asyncio.Task[None]] = []
+    assert await first.place(source, "u.png")
+    first.remove_later(["u.png"], lambda coro, name: batches.append(asyncio.ensure_future(coro)))
+    await second.settle("u.png")  # the next job, on the other ComfyUI
+    assert await second.place(source, "u.png")
+    await asyncio.gather(*batches)
+    assert (folder / "u.png").read_bytes() == b"picture"
+
+
+async def test_a_copy_sent_while_an_older_batch_deletes_it_waits_for_that_batch(tmp_path: Path) -> None:
+    """Two deletion batches under way at once (a slow disk): a copy sent again waits for the one
+    deleting its name, not only for the newest."""
     source = tmp_path / "source.png"
     source.write_bytes(b"picture")
     inputs = LocalInputs(tmp_path, "comfy")
-    assert await inputs.place(source, "x.png")
-    release, unlinking = threading.Event(), inputs._unlink_all
+    for name in ("x.png", "y.png"):
+        assert await inputs.place(source, name)
+    deletions = inputs.deletions
+    release, unlinking = threading.Event(), deletions._unlink_all
 
     def held(names: set[str]) -> None:
-        release.wait()
+        if "x.png" in names:
+            release.wait()  # the first batch is slow
         unlinking(names)
 
-    inputs._unlink_all = held  # type: ignore[method-assign]
-    batch: list[asyncio.Task[None]] = []
-    inputs.remove_later(["x.png"], lambda coro, name: batch.append(asyncio.ensure_future(coro)))
-    await wait_for(lambda: inputs._removing is not None)  # the deletion is under way, in its thread
+    deletions._unlink_all = held  # type: ignore[method-assign]
+    batches: list[asyncio.Task[None]] = []
+
+    def spawn(coro: Coroutine[Any, Any, None], name: str) -> None:
+        batches.append(asyncio.ensure_future(coro))
+
+    inputs.remove_later(["x.png"], spawn)
+    await wait_for(lambda: "x.png" in deletions._removing)  # its batch is under way, held in its thread
+    inputs.remove_later(["y.png"], spawn)
+    await wait_for(lambda: not (tmp_path / "y.png").exists())  # a second batch ran meanwhile
     settling = asyncio.ensure_future(inputs.settle("x.png"))
     await asyncio.sleep(0)
     assert not settling.done()
     release.set()
     await settling
     assert await inputs.place(source, "x.png")
-    await batch[0]
+    await asyncio.gather(*batches)
     assert (tmp_path / "x.png").read_bytes() == b"picture"
 
 

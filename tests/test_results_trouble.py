@@ -19,7 +19,7 @@ from comfybridge.store.blobs import BlobGone, LocalBlobs
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
 from .fake_comfy import FakeComfy
-from .helpers import generate, png, poll_status, read_results, run_job, small_disk, stored, without_job_id
+from .helpers import files_under, generate, png, poll_status, read_results, run_job, small_disk, stored, without_job_id
 
 SOLID = {"workflow": "solid", "1/batch_size": 1}
 ON_DISK = {"storage": "", "s3_endpoint": ""}  # results as files in the data folder, whatever the run's storage
@@ -59,7 +59,7 @@ async def test_output_names_no_disk_or_header_can_take_get_safe_stored_names(
     results = tmp_path / "data" / "results"
     for client_id, res_type in (("multi", None), ("b64", "base64")):
         # The first client's file goes once its fetch is journaled, with the forgets written together.
-        await wait_for(lambda: not [p for p in results.rglob("*") if p.is_file()])
+        await wait_for(lambda: files_under(results) == [])
         status, _ = await generate(client, client_id, SOLID)
         assert status == 200
         info = await poll_status(client, client_id, {"closed", "error"})

@@ -15,7 +15,7 @@ from yarl import URL
 
 from ..store.files import SMALL_FILE, in_thread, open_off_loop
 from . import shapes
-from .folders import LocalInputs, LocalOutputs, LocalReadFailed, LocalTooLarge, Sink
+from .folders import InputFolders, LocalInputs, LocalOutputs, LocalReadFailed, LocalTooLarge, Sink
 from .shapes import Complaints, Malformed, OutputRef, describe_refusal
 
 __all__ = [
@@ -87,6 +87,7 @@ class ComfyClient:
         max_event_bytes: int = 16 << 20,
         outputs: Path | None = None,
         inputs: Path | None = None,
+        input_folders: InputFolders | None = None,
     ) -> None:
         self.url = URL(base_url)
         self.name = base_url
@@ -103,6 +104,7 @@ class ComfyClient:
         # uploads written there, not sent over /upload/image.
         self.outputs: LocalOutputs | None = None
         self.inputs: LocalInputs | None = None
+        self.input_folders = input_folders  # what deletes uploads, per folder, shared with other backends
         self.use_folders(outputs, inputs)
 
     # REST ------------------------------------------------------------------------------------
@@ -212,7 +214,7 @@ class ComfyClient:
             self.outputs = LocalOutputs(outputs, self.name) if outputs is not None else None
             new = outputs is not None
         if (self.inputs.folder if self.inputs else None) != inputs:
-            self.inputs = LocalInputs(inputs, self.name) if inputs is not None else None
+            self.inputs = LocalInputs(inputs, self.name, self.input_folders) if inputs is not None else None
             new = new or inputs is not None
         return new
 

@@ -29,7 +29,7 @@ from typing import Any, BinaryIO, Protocol
 from ..store.files import SMALL_FILE, in_thread
 from .shapes import Complaints, OutputRef
 
-__all__ = ["LocalInputs", "LocalOutputs", "LocalReadFailed", "LocalTooLarge"]
+__all__ = ["InputDeletions", "InputFolders", "LocalInputs", "LocalOutputs", "LocalReadFailed", "LocalTooLarge"]
 
 log = logging.getLogger(__name__)
 
@@ -334,12 +334,11 @@ class LocalInputs(_Folder):
 
     kind = "input"
 
-    def __init__(self, folder: Path, name: str) -> None:
+    def __init__(self, folder: Path, name: str, shared: InputFolders | None = None) -> None:
         super().__init__(folder, name)
-        self.placed: set[str] = set()  # uploads this bridge wrote here and has not deleted
-        self._due: set[str] = set()  # of those, the ones no unfinished job needs: deleted at the next batch
-        self._batching = False
-        self._removing: tuple[set[str], asyncio.Future[None]] | None = None  # a batch being deleted
+        # With `shared`: one for every LocalInputs of the same folder on disk (see InputFolders).
+        deletions = shared.deletions_for(folder, self.complaints) if shared else None
+        self.deletions = deletions or InputDeletions(folder, self.complaints)
 
     def _copy(self, source: Path, name: str) -> bool:
         """In a thread: copy a local upload in; False when the folder cannot take it. Raises
@@ -374,10 +373,7 @@ class LocalInputs(_Folder):
         if not _plain(name) or name.startswith("."):
             return False  # the bridge's own upload names are neither; never write anywhere else
         if isinstance(source, Path):
-            copied = await in_thread(self._copy, source, name)
-            if copied:
-                self.placed.add(name)
-            return copied
+            return await in_thread(self._copy, source, name)
         creating = asyncio.ensure_future(asyncio.to_thread(self._create, name))
         try:
             created = await asyncio.shield(creating)
@@ -397,21 +393,44 @@ class LocalInputs(_Folder):
             raise
         finally:
             await in_thread(self._finish, created, renamed)
-        self.placed.add(name)
         return True
 
     async def settle(self, name: str) -> None:
-        """Before `name` is sent to this ComfyUI again (written here or over HTTP): its deletion, if
-        one is pending, is called off, and one under way is waited for, so it cannot delete the new file."""
-        self._due.discard(name)
-        removing = self._removing
-        if removing is not None and name in removing[0]:
-            await asyncio.shield(removing[1])
+        """Before `name` is sent to this ComfyUI again: see InputDeletions.settle."""
+        await self.deletions.settle(name)
 
     def remove_later(self, names: Iterable[str], spawn: Spawn) -> None:
-        """Delete these uploads (those this bridge wrote here; no unfinished job needs them any more)
-        together with the others of the next REMOVE_DELAY seconds, in one thread trip."""
-        self._due.update(self.placed.intersection(names))
+        """Delete these uploads from the folder (no unfinished job needs them any more): see InputDeletions."""
+        self.deletions.remove_later(names, spawn)
+
+    def _failed(self, name: str, exc: OSError) -> None:
+        self.usable = False
+        self.complaints.note("write", f"{name!r}: {exc.strerror or exc}; uploads go over HTTP until it reconnects")
+
+
+class InputDeletions:
+    """The uploads due to be deleted from one input folder, and those being deleted. An upload is
+    deleted once no unfinished job needs it, together with the others of the next REMOVE_DELAY
+    seconds, in one thread trip. Sending it to a ComfyUI that reads this folder again first calls
+    off its pending deletion and waits out one under way (`settle`), so no batch ever deletes the
+    new copy. Only upload names reach here (the bridge's own, `<random>-<stem>.<ext>`): a name it
+    wrote, or ComfyUI wrote for it over HTTP, in this run or an earlier one."""
+
+    def __init__(self, folder: Path, complaints: Complaints) -> None:
+        self.folder = folder
+        self.complaints = complaints
+        self._due: set[str] = set()
+        self._batching = False
+        self._removing: dict[str, asyncio.Future[None]] = {}  # name -> the batch deleting it now
+
+    async def settle(self, name: str) -> None:
+        self._due.discard(name)
+        removing = self._removing.get(name)
+        if removing is not None:
+            await asyncio.shield(removing)
+
+    def remove_later(self, names: Iterable[str], spawn: Spawn) -> None:
+        self._due.update(name for name in names if _plain(name) and not name.startswith("."))
         if self._due and not self._batching:
             self._batching = True
             spawn(self._remove_due(), f"remove uploads in {self.folder}")
@@ -424,18 +443,18 @@ class LocalInputs(_Folder):
         names, self._due = self._due, set()
         if not names:
             return  # each was sent again meanwhile (`settle`)
-        self.placed -= names
         removing = asyncio.ensure_future(in_thread(self._unlink_all, names))
-        self._removing = (names, removing)
+        self._removing.update(dict.fromkeys(names, removing))
         try:
             await asyncio.shield(removing)
         finally:
-            if self._removing is not None and self._removing[1] is removing:
-                self._removing = None
+            for name in names:
+                if self._removing.get(name) is removing:
+                    del self._removing[name]
 
     def _unlink_all(self, names: set[str]) -> None:
         """In a thread: unlink each name in the folder (a link planted under it is removed itself,
-        never followed)."""
+        never followed; a name not there is what was wanted)."""
         try:
             folder = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
@@ -446,15 +465,31 @@ class LocalInputs(_Folder):
                 try:
                     os.unlink(name, dir_fd=folder)
                 except FileNotFoundError:
-                    pass  # deleted by someone else: what was wanted
+                    pass  # deleted already: what was wanted
                 except OSError as exc:
                     self.complaints.note("delete", f"{name!r}: {exc.strerror or exc}; it stays")
         finally:
             os.close(folder)
 
-    def _failed(self, name: str, exc: OSError) -> None:
-        self.usable = False
-        self.complaints.note("write", f"{name!r}: {exc.strerror or exc}; uploads go over HTTP until it reconnects")
+
+class InputFolders:
+    """One InputDeletions per input folder as the disk knows it (device and inode), so backends that
+    share a folder, or name it two ways, share one: a copy one writes is never deleted by a batch
+    another scheduled. The scheduler keeps one for all its backends, across SIGHUPs."""
+
+    def __init__(self) -> None:
+        self._by_folder: dict[object, InputDeletions] = {}
+
+    def deletions_for(self, folder: Path, complaints: Complaints) -> InputDeletions:
+        try:
+            info = os.stat(folder)  # once per backend at start-up or SIGHUP: a folder the config checked
+            key: object = (info.st_dev, info.st_ino)
+        except OSError:
+            key = os.path.realpath(folder)
+        found = self._by_folder.get(key)
+        if found is None:
+            found = self._by_folder[key] = InputDeletions(folder, complaints)
+        return found
 
 
 def _write_all(fd: int, data: bytes) -> None:

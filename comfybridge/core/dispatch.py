@@ -215,6 +215,8 @@ class Dispatcher:
                     remote = await backend.client.upload(await core.uploads.source_of(name), name)
                 except FileNotFoundError:
                     raise UploadGone(f"the uploaded file {name!r} of the job is gone") from None
+                if job.ended and not core.uploads.pinned(name):
+                    core.inputs_unneeded([name])  # cancelled while it was written: its deletion may have run first
                 prompt[node_id]["inputs"][input_name] = remote
             if not core.may_send():
                 return NOT_SENT

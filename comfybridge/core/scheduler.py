@@ -23,6 +23,7 @@ import aiohttp
 import orjson
 
 from ..comfy.client import BackendUnavailable, ComfyClient, shown
+from ..comfy.folders import InputFolders
 from ..errors import NoBackend, RateLimited, ShuttingDown, StorageError, StorageUnavailable, TooManyJobs
 from ..store.counter import StateStore
 from ..store.journal import ENDED_STATES, JobStore
@@ -77,6 +78,7 @@ class Scheduler:
         self._initial = list(backend_urls)
         # Each backend's output and input folder as this machine sees them (`comfy_outputs`, `comfy_inputs`).
         self._folders = (dict(settings.comfy_outputs), dict(settings.comfy_inputs))
+        self._input_folders = InputFolders()  # uploads to delete, per input folder: backends may share one
         self.may_send: Callable[[], bool] = lambda: True  # see Core.may_send; kept across reset()
         self.running = False  # between start and close
         self._build()
@@ -224,6 +226,7 @@ class Scheduler:
             max_event_bytes=int(self.settings.max_event_mb * 1024 * 1024),
             outputs=self._folders[0].get(url),
             inputs=self._folders[1].get(url),
+            input_folders=self._input_folders,
         )
         backend = self.backends[url] = Backend(client)
         backend.listener = core.supervisor.spawn(

@@ -291,15 +291,19 @@ class Core:
         if key is not None:
             self.open_jobs_by_key[key] += 1
 
+    def inputs_unneeded(self, names: list[str]) -> None:
+        """Uploads no unfinished job needs any more: deleted from every ComfyUI input folder the bridge
+        writes (`delete_inputs`), wherever a hand-over, of this run or an earlier one, put them."""
+        if names and self.settings.delete_inputs:
+            for backend in self.backends.values():
+                if backend.client.inputs is not None:
+                    backend.client.inputs.remove_later(names, self.spawn)
+
     def closed(self, job: Job) -> None:
         """A job leaves its client's unfinished jobs (ended, or never accepted)."""
         client = self.clients.get(job.client_id)
         if client is not None and client.jobs.pop(job.id, None) is not None:
-            unneeded = self.uploads.unpin(job.uploads.values())
-            if unneeded and self.settings.delete_inputs:
-                for backend in self.backends.values():  # wherever a hand-over wrote them
-                    if backend.client.inputs is not None:
-                        backend.client.inputs.remove_later(unneeded, self.spawn)
+            self.inputs_unneeded(self.uploads.unpin(job.uploads.values()))
             key = scope_of(job.client_id)
             if key is not None:
                 self.open_jobs_by_key[key] -= 1

@@ -123,6 +123,10 @@ class UploadStore:
         for name in names:
             self._pins[name] = self._pins.get(name, 0) + 1
 
+    def pinned(self, name: str) -> bool:
+        """An unfinished job needs this file."""
+        return name in self._pins
+
     def unpin(self, names: Iterable[str]) -> list[str]:
         """The job ended: its files expire `upload_ttl` from now unless used again. Returns those no
         unfinished job needs any more."""
