@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Iterable
 from typing import cast
 
 import orjson
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, hdrs, web
 
 from ..core.clients import Status, status_message
 from ..core.supervisor import Supervisor
@@ -190,9 +190,9 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
         raise RateLimited(f"This clientId already has {settings.max_sockets_per_client} sockets open, the limit.")
     if hub.from_address(address) >= settings.max_sockets_per_ip:
         raise RateLimited(f"Your address already has {settings.max_sockets_per_ip} sockets open, the limit.")
-    ws = web.WebSocketResponse(heartbeat=30)
-    if not ws.can_prepare(request).ok:
+    if request.headers.get(hdrs.UPGRADE, "").lower() != "websocket":  # a browser or curl, not a socket
         raise BadInput("This is the WebSocket endpoint: connect to it with a WebSocket client (Upgrade: websocket).")
+    ws = web.WebSocketResponse(heartbeat=30)
     await ws.prepare(request)
     hub.opened_from(address, +1)
     scheduler.remember(client_id)
