@@ -23,7 +23,6 @@ __all__ = ["OPTIONS", "ConfigError", "Settings", "load_settings"]
 
 DEFAULT_CONFIG = Path("config/comfybridge.toml")
 SECRETS = {"database", "webhook_secret", "metrics_key", "api_keys"}  # settings whose values are never echoed
-EXPLAINED = {"storage", "s3_endpoint", "comfy_outputs", "comfy_inputs"}  # settings whose parser says what is wrong
 ENV_PREFIX = "COMFYBRIDGE_"
 
 
@@ -185,13 +184,13 @@ def _backend_folders(value: Any) -> tuple[tuple[str, Path], ...]:
     found: dict[str, Path] = {}
     for url, folder in pairs:
         if not isinstance(folder, str) or not folder.strip():
-            raise ValueError(f"must be URL=FOLDER pairs, e.g. http://127.0.0.1:8188=/opt/comfyui/output; got {url!r}")
+            raise Invalid(f"must be URL=FOLDER pairs, e.g. http://127.0.0.1:8188=/opt/comfyui/output; got {url!r}")
         try:
             backend = _backends(url)[0]
         except ValueError:
-            raise ValueError(f"names {url!r}, which is not a ComfyUI host:port or URL") from None
+            raise Invalid(f"names {url!r}, which is not a ComfyUI host:port or URL") from None
         if backend in found:
-            raise ValueError(f"names {backend} twice")
+            raise Invalid(f"names {backend} twice")
         found[backend] = Path(folder.strip())
     return tuple(found.items())
 
@@ -236,14 +235,17 @@ def _database(value: str) -> str:
     except (ValueError, TypeError):
         usable = False
     if not usable:
-        raise ValueError("must be empty (the SQLite journal) or a postgresql://user:password@host:port/database URL")
+        raise Invalid("must be empty (the SQLite journal) or a postgresql://user:password@host:port/database URL")
     return value
 
 
 def _storage(value: str) -> str:
     value = str(value).strip()
     if value:
-        parse_storage_url(value)  # ValueError says what is wrong
+        try:
+            parse_storage_url(value)
+        except ValueError as exc:  # it says what is wrong
+            raise Invalid(str(exc)) from None
     return value
 
 
@@ -252,7 +254,7 @@ def _endpoint(value: str) -> str:
     if value:
         url = URL(value)
         if url.scheme not in ("http", "https") or not url.host:
-            raise ValueError("must be an http(s)://host[:port] URL of an S3-compatible server")
+            raise Invalid("must be an http(s)://host[:port] URL of an S3-compatible server")
     return value
 
 
@@ -261,7 +263,7 @@ def _advertise_url(value: str) -> str:
     if value:
         url = URL(value)
         if url.scheme not in ("http", "https") or not url.host or url.path not in ("", "/"):
-            raise ValueError("must be empty or a base URL such as http://10.0.0.5:8188")
+            raise Invalid("must be empty or a base URL such as http://10.0.0.5:8188")
     return value
 
 
@@ -504,7 +506,7 @@ def load_settings(
         try:
             parsed = parse(value)
         except (TypeError, ValueError) as exc:
-            told = isinstance(exc, Invalid) or name in SECRETS or name in EXPLAINED
+            told = isinstance(exc, Invalid) or name in SECRETS
             why = str(exc) if told and str(exc) else f"is not a valid {name.replace('_', ' ')}"
             raise ConfigError(f"{origin}: {shown} {why}") from None
         problem = check(parsed) if check else None

@@ -69,6 +69,7 @@ def test_config_file_by_flag_or_env(tmp_path: Path) -> None:
         (["--emulator-dialect", "0.4"], {}, "--emulator-dialect: '0.4' is not a ComfyUI dialect the emulator speaks"),
         (["--emulate", "1", "--backends", "a:1"], {}, "--backends and --emulate: the emulators are the backends"),
         (["--no-such-flag"], {}, "unrecognized arguments: --no-such-flag (python -m comfybridge --help"),
+        (["--advertise-url", "ftp://x"], {}, "--advertise-url: 'ftp://x' must be empty or a base URL"),
         (["--port", "70000"], {}, "--port: '70000' must be a port number (0-65535)"),
         ([], {"COMFYBRIDGE_HEARTBEAT": "0"}, "COMFYBRIDGE_HEARTBEAT in environment: '0' must be greater than 0"),
         (["--backends", "nohost"], {}, "--backends: 'nohost' names 'nohost', which is not a ComfyUI host:port"),

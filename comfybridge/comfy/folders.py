@@ -37,7 +37,7 @@ CHUNK = 1 << 20  # bytes read from disk at a time, past SMALL_FILE
 TEMP_SUFFIX = ".comfybridge.tmp"  # an upload on its way into an input folder: `.<name>.<random><suffix>`
 PROBE_PREFIX = ".comfybridge-probe-"  # the file ComfyUI is asked to serve back, at each connect
 STALE_TEMP = 600.0  # seconds after which such files are a killed bridge's, removed at the next connect
-REMOVE_DELAY = 0.25  # seconds stored outputs wait, to be deleted together in one thread trip
+REMOVE_DELAY = 0.25  # seconds outputs and uploads due for deletion wait, to go together in one thread trip
 Spawn = Callable[[Coroutine[Any, Any, None], str], object]
 
 
@@ -329,8 +329,8 @@ class LocalInputs(_Folder):
     """One ComfyUI's input folder, as this machine sees it. An upload is written whole under a
     temporary name of its own, created new in the folder (never through a link someone planted
     there, never over another file), then renamed into place, so ComfyUI never loads half a
-    file. What the bridge wrote here it deletes once no unfinished job needs it (`remove_later`);
-    nothing else here is deleted but its own stale temporary files."""
+    file. An upload is deleted here once no unfinished job needs it (`remove_later`, see
+    InputDeletions); nothing else here is deleted but the bridge's own stale temporary files."""
 
     kind = "input"
 
