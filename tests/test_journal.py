@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import shutil
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -293,36 +294,106 @@ async def test_a_journal_of_the_previous_release_opens_and_its_jobs_run(
         assert conn.execute("SELECT count(*) FROM deliveries").fetchone()[0] == 0
 
 
-@pytest.mark.parametrize("how", ["deleted", "replaced"])
-async def test_a_journal_deleted_or_replaced_while_running_stops_new_jobs(
+@pytest.mark.parametrize("what", ["file", "data folder"])
+async def test_a_journal_deleted_while_running_is_written_back_and_keeps_every_job(
     make_bridge: BridgeFactory,
     make_emulator: EmulatorFactory,
     tmp_path: Path,
-    how: str,
+    what: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    client = await make_bridge(await make_emulator())
+    emulator = await make_emulator()
+    client = await make_bridge(emulator)
     await run_job(client, "before", TINY)
+    status, _ = await generate(client, "unfetched", TINY)
+    assert status == 200
+    assert (await poll_status(client, "unfetched", {"closed", "error"}))["status"] == "closed"
+    data = tmp_path / "data"
+    journal = data / "journal.sqlite3"
+    if what == "file":
+        for name in (journal, *(journal.with_name(journal.name + end) for end in ("-wal", "-shm"))):
+            name.unlink()
+    else:
+        shutil.rmtree(data)
+    status, body = await generate(client, "after", TINY)  # its commit looks first, and writes the file back
+    assert status == 200, body
+    assert (await poll_status(client, "after", {"closed", "error"}))["status"] == "closed"
+    await wait_until_rows(client, [(name, "done", "") for name in ("before", "unfetched", "after")])
+    assert (await client.get("/ready")).status == 200
+    assert any("was deleted under the running bridge: written back" in r.getMessage() for r in caplog.records)
+    await client.close()
+
+    again = await make_bridge(emulator)  # the next start finds every job
+    assert await (await again.get("/generation-count")).json() == 3
+    for client_id in ("before", "unfetched", "after"):
+        results = await read_results(await again.get("/history", params={"clientId": client_id}))
+        assert len(results) == 1
+
+
+async def test_a_journal_deleted_on_a_full_disk_refuses_until_it_can_be_written_back(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    with small_disk(tmp_path / "small") as data_dir:
+        client = await make_bridge(await make_emulator(), data_dir=data_dir)
+        await run_job(client, "before", TINY)
+        filler = fill(data_dir)
+        journal = data_dir / "journal.sqlite3"
+        journal.unlink()  # its blocks stay taken while the bridge holds it open
+        status, body = await generate(client, "full", TINY)
+        assert status == 503
+        assert f"its journal {journal} was deleted, and cannot be written back" in body["detail"]
+        filler.unlink()
+        async with asyncio.timeout(10):  # the next look writes it back (a watch now and then, or a commit)
+            while (await client.get("/ready")).status != 200:
+                await asyncio.sleep(0.05)
+        await run_job(client, "after", TINY)
+        assert [row[0] for row in await journal_rows(client)] == ["before", "after"]
+        assert await (await client.get("/generation-count")).json() == 2
+        assert not list(data_dir.glob("*.restoring"))
+
+
+async def test_a_write_back_cut_short_by_a_stop_is_taken_up_at_the_next_start(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite3"
+    journal = SqliteJournal(path)
+    await journal.open()
+    job = Job("kept", "w", b'{"1": {"class_type": "X", "inputs": {}}}', 0)
+    await journal.accept(job.record())
+    await journal.close()
+    path.rename(path.with_name(path.name + ".restoring"))  # the copy made, not yet in place
+    reopened = SqliteJournal(path)
+    rows = await reopened.open(count_floor=1)
+    await reopened.close()
+    assert [row["id"] for row in rows] == [job.id]
+    assert not path.with_name(path.name + ".restoring").exists()
+
+
+async def test_a_journal_replaced_while_running_stops_new_jobs_and_keeps_its_jobs_aside(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = await make_bridge(await make_emulator())
+    status, _ = await generate(client, "unfetched", TINY)
+    assert status == 200
+    assert (await poll_status(client, "unfetched", {"closed", "error"}))["status"] == "closed"
     journal = tmp_path / "data" / "journal.sqlite3"
     journal.unlink()
-    if how == "replaced":
-        journal.write_bytes(b"")
+    journal.write_bytes(b"")  # another file at its path: not ours to overwrite
     status, body = await generate(client, "at-once", TINY)  # no window: the commit itself looks first
     assert status == 503
-    assert body["detail"].startswith(("The bridge cannot record anything: its journal", "The bridge cannot record new"))
+    assert body["detail"].startswith("The bridge cannot record anything: its journal")
+    (aside,) = journal.parent.glob("journal.sqlite3.displaced-*")
+    assert f"was replaced by another file; the jobs it held are kept in {aside}" in body["detail"]
+    with contextlib.closing(sqlite3.connect(aside)) as conn:
+        assert conn.execute("SELECT client_id, state FROM jobs").fetchall() == [("unfetched", "done")]
+    assert journal.read_bytes() == b""
     ready = await client.get("/ready")
     async with asyncio.timeout(10):
         while ready.status == 200:
             await asyncio.sleep(0.05)
             ready = await client.get("/ready")
-    assert ready.status == 503
-    assert (await ready.json())["detail"] == f"the job journal {journal} was {how}" + (
-        " by another file; restart the bridge" if how == "replaced" else "; restart the bridge"
-    )
+    assert (await ready.json())["detail"].startswith(f"the job journal {journal} was replaced by another file")
     status, body = await generate(client, "after", TINY)
     assert status == 503
     assert body["detail"].startswith("The bridge cannot record new jobs: its journal ")
-    assert body["detail"].endswith("It must be restarted.")
     assert await (await client.get("/generation-count")).json() == 1
     assert any(r.levelname == "ERROR" and "accepting no new jobs" in r.getMessage() for r in caplog.records)
     status, body = await upload(client, {"file": ("a.png", png())}, client_id="after")  # no job could use it

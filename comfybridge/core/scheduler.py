@@ -308,9 +308,7 @@ class Scheduler:
         """Store an upload request's files (all or none); with a clientId they are its own, and it is
         known; without, they are for any client of the caller's API key (`scope`), or of none."""
         if self.core.journal_lost is not None:  # no job could use them: the folder is not ours any more
-            raise StorageUnavailable(
-                f"The bridge cannot take uploads: its journal {self.core.journal_lost}. It must be restarted."
-            )
+            raise StorageUnavailable(f"The bridge cannot take uploads: its journal {self.core.journal_lost}.")
         owner = client_id if client_id is not None else key_pool(scope)
         names = await self.core.uploads.receive(owner, parts)
         if client_id is not None:
@@ -371,9 +369,7 @@ class Scheduler:
         if not self.accepting:
             raise ShuttingDown("The bridge is shutting down and accepts no new jobs; try again in a moment.")
         if core.journal_lost is not None:
-            raise StorageUnavailable(
-                f"The bridge cannot record new jobs: its journal {core.journal_lost}. It must be restarted."
-            )
+            raise StorageUnavailable(f"The bridge cannot record new jobs: its journal {core.journal_lost}.")
         workflow = core.workflows.get(body.get("workflow"))
         pool = key_pool(scope_of(client_id))
         values = workflow.check_request(
@@ -667,15 +663,19 @@ class Scheduler:
         return self.core.journal.remember(runtimes.dumps())
 
     async def _watch_journal(self) -> None:
-        """Notice a journal deleted or replaced under the running bridge: jobs accepted into a file the
-        next start will not find would be lost, so none are accepted from then on."""
+        """Look after the journal file now and then, busy or idle: one deleted under the running bridge
+        is written back; one replaced by another file, or that cannot be written back, takes no new jobs
+        (accepted into a file the next start will not find, they would be lost)."""
         core = self.core
-        while core.journal_lost is None:
+        while True:
             await asyncio.sleep(JOURNAL_CHECK)
-            reason = await asyncio.to_thread(core.journal.lost)
-            if reason is not None:
+            reason = await core.journal.ensure_in_place()
+            if reason != core.journal_lost:
                 core.journal_lost = reason
-                log.error("the job journal %s: accepting no new jobs until the bridge is restarted", reason)
+                if reason is not None:
+                    log.error("the job journal %s: accepting no new jobs", reason)
+                else:
+                    log.warning("the job journal is in place again: accepting new jobs")
 
     @property
     def orphan_age(self) -> float:

@@ -59,7 +59,7 @@ async def ready(request: web.Request) -> web.Response:
     if report["stopping"]:
         reason = "the bridge is stopping"
     elif report["journal"] != "ok":
-        reason = f"the job journal {report['journal']}; restart the bridge"
+        reason = f"the job journal {report['journal']}"
     elif not report["usable_backends"]:
         reason = "no ComfyUI backend is usable"
     elif limit and report["queued"] > limit:

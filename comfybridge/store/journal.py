@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -22,6 +23,7 @@ from typing import Any, Protocol
 import orjson
 
 from ..errors import StorageFull, StorageUnavailable
+from .files import fsync_path
 
 __all__ = ["COLUMNS", "ENDED_STATES", "JobStore", "JournalError", "SqliteJournal", "Write", "row_of", "values_of"]
 
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2  # 2: jobs.webhook, and the deliveries table
 MAX_BATCH = 512  # writes in one commit at most, so one commit never holds the others back for long
+RESTORING = ".restoring"  # the suffix of a journal's copy on its way back to its deleted path
 LATER = 0.5  # seconds forgets wait to be written together, off the path of the jobs that follow
 ENDED_STATES = ("done", "failed", "cancelled")
 JSON_COLUMNS = {"uploads", "results"}  # and prompt, kept as the JSON bytes the job holds
@@ -117,9 +120,9 @@ class JobStore(Protocol):
 
     def delivered(self, delivery_id: str) -> asyncio.Future[None]: ...
 
-    def lost(self) -> str | None:
-        """Why the journal can no longer be trusted to be found by the next start (its file deleted or
-        replaced under the running bridge), or None. Blocking: run it in a thread."""
+    async def ensure_in_place(self) -> str | None:
+        """Make sure the next start will find the journal: written back to its place if other hands
+        deleted it under the running bridge. None if it is there; else why it cannot be."""
         ...
 
     def forget(self, job_ids: Iterable[str], later: bool = False) -> asyncio.Future[None]:
@@ -164,6 +167,7 @@ class SqliteJournal:
         self._later: list[tuple[Write, asyncio.Future[Any]]] = []  # forgets waiting to go together
         self._later_timer: asyncio.TimerHandle | None = None
         self._identity: tuple[int, int] | None = None  # (device, inode) of the file opened
+        self._displaced: str | None = None  # why the file at our path is not ours, once found out
 
     # start-up --------------------------------------------------------------------------------
     def _check_not_emptied(self, counted: int) -> None:
@@ -197,11 +201,9 @@ class SqliteJournal:
     def _open_file(self, count_floor: int) -> list[dict[str, Any]]:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._finish_write_back()
             self._check_not_emptied(count_floor)
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self._conn = conn
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(f"PRAGMA synchronous={'FULL' if self.sync else 'OFF'}")
+            conn = self._connect()
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise JournalError(f"journal {self.path} was written by a newer comfybridge (schema {version})")
@@ -239,21 +241,94 @@ class SqliteJournal:
             self._close_connection()
             raise JournalError(f"journal {self.path} cannot be opened: {exc}") from None
         self._committed = self.count
-        identity = self.path.stat()
-        self._identity = (identity.st_dev, identity.st_ino)
         return rows
 
-    def lost(self) -> str | None:
+    def _connect(self) -> sqlite3.Connection:
+        conn = self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={'FULL' if self.sync else 'OFF'}")
+        identity = self.path.stat()
+        self._identity = (identity.st_dev, identity.st_ino)
+        return conn
+
+    async def ensure_in_place(self) -> str | None:
         try:
-            now = self.path.stat()
-        except FileNotFoundError:
-            return f"{self.path} was deleted"
-        except OSError as exc:  # a passing trouble (NFS, I/O): not a verdict; the next look decides
-            log.warning("journal %s: cannot look at it now (%s)", self.path, exc.strerror)
-            return None
-        if (now.st_dev, now.st_ino) != self._identity:
-            return f"{self.path} was replaced by another file"
+            await self._submit(lambda conn, batch: None)  # the writer thread looks before each commit
+        except StorageUnavailable:
+            return self._displaced
         return None
+
+    def _in_place(self) -> str | None:
+        """In the writer thread, before each commit: None if the file at the journal's path is the one
+        open. One deleted by other hands is written back from the open file, which still holds every
+        job: a commit into a file the next start will not find would be no commit at all."""
+        if self._displaced is not None:
+            return self._displaced
+        if self._conn is not None:
+            try:
+                now = self.path.stat()
+            except FileNotFoundError:
+                now = None
+            except OSError as exc:  # a passing trouble (NFS, I/O): not a verdict; the next look decides
+                log.warning("journal %s: cannot look at it now (%s)", self.path, exc.strerror)
+                return None
+            if now is not None and (now.st_dev, now.st_ino) == self._identity:
+                return None
+            if now is not None:
+                self._displaced = f"{self.path} was replaced by another file"
+                aside = self._copy_aside()
+                if aside is not None:
+                    self._displaced += f"; the jobs it held are kept in {aside}"
+                log.error("journal %s", self._displaced)
+                return self._displaced
+        try:
+            self._write_back()
+        except (OSError, sqlite3.Error) as exc:
+            log.error("journal %s was deleted, and cannot be written back now: %s", self.path, exc)
+            return f"{self.path} was deleted, and cannot be written back ({exc})"
+        log.warning("journal %s was deleted under the running bridge: written back from the open file", self.path)
+        return None
+
+    def _write_back(self) -> None:
+        """Copy the open journal to its path (a snapshot of the file other hands deleted), then go on
+        writing there. The deleted file's WAL names are removed first: SQLite must not take them for
+        the new file's. A write-back cut short (no connection left) resumes from its copy."""
+        path = self.path
+        path.parent.mkdir(parents=True, exist_ok=True)  # the whole data folder may have gone
+        copy = path.with_name(path.name + RESTORING)
+        if self._conn is not None:
+            copy.unlink(missing_ok=True)
+            self._conn.execute("VACUUM INTO ?", (str(copy),))
+            fsync_path(copy)
+            self._close_connection()
+        if copy.exists():
+            for leftover in ("-wal", "-shm"):
+                path.with_name(path.name + leftover).unlink(missing_ok=True)
+            os.replace(copy, path)
+            fsync_path(path.parent)
+        self._connect()
+
+    def _finish_write_back(self) -> None:
+        """A stop during a write-back left its copy and no journal: the copy is the journal (checked
+        as any journal is, once opened)."""
+        copy = self.path.with_name(self.path.name + RESTORING)
+        if copy.exists() and not self.path.exists():
+            log.warning("journal %s: taking up the copy a write-back left, %s", self.path, copy.name)
+            for leftover in ("-wal", "-shm"):
+                self.path.with_name(self.path.name + leftover).unlink(missing_ok=True)
+            os.replace(copy, self.path)
+
+    def _copy_aside(self) -> Path | None:
+        """Keep the jobs of a journal whose path now names another file, for its operator to restore."""
+        assert self._conn is not None
+        aside = self.path.with_name(f"{self.path.name}.displaced-{time.strftime('%Y%m%dT%H%M%S')}")
+        try:
+            self._conn.execute("VACUUM INTO ?", (str(aside),))
+            fsync_path(aside)
+        except (OSError, sqlite3.Error) as exc:
+            log.error("journal %s: its jobs could not be kept aside in %s: %s", self.path, aside, exc)
+            return None
+        return aside
 
     def _start(self) -> None:
         """Start the writer thread; writes are accepted from this event loop from now on."""
@@ -382,7 +457,7 @@ class SqliteJournal:
 
     def _commit(self, items: list[tuple[Write, asyncio.Future[Any]]]) -> None:
         outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
-        gone = self.lost()  # a commit into a file the next start will not find is no commit
+        gone = self._in_place()
         if gone is not None:
             refusal = StorageUnavailable(f"The bridge cannot record anything: its journal {gone}.")
             outcomes = [(future, None, refusal) for _, future in items]

@@ -290,6 +290,9 @@ class PgJournal:
         """Set once the database was taken by another bridge while this one's connection was down."""
         return self._lost
 
+    async def ensure_in_place(self) -> str | None:
+        return self._lost
+
     async def _locked(self) -> Conn:
         """The one connection, which holds BRIDGE_LOCK: connected and locked again if it dropped (a
         restart of PostgreSQL ends the session, and the lock with it)."""
