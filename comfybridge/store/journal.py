@@ -148,6 +148,11 @@ class _Batch:
 
 
 Write = Callable[[sqlite3.Connection, _Batch], Any]
+Outcome = tuple[asyncio.Future[Any], Any, BaseException | None]  # a write's future, its result, its error
+
+
+def _look_only(conn: sqlite3.Connection, batch: _Batch) -> None:
+    """Not a write: asks the writer thread to look at the journal file (`ensure_in_place`)."""
 
 
 class SqliteJournal:
@@ -253,7 +258,7 @@ class SqliteJournal:
 
     async def ensure_in_place(self) -> str | None:
         try:
-            await self._submit(lambda conn, batch: None)  # the writer thread looks before each commit
+            await self._submit(_look_only)  # the writer thread looks before each commit
         except StorageUnavailable:
             return self._displaced
         return None
@@ -456,17 +461,22 @@ class SqliteJournal:
                 self._commit(batch)
 
     def _commit(self, items: list[tuple[Write, asyncio.Future[Any]]]) -> None:
-        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        assert self._loop is not None
         gone = self._in_place()
         if gone is not None:
             refusal = StorageUnavailable(f"The bridge cannot record anything: its journal {gone}.")
-            outcomes = [(future, None, refusal) for _, future in items]
-            assert self._loop is not None
-            self._loop.call_soon_threadsafe(self._resolve, outcomes, 0)
+            refused: list[Outcome] = [(future, None, refusal) for _, future in items]
+            self._loop.call_soon_threadsafe(self._resolve, refused, 0)
             return
+        outcomes: list[Outcome] = [
+            (future, None, None) for write, future in items if write is _look_only
+        ]  # a look at the file, done above: no transaction of its own
+        items = [item for item in items if item[0] is not _look_only]
+        accepted: list[int] = []
         try:
-            results, accepted = self._transaction([write for write, _ in items])
-            outcomes = [(future, result, None) for (_, future), result in zip(items, results, strict=True)]
+            if items:
+                results, accepted = self._transaction([write for write, _ in items])
+                outcomes += [(future, result, None) for (_, future), result in zip(items, results, strict=True)]
         except Exception:
             # One bad write must not fail the others that shared its commit: try each on its own.
             accepted = []
@@ -477,7 +487,6 @@ class SqliteJournal:
                     outcomes.append((future, result, None))
                 except Exception as exc:
                     outcomes.append((future, None, _storage_error(exc, self.path)))
-        assert self._loop is not None
         self._loop.call_soon_threadsafe(self._resolve, outcomes, max(accepted, default=0))
 
     def _transaction(self, writes: list[Write]) -> tuple[list[Any], list[int]]:
@@ -497,7 +506,7 @@ class SqliteJournal:
         self._committed = batch.count
         return results, batch.accepted
 
-    def _resolve(self, outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]], count: int) -> None:
+    def _resolve(self, outcomes: list[Outcome], count: int) -> None:
         if count > self.count:
             self.count = count  # only now is it durable, so only now is it served
         for future, result, error in outcomes:
