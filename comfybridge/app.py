@@ -80,6 +80,8 @@ def create_app(
     except BaseException:
         lock.release()
         raise
+    if isinstance(journal, SqliteJournal):
+        journal.claim_folder = lock.retake  # a data folder deleted under it is locked again as it comes back
     # Bodies are read by the handlers with their own limits (JSON small, uploads streamed); this
     # cap is for anything read whole, and it is checked on the bytes after any Content-Encoding.
     middlewares = [request_middleware, policy.cors_middleware(), error_middleware, policy.middleware()]

@@ -20,6 +20,7 @@ from comfybridge.edge.appkeys import JOURNAL, SETTINGS
 from comfybridge.errors import StorageFull
 from comfybridge.store import journal as journal_module
 from comfybridge.store import results as results_module
+from comfybridge.store.datadir import DataDirLock, DataDirLocked
 from comfybridge.store.journal import SqliteJournal
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
@@ -321,6 +322,8 @@ async def test_a_journal_deleted_while_running_is_written_back_and_keeps_every_j
     await wait_until_rows(client, [(name, "done", "") for name in ("before", "unfetched", "after")])
     assert (await client.get("/ready")).status == 200
     assert any("was deleted under the running bridge: written back" in r.getMessage() for r in caplog.records)
+    with pytest.raises(DataDirLocked, match="in use by another comfybridge"):  # the folder made again is locked
+        DataDirLock.acquire(data, "a second bridge")
     await client.close()
 
     again = await make_bridge(emulator)  # the next start finds every job

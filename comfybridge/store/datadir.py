@@ -30,10 +30,20 @@ class DataDirLock:
     there is no stale lock to clean up by hand; and no file can be deleted to get around it.
     `bridge.lock` only names the holder, for the refusal."""
 
-    def __init__(self, path: Path, fd: int | None) -> None:
+    def __init__(self, path: Path, fd: int | None, listening: str = "") -> None:
         self.path = path
+        self._listening = listening
         self._fd = fd
         self._finalizer = weakref.finalize(self, os.close, fd) if fd is not None else None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        if self._fd is not None and self._finalizer is not None:
+            self._fd = None
+            self._finalizer()  # closing the file releases the lock
 
     @classmethod
     def shared(cls, data_dir: Path) -> DataDirLock:
@@ -45,44 +55,57 @@ class DataDirLock:
     @classmethod
     def acquire(cls, data_dir: Path, listening: str) -> DataDirLock:
         """Take the lock (creating the folder if new) or raise DataDirLocked naming the holder."""
-        data_dir.mkdir(parents=True, exist_ok=True)
-        path = data_dir / LOCK_FILE
-        fd = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.ENOLCK, errno.ENOTSUP, errno.EOPNOTSUPP):
-                raise DataDirLocked(
-                    f"data folder {data_dir} cannot be locked ({exc.strerror}: a network filesystem without "
-                    "locking?); one bridge per data folder needs a lock: use a local disk"
-                ) from None
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
+        return cls(data_dir / LOCK_FILE, _lock(data_dir, listening), listening)
+
+    def retake(self) -> None:
+        """The data folder was deleted under the running bridge and made again (the journal writes
+        itself back into it): lock the new one before anything is written there, so that no second
+        bridge can take it and the jobs in it. DataDirLocked if one already did. Blocking."""
+        if self._fd is None or self._finalizer is None:
+            return  # a cluster's shared folder: nothing is locked
+        folder = self.path.parent
+        held = os.fstat(self._fd)
+        with contextlib.suppress(FileNotFoundError):
+            now = folder.stat()
+            if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                return
+        fd = _lock(folder, self._listening)
+        self._finalizer()  # the old folder's lock: nobody can take that folder any more
+        self._fd, self._finalizer = fd, weakref.finalize(self, os.close, fd)
+
+
+def _lock(data_dir: Path, listening: str) -> int:
+    """Lock the data folder (creating it if new) and name the holder in its lock file: the folder's
+    open descriptor, which holds the lock. DataDirLocked if another bridge holds it."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / LOCK_FILE
+    fd = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.ENOLCK, errno.ENOTSUP, errno.EOPNOTSUPP):
             raise DataDirLocked(
-                f"data folder {data_dir} is in use by another comfybridge ({_holder(path)}); one bridge per data "
-                "folder: stop that one, or give this one its own --data-dir"
+                f"data folder {data_dir} cannot be locked ({exc.strerror}: a network filesystem without "
+                "locking?); one bridge per data folder needs a lock: use a local disk"
             ) from None
-        holder = {
-            "pid": os.getpid(),
-            "listening": listening,
-            "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        }
-        try:
-            path.write_bytes(orjson.dumps(holder))
-        except OSError:
-            os.close(fd)
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             raise
-        return cls(path, fd)
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
-    def release(self) -> None:
-        if self._fd is not None and self._finalizer is not None:
-            self._fd = None
-            self._finalizer()  # closing the file releases the lock
+        raise DataDirLocked(
+            f"data folder {data_dir} is in use by another comfybridge ({_holder(path)}); one bridge per data "
+            "folder: stop that one, or give this one its own --data-dir"
+        ) from None
+    holder = {
+        "pid": os.getpid(),
+        "listening": listening,
+        "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+    try:
+        path.write_bytes(orjson.dumps(holder))
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _holder(path: Path) -> str:

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import orjson
 
 from ..errors import StorageFull, StorageUnavailable
+from .datadir import DataDirLocked
 from .files import fsync_path
 
 __all__ = ["COLUMNS", "ENDED_STATES", "JobStore", "JournalError", "SqliteJournal", "Write", "row_of", "values_of"]
@@ -173,6 +174,8 @@ class SqliteJournal:
         self._later_timer: asyncio.TimerHandle | None = None
         self._identity: tuple[int, int] | None = None  # (device, inode) of the file opened
         self._displaced: str | None = None  # why the file at our path is not ours, once found out
+        # Called before the journal is written back into a data folder made again: locks it (DataDirLocked).
+        self.claim_folder: Callable[[], None] = lambda: None
 
     # start-up --------------------------------------------------------------------------------
     def _check_not_emptied(self, counted: int) -> None:
@@ -288,6 +291,10 @@ class SqliteJournal:
                 return self._displaced
         try:
             self._write_back()
+        except DataDirLocked as exc:  # another bridge took the folder made again: its jobs are its own now
+            self._displaced = f"{self.path} was deleted, and its folder taken by another bridge ({exc})"
+            log.error("journal %s", self._displaced)
+            return self._displaced
         except (OSError, sqlite3.Error) as exc:
             log.error("journal %s was deleted, and cannot be written back now: %s", self.path, exc)
             return f"{self.path} was deleted, and cannot be written back ({exc})"
@@ -300,6 +307,7 @@ class SqliteJournal:
         the new file's. A write-back cut short (no connection left) resumes from its copy."""
         path = self.path
         path.parent.mkdir(parents=True, exist_ok=True)  # the whole data folder may have gone
+        self.claim_folder()
         copy = path.with_name(path.name + RESTORING)
         if self._conn is not None:
             copy.unlink(missing_ok=True)
