@@ -345,6 +345,10 @@ async def test_a_journal_deleted_on_a_full_disk_refuses_until_it_can_be_written_
         status, body = await generate(client, "full", TINY)
         assert status == 503
         assert f"its journal {journal} was deleted, and cannot be written back" in body["detail"]
+        async with asyncio.timeout(10):  # the watch finds it too, and says so
+            while (ready := await client.get("/ready")).status == 200:
+                await asyncio.sleep(0.05)
+        assert (await ready.json())["detail"].startswith(f"the job journal {journal} was deleted, and cannot be")
         filler.unlink()
         async with asyncio.timeout(10):  # the next look writes it back (a watch now and then, or a commit)
             while (await client.get("/ready")).status != 200:

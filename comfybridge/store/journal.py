@@ -153,7 +153,8 @@ Outcome = tuple[asyncio.Future[Any], Any, BaseException | None]  # a write's fut
 
 
 def _look_only(conn: sqlite3.Connection, batch: _Batch) -> None:
-    """Not a write: asks the writer thread to look at the journal file (`ensure_in_place`)."""
+    """Not a write: asks the writer thread to look at the journal file (`ensure_in_place`), and is
+    answered why it is not in place, or None."""
 
 
 class SqliteJournal:
@@ -260,11 +261,8 @@ class SqliteJournal:
         return conn
 
     async def ensure_in_place(self) -> str | None:
-        try:
-            await self._submit(_look_only)  # the writer thread looks before each commit
-        except StorageUnavailable:
-            return self._displaced
-        return None
+        reason: str | None = await self._submit(_look_only)  # the writer thread looks before each commit
+        return reason
 
     def _in_place(self) -> str | None:
         """In the writer thread, before each commit: None if the file at the journal's path is the one
@@ -471,15 +469,14 @@ class SqliteJournal:
     def _commit(self, items: list[tuple[Write, asyncio.Future[Any]]]) -> None:
         assert self._loop is not None
         gone = self._in_place()
+        # A look at the file (done just now) is told what it found; it has no transaction of its own.
+        outcomes: list[Outcome] = [(future, gone, None) for write, future in items if write is _look_only]
+        items = [item for item in items if item[0] is not _look_only]
         if gone is not None:
             refusal = StorageUnavailable(f"The bridge cannot record anything: its journal {gone}.")
-            refused: list[Outcome] = [(future, None, refusal) for _, future in items]
-            self._loop.call_soon_threadsafe(self._resolve, refused, 0)
+            outcomes += [(future, None, refusal) for _, future in items]
+            self._loop.call_soon_threadsafe(self._resolve, outcomes, 0)
             return
-        outcomes: list[Outcome] = [
-            (future, None, None) for write, future in items if write is _look_only
-        ]  # a look at the file, done above: no transaction of its own
-        items = [item for item in items if item[0] is not _look_only]
         accepted: list[int] = []
         try:
             if items:
