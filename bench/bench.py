@@ -1072,10 +1072,10 @@ def postgres_server(url: str | None) -> Iterator[Callable[[], str]]:
         yield lambda: url  # the caller's database: no statement counts, one database for every cluster
         return
     sys.path.insert(0, str(ROOT))
-    from tests.postgres import running_postgres
+    from tests.services import throwaway_postgres
 
     options = "-c fsync=on -c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track_utility=on"
-    with contextlib.contextmanager(running_postgres)(options) as server:
+    with throwaway_postgres(options) as server:
 
         def new_database() -> str:
             database = server.new_database()

@@ -25,13 +25,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.helpers import nginx_config, unused_port  # noqa: E402
-from tests.postgres import running_postgres  # noqa: E402
+from tests.services import nginx_config, postgres_binaries, throwaway_postgres, unused_port  # noqa: E402
 
 
 def missing_packages() -> list[str]:
     missing = []
-    if not sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb")):
+    if postgres_binaries() is None:
         missing.append("postgresql")
     if not (shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")):
         missing.append("nginx-light")
@@ -79,7 +78,7 @@ def main() -> None:
     python = sys.executable
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stopped as by Ctrl-C: everything cleaned up
     with contextlib.ExitStack() as stack:
-        postgres = stack.enter_context(contextlib.contextmanager(running_postgres)())
+        postgres = stack.enter_context(throwaway_postgres())
         database = postgres.new_database()
         root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="comfybridge-cluster-demo-")))
         emulators = []

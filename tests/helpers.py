@@ -8,7 +8,6 @@ import io
 import os
 import re
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -28,6 +27,8 @@ from comfybridge.edge.appkeys import SETTINGS
 from comfybridge.emulator import Emulator
 from comfybridge.emulator.png import solid_png
 from comfybridge.store.s3 import parse_storage_url
+
+from .services import ROOT
 
 Client = TestClient[web.Request, web.Application]
 LARGE = 1024 * 1024
@@ -152,25 +153,6 @@ def system_binary(name: str, package: str) -> str:
     return found
 
 
-def nginx_config(root: Path, port: int, bridges: list[int], shipped: str = "nginx-comfybridge.conf") -> str:
-    """A shipped config/nginx-*.conf, pointed at these two bridges' ports and listening on `port`,
-    inside a minimal nginx.conf whose files all go under `root`."""
-    site = (ROOT / "config" / shipped).read_text()
-    site = site.replace("server 127.0.0.1:8001", f"server 127.0.0.1:{bridges[0]}")
-    site = site.replace("server 127.0.0.1:8002", f"server 127.0.0.1:{bridges[1]}")
-    site = site.replace("listen 80;", f"listen 127.0.0.1:{port};")
-    user = "user root;" if os.geteuid() == 0 else ""
-    return (
-        f"worker_processes 1;\n{user}\npid {root}/nginx.pid;\nerror_log {root}/error.log;\ndaemon off;\n"
-        "events { worker_connections 256; }\nhttp {\n    access_log off;\n"
-        + "".join(
-            f"    {kind}_temp_path {root}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-        )
-        + site
-        + "}\n"
-    )
-
-
 @contextlib.contextmanager
 def small_disk(path: Path, size: str = "4m") -> Iterator[Path]:
     """A real, small filesystem (tmpfs) at `path`; skipped where mounting is not allowed."""
@@ -199,9 +181,6 @@ def fill(folder: Path) -> Path:
     return filler
 
 
-ROOT = Path(__file__).parent.parent
-
-
 def files_under(folder: Path) -> list[Path] | None:
     """Every file under `folder`, or None while a folder in it was being removed as it was listed
     (a bridge tidying up): look again."""
@@ -209,15 +188,6 @@ def files_under(folder: Path) -> list[Path] | None:
         return [p for p in folder.rglob("*") if p.is_file()]
     except FileNotFoundError:
         return None
-
-
-def unused_port() -> int:
-    """A port nothing listens on now: for a program that cannot bind port 0 and say which it got
-    (nginx), or for an address that must refuse connections. Bridges and emulators bind port 0."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def run_cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:

@@ -24,9 +24,10 @@ from comfybridge.edge.replies import error_middleware
 from comfybridge.emulator import Emulator
 
 from .conftest import EmulatorFactory, wait_for
-from .helpers import TINY, bridge_process, fetch_results, png, post_job, status_of, unused_port
+from .helpers import TINY, bridge_process, fetch_results, png, post_job, status_of
 from .postgres import PostgresServer
 from .s3 import S3Server
+from .services import unused_port
 
 pytestmark = pytest.mark.timeout(180)
 

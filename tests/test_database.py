@@ -28,10 +28,10 @@ from .helpers import (
     fetch_results,
     run_cli,
     submit,
-    unused_port,
     wait_closed,
 )
 from .postgres import PostgresServer, running_postgres
+from .services import unused_port
 
 
 async def test_an_unreachable_database_is_one_line_and_exit_2(workdir: Path) -> None:

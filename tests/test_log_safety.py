@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 from comfybridge.edge.logs import REDACTED, JsonFormatter, TextFormatter, one_line, quiet_bad_requests, redact, refusal
 
 from .conftest import FIXTURES, wait_for
-from .helpers import bridge_process, unused_port
+from .helpers import bridge_process
+from .services import unused_port
 
 KEY = "live-key-0123456789abcdef"  # the bridge's one key: clients with a broken request still send it
 WRONG = "wrong-key-fedcba9876543210"

@@ -18,15 +18,14 @@ from comfybridge.emulator.png import png_size
 from .conftest import FIXTURES, BridgeFactory, EmulatorFactory
 from .helpers import (
     bridge_process,
-    nginx_config,
     png,
     read_results,
     system_binary,
-    unused_port,
     wait_until_up,
     without_job_id,
 )
 from .postgres import PostgresServer
+from .services import nginx_config, unused_port
 
 CONFIG = """
 worker_processes 1;

@@ -18,7 +18,8 @@ import pytest
 from comfybridge.emulator.png import png_size
 
 from .conftest import FIXTURES, EmulatorFactory, wait_for
-from .helpers import ROOT, assert_one_line_error, bridge_process, count, run_cli, submit, unused_port, without_job_id
+from .helpers import ROOT, assert_one_line_error, bridge_process, count, run_cli, submit, without_job_id
+from .services import unused_port
 
 
 @pytest.fixture

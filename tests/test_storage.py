@@ -30,12 +30,12 @@ from .helpers import (
     read_results,
     run_cli,
     run_job,
-    unused_port,
     upload,
     wait_closed,
     without_job_id,
 )
 from .s3 import S3Server
+from .services import unused_port
 
 
 async def test_results_are_kept_in_the_bucket_until_fetched_then_removed(

@@ -21,7 +21,8 @@ from comfybridge.core import webhooks
 from comfybridge.edge.appkeys import JOURNAL
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
-from .helpers import TINY, backends, bridge_process, generate, post_job, run_job, unused_port, wait_closed
+from .helpers import TINY, backends, bridge_process, generate, post_job, run_job, wait_closed
+from .services import unused_port
 
 SECRET = "whsec_" + base64.b64encode(b"a secret of thirty-two bytes....").decode()
 
