@@ -17,7 +17,7 @@ import pytest
 
 from comfybridge.core.jobs import InvalidStep, Job, JobState
 from comfybridge.edge.appkeys import JOURNAL, SETTINGS
-from comfybridge.errors import StorageFull
+from comfybridge.errors import StorageFull, StorageUnavailable
 from comfybridge.store import journal as journal_module
 from comfybridge.store import results as results_module
 from comfybridge.store.datadir import DataDirLock, DataDirLocked
@@ -509,3 +509,34 @@ async def test_a_jobs_inline_results_are_bounded_so_its_end_commit_stays_small(
     assert len(stored(client, "results")) == 1
     parts = await read_results(await client.get("/history", params={"clientId": "pair"}))
     assert [len(p[3]) for p in parts] == [len(one[3])] * 2
+
+
+async def test_a_fetch_the_journal_could_not_forget_is_forgotten_later_never_served_twice(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    emulator = await make_emulator()
+    client = await make_bridge(emulator)
+    await run_job(client, "once", TINY)
+    journal = client.app[JOURNAL]
+    refused: list[str] = []
+
+    def away_once(forget: Any) -> Any:
+        def write(*args: Any, **kwargs: Any) -> asyncio.Future[None]:
+            if refused:
+                return forget(*args, **kwargs)
+            refused.append(forget.__name__)
+            failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            failed.set_exception(StorageUnavailable("the database is away"))
+            return failed
+
+        return write
+
+    journal.forget, journal.forget_client = away_once(journal.forget), away_once(journal.forget_client)
+    assert len(await read_results(await client.get("/history", params={"clientId": "once"}))) == 1
+    await wait_until_rows(client, [])  # asked again, it lands
+    assert refused == ["forget_client"]
+    assert any("not yet forgotten in the journal" in r.getMessage() for r in caplog.records)
+    await client.close()
+
+    again = await make_bridge(emulator)  # a restart does not serve them a second time
+    assert (await again.get("/history", params={"clientId": "once"})).status == 204  # nothing to fetch

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 RESTART_FIRST = 0.5  # seconds before a failed listener or worker starts again; doubles up to RESTART_MAX
 RESTART_MAX = 30.0
+FORGET_RETRY_MAX = 30.0  # seconds at most between asks to journal a fetch the journal could not take (from 1 s)
 JOURNAL_CHECK = 2.0  # seconds between looks at the journal file
 LEARNED_EVERY = 10.0  # seconds between saves of the learned run times, when they changed
 SWEEP_BATCH = 1000  # expired results, and expired uploads, removed per sweep at most (the rest: next sweep)
@@ -606,22 +607,30 @@ class Scheduler:
             self.results_fetched(client_id, lost)
 
     async def _forget_fetched(
-        self, client_id: str, fetched: list[JobResult], client_done: bool, keep_for: float
+        self, client_id: str, fetched: list[JobResult], client_done: bool, keep_for: float, retry: float = 0
     ) -> None:
-        """Journal the fetch before the files go."""
+        """Journal the fetch before the files go. A journal that cannot take it now (a database away)
+        is asked again until it does: until then a restart, or the next leader, would serve the
+        results once more (at least once, never lost)."""
         core = self.core
-        # A client with nothing left: all its ended jobs go, these with them (one write, not two).
-        if client_done:
+        if retry:
+            await asyncio.sleep(retry)
+        # A client with nothing left: all its ended jobs go, these with them (one write, not two). Asked
+        # again, only these: a job the clientId got meanwhile may have ended since, unfetched.
+        if client_done and not retry:
             forgotten = core.journal.forget_client(client_id, later=True)
         else:
             forgotten = core.journal.forget((r.job_id for r in fetched), later=True)
         try:
             await forgotten
         except StorageError as exc:
-            # Delivered whole all the same: the files stay while the journal names them, and a restart
-            # may serve them once more (at least once, never lost).
-            log.warning("client %s: %d results delivered, but not forgotten in the journal: %s", client_id,
-                        len(fetched), exc)  # fmt: skip
+            if not retry:
+                log.warning("client %s: %d results delivered, but not yet forgotten in the journal (%s); "
+                            "asking it again until it is", client_id, len(fetched), exc)  # fmt: skip
+            again = self._forget_fetched(
+                client_id, fetched, client_done, keep_for, min(2 * retry or 1.0, FORGET_RETRY_MAX)
+            )
+            core.spawn(again, f"forget fetched {client_id} again", daemon=True)  # a stop does not wait for it
             return
         if keep_for:  # a stop cuts this short: the objects are then orphans, which the sweep removes
             linked = {r.job_id for r in fetched}  # kept from the sweep while the links work
