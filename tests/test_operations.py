@@ -15,12 +15,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from comfybridge.core.workflows import WorkflowStore
-from comfybridge.edge.appkeys import SCHEDULER
+from comfybridge.edge.appkeys import JOURNAL, SCHEDULER
 from comfybridge.edge.logs import redact
 from comfybridge.errors import WorkflowConfigError
 
 from .conftest import FIXTURES, BridgeFactory, EmulatorFactory, wait_for
-from .helpers import Client, bridge_process, generate, run_job
+from .helpers import Client, bridge_process, generate, poll_status, run_job
 
 KEY = "ops-key-0123456789abcdef"
 
@@ -200,6 +200,37 @@ async def test_metrics_count_jobs_backends_requests_and_commits(
     assert samples[("comfybridge_request_duration_seconds_count", route)] == 3
     # Two commits a job: its accept, which records its hand-over too (an idle backend took it at once), and its end.
     assert samples[("comfybridge_journal_commit_seconds_count", ())] == 3 * 2
+
+
+async def test_a_job_is_counted_as_ended_once_its_end_is_recorded_not_before(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    """An end the journal has not taken may be collected and ended again (a restart, a new leader):
+    counted when it is durable, it is counted once."""
+    client = await make_bridge(await make_emulator())
+    journal = client.app[JOURNAL]
+    record, asked, gate = journal.update, asyncio.Event(), asyncio.Event()
+
+    def held(job_id: str, fields: dict[str, Any], delivery: dict[str, Any] | None = None) -> asyncio.Future[None]:
+        if fields.get("state") != "done":
+            return record(job_id, fields, delivery)
+        asked.set()
+        return asyncio.ensure_future(_after(gate, record(job_id, fields, delivery)))
+
+    journal.update = held
+    ended = ("comfybridge_jobs_ended_total", (("outcome", "done"), ("workflow", "solid")))
+    status, _ = await generate(client, "held", {"workflow": "solid", "1/batch_size": 1})
+    assert status == 200
+    await asyncio.wait_for(asked.wait(), 15)
+    assert scrape(await (await client.get("/metrics")).text()).get(ended, 0) == 0
+    gate.set()
+    await poll_status(client, "held", {"closed"})
+    assert scrape(await (await client.get("/metrics")).text())[ended] == 1
+
+
+async def _after(gate: asyncio.Event, write: Awaitable[None]) -> None:
+    await gate.wait()
+    await write
 
 
 async def test_metrics_behind_a_key(make_emulator: EmulatorFactory, make_bridge: BridgeFactory, tmp_path: Path) -> None:

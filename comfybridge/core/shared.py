@@ -338,7 +338,6 @@ class Core:
         self.queue.remove(job)
         self.closed(job)
         facts = {**_where_and_how_long(job), "outcome": state.value}
-        self.metrics.job_ended(job.workflow, state.value)
         log.log(
             logging.WARNING if state is JobState.FAILED else logging.INFO,
             "job %s client %s: %s%s%s", job.id, job.client_id, state.value, _describe(facts),
@@ -386,6 +385,7 @@ class Core:
             self.on_delivery(delivery)
 
     def _ended(self, job: Job, files: list[ResultFile] | None, notify: bool) -> None:
+        self.metrics.job_ended(job.workflow, job.state.value)  # durable: a next term will not end it again
         if files is not None:
             self.results.add(job.id, job.client_id, job.seq, files)
             job.results = None  # recorded; its encoded copy of inline files would double their memory
