@@ -8,12 +8,14 @@ import base64
 import contextlib
 import shutil
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from comfybridge.core.jobs import InvalidStep, Job, JobState
 from comfybridge.edge.appkeys import JOURNAL, SETTINGS
@@ -540,3 +542,30 @@ async def test_a_fetch_the_journal_could_not_forget_is_forgotten_later_never_ser
 
     again = await make_bridge(emulator)  # a restart does not serve them a second time
     assert (await again.get("/history", params={"clientId": "once"})).status == 204  # nothing to fetch
+
+
+async def test_a_recovered_job_waited_since_it_was_accepted_not_since_the_restart(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory, workflow_dir: Path
+) -> None:
+    emulator = await make_emulator()
+    first = await make_bridge(emulator)
+    path = first.app[SETTINGS].journal_file
+    await first.close()
+    prompt = orjson.loads((workflow_dir / "b_emptyimage_save.json").read_bytes())
+    with contextlib.closing(sqlite3.connect(path)) as conn:  # accepted an hour ago, by a bridge since gone
+        conn.execute(
+            "INSERT INTO jobs (id, seq, client_id, workflow, state, prompt_id, accepted_at, prompt, uploads) "
+            "VALUES ('a' || hex(randomblob(15)), 1, 'patient', 'solid', 'waiting', ?, ?, ?, '{}')",
+            ("0f0e0d0c-0b0a-4908-8706-050403020100", time.time() - 3600, orjson.dumps(prompt)),
+        )
+        conn.execute("UPDATE meta SET value = '1' WHERE key = 'generation_count'")
+        conn.commit()
+    again = await make_bridge(emulator)
+    assert (await poll_status(again, "patient", {"closed", "error"}))["status"] == "closed"
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(await (await again.get("/metrics")).text())
+        for s in family.samples
+    }
+    waited = samples[("comfybridge_job_wait_seconds_sum", (("backend", emulator.url), ("workflow", "solid")))]
+    assert 3600 <= waited < 3600 + 60

@@ -151,6 +151,8 @@ class Job:
         job.prompt_id, job.state, job.backend = row["prompt_id"], JobState(row["state"]), row["backend"]
         job.error, job.attempts, job.retries = row["error"], row["attempts"], row["retries"]
         job.accepted_at, job.ended_at, job.results = row["accepted_at"], row["ended_at"], row["results"]
+        # Its wait counts from its accept (by this process, a killed one, or another bridge), not from now.
+        job.accepted_mono -= max(0.0, time.time() - job.accepted_at)
         job.webhook = row.get("webhook")
         job.journal = journal
         return job
