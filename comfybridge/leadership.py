@@ -96,7 +96,9 @@ class Leadership:
                     "lead, it would use its own (give every bridge of a cluster the same --backends)",
                     leader.url, ", ".join(leader.backends) or "none", ", ".join(own) or "none",
                 )  # fmt: skip
-        self.view.follow(leader.url if leader else None, leader.generation if leader else 0)
+        # No leader known (none, or the database away): the generation stays the last one seen, as on a
+        # dashboard it must: it only ever rises.
+        self.view.follow(leader.url if leader else None, leader.generation if leader else self.view.generation)
 
     async def _run(self) -> None:
         url = self.view.own_url

@@ -275,6 +275,7 @@ async def test_postgres_stopped_and_started_mid_burst_every_job_ends_once(
         (_, a), (_, b) = bridges
         jobs = [await post_job(session, a, "outage", TINY) for _ in range(12)]
         await wait_for(lambda: sum(len(e.engine.started) for e in emulators) >= 3)
+        generation = (await health(session, b))["cluster"]["generation"]  # type: ignore[index]
         postgres.stop()
         try:
             for url in (a, b):  # refused at once, whichever bridge is asked, and nothing accepted
@@ -284,6 +285,10 @@ async def test_postgres_stopped_and_started_mid_burst_every_job_ends_once(
                     ) as resp:
                         assert resp.status == 503, await resp.text()
                         assert (await resp.json())["detail"]
+            async with asyncio.timeout(30):  # the follower no longer knows a leader...
+                while (cluster_view := (await health(session, b))["cluster"])["leader"] is not None:  # type: ignore[index]
+                    await asyncio.sleep(0.05)
+            assert cluster_view["generation"] == generation  # ...and its figure does not fall back to 0
             await asyncio.sleep(outage)  # the outage itself, not a timing assertion
         finally:
             postgres.start()
