@@ -5,6 +5,7 @@ and test_restarts.py run them on both stores)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -243,6 +244,26 @@ async def test_a_restarted_database_is_reconnected_and_its_lock_taken_again(own_
         with pytest.raises(JournalError, match="in use by another comfybridge"):
             await second.open()
         assert journal.lost() is None
+    finally:
+        await journal.close()
+
+
+async def test_an_outages_failing_writes_are_logged_once_not_each(
+    own_postgres: PostgresServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    journal = PgJournal(own_postgres.new_database())
+    await journal.open()
+    try:
+        job = Job("c", "w", b'{"1": {"class_type": "X", "inputs": {}}}', 0)
+        assert await journal.accept(job.record()) == 1
+        own_postgres.stop()
+        caplog.clear()
+        for n in range(20):  # nobody waits for most writes (forgets): each must not be a line of its own
+            with pytest.raises(StorageUnavailable):
+                await journal.update(job.id, {"error": f"while down {n}"})
+        failures = [r for r in caplog.records if r.levelno >= logging.WARNING and "fail" in r.getMessage()]
+        assert len(failures) == 1, [r.getMessage() for r in failures]
+        own_postgres.start()
     finally:
         await journal.close()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import queue
 import sqlite3
@@ -26,7 +27,18 @@ from ..errors import StorageFull, StorageUnavailable
 from .datadir import DataDirLocked
 from .files import fsync_path
 
-__all__ = ["COLUMNS", "ENDED_STATES", "JobStore", "JournalError", "SqliteJournal", "Write", "row_of", "values_of"]
+__all__ = [
+    "COLUMNS",
+    "ENDED_STATES",
+    "JobStore",
+    "JournalError",
+    "OutageLog",
+    "SqliteJournal",
+    "Write",
+    "retrieve_failure",
+    "row_of",
+    "values_of",
+]
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +187,7 @@ class SqliteJournal:
         self._later_timer: asyncio.TimerHandle | None = None
         self._identity: tuple[int, int] | None = None  # (device, inode) of the file opened
         self._displaced: str | None = None  # why the file at our path is not ours, once found out
+        self._outages = OutageLog(f"journal {path}")
         # Called before the journal is written back into a data folder made again: locks it (DataDirLocked).
         self.claim_folder: Callable[[], None] = lambda: None
 
@@ -430,7 +443,7 @@ class SqliteJournal:
         if self._loop is None or self._thread is None:
             raise RuntimeError("the journal is not open for writes")
         future: asyncio.Future[Any] = self._loop.create_future()
-        future.add_done_callback(_log_failure)  # also for writes nobody waits for
+        future.add_done_callback(retrieve_failure)
         if later:
             self._later.append((write, future))
             if self._later_timer is None:
@@ -491,7 +504,7 @@ class SqliteJournal:
                     accepted += one
                     outcomes.append((future, result, None))
                 except Exception as exc:
-                    outcomes.append((future, None, _storage_error(exc, self.path)))
+                    outcomes.append((future, None, _storage_error(exc, self._outages)))
         self._loop.call_soon_threadsafe(self._resolve, outcomes, max(accepted, default=0))
 
     def _transaction(self, writes: list[Write]) -> tuple[list[Any], list[int]]:
@@ -504,6 +517,7 @@ class SqliteJournal:
             results = [write(conn, batch) for write in writes]
             conn.execute("COMMIT")
             self.on_commit(time.perf_counter() - started)
+            self._outages.landed()
         except BaseException:
             if conn.in_transaction:  # SQLite may have rolled back by itself (a full disk does)
                 conn.execute("ROLLBACK")
@@ -523,17 +537,42 @@ class SqliteJournal:
                 future.set_exception(error)
 
 
-def _log_failure(future: asyncio.Future[Any]) -> None:
+class OutageLog:
+    """Writes failing in a row (an outage, a disk gone read-only): the first is logged, then one line
+    every `every` seconds, and the end of it; a fault of the bridge's own is logged each time."""
+
+    def __init__(self, where: str, every: float = 10.0) -> None:
+        self.where = where
+        self.every = every
+        self.failures = 0
+        self._logged = -math.inf  # monotonic: none yet (a machine just booted has small ones)
+
+    def failed(self, exc: BaseException, expected: bool = True) -> None:
+        self.failures += 1
+        if not expected or time.monotonic() - self._logged >= self.every:
+            self._logged = time.monotonic()
+            log.error("%s: write failed (%d in a row): %s: %s", self.where, self.failures, exc.__class__.__name__,
+                      exc, exc_info=None if expected else exc)  # fmt: skip
+
+    def landed(self) -> None:
+        if self.failures:
+            log.info("%s: writes land again (%d failed before)", self.where, self.failures)
+            self.failures, self._logged = 0, -math.inf
+
+
+def retrieve_failure(future: asyncio.Future[Any]) -> None:
+    """A write nobody waits for (a forget) may fail unheard: its failure is the commit's, which the
+    journal has logged (once per outage, not once per write)."""
     if not future.cancelled() and future.exception() is not None:
-        log.warning("journal write failed: %s", future.exception())
+        log.debug("journal write failed: %s", future.exception())
 
 
-def _storage_error(exc: Exception, path: Path) -> Exception:
+def _storage_error(exc: Exception, outages: OutageLog) -> Exception:
     """A failed journal write as the error a request answers with: a full disk (507), anything else
     (read-only, no permission, an I/O error) 503, told to the operator in the log."""
     if getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL":
         return StorageFull("The bridge's disk is full, so nothing more can be recorded; try again later.")
-    log.error("journal %s: write failed: %s", path, exc)
+    outages.failed(exc, expected=isinstance(exc, sqlite3.Error | OSError))
     return StorageUnavailable(f"The bridge could not record the change ({exc}); its operator has been told.")
 
 

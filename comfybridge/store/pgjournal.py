@@ -24,7 +24,7 @@ import orjson
 from yarl import URL
 
 from ..errors import StorageError, StorageFull, StorageUnavailable
-from .journal import COLUMNS, ENDED_STATES, JournalError, row_of, values_of
+from .journal import COLUMNS, ENDED_STATES, JournalError, OutageLog, retrieve_failure, row_of, values_of
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -163,8 +163,7 @@ class PgJournal:
         self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self._error: StorageError | None = None  # what the last failed commit was
-        self._failures = 0  # commits failed in a row (an outage): logged once, then every FAILURE_LOG_EVERY
-        self._failure_logged = -math.inf  # monotonic: none yet (a machine just booted has small ones)
+        self._outages = OutageLog(f"database {shown_dsn(dsn)}", FAILURE_LOG_EVERY)
 
     # start-up --------------------------------------------------------------------------------
     async def connect(self) -> None:
@@ -418,7 +417,7 @@ class PgJournal:
         if self._writer is None or self._writer.done():
             raise RuntimeError("the journal is not open for writes")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        future.add_done_callback(_log_failure)  # also for writes nobody waits for
+        future.add_done_callback(retrieve_failure)
         self._queue.put_nowait((write, then, future, alone))
         return future
 
@@ -491,25 +490,15 @@ class PgJournal:
                         log.warning("database %s: the connection broke during a commit (%s); committing again",
                                     shown_dsn(self.dsn), exc.__class__.__name__)  # fmt: skip
                         continue
-                self._failed(exc, expected=isinstance(exc, TimeoutError | broken | asyncpg.PostgresError))
+                self._outages.failed(exc, expected=isinstance(exc, TimeoutError | broken | asyncpg.PostgresError))
                 self._error = StorageUnavailable(
                     "The bridge's database cannot be reached or refused the change; try again shortly.",
                     retry_after=RETRY_AFTER if isinstance(exc, TimeoutError | broken) else None,  # likely to pass
                 )
                 raise self._error from None
-        if self._failures:
-            log.info("database %s: writes land again (%d failed before)", shown_dsn(self.dsn), self._failures)
-            self._failures, self._failure_logged = 0, -math.inf
+        self._outages.landed()
         self.on_commit(time.perf_counter() - started)
         return results
-
-    def _failed(self, exc: Exception, expected: bool) -> None:
-        """Log a failed commit: the first of an outage, then every FAILURE_LOG_EVERY (a fault: always)."""
-        self._failures += 1
-        if not expected or time.monotonic() - self._failure_logged >= FAILURE_LOG_EVERY:
-            self._failure_logged = time.monotonic()
-            log.error("database %s: write failed (%d in a row): %s: %s", shown_dsn(self.dsn), self._failures,
-                      exc.__class__.__name__, exc, exc_info=None if expected else exc)  # fmt: skip
 
 
 _Item = tuple[Callable[["Conn"], Awaitable[Any]], Callable[[Any], Any], asyncio.Future[Any], bool]
@@ -529,11 +518,6 @@ def _settle(future: asyncio.Future[Any], error: BaseException) -> None:
 
 def _last_error(journal: PgJournal) -> BaseException:
     return journal._error or StorageUnavailable("The bridge could not record the change.")
-
-
-def _log_failure(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.warning("journal write failed: %s", future.exception())
 
 
 async def _migrate(conn: Conn, where: str) -> None:
