@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import os
 import shutil
 import sqlite3
 import time
@@ -33,6 +34,7 @@ from .helpers import (
     generate,
     png,
     poll_status,
+    read_only,
     read_results,
     run_job,
     seed,
@@ -57,13 +59,17 @@ async def journal_rows(client: Client) -> list[tuple[str, str, str]]:
             return [tuple(row) for row in await conn.fetch(ROWS)]  # type: ignore[misc]
         finally:
             await conn.close()
-    with contextlib.closing(sqlite3.connect(settings.journal_file)) as conn:
+    # Read only: a connection that may create would make an empty file where the journal was deleted.
+    with contextlib.closing(sqlite3.connect(f"file:{settings.journal_file}?mode=ro", uri=True)) as conn:
         return conn.execute(ROWS).fetchall()
 
 
 async def wait_until_rows(client: Client, rows: list[tuple[str, str, str]]) -> None:
     async with asyncio.timeout(10):
-        while await journal_rows(client) != rows:
+        while True:
+            with contextlib.suppress(sqlite3.OperationalError):  # not there yet (being written back)
+                if await journal_rows(client) == rows:
+                    return
             await asyncio.sleep(0.02)
 
 
@@ -297,7 +303,7 @@ async def test_a_journal_of_the_previous_release_opens_and_its_jobs_run(
         assert conn.execute("SELECT count(*) FROM deliveries").fetchone()[0] == 0
 
 
-@pytest.mark.parametrize("what", ["file", "data folder"])
+@pytest.mark.parametrize("what", ["file", "WAL", "data folder"])
 async def test_a_journal_deleted_while_running_is_written_back_and_keeps_every_job(
     make_bridge: BridgeFactory,
     make_emulator: EmulatorFactory,
@@ -316,6 +322,8 @@ async def test_a_journal_deleted_while_running_is_written_back_and_keeps_every_j
     if what == "file":
         for name in (journal, *(journal.with_name(journal.name + end) for end in ("-wal", "-shm"))):
             name.unlink()
+    elif what == "WAL":  # where nearly every change lives until a checkpoint
+        journal.with_name(journal.name + "-wal").unlink()
     else:
         shutil.rmtree(data)
     status, body = await generate(client, "after", TINY)  # its commit looks first, and writes the file back
@@ -335,30 +343,43 @@ async def test_a_journal_deleted_while_running_is_written_back_and_keeps_every_j
         assert len(results) == 1
 
 
-async def test_a_journal_deleted_on_a_full_disk_refuses_until_it_can_be_written_back(
+async def test_a_journal_deleted_on_a_full_disk_is_written_back_in_the_space_it_held(
     make_bridge: BridgeFactory, make_emulator: EmulatorFactory, tmp_path: Path
 ) -> None:
     with small_disk(tmp_path / "small") as data_dir:
         client = await make_bridge(await make_emulator(), data_dir=data_dir)
         await run_job(client, "before", TINY)
-        filler = fill(data_dir)
-        journal = data_dir / "journal.sqlite3"
-        journal.unlink()  # its blocks stay taken while the bridge holds it open
-        status, body = await generate(client, "full", TINY)
+        fill(data_dir)
+        (data_dir / "journal.sqlite3").unlink()  # its blocks stay taken while the bridge holds it open
+        await wait_until_rows(client, [("before", "done", "")])  # the next look writes it back
+        assert not list(data_dir.glob("*.restoring*"))
+
+
+async def test_a_journal_deleted_in_a_read_only_folder_refuses_until_it_can_be_written_back(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    """Every job stays in the bridge's memory meanwhile: the connection that held them is closed by
+    then (its file's space freed), and the copy cannot be written yet."""
+    data_dir = tmp_path / "data"
+    client = await make_bridge(await make_emulator(), data_dir=data_dir)
+    await run_job(client, "before", TINY)
+    journal = data_dir / "journal.sqlite3"
+    journal.unlink()
+    with read_only(data_dir):
+        status, body = await generate(client, "refused", TINY)
         assert status == 503
         assert f"its journal {journal} was deleted, and cannot be written back" in body["detail"]
         async with asyncio.timeout(10):  # the watch finds it too, and says so
             while (ready := await client.get("/ready")).status == 200:
                 await asyncio.sleep(0.05)
         assert (await ready.json())["detail"].startswith(f"the job journal {journal} was deleted, and cannot be")
-        filler.unlink()
-        async with asyncio.timeout(10):  # the next look writes it back (a watch now and then, or a commit)
-            while (await client.get("/ready")).status != 200:
-                await asyncio.sleep(0.05)
-        await run_job(client, "after", TINY)
-        assert [row[0] for row in await journal_rows(client)] == ["before", "after"]
-        assert await (await client.get("/generation-count")).json() == 2
-        assert not list(data_dir.glob("*.restoring"))
+    async with asyncio.timeout(10):  # writable again: the next look writes it back
+        while (await client.get("/ready")).status != 200:
+            await asyncio.sleep(0.05)
+    await run_job(client, "after", TINY)
+    assert [row[0] for row in await journal_rows(client)] == ["before", "after"]
+    assert await (await client.get("/generation-count")).json() == 2
+    assert not list(data_dir.glob("*.restoring*"))
 
 
 async def test_a_write_back_cut_short_by_a_stop_is_taken_up_at_the_next_start(tmp_path: Path) -> None:
@@ -368,12 +389,37 @@ async def test_a_write_back_cut_short_by_a_stop_is_taken_up_at_the_next_start(tm
     job = Job("kept", "w", b'{"1": {"class_type": "X", "inputs": {}}}', 0)
     await journal.accept(job.record())
     await journal.close()
-    path.rename(path.with_name(path.name + ".restoring"))  # the copy made, not yet in place
+    path.rename(path.with_name(path.name + ".restoring"))  # the copy made whole, not yet in place
+    path.with_name(path.name + ".restoring-partial").write_bytes(b"SQLite format 3\0cut")  # a later one, cut short
     reopened = SqliteJournal(path)
     rows = await reopened.open(count_floor=1)
     await reopened.close()
     assert [row["id"] for row in rows] == [job.id]
-    assert not path.with_name(path.name + ".restoring").exists()
+    assert sorted(os.listdir(tmp_path)) == ["journal.sqlite3"]
+
+
+async def test_a_copy_deleted_again_while_it_is_written_back_costs_a_retry_not_the_jobs(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An `rm -rf` still running takes the copy just before it is put in place: the jobs are still
+    in the bridge's memory, and the next look writes them back (never an empty file of SQLite's)."""
+    client = await make_bridge(await make_emulator())
+    await run_job(client, "before", TINY)
+    data = tmp_path / "data"
+    replace, taken = os.replace, []
+
+    def deleted_again(source: Any, target: Any) -> None:
+        if str(source).endswith(".restoring") and not taken:
+            taken.append(source)
+            shutil.rmtree(data)
+        replace(source, target)
+
+    monkeypatch.setattr(journal_module.os, "replace", deleted_again)
+    shutil.rmtree(data)
+    await wait_until_rows(client, [("before", "done", "")])
+    assert taken
+    await run_job(client, "after", TINY)
+    assert [row[0] for row in await journal_rows(client)] == ["before", "after"]
 
 
 async def test_a_journal_replaced_while_running_stops_new_jobs_and_keeps_its_jobs_aside(
@@ -394,6 +440,8 @@ async def test_a_journal_replaced_while_running_stops_new_jobs_and_keeps_its_job
     with contextlib.closing(sqlite3.connect(aside)) as conn:
         assert conn.execute("SELECT client_id, state FROM jobs").fetchall() == [("unfetched", "done")]
     assert journal.read_bytes() == b""
+    # Our WAL beside the other file is empty: a kill now leaves no frames for SQLite to apply to it.
+    assert journal.with_name(journal.name + "-wal").stat().st_size == 0
     ready = await client.get("/ready")
     async with asyncio.timeout(10):
         while ready.status == 200:

@@ -15,6 +15,7 @@ import queue
 import sqlite3
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ import orjson
 
 from ..errors import StorageFull, StorageUnavailable
 from .datadir import DataDirLocked
-from .files import fsync_path
+from .files import fsync_path, write_synced
 
 __all__ = [
     "COLUMNS",
@@ -186,6 +187,8 @@ class SqliteJournal:
         self._later: list[tuple[Write, asyncio.Future[Any]]] = []  # forgets waiting to go together
         self._later_timer: asyncio.TimerHandle | None = None
         self._identity: tuple[int, int] | None = None  # (device, inode) of the file opened
+        self._wal_identity: tuple[int, int] | None = None  # and of its WAL
+        self._image: bytes | None = None  # the whole journal, while a write-back has no connection open
         self._displaced: str | None = None  # why the file at our path is not ours, once found out
         self._outages = OutageLog(f"journal {path}")
         # Called before the journal is written back into a data folder made again: locks it (DataDirLocked).
@@ -265,41 +268,49 @@ class SqliteJournal:
         self._committed = self.count
         return rows
 
-    def _connect(self) -> sqlite3.Connection:
-        conn = self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={'FULL' if self.sync else 'OFF'}")
-        identity = self.path.stat()
-        self._identity = (identity.st_dev, identity.st_ino)
+    def _connect(self, create: bool = True) -> sqlite3.Connection:
+        """Open the journal's file (only an existing one unless `create`: a write-back must never go on
+        in an empty file of SQLite's making) and note which files it is, WAL included."""
+        target = self.path if create else f"file:{urllib.parse.quote(str(self.path))}?mode=rw"
+        conn = sqlite3.connect(target, isolation_level=None, check_same_thread=False, uri=not create)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={'FULL' if self.sync else 'OFF'}")
+            self._identity = _identity(self.path)
+            self._wal_identity = _identity(self._wal)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
         return conn
+
+    @property
+    def _wal(self) -> Path:
+        return self.path.with_name(self.path.name + "-wal")
 
     async def ensure_in_place(self) -> str | None:
         reason: str | None = await self._submit(_look_only)  # the writer thread looks before each commit
         return reason
 
     def _in_place(self) -> str | None:
-        """In the writer thread, before each commit: None if the file at the journal's path is the one
-        open. One deleted by other hands is written back from the open file, which still holds every
-        job: a commit into a file the next start will not find would be no commit at all."""
+        """In the writer thread, before each commit: None if the files at the journal's path (and its
+        WAL's, where nearly every change lives) are the ones open. Deleted by other hands, they are
+        written back from the open connection, which still holds every job: a commit into a file the
+        next start will not find would be no commit at all."""
         if self._displaced is not None:
             return self._displaced
         if self._conn is not None:
             try:
-                now = self.path.stat()
-            except FileNotFoundError:
-                now = None
+                main, wal = _identity(self.path), _identity(self._wal)
             except OSError as exc:  # a passing trouble (NFS, I/O): not a verdict; the next look decides
                 log.warning("journal %s: cannot look at it now (%s)", self.path, exc.strerror)
                 return None
-            if now is not None and (now.st_dev, now.st_ino) == self._identity:
+            if self._wal_identity is None:
+                self._wal_identity = wal  # SQLite makes it at the first write after an open
+            if main == self._identity and wal == self._wal_identity:
                 return None
-            if now is not None:
-                self._displaced = f"{self.path} was replaced by another file"
-                aside = self._copy_aside()
-                if aside is not None:
-                    self._displaced += f"; the jobs it held are kept in {aside}"
-                log.error("journal %s", self._displaced)
-                return self._displaced
+            if main is not None and main != self._identity:
+                return self._set_aside(f"{self.path} was replaced by another file")
         try:
             self._write_back()
         except DataDirLocked as exc:  # another bridge took the folder made again: its jobs are its own now
@@ -309,50 +320,65 @@ class SqliteJournal:
         except (OSError, sqlite3.Error) as exc:
             log.error("journal %s was deleted, and cannot be written back now: %s", self.path, exc)
             return f"{self.path} was deleted, and cannot be written back ({exc})"
+        except Exception as exc:  # a fault of the bridge's own must not end the writer thread
+            log.exception("journal %s: writing it back failed", self.path)
+            return f"{self.path} was deleted, and cannot be written back ({exc.__class__.__name__})"
         log.warning("journal %s was deleted under the running bridge: written back from the open file", self.path)
         return None
 
     def _write_back(self) -> None:
-        """Copy the open journal to its path (a snapshot of the file other hands deleted), then go on
-        writing there. The deleted file's WAL names are removed first: SQLite must not take them for
-        the new file's. A write-back cut short (no connection left) resumes from its copy."""
+        """Put the journal back at its path from the open connection, then go on writing there.
+
+        Every job is held in memory (`_image`) from the moment the open connection is closed until a
+        new one is open on the file written back: a second deletion meanwhile (an `rm -rf` still
+        running) costs a retry, never the jobs. The old connection is closed first, with the deleted
+        files' WAL names removed: SQLite deletes a WAL by name when it closes, and must not take the
+        new file's. The copy is named RESTORING only once whole, for a start after a kill to take up."""
         path = self.path
         path.parent.mkdir(parents=True, exist_ok=True)  # the whole data folder may have gone
         self.claim_folder()
-        copy = path.with_name(path.name + RESTORING)
         if self._conn is not None:
-            copy.unlink(missing_ok=True)
-            self._conn.execute("VACUUM INTO ?", (str(copy),))
-            fsync_path(copy)
+            self._image = self._conn.serialize()  # every page, WAL included (SQLite 3.36+)
             self._close_connection()
-        if copy.exists():
-            for leftover in ("-wal", "-shm"):
-                path.with_name(path.name + leftover).unlink(missing_ok=True)
-            os.replace(copy, path)
-            fsync_path(path.parent)
-        self._connect()
+        if self._image is None:
+            raise sqlite3.OperationalError("no connection and no copy of the journal to write back")
+        for leftover in ("-wal", "-shm"):
+            path.with_name(path.name + leftover).unlink(missing_ok=True)
+        partial, copy = path.with_name(path.name + RESTORING + "-partial"), path.with_name(path.name + RESTORING)
+        write_synced(partial, self._image)
+        os.replace(partial, copy)
+        os.replace(copy, path)
+        fsync_path(path.parent)
+        self._connect(create=False)
+        self._image = None
+
+    def _set_aside(self, why: str) -> str:
+        """The journal's path names another file now, not ours to overwrite: keep our jobs beside it
+        for its operator, and write no more. Our WAL is emptied into our own (unnamed) file first, so
+        that a kill cannot leave its frames beside the other file, for SQLite to apply to it."""
+        assert self._conn is not None
+        aside = self.path.with_name(f"{self.path.name}.displaced-{time.strftime('%Y%m%dT%H%M%S')}")
+        try:
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._conn.execute("VACUUM INTO ?", (str(aside),))
+            fsync_path(aside)
+            why += f"; the jobs it held are kept in {aside}"
+        except (OSError, sqlite3.Error) as exc:
+            log.error("journal %s: its jobs could not be kept aside in %s: %s", self.path, aside, exc)
+        self._displaced = why
+        log.error("journal %s", why)
+        return why
 
     def _finish_write_back(self) -> None:
-        """A stop during a write-back left its copy and no journal: the copy is the journal (checked
-        as any journal is, once opened)."""
+        """A stop during a write-back left its whole copy and no journal: the copy is the journal
+        (checked as any journal is, once opened). A copy cut short is only removed."""
         copy = self.path.with_name(self.path.name + RESTORING)
+        self.path.with_name(self.path.name + RESTORING + "-partial").unlink(missing_ok=True)
         if copy.exists() and not self.path.exists():
             log.warning("journal %s: taking up the copy a write-back left, %s", self.path, copy.name)
             for leftover in ("-wal", "-shm"):
                 self.path.with_name(self.path.name + leftover).unlink(missing_ok=True)
             os.replace(copy, self.path)
-
-    def _copy_aside(self) -> Path | None:
-        """Keep the jobs of a journal whose path now names another file, for its operator to restore."""
-        assert self._conn is not None
-        aside = self.path.with_name(f"{self.path.name}.displaced-{time.strftime('%Y%m%dT%H%M%S')}")
-        try:
-            self._conn.execute("VACUUM INTO ?", (str(aside),))
-            fsync_path(aside)
-        except (OSError, sqlite3.Error) as exc:
-            log.error("journal %s: its jobs could not be kept aside in %s: %s", self.path, aside, exc)
-            return None
-        return aside
 
     def _start(self) -> None:
         """Start the writer thread; writes are accepted from this event loop from now on."""
@@ -589,3 +615,12 @@ def row_of(record: tuple[Any, ...]) -> dict[str, Any]:
         if row[name] is not None:
             row[name] = orjson.loads(row[name])
     return row
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at `path`, or None if there is none."""
+    try:
+        found = path.stat()
+    except FileNotFoundError:
+        return None
+    return found.st_dev, found.st_ino
