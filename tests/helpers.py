@@ -122,13 +122,15 @@ async def poll_status(client: Client, client_id: str, wanted: set[str], timeout:
             await asyncio.sleep(0.02)
 
 
-async def wait_until_up(url: str, proc: asyncio.subprocess.Process, log: Path, timeout: float = 20) -> None:
-    """Wait until a server we started answers `url` with 200; fail with its log if it exits instead."""
+async def wait_until_up(
+    url: str, proc: asyncio.subprocess.Process, log: Path, timeout: float = 20, status: int = 200
+) -> None:
+    """Wait until a server we started answers `url` with `status`; fail with its log if it exits instead."""
     async with aiohttp.ClientSession() as session, asyncio.timeout(timeout):
         while True:
             try:
                 async with session.get(url) as resp:
-                    if resp.status == 200:
+                    if resp.status == status:
                         return
             except aiohttp.ClientConnectionError:
                 if proc.returncode is not None:

@@ -58,14 +58,15 @@ http {{
 
 
 @contextlib.asynccontextmanager
-async def nginx(binary: str, root: Path, port: int) -> AsyncIterator[str]:
-    """nginx with `root`/nginx.conf, listening on `port`, until the block ends; its URL."""
+async def nginx(binary: str, root: Path, port: int, status: int = 200) -> AsyncIterator[str]:
+    """nginx with `root`/nginx.conf, listening on `port`, until the block ends (up once /workflow-list
+    answers `status`); its URL."""
     proc = await asyncio.create_subprocess_exec(
         binary, "-c", str(root / "nginx.conf"), "-p", str(root), stderr=asyncio.subprocess.DEVNULL
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        await wait_until_up(f"{url}/workflow-list", proc, root / "error.log")
+        await wait_until_up(f"{url}/workflow-list", proc, root / "error.log", status=status)
         yield url
     finally:
         proc.terminate()
@@ -192,3 +193,17 @@ async def one_client(session: aiohttp.ClientSession, url: str, client_id: str) -
                 break
     async with session.get(f"{url}/history", params=params) as resp:
         assert len(await read_results(resp)) == 1
+
+
+@pytest.mark.parametrize("shipped", ["nginx-comfybridge.conf", "nginx-comfybridge-cluster.conf"])
+async def test_nginxs_own_answers_are_json_details_as_the_bridges_are(tmp_path: Path, shipped: str) -> None:
+    """No bridge answers (all stopped): what nginx says itself is {"detail": ...} JSON, not its HTML page."""
+    binary = system_binary("nginx", "nginx-light")
+    port = unused_port()
+    (tmp_path / "nginx.conf").write_text(nginx_config(tmp_path, port, [unused_port(), unused_port()], shipped))
+    async with nginx(binary, tmp_path, port, status=502) as url, aiohttp.ClientSession() as session:
+        for method, path in (("GET", "/history?clientId=a"), ("POST", "/generate-based-workflow?clientId=a")):
+            async with session.request(method, f"{url}{path}", json={"workflow": "solid"}) as resp:
+                assert resp.status == 502
+                assert resp.content_type == "application/json"
+                assert (await resp.json())["detail"].startswith("No bridge answered this request")
