@@ -13,7 +13,7 @@ import uuid
 
 import aiohttp
 import orjson
-from common import unreachable
+from common import answer_of, unreachable
 
 
 async def one_job(session: aiohttp.ClientSession, url: str, workflow: str, index: int) -> tuple[str, float, float]:
@@ -23,10 +23,14 @@ async def one_job(session: aiohttp.ClientSession, url: str, workflow: str, index
         body = {"workflow": workflow, "3/seed": random.randrange(1 << 32)}
         submitted = time.monotonic()
         params = {"clientId": client_id}
-        async with session.post(f"{url}/generate-based-workflow", params=params, json=body) as resp:
-            answer = await resp.json()
-            if resp.status != 200:
-                raise SystemExit(f"job {index}: HTTP {resp.status}: {answer.get('detail')}")
+        for _ in range(10):  # a 503 accepted nothing (a cluster changing leader): ask again when it says
+            async with session.post(f"{url}/generate-based-workflow", params=params, json=body) as resp:
+                answer = await answer_of(resp)
+            if resp.status != 503:
+                break
+            await asyncio.sleep(float(resp.headers.get("Retry-After", "1")))
+        if resp.status != 200:
+            raise SystemExit(f"job {index}: HTTP {resp.status}: {answer.get('detail')}")
         started = None
         async for msg in ws:
             frame = orjson.loads(msg.data)

@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from tqdm import tqdm
 
 
@@ -35,6 +36,15 @@ def unreachable(url: str, exc: OSError) -> int:
         f"error: cannot reach the bridge at {url} ({exc.strerror or exc}); is it running (make demo)?", file=sys.stderr
     )
     return 1
+
+
+async def answer_of(resp: aiohttp.ClientResponse) -> dict[str, Any]:
+    """A JSON answer; anything else (a proxy's own page) as its first line, for `detail`."""
+    if resp.content_type == "application/json":
+        answer: dict[str, Any] = await resp.json()
+        return answer
+    text = (await resp.text(errors="replace")).strip()
+    return {"detail": text.splitlines()[0] if text else resp.reason}
 
 
 def pairs(items: list[str]) -> dict[str, str]:
