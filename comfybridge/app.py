@@ -42,7 +42,7 @@ from .edge.ws import SocketHub, heartbeat
 from .errors import WorkflowConfigError
 from .leadership import Leadership
 from .store.counter import StateStore
-from .store.datadir import DataDirLock
+from .store.datadir import DataDirLock, folder_mark
 from .store.journal import ENDED_STATES, JobStore, SqliteJournal
 from .store.pgjournal import PgJournal
 from .store.results import ResultStore
@@ -82,6 +82,8 @@ def create_app(
         raise
     if isinstance(journal, SqliteJournal):
         journal.claim_folder = lock.retake  # a data folder deleted under it is locked again as it comes back
+    elif isinstance(journal, PgJournal) and not settings.storage:
+        journal.folder = folder_mark(settings.data_dir)  # the cluster's bridges must share the folder
     # Bodies are read by the handlers with their own limits (JSON small, uploads streamed); this
     # cap is for anything read whole, and it is checked on the bytes after any Content-Encoding.
     middlewares = [request_middleware, policy.cors_middleware(), error_middleware, policy.middleware()]

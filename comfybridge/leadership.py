@@ -96,6 +96,13 @@ class Leadership:
                     "lead, it would use its own (give every bridge of a cluster the same --backends)",
                     leader.url, ", ".join(leader.backends) or "none", ", ".join(own) or "none",
                 )  # fmt: skip
+            if leader.folder and self.journal.folder and leader.folder != self.journal.folder:
+                log.warning(
+                    "the leading bridge %s keeps uploads and results in another data folder than this one's "
+                    "--data-dir: should this bridge lead, it would not find them (give every bridge of a cluster "
+                    "the same --data-dir: one host, or a network filesystem; or --storage)",
+                    leader.url,
+                )
         # No leader known (none, or the database away): the generation stays the last one seen, as on a
         # dashboard it must: it only ever rises.
         self.view.follow(leader.url if leader else None, leader.generation if leader else self.view.generation)

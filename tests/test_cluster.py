@@ -367,21 +367,34 @@ async def test_sighup_on_a_follower_starts_no_scheduling_of_its_own(
         assert sorted(job for job, _ in await fetch_results(session, a, "after-hup")) == sorted(jobs)
 
 
-async def test_a_bridge_whose_backends_differ_from_the_leaders_says_so(
+async def test_a_bridge_whose_backends_or_data_folder_differ_from_the_leaders_says_so(
     workdir: Path, make_emulator: EmulatorFactory, postgres: PostgresServer
 ) -> None:
     first, second = await make_emulator(), await make_emulator()
     database = postgres.new_database()
-    shared = ("--database", database, "--data-dir", str(workdir / "data"), "--workflows", str(workdir / "workflows"))
-    for name in ("leader", "odd"):
+    common = ("--database", database, "--workflows", str(workdir / "workflows"))
+    shared = (*common, "--data-dir", str(workdir / "data"))
+    for name in ("leader", "odd", "twin"):
         (workdir / name).mkdir()
-    async with (
+    odd, twin = workdir / "odd" / "bridge.log", workdir / "twin" / "bridge.log"
+    async with (  # started in turn: the first leads
         bridge_process(workdir / "leader", "--backends", first.url, *shared, ready="/health"),
-        bridge_process(workdir / "odd", "--backends", f"{first.url},{second.url}", *shared, ready="/health"),
+        bridge_process(
+            workdir / "odd",
+            "--backends",
+            f"{first.url},{second.url}",
+            *common,
+            "--data-dir",
+            str(workdir / "odd-data"),
+            ready="/health",
+        ),  # fmt: skip
+        bridge_process(workdir / "twin", "--backends", first.url, *shared, ready="/health"),
     ):
-        log = workdir / "odd" / "bridge.log"
-        await wait_for(lambda: "give every bridge of a cluster the same --backends" in log.read_text())
+        await wait_for(lambda: "give every bridge of a cluster the same --backends" in odd.read_text())
+        await wait_for(lambda: "the same --data-dir" in odd.read_text())
+        await wait_for(lambda: "the cluster's leader is" in twin.read_text())  # compared by then
     assert "same --backends" not in (workdir / "leader" / "bridge.log").read_text()
+    assert "same --" not in twin.read_text()  # same backends, same folder: nothing to say
 
 
 async def test_a_client_gone_during_a_relayed_handshake_leaves_no_socket_at_the_leader(aiohttp_client: Any) -> None:

@@ -7,14 +7,17 @@ import datetime
 import errno
 import fcntl
 import os
+import secrets
+import time
 import weakref
 from pathlib import Path
 
 import orjson
 
-__all__ = ["DataDirLock", "DataDirLocked"]
+__all__ = ["DataDirLock", "DataDirLocked", "folder_mark"]
 
 LOCK_FILE = "bridge.lock"
+MARK_FILE = "cluster-mark"
 
 
 class DataDirLocked(Exception):
@@ -114,3 +117,21 @@ def _holder(path: Path) -> str:
         info = orjson.loads(path.read_bytes())
         return f"pid {int(info['pid'])}, listening on {info['listening']}, since {info['since']}"
     return "its lock file does not say which"
+
+
+def folder_mark(data_dir: Path) -> str:
+    """A random name this data folder keeps (made by the first bridge to ask): bridges of a cluster
+    that share the folder read the same one, so one whose --data-dir is another folder can tell."""
+    path = data_dir / MARK_FILE
+    with contextlib.suppress(FileExistsError):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)  # two starting at once: one makes it
+        with os.fdopen(fd, "w") as mark:
+            mark.write(secrets.token_hex(16))
+            mark.flush()
+            os.fsync(mark.fileno())
+    for _ in range(50):  # the other bridge may be writing it this very moment
+        text = path.read_text().strip()
+        if text:
+            return text
+        time.sleep(0.01)
+    return ""

@@ -124,17 +124,20 @@ class Leader:
     generation: int
     since: float
     backends: tuple[str, ...] = ()  # the ComfyUI servers it schedules over
+    folder: str = ""  # the mark of its data folder (`folder_mark`); "" with object storage
 
     def dumps(self) -> str:
         return orjson.dumps(
-            {"url": self.url, "generation": self.generation, "since": self.since, "backends": self.backends}
-        ).decode()
+            {"url": self.url, "generation": self.generation, "since": self.since, "backends": self.backends,
+             "folder": self.folder}
+        ).decode()  # fmt: skip
 
     @classmethod
     def parse(cls, text: str) -> Leader:
         value = orjson.loads(text)
         backends = tuple(str(url) for url in value.get("backends", ()))
-        return cls(str(value["url"]), int(value["generation"]), float(value["since"]), backends)
+        folder = str(value.get("folder", ""))
+        return cls(str(value["url"]), int(value["generation"]), float(value["since"]), backends, folder)
 
 
 class PgJournal:
@@ -147,6 +150,7 @@ class PgJournal:
         this bridge's ComfyUI servers, told to the others while it leads."""
         self.dsn = dsn
         self.backends = backends
+        self.folder = ""  # this bridge's data folder's mark, told to the others while it leads
         self._server_settings = keepalives(silence)
         self.url = url  # where other bridges reach this one, told to them while it leads
         self.leader: Leader | None = None  # who leads, as last seen
@@ -228,7 +232,7 @@ class PgJournal:
                 if won:
                     self._holds_lock = True
                     generation = (Leader.parse(leader).generation if leader else 0) + 1
-                    self.leader = Leader(url, generation, time.time(), self.backends)
+                    self.leader = Leader(url, generation, time.time(), self.backends, self.folder)
                     await conn.execute(
                         "INSERT INTO meta (key, value) VALUES ('leader', $1) "
                         "ON CONFLICT (key) DO UPDATE SET value = $1",
