@@ -24,7 +24,7 @@ from comfybridge.errors import StorageFull, StorageUnavailable
 from comfybridge.store import journal as journal_module
 from comfybridge.store import results as results_module
 from comfybridge.store.datadir import DataDirLock, DataDirLocked
-from comfybridge.store.journal import SqliteJournal
+from comfybridge.store.journal import JournalError, SqliteJournal
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
 from .helpers import (
@@ -420,6 +420,35 @@ async def test_a_copy_deleted_again_while_it_is_written_back_costs_a_retry_not_t
     assert taken
     await run_job(client, "after", TINY)
     assert [row[0] for row in await journal_rows(client)] == ["before", "after"]
+
+
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["pages in its WAL", "pages in the file"])
+async def test_a_journal_emptied_in_place_is_put_back_from_its_wal_or_refuses(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory, tmp_path: Path, checkpointed: bool
+) -> None:
+    """`: > journal.sqlite3` under the running bridge: what the WAL still holds is put back; if that
+    is not all of it, no new job is taken, and the next start refuses too (never a start as if no job
+    had been accepted)."""
+    emulator = await make_emulator()
+    client = await make_bridge(emulator)
+    await run_job(client, "before", TINY)
+    journal = tmp_path / "data" / "journal.sqlite3"
+    if checkpointed:  # every page moved into the file, and the WAL emptied: cutting the file loses them
+        with contextlib.closing(sqlite3.connect(journal)) as conn:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    os.truncate(journal, 0)
+    status, body = await generate(client, "after", TINY)
+    if not checkpointed:
+        assert status == 200, body
+        assert (await poll_status(client, "after", {"closed"}))["status"] == "closed"
+        # The file holds them while the bridge runs: what a start after a kill would find.
+        assert [row[0] for row in await journal_rows(client)] == ["before", "after"]
+        return
+    assert status == 503
+    assert f"its journal {journal} was emptied by other hands" in body["detail"]
+    await client.close()
+    with pytest.raises(JournalError, match=r"is empty|is unreadable or corrupt"):  # as the next start opens it
+        await SqliteJournal(journal).open(count_floor=1)
 
 
 async def test_a_journal_replaced_while_running_stops_new_jobs_and_keeps_its_jobs_aside(

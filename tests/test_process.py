@@ -129,11 +129,15 @@ def test_corrupt_state_file_stops_start_up(workdir: Path) -> None:
     assert_one_line_error(run_cli([], workdir), "current_state.json is unreadable or corrupt", "never reset silently")
 
 
-def test_an_emptied_journal_stops_start_up_where_jobs_were_counted(workdir: Path) -> None:
-    """SQLite would take an empty file for an empty journal; the state file's count says it was not."""
+@pytest.mark.parametrize("wal", [b"", b"\x37\x7f\x06\x82" + bytes(60)], ids=["alone", "beside its WAL"])
+def test_an_emptied_journal_stops_start_up_where_jobs_were_counted(workdir: Path, wal: bytes) -> None:
+    """SQLite would take an empty file for an empty journal (and ignore a WAL beside it); the state
+    file's count says it was not."""
     (workdir / "data").mkdir()
     (workdir / "data" / "current_state.json").write_text('{"generation_count": 3}')
     (workdir / "data" / "journal.sqlite3").write_bytes(b"")
+    if wal:
+        (workdir / "data" / "journal.sqlite3-wal").write_bytes(wal)
     result = run_cli([], workdir)
     assert_one_line_error(result, "journal.sqlite3 is empty", "counted 3 jobs", "never dropped silently")
     assert (workdir / "data" / "journal.sqlite3").stat().st_size == 0  # left as it was found

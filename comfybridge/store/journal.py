@@ -211,7 +211,7 @@ class SqliteJournal:
                     counted,
                 )
             return
-        if self.path.stat().st_size == 0 and (not wal.exists() or wal.stat().st_size == 0):
+        if self.path.stat().st_size == 0:  # a WAL beside it does not help: SQLite ignores it then
             raise JournalError(
                 f"journal {self.path} is empty, but this data folder counted {counted} jobs: it was emptied by "
                 "other hands. Restore it from a backup, or remove it to start with no jobs (accepted jobs are "
@@ -301,12 +301,15 @@ class SqliteJournal:
             return self._displaced
         if self._conn is not None:
             try:
-                main, wal = _identity(self.path), _identity(self._wal)
+                found, wal = _stat(self.path), _identity(self._wal)
             except OSError as exc:  # a passing trouble (NFS, I/O): not a verdict; the next look decides
                 log.warning("journal %s: cannot look at it now (%s)", self.path, exc.strerror)
                 return None
+            main = (found.st_dev, found.st_ino) if found is not None else None
             if self._wal_identity is None:
                 self._wal_identity = wal  # SQLite makes it at the first write after an open
+            if main == self._identity and found is not None and found.st_size == 0:
+                return self._emptied()
             if main == self._identity and wal == self._wal_identity:
                 return None
             if main is not None and main != self._identity:
@@ -351,6 +354,21 @@ class SqliteJournal:
         fsync_path(path.parent)
         self._connect(create=False)
         self._image = None
+
+    def _emptied(self) -> str | None:
+        """The file was cut to nothing in place (SQLite never leaves a journal in WAL mode under one
+        page). The pages changed since the last checkpoint are still in the WAL: put back, they may be
+        all of it (a young journal); if not, the rest is gone, and no copy can be made of it."""
+        assert self._conn is not None
+        try:
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            whole = self._conn.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+        except sqlite3.Error:
+            whole = False
+        if whole:
+            log.warning("journal %s was emptied by other hands: every page was still in its WAL, put back", self.path)
+            return None
+        return self._set_aside(f"{self.path} was emptied by other hands")
 
     def _set_aside(self, why: str) -> str:
         """The journal's path names another file now, not ours to overwrite: keep our jobs beside it
@@ -617,10 +635,14 @@ def row_of(record: tuple[Any, ...]) -> dict[str, Any]:
     return row
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
-    """(device, inode) of the file at `path`, or None if there is none."""
+def _stat(path: Path) -> os.stat_result | None:
     try:
-        found = path.stat()
+        return path.stat()
     except FileNotFoundError:
         return None
-    return found.st_dev, found.st_ino
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at `path`, or None if there is none."""
+    found = _stat(path)
+    return (found.st_dev, found.st_ino) if found is not None else None
