@@ -81,7 +81,7 @@ def create_app(
         lock.release()
         raise
     if isinstance(journal, SqliteJournal):
-        journal.claim_folder = lock.retake  # a data folder deleted under it is locked again as it comes back
+        journal.file.claim_folder = lock.retake  # a data folder deleted under it is locked again as it comes back
     elif isinstance(journal, PgJournal) and not settings.storage:
         journal.folder = folder_mark(settings.data_dir)  # the cluster's bridges must share the folder
     # Bodies are read by the handlers with their own limits (JSON small, uploads streamed); this

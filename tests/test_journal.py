@@ -22,6 +22,7 @@ from comfybridge.core.jobs import InvalidStep, Job, JobState
 from comfybridge.edge.appkeys import JOURNAL, SETTINGS
 from comfybridge.errors import StorageFull, StorageUnavailable
 from comfybridge.store import journal as journal_module
+from comfybridge.store import journal_file
 from comfybridge.store import results as results_module
 from comfybridge.store.datadir import DataDirLock, DataDirLocked
 from comfybridge.store.journal import JournalError, SqliteJournal
@@ -406,20 +407,122 @@ async def test_a_copy_deleted_again_while_it_is_written_back_costs_a_retry_not_t
     client = await make_bridge(await make_emulator())
     await run_job(client, "before", TINY)
     data = tmp_path / "data"
-    replace, taken = os.replace, []
+    taken: list[str] = []
 
     def deleted_again(source: Any, target: Any) -> None:
         if str(source).endswith(".restoring") and not taken:
             taken.append(source)
             shutil.rmtree(data)
-        replace(source, target)
+        os.replace(source, target)
 
-    monkeypatch.setattr(journal_module.os, "replace", deleted_again)
+    monkeypatch.setattr(journal_file, "os", OsWith(replace=deleted_again))  # the journal's file handling only
     shutil.rmtree(data)
     await wait_until_rows(client, [("before", "done", "")])
     assert taken
     await run_job(client, "after", TINY)
     assert [row[0] for row in await journal_rows(client)] == ["before", "after"]
+
+
+class OsWith:
+    """The os module with some of its functions replaced, for one module's eyes only."""
+
+    def __init__(self, **replaced: Any) -> None:
+        self.__dict__.update(replaced)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+
+def starting_with(folder: Path, prefix: str) -> list[Path]:
+    return [folder / name for name in os.listdir(folder) if name.startswith(prefix)]
+
+
+def journal_of(client: Client) -> SqliteJournal:
+    journal = client.app[JOURNAL]
+    assert isinstance(journal, SqliteJournal)
+    return journal
+
+
+async def test_a_file_put_at_the_path_while_a_write_back_waits_is_not_overwritten(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    client = await make_bridge(await make_emulator(), data_dir=data_dir)
+    await run_job(client, "before", TINY)
+    journal = data_dir / "journal.sqlite3"
+    journal.unlink()
+    with read_only(data_dir):  # the copy waits in memory
+        status, _ = await generate(client, "refused", TINY)
+        assert status == 503
+    journal.write_bytes(b"the operator's")  # a backup put back meanwhile, say
+    status, body = await generate(client, "after", TINY)
+    assert status == 503
+    assert "another file put there before it could be written back" in body["detail"]
+    assert journal.read_bytes() == b"the operator's"
+    (aside,) = data_dir.glob("journal.sqlite3.displaced-*")
+    with contextlib.closing(sqlite3.connect(f"file:{aside}?mode=ro", uri=True)) as conn:
+        assert conn.execute("SELECT client_id FROM jobs").fetchall() == [("before",)]
+
+
+async def test_a_write_back_still_waiting_at_a_stop_keeps_the_jobs_and_says_where(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.setattr(journal_file.tempfile, "gettempdir", lambda: str(tmp_path))
+    data_dir = tmp_path / "data"
+    client = await make_bridge(await make_emulator(), data_dir=data_dir)
+    await run_job(client, "before", TINY)
+    (data_dir / "journal.sqlite3").unlink()
+    with read_only(data_dir):
+        assert (await generate(client, "refused", TINY))[0] == 503  # the copy waits in memory
+        await client.close()
+    (kept,) = starting_with(tmp_path, "journal.sqlite3.unsaved-")
+    with contextlib.closing(sqlite3.connect(f"file:{kept}?mode=ro", uri=True)) as conn:
+        assert conn.execute("SELECT client_id FROM jobs").fetchall() == [("before",)]
+    assert any(f"its jobs are kept in {kept}" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_journal_whose_files_vanish_as_they_are_opened_is_not_called_in_place(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An `rm -rf` still running removes the file written back just as it is opened: a retry, not
+    a journal taken for in place while its files are gone."""
+    client = await make_bridge(await make_emulator())
+    await run_job(client, "before", TINY)
+    data = tmp_path / "data"
+    file = journal_of(client).file
+    opened, taken = file.open, []
+
+    def removed_as_opened(create: bool = True) -> Any:
+        if not create and not taken:
+            taken.append(True)
+            shutil.rmtree(data)
+        return opened(create)
+
+    monkeypatch.setattr(file, "open", removed_as_opened)
+    shutil.rmtree(data)
+    await wait_until_rows(client, [("before", "done", "")])
+    assert taken
+    await run_job(client, "after", TINY)
+    assert [row[0] for row in await journal_rows(client)] == ["before", "after"]
+
+
+async def test_a_copy_left_beside_a_journal_is_kept_aside_never_taken_up_later(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite3"
+    journal = SqliteJournal(path)
+    await journal.open()
+    await journal.accept(Job("old", "w", b'{"1": {"class_type": "X", "inputs": {}}}', 0).record())
+    await journal.close()
+    shutil.copy(path, path.with_name("journal.sqlite3.restoring"))  # a copy a stop left, beside a journal
+    again = SqliteJournal(path)
+    await again.open(count_floor=1)
+    await again.close()
+    (aside,) = starting_with(tmp_path, "journal.sqlite3.displaced-")
+    path.unlink()  # as an operator told to remove a journal would
+    fresh = SqliteJournal(path)
+    assert await fresh.open() == []  # the old jobs do not come back
+    await fresh.close()
+    assert aside.exists()
 
 
 @pytest.mark.parametrize("checkpointed", [False, True], ids=["pages in its WAL", "pages in the file"])

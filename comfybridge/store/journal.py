@@ -10,12 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 import queue
 import sqlite3
 import threading
 import time
-import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -25,8 +23,7 @@ from typing import Any, Protocol
 import orjson
 
 from ..errors import StorageFull, StorageUnavailable
-from .datadir import DataDirLocked
-from .files import fsync_path, write_synced
+from .journal_file import JournalFile
 
 __all__ = [
     "COLUMNS",
@@ -45,7 +42,6 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2  # 2: jobs.webhook, and the deliveries table
 MAX_BATCH = 512  # writes in one commit at most, so one commit never holds the others back for long
-RESTORING = ".restoring"  # the suffix of a journal's copy on its way back to its deleted path
 LATER = 0.5  # seconds forgets wait to be written together, off the path of the jobs that follow
 ENDED_STATES = ("done", "failed", "cancelled")
 JSON_COLUMNS = {"uploads", "results"}  # and prompt, kept as the JSON bytes the job holds
@@ -180,19 +176,13 @@ class SqliteJournal:
         self.deliveries: list[dict[str, Any]] = []  # webhook calls not yet acknowledged, found at open
         self.learned = ""
         self._committed = 0  # the count as committed, seen from the writer thread
-        self._conn: sqlite3.Connection | None = None
         self._queue: queue.SimpleQueue[tuple[Write, asyncio.Future[Any]] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._later: list[tuple[Write, asyncio.Future[Any]]] = []  # forgets waiting to go together
         self._later_timer: asyncio.TimerHandle | None = None
-        self._identity: tuple[int, int] | None = None  # (device, inode) of the file opened
-        self._wal_identity: tuple[int, int] | None = None  # and of its WAL
-        self._image: bytes | None = None  # the whole journal, while a write-back has no connection open
-        self._displaced: str | None = None  # why the file at our path is not ours, once found out
         self._outages = OutageLog(f"journal {path}")
-        # Called before the journal is written back into a data folder made again: locks it (DataDirLocked).
-        self.claim_folder: Callable[[], None] = lambda: None
+        self.file = JournalFile(path, sync, self._outages.failed)  # kept in place before each commit
 
     # start-up --------------------------------------------------------------------------------
     def _check_not_emptied(self, counted: int) -> None:
@@ -201,9 +191,8 @@ class SqliteJournal:
         (a first start, or one after an upgrade from before the journal), said in the log."""
         if counted <= 0:
             return
-        wal = self.path.with_name(self.path.name + "-wal")
         if not self.path.exists():
-            if not wal.exists():
+            if not self.file.wal.exists():
                 log.warning(
                     "no journal at %s, though this data folder counted %d jobs: starting with none "
                     "(jobs accepted before, if any, are not known to this bridge)",
@@ -226,9 +215,9 @@ class SqliteJournal:
     def _open_file(self, count_floor: int) -> list[dict[str, Any]]:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._finish_write_back()
+            self.file.take_up_leftovers()
             self._check_not_emptied(count_floor)
-            conn = self._connect()
+            conn = self.file.open()
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise JournalError(f"journal {self.path} was written by a newer comfybridge (schema {version})")
@@ -254,149 +243,23 @@ class SqliteJournal:
                 for d in conn.execute("SELECT id, url, body, created FROM deliveries ORDER BY created")
             ]
         except sqlite3.DatabaseError as exc:
-            self._close_connection()
+            self.file.close_connection()
             raise JournalError(
                 f"journal {self.path} is unreadable or corrupt ({exc}); restore it from a backup or move it "
                 "aside (accepted jobs are never dropped silently)"
             ) from None
         except (ValueError, TypeError, orjson.JSONDecodeError) as exc:
-            self._close_connection()
+            self.file.close_connection()
             raise JournalError(f"journal {self.path} holds a record it cannot read ({exc})") from None
         except OSError as exc:
-            self._close_connection()
+            self.file.close_connection()
             raise JournalError(f"journal {self.path} cannot be opened: {exc}") from None
         self._committed = self.count
         return rows
 
-    def _connect(self, create: bool = True) -> sqlite3.Connection:
-        """Open the journal's file (only an existing one unless `create`: a write-back must never go on
-        in an empty file of SQLite's making) and note which files it is, WAL included."""
-        target = self.path if create else f"file:{urllib.parse.quote(str(self.path))}?mode=rw"
-        conn = sqlite3.connect(target, isolation_level=None, check_same_thread=False, uri=not create)
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(f"PRAGMA synchronous={'FULL' if self.sync else 'OFF'}")
-            self._identity = _identity(self.path)
-            self._wal_identity = _identity(self._wal)
-        except BaseException:
-            conn.close()
-            raise
-        self._conn = conn
-        return conn
-
-    @property
-    def _wal(self) -> Path:
-        return self.path.with_name(self.path.name + "-wal")
-
     async def ensure_in_place(self) -> str | None:
         reason: str | None = await self._submit(_look_only)  # the writer thread looks before each commit
         return reason
-
-    def _in_place(self) -> str | None:
-        """In the writer thread, before each commit: None if the files at the journal's path (and its
-        WAL's, where nearly every change lives) are the ones open. Deleted by other hands, they are
-        written back from the open connection, which still holds every job: a commit into a file the
-        next start will not find would be no commit at all."""
-        if self._displaced is not None:
-            return self._displaced
-        if self._conn is not None:
-            try:
-                found, wal = _stat(self.path), _identity(self._wal)
-            except OSError as exc:  # a passing trouble (NFS, I/O): not a verdict; the next look decides
-                log.warning("journal %s: cannot look at it now (%s)", self.path, exc.strerror)
-                return None
-            main = (found.st_dev, found.st_ino) if found is not None else None
-            if self._wal_identity is None:
-                self._wal_identity = wal  # SQLite makes it at the first write after an open
-            if main == self._identity and found is not None and found.st_size == 0:
-                return self._emptied()
-            if main == self._identity and wal == self._wal_identity:
-                return None
-            if main is not None and main != self._identity:
-                return self._set_aside(f"{self.path} was replaced by another file")
-        try:
-            self._write_back()
-        except DataDirLocked as exc:  # another bridge took the folder made again: its jobs are its own now
-            self._displaced = f"{self.path} was deleted, and its folder taken by another bridge ({exc})"
-            log.error("journal %s", self._displaced)
-            return self._displaced
-        except (OSError, sqlite3.Error) as exc:
-            log.error("journal %s was deleted, and cannot be written back now: %s", self.path, exc)
-            return f"{self.path} was deleted, and cannot be written back ({exc})"
-        except Exception as exc:  # a fault of the bridge's own must not end the writer thread
-            log.exception("journal %s: writing it back failed", self.path)
-            return f"{self.path} was deleted, and cannot be written back ({exc.__class__.__name__})"
-        log.warning("journal %s was deleted under the running bridge: written back from the open file", self.path)
-        return None
-
-    def _write_back(self) -> None:
-        """Put the journal back at its path from the open connection, then go on writing there.
-
-        Every job is held in memory (`_image`) from the moment the open connection is closed until a
-        new one is open on the file written back: a second deletion meanwhile (an `rm -rf` still
-        running) costs a retry, never the jobs. The old connection is closed first, with the deleted
-        files' WAL names removed: SQLite deletes a WAL by name when it closes, and must not take the
-        new file's. The copy is named RESTORING only once whole, for a start after a kill to take up."""
-        path = self.path
-        path.parent.mkdir(parents=True, exist_ok=True)  # the whole data folder may have gone
-        self.claim_folder()
-        if self._conn is not None:
-            self._image = self._conn.serialize()  # every page, WAL included (SQLite 3.36+)
-            self._close_connection()
-        if self._image is None:
-            raise sqlite3.OperationalError("no connection and no copy of the journal to write back")
-        for leftover in ("-wal", "-shm"):
-            path.with_name(path.name + leftover).unlink(missing_ok=True)
-        partial, copy = path.with_name(path.name + RESTORING + "-partial"), path.with_name(path.name + RESTORING)
-        write_synced(partial, self._image)
-        os.replace(partial, copy)
-        os.replace(copy, path)
-        fsync_path(path.parent)
-        self._connect(create=False)
-        self._image = None
-
-    def _emptied(self) -> str | None:
-        """The file was cut to nothing in place (SQLite never leaves a journal in WAL mode under one
-        page). The pages changed since the last checkpoint are still in the WAL: put back, they may be
-        all of it (a young journal); if not, the rest is gone, and no copy can be made of it."""
-        assert self._conn is not None
-        try:
-            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            whole = self._conn.execute("PRAGMA quick_check").fetchone()[0] == "ok"
-        except sqlite3.Error:
-            whole = False
-        if whole:
-            log.warning("journal %s was emptied by other hands: every page was still in its WAL, put back", self.path)
-            return None
-        return self._set_aside(f"{self.path} was emptied by other hands")
-
-    def _set_aside(self, why: str) -> str:
-        """The journal's path names another file now, not ours to overwrite: keep our jobs beside it
-        for its operator, and write no more. Our WAL is emptied into our own (unnamed) file first, so
-        that a kill cannot leave its frames beside the other file, for SQLite to apply to it."""
-        assert self._conn is not None
-        aside = self.path.with_name(f"{self.path.name}.displaced-{time.strftime('%Y%m%dT%H%M%S')}")
-        try:
-            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            self._conn.execute("VACUUM INTO ?", (str(aside),))
-            fsync_path(aside)
-            why += f"; the jobs it held are kept in {aside}"
-        except (OSError, sqlite3.Error) as exc:
-            log.error("journal %s: its jobs could not be kept aside in %s: %s", self.path, aside, exc)
-        self._displaced = why
-        log.error("journal %s", why)
-        return why
-
-    def _finish_write_back(self) -> None:
-        """A stop during a write-back left its whole copy and no journal: the copy is the journal
-        (checked as any journal is, once opened). A copy cut short is only removed."""
-        copy = self.path.with_name(self.path.name + RESTORING)
-        self.path.with_name(self.path.name + RESTORING + "-partial").unlink(missing_ok=True)
-        if copy.exists() and not self.path.exists():
-            log.warning("journal %s: taking up the copy a write-back left, %s", self.path, copy.name)
-            for leftover in ("-wal", "-shm"):
-                self.path.with_name(self.path.name + leftover).unlink(missing_ok=True)
-            os.replace(copy, self.path)
 
     def _start(self) -> None:
         """Start the writer thread; writes are accepted from this event loop from now on."""
@@ -411,12 +274,7 @@ class SqliteJournal:
             self._queue.put(None)
             await asyncio.to_thread(self._thread.join)
             self._thread = None
-        self._close_connection()
-
-    def _close_connection(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        await asyncio.to_thread(self.file.close)
 
     # writes ----------------------------------------------------------------------------------
     def accept(self, record: dict[str, Any]) -> asyncio.Future[int]:
@@ -525,7 +383,7 @@ class SqliteJournal:
 
     def _commit(self, items: list[tuple[Write, asyncio.Future[Any]]]) -> None:
         assert self._loop is not None
-        gone = self._in_place()
+        gone = self.file.in_place()
         # A look at the file (done just now) is told what it found; it has no transaction of its own.
         outcomes: list[Outcome] = [(future, gone, None) for write, future in items if write is _look_only]
         items = [item for item in items if item[0] is not _look_only]
@@ -552,7 +410,7 @@ class SqliteJournal:
         self._loop.call_soon_threadsafe(self._resolve, outcomes, max(accepted, default=0))
 
     def _transaction(self, writes: list[Write]) -> tuple[list[Any], list[int]]:
-        conn = self._conn
+        conn = self.file.conn
         assert conn is not None
         batch = _Batch(self._committed)
         started = time.perf_counter()
@@ -605,8 +463,8 @@ class OutageLog:
 
 
 def retrieve_failure(future: asyncio.Future[Any]) -> None:
-    """A write nobody waits for (a forget) may fail unheard: its failure is the commit's, which the
-    journal has logged (once per outage, not once per write)."""
+    """A write nobody waits for (a forget) may fail unheard: the journal has said why once, not once
+    per write (an outage, once and then every 10 s; a full disk, to the requests it refuses)."""
     if not future.cancelled() and future.exception() is not None:
         log.debug("journal write failed: %s", future.exception())
 
@@ -633,16 +491,3 @@ def row_of(record: tuple[Any, ...]) -> dict[str, Any]:
         if row[name] is not None:
             row[name] = orjson.loads(row[name])
     return row
-
-
-def _stat(path: Path) -> os.stat_result | None:
-    try:
-        return path.stat()
-    except FileNotFoundError:
-        return None
-
-
-def _identity(path: Path) -> tuple[int, int] | None:
-    """(device, inode) of the file at `path`, or None if there is none."""
-    found = _stat(path)
-    return (found.st_dev, found.st_ino) if found is not None else None
