@@ -596,7 +596,9 @@ class Scheduler:
         core.results.forget(client_id, fetched)
         client = self.clients.get(client_id)
         done = client is not None and self.clients.forget_if_done(client, core.owns_something)
-        core.spawn(self._forget_fetched(client_id, fetched, done, keep_for), f"forget fetched {client_id}")
+        ids = [r.job_id for r in fetched]
+        keys = core.results.keys_of(fetched, linked=bool(keep_for))  # the keys only: no inline bytes held
+        core.spawn(self._forget_fetched(client_id, ids, keys, done, keep_for), f"forget fetched {client_id}")
 
     def results_lost(self, client_id: str, lost: list[JobResult], why: str) -> None:
         """Results that can never be delivered (their files removed or cut short by other hands):
@@ -607,11 +609,11 @@ class Scheduler:
             self.results_fetched(client_id, lost)
 
     async def _forget_fetched(
-        self, client_id: str, fetched: list[JobResult], client_done: bool, keep_for: float, retry: float = 0
+        self, client_id: str, ids: list[str], keys: list[str], client_done: bool, keep_for: float, retry: float = 0
     ) -> None:
-        """Journal the fetch before the files go. A journal that cannot take it now (a database away)
-        is asked again until it does: until then a restart, or the next leader, would serve the
-        results once more (at least once, never lost)."""
+        """Journal the fetch of these jobs before their files (`keys`) go. A journal that cannot take
+        it now (a database away) is asked again until it does: until then a restart, or the next
+        leader, would serve the results once more (at least once, never lost)."""
         core = self.core
         if retry:
             await asyncio.sleep(retry)
@@ -620,25 +622,23 @@ class Scheduler:
         if client_done and not retry:
             forgotten = core.journal.forget_client(client_id, later=True)
         else:
-            forgotten = core.journal.forget((r.job_id for r in fetched), later=True)
+            forgotten = core.journal.forget(ids, later=True)
         try:
             await forgotten
         except StorageError as exc:
             if not retry:
                 log.warning("client %s: %d results delivered, but not yet forgotten in the journal (%s); "
-                            "asking it again until it is", client_id, len(fetched), exc)  # fmt: skip
-            again = self._forget_fetched(
-                client_id, fetched, client_done, keep_for, min(2 * retry or 1.0, FORGET_RETRY_MAX)
-            )
+                            "asking it again until it is", client_id, len(ids), exc)  # fmt: skip
+            delay = min(2 * retry or 1.0, FORGET_RETRY_MAX)
+            again = self._forget_fetched(client_id, ids, keys, client_done, keep_for, delay)
             core.spawn(again, f"forget fetched {client_id} again", daemon=True)  # a stop does not wait for it
             return
         if keep_for:  # a stop cuts this short: the objects are then orphans, which the sweep removes
-            linked = {r.job_id for r in fetched}  # kept from the sweep while the links work
+            linked = set(ids)  # kept from the sweep while the links work
             self._linked |= linked
-            keys = core.results.keys_of(fetched, linked=True)  # the keys only: no inline bytes held
             core.spawn(self._delete_later(keys, linked, keep_for), f"delete linked {client_id}", daemon=True)
         else:
-            await core.results.delete(core.results.keys_of(fetched))
+            await core.results.delete(keys)
 
     async def _delete_later(self, keys: list[str], linked: set[str], delay: float) -> None:
         await asyncio.sleep(delay)
