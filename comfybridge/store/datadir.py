@@ -8,11 +8,12 @@ import errno
 import fcntl
 import os
 import secrets
-import time
 import weakref
 from pathlib import Path
 
 import orjson
+
+from .files import write_synced
 
 __all__ = ["DataDirLock", "DataDirLocked", "folder_mark"]
 
@@ -121,17 +122,19 @@ def _holder(path: Path) -> str:
 
 def folder_mark(data_dir: Path) -> str:
     """A random name this data folder keeps (made by the first bridge to ask): bridges of a cluster
-    that share the folder read the same one, so one whose --data-dir is another folder can tell."""
+    that share the folder read the same one, so one whose --data-dir is another folder can tell.
+    Made whole under a name of its own, then linked into place: two bridges starting at once agree
+    on one, and a kill can leave no empty mark."""
     path = data_dir / MARK_FILE
-    with contextlib.suppress(FileExistsError):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)  # two starting at once: one makes it
-        with os.fdopen(fd, "w") as mark:
-            mark.write(secrets.token_hex(16))
-            mark.flush()
-            os.fsync(mark.fileno())
-    for _ in range(50):  # the other bridge may be writing it this very moment
-        text = path.read_text().strip()
-        if text:
-            return text
-        time.sleep(0.01)
-    return ""
+    with contextlib.suppress(FileNotFoundError):
+        mark = path.read_text().strip()
+        if mark:
+            return mark
+    made = data_dir / f".{MARK_FILE}.{secrets.token_hex(8)}"
+    write_synced(made, secrets.token_hex(16).encode())
+    try:
+        with contextlib.suppress(FileExistsError):
+            os.link(made, path)  # only if there is none yet
+    finally:
+        made.unlink(missing_ok=True)
+    return path.read_text().strip()
