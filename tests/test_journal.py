@@ -507,6 +507,37 @@ async def test_a_journal_whose_files_vanish_as_they_are_opened_is_not_called_in_
     assert [row[0] for row in await journal_rows(client)] == ["before", "after"]
 
 
+async def test_a_data_folder_replaced_by_a_file_refuses_until_a_folder_is_back(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    """`stat` then fails with "Not a directory": gone, for whoever made it so, not a passing trouble."""
+    data = tmp_path / "data"
+    client = await make_bridge(await make_emulator(), data_dir=data)
+    await run_job(client, "before", TINY)
+    shutil.rmtree(data)
+    data.write_text("x")
+    status, body = await generate(client, "refused", TINY)
+    assert status == 503
+    assert "was deleted, and cannot be written back" in body["detail"]
+    data.unlink()
+    await wait_until_rows(client, [("before", "done", "")])
+
+
+async def test_a_data_folder_moved_away_whole_stays_locked_where_it_went(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    """Its journal is in it: a bridge started there would run its jobs a second time."""
+    data, moved = tmp_path / "data", tmp_path / "data.old"
+    client = await make_bridge(await make_emulator(), data_dir=data)
+    await run_job(client, "before", TINY)
+    data.rename(moved)
+    data.mkdir()
+    await wait_until_rows(client, [("before", "done", "")])  # written back into the new folder
+    for folder in (data, moved):
+        with pytest.raises(DataDirLocked, match="in use by another comfybridge"):
+            DataDirLock.acquire(folder, "a second bridge")
+
+
 async def test_a_copy_left_beside_a_journal_is_kept_aside_never_taken_up_later(tmp_path: Path) -> None:
     path = tmp_path / "journal.sqlite3"
     journal = SqliteJournal(path)

@@ -9,6 +9,7 @@ import fcntl
 import os
 import secrets
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -39,6 +40,7 @@ class DataDirLock:
         self._listening = listening
         self._fd = fd
         self._finalizer = weakref.finalize(self, os.close, fd) if fd is not None else None
+        self._kept: list[Callable[[], object]] = []  # locks on earlier folders, moved away whole
 
     @property
     def held(self) -> bool:
@@ -48,6 +50,9 @@ class DataDirLock:
         if self._fd is not None and self._finalizer is not None:
             self._fd = None
             self._finalizer()  # closing the file releases the lock
+        for kept in self._kept:
+            kept()
+        self._kept.clear()
 
     @classmethod
     def shared(cls, data_dir: Path) -> DataDirLock:
@@ -74,7 +79,10 @@ class DataDirLock:
             if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
                 return
         fd = _lock(folder, self._listening)
-        self._finalizer()  # the old folder's lock: nobody can take that folder any more
+        if held.st_nlink == 0:  # the old folder is gone for good: nobody can take it any more
+            self._finalizer()
+        else:  # moved elsewhere, its journal in it: still ours, or a bridge started there would run its jobs
+            self._kept.append(self._finalizer)
         self._fd, self._finalizer = fd, weakref.finalize(self, os.close, fd)
 
 

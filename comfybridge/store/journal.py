@@ -192,13 +192,11 @@ class SqliteJournal:
         if counted <= 0:
             return
         if not self.path.exists():
-            if not self.file.wal.exists():
-                log.warning(
-                    "no journal at %s, though this data folder counted %d jobs: starting with none "
-                    "(jobs accepted before, if any, are not known to this bridge)",
-                    self.path,
-                    counted,
-                )
+            log.warning(
+                "no journal at %s, though this data folder counted %d jobs: starting with %s (jobs accepted "
+                "before, if any, are not known to this bridge)", self.path, counted,
+                "what its leftover WAL holds" if self.file.wal.exists() else "none",
+            )  # fmt: skip
             return
         if self.path.stat().st_size == 0:  # a WAL beside it does not help: SQLite ignores it then
             raise JournalError(

@@ -9,6 +9,7 @@ journal's writer thread (or at its start and stop), never on the event loop.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sqlite3
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 RESTORING = ".restoring"  # a whole copy on its way back to the journal's path (taken up at a start)
 PARTIAL = ".restoring-partial"  # the same while it is written (only removed at a start)
+UNSEEN_LIMIT = 10  # looks in a row the files may not be seen (a passing trouble) before it is a verdict
 
 
 class JournalFile:
@@ -47,6 +49,7 @@ class JournalFile:
         self._wal_identity: tuple[int, int] | None = None
         self._image: bytes | None = None  # the whole journal, while a write-back has no connection open
         self._placed: tuple[int, int] | None = None  # the file a write-back put in place, before it opened it
+        self._unseen = 0  # looks in a row that could not stat the files
 
     @property
     def wal(self) -> Path:
@@ -99,9 +102,13 @@ class JournalFile:
             return self._written_back()
         try:
             found, wal = _stat(self.path), _identity(self.wal)
-        except OSError as exc:  # a passing trouble (NFS, I/O): not a verdict; the next look decides
-            log.warning("journal %s: cannot look at it now (%s)", self.path, exc.strerror)
-            return None
+        except OSError as exc:
+            self._unseen += 1
+            if self._unseen < UNSEEN_LIMIT:  # a passing trouble (NFS, I/O): not a verdict; the next look decides
+                log.warning("journal %s: cannot look at it now (%s)", self.path, exc.strerror)
+                return None
+            return f"{self.path} cannot be looked at ({exc.strerror}), {self._unseen} times in a row"
+        self._unseen = 0
         main = (found.st_dev, found.st_ino) if found is not None else None
         if main == self._identity and found is not None and found.st_size == 0:
             return self._emptied()
@@ -223,10 +230,14 @@ class _NotOurs(Exception):
 
 
 def _stat(path: Path) -> os.stat_result | None:
+    """The file at `path`, or None if there is none (its folder gone, or a file or a link loop where a
+    folder of its path should be: as gone, for whoever made it so)."""
     try:
         return path.stat()
-    except FileNotFoundError:
-        return None
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            return None
+        raise
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
