@@ -229,26 +229,7 @@ def own_postgres() -> Iterator[PostgresServer]:
     yield from running_postgres()
 
 
-async def test_a_restarted_database_is_reconnected_and_its_lock_taken_again(own_postgres: PostgresServer) -> None:
-    journal = PgJournal(own_postgres.new_database())
-    await journal.open()
-    try:
-        job = Job("c", "w", b'{"1": {"class_type": "X", "inputs": {}}}', 0)
-        assert await journal.accept(job.record()) == 1
-        own_postgres.stop()
-        with pytest.raises(StorageUnavailable):
-            await journal.update(job.id, {"error": "while down"})  # refused at once, not hung
-        own_postgres.start()
-        await journal.update(job.id, {"error": "after"})  # a new session, locked again
-        second = PgJournal(journal.dsn)
-        with pytest.raises(JournalError, match="in use by another comfybridge"):
-            await second.open()
-        assert journal.lost() is None
-    finally:
-        await journal.close()
-
-
-async def test_an_outages_failing_writes_are_logged_once_not_each(
+async def test_a_restarted_database_is_reconnected_and_its_lock_taken_again(
     own_postgres: PostgresServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     journal = PgJournal(own_postgres.new_database())
@@ -258,12 +239,17 @@ async def test_an_outages_failing_writes_are_logged_once_not_each(
         assert await journal.accept(job.record()) == 1
         own_postgres.stop()
         caplog.clear()
-        for n in range(20):  # nobody waits for most writes (forgets): each must not be a line of its own
-            with pytest.raises(StorageUnavailable):
+        for n in range(20):  # refused at once, not hung; and nobody waits for most writes (forgets), so
+            with pytest.raises(StorageUnavailable):  # each failure must not be a log line of its own
                 await journal.update(job.id, {"error": f"while down {n}"})
         failures = [r for r in caplog.records if r.levelno >= logging.WARNING and "fail" in r.getMessage()]
         assert len(failures) == 1, [r.getMessage() for r in failures]
         own_postgres.start()
+        await journal.update(job.id, {"error": "after"})  # a new session, locked again
+        second = PgJournal(journal.dsn)
+        with pytest.raises(JournalError, match="in use by another comfybridge"):
+            await second.open()
+        assert journal.lost() is None
     finally:
         await journal.close()
 
