@@ -25,6 +25,7 @@ from comfybridge.store import journal as journal_module
 from comfybridge.store import journal_file
 from comfybridge.store import results as results_module
 from comfybridge.store.datadir import DataDirLock, DataDirLocked
+from comfybridge.store.files import atomic_write
 from comfybridge.store.journal import JournalError, SqliteJournal
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
@@ -780,3 +781,11 @@ async def test_a_recovered_job_waited_since_it_was_accepted_not_since_the_restar
     }
     waited = samples[("comfybridge_job_wait_seconds_sum", (("backend", emulator.url), ("workflow", "solid")))]
     assert 3600 <= waited < 3600 + 60
+
+
+def test_the_state_file_written_on_a_full_disk_leaves_no_temporary_file(tmp_path: Path) -> None:
+    with small_disk(tmp_path / "small") as folder:
+        fill(folder)
+        with pytest.raises(OSError, match="No space left"):
+            atomic_write(folder / "current_state.json", b'{"generation_count": 1}' * 2000)
+        assert sorted(os.listdir(folder)) == ["filler"]

@@ -62,10 +62,15 @@ def sync_handle(handle: BinaryIO) -> None:
 def atomic_write(path: Path, data: bytes) -> None:
     """Write so that a crash leaves either the old file or the new one: temp, flush, fsync, rename."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{next(_temp_names)}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        sync_handle(handle)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            sync_handle(handle)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # a full disk: no half-written temp file left behind
+            tmp.unlink()
+        raise
     fsync_path(path.parent)
 
 
