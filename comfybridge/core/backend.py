@@ -32,6 +32,7 @@ class Backend:
     last_workflow: str | None = None  # what it ran last, so its models are likely loaded
     delivered: list[str] = field(default_factory=list)  # prompt ids to delete from its history, together
     abandoned: set[str] = field(default_factory=set)  # prompt ids moved elsewhere, to remove when it is back
+    retaking: bool = False  # an abandoned prompt showed up running: a take-back of it is under way
     # Jobs handed over as they were accepted, with their prompt ids: its worker sends them first.
     at_once: collections.deque[tuple[Job, str]] = field(default_factory=collections.deque)
     down_since: float | None = None

@@ -137,9 +137,10 @@ class Dispatcher:
         except StorageError as exc:
             log.error("job %s client %s: hand-over not recorded (%s); waiting", job.id, job.client_id, exc)
             job.sending = None
-            core.take_back(backend, job)
-            if not job.ended:
-                core.send_again(job)
+            if _still_on(backend, job, sent):  # (failover may have moved it meanwhile)
+                core.take_back(backend, job)
+                if not job.ended:
+                    core.send_again(job)
             await asyncio.sleep(JOURNAL_PAUSE)
             return
         await self.send(backend, job, sent)
@@ -152,7 +153,7 @@ class Dispatcher:
         core = self.core
         accepting = job.accepting
         try:
-            if job.prompt_id != sent or job not in backend.inflight:
+            if not _still_on(backend, job, sent):
                 return  # taken back meanwhile (its backend went away): it waits in the queue again
             if job.ended:  # cancelled before its prompt went out
                 core.take_back(backend, job)
@@ -168,6 +169,18 @@ class Dispatcher:
             if failure is None or (isinstance(failure, BackendUnavailable) and failure.maybe_done):
                 self._abandon(backend, sent)
             return
+        unanswered = isinstance(failure, BackendUnavailable) and failure.maybe_done
+        if unanswered and _still_on(backend, job, sent) and await self._took_it_after_all(backend, sent):
+            failure = None
+        if not _still_on(backend, job, sent):
+            # Taken off this backend while its hand-over was in flight (it went away, got stuck, or the
+            # job was cancelled): what ComfyUI answered is no longer the job's. A prompt it may have
+            # must not run here as well, unless it already ran to its end (its events came while its
+            # accept record was written).
+            maybe_here = failure is None or unanswered
+            if maybe_here and (job.prompt_id != sent or job.outcome is None):
+                self._abandon(backend, sent)
+            return
         if failure is NOT_SENT:  # the journal keeps the hand-over for the next leader to reconcile
             log.warning("job %s client %s: not sent, this bridge may no longer lead", job.id, job.client_id)
             core.take_back(backend, job)
@@ -179,19 +192,10 @@ class Dispatcher:
             core.take_back(backend, job)
             core.end(job, JobState.FAILED, str(failure))
             return
-        if isinstance(failure, BackendUnavailable) and not (
-            failure.maybe_done and await self._took_it_after_all(backend, job)
-        ):
+        if isinstance(failure, BackendUnavailable):
             self._hand_over_failed(backend, job, failure)
             return
         backend.submit_failures = 0
-        if job not in backend.inflight or job.prompt_id != sent:
-            # Taken off this backend while its hand-over was in flight (it went away, or got stuck):
-            # the prompt just sent must not run here as well, unless it already ran to its end
-            # (its events came while its accept record was written).
-            if job.prompt_id != sent or job.outcome is None:
-                self._abandon(backend, sent)
-            return
         job.last_event = time.monotonic()
         if job.state is JobState.SUBMITTING:
             job.move(JobState.QUEUED)
@@ -233,10 +237,10 @@ class Dispatcher:
         backend.abandoned.add(prompt_id)
         self.core.spawn(self.core.remove_abandoned(backend), f"take back {prompt_id}")
 
-    async def _took_it_after_all(self, backend: Backend, job: Job) -> bool:
+    async def _took_it_after_all(self, backend: Backend, prompt_id: str) -> bool:
         """A hand-over without an answer: ask ComfyUI before sending the prompt anywhere again."""
         try:
-            return await backend.client.knows(job.prompt_id)
+            return await backend.client.knows(prompt_id)
         except BackendUnavailable:
             return False
 
@@ -262,3 +266,9 @@ class Dispatcher:
             return
         log.warning("job %s client %s: %s; will send it again", job.id, job.client_id, exc)
         core.send_again(job, "hand-over")
+
+
+def _still_on(backend: Backend, job: Job, sent: str) -> bool:
+    """The job is still handed over to this backend as prompt `sent`: not moved elsewhere (under
+    another prompt_id) nor taken back since. Asked again after every await of a hand-over."""
+    return job.prompt_id == sent and job in backend.inflight

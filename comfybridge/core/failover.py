@@ -122,6 +122,8 @@ class Failover:
             return
         running, pending = await backend.client.queue()
         for job in list(backend.inflight):
+            if job not in backend.inflight:
+                continue  # moved off this backend (its grace ran out) while an earlier one was asked about
             if job.handing_over:
                 continue  # its POST /prompt is still in flight; its answer decides
             if job.accepting is not None:  # sent while its accept is written: asked about once it is
@@ -134,7 +136,10 @@ class Failover:
                     job.started_at = time.monotonic()
                     job.move(JobState.RUNNING)
                 continue
-            entry = await backend.client.history(job.prompt_id)
+            asked = job.prompt_id
+            entry = await backend.client.history(asked)
+            if job.prompt_id != asked or job not in backend.inflight:
+                continue  # moved meanwhile: what this ComfyUI says of the prompt is no longer the job's
             if entry is not None:
                 finished = shapes.finished(entry)
                 job.outcome, job.reported = finished.outcome, job.reported or finished.error

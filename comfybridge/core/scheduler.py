@@ -354,6 +354,8 @@ class Scheduler:
                     "client %s: socket gone for %ss, cancelling its %d jobs",
                     client.id, self.settings.disconnect_grace, len(client.jobs),
                 )  # fmt: skip
+                # From here the cancels go through: a socket back now must not cut them half-way.
+                self._grace.pop(client.id, None)
                 await self.interrupt(client.id)
         finally:
             if self._grace.get(client.id) is asyncio.current_task():

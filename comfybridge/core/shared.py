@@ -217,6 +217,21 @@ class Core:
                 return
             backend.abandoned.discard(prompt_id)
 
+    def retake_abandoned(self, backend: Backend) -> None:
+        """A prompt of `abandoned` sends events (its cancel failed, or it was moved while the backend
+        seemed away): try again to take it back, one try at a time, for as long as it runs."""
+        if backend.retaking:
+            return
+        backend.retaking = True
+
+        async def once() -> None:
+            try:
+                await self.remove_abandoned(backend)
+            finally:
+                backend.retaking = False
+
+        self.spawn(once(), f"take back abandoned on {backend.name}")
+
     def wake_all(self) -> None:
         self.settled.set()
         for backend in self.backends.values():
@@ -248,7 +263,9 @@ class Core:
             client.backend = client.last_backend = backend.name
 
     def take_back(self, backend: Backend, job: Job) -> None:
-        """The job leaves the backend's in-flight list (its prompt ended there, or never will)."""
+        """The job leaves the backend's in-flight list (its prompt ended there, or never will). A job
+        no longer there (moved elsewhere meanwhile, under another prompt_id) is left as it is: its
+        new backend's events must still find it."""
         if job in backend.inflight:
             backend.inflight.remove(job)
             if backend.inflight:
@@ -263,8 +280,8 @@ class Core:
                 and not any(j in backend.inflight for j in client.jobs.values())
             ):
                 client.backend = None  # nothing of it is there any more
-        self.by_prompt.pop(job.prompt_id, None)
-        self.early.forget(job.prompt_id)
+            self.by_prompt.pop(job.prompt_id, None)
+            self.early.forget(job.prompt_id)
         self.wake_all()
 
     def send_again(self, job: Job, because: str | None = None) -> None:
@@ -467,6 +484,8 @@ class Core:
             await backend.client.cancel(job.prompt_id)
         except BackendUnavailable as exc:
             log.warning("job %s client %s: cancel on %s failed: %s", job.id, job.client_id, backend.name, exc)
+            # Still to be taken back: at its next connect, or as it starts (`Tracker.on_event`).
+            backend.abandoned.add(job.prompt_id)
         # If it never started, ComfyUI sends nothing more about it: free its slot now.
         if job in backend.inflight:
             try:

@@ -45,6 +45,8 @@ class Tracker:
         if backend.stuck_prompt is not None:
             self.core.unstuck(backend, f"it sent {event} again")
         backend.doubt = 0.0  # its worker runs prompts
+        if data["prompt_id"] in backend.abandoned:
+            self.core.retake_abandoned(backend)  # a prompt that could not be taken back before runs
         job = self.core.by_prompt.get(data["prompt_id"])
         if job is None:
             return  # an ended job still follows its prompt: its slot is free only once ComfyUI is done
