@@ -15,13 +15,15 @@ from .fake_comfy import HOP_HEADERS
 
 __all__ = ["FAULTS", "FaultyS3", "faulty_s3"]
 
-# fault -> (status, S3 error code); "hang" answers nothing at all
+# fault -> (status, S3 error code); "hang" reads the request and answers nothing at all; "silent"
+# (a server paused, or overloaded: its socket takes the connection) does not even read it
 FAULTS = {
     "503": (503, "SlowDown"),
     "500": (500, "InternalError"),
     "403": (403, "InvalidAccessKeyId"),
     "no-bucket": (404, "NoSuchBucket"),
     "hang": (0, ""),
+    "silent": (0, ""),
 }
 
 
@@ -52,11 +54,12 @@ class FaultyS3:
             await self._session.close()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        if self.fault is not None:
+        fault = self.fault
+        body = b"" if fault == "silent" else await request.read()  # (reading says "100 Continue")
+        if fault is not None:
             self.refused += 1
-            status, code = FAULTS[self.fault]
-            while not status and self.fault == "hang":
+            status, code = FAULTS[fault]
+            while not status and self.fault == fault:
                 await asyncio.sleep(0.05)  # its client has long given up: it is never done
             return _error(*FAULTS["503"]) if not status else _error(status, code)
         assert self._session is not None

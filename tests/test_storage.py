@@ -211,9 +211,10 @@ async def test_object_storage_in_trouble_refuses_clearly_and_loses_nothing(
     fault: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """S3 answering 5xx, refusing the credentials, without the bucket, or not answering at all: an
-    upload and a fetch meanwhile answer 503 with S3's own reason, and change nothing; a job that
-    finishes meanwhile waits for the store (past `result_retries`) and ends well once it is back."""
+    """S3 answering 5xx, refusing the credentials, without the bucket, or not answering at all (not
+    even reading a request): an upload and a fetch meanwhile answer 503 with S3's own reason, within
+    a bound, and change nothing; a job that finishes meanwhile waits for the store (past
+    `result_retries`) and ends well once it is back."""
     bucket = s3.new_bucket()
     async with faulty_s3(s3.url) as proxy:
         storage = {"storage": f"s3://{bucket}/t", "s3_endpoint": proxy.url, "s3_timeout": 0.5, "inline_result_kb": 0}
@@ -223,7 +224,7 @@ async def test_object_storage_in_trouble_refuses_clearly_and_loses_nothing(
         assert status == 200
         before = s3.keys(bucket)
         proxy.fault = fault
-        reason = "cannot be reached (ReadTimeoutError)" if fault == "hang" else f"({FAULTS[fault][1]}"
+        reason = "cannot be reached (" if fault in ("hang", "silent") else f"({FAULTS[fault][1]}"
         status, answer = await upload(client, {"file": ("x.png", png())}, client_id="patient")
         assert (status, reason in answer["detail"]) == (503, True), answer
         fetch = await client.get("/history", params={"clientId": "earlier"})
@@ -239,6 +240,30 @@ async def test_object_storage_in_trouble_refuses_clearly_and_loses_nothing(
             assert len(await read_results(await client.get("/history", params={"clientId": client_id}))) == 1
         assert before
         await wait_for(lambda: s3.keys(bucket) == [])  # the refused upload left nothing; fetched results go
+
+
+async def test_an_upload_that_cannot_be_read_at_hand_over_waits_for_the_store(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, s3: S3Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """S3 answering 5xx as a job that names an upload is handed over: the job waits for the store (the
+    store's trouble, not ComfyUI's: no backend is rested for it, the job is not failed as refused)
+    and runs once it is back."""
+    bucket = s3.new_bucket()
+    async with faulty_s3(s3.url) as proxy:
+        client = await make_bridge(
+            await make_emulator(), storage=f"s3://{bucket}/t", s3_endpoint=proxy.url, s3_timeout=0.5
+        )
+        status, names = await upload(client, {"photo": ("cat.png", png())}, client_id="hand")
+        assert status == 200
+        proxy.fault = "503"
+        status, _ = await generate(client, "hand", {"workflow": "invert", "1/image": names["photo"]})
+        assert status == 200
+        waited = "not sent, its upload cannot be read"
+        await wait_for(lambda: sum(waited in r.getMessage() for r in caplog.records) >= 4, timeout=30)  # > MAX_ATTEMPTS
+        proxy.fault = None
+        info = await poll_status(client, "hand", {"closed", "error"}, timeout=60)
+        assert info["status"] == "closed", info
+        assert not any("refused" in r.getMessage() and "hand-overs" in r.getMessage() for r in caplog.records)
 
 
 async def test_objects_no_record_names_are_swept_while_running(

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 NOT_ACCEPTED = "ComfyUI did not accept the job"
 MAX_ATTEMPTS = 3  # hand-overs of one job that may fail before it does
-JOURNAL_PAUSE = 1.0  # seconds a worker waits when the journal cannot record a hand-over, or it may not send
+JOURNAL_PAUSE = 1.0  # seconds a worker waits after a hand-over it could not record, send, or read the uploads of
 NOT_SENT = object()  # what `_deliver` returns when this bridge may not send now
 # Prompts known to take less than this are queued deeper than `pipeline_depth` inside a ComfyUI, up
 # to this much queued work: the bridge's own turnaround between prompts (an event in, the next prompt
@@ -188,6 +188,15 @@ class Dispatcher:
                 core.send_again(job)  # should it lead on after all
             await asyncio.sleep(JOURNAL_PAUSE)
             return
+        if isinstance(failure, StorageError):
+            # Its upload cannot be read now: it waits for the store, as results do, however long that
+            # takes; not counted against the job nor the backend.
+            log.warning("job %s client %s: not sent, its upload cannot be read: %s", job.id, job.client_id, failure)
+            core.take_back(backend, job)
+            if not job.ended:
+                core.send_again(job)
+            await asyncio.sleep(JOURNAL_PAUSE)
+            return
         if isinstance(failure, (PromptRefused, UploadGone)):
             core.take_back(backend, job)
             core.end(job, JobState.FAILED, str(failure))
@@ -226,6 +235,8 @@ class Dispatcher:
                 return NOT_SENT
             await backend.client.submit(prompt, sent)
         except (PromptRefused, UploadGone, BackendUnavailable) as exc:
+            return exc
+        except StorageError as exc:  # the bridge's own store is away (object storage down): not ComfyUI's fault
             return exc
         except Exception as exc:  # a fault of the bridge's own: the job is handed over again, never lost
             log.exception("job %s client %s: hand-over to %s failed", job.id, job.client_id, backend.name)

@@ -7,10 +7,11 @@ the standard AWS variables and files; `--s3-endpoint` names any S3-compatible se
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from typing import Any
 
 from ..errors import StorageUnavailable
@@ -22,6 +23,9 @@ log = logging.getLogger(__name__)
 
 PART = 8 * 1024 * 1024  # bytes per part of a multipart upload (S3's minimum is 5 MiB)
 DELETE_BATCH = 1000  # keys per DeleteObjects call, S3's limit
+ATTEMPTS = 3  # tries of one call (botocore's retries)
+SLOWEST = 1024 * 1024  # bytes a second: a store slower than this at taking a body is taken for away
+BACKOFF = 2.0**ATTEMPTS  # seconds botocore may sleep between tries, at most, in all (standard mode)
 _CREDENTIALS_REFUSED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"}
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
@@ -83,7 +87,7 @@ class S3Blobs:
             signature_version="s3v4",
             connect_timeout=self.timeout,
             read_timeout=self.timeout,
-            retries={"max_attempts": 3, "mode": "standard"},
+            retries={"max_attempts": ATTEMPTS, "mode": "standard"},
             max_pool_connections=64,
             s3={"addressing_style": "path"} if self.endpoint else None,
         )
@@ -93,7 +97,8 @@ class S3Blobs:
         )
         try:
             with _trouble(f"the bucket {self.bucket}"):
-                await self._client.head_bucket(Bucket=self.bucket)
+                async with self.bounded():
+                    await self._client.head_bucket(Bucket=self.bucket)
         except StorageUnavailable as exc:
             await self.close()
             raise ObjectStoreError(f"storage {self.url} cannot be used: {exc}") from None
@@ -105,30 +110,43 @@ class S3Blobs:
     def _name(self, key: str) -> str:
         return self.prefix + key
 
+    def bounded(self, size: int = 0) -> asyncio.Timeout:
+        """A deadline for one call, its tries included. botocore's timeouts bound connecting and each
+        read, not a body's sending nor the wait for `100 Continue`: a server that takes the connection
+        and then says nothing (paused, overloaded) would hold the call, and a stop, for ever."""
+        return asyncio.timeout(ATTEMPTS * 2 * self.timeout + BACKOFF + size / SLOWEST)
+
     def writer(self, key: str) -> BlobWriter:
         return _S3Writer(self, self._name(key))
 
-    async def chunks(self, key: str, size: int) -> AsyncIterator[bytes]:
+    async def chunks(self, key: str, size: int) -> AsyncGenerator[bytes, None]:
         with _trouble(f"reading {key}", key):
-            answer = await self._client.get_object(Bucket=self.bucket, Key=self._name(key))
+            async with self.bounded():
+                answer = await self._client.get_object(Bucket=self.bucket, Key=self._name(key))
             body = answer["Body"]
             try:
-                while chunk := await body.read(size):
+                while True:
+                    async with self.bounded(size):
+                        chunk = await body.read(size)
+                    if not chunk:
+                        break
                     yield chunk
             finally:
                 body.close()
 
     async def read(self, key: str) -> bytes:
         with _trouble(f"reading {key}", key):
-            answer = await self._client.get_object(Bucket=self.bucket, Key=self._name(key))
-            async with answer["Body"] as body:
-                data: bytes = await body.read()
-                return data
+            async with self.bounded():
+                answer = await self._client.get_object(Bucket=self.bucket, Key=self._name(key))
+                async with answer["Body"] as body:
+                    data: bytes = await body.read()
+                    return data
 
     async def exists(self, key: str) -> bool:
         try:
             with _trouble(f"looking for {key}", key):
-                await self._client.head_object(Bucket=self.bucket, Key=self._name(key))
+                async with self.bounded():
+                    await self._client.head_object(Bucket=self.bucket, Key=self._name(key))
         except BlobGone:
             return False
         return True
@@ -143,7 +161,8 @@ class S3Blobs:
         for start in range(0, len(keys), DELETE_BATCH):
             batch = [{"Key": self._name(key)} for key in keys[start : start + DELETE_BATCH]]
             with _trouble("deleting"):
-                await self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+                async with self.bounded():
+                    await self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
 
     async def delete_prefix(self, prefix: str) -> None:
         await self.delete([key for key, _ in await self.keys(prefix)])
@@ -151,10 +170,13 @@ class S3Blobs:
     async def keys(self, prefix: str = "") -> list[tuple[str, float]]:
         found = []
         with _trouble("listing"):
-            pages = self._client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=self._name(prefix)
-            )
-            async for page in pages:
+            paginator = self._client.get_paginator("list_objects_v2")
+            pages = aiter(paginator.paginate(Bucket=self.bucket, Prefix=self._name(prefix)))
+            while True:
+                async with self.bounded():
+                    page = await anext(pages, None)
+                if page is None:
+                    break
                 for item in page.get("Contents", ()):
                     found.append((item["Key"][len(self.prefix) :], item["LastModified"].timestamp()))
         return found
@@ -189,13 +211,15 @@ class _S3Writer:
         client, bucket = self.store._client, self.store.bucket
         with _trouble(f"storing {self.name}"):
             if self._upload_id is None:
-                started = await client.create_multipart_upload(Bucket=bucket, Key=self.name)
+                async with self.store.bounded():
+                    started = await client.create_multipart_upload(Bucket=bucket, Key=self.name)
                 self._upload_id = started["UploadId"]
             number = len(self._parts) + 1
-            sent = await client.upload_part(
-                Bucket=bucket, Key=self.name, UploadId=self._upload_id, PartNumber=number,
-                Body=bytes(self._held[:length]),
-            )  # fmt: skip
+            async with self.store.bounded(length):
+                sent = await client.upload_part(
+                    Bucket=bucket, Key=self.name, UploadId=self._upload_id, PartNumber=number,
+                    Body=bytes(self._held[:length]),
+                )  # fmt: skip
         self._parts.append({"ETag": sent["ETag"], "PartNumber": number})
         del self._held[:length]
 
@@ -203,18 +227,21 @@ class _S3Writer:
         client, bucket = self.store._client, self.store.bucket
         if self._upload_id is None:
             with _trouble(f"storing {self.name}"):
-                await client.put_object(Bucket=bucket, Key=self.name, Body=bytes(self._held))
+                async with self.store.bounded(len(self._held)):
+                    await client.put_object(Bucket=bucket, Key=self.name, Body=bytes(self._held))
         else:
             if self._held:
                 await self._send_part(len(self._held))
             with _trouble(f"storing {self.name}"):
-                await client.complete_multipart_upload(
-                    Bucket=bucket, Key=self.name, UploadId=self._upload_id, MultipartUpload={"Parts": self._parts}
-                )
+                async with self.store.bounded():
+                    await client.complete_multipart_upload(
+                        Bucket=bucket, Key=self.name, UploadId=self._upload_id, MultipartUpload={"Parts": self._parts}
+                    )
             self._upload_id = None
         self._held.clear()
         with _trouble(f"checking {self.name}"):
-            stored = (await client.head_object(Bucket=bucket, Key=self.name))["ContentLength"]
+            async with self.store.bounded():
+                stored = (await client.head_object(Bucket=bucket, Key=self.name))["ContentLength"]
         if stored != self.size:
             raise StorageUnavailable(f"object storage kept {stored} bytes of {self.name}, not {self.size}")
         return self.size
@@ -223,10 +250,11 @@ class _S3Writer:
         self._held.clear()
         client, bucket = self.store._client, self.store.bucket
         with contextlib.suppress(Exception):  # an upload left unfinished is the bucket's lifecycle rule's
-            if self._upload_id is not None:
-                await client.abort_multipart_upload(Bucket=bucket, Key=self.name, UploadId=self._upload_id)
-            else:
-                await client.delete_object(Bucket=bucket, Key=self.name)
+            async with self.store.bounded():
+                if self._upload_id is not None:
+                    await client.abort_multipart_upload(Bucket=bucket, Key=self.name, UploadId=self._upload_id)
+                else:
+                    await client.delete_object(Bucket=bucket, Key=self.name)
 
 
 @contextlib.contextmanager
