@@ -96,6 +96,57 @@ async def test_accepted_job_is_in_the_journal_before_the_answer(
 
 
 @pytest.mark.both_stores
+async def test_a_fetch_while_another_job_s_end_is_recorded_keeps_that_job_journaled(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory
+) -> None:
+    """A client fetches job A's results while job B's end is still being written (a slow commit): the
+    client is not taken for done (B's results are not yet among what it owns), so the fetch's forget
+    takes A alone, and B's results are still journaled: a restart would find them."""
+    client = await make_bridge(await make_emulator())
+    journal = client.app[JOURNAL]
+    await run_job(client, "rest", TINY)
+    gate, held = asyncio.Event(), []
+    update = journal.update
+
+    def slow_end(job_id: str, fields: dict[str, Any], delivery: Any = None) -> asyncio.Future[None]:
+        written = update(job_id, fields, delivery)
+        if fields.get("state") != "done":
+            return written
+        held.append(job_id)
+
+        async def later() -> None:
+            await gate.wait()
+            await written
+
+        return asyncio.ensure_future(later())
+
+    journal.update = slow_end  # type: ignore[method-assign]
+    status, second = await generate(client, "rest", TINY)
+    assert status == 200
+    await wait_for(lambda: held == [second["job_id"]])  # B ran; its end is being written
+    assert len(await read_results(await client.get("/history", params={"clientId": "rest"}))) == 1  # A's
+    gate.set()
+    await poll_status(client, "rest", {"closed"})
+    await asyncio.sleep(1.0)  # the fetch's forget joins a commit within half a second
+    assert await journal_rows(client) == [("rest", "done", "")]
+    assert len(await read_results(await client.get("/history", params={"clientId": "rest"}))) == 1  # B's
+
+
+@pytest.mark.both_stores
+async def test_a_client_s_unexpired_results_outlive_the_sweep_of_old_clients(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory
+) -> None:
+    """The sweep forgets clients last seen (their job accepted) over result_ttl ago; one whose job ended
+    later still owns its results until they expire, in memory and in the journal alike."""
+    client = await make_bridge(await make_emulator(pace=0.8), result_ttl=3.0)
+    await run_job(client, "slowpoke", TINY)  # accepted ~1.6 s before it ends
+    await asyncio.sleep(2.0)  # the client was touched over result_ttl ago; its results are younger
+    assert await journal_rows(client) == [("slowpoke", "done", "")]
+    assert (await client.get("/execution-info", params={"clientId": "slowpoke"})).status == 200
+    await wait_until_rows(client, [])  # then they expire, and go
+
+
+@pytest.mark.both_stores
 async def test_counter_is_the_larger_of_state_file_and_journal(
     make_bridge: BridgeFactory, make_emulator: EmulatorFactory, base_settings: object
 ) -> None:

@@ -129,9 +129,10 @@ class ClientRegistry:
         client.touched = time.time()
         return client
 
-    def forget_if_done(self, client: Client, owns_something: Callable[[str], bool], expired: bool = False) -> bool:
-        """Forget a client with no socket, no job and nothing left to fetch (or whose leftovers expired)."""
-        if client.sockets or client.jobs or (owns_something(client.id) and not expired):
+    def forget_if_done(self, client: Client, owns_something: Callable[[str], bool]) -> bool:
+        """Forget a client with no socket, no job, no ending still to be told (a job's end being
+        recorded: its results are not yet among what it owns) and nothing left to fetch."""
+        if client.sockets or client.jobs or client.untold or owns_something(client.id):
             return False
         self._clients.pop(client.id, None)
         return True

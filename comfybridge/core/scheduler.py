@@ -740,7 +740,8 @@ class Scheduler:
         cutoff = time.time() - self.settings.result_ttl
         core.journal.forget_ended_before(cutoff)
         for client in self.clients:
-            if client.touched < cutoff and self.clients.forget_if_done(client, core.owns_something, True):
+            # Its results and uploads expire on their own clocks: until they have, it is still known.
+            if client.touched < cutoff and self.clients.forget_if_done(client, core.owns_something):
                 core.journal.forget_client(client.id)
 
 
