@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import re
 import shutil
-from collections.abc import Iterable
+import time
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -14,6 +18,8 @@ import pytest
 from comfybridge.core import scheduler as scheduler_module
 from comfybridge.edge.appkeys import JOURNAL, SETTINGS
 from comfybridge.errors import StorageFull
+from comfybridge.store import uploads as uploads_module
+from comfybridge.store.uploads import IncomingFile, UploadLimits, UploadStore
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
 from .helpers import JPEG, MP4, OGG, WAV, Client, generate, png, read_results, run_job, stored, upload, without_job_id
@@ -270,3 +276,67 @@ async def test_results_being_expired_are_not_handed_to_a_fetch_meanwhile(
     written.set()
     await wait_for(lambda: not stored(client, "results"))
     assert (await client.get("/history", params={"clientId": "late"})).status == 204
+
+
+def _store(root: Path) -> UploadStore:
+    return UploadStore(root, UploadLimits(1 << 20, 1 << 22, 4, ("image",), 50.0, 200.0))
+
+
+async def _one_png(before: asyncio.Event | None = None) -> AsyncIterator[IncomingFile]:
+    """One part, `cat.png`; after `before` is set (its headers on their way until then)."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield png()
+
+    if before is not None:
+        await before.wait()
+    yield IncomingFile("photo", "cat.png", chunks())
+
+
+async def test_the_sweep_of_empty_folders_leaves_an_upload_that_is_starting_alone(tmp_path: Path) -> None:
+    store = _store(tmp_path / "uploads")
+    folder = tmp_path / "uploads" / "c-alice"
+    folder.mkdir(parents=True)  # left empty when alice's earlier uploads expired, long ago
+    os.utime(folder, (0, 0))
+    first_part = asyncio.Event()
+    receiving = asyncio.ensure_future(store.receive("alice", _one_png(first_part)))
+    await asyncio.sleep(0.1)
+    await store.expire(3600)  # the sweep runs while the upload's first part is on its way
+    first_part.set()
+    names = await receiving
+    assert (folder / names["photo"]).is_file()
+
+
+async def test_a_new_owner_folder_is_made_durable_in_its_parent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[Path] = []
+    fsync = uploads_module.fsync_path
+    monkeypatch.setattr(uploads_module, "fsync_path", lambda path: (synced.append(Path(path)), fsync(path))[1])
+    await _store(tmp_path / "uploads").receive("carol", _one_png())
+    assert tmp_path / "uploads" in synced, "the new folder's entry was not synced"
+    assert tmp_path / "uploads" / "c-carol" in synced
+
+
+async def test_an_upload_cancelled_while_it_is_put_in_place_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled (a stop's shutdown timeout) between the rename and its folder's sync: the file that
+    was renamed into place goes too, not only its temporary name; nothing unindexed stays behind."""
+    renamed = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def slow_sync(tmp: Path, path: Path) -> None:
+        os.replace(tmp, path)
+        loop.call_soon_threadsafe(renamed.set)
+        time.sleep(0.3)  # a busy disk
+        uploads_module.fsync_path(path.parent)
+
+    monkeypatch.setattr(uploads_module, "_sync_and_rename", slow_sync)
+    store = _store(tmp_path / "uploads")
+    receiving = asyncio.ensure_future(store.receive("bob", _one_png()))
+    await renamed.wait()
+    receiving.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await receiving
+    assert list((tmp_path / "uploads" / "c-bob").iterdir()) == []

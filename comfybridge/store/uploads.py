@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import BadInput, StorageError, StorageFull, StorageUnavailable, TooLarge, UnsupportedMedia
 from .blobs import BlobStore, BlobWriter, sweep
-from .files import NO_SPACE, fsync_path, open_off_loop
+from .files import NO_SPACE, fsync_path, in_thread, open_off_loop
 from .media import MAX_FRAMES, SNIFF_BYTES, BadHeaders, Frames, image_frames, is_complete, media_kind_of, sniff
 
 __all__ = ["IncomingFile", "UploadGone", "UploadLimits", "UploadStore", "safe_name"]
@@ -205,10 +205,6 @@ class UploadStore:
         total = 0
         folder = self.root / (_owner_dir(owner) if self.blobs is None else SPOOL)
         try:
-            await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise write_refused(exc) from None
-        try:
             async for part in parts:
                 if len(saved) >= self.limits.max_files:
                     raise BadInput(f"Too many files in one upload: at most {self.limits.max_files}.")
@@ -244,7 +240,9 @@ class UploadStore:
         kind = mime = ext = name = ""
         early: list[bytes] = []  # with object storage: what came before the content said its name
         writer: BlobWriter | None = None
+        placed: Path | None = None  # without object storage: where the file is renamed to
         try:
+            await in_thread(_make_empty, tmp)
             async with open_off_loop(tmp, "wb") as handle:
                 async for chunk in part.chunks:
                     size += len(chunk)
@@ -280,16 +278,16 @@ class UploadStore:
                 await asyncio.to_thread(tmp.unlink, missing_ok=True)
             else:
                 # Synced before the client hears of it: a job that names it is journaled as durable.
-                path = folder / name
-                await asyncio.to_thread(_sync_and_rename, tmp, path)
+                path = placed = folder / name
+                await in_thread(_sync_and_rename, tmp, path)
         except BaseException as exc:
             try:
                 if writer is not None:
                     await writer.abort()
-            finally:  # the spool copy goes even when the abort is cut short
-                with contextlib.suppress(OSError):
-                    await asyncio.to_thread(tmp.unlink, missing_ok=True)
-            if isinstance(exc, OSError):
+            finally:  # the spool copy goes even when the abort is cut short; so does a file renamed
+                with contextlib.suppress(OSError):  # into place whose folder could not be synced
+                    await asyncio.to_thread(_unlink_all, tmp, placed)
+            if isinstance(exc, OSError) and not isinstance(exc, ConnectionError):  # (the client hanging up)
                 raise write_refused(exc) from None
             raise
         return Upload(name, path, owner, kind, time.time()), size
@@ -377,6 +375,24 @@ def _sync_and_rename(tmp: Path, path: Path) -> None:
     fsync_path(tmp)
     os.replace(tmp, path)
     fsync_path(path.parent)
+
+
+def _make_empty(tmp: Path) -> None:
+    """The empty file `tmp`, and its folder if there is none (its entry in its parent made durable: a
+    job will name a file in it). Made as a part arrives, not before: the sweep removes owner folders
+    that have been empty a while, and a file in one keeps it."""
+    try:
+        tmp.touch()
+    except FileNotFoundError:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        fsync_path(tmp.parent.parent)
+        tmp.touch()
+
+
+def _unlink_all(*paths: Path | None) -> None:
+    for path in paths:
+        if path is not None:
+            path.unlink(missing_ok=True)
 
 
 def _over_pixels(filename: str, frames: Frames, limits: UploadLimits) -> str | None:
