@@ -3,8 +3,12 @@ take, files over the limit, a full disk (bounded tries, no download without room
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import errno
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,14 +16,25 @@ import aiohttp
 import orjson
 import pytest
 
-from comfybridge.edge.appkeys import SCHEDULER
+from comfybridge.edge.appkeys import SCHEDULER, SETTINGS
 from comfybridge.errors import StorageUnavailable
 from comfybridge.store import blobs
 from comfybridge.store.blobs import BlobGone, LocalBlobs
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
 from .fake_comfy import FakeComfy
-from .helpers import files_under, generate, png, poll_status, read_results, run_job, small_disk, stored, without_job_id
+from .helpers import (
+    files_under,
+    generate,
+    png,
+    poll_status,
+    read_only,
+    read_results,
+    run_job,
+    small_disk,
+    stored,
+    without_job_id,
+)
 
 SOLID = {"workflow": "solid", "1/batch_size": 1}
 ON_DISK = {"storage": "", "s3_endpoint": ""}  # results as files in the data folder, whatever the run's storage
@@ -311,3 +326,48 @@ async def test_a_stored_file_that_cannot_be_read_is_the_storages_trouble_not_a_l
     for gone in ("missing", "plain/below"):  # not there; under a file, so not there either
         with pytest.raises(BlobGone):
             await read(gone)
+
+
+async def test_a_client_hanging_up_mid_download_leaves_no_file_open_and_is_no_error(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "comfybridge")
+    emulator = await make_emulator()
+    emulator.engine.faults.video_mb = 8  # a result streamed from its file, not read whole
+    client = await make_bridge(emulator)
+    await run_job(client, "leaver", SOLID)
+    results = str(client.app[SETTINGS].data_dir / "results")
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(b"GET /history?clientId=leaver HTTP/1.1\r\nHost: bridge\r\n\r\n")
+    await reader.readexactly(64 * 1024)
+    writer.transport.abort()  # mid-download
+    await wait_for(lambda: "GET /history 499" in caplog.text)  # its handler has ended
+    assert [path for path in _open_files() if path.startswith(results)] == []
+    metrics = (await (await client.get("/metrics")).read()).decode()
+    assert 'route="/history",status="499"' in metrics
+    assert 'route="/history",status="500"' not in metrics
+    assert len(await read_results(await client.get("/history", params={"clientId": "leaver"}))) == 2  # all of it
+
+
+def _open_files() -> list[str]:
+    """What this process (the bridge under test) holds open."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile
+            found.append(os.readlink(f"/proc/self/fd/{fd}"))
+    return found
+
+
+async def test_a_results_folder_that_cannot_be_written_is_told_without_its_path(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = await make_bridge(await make_emulator(), inline_result_kb=0, result_retries=1)
+    results = client.app[SETTINGS].data_dir / "results"
+    with read_only(results):
+        status, _ = await generate(client, "ro", SOLID)
+        assert status == 200
+        info = await poll_status(client, "ro", {"closed", "error"}, timeout=30)
+    assert info["status"] == "error"
+    assert "could not write its data folder (Read-only file system)" in info["detail"]
+    assert str(results) not in info["detail"]  # the server's paths are the operator's: in the log
+    assert f"cannot write {results}" in caplog.text

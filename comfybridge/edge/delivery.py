@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import orjson
 from aiohttp import web
@@ -54,17 +55,18 @@ async def write_multipart(
     if whole is not None:
         pieces = [piece for head, data in zip(heads, whole, strict=True) for piece in (head, data, b"\r\n")]
         return await _send_whole(request, headers, b"".join(pieces) + tail)
-    chunks = await _opened(store, *files[0], CHUNK)  # a store away: 503, not a cut
+    first = await _opened(store, *files[0], CHUNK)  # a store away: 503, not a cut
     response = web.StreamResponse(headers=headers)
-    await response.prepare(request)
-    for index, (head, (job_id, item)) in enumerate(zip(heads, files, strict=True)):
-        await response.write(head)
-        if index:
-            chunks = await _opened(store, job_id, item, CHUNK)
-        assert chunks is not None
-        async for chunk in chunks:
-            await response.write(chunk)
-        await response.write(b"\r\n")
+    async with contextlib.AsyncExitStack() as opened:
+        chunks = await opened.enter_async_context(first)
+        await response.prepare(request)
+        for index, (head, (job_id, item)) in enumerate(zip(heads, files, strict=True)):
+            await response.write(head)
+            if index:
+                chunks = await opened.enter_async_context(await _opened(store, job_id, item, CHUNK))
+            async for chunk in chunks:
+                await response.write(chunk)
+            await response.write(b"\r\n")
     await response.write(tail)
     await response.write_eof()
     return response
@@ -86,18 +88,19 @@ async def write_base64(
     if whole is not None:
         encoded_files = [piece + base64.b64encode(data) + b'"}' for piece, data in zip(pieces, whole, strict=True)]
         return await _send_whole(request, headers, b'{"files":[' + b",".join(encoded_files) + b"]}")
-    chunks = await _opened(store, *files[0], B64_CHUNK)  # a store away: 503, not a cut
+    first = await _opened(store, *files[0], B64_CHUNK)  # a store away: 503, not a cut
     response = web.StreamResponse(headers=headers)
-    await response.prepare(request)
-    await response.write(b'{"files":[')
-    for index, (piece, (job_id, item)) in enumerate(zip(pieces, files, strict=True)):
-        await response.write((b"," if index else b"") + piece)
-        if index:
-            chunks = await _opened(store, job_id, item, B64_CHUNK)
-        assert chunks is not None
-        async for chunk in chunks:
-            await response.write(base64.b64encode(chunk))
-        await response.write(b'"}')
+    async with contextlib.AsyncExitStack() as opened:
+        chunks = await opened.enter_async_context(first)
+        await response.prepare(request)
+        await response.write(b'{"files":[')
+        for index, (piece, (job_id, item)) in enumerate(zip(pieces, files, strict=True)):
+            await response.write((b"," if index else b"") + piece)
+            if index:
+                chunks = await opened.enter_async_context(await _opened(store, job_id, item, B64_CHUNK))
+            async for chunk in chunks:
+                await response.write(base64.b64encode(chunk))
+            await response.write(b'"}')
     await response.write(b"]}")
     await response.write_eof()
     return response
@@ -138,51 +141,59 @@ def _cut(job_id: str, item: ResultFile) -> ResultLost:
     return ResultLost(job_id, f"{item.file_name} of job {job_id} is not of its recorded size ({item.size} bytes)")
 
 
-async def _opened(store: ResultStore, job_id: str, item: ResultFile, size: int) -> AsyncIterator[bytes]:
+async def _opened(
+    store: ResultStore, job_id: str, item: ResultFile, size: int
+) -> contextlib.aclosing[AsyncGenerator[bytes, None]]:
     """A file's chunks (see `_chunks`), the first already read: a store that cannot give the file
-    fails here, before anything of it is sent."""
+    fails here, before anything of it is sent. Closed by its `async with` however the answer ends:
+    a client that hangs up mid-download leaves no file open behind it."""
     chunks = _checked(store, job_id, item, size)
     first = await anext(chunks, b"")
 
-    async def from_first() -> AsyncIterator[bytes]:
-        yield first
-        async for chunk in chunks:
-            yield chunk
+    async def from_first() -> AsyncGenerator[bytes, None]:
+        try:
+            yield first
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await chunks.aclose()
 
-    return from_first()
+    return contextlib.aclosing(from_first())
 
 
-async def _checked(store: ResultStore, job_id: str, item: ResultFile, size: int) -> AsyncIterator[bytes]:
+async def _checked(store: ResultStore, job_id: str, item: ResultFile, size: int) -> AsyncGenerator[bytes, None]:
     """`_chunks`, counted: ResultLost if the file is gone, or ends before or after its recorded size
     (a response completed short would be taken for whole, and the results forgotten)."""
     sent = 0
     try:
-        async for chunk in _chunks(store, item, size):
-            sent += len(chunk)
-            if sent > item.size:
-                break
-            yield chunk
+        async with contextlib.aclosing(_chunks(store, item, size)) as chunks:
+            async for chunk in chunks:
+                sent += len(chunk)
+                if sent > item.size:
+                    break
+                yield chunk
     except BlobGone:
         raise _gone(job_id, item) from None
     if sent != item.size:
         raise _cut(job_id, item)
 
 
-async def _chunks(store: ResultStore, item: ResultFile, size: int) -> AsyncIterator[bytes]:
+async def _chunks(store: ResultStore, item: ResultFile, size: int) -> AsyncGenerator[bytes, None]:
     """A file from the store in chunks of `size` (the last may be shorter: base64 needs every other
     one whole); a small file is read whole, in one trip."""
     if item.size <= SMALL_FILE:
         yield await store.read(item)
         return
     held = b""
-    async for chunk in store.chunks(item, size):
-        if not held and len(chunk) == size:  # a local file's chunks come whole: no copy
-            yield chunk
-            continue
-        held += chunk
-        while len(held) >= size:
-            yield held[:size]
-            held = held[size:]
+    async with contextlib.aclosing(store.chunks(item, size)) as chunks:
+        async for chunk in chunks:
+            if not held and len(chunk) == size:  # a local file's chunks come whole: no copy
+                yield chunk
+                continue
+            held += chunk
+            while len(held) >= size:
+                yield held[:size]
+                held = held[size:]
     if held:
         yield held
 

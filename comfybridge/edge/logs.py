@@ -22,6 +22,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from ..core.clients import unscoped
 from .access import CALLER
 from .metrics import METRICS
+from .replies import CLIENT_CLOSED
 
 __all__ = [
     "REDACTED",
@@ -36,7 +37,6 @@ __all__ = [
 ]
 
 access_log = logging.getLogger("comfybridge.access")
-CLIENT_CLOSED = 499  # nginx's code for a request whose client hung up first
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 REDACTED = "[redacted]"
 MAX_REFUSAL = 200  # characters of a parser's complaint in its log line

@@ -17,6 +17,8 @@ from ..core.clients import SCOPE
 from ..errors import BridgeError, Unauthorized
 from .access import KEY
 
+CLIENT_CLOSED = 499  # nginx's code for a request whose client hung up first
+
 __all__ = ["error_middleware", "error_response", "json_response", "quoted_header_text"]
 
 log = logging.getLogger(__name__)
@@ -55,12 +57,14 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             return _detailed(request, exc)
         if isinstance(exc, ConnectionError):  # the client went away mid-download: a normal event
             log.info("%s %s: the client went away (%s)", request.method, request.path, exc)
+            status = CLIENT_CLOSED
         else:
             log.warning("%s %s: cut off after its answer began: %s: %s", request.method, request.path,
                         exc.__class__.__name__, exc, exc_info=not isinstance(exc, BridgeError))  # fmt: skip
+            status = exc.status if isinstance(exc, BridgeError) else 500
         if request.transport is not None:
             request.transport.close()
-        return web.Response(status=500)  # written nowhere: the connection is closed
+        return web.Response(status=status)  # written nowhere (the connection is closed): for the access log
 
 
 def _detailed(request: web.Request, exc: Exception) -> web.StreamResponse:

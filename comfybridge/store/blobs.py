@@ -9,7 +9,7 @@ import contextlib
 import errno
 import logging
 import shutil
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -47,7 +47,7 @@ class BlobStore(Protocol):
 
     def writer(self, key: str) -> BlobWriter: ...
 
-    def chunks(self, key: str, size: int) -> AsyncIterator[bytes]:
+    def chunks(self, key: str, size: int) -> AsyncGenerator[bytes, None]:
         """The blob's bytes, in chunks of at most `size`; BlobGone if there is none."""
 
     async def read(self, key: str) -> bytes:
@@ -93,7 +93,8 @@ def storage_error(exc: OSError) -> StorageError:
     """A write of the bridge's own that failed, as the error the client or the log sees."""
     if exc.errno in NO_SPACE:
         return StorageFull(f"the bridge's disk is full ({exc.strerror})")
-    return StorageUnavailable(f"the bridge could not write its data folder ({exc.strerror}: {exc.filename})")
+    log.warning("cannot write %s: %s", exc.filename, exc.strerror)  # the path for the operator, not the client
+    return StorageUnavailable(f"the bridge could not write its data folder ({exc.strerror})")
 
 
 # local folder ---------------------------------------------------------------------------------------
@@ -119,7 +120,7 @@ class LocalBlobs:
         folder = self.path(prefix)
         await in_thread(_sync_folders, folder)
 
-    async def chunks(self, key: str, size: int) -> AsyncIterator[bytes]:
+    async def chunks(self, key: str, size: int) -> AsyncGenerator[bytes, None]:
         path = self.path(key)
         try:
             async with open_off_loop(path, "rb") as handle:

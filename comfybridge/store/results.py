@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import re
 import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,12 +93,13 @@ class ResultStore:
         if any(f.data is None for f in files):
             await self.blobs.seal(job_id)
 
-    async def chunks(self, item: ResultFile, size: int) -> AsyncIterator[bytes]:
+    async def chunks(self, item: ResultFile, size: int) -> AsyncGenerator[bytes, None]:
         if item.data is not None:
             yield item.data
             return
-        async for chunk in self.blobs.chunks(item.key, size):
-            yield chunk
+        async with contextlib.aclosing(self.blobs.chunks(item.key, size)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     async def read(self, item: ResultFile) -> bytes:
         return item.data if item.data is not None else await self.blobs.read(item.key)
