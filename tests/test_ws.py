@@ -131,6 +131,24 @@ async def test_socket_back_within_grace_keeps_the_job(
     assert interrupted_prompts(emulator) == []
 
 
+async def test_a_socket_back_within_grace_hears_what_was_told_while_it_was_away(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    """Two jobs end while the client's socket is away: back within the grace, it hears both endings,
+    in order, the last with jobs_left 0, as if it had never left."""
+    client = await make_bridge(await make_emulator(pace=0.05), disconnect_grace=30)
+    async with client.ws_connect("/ws", params={"clientId": "away"}) as ws:
+        first = (await generate(client, "away", {"workflow": "slow", "2/seed": 1}))[1]["job_id"]
+        second = (await generate(client, "away", {"workflow": "slow", "2/seed": 2}))[1]["job_id"]
+        await frames_until(ws, "progress")
+    await poll_status(client, "away", {"closed"})  # both ended meanwhile
+    async with client.ws_connect("/ws", params={"clientId": "away"}) as ws:
+        frames = await frames_until(ws, "closed")
+        frames += await frames_until(ws, "closed")
+    endings = [(f["job_id"], f["jobs_left"]) for f in frames if f["status"] == "closed"]
+    assert endings == [(first, 1), (second, 0)]
+
+
 async def test_jobs_that_end_within_the_grace_are_not_said_cancelled(
     make_emulator: EmulatorFactory, make_bridge: BridgeFactory, caplog: pytest.LogCaptureFixture
 ) -> None:

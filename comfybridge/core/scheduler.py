@@ -331,20 +331,24 @@ class Scheduler:
             grace.cancel()
         return client
 
-    def socket_closed(self, client_id: str) -> None:
+    def socket_closed(self, client_id: str) -> bool:
+        """True if that was the client's last socket and its jobs go on for `disconnect_grace`: a socket
+        back within it hears what was told meanwhile."""
         client = self.clients.get(client_id)
         if client is None:
-            return
+            return False
         client.sockets -= 1
         if client.sockets:
-            return
+            return False
         if client.jobs and not self.core.closing:
             grace = self.core.spawn(self._cancel_after_grace(client), f"grace {client_id}", daemon=True)
             if grace is not None:
                 self._grace[client_id] = grace
+                return True
         elif "job_id" not in client.status:
             # It only ever had a socket: nothing to tell it or to keep, so it costs nothing once gone.
             self.clients.forget_if_done(client, self.core.owns_something)
+        return False
 
     async def _cancel_after_grace(self, client: Client) -> None:
         try:

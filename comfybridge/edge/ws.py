@@ -30,6 +30,7 @@ LISTENING_FRAME = orjson.dumps(status_message("listening", "server is listening"
 # unsent to a socket; below it they go straight to the socket.
 HIGH_WATER = 64 * 1024
 MAX_HELD = 4096  # frames kept for one client whose socket is expected back
+GRACE_MARGIN = 1.0  # seconds frames stay held past a disconnect grace (the cancels' own frames, if it ran out)
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -108,6 +109,7 @@ class SocketHub:
         self._outboxes: dict[str, dict[web.WebSocketResponse, Outbox]] = {}
         self._by_address: dict[str, int] = {}
         self._held: dict[str, list[bytes | None]] = {}  # frames for clients expected back, until they are
+        self._let_go_at: dict[str, asyncio.TimerHandle] = {}
         self.supervisor = Supervisor()  # the heartbeat, and the sender of each socket that is behind
 
     def count(self, client_id: str) -> int:
@@ -158,20 +160,28 @@ class SocketHub:
 
     def hold(self, client_ids: Iterable[str], seconds: float) -> None:
         """These clients' sockets are expected back (their jobs were taken over after a restart, or by
-        another bridge of a cluster): what is told to them meanwhile waits, for `seconds`, and a
-        socket that opens hears it first, in order."""
-        waiting = [c for c in client_ids if c not in self._outboxes]
-        for client_id in waiting:
+        another bridge of a cluster; or a socket closed within its disconnect grace): what is told to
+        them meanwhile waits, for `seconds`, and a socket that opens hears it first, in order."""
+        loop = asyncio.get_running_loop()
+        for client_id in client_ids:
+            if client_id in self._outboxes:
+                continue
             self._held.setdefault(client_id, [])
-        asyncio.get_running_loop().call_later(seconds, self._let_go, waiting)
+            earlier = self._let_go_at.pop(client_id, None)
+            if earlier is not None:
+                earlier.cancel()
+            self._let_go_at[client_id] = loop.call_later(seconds, self._let_go, client_id)
 
     def replay(self, client_id: str, outbox: Outbox) -> None:
+        timer = self._let_go_at.pop(client_id, None)
+        if timer is not None:
+            timer.cancel()
         for frame in self._held.pop(client_id, ()):
             outbox.put(frame)
 
-    def _let_go(self, client_ids: list[str]) -> None:
-        for client_id in client_ids:
-            self._held.pop(client_id, None)
+    def _let_go(self, client_id: str) -> None:
+        self._let_go_at.pop(client_id, None)
+        self._held.pop(client_id, None)
 
     async def close_all(self, code: int = WSCloseCode.GOING_AWAY, message: bytes = b"server shutdown") -> None:
         for sockets in list(self._outboxes.values()):
@@ -208,7 +218,8 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     finally:
         hub.opened_from(address, -1)
         hub.remove(client_id, ws)
-        scheduler.socket_closed(client_id)
+        if scheduler.socket_closed(client_id):  # its jobs go on for the grace: so do their frames, held
+            hub.hold((client_id,), settings.disconnect_grace + GRACE_MARGIN)
         await outbox.close()
         log.debug("client %s: socket closed", client_id)
     return ws
