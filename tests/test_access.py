@@ -60,6 +60,17 @@ async def test_the_websocket_takes_its_key_as_a_token(keyed: Client) -> None:
     assert refused.value.status == 401
     async with keyed.ws_connect("/ws", params={"clientId": "w", "token": A}) as ws:
         assert orjson.loads((await ws.receive()).data)["status"] == "connected"
+    # Two different keys, as tokens or as a token beside a header: which was meant cannot be told.
+    for params, headers in (
+        ([("clientId", "w"), ("token", A), ("token", B)], {}),
+        ({"clientId": "w", "token": A}, {"X-API-Key": B}),
+        ({"clientId": "w", "token": "wrong-key-0123456789"}, {"X-API-Key": A}),
+    ):
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await keyed.ws_connect("/ws", params=params, headers=headers)
+        assert refused.value.status == 401
+    async with keyed.ws_connect("/ws", params={"clientId": "w", "token": A}, headers={"X-API-Key": A}):
+        pass  # the same key twice is one key
 
 
 async def frames(ws: aiohttp.ClientWebSocketResponse, until: str) -> list[Any]:

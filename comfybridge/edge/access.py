@@ -115,13 +115,11 @@ def presented_key(request: web.Request) -> str | None:
         if scheme.lower() == "bearer" and value.strip():
             keys.add(value.strip())
     keys.update(value for value in request.headers.getall("X-API-Key", ()) if value)
+    if request.path in TOKEN_PATHS:  # browsers set no headers on a WebSocket or an <img>
+        keys.update(request.query.getall("token", ()))
     if len(keys) > 1:
         raise Unauthorized("The request carries more than one API key; send one.")
-    if keys:
-        return keys.pop()
-    if request.path in TOKEN_PATHS:  # browsers set no headers on a WebSocket or an <img>
-        return request.query.get("token")
-    return None
+    return keys.pop() if keys else None
 
 
 def client_id_of(request: web.Request, required: bool = True) -> str | None:
