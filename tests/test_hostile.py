@@ -78,6 +78,35 @@ async def test_malformed_multipart_is_a_400_json(bridge: Client, case: str, capl
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+async def test_any_parameter_given_twice_is_refused_and_changes_nothing(bridge: Client) -> None:
+    await run_job(bridge, "twice", TINY)
+    for method, path, params in (
+        ("GET", "/history", [("clientId", "twice"), ("resType", "base64"), ("resType", "xx")]),
+        ("POST", "/generate-based-workflow", [("clientId", "twice"), ("wait", "1"), ("wait", "0")]),
+        ("GET", "/workflow-info", [("workflow", "solid"), ("workflow", "invert")]),
+        ("GET", "/workflow-list", [("detail", "1"), ("detail", "0")]),
+    ):
+        name = params[-1][0]
+        resp = await bridge.request(method, path, params=params, json=TINY if "generate" in path else None)
+        assert resp.status == 400, path
+        assert (await resp.json())["detail"] == f"{name} is given more than once; give it once."
+    assert (await bridge.get("/history", params={"clientId": "twice"})).status == 200  # nothing was handed over
+    assert await (await bridge.get("/generation-count")).json() == 1
+
+
+async def test_a_body_that_is_not_json_says_why(bridge: Client) -> None:
+    for raw, why in ((b'{"workflow": "solid", "1/width": NaN}', "unexpected character"), (b"[1e400]", "number")):
+        resp = await bridge.post(
+            "/generate-based-workflow",
+            params={"clientId": "nan"},
+            data=raw,
+            headers={"Content-Type": "application/json"},
+        )
+        detail = (await resp.json())["detail"]
+        assert (resp.status, detail.startswith("The body is not valid JSON (")) == (400, True), detail
+        assert why in detail.lower(), detail
+
+
 async def test_a_client_id_given_twice_is_refused_and_changes_nothing(bridge: Client) -> None:
     await run_job(bridge, "first", TINY)
     twice = [("clientId", "first"), ("clientId", "second")]

@@ -122,15 +122,21 @@ def presented_key(request: web.Request) -> str | None:
     return keys.pop() if keys else None
 
 
-def client_id_of(request: web.Request, required: bool = True) -> str | None:
-    """The request's clientId, checked, as the core knows it (within the caller's API key). Given
-    twice, it is refused: which one the caller meant cannot be told."""
-    given = request.query.getall("clientId", ())
+def query_value(request: web.Request, name: str) -> str | None:
+    """A query parameter given at most once; given twice, it is refused: which one the caller meant
+    cannot be told, and taking the first would be a guess."""
+    given = request.query.getall(name, ())
     if len(given) > 1:
-        raise BadInput("clientId is given more than once; give it once.")
-    if not given and not required:
+        raise BadInput(f"{name} is given more than once; give it once.")
+    return given[0] if given else None
+
+
+def client_id_of(request: web.Request, required: bool = True) -> str | None:
+    """The request's clientId, checked, as the core knows it (within the caller's API key)."""
+    given = query_value(request, "clientId")
+    if given is None and not required:
         return None
-    return scoped(request, check_client_id(given[0] if given else None))
+    return scoped(request, check_client_id(given))
 
 
 def scoped(request: web.Request, client_id: str) -> str:

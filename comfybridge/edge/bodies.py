@@ -126,8 +126,10 @@ async def json_body(request: web.Request) -> Any:
         raise BadInput(f"The request body could not be read: its {coding} data is cut short.")
     try:
         return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise BadInput('The body must be a JSON object, e.g. {"workflow": "text-to-image"}.') from None
+    except orjson.JSONDecodeError as exc:  # (NaN and Infinity are not JSON, nor numbers past a double)
+        raise BadInput(
+            f'The body is not valid JSON ({exc}); it must be a JSON object, e.g. {{"workflow": "text-to-image"}}.'
+        ) from None
 
 
 def _window_bits(coding: str, first: bytes) -> int:

@@ -18,7 +18,7 @@ from ..store.media import content_type_for
 from ..store.results import JobResult
 from ..store.uploads import IncomingFile
 from . import openapi
-from .access import KEY, client_id_of
+from .access import KEY, client_id_of, query_value
 from .appkeys import SCHEDULER, SETTINGS, WORKFLOWS
 from .bodies import BodyDeadline, expect_continue, expect_nothing, json_body, part_chunks, refuse_early
 from .delivery import ResultLost, links_reply, write_base64, write_multipart
@@ -59,7 +59,7 @@ async def workflow_list(request: web.Request) -> web.Response:
 
 
 async def workflow_thumbnail(request: web.Request) -> web.StreamResponse:
-    workflow = request.app[WORKFLOWS].get(request.query.get("workflow"))
+    workflow = request.app[WORKFLOWS].get(query_value(request, "workflow"))
     _allowed(request, workflow.alias)
     if workflow.thumbnail is None:
         raise NotFound(f"Workflow {workflow.alias!r} has no thumbnail.")
@@ -75,7 +75,7 @@ async def openapi_json(request: web.Request) -> web.Response:
 
 
 async def workflow_info(request: web.Request) -> web.Response:
-    workflow = request.app[WORKFLOWS].get(request.query.get("workflow"))
+    workflow = request.app[WORKFLOWS].get(query_value(request, "workflow"))
     _allowed(request, workflow.alias)
     return json_response(workflow.describe_inputs())
 
@@ -132,7 +132,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
 
 
 def _flag(request: web.Request, name: str) -> bool:
-    value = request.query.get(name, "").lower()
+    value = (query_value(request, name) or "").lower()
     if value not in FLAGS:
         raise BadInput(f"{name} must be 1, true, 0 or false; got {value[:40]!r}.")
     return FLAGS[value]
@@ -182,7 +182,7 @@ FLAGS = {"": False, "0": False, "false": False, "1": True, "true": True}
 
 def _res_type(request: web.Request) -> str:
     """How results are to be handed over, checked before anything is: a typo must not cost them."""
-    res_type = request.query.get("resType", "")
+    res_type = query_value(request, "resType") or ""
     if res_type not in RES_TYPES:
         raise BadInput(f"resType must be base64 or url, or left out for multipart; got {res_type[:40]!r}.")
     if res_type == "url" and not request.app[SCHEDULER].result_store.links:
