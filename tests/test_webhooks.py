@@ -114,6 +114,29 @@ async def test_done_is_signed_retried_and_delivered_once_acknowledged(
     assert len(receiver.calls) == 3  # and never sent again
 
 
+async def test_an_attempt_that_fails_in_an_unforeseen_way_is_tried_again(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An attempt that raises what no one foresaw (here: signing) is logged and tried again; the
+    delivery is never dropped with its task."""
+    monkeypatch.setattr(webhooks, "FIRST_RETRY", 0.05)
+    receiver.failures = 0
+    real_sign, calls = webhooks.sign, []
+
+    def sign_once_wrong(*args: Any) -> str:
+        calls.append(args)
+        if len(calls) == 1:
+            raise RuntimeError("a fault of ours")
+        return real_sign(*args)
+
+    monkeypatch.setattr(webhooks, "sign", sign_once_wrong)
+    client = await make_bridge(await make_emulator(), webhook_secret=SECRET, webhook_allow_private=True)
+    await run_job(client, "unforeseen", {**TINY, "_webhook": receiver.url})
+    await wait_for(lambda: len(receiver.calls) == 1)
+    assert len(calls) == 2
+    await wait_for(lambda: _pending(client.app[JOURNAL].path) == 0)
+
+
 async def test_failed_and_cancelled_jobs_are_told_too(
     make_emulator: EmulatorFactory, make_bridge: BridgeFactory, receiver: Receiver
 ) -> None:

@@ -199,14 +199,14 @@ class Webhooks:
 
     async def _attempt(self, delivery: dict[str, Any]) -> str | None:
         """One POST; None when the receiver acknowledged it (2xx), else what went wrong."""
-        timestamp = int(time.time())
-        headers = {
-            "Content-Type": "application/json",
-            "webhook-id": delivery["id"],
-            "webhook-timestamp": str(timestamp),
-            "webhook-signature": sign(self.secret, delivery["id"], timestamp, delivery["body"]),
-        }
         try:
+            timestamp = int(time.time())
+            headers = {
+                "Content-Type": "application/json",
+                "webhook-id": delivery["id"],
+                "webhook-timestamp": str(timestamp),
+                "webhook-signature": sign(self.secret, delivery["id"], timestamp, delivery["body"]),
+            }
             if not self.allow_private:
                 host = URL(delivery["url"]).host or ""
                 if _is_ip(host) and internal(host):  # a literal address is never resolved: check it here
@@ -219,6 +219,9 @@ class Webhooks:
             async with post as resp:
                 return None if 200 <= resp.status < 300 else f"HTTP {resp.status}"
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            return f"{exc.__class__.__name__}: {exc}"
+        except Exception as exc:  # a fault of ours, or one this list missed: tried again, never dropped
+            log.exception("webhook %s to %s: the attempt failed", delivery["id"], delivery["url"])
             return f"{exc.__class__.__name__}: {exc}"
 
 
