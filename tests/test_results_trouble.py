@@ -305,6 +305,24 @@ async def test_a_read_error_after_the_answer_began_cuts_it_off(
     assert len(await read_results(resp)) == 3
 
 
+async def test_an_aborted_write_whose_close_fails_leaves_no_partial_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = LocalBlobs(tmp_path).writer("job/000-big.png")
+    await writer.reserve(None)
+    await writer.write(b"x" * (2 << 20))  # large enough to be streamed into its file
+    assert (tmp_path / "job" / "000-big.png").exists()
+
+    async def close_fails() -> None:
+        raise OSError(28, "No space left on device")  # the last flush, on a full disk
+
+    real_close = writer._close  # type: ignore[attr-defined]
+    monkeypatch.setattr(writer, "_close", close_fails)
+    await writer.abort()
+    assert not (tmp_path / "job" / "000-big.png").exists()
+    await real_close()  # (the handle the failed close left open)
+
+
 @pytest.mark.parametrize("how", ["read", "chunks"])
 async def test_a_stored_file_that_cannot_be_read_is_the_storages_trouble_not_a_lost_file(
     tmp_path: Path, how: str

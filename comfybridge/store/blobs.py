@@ -252,9 +252,12 @@ class _LocalWriter:
 
     async def abort(self) -> None:
         self._held.clear()
-        with contextlib.suppress(OSError):
-            await self._close()
-            await in_thread(self.path.unlink, True)
+        try:
+            with contextlib.suppress(OSError):  # a close that fails (a full disk's flush) still removes it
+                await self._close()
+        finally:
+            with contextlib.suppress(OSError):
+                await in_thread(self.path.unlink, True)
 
     async def _close(self) -> None:
         opened, self._opened, self._handle = self._opened, None, None
