@@ -249,8 +249,10 @@ class _S3Writer:
     async def abort(self) -> None:
         self._held.clear()
         client, bucket = self.store._client, self.store.bucket
-        with contextlib.suppress(Exception):  # an upload left unfinished is the bucket's lifecycle rule's
-            async with self.store.bounded():
+        # Best effort, and short: it often runs as a request is cancelled (a stop) with the store away.
+        # An upload left unfinished is the bucket's lifecycle rule's, an object left the orphan sweep's.
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(self.store.timeout):
                 if self._upload_id is not None:
                     await client.abort_multipart_upload(Bucket=bucket, Key=self.name, UploadId=self._upload_id)
                 else:
