@@ -71,6 +71,8 @@ async def test_the_websocket_takes_its_key_as_a_token(keyed: Client) -> None:
         assert refused.value.status == 401
     async with keyed.ws_connect("/ws", params={"clientId": "w", "token": A}, headers={"X-API-Key": A}):
         pass  # the same key twice is one key
+    async with keyed.ws_connect("/ws", params={"clientId": "w", "token": ""}, headers={"X-API-Key": A}):
+        pass  # an empty token is no key
 
 
 async def frames(ws: aiohttp.ClientWebSocketResponse, until: str) -> list[Any]:

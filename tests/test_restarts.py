@@ -10,15 +10,18 @@ import random
 import signal
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 
 from comfybridge.core.tracking import RESUMED
+from comfybridge.edge.appkeys import SCHEDULER
 from comfybridge.emulator import Emulator
 
-from .conftest import EmulatorFactory, wait_for
+from .conftest import BridgeFactory, EmulatorFactory, wait_for
+from .fake_comfy import FakeComfy
 from .helpers import (
     TINY,
     assert_one_line_error,
@@ -26,7 +29,9 @@ from .helpers import (
     bridge_process,
     count,
     fetch_results,
+    generate,
     kept,
+    poll_status,
     post_job,
     run_cli,
     status_of,
@@ -330,3 +335,107 @@ async def test_learned_speeds_survive_a_restart(workdir: Path, make_emulator: Em
         assert learned[slow.url] < 1 < learned[fast.url]
         async with bridge_process(workdir, *flags) as (proc, url):
             assert await speeds(session, url) == learned
+
+
+def journal_rows(data_dir: Path) -> list[tuple[Any, ...]]:
+    with contextlib.closing(sqlite3.connect(data_dir / "journal.sqlite3")) as conn:
+        return conn.execute("SELECT id, state, prompt_id, backend FROM jobs ORDER BY seq").fetchall()
+
+
+async def test_prompt_moved_off_an_absent_backend_does_not_run_there_after_a_restart(
+    make_fake: Any, make_bridge: BridgeFactory, tmp_path: Path
+) -> None:
+    """A backend away for backend_grace loses its job (sent again under a new prompt_id); its old
+    prompt, still in that ComfyUI's queue, is to be taken back when it is reachable again. The
+    bridge stops before that: the next process takes it back (the journal kept it), and the job
+    runs once."""
+    fake: FakeComfy = await make_fake()
+    engine = fake.upstream.engine
+    engine.pause()  # the prompt waits in ComfyUI's queue
+    first = await make_bridge(fake.url, backend_grace=0.3, comfy_timeout=1.0)
+    status, body = await generate(first, "twice", TINY)
+    assert status == 200, body
+    job_id = body["job_id"]
+    scheduler = first.app[SCHEDULER]
+    await wait_for(lambda: engine.queue_remaining == 1)
+    old_prompt = next(iter(scheduler.core.by_prompt))
+    # ComfyUI stays up (its queue too) but the bridge cannot reach it: its socket drops, reconnects hang.
+    gate = fake.hold("GET /prompt")
+    await fake.drop_sockets()
+    backend = next(iter(scheduler.backends.values()))
+    await wait_for(lambda: old_prompt in backend.abandoned)  # moved: sent again under a new prompt_id
+    await first.close()  # SIGTERM (or kill -9) before the backend is back
+    assert journal_rows(tmp_path / "data")[0][1] == "waiting"
+
+    gate.set()
+    del fake.held["GET /prompt"]
+    second = await make_bridge(fake.url, backend_grace=0.3)
+    await wait_for(lambda: all(b.healthy for b in second.app[SCHEDULER].backends.values()))
+    engine.resume()  # only now: a bridge that remembered the old prompt has taken it back by then
+    assert (await poll_status(second, "twice", {"closed", "error"}))["status"] == "closed"
+    await asyncio.sleep(0.5)  # let ComfyUI's queue run out
+    assert old_prompt not in engine.started, f"job {job_id} ran twice: prompts {engine.started}"
+
+
+async def test_jobs_a_restarted_comfyui_forgot_are_sent_again_in_their_order(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, tmp_path: Path
+) -> None:
+    """Bridge and ComfyUI both restart: the client's two prompts are unknown there, so both are sent
+    again, in their order (each goes to the head of the queue: the later one used to overtake the
+    earlier, and the client heard nothing while it ran, its frames waiting behind the earlier job's
+    ending)."""
+    emulator = await make_emulator()
+    engine = emulator.engine
+    engine.pause()
+    first = await make_bridge(emulator, pipeline_depth=2)
+    for n in range(2):
+        status, body = await generate(first, "ordered", {**TINY, "1/width": 8 + n})
+        assert status == 200, body
+    await wait_for(lambda: engine.queue_remaining == 2)
+    await first.close()
+    engine.clear_pending()  # ComfyUI restarted too: it forgot both prompts
+
+    second = await make_bridge(emulator, pipeline_depth=2)
+    await wait_for(lambda: engine.queue_remaining == 2)
+    engine.resume()
+    for _ in range(2):
+        await poll_status(second, "ordered", {"closed"})
+    await wait_for(lambda: all(r[1] == "done" for r in journal_rows(tmp_path / "data")))
+    in_acceptance_order = [r[2] for r in journal_rows(tmp_path / "data")]
+    assert engine.started == in_acceptance_order
+
+
+async def test_a_failure_the_last_process_could_not_tell_is_told_after_a_restart(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, tmp_path: Path
+) -> None:
+    """The client's socket is away (within disconnect_grace) while job X fails and job Y succeeds;
+    the bridge restarts before the socket is back, and the frames it held die with it. The next
+    process tells both endings again, in order: X's `error` as well as Y's `closed`."""
+    emulator = await make_emulator()
+    engine = emulator.engine
+    engine.pause()
+    first = await make_bridge(emulator, pipeline_depth=2, disconnect_grace=60)
+    async with first.ws_connect("/ws", params={"clientId": "away"}) as ws:
+        ids = []
+        for n in range(2):
+            status, body = await generate(first, "away", {**TINY, "1/width": 8 + n})
+            assert status == 200, body
+            ids.append(body["job_id"])
+        await wait_for(lambda: engine.queue_remaining == 2)
+    engine.faults.runtime_error = 1  # X fails in its first node, Y runs well
+    engine.resume()
+    await wait_for(lambda: [r[1] for r in journal_rows(tmp_path / "data")] == ["failed", "done"])
+    await first.close()
+
+    second = await make_bridge(emulator, pipeline_depth=2, disconnect_grace=60)
+    async with second.ws_connect("/ws", params={"clientId": "away"}) as ws:
+        heard = []
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2):
+                async for msg in ws:
+                    frame = orjson.loads(msg.data)
+                    heard.append((frame.get("job_id"), frame["status"], frame.get("jobs_left")))
+                    if frame.get("job_id") == ids[1] and frame["status"] == "closed":
+                        break
+    endings = [(job, status) for job, status, _ in heard if status in ("closed", "error")]
+    assert endings == [(ids[0], "error"), (ids[1], "closed")], heard

@@ -9,6 +9,7 @@ import contextlib
 import errno
 import logging
 import os
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import aiohttp
 import orjson
 import pytest
 
+from comfybridge.edge import delivery, routes
 from comfybridge.edge.appkeys import SCHEDULER, SETTINGS
 from comfybridge.errors import StorageUnavailable
 from comfybridge.store import blobs
@@ -365,6 +367,50 @@ async def test_a_client_hanging_up_mid_download_leaves_no_file_open_and_is_no_er
     assert 'route="/history",status="499"' in metrics
     assert 'route="/history",status="500"' not in metrics
     assert len(await read_results(await client.get("/history", params={"clientId": "leaver"}))) == 2  # all of it
+
+
+async def test_a_client_gone_before_the_first_write_leaves_no_file_generator_open(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    emulator = await make_emulator()
+    emulator.engine.faults.video_mb = 8  # streamed from its file: the answer is not sent whole
+    client = await make_bridge(emulator, inline_result_kb=0)
+    await run_job(client, "early", {"workflow": "solid", "1/batch_size": 1})
+    closed: list[str] = []
+    at_return: list[list[str]] = []
+    real_checked, real_opened, real_write = delivery._checked, delivery._opened, routes.write_multipart
+
+    async def tracked(*args: Any) -> AsyncGenerator[bytes, None]:  # what reads a file, the file open
+        try:
+            async for chunk in real_checked(*args):
+                yield chunk
+        finally:
+            closed.append(args[2].file_name)
+
+    async def slow_opened(*args: Any) -> Any:
+        opened = await real_opened(*args)  # the first file open, its first chunk read
+        try:
+            await asyncio.sleep(0.5)  # the client hangs up meanwhile
+        except asyncio.CancelledError:  # the test server cancels a lost client's handler; run_app does not
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+        return opened
+
+    async def write(*args: Any) -> Any:
+        try:
+            return await real_write(*args)
+        finally:
+            at_return.append(list(closed))
+
+    monkeypatch.setattr(delivery, "_checked", tracked)
+    monkeypatch.setattr(delivery, "_opened", slow_opened)
+    monkeypatch.setattr(routes, "write_multipart", write)
+    _, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(b"GET /history?clientId=early HTTP/1.1\r\nHost: bridge\r\n\r\n")
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    writer.transport.abort()
+    await wait_for(lambda: bool(at_return))
+    assert at_return[0], "the answer ended with its first file's reader still open"
 
 
 def _open_files() -> list[str]:

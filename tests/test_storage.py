@@ -8,12 +8,15 @@ import base64
 import hashlib
 import struct
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import orjson
 import pytest
+
+from comfybridge.errors import StorageUnavailable
+from comfybridge.store.s3 import S3Blobs
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
 from .faulty_s3 import FAULTS, faulty_s3
@@ -264,6 +267,34 @@ async def test_an_upload_that_cannot_be_read_at_hand_over_waits_for_the_store(
         info = await poll_status(client, "hand", {"closed", "error"}, timeout=60)
         assert info["status"] == "closed", info
         assert not any("refused" in r.getMessage() and "hand-overs" in r.getMessage() for r in caplog.records)
+
+
+async def test_an_upload_the_store_breaks_off_mid_hand_over_waits_for_the_store(
+    make_emulator: EmulatorFactory,
+    make_bridge: BridgeFactory,
+    s3: S3Server,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The store answers for the upload, then its stream breaks off on the way into ComfyUI (aiohttp
+    wraps what a body raises): still the store's trouble, not ComfyUI's."""
+    bucket = s3.new_bucket()
+    client = await make_bridge(await make_emulator(), storage=f"s3://{bucket}/t", s3_endpoint=s3.url, s3_timeout=0.5)
+    status, names = await upload(client, {"photo": ("cat.png", png())}, client_id="mid")
+    assert status == 200
+    real, failing = S3Blobs.chunks, [5]
+
+    async def flaky(self: S3Blobs, key: str, size: int) -> AsyncGenerator[bytes, None]:
+        if key.startswith("c-") and failing[0]:  # HEAD answered; the GET (or a body read) does not
+            failing[0] -= 1
+            raise StorageUnavailable("object storage cannot be reached (ReadTimeoutError)")
+        async for chunk in real(self, key, size):
+            yield chunk
+
+    monkeypatch.setattr(S3Blobs, "chunks", flaky)
+    status, _ = await generate(client, "mid", {"workflow": "invert", "1/image": names["photo"]})
+    assert status == 200
+    info = await poll_status(client, "mid", {"closed", "error"}, timeout=60)
+    assert info["status"] == "closed", info  # not 'ComfyUI did not accept the job'
 
 
 async def test_objects_no_record_names_are_swept_while_running(

@@ -14,12 +14,12 @@ import pytest
 from aiohttp import WSMsgType
 
 from comfybridge.core.supervisor import Supervisor
-from comfybridge.edge.appkeys import SCHEDULER
+from comfybridge.edge.appkeys import HUB, JOURNAL, SCHEDULER
 from comfybridge.edge.ws import HIGH_WATER, Outbox, text_frame
 from comfybridge.emulator import Emulator
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
-from .helpers import Client, frames_until, generate, poll_status, run_job, seed
+from .helpers import TINY, Client, frames_until, generate, poll_status, run_job, seed
 
 CONNECTED = {"status": "connected", "detail": "server connected", "details": "server connected"}
 LISTENING = {"status": "listening", "detail": "server is listening", "details": "server is listening"}
@@ -147,6 +147,41 @@ async def test_a_socket_back_within_grace_hears_what_was_told_while_it_was_away(
         frames += await frames_until(ws, "closed")
     endings = [(f["job_id"], f["jobs_left"]) for f in frames if f["status"] == "closed"]
     assert endings == [(first, 1), (second, 0)]
+
+
+async def test_a_socket_closed_while_the_last_end_is_recorded_hears_it_when_back(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    client = await make_bridge(await make_emulator(), disconnect_grace=30)
+    journal = client.app[JOURNAL]
+    gate, held = asyncio.Event(), []
+    update = journal.update
+
+    def slow_end(job_id: str, fields: dict[str, Any], delivery: Any = None) -> asyncio.Future[None]:
+        written = update(job_id, fields, delivery)
+        if fields.get("state") != "done":
+            return written
+        held.append(job_id)
+
+        async def later() -> None:
+            await gate.wait()
+            await written
+
+        return asyncio.ensure_future(later())
+
+    journal.update = slow_end  # type: ignore[method-assign]
+    ws = await client.ws_connect("/ws", params={"clientId": "gap"})
+    status, answer = await generate(client, "gap", TINY)
+    assert status == 200
+    await wait_for(lambda: held == [answer["job_id"]])  # it ran; its end is being written
+    await ws.close()
+    await wait_for(lambda: client.app[HUB].count("gap") == 0)
+    gate.set()
+    await poll_status(client, "gap", {"closed"})
+    async with client.ws_connect("/ws", params={"clientId": "gap"}) as ws:  # back well within the grace
+        async with asyncio.timeout(3):
+            frames = await frames_until(ws, "closed")
+    assert frames[-1]["job_id"] == answer["job_id"]
 
 
 async def test_jobs_that_end_within_the_grace_are_not_said_cancelled(

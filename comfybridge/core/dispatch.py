@@ -7,6 +7,8 @@ import itertools
 import logging
 import math
 import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from pathlib import Path
 
 from ..comfy.client import BackendUnavailable, PromptRefused
 from ..errors import StorageError
@@ -23,6 +25,7 @@ log = logging.getLogger(__name__)
 
 NOT_ACCEPTED = "ComfyUI did not accept the job"
 MAX_ATTEMPTS = 3  # hand-overs of one job that may fail before it does
+STORE_PAUSE_MAX = 30.0  # seconds: the longest pause between tries of a hand-over whose upload the store cannot give
 JOURNAL_PAUSE = 1.0  # seconds a worker waits after a hand-over it could not record, send, or read the uploads of
 NOT_SENT = object()  # what `_deliver` returns when this bridge may not send now
 # Prompts known to take less than this are queued deeper than `pipeline_depth` inside a ComfyUI, up
@@ -35,6 +38,7 @@ MAX_DEPTH = 8
 class Dispatcher:
     def __init__(self, core: Core) -> None:
         self.core = core
+        self._store_pause = 0.0  # seconds, doubling while the store cannot give the uploads of hand-overs
 
     async def work(self, backend: Backend) -> None:
         """Keep ComfyUI fed: prompts wait inside it behind the running one (see `_room`)."""
@@ -190,12 +194,14 @@ class Dispatcher:
             return
         if isinstance(failure, StorageError):
             # Its upload cannot be read now: it waits for the store, as results do, however long that
-            # takes; not counted against the job nor the backend.
+            # takes; not counted against the job nor the backend. Asked again after doubling pauses
+            # (each try is a journal write).
             log.warning("job %s client %s: not sent, its upload cannot be read: %s", job.id, job.client_id, failure)
             core.take_back(backend, job)
             if not job.ended:
                 core.send_again(job)
-            await asyncio.sleep(JOURNAL_PAUSE)
+            self._store_pause = min(STORE_PAUSE_MAX, max(JOURNAL_PAUSE, 2 * self._store_pause))
+            await asyncio.sleep(self._store_pause)
             return
         if isinstance(failure, (PromptRefused, UploadGone)):
             core.take_back(backend, job)
@@ -205,6 +211,7 @@ class Dispatcher:
             self._hand_over_failed(backend, job, failure)
             return
         backend.submit_failures = 0
+        self._store_pause = 0.0
         job.last_event = time.monotonic()
         if job.state is JobState.SUBMITTING:
             job.move(JobState.QUEUED)
@@ -225,7 +232,16 @@ class Dispatcher:
             for key, name in job.uploads.items():
                 node_id, _, input_name = key.partition("/")
                 try:
-                    remote = await backend.client.upload(await core.uploads.source_of(name), name)
+                    source = await core.uploads.source_of(name)
+                    failed: list[StorageError] = []
+                    if not isinstance(source, Path):
+                        source = _watched(source, failed)
+                    try:
+                        remote = await backend.client.upload(source, name)
+                    except BackendUnavailable:
+                        if failed:  # the store broke off mid-stream (aiohttp wraps it): not ComfyUI's fault
+                            raise failed[0] from None
+                        raise
                 except FileNotFoundError:
                     raise UploadGone(f"the uploaded file {name!r} of the job is gone") from None
                 if job.ended and not core.uploads.pinned(name):
@@ -245,7 +261,7 @@ class Dispatcher:
 
     def _abandon(self, backend: Backend, prompt_id: str) -> None:
         """A prompt sent to this backend that must not run there: taken back from its ComfyUI."""
-        backend.abandoned.add(prompt_id)
+        self.core.abandon(backend, prompt_id)
         self.core.spawn(self.core.remove_abandoned(backend), f"take back {prompt_id}")
 
     async def _took_it_after_all(self, backend: Backend, prompt_id: str) -> bool:
@@ -261,7 +277,7 @@ class Dispatcher:
         core.take_back(backend, job)
         if exc.maybe_done:
             # ComfyUI may have queued it without answering: remove it there once it answers again.
-            backend.abandoned.add(job.prompt_id)
+            core.abandon(backend, job.prompt_id)
         backend.submit_failures += 1
         if backend.submit_failures >= 2:
             pause = min(30.0, 0.5 * 2.0 ** (backend.submit_failures - 2))
@@ -283,3 +299,14 @@ def _still_on(backend: Backend, job: Job, sent: str) -> bool:
     """The job is still handed over to this backend as prompt `sent`: not moved elsewhere (under
     another prompt_id) nor taken back since. Asked again after every await of a hand-over."""
     return job.prompt_id == sent and job in backend.inflight
+
+
+async def _watched(chunks: AsyncIterator[bytes], failed: list[StorageError]) -> AsyncGenerator[bytes, None]:
+    """An upload's bytes from the bridge's store, on their way into ComfyUI; a failure of the store is
+    noted in `failed` (the HTTP client wraps what its body raises)."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except StorageError as exc:
+        failed.append(exc)
+        raise

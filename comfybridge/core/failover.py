@@ -93,7 +93,7 @@ class Failover:
         log.warning("backend %s down for %gs: moving its jobs", backend.name, core.settings.backend_grace)
         for job in reversed(list(backend.inflight)):
             core.take_back(backend, job)
-            backend.abandoned.add(job.prompt_id)
+            core.abandon(backend, job.prompt_id)
             if job.ended or job.id in core.collecting:  # its prompt succeeded: its results are being fetched
                 continue
             if self._send_again(job, _ran(job)):
@@ -121,6 +121,7 @@ class Failover:
         if not backend.inflight:
             return
         running, pending = await backend.client.queue()
+        unknown: list[Job] = []
         for job in list(backend.inflight):
             if job not in backend.inflight:
                 continue  # moved off this backend (its grace ran out) while an earlier one was asked about
@@ -144,13 +145,12 @@ class Failover:
                 finished = shapes.finished(entry)
                 job.outcome, job.reported = finished.outcome, job.reported or finished.error
                 self.tracker.prompt_finished(backend, job)
-            elif not job.ended:
-                core.take_back(backend, job)
-                if self._send_again(job, _ran(job)):
-                    log.warning("job %s client %s: unknown to %s, sending it again",
-                                job.id, job.client_id, backend.name)  # fmt: skip
             else:
                 core.take_back(backend, job)
+                unknown.append(job)
+        for job in reversed(unknown):  # each goes to the head of the queue: the earliest must end up first
+            if not job.ended and self._send_again(job, _ran(job)):
+                log.warning("job %s client %s: unknown to %s, sending it again", job.id, job.client_id, backend.name)
 
     async def _reconcile_again(self, backend: Backend) -> None:
         with contextlib.suppress(BackendUnavailable):  # away again: its next connect reconciles
@@ -264,7 +264,7 @@ class Failover:
         for job in [j for j in backend.inflight if j.started_at is None]:
             core.take_back(backend, job)
             core.spawn(backend.client.delete_queued([job.prompt_id]), f"take back {job.id}")
-            backend.abandoned.add(job.prompt_id)  # in case the delete does not reach it: removed at reconnect
+            core.abandon(backend, job.prompt_id)  # in case the delete does not reach it: removed at reconnect
             if job.ended:
                 continue
             waited = stalled_since is not None and job.handed_at is not None and job.handed_at <= stalled_since

@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from .clients import CLOSED, about_job, status_message, unscoped
+from .clients import CLOSED, Status, about_job, status_message, unscoped
 from .jobs import ENDED, Job, JobState
 from .shared import Core, open_status
 
@@ -39,7 +39,8 @@ async def missing_results(core: Core, rows: list[dict[str, Any]]) -> set[str]:
 def recover(core: Core, rows: list[dict[str, Any]], gone: set[str]) -> Recovered:
     """Rebuild the bridge's memory from the journal's rows (in acceptance order)."""
     summary = Recovered()
-    done: list[Job] = []  # finished with results not fetched yet, in acceptance order
+    ended: list[tuple[Job, Status]] = []  # with results not fetched yet, or failed: their endings, in order
+    orphaned: list[Job] = []  # handed to a backend no longer configured, in acceptance order
     for row in rows:
         job = Job.restore(row, core.journal)
         if job.id in gone:
@@ -52,10 +53,11 @@ def recover(core: Core, rows: list[dict[str, Any]], gone: set[str]) -> Recovered
                 files = core.results.files_from(job.id, job.results or [])
                 job.results = None  # the result store holds them now
                 core.results.add(job.id, job.client_id, job.seq, files, created=job.ended_at)
-                core.set_status(client, about_job(CLOSED, job.id, 0))
-                done.append(job)
+                ending = about_job(CLOSED, job.id, 0)
             else:
-                core.set_status(client, about_job(status_message("error", job.error or "error"), job.id, 0))
+                ending = about_job(status_message("error", job.error or "error"), job.id, 0)
+            core.set_status(client, ending)
+            ended.append((job, ending))
             continue
         core.opened(job)
         backend = core.backends.get(job.backend or "")
@@ -67,23 +69,26 @@ def recover(core: Core, rows: list[dict[str, Any]], gone: set[str]) -> Recovered
                 "job %s client %s: its backend %s is gone; sending it again", job.id, job.client_id, job.backend
             )
             summary.waiting += 1
-            core.send_again(job)
+            orphaned.append(job)
         else:
             summary.handed_over += 1
             job.resumed = True  # what the last process told its client is not known: it will say so
             core.hand_over(backend, job)
+    for job in reversed(orphaned):  # each goes to the head of the queue: the earliest must end up first
+        core.send_again(job)
     seqs = {job.id: job.seq for client in core.clients for job in client.jobs.values()}
-    for job in done:
-        # The last process may have ended it durably and died before its `closed` went out: said
-        # again, in its place among the client's jobs (after the endings of earlier ones still
-        # open, before any frame of later ones). Heard twice, it asks for a fetch the client owes
-        # anyway (its results are still here).
+    for job, ending in ended:
+        # The last process may have ended it durably and died before its ending went out (or held
+        # it for a socket that was away): said again, in its place among the client's jobs (after
+        # the endings of earlier ones still open, before any frame of later ones). A `closed` heard
+        # twice asks for a fetch the client owes anyway (its results are still here); an `error`
+        # heard twice says again what its job id already said.
         client = core.clients.require(job.client_id)
         place = sum(1 for other in client.untold if seqs.get(other, 0) < job.seq)
         if place:
             client.untold.insert(place, job.id)
         seqs[job.id] = job.seq
-        core.tell_ending_again(client, about_job(CLOSED, job.id, 0))
+        core.tell_ending_again(client, ending)
     for client in core.clients:
         if client.jobs:
             core.set_status(client, open_status(client))

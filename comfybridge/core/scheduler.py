@@ -122,6 +122,9 @@ class Scheduler:
         if taken:
             log.info("%d run times learned before taken back (per workflow and backend)", taken)
         self._learned_saved = core.runtimes.changes
+        abandoned = core.restore_abandoned()  # taken back as each backend connects, before it is reconciled
+        if abandoned:
+            log.info("%d prompts sent before are to be taken back from their ComfyUI", abandoned)
         summary = recover(core, rows, gone)
         if gone:
             core.journal.forget(gone)
@@ -345,6 +348,8 @@ class Scheduler:
             if grace is not None:
                 self._grace[client_id] = grace
                 return True
+        elif client.untold:
+            return True  # a job's end is being recorded: its ending waits for a socket back, as in a grace
         elif "job_id" not in client.status:
             # It only ever had a socket: nothing to tell it or to keep, so it costs nothing once gone.
             self.clients.forget_if_done(client, self.core.owns_something)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
+import orjson
 
 from ..comfy.client import BackendUnavailable
 from ..errors import StorageError
@@ -206,16 +208,58 @@ class Core:
         self.spawn(self.remove_abandoned(backend), f"take back abandoned on {backend.name}")
         self.wake_all()
 
+    def abandon(self, backend: Backend, prompt_id: str) -> None:
+        """A prompt sent to this backend must not run there (its job moved elsewhere, or ended): taken
+        back when it can be (`remove_abandoned`), and journaled until then, so that a restart, or
+        the next leader of a cluster, takes it back too."""
+        if prompt_id not in backend.abandoned:
+            backend.abandoned.add(prompt_id)
+            self._keep_abandoned()
+
+    def restore_abandoned(self) -> int:
+        """At start: the prompts the last process had still to take back, each to its backend."""
+        try:
+            kept = orjson.loads(self.journal.abandoned or "{}")
+        except orjson.JSONDecodeError:
+            kept = None
+        if not isinstance(kept, dict):
+            log.warning("the journal's list of prompts to take back is unreadable; it is dropped")
+            return 0
+        taken = 0
+        for name, prompt_ids in kept.items():
+            if not isinstance(prompt_ids, list) or not all(isinstance(p, str) for p in prompt_ids):
+                continue
+            backend = self.backends.get(name)
+            if backend is None:
+                log.warning(
+                    "%d prompts to take back from %s are dropped: it is no longer a backend", len(prompt_ids), name
+                )
+                continue
+            backend.abandoned.update(prompt_ids)
+            taken += len(prompt_ids)
+        return taken
+
+    def _keep_abandoned(self) -> None:
+        kept = {name: sorted(b.abandoned) for name, b in self.backends.items() if b.abandoned}
+        with contextlib.suppress(RuntimeError):  # a journal closed (a stop, a lost term): nothing to keep
+            self.journal.keep_abandoned(orjson.dumps(kept).decode() if kept else "")
+
     async def remove_abandoned(self, backend: Backend) -> None:
         """Prompts moved elsewhere while this backend was away or stuck must not run here too; one
         that cannot be cancelled now stays listed, for its next connect."""
-        for prompt_id in list(backend.abandoned):
-            try:
-                await backend.client.cancel(prompt_id)
-            except BackendUnavailable as exc:
-                log.warning("backend %s: prompt %s not taken back yet: %s", backend.name, prompt_id, exc)
-                return
-            backend.abandoned.discard(prompt_id)
+        removed = False
+        try:
+            for prompt_id in list(backend.abandoned):
+                try:
+                    await backend.client.cancel(prompt_id)
+                except BackendUnavailable as exc:
+                    log.warning("backend %s: prompt %s not taken back yet: %s", backend.name, prompt_id, exc)
+                    return
+                backend.abandoned.discard(prompt_id)
+                removed = True
+        finally:
+            if removed:
+                self._keep_abandoned()
 
     def retake_abandoned(self, backend: Backend) -> None:
         """A prompt of `abandoned` sends events (its cancel failed, or it was moved while the backend
@@ -230,7 +274,8 @@ class Core:
             finally:
                 backend.retaking = False
 
-        self.spawn(once(), f"take back abandoned on {backend.name}")
+        if self.spawn(once(), f"take back abandoned on {backend.name}") is None:
+            backend.retaking = False  # the bridge is stopping: the journal keeps them for the next start
 
     def wake_all(self) -> None:
         self.settled.set()
@@ -485,7 +530,7 @@ class Core:
         except BackendUnavailable as exc:
             log.warning("job %s client %s: cancel on %s failed: %s", job.id, job.client_id, backend.name, exc)
             # Still to be taken back: at its next connect, or as it starts (`Tracker.on_event`).
-            backend.abandoned.add(job.prompt_id)
+            self.abandon(backend, job.prompt_id)
         # If it never started, ComfyUI sends nothing more about it: free its slot now.
         if job in backend.inflight:
             try:

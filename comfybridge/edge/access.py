@@ -116,7 +116,7 @@ def presented_key(request: web.Request) -> str | None:
             keys.add(value.strip())
     keys.update(value for value in request.headers.getall("X-API-Key", ()) if value)
     if request.path in TOKEN_PATHS:  # browsers set no headers on a WebSocket or an <img>
-        keys.update(request.query.getall("token", ()))
+        keys.update(token for token in request.query.getall("token", ()) if token)
     if len(keys) > 1:
         raise Unauthorized("The request carries more than one API key; send one.")
     return keys.pop() if keys else None

@@ -6,7 +6,7 @@ import base64
 import contextlib
 import datetime
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import orjson
 from aiohttp import web
@@ -143,22 +143,28 @@ def _cut(job_id: str, item: ResultFile) -> ResultLost:
 
 async def _opened(
     store: ResultStore, job_id: str, item: ResultFile, size: int
-) -> contextlib.aclosing[AsyncGenerator[bytes, None]]:
+) -> contextlib.AbstractAsyncContextManager[AsyncIterator[bytes]]:
     """A file's chunks (see `_chunks`), the first already read: a store that cannot give the file
-    fails here, before anything of it is sent. Closed by its `async with` however the answer ends:
-    a client that hangs up mid-download leaves no file open behind it."""
+    fails here, before anything of it is sent. Enter it at once: however the answer ends, its exit
+    closes the reader (a client that hangs up mid-download leaves no file open behind it)."""
     chunks = _checked(store, job_id, item, size)
     first = await anext(chunks, b"")
+    return _reading(first, chunks)
 
+
+@contextlib.asynccontextmanager
+async def _reading(first: bytes, chunks: AsyncGenerator[bytes, None]) -> AsyncIterator[AsyncIterator[bytes]]:
     async def from_first() -> AsyncGenerator[bytes, None]:
-        try:
-            yield first
-            async for chunk in chunks:
-                yield chunk
-        finally:
-            await chunks.aclose()
+        yield first
+        async for chunk in chunks:
+            yield chunk
 
-    return contextlib.aclosing(from_first())
+    iterator = from_first()
+    try:
+        yield iterator
+    finally:
+        await iterator.aclose()
+        await chunks.aclose()  # (a reader never iterated: its file is open all the same)
 
 
 async def _checked(store: ResultStore, job_id: str, item: ResultFile, size: int) -> AsyncGenerator[bytes, None]:

@@ -121,6 +121,13 @@ class JobStore(Protocol):
         """Keep the scheduler's learned run times (replacing what was kept)."""
         ...
 
+    abandoned: str  # prompts that must not run where they were sent, as last kept (JSON text), found at open
+
+    def keep_abandoned(self, abandoned: str) -> asyncio.Future[None]:
+        """Keep the prompts to take back from each backend (replacing what was kept): a job moved off a
+        backend that was away leaves its old prompt there, which must not run too, restart or not."""
+        ...
+
     def update(
         self, job_id: str, fields: dict[str, Any], delivery: dict[str, Any] | None = None
     ) -> asyncio.Future[None]:
@@ -175,6 +182,7 @@ class SqliteJournal:
         self.on_commit: Callable[[float], None] = lambda seconds: None  # called in the writer thread
         self.deliveries: list[dict[str, Any]] = []  # webhook calls not yet acknowledged, found at open
         self.learned = ""
+        self.abandoned = ""
         self._committed = 0  # the count as committed, seen from the writer thread
         self._queue: queue.SimpleQueue[tuple[Write, asyncio.Future[Any]] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -230,6 +238,7 @@ class SqliteJournal:
             self.bridge_id = meta.get("bridge_id") or f"comfybridge-{uuid.uuid4().hex[:12]}"
             self.count = max(int(meta.get("generation_count", 0)), count_floor)
             self.learned = meta.get("run_times", "")
+            self.abandoned = meta.get("abandoned", "")
             conn.executemany(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                 [("bridge_id", self.bridge_id), ("generation_count", str(self.count))],
@@ -308,10 +317,14 @@ class SqliteJournal:
         return self._submit(lambda conn, batch: conn.execute("DELETE FROM deliveries WHERE id = ?", (delivery_id,)))
 
     def remember(self, learned: str) -> asyncio.Future[None]:
+        return self._keep("run_times", learned)
+
+    def keep_abandoned(self, abandoned: str) -> asyncio.Future[None]:
+        return self._keep("abandoned", abandoned)
+
+    def _keep(self, key: str, value: str) -> asyncio.Future[None]:
         return self._submit(
-            lambda conn, batch: conn.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES ('run_times', ?)", (learned,)
-            )
+            lambda conn, batch: conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
         )
 
     def forget(self, job_ids: Iterable[str], later: bool = False) -> asyncio.Future[None]:

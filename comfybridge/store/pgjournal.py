@@ -159,6 +159,7 @@ class PgJournal:
         self.bridge_id = ""
         self.deliveries: list[dict[str, Any]] = []
         self.learned = ""
+        self.abandoned = ""
         self.on_commit: Callable[[float], None] = lambda seconds: None
         self._conn: Conn | None = None  # the one connection: it holds BRIDGE_LOCK and runs every write
         self._holds_lock = False
@@ -278,6 +279,7 @@ class PgJournal:
         self.bridge_id = meta.get("bridge_id") or f"comfybridge-{uuid.uuid4().hex[:12]}"
         self.count = max(int(meta.get("generation_count", 0)), count_floor)
         self.learned = meta.get("run_times", "")
+        self.abandoned = meta.get("abandoned", "")
         await conn.executemany(
             "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = $2",
             [("bridge_id", self.bridge_id), ("generation_count", str(self.count))],
@@ -384,10 +386,15 @@ class PgJournal:
         return self._submit(lambda conn: conn.execute("DELETE FROM deliveries WHERE id = $1", delivery_id))
 
     def remember(self, learned: str) -> asyncio.Future[None]:
+        return self._keep("run_times", learned)
+
+    def keep_abandoned(self, abandoned: str) -> asyncio.Future[None]:
+        return self._keep("abandoned", abandoned)
+
+    def _keep(self, key: str, value: str) -> asyncio.Future[None]:
         return self._submit(
             lambda conn: conn.execute(
-                "INSERT INTO meta (key, value) VALUES ('run_times', $1) ON CONFLICT (key) DO UPDATE SET value = $1",
-                learned,
+                "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = $2", key, value
             )
         )
 

@@ -114,7 +114,7 @@ class S3Blobs:
         """A deadline for one call, its tries included. botocore's timeouts bound connecting and each
         read, not a body's sending nor the wait for `100 Continue`: a server that takes the connection
         and then says nothing (paused, overloaded) would hold the call, and a stop, for ever."""
-        return asyncio.timeout(ATTEMPTS * 2 * self.timeout + BACKOFF + size / SLOWEST)
+        return asyncio.timeout(ATTEMPTS * (2 * self.timeout + size / SLOWEST) + BACKOFF)  # a body sent each try
 
     def writer(self, key: str) -> BlobWriter:
         return _S3Writer(self, self._name(key))
@@ -233,7 +233,7 @@ class _S3Writer:
             if self._held:
                 await self._send_part(len(self._held))
             with _trouble(f"storing {self.name}"):
-                async with self.store.bounded():
+                async with self.store.bounded(self.size):  # S3 may take a while over many parts
                     await client.complete_multipart_upload(
                         Bucket=bucket, Key=self.name, UploadId=self._upload_id, MultipartUpload={"Parts": self._parts}
                     )
