@@ -43,7 +43,7 @@ from .errors import WorkflowConfigError
 from .leadership import Leadership
 from .store.counter import StateStore
 from .store.datadir import DataDirLock, folder_mark
-from .store.journal import ENDED_STATES, JobStore, SqliteJournal
+from .store.journal import JobStore, SqliteJournal
 from .store.pgjournal import PgJournal
 from .store.results import ResultStore
 from .store.s3 import S3Blobs
@@ -263,10 +263,9 @@ async def _term(app: web.Application, again: bool) -> AsyncIterator[None]:
         if CLUSTER in app:  # other bridges may have stored uploads since
             await app[UPLOADS].reload()
         hooks_session = _webhooks(app, scheduler)
-        # The sockets of clients whose jobs go on, or whose results wait, reconnect (relayed ones within
-        # a second or two): they hear what happened meanwhile, and which jobs ended (recovery says it).
-        expected = {r["client_id"] for r in rows if r["state"] not in ENDED_STATES or r["state"] == "done"}
-        app[HUB].hold(expected, HOLD_FOR_RECONNECT)
+        # Sockets reconnect (relayed ones within a second or two): they hear what happened meanwhile,
+        # which jobs ended (recovery says it again), and the frames of jobs accepted meanwhile.
+        app[HUB].hold_all(HOLD_FOR_RECONNECT)
         try:
             await scheduler.start(rows)
             rows.clear()  # the jobs hold what they need now

@@ -154,9 +154,10 @@ class NoLeader(NoBackend):
 class Relayed(BridgeError):
     """A refusal the leading bridge gave a request this bridge passed on, told as it was."""
 
-    def __init__(self, status: int, detail: str) -> None:
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
         self.status = status
+        self.headers = headers or {}  # what the leader's answer said beside it (Retry-After, WWW-Authenticate)
 
 
 class WorkflowConfigError(Exception):

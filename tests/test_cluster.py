@@ -10,24 +10,17 @@ import os
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import orjson
 import pytest
-from aiohttp import web
 
-from comfybridge.edge.appkeys import RELAY_SESSION
-from comfybridge.edge.metrics import METRICS, Metrics
-from comfybridge.edge.relay import ClusterView, relay_middleware, relay_session
-from comfybridge.edge.replies import error_middleware
 from comfybridge.emulator import Emulator
 
 from .conftest import EmulatorFactory, wait_for
 from .helpers import TINY, bridge_process, fetch_results, png, post_job, status_of
 from .postgres import PostgresServer
 from .s3 import S3Server
-from .services import unused_port
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -311,45 +304,6 @@ async def test_postgres_stopped_and_started_mid_burst_every_job_ends_once(
     assert len(started) == len(set(started)) == 12  # every job ran, none twice
 
 
-async def test_a_request_cut_off_after_reaching_the_leader_is_not_called_safe_to_retry(
-    aiohttp_client: Any,
-) -> None:
-    """The leader dies after a job's request reached it (it may have accepted the job): the follower
-    says the outcome is unknown (502), never "try again" (503 with Retry-After), which would submit
-    it twice. A GET asks again at no cost, and one never sent may be sent again: 503 for both."""
-
-    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")  # the request reached the leader, which then died
-        writer.transport.abort()
-
-    leader = await asyncio.start_server(swallow, "127.0.0.1", 0)
-    view = ClusterView("http://127.0.0.1:1", role="follower", secret="s")
-    view.leader_url = f"http://127.0.0.1:{leader.sockets[0].getsockname()[1]}"
-    app = web.Application(middlewares=[error_middleware, relay_middleware(view, lambda request: "127.0.0.1")])
-    app[METRICS] = Metrics()
-
-    async def session(app: web.Application) -> AsyncIterator[None]:
-        async with relay_session() as relayed:
-            app[RELAY_SESSION] = relayed
-            yield
-
-    app.cleanup_ctx.append(session)
-    client = await aiohttp_client(app)
-    try:
-        resp = await client.post("/generate-based-workflow", params={"clientId": "x"}, json=TINY)
-        assert resp.status == 502
-        assert "whether it was done is not known" in (await resp.json())["detail"]
-        assert "Retry-After" not in resp.headers
-        resp = await client.get("/execution-info", params={"clientId": "x"})
-        assert (resp.status, resp.headers["Retry-After"]) == (503, "1")
-        view.leader_url = f"http://127.0.0.1:{unused_port()}"  # nothing listens: nothing was sent
-        resp = await client.post("/generate-based-workflow", params={"clientId": "x"}, json=TINY)
-        assert (resp.status, resp.headers["Retry-After"]) == (503, "1")
-    finally:
-        leader.close()
-        await leader.wait_closed()
-
-
 async def test_sighup_on_a_follower_starts_no_scheduling_of_its_own(
     workdir: Path, make_emulator: EmulatorFactory, postgres: PostgresServer, storage: dict[str, str]
 ) -> None:
@@ -402,58 +356,6 @@ async def test_a_bridge_whose_backends_or_data_folder_differ_from_the_leaders_sa
     assert "same --" not in twin.read_text()  # same backends, same folder: nothing to say
 
 
-async def test_a_client_gone_during_a_relayed_handshake_leaves_no_socket_at_the_leader(aiohttp_client: Any) -> None:
-    """The client hangs up while the follower is still opening the leader's socket for it: once the
-    follower finds it gone, it closes the leader's socket too (which would otherwise count against
-    the client's socket limits, and keep it 'connected', for ever)."""
-    client_gone = asyncio.Event()
-    at_leader: list[str] = []  # "open", then "closed"
-
-    async def leader_ws(request: web.Request) -> web.WebSocketResponse:
-        await client_gone.wait()  # the leader answers the handshake only after the client left
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        at_leader.append("open")
-        await ws.send_str('{"status":"connected","detail":"server connected","details":"server connected"}')
-        async for _ in ws:
-            pass
-        at_leader.append("closed")
-        return ws
-
-    leader_app = web.Application()
-    leader_app.router.add_get("/ws", leader_ws)
-    leader = await aiohttp_client(leader_app)
-    view = ClusterView("http://127.0.0.1:1", role="follower", secret="s")
-    view.leader_url = str(leader.make_url("")).rstrip("/")
-    app = web.Application(middlewares=[error_middleware, relay_middleware(view, lambda request: "127.0.0.1")])
-    app[METRICS] = Metrics()
-
-    async def session(app: web.Application) -> AsyncIterator[None]:
-        async with relay_session() as relayed:
-            app[RELAY_SESSION] = relayed
-            yield
-
-    app.cleanup_ctx.append(session)
-    runner = web.AppRunner(app, handler_cancellation=False)  # as python -m comfybridge runs (run_app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        _, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
-        writer.write(
-            b"GET /ws?clientId=gone HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        )
-        await writer.drain()
-        await wait_for(lambda: len(app[RELAY_SESSION].connector._acquired) > 0)  # type: ignore[attr-defined]
-        writer.close()
-        await writer.wait_closed()
-        client_gone.set()
-        await wait_for(lambda: at_leader == ["open", "closed"])
-    finally:
-        await runner.cleanup()
-
-
 async def test_a_cluster_on_object_storage_shares_no_folder_and_survives_kill_9(
     workdir: Path, make_emulator: EmulatorFactory, postgres: PostgresServer, s3: S3Server
 ) -> None:
@@ -504,3 +406,30 @@ async def test_a_cluster_on_object_storage_shares_no_folder_and_survives_kill_9(
     assert len(started) == len(set(started)) == 9
     for name in ("a", "b"):  # nothing of the uploads or the results on either bridge's disk
         assert not [p for p in (workdir / name / "data").rglob("*.png") if p.is_file()]
+
+
+async def test_frames_of_a_job_submitted_while_a_relayed_socket_reconnects_are_not_lost(
+    workdir: Path, make_emulator: EmulatorFactory, postgres: PostgresServer
+) -> None:
+    """Socket on C (relayed to A). A is killed; B takes over; a job is posted to B at once, while C's
+    socket is still finding B: it hears that job's frames, its `closed` above all (held for it)."""
+    emulators = [await make_emulator(pace=0.02)]
+    async with (
+        cluster(workdir, postgres.new_database(), emulators, 3, {}) as bridges,
+        aiohttp.ClientSession() as session,
+    ):
+        (leader, _), (_, b), (_, c) = bridges
+        async with session.ws_connect(f"{c}/ws", params={"clientId": "between"}) as ws:
+            assert orjson.loads((await ws.receive()).data)["status"] == "connected"
+            os.kill(leader.pid, signal.SIGKILL)
+            async with asyncio.timeout(30):
+                while (await health(session, b))["cluster"]["role"] != "leader":  # type: ignore[index]
+                    await asyncio.sleep(0.02)
+            job = await post_job(session, b, "between", TINY)
+            heard: list[tuple[str | None, str]] = []
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(20):  # the job itself takes a fraction of a second
+                    while (job, "closed") not in heard:
+                        frame = orjson.loads((await ws.receive()).data)
+                        heard.append((frame.get("job_id"), frame["status"]))
+            assert (job, "closed") in heard, f"job {job}: the socket on C heard only {set(heard)}"

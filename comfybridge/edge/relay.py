@@ -46,8 +46,10 @@ HOP_BY_HOP = frozenset(
     )
 )  # fmt: skip
 CHUNK = 64 * 1024
+PASSED_BACK = ("Retry-After", "WWW-Authenticate")  # of a socket's refusal, told to the client as they were
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # asking again changes nothing
-RELAY_READ_TIMEOUT = 60.0  # seconds a relayed request without a body may wait for the leader's next bytes
+RELAY_READ_TIMEOUT = 90.0  # seconds a relayed request may wait for the leader's next bytes (but ?wait=1's)
+HANDSHAKE_TIMEOUT = 10.0  # seconds the leader may take to accept a relayed socket
 UPSTREAM_FIRST_FRAME = 10.0  # seconds a next leader's socket may take to say `connected`
 UNREACHABLE = "The bridge that leads could not be reached (it may be changing); try again shortly."
 # A relayed socket whose leader went away waits this long for the next one before it gives up.
@@ -151,8 +153,10 @@ async def _relay_http(
     body = request.content.iter_chunked(CHUNK) if request.body_exists else None
     response: web.StreamResponse | None = None
     try:
-        # A frozen leader must not hold the request forever; one reading a long upload answers late.
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=3.0, sock_read=None if body else RELAY_READ_TIMEOUT)
+        # A frozen leader must not hold the request forever (its read starts once the body is sent); a
+        # request that waits for its job's end (?wait=1) is silent for as long as the job runs.
+        waits = request.query.get("wait", "").lower() in ("1", "true")
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=3.0, sock_read=None if waits else RELAY_READ_TIMEOUT)
         async with session.request(
             request.method, upstream + request.path_qs, headers=headers, data=body, allow_redirects=False,
             timeout=timeout,
@@ -174,7 +178,8 @@ async def _relay_http(
                 request.transport.abort()
             return response
         log.info("relay to %s failed: %s", upstream, exc)
-        if isinstance(exc, aiohttp.ClientConnectorError) or request.method in SAFE_METHODS:
+        never_sent = isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError))
+        if never_sent or request.method in SAFE_METHODS:
             raise NoLeader(UNREACHABLE) from None
         # Sent, then cut off: the leader may have done it (a job accepted), so "try again" could do it twice.
         raise Relayed(
@@ -188,12 +193,15 @@ async def _open_upstream(
     session: aiohttp.ClientSession, url: str, request: web.Request, headers: CIMultiDict[str]
 ) -> aiohttp.ClientWebSocketResponse:
     try:
-        return await session.ws_connect(
-            url + request.path_qs, headers=headers, autoping=True, heartbeat=30, max_msg_size=0, compress=0
-        )
+        async with asyncio.timeout(HANDSHAKE_TIMEOUT):  # a frozen leader takes the connection, says nothing
+            return await session.ws_connect(
+                url + request.path_qs, headers=headers, autoping=True, heartbeat=30, max_msg_size=0, compress=0
+            )
     except aiohttp.WSServerHandshakeError as exc:
-        detail = urllib.parse.unquote(exc.headers.get("X-Detail", "") if exc.headers else "") or exc.message
-        raise Relayed(exc.status, detail) from None
+        said = CIMultiDict(exc.headers or {})
+        detail = urllib.parse.unquote(said.get("X-Detail", "")) or exc.message
+        kept = {name: said[name] for name in PASSED_BACK if name in said}
+        raise Relayed(exc.status, detail, kept) from None
     except (aiohttp.ClientConnectionError, TimeoutError):
         raise NoLeader(UNREACHABLE) from None
 

@@ -14,7 +14,7 @@ from aiohttp.typedefs import Handler
 from aiohttp.web_protocol import RequestPayloadError
 
 from ..core.clients import SCOPE
-from ..errors import BridgeError, Unauthorized
+from ..errors import BridgeError, Relayed, Unauthorized
 from .access import KEY
 
 CLIENT_CLOSED = 499  # nginx's code for a request whose client hung up first
@@ -85,6 +85,8 @@ def _detailed(request: web.Request, exc: Exception) -> web.StreamResponse:
             response.headers["Retry-After"] = str(retry_after)
         if isinstance(exc, Unauthorized):
             response.headers["WWW-Authenticate"] = 'Bearer realm="comfybridge"'
+        if isinstance(exc, Relayed):
+            response.headers.update(exc.headers)
         return response
     except web.HTTPException as exc:
         if exc.status < 400:

@@ -6,6 +6,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator, Iterable
 from typing import cast
 
@@ -110,6 +111,7 @@ class SocketHub:
         self._by_address: dict[str, int] = {}
         self._held: dict[str, list[bytes | None]] = {}  # frames for clients expected back, until they are
         self._let_go_at: dict[str, asyncio.TimerHandle] = {}
+        self._hold_all_until = -math.inf  # loop time until which every client without a socket is held for
         self.supervisor = Supervisor()  # the heartbeat, and the sender of each socket that is behind
 
     def count(self, client_id: str) -> int:
@@ -150,6 +152,11 @@ class SocketHub:
         outboxes = self._outboxes.get(client_id)
         if outboxes is None:
             held = self._held.get(client_id)
+            if held is None:
+                left = self._hold_all_until - asyncio.get_running_loop().time()
+                if left > 0:
+                    self.hold((client_id,), left)
+                    held = self._held[client_id]
             if held is not None and len(held) < MAX_HELD:
                 held += (frame, None) if close else (frame,)
             return
@@ -171,6 +178,12 @@ class SocketHub:
             if earlier is not None:
                 earlier.cancel()
             self._let_go_at[client_id] = loop.call_later(seconds, self._let_go, client_id)
+
+    def hold_all(self, seconds: float) -> None:
+        """For `seconds`, what is told to any client without a socket waits for one (see `hold`): after
+        a restart, or a change of leader, sockets are on their way back, and a job accepted meanwhile
+        (through another bridge, or over REST) must not speak to no one."""
+        self._hold_all_until = asyncio.get_running_loop().time() + seconds
 
     def replay(self, client_id: str, outbox: Outbox) -> None:
         timer = self._let_go_at.pop(client_id, None)
