@@ -104,6 +104,28 @@ async def read_results(resp: aiohttp.ClientResponse) -> list[tuple[str, str, str
     return parts
 
 
+def slow_ends(journal: Any) -> tuple[asyncio.Event, list[str]]:
+    """From now on each job's end record (state done) is written only once the returned event is set,
+    as under a slow commit; the list names the jobs whose end waits so."""
+    gate, held = asyncio.Event(), []
+    update = journal.update
+
+    def slow_end(job_id: str, fields: dict[str, Any], delivery: Any = None) -> asyncio.Future[None]:
+        written = update(job_id, fields, delivery)
+        if fields.get("state") != "done":
+            return written
+        held.append(job_id)
+
+        async def later() -> None:
+            await gate.wait()
+            await written
+
+        return asyncio.ensure_future(later())
+
+    journal.update = slow_end
+    return gate, held
+
+
 async def run_job(client: Client, client_id: str, body: dict[str, Any]) -> list[Any]:
     """Submit with a socket open and return the frames up to the job's end."""
     async with client.ws_connect("/ws", params={"clientId": client_id}) as ws:

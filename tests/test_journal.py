@@ -40,6 +40,7 @@ from .helpers import (
     read_results,
     run_job,
     seed,
+    slow_ends,
     small_disk,
     stored,
     upload,
@@ -105,22 +106,7 @@ async def test_a_fetch_while_another_job_s_end_is_recorded_keeps_that_job_journa
     client = await make_bridge(await make_emulator())
     journal = client.app[JOURNAL]
     await run_job(client, "rest", TINY)
-    gate, held = asyncio.Event(), []
-    update = journal.update
-
-    def slow_end(job_id: str, fields: dict[str, Any], delivery: Any = None) -> asyncio.Future[None]:
-        written = update(job_id, fields, delivery)
-        if fields.get("state") != "done":
-            return written
-        held.append(job_id)
-
-        async def later() -> None:
-            await gate.wait()
-            await written
-
-        return asyncio.ensure_future(later())
-
-    journal.update = slow_end  # type: ignore[method-assign]
+    gate, held = slow_ends(journal)
     status, second = await generate(client, "rest", TINY)
     assert status == 200
     await wait_for(lambda: held == [second["job_id"]])  # B ran; its end is being written

@@ -19,7 +19,7 @@ from comfybridge.edge.ws import HIGH_WATER, Outbox, text_frame
 from comfybridge.emulator import Emulator
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
-from .helpers import TINY, Client, frames_until, generate, poll_status, run_job, seed
+from .helpers import TINY, Client, frames_until, generate, poll_status, run_job, seed, slow_ends
 
 CONNECTED = {"status": "connected", "detail": "server connected", "details": "server connected"}
 LISTENING = {"status": "listening", "detail": "server is listening", "details": "server is listening"}
@@ -154,22 +154,7 @@ async def test_a_socket_closed_while_the_last_end_is_recorded_hears_it_when_back
 ) -> None:
     client = await make_bridge(await make_emulator(), disconnect_grace=30)
     journal = client.app[JOURNAL]
-    gate, held = asyncio.Event(), []
-    update = journal.update
-
-    def slow_end(job_id: str, fields: dict[str, Any], delivery: Any = None) -> asyncio.Future[None]:
-        written = update(job_id, fields, delivery)
-        if fields.get("state") != "done":
-            return written
-        held.append(job_id)
-
-        async def later() -> None:
-            await gate.wait()
-            await written
-
-        return asyncio.ensure_future(later())
-
-    journal.update = slow_end  # type: ignore[method-assign]
+    gate, held = slow_ends(journal)
     ws = await client.ws_connect("/ws", params={"clientId": "gap"})
     status, answer = await generate(client, "gap", TINY)
     assert status == 200
