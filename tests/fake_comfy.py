@@ -83,6 +83,9 @@ class FakeComfy:
         path = request.path.removeprefix("/api") if request.path.startswith("/api/") else request.path
         if path.startswith("/history/"):
             path = "/history/*"
+        elif path.startswith("/jobs/"):  # "/jobs/{id}/cancel" as "/jobs/*/cancel"
+            parts = path.split("/")
+            path = "/".join(["", "jobs", "*", *parts[3:]])
         return f"{request.method} {path}"
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:

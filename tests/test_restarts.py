@@ -34,6 +34,7 @@ from .helpers import (
     poll_status,
     post_job,
     run_cli,
+    run_job,
     status_of,
     wait_closed,
 )
@@ -439,3 +440,21 @@ async def test_a_failure_the_last_process_could_not_tell_is_told_after_a_restart
                         break
     endings = [(job, status) for job, status, _ in heard if status in ("closed", "error")]
     assert endings == [(ids[0], "error"), (ids[1], "closed")], heard
+
+
+@pytest.mark.parametrize("dialect", ["jobs"], indirect=True)
+async def test_a_prompt_to_take_back_that_comfyui_no_longer_knows_does_not_keep_it_down(
+    make_fake: Any, make_bridge: BridgeFactory, dialect: str
+) -> None:
+    """A prompt kept to be taken back that ComfyUI has long forgotten: the jobs API answers its cancel
+    with 404 ("no such job"); that is nothing left to take back, not a backend that is down."""
+    fake: FakeComfy = await make_fake()
+    first = await make_bridge(fake.url)
+    core = first.app[SCHEDULER].core
+    core.abandon(next(iter(core.backends.values())), "long-gone-prompt")
+    await first.close()
+    fake.replace("POST /jobs/*/cancel", 404, '{"error": "not found"}', times=100)
+    second = await make_bridge(fake.url)
+    await wait_for(lambda: all(b.healthy for b in second.app[SCHEDULER].backends.values()))
+    assert "POST /jobs/*/cancel" in fake.seen
+    assert (await run_job(second, "after", TINY))[-1]["status"] == "closed"

@@ -262,7 +262,10 @@ class ComfyClient:
         """Take a prompt back, queued or running. The jobs API does it atomically; on 0.3.64 it is
         a delete from the queue, then an interrupt only if that prompt is the one running."""
         if self.jobs_api:
-            await self._post(f"/api/jobs/{prompt_id}/cancel", {})
+            path = f"/api/jobs/{prompt_id}/cancel"
+            status, _ = await self._request("POST", path, data=b"{}", headers=JSON_HEADERS)
+            if status not in (200, 404):  # 404: no such job (long gone): nothing to take back
+                raise BackendUnavailable(f"{self.name}: POST {path} answered HTTP {status}")
             return
         await self.delete_queued([prompt_id])
         await self.interrupt(prompt_id)
