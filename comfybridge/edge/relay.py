@@ -297,7 +297,9 @@ async def _next_leader(
                     await upstream.close()
                     continue
                 if first.type is WSMsgType.TEXT and first.data.encode() != CONNECTED_FRAME:
-                    await ws.send_str(first.data)
+                    # The client may have just left: the pump that follows sees it, and closes this socket.
+                    with contextlib.suppress(ConnectionError, RuntimeError):
+                        await ws.send_str(first.data)
                 log.info("relayed socket now through %s", url)
                 return upstream
         await asyncio.sleep(0.5)
