@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any
 
 from ..errors import StorageUnavailable
@@ -96,9 +96,8 @@ class S3Blobs:
             session.create_client("s3", endpoint_url=self.endpoint or None, config=config)
         )
         try:
-            with _trouble(f"the bucket {self.bucket}"):
-                async with self.bounded():
-                    await self._client.head_bucket(Bucket=self.bucket)
+            async with self.call(f"the bucket {self.bucket}"):
+                await self._client.head_bucket(Bucket=self.bucket)
         except StorageUnavailable as exc:
             await self.close()
             raise ObjectStoreError(f"storage {self.url} cannot be used: {exc}") from None
@@ -109,6 +108,13 @@ class S3Blobs:
 
     def _name(self, key: str) -> str:
         return self.prefix + key
+
+    @contextlib.asynccontextmanager
+    async def call(self, what: str, key: str | None = None, size: int = 0) -> AsyncIterator[None]:
+        """One call to the store: its failures as the bridge's (`_trouble`), within its deadline."""
+        with _trouble(what, key):
+            async with self.bounded(size):
+                yield
 
     def bounded(self, size: int = 0) -> asyncio.Timeout:
         """A deadline for one call, its tries included. botocore's timeouts bound connecting and each
@@ -135,18 +141,16 @@ class S3Blobs:
                 body.close()
 
     async def read(self, key: str) -> bytes:
-        with _trouble(f"reading {key}", key):
-            async with self.bounded():
-                answer = await self._client.get_object(Bucket=self.bucket, Key=self._name(key))
-                async with answer["Body"] as body:
-                    data: bytes = await body.read()
-                    return data
+        async with self.call(f"reading {key}", key):
+            answer = await self._client.get_object(Bucket=self.bucket, Key=self._name(key))
+            async with answer["Body"] as body:
+                data: bytes = await body.read()
+                return data
 
     async def exists(self, key: str) -> bool:
         try:
-            with _trouble(f"looking for {key}", key):
-                async with self.bounded():
-                    await self._client.head_object(Bucket=self.bucket, Key=self._name(key))
+            async with self.call(f"looking for {key}", key):
+                await self._client.head_object(Bucket=self.bucket, Key=self._name(key))
         except BlobGone:
             return False
         return True
@@ -160,9 +164,8 @@ class S3Blobs:
     async def delete(self, keys: list[str]) -> None:
         for start in range(0, len(keys), DELETE_BATCH):
             batch = [{"Key": self._name(key)} for key in keys[start : start + DELETE_BATCH]]
-            with _trouble("deleting"):
-                async with self.bounded():
-                    await self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            async with self.call("deleting"):
+                await self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
 
     async def delete_prefix(self, prefix: str) -> None:
         await self.delete([key for key, _ in await self.keys(prefix)])
@@ -226,22 +229,19 @@ class _S3Writer:
     async def commit(self) -> int:
         client, bucket = self.store._client, self.store.bucket
         if self._upload_id is None:
-            with _trouble(f"storing {self.name}"):
-                async with self.store.bounded(len(self._held)):
-                    await client.put_object(Bucket=bucket, Key=self.name, Body=bytes(self._held))
+            async with self.store.call(f"storing {self.name}", size=len(self._held)):
+                await client.put_object(Bucket=bucket, Key=self.name, Body=bytes(self._held))
         else:
             if self._held:
                 await self._send_part(len(self._held))
-            with _trouble(f"storing {self.name}"):
-                async with self.store.bounded(self.size):  # S3 may take a while over many parts
-                    await client.complete_multipart_upload(
-                        Bucket=bucket, Key=self.name, UploadId=self._upload_id, MultipartUpload={"Parts": self._parts}
-                    )
+            async with self.store.call(f"storing {self.name}", size=self.size):  # a while, over many parts
+                await client.complete_multipart_upload(
+                    Bucket=bucket, Key=self.name, UploadId=self._upload_id, MultipartUpload={"Parts": self._parts}
+                )
             self._upload_id = None
         self._held.clear()
-        with _trouble(f"checking {self.name}"):
-            async with self.store.bounded():
-                stored = (await client.head_object(Bucket=bucket, Key=self.name))["ContentLength"]
+        async with self.store.call(f"checking {self.name}"):
+            stored = (await client.head_object(Bucket=bucket, Key=self.name))["ContentLength"]
         if stored != self.size:
             raise StorageUnavailable(f"object storage kept {stored} bytes of {self.name}, not {self.size}")
         return self.size
