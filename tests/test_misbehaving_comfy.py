@@ -8,9 +8,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 
+from comfybridge.comfy import client as comfy_client
 from comfybridge.edge.appkeys import SCHEDULER
 from comfybridge.emulator import Emulator
 from comfybridge.emulator.server import SOCKETS
@@ -289,6 +291,30 @@ async def test_a_closing_scheduler_lets_go_of_comfyuis_socket_before_its_collect
 async def _drop_bridge_sockets(emulator: Emulator) -> None:
     for ws in list(emulator.app[SOCKETS].values()):
         await ws.close()
+
+
+async def test_a_socket_comfyui_forgot_is_opened_again_and_its_job_ends(
+    make_emulator: EmulatorFactory,
+    make_bridge: BridgeFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Another socket with the bridge's clientId comes and goes (a frozen bridge of a cluster that
+    wakes or dies after the next leader connected): ComfyUI forgets the clientId, and the bridge's
+    socket, still open, hears nothing more. The next prompt's missing `status` broadcast gives it
+    away; the bridge connects again and its job ends, not at job_idle_timeout."""
+    monkeypatch.setattr(comfy_client, "DEAF_AFTER", 0.5)
+    emulator = await make_emulator(pace=0.0)
+    client = await make_bridge(emulator, job_idle_timeout=600)
+    await wait_for(lambda: backend_states(client) == ["up"])
+    (sid,) = emulator.app[SOCKETS]
+    async with aiohttp.ClientSession() as session, session.ws_connect(f"{emulator.url}/ws", params={"clientId": sid}):
+        pass
+    assert sid not in emulator.app[SOCKETS]  # the bridge's socket is open, and deaf
+    result = await run_one(client, "deaf")
+    assert result["status"] == "closed"
+    assert result["files"]
+    assert [r for r in caplog.records if "heard nothing" in r.getMessage()]
 
 
 async def test_frames_over_the_limit_are_refused_unread(make_fake: Any, make_bridge: BridgeFactory) -> None:

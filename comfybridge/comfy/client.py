@@ -48,6 +48,11 @@ WEB_PAGES = frozenset({"text/html", "application/xhtml+xml"})
 # an atomic POST /api/jobs/{id}/cancel, canonical-UUID prompt ids, and asset ids on outputs.
 DIALECTS = ("0.3.64", "jobs")
 MISSED = "missed"  # the event handed on for a prompt one of whose events was skipped as malformed
+# ComfyUI tells every socket of its queue (a `status` broadcast) as it takes a prompt. A socket that
+# hears nothing this long after a prompt was taken is no longer ComfyUI's: another socket with the
+# bridge's clientId connected and closed (an older bridge's, frozen, then gone), and ComfyUI
+# forgot the clientId. It is opened again: a socket too many costs a reconnect and a reconcile.
+DEAF_AFTER = 5.0
 
 
 class BackendUnavailable(Exception):
@@ -97,6 +102,10 @@ class ComfyClient:
         self.max_event_bytes = max_event_bytes
         self.connected = False
         self.complaints = Complaints(base_url, log)
+        self._socket: aiohttp.ClientWebSocketResponse | None = None  # the event socket, while open
+        self._heard = 0  # frames the event sockets received, in all
+        self._hearing_check: asyncio.TimerHandle | None = None
+        self._reopening: asyncio.Task[bool] | None = None
         # Releases after 0.3.64 have /api/jobs and an atomic per-job cancel; asked at every connect,
         # since a ComfyUI may come back upgraded. None until the first answer.
         self.jobs_api: bool | None = None
@@ -145,8 +154,10 @@ class ComfyClient:
 
     async def submit(self, prompt: dict[str, Any], prompt_id: str) -> None:
         payload = orjson.dumps({"prompt": prompt, "client_id": self.client_id, "prompt_id": prompt_id})
+        heard = self._heard  # before: its `status` broadcast may come before the answer
         status, body = await self._request("POST", "/prompt", data=payload, headers=JSON_HEADERS)
         if status == 200:
+            self._expect_word(heard)
             try:
                 answer = orjson.loads(body)
             except orjson.JSONDecodeError:
@@ -390,11 +401,13 @@ class ComfyClient:
                     self.connected = True
                     dialect = "with the jobs API" if self.jobs_api else "0.3.64 dialect"
                     log.info("connected to ComfyUI %s (%s)", self.name, dialect)
+                    self._socket = ws
                     await on_connect()
                     backoff = 0.2  # only a connect that went through: a failing one backs off
                     first_attempt.set()
                     async for msg in ws:
                         if msg.type is aiohttp.WSMsgType.TEXT:
+                            self._heard += 1
                             self._receive(msg.data, on_event)
                         elif msg.type is aiohttp.WSMsgType.ERROR:
                             log.warning("ComfyUI %s: event socket failed: %s", self.name, msg.data or ws.exception())
@@ -406,12 +419,30 @@ class ComfyClient:
                 log.log(level, "ComfyUI %s unreachable (%s); retrying", self.name, exc)
             except Exception:  # a fault of the bridge's own: logged, and listening goes on
                 log.exception("ComfyUI %s: the event socket failed unexpectedly; reconnecting", self.name)
+            self._socket = None
             first_attempt.set()
             if self.connected:
                 self.connected = False
                 on_disconnect()
             await asyncio.sleep(backoff)
             backoff = min(max_backoff, backoff * 2)
+
+    def _expect_word(self, heard: int) -> None:
+        """ComfyUI took a prompt: its socket should hear of it within DEAF_AFTER (one check at a time)."""
+        socket = self._socket
+        if socket is not None and self._hearing_check is None:
+            loop = asyncio.get_running_loop()
+            self._hearing_check = loop.call_later(DEAF_AFTER, self._check_hearing, socket, heard)
+
+    def _check_hearing(self, socket: aiohttp.ClientWebSocketResponse, heard: int) -> None:
+        self._hearing_check = None
+        if socket is self._socket and self._heard == heard and not socket.closed:
+            log.warning(
+                "ComfyUI %s: its socket heard nothing for %gs after a prompt was taken (another socket with "
+                "this bridge's clientId came and went, and ComfyUI forgot it); connecting again",
+                self.name, DEAF_AFTER,
+            )  # fmt: skip
+            self._reopening = asyncio.ensure_future(socket.close())
 
     def _receive(self, text: str, on_event: EventHandler) -> None:
         """One text frame: checked for shape, then handed over; a bad one is skipped, never fatal."""
