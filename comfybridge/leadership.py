@@ -59,9 +59,13 @@ class Leadership:
         self._answered = -math.inf  # monotonic time of the database's last answer during a term
         self._checked = 0  # the leader generation whose backends were compared with this bridge's
 
-    def _renewed(self) -> None:
-        self._answered = time.monotonic()
-        self.view.lease_until = time.time() + self.timeout
+    def _renewed(self, asked_at: float | None = None) -> None:
+        """The database answered a round trip begun at `asked_at` (monotonic; default now). The lease
+        runs from when it was asked, not answered: an answer read late (the process was paused
+        with it waiting in its socket) renews nothing that the pause used up."""
+        now = time.monotonic()
+        self._answered = now if asked_at is None else asked_at
+        self.view.lease_until = time.time() - (now - self._answered) + self.timeout
 
     def holds(self) -> bool:
         """The database answered this term's leader within `timeout`: it may still send prompts. Past
@@ -161,10 +165,11 @@ class Leadership:
             if reason is not None:
                 log.error("this bridge stops leading: its database %s", reason)
                 return
+            asked_at = time.monotonic()
             try:
                 async with asyncio.timeout(self.timeout):
                     await self.journal.heartbeat()
-                self._renewed()
+                self._renewed(asked_at)
             except Exception as exc:  # whatever failed, the database did not answer
                 log.warning("the database did not answer the leader's heartbeat: %s", exc)
             silent = time.monotonic() - self._answered

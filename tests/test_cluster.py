@@ -18,7 +18,7 @@ import pytest
 from comfybridge.emulator import Emulator
 
 from .conftest import EmulatorFactory, wait_for
-from .helpers import TINY, bridge_process, fetch_results, png, post_job, status_of
+from .helpers import TINY, bridge_process, fetch_results, png, post_job, status_of, wait_closed
 from .postgres import PostgresServer
 from .s3 import S3Server
 
@@ -27,14 +27,14 @@ pytestmark = pytest.mark.timeout(180)
 
 @contextlib.asynccontextmanager
 async def cluster(
-    workdir: Path, database: str, emulators: list[Emulator], size: int, storage: dict[str, str]
+    workdir: Path, database: str, emulators: list[Emulator], size: int, storage: dict[str, str], *extra: str
 ) -> AsyncIterator[list[tuple[asyncio.subprocess.Process, str]]]:
     """`size` bridge processes, started one after the other (the first leads), sharing the
     workflows and either the data folder or, with object storage (`storage`), a bucket and no
-    folder at all; each has its own working folder and log."""
+    folder at all; each has its own working folder and log. `extra`: flags for every bridge."""
     flags = (
         "--backends", ",".join(e.url for e in emulators), "--database", database, "--job-idle-timeout", "60",
-        "--workflows", str(workdir / "workflows"),
+        "--workflows", str(workdir / "workflows"), *extra,
     )  # fmt: skip
     if storage:
         flags += ("--storage", storage["storage"], "--s3-endpoint", storage["s3_endpoint"])
@@ -54,6 +54,11 @@ async def health(session: aiohttp.ClientSession, url: str) -> dict[str, object]:
     async with session.get(f"{url}/health") as resp:
         report: dict[str, object] = await resp.json()
         return report
+
+
+async def role_and_generation(session: aiohttp.ClientSession, url: str) -> tuple[object, object]:
+    seen: dict[str, object] = (await health(session, url))["cluster"]  # type: ignore[assignment]
+    return seen["role"], seen["generation"]
 
 
 async def metrics_of(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
@@ -433,3 +438,43 @@ async def test_frames_of_a_job_submitted_while_a_relayed_socket_reconnects_are_n
                         frame = orjson.loads((await ws.receive()).data)
                         heard.append((frame.get("job_id"), frame["status"]))
             assert (job, "closed") in heard, f"job {job}: the socket on C heard only {set(heard)}"
+
+
+async def test_a_frozen_leader_is_deposed_its_jobs_end_once_and_its_return_deafens_nothing(
+    workdir: Path, make_emulator: EmulatorFactory, postgres: PostgresServer
+) -> None:
+    """A paused leader (SIGSTOP: a frozen VM, a blocked loop) keeps its lock while its host answers
+    keepalives. The follower ends its session once it has been silent for 2 x leader_timeout + 2 s,
+    leads and takes its jobs over. Woken, the old leader stands down, and the close of its ComfyUI
+    socket (which makes ComfyUI forget the clientId both leaders use) costs the next jobs nothing."""
+    emulator = await make_emulator(pace=0.1)
+    async with (
+        cluster(
+            workdir, postgres.new_database(), [emulator], 2, {}, "--leader-timeout", "1", "--pipeline-depth", "8"
+        ) as bridges,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
+    ):
+        (first, a), (_, b) = bridges
+        jobs = [await post_job(session, b, "frozen", TINY) for _ in range(8)]
+        # Paused once every prompt is inside ComfyUI: one paused mid-send would go out when it wakes,
+        # after the next leader sent its job again (no fence reaches inside ComfyUI; see README).
+        await wait_for(lambda: emulator.engine.requests["POST /prompt"] == 8)
+        os.kill(first.pid, signal.SIGSTOP)
+        try:
+            async with asyncio.timeout(60):  # b's own /health: never relayed
+                while (await health(session, b))["cluster"]["role"] != "leader":  # type: ignore[index]
+                    await asyncio.sleep(0.1)
+            await wait_closed(session, b, ["frozen"], timeout=60)
+        finally:
+            os.kill(first.pid, signal.SIGCONT)
+        async with asyncio.timeout(30):  # the woken one follows, and knows whom
+            while (await role_and_generation(session, a)) != ("follower", 2):
+                await asyncio.sleep(0.1)
+        assert (await health(session, b))["cluster"]["role"] == "leader"  # type: ignore[index]
+        jobs += [await post_job(session, a, "after", TINY) for _ in range(2)]  # relayed by the woken one
+        await wait_closed(session, b, ["after"], timeout=40)  # not job_idle_timeout (60 s)
+        delivered = [job for client in ("frozen", "after") for job, _ in await fetch_results(session, b, client)]
+        assert sorted(set(delivered)) == sorted(jobs)
+    started = emulator.engine.started
+    assert len(started) == len(set(started)) == 10  # every job ran, none twice
+    assert "is ended, so" in (workdir / "bridge1" / "bridge.log").read_text()

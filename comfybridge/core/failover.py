@@ -147,6 +147,10 @@ class Failover:
                 self.tracker.prompt_finished(backend, job)
             else:
                 core.take_back(backend, job)
+                # Kept to take back should it show up later: a hand-over still on its way (sent by
+                # the last leader of a cluster, paused mid-send, then woken) must not run beside
+                # the job's next prompt.
+                core.abandon(backend, asked)
                 unknown.append(job)
         for job in reversed(unknown):  # each goes to the head of the queue: the earliest must end up first
             if not job.ended and self._send_again(job, _ran(job)):

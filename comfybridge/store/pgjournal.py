@@ -43,6 +43,23 @@ MIGRATION_LOCK = 0x636F6D6679  # "comfy"
 # its lock and its writes end together, so two bridges can never both write as the leader.
 BRIDGE_LOCK = 0x6272696467  # "bridg"
 INCUMBENT_WAIT = 3.0  # seconds a bridge that lost the database waits, once back, before it campaigns
+# A leader whose session said nothing for FROZEN_FACTOR * leader_timeout + FROZEN_MARGIN seconds is
+# frozen (paused, its loop blocked): it stopped sending at leader_timeout (`Leadership.holds`), but
+# PostgreSQL keeps its lock while its host answers keepalives. A follower ends that session.
+FROZEN_FACTOR = 2.0
+FROZEN_MARGIN = 2.0
+# The lock's holder, if its session has run no query of its own for $3 seconds: idle, idle in a
+# transaction, or halfway through a request (`active` but waiting on the client: ClientRead); its
+# session ended. clock_timestamp is the database's clock: no two hosts' clocks are compared.
+DEPOSE_FROZEN = """
+SELECT a.pid, extract(epoch FROM clock_timestamp() - a.state_change)::float8 AS silent,
+       pg_terminate_backend(a.pid) AS ended
+FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND l.classid = $1 AND l.objid = $2 AND l.objsubid = 1
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND a.pid <> pg_backend_pid() AND a.state IS NOT NULL AND (a.state <> 'active' OR a.wait_event_type = 'Client')
+  AND a.state_change < clock_timestamp() - make_interval(secs => $3)
+"""
 # How long PostgreSQL keeps a silent leader's session (and lock): `silence` + 1 s idle, then 3 probes
 # 2 s apart, so at least 7 s after the leader itself has stopped sending (`silence` without an answer).
 KEEPALIVE_PROBES = (2, 3)  # seconds apart, how many
@@ -152,6 +169,8 @@ class PgJournal:
         self.backends = backends
         self.folder = ""  # this bridge's data folder's mark, told to the others while it leads
         self._server_settings = keepalives(silence)
+        self.frozen_after = FROZEN_FACTOR * silence + FROZEN_MARGIN
+        self._may_depose = True  # False once PostgreSQL refused to end another bridge's session
         self.url = url  # where other bridges reach this one, told to them while it leads
         self.leader: Leader | None = None  # who leads, as last seen
         self.relay_secret = ""  # shared by the cluster's bridges: a request relayed by one is believed
@@ -241,6 +260,8 @@ class PgJournal:
                     )
                     return
                 self.leader = Leader.parse(leader) if leader else None
+                if contend and self.leader is not None:
+                    await self._depose_frozen(conn)
             except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 self._drop_connection()
                 self.leader = None
@@ -250,6 +271,28 @@ class PgJournal:
                 log.warning("database %s: the leader's record cannot be read (%s)", shown_dsn(self.dsn), exc)
             follow(self.leader)
             await asyncio.sleep(poll)
+
+    async def _depose_frozen(self, conn: Conn) -> None:
+        """End the session of a leader frozen for `frozen_after` seconds: its lock is free for the
+        next campaign (this one's, or another follower's)."""
+        import asyncpg
+
+        if not self._may_depose:
+            return
+        try:
+            rows = await conn.fetch(DEPOSE_FROZEN, BRIDGE_LOCK >> 32, BRIDGE_LOCK & 0xFFFFFFFF, self.frozen_after)
+        except asyncpg.InsufficientPrivilegeError as exc:
+            self._may_depose = False
+            log.warning("database %s: a frozen leader cannot be deposed by this bridge (%s); give every "
+                        "bridge of a cluster the same role", shown_dsn(self.dsn), exc)  # fmt: skip
+            return
+        for row in rows:
+            leader = self.leader.url if self.leader else "?"
+            log.warning(
+                "the leading bridge %s has said nothing to the database for %.0fs: its session (pid %d) %s, so "
+                "that another bridge can lead",
+                leader, row["silent"], row["pid"], "is ended" if row["ended"] else "could not be ended",
+            )  # fmt: skip
 
     async def open(self, count_floor: int = 0) -> list[dict[str, Any]]:
         """Load the journal and start its writer. This bridge must hold BRIDGE_LOCK: taken here if it
