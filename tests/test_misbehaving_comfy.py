@@ -19,7 +19,7 @@ from comfybridge.emulator.server import SOCKETS
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
 from .fake_comfy import FakeComfy
-from .helpers import Client, frames_until, generate, poll_status, read_results, without_job_id
+from .helpers import Client, frames_until, generate, png, poll_status, read_results, upload, without_job_id
 
 SOLID = {"workflow": "solid", "1/batch_size": 1}
 PROXY_PAGE = "<html><body><h1>502 Bad Gateway</h1></body></html>"
@@ -560,3 +560,29 @@ async def test_a_backend_in_doubt_after_a_stall_takes_one_prompt_at_a_time(
     for name in ("first", "second"):
         assert (await poll_status(client, name, {"closed", "error"}))["status"] == "closed"
     assert backend.doubt == 0.0
+
+
+async def test_an_upload_comfyui_refuses_fails_only_its_job_with_comfyuis_reason(
+    make_fake: Any, make_bridge: BridgeFactory
+) -> None:
+    """ComfyUI answers `413` to an upload over its --max-upload-size (which counts the whole form, so
+    a file just under the bridge's own max_upload_mb of the same 100 gets it too): the job fails
+    with ComfyUI's reason, the file is not sent three times, and the backend is not rested (which
+    would turn every other client away with 503)."""
+    fake: FakeComfy = await make_fake()
+    client = await make_bridge(fake.url)
+    await wait_for(lambda: backend_states(client) == ["up"])
+    fake.replace(
+        "POST /upload/image", 413, "Maximum request body size 104857600 exceeded.", times=5, content_type="text/plain"
+    )
+    status, stored = await upload(client, {"image": ("a.png", png())}, client_id="big")
+    assert status == 200, stored
+    status, answer = await generate(client, "big", {"workflow": "invert", "1/image": stored["image"]})
+    assert status == 200, answer
+    info = await poll_status(client, "big", {"closed", "error"}, timeout=30)
+    assert info["status"] == "error"
+    assert "(413): Maximum request body size 104857600 exceeded." in info["detail"], info["detail"]
+    assert fake.seen.count("POST /upload/image") == 1
+    backend = next(iter(client.app[SCHEDULER].backends.values()))
+    assert (backend.submit_failures, backend.usable) == (0, True)
+    assert (await run_one(client, "other"))["status"] == "closed"  # nobody else waits

@@ -42,6 +42,9 @@ MB = 1024 * 1024
 MAX_ANSWER = 128 * MB  # the largest REST answer read (/object_info with many custom nodes: tens of MB)
 SLOW_RATE = 64 * 1024  # bytes a second an output file's download earns beyond comfy_timeout
 JSON_HEADERS = {"Content-Type": "application/json"}
+# 4xx answers about the line to ComfyUI, not about what was sent: no such route (not a ComfyUI), a
+# proxy's login, timeout or rate limit.
+NOT_ABOUT_THE_REQUEST = frozenset({401, 403, 404, 405, 407, 408, 421, 429})
 # What /view never answers (ComfyUI sends HTML-like outputs as downloads): a proxy's page in its place.
 WEB_PAGES = frozenset({"text/html", "application/xhtml+xml"})
 # "0.3.64": the recorded release. "jobs": later releases, which add GET /api/jobs, GET /api/jobs/{id},
@@ -69,7 +72,7 @@ class MalformedAnswer(BackendUnavailable):
 
 
 class PromptRefused(Exception):
-    """ComfyUI refused the prompt (HTTP 400, or another error status); the message is readable."""
+    """ComfyUI refused the prompt or one of its uploads (a 4xx); the message is readable."""
 
 
 class ResultTooLarge(Exception):
@@ -132,9 +135,13 @@ class ComfyClient:
             refused = isinstance(exc, aiohttp.ClientConnectorError)
             raise BackendUnavailable(f"{self.name}: {exc.__class__.__name__}: {exc}", not refused) from exc
 
-    async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+    async def _json(self, method: str, path: str, refused: str = "", **kwargs: Any) -> Any:
+        """The JSON of a 200 answer. With `refused` (what is asked for, e.g. "the upload 'a.png'"),
+        a 4xx is ComfyUI's refusal of that: PromptRefused, the job's error, never the backend's."""
         status, body = await self._request(method, path, **kwargs)
         if status != 200:
+            if refused and 400 <= status < 500 and status not in NOT_ABOUT_THE_REQUEST:
+                raise PromptRefused(f"ComfyUI refused {refused} ({status}): {_said(body, status)}")
             raise BackendUnavailable(f"{self.name}: {method} {path} answered HTTP {status}")
         try:
             return orjson.loads(body) if body else None
@@ -143,7 +150,7 @@ class ComfyClient:
 
     async def _checked(self, parse: Callable[[Any], _T], method: str, path: str, **kwargs: Any) -> _T:
         """A JSON answer read by its shape's parser; a wrong shape is a MalformedAnswer."""
-        answer = await self._json(method, path, **kwargs)
+        answer = await self._json(method, path, **kwargs)  # (`refused` passes through)
         try:
             return parse(answer)
         except Malformed as exc:
@@ -174,8 +181,7 @@ class ComfyClient:
             try:
                 raise PromptRefused(describe_refusal(orjson.loads(body)))
             except orjson.JSONDecodeError:
-                text = body[:200].decode(errors="replace").strip() or f"HTTP {status}"
-                raise PromptRefused(f"ComfyUI refused the prompt ({status}): {text}") from None
+                raise PromptRefused(f"ComfyUI refused the prompt ({status}): {_said(body, status)}") from None
         raise BackendUnavailable(f"{self.name}: POST /prompt answered HTTP {status}")
 
     async def upload(self, source: Path | AsyncIterator[bytes], name: str) -> str:
@@ -193,15 +199,18 @@ class ComfyClient:
                 raise BackendUnavailable(f"{self.name}: writing {name!r} into its input folder failed") from None
             except OSError as exc:  # a stream broke off part-way: the hand-over is tried again
                 raise BackendUnavailable(f"{self.name}: writing {name!r} into its input folder failed") from exc
+        # A 4xx is about the file (over ComfyUI's --max-upload-size, which counts the whole form): the
+        # job fails with ComfyUI's reason, and no other job waits for this backend.
+        refused = f"the job's upload {name!r}"
         form = aiohttp.FormData()
         form.add_field("type", "input")
         form.add_field("overwrite", "true")
         if not isinstance(source, Path):
             form.add_field("image", source, filename=name, content_type="application/octet-stream")
-            return await self._checked(shapes.upload_name, "POST", "/upload/image", data=form)
+            return await self._checked(shapes.upload_name, "POST", "/upload/image", refused=refused, data=form)
         async with open_off_loop(source, "rb") as handle:
             form.add_field("image", handle, filename=name)
-            return await self._checked(shapes.upload_name, "POST", "/upload/image", data=form)
+            return await self._checked(shapes.upload_name, "POST", "/upload/image", refused=refused, data=form)
 
     async def history(self, prompt_id: str) -> dict[str, Any] | None:
         def entry(answer: Any) -> dict[str, Any] | None:
@@ -479,6 +488,11 @@ def shown(url: str) -> str:
     """A backend's address as it may be shown (/health, /metrics, the banner): no password, no query."""
     parsed = URL(url)
     return str(parsed.with_password(None).with_query(None)) if parsed.password or parsed.query_string else url
+
+
+def _said(body: bytes, status: int) -> str:
+    """What a refusal's body says, as text, in short."""
+    return body[:200].decode(errors="replace").strip() or f"HTTP {status}"
 
 
 def _glimpse(body: bytes) -> str:
