@@ -11,6 +11,7 @@ import sys
 import unicodedata
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -21,8 +22,9 @@ from hypothesis import strategies as st
 
 from comfybridge.edge.logs import REDACTED, JsonFormatter, TextFormatter, one_line, quiet_bad_requests, redact, refusal
 
-from .conftest import FIXTURES, wait_for
-from .helpers import bridge_process
+from .conftest import FIXTURES, BridgeFactory, EmulatorFactory, wait_for
+from .fake_comfy import FakeComfy
+from .helpers import bridge_process, generate, poll_status
 from .services import unused_port
 
 KEY = "live-key-0123456789abcdef"  # the bridge's one key: clients with a broken request still send it
@@ -260,3 +262,37 @@ async def test_a_hostile_client_leaves_no_key_and_no_forged_line(
         assert any(m.startswith(r"GET /x\r\nINFO forged\x1b[31m 401 ") for m in messages)
     assert sum(m.startswith("refused a malformed request: ") for m in messages) == len(MALFORMED)
     assert sum(m.startswith(("GET /workflow-list 401", "GET /ws 401")) for m in messages) == 2
+
+
+async def test_metrics_never_show_a_backends_password(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory
+) -> None:
+    """A backend's URL may carry a password: /health and /metrics name it without, the job
+    histograms and busy counters included."""
+    emulator = await make_emulator()
+    client = await make_bridge(emulator.url.replace("http://", "http://comfy:s3cretpassw0rd@"))
+    status, _ = await generate(client, "m-1", {"workflow": "solid", "1/batch_size": 1})
+    assert status == 200
+    await poll_status(client, "m-1", {"closed"}, timeout=20)
+    for path in ("/health", "/metrics"):
+        text = await (await client.get(path)).text()
+        assert "s3cretpassw0rd" not in text, [line for line in text.splitlines() if "s3cret" in line][:3]
+    assert 'backend="http://comfy@127.0.0.1' in text  # the job histograms are there, named without it
+
+
+async def test_a_jobs_error_never_shows_a_backends_password(make_fake: Any, make_bridge: BridgeFactory) -> None:
+    """A job's error (its socket, /execution-info, its webhook) names the backend without the
+    password its URL carries."""
+    fake: FakeComfy = await make_fake(pace=0.1)
+    client = await make_bridge(
+        fake.url.replace("http://", "http://comfy:s3cretpassw0rd@"), result_retries=2, backend_grace=30
+    )
+    status, _ = await generate(client, "victim", {"workflow": "slow", "2/seed": 2})
+    assert status == 200
+    await wait_for(lambda: bool(fake.upstream.engine.started))
+    fake.replace("GET /history/*", 200, "<html>proxy error page, not JSON at all</html>", times=10)
+    await fake.drop_sockets()  # its events are missed now: the outcome must come from /history
+    info = await poll_status(client, "victim", {"closed", "error"}, timeout=30)
+    assert info["status"] == "error"
+    assert "http://comfy@127.0.0.1" in info["detail"]
+    assert "s3cretpassw0rd" not in info["detail"]

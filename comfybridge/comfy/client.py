@@ -98,7 +98,8 @@ class ComfyClient:
         input_folders: InputFolders | None = None,
     ) -> None:
         self.url = URL(base_url)
-        self.name = base_url
+        self.name = base_url  # who it is (the config's URL): a key in the journal and the planner
+        self.shown = shown(base_url)  # how it is named in messages, logs and metrics: no password
         self.session = session
         self.client_id = client_id
         self.timeout = aiohttp.ClientTimeout(total=request_timeout)
@@ -129,11 +130,11 @@ class ComfyClient:
                 async for chunk in resp.content.iter_any():
                     body += chunk
                     if len(body) > MAX_ANSWER:  # files come from /view, streamed; answers are small
-                        raise MalformedAnswer(f"{self.name}: {method} {path} answered more than {MAX_ANSWER >> 20} MB")
+                        raise MalformedAnswer(f"{self.shown}: {method} {path} answered more than {MAX_ANSWER >> 20} MB")
                 return resp.status, bytes(body)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             refused = isinstance(exc, aiohttp.ClientConnectorError)
-            raise BackendUnavailable(f"{self.name}: {exc.__class__.__name__}: {exc}", not refused) from exc
+            raise BackendUnavailable(f"{self.shown}: {exc.__class__.__name__}: {exc}", not refused) from exc
 
     async def _json(self, method: str, path: str, refused: str = "", **kwargs: Any) -> Any:
         """The JSON of a 200 answer. With `refused` (what is asked for, e.g. "the upload 'a.png'"),
@@ -142,11 +143,11 @@ class ComfyClient:
         if status != 200:
             if refused and 400 <= status < 500 and status not in NOT_ABOUT_THE_REQUEST:
                 raise PromptRefused(f"ComfyUI refused {refused} ({status}): {_said(body, status)}")
-            raise BackendUnavailable(f"{self.name}: {method} {path} answered HTTP {status}")
+            raise BackendUnavailable(f"{self.shown}: {method} {path} answered HTTP {status}")
         try:
             return orjson.loads(body) if body else None
         except orjson.JSONDecodeError:
-            raise MalformedAnswer(f"{self.name}: {method} {path} answered 200 with {_glimpse(body)}") from None
+            raise MalformedAnswer(f"{self.shown}: {method} {path} answered 200 with {_glimpse(body)}") from None
 
     async def _checked(self, parse: Callable[[Any], _T], method: str, path: str, **kwargs: Any) -> _T:
         """A JSON answer read by its shape's parser; a wrong shape is a MalformedAnswer."""
@@ -154,7 +155,7 @@ class ComfyClient:
         try:
             return parse(answer)
         except Malformed as exc:
-            raise MalformedAnswer(f"{self.name}: {method} {path}: {exc}") from None
+            raise MalformedAnswer(f"{self.shown}: {method} {path}: {exc}") from None
 
     async def _post(self, path: str, payload: Any) -> Any:
         return await self._json("POST", path, data=orjson.dumps(payload), headers=JSON_HEADERS)
@@ -171,10 +172,10 @@ class ComfyClient:
                 answer = None
             if not isinstance(answer, dict):
                 # Not ComfyUI's answer (a proxy's page?): whether it took the prompt is unknown.
-                raise MalformedAnswer(f"{self.name}: POST /prompt answered 200 with {_glimpse(body)}", True)
+                raise MalformedAnswer(f"{self.shown}: POST /prompt answered 200 with {_glimpse(body)}", True)
             if answer.get("node_errors"):
                 # Some outputs were refused; ComfyUI runs the rest.
-                log.warning("%s: prompt %s partly refused: %s", self.name, prompt_id, describe_refusal(answer))
+                log.warning("%s: prompt %s partly refused: %s", self.shown, prompt_id, describe_refusal(answer))
             return
         if 400 <= status < 500:
             # About this prompt (invalid, too large, ...): the job's error, never the backend's health.
@@ -182,7 +183,7 @@ class ComfyClient:
                 raise PromptRefused(describe_refusal(orjson.loads(body)))
             except orjson.JSONDecodeError:
                 raise PromptRefused(f"ComfyUI refused the prompt ({status}): {_said(body, status)}") from None
-        raise BackendUnavailable(f"{self.name}: POST /prompt answered HTTP {status}")
+        raise BackendUnavailable(f"{self.shown}: POST /prompt answered HTTP {status}")
 
     async def upload(self, source: Path | AsyncIterator[bytes], name: str) -> str:
         """Send a file (a local one, or bytes as they come) into the backend's input folder; returns
@@ -196,9 +197,9 @@ class ComfyClient:
             except FileNotFoundError:
                 if isinstance(source, Path):
                     raise  # the upload is gone: the dispatcher says so
-                raise BackendUnavailable(f"{self.name}: writing {name!r} into its input folder failed") from None
+                raise BackendUnavailable(f"{self.shown}: writing {name!r} into its input folder failed") from None
             except OSError as exc:  # a stream broke off part-way: the hand-over is tried again
-                raise BackendUnavailable(f"{self.name}: writing {name!r} into its input folder failed") from exc
+                raise BackendUnavailable(f"{self.shown}: writing {name!r} into its input folder failed") from exc
         # A 4xx is about the file (over ComfyUI's --max-upload-size, which counts the whole form): the
         # job fails with ComfyUI's reason, and no other job waits for this backend.
         refused = f"the job's upload {name!r}"
@@ -231,10 +232,10 @@ class ComfyClient:
         is new: it is used once `check_folders` has found ComfyUI using it."""
         new = False
         if (self.outputs.folder if self.outputs else None) != outputs:
-            self.outputs = LocalOutputs(outputs, self.name) if outputs is not None else None
+            self.outputs = LocalOutputs(outputs, self.shown) if outputs is not None else None
             new = outputs is not None
         if (self.inputs.folder if self.inputs else None) != inputs:
-            self.inputs = LocalInputs(inputs, self.name, self.input_folders) if inputs is not None else None
+            self.inputs = LocalInputs(inputs, self.shown, self.input_folders) if inputs is not None else None
             new = new or inputs is not None
         return new
 
@@ -254,10 +255,10 @@ class ComfyClient:
             read_only = exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
             if read_only and isinstance(folder, LocalOutputs):  # it still serves reads, each one checked
                 folder.usable = True
-                log.info("ComfyUI %s: its output folder %s is read-only here, so it was not checked", self.name,
+                log.info("ComfyUI %s: its output folder %s is read-only here, so it was not checked", self.shown,
                          folder.folder)  # fmt: skip
                 return
-            log.warning("ComfyUI %s: its %s folder %s cannot be written (%s); %s", self.name, folder.kind,
+            log.warning("ComfyUI %s: its %s folder %s cannot be written (%s); %s", self.shown, folder.kind,
                         folder.folder, exc.strerror or exc, otherwise)  # fmt: skip
             return
         try:
@@ -267,15 +268,15 @@ class ComfyClient:
         folder.usable = status == 200 and body == data
         if not folder.usable:
             log.warning("ComfyUI %s does not use %s as its %s folder (it did not serve back a file written there); %s",
-                        self.name, folder.folder, folder.kind, otherwise)  # fmt: skip
+                        self.shown, folder.folder, folder.kind, otherwise)  # fmt: skip
         elif not was:
-            log.info("ComfyUI %s: its %s folder is %s, used directly", self.name, folder.kind, folder.folder)
+            log.info("ComfyUI %s: its %s folder is %s, used directly", self.shown, folder.kind, folder.folder)
 
     async def _exists(self, path: str, **kwargs: Any) -> bool:
         """GET `path`: True for 200, False for 404 (an answer too), BackendUnavailable otherwise."""
         status, _ = await self._request("GET", path, **kwargs)
         if status not in (200, 404):
-            raise BackendUnavailable(f"{self.name}: GET {path} answered HTTP {status}")
+            raise BackendUnavailable(f"{self.shown}: GET {path} answered HTTP {status}")
         return status == 200
 
     async def cancel(self, prompt_id: str) -> None:
@@ -285,7 +286,7 @@ class ComfyClient:
             path = f"/api/jobs/{prompt_id}/cancel"
             status, _ = await self._request("POST", path, data=b"{}", headers=JSON_HEADERS)
             if status not in (200, 404):  # 404: no such job (long gone): nothing to take back
-                raise BackendUnavailable(f"{self.name}: POST {path} answered HTTP {status}")
+                raise BackendUnavailable(f"{self.shown}: POST {path} answered HTTP {status}")
             return
         await self.delete_queued([prompt_id])
         await self.interrupt(prompt_id)
@@ -333,7 +334,7 @@ class ComfyClient:
             except LocalTooLarge as exc:
                 raise ResultTooLarge(_too_large(ref, exc.size, max_bytes)) from None
             except LocalReadFailed as exc:
-                raise BackendUnavailable(f"{self.name}: {exc}") from None
+                raise BackendUnavailable(f"{self.shown}: {exc}") from None
             if copied is not None:
                 return copied
         params = {"filename": ref.filename, "subfolder": ref.subfolder, "type": ref.type}
@@ -350,10 +351,10 @@ class ComfyClient:
             timeout = aiohttp.ClientTimeout(total=None, sock_read=self.timeout.total)
             async with self.session.get(self.url / "view", params=params, timeout=timeout) as resp:
                 if resp.status != 200:
-                    raise BackendUnavailable(f"{self.name}: GET /view {ref.filename!r} answered HTTP {resp.status}")
+                    raise BackendUnavailable(f"{self.shown}: GET /view {ref.filename!r} answered HTTP {resp.status}")
                 if resp.content_type in WEB_PAGES:  # ComfyUI serves even an .html output as a download
                     raise BackendUnavailable(
-                        f"{self.name}: GET /view {ref.filename!r} answered a web page ({resp.content_type}), "
+                        f"{self.shown}: GET /view {ref.filename!r} answered a web page ({resp.content_type}), "
                         "not the file: a proxy in front of ComfyUI?"
                     )
                 length = resp.content_length
@@ -377,10 +378,10 @@ class ComfyClient:
                     await target.write(chunk)
         except TimeoutError:
             raise BackendUnavailable(
-                f"{self.name}: download of {ref.filename!r} too slow ({size} bytes, past its deadline)"
+                f"{self.shown}: download of {ref.filename!r} too slow ({size} bytes, past its deadline)"
             ) from None
         except aiohttp.ClientError as exc:
-            raise BackendUnavailable(f"{self.name}: download of {ref.filename!r} failed: {exc}") from exc
+            raise BackendUnavailable(f"{self.shown}: download of {ref.filename!r} failed: {exc}") from exc
         return size
 
     # events ----------------------------------------------------------------------------------
@@ -409,7 +410,7 @@ class ComfyClient:
                     await self.check_folders()
                     self.connected = True
                     dialect = "with the jobs API" if self.jobs_api else "0.3.64 dialect"
-                    log.info("connected to ComfyUI %s (%s)", self.name, dialect)
+                    log.info("connected to ComfyUI %s (%s)", self.shown, dialect)
                     self._socket = ws
                     await on_connect()
                     backoff = 0.2  # only a connect that went through: a failing one backs off
@@ -419,15 +420,15 @@ class ComfyClient:
                             self._heard += 1
                             self._receive(msg.data, on_event)
                         elif msg.type is aiohttp.WSMsgType.ERROR:
-                            log.warning("ComfyUI %s: event socket failed: %s", self.name, msg.data or ws.exception())
+                            log.warning("ComfyUI %s: event socket failed: %s", self.shown, msg.data or ws.exception())
                             break
-                    log.warning("ComfyUI %s closed its socket", self.name)
+                    log.warning("ComfyUI %s closed its socket", self.shown)
             except (aiohttp.ClientError, TimeoutError, OSError, BackendUnavailable) as exc:
                 # Say it once per outage, not at every retry.
                 level = logging.WARNING if self.connected or not first_attempt.is_set() else logging.DEBUG
-                log.log(level, "ComfyUI %s unreachable (%s); retrying", self.name, exc)
+                log.log(level, "ComfyUI %s unreachable (%s); retrying", self.shown, exc)
             except Exception:  # a fault of the bridge's own: logged, and listening goes on
-                log.exception("ComfyUI %s: the event socket failed unexpectedly; reconnecting", self.name)
+                log.exception("ComfyUI %s: the event socket failed unexpectedly; reconnecting", self.shown)
             self._socket = None
             first_attempt.set()
             if self.connected:
@@ -449,7 +450,7 @@ class ComfyClient:
             log.warning(
                 "ComfyUI %s: its socket heard nothing for %gs after a prompt was taken (another socket with "
                 "this bridge's clientId came and went, and ComfyUI forgot it); connecting again",
-                self.name, DEAF_AFTER,
+                self.shown, DEAF_AFTER,
             )  # fmt: skip
             self._reopening = asyncio.ensure_future(socket.close())
 
@@ -478,7 +479,7 @@ class ComfyClient:
         try:
             on_event(kind, checked)
         except Exception:  # a fault of the bridge's own must not end the listening
-            log.exception("ComfyUI %s: handling a %s event failed", self.name, kind)
+            log.exception("ComfyUI %s: handling a %s event failed", self.shown, kind)
 
 
 _T = TypeVar("_T")

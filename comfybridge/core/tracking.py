@@ -81,7 +81,7 @@ class Tracker:
             self.prompt_finished(backend, job)
         elif event == "execution_start":
             waited = job.last_event - job.accepted_mono  # execution_start's moment
-            self.core.metrics.job_started(job.workflow, backend.name, waited, job.handed_at)
+            self.core.metrics.job_started(job.workflow, backend.client.shown, waited, job.handed_at)
         elif event == "execution_success" and job.seen_outputs is not None:
             self._collect(backend, job)  # its outputs are known and written: no need to wait for its end
         elif job.state is JobState.RUNNING:
@@ -123,7 +123,7 @@ class Tracker:
         core = self.core
         if job.started_at is not None:
             ran = time.monotonic() - job.started_at
-            core.metrics.job_finished(job.workflow, backend.name, ran)
+            core.metrics.job_finished(job.workflow, backend.client.shown, ran)
             if job.outcome == "success":
                 core.runtimes.observe(job.workflow, backend.name, ran, job.warm)
         self._collect(backend, job)
