@@ -77,18 +77,19 @@ def recover(core: Core, rows: list[dict[str, Any]], gone: set[str]) -> Recovered
     for job in reversed(orphaned):  # each goes to the head of the queue: the earliest must end up first
         core.send_again(job)
     seqs = {job.id: job.seq for client in core.clients for job in client.jobs.values()}
-    for job, ending in ended:
+    for job, _ in ended:
         # The last process may have ended it durably and died before its ending went out (or held
         # it for a socket that was away): said again, in its place among the client's jobs (after
         # the endings of earlier ones still open, before any frame of later ones). A `closed` heard
         # twice asks for a fetch the client owes anyway (its results are still here); an `error`
         # heard twice says again what its job id already said.
+        # Untold until said (every one of them before any is said), so that `jobs_left` counts them
+        # and an `error` closes no socket before the endings said after it.
         client = core.clients.require(job.client_id)
-        place = sum(1 for other in client.untold if seqs.get(other, 0) < job.seq)
-        if place:
-            client.untold.insert(place, job.id)
+        client.untold.insert(sum(1 for other in client.untold if seqs.get(other, 0) < job.seq), job.id)
         seqs[job.id] = job.seq
-        core.tell_ending_again(client, ending)
+    for job, ending in ended:
+        core.tell_ending_again(core.clients.require(job.client_id), ending)
     for client in core.clients:
         if client.jobs:
             core.set_status(client, open_status(client))

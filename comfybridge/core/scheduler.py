@@ -481,7 +481,7 @@ class Scheduler:
         self.core.closed(job)
         client = self.clients.get(job.client_id)
         if client is not None:
-            self.core.told_ending(client, job)
+            self.core.told_ending(client, job.id)
         if client is not None and new_client:
             self.clients.forget_if_done(client, self.core.owns_something)
 

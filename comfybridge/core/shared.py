@@ -457,17 +457,17 @@ class Core:
         if client is None:
             return
         if not notify:
-            self.told_ending(client, job)  # its caller tells the client
+            self.told_ending(client, job.id)  # its caller tells the client
             return
         if job.state is JobState.DONE:
             ending = about_job(CLOSED, job.id, len(client.jobs))
         else:
             ending = about_job(status_message("error", job.error or "error"), job.id, len(client.jobs))
         if self._may_send(client, ending):
-            self._send(client, ending, close=ending["status"] == "error" and not client.jobs)
-            self.told_ending(client, job)
+            self._send(client, ending)
+            self.told_ending(client, job.id)
         else:  # an earlier job has not been told its ending yet: this one waits behind it
-            client.held.append((ending, ending["status"] == "error" and not client.jobs))
+            client.held.append((ending, False))
 
     # what clients are told ---------------------------------------------------------------------
     def tell(self, job: Job, status: str, detail: str) -> None:
@@ -479,9 +479,13 @@ class Core:
         self._tell(client, about_job(status_message(status, detail), job.id, len(client.jobs)))
 
     def tell_ending_again(self, client: Client, message: Status) -> None:
-        """The ending of a job recovered as finished, told again; held behind the endings of the
-        client's earlier jobs when it is among its untold ones."""
-        self._tell(client, message)
+        """The ending of a job recovered as finished (among the client's untold ones), told again;
+        held behind the endings of the client's earlier jobs."""
+        if self._may_send(client, message):
+            self._send(client, message)
+            self.told_ending(client, message["job_id"])
+        else:
+            client.held.append((message, False))
 
     def _tell(self, client: Client, message: Status, close: bool = False) -> None:
         """Send now if the frame is about the client's oldest job whose ending it has not heard;
@@ -502,7 +506,9 @@ class Core:
             # ending would otherwise miscount the jobs whose ending the client has still to hear.
             ending = message["status"] in ("closed", "error") and message["job_id"] in client.untold
             message = {**message, "jobs_left": len(client.untold) - ending}
-            close = close and not message["jobs_left"]
+            # The contract: an `error` closes the socket (1011) unless the client has further jobs
+            # in line; decided as it is sent, since endings can be told in another order than made.
+            close = message["status"] == "error" and not message["jobs_left"]
         if message["status"] == "closed" and message.get("jobs_left"):
             # /execution-info says `closed` only once nothing of the client is left to run.
             self.set_status(client, open_status(client))
@@ -510,10 +516,10 @@ class Core:
             self.set_status(client, message)
         self.notifier.publish(client.id, message, close)
 
-    def told_ending(self, client: Client, job: Job) -> None:
+    def told_ending(self, client: Client, job_id: str) -> None:
         """The job's ending has been told (or never will be): frames of the next job may go."""
-        if job.id in client.untold:
-            client.untold.remove(job.id)
+        if job_id in client.untold:
+            client.untold.remove(job_id)
         while True:
             ready = next((i for i, (m, _) in enumerate(client.held) if self._may_send(client, m)), None)
             if ready is None:
