@@ -586,3 +586,44 @@ async def test_an_upload_comfyui_refuses_fails_only_its_job_with_comfyuis_reason
     backend = next(iter(client.app[SCHEDULER].backends.values()))
     assert (backend.submit_failures, backend.usable) == (0, True)
     assert (await run_one(client, "other"))["status"] == "closed"  # nobody else waits
+
+
+async def test_a_prompt_deleted_from_comfyuis_queue_behind_other_users_work_is_sent_again(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    """Someone else deletes the bridge's queued prompt from a ComfyUI busy with other users' work
+    (POST /queue {"delete": [...]}): while something runs there, the watchdog took the wait for a
+    wait, for as long as other users kept ComfyUI busy. Now it sees the prompt gone from the queue
+    and reconciles: the job is sent again and ends."""
+    emulator = await make_emulator(pace=0.01)
+    client = await make_bridge(emulator, job_idle_timeout=1.0)
+    engine = emulator.engine
+    other = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "other"}},
+    }
+    async with aiohttp.ClientSession() as session:
+
+        async def post(body: dict[str, Any]) -> None:
+            async with session.post(f"{emulator.url}/prompt", json=body) as resp:
+                assert resp.status == 200
+
+        engine.faults.hang_after_nodes = 0  # another user's prompt runs for a long time
+        await post({"prompt": other, "client_id": "other-user"})
+        await wait_for(lambda: engine.running_client() == "other-user")
+        await post({"prompt": other, "client_id": "other-user"})  # and one more of theirs waits
+        try:
+            status, answer = await generate(client, "victim", SOLID)
+            assert status == 200, answer
+            core = client.app[SCHEDULER].core
+            await wait_for(lambda: any(j.id == answer["job_id"] for j in core.by_prompt.values()), timeout=10)
+            job = next(j for j in core.by_prompt.values() if j.id == answer["job_id"])
+            lost = job.prompt_id
+            await wait_for(lambda: any(i[1] == lost for i in engine.queue_snapshot()["queue_pending"]), timeout=10)
+            async with session.post(f"{emulator.url}/queue", json={"delete": [lost]}) as resp:
+                assert resp.status == 200
+            await wait_for(lambda: job.prompt_id != lost, timeout=30)  # sent again under a new prompt id
+        finally:
+            engine.release_hang()
+        info = await poll_status(client, "victim", {"closed", "error"}, timeout=30)
+        assert info["status"] == "closed", info

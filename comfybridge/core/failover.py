@@ -227,10 +227,17 @@ class Failover:
     async def _behind_others(self, backend: Backend, head: Job) -> None:
         """A job queued behind other users' prompts, whose progress only their owners hear, waits as
         long as ComfyUI runs something. Nothing running at all while prompts wait, for
-        job_idle_timeout, is no progress at all (a dead worker): the backend is stuck."""
-        running, _ = await backend.client.queue()
+        job_idle_timeout, is no progress at all (a dead worker): the backend is stuck. A prompt of
+        the bridge's gone from the queue (someone deleted it, or cleared the queue) is asked about
+        and sent again, as after a reconnect."""
+        running, pending = await backend.client.queue()
         if head.ended or head not in backend.inflight or head.state is not JobState.QUEUED:
             return  # it moved on while ComfyUI was asked
+        waiting = [job for job in backend.inflight if job.state is JobState.QUEUED and job.sending is None]
+        if any(job.prompt_id not in running and job.prompt_id not in pending for job in waiting):
+            log.warning("backend %s: prompts of the bridge's are gone from its queue; asking about them", backend.name)
+            await self.reconcile(backend)
+            return
         now = time.monotonic()
         if running:
             backend.stalled_since = None
