@@ -88,17 +88,18 @@ class UnsupportedMedia(BridgeError):
 
 
 class TooManyJobs(BridgeError):
-    """A client over its limit of jobs in line (429)."""
+    """A client over its limit of jobs in line (429, with Retry-After: when one ends is not known,
+    so a second, as the contract's every 429 carries one)."""
 
     status = 429
-
-
-class RateLimited(TooManyJobs):
-    """A caller over a rate or count limit (429, with Retry-After)."""
 
     def __init__(self, message: str, retry_after: int = 1) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class RateLimited(TooManyJobs):
+    """A caller over a rate or count limit (429, with Retry-After)."""
 
 
 class Unauthorized(BridgeError):

@@ -184,9 +184,10 @@ async def test_per_client_limit_is_429(make_emulator: EmulatorFactory, make_brid
     client = await make_bridge(emulator, max_jobs_per_client=2)
     for _ in range(2):
         assert (await generate(client, "greedy", {"workflow": "solid"}))[0] == 200
-    status, body = await generate(client, "greedy", {"workflow": "solid"})
-    assert status == 429
-    assert body == {
+    resp = await client.post("/generate-based-workflow", params={"clientId": "greedy"}, json={"workflow": "solid"})
+    assert resp.status == 429
+    assert resp.headers["Retry-After"] == "1"  # every 429 of the contract says when to come back
+    assert await resp.json() == {
         "detail": "clientId 'greedy' already has 2 jobs in line, the limit; wait for one to finish or interrupt them."
     }
     assert (await generate(client, "other", {"workflow": "solid"}))[0] == 200
