@@ -73,7 +73,7 @@ def safe_name(filename: str, mime: str, sniffed_ext: str) -> str:
     stem, dot, ext = last.rpartition(".")
     if not dot:
         stem, ext = last, ""
-    stem = _SAFE.sub("_", stem).replace("..", "_").strip(".")[:80] or "file"
+    stem = _SAFE.sub("_", stem).replace("..", "_")[:80].strip(".") or "file"  # cut, then trimmed: no ".."
     ext = "." + ext.lower()
     if not re.fullmatch(r"\.[a-z0-9]{1,8}", ext) or mimetypes.guess_type("x" + ext)[0] != mime:
         ext = sniffed_ext
