@@ -296,3 +296,27 @@ async def test_a_jobs_error_never_shows_a_backends_password(make_fake: Any, make
     assert info["status"] == "error"
     assert "http://comfy@127.0.0.1" in info["detail"]
     assert "s3cretpassw0rd" not in info["detail"]
+
+
+async def test_malformed_content_dispositions_leave_no_raw_line_and_nothing_kept(tmp_path: Path) -> None:
+    """aiohttp warns of a malformed Content-Disposition (the client's fault, answered 400): under
+    Python's default filters each distinct header went raw to stderr, past the formatter, and was
+    kept in the warnings registry for the life of the process. A real process, its log in JSON."""
+    shutil.copytree(FIXTURES / "workflows", tmp_path / "workflows")
+    async with (
+        bridge_process(tmp_path, "--emulate", "1", "--log-format", "json") as (_, url),
+        aiohttp.ClientSession() as session,
+    ):
+        for n in range(10):
+            form = aiohttp.MultipartWriter("form-data")
+            form.append(b"\x89PNG\r\n").headers["Content-Disposition"] = (
+                f'form-data; name="f"; filename="{n}-{S}.png"; filename="b.png"'
+            )
+            async with session.post(f"{url}/upload", data=form) as resp:
+                assert resp.status == 400
+                assert "detail" in await resp.json()
+    lines = (tmp_path / "bridge.log").read_text().splitlines()
+    assert lines
+    for line in lines:
+        orjson.loads(line)  # every line through the JSON formatter: none raw
+    assert not [line for line in lines if "ContentDisposition" in line or S in line]

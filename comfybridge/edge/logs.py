@@ -9,12 +9,13 @@ import re
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import BadContentDispositionHeader, BadContentDispositionParam, web
 from aiohttp.http_exceptions import BadHttpMessage, InvalidHeader, LineTooLong
 from aiohttp.typedefs import Handler
 from aiohttp.web_protocol import RequestPayloadError
@@ -194,6 +195,12 @@ def setup(level: str, fmt: str) -> None:
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     logging.basicConfig(level=level, handlers=[handler], force=True)
     logging.getLogger("aiohttp.server").addFilter(quiet_bad_requests)
+    # Python's warnings leave through the same formatter, not as raw lines on stderr. A malformed
+    # Content-Disposition is the client's fault, answered 400 (the part has no name): aiohttp's
+    # warning of it, each text distinct, would be kept in the warnings registry for good.
+    logging.captureWarnings(True)
+    for category in (BadContentDispositionHeader, BadContentDispositionParam):
+        warnings.filterwarnings("ignore", category=category)
 
 
 def quiet_bad_requests(record: logging.LogRecord) -> bool:
