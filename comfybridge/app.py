@@ -99,6 +99,8 @@ def create_app(
         # of a refused compressed bomb is drained as the few bytes it is, never inflated.
         handler_args={"auto_decompress": False},
     )
+    if policy.cors_origins:
+        app.on_response_prepare.append(policy.cors_headers)
     if view is not None:
         app[CLUSTER] = view
     app[SETTINGS] = settings

@@ -13,11 +13,10 @@ import pytest
 from comfybridge.edge.appkeys import SCHEDULER
 
 from .conftest import BridgeFactory, EmulatorFactory
-from .helpers import Client, png, run_cli
+from .helpers import TINY, Client, png, run_cli, run_job
 
 A = "key-a-0123456789abcdef"
 B = "key-b-0123456789abcdef"
-TINY = {"workflow": "solid", "1/width": 8, "1/height": 8, "1/batch_size": 1}
 ROUTES = [
     ("GET", "/workflow-list"),
     ("GET", "/workflow-info?workflow=solid"),
@@ -245,6 +244,31 @@ async def test_cors_is_off_unless_origins_are_given(
     assert resp.headers["Access-Control-Expose-Headers"] == "X-Detail, Retry-After"
     resp = await on.get("/workflow-list", headers={"Origin": "https://evil.example"})
     assert "Access-Control-Allow-Origin" not in resp.headers
+    assert resp.headers["Vary"] == "Origin"  # a cache must not hand it to an allowed origin
+
+
+async def test_an_allowed_origin_can_read_its_results(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory
+) -> None:
+    """The results are streamed from within their handler (/history's 200, ?wait=1's): they carry
+    the CORS headers too, or a browser app could not read them."""
+    origin = {"Origin": "https://app.example"}
+    client = await make_bridge(await make_emulator(), cors_origins=("https://app.example",))
+    await run_job(client, "cors-1", TINY)
+    resp = await client.get("/history", params={"clientId": "cors-1"}, headers=origin)
+    assert resp.status == 200
+    await resp.read()
+    assert resp.headers.get("Access-Control-Allow-Origin") == "https://app.example"
+    for res_type in ("base64", "multipart"):
+        params = {
+            "clientId": f"cors-{res_type}",
+            "wait": "1",
+            **({"resType": res_type} if res_type == "base64" else {}),
+        }
+        resp = await client.post("/generate-based-workflow", params=params, json=TINY, headers=origin)
+        assert resp.status == 200
+        await resp.read()
+        assert resp.headers.get("Access-Control-Allow-Origin") == "https://app.example"
 
 
 def test_listening_beyond_loopback_without_keys_is_announced(tmp_path: Path) -> None:

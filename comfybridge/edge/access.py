@@ -232,25 +232,36 @@ class AccessPolicy:
         return access
 
     def cors_middleware(self) -> Middleware:
+        """Preflights answered here; every other answer gets its headers in `cors_headers`."""
+
         @web.middleware
         async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
-            origin = request.headers.get(hdrs.ORIGIN)
-            allowed = origin is not None and ("*" in self.cors_origins or origin in self.cors_origins)
             if request.method == "OPTIONS" and request.headers.get(hdrs.ACCESS_CONTROL_REQUEST_METHOD):
-                if not allowed:
+                origin = request.headers.get(hdrs.ORIGIN)
+                if not self._origin_allowed(origin):
                     refusal = orjson.dumps({"detail": f"Origin {origin!r} may not call this bridge."})
                     return web.Response(body=refusal, status=403, content_type="application/json")
-                response: web.StreamResponse = web.Response(status=204)
+                response = web.Response(status=204)
                 response.headers[hdrs.ACCESS_CONTROL_ALLOW_METHODS] = "GET, POST, OPTIONS"
                 response.headers[hdrs.ACCESS_CONTROL_ALLOW_HEADERS] = "Authorization, X-API-Key, Content-Type"
                 response.headers[hdrs.ACCESS_CONTROL_MAX_AGE] = "600"
-            else:
-                response = await handler(request)
-            if allowed and not response.prepared:
-                assert origin is not None
-                response.headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = origin
-                response.headers[hdrs.VARY] = "Origin"
-                response.headers[hdrs.ACCESS_CONTROL_EXPOSE_HEADERS] = "X-Detail, Retry-After"
-            return response
+                return response
+            return await handler(request)
 
         return cors
+
+    def _origin_allowed(self, origin: str | None) -> bool:
+        return origin is not None and ("*" in self.cors_origins or origin in self.cors_origins)
+
+    async def cors_headers(self, request: web.Request, response: web.StreamResponse) -> None:
+        """`on_response_prepare`, with CORS on: every answer as its headers go out, results streamed
+        from within their handler included. Each varies by Origin, so a cache keeps them apart."""
+        vary = response.headers.get(hdrs.VARY)
+        if not vary:
+            response.headers[hdrs.VARY] = "Origin"
+        elif "origin" not in vary.lower():
+            response.headers[hdrs.VARY] = f"{vary}, Origin"
+        origin = request.headers.get(hdrs.ORIGIN)
+        if origin is not None and self._origin_allowed(origin):
+            response.headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = origin
+            response.headers[hdrs.ACCESS_CONTROL_EXPOSE_HEADERS] = "X-Detail, Retry-After"
