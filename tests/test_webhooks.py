@@ -6,7 +6,9 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import socket
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,7 +23,7 @@ from comfybridge.core import webhooks
 from comfybridge.edge.appkeys import JOURNAL
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
-from .helpers import TINY, backends, bridge_process, generate, post_job, run_job, wait_closed
+from .helpers import TINY, backends, bridge_process, generate, png, post_job, run_job, upload, wait_closed
 from .services import unused_port
 
 SECRET = "whsec_" + base64.b64encode(b"a secret of thirty-two bytes....").decode()
@@ -329,3 +331,73 @@ async def test_an_owed_call_to_an_internal_literal_is_not_made_once_private_is_o
         hooks = webhooks.Webhooks(b"secret", session, lambda _: None, allow_private=False)
         delivery = webhooks.delivery_for("j1", "c", "solid", "done", "Execution is done", [], "http://10.0.0.7/x")
         assert await hooks._attempt(delivery) == "10.0.0.7 is an internal address; webhooks go to public ones"
+
+
+async def test_a_receiver_that_never_answers_holds_back_no_other(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One client's jobs name a receiver that takes every connection and never answers: it holds
+    PER_RECEIVER connections at most, and another client's receiver is called at once (its attempt
+    is not spent waiting for a slot of the shared pool)."""
+    monkeypatch.setattr(webhooks, "ATTEMPT_TIMEOUT", 600.0)  # the silent ones hold theirs for the whole test
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # reads nothing, answers nothing
+
+    tarpit = await asyncio.start_server(silent, "127.0.0.1", 0)
+    tarpit_url = f"http://127.0.0.1:{tarpit.sockets[0].getsockname()[1]}/hook"
+    good = Receiver()
+    await good.start()
+    session = webhooks.webhook_session(allow_private=True)
+    tasks: list[asyncio.Future[None]] = []
+    hooks = webhooks.Webhooks(b"secret", session, lambda _id: None, allow_private=True)
+    hooks.spawn = lambda coro, name: tasks.append(asyncio.ensure_future(coro))
+    try:
+        for n in range(80):  # a hostile client's jobs, one webhook each
+            hooks.send(webhooks.delivery_for(f"bad{n}", "bad", "solid", "done", "x", [], tarpit_url))
+        await wait_for(lambda: len(held) == webhooks.PER_RECEIVER)
+        hooks.send(webhooks.delivery_for("good", "good", "solid", "done", "x", [], good.url))
+        await wait_for(lambda: bool(good.calls), timeout=30)
+        assert len(held) == webhooks.PER_RECEIVER
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await session.close()
+        for writer in held:
+            writer.close()
+        tarpit.close()
+        await good.stop()
+
+
+async def test_webhook_names_whose_nameserver_never_answers_stall_no_upload(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A `_webhook` host is looked up inside the request. On asyncio's default executor (a handful
+    of threads here), lookups a nameserver never answers held every thread the bridge's file work
+    runs on: another client's upload waited for them. They have threads of their own now."""
+    real = socket.getaddrinfo
+    answer = threading.Event()  # the nameserver answers at the end of the test
+
+    def unanswered(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(host, str) and host.endswith(".slow.example"):
+            answer.wait(60)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", unanswered)
+    client = await make_bridge(await make_emulator(), webhook_secret="a webhook secret of some length")
+
+    async def hostile(n: int) -> int:
+        body = {**TINY, "_webhook": f"https://h{n}.slow.example/hook"}
+        resp = await client.post("/generate-based-workflow", params={"clientId": f"bad-{n}"}, json=body)
+        return resp.status
+
+    attack = [asyncio.ensure_future(hostile(n)) for n in range(40)]
+    try:
+        await asyncio.sleep(0)  # the attack's requests are on their way
+        async with asyncio.timeout(30):  # (only stops a hang: the lookups are held for 60 s)
+            status, _ = await upload(client, {"file": ("cat.png", png())}, client_id="innocent")
+        assert status == 200
+    finally:
+        answer.set()
+    assert set(await asyncio.gather(*attack)) == {400}  # "does not resolve"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -17,6 +18,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import aiohttp
@@ -46,6 +48,14 @@ log = logging.getLogger(__name__)
 FIRST_RETRY = 1.0  # seconds; doubling up to MAX_RETRY_DELAY
 MAX_RETRY_DELAY = 600.0
 ATTEMPT_TIMEOUT = 10.0
+# A receiver (host and port) gets this many connections at once: one that takes them and never
+# answers holds its own, never the others' (the pool's whole is POOL).
+PER_RECEIVER = 4
+POOL = 256
+# Receivers' names are looked up on threads of the webhooks' own, DNS_TIMEOUT at most: a nameserver
+# that never answers holds those, never the threads the bridge's file work runs on.
+DNS_THREADS = 4
+DNS_TIMEOUT = 5.0
 MAX_URL = 2048
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
 EVENTS = {"done": "job.done", "failed": "job.failed", "cancelled": "job.cancelled"}
@@ -99,8 +109,8 @@ async def check_public(url: str) -> None:
     if host == "localhost" or host.endswith(".localhost"):
         raise BadInput(f"'_webhook' may not point at this machine or its network ({host}).")
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError, ValueError):  # unknown, or not a valid host name at all
+        infos = await DNS.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError, ValueError, TimeoutError):  # unknown, not a host name, or no answer in time
         raise BadInput(f"'_webhook' host {host[:200]!r} does not resolve.") from None
     if any(internal(str(info[4][0])) for info in infos):
         raise BadInput(f"'_webhook' may not point at this machine or its network ({host}).")
@@ -134,6 +144,27 @@ def sign(secret: bytes, message_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(hmac.new(secret, signed, hashlib.sha256).digest()).decode()
 
 
+class _DnsThreads:
+    """What ThreadedResolver asks of its loop (getaddrinfo, getnameinfo), on threads of its own."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(DNS_THREADS, thread_name_prefix="webhook-dns")
+
+    async def getaddrinfo(
+        self, host: str, port: int | None, *, family: int = 0, type: int = 0, proto: int = 0, flags: int = 0
+    ) -> list[Any]:
+        call = functools.partial(socket.getaddrinfo, host, port, family, type, proto, flags)
+        async with asyncio.timeout(DNS_TIMEOUT):
+            return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+
+    async def getnameinfo(self, sockaddr: tuple[Any, ...], flags: int = 0) -> tuple[str, str]:
+        async with asyncio.timeout(DNS_TIMEOUT):
+            return await asyncio.get_running_loop().run_in_executor(self._pool, socket.getnameinfo, sockaddr, flags)
+
+
+DNS = _DnsThreads()
+
+
 class PublicOnlyResolver(ThreadedResolver):
     """Resolves a receiver's name at the moment of each connection and refuses internal addresses:
     a name that answered with a public address when the job was accepted cannot be turned toward
@@ -152,8 +183,11 @@ class PublicOnlyResolver(ThreadedResolver):
 def webhook_session(allow_private: bool) -> aiohttp.ClientSession:
     """The webhooks' own session (never ComfyUI's pool): with private addresses not allowed, every
     connection is checked when it is made."""
-    resolver = ThreadedResolver() if allow_private else PublicOnlyResolver()
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=resolver, limit=64))
+    loop: Any = DNS  # (all ThreadedResolver asks of its loop)
+    resolver = ThreadedResolver(loop) if allow_private else PublicOnlyResolver(loop)
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(resolver=resolver, limit=POOL, limit_per_host=PER_RECEIVER)
+    )
 
 
 class Webhooks:
