@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import shutil
 import signal
 import string
@@ -16,6 +17,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from aiohttp import http_parser, web_protocol
 from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine, InvalidHeader, InvalidURLError, LineTooLong
 from hypothesis import given
 from hypothesis import strategies as st
@@ -320,3 +322,18 @@ async def test_malformed_content_dispositions_leave_no_raw_line_and_nothing_kept
     for line in lines:
         orjson.loads(line)  # every line through the JSON formatter: none raw
     assert not [line for line in lines if "ContentDisposition" in line or S in line]
+
+
+async def test_a_client_cannot_grow_the_metrics_without_bound(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request histogram is labelled by method: to aiohttp's pure Python parser (PyPy,
+    AIOHTTP_NO_EXTENSIONS) any token is a method. A method of no standard is counted as "other"."""
+    monkeypatch.setattr(web_protocol, "HttpRequestParser", http_parser.HttpRequestParserPy)
+    client = await make_bridge(await make_emulator())
+    for index in range(50):
+        await client.request(f"X{index:04d}", "/workflow-list")
+    text = await (await client.get("/metrics")).text()
+    methods = set(re.findall(r'comfybridge_request_duration_seconds_count\{[^}]*method="([^"]+)"', text))
+    assert len(methods) < 20, f"{len(methods)} method label values, chosen by a client"
+    assert "other" in methods

@@ -40,6 +40,7 @@ __all__ = [
 access_log = logging.getLogger("comfybridge.access")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 REDACTED = "[redacted]"
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"})
 MAX_REFUSAL = 200  # characters of a parser's complaint in its log line
 
 # Secrets as log text may carry them: a query parameter (token=, api_key=, key=, ...secret=,
@@ -249,7 +250,9 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         seconds = time.perf_counter() - started
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"  # a pattern: no clientIds
-        request.app[METRICS].request_done(route, request.method, status, seconds)
+        # A method is the caller's word (any token, to aiohttp's Python parser): one series each at most.
+        method = request.method if request.method in METHODS else "other"
+        request.app[METRICS].request_done(route, method, status, seconds)
         if access_log.isEnabledFor(logging.INFO):
             client_id = request.query.get("clientId")
             fields = {
