@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from comfybridge.core import scheduler as scheduler_module
-from comfybridge.edge.appkeys import JOURNAL, SETTINGS
+from comfybridge.edge.appkeys import JOURNAL, SCHEDULER, SETTINGS
 from comfybridge.errors import StorageFull
 from comfybridge.store import uploads as uploads_module
 from comfybridge.store.uploads import IncomingFile, UploadLimits, UploadStore
@@ -340,3 +340,25 @@ async def test_an_upload_cancelled_while_it_is_put_in_place_leaves_no_file(
     with contextlib.suppress(asyncio.CancelledError):
         await receiving
     assert list((tmp_path / "uploads" / "c-bob").iterdir()) == []
+
+
+async def test_a_restart_knows_an_uploads_last_use(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    """An upload's age restarts when a job that used it ends, and a restart knows it: the use is
+    kept on the file (its modified time), not only in memory."""
+    emulator = await make_emulator()
+    first = await make_bridge(emulator, upload_ttl=3600, data_dir=tmp_path / "data")
+    if first.app[SETTINGS].storage:
+        pytest.skip("an object's modified time cannot be set: with object storage a restart counts from the upload")
+    _, names = await upload(first, {"file": ("a.png", png())}, client_id="reuser")
+    (path,) = stored(first)
+    long_ago = time.time() - 7200  # uploaded two hours ago: past upload_ttl, unused since
+    os.utime(path, (long_ago, long_ago))
+    frames = await run_job(first, "reuser", {"workflow": "invert", "1/image": names["file"]})
+    assert frames[-1]["status"] == "closed"
+    await first.close()
+    second = await make_bridge(emulator, upload_ttl=3600, data_dir=tmp_path / "data")
+    assert await second.app[SCHEDULER].core.uploads.expire(3600) == 0  # the sweep, now: used a moment ago
+    status, body = await generate(second, "reuser", {"workflow": "invert", "1/image": names["file"]})
+    assert status == 200, body

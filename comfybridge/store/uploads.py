@@ -80,6 +80,13 @@ def safe_name(filename: str, mime: str, sniffed_ext: str) -> str:
     return f"{secrets.token_hex(6)}-{stem}{ext}"
 
 
+def _touch(paths: list[Path], when: float) -> None:
+    """An upload's last use, as its file's modified time (blocking: run it in a thread)."""
+    for path in paths:
+        with contextlib.suppress(OSError):  # gone meanwhile (expired, deleted): nothing to keep
+            os.utime(path, (when, when))
+
+
 def _owner_dir(owner: str | None) -> str:
     return SHARED if owner is None else "c-" + owner
 
@@ -141,6 +148,9 @@ class UploadStore:
                 unneeded.append(name)
             if name in self._uploads:
                 self._uploads[name].last_used = now
+        if self.blobs is None:  # kept on the file itself, so that a restart knows the use (`load`)
+            paths = [self._uploads[name].path for name in names if name in self._uploads]
+            asyncio.get_running_loop().run_in_executor(None, _touch, paths, now)
         return unneeded
 
     async def reload(self) -> None:
