@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import itertools
 import random
 import statistics
@@ -729,3 +730,29 @@ def test_png_reader_inflates_no_more_than_its_rows() -> None:
     assert result is not None
     assert result.rgb == bytes(12)
     assert peak < 2 << 20
+
+
+async def test_an_upload_over_comfyuis_request_limit_is_a_413(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    """ComfyUI's --max-upload-size (100 MB) bounds the whole request body, the form's framing
+    included: a file 40 bytes under it is `413`, as ComfyUI 0.3.64 answered it."""
+    form = aiohttp.FormData()
+    form.add_field("image", io.BytesIO(bytes(104857600 - 40)), filename="big.png")
+    async with session.post(f"{emulator.url}/upload/image", data=form) as resp:
+        assert resp.status == 413
+
+
+async def test_a_value_of_the_wrong_type_is_comfyuis_400(emulator: Emulator, session: aiohttp.ClientSession) -> None:
+    """EmptyImage's width "abc": a 400 with an `invalid_input_type` node error, as ComfyUI 0.3.64
+    answered it (the emulator answered 500, which a bridge takes for a backend failing)."""
+    prompt = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": "abc", "height": 8, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}},
+    }
+    async with session.post(f"{emulator.url}/prompt", json={"prompt": prompt, "client_id": "t"}) as resp:
+        assert resp.status == 400
+        body = await resp.json()
+    (error,) = body["node_errors"]["1"]["errors"]
+    assert error["type"] == "invalid_input_type"
+    assert error["extra_info"]["input_name"] == "width"

@@ -377,6 +377,7 @@ class Engine:
                 converted = converters[kind](value)
             except (TypeError, ValueError) as exc:
                 detail = f"{name}, {value}, {exc}"
+                extra = {**info, "exception_message": str(exc)}
                 return [
                     _error("invalid_input_type", f"Failed to convert an input value to a {kind} value", detail, extra)
                 ]

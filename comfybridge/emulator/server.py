@@ -79,7 +79,8 @@ class Emulator:
 def create_emulator_app(root: Path, pace: float, dialect: str = DIALECTS[0]) -> web.Application:
     if dialect not in DIALECTS:
         raise ValueError(f"unknown ComfyUI dialect {dialect!r}; one of {', '.join(DIALECTS)}")
-    app = web.Application(client_max_size=MAX_UPLOAD_SIZE + 1024 * 1024, middlewares=[_count_requests])
+    # As ComfyUI's --max-upload-size: a limit on the whole request body, a form's framing included.
+    app = web.Application(client_max_size=MAX_UPLOAD_SIZE, middlewares=[_count_requests])
     sockets: dict[str, web.WebSocketResponse] = {}
     app[SOCKETS] = sockets
     pending_sends: set[asyncio.Future[Any]] = set()
