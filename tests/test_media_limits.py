@@ -568,9 +568,11 @@ def test_tiff_pages_are_frames_of_their_own_size(tmp_path: Path) -> None:
     pixels = sum(width * height for width, height in PYRAMID)
     assert frames_of(tmp_path, ".tiff", tiff(PYRAMID)) == Frames(6, 8000, 6000, pixels, same_size=False)
     assert frames_of(tmp_path, ".tiff", tiff([(300, 200)] * 2, order=">", kind=3)) == Frames(2, 300, 200, 120000, True)
-    # As many entries as libtiff reads in one directory, none of them a size: a page of nothing.
+    # As many entries as libtiff reads in one directory, none of them a size: a page of nothing,
+    # refused (a TIFF signature and an empty directory glued onto a script are no image).
     crowded = b"MM\x00*" + struct.pack(">IH", 8, 4096) + bytes(4096 * 12 + 4)
-    assert frames_of(tmp_path, ".tiff", crowded) == Frames(1, 0, 0, 0, True)
+    with pytest.raises(BadHeaders, match="no pixels"):
+        frames_of(tmp_path, ".tiff", crowded)
 
 
 async def test_bigtiff_is_not_taken_for_an_image(bridge: Client) -> None:

@@ -157,7 +157,38 @@ UNSAFE = {
     "an SVG": ("x.svg", b'<svg xmlns="http://www.w3.org/2000/svg" onload="alert(1)"></svg>'),
     "HTML": ("x.html", b"<!doctype html><script>alert(1)</script>" + b" " * 40),
     "PHP": ("x.php", b"<?php system($_GET['c']); ?>" + b" " * 40),
+    "an ID3 tag glued onto HTML": ("x.mp3", b"ID3" + b"<!doctype html><script>alert(1)</script>" + b" " * 40),
+    "an ID3 tag and no audio after it": ("x.mp3", b"ID3\x04\x00\x00\x00\x00\x00\x04" + b"\0" * 4 + b"<?php ?>" * 8),
+    "a WebM signature glued onto HTML": ("x.webm", b"\x1aE\xdf\xa3<html><script>alert(1)</script>" + b" " * 40),
+    "a whole GIF with a script after it": (
+        "x.gif",
+        b"GIF89a\x01\x00\x01\x00\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
+        + b"alert(document.cookie);",
+    ),
+    "a PNG with PHP after its IEND": ("x.png", png() + b"<?php system($_GET['c']); ?>" + png()[-12:]),
+    "a TIFF signature glued onto PHP": (
+        "x.tif",
+        b"II*\x00\x08\x00\x00\x00\x00\x00\x00\x00\x00\x00" + b"<?php system($_GET['c']); ?>" + b" " * 30,
+    ),
 }
+MP3_FRAME = b"\xff\xfb\x90\x00" + bytes(413)
+WEBM = (
+    b"\x1aE\xdf\xa3\x87" + b"\x42\x82\x84webm"  # the EBML header: DocType webm
+    + b"\x18\x53\x80\x67\x01\xff\xff\xff\xff\xff\xff\xff" + bytes(64)  # a Segment of unknown size, to the end
+)  # fmt: skip
+WHOLE = {
+    "an MP3 with an ID3 tag": ("a.mp3", b"ID3\x04\x00\x00\x00\x00\x00\x0a" + bytes(10) + MP3_FRAME),
+    "an MP3 with no tag": ("b.mp3", MP3_FRAME),
+    "a WebM": ("c.webm", WEBM),
+    "a WebM of known sizes": ("d.webm", WEBM[:12] + b"\x18\x53\x80\x67\x90" + bytes(16)),
+    "a GIF padded with zeros": ("e.gif", UNSAFE["a whole GIF with a script after it"][1][:-23] + bytes(5)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WHOLE))
+async def test_whole_media_files_of_every_format_checked_are_stored(bridge: Client, case: str) -> None:
+    status, body = await upload(bridge, {"file": WHOLE[case]})
+    assert status == 200, body
 
 
 @pytest.mark.parametrize("case", sorted(UNSAFE))

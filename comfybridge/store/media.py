@@ -99,7 +99,51 @@ def is_complete(path: Path, ext: str) -> bool:
         if ext == ".ogg":
             handle.seek(max(0, size - OGG_MAX_PAGE))
             return b"OggS" in handle.read()
-    return True  # WebM, MP3: the signature is all that is checked
+        if ext == ".webm":
+            return _ebml_fills(handle, size)
+        if ext == ".mp3":
+            return _mpeg_audio_follows(handle, head)
+    return True
+
+
+EBML_HEADER = b"\x1a\x45\xdf\xa3"
+EBML_SEGMENT = b"\x18\x53\x80\x67"
+
+
+def _ebml_fills(handle: BinaryIO, size: int) -> bool:
+    """WebM (EBML): an EBML header first, then top-level elements that tile the file exactly; a
+    Segment of unknown size (as live recorders write) runs to the end."""
+    position, first = 0, True
+    while position < size:
+        handle.seek(position)
+        header = handle.read(12)
+        id_length = 9 - header[0].bit_length() if header else 9
+        if id_length > 4 or len(header) <= id_length:
+            return False
+        element, size_byte = header[:id_length], header[id_length]
+        size_length = 9 - size_byte.bit_length()
+        if (first and element != EBML_HEADER) or size_length > 8 or len(header) < id_length + size_length:
+            return False
+        raw = int.from_bytes(header[id_length : id_length + size_length], "big")
+        length = raw & ((1 << (7 * size_length)) - 1)  # the length marker taken off
+        if length == (1 << (7 * size_length)) - 1:  # all ones: unknown, to the end
+            return element == EBML_SEGMENT
+        position += id_length + size_length + length
+        first = False
+    return position == size
+
+
+def _mpeg_audio_follows(handle: BinaryIO, head: bytes) -> bool:
+    """MP3: an MPEG audio frame's sync (11 bits set) at the start, or right after the ID3v2 tag
+    whose stated size (syncsafe, plus its footer) says where it ends."""
+    start = 0
+    if head.startswith(b"ID3"):
+        if len(head) < 10 or any(byte & 0x80 for byte in head[6:10]):
+            return False
+        start = 10 + sum(byte << (7 * (3 - n)) for n, byte in enumerate(head[6:10])) + (10 if head[5] & 0x10 else 0)
+    handle.seek(start)
+    sync = handle.read(2)
+    return len(sync) == 2 and sync[0] == 0xFF and sync[1] & 0xE0 == 0xE0
 
 
 def _boxes_fill(handle: BinaryIO, size: int) -> bool:
@@ -249,7 +293,7 @@ def _png(walk: _Walk, tally: _Tally) -> None:
     """IHDR is the canvas. An APNG declares its frames in acTL (before the first IDAT, or it is a
     still image) and places each in an fcTL; an IDAT before any fcTL is one frame more."""
     chunks = _png_chunks(walk)
-    kind, length = next(chunks)
+    kind, length, end = next(chunks)
     if kind != b"IHDR":
         raise BadHeaders("no IHDR first")
     size = struct.unpack(">II", _body(walk, length, 8))
@@ -257,7 +301,7 @@ def _png(walk: _Walk, tally: _Tally) -> None:
         raise BadHeaders("an image with no pixels")
     tally.grow(*size)
     declared = extra = 0
-    for kind, length in chunks:
+    for kind, length, end in chunks:  # noqa: B007 (the last chunk's end is read after the loop)
         if kind == b"acTL" and not declared:
             (declared,) = struct.unpack(">I", _body(walk, length, 4))
         elif kind == b"fcTL" and declared:
@@ -273,6 +317,11 @@ def _png(walk: _Walk, tally: _Tally) -> None:
         elif kind == b"IHDR":  # one only: a decoder may take the second's size, which was not checked
             raise BadHeaders("a second IHDR")
     tally.fill(max(declared + extra, 1))
+    # Every byte is a chunk's, and the first IEND ends the file: nothing hides behind it.
+    while kind != b"IEND":
+        kind, _, end = next(chunks)
+    if end != walk.size:
+        raise BadHeaders("data after the image's end (IEND)")
 
 
 def _body(walk: _Walk, length: int, need: int) -> bytes:
@@ -282,8 +331,8 @@ def _body(walk: _Walk, length: int, need: int) -> bytes:
     return walk.take(need)
 
 
-def _png_chunks(walk: _Walk) -> Iterator[tuple[bytes, int]]:
-    """(type, length) of each chunk; the next starts where the length says, whatever was read."""
+def _png_chunks(walk: _Walk) -> Iterator[tuple[bytes, int, int]]:
+    """(type, length, where it ends) of each chunk; the next starts there, whatever was read."""
     position = 8
     while True:
         walk.seek(position)
@@ -291,7 +340,7 @@ def _png_chunks(walk: _Walk) -> Iterator[tuple[bytes, int]]:
         position += 12 + length
         if position > walk.size:
             raise BadHeaders("a chunk runs past the end of the file")
-        yield kind, length
+        yield kind, length, position
 
 
 def _gif(walk: _Walk, tally: _Tally) -> None:
@@ -303,6 +352,8 @@ def _gif(walk: _Walk, tally: _Tally) -> None:
     while True:
         block = walk.take(1)
         if block == b";":
+            if walk.handle.read(_BUFFER).strip(b"\x00") or walk.handle.read(1):
+                raise BadHeaders("data after the image's end (its trailer)")
             return
         if block == b"!":
             walk.skip(1)  # the extension's label
@@ -448,7 +499,10 @@ def _tiff(walk: _Walk, tally: _Tally) -> None:
         if count > TIFF_MAX_ENTRIES:
             raise BadHeaders(f"a TIFF directory of {count} entries")
         tags = _ifd(walk.take(12 * count, pieces=count), order)
-        tally.own(_tag_number(tags, order, 256) or 0, _tag_number(tags, order, 257) or 0)
+        width, height = _tag_number(tags, order, 256) or 0, _tag_number(tags, order, 257) or 0
+        if not width or not height:
+            raise BadHeaders("a TIFF page with no pixels")
+        tally.own(width, height)
         (offset,) = struct.unpack(order + "I", walk.take(4))
 
 
