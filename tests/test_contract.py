@@ -41,6 +41,11 @@ async def test_every_route_is_described_and_every_described_route_exists(bridge:
     }
     described = {(method, path) for path, ops in doc["paths"].items() for method in ops}
     assert described == served
+    # A request of the contract's may meet a bridge that cannot answer now (its store or database
+    # away, stopping, a cluster with no leader): every route that needs a key says so.
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            assert "401" not in op["responses"] or "503" in op["responses"], (method, path)
 
 
 async def test_each_workflow_schema_matches_its_inputs(bridge: Client) -> None:

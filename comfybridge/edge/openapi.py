@@ -39,10 +39,12 @@ def _errors(*codes: int) -> dict[str, Any]:
         "the route does not take",
         417: "an Expect header other than 100-continue",
         429: "too many requests or jobs (see Retry-After)",
-        503: "no backend can take it, or the bridge is stopping",
+        503: "not now (see Retry-After): no backend can take it, the bridge's store or database is away, it "
+        "is stopping, or its cluster has no leader",
         507: "the bridge's disk is full",
     }
-    return {str(code): {"description": reasons[code], **_json(_ref("Error"))} for code in (*codes, 401, 429)}
+    # Any route: keys, rate limits, and a bridge that cannot answer now (in a cluster, any request).
+    return {str(code): {"description": reasons[code], **_json(_ref("Error"))} for code in (*codes, 401, 429, 503)}
 
 
 def _client_id(required: bool = True) -> dict[str, Any]:
