@@ -160,6 +160,19 @@ UNSAFE = {
     "an ID3 tag glued onto HTML": ("x.mp3", b"ID3" + b"<!doctype html><script>alert(1)</script>" + b" " * 40),
     "an ID3 tag and no audio after it": ("x.mp3", b"ID3\x04\x00\x00\x00\x00\x00\x04" + b"\0" * 4 + b"<?php ?>" * 8),
     "a WebM signature glued onto HTML": ("x.webm", b"\x1aE\xdf\xa3<html><script>alert(1)</script>" + b" " * 40),
+    "a WebM of unknown size that is HTML": (
+        "x.webm",
+        b"\x1aE\xdf\xa3\x87\x42\x82\x84webm\x18\x53\x80\x67\x01" + b"\xff" * 7 + b"<html><script>alert(1)</script>",
+    ),
+    "a WebM with no Segment, a Void holding HTML": (
+        "x.webm",
+        b"\x1aE\xdf\xa3\x87\x42\x82\x84webm\xec\xa0" + b"<html><script>alert(1)</script>!",
+    ),
+    "a WebM of countless Void elements": ("x.webm", b"\x1aE\xdf\xa3\x87\x42\x82\x84webm" + b"\xec\x80" * 200_000),
+    "an MP3 frame sync glued onto HTML": (
+        "x.mp3",
+        b"\xff\xfb" + b"<!doctype html><script>alert(1)</script>" + b" " * 40,
+    ),
     "a whole GIF with a script after it": (
         "x.gif",
         b"GIF89a\x01\x00\x01\x00\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
@@ -174,10 +187,30 @@ UNSAFE = {
 MP3_FRAME = b"\xff\xfb\x90\x00" + bytes(413)
 WEBM = (
     b"\x1aE\xdf\xa3\x87" + b"\x42\x82\x84webm"  # the EBML header: DocType webm
-    + b"\x18\x53\x80\x67\x01\xff\xff\xff\xff\xff\xff\xff" + bytes(64)  # a Segment of unknown size, to the end
+    + b"\x18\x53\x80\x67\x01\xff\xff\xff\xff\xff\xff\xff"  # a Segment of unknown size, to the end:
+    + b"\x15\x49\xa9\x66\x84" + bytes(4)  # its Info
 )  # fmt: skip
 WHOLE = {
     "an MP3 with an ID3 tag": ("a.mp3", b"ID3\x04\x00\x00\x00\x00\x00\x0a" + bytes(10) + MP3_FRAME),
+    "an MP3 tagged twice, then padded": (
+        "f.mp3",
+        b"ID3\x03\x00\x00\x00\x00\x00\x14"
+        + bytes(20)
+        + b"ID3\x03\x00\x00\x00\x00\x00\x1e"
+        + bytes(30 + 256)
+        + MP3_FRAME * 3
+        + b"TAG"
+        + bytes(125),
+    ),
+    "a WebM as a recorder writes it (Segment and Clusters of unknown size)": (
+        "g.webm",
+        WEBM[:12]
+        + b"\x18\x53\x80\x67\x01"
+        + b"\xff" * 7
+        + b"\x15\x49\xa9\x66\x84"
+        + bytes(4)
+        + (b"\x1f\x43\xb6\x75\x01" + b"\xff" * 7 + b"\xe7\x81\x00" + b"\xa3\x84" + bytes(4) * 1) * 3,
+    ),
     "an MP3 with no tag": ("b.mp3", MP3_FRAME),
     "a WebM": ("c.webm", WEBM),
     "a WebM of known sizes": ("d.webm", WEBM[:12] + b"\x18\x53\x80\x67\x90" + bytes(16)),

@@ -102,48 +102,151 @@ def is_complete(path: Path, ext: str) -> bool:
         if ext == ".webm":
             return _ebml_fills(handle, size)
         if ext == ".mp3":
-            return _mpeg_audio_follows(handle, head)
+            return _mpeg_audio_follows(handle, size)
     return True
 
 
 EBML_HEADER = b"\x1a\x45\xdf\xa3"
 EBML_SEGMENT = b"\x18\x53\x80\x67"
+EBML_BESIDE = {b"\xec", b"\xbf"}  # Void, CRC-32: allowed at any level
+# A Segment's children (Matroska's level 1), and a Cluster's: what an element of unknown size may
+# hold; the first ID of neither ends an unknown-size Cluster.
+WEBM_LEVEL_1 = {
+    b"\x11\x4d\x9b\x74", b"\x15\x49\xa9\x66", b"\x16\x54\xae\x6b", b"\x1f\x43\xb6\x75",
+    b"\x1c\x53\xbb\x6b", b"\x12\x54\xc3\x67", b"\x10\x43\xa7\x70", b"\x19\x41\xa4\x69",
+}  # fmt: skip
+WEBM_CLUSTER = b"\x1f\x43\xb6\x75"
+WEBM_IN_CLUSTER = {b"\xe7", b"\xa3", b"\xa0", b"\xa7", b"\xab", b"\xaf", b"\x58\x54"}
+MAX_ELEMENTS = 1 << 17  # EBML elements read at most: a Cluster of unknown size is walked a block at a time
 
 
 def _ebml_fills(handle: BinaryIO, size: int) -> bool:
-    """WebM (EBML): an EBML header first, then top-level elements that tile the file exactly; a
-    Segment of unknown size (as live recorders write) runs to the end."""
-    position, first = 0, True
-    while position < size:
+    """WebM (EBML): an EBML header, then one Segment (Void and CRC-32 beside), tiling the file. A
+    Segment or Cluster of unknown size (as recorders write them) is walked: its children, by their
+    IDs, must run to the end."""
+    elements = _ebml_elements(handle, 0, size)
+    try:
+        first = next(elements)
+        if first[0] != EBML_HEADER or first[2] is None:
+            return False
+        segments = 0
+        for element, _, length in elements:
+            if element == EBML_SEGMENT:
+                segments += 1
+                if length is None:  # unknown: its children run to the end of the file
+                    return segments == 1 and _unknown_segment(elements)
+            elif element not in EBML_BESIDE:
+                return False
+        return segments == 1
+    except _NotEbml:
+        return False
+
+
+class _NotEbml(Exception):
+    """Bytes that are not EBML elements, or too many of them."""
+
+
+def _ebml_elements(handle: BinaryIO, position: int, size: int) -> Iterator[tuple[bytes, int, int | None]]:
+    """(ID, where its body starts, its length or None for unknown) of each element from `position`;
+    the next starts after the body, or, for one of unknown size, at its body (its children)."""
+    for _ in range(MAX_ELEMENTS):
+        if position == size:
+            return
         handle.seek(position)
         header = handle.read(12)
         id_length = 9 - header[0].bit_length() if header else 9
         if id_length > 4 or len(header) <= id_length:
-            return False
-        element, size_byte = header[:id_length], header[id_length]
-        size_length = 9 - size_byte.bit_length()
-        if (first and element != EBML_HEADER) or size_length > 8 or len(header) < id_length + size_length:
-            return False
+            raise _NotEbml
+        size_length = 9 - header[id_length].bit_length()
+        if size_length > 8 or len(header) < id_length + size_length:
+            raise _NotEbml
         raw = int.from_bytes(header[id_length : id_length + size_length], "big")
-        length = raw & ((1 << (7 * size_length)) - 1)  # the length marker taken off
-        if length == (1 << (7 * size_length)) - 1:  # all ones: unknown, to the end
-            return element == EBML_SEGMENT
-        position += id_length + size_length + length
-        first = False
-    return position == size
+        stated = raw & ((1 << (7 * size_length)) - 1)  # the length marker taken off
+        body = position + id_length + size_length
+        unknown = stated == (1 << (7 * size_length)) - 1  # all ones
+        if not unknown and body + stated > size:
+            raise _NotEbml
+        yield header[:id_length], body, None if unknown else stated
+        position = body + (0 if unknown else stated)
+    raise _NotEbml
 
 
-def _mpeg_audio_follows(handle: BinaryIO, head: bytes) -> bool:
-    """MP3: an MPEG audio frame's sync (11 bits set) at the start, or right after the ID3v2 tag
-    whose stated size (syncsafe, plus its footer) says where it ends."""
-    start = 0
-    if head.startswith(b"ID3"):
+def _unknown_segment(elements: Iterator[tuple[bytes, int, int | None]]) -> bool:
+    """The rest of the file, inside a Segment of unknown size: level-1 elements, and inside a
+    Cluster of unknown size its own children, until the file ends."""
+    in_cluster = False
+    for element, _, length in elements:
+        if element in WEBM_LEVEL_1 or element in EBML_BESIDE:
+            in_cluster = element == WEBM_CLUSTER and length is None
+            if length is None and not in_cluster:
+                return False  # only a Cluster's children are walked
+        elif not (in_cluster and element in WEBM_IN_CLUSTER and length is not None):
+            return False
+    return True
+
+
+# MPEG audio frame headers: kbit/s by (MPEG-1?, layer) and bitrate index; Hz by version.
+_KBITS = {
+    (True, 1): (0, 32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448),
+    (True, 2): (0, 32, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384),
+    (True, 3): (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),
+    (False, 1): (0, 32, 48, 56, 64, 80, 96, 112, 128, 144, 160, 176, 192, 224, 256),
+    (False, 2): (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
+}
+_KBITS[(False, 3)] = _KBITS[(False, 2)]
+_HERTZ = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}  # by version bits
+MP3_LEAD = 64 * 1024  # zero bytes allowed between the tags and the first frame (as ffmpeg resyncs)
+
+
+def _mpeg_audio_follows(handle: BinaryIO, size: int) -> bool:
+    """MP3: after any ID3v2 tags (each where the last one's stated size ends) and zero padding,
+    MPEG audio frames: two in a row, or one that ends the file (an ID3v1 tag may follow)."""
+    position = 0
+    while True:
+        handle.seek(position)
+        head = handle.read(10)
+        if not head.startswith(b"ID3"):
+            break
         if len(head) < 10 or any(byte & 0x80 for byte in head[6:10]):
             return False
-        start = 10 + sum(byte << (7 * (3 - n)) for n, byte in enumerate(head[6:10])) + (10 if head[5] & 0x10 else 0)
-    handle.seek(start)
-    sync = handle.read(2)
-    return len(sync) == 2 and sync[0] == 0xFF and sync[1] & 0xE0 == 0xE0
+        stated = sum(byte << (7 * (3 - n)) for n, byte in enumerate(head[6:10]))
+        position += 10 + stated + (10 if head[5] & 0x10 else 0)
+    handle.seek(position)
+    lead = handle.read(MP3_LEAD)
+    position += len(lead) - len(lead.lstrip(b"\x00"))
+    for _ in range(2):
+        handle.seek(position)
+        length = _mpeg_frame_length(handle.read(4))
+        if length is None or position + length > size:
+            return False  # no frame here, or one cut off
+        position += length
+        if position == size or _id3v1_at(handle, position, size):
+            return True
+    return True  # two frames in a row: MPEG audio
+
+
+def _id3v1_at(handle: BinaryIO, position: int, size: int) -> bool:
+    """The 128-byte ID3v1 tag that ends a file, at `position`."""
+    if size - position != 128:
+        return False
+    handle.seek(position)
+    return handle.read(3) == b"TAG"
+
+
+def _mpeg_frame_length(header: bytes) -> int | None:
+    """The length of the MPEG audio frame this header starts, or None if it is none."""
+    if len(header) < 4 or header[0] != 0xFF or header[1] & 0xE0 != 0xE0:
+        return None
+    version, layer_bits = header[1] >> 3 & 3, header[1] >> 1 & 3
+    index, rate, padding = header[2] >> 4, header[2] >> 2 & 3, header[2] >> 1 & 1
+    if version == 1 or layer_bits == 0 or index in (0, 15) or rate == 3:
+        return None  # reserved, free-format or bad values
+    layer = 4 - layer_bits
+    bits = _KBITS[(version == 3, layer)][index] * 1000
+    hertz = _HERTZ[version][rate]
+    if layer == 1:
+        return (12 * bits // hertz + padding) * 4
+    return (144 if layer == 2 or version == 3 else 72) * bits // hertz + padding
 
 
 def _boxes_fill(handle: BinaryIO, size: int) -> bool:
