@@ -4,7 +4,9 @@ answers are skipped or fail only their job, a backend that hangs is taken out of
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -627,3 +629,55 @@ async def test_a_prompt_deleted_from_comfyuis_queue_behind_other_users_work_is_s
             engine.release_hang()
         info = await poll_status(client, "victim", {"closed", "error"}, timeout=30)
         assert info["status"] == "closed", info
+
+
+@pytest.mark.parametrize("status", [429, 401])
+async def test_a_proxys_answer_about_the_line_to_post_prompt_does_not_fail_the_job(
+    make_fake: Any, make_bridge: BridgeFactory, status: int
+) -> None:
+    """A proxy's 401 or 429 before ComfyUI (or a 404/405: not a ComfyUI) is about the line, not
+    the prompt: the hand-over is tried again, as for any backend trouble; only ComfyUI's own
+    refusals (400, 413, ...) fail the job."""
+    fake: FakeComfy = await make_fake()
+    client = await make_bridge(fake.url)
+    await wait_for(lambda: backend_states(client) == ["up"])
+    fake.replace("POST /prompt", status, "Too Many Requests" if status == 429 else "Unauthorized",
+                 content_type="text/plain")  # fmt: skip
+    status_, answer = await generate(client, "line", SOLID)
+    assert status_ == 200, answer
+    info = await poll_status(client, "line", {"closed", "error"}, timeout=30)
+    assert info["status"] == "closed", info["detail"]
+
+
+async def test_a_healthy_socket_is_not_taken_for_deaf_while_its_connect_is_reconciled(
+    make_emulator: EmulatorFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Frames are read once `on_connect` (the reconcile) has returned: a prompt ComfyUI takes
+    meanwhile (a hand-over answered across the reconnect) must not have its `status`, unread in
+    the socket, taken for silence."""
+    monkeypatch.setattr(comfy_client, "DEAF_AFTER", 0.5)
+    emulator = await make_emulator(pace=0.0)
+    graph = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "deaf"}},
+    }
+    connects = 0
+    async with aiohttp.ClientSession() as session:
+        comfy = comfy_client.ComfyClient(emulator.url, session, "bridge-probe")
+
+        async def on_connect() -> None:
+            nonlocal connects
+            connects += 1
+            if connects == 1:
+                await comfy.submit(graph, str(uuid.uuid4()))  # ComfyUI takes it, and tells every socket
+                await asyncio.sleep(1.5)  # the rest of a slow reconcile
+
+        listening = asyncio.create_task(comfy.listen(lambda e, d: None, on_connect, lambda: None, asyncio.Event()))
+        try:
+            await wait_for(lambda: connects >= 1)
+            await asyncio.sleep(3.0)
+        finally:
+            listening.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listening
+    assert connects == 1, [r.getMessage() for r in caplog.records if "heard nothing" in r.getMessage()]

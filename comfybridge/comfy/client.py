@@ -177,13 +177,14 @@ class ComfyClient:
                 # Some outputs were refused; ComfyUI runs the rest.
                 log.warning("%s: prompt %s partly refused: %s", self.shown, prompt_id, describe_refusal(answer))
             return
-        if 400 <= status < 500:
+        if 400 <= status < 500 and status not in NOT_ABOUT_THE_REQUEST:
             # About this prompt (invalid, too large, ...): the job's error, never the backend's health.
             try:
                 raise PromptRefused(describe_refusal(orjson.loads(body)))
             except orjson.JSONDecodeError:
                 raise PromptRefused(f"ComfyUI refused the prompt ({status}): {_said(body, status)}") from None
-        raise BackendUnavailable(f"{self.shown}: POST /prompt answered HTTP {status}")
+        # A 408 (a proxy's timeout) may come after ComfyUI took it: asked about before it is sent again.
+        raise BackendUnavailable(f"{self.shown}: POST /prompt answered HTTP {status}", status == 408)
 
     async def upload(self, source: Path | AsyncIterator[bytes], name: str) -> str:
         """Send a file (a local one, or bytes as they come) into the backend's input folder; returns
@@ -411,10 +412,10 @@ class ComfyClient:
                     self.connected = True
                     dialect = "with the jobs API" if self.jobs_api else "0.3.64 dialect"
                     log.info("connected to ComfyUI %s (%s)", self.shown, dialect)
-                    self._socket = ws
                     await on_connect()
                     backoff = 0.2  # only a connect that went through: a failing one backs off
                     first_attempt.set()
+                    self._socket = ws  # heard from now on (`_expect_word`): what came meanwhile is read next
                     async for msg in ws:
                         if msg.type is aiohttp.WSMsgType.TEXT:
                             self._heard += 1
