@@ -458,3 +458,30 @@ async def test_a_prompt_to_take_back_that_comfyui_no_longer_knows_does_not_keep_
     await wait_for(lambda: all(b.healthy for b in second.app[SCHEDULER].backends.values()))
     assert "POST /jobs/*/cancel" in fake.seen
     assert (await run_job(second, "after", TINY))[-1]["status"] == "closed"
+
+
+async def test_an_error_told_again_after_a_restart_does_not_close_a_socket_whose_client_has_a_job_in_line(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, tmp_path: Path
+) -> None:
+    """The client's only job failed; the bridge restarts and tells that `error` again, held for
+    the socket on its way back. Meanwhile the client posts its next job, then connects: an ending
+    said again closes no socket (the contract closes one only if the client has nothing in line)."""
+    emulator = await make_emulator()
+    first = await make_bridge(emulator)
+    status, body = await generate(first, "retold", {"workflow": "bad_ckpt"})
+    assert status == 200, body
+    assert (await poll_status(first, "retold", {"error", "closed"}))["status"] == "error"
+    await first.close()
+
+    emulator.engine.pause()  # the next job stays in line
+    second = await make_bridge(emulator)
+    status, body = await generate(second, "retold", TINY)
+    assert status == 200, body
+    async with second.ws_connect("/ws", params={"clientId": "retold"}) as ws:
+        heard = []
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(3):
+                async for msg in ws:
+                    heard.append(orjson.loads(msg.data))
+        assert not ws.closed, f"closed ({ws.close_code}) with a job in line, after {heard}"
+    emulator.engine.resume()

@@ -439,3 +439,27 @@ async def test_progress_frames_are_coalesced_the_last_never_held_back(
     assert len(progress) == 2
     assert progress[-1] == "100.00%"
     assert frames[-1]["status"] == "closed"
+
+
+async def test_an_error_held_for_a_socket_away_closes_nothing_once_a_job_is_in_line(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    """A job fails while its client's socket is away (within disconnect_grace): its `error`, with
+    nothing in line then, waits for the socket with a close behind it. The client submits another
+    job over REST, then comes back: it hears the error, and its socket stays open for the new job."""
+    emulator = await make_emulator()
+    client = await make_bridge(emulator, disconnect_grace=30)
+    emulator.engine.pause()
+    async with client.ws_connect("/ws", params={"clientId": "away"}) as ws:
+        await ws.receive()  # connected
+        assert (await generate(client, "away", {"workflow": "broken"}))[0] == 200
+    emulator.engine.resume()
+    assert (await poll_status(client, "away", {"error", "closed"}, timeout=20))["status"] == "error"
+    emulator.engine.pause()  # the next job stays in line
+    assert (await generate(client, "away", TINY))[0] == 200
+    async with client.ws_connect("/ws", params={"clientId": "away"}) as ws:
+        heard = [orjson.loads((await ws.receive(timeout=10)).data)["status"] for _ in range(2)]
+        assert heard == ["connected", "error"]
+        emulator.engine.resume()
+        frames = await frames_until(ws, {"closed", "error"})
+        assert frames[-1]["status"] == "closed"  # the new job's: the socket stayed open for it

@@ -94,6 +94,11 @@ class Client:
     held: list[tuple[Status, bool]] = field(default_factory=list)  # frames about later jobs, waiting
 
     @property
+    def in_line(self) -> bool:
+        """It has jobs unfinished, or endings not yet told: an `error` now closes no socket."""
+        return bool(self.jobs or self.untold)
+
+    @property
     def running(self) -> bool:
         """A job of this client is executing on a backend, or its ending is being recorded (it has left
         `jobs` but the client has not heard it yet): no `listening` heartbeat between 100% and `closed`."""

@@ -464,10 +464,10 @@ class Core:
         else:
             ending = about_job(status_message("error", job.error or "error"), job.id, len(client.jobs))
         if self._may_send(client, ending):
-            self._send(client, ending)
+            self._send(client, ending, may_close=True)
             self.told_ending(client, job.id)
         else:  # an earlier job has not been told its ending yet: this one waits behind it
-            client.held.append((ending, False))
+            client.held.append((ending, True))
 
     # what clients are told ---------------------------------------------------------------------
     def tell(self, job: Job, status: str, detail: str) -> None:
@@ -482,25 +482,27 @@ class Core:
         """The ending of a job recovered as finished (among the client's untold ones), told again;
         held behind the endings of the client's earlier jobs."""
         if self._may_send(client, message):
-            self._send(client, message)
+            self._send(client, message)  # (an ending said again never closes a socket)
             self.told_ending(client, message["job_id"])
         else:
             client.held.append((message, False))
 
-    def _tell(self, client: Client, message: Status, close: bool = False) -> None:
+    def _tell(self, client: Client, message: Status) -> None:
         """Send now if the frame is about the client's oldest job whose ending it has not heard;
         frames about later jobs wait for that ending."""
         if self._may_send(client, message):
-            self._send(client, message, close)
+            self._send(client, message)
         else:
-            client.held.append((message, close))
+            client.held.append((message, False))
 
     @staticmethod
     def _may_send(client: Client, message: Status) -> bool:
         job_id = message.get("job_id")
         return not client.untold or job_id == client.untold[0] or job_id not in client.untold
 
-    def _send(self, client: Client, message: Status, close: bool = False) -> None:
+    def _send(self, client: Client, message: Status, may_close: bool = False) -> None:
+        """`may_close`: a job's ending as it happens (not one said again after a restart)."""
+        close = False
         if "job_id" in message:
             # Counted as it is sent, not as it was made: a frame that waited behind an earlier job's
             # ending would otherwise miscount the jobs whose ending the client has still to hear.
@@ -508,7 +510,7 @@ class Core:
             message = {**message, "jobs_left": len(client.untold) - ending}
             # The contract: an `error` closes the socket (1011) unless the client has further jobs
             # in line; decided as it is sent, since endings can be told in another order than made.
-            close = message["status"] == "error" and not message["jobs_left"]
+            close = may_close and message["status"] == "error" and not message["jobs_left"]
         if message["status"] == "closed" and message.get("jobs_left"):
             # /execution-info says `closed` only once nothing of the client is left to run.
             self.set_status(client, open_status(client))
@@ -524,8 +526,8 @@ class Core:
             ready = next((i for i, (m, _) in enumerate(client.held) if self._may_send(client, m)), None)
             if ready is None:
                 return
-            message, close = client.held.pop(ready)
-            self._send(client, message, close)
+            message, may_close = client.held.pop(ready)
+            self._send(client, message, may_close)
             if message["status"] in ("closed", "error") and message.get("job_id") in client.untold:
                 client.untold.remove(message["job_id"])  # a held ending, told now
 

@@ -185,12 +185,15 @@ class SocketHub:
         (through another bridge, or over REST) must not speak to no one."""
         self._hold_all_until = asyncio.get_running_loop().time() + seconds
 
-    def replay(self, client_id: str, outbox: Outbox) -> None:
+    def replay(self, client_id: str, outbox: Outbox, in_line: bool) -> None:
+        """What was held for the client, to its socket back. An `error` that closed the socket when
+        it was told does not when the client has jobs in line now (one submitted meanwhile)."""
         timer = self._let_go_at.pop(client_id, None)
         if timer is not None:
             timer.cancel()
         for frame in self._held.pop(client_id, ()):
-            outbox.put(frame)
+            if frame is not None or not in_line:
+                outbox.put(frame)
 
     def _let_go(self, client_id: str) -> None:
         self._let_go_at.pop(client_id, None)
@@ -220,9 +223,9 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     hub.opened_from(address, +1)
     scheduler.remember(client_id)
     outbox = hub.add(client_id, ws, request.transport)
-    scheduler.socket_opened(client_id)
+    client = scheduler.socket_opened(client_id)
     outbox.put(CONNECTED_FRAME)
-    hub.replay(client_id, outbox)
+    hub.replay(client_id, outbox, client.in_line)
     log.debug("client %s: socket open", client_id)
     try:
         async for msg in ws:
