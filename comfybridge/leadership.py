@@ -130,8 +130,12 @@ class Leadership:
         log.info("this bridge leads the cluster now (generation %d)", leader.generation)
         again, self.terms = self.terms > 0, self.terms + 1
         self._renewed()  # the lock was just won
+        # The term's start (the journal loaded, stores listed, backends connected) may take a while:
+        # its session must not look frozen to the followers meanwhile (DEPOSE_FROZEN).
+        starting = asyncio.ensure_future(self._heartbeats())
         try:
             async with self.term(again):
+                starting.cancel()
                 view.role = "leader"
                 view.follow(view.own_url, leader.generation)
                 self.settled.set()
@@ -143,6 +147,7 @@ class Leadership:
             log.exception("the term as leader failed; campaigning again in %gs", RETRY)
             await _race(asyncio.sleep(RETRY), self._stand_down)
         finally:
+            starting.cancel()
             self.settled.set()
             self._no_longer_leading(leader)
             await journal.close()  # the lock goes with its session, if the term left it
@@ -154,6 +159,16 @@ class Leadership:
             view.role = "follower"
         view.lease_until = None
         view.follow(None, leader.generation)
+
+    async def _heartbeats(self) -> None:
+        """A round trip every HEARTBEAT while a term starts (once the journal is open for writes)."""
+        while True:
+            await asyncio.sleep(HEARTBEAT)
+            asked_at = time.monotonic()
+            with contextlib.suppress(Exception):  # not open yet, or the database away: `_hold` judges
+                async with asyncio.timeout(self.timeout):
+                    await self.journal.heartbeat()
+                self._renewed(asked_at)
 
     async def _hold(self) -> None:
         """Until the lock is lost, the database stays away for `timeout`, or the bridge stands down."""

@@ -5,8 +5,9 @@ and test_restarts.py run them on both stores)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -14,7 +15,9 @@ import asyncpg
 import pytest
 
 from comfybridge.core.jobs import Job
+from comfybridge.edge.relay import ClusterView
 from comfybridge.errors import StorageUnavailable
+from comfybridge.leadership import Leadership
 from comfybridge.store import pgjournal
 from comfybridge.store.journal import JournalError
 from comfybridge.store.pgjournal import MIGRATIONS, Leader, PgJournal
@@ -326,3 +329,51 @@ async def test_postgresql_stopped_and_started_mid_burst_loses_and_repeats_nothin
     assert " 500 " not in log
     started = emulator.engine.started
     assert len(started) == len(set(started))  # no prompt ran twice
+
+
+async def test_a_leader_slow_to_start_its_term_is_not_deposed_as_frozen(postgres: PostgresServer) -> None:
+    """A leader that just won the lock starts its term (the journal loaded, the stores listed, the
+    backends' first connect awaited) before `_hold` sends its first heartbeat: its session must not
+    look frozen to a follower meanwhile (DEPOSE_FROZEN, at 4 s with --leader-timeout 1)."""
+    database = postgres.new_database()
+    a, b = PgJournal(database, "http://a", silence=1.0), PgJournal(database, "http://b", silence=1.0)
+    await a.connect()
+    entered, ended = asyncio.Event(), asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def term(again: bool) -> AsyncIterator[None]:
+        await a.open()
+        await asyncio.sleep(6.0)  # the term's start-up: a bucket listed, a backend's connect awaited
+        entered.set()
+        try:
+            yield
+        finally:
+            ended.set()
+            await a.close()
+
+    async def demoted() -> None:
+        pass
+
+    leading = Leadership(ClusterView("http://a"), a, term, 1.0, demoted)
+    leading.start()
+    try:
+        async with asyncio.timeout(10):
+            while a.leader is None or a.leader.url != "http://a":
+                await asyncio.sleep(0.05)
+        await b.connect()
+        seen: list[Leader | None] = []
+        follower = asyncio.create_task(b.campaign("http://b", seen.append))
+        try:
+            async with asyncio.timeout(20):
+                await entered.wait()
+            await asyncio.sleep(4.0)  # leading, heartbeat after heartbeat
+            assert not ended.is_set(), "the live leader's term ended: its session was ended as frozen"
+            assert not follower.done(), "the follower took the lock of a leader that was alive"
+        finally:
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
+    finally:
+        await leading.stop()
+        await b.close()
+        await a.close()
