@@ -97,60 +97,30 @@ async def test_error_keeps_socket_open_while_more_jobs_wait(
         assert not ws.closed
 
 
-async def test_socket_closes_1011_after_last_error_when_a_later_job_failed_first(
-    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+@pytest.mark.parametrize(("first", "endings"), [("broken", "error"), ("solid", "closed")])
+async def test_an_error_that_waited_behind_an_earlier_job_closes_the_socket_when_it_leaves_nothing(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, first: str, endings: str
 ) -> None:
     """The contract: after an `error` "the bridge closes it with code 1011 after sending the frame,
-    unless the client has further jobs in line". Job 1 fails at run time, job 2 is refused by
-    ComfyUI's validation (so it ends first, while job 1 still runs, and its frame waits behind job
-    1's): the close is decided as job 2's error is sent (jobs_left 0), not as it was made."""
+    unless the client has further jobs in line". Job 2 is refused by ComfyUI's validation while
+    job 1 still runs (failing, or not): its error waits behind job 1's ending, and the close is
+    decided as it is sent (jobs_left 0), not as it was made."""
     emulator = await make_emulator(pace=0.3)
     client = await make_bridge(emulator)
-    async with client.ws_connect("/ws", params={"clientId": "two-errors"}) as ws:
+    async with client.ws_connect("/ws", params={"clientId": "refused"}) as ws:
         await ws.receive()  # connected
-        assert (await generate(client, "two-errors", {"workflow": "broken"}))[0] == 200
-        assert (await generate(client, "two-errors", {"workflow": "bad_ckpt"}))[0] == 200
-        endings = []
-        async with asyncio.timeout(15):
-            while True:
-                msg = await ws.receive(timeout=5)
-                if msg.type is not aiohttp.WSMsgType.TEXT:
-                    break
-                frame = orjson.loads(msg.data)
-                if frame["status"] in ("closed", "error"):
-                    endings.append(frame)
-                if endings and endings[-1].get("jobs_left") == 0:
-                    # the next message must be the close, not another heartbeat
-                    msg = await ws.receive(timeout=5)
-                    assert msg.type is not aiohttp.WSMsgType.TEXT, f"still open after the last error: {msg.data!r}"
-                    break
-        assert [f["status"] for f in endings] == ["error", "error"]
-        assert ws.close_code == 1011
-
-
-async def test_socket_closes_1011_when_the_last_job_is_refused_while_an_earlier_one_runs(
-    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
-) -> None:
-    """As above, job 1 succeeding: its `closed` (jobs_left 1), then job 2's held `error` (jobs_left
-    0), then the close."""
-    emulator = await make_emulator(pace=0.3)
-    client = await make_bridge(emulator)
-    async with client.ws_connect("/ws", params={"clientId": "ok-then-refused"}) as ws:
-        await ws.receive()  # connected
-        assert (await generate(client, "ok-then-refused", {"workflow": "solid", "1/batch_size": 1}))[0] == 200
-        assert (await generate(client, "ok-then-refused", {"workflow": "bad_ckpt"}))[0] == 200
-        seen: list[tuple[str, int | None]] = []
-        async with asyncio.timeout(15):
-            while True:
-                msg = await ws.receive(timeout=5)
-                if msg.type is not aiohttp.WSMsgType.TEXT:
-                    break
-                frame = orjson.loads(msg.data)
-                if frame["status"] in ("closed", "error"):
-                    seen.append((frame["status"], frame.get("jobs_left")))
-                elif seen and seen[-1] == ("error", 0):
-                    raise AssertionError(f"socket stays open after the last error: {frame}")
-        assert seen == [("closed", 1), ("error", 0)]
+        assert (
+            await generate(
+                client, "refused", {"workflow": first, "1/batch_size": 1} if first == "solid" else {"workflow": first}
+            )
+        )[0] == 200
+        assert (await generate(client, "refused", {"workflow": "bad_ckpt"}))[0] == 200
+        seen: list[tuple[str, int]] = []
+        while (msg := await ws.receive(timeout=10)).type is aiohttp.WSMsgType.TEXT:  # open after the last: a time-out
+            frame = orjson.loads(msg.data)
+            if frame["status"] in ("closed", "error"):
+                seen.append((frame["status"], frame["jobs_left"]))
+        assert seen == [(endings, 1), ("error", 0)]
         assert ws.close_code == 1011
 
 
