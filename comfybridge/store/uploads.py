@@ -138,7 +138,7 @@ class UploadStore:
         """The job ended: its files expire `upload_ttl` from now unless used again. Returns those no
         unfinished job needs any more."""
         now = time.time()
-        unneeded = []
+        unneeded, paths = [], []
         for name in names:
             left = self._pins.get(name, 0) - 1
             if left > 0:
@@ -146,10 +146,11 @@ class UploadStore:
             else:
                 self._pins.pop(name, None)
                 unneeded.append(name)
-            if name in self._uploads:
-                self._uploads[name].last_used = now
-        if self.blobs is None:  # kept on the file itself, so that a restart knows the use (`load`)
-            paths = [self._uploads[name].path for name in names if name in self._uploads]
+            upload = self._uploads.get(name)
+            if upload is not None:
+                upload.last_used = now
+                paths.append(upload.path)
+        if paths and self.blobs is None:  # kept on the file itself, so that a restart knows the use (`load`)
             asyncio.get_running_loop().run_in_executor(None, _touch, paths, now)
         return unneeded
 
