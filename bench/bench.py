@@ -286,6 +286,31 @@ async def bench_overhead(jobs: int, before: Path | None = None) -> dict[str, Any
     return result
 
 
+async def bench_paired(jobs: int, before: Path | None, rounds: int = 3) -> dict[str, Any]:
+    """The socket flow's latency, this checkout's bridge against `before`'s, both on one pace-0
+    emulator, jobs alternating between them one at a time (the order swapped every time): no drift
+    of the machine favours either, as it can between `overhead`'s blocks. p50 difference per round."""
+    if before is None:
+        return {"name": "paired", "skipped": "no --before DIR given"}
+    result: dict[str, Any] = {"name": "paired", "jobs": jobs}
+    async with AsyncExitStack() as exits:
+        _, bridges = await bridges_beside(exits, before)
+        session = await exits.enter_async_context(aiohttp.ClientSession())
+        now, then = bridges["bridge"], bridges["before"]
+        for url in (now, then):
+            await in_parallel(functools.partial(bridge_job, session, url, SOLID), 50, 1)  # warm up
+        for round_ in range(rounds):
+            took: dict[str, list[float]] = {now: [], then: []}
+            for n in range(jobs):
+                for url in (now, then) if n % 2 == 0 else (then, now):
+                    took[url] += await in_parallel(functools.partial(bridge_job, session, url, SOLID), 1, 1)
+            p50_now, p50_then = statistics.median(took[now]), statistics.median(took[then])
+            result[f"round{round_}_p50_ms"] = round(p50_now, 2)
+            result[f"round{round_}_before_p50_ms"] = round(p50_then, 2)
+            result[f"round{round_}_diff_ms"] = round(p50_now - p50_then, 2)
+    return result
+
+
 async def bench_throughput(jobs: int, clients: int = 20, backends: int = 4) -> dict[str, Any]:
     """Jobs per second from `clients` concurrent clients on `backends` pace-0 emulators: through the
     bridge, and a direct client doing the same steps (client i on emulator i mod `backends`)."""
@@ -1328,6 +1353,7 @@ async def new_bucket(endpoint: str) -> str:
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], Awaitable[dict[str, Any]]]] = {
     "cpu_per_job": lambda args: bench_cpu_per_job(max(args.jobs, 500), args.before),
     "overhead": lambda args: bench_overhead(args.jobs, args.before),
+    "paired": lambda args: bench_paired(args.jobs, args.before),
     "throughput": lambda args: bench_throughput(args.jobs * 2),
     "websockets": lambda args: bench_websockets(args.sockets),
     "streaming": lambda args: bench_streaming(),
@@ -1363,8 +1389,8 @@ async def main() -> None:
         "that ComfyUI's DIR/output (`comfy_outputs`) and writes uploads into DIR/input (`comfy_inputs`)",
     )  # fmt: skip
     parser.add_argument(
-        "--before", metavar="DIR", type=Path, help="real, overhead and cpu_per_job also through a bridge run from "
-        "this checkout (e.g. `git worktree add DIR <commit>`: the code before a change), in the same run",
+        "--before", metavar="DIR", type=Path, help="real, overhead, paired and cpu_per_job also through a bridge "
+        "run from this checkout (e.g. `git worktree add DIR <commit>`: the code before a change), in the same run",
     )  # fmt: skip
     parser.add_argument(
         "--noise", metavar="SIDE", type=int, default=0, help="real_kept: a SIDE x SIDE noise PNG through `invert`"
