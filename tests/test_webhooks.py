@@ -401,3 +401,43 @@ async def test_webhook_names_whose_nameserver_never_answers_stall_no_upload(
     finally:
         answer.set()
     assert set(await asyncio.gather(*attack)) == {400}  # "does not resolve"
+
+
+async def test_one_clients_silent_receivers_hold_a_few_connections_whatever_their_number(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One client's jobs name 64 silent receivers (one address, 64 ports: PER_RECEIVER does not
+    bound them together): its deliveries make PER_OWNER attempts at once, the rest wait their turn
+    outside their time-out, and another client's receiver is called at once."""
+    monkeypatch.setattr(webhooks, "ATTEMPT_TIMEOUT", 600.0)
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    tarpits = [await asyncio.start_server(silent, "127.0.0.1", 0) for _ in range(64)]
+    good = Receiver()
+    await good.start()
+    session = webhooks.webhook_session(allow_private=True)
+    tasks: list[asyncio.Future[None]] = []
+    hooks = webhooks.Webhooks(b"secret", session, lambda _id: None, allow_private=True)
+    hooks.spawn = lambda coro, name: tasks.append(asyncio.ensure_future(coro))
+    try:
+        for m in range(5):  # (enough to fill the pool, were there no turns: 64 ports x PER_RECEIVER)
+            for n, tarpit in enumerate(tarpits):
+                url = f"http://127.0.0.1:{tarpit.sockets[0].getsockname()[1]}/hook"
+                hooks.send(webhooks.delivery_for(f"bad{n}-{m}", "bad", "solid", "done", "x", [], url))
+        await wait_for(lambda: len(held) == webhooks.PER_OWNER)
+        hooks.send(webhooks.delivery_for("good", "good", "solid", "done", "x", [], good.url))
+        await wait_for(lambda: bool(good.calls), timeout=30)
+        assert len(held) == webhooks.PER_OWNER
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await session.close()
+        for writer in held:
+            writer.close()
+        for tarpit in tarpits:
+            tarpit.close()
+        await good.stop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime
 import functools
 import hashlib
@@ -17,7 +18,7 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -28,6 +29,7 @@ from aiohttp.resolver import ThreadedResolver
 from yarl import URL
 
 from ..errors import BadInput
+from .clients import scope_of
 
 __all__ = [
     "FIRST_RETRY",
@@ -48,9 +50,12 @@ log = logging.getLogger(__name__)
 FIRST_RETRY = 1.0  # seconds; doubling up to MAX_RETRY_DELAY
 MAX_RETRY_DELAY = 600.0
 ATTEMPT_TIMEOUT = 10.0
-# A receiver (host and port) gets this many connections at once: one that takes them and never
-# answers holds its own, never the others' (the pool's whole is POOL).
+# A receiver (host and port) gets this many connections at once, and the deliveries of one API key
+# (or, without keys, one client) this many attempts at once, waiting for their turn outside their
+# time-out: receivers that take connections and never answer hold back their own calls, not the
+# others' (the pool's whole is POOL).
 PER_RECEIVER = 4
+PER_OWNER = 8
 POOL = 256
 # Receivers' names are looked up on threads of the webhooks' own, DNS_TIMEOUT at most: a nameserver
 # that never answers holds those, never the threads the bridge's file work runs on.
@@ -206,16 +211,34 @@ class Webhooks:
         self.spawn: Spawn = lambda coro, name: coro.close()
         self.max_age = max_age
         self.allow_private = allow_private
+        self._turns: dict[str, list[Any]] = {}  # owner -> [its Semaphore, deliveries using it]
 
     def send(self, delivery: dict[str, Any]) -> None:
         """Deliver in the background (a job's end never waits for its receiver)."""
         self.spawn(self._deliver(delivery), f"webhook {delivery['id']}")
 
+    @contextlib.asynccontextmanager
+    async def _turn(self, owner: str) -> AsyncIterator[None]:
+        """One of PER_OWNER attempts at once for `owner`; its semaphore is dropped once unused."""
+        turn = self._turns.get(owner)
+        if turn is None:
+            turn = self._turns[owner] = [asyncio.Semaphore(PER_OWNER), 0]
+        turn[1] += 1
+        try:
+            async with turn[0]:
+                yield
+        finally:
+            turn[1] -= 1
+            if not turn[1]:
+                del self._turns[owner]
+
     async def _deliver(self, delivery: dict[str, Any]) -> None:
         delay, attempt = FIRST_RETRY, 0
+        owner = _owner_of(delivery)
         while True:
             attempt += 1
-            problem = await self._attempt(delivery)
+            async with self._turn(owner):
+                problem = await self._attempt(delivery)
             if problem is None:
                 log.info("webhook %s delivered to %s (attempt %d)", delivery["id"], delivery["url"], attempt)
                 self.acknowledged(delivery["id"])
@@ -257,6 +280,15 @@ class Webhooks:
         except Exception as exc:  # a fault of ours, or one this list missed: tried again, never dropped
             log.exception("webhook %s to %s: the attempt failed", delivery["id"], delivery["url"])
             return f"{exc.__class__.__name__}: {exc}"
+
+
+def _owner_of(delivery: dict[str, Any]) -> str:
+    """Whose job a delivery tells of: its API key, or without keys its client (read from its body)."""
+    try:
+        client_id = str(orjson.loads(delivery["body"])["data"]["client_id"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return ""
+    return scope_of(client_id) or client_id
 
 
 def _is_ip(host: str) -> bool:
