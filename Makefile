@@ -29,11 +29,13 @@ $(RUN_STAMP): setup.py setup.cfg
 
 install: $(STAMP)
 
+# `make demo PORT=8001` when 8000 is taken (or COMFYBRIDGE_PORT, as for every setting).
+PORT ?= $(or $(COMFYBRIDGE_PORT),8000)
 run: $(RUN_STAMP)
-	$(BIN)/python -m comfybridge
+	$(BIN)/python -m comfybridge --port $(PORT)
 
 demo: $(RUN_STAMP)
-	$(BIN)/python -m comfybridge --emulate 2 --emulator-pace 0.05
+	$(BIN)/python -m comfybridge --emulate 2 --emulator-pace 0.05 --port $(PORT)
 
 # Two bridges on a throwaway PostgreSQL behind nginx, two emulators (Debian: postgresql nginx-light).
 CLUSTER_PORT ?= 8080
