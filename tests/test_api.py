@@ -197,7 +197,7 @@ async def test_generate_bad_inputs_are_400_and_change_nothing(bridge: Client) ->
         ),
         ({"workflow": "solid", "1/width": True}, "Input '1/width' must be an int, got bool."),
         ({"workflow": "solid", "1/width": 1.5}, "Input '1/width' must be an int, got float."),
-        ({"workflow": "solid", "1/width": 8.0}, "Input '1/width' must be an int, got float."),
+        ({"workflow": "solid", "1/width": float(2**53 + 2)}, "Input '1/width' must be an int, got float."),
         ({"workflow": "solid", "1/width": "8"}, "Input '1/width' must be an int, got str."),
         (
             {"workflow": "solid", "1/width": 2**64},

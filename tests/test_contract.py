@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
-from comfybridge.edge.appkeys import SETTINGS
+from comfybridge.edge.appkeys import SETTINGS, WORKFLOWS
 
 from .conftest import FIXTURES
 from .helpers import ROOT, Client, generate
@@ -75,6 +75,15 @@ async def test_what_the_schema_accepts_the_bridge_accepts(bridge: Client) -> Non
     for bad in ({**good, "1/width": "16"}, {**good, "9/nope": 1}, {"1/width": 16}):
         assert not validator.is_valid(bad)
         assert (await generate(bridge, "schema", bad))[0] == 400
+    # 16.0 is an integer to JSON Schema 2020-12: the bridge takes it as 16 (a whole float past 2**53
+    # is no exact integer, and stays refused).
+    whole = {**good, "1/width": 16.0}
+    assert validator.is_valid(whole)
+    assert (await generate(bridge, "schema", whole))[0] == 200
+    taken = bridge.app[WORKFLOWS].get("solid").check_request(whole, lambda name: None, 1 << 20)
+    assert type(taken["1/width"]) is int
+    status, answer = await generate(bridge, "schema", {**good, "1/width": float(2**53 + 2)})
+    assert (status, answer["detail"]) == (400, "Input '1/width' must be an int, got float.")
 
 
 async def test_docs_page_shows_the_document(bridge: Client) -> None:

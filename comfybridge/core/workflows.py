@@ -16,6 +16,7 @@ from ..errors import BadInput, TooLarge, UnknownWorkflow, WorkflowConfigError
 __all__ = ["InputSpec", "Workflow", "WorkflowStore"]
 
 log = logging.getLogger(__name__)
+WHOLE = 2**53  # the largest whole float that is exactly the integer it reads as
 
 ALIAS_FILE = "workflow_alias.json"
 MEDIA_EXTENSIONS = {
@@ -161,7 +162,11 @@ class Workflow:
             allowed = ", ".join(self.inputs) or "none"
             raise BadInput(f"Unknown input {unknown[0]!r} for workflow '{self.alias}'. Allowed inputs: {allowed}.")
         for key, value in values.items():
-            self.inputs[key].check(value, upload_kind, max_text)
+            spec = self.inputs[key]
+            if spec.type == "int" and isinstance(value, float) and value.is_integer() and abs(value) <= WHOLE:
+                # 16.0 is an integer to JSON Schema (the OpenAPI document's): taken as 16, if exact.
+                values[key] = value = int(value)
+            spec.check(value, upload_kind, max_text)
         return values
 
 
