@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import socket
@@ -333,18 +334,18 @@ async def test_an_owed_call_to_an_internal_literal_is_not_made_once_private_is_o
         assert await hooks._attempt(delivery) == "10.0.0.7 is an internal address; webhooks go to public ones"
 
 
-async def test_a_receiver_that_never_answers_holds_back_no_other(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One client's jobs name a receiver that takes every connection and never answers: it holds
-    PER_RECEIVER connections at most, and another client's receiver is called at once (its attempt
-    is not spent waiting for a slot of the shared pool)."""
-    monkeypatch.setattr(webhooks, "ATTEMPT_TIMEOUT", 600.0)  # the silent ones hold theirs for the whole test
+@contextlib.asynccontextmanager
+async def silent_receivers(
+    count: int,
+) -> AsyncIterator[tuple[list[str], list[asyncio.StreamWriter], webhooks.Webhooks, Receiver]]:
+    """`count` receivers that take connections and never answer (their URLs, and the connections
+    they hold), webhooks on their own session, and one good receiver; all stopped after."""
     held: list[asyncio.StreamWriter] = []
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         held.append(writer)  # reads nothing, answers nothing
 
-    tarpit = await asyncio.start_server(silent, "127.0.0.1", 0)
-    tarpit_url = f"http://127.0.0.1:{tarpit.sockets[0].getsockname()[1]}/hook"
+    tarpits = [await asyncio.start_server(silent, "127.0.0.1", 0) for _ in range(count)]
     good = Receiver()
     await good.start()
     session = webhooks.webhook_session(allow_private=True)
@@ -352,12 +353,7 @@ async def test_a_receiver_that_never_answers_holds_back_no_other(monkeypatch: py
     hooks = webhooks.Webhooks(b"secret", session, lambda _id: None, allow_private=True)
     hooks.spawn = lambda coro, name: tasks.append(asyncio.ensure_future(coro))
     try:
-        for n in range(80):  # a hostile client's jobs, one webhook each
-            hooks.send(webhooks.delivery_for(f"bad{n}", "bad", "solid", "done", "x", [], tarpit_url))
-        await wait_for(lambda: len(held) == webhooks.PER_RECEIVER)
-        hooks.send(webhooks.delivery_for("good", "good", "solid", "done", "x", [], good.url))
-        await wait_for(lambda: bool(good.calls), timeout=30)
-        assert len(held) == webhooks.PER_RECEIVER
+        yield [f"http://127.0.0.1:{t.sockets[0].getsockname()[1]}/hook" for t in tarpits], held, hooks, good
     finally:
         for task in tasks:
             task.cancel()
@@ -365,8 +361,23 @@ async def test_a_receiver_that_never_answers_holds_back_no_other(monkeypatch: py
         await session.close()
         for writer in held:
             writer.close()
-        tarpit.close()
+        for tarpit in tarpits:
+            tarpit.close()
         await good.stop()
+
+
+async def test_a_receiver_that_never_answers_holds_back_no_other(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One client's jobs name a receiver that takes every connection and never answers: it holds
+    PER_RECEIVER connections at most, and another client's receiver is called at once (its attempt
+    is not spent waiting for a slot of the shared pool)."""
+    monkeypatch.setattr(webhooks, "ATTEMPT_TIMEOUT", 600.0)  # the silent ones hold theirs for the whole test
+    async with silent_receivers(1) as ((tarpit_url,), held, hooks, good):
+        for n in range(80):  # a hostile client's jobs, one webhook each
+            hooks.send(webhooks.delivery_for(f"bad{n}", "bad", "solid", "done", "x", [], tarpit_url))
+        await wait_for(lambda: len(held) == webhooks.PER_RECEIVER)
+        hooks.send(webhooks.delivery_for("good", "good", "solid", "done", "x", [], good.url))
+        await wait_for(lambda: bool(good.calls), timeout=30)
+        assert len(held) == webhooks.PER_RECEIVER
 
 
 async def test_webhook_names_whose_nameserver_never_answers_stall_no_upload(
@@ -410,34 +421,11 @@ async def test_one_clients_silent_receivers_hold_a_few_connections_whatever_thei
     bound them together): its deliveries make PER_OWNER attempts at once, the rest wait their turn
     outside their time-out, and another client's receiver is called at once."""
     monkeypatch.setattr(webhooks, "ATTEMPT_TIMEOUT", 600.0)
-    held: list[asyncio.StreamWriter] = []
-
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)
-
-    tarpits = [await asyncio.start_server(silent, "127.0.0.1", 0) for _ in range(64)]
-    good = Receiver()
-    await good.start()
-    session = webhooks.webhook_session(allow_private=True)
-    tasks: list[asyncio.Future[None]] = []
-    hooks = webhooks.Webhooks(b"secret", session, lambda _id: None, allow_private=True)
-    hooks.spawn = lambda coro, name: tasks.append(asyncio.ensure_future(coro))
-    try:
+    async with silent_receivers(64) as (urls, held, hooks, good):
         for m in range(5):  # (enough to fill the pool, were there no turns: 64 ports x PER_RECEIVER)
-            for n, tarpit in enumerate(tarpits):
-                url = f"http://127.0.0.1:{tarpit.sockets[0].getsockname()[1]}/hook"
+            for n, url in enumerate(urls):
                 hooks.send(webhooks.delivery_for(f"bad{n}-{m}", "bad", "solid", "done", "x", [], url))
         await wait_for(lambda: len(held) == webhooks.PER_OWNER)
         hooks.send(webhooks.delivery_for("good", "good", "solid", "done", "x", [], good.url))
         await wait_for(lambda: bool(good.calls), timeout=30)
         assert len(held) == webhooks.PER_OWNER
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await session.close()
-        for writer in held:
-            writer.close()
-        for tarpit in tarpits:
-            tarpit.close()
-        await good.stop()
