@@ -160,15 +160,19 @@ class Leadership:
         view.lease_until = None
         view.follow(None, leader.generation)
 
+    async def _beat(self) -> None:
+        """One round trip to the database, within `timeout`; its answer renews the lease."""
+        asked_at = time.monotonic()
+        async with asyncio.timeout(self.timeout):
+            await self.journal.heartbeat()
+        self._renewed(asked_at)
+
     async def _heartbeats(self) -> None:
         """A round trip every HEARTBEAT while a term starts (once the journal is open for writes)."""
         while True:
             await asyncio.sleep(HEARTBEAT)
-            asked_at = time.monotonic()
             with contextlib.suppress(Exception):  # not open yet, or the database away: `_hold` judges
-                async with asyncio.timeout(self.timeout):
-                    await self.journal.heartbeat()
-                self._renewed(asked_at)
+                await self._beat()
 
     async def _hold(self) -> None:
         """Until the lock is lost, the database stays away for `timeout`, or the bridge stands down."""
@@ -180,11 +184,8 @@ class Leadership:
             if reason is not None:
                 log.error("this bridge stops leading: its database %s", reason)
                 return
-            asked_at = time.monotonic()
             try:
-                async with asyncio.timeout(self.timeout):
-                    await self.journal.heartbeat()
-                self._renewed(asked_at)
+                await self._beat()
             except Exception as exc:  # whatever failed, the database did not answer
                 log.warning("the database did not answer the leader's heartbeat: %s", exc)
             silent = time.monotonic() - self._answered

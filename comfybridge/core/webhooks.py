@@ -195,6 +195,16 @@ def webhook_session(allow_private: bool) -> aiohttp.ClientSession:
     )
 
 
+class _Turns:
+    """One owner's attempts under way (at most PER_OWNER), and how many deliveries wait for them."""
+
+    __slots__ = ("semaphore", "users")
+
+    def __init__(self) -> None:
+        self.semaphore = asyncio.Semaphore(PER_OWNER)
+        self.users = 0
+
+
 class Webhooks:
     def __init__(
         self,
@@ -211,7 +221,7 @@ class Webhooks:
         self.spawn: Spawn = lambda coro, name: coro.close()
         self.max_age = max_age
         self.allow_private = allow_private
-        self._turns: dict[str, list[Any]] = {}  # owner -> [its Semaphore, deliveries using it]
+        self._turns: dict[str, _Turns] = {}  # owner -> its attempts' semaphore, while some delivery uses it
 
     def send(self, delivery: dict[str, Any]) -> None:
         """Deliver in the background (a job's end never waits for its receiver)."""
@@ -222,14 +232,14 @@ class Webhooks:
         """One of PER_OWNER attempts at once for `owner`; its semaphore is dropped once unused."""
         turn = self._turns.get(owner)
         if turn is None:
-            turn = self._turns[owner] = [asyncio.Semaphore(PER_OWNER), 0]
-        turn[1] += 1
+            turn = self._turns[owner] = _Turns()
+        turn.users += 1
         try:
-            async with turn[0]:
+            async with turn.semaphore:
                 yield
         finally:
-            turn[1] -= 1
-            if not turn[1]:
+            turn.users -= 1
+            if not turn.users:
                 del self._turns[owner]
 
     async def _deliver(self, delivery: dict[str, Any]) -> None:
