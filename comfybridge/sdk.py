@@ -17,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 import urllib.parse
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,18 +34,26 @@ T = TypeVar("T")
 # Downloads and jobs waited for take as long as they take; only connecting is bounded.
 NO_TOTAL = aiohttp.ClientTimeout(total=None, sock_connect=30)
 FileSource = str | Path | bytes | tuple[str, bytes]  # a path, raw bytes, or (file name, bytes)
+# A follower whose socket closed (the bridge restarting, a network drop, the bridge's 1011 racing a
+# next job) opens it again, within the bridge's disconnect grace, and for this long at the most.
+RECONNECT_FOR = 120.0
+RECONNECT_FIRST, RECONNECT_MAX = 0.1, 5.0  # the pause before the second attempt, doubling up to this
+RETRIED = frozenset({408, 429, 502, 503, 504})  # a refused handshake that a later attempt may pass
+ENDINGS_KEPT = 1024  # endings seen, for a job followed only once it ended
 
 
 __all__ = ["AsyncBridge", "Bridge", "BridgeError", "Event", "Job", "JobFailed", "ResultFile"]
 
 
 class BridgeError(Exception):
-    """The bridge refused a request; `detail` is its reason, `status` the HTTP status."""
+    """The bridge refused a request; `detail` is its reason, `status` the HTTP status, and
+    `retry_after` the seconds its `Retry-After` asks to wait (429, 503), if it gave one."""
 
-    def __init__(self, status: int, detail: str) -> None:
+    def __init__(self, status: int, detail: str, retry_after: float | None = None) -> None:
         super().__init__(f"HTTP {status}: {detail}")
         self.status = status
         self.detail = detail
+        self.retry_after = retry_after
 
 
 class JobFailed(Exception):
@@ -104,7 +114,13 @@ class AsyncBridge:
         self._api_key = api_key
         self._session = session
         self._own_session = session is None
+        # The client's one socket, read by one task that hands each frame to every waiting
+        # `follow` and `events` (a queue each; None: the socket ended).
         self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._connecting = asyncio.Lock()
+        self._listeners: set[asyncio.Queue[Event | BridgeError | None]] = set()
+        self._ended: OrderedDict[str, Event] = OrderedDict()  # job_id -> its closed or error
 
     async def __aenter__(self) -> AsyncBridge:
         return self
@@ -113,9 +129,16 @@ class AsyncBridge:
         await self.close()
 
     async def close(self) -> None:
+        if self._reader is not None:  # first, or it would take the close for a lost socket
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+            self._reader = None
         if self._ws is not None:
             await self._ws.close()
             self._ws = None
+        for frames in self._listeners:
+            frames.put_nowait(BridgeError(0, "the client was closed"))
         if self._own_session and self._session is not None:
             await self._session.close()
             self._session = None
@@ -163,29 +186,55 @@ class AsyncBridge:
 
     async def events(self) -> AsyncIterator[Event]:
         """Every status message of this client, from a socket opened on first use, until it closes."""
-        ws = await self._socket()
-        async for msg in ws:
-            if msg.type is not aiohttp.WSMsgType.TEXT:
-                break
-            try:
-                frame = orjson.loads(msg.data)
-                event = Event(frame["status"], frame["detail"], frame.get("job_id"), frame.get("jobs_left"))
-            except (orjson.JSONDecodeError, KeyError, TypeError):
-                raise BridgeError(0, f"the bridge sent a frame that is not a status: {msg.data[:200]!r}") from None
-            yield event
+        await self._socket()
+        with self._listening() as frames:
+            while (item := await frames.get()) is not None:
+                if isinstance(item, BridgeError):
+                    raise item
+                yield item
 
     async def follow(self, job: Job, on_event: Callable[[Event], Any] | None = None) -> Event:
-        """Wait for the job's end, passing each of its events to `on_event`; raises JobFailed."""
-        async for event in self.events():
-            if event.job_id not in (None, job.job_id):
-                continue
+        """Wait for the job's end, passing each of its events to `on_event`; raises JobFailed.
+        Several jobs may be followed at once, in any order; a socket that closes before the job
+        ends is opened again (the bridge says its frames again), for up to RECONNECT_FOR."""
+        async for event in self._job_events(job):
             if on_event is not None:
                 on_event(event)
             if event.ended and event.job_id == job.job_id:
                 if event.status == "error":
                     raise JobFailed(job.job_id, event.detail)
                 return event
-        raise BridgeError(0, "the bridge closed the socket before the job ended")
+        raise AssertionError("unreachable: a job's events end with its end")
+
+    async def _job_events(self, job: Job) -> AsyncIterator[Event]:
+        """The job's frames (and those that name no job) up to its `closed` or `error`."""
+        await self._socket()
+        with self._listening() as frames:
+            ended = self._ended.get(job.job_id)  # it ended before anyone followed it
+            if ended is not None:
+                yield ended
+                return
+            while True:
+                item = await frames.get()
+                if item is None:
+                    await self._socket(reconnect=True)
+                    continue
+                if isinstance(item, BridgeError):
+                    raise item
+                if item.job_id not in (None, job.job_id):
+                    continue
+                yield item
+                if item.ended:
+                    return
+
+    @contextlib.contextmanager
+    def _listening(self) -> Iterator[asyncio.Queue[Event | BridgeError | None]]:
+        frames: asyncio.Queue[Event | BridgeError | None] = asyncio.Queue()
+        self._listeners.add(frames)
+        try:
+            yield frames
+        finally:
+            self._listeners.discard(frames)
 
     async def run(
         self,
@@ -246,19 +295,65 @@ class AsyncBridge:
         return int(await self._json("GET", "/generation-count"))
 
     # plumbing --------------------------------------------------------------------------------
-    async def _socket(self) -> aiohttp.ClientWebSocketResponse:
-        if self._ws is None or self._ws.closed:
-            params = {"clientId": self.client_id}
-            if self._api_key:
-                params["token"] = self._api_key
-            ws_url = self.url.replace("http", "ws", 1) + "/ws"
-            try:
-                self._ws = await self.session.ws_connect(ws_url, params=params)
-            except aiohttp.WSServerHandshakeError as exc:
-                # The bridge says why in X-Detail: a handshake's refusal body is not readable here.
-                told = exc.headers.get("X-Detail") if exc.headers else None
-                raise BridgeError(exc.status, urllib.parse.unquote(told) if told else exc.message) from None
-        return self._ws
+    async def _socket(self, reconnect: bool = False) -> aiohttp.ClientWebSocketResponse:
+        """The open socket, or a new one. With `reconnect`, a refusal that may pass later (the
+        bridge restarting, a proxy without it yet) is tried again, for up to RECONNECT_FOR."""
+        async with self._connecting:  # several followers that lost the socket open one
+            if self._ws is not None and not self._ws.closed:
+                return self._ws
+            give_up, pause = time.monotonic() + RECONNECT_FOR, RECONNECT_FIRST
+            while True:
+                try:
+                    ws = await self._connect()
+                    break
+                except (BridgeError, aiohttp.ClientError, OSError) as exc:
+                    status = exc.status if isinstance(exc, BridgeError) else 0
+                    if not reconnect or (status and status not in RETRIED) or time.monotonic() >= give_up:
+                        raise exc if isinstance(exc, BridgeError) else BridgeError(0, f"no socket: {exc}") from None
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, RECONNECT_MAX)
+            self._ws = ws
+            self._reader = asyncio.ensure_future(self._read(ws))
+            return ws
+
+    async def _connect(self) -> aiohttp.ClientWebSocketResponse:
+        params = {"clientId": self.client_id}
+        if self._api_key:
+            params["token"] = self._api_key
+        ws_url = self.url.replace("http", "ws", 1) + "/ws"
+        try:
+            return await self.session.ws_connect(ws_url, params=params)
+        except aiohttp.WSServerHandshakeError as exc:
+            # The bridge says why in X-Detail: a handshake's refusal body is not readable here.
+            told = exc.headers.get("X-Detail") if exc.headers else None
+            wait = exc.headers.get("Retry-After", "") if exc.headers else ""
+            detail = urllib.parse.unquote(told) if told else exc.message
+            raise BridgeError(exc.status, detail, _seconds(wait)) from None
+
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """The socket's one reader: each frame to every listener, and its end (None) once it closes."""
+        with contextlib.suppress(aiohttp.ClientError, OSError):
+            async for msg in ws:
+                if msg.type is not aiohttp.WSMsgType.TEXT:
+                    break
+                try:
+                    frame = orjson.loads(msg.data)
+                    item: Event | BridgeError = Event(
+                        frame["status"], frame["detail"], frame.get("job_id"), frame.get("jobs_left")
+                    )
+                except (orjson.JSONDecodeError, KeyError, TypeError):
+                    item = BridgeError(0, f"the bridge sent a frame that is not a status: {msg.data[:200]!r}")
+                if isinstance(item, Event) and item.ended:
+                    self._ended[str(item.job_id)] = item
+                    while len(self._ended) > ENDINGS_KEPT:
+                        self._ended.popitem(last=False)
+                for frames in self._listeners:
+                    frames.put_nowait(item)
+        if self._ws is ws:
+            self._ws = None
+        await ws.close()
+        for frames in self._listeners:
+            frames.put_nowait(None)
 
     async def _json(self, method: str, path: str, client: bool = False, **kwargs: Any) -> Any:
         params = dict(kwargs.pop("params", {}))
@@ -277,7 +372,12 @@ async def _raise_for(resp: aiohttp.ClientResponse) -> None:
         detail = str(orjson.loads(await resp.read()).get("detail"))
     except (orjson.JSONDecodeError, AttributeError):
         detail = resp.reason or "error"
-    raise BridgeError(resp.status, detail)
+    raise BridgeError(resp.status, detail, _seconds(resp.headers.get("Retry-After", "")))
+
+
+def _seconds(retry_after: str) -> float | None:
+    """A Retry-After in seconds (the bridge's form; an HTTP date is left unread)."""
+    return float(retry_after) if retry_after.isdigit() else None
 
 
 async def _save_parts(resp: aiohttp.ClientResponse, target: Path) -> list[ResultFile]:
@@ -370,19 +470,15 @@ class Bridge:
 
     def follow(self, job: Job) -> Iterator[Event]:
         """The job's events as they come, ending with its `closed`; raises JobFailed on `error`."""
-        events = self._async.events().__aiter__()
+        events = self._async._job_events(job).__aiter__()
         while True:
             try:
                 event = self._call(events.__anext__())
             except StopAsyncIteration:
-                raise BridgeError(0, "the bridge closed the socket before the job ended") from None
-            if event.job_id not in (None, job.job_id):
-                continue
-            yield event
-            if event.ended and event.job_id == job.job_id:
-                if event.status == "error":
-                    raise JobFailed(job.job_id, event.detail)
                 return
+            yield event
+            if event.ended and event.status == "error":
+                raise JobFailed(job.job_id, event.detail)
 
     def run(
         self,

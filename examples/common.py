@@ -63,7 +63,10 @@ def typed_inputs(args: argparse.Namespace, info: dict[str, dict[str, Any]]) -> d
     for key, value in pairs(args.input).items():
         if key not in info:
             sys.exit(f"{key} is not an input of {args.workflow}; it has {', '.join(info) or 'none'}")
-        inputs[key] = typed(value, info[key]["type"])
+        try:
+            inputs[key] = typed(value, info[key]["type"])
+        except ValueError:
+            sys.exit(f"{key} takes a {info[key]['type']}, got {value!r}")
     return inputs
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from comfybridge.emulator.png import png_first_pixel
 from comfybridge.sdk import AsyncBridge, Bridge, BridgeError, Event, JobFailed
 
 from .conftest import BridgeFactory, EmulatorFactory
-from .helpers import Client, png
+from .helpers import Client, bridge_process, png
 
 
 def url_of(client: Client) -> str:
@@ -74,7 +75,18 @@ async def test_the_client_reports_the_bridges_own_detail_for_a_refused_socket(
                 await anext(second.events())
             assert refused.value.status == 429
             assert refused.value.detail == "This clientId already has 1 sockets open, the limit."
+            assert refused.value.retry_after is not None
         await events.aclose()
+
+
+async def test_a_refusal_to_wait_says_how_long(make_emulator: EmulatorFactory, make_bridge: BridgeFactory) -> None:
+    client = await make_bridge(await make_emulator(pace=0.05), max_jobs_per_client=1)
+    async with AsyncBridge(url_of(client)) as bridge:
+        await bridge.generate("slow")
+        with pytest.raises(BridgeError) as refused:
+            await bridge.generate("slow")
+        assert (refused.value.status, refused.value.retry_after) == (429, 1.0)
+        await bridge.interrupt()
 
 
 async def test_blocking_client_follows_and_saves_from_a_thread(
@@ -147,3 +159,97 @@ async def test_a_502_that_names_no_job_is_the_bridges_error_not_a_jobs(aiohttp_s
             await bridge.generate_and_save("solid", tmp_path)
     assert refused.value.status == 502
     assert refused.value.detail == "The bridge that leads stopped answering"
+
+
+# One socket for every job of a client: several followed at once, in any order, through an error's
+# 1011 and through a restart of the bridge (real bridge processes).
+SLOW = ("--emulate", "1", "--emulator-pace", "0.2")  # `slow` then runs for about 1.5 s
+
+
+async def interrupt_soon(bridge: AsyncBridge, delay: float = 0.5) -> None:
+    await asyncio.sleep(delay)
+    await bridge.interrupt()
+
+
+async def test_the_async_client_runs_a_job_after_one_that_failed(workdir: Path, tmp_path: Path) -> None:
+    """A job that errors (here: interrupted) makes the bridge close the socket with 1011; the next
+    `run` of the same AsyncBridge must still follow its own job to its end."""
+    async with bridge_process(workdir, *SLOW) as (_, url), AsyncBridge(url, client_id="after-error") as bridge:
+        canceller = asyncio.create_task(interrupt_soon(bridge))
+        with pytest.raises(JobFailed):
+            await bridge.run("slow")
+        await canceller
+        job = await asyncio.wait_for(bridge.run("solid", {"1/width": 8}), 30)
+        saved = await bridge.save_results(tmp_path / "out")
+        assert {r.job_id for r in saved} == {job.job_id}
+
+
+async def test_the_async_client_runs_a_job_after_one_that_broke(workdir: Path) -> None:
+    """The same with a job ComfyUI itself fails (a runtime error), no interrupt involved."""
+    async with bridge_process(workdir, "--emulate", "1") as (_, url), AsyncBridge(url) as bridge:
+        with pytest.raises(JobFailed):
+            await bridge.run("broken")
+        await asyncio.sleep(0.3)  # the close frame has arrived by now
+        job = await asyncio.wait_for(bridge.run("solid", {"1/width": 8}), 30)
+        assert job.job_id
+
+
+async def test_the_blocking_client_follows_a_job_after_one_that_failed(workdir: Path) -> None:
+    async with bridge_process(workdir, "--emulate", "1") as (_, url):
+
+        def script() -> list[Event]:
+            with Bridge(url) as bridge:
+                failed = bridge.generate("broken")
+                with pytest.raises(JobFailed):
+                    list(bridge.follow(failed))
+                job = bridge.generate("solid", {"1/width": 8})
+                return list(bridge.follow(job))
+
+        events = await asyncio.wait_for(asyncio.to_thread(script), 30)
+        assert events[-1].status == "closed"
+
+
+async def test_one_async_client_runs_several_jobs_at_once(workdir: Path, tmp_path: Path) -> None:
+    """`asyncio.gather` of `run`s on one AsyncBridge: each returns its own job."""
+    async with bridge_process(workdir, "--emulate", "2") as (_, url), AsyncBridge(url) as bridge:
+        jobs = await asyncio.wait_for(asyncio.gather(*(bridge.run("solid", {"1/width": 8 + n}) for n in range(3))), 30)
+        assert len({job.job_id for job in jobs}) == 3
+        saved = await bridge.save_results(tmp_path / "out")
+        assert {r.job_id for r in saved} == {job.job_id for job in jobs}
+
+
+async def test_following_a_later_job_first_does_not_lose_the_earlier_ones_end(workdir: Path) -> None:
+    """follow(b) then follow(a): a's `closed` came first (job by job) and must not be thrown away."""
+    async with bridge_process(workdir, "--emulate", "1") as (_, url), AsyncBridge(url) as bridge:
+        await bridge.events().__anext__()  # the socket is open (`connected`) before the jobs exist
+        first = await bridge.generate("solid", {"1/width": 8})
+        second = await bridge.generate("solid", {"1/width": 9})
+        assert (await asyncio.wait_for(bridge.follow(second), 30)).job_id == second.job_id
+        ended = await asyncio.wait_for(bridge.follow(first), 10)
+        assert (ended.status, ended.job_id) == ("closed", first.job_id)
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
+async def test_run_survives_a_bridge_restart(workdir: Path, tmp_path: Path, how: signal.Signals) -> None:
+    """The bridge stops (SIGTERM: sockets closed with 1001; kill -9) while `run` waits, and comes back on
+    the same port and data folder: the docs say to connect again and the job's frames follow, and
+    that restarts lose nothing. `run` should reconnect and end with the job's `closed`, not raise."""
+    async with bridge_process(workdir, *SLOW) as (proc, url):
+        port = url.rsplit(":", 1)[1]
+        bridge = AsyncBridge(url, client_id="through-a-restart")
+        heard: list[Event] = []
+        running = asyncio.create_task(bridge.run("slow", on_event=heard.append))
+        async with asyncio.timeout(15):
+            while not any(e.status == "progress" for e in heard):
+                await asyncio.sleep(0.02)
+        proc.send_signal(how)
+        await proc.wait()
+        try:
+            async with bridge_process(workdir, *SLOW, "--port", port):
+                job = await asyncio.wait_for(running, 45)
+                assert (heard[-1].status, heard[-1].job_id) == ("closed", job.job_id)
+                saved = await bridge.save_results(tmp_path / "out")
+                assert {r.job_id for r in saved} == {job.job_id}
+        finally:
+            running.cancel()
+            await bridge.close()
