@@ -463,9 +463,17 @@ class Bridge:
         return self._call(self._async.upload(files))
 
     def generate(
-        self, workflow: str, inputs: Mapping[str, Any] | None = None, files: Mapping[str, FileSource] | None = None
+        self,
+        workflow: str,
+        inputs: Mapping[str, Any] | None = None,
+        files: Mapping[str, FileSource] | None = None,
+        listen: bool = True,
     ) -> Job:
-        self._call(self._async._socket())  # listen before the job exists, so no event is missed
+        """Queue a job, the socket opened first so that `follow` misses nothing. `listen=False`
+        for a client that only polls (`status`): with no socket ever opened, its jobs are never
+        cancelled by a disconnect (the contract's REST-only clients)."""
+        if listen:
+            self._call(self._async._socket())
         return self._call(self._async.generate(workflow, inputs, files))
 
     def follow(self, job: Job) -> Iterator[Event]:

@@ -23,7 +23,7 @@ def main() -> int:
         try:
             inputs = typed_inputs(args, bridge.inputs(args.workflow))
             stored = bridge.upload(args.files) if args.files else {}
-            job = bridge.generate(args.workflow, {**inputs, **stored})
+            job = bridge.generate(args.workflow, {**inputs, **stored}, listen=False)
             with progress_bar() as bar:
                 while True:
                     status = bridge.status()

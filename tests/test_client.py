@@ -108,6 +108,31 @@ async def test_blocking_client_follows_and_saves_from_a_thread(
     assert [p.name for p in saved] == [f"wf_b_empty_{job_id}_00001_.png"]
 
 
+@pytest.mark.parametrize("listen", [True, False])
+async def test_a_blocking_client_that_only_polls_keeps_its_job_when_it_goes(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, tmp_path: Path, listen: bool
+) -> None:
+    """A script that queues a job and exits: with a socket, disconnect = cancel; polling only
+    (`listen=False`, as examples/rest_example.py), the job runs on and its results wait."""
+    client = await make_bridge(await make_emulator(pace=0.05), disconnect_grace=0.1)
+    url = url_of(client)
+
+    def queue_and_go() -> str:
+        with Bridge(url, client_id=f"script-{listen}") as bridge:
+            return bridge.generate("slow", listen=listen).job_id
+
+    job_id = await asyncio.to_thread(queue_and_go)
+    async with AsyncBridge(url, client_id=f"script-{listen}") as later:  # it polls: no socket comes back
+        while (status := await later.status()).status not in ("closed", "error"):
+            await asyncio.sleep(0.05)
+        assert status.job_id == job_id
+        if listen:
+            assert (status.status, status.detail) == ("error", "interrupted")
+        else:
+            assert status.status == "closed"
+            assert {r.job_id for r in await later.save_results(tmp_path / "out")} == {job_id}
+
+
 async def test_the_client_saves_a_result_named_like_a_folder_inside_its_folder(
     make_fake: Any, make_bridge: BridgeFactory, tmp_path: Path
 ) -> None:
