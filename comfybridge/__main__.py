@@ -9,6 +9,7 @@ import logging
 import socket
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 from aiohttp import web
 
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         return _refuse(str(exc))
     except OSError as exc:
         _close(sockets)
-        return _refuse(f"{exc.strerror}: {exc.filename}")
+        return _refuse(_unusable(exc, settings.data_dir))
     backends = f"emulated x{settings.emulate}" if settings.emulate else ", ".join(map(shown, settings.backends))
     banner = f"comfybridge on http://{settings.host}:{settings.port} -> ComfyUI {backends}"
     # run_app turns SIGTERM/SIGINT into a graceful stop: no new connections, in-flight requests
@@ -77,7 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (JournalError, ObjectStoreError) as exc:  # the journal, the database, the bucket: opened at start
         return _refuse(str(exc))
+    except OSError as exc:  # the data folder's uploads or results, read at start (a folder that is a file)
+        return _refuse(_unusable(exc, settings.data_dir))
     return 0
+
+
+def _unusable(exc: OSError, data_dir: Path) -> str:
+    where = exc.filename or data_dir
+    return f"the data folder cannot be used: {exc.strerror or exc}: {where}"
 
 
 def _refuse(reason: str) -> int:

@@ -531,7 +531,7 @@ class Scheduler:
             "usable_backends": sum(1 for b in self.backends.values() if b.usable),
             "queued": len(core.queue),
             "stopping": not self.accepting,
-            "journal": core.journal_lost or "ok",
+            "journal": core.journal_lost or core.journal.write_trouble or "ok",
             "generation_count": core.journal.count,
         }
 
@@ -554,7 +554,13 @@ class Scheduler:
             if state in (JobState.QUEUED, JobState.RUNNING) and backend is not None:
                 await core.cancel_on_backend(backend, job)
             # WAITING: end took it out of the queue. SUBMITTING: its send cancels it once ComfyUI answers.
-        await asyncio.gather(*ended, return_exceptions=True)
+        outcomes = await asyncio.gather(*ended, return_exceptions=True)
+        failed = next((o for o in outcomes if isinstance(o, StorageError)), None)
+        if failed is not None:  # stopped, and told once recorded; a restart before that runs them again
+            raise type(failed)(
+                f"The jobs are stopped, but their cancellation is not recorded yet: {failed} Until it is (the "
+                "bridge keeps trying), a restart of the bridge would run them again."
+            )
 
     async def free(self, client_id: str | None) -> bool:
         """POST /free on every backend that holds the client's work, or the one it used last (every

@@ -34,7 +34,7 @@ def _health_report(request: web.Request) -> dict[str, Any]:
     if settings.keys_on and request.get(KEY) is None:
         report["backends"] = [{"state": b["state"]} for b in report["backends"]]
         if "journal" in report:
-            report["journal"] = "ok" if report["journal"] == "ok" else "lost"  # not where it is
+            report["journal"] = "ok" if report["journal"] == "ok" else "failing"  # not where it is
         if "cluster" in report:
             report["cluster"] = {"role": report["cluster"]["role"]}  # nor where the other bridges are
     return report

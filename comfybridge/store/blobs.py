@@ -179,11 +179,18 @@ def _sizes(root: Path, keys: list[str]) -> dict[str, int]:
 
 
 def _delete_files(root: Path, keys: list[str]) -> None:
-    """Remove the files, then their folders once empty (all in one thread)."""
+    """Remove the files, then their folders once empty (all in one thread). A file the disk will
+    not remove (read-only, EIO) is the storage's trouble (StorageError), which may pass."""
     folders = set()
     for key in keys:
         path = root / key
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except NotADirectoryError:
+            continue
+        except OSError as exc:
+            trouble = f"the bridge could not remove from its data folder ({exc.strerror}: {key})"
+            raise StorageUnavailable(trouble) from None
         folders.add(path.parent)
     for folder in folders:
         if folder != root:

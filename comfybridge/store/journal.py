@@ -93,6 +93,13 @@ CREATE TABLE IF NOT EXISTS deliveries (
 """
 
 
+# SQLite's primary result codes that speak of the disk, not of the journal: full, read-only, an I/O
+# error, a file it could not open, no permission.
+DISK_TROUBLE = frozenset(
+    {sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM}
+)
+
+
 class JournalError(Exception):
     """The journal exists but cannot be read or trusted; start-up stops rather than forget jobs."""
 
@@ -102,6 +109,11 @@ class JobStore(Protocol):
 
     count: int  # jobs ever accepted, as far as is durable
     bridge_id: str  # this bridge's name at its ComfyUI backends, the same across restarts
+
+    @property
+    def write_trouble(self) -> str | None:
+        """Why writes fail right now (a full disk), until one lands again: None while they land."""
+        ...
 
     async def open(self, count_floor: int = 0) -> list[dict[str, Any]]:
         """Open (creating or upgrading it if need be) and take writes from now on; every job still
@@ -236,7 +248,14 @@ class SqliteJournal:
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
             self.bridge_id = meta.get("bridge_id") or f"comfybridge-{uuid.uuid4().hex[:12]}"
-            self.count = max(int(meta.get("generation_count", 0)), count_floor)
+            recorded = int(meta.get("generation_count", 0))
+            if count_floor > recorded and self.path.exists() and "bridge_id" in meta:
+                log.warning(
+                    "journal %s counted %d jobs, but this data folder counted %d: it lost the last ones accepted "
+                    "(its WAL cut short, or restored from an older backup); their clients are not known to this "
+                    "bridge", self.path, recorded, count_floor,
+                )  # fmt: skip
+            self.count = max(recorded, count_floor)
             self.learned = meta.get("run_times", "")
             self.abandoned = meta.get("abandoned", "")
             conn.executemany(
@@ -251,6 +270,11 @@ class SqliteJournal:
             ]
         except sqlite3.DatabaseError as exc:
             self.file.close_connection()
+            if getattr(exc, "sqlite_errorcode", 0) & 0xFF in DISK_TROUBLE:
+                raise JournalError(
+                    f"journal {self.path} cannot be used now ({exc}): the disk is full, read-only or failing. "
+                    "Free space or mend it, then start again: the journal is kept as it is"
+                ) from None
             raise JournalError(
                 f"journal {self.path} is unreadable or corrupt ({exc}); restore it from a backup or move it "
                 "aside (accepted jobs are never dropped silently)"
@@ -392,6 +416,10 @@ class SqliteJournal:
             if batch:
                 self._commit(batch)
 
+    @property
+    def write_trouble(self) -> str | None:
+        return self._outages.trouble
+
     def _commit(self, items: list[tuple[Write, asyncio.Future[Any]]]) -> None:
         assert self._loop is not None
         gone = self.file.in_place()
@@ -458,16 +486,19 @@ class OutageLog:
         self.where = where
         self.every = every
         self.failures = 0
+        self.trouble: str | None = None  # why the last write failed, until one lands
         self._logged = -math.inf  # monotonic: none yet (a machine just booted has small ones)
 
     def failed(self, exc: BaseException, expected: bool = True) -> None:
         self.failures += 1
+        self.trouble = f"cannot be written ({exc})"
         if not expected or time.monotonic() - self._logged >= self.every:
             self._logged = time.monotonic()
             log.error("%s: write failed (%d in a row): %s: %s", self.where, self.failures, exc.__class__.__name__,
                       exc, exc_info=None if expected else exc)  # fmt: skip
 
     def landed(self) -> None:
+        self.trouble = None
         if self.failures:
             log.info("%s: writes land again (%d failed before)", self.where, self.failures)
             self.failures, self._logged = 0, -math.inf
@@ -484,6 +515,7 @@ def _storage_error(exc: Exception, outages: OutageLog) -> Exception:
     """A failed journal write as the error a request answers with: a full disk (507), anything else
     (read-only, no permission, an I/O error) 503, told to the operator in the log."""
     if getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL":
+        outages.trouble = "cannot be written: the disk is full"
         return StorageFull("The bridge's disk is full, so nothing more can be recorded; try again later.")
     outages.failed(exc, expected=isinstance(exc, sqlite3.Error | OSError))
     return StorageUnavailable(f"The bridge could not record the change ({exc}); its operator has been told.")

@@ -176,6 +176,7 @@ class PgJournal:
         self.relay_secret = ""  # shared by the cluster's bridges: a request relayed by one is believed
         self.count = 0
         self.bridge_id = ""
+        self.write_trouble: str | None = None  # the database's trouble is its own (503 "database away")
         self.deliveries: list[dict[str, Any]] = []
         self.learned = ""
         self.abandoned = ""

@@ -72,6 +72,7 @@ class ResultStore:
         self._collecting: dict[str, int] = {}  # job id -> inline bytes of its files committed so far
         self._by_client: dict[str, list[JobResult]] = {}
         self._claimed: set[str] = set()  # job ids being sent to a client right now
+        self._undeleted: set[str] = set()  # keys of fetched or expired results the store would not remove
 
     def clear(self) -> None:
         """Forget every result (they are added again from the journal as its jobs are recovered)."""
@@ -215,6 +216,7 @@ class ResultStore:
         try:
             await self.blobs.delete(keys)
         except StorageError as exc:
+            self._undeleted.update(keys)  # the next sweep tries again (a local folder has no orphan sweep)
             log.warning("%d result files not removed now: %s", len(keys), exc)
 
     async def discard(self, job_id: str) -> None:
@@ -234,9 +236,13 @@ class ResultStore:
         ]
 
     async def sweep_orphans(self, busy: set[str], older_than: float) -> int:
-        """In object storage, delete the objects older than `older_than` seconds that belong to no
-        result held here and to no job in `busy` (being collected). A local folder is sorted out
-        at start only (its orphans are moved aside, never deleted)."""
+        """Remove the files a deletion was refused earlier; in object storage, also the objects older
+        than `older_than` seconds that belong to no result held here and to no job in `busy` (being
+        collected). A local folder is sorted out at start only (its orphans are moved aside, never
+        deleted)."""
+        if self._undeleted:
+            left, self._undeleted = list(self._undeleted), set()
+            await self.delete(left)
         if isinstance(self.blobs, LocalBlobs):
             return 0
         held = {r.job_id for rs in self._by_client.values() for r in rs} | busy
@@ -338,8 +344,13 @@ def _sort_out_folders(root: Path, done: set[str], unfinished: set[str]) -> Path 
         if entry.name in unfinished:
             shutil.rmtree(entry, ignore_errors=True)
             continue
-        aside.mkdir(parents=True, exist_ok=True)
-        shutil.move(entry, aside / entry.name)  # a rename, or a copy when results/ is another disk
+        try:
+            aside.mkdir(parents=True, exist_ok=True)
+            shutil.move(entry, aside / entry.name)  # a rename, or a copy when results/ is another disk
+        except OSError as exc:  # best effort: a read-only results/ keeps it where it is
+            shutil.rmtree(aside / entry.name, ignore_errors=True)  # a copy cut short
+            log.warning("result folder %s, which no journal row names, not moved aside: %s", entry, exc)
+            continue
         moved += 1
     if not moved:
         return None
