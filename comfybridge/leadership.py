@@ -56,6 +56,7 @@ class Leadership:
         self._stand_down = asyncio.Event()  # SIGTERM: hand over at once, and lead no more
         self._stop = asyncio.Event()  # the bridge stops
         self._task: asyncio.Task[None] | None = None
+        self._handing_over: asyncio.Future[None] | None = None
         self._answered = -math.inf  # monotonic time of the database's last answer during a term
         self._checked = 0  # the leader generation whose backends were compared with this bridge's
 
@@ -76,12 +77,30 @@ class Leadership:
         self._task = asyncio.ensure_future(self._run())
 
     def stand_down(self) -> None:
-        """Stop leading at once (another bridge takes over within a second) and never lead again;
-        meanwhile requests are relayed to the new leader."""
-        self._stand_down.set()
+        """SIGTERM: stop leading at once (another bridge takes over within a second) and never lead
+        again; meanwhile requests are relayed to the new leader. A leader with no other bridge of its
+        cluster there to take over (a lone bridge on PostgreSQL) has nobody to relay to: it leads on
+        through its grace, serving as a single bridge does, and its stop ends the term."""
+        if self.view.role != "leader":
+            self._stand_down.set()
+        elif self._handing_over is None:
+            self._handing_over = asyncio.ensure_future(self._hand_over())
+
+    async def _hand_over(self) -> None:
+        try:
+            async with asyncio.timeout(self.timeout):
+                others = await self.journal.others()
+        except Exception:  # not known (the database away): hand over, as it would be anyway
+            others = 1
+        if others:
+            self._stand_down.set()
+        else:
+            log.info("no other bridge of the cluster is there to take over: this one leads until it stops")
 
     async def stop(self) -> None:
         """The bridge stops: a term under way ends as a stop does (its jobs stay journaled)."""
+        if self._handing_over is not None:
+            self._handing_over.cancel()
         self._stand_down.set()
         self._stop.set()
         if self._task is not None:

@@ -478,3 +478,79 @@ async def test_a_frozen_leader_is_deposed_its_jobs_end_once_and_its_return_deafe
     started = emulator.engine.started
     assert len(started) == len(set(started)) == 10  # every job ran, none twice
     assert "is ended, so" in (workdir / "bridge1" / "bridge.log").read_text()
+
+
+async def test_an_interrupt_during_a_database_outage_is_refused_not_undone(
+    workdir: Path, make_emulator: EmulatorFactory, postgres: PostgresServer
+) -> None:
+    """POST /interrupt during a PostgreSQL outage (longer than --leader-timeout): the ends it cannot
+    record would be undone by the next leader, which runs the jobs from the journal. It answered 200
+    "interrupted"; it must say 503, as other requests that need the database do."""
+    emulators = [await make_emulator(pace=0.3)]
+    async with (
+        cluster(workdir, postgres.new_database(), emulators, 2, {}) as bridges,
+        aiohttp.ClientSession() as session,
+    ):
+        (_, a), (_, b) = bridges
+        jobs = [await post_job(session, a, "cancelme", TINY) for _ in range(6)]
+        await wait_for(lambda: len(emulators[0].engine.started) >= 1)
+        postgres.stop()
+        try:
+            async with session.post(f"{b}/interrupt", params={"clientId": "cancelme"}) as resp:
+                interrupted = resp.status, await resp.text()
+            await asyncio.sleep(10)  # past --leader-timeout: the leader stands down
+        finally:
+            postgres.start()
+        async with asyncio.timeout(90):
+            while True:
+                async with session.get(f"{b}/execution-info", params={"clientId": "cancelme"}) as resp:
+                    if resp.status != 503:
+                        info = await resp.json()
+                        if info.get("jobs_left") == 0:
+                            break
+                await asyncio.sleep(0.2)
+        assert interrupted[0] == 503, interrupted
+        assert "not recorded yet" in interrupted[1] or "leads" in interrupted[1], interrupted
+        assert len(jobs) == 6  # each ended once the database was back (jobs_left 0 above)
+
+
+async def test_sigterm_of_a_lone_postgres_bridge_serves_during_its_grace(
+    workdir: Path, make_emulator: EmulatorFactory, postgres: PostgresServer
+) -> None:
+    """One bridge with --database: SIGTERM drains as a single bridge's does (for stop_grace the bridge
+    refuses new jobs and /ready answers 503, while sockets, polls and fetches are served). It stood
+    down as if another bridge were there to take over: every poll and fetch answered 503 "No bridge
+    of the cluster leads", and its sockets closed at once with 1012."""
+    emulators = [await make_emulator(pace=0.2)]
+    async with (
+        cluster(workdir, postgres.new_database(), emulators, 1, {}, "--stop-grace", "6") as bridges,
+        aiohttp.ClientSession() as session,
+    ):
+        ((proc, a),) = bridges
+        async with session.ws_connect(f"{a}/ws", params={"clientId": "lone"}) as ws:
+            await ws.receive()  # connected
+            for _ in range(3):
+                await post_job(session, a, "lone", TINY)
+            await wait_for(lambda: len(emulators[0].engine.started) >= 1)
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(1.5)  # well inside the 6 s grace
+            seen = {}
+            for method, path in (
+                ("GET", "/execution-info"), ("GET", "/history"), ("GET", "/generation-count"),
+                ("GET", "/workflow-list"), ("GET", "/ready"), ("POST", "/generate-based-workflow"),
+            ):  # fmt: skip
+                body = TINY if method == "POST" else None
+                async with session.request(method, f"{a}{path}", params={"clientId": "lone"}, json=body) as resp:
+                    seen[path] = (resp.status, (await resp.read())[:120])
+            closes = []
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1):
+                    while (msg := await ws.receive()).type is aiohttp.WSMsgType.TEXT:
+                        pass
+                    closes.append((msg.type, msg.data, msg.extra))
+        assert proc.returncode is None  # still in its grace when asked
+        assert seen["/ready"][0] == 503, seen
+        assert seen["/generate-based-workflow"][0] == 503, seen
+        for path in ("/execution-info", "/history", "/generation-count", "/workflow-list"):
+            assert seen[path][0] in (200, 204), (path, seen[path], "socket:", closes)
+        assert not closes, closes

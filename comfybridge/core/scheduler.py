@@ -555,11 +555,13 @@ class Scheduler:
                 await core.cancel_on_backend(backend, job)
             # WAITING: end took it out of the queue. SUBMITTING: its send cancels it once ComfyUI answers.
         outcomes = await asyncio.gather(*ended, return_exceptions=True)
-        failed = next((o for o in outcomes if isinstance(o, StorageError)), None)
+        failed = next((o for o in outcomes if isinstance(o, BaseException)), None)
         if failed is not None:  # stopped, and told once recorded; a restart before that runs them again
-            raise type(failed)(
+            refusal = type(failed) if isinstance(failed, StorageError) else StorageUnavailable
+            raise refusal(
                 f"The jobs are stopped, but their cancellation is not recorded yet: {failed} Until it is (the "
-                "bridge keeps trying), a restart of the bridge would run them again."
+                "bridge keeps trying), a restart of the bridge, or another bridge of its cluster taking over, "
+                "would run them again."
             )
 
     async def free(self, client_id: str | None) -> bool:

@@ -74,6 +74,7 @@ def keepalives(silence: float) -> dict[str, str]:
     }
 
 
+APPLICATION = "comfybridge"  # every bridge's sessions' application_name
 CONNECT_TIMEOUT = 10.0
 COMMAND_TIMEOUT = 15.0  # seconds one commit may take before it counts as the database's trouble
 MAX_BATCH = 512  # writes in one commit at most
@@ -168,7 +169,8 @@ class PgJournal:
         self.dsn = dsn
         self.backends = backends
         self.folder = ""  # this bridge's data folder's mark, told to the others while it leads
-        self._server_settings = keepalives(silence)
+        # Named, so that a leader can tell whether another bridge is there to take over (`others`).
+        self._server_settings = {**keepalives(silence), "application_name": APPLICATION}
         self.frozen_after = FROZEN_FACTOR * silence + FROZEN_MARGIN
         self._may_depose = True  # False once PostgreSQL refused to end another bridge's session
         self.url = url  # where other bridges reach this one, told to them while it leads
@@ -312,6 +314,17 @@ class PgJournal:
             rows = await self._load(conn, count_floor)
         self._writer = asyncio.ensure_future(self._write_loop())
         return rows
+
+    def others(self) -> asyncio.Future[int]:
+        """How many other bridges' sessions are on this database now (those of another role may not
+        be seen: PostgreSQL hides their names)."""
+        return self._submit(
+            lambda conn: conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 "
+                "AND datname = current_database() AND pid <> pg_backend_pid()",
+                APPLICATION,
+            )
+        )
 
     def heartbeat(self) -> asyncio.Future[None]:
         """A round trip through the writer (in order with the writes): done once the database answered
