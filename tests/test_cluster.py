@@ -554,3 +554,33 @@ async def test_sigterm_of_a_lone_postgres_bridge_serves_during_its_grace(
         for path in ("/execution-info", "/history", "/generation-count", "/workflow-list"):
             assert seen[path][0] in (200, 204), (path, seen[path], "socket:", closes)
         assert not closes, closes
+
+
+async def test_a_follower_relays_to_the_leader_while_its_lease_lasts_through_a_database_outage(
+    workdir: Path, make_emulator: EmulatorFactory, postgres: PostgresServer
+) -> None:
+    """The database goes away: the leader serves on what needs none (a poll) until its lease runs
+    out. A follower that lost the database too kept relaying nothing: it forgot the leader at once,
+    and answered 503 "no bridge leads" while the leader still led. It relays until that lease could
+    have run out, then forgets it."""
+    emulators = [await make_emulator()]
+    async with (
+        cluster(workdir, postgres.new_database(), emulators, 2, {}, "--leader-timeout", "10") as bridges,
+        aiohttp.ClientSession() as session,
+    ):
+        _, (_, b) = bridges
+        await post_job(session, b, "poller", TINY)
+        await wait_closed(session, b, ["poller"])
+        follower_log = workdir / "bridge1" / "bridge.log"
+        said = len(follower_log.read_text())
+        postgres.stop()
+        try:
+            await wait_for(lambda: "database" in follower_log.read_text()[said:], timeout=30)  # b lost it too
+            async with session.get(f"{b}/execution-info", params={"clientId": "poller"}) as resp:
+                assert resp.status == 200, await resp.text()  # relayed to a, which still leads
+                assert (await resp.json())["status"] == "closed"
+            async with asyncio.timeout(60):  # a's lease has run out: b names no leader any more
+                while (await health(session, b))["cluster"]["leader"] is not None:  # type: ignore[index]
+                    await asyncio.sleep(0.1)
+        finally:
+            postgres.start()

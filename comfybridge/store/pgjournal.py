@@ -175,6 +175,8 @@ class PgJournal:
         self._may_depose = True  # False once PostgreSQL refused to end another bridge's session
         self.url = url  # where other bridges reach this one, told to them while it leads
         self.leader: Leader | None = None  # who leads, as last seen
+        self._silence = silence
+        self._leader_seen = -math.inf  # monotonic time the database last named the leader
         self.relay_secret = ""  # shared by the cluster's bridges: a request relayed by one is believed
         self.count = 0
         self.bridge_id = ""
@@ -263,11 +265,15 @@ class PgJournal:
                     )
                     return
                 self.leader = Leader.parse(leader) if leader else None
+                self._leader_seen = time.monotonic()
                 if contend and self.leader is not None:
                     await self._depose_frozen(conn)
             except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                # The leader last seen leads on without the database for its `silence` at most,
+                # serving what needs none: it is relayed to until then.
                 self._drop_connection()
-                self.leader = None
+                if time.monotonic() - self._leader_seen >= self._silence:
+                    self.leader = None
                 log.warning("database %s: %s: %s", shown_dsn(self.dsn), exc.__class__.__name__, exc)
             except (ValueError, TypeError, KeyError) as exc:
                 self.leader = None
