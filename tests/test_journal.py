@@ -408,9 +408,10 @@ async def test_a_journal_deleted_in_a_read_only_folder_refuses_until_it_can_be_w
         status, body = await generate(client, "refused", TINY)
         assert status == 503
         assert f"its journal {journal} was deleted, and cannot be written back" in body["detail"]
-        async with asyncio.timeout(10):  # the watch finds it too, and says so
-            while (ready := await client.get("/ready")).status == 200:
+        async with asyncio.timeout(10):  # the watch finds it too, and says so (the write's failure, first)
+            while "was deleted" not in (await (ready := await client.get("/ready")).json()).get("detail", ""):
                 await asyncio.sleep(0.05)
+        assert ready.status == 503
         assert (await ready.json())["detail"].startswith(f"the job journal {journal} was deleted, and cannot be")
     async with asyncio.timeout(10):  # writable again: the next look writes it back
         while (await client.get("/ready")).status != 200:
