@@ -39,14 +39,14 @@ from .edge.relay import ClusterView, relay_middleware, relay_session
 from .edge.replies import error_middleware
 from .edge.routes import setup_routes
 from .edge.ws import SocketHub, heartbeat
-from .errors import WorkflowConfigError
+from .errors import StorageError, WorkflowConfigError
 from .leadership import Leadership
 from .store.counter import StateStore
 from .store.datadir import DataDirLock, folder_mark
 from .store.journal import JobStore, SqliteJournal
 from .store.pgjournal import PgJournal
 from .store.results import ResultStore
-from .store.s3 import S3Blobs
+from .store.s3 import ObjectStoreError, S3Blobs
 from .store.uploads import UploadLimits, UploadStore
 
 __all__ = ["MB", "create_app"]
@@ -147,7 +147,10 @@ async def _stores(app: web.Application) -> AsyncIterator[None]:
         await blobs.start()  # the bucket must answer: ObjectStoreError, one line, exit 2
     try:
         # Indexing the uploads earlier runs left walks the data folder: off the event loop.
-        await app[UPLOADS].reload()
+        try:
+            await app[UPLOADS].reload()
+        except StorageError as exc:  # the bucket answered, then refused the listing: one line, exit 2
+            raise ObjectStoreError(f"storage {app[SETTINGS].storage} cannot be used: {exc}") from None
         yield
     finally:
         if isinstance(blobs, S3Blobs):

@@ -214,6 +214,11 @@ def _positive(value: float) -> str | None:
     return None if value > 0 else "must be greater than 0"
 
 
+def _link_ttl(value: float) -> str | None:
+    """What a SigV4 presigned link may live: whole seconds, from 1 to a week."""
+    return None if 1 <= value <= 604800 else "must be from 1 to 604800 seconds (S3 signs links for a week at most)"
+
+
 def _not_negative(value: float) -> str | None:
     return None if value >= 0 else "must not be negative"
 
@@ -417,7 +422,7 @@ OPTIONS: dict[str, tuple[Parser, Callable[[Any], str | None] | None, str]] = {
         "empty: uploads and results in folders under the data dir; s3://bucket/prefix: in object storage",
     ),
     "s3_endpoint": (_endpoint, None, "with s3:// storage: an S3-compatible server's URL (empty: AWS)"),
-    "link_ttl": (_number(float), _positive, "with s3:// storage: seconds a /history?resType=url link works"),
+    "link_ttl": (_number(float), _link_ttl, "with s3:// storage: seconds a /history?resType=url link works"),
     "s3_timeout": (
         _number(float),
         _positive,

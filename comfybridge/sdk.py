@@ -15,12 +15,14 @@ Every refusal raises `BridgeError` with the bridge's `detail`; a job that ends i
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import queue
 import threading
 import time
 import urllib.parse
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +37,14 @@ T = TypeVar("T")
 NO_TOTAL = aiohttp.ClientTimeout(total=None, sock_connect=30)
 FileSource = str | Path | bytes | tuple[str, bytes]  # a path, raw bytes, or (file name, bytes)
 # A follower whose socket closed (the bridge restarting, a network drop, the bridge's 1011 racing a
-# next job) opens it again, within the bridge's disconnect grace, and for this long at the most.
+# next job) opens it again for this long at the most, counted from the loss.
 RECONNECT_FOR = 120.0
-RECONNECT_FIRST, RECONNECT_MAX = 0.1, 5.0  # the pause before the second attempt, doubling up to this
+# The pause before the second attempt, doubling up to a second: well inside the bridge's disconnect
+# grace (5 s by default), past which a client's jobs are cancelled.
+RECONNECT_FIRST, RECONNECT_MAX = 0.1, 1.0
 RETRIED = frozenset({408, 429, 502, 503, 504})  # a refused handshake that a later attempt may pass
 ENDINGS_KEPT = 1024  # endings seen, for a job followed only once it ended
+BACKLOG = 1024  # frames kept while nobody listens (a job queued, then followed)
 
 
 __all__ = ["AsyncBridge", "Bridge", "BridgeError", "Event", "Job", "JobFailed", "ResultFile"]
@@ -120,7 +125,10 @@ class AsyncBridge:
         self._reader: asyncio.Task[None] | None = None
         self._connecting = asyncio.Lock()
         self._listeners: set[asyncio.Queue[Event | BridgeError | None]] = set()
+        self._backlog: deque[Event | BridgeError] = deque(maxlen=BACKLOG)  # for the next listener
         self._ended: OrderedDict[str, Event] = OrderedDict()  # job_id -> its closed or error
+        self._lost_at: float | None = None  # monotonic time the socket was lost, until one is open again
+        self._closed = asyncio.Event()
 
     async def __aenter__(self) -> AsyncBridge:
         return self
@@ -129,6 +137,8 @@ class AsyncBridge:
         await self.close()
 
     async def close(self) -> None:
+        """Close the socket and the session; a `follow` or `events` waiting raises BridgeError."""
+        self._closed.set()  # no socket is opened from now on (a follower reconnecting gives up)
         if self._reader is not None:  # first, or it would take the close for a lost socket
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -137,7 +147,7 @@ class AsyncBridge:
         if self._ws is not None:
             await self._ws.close()
             self._ws = None
-        for frames in self._listeners:
+        for frames in tuple(self._listeners):
             frames.put_nowait(BridgeError(0, "the client was closed"))
         if self._own_session and self._session is not None:
             await self._session.close()
@@ -211,13 +221,14 @@ class AsyncBridge:
         await self._socket()
         with self._listening() as frames:
             ended = self._ended.get(job.job_id)  # it ended before anyone followed it
-            if ended is not None:
-                yield ended
-                return
             while True:
+                if ended is not None and frames.empty():
+                    yield ended  # its frames went to other followers, or came before the backlog's
+                    return
                 item = await frames.get()
                 if item is None:
                     await self._socket(reconnect=True)
+                    ended = ended or await self._ended_meanwhile(job)
                     continue
                 if isinstance(item, BridgeError):
                     raise item
@@ -227,9 +238,21 @@ class AsyncBridge:
                 if item.ended:
                     return
 
+    async def _ended_meanwhile(self, job: Job) -> Event | None:
+        """After a reconnect: the job's end, if it came while no socket was open and the bridge holds
+        it no more (an outage longer than its disconnect grace cancelled the job)."""
+        try:
+            now = await self.status()
+        except BridgeError:
+            return None  # the frames will tell
+        return now if now.job_id == job.job_id and now.ended else None
+
     @contextlib.contextmanager
     def _listening(self) -> Iterator[asyncio.Queue[Event | BridgeError | None]]:
+        """A queue of every frame from now on, and of those that came while nobody listened."""
         frames: asyncio.Queue[Event | BridgeError | None] = asyncio.Queue()
+        while self._backlog:
+            frames.put_nowait(self._backlog.popleft())
         self._listeners.add(frames)
         try:
             yield frames
@@ -297,12 +320,16 @@ class AsyncBridge:
     # plumbing --------------------------------------------------------------------------------
     async def _socket(self, reconnect: bool = False) -> aiohttp.ClientWebSocketResponse:
         """The open socket, or a new one. With `reconnect`, a refusal that may pass later (the
-        bridge restarting, a proxy without it yet) is tried again, for up to RECONNECT_FOR."""
+        bridge restarting, a proxy without it yet) is tried again, until RECONNECT_FOR after the
+        loss (the same limit for every follower of the lost socket)."""
         async with self._connecting:  # several followers that lost the socket open one
             if self._ws is not None and not self._ws.closed:
                 return self._ws
-            give_up, pause = time.monotonic() + RECONNECT_FOR, RECONNECT_FIRST
+            give_up = (self._lost_at or time.monotonic()) + RECONNECT_FOR
+            pause = RECONNECT_FIRST
             while True:
+                if self._closed.is_set():
+                    raise BridgeError(0, "the client was closed")
                 try:
                     ws = await self._connect()
                     break
@@ -310,9 +337,10 @@ class AsyncBridge:
                     status = exc.status if isinstance(exc, BridgeError) else 0
                     if not reconnect or (status and status not in RETRIED) or time.monotonic() >= give_up:
                         raise exc if isinstance(exc, BridgeError) else BridgeError(0, f"no socket: {exc}") from None
-                await asyncio.sleep(pause)
+                with contextlib.suppress(TimeoutError):  # a close() ends the wait
+                    await asyncio.wait_for(self._closed.wait(), pause)
                 pause = min(pause * 2, RECONNECT_MAX)
-            self._ws = ws
+            self._ws, self._lost_at = ws, None
             self._reader = asyncio.ensure_future(self._read(ws))
             return ws
 
@@ -347,12 +375,14 @@ class AsyncBridge:
                     self._ended[str(item.job_id)] = item
                     while len(self._ended) > ENDINGS_KEPT:
                         self._ended.popitem(last=False)
-                for frames in self._listeners:
+                if not self._listeners:
+                    self._backlog.append(item)
+                for frames in tuple(self._listeners):
                     frames.put_nowait(item)
         if self._ws is ws:
-            self._ws = None
+            self._ws, self._lost_at = None, time.monotonic()
         await ws.close()
-        for frames in self._listeners:
+        for frames in tuple(self._listeners):
             frames.put_nowait(None)
 
     async def _json(self, method: str, path: str, client: bool = False, **kwargs: Any) -> Any:
@@ -477,16 +507,32 @@ class Bridge:
         return self._call(self._async.generate(workflow, inputs, files))
 
     def follow(self, job: Job) -> Iterator[Event]:
-        """The job's events as they come, ending with its `closed`; raises JobFailed on `error`."""
-        events = self._async._job_events(job).__aiter__()
-        while True:
+        """The job's events as they come, ending with its `closed`; raises JobFailed on `error`.
+        They are read on the client's loop and passed here: nothing of the loop's is touched from
+        this thread, also when the caller stops iterating early."""
+        events: queue.SimpleQueue[Event | BaseException | None] = queue.SimpleQueue()
+
+        async def pump() -> None:
             try:
-                event = self._call(events.__anext__())
-            except StopAsyncIteration:
-                return
-            yield event
-            if event.ended and event.status == "error":
-                raise JobFailed(job.job_id, event.detail)
+                async for event in self._async._job_events(job):
+                    events.put(event)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # raised in the caller's thread
+                events.put(exc)
+            else:
+                events.put(None)
+
+        pumping: concurrent.futures.Future[None] = asyncio.run_coroutine_threadsafe(pump(), self._loop)
+        try:
+            while (item := events.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.ended and item.status == "error":
+                    raise JobFailed(job.job_id, item.detail)
+        finally:
+            pumping.cancel()  # thread-safe: the task is cancelled on its loop
 
     def run(
         self,

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp import web
@@ -278,3 +281,191 @@ async def test_run_survives_a_bridge_restart(workdir: Path, tmp_path: Path, how:
         finally:
             running.cancel()
             await bridge.close()
+
+
+async def test_async_close_ends_a_follower_that_is_reconnecting(workdir: Path) -> None:
+    """The bridge goes away while `follow` waits, and the follower reconnects: `close()` ends it
+    (BridgeError), instead of leaving it retrying on a session of its own making."""
+    async with bridge_process(workdir, *SLOW) as (proc, url):
+        bridge = AsyncBridge(url, client_id="closing")
+        heard: list[Event] = []
+        following = asyncio.create_task(bridge.run("slow", on_event=heard.append))
+        async with asyncio.timeout(15):
+            while not any(e.status == "progress" for e in heard):
+                await asyncio.sleep(0.02)
+        proc.kill()
+        await proc.wait()
+        await asyncio.sleep(0.5)  # the follower is in its reconnect loop now
+        await bridge.close()
+        try:
+            with pytest.raises(BridgeError):
+                await asyncio.wait_for(following, 10)
+        finally:
+            following.cancel()
+            leaked = bridge._session
+            if leaked is not None:
+                await leaked.close()
+
+
+async def test_blocking_close_does_not_leave_a_following_thread_hanging(workdir: Path) -> None:
+    """Bridge.follow in one thread, Bridge.close in another while the socket is being opened again:
+    the following thread ends (BridgeError), never waits for ever on a loop that stopped."""
+    async with bridge_process(workdir, *SLOW) as (proc, url):
+        bridge = Bridge(url, client_id="closing-blocking")
+        job = await asyncio.to_thread(bridge.generate, "slow")
+        heard: list[Event] = []
+        outcome: list[BaseException | None] = []
+
+        def follow() -> None:
+            try:
+                for event in bridge.follow(job):
+                    heard.append(event)
+                outcome.append(None)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        follower = threading.Thread(target=follow, daemon=True)
+        follower.start()
+        async with asyncio.timeout(15):
+            while not any(e.status == "progress" for e in heard):
+                await asyncio.sleep(0.02)
+        proc.kill()
+        await proc.wait()
+        await asyncio.sleep(0.5)  # the follower is in its reconnect loop now
+        await asyncio.to_thread(bridge.close)
+        await asyncio.to_thread(follower.join, 10)
+        assert not follower.is_alive(), "the following thread hangs for ever after close()"
+
+
+async def test_blocking_follow_after_generate_misses_no_frame(workdir: Path) -> None:
+    """Bridge.generate opens the socket first so that `follow` misses nothing: the frames told between
+    generate and follow, which no one was listening for, reach follow."""
+    async with bridge_process(workdir, *SLOW) as (_, url):
+
+        def script() -> list[Event]:
+            with Bridge(url, client_id="late-follower") as bridge:
+                job = bridge.generate("slow")
+                time.sleep(0.8)  # the script does something else; the job makes progress meanwhile
+                return list(bridge.follow(job))
+
+        events = await asyncio.wait_for(asyncio.to_thread(script), 30)
+    assert events[-1].status == "closed"
+    percents = [e.percent for e in events if e.percent is not None]
+    assert percents, [(e.status, e.detail) for e in events]
+    assert min(percents) < 20, [(e.status, e.detail) for e in events]  # the job's first step
+
+
+async def test_a_network_outage_shorter_than_the_grace_neither_cancels_nor_hangs_the_follower(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The socket drops and the network stays away for 3.3 s, inside the bridge's 5 s disconnect grace:
+    the SDK opens it again in time (its pauses never exceed a second), and the job is not cancelled."""
+    emulator = await make_emulator(pace=1.5)  # `slow` runs for about 10 s
+    client = await make_bridge(emulator, disconnect_grace=5.0)  # the default (the fixture has 0.3 s)
+    url = str(client.make_url("")).rstrip("/")
+    async with AsyncBridge(url, client_id="outage") as bridge:
+        heard: list[Event] = []
+        await bridge._socket()
+        job = await bridge.generate("slow")
+        following = asyncio.create_task(bridge.follow(job, on_event=heard.append))
+        async with asyncio.timeout(15):
+            while not any(e.status == "progress" for e in heard):
+                await asyncio.sleep(0.02)
+        connect = bridge._connect
+        back_at = time.monotonic() + 3.3
+
+        async def network_down() -> aiohttp.ClientWebSocketResponse:
+            if time.monotonic() < back_at:
+                raise aiohttp.ClientConnectionError("network is unreachable")
+            return await connect()
+
+        monkeypatch.setattr(bridge, "_connect", network_down)
+        assert bridge._ws is not None
+        await bridge._ws.close()  # the drop: the bridge sees the socket close, the grace starts
+        try:
+            ended = await asyncio.wait_for(asyncio.shield(following), 30)
+        except JobFailed as failed:
+            raise AssertionError(f"a 3.3 s outage cancelled the job: {failed.detail}") from None
+        except TimeoutError:
+            raise AssertionError(
+                f"follow still waits 30 s later; last heard {[(e.status, e.detail) for e in heard[-3:]]}"
+            ) from None
+        finally:
+            following.cancel()
+        assert (ended.status, ended.job_id) == ("closed", job.job_id)
+
+
+async def test_a_blocking_follow_dropped_early_leaves_the_socket_reader_alive(workdir: Path) -> None:
+    """A blocking `follow` dropped early (a `break`, JobFailed after the `error`) is closed in the
+    caller's thread: nothing of the loop's (the reader's listeners) may be touched there, or the
+    reader dies ("Set changed size during iteration") and every later follow waits for ever. (Many
+    listeners and a short switch interval widen the window.)"""
+    import sys
+
+    async with bridge_process(workdir, "--emulate", "1", "--heartbeat", "0.01") as (_, url):
+
+        def script() -> str:
+            old = sys.getswitchinterval()
+            sys.setswitchinterval(1e-5)
+            bridge = Bridge(url, client_id="threads")
+            try:
+                job = bridge.generate("solid", {"1/width": 8})
+                assert list(bridge.follow(job))[-1].status == "closed"
+
+                async def listen_a_lot() -> list[object]:
+                    kept = []
+                    for _ in range(3000):  # as many `events()` iterators would
+                        listening = bridge._async._listening()
+                        listening.__enter__()
+                        kept.append(listening)
+                    return kept
+
+                kept = asyncio.run_coroutine_threadsafe(listen_a_lot(), bridge._loop).result()
+                assert len(kept) == 3000
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline:
+                    following = bridge.follow(job)
+                    next(following)  # its `closed` (kept): then the script moves on
+                    del following
+                reader = bridge._async._reader
+                assert reader is not None
+                if reader.done() and not reader.cancelled() and reader.exception() is not None:
+                    return f"the socket's reader died: {reader.exception()!r}"
+                return "alive"
+            finally:
+                sys.setswitchinterval(old)
+                bridge.close()
+
+        said = await asyncio.wait_for(asyncio.to_thread(script), 60)
+    assert said == "alive", said
+
+
+async def test_an_outage_past_the_grace_ends_the_follower_with_the_jobs_end(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The network stays away past the disconnect grace (0.3 s here) and past the frames' hold: the
+    job is cancelled and no frame will say so. After reconnecting, the follower asks /execution-info,
+    and raises the job's end instead of waiting for ever."""
+    client = await make_bridge(await make_emulator(pace=1.5))
+    url = str(client.make_url("")).rstrip("/")
+    async with AsyncBridge(url, client_id="long-outage") as bridge:
+        heard: list[Event] = []
+        await bridge._socket()
+        job = await bridge.generate("slow")
+        following = asyncio.create_task(bridge.follow(job, on_event=heard.append))
+        async with asyncio.timeout(15):
+            while not any(e.status == "progress" for e in heard):
+                await asyncio.sleep(0.02)
+        connect = bridge._connect
+        back_at = time.monotonic() + 2.0
+
+        async def network_down() -> aiohttp.ClientWebSocketResponse:
+            if time.monotonic() < back_at:
+                raise aiohttp.ClientConnectionError("network is unreachable")
+            return await connect()
+
+        monkeypatch.setattr(bridge, "_connect", network_down)
+        assert bridge._ws is not None
+        await bridge._ws.close()
+        with pytest.raises(JobFailed, match="interrupted"):
+            await asyncio.wait_for(following, 30)

@@ -584,3 +584,56 @@ async def test_a_follower_relays_to_the_leader_while_its_lease_lasts_through_a_d
                     await asyncio.sleep(0.1)
         finally:
             postgres.start()
+
+
+async def test_a_lone_leader_in_its_sigterm_grace_takes_no_job_after_leading_again(
+    workdir: Path, make_emulator: EmulatorFactory, postgres: PostgresServer
+) -> None:
+    """A lone bridge on PostgreSQL gets SIGTERM and drains (new jobs 503). The database goes away past
+    --leader-timeout, the term ends, and once it is back the bridge leads again (nobody else can): its
+    new term must still refuse new jobs."""
+    emulators = [await make_emulator()]
+    flags = ("--stop-grace", "60", "--leader-timeout", "2")
+    async with (
+        cluster(workdir, postgres.new_database(), emulators, 1, {}, *flags) as bridges,
+        aiohttp.ClientSession() as session,
+    ):
+        ((proc, a),) = bridges
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(1.0)
+        async with session.post(f"{a}/generate-based-workflow", params={"clientId": "late"}, json=TINY) as resp:
+            assert resp.status == 503, await resp.text()  # stopping
+        postgres.stop()
+        try:
+            await asyncio.sleep(4.0)  # past --leader-timeout: the term ends
+        finally:
+            postgres.start()
+        async with asyncio.timeout(30):  # it campaigns again, and (alone) wins
+            while (await health(session, a))["cluster"]["role"] != "leader":  # type: ignore[index]
+                await asyncio.sleep(0.2)
+        await asyncio.sleep(1.0)
+        async with session.post(f"{a}/generate-based-workflow", params={"clientId": "later"}, json=TINY) as resp:
+            answered = resp.status, await resp.text()
+        assert answered[0] == 503, f"a bridge in its SIGTERM grace took a new job: {answered}"
+
+
+async def test_a_leader_whose_only_peer_is_stepping_down_drains_as_a_lone_bridge(
+    workdir: Path, make_emulator: EmulatorFactory, postgres: PostgresServer
+) -> None:
+    """The whole cluster is stopped, follower first: a bridge that stands down is not one to hand over
+    to, so the leader drains as a lone bridge does, serving polls through its grace."""
+    emulators = [await make_emulator()]
+    async with (
+        cluster(workdir, postgres.new_database(), emulators, 2, {}, "--stop-grace", "20") as bridges,
+        aiohttp.ClientSession() as session,
+    ):
+        (leader, a), (follower, _) = bridges
+        await post_job(session, a, "whole", TINY)
+        follower.send_signal(signal.SIGTERM)
+        await asyncio.sleep(1.0)
+        leader.send_signal(signal.SIGTERM)
+        await asyncio.sleep(2.0)
+        async with session.get(f"{a}/execution-info", params={"clientId": "whole"}) as resp:
+            answered = resp.status, await resp.text()
+        role = (await health(session, a))["cluster"]
+        assert answered[0] == 200, (answered, role)

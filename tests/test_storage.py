@@ -14,12 +14,14 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 
+from comfybridge.config import ConfigError, load_settings
 from comfybridge.errors import StorageUnavailable
 from comfybridge.store.s3 import S3Blobs
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
-from .faulty_s3 import FAULTS, faulty_s3
+from .faulty_s3 import FAULTS, FaultyS3, faulty_s3
 from .helpers import (
     TINY,
     assert_one_line_error,
@@ -412,3 +414,113 @@ async def test_a_small_result_object_removed_by_other_hands_is_a_410_before_anyt
     resp = await client.get("/history", params={"clientId": "tampered"})
     assert [without_job_id(part[1]) for part in await read_results(resp)] == ["wf_b_empty_00001_.png"]
     assert (await client.get("/history", params={"clientId": "tampered"})).status == 204
+
+
+async def test_a_bucket_gone_a_while_at_hand_over_does_not_fail_a_job_as_its_upload_gone(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, s3: S3Server
+) -> None:
+    """A HEAD on a missing bucket answers a bare 404 (a HEAD has no body), as for a missing key: the
+    job whose upload is looked for then waits for the store, as for any trouble, instead of failing
+    as if its upload were gone."""
+    bucket = s3.new_bucket()
+    async with faulty_s3(s3.url) as proxy:
+        client = await make_bridge(
+            await make_emulator(), storage=f"s3://{bucket}/t", s3_endpoint=proxy.url, s3_timeout=0.5
+        )
+        status, names = await upload(client, {"photo": ("cat.png", png())}, client_id="hand")
+        assert status == 200
+        proxy.fault = "no-bucket"
+        status, _ = await generate(client, "hand", {"workflow": "invert", "1/image": names["photo"]})
+        assert status == 200
+        await wait_for(lambda: proxy.refused >= 1, timeout=30)
+        await asyncio.sleep(2)
+        proxy.fault = None
+        info = await poll_status(client, "hand", {"closed", "error"}, timeout=60)
+        assert info["status"] == "closed", info
+
+
+class ListingRefusedS3(FaultyS3):
+    """Passes everything through but a bucket listing, which it answers with `fault` (a store that
+    answers the bucket's HEAD, then a 503 SlowDown or a 500 on the next request)."""
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if self.fault is not None and request.method == "GET" and "list-type" in request.query:
+            self.refused += 1
+            return web.Response(
+                status=FAULTS[self.fault][0],
+                body=f"<Error><Code>{FAULTS[self.fault][1]}</Code><Message>refused</Message></Error>".encode(),
+                content_type="application/xml",
+            )
+        fault, self.fault = self.fault, None  # (nothing else is in flight at start-up: HEAD, then the listing)
+        try:
+            return await super()._handle(request)
+        finally:
+            self.fault = fault
+
+
+async def test_a_store_refusing_the_listing_at_start_up_is_one_line_and_exit_2(workdir: Path, s3: S3Server) -> None:
+    """The bucket answers its HEAD, then refuses (503 SlowDown) the listing start-up reads: one line,
+    exit 2, as for any bucket that cannot be used at start-up."""
+    bucket = s3.new_bucket()
+    proxy = ListingRefusedS3(s3.url)
+    await proxy.start()
+    try:
+        proxy.fault = "503"
+        flags = ["--emulate", "1", "--storage", f"s3://{bucket}", "--s3-endpoint", proxy.url, "--s3-timeout", "1"]
+        result = await asyncio.to_thread(run_cli, flags, workdir)
+    finally:
+        await proxy.stop()
+    assert proxy.refused
+    assert_one_line_error(result, f"storage s3://{bucket} cannot be used")
+
+
+@pytest.mark.parametrize("fault", ["403", "503"])
+async def test_links_asked_of_a_store_in_trouble_are_a_503_that_keeps_the_results(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, s3: S3Server, fault: str
+) -> None:
+    """A store refusing (5xx, wrong credentials) answers 503 for a fetch as links too: they were signed
+    without asking the store, answered 200, and the results counted as fetched."""
+    bucket = s3.new_bucket()
+    async with faulty_s3(s3.url) as proxy:
+        client = await make_bridge(
+            await make_emulator(), storage=f"s3://{bucket}/l", s3_endpoint=proxy.url, s3_timeout=0.5, inline_result_kb=0
+        )
+        frames = await run_job(client, "linked", TINY)
+        assert frames[-1]["status"] == "closed", frames[-1]
+        proxy.fault = fault
+        resp = await client.get("/history", params={"clientId": "linked", "resType": "url"})
+        answer = await resp.json()
+        proxy.fault = None
+        assert resp.status == 503, answer
+        resp = await client.get("/history", params={"clientId": "linked"})
+        assert resp.status == 200  # nothing was forgotten
+        assert len(await read_results(resp)) == 1
+
+
+async def test_links_to_result_objects_removed_by_other_hands_are_not_handed_out(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, s3: S3Server
+) -> None:
+    """A result object removed by other hands is a `410` naming its job when asked for as links too
+    (a HEAD each), never a link to nothing answered 200."""
+    bucket = s3.new_bucket()
+    client = await make_bridge(
+        await make_emulator(), storage=f"s3://{bucket}/l", s3_endpoint=s3.url, inline_result_kb=0
+    )
+    job_id = (await run_job(client, "gone", TINY))[-1]["job_id"]
+    (victim,) = s3.keys(bucket)
+    s3.client().delete_object(Bucket=bucket, Key=victim)
+    resp = await client.get("/history", params={"clientId": "gone", "resType": "url"})
+    answer = await resp.json()
+    if resp.status == 200:
+        async with aiohttp.ClientSession() as session, session.get(answer["files"][0]["url"]) as got:
+            assert got.status == 200, f"the bridge handed out a dead link ({got.status}) for job {job_id}"
+    assert resp.status == 410, answer
+    assert job_id in answer["detail"]
+
+
+@pytest.mark.parametrize("ttl", ["0.5", str(8 * 86400)])
+def test_a_link_ttl_that_s3_would_not_sign_is_refused(tmp_path: Path, ttl: str) -> None:
+    """SigV4 presigned links live 1 s to a week: S3 refuses a longer `X-Amz-Expires`, and 0.5 s was
+    signed as 0 (expired when handed out)."""
+    with pytest.raises(ConfigError, match="604800"):
+        load_settings(["--link-ttl", ttl], environ={}, cwd=tmp_path)

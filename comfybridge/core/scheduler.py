@@ -102,8 +102,11 @@ class Scheduler:
 
     def reset(self) -> None:
         """After `close`: forget everything, as a new process would, so `start` can run again (a bridge
-        of a cluster that stopped leading and leads again). The stores are the caller's to reload."""
+        of a cluster that stopped leading and leads again). The stores are the caller's to reload.
+        A bridge that was told to stop (SIGTERM's grace) still refuses new jobs."""
+        refusing = not self.core.accepting
         self._build()
+        self.core.accepting = not refusing
 
     # lifecycle -------------------------------------------------------------------------------
     async def start(self, rows: list[dict[str, Any]], connect_timeout: float = 3.0) -> None:
@@ -558,11 +561,14 @@ class Scheduler:
         failed = next((o for o in outcomes if isinstance(o, BaseException)), None)
         if failed is not None:  # stopped, and told once recorded; a restart before that runs them again
             refusal = type(failed) if isinstance(failed, StorageError) else StorageUnavailable
-            raise refusal(
+            told = refusal(
                 f"The jobs are stopped, but their cancellation is not recorded yet: {failed} Until it is (the "
                 "bridge keeps trying), a restart of the bridge, or another bridge of its cluster taking over, "
                 "would run them again."
             )
+            if isinstance(told, StorageUnavailable):
+                told.retry_after = getattr(failed, "retry_after", None)
+            raise told
 
     async def free(self, client_id: str | None) -> bool:
         """POST /free on every backend that holds the client's work, or the one it used last (every

@@ -218,7 +218,7 @@ async def _deliver(
     """Send results reserved for this request, and forget them once sent whole; released if not."""
     files = [(result.job_id, f) for result in fetched for f in result.files]
     try:
-        damaged = await scheduler.result_store.damaged(files)
+        damaged = await scheduler.result_store.damaged(files, linked=res_type == "url")
     except BaseException:
         scheduler.release_results(fetched)
         raise

@@ -176,6 +176,7 @@ class PgJournal:
         self.url = url  # where other bridges reach this one, told to them while it leads
         self.leader: Leader | None = None  # who leads, as last seen
         self._silence = silence
+        self._leaving: Conn | None = None  # the connection named as a bridge that stops (it leads no more)
         self._leader_seen = -math.inf  # monotonic time the database last named the leader
         self.relay_secret = ""  # shared by the cluster's bridges: a request relayed by one is believed
         self.count = 0
@@ -247,6 +248,9 @@ class PgJournal:
                     if contend:  # one that only follows (standing down) must learn the next leader at once
                         await asyncio.sleep(INCUMBENT_WAIT)
                 conn = self._conn
+                if not contend and self._leaving is not conn:  # not one to hand over to (`others`)
+                    await conn.execute(f"SET application_name = '{APPLICATION}-leaving'")
+                    self._leaving = conn
                 won, leader = await _fetch_row(
                     conn,
                     "SELECT CASE WHEN $2 THEN pg_try_advisory_lock($1) ELSE false END, "

@@ -127,15 +127,19 @@ class ResultStore:
     def files_from(self, job_id: str, records: list[dict[str, Any]]) -> list[ResultFile]:
         return [_file_of(job_id, r) for r in records]
 
-    async def damaged(self, files: list[tuple[str, ResultFile]]) -> set[str]:
+    async def damaged(self, files: list[tuple[str, ResultFile]], linked: bool = False) -> set[str]:
         """Ids of the jobs among these (job id, file) whose stored files are gone or not of their
-        recorded size: removed or cut short by other hands. Asked of a local folder only (a stat
-        each, one trip to a thread); from object storage, such a file fails its read."""
+        recorded size: removed or cut short by other hands. A local folder is asked (a stat each,
+        one trip to a thread); object storage only when links to them are to be handed out
+        (`linked`: a HEAD each), as otherwise such a file fails its read."""
         stored = [(job_id, f) for job_id, f in files if f.data is None]
         sizes = await self.blobs.sizes([f.key for _, f in stored]) if stored else None
-        if sizes is None:
+        if sizes is not None:
+            return {job_id for job_id, f in stored if sizes.get(f.key) != f.size}
+        if not linked or not stored:
             return set()
-        return {job_id for job_id, f in stored if sizes.get(f.key) != f.size}
+        found = await asyncio.gather(*(self.blobs.exists(f.key) for _, f in stored))
+        return {job_id for (job_id, _), there in zip(stored, found, strict=True) if not there}
 
     async def missing(self, jobs: dict[str, list[ResultFile]]) -> set[str]:
         """Ids of the given jobs some of whose files are not in the store any more."""

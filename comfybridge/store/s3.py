@@ -152,6 +152,10 @@ class S3Blobs:
             async with self.call(f"looking for {key}", key):
                 await self._client.head_object(Bucket=self.bucket, Key=self._name(key))
         except BlobGone:
+            # A HEAD's answer has no body: S3 says a missing bucket with the same bare 404 as a
+            # missing key. Only a bucket that is there makes it the key's.
+            async with self.call("looking for the bucket"):
+                await self._client.head_bucket(Bucket=self.bucket)
             return False
         return True
 
