@@ -45,6 +45,7 @@ RECONNECT_FIRST, RECONNECT_MAX = 0.1, 1.0
 RETRIED = frozenset({408, 429, 502, 503, 504})  # a refused handshake that a later attempt may pass
 ENDINGS_KEPT = 1024  # endings seen, for a job followed only once it ended
 BACKLOG = 1024  # frames kept while nobody listens (a job queued, then followed)
+HEARTBEAT = 30.0  # seconds between pings: a connection dropped without a word is found out
 
 
 __all__ = ["AsyncBridge", "Bridge", "BridgeError", "Event", "Job", "JobFailed", "ResultFile"]
@@ -350,7 +351,7 @@ class AsyncBridge:
             params["token"] = self._api_key
         ws_url = self.url.replace("http", "ws", 1) + "/ws"
         try:
-            return await self.session.ws_connect(ws_url, params=params)
+            return await self.session.ws_connect(ws_url, params=params, heartbeat=HEARTBEAT)
         except aiohttp.WSServerHandshakeError as exc:
             # The bridge says why in X-Detail: a handshake's refusal body is not readable here.
             told = exc.headers.get("X-Detail") if exc.headers else None
@@ -359,7 +360,18 @@ class AsyncBridge:
             raise BridgeError(exc.status, detail, _seconds(wait)) from None
 
     async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        """The socket's one reader: each frame to every listener, and its end (None) once it closes."""
+        """The socket's one reader: each frame to every listener, and its end (None) once it closes
+        (whatever ended it: a follower must never wait on a reader that is gone)."""
+        try:
+            await self._read_frames(ws)
+        finally:
+            if self._ws is ws:
+                self._ws, self._lost_at = None, time.monotonic()
+            for frames in tuple(self._listeners):
+                frames.put_nowait(None)
+            await ws.close()
+
+    async def _read_frames(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         with contextlib.suppress(aiohttp.ClientError, OSError):
             async for msg in ws:
                 if msg.type is not aiohttp.WSMsgType.TEXT:
@@ -379,11 +391,6 @@ class AsyncBridge:
                     self._backlog.append(item)
                 for frames in tuple(self._listeners):
                     frames.put_nowait(item)
-        if self._ws is ws:
-            self._ws, self._lost_at = None, time.monotonic()
-        await ws.close()
-        for frames in tuple(self._listeners):
-            frames.put_nowait(None)
 
     async def _json(self, method: str, path: str, client: bool = False, **kwargs: Any) -> Any:
         params = dict(kwargs.pop("params", {}))
