@@ -140,6 +140,8 @@ class AsyncBridge:
     async def close(self) -> None:
         """Close the socket and the session; a `follow` or `events` waiting raises BridgeError."""
         self._closed.set()  # no socket is opened from now on (a follower reconnecting gives up)
+        for frames in tuple(self._listeners):  # before the reader's end (None) says less
+            frames.put_nowait(BridgeError(0, "the client was closed"))
         if self._reader is not None:  # first, or it would take the close for a lost socket
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -148,8 +150,6 @@ class AsyncBridge:
         if self._ws is not None:
             await self._ws.close()
             self._ws = None
-        for frames in tuple(self._listeners):
-            frames.put_nowait(BridgeError(0, "the client was closed"))
         if self._own_session and self._session is not None:
             await self._session.close()
             self._session = None
@@ -219,9 +219,12 @@ class AsyncBridge:
 
     async def _job_events(self, job: Job) -> AsyncIterator[Event]:
         """The job's frames (and those that name no job) up to its `closed` or `error`."""
+        opened = self._ws is None or self._ws.closed  # its frames may have gone to no socket
         await self._socket()
         with self._listening() as frames:
             ended = self._ended.get(job.job_id)  # it ended before anyone followed it
+            if ended is None and opened:
+                ended = await self._ended_meanwhile(job)
             while True:
                 if ended is not None and frames.empty():
                     yield ended  # its frames went to other followers, or came before the backlog's
@@ -240,13 +243,23 @@ class AsyncBridge:
                     return
 
     async def _ended_meanwhile(self, job: Job) -> Event | None:
-        """After a reconnect: the job's end, if it came while no socket was open and the bridge holds
-        it no more (an outage longer than its disconnect grace cancelled the job)."""
+        """On a socket just opened: the job's end, if it came while no socket was open and the bridge
+        holds it no more (an outage longer than its disconnect grace cancelled the job; a job
+        followed only once it ended). `/execution-info` names the client's last job only: an earlier
+        one of a client with nothing left ended too, and how is not known any more (BridgeError)."""
         try:
             now = await self.status()
-        except BridgeError:
+        except (BridgeError, aiohttp.ClientError, OSError):
             return None  # the frames will tell
-        return now if now.job_id == job.job_id and now.ended else None
+        if not now.ended or now.jobs_left:
+            return None
+        if now.job_id == job.job_id:
+            return now
+        raise BridgeError(
+            0,
+            f"job {job.job_id} ended while this client had no socket open, and its end is not kept any more: "
+            "its results, if any, are at /history",
+        )
 
     @contextlib.contextmanager
     def _listening(self) -> Iterator[asyncio.Queue[Event | BridgeError | None]]:

@@ -25,6 +25,22 @@ def url_of(client: Client) -> str:
     return str(client.make_url("")).rstrip("/")
 
 
+async def network_outage(bridge: AsyncBridge, seconds: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client's socket drops (the bridge sees it close: its disconnect grace starts), and every
+    connection attempt fails for `seconds`."""
+    connect = bridge._connect
+    back_at = time.monotonic() + seconds
+
+    async def network_down() -> aiohttp.ClientWebSocketResponse:
+        if time.monotonic() < back_at:
+            raise aiohttp.ClientConnectionError("network is unreachable")
+        return await connect()
+
+    monkeypatch.setattr(bridge, "_connect", network_down)
+    assert bridge._ws is not None
+    await bridge._ws.close()
+
+
 async def until_progress(heard: list[Event]) -> None:
     """Until a `progress` frame is heard (the guard only stops a hang)."""
     async with asyncio.timeout(15):
@@ -376,17 +392,7 @@ async def test_a_network_outage_within_the_grace_is_ridden_out_and_past_it_ends_
         job = await bridge.generate("slow")
         following = asyncio.create_task(bridge.follow(job, on_event=heard.append))
         await until_progress(heard)
-        connect = bridge._connect
-        back_at = time.monotonic() + outage
-
-        async def network_down() -> aiohttp.ClientWebSocketResponse:
-            if time.monotonic() < back_at:
-                raise aiohttp.ClientConnectionError("network is unreachable")
-            return await connect()
-
-        monkeypatch.setattr(bridge, "_connect", network_down)
-        assert bridge._ws is not None
-        await bridge._ws.close()  # the drop: the bridge sees the socket close, the grace starts
+        await network_outage(bridge, outage, monkeypatch)
         if outage < grace:
             ended = await asyncio.wait_for(following, 30)
             assert (ended.status, ended.job_id) == ("closed", job.job_id)
@@ -438,3 +444,78 @@ async def test_a_blocking_follow_dropped_early_leaves_the_socket_reader_alive(wo
 
         said = await asyncio.wait_for(asyncio.to_thread(script), 60)
     assert said == "alive", said
+
+
+async def test_two_followed_jobs_cancelled_by_a_long_outage_both_end(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two jobs followed, both cancelled by an outage past the grace: /execution-info names only the
+    one that ended last, whose follow raises its end; the other's follow ends too (BridgeError:
+    its end is not kept any more), never waits for ever."""
+    client = await make_bridge(await make_emulator(pace=1.5), disconnect_grace=0.3)
+    async with AsyncBridge(url_of(client), client_id="outage-two") as bridge:
+        heard: list[Event] = []
+        await bridge._socket()
+        first = await bridge.generate("slow")
+        second = await bridge.generate("slow")
+        following = [
+            asyncio.create_task(bridge.follow(first, on_event=heard.append)),
+            asyncio.create_task(bridge.follow(second)),
+        ]
+        await until_progress(heard)
+        await network_outage(bridge, 2.0, monkeypatch)
+        _, pending = await asyncio.wait(following, timeout=20)
+        for task in pending:
+            task.cancel()
+        assert not pending, "a follow of a job cancelled during the outage waits for ever"
+        first_said, second_said = following[0].exception(), following[1].exception()
+        assert isinstance(second_said, JobFailed)  # the last job: its end is at /execution-info
+        assert second_said.detail == "interrupted"
+        assert isinstance(first_said, BridgeError)  # an earlier one: ended, how is not kept any more
+        assert first.job_id in first_said.detail
+
+
+async def test_follow_of_a_job_that_ended_before_the_socket_opened_ends(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AsyncBridge.generate then AsyncBridge.follow: a job that ended before follow's socket opened
+    (its frames spoke to no socket, and no hold was pending) ends the follow with its end, read from
+    /execution-info, instead of leaving it waiting for ever.
+    """
+    import comfybridge.app
+
+    monkeypatch.setattr(comfybridge.app, "HOLD_FOR_RECONNECT", 0.1)  # the start-up hold, past already
+    client = await make_bridge(await make_emulator())
+    await asyncio.sleep(0.5)  # past the start-up hold
+    async with AsyncBridge(url_of(client), client_id="late") as bridge:
+        job = await bridge.generate("solid", {"1/width": 8})
+        async with asyncio.timeout(15):
+            while not (await bridge.status()).ended:
+                await asyncio.sleep(0.05)
+        try:
+            ended = await asyncio.wait_for(bridge.follow(job), 10)
+        except TimeoutError:
+            pytest.fail("follow of a job that already ended waits for ever")
+        assert (ended.status, ended.job_id) == ("closed", job.job_id)
+
+
+async def test_close_makes_a_waiting_events_iterator_raise(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    """close() makes a waiting `events()` raise BridgeError, as a follow does: it must not just stop,
+    as if the bridge had closed the socket."""
+    client = await make_bridge(await make_emulator())
+    bridge = AsyncBridge(url_of(client), client_id="events-close")
+    heard: list[Event] = []
+
+    async def consume() -> None:
+        async for event in bridge.events():
+            heard.append(event)
+
+    consuming = asyncio.create_task(consume())
+    async with asyncio.timeout(10):
+        while not heard:
+            await asyncio.sleep(0.02)
+    await bridge.close()
+    with pytest.raises(BridgeError):
+        await asyncio.wait_for(consuming, 10)

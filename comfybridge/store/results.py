@@ -64,6 +64,9 @@ class JobResult:
     files: list[ResultFile]
 
 
+LOOKS_AT_ONCE = 16  # HEADs sent at once to check the objects of a fetch as links
+
+
 class ResultStore:
     def __init__(self, blobs: BlobStore | Path, inline_max: int = 0) -> None:
         self.blobs: BlobStore = LocalBlobs(blobs) if isinstance(blobs, Path) else blobs
@@ -138,8 +141,17 @@ class ResultStore:
             return {job_id for job_id, f in stored if sizes.get(f.key) != f.size}
         if not linked or not stored:
             return set()
-        found = await asyncio.gather(*(self.blobs.exists(f.key) for _, f in stored))
-        return {job_id for (job_id, _), there in zip(stored, found, strict=True) if not there}
+        looking = asyncio.Semaphore(LOOKS_AT_ONCE)
+
+        async def there(key: str) -> bool:
+            async with looking:
+                return await self.blobs.exists(key)
+
+        found = await asyncio.gather(*(there(f.key) for _, f in stored), return_exceptions=True)
+        trouble = next((f for f in found if isinstance(f, BaseException)), None)
+        if trouble is not None:  # every look has ended by now: none is left running against the store
+            raise trouble
+        return {job_id for (job_id, _), kept in zip(stored, found, strict=True) if kept is False}
 
     async def missing(self, jobs: dict[str, list[ResultFile]]) -> set[str]:
         """Ids of the given jobs some of whose files are not in the store any more."""
