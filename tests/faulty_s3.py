@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -31,6 +32,7 @@ class FaultyS3:
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream
         self.fault: str | None = None
+        self.refuse_deletes = False  # a bulk delete answers 200 and keeps every key (S3's per-key Errors)
         self.refused = 0  # requests answered with a fault
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
@@ -56,6 +58,13 @@ class FaultyS3:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         fault = self.fault
         body = b"" if fault == "silent" else await request.read()  # (reading says "100 Continue")
+        if self.refuse_deletes and request.method == "POST" and "delete" in request.query:
+            self.refused += 1
+            kept = "".join(
+                f"<Error><Key>{key}</Key><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
+                for key in re.findall(r"<Key>(.*?)</Key>", body.decode())
+            )
+            return web.Response(body=f"<DeleteResult>{kept}</DeleteResult>".encode(), content_type="application/xml")
         if fault is not None:
             self.refused += 1
             status, code = FAULTS[fault]

@@ -322,6 +322,31 @@ async def test_objects_no_record_names_are_swept_while_running(
     await wait_for(lambda: not set(orphans) & set(s3.keys(bucket)), timeout=30)
 
 
+async def test_result_objects_a_bulk_delete_kept_are_removed_by_a_later_sweep(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, s3: S3Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """S3's bulk delete answers 200 when it keeps keys, naming each in its Errors: the fetched results
+    it kept are tried again, not taken as gone (the orphan sweep would wait for result_ttl + link_ttl)."""
+    bucket = s3.new_bucket()
+    async with faulty_s3(s3.url) as proxy:
+        client = await make_bridge(
+            await make_emulator(),
+            storage=f"s3://{bucket}/t",
+            s3_endpoint=proxy.url,
+            inline_result_kb=0,
+            result_ttl=1,
+            link_ttl=600,
+        )
+        await run_job(client, "kept", TINY)
+        assert s3.keys(bucket)
+        proxy.refuse_deletes = True
+        assert len(await read_results(await client.get("/history", params={"clientId": "kept"}))) == 1
+        await wait_for(lambda: any("refused deleting 1 of 1 objects" in r.getMessage() for r in caplog.records))
+        assert s3.keys(bucket)
+        proxy.refuse_deletes = False
+        await wait_for(lambda: s3.keys(bucket) == [], timeout=30)
+
+
 async def test_an_upload_streams_into_the_bucket_as_it_arrives(
     make_emulator: EmulatorFactory, make_bridge: BridgeFactory, s3: S3Server
 ) -> None:

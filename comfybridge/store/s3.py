@@ -166,10 +166,17 @@ class S3Blobs:
         pass  # an object is durable once its upload completes
 
     async def delete(self, keys: list[str]) -> None:
+        refused: list[dict[str, str]] = []
         for start in range(0, len(keys), DELETE_BATCH):
             batch = [{"Key": self._name(key)} for key in keys[start : start + DELETE_BATCH]]
             async with self.call("deleting"):
-                await self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+                answer = await self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            # A bulk delete answers 200 even when it removed nothing: each key it kept is in Errors.
+            refused += answer.get("Errors") or ()
+        if refused:
+            code = refused[0].get("Code", "error")
+            log.error("object storage: deleting %d objects refused: %s %s", len(refused), code, refused[0].get("Key"))
+            raise StorageUnavailable(f"object storage refused deleting {len(refused)} of {len(keys)} objects ({code})")
 
     async def delete_prefix(self, prefix: str) -> None:
         await self.delete([key for key, _ in await self.keys(prefix)])
