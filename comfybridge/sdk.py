@@ -42,6 +42,9 @@ RECONNECT_FOR = 120.0
 # The pause before the second attempt, doubling up to a second: well inside the bridge's disconnect
 # grace (5 s by default), past which a client's jobs are cancelled.
 RECONNECT_FIRST, RECONNECT_MAX = 0.1, 1.0
+# One reconnect attempt's bound: an address that swallows packets (a host gone, a firewall) would
+# hold the attempt for aiohttp's 30 s connect timeout, far past the bridge's grace.
+RECONNECT_TRY = 2.5
 RETRIED = frozenset({408, 429, 502, 503, 504})  # a refused handshake that a later attempt may pass
 ENDINGS_KEPT = 1024  # endings seen, for a job followed only once it ended
 BACKLOG = 1024  # frames kept while nobody listens (a job queued, then followed)
@@ -348,12 +351,15 @@ class AsyncBridge:
                 if self._closed.is_set():
                     raise BridgeError(0, "the client was closed")
                 try:
-                    ws = await self._connect()
+                    attempt: Awaitable[aiohttp.ClientWebSocketResponse] = self._connect()
+                    if reconnect:  # bounded, so that the next attempt comes within the bridge's grace
+                        attempt = asyncio.wait_for(attempt, max(0.0, min(RECONNECT_TRY, give_up - time.monotonic())))
+                    ws = await attempt
                     break
-                except (BridgeError, aiohttp.ClientError, OSError) as exc:
+                except (BridgeError, aiohttp.ClientError, OSError, TimeoutError) as exc:
                     status = exc.status if isinstance(exc, BridgeError) else 0
                     if not reconnect or (status and status not in RETRIED) or time.monotonic() >= give_up:
-                        raise exc if isinstance(exc, BridgeError) else BridgeError(0, f"no socket: {exc}") from None
+                        raise exc if isinstance(exc, BridgeError) else BridgeError(0, f"no socket: {exc!r}") from None
                 with contextlib.suppress(TimeoutError):  # a close() ends the wait
                     await asyncio.wait_for(self._closed.wait(), pause)
                 pause = min(pause * 2, RECONNECT_MAX)

@@ -401,6 +401,35 @@ async def test_a_network_outage_within_the_grace_is_ridden_out_and_past_it_ends_
                 await asyncio.wait_for(following, 30)
 
 
+async def test_a_reconnect_attempt_that_gets_no_answer_is_cut_short_within_the_grace(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first attempt to open the socket again gets no answer at all (a host gone, a firewall that
+    drops packets): it is cut short and the next one opens it within the bridge's 5 s grace, so the job
+    runs on. Left to aiohttp, the attempt would wait 30 s to connect and the job would be cancelled."""
+    client = await make_bridge(await make_emulator(pace=1.5), disconnect_grace=5.0)  # `slow`: about 10 s
+    async with AsyncBridge(url_of(client), client_id="swallowed") as bridge:
+        heard: list[Event] = []
+        await bridge._socket()
+        job = await bridge.generate("slow")
+        following = asyncio.create_task(bridge.follow(job, on_event=heard.append))
+        await until_progress(heard)
+        connect, attempts = bridge._connect, []
+
+        async def first_swallowed() -> aiohttp.ClientWebSocketResponse:
+            attempts.append(time.monotonic())
+            if len(attempts) == 1:
+                await asyncio.Event().wait()  # no answer, ever
+            return await connect()
+
+        monkeypatch.setattr(bridge, "_connect", first_swallowed)
+        assert bridge._ws is not None
+        await bridge._ws.close()
+        ended = await asyncio.wait_for(following, 30)
+        assert (ended.status, ended.job_id) == ("closed", job.job_id)
+        assert len(attempts) >= 2
+
+
 async def test_a_blocking_follow_dropped_early_leaves_the_socket_reader_alive(workdir: Path) -> None:
     """A blocking `follow` dropped early (a `break`, JobFailed after the `error`) is closed in the
     caller's thread: nothing of the loop's (the reader's listeners) may be touched there, or the
