@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 import os
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -143,9 +144,12 @@ def _number(kind: type) -> Parser:
         if isinstance(value, str):
             value = value.strip()
         try:
-            return kind(value)
+            number = kind(value)
         except (TypeError, ValueError):
             raise Invalid(f"is not {wanted}") from None
+        if not math.isfinite(number):  # `inf` and `nan` parse, then overflow or compare false downstream
+            raise Invalid(f"is not a finite {wanted.removeprefix('a ')}")
+        return number
 
     return parse
 
@@ -482,7 +486,7 @@ def load_settings(
     environ = os.environ if environ is None else environ
     cwd = cwd or Path.cwd()
     flags = vars(build_parser().parse_args(argv))
-    dotenv = {k: v for k, v in dotenv_values(cwd / ".env").items() if v is not None} if (cwd / ".env").is_file() else {}
+    dotenv = _read_dotenv(cwd / ".env")
 
     config_path = flags.pop("config", None) or environ.get(ENV_PREFIX + "CONFIG") or dotenv.get(ENV_PREFIX + "CONFIG")
     file_values: dict[str, Any] = {}
@@ -550,6 +554,15 @@ def _check_backend_folders(settings: Settings, name: str, origin: str) -> None:
             raise ConfigError(f"{origin}: {folder} (for {url}) is not a folder")
 
 
+def _read_dotenv(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        return {}
+    try:
+        return {k: v for k, v in dotenv_values(path).items() if v is not None}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} cannot be read: {_unreadable(exc)}") from None
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as handle:
@@ -558,9 +571,17 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read: {_unreadable(exc)}") from None
     # Accept both a flat file and one with a [comfybridge] table.
     section = data.get("comfybridge", data)
     return dict(section) if isinstance(section, dict) else {}
+
+
+def _unreadable(exc: OSError | UnicodeDecodeError) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return f"it is not UTF-8 text (byte {exc.object[exc.start : exc.start + 1]!r} at offset {exc.start})"
+    return exc.strerror or str(exc)
 
 
 def _resolve_paths(settings: Settings, cwd: Path) -> Settings:

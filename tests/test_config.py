@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -11,6 +14,8 @@ from comfybridge import __version__
 from comfybridge.config import OPTIONS, ConfigError, Settings, load_settings
 from comfybridge.core.workflows import WorkflowStore
 from comfybridge.errors import WorkflowConfigError
+
+from .helpers import assert_one_line_error, run_cli
 
 
 def test_defaults(tmp_path: Path) -> None:
@@ -177,7 +182,10 @@ def test_alias_list_form_adds_inputs_and_types(tmp_path: Path) -> None:
             with_aliases({"alias": "c", "fn": "g.json", "inputs": ["1/nope"]}),
             "g.json: exposed input '1/nope': node 1 has no input 'nope'",
         ),
-        ({"workflow_alias.json": orjson.dumps({"c": "missing.json"})}, "alias 'c' names missing file 'missing.json'"),
+        (
+            {"workflow_alias.json": orjson.dumps({"c": "missing.json"})},
+            "alias 'c' names 'missing.json', which does not exist",
+        ),
         (
             with_aliases({"alias": "c", "fn": "g.json"}, {"alias": "c", "fn": "g.json"}),
             "alias 'c' is defined twice",
@@ -190,6 +198,39 @@ def test_bad_workflow_folder_names_the_culprit(tmp_path: Path, files: dict[str, 
     with pytest.raises(WorkflowConfigError) as caught:
         WorkflowStore.load(tmp_path)
     assert message in str(caught.value)
+
+
+def test_what_in_the_workflow_folder_is_no_workflow_file_is_named_as_such(tmp_path: Path) -> None:
+    """A folder, a link to nothing, a name of another encoding, or an alias naming a path outside the
+    folder: each stops the load with what is wrong with it (not "alias names missing file" when there
+    is no alias file, and no name that would break every JSON listing)."""
+    folder = tmp_path / "workflows"
+    graph = (Path(__file__).parent / "fixtures" / "workflows" / "b_emptyimage_save.json").read_bytes()
+    cases: list[tuple[Callable[[], object], str]] = [
+        (lambda: (folder / "d.json").mkdir(), "d.json is not a regular file"),
+        (lambda: (folder / "l.json").symlink_to(tmp_path / "gone.json"), "l.json is a link to nothing"),
+        (lambda: (folder / os.fsdecode(b"caf\xe9.json")).write_bytes(graph), "is not UTF-8; rename it"),
+        (
+            lambda: (folder / "workflow_alias.json").write_bytes(orjson.dumps({"up": "../g.json"})),
+            "alias 'up' names '../g.json', which is not a file name in the workflow folder",
+        ),
+    ]
+    for make, message in cases:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        (tmp_path / "g.json").write_bytes(graph)
+        make()
+        with pytest.raises(WorkflowConfigError) as caught:
+            WorkflowStore.load(folder)
+        assert message in str(caught.value)
+
+
+def test_a_link_in_the_workflow_folder_is_followed_wherever_it_points(tmp_path: Path) -> None:
+    shared = tmp_path / "shared.json"
+    shared.write_bytes((Path(__file__).parent / "fixtures" / "workflows" / "b_emptyimage_save.json").read_bytes())
+    (tmp_path / "workflows").mkdir()
+    (tmp_path / "workflows" / "linked.json").symlink_to(shared)
+    assert WorkflowStore.load(tmp_path / "workflows").aliases() == ["linked"]
 
 
 def test_missing_folder(tmp_path: Path) -> None:
@@ -262,3 +303,39 @@ def test_folders_that_cannot_be_used_are_refused(tmp_path: Path, argv: list[str]
     with pytest.raises(ConfigError, match=message) as caught:
         load_settings(argv, environ={}, cwd=tmp_path)
     assert str(caught.value).startswith(argv[0] + ": ")
+
+
+@pytest.mark.parametrize("option", ["--max-json-mb", "--max-upload-mb", "--inline-result-kb", "--max-event-mb"])
+def test_an_infinite_limit_is_one_line_and_exit_2(tmp_path: Path, option: str) -> None:
+    """`inf` (or 1e400) parses as a number; times a megabyte it overflowed into a traceback at start-up."""
+    (tmp_path / "workflows").mkdir()
+    assert_one_line_error(run_cli(["--emulate", "1", option, "inf"], tmp_path), option)
+
+
+@pytest.mark.parametrize("option", ["--max-text-kb", "--max-result-mb", "--comfy-timeout", "--result-ttl"])
+@pytest.mark.parametrize("value", ["inf", "Infinity", "nan", "1e400"])
+def test_a_number_that_is_not_finite_is_refused(tmp_path: Path, option: str, value: str) -> None:
+    """Accepted before, then every generate was a 500 (--max-text-kb), every job failed collecting its
+    results (--max-result-mb), or no backend ever connected (--comfy-timeout)."""
+    with pytest.raises(ConfigError, match=f"{option}.*is not a finite number"):
+        load_settings([option, value], environ={}, cwd=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("files", "argv", "named"),
+    [
+        ({"conf.d/": b""}, ["--config", "conf.d"], "config file"),
+        ({"c.toml": b"port = 8001\n# caf\xe9\n"}, ["--config", "c.toml"], "not UTF-8"),
+        ({".env": b"COMFYBRIDGE_HEARTBEAT=2\n# caf\xe9\n"}, [], ".env cannot be read: it is not UTF-8"),
+    ],
+)
+def test_a_settings_file_that_cannot_be_read_is_one_line_and_exit_2(
+    tmp_path: Path, files: dict[str, bytes], argv: list[str], named: str
+) -> None:
+    (tmp_path / "workflows").mkdir()
+    for name, data in files.items():
+        if name.endswith("/"):
+            (tmp_path / name).mkdir()
+        else:
+            (tmp_path / name).write_bytes(data)
+    assert_one_line_error(run_cli(["--emulate", "1", *argv], tmp_path), named)

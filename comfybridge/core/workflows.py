@@ -183,8 +183,12 @@ class WorkflowStore:
         entries = _read_alias_file(folder / ALIAS_FILE)
         named = {entry["fn"] for entry in entries}
         for path in sorted(folder.glob("*.json")):
+            try:
+                path.name.encode()
+            except UnicodeEncodeError:  # bytes of another encoding: no JSON answer could name it
+                raise WorkflowConfigError(f"{folder}: file name {path.name!r} is not UTF-8; rename it") from None
             if path.name != ALIAS_FILE and path.name not in named:
-                entries.append({"alias": path.stem, "fn": path.name})
+                entries.append({"alias": path.stem, "fn": path.name, "found": True})
         workflows: dict[str, Workflow] = {}
         for entry in entries:
             alias = entry["alias"]
@@ -265,9 +269,23 @@ def _read_alias_file(path: Path) -> list[dict[str, Any]]:
 
 
 def _load_workflow(folder: Path, entry: dict[str, Any]) -> Workflow:
-    path = folder / entry["fn"]
-    if not path.resolve().is_relative_to(folder.resolve()) or not path.is_file():
-        raise WorkflowConfigError(f"{folder / ALIAS_FILE}: alias {entry['alias']!r} names missing file {entry['fn']!r}")
+    name = entry["fn"]
+    path = folder / name
+    # A bare name in the folder; a link there is the admin's own and is followed wherever it points.
+    why = (
+        "is not a file name in the workflow folder" if Path(name).name != name or name in (".", "..")
+        else "is a link to nothing" if path.is_symlink() and not path.exists()
+        else "does not exist" if not path.exists()
+        else "is not a regular file" if not path.is_file()
+        else None
+    )  # fmt: skip
+    if why is not None:
+        where = (
+            str(path)
+            if entry.get("found")
+            else f"{folder / ALIAS_FILE}: alias {entry['alias']!r} names {name!r}, which"
+        )
+        raise WorkflowConfigError(f"{where} {why}")
     raw = path.read_bytes()
     try:
         graph = orjson.loads(raw)
