@@ -74,8 +74,10 @@ async def upload(client: Client, files: dict[str, tuple[str, bytes]], client_id:
     return resp.status, await resp.json()
 
 
-async def generate(client: Client, client_id: str, body: dict[str, Any]) -> tuple[int, Any]:
-    resp = await client.post("/generate-based-workflow", params={"clientId": client_id}, json=body)
+async def generate(
+    client: Client, client_id: str, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
+    resp = await client.post("/generate-based-workflow", params={"clientId": client_id}, json=body, headers=headers)
     return resp.status, await resp.json()
 
 

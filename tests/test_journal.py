@@ -336,7 +336,7 @@ async def test_a_journal_of_the_previous_release_opens_and_its_jobs_run(
     assert (await poll_status(client, "veteran", {"closed", "error"}))["status"] == "closed"
     assert await (await client.get("/generation-count")).json() == 7
     with contextlib.closing(sqlite3.connect(path)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
         columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
         assert "webhook" in columns
         assert conn.execute("SELECT count(*) FROM deliveries").fetchone()[0] == 0

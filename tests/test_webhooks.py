@@ -252,9 +252,12 @@ async def test_an_api_key_can_carry_its_webhook(
     assert receiver.events()[0]["data"]["client_id"] == "keyed"  # as the app knows it, not scoped
 
 
+@pytest.mark.parametrize("journal", ["this release's", "the previous release's"])
 async def test_a_call_owed_before_a_crash_is_made_after_the_restart(
-    workdir: Path, make_emulator: EmulatorFactory
+    workdir: Path, make_emulator: EmulatorFactory, journal: str
 ) -> None:
+    """The previous release's journal (schema 2) recorded its calls without their owner: it opens,
+    and its owed call is made."""
     emulator = await make_emulator()
     port = unused_port()
     hook = f"http://127.0.0.1:{port}/hook"  # down for now
@@ -265,6 +268,11 @@ async def test_a_call_owed_before_a_crash_is_made_after_the_restart(
             await wait_closed(session, url, ["owed"])
             proc.kill()  # the call failed once and waits for its retry: now only the journal has it
         assert _pending(workdir / "data" / "journal.sqlite3") == 1
+        if journal == "the previous release's":
+            with contextlib.closing(sqlite3.connect(workdir / "data" / "journal.sqlite3")) as conn:
+                conn.execute("ALTER TABLE deliveries DROP COLUMN owner")
+                conn.execute("PRAGMA user_version=2")
+                conn.commit()
         receiver = Receiver(port=port)
         await receiver.start()
         try:
@@ -429,3 +437,46 @@ async def test_one_clients_silent_receivers_hold_a_few_connections_whatever_thei
         hooks.send(webhooks.delivery_for("good", "good", "solid", "done", "x", [], good.url))
         await wait_for(lambda: bool(good.calls), timeout=30)
         assert len(held) == webhooks.PER_OWNER
+
+
+KEYS = [{"name": "hostile", "key": "hostile-key-0123456789"}, {"name": "studio", "key": "studio-key-0123456789"}]
+
+
+@pytest.mark.parametrize("studio_client", ["app", None])
+async def test_an_api_keys_turns_are_its_own_whatever_its_client_ids(
+    make_emulator: EmulatorFactory,
+    make_bridge: BridgeFactory,
+    receiver: Receiver,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    studio_client: str | None,
+) -> None:
+    """Key `hostile` sends jobs under three times PER_OWNER clientIds, each naming a receiver that takes
+    the connection and never answers: the key holds PER_OWNER attempts, not PER_OWNER per clientId.
+    Key `studio`, with a clientId of its own or the very one `hostile` used ("app": each key has its
+    own clientIds), is called at once. The turns used to go by the clientId in the call's body (the
+    app's, unscoped): `studio`'s "app" waited behind `hostile`'s."""
+    monkeypatch.setattr(webhooks, "ATTEMPT_TIMEOUT", 600.0)  # the silent ones hold theirs for the whole test
+    receiver.failures = 0
+    key_file = tmp_path / "keys.json"
+    key_file.write_bytes(orjson.dumps(KEYS))
+    client = await make_bridge(
+        await make_emulator(), api_keys_file=key_file, webhook_secret=SECRET, webhook_allow_private=True
+    )
+    async with silent_receivers(3 * webhooks.PER_OWNER) as (urls, held, _, _):
+        for n, url in enumerate(urls):
+            status, _ = await generate(
+                client, "app" if n == 0 else f"c{n}", {**TINY, "_webhook": url}, headers=_key("hostile")
+            )
+            assert status == 200
+        await wait_for(lambda: len(held) == webhooks.PER_OWNER)
+        status, _ = await generate(
+            client, studio_client or "own", {**TINY, "_webhook": receiver.url}, headers=_key("studio")
+        )
+        assert status == 200
+        await wait_for(lambda: bool(receiver.calls), timeout=30)
+        assert len(held) == webhooks.PER_OWNER
+
+
+def _key(name: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {next(k['key'] for k in KEYS if k['name'] == name)}"}

@@ -31,7 +31,6 @@ from .clients import (
     about_job,
     scope_of,
     status_message,
-    unscoped,
 )
 from .early import EarlyFetches
 from .fairqueue import FairQueue
@@ -390,9 +389,7 @@ class Core:
         if job.webhook is not None:
             told = [{"file_name": f.file_name, "content_type": f.content_type, "size": f.size} for f in files or []]
             detail = CLOSED["detail"] if state is JobState.DONE else error or "error"
-            delivery = delivery_for(
-                job.id, unscoped(job.client_id), job.workflow, state.value, detail, told, job.webhook
-            )
+            delivery = delivery_for(job.id, job.client_id, job.workflow, state.value, detail, told, job.webhook)
         if files is not None:
             committed = job.move(state, delivery, error=error, results=[f.record() for f in files])
         else:

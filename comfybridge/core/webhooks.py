@@ -29,7 +29,7 @@ from aiohttp.resolver import ThreadedResolver
 from yarl import URL
 
 from ..errors import BadInput
-from .clients import scope_of
+from .clients import scope_of, unscoped
 
 __all__ = [
     "FIRST_RETRY",
@@ -125,22 +125,30 @@ def delivery_for(
     job_id: str, client_id: str, workflow: str, outcome: str, detail: str, files: list[dict[str, Any]], url: str
 ) -> dict[str, Any]:
     """The call that tells `url` of a job's end: its id (stable, so a receiver can drop duplicates),
-    and its body."""
+    its body (naming the client as the app knows it) and its owner, whose turns it takes (the job's
+    API key, or without keys its client)."""
     event = EVENTS[outcome]
     body = {
         "type": event,
         "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
         "data": {
             "job_id": job_id,
-            "client_id": client_id,
+            "client_id": unscoped(client_id),
             "workflow": workflow,
             "status": "closed" if outcome == "done" else "error",
             "detail": detail,
             "files": files,
-            "results": f"/history?clientId={client_id}" if outcome == "done" else None,
+            "results": f"/history?clientId={unscoped(client_id)}" if outcome == "done" else None,
         },
     }
-    return {"id": f"msg_{job_id}_{outcome}", "url": url, "body": orjson.dumps(body), "created": time.time()}
+    owner = scope_of(client_id) or client_id
+    return {
+        "id": f"msg_{job_id}_{outcome}",
+        "url": url,
+        "body": orjson.dumps(body),
+        "created": time.time(),
+        "owner": owner,
+    }
 
 
 def sign(secret: bytes, message_id: str, timestamp: int, body: bytes) -> str:
@@ -293,7 +301,10 @@ class Webhooks:
 
 
 def _owner_of(delivery: dict[str, Any]) -> str:
-    """Whose job a delivery tells of: its API key, or without keys its client (read from its body)."""
+    """Whose job a delivery tells of: its API key, or without keys its client. A call recorded by an
+    older bridge has no owner: its body's client stands in (the key's, unscoped, is not known)."""
+    if delivery.get("owner"):
+        return str(delivery["owner"])
     try:
         client_id = str(orjson.loads(delivery["body"])["data"]["client_id"])
     except (orjson.JSONDecodeError, KeyError, TypeError):

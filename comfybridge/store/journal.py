@@ -40,7 +40,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 2: jobs.webhook, and the deliveries table
+SCHEMA_VERSION = 3  # 2: jobs.webhook, and the deliveries table; 3: deliveries.owner
 MAX_BATCH = 512  # writes in one commit at most, so one commit never holds the others back for long
 LATER = 0.5  # seconds forgets wait to be written together, off the path of the jobs that follow
 ENDED_STATES = ("done", "failed", "cancelled")
@@ -88,7 +88,8 @@ CREATE TABLE IF NOT EXISTS deliveries (
     id TEXT PRIMARY KEY,
     url TEXT NOT NULL,
     body BLOB NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    owner TEXT
 );
 """
 
@@ -245,6 +246,8 @@ class SqliteJournal:
             conn.executescript(SCHEMA)
             if "webhook" not in {column[1] for column in conn.execute("PRAGMA table_info(jobs)")}:
                 conn.execute("ALTER TABLE jobs ADD COLUMN webhook TEXT")  # a journal of schema 1
+            if "owner" not in {column[1] for column in conn.execute("PRAGMA table_info(deliveries)")}:
+                conn.execute("ALTER TABLE deliveries ADD COLUMN owner TEXT")  # a journal of schema 2
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
             self.bridge_id = meta.get("bridge_id") or f"comfybridge-{uuid.uuid4().hex[:12]}"
@@ -265,8 +268,8 @@ class SqliteJournal:
             cursor = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM jobs ORDER BY seq")
             rows = [row_of(record) for record in cursor]
             self.deliveries = [
-                {"id": d[0], "url": d[1], "body": bytes(d[2]), "created": d[3]}
-                for d in conn.execute("SELECT id, url, body, created FROM deliveries ORDER BY created")
+                {"id": d[0], "url": d[1], "body": bytes(d[2]), "created": d[3], "owner": d[4]}
+                for d in conn.execute("SELECT id, url, body, created, owner FROM deliveries ORDER BY created")
             ]
         except sqlite3.DatabaseError as exc:
             self.file.close_connection()
@@ -331,8 +334,10 @@ class SqliteJournal:
             assignments = ", ".join(f"{name} = ?" for name in values)
             conn.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", [*values.values(), job_id])
             if delivery is not None:  # in the same transaction as the change it tells of
-                row = (delivery["id"], delivery["url"], delivery["body"], delivery["created"])
-                conn.execute("INSERT OR IGNORE INTO deliveries (id, url, body, created) VALUES (?, ?, ?, ?)", row)
+                row = (delivery["id"], delivery["url"], delivery["body"], delivery["created"], delivery["owner"])
+                conn.execute(
+                    "INSERT OR IGNORE INTO deliveries (id, url, body, created, owner) VALUES (?, ?, ?, ?, ?)", row
+                )
 
         return self._submit(write)
 

@@ -110,6 +110,7 @@ MIGRATIONS: list[tuple[int, str]] = [
         );
         """,
     ),
+    (2, "ALTER TABLE deliveries ADD COLUMN owner text"),  # whose turns a call takes: its API key's
 ]
 
 
@@ -353,8 +354,8 @@ class PgJournal:
         )
         rows = [row_of(tuple(r)) for r in await conn.fetch(f"SELECT {', '.join(COLUMNS)} FROM jobs ORDER BY seq")]
         self.deliveries = [
-            {"id": d["id"], "url": d["url"], "body": bytes(d["body"]), "created": d["created"]}
-            for d in await conn.fetch("SELECT id, url, body, created FROM deliveries ORDER BY created")
+            {"id": d["id"], "url": d["url"], "body": bytes(d["body"]), "created": d["created"], "owner": d["owner"]}
+            for d in await conn.fetch("SELECT id, url, body, created, owner FROM deliveries ORDER BY created")
         ]
         return rows
 
@@ -443,8 +444,9 @@ class PgJournal:
             await conn.execute(f"UPDATE jobs SET {assignments} WHERE id = ${len(values) + 1}", *values.values(), job_id)
             if delivery is not None:  # in the same transaction as the change it tells of
                 await conn.execute(
-                    "INSERT INTO deliveries (id, url, body, created) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-                    delivery["id"], delivery["url"], delivery["body"], delivery["created"],
+                    "INSERT INTO deliveries (id, url, body, created, owner) VALUES ($1, $2, $3, $4, $5) "
+                    "ON CONFLICT DO NOTHING",
+                    delivery["id"], delivery["url"], delivery["body"], delivery["created"], delivery["owner"],
                 )  # fmt: skip
 
         return self._submit(write, alone=delivery is None)
