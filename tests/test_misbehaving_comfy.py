@@ -681,3 +681,35 @@ async def test_a_healthy_socket_is_not_taken_for_deaf_while_its_connect_is_recon
             with contextlib.suppress(asyncio.CancelledError):
                 await listening
     assert connects == 1, [r.getMessage() for r in caplog.records if "heard nothing" in r.getMessage()]
+
+
+PARTLY_REFUSED = {
+    "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 255}},
+    "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "good"}},
+    "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "missing-model.safetensors"}},
+    "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+    "8": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["4", 2]}},
+    "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "bad"}},
+}
+
+
+async def test_a_prompt_comfyui_refuses_in_part_fails_with_its_reason_and_is_taken_back(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, workflow_dir: Path
+) -> None:
+    """A workflow with two outputs, one needing a checkpoint that is not there: ComfyUI answers 200
+    with node_errors and would run the other output. The contract: ComfyUI's refusal (node_errors)
+    reaches the client as an `error` with ComfyUI's text. It used to end `closed` with the good
+    output's file alone; now the job fails with the node's reason, and its prompt, queued all the
+    same, is taken back from ComfyUI (here it had started: it is interrupted, and keeps no output)."""
+    (workflow_dir / "partial.json").write_bytes(orjson.dumps(PARTLY_REFUSED))
+    emulator = await make_emulator(pace=1.0)  # what ComfyUI accepted starts at once, and takes seconds
+    engine = emulator.engine
+    client = await make_bridge(emulator)
+    status, answer = await generate(client, "partial", {"workflow": "partial"})
+    assert status == 200, answer
+    info = await poll_status(client, "partial", {"closed", "error"}, timeout=30)
+    assert info["status"] == "error", info
+    assert "ComfyUI refused part of the prompt: node 4 (CheckpointLoaderSimple)" in info["detail"], info
+    assert "missing-model.safetensors" in info["detail"], info
+    await wait_for(lambda: engine.running_client() is None and engine.history, timeout=15)
+    assert [entry.get("outputs") for entry in engine.history.values()] == [{}]

@@ -26,6 +26,7 @@ __all__ = [
     "BackendUnavailable",
     "ComfyClient",
     "MalformedAnswer",
+    "PartlyRefused",
     "PromptRefused",
     "ResultTooLarge",
     "shown",
@@ -73,6 +74,11 @@ class MalformedAnswer(BackendUnavailable):
 
 class PromptRefused(Exception):
     """ComfyUI refused the prompt or one of its uploads (a 4xx); the message is readable."""
+
+
+class PartlyRefused(PromptRefused):
+    """ComfyUI queued the prompt but refused some of its outputs (200 with node_errors): it would run
+    the rest, and the job's results would be silently short."""
 
 
 class ResultTooLarge(Exception):
@@ -174,8 +180,7 @@ class ComfyClient:
                 # Not ComfyUI's answer (a proxy's page?): whether it took the prompt is unknown.
                 raise MalformedAnswer(f"{self.shown}: POST /prompt answered 200 with {_glimpse(body)}", True)
             if answer.get("node_errors"):
-                # Some outputs were refused; ComfyUI runs the rest.
-                log.warning("%s: prompt %s partly refused: %s", self.shown, prompt_id, describe_refusal(answer))
+                raise PartlyRefused(describe_refusal(answer, "part of the prompt"))
             return
         if 400 <= status < 500 and status not in NOT_ABOUT_THE_REQUEST:
             # About this prompt (invalid, too large, ...): the job's error, never the backend's health.

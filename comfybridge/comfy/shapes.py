@@ -154,14 +154,17 @@ def memory_free(stats: Any) -> tuple[int | None, int]:
     return free_vram, int(_number(ram, "GET /system_stats's ram_free"))
 
 
-def describe_refusal(body: Any) -> str:
-    """ComfyUI's validation answer as one readable sentence: the error, then each node's errors."""
-    if not isinstance(body, dict) or not isinstance(body.get("error"), dict):
-        return "ComfyUI refused the prompt"
-    error = body["error"]
-    text = str(error.get("message") or "ComfyUI refused the prompt")
-    if error.get("details"):
-        text += f" ({error['details']})"
+def describe_refusal(body: Any, what: str = "the prompt") -> str:
+    """ComfyUI's validation answer as one readable sentence: the error, then each node's errors (a
+    prompt accepted in part has no error, only node errors)."""
+    if not isinstance(body, dict):
+        return f"ComfyUI refused {what}"
+    error = body.get("error")
+    text = f"ComfyUI refused {what}"
+    if isinstance(error, dict):
+        text = str(error.get("message") or text)
+        if error.get("details"):
+            text += f" ({error['details']})"
     parts = []
     node_errors = body.get("node_errors")
     for node_id, node in (node_errors if isinstance(node_errors, dict) else {}).items():

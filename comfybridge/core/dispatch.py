@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 
-from ..comfy.client import BackendUnavailable, PromptRefused
+from ..comfy.client import BackendUnavailable, PartlyRefused, PromptRefused
 from ..errors import StorageError
 from ..store.uploads import UploadGone
 from .backend import Backend
@@ -205,6 +205,8 @@ class Dispatcher:
             return
         if isinstance(failure, (PromptRefused, UploadGone)):
             core.take_back(backend, job)
+            if isinstance(failure, PartlyRefused):  # queued all the same, to run what was not refused
+                self._abandon(backend, sent)
             core.end(job, JobState.FAILED, str(failure))
             return
         if isinstance(failure, BackendUnavailable):
