@@ -713,3 +713,29 @@ async def test_a_prompt_comfyui_refuses_in_part_fails_with_its_reason_and_is_tak
     assert "missing-model.safetensors" in info["detail"], info
     await wait_for(lambda: engine.running_client() is None and engine.history, timeout=15)
     assert [entry.get("outputs") for entry in engine.history.values()] == [{}]
+
+
+async def test_a_prompt_cleared_from_the_queue_behind_the_bridges_own_is_sent_again_not_stuck(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Seen on a real ComfyUI 0.3.64: someone clears its queue (`POST /queue {"clear": true}`) while it
+    runs a prompt of the bridge's with the next one waiting behind it. ComfyUI finishes the first and
+    goes idle. With no other user's work there, the watchdog took the idle ComfyUI for a dead worker
+    after job_idle_timeout: "stuck", out of service, the job's wait counted as a lost run (a second
+    clear would fail it). Now it asks first, finds the prompt gone, and sends it again."""
+    emulator = await make_emulator(pace=0.3)
+    client = await make_bridge(emulator, job_idle_timeout=1.0)
+    core = client.app[SCHEDULER].core
+    engine = emulator.engine
+    status, first = await generate(client, "runner", {"workflow": "slow", "2/seed": 1})
+    assert status == 200, first
+    status, second = await generate(client, "victim", SOLID)
+    assert status == 200, second
+    await wait_for(lambda: len(engine.queue_snapshot()["queue_pending"]) == 1 and engine.running_client() is not None)
+    job = next(j for j in core.by_prompt.values() if j.id == second["job_id"])
+    async with aiohttp.ClientSession() as session, session.post(f"{emulator.url}/queue", json={"clear": True}) as resp:
+        assert resp.status == 200
+    info = await poll_status(client, "victim", {"closed", "error"}, timeout=30)
+    assert info["status"] == "closed", info
+    assert not [r.getMessage() for r in caplog.records if "is stuck" in r.getMessage()]
+    assert job.retries == 0  # not a lost run: nothing of it ever ran

@@ -185,8 +185,9 @@ class Failover:
                 if head.ended:  # it ended, and its prompt's final `executing null` never came
                     self._ask(backend, self._left_unsaid(backend, head))
                     continue
-                if head.state is JobState.QUEUED and backend.queue_remaining > len(backend.inflight):
-                    self._ask(backend, self._behind_others(backend, head))
+                if head.state is JobState.QUEUED:  # asked first: a prompt someone deleted is no dead worker
+                    behind_others = backend.queue_remaining > len(backend.inflight)
+                    self._ask(backend, self._not_started(backend, head, behind_others))
                     continue
                 if head.state is JobState.RUNNING:  # it runs, and has said nothing for job_idle_timeout
                     self._stuck(backend, head, head.prompt_id)
@@ -224,12 +225,13 @@ class Failover:
 
         self.core.spawn(asking(), f"watch {backend.name}")
 
-    async def _behind_others(self, backend: Backend, head: Job) -> None:
-        """A job queued behind other users' prompts, whose progress only their owners hear, waits as
-        long as ComfyUI runs something. Nothing running at all while prompts wait, for
-        job_idle_timeout, is no progress at all (a dead worker): the backend is stuck. A prompt of
-        the bridge's gone from the queue (someone deleted it, or cleared the queue) is asked about
-        and sent again, as after a reconnect."""
+    async def _not_started(self, backend: Backend, head: Job, behind_others: bool) -> None:
+        """A job ComfyUI has not started for job_idle_timeout. A prompt of the bridge's gone from the
+        queue (someone deleted it, or cleared the queue) is asked about and sent again, as after a
+        reconnect. Behind other users' prompts, whose progress only their owners hear, it waits as
+        long as ComfyUI runs something. Nothing running at all while prompts wait (with nothing of
+        anyone's ahead, already for job_idle_timeout) is no progress at all (a dead worker): the
+        backend is stuck."""
         running, pending = await backend.client.queue()
         if head.ended or head not in backend.inflight or head.state is not JobState.QUEUED:
             return  # it moved on while ComfyUI was asked
@@ -242,6 +244,8 @@ class Failover:
         if running:
             backend.stalled_since = None
             head.last_event = now  # waiting, not idle
+        elif not behind_others:
+            self._stuck(backend, None, STALLED)
         elif backend.stalled_since is None:
             backend.stalled_since = now
         elif now - backend.stalled_since >= self.core.settings.job_idle_timeout:
