@@ -360,6 +360,9 @@ def _signals(reload: Callable[[], Settings] | None) -> Callable[[web.Application
             timer.cancel()
         for number in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(number)
+            # Stopping already: an impatient second Ctrl-C must not cut the clean-up short (the
+            # journal's last writes) with a KeyboardInterrupt. SIGKILL remains for a hard stop.
+            signal.signal(number, signal.SIG_IGN)
 
     return context
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import shutil
 import signal
@@ -87,6 +88,25 @@ async def test_a_second_signal_during_the_grace_stops_at_once_and_cleanly(workdi
         assert await asyncio.wait_for(proc.wait(), 20) == 0
     log = (workdir / "bridge.log").read_text()
     assert "Traceback" not in log
+    async with bridge_process(workdir) as (proc, url):  # the lock was let go, the journal closed
+        assert await count(url) == 1
+
+
+async def test_ctrl_c_pressed_again_and_again_while_stopping_is_no_traceback(workdir: Path) -> None:
+    """An impatient operator's Ctrl-C, again and again while the bridge stops: once its own signal
+    handlers were gone (its clean-up under way), the next one raised KeyboardInterrupt: a traceback,
+    exit 130, the journal's last writes cut short."""
+    async with bridge_process(workdir, "--emulate", "1") as (proc, url):
+        await submit(url, "before")
+        proc.send_signal(signal.SIGINT)
+        with contextlib.suppress(ProcessLookupError):
+            while proc.returncode is None:  # (the guard only stops a hang)
+                proc.send_signal(signal.SIGINT)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(proc.wait(), 0.005)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    log = (workdir / "bridge.log").read_text()
+    assert "Traceback" not in log, log[-1500:]
     async with bridge_process(workdir) as (proc, url):  # the lock was let go, the journal closed
         assert await count(url) == 1
 
