@@ -133,6 +133,35 @@ async def test_a_client_on_three_bridges_hears_and_fetches_every_job(
             assert resp.status == 204  # handed over in that answer
 
 
+async def test_a_follower_logs_the_clients_address_behind_a_trusted_proxy(
+    workdir: Path, make_emulator: EmulatorFactory, postgres: PostgresServer
+) -> None:
+    """Behind nginx (`--trusted-proxies 127.0.0.1`), a follower's own log line for a request it
+    relayed named nginx's address: its relay ran before the access check that reads X-Forwarded-For.
+    (The leader's line, and its rate limits, had the client's.)"""
+    extra = ("--trusted-proxies", "127.0.0.1")
+    async with (
+        cluster(workdir, postgres.new_database(), [await make_emulator()], 2, {}, *extra) as bridges,
+        aiohttp.ClientSession() as session,
+    ):
+        follower = bridges[1][1]
+        async with session.post(
+            f"{follower}/generate-based-workflow",
+            params={"clientId": "addressed"},
+            json=TINY,
+            headers={"X-Forwarded-For": "10.0.0.7"},
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+    for n in (0, 1):  # the leader's line, and the follower's
+        lines = [
+            line
+            for line in (workdir / f"bridge{n}" / "bridge.log").read_text().splitlines()
+            if "client=addressed " in line
+        ]
+        assert lines, n
+        assert all(line.endswith(" from 10.0.0.7") for line in lines), lines
+
+
 async def test_kill_9_of_the_leader_mid_burst_loses_nothing_and_runs_nothing_twice(
     workdir: Path, make_emulator: EmulatorFactory, postgres: PostgresServer, storage: dict[str, str]
 ) -> None:

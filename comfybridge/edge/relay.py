@@ -25,6 +25,7 @@ from aiohttp.typedefs import Handler, Middleware
 from multidict import CIMultiDict
 
 from ..errors import NoLeader, Relayed
+from .access import CALLER
 from .appkeys import RELAY_SESSION
 from .metrics import METRICS
 from .ws import CONNECTED_FRAME
@@ -129,7 +130,7 @@ def relay_middleware(view: ClusterView, caller: Callable[[web.Request], str]) ->
         session = request.app[RELAY_SESSION]
         headers = _passed_on(request.headers)
         headers[RELAY_HEADER] = view.secret
-        headers[CALLER_HEADER] = caller(request)
+        headers[CALLER_HEADER] = request[CALLER] = caller(request)  # (this bridge's log line says it too)
         # Only what the leader would take as a socket is relayed as one: an Upgrade header elsewhere is noise.
         upgrade = request.headers.get(hdrs.UPGRADE, "").lower() == "websocket"
         socket = upgrade and request.method == "GET" and request.path == "/ws"
