@@ -48,7 +48,7 @@ def nginx_config(root: Path, port: int, bridges: list[int], shipped: str = "ngin
     site = (ROOT / "config" / shipped).read_text()
     site = site.replace("server 127.0.0.1:8001", f"server 127.0.0.1:{bridges[0]}")
     site = site.replace("server 127.0.0.1:8002", f"server 127.0.0.1:{bridges[1]}")
-    site = site.replace("listen 80;", f"listen 127.0.0.1:{port};")
+    site = site.replace("listen 80 ", f"listen 127.0.0.1:{port} ")
     user = "user root;" if os.geteuid() == 0 else ""
     return (
         f"worker_processes 1;\n{user}\npid {root}/nginx.pid;\nerror_log {root}/error.log;\ndaemon off;\n"

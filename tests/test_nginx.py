@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -207,3 +208,32 @@ async def test_nginxs_own_answers_are_json_details_as_the_bridges_are(tmp_path: 
                 assert resp.status == 502
                 assert resp.content_type == "application/json"
                 assert (await resp.json())["detail"].startswith("No bridge answered this request")
+
+
+DEBIAN_DEFAULT_SITE = """
+    server {
+        listen 127.0.0.1:PORT default_server;
+        server_name _;
+        location / { try_files $uri $uri/ =404; }
+    }
+"""
+
+
+@pytest.mark.parametrize("shipped", ["nginx-comfybridge.conf", "nginx-comfybridge-cluster.conf"])
+def test_a_shipped_config_beside_debians_default_site_is_refused_not_silently_passed_over(
+    tmp_path: Path, shipped: str
+) -> None:
+    """Put in conf.d/ as the file says, beside Debian's sites-enabled/default (`default_server`,
+    `server_name _`): the shipped block had no name and was no default, so `nginx -t` passed and every
+    request with the site's host name got nginx's HTML 404 from the default site. Now it claims
+    `default_server` too: nginx refuses the pair, naming it, and the file's note says what to do."""
+    binary = system_binary("nginx", "nginx-light")
+    port = unused_port()
+    config = nginx_config(tmp_path, port, [8001, 8002], shipped)
+    config = config[: config.rindex("}")] + DEBIAN_DEFAULT_SITE.replace("PORT", str(port)) + "}\n"
+    (tmp_path / "nginx.conf").write_text(config)
+    checked = subprocess.run(
+        [binary, "-t", "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path)], capture_output=True, text=True
+    )
+    assert checked.returncode != 0
+    assert "duplicate default server" in checked.stderr, checked.stderr
