@@ -134,7 +134,7 @@ def create_app(
     app[BACKEND_URLS] = list(settings.backends)
     app.cleanup_ctx.extend([_stores, _emulators, _http_session, _core, heartbeat])
     if handle_signals:
-        app.cleanup_ctx.append(_signals(reload))
+        app.cleanup_ctx.append(_signals(reload, policy))
     app.on_shutdown.extend([_stop_accepting, _close_sockets])
     app.on_cleanup.append(_release_data_dir)  # after every cleanup context: the journal is closed
     setup_routes(app)
@@ -164,14 +164,19 @@ def journal_for(settings: Settings) -> JobStore:
     return SqliteJournal(settings.journal_file, sync=settings.journal_sync)
 
 
-def access_policy(settings: Settings) -> AccessPolicy:
-    """Keys, rates, proxies and CORS from the settings. Raises KeyFileError for a key file it cannot use."""
+def key_ring(settings: Settings) -> KeyRing:
+    """The API keys the settings name. Raises KeyFileError for a key file it cannot use."""
     keys = KeyRing.load(settings.api_keys, settings.api_keys_file)
     if not settings.webhook_secret and any(key.webhook for key in keys.keys):
         raise KeyFileError(f"API key file {settings.api_keys_file}: keys with a webhook need webhook_secret set")
+    return keys
+
+
+def access_policy(settings: Settings) -> AccessPolicy:
+    """Keys, rates, proxies and CORS from the settings. Raises KeyFileError for a key file it cannot use."""
     burst = settings.rate_burst
     return AccessPolicy(
-        keys=keys,
+        keys=key_ring(settings),
         key_rate=RateLimiter(settings.rate_limit, burst) if settings.rate_limit else None,
         ip_rate=RateLimiter(settings.ip_rate_limit, burst) if settings.ip_rate_limit else None,
         trusted_proxies=[ipaddress.ip_network(n, strict=False) for n in settings.trusted_proxies],
@@ -305,11 +310,13 @@ def _webhooks(app: web.Application, scheduler: Scheduler) -> aiohttp.ClientSessi
     return session
 
 
-def _signals(reload: Callable[[], Settings] | None) -> Callable[[web.Application], AsyncIterator[None]]:
+def _signals(
+    reload: Callable[[], Settings] | None, policy: AccessPolicy
+) -> Callable[[web.Application], AsyncIterator[None]]:
     """SIGTERM drains before it stops: /ready and new jobs answer 503 "stopping" for `stop_grace`
     seconds while everything else is served, so a load balancer takes the bridge out of rotation
     before its port closes (a second SIGTERM, or SIGINT, stops at once). SIGHUP re-reads the
-    settings (the backend list, unless emulated) and the workflow folder."""
+    settings (the backend list, unless emulated; the API keys), and the workflow folder."""
 
     async def context(app: web.Application) -> AsyncIterator[None]:
         settings, scheduler = app[SETTINGS], app[SCHEDULER]
@@ -345,6 +352,7 @@ def _signals(reload: Callable[[], Settings] | None) -> Callable[[web.Application
             if not settings.emulate:
                 log.info("SIGHUP: backends are now %s", ", ".join(fresh.backends))
                 scheduler.set_backends(list(fresh.backends), (dict(fresh.comfy_outputs), dict(fresh.comfy_inputs)))
+            _reload_keys(policy, fresh)
             try:
                 app[WORKFLOWS].replace_with(WorkflowStore.load(settings.workflows))
             except WorkflowConfigError as exc:
@@ -365,6 +373,22 @@ def _signals(reload: Callable[[], Settings] | None) -> Callable[[web.Application
             signal.signal(number, signal.SIG_IGN)
 
     return context
+
+
+def _reload_keys(policy: AccessPolicy, fresh: Settings) -> None:
+    """A key revoked, added or changed applies to the next request. Keys switched on or off need a
+    restart: every clientId is scoped by its key, so each client's jobs and files would change hands."""
+    try:
+        keys = key_ring(fresh)
+    except KeyFileError as exc:
+        log.error("SIGHUP: API keys not reloaded, the ones loaded before stay: %s", exc)
+        return
+    if keys.enabled != policy.keys.enabled:
+        log.error("SIGHUP: API keys not reloaded: switching keys on or off takes a restart (clientIds are per key)")
+        return
+    policy.keys = keys
+    if keys.enabled:
+        log.info("SIGHUP: API keys are now %s", ", ".join(sorted(key.name for key in keys.keys)))
 
 
 async def _stop_accepting(app: web.Application) -> None:

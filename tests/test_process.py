@@ -260,6 +260,34 @@ async def test_sighup_applies_a_new_backend_list(workdir: Path, make_emulator: E
     assert len(old.engine.started) == 1
 
 
+async def test_sighup_applies_a_changed_api_key_file(workdir: Path) -> None:
+    """An admin revokes a leaked key and adds one, then `systemctl reload`: the next request with the
+    old key is refused and the new one works, with no restart (the sockets stay). A key file that no
+    longer loads, or one that would switch keys off, is logged and the keys loaded before stay."""
+    keys = workdir / "keys.json"
+    keys.write_bytes(orjson.dumps([{"name": "leaked", "key": "leaked-key-0123456789"}]))
+
+    async def status_with(url: str, key: str) -> int:
+        headers = {"Authorization": f"Bearer {key}"}
+        async with aiohttp.ClientSession() as session, session.get(f"{url}/workflow-list", headers=headers) as resp:
+            return resp.status
+
+    async with bridge_process(workdir, "--emulate", "1", "--api-keys-file", str(keys), ready="/health") as (proc, url):
+        assert await status_with(url, "leaked-key-0123456789") == 200
+        keys.write_bytes(orjson.dumps([{"name": "fresh", "key": "fresh-key-0123456789"}]))
+        proc.send_signal(signal.SIGHUP)
+        await wait_for(lambda: "SIGHUP: API keys are now fresh" in (workdir / "bridge.log").read_text())
+        assert await status_with(url, "leaked-key-0123456789") == 401
+        assert await status_with(url, "fresh-key-0123456789") == 200
+        for broken in (b"[{not json", b"[]"):
+            keys.write_bytes(broken)
+            proc.send_signal(signal.SIGHUP)
+            said = "the ones loaded before stay" if broken != b"[]" else "switching keys on or off takes a restart"
+            await wait_for(lambda said=said: said in (workdir / "bridge.log").read_text())  # type: ignore[misc]
+            assert await status_with(url, "fresh-key-0123456789") == 200
+            assert await status_with(url, "nobody") == 401
+
+
 async def test_sighup_in_emulate_mode_reloads_the_workflows_and_keeps_serving(workdir: Path) -> None:
     async with bridge_process(workdir) as (proc, url), aiohttp.ClientSession() as session:
         async with session.get(f"{url}/workflow-list") as resp:
