@@ -174,9 +174,11 @@ def key_ring(settings: Settings) -> KeyRing:
 
 def access_policy(settings: Settings) -> AccessPolicy:
     """Keys, rates, proxies and CORS from the settings. Raises KeyFileError for a key file it cannot use."""
-    burst = settings.rate_burst
+    burst, keys = settings.rate_burst, key_ring(settings)
+    if settings.rate_limit and not keys.enabled:
+        log.warning("rate_limit is per API key, and no keys are set: it limits nothing (ip_rate_limit is per address)")
     return AccessPolicy(
-        keys=key_ring(settings),
+        keys=keys,
         key_rate=RateLimiter(settings.rate_limit, burst) if settings.rate_limit else None,
         ip_rate=RateLimiter(settings.ip_rate_limit, burst) if settings.ip_rate_limit else None,
         trusted_proxies=[ipaddress.ip_network(n, strict=False) for n in settings.trusted_proxies],

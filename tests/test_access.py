@@ -178,6 +178,14 @@ async def test_request_rates_are_limited_per_key(make_bridge: BridgeFactory, mak
     assert (await client.get("/generation-count", headers=auth(B))).status == 200  # B has its own budget
 
 
+async def test_a_rate_per_key_without_keys_says_at_start_that_it_limits_nothing(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = await make_bridge(await make_emulator(), rate_limit=0.01, rate_burst=1)
+    assert {(await client.get("/generation-count")).status for _ in range(3)} == {200}
+    assert any("rate_limit is per API key, and no keys are set" in r.getMessage() for r in caplog.records)
+
+
 async def test_x_forwarded_for_is_believed_only_from_trusted_proxies(
     make_bridge: BridgeFactory, make_emulator: EmulatorFactory, tmp_path: Path
 ) -> None:

@@ -157,6 +157,25 @@ def test_alias_dict_form_and_marker_union(tmp_path: Path) -> None:
     assert info["1/width"] == {"type": "int", "title": "Canvas", "class": "EmptyImage", "default": 8}
 
 
+def test_an_apiinput_marker_written_as_a_list_exposes_its_inputs(tmp_path: Path) -> None:
+    """`"apiinput": ["width", "height"]` exposed nothing, silently; a marker that names nothing
+    readable (a number) stops the load naming the node."""
+    graph = {**GRAPH, "1": {**GRAPH["1"], "_meta": {"apiinput": ["width", "height"]}}}
+    write(tmp_path, "g.json", graph)
+    assert list(WorkflowStore.load(tmp_path).get("g").describe_inputs()) == ["1/width", "1/height"]
+    write(tmp_path, "g.json", {**GRAPH, "1": {**GRAPH["1"], "_meta": {"apiinput": 7}}})
+    with pytest.raises(WorkflowConfigError, match=r"node 1: _meta\.apiinput must name inputs"):
+        WorkflowStore.load(tmp_path)
+
+
+@pytest.mark.parametrize("aliases", [{"": "g.json"}, [{"alias": " ", "fn": "g.json"}]])
+def test_an_empty_alias_is_refused(tmp_path: Path, aliases: object) -> None:
+    write(tmp_path, "g.json", GRAPH)
+    write(tmp_path, "workflow_alias.json", aliases)
+    with pytest.raises(WorkflowConfigError, match="empty"):
+        WorkflowStore.load(tmp_path)
+
+
 def test_alias_list_form_adds_inputs_and_types(tmp_path: Path) -> None:
     write(tmp_path, "g.json", GRAPH)
     write(tmp_path, "workflow_alias.json", [{"alias": "c", "fn": "g.json", "inputs": ["3/on", "3/gain", "1/width"]}])

@@ -252,6 +252,8 @@ def _read_alias_file(path: Path) -> list[dict[str, Any]]:
     except orjson.JSONDecodeError as exc:
         raise WorkflowConfigError(f"{path}: not valid JSON ({exc})") from None
     if isinstance(data, dict) and all(isinstance(v, str) for v in data.values()):
+        if "" in map(str.strip, data):
+            raise WorkflowConfigError(f"{path}: an alias is empty")
         return [{"alias": alias, "fn": fn} for alias, fn in data.items()]
     if isinstance(data, list):
         entries = []
@@ -260,6 +262,8 @@ def _read_alias_file(path: Path) -> list[dict[str, Any]]:
                 isinstance(entry, dict) and isinstance(entry.get("alias"), str) and isinstance(entry.get("fn"), str)
             ):
                 raise WorkflowConfigError(f"{path}: entry {index} needs string 'alias' and 'fn' fields")
+            if not entry["alias"].strip():
+                raise WorkflowConfigError(f"{path}: entry {index} has an empty alias")
             inputs = entry.get("inputs", [])
             if not (isinstance(inputs, list) and all(isinstance(i, str) for i in inputs)):
                 raise WorkflowConfigError(f"{path}: entry {entry['alias']!r}: 'inputs' must be a list of 'node/input'")
@@ -299,8 +303,12 @@ def _load_workflow(folder: Path, entry: dict[str, Any]) -> Workflow:
     wanted: list[tuple[str, str]] = []
     for node_id, node in graph.items():
         marker = node.get("_meta", {}).get("apiinput") if isinstance(node.get("_meta"), dict) else None
+        if isinstance(marker, list) and all(isinstance(name, str) for name in marker):
+            marker = ",".join(marker)  # ["seed", "text"], as one might well write it
         if isinstance(marker, str):
             wanted += [(node_id, name.strip()) for name in marker.split(",") if name.strip()]
+        elif marker is not None:
+            raise WorkflowConfigError(f'{path}: node {node_id}: _meta.apiinput must name inputs, as "seed, text"')
     for key in entry.get("inputs", []):
         node_id, _, name = key.partition("/")
         if not name:
