@@ -164,17 +164,18 @@ def journal_for(settings: Settings) -> JobStore:
     return SqliteJournal(settings.journal_file, sync=settings.journal_sync)
 
 
-def key_ring(settings: Settings) -> KeyRing:
-    """The API keys the settings name. Raises KeyFileError for a key file it cannot use."""
+def key_ring(settings: Settings, webhook_secret: str | None) -> KeyRing:
+    """The API keys the settings name, for a bridge that signs webhooks with `webhook_secret` (none:
+    it sends none). Raises KeyFileError for a key file it cannot use."""
     keys = KeyRing.load(settings.api_keys, settings.api_keys_file)
-    if not settings.webhook_secret and any(key.webhook for key in keys.keys):
+    if not webhook_secret and any(key.webhook for key in keys.keys):
         raise KeyFileError(f"API key file {settings.api_keys_file}: keys with a webhook need webhook_secret set")
     return keys
 
 
 def access_policy(settings: Settings) -> AccessPolicy:
     """Keys, rates, proxies and CORS from the settings. Raises KeyFileError for a key file it cannot use."""
-    burst, keys = settings.rate_burst, key_ring(settings)
+    burst, keys = settings.rate_burst, key_ring(settings, settings.webhook_secret)
     if settings.rate_limit and not keys.enabled:
         log.warning("rate_limit is per API key, and no keys are set: it limits nothing (ip_rate_limit is per address)")
     return AccessPolicy(
@@ -354,7 +355,7 @@ def _signals(
             if not settings.emulate:
                 log.info("SIGHUP: backends are now %s", ", ".join(fresh.backends))
                 scheduler.set_backends(list(fresh.backends), (dict(fresh.comfy_outputs), dict(fresh.comfy_inputs)))
-            _reload_keys(policy, fresh)
+            _reload_keys(policy, fresh, settings)
             try:
                 app[WORKFLOWS].replace_with(WorkflowStore.load(settings.workflows))
             except WorkflowConfigError as exc:
@@ -377,16 +378,29 @@ def _signals(
     return context
 
 
-def _reload_keys(policy: AccessPolicy, fresh: Settings) -> None:
-    """A key revoked, added or changed applies to the next request. Keys switched on or off need a
-    restart: every clientId is scoped by its key, so each client's jobs and files would change hands."""
+def _reload_keys(policy: AccessPolicy, fresh: Settings, running: Settings) -> None:
+    """A key revoked, added or changed applies to the next request. Every clientId is scoped by its
+    key's name, so a reload that would hand a client's jobs and files to another key is refused:
+    keys switched on or off, or a key of `api_keys` (named by its place) whose place another takes.
+    The running bridge's webhook secret decides whether keys may carry webhooks (a new one in the
+    settings takes a restart)."""
     try:
-        keys = key_ring(fresh)
+        keys = key_ring(fresh, running.webhook_secret)
     except KeyFileError as exc:
         log.error("SIGHUP: API keys not reloaded, the ones loaded before stay: %s", exc)
         return
     if keys.enabled != policy.keys.enabled:
         log.error("SIGHUP: API keys not reloaded: switching keys on or off takes a restart (clientIds are per key)")
+        return
+    was = {key.name: key.secret for key in policy.keys.keys}
+    placed = {f"key{index}" for index in range(1, len(fresh.api_keys) + 1)}
+    moved = sorted(key.name for key in keys.keys if key.name in placed and was.get(key.name, key.secret) != key.secret)
+    if moved:
+        log.error(
+            "SIGHUP: API keys not reloaded: %s of api_keys would be another key than before, and would take over "
+            "its clients' jobs and files (keys of api_keys are named by their place): revoke a key by name in "
+            "api_keys_file, or keep the places of the others", ", ".join(moved),
+        )  # fmt: skip
         return
     policy.keys = keys
     if keys.enabled:

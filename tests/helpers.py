@@ -282,11 +282,15 @@ async def _listening_url(proc: asyncio.subprocess.Process, log: Path) -> str:
     return found.group(1).decode()
 
 
-async def submit(url: str, client_id: str) -> None:
+async def submit(url: str, client_id: str, headers: dict[str, str] | None = None) -> str:
+    """A small job; its id."""
     async with aiohttp.ClientSession() as session:
         body = {"workflow": "solid", "1/width": 8}
-        async with session.post(f"{url}/generate-based-workflow", params={"clientId": client_id}, json=body) as resp:
+        params = {"clientId": client_id}
+        async with session.post(f"{url}/generate-based-workflow", params=params, json=body, headers=headers) as resp:
             assert resp.status == 200, await resp.text()
+            job_id: str = (await resp.json())["job_id"]
+            return job_id
 
 
 async def count(url: str) -> int:

@@ -230,8 +230,12 @@ def test_what_in_the_workflow_folder_is_no_workflow_file_is_named_as_such(tmp_pa
         (lambda: (folder / "l.json").symlink_to(tmp_path / "gone.json"), "l.json is a link to nothing"),
         (lambda: (folder / os.fsdecode(b"caf\xe9.json")).write_bytes(graph), "is not UTF-8; rename it"),
         (
+            lambda: (folder / "workflow_alias.json").write_bytes(orjson.dumps({"abs": str(tmp_path / "g.json")})),
+            "alias 'abs' names '" + str(tmp_path / "g.json") + "', which is not a path inside the workflow folder",
+        ),
+        (
             lambda: (folder / "workflow_alias.json").write_bytes(orjson.dumps({"up": "../g.json"})),
-            "alias 'up' names '../g.json', which is not a file name in the workflow folder",
+            "alias 'up' names '../g.json', which is not a path inside the workflow folder",
         ),
     ]
     for make, message in cases:
@@ -250,6 +254,14 @@ def test_a_link_in_the_workflow_folder_is_followed_wherever_it_points(tmp_path: 
     (tmp_path / "workflows").mkdir()
     (tmp_path / "workflows" / "linked.json").symlink_to(shared)
     assert WorkflowStore.load(tmp_path / "workflows").aliases() == ["linked"]
+
+
+def test_an_alias_may_name_a_workflow_in_a_subfolder(tmp_path: Path) -> None:
+    (tmp_path / "portraits").mkdir()
+    graph = (Path(__file__).parent / "fixtures" / "workflows" / "b_emptyimage_save.json").read_bytes()
+    (tmp_path / "portraits" / "portrait.json").write_bytes(graph)
+    (tmp_path / "workflow_alias.json").write_bytes(orjson.dumps({"portrait": "portraits/portrait.json"}))
+    assert WorkflowStore.load(tmp_path).aliases() == ["portrait"]
 
 
 def test_missing_folder(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from comfybridge.emulator.server import SOCKETS
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
 from .fake_comfy import FakeComfy
 from .helpers import Client, frames_until, generate, png, poll_status, read_results, upload, without_job_id
+from .test_scheduling import held_journal, refuse_next_accept
 
 SOLID = {"workflow": "solid", "1/batch_size": 1}
 PROXY_PAGE = "<html><body><h1>502 Bad Gateway</h1></body></html>"
@@ -739,3 +740,31 @@ async def test_a_prompt_cleared_from_the_queue_behind_the_bridges_own_is_sent_ag
     assert info["status"] == "closed", info
     assert not [r.getMessage() for r in caplog.records if "is stuck" in r.getMessage()]
     assert job.retries == 0  # not a lost run: nothing of it ever ran
+
+
+async def test_a_partly_refused_prompt_whose_accept_fails_is_taken_back(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, workflow_dir: Path
+) -> None:
+    """The job goes to an idle ComfyUI at once, while its accept record is written; ComfyUI answers
+    200 with node_errors (it queued the prompt, to run the outputs it did not refuse); then the
+    journal refuses the accept (503 to the client: "nothing of the job stays"). `Dispatcher.send`
+    takes back a prompt of a refused accept only when the POST answered cleanly (`failure is None`)
+    or not at all: a PartlyRefused, which ComfyUI *did* queue, is left to run there, for nobody."""
+    (workflow_dir / "partial.json").write_bytes(orjson.dumps(PARTLY_REFUSED))
+    emulator = await make_emulator(pace=0.5)  # what ComfyUI accepted takes seconds
+    engine = emulator.engine
+    client = await make_bridge(emulator)
+    go = held_journal(client)
+    refuse_next_accept(client)
+    answer = asyncio.ensure_future(generate(client, "partial", {"workflow": "partial"}))
+    await wait_for(lambda: engine.requests["POST /prompt"] == 1)
+    await asyncio.sleep(0.2)  # its answer (200, node_errors) is back at the bridge
+    go.set()
+    status, body = await answer
+    assert status == 503, body  # not accepted: nothing of the job may stay
+    assert await (await client.get("/generation-count")).json() == 0
+    # ComfyUI queued it all the same: it must be taken back, not run to its end for nobody.
+    await wait_for(lambda: engine.running_client() is None and not engine.queue_snapshot()["queue_pending"], 20)
+    outputs = [entry.get("outputs") for entry in engine.history.values()]
+    assert all(not o for o in outputs), f"the refused job's prompt ran in ComfyUI: {outputs}"
+    assert not client.app[SCHEDULER].core.by_prompt

@@ -288,6 +288,41 @@ async def test_sighup_applies_a_changed_api_key_file(workdir: Path) -> None:
             assert await status_with(url, "nobody") == 401
 
 
+KEY_A, KEY_B = "aaaa-key-0123456789", "bbbb-key-0123456789"
+
+
+async def test_sighup_hands_no_clients_of_one_key_to_another(workdir: Path) -> None:
+    """Keys of `api_keys` are named by their place (key1, key2), and clientIds by their key's name.
+    Revoking the first of two by SIGHUP made the second `key1`: it saw the revoked key's client
+    "app" and fetched its results. Such a reload is refused, and said; and a key file giving a key a
+    webhook is refused while the running bridge has no webhook secret (its jobs would all be 400)."""
+    conf = workdir / "c.toml"
+    conf.write_text(f'api_keys = ["{KEY_A}", "{KEY_B}"]\n')
+    log = workdir / "bridge.log"
+    async with (
+        bridge_process(workdir, "--emulate", "1", "--config", str(conf), ready="/health") as (proc, url),
+        aiohttp.ClientSession() as session,
+    ):
+
+        async def job_of(key: str) -> object:
+            params, headers = {"clientId": "app"}, {"Authorization": f"Bearer {key}"}
+            async with session.get(f"{url}/execution-info", params=params, headers=headers) as resp:
+                return (await resp.json()).get("job_id")
+
+        job = await submit(url, "app", headers={"Authorization": f"Bearer {KEY_A}"})
+        assert await job_of(KEY_A) == job
+        conf.write_text(f'api_keys = ["{KEY_B}"]\n')  # KEY_A leaked: revoked by taking it out
+        proc.send_signal(signal.SIGHUP)
+        await wait_for(lambda: "key1 of api_keys would be another key than before" in log.read_text())
+        assert await job_of(KEY_B) != job
+        keys = workdir / "keys.json"
+        keys.write_bytes(orjson.dumps([{"name": "studio", "key": KEY_A, "webhook": "https://example.com/hook"}]))
+        conf.write_text(f'api_keys_file = "{keys}"\nwebhook_secret = "whsec_{"A" * 44}"\n')
+        proc.send_signal(signal.SIGHUP)
+        await wait_for(lambda: "keys with a webhook need webhook_secret set" in log.read_text())
+        assert await job_of(KEY_A) == job  # the keys loaded before stay
+
+
 async def test_sighup_in_emulate_mode_reloads_the_workflows_and_keeps_serving(workdir: Path) -> None:
     async with bridge_process(workdir) as (proc, url), aiohttp.ClientSession() as session:
         async with session.get(f"{url}/workflow-list") as resp:

@@ -170,7 +170,8 @@ class Dispatcher:
             await asyncio.wait((job.accepting,))
         if accepting is not None and (accepting.cancelled() or accepting.exception() is not None):
             # Not accepted (the client is told so): it was taken back; ComfyUI may have it.
-            if failure is None or (isinstance(failure, BackendUnavailable) and failure.maybe_done):
+            queued = failure is None or isinstance(failure, PartlyRefused)  # (ComfyUI queues those too)
+            if queued or (isinstance(failure, BackendUnavailable) and failure.maybe_done):
                 self._abandon(backend, sent)
             return
         unanswered = isinstance(failure, BackendUnavailable) and failure.maybe_done

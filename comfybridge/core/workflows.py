@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote
 
@@ -275,9 +275,9 @@ def _read_alias_file(path: Path) -> list[dict[str, Any]]:
 def _load_workflow(folder: Path, entry: dict[str, Any]) -> Workflow:
     name = entry["fn"]
     path = folder / name
-    # A bare name in the folder; a link there is the admin's own and is followed wherever it points.
+    # A path inside the folder; a link there is the admin's own and is followed wherever it points.
     why = (
-        "is not a file name in the workflow folder" if Path(name).name != name or name in (".", "..")
+        "is not a path inside the workflow folder" if PurePosixPath(name).is_absolute() or ".." in Path(name).parts
         else "is a link to nothing" if path.is_symlink() and not path.exists()
         else "does not exist" if not path.exists()
         else "is not a regular file" if not path.is_file()
