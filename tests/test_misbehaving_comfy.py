@@ -768,3 +768,28 @@ async def test_a_partly_refused_prompt_whose_accept_fails_is_taken_back(
     outputs = [entry.get("outputs") for entry in engine.history.values()]
     assert all(not o for o in outputs), f"the refused job's prompt ran in ComfyUI: {outputs}"
     assert not client.app[SCHEDULER].core.by_prompt
+
+
+async def test_a_job_whose_start_went_unheard_and_that_runs_silent_times_out(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every word of a prompt's run is lost (malformed on the way), and the prompt hangs in ComfyUI,
+    silent. The job still looks queued; ComfyUI's queue shows its prompt running. It is stuck on
+    that prompt: it fails with the contract's time-out after job_idle_timeout, not waited for ever
+    as if it were behind someone's work."""
+    emulator = await make_emulator()
+    engine = emulator.engine
+    engine.faults.hang_after_nodes = 0
+    client = await make_bridge(emulator, job_idle_timeout=1.0)
+    checked = comfy_client.shapes.event
+    monkeypatch.setattr(
+        comfy_client.shapes, "event", lambda kind, data: checked(kind, data) if kind == "status" else None
+    )
+    try:
+        status, answer = await generate(client, "unheard", SOLID)
+        assert status == 200, answer
+        info = await poll_status(client, "unheard", {"closed", "error"}, timeout=30)
+        assert info["status"] == "error", info
+        assert info["detail"].startswith("time out error"), info
+    finally:
+        engine.release_hang()

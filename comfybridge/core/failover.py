@@ -240,6 +240,9 @@ class Failover:
             log.warning("backend %s: prompts of the bridge's are gone from its queue; asking about them", backend.name)
             await self.reconcile(backend)
             return
+        if head.prompt_id in running:  # it runs, its start unheard (a malformed word), silent all along
+            self._stuck(backend, head, head.prompt_id)
+            return
         now = time.monotonic()
         if running:
             backend.stalled_since = None

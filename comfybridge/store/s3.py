@@ -172,7 +172,7 @@ class S3Blobs:
             async with self.call("deleting"):
                 answer = await self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
             # A bulk delete answers 200 even when it removed nothing: each key it kept is in Errors.
-            refused += answer.get("Errors") or ()
+            refused += [e for e in answer.get("Errors") or () if e.get("Code") != "NoSuchKey"]  # (gone is gone)
         if refused:
             code = refused[0].get("Code", "error")
             log.error("object storage: deleting %d objects refused: %s %s", len(refused), code, refused[0].get("Key"))
