@@ -61,7 +61,8 @@ def jpeg(width: int, height: int) -> bytes:
 JPEG = jpeg(8, 8)
 WAV = b"RIFF" + struct.pack("<I", 28) + b"WAVEfmt " + b"\0" * 20
 MP4 = b"\0\0\0\x18ftypisom" + b"\0" * 12
-OGG = b"OggS" + b"\0" * 40
+OGG = b"OggS\x00\x02" + b"\0" * 20 + b"\x01\x0d" + b"\x01vorbis" + b"\0" * 6  # one page: its header and a segment
+FLAC = b"fLaC\x80\x00\x00\x22" + b"\0" * 34 + b"\xff\xf8" + b"\0" * 8  # STREAMINFO, the last block; a frame
 
 
 async def upload(client: Client, files: dict[str, tuple[str, bytes]], client_id: str | None = None) -> Any:

@@ -22,7 +22,21 @@ from comfybridge.store import uploads as uploads_module
 from comfybridge.store.uploads import IncomingFile, UploadLimits, UploadStore
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
-from .helpers import JPEG, MP4, OGG, WAV, Client, generate, png, read_results, run_job, stored, upload, without_job_id
+from .helpers import (
+    FLAC,
+    JPEG,
+    MP4,
+    OGG,
+    WAV,
+    Client,
+    generate,
+    png,
+    read_results,
+    run_job,
+    stored,
+    upload,
+    without_job_id,
+)
 
 NAME = r"[0-9a-f]{12}-{}"
 
@@ -65,7 +79,7 @@ async def test_content_decides_the_media_type(bridge: Client) -> None:
     status, body = await upload(bridge, {"file": ("notes.png", b"just some text, not an image at all....")})
     assert status == 415
     assert body == {"detail": "File 'notes.png' is not a recognised media file (allowed: image, video, audio)."}
-    for data, ext in ((WAV, "wav"), (MP4, "mp4"), (OGG, "ogg")):
+    for data, ext in ((WAV, "wav"), (MP4, "mp4"), (OGG, "ogg"), (FLAC, "flac")):
         status, body = await upload(bridge, {"file": ("clip.bin", data)})
         assert status == 200
         assert body["file"].endswith(f"-clip.{ext}")  # the content names the extension
@@ -179,6 +193,12 @@ UNSAFE = {
         + b"alert(document.cookie);",
     ),
     "a PNG with PHP after its IEND": ("x.png", png() + b"<?php system($_GET['c']); ?>" + png()[-12:]),
+    "an Ogg signature glued onto PHP": ("x.ogg", b"OggS" + b"<?php system($_GET['c']); ?>" + b" " * 40),
+    "a FLAC signature glued onto PHP": (
+        "x.flac",
+        b"fLaC\x80\x00\x00\x22" + b"<?php system($_GET['c']); ?>" + b" " * 40,
+    ),
+    "an MP4 of countless tiny boxes": ("x.mp4", MP4 + b"\0\0\0\x08free" * 1_000_001),
     "a TIFF signature glued onto PHP": (
         "x.tif",
         b"II*\x00\x08\x00\x00\x00\x00\x00\x00\x00\x00\x00" + b"<?php system($_GET['c']); ?>" + b" " * 30,
@@ -212,6 +232,13 @@ WHOLE = {
         + (b"\x1f\x43\xb6\x75\x01" + b"\xff" * 7 + b"\xe7\x81\x00" + b"\xa3\x84" + bytes(4) * 1) * 3,
     ),
     "an MP3 with no tag": ("b.mp3", MP3_FRAME),
+    "an Ogg of two pages": ("h.ogg", OGG * 2),
+    "a FLAC": ("i.flac", FLAC),
+    "a FLAC of its metadata alone": ("j.flac", FLAC[:42]),
+    "a WebM recording of 144,000 blocks (30 minutes at 80 a second)": (
+        "k.webm",
+        WEBM + (b"\x1f\x43\xb6\x75\x01" + b"\xff" * 7 + b"\xe7\x81\x00" + (b"\xa3\x88" + bytes(8)) * 400) * 360,
+    ),
     "a WebM": ("c.webm", WEBM),
     "a WebM of known sizes": ("d.webm", WEBM[:12] + b"\x18\x53\x80\x67\x90" + bytes(16)),
     "a GIF padded with zeros": ("e.gif", UNSAFE["a whole GIF with a script after it"][1][:-23] + bytes(5)),

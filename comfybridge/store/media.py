@@ -65,7 +65,9 @@ def sniff(head: bytes) -> tuple[str, str, str] | None:
 
 
 ISO_BMFF = {".mp4", ".mov", ".m4a", ".avif", ".heic"}
-OGG_MAX_PAGE = 65307
+# Headers (boxes, EBML elements, Ogg pages, FLAC blocks) a completeness check reads at most, so a
+# file of countless tiny ones costs little: a million is hours of recording.
+MAX_HEADERS = 1_000_000
 
 
 def is_complete(path: Path, ext: str) -> bool:
@@ -95,10 +97,9 @@ def is_complete(path: Path, ext: str) -> bool:
         if ext in ISO_BMFF:
             return _boxes_fill(handle, size)
         if ext == ".flac":
-            return len(head) >= 8 and head[4] & 0x7F == 0 and head[5:8] == b"\x00\x00\x22"  # STREAMINFO
+            return _flac_frames_follow(handle, size)
         if ext == ".ogg":
-            handle.seek(max(0, size - OGG_MAX_PAGE))
-            return b"OggS" in handle.read()
+            return _ogg_pages_fill(handle, size)
         if ext == ".webm":
             return _ebml_fills(handle, size)
         if ext == ".mp3":
@@ -117,7 +118,6 @@ WEBM_LEVEL_1 = {
 }  # fmt: skip
 WEBM_CLUSTER = b"\x1f\x43\xb6\x75"
 WEBM_IN_CLUSTER = {b"\xe7", b"\xa3", b"\xa0", b"\xa7", b"\xab", b"\xaf", b"\x58\x54"}
-MAX_ELEMENTS = 1 << 17  # EBML elements read at most: a Cluster of unknown size is walked a block at a time
 
 
 def _ebml_fills(handle: BinaryIO, size: int) -> bool:
@@ -149,7 +149,7 @@ class _NotEbml(Exception):
 def _ebml_elements(handle: BinaryIO, position: int, size: int) -> Iterator[tuple[bytes, int, int | None]]:
     """(ID, where its body starts, its length or None for unknown) of each element from `position`;
     the next starts after the body, or, for one of unknown size, at its body (its children)."""
-    for _ in range(MAX_ELEMENTS):
+    for _ in range(MAX_HEADERS):  # a Cluster of unknown size is walked a block at a time
         if position == size:
             return
         handle.seek(position)
@@ -252,7 +252,9 @@ def _mpeg_frame_length(header: bytes) -> int | None:
 def _boxes_fill(handle: BinaryIO, size: int) -> bool:
     """ISO BMFF (MP4, MOV, AVIF, HEIC): top-level boxes must tile the file exactly."""
     position = 0
-    while position < size:
+    for _ in range(MAX_HEADERS):
+        if position >= size:
+            break
         handle.seek(position)
         header = handle.read(16)
         if len(header) < 8:
@@ -268,6 +270,49 @@ def _boxes_fill(handle: BinaryIO, size: int) -> bool:
             return False
         position += length
     return position == size
+
+
+def _ogg_pages_fill(handle: BinaryIO, size: int) -> bool:
+    """Ogg (Vorbis, Opus): pages, each "OggS", version 0, and its segment table's length of data,
+    tiling the file."""
+    position = 0
+    for _ in range(MAX_HEADERS):
+        if position == size:
+            return True
+        handle.seek(position)
+        header = handle.read(27)
+        if len(header) < 27 or header[:5] != b"OggS\x00":
+            return False
+        table = handle.read(header[26])
+        if len(table) < header[26]:
+            return False
+        position += 27 + len(table) + sum(table)
+        if position > size:
+            return False
+    return False
+
+
+def _flac_frames_follow(handle: BinaryIO, size: int) -> bool:
+    """FLAC: "fLaC", STREAMINFO first (34 bytes), metadata blocks up to the one marked last, then a
+    frame's sync code (or nothing: a stream of no samples)."""
+    position, first = 4, True
+    for _ in range(MAX_HEADERS):
+        handle.seek(position)
+        header = handle.read(4)
+        if len(header) < 4:
+            return False
+        kind, length = header[0] & 0x7F, int.from_bytes(header[1:4], "big")
+        if first and (kind, length) != (0, 34):
+            return False
+        first = False
+        position += 4 + length
+        if position > size:
+            return False
+        if header[0] & 0x80:  # the last block
+            handle.seek(position)
+            sync = handle.read(2)
+            return position == size or (len(sync) == 2 and sync[0] == 0xFF and sync[1] & 0xFE == 0xF8)
+    return False
 
 
 # Decoders (Pillow, which ComfyUI loads images with) paint each frame onto the whole canvas, and a
