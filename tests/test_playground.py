@@ -28,7 +28,12 @@ async def test_try_a_workflow_in_the_browser(tmp_path: Path) -> None:
             page = await browser.new_page()
             errors: list[str] = []
             page.on("pageerror", lambda error: errors.append(str(error)))
-            await page.goto(f"{url}/playground")
+            page.on(
+                "console", lambda message: errors.append(message.text) if "Security Policy" in message.text else None
+            )
+            answer = await page.goto(f"{url}/playground")
+            assert answer is not None
+            assert "script-src 'self'" in answer.headers["content-security-policy"]  # its own files only
             # the catalogue, with its thumbnail
             card = page.locator('#catalogue button[data-workflow="text-to-image"]')
             await card.wait_for()
@@ -63,6 +68,31 @@ async def test_try_a_workflow_in_the_browser(tmp_path: Path) -> None:
             status = page.locator("#status.error")
             await status.wait_for()
             assert "1/width" in await status.inner_text()
+            assert errors == []
+        finally:
+            await browser.close()
+
+
+async def test_the_docs_page_runs_under_its_content_security_policy(tmp_path: Path) -> None:
+    """/docs builds its list with its one inline script, let through by hash: nothing else could run."""
+    chromium = system_binary("chromium", "chromium")
+    shutil.copytree(FIXTURES / "workflows", tmp_path / "workflows")
+    async with (
+        bridge_process(tmp_path, "--emulate", "1") as (_, url),
+        playwright_api.async_playwright() as driver,
+    ):
+        browser = await driver.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = await browser.new_page()
+            errors: list[str] = []
+            page.on(
+                "console", lambda message: errors.append(message.text) if "Security Policy" in message.text else None
+            )
+            answer = await page.goto(f"{url}/docs")
+            assert answer is not None
+            assert "'sha256-" in answer.headers["content-security-policy"]
+            await page.locator("#routes h2").first.wait_for()
+            assert "/generate-based-workflow" in await page.locator("#routes").inner_text()
             assert errors == []
         finally:
             await browser.close()
