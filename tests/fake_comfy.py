@@ -40,7 +40,8 @@ class FakeComfy:
     def replace(
         self, route: str, status: int, body: bytes | str, times: int = 1, content_type: str = "application/json"
     ) -> None:
-        """The next `times` requests of `route` ("GET /queue", "GET /history/{id}" as "GET /history/*")
+        """The next `times` requests of `route` ("GET /queue", "GET /history/{id}" as "GET /history/*", the
+        same for /object_info/{class})
         get this answer instead of ComfyUI's."""
         data = body.encode() if isinstance(body, str) else body
         self.answers[route].extend([(status, data, content_type)] * times)
@@ -83,6 +84,8 @@ class FakeComfy:
         path = request.path.removeprefix("/api") if request.path.startswith("/api/") else request.path
         if path.startswith("/history/"):
             path = "/history/*"
+        elif path.startswith("/object_info/"):
+            path = "/object_info/*"
         elif path.startswith("/jobs/"):  # "/jobs/{id}/cancel" as "/jobs/*/cancel"
             parts = path.split("/")
             path = "/".join(["", "jobs", "*", *parts[3:]])

@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from comfybridge.comfy import client as comfy_client
-from comfybridge.edge.appkeys import SCHEDULER
+from comfybridge.edge.appkeys import SCHEDULER, WORKFLOWS
 from comfybridge.emulator import Emulator
 from comfybridge.emulator.server import SOCKETS
 
@@ -222,10 +222,28 @@ async def test_history_malformed_for_good_fails_only_that_job(make_fake: Any, ma
 
 async def test_object_info_that_is_not_json_keeps_no_backend_out(make_fake: Any, make_bridge: BridgeFactory) -> None:
     fake: FakeComfy = await make_fake()
-    fake.replace("GET /object_info", 200, PROXY_PAGE)
+    fake.replace("GET /object_info/*", 200, PROXY_PAGE, times=1000)
     client = await make_bridge(fake.url)
     assert (await run_one(client, "limits-later"))["status"] == "closed"
-    assert fake.seen.count("GET /object_info") == 1
+    asked = fake.seen.count("GET /object_info/*")
+    assert 0 < asked <= len(client.app[WORKFLOWS].node_classes())  # once each, not again and again
+
+
+async def test_only_the_node_classes_of_exposed_inputs_are_asked_about(
+    make_fake: Any, make_bridge: BridgeFactory
+) -> None:
+    """The whole /object_info runs to tens of MB with many custom nodes, and parsing it held the
+    event loop (every request) for a good part of a second per backend, at each connect and reload.
+    The bridge asks /object_info/{class} for the few classes its workflows' inputs belong to, and
+    still learns their limits."""
+    fake: FakeComfy = await make_fake()
+    client = await make_bridge(fake.url)
+    classes = client.app[WORKFLOWS].node_classes()
+    await wait_for(lambda: fake.seen.count("GET /object_info/*") == len(classes))
+    assert "GET /object_info" not in fake.seen
+    assert "KSampler" in classes
+    info = await (await client.get("/workflow-info", params={"workflow": "text-to-image"})).json()
+    assert (info["3/steps"]["min"], info["3/steps"]["max"]) == (1, 10000)  # ComfyUI's own limits, learned
 
 
 async def test_a_listener_that_fails_is_started_again_and_down_meanwhile(
@@ -396,7 +414,7 @@ async def test_object_info_of_a_wrong_shape_keeps_no_backend_out(
     make_fake: Any, make_bridge: BridgeFactory, body: str
 ) -> None:
     fake: FakeComfy = await make_fake()
-    fake.replace("GET /object_info", 200, body)
+    fake.replace("GET /object_info/*", 200, body, times=1000)
     client = await make_bridge(fake.url)
     assert (await run_one(client, "odd-object-info"))["status"] == "closed"
     assert backend_states(client) == ["up"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,6 +40,7 @@ DisconnectHandler = Callable[[], None]
 
 CHUNK = 256 * 1024
 MB = 1024 * 1024
+OBJECT_INFO_AT_ONCE = 8  # node classes asked about at a time
 MAX_ANSWER = 128 * MB  # the largest REST answer read (/object_info with many custom nodes: tens of MB)
 SLOW_RATE = 64 * 1024  # bytes a second an output file's download earns beyond comfy_timeout
 JSON_HEADERS = {"Content-Type": "application/json"}
@@ -323,9 +324,28 @@ class ComfyClient:
         running, pending = await self.queue()
         return prompt_id in running or prompt_id in pending or await self.history(prompt_id) is not None
 
-    async def object_info(self) -> dict[str, Any]:
-        answer = await self._json("GET", "/object_info")
-        return answer if isinstance(answer, dict) else {}
+    async def object_info(self, classes: Collection[str]) -> dict[str, Any]:
+        """The definitions of these node classes, each asked on its own: the whole /object_info runs
+        to tens of MB with many custom nodes, and parsing it holds the event loop for a good part of a
+        second. An unknown class is left out (ComfyUI answers `{}`)."""
+        if any("/" in name for name in classes):  # not a path segment: the whole list, then
+            whole = await self._json("GET", "/object_info")
+            return {name: whole[name] for name in classes if name in whole} if isinstance(whole, dict) else {}
+        asking = asyncio.Semaphore(OBJECT_INFO_AT_ONCE)
+
+        async def one(name: str) -> Any:
+            async with asking:
+                return await self._json("GET", f"/object_info/{name}")
+
+        answers = await asyncio.gather(*(one(name) for name in sorted(classes)), return_exceptions=True)
+        trouble = next((a for a in answers if isinstance(a, BaseException)), None)
+        if trouble is not None:  # every ask has ended by now
+            raise trouble
+        found: dict[str, Any] = {}
+        for name, answer in zip(sorted(classes), answers, strict=True):
+            if isinstance(answer, dict) and name in answer:
+                found[name] = answer[name]
+        return found
 
     async def download(self, ref: OutputRef, target: Sink, max_bytes: int, local: bool = False) -> int:
         """Copy one output file into `target` (the caller commits or aborts it). A small file is

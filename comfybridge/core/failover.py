@@ -73,7 +73,9 @@ class Failover:
         """Input limits from /object_info; one that cannot be read is asked again at the next connect,
         and keeps no backend out meanwhile."""
         try:
-            self.core.workflows.apply_object_info(await backend.client.object_info())
+            workflows = self.core.workflows
+            classes = workflows.node_classes()
+            workflows.apply_object_info(await backend.client.object_info(classes) if classes else {})
         except (BackendUnavailable, ValueError, TypeError, AttributeError) as exc:  # unreachable, or a bad shape
             log.warning("backend %s: /object_info not read (%s); input limits are learned later", backend.name, exc)
             return

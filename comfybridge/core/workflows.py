@@ -216,6 +216,10 @@ class WorkflowStore:
                 f"Unknown workflow {alias!r}. Available workflows: {', '.join(self.aliases()) or 'none'}."
             ) from None
 
+    def node_classes(self) -> set[str]:
+        """The node classes whose definitions tell something of the exposed inputs (files aside)."""
+        return {spec.class_type for w in self._workflows.values() for spec in w.inputs.values() if not spec.upload}
+
     def apply_object_info(self, object_info: dict[str, Any]) -> None:
         """Learn min/max/choices/description of exposed inputs from a backend's /object_info."""
         for workflow in self._workflows.values():
