@@ -346,22 +346,36 @@ def _signals(
             log.info("SIGTERM: refusing new jobs (503 stopping); the bridge stops in %gs", settings.stop_grace)
             grace.append(loop.call_later(settings.stop_grace, stop_now))
 
+        rereading = asyncio.Lock()  # one SIGHUP's reload at a time, in the order they came
+        reloads: set[asyncio.Task[None]] = set()
+
+        async def reread_files() -> None:
+            # The files are read in a thread: a folder of many workflows, or one on a network disk,
+            # must not hold every request meanwhile.
+            async with rereading:
+                try:
+                    fresh = await asyncio.to_thread(reload) if reload is not None else settings
+                except ConfigError as exc:
+                    log.error("SIGHUP: settings not reloaded: %s", exc)
+                    return
+                if not settings.emulate:
+                    log.info("SIGHUP: backends are now %s", ", ".join(fresh.backends))
+                    scheduler.set_backends(list(fresh.backends), (dict(fresh.comfy_outputs), dict(fresh.comfy_inputs)))
+                try:
+                    _apply_keys(policy, await asyncio.to_thread(key_ring, fresh, settings.webhook_secret), fresh)
+                except KeyFileError as exc:
+                    log.error("SIGHUP: API keys not reloaded, the ones loaded before stay: %s", exc)
+                try:
+                    app[WORKFLOWS].replace_with(await asyncio.to_thread(WorkflowStore.load, settings.workflows))
+                except WorkflowConfigError as exc:
+                    log.error("SIGHUP: workflows not reloaded, the ones loaded before stay: %s", exc)
+                    return
+                scheduler.workflows_reloaded()
+
         def reread() -> None:
-            try:
-                fresh = reload() if reload is not None else settings
-            except ConfigError as exc:
-                log.error("SIGHUP: settings not reloaded: %s", exc)
-                return
-            if not settings.emulate:
-                log.info("SIGHUP: backends are now %s", ", ".join(fresh.backends))
-                scheduler.set_backends(list(fresh.backends), (dict(fresh.comfy_outputs), dict(fresh.comfy_inputs)))
-            _reload_keys(policy, fresh, settings)
-            try:
-                app[WORKFLOWS].replace_with(WorkflowStore.load(settings.workflows))
-            except WorkflowConfigError as exc:
-                log.error("SIGHUP: workflows not reloaded, the ones loaded before stay: %s", exc)
-                return
-            scheduler.workflows_reloaded()
+            task = loop.create_task(reread_files())
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
 
         loop.add_signal_handler(signal.SIGTERM, terminate)
         loop.add_signal_handler(signal.SIGINT, stop_now)
@@ -369,6 +383,8 @@ def _signals(
         yield
         for timer in grace:
             timer.cancel()
+        for task in tuple(reloads):
+            task.cancel()
         for number in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(number)
             # Stopping already: an impatient second Ctrl-C must not cut the clean-up short (the
@@ -378,17 +394,12 @@ def _signals(
     return context
 
 
-def _reload_keys(policy: AccessPolicy, fresh: Settings, running: Settings) -> None:
+def _apply_keys(policy: AccessPolicy, keys: KeyRing, fresh: Settings) -> None:
     """A key revoked, added or changed applies to the next request. Every clientId is scoped by its
     key's name, so a reload that would hand a client's jobs and files to another key is refused:
     keys switched on or off, or a key of `api_keys` (named by its place) whose place another takes.
-    The running bridge's webhook secret decides whether keys may carry webhooks (a new one in the
-    settings takes a restart)."""
-    try:
-        keys = key_ring(fresh, running.webhook_secret)
-    except KeyFileError as exc:
-        log.error("SIGHUP: API keys not reloaded, the ones loaded before stay: %s", exc)
-        return
+    (The running bridge's webhook secret decided whether keys may carry webhooks: a new one in the
+    settings takes a restart.)"""
     if keys.enabled != policy.keys.enabled:
         log.error("SIGHUP: API keys not reloaded: switching keys on or off takes a restart (clientIds are per key)")
         return

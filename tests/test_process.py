@@ -247,6 +247,7 @@ async def test_sighup_applies_a_new_backend_list(workdir: Path, make_emulator: E
         await wait_for(lambda: len(old.engine.started) == 1)
         config.write_text(f'backends = ["{new.url}"]\n')
         proc.send_signal(signal.SIGHUP)
+        await wait_for(lambda: "SIGHUP: backends are now" in (workdir / "bridge.log").read_text())
         async with aiohttp.ClientSession() as session, asyncio.timeout(20):
             while True:  # 503 until the new backend is connected
                 body = {"workflow": "solid", "1/width": 8}
