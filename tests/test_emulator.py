@@ -756,3 +756,107 @@ async def test_a_value_of_the_wrong_type_is_comfyuis_400(emulator: Emulator, ses
     (error,) = body["node_errors"]["1"]["errors"]
     assert error["type"] == "invalid_input_type"
     assert error["extra_info"]["input_name"] == "width"
+
+
+def ran(messages: list[dict[str, Any]]) -> list[str]:
+    return [m["data"]["node"] for m in messages if m["type"] == "executing" and m["data"]["node"] is not None]
+
+
+def invert_and_save(color: int, prefix: str = "probe", ids: tuple[str, str, str] = ("1", "2", "3")) -> dict[str, Any]:
+    a, b, c = ids
+    return {
+        a: {"class_type": "EmptyImage", "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": color}},
+        b: {"class_type": "ImageInvert", "inputs": {"image": [a, 0]}},
+        c: {"class_type": "SaveImage", "inputs": {"images": [b, 0], "filename_prefix": prefix}},
+    }
+
+
+async def test_view_serves_html_and_css_outputs_as_downloads(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    """server.py's /view forces text/html, application/xhtml+xml, text/javascript and text/css to
+    application/octet-stream ("For security, force certain mimetypes to download instead of display").
+    Real 0.3.64, `GET /view?filename=h6ct.html`: `Content-Type: application/octet-stream` (same for .htm
+    and .css); the emulator answers `text/html` / `text/css`. The bridge's download refuses a `text/html`
+    answer as "a proxy in front of ComfyUI?" (client.py WEB_PAGES), so on the emulator an HTML output
+    fails a job that real ComfyUI would complete."""
+    for name in ("report.html", "report.htm", "style.css"):
+        (emulator.engine.output_dir / name).write_bytes(b"<!doctype html><p>hi</p>\n")
+        async with session.get(f"{emulator.url}/view", params={"filename": name, "type": "output"}) as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Disposition"] == f'filename="{name}"'
+            assert resp.content_type == "application/octet-stream", name
+
+
+async def test_interrupt_in_the_last_node_lets_the_prompt_succeed(
+    make_emulator: EmulatorFactory, session: aiohttp.ClientSession
+) -> None:
+    """ComfyUI checks its interrupt flag between nodes (and inside samplers' steps), never in the middle of
+    an image node. Real 0.3.64, EmptyImage 4096x4096 -> ImageAddNoise -> SaveImage, `POST /interrupt
+    {"prompt_id": ...}` 0.3 s after `executing(3)`: `(1.08, 'executing(3)'), (1.38, 'INTERRUPT 200'),
+    (5.38, "executed(3:['images'])"), (5.6, 'execution_success'), (5.6, 'executing(None)')`, and /history
+    says `success` with the file. The emulator stops SaveImage in its middle and reports
+    `execution_interrupted`: a cancel that arrives during the last node is never seen to lose the race,
+    as it does on a real backend (the prompt succeeds and writes its outputs)."""
+    emulator = await make_emulator(pace=0.5)
+    prompt = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": 3}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "late"}},
+    }
+    async with session.ws_connect(f"{emulator.url}/ws?clientId=A") as ws:
+        listener = Listener(ws)
+        _, answer = await post_prompt(session, emulator, {"prompt": prompt, "client_id": "A"})
+        await listener.until(lambda m: m["type"] == "executing" and m["data"]["node"] == "2")
+        await asyncio.sleep(0.1)
+        async with session.post(f"{emulator.url}/interrupt", json={"prompt_id": answer["prompt_id"]}) as resp:
+            assert resp.status == 200
+        got = await listener.until(is_final)
+    assert "execution_interrupted" not in [m["type"] for m in got]
+    assert "execution_success" in [m["type"] for m in got]
+    assert emulator.engine.history[answer["prompt_id"]]["status"]["status_str"] == "success"
+
+
+async def test_interrupt_mid_node_lands_at_the_next_node(
+    make_emulator: EmulatorFactory, session: aiohttp.ClientSession
+) -> None:
+    """Real 0.3.64 (slow workflow c, interrupt while node 4 ImageBlur runs): `executing(4) ...
+    progress_state(4:finished) progress_state(5:running) executing(5)
+    execution_interrupted(5, executed=['3', '1', '2', '4'])`: the running node finishes, and the interrupt
+    is reported at the next node. The emulator reports it in the node that was running, unfinished."""
+    emulator = await make_emulator(pace=0.5)
+    prompt = invert_and_save(8)
+    async with session.ws_connect(f"{emulator.url}/ws?clientId=A") as ws:
+        listener = Listener(ws)
+        _, answer = await post_prompt(session, emulator, {"prompt": prompt, "client_id": "A"})
+        await listener.until(lambda m: m["type"] == "executing" and m["data"]["node"] == "1")
+        await asyncio.sleep(0.1)
+        async with session.post(f"{emulator.url}/interrupt", json={"prompt_id": answer["prompt_id"]}) as resp:
+            assert resp.status == 200
+        got = await listener.until(is_final)
+    interrupted = next(m["data"] for m in got if m["type"] == "execution_interrupted")
+    assert interrupted["node_id"] == "2"
+    assert sorted(interrupted["executed"]) == ["1"]
+    assert ran(got) == ["1", "2"]
+
+
+@pytest.mark.parametrize(
+    ("link", "error_type"),
+    [(["1", 0, 1], "bad_linked_input"), ([1, 0], "exception_during_validation")],
+    ids=["three-items", "int-node-id"],
+)
+async def test_a_malformed_link_is_refused(
+    emulator: Emulator, session: aiohttp.ClientSession, link: list[Any], error_type: str
+) -> None:
+    """Real 0.3.64, SaveImage `images: ["1", 0, 1]`: 400 `{"type": "bad_linked_input", "message": "Bad
+    linked input, must be a length-2 list of [node_id, slot_index]", "details": "images", ...}`;
+    `images: [1, 0]`: 400 `exception_during_validation` ("Exception when validating node", KeyError 1).
+    The emulator answers 200 for both and runs SaveImage on a made-up picture, so a workflow that
+    real ComfyUI refuses passes every test."""
+    prompt = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": link, "filename_prefix": "x"}},
+    }
+    status, answer = await post_prompt(session, emulator, {"prompt": prompt})
+    assert status == 400, answer
+    assert answer["error"]["type"] == "prompt_outputs_failed_validation"
+    assert [e["type"] for e in answer["node_errors"]["2"]["errors"]] == [error_type]

@@ -102,6 +102,10 @@ def _is_link(value: Any) -> bool:
     return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
 
 
+class ValidationCrash(Exception):
+    """What makes ComfyUI's validation itself raise (a link to a node that is not there)."""
+
+
 class Engine:
     """One ComfyUI: a prompt queue run one prompt at a time, with ComfyUI's events in ComfyUI's order."""
 
@@ -292,7 +296,10 @@ class Engine:
         good: list[str] = []
         for output in outputs:
             failed: dict[str, list[dict[str, Any]]] = {}
-            self._validate_node(prompt, output, failed, set())
+            try:
+                self._validate_node(prompt, output, failed, set())
+            except ValidationCrash as exc:  # ComfyUI names the output whose validation raised
+                failed = {output: [_error("exception_during_validation", "Exception when validating node", str(exc))]}
             if not failed:
                 good.append(output)
             for nid, errors in failed.items():
@@ -344,12 +351,17 @@ class Engine:
         kind = config[0]
         options = config[1] if len(config) > 1 else {}
         config = [kind, options]  # ComfyUI reports input_config with its options dict, even an empty one
-        if _is_link(value):
+        if isinstance(value, list):  # a link, to ComfyUI, whatever its items are
+            if len(value) != 2:
+                msg = "Bad linked input, must be a length-2 list of [node_id, slot_index]"
+                return [_error("bad_linked_input", msg, name, {"input_name": name, "received_value": value})]
             source_id, slot = value
-            if source_id not in prompt:
-                return [_error("bad_linked_input", "Bad linked input, must be a length-2 list of [string, int]", name)]
+            if not isinstance(source_id, str) or source_id not in prompt:
+                raise ValidationCrash(f"KeyError: {source_id!r}")  # ComfyUI's prompt[o_id] fails
             source_outputs = self.object_info[prompt[source_id]["class_type"]]["output"]
-            received = source_outputs[slot] if slot < len(source_outputs) else None
+            if not isinstance(slot, int) or not -len(source_outputs) <= slot < len(source_outputs):
+                raise ValidationCrash(f"{'IndexError' if isinstance(slot, int) else 'TypeError'}: {slot!r}")
+            received = source_outputs[slot]
             if isinstance(kind, str) and received != kind and kind != "*":
                 detail = f"{name}, received_type({received}) mismatch input_type({kind})"
                 extra = {"input_name": name, "input_config": config, "received_type": received, "linked_node": value}
@@ -461,11 +473,11 @@ class Engine:
         for count, node_id in enumerate(n for n in order if n not in cached):
             node = item.prompt[node_id]
             try:
-                self._check_interrupt(pid)
                 states[node_id] = _node_state(pid, node_id, 0.0, 1.0, "running")
                 self._emit("progress_state", {"prompt_id": pid, "nodes": dict(states)}, sid)
                 self._emit("executing", {"node": node_id, "display_node": node_id, "prompt_id": pid}, sid)
                 self.last_node_id = node_id
+                self._check_interrupt(pid)  # as ComfyUI: once it has said which node comes next
                 if drop_after is not None and count == drop_after:
                     self._drop_sockets()
                 if fail_now:
@@ -542,9 +554,8 @@ class Engine:
                 await asyncio.sleep(self.pace / steps)
                 self._check_interrupt(pid)
                 self._emit("progress", {"value": step, "max": steps, "prompt_id": pid, "node": node_id}, sid)
-        else:
+        else:  # ComfyUI looks for an interrupt between nodes (and in a sampler's steps): this one runs to its end
             await asyncio.sleep(self.pace)
-            self._check_interrupt(pid)
 
     def _resolve(self, value: Any, results: dict[str, Any]) -> Any:
         if _is_link(value):

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import mimetypes
 import platform
 import tempfile
 import uuid
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 ENGINE = web.AppKey("engine", Engine)
 SOCKETS = web.AppKey("sockets", dict[str, web.WebSocketResponse])
 MAX_UPLOAD_SIZE = 104857600
+
+
+DOWNLOAD_ONLY = {"text/html", "text/html-sandboxed", "application/xhtml+xml", "text/javascript", "text/css"}
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -298,7 +302,11 @@ def _routes() -> web.RouteTableDef:
         path = folder / filename
         if not path.is_file():
             return web.Response(status=404)
-        return web.FileResponse(path, headers={"Content-Disposition": f'filename="{filename}"'})
+        content_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
+        if content_type in DOWNLOAD_ONLY:  # as ComfyUI does, "for security": a download, never a page
+            content_type = "application/octet-stream"
+        headers = {"Content-Disposition": f'filename="{filename}"', "Content-Type": content_type}
+        return web.FileResponse(path, headers=headers)
 
     @routes.post("/upload/image")
     async def upload_image(request: web.Request) -> web.Response:
