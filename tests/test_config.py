@@ -370,3 +370,20 @@ def test_a_settings_file_that_cannot_be_read_is_one_line_and_exit_2(
         else:
             (tmp_path / name).write_bytes(data)
     assert_one_line_error(run_cli(["--emulate", "1", *argv], tmp_path), named)
+
+
+def test_choices_are_learned_in_both_of_comfyuis_forms(tmp_path: Path) -> None:
+    """`[["a", "b"], {...}]`, and newer nodes' `["COMBO", {"options": [...]}]` (SaveWEBM's codec in
+    ComfyUI 0.3.64's /object_info): the second was skipped, so a wrong value reached ComfyUI."""
+    import comfybridge.emulator
+
+    info = orjson.loads((Path(comfybridge.emulator.__file__).parent / "object_info.json").read_bytes())
+    graph = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "SaveWEBM", "_meta": {"apiinput": "codec"},
+              "inputs": {"images": ["1", 0], "filename_prefix": "x", "codec": "vp9", "fps": 24.0, "crf": 32.0}},
+    }  # fmt: skip
+    write(tmp_path, "clip.json", graph)
+    store = WorkflowStore.load(tmp_path)
+    store.apply_object_info(info)
+    assert store.get("clip").describe_inputs()["2/codec"]["choices"] == ["vp9", "av1"]

@@ -237,8 +237,10 @@ class WorkflowStore:
                 if not isinstance(config, list) or not config:
                     continue
                 options = config[1] if len(config) > 1 and isinstance(config[1], dict) else {}
-                if isinstance(config[0], list) and all(isinstance(c, str | int | float) for c in config[0]):
-                    spec.choices = list(config[0])
+                # Choices come as the first item, or (newer nodes: SaveVideo's codec) as "COMBO" and its options.
+                choices = options.get("options") if config[0] == "COMBO" else config[0]
+                if isinstance(choices, list) and all(isinstance(c, str | int | float) for c in choices):
+                    spec.choices = list(choices)
                 if _is_number(options.get("min")):
                     spec.minimum = options["min"]
                 if _is_number(options.get("max")):
