@@ -96,7 +96,8 @@ class FakeComfy:
         self.seen.append(route)
         if route in self.held:
             await self.held[route].wait()
-        canned = self.answers.get(route)
+        exact = f"{request.method} {request.path}"  # ("GET /object_info/KSampler" before "GET /object_info/*")
+        canned = self.answers.get(exact) or self.answers.get(route)
         if canned:
             status, body, content_type = canned.popleft()
             return web.Response(status=status, body=body, content_type=content_type)

@@ -401,6 +401,32 @@ async def test_a_worker_that_fails_is_started_again_and_its_backend_stays_up(
     assert any("its worker failed; starting it again" in r.getMessage() for r in caplog.records)
 
 
+async def test_limits_are_learned_from_the_classes_comfyui_can_describe(
+    make_fake: Any, make_bridge: BridgeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ComfyUI's /object_info/{class} answers 500 for a node whose definition raises (the whole list
+    leaves it out): that class is left out, and every other class's limits are learned."""
+    fake: FakeComfy = await make_fake()
+    fake.replace("GET /object_info/ImageAddNoise", 500, "500 Internal Server Error", 1000, "text/plain")
+    client = await make_bridge(fake.url)
+    await wait_for(lambda: "GET /object_info/ImageAddNoise answered HTTP 500" in caplog.text)
+    info = await (await client.get("/workflow-info", params={"workflow": "text-to-image"})).json()
+    assert (info["3/steps"]["min"], info["3/steps"]["max"]) == (1, 10000)
+
+
+async def test_a_comfyui_without_the_per_class_route_is_asked_for_the_whole_list(
+    make_fake: Any, make_bridge: BridgeFactory
+) -> None:
+    """A fork, or a proxy that lets through only the paths it knows, answers 404 there."""
+    fake: FakeComfy = await make_fake()
+    fake.replace("GET /object_info/*", 404, "404: Not Found", 1000, "text/plain")
+    client = await make_bridge(fake.url)
+    await wait_for(lambda: "GET /object_info" in fake.seen)
+    await wait_for(lambda: client.app[SCHEDULER].core.backends[fake.url].object_info_loaded)
+    info = await (await client.get("/workflow-info", params={"workflow": "text-to-image"})).json()
+    assert (info["3/steps"]["min"], info["3/steps"]["max"]) == (1, 10000)
+
+
 @pytest.mark.parametrize(
     "body",
     [

@@ -327,25 +327,42 @@ class ComfyClient:
     async def object_info(self, classes: Collection[str]) -> dict[str, Any]:
         """The definitions of these node classes, each asked on its own: the whole /object_info runs
         to tens of MB with many custom nodes, and parsing it holds the event loop for a good part of a
-        second. An unknown class is left out (ComfyUI answers `{}`)."""
-        if any("/" in name for name in classes):  # not a path segment: the whole list, then
-            whole = await self._json("GET", "/object_info")
-            return {name: whole[name] for name in classes if name in whole} if isinstance(whole, dict) else {}
+        second. A class ComfyUI cannot describe (its route fails for a node whose definition raises;
+        the whole list skips it) or does not know is left out. A ComfyUI without that route (older,
+        forked, or behind a proxy that lets through only the paths it knows) is asked for the whole."""
+        names = sorted(classes)
+        if any("/" in name for name in names):  # not a path segment
+            return await self._described_in_whole(names)
         asking = asyncio.Semaphore(OBJECT_INFO_AT_ONCE)
 
-        async def one(name: str) -> Any:
+        async def one(name: str) -> tuple[int, bytes]:
             async with asking:
-                return await self._json("GET", f"/object_info/{name}")
+                return await self._request("GET", f"/object_info/{name}")
 
-        answers = await asyncio.gather(*(one(name) for name in sorted(classes)), return_exceptions=True)
-        trouble = next((a for a in answers if isinstance(a, BaseException)), None)
-        if trouble is not None:  # every ask has ended by now
-            raise trouble
+        answers = await asyncio.gather(*(one(name) for name in names), return_exceptions=True)
+        asked: list[tuple[int, bytes]] = []
+        for answer in answers:
+            if isinstance(answer, BaseException):  # unreachable (every ask has ended by now)
+                raise answer
+            asked.append(answer)
+        if any(status == 404 for status, _ in asked):
+            return await self._described_in_whole(names)
         found: dict[str, Any] = {}
-        for name, answer in zip(sorted(classes), answers, strict=True):
-            if isinstance(answer, dict) and name in answer:
-                found[name] = answer[name]
+        for name, (status, body) in zip(names, asked, strict=True):
+            try:
+                said = orjson.loads(body) if status == 200 else None
+            except orjson.JSONDecodeError:
+                said = None
+            if isinstance(said, dict) and isinstance(said.get(name), dict):
+                found[name] = said[name]
+            elif said != {}:  # ({}: a class it does not have)
+                what = f"HTTP {status}" if status != 200 else _glimpse(body)
+                log.warning("%s: GET /object_info/%s answered %s: its limits are not known", self.shown, name, what)
         return found
+
+    async def _described_in_whole(self, names: list[str]) -> dict[str, Any]:
+        whole = await self._json("GET", "/object_info")
+        return {name: whole[name] for name in names if name in whole} if isinstance(whole, dict) else {}
 
     async def download(self, ref: OutputRef, target: Sink, max_bytes: int, local: bool = False) -> int:
         """Copy one output file into `target` (the caller commits or aborts it). A small file is

@@ -242,8 +242,10 @@ class Failover:
             log.warning("backend %s: prompts of the bridge's are gone from its queue; asking about them", backend.name)
             await self.reconcile(backend)
             return
-        if head.prompt_id in running:  # it runs, its start unheard (a malformed word), silent all along
-            self._stuck(backend, head, head.prompt_id)
+        if head.prompt_id in running:  # it runs, its start unheard (not come yet, or a malformed word)
+            if head.found_running:  # and silent for job_idle_timeout since it was found so
+                self._stuck(backend, head, head.prompt_id)
+            head.found_running, head.last_event = True, time.monotonic()
             return
         now = time.monotonic()
         if running:

@@ -111,6 +111,8 @@ class Job:
     ended_at: float | None = None
     results: list[dict[str, Any]] | None = None  # the stored result files, once done
     last_event: float = field(default_factory=time.monotonic)
+    # ComfyUI's queue showed its prompt running before any word of its start came: its silence counts from then.
+    found_running: bool = False
     sending: str | None = None  # the prompt id whose POST /prompt is in flight from this process
     # Its accept record while it is written, for a job sent meanwhile: what ComfyUI says waits for it.
     accepting: asyncio.Future[int] | None = field(default=None, repr=False, compare=False)
