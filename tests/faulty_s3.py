@@ -32,7 +32,7 @@ class FaultyS3:
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream
         self.fault: str | None = None
-        self.refuse_deletes = False  # a bulk delete answers 200 and keeps every key (S3's per-key Errors)
+        self.refuse_deletes = ""  # with an S3 error code: a bulk delete answers 200 naming each key in its Errors
         self.refused = 0  # requests answered with a fault
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
@@ -61,7 +61,7 @@ class FaultyS3:
         if self.refuse_deletes and request.method == "POST" and "delete" in request.query:
             self.refused += 1
             kept = "".join(
-                f"<Error><Key>{key}</Key><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
+                f"<Error><Key>{key}</Key><Code>{self.refuse_deletes}</Code><Message>refused</Message></Error>"
                 for key in re.findall(r"<Key>(.*?)</Key>", body.decode())
             )
             return web.Response(body=f"<DeleteResult>{kept}</DeleteResult>".encode(), content_type="application/xml")
