@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from comfybridge.emulator.png import png_first_pixel
-from comfybridge.sdk import AsyncBridge, Bridge, BridgeError, Event, JobFailed
+from comfybridge.sdk import AsyncBridge, Bridge, BridgeError, Event, Job, JobFailed
 
 from .conftest import BridgeFactory, EmulatorFactory
 from .helpers import Client, bridge_process, png
@@ -46,6 +46,16 @@ async def until_progress(heard: list[Event]) -> None:
     async with asyncio.timeout(15):
         while not any(e.status == "progress" for e in heard):
             await asyncio.sleep(0.02)
+
+
+async def following_slow_job(bridge: AsyncBridge) -> tuple[Job, asyncio.Task[Event]]:
+    """A `slow` job on an open socket, and its follow, once it reports progress."""
+    heard: list[Event] = []
+    await bridge._socket()
+    job = await bridge.generate("slow")
+    following = asyncio.create_task(bridge.follow(job, on_event=heard.append))
+    await until_progress(heard)
+    return job, following
 
 
 async def test_async_client_runs_a_job_end_to_end(
@@ -387,11 +397,7 @@ async def test_a_network_outage_within_the_grace_is_ridden_out_and_past_it_ends_
     end instead of waiting for ever."""
     client = await make_bridge(await make_emulator(pace=1.5), disconnect_grace=grace)  # `slow`: about 10 s
     async with AsyncBridge(url_of(client), client_id="outage") as bridge:
-        heard: list[Event] = []
-        await bridge._socket()
-        job = await bridge.generate("slow")
-        following = asyncio.create_task(bridge.follow(job, on_event=heard.append))
-        await until_progress(heard)
+        job, following = await following_slow_job(bridge)
         await network_outage(bridge, outage, monkeypatch)
         if outage < grace:
             ended = await asyncio.wait_for(following, 30)
@@ -409,11 +415,7 @@ async def test_a_reconnect_attempt_that_gets_no_answer_is_cut_short_within_the_g
     runs on. Left to aiohttp, the attempt would wait 30 s to connect and the job would be cancelled."""
     client = await make_bridge(await make_emulator(pace=1.5), disconnect_grace=5.0)  # `slow`: about 10 s
     async with AsyncBridge(url_of(client), client_id="swallowed") as bridge:
-        heard: list[Event] = []
-        await bridge._socket()
-        job = await bridge.generate("slow")
-        following = asyncio.create_task(bridge.follow(job, on_event=heard.append))
-        await until_progress(heard)
+        job, following = await following_slow_job(bridge)
         connect, attempts = bridge._connect, []
 
         async def first_swallowed() -> aiohttp.ClientWebSocketResponse:

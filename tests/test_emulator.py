@@ -788,6 +788,21 @@ async def test_view_serves_html_and_css_outputs_as_downloads(
             assert resp.content_type == "application/octet-stream", name
 
 
+async def interrupted_in(
+    session: aiohttp.ClientSession, emulator: Emulator, prompt: dict[str, Any], node: str
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Queue `prompt` (as client A), interrupt it 0.1 s into `node`: its answer, and every message A
+    heard until its final `executing` null."""
+    async with session.ws_connect(f"{emulator.url}/ws?clientId=A") as ws:
+        listener = Listener(ws)
+        _, answer = await post_prompt(session, emulator, {"prompt": prompt, "client_id": "A"})
+        await listener.until(lambda m: m["type"] == "executing" and m["data"]["node"] == node)
+        await asyncio.sleep(0.1)
+        async with session.post(f"{emulator.url}/interrupt", json={"prompt_id": answer["prompt_id"]}) as resp:
+            assert resp.status == 200
+        return answer, await listener.until(is_final)
+
+
 async def test_interrupt_in_the_last_node_lets_the_prompt_succeed(
     make_emulator: EmulatorFactory, session: aiohttp.ClientSession
 ) -> None:
@@ -803,14 +818,7 @@ async def test_interrupt_in_the_last_node_lets_the_prompt_succeed(
         "1": {"class_type": "EmptyImage", "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": 3}},
         "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "late"}},
     }
-    async with session.ws_connect(f"{emulator.url}/ws?clientId=A") as ws:
-        listener = Listener(ws)
-        _, answer = await post_prompt(session, emulator, {"prompt": prompt, "client_id": "A"})
-        await listener.until(lambda m: m["type"] == "executing" and m["data"]["node"] == "2")
-        await asyncio.sleep(0.1)
-        async with session.post(f"{emulator.url}/interrupt", json={"prompt_id": answer["prompt_id"]}) as resp:
-            assert resp.status == 200
-        got = await listener.until(is_final)
+    answer, got = await interrupted_in(session, emulator, prompt, "2")
     assert "execution_interrupted" not in [m["type"] for m in got]
     assert "execution_success" in [m["type"] for m in got]
     assert emulator.engine.history[answer["prompt_id"]]["status"]["status_str"] == "success"
@@ -822,17 +830,10 @@ async def test_interrupt_mid_node_lands_at_the_next_node(
     """Real 0.3.64 (slow workflow c, interrupt while node 4 ImageBlur runs): `executing(4) ...
     progress_state(4:finished) progress_state(5:running) executing(5)
     execution_interrupted(5, executed=['3', '1', '2', '4'])`: the running node finishes, and the interrupt
-    is reported at the next node. The emulator reports it in the node that was running, unfinished."""
+    is reported at the next node (the emulator used to report it in the node that ran, unfinished)."""
     emulator = await make_emulator(pace=0.5)
     prompt = invert_and_save(8)
-    async with session.ws_connect(f"{emulator.url}/ws?clientId=A") as ws:
-        listener = Listener(ws)
-        _, answer = await post_prompt(session, emulator, {"prompt": prompt, "client_id": "A"})
-        await listener.until(lambda m: m["type"] == "executing" and m["data"]["node"] == "1")
-        await asyncio.sleep(0.1)
-        async with session.post(f"{emulator.url}/interrupt", json={"prompt_id": answer["prompt_id"]}) as resp:
-            assert resp.status == 200
-        got = await listener.until(is_final)
+    _, got = await interrupted_in(session, emulator, prompt, "1")
     interrupted = next(m["data"] for m in got if m["type"] == "execution_interrupted")
     assert interrupted["node_id"] == "2"
     assert sorted(interrupted["executed"]) == ["1"]
