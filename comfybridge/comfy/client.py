@@ -13,7 +13,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from ..store.files import SMALL_FILE, in_thread, open_off_loop
+from ..store.files import SMALL_FILE, all_bounded, in_thread, open_off_loop
 from . import shapes
 from .folders import InputFolders, LocalInputs, LocalOutputs, LocalReadFailed, LocalTooLarge, Sink
 from .shapes import Complaints, Malformed, OutputRef, describe_refusal
@@ -333,18 +333,7 @@ class ComfyClient:
         names = sorted(classes)
         if any("/" in name for name in names):  # not a path segment
             return await self._described_in_whole(names)
-        asking = asyncio.Semaphore(OBJECT_INFO_AT_ONCE)
-
-        async def one(name: str) -> tuple[int, bytes]:
-            async with asking:
-                return await self._request("GET", f"/object_info/{name}")
-
-        answers = await asyncio.gather(*(one(name) for name in names), return_exceptions=True)
-        asked: list[tuple[int, bytes]] = []
-        for answer in answers:
-            if isinstance(answer, BaseException):  # unreachable (every ask has ended by now)
-                raise answer
-            asked.append(answer)
+        asked = await all_bounded((self._request("GET", f"/object_info/{name}") for name in names), OBJECT_INFO_AT_ONCE)
         if any(status == 404 for status, _ in asked):
             return await self._described_in_whole(names)
         found: dict[str, Any] = {}

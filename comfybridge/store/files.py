@@ -7,13 +7,14 @@ import contextlib
 import errno
 import itertools
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar, cast
 
 __all__ = [
     "NO_SPACE",
     "SMALL_FILE",
+    "all_bounded",
     "atomic_write",
     "fsync_path",
     "in_thread",
@@ -84,6 +85,24 @@ async def in_thread(func: Callable[..., _T], *args: Any) -> _T:
         with contextlib.suppress(Exception):
             await running
         raise
+
+
+async def all_bounded(steps: Iterable[Awaitable[_T]], at_once: int) -> list[_T]:
+    """Every step's result, in order, at most `at_once` running at a time (requests to one server).
+    A failure is raised once every step has ended: none is left running behind the caller."""
+    room = asyncio.Semaphore(at_once)
+
+    async def bounded(step: Awaitable[_T]) -> _T:
+        async with room:
+            return await step
+
+    done = await asyncio.gather(*(bounded(step) for step in steps), return_exceptions=True)
+    results: list[_T] = []
+    for outcome in done:
+        if isinstance(outcome, BaseException):
+            raise outcome
+        results.append(outcome)
+    return results
 
 
 @contextlib.asynccontextmanager

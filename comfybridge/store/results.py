@@ -22,6 +22,7 @@ from typing import Any
 
 from ..errors import StorageError
 from .blobs import BlobStore, BlobWriter, LocalBlobs, sweep
+from .files import all_bounded
 
 __all__ = ["INLINE_BUDGET", "JOB_INLINE_MAX", "JobResult", "ResultFile", "ResultStore", "ResultWriter", "stored_name"]
 
@@ -141,17 +142,8 @@ class ResultStore:
             return {job_id for job_id, f in stored if sizes.get(f.key) != f.size}
         if not linked or not stored:
             return set()
-        looking = asyncio.Semaphore(LOOKS_AT_ONCE)
-
-        async def there(key: str) -> bool:
-            async with looking:
-                return await self.blobs.exists(key)
-
-        found = await asyncio.gather(*(there(f.key) for _, f in stored), return_exceptions=True)
-        trouble = next((f for f in found if isinstance(f, BaseException)), None)
-        if trouble is not None:  # every look has ended by now: none is left running against the store
-            raise trouble
-        return {job_id for (job_id, _), kept in zip(stored, found, strict=True) if kept is False}
+        found = await all_bounded((self.blobs.exists(f.key) for _, f in stored), LOOKS_AT_ONCE)
+        return {job_id for (job_id, _), kept in zip(stored, found, strict=True) if not kept}
 
     async def missing(self, jobs: dict[str, list[ResultFile]]) -> set[str]:
         """Ids of the given jobs some of whose files are not in the store any more."""
