@@ -76,12 +76,14 @@ class ResultStore:
         self._collecting: dict[str, int] = {}  # job id -> inline bytes of its files committed so far
         self._by_client: dict[str, list[JobResult]] = {}
         self._claimed: set[str] = set()  # job ids being sent to a client right now
+        self._expiring: set[str] = set()  # job ids past their TTL, their end being written
         self._undeleted: set[str] = set()  # keys of fetched or expired results the store would not remove
 
     def clear(self) -> None:
         """Forget every result (they are added again from the journal as its jobs are recovered)."""
         self._by_client.clear()
         self._claimed.clear()
+        self._expiring.clear()
         self._collecting.clear()
         self.inline_held = 0
 
@@ -181,18 +183,23 @@ class ResultStore:
         results = [
             r
             for r in self._by_client.get(client_id, [])
-            if r.job_id not in self._claimed and (job_id is None or r.job_id == job_id)
+            if r.job_id not in self._claimed
+            and r.job_id not in self._expiring
+            and (job_id is None or r.job_id == job_id)
         ]
         self._claimed.update(r.job_id for r in results)
         return results
 
     def hold(self, results: list[JobResult]) -> None:
-        """Reserve these results for the bridge itself (their expiry being written): no request gets them."""
-        self._claimed.update(r.job_id for r in results)
+        """Reserve these results for the bridge itself (their expiry being written): no request gets
+        them, and a request finds nothing rather than results busy elsewhere (they are past their TTL)."""
+        self._expiring.update(r.job_id for r in results)
 
     def release(self, results: list[JobResult]) -> None:
-        """A delivery that did not complete: the results can be fetched again."""
-        self._claimed.difference_update(r.job_id for r in results)
+        """A delivery (or an expiry) that did not complete: the results can be fetched again."""
+        ids = {r.job_id for r in results}
+        self._claimed -= ids
+        self._expiring -= ids
 
     def being_sent(self, client_id: str) -> bool:
         """Whether some of the client's results are on their way to a request right now."""
@@ -203,6 +210,7 @@ class ResultStore:
         the journal no longer names them."""
         gone = {r.job_id for r in results}
         self._claimed -= gone
+        self._expiring -= gone
         self.inline_held -= sum(_inline_size(r.files) for r in self._by_client.get(client_id, []) if r.job_id in gone)
         left = [r for r in self._by_client.get(client_id, []) if r.job_id not in gone]
         if left:
@@ -237,11 +245,10 @@ class ResultStore:
             log.warning("job %s: partial results not removed now: %s", job_id, exc)
 
     def expired(self, ttl: float) -> list[JobResult]:
-        """Results older than `ttl` that no request is sending right now."""
+        """Results older than `ttl` that no request is sending, nor an expiry writing, right now."""
         cutoff = time.time() - ttl
-        return [
-            r for rs in self._by_client.values() for r in rs if r.created < cutoff and r.job_id not in self._claimed
-        ]
+        busy = self._claimed | self._expiring
+        return [r for rs in self._by_client.values() for r in rs if r.created < cutoff and r.job_id not in busy]
 
     async def sweep_orphans(self, busy: set[str], older_than: float) -> int:
         """Remove the files a deletion was refused earlier; in object storage, also the objects older
