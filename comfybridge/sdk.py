@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 import queue
 import threading
 import time
@@ -33,6 +34,7 @@ import aiohttp
 import orjson
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 # Downloads and jobs waited for take as long as they take; only connecting is bounded.
 NO_TOTAL = aiohttp.ClientTimeout(total=None, sock_connect=30)
 FileSource = str | Path | bytes | tuple[str, bytes]  # a path, raw bytes, or (file name, bytes)
@@ -400,12 +402,13 @@ class AsyncBridge:
                     break
                 try:
                     frame = orjson.loads(msg.data)
-                    item: Event | BridgeError = Event(
-                        frame["status"], frame["detail"], frame.get("job_id"), frame.get("jobs_left")
-                    )
+                    item = Event(frame["status"], frame["detail"], frame.get("job_id"), frame.get("jobs_left"))
                 except (orjson.JSONDecodeError, KeyError, TypeError):
-                    item = BridgeError(0, f"the bridge sent a frame that is not a status: {msg.data[:200]!r}")
-                if isinstance(item, Event) and item.ended:
+                    # A frame of a kind this client does not know (a newer bridge's, a proxy's): the
+                    # status frames around it still tell every job's story.
+                    log.warning("ignored a frame that is not a status: %r", msg.data[:200])
+                    continue
+                if item.ended:
                     self._ended[str(item.job_id)] = item
                     while len(self._ended) > ENDINGS_KEPT:
                         self._ended.popitem(last=False)

@@ -222,6 +222,28 @@ async def test_a_502_that_names_no_job_is_the_bridges_error_not_a_jobs(aiohttp_s
     assert refused.value.detail == "The bridge that leads stopped answering"
 
 
+async def test_a_frame_that_is_not_a_status_is_skipped_not_the_end_of_a_follow(aiohttp_server: Any) -> None:
+    """A frame the client does not understand (a newer bridge's kind, a proxy's) between a job's
+    frames: the follow goes on to the job's end, instead of every follower raising."""
+
+    async def socket(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_str('{"kind": "notice", "text": "maintenance at noon"}')
+        await ws.send_str("not json")
+        await ws.send_str('{"status": "closed", "detail": "done", "job_id": "j1", "jobs_left": 0}')
+        await ws.receive()  # until the client closes
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", socket)
+    server = await aiohttp_server(app)
+    async with AsyncBridge(str(server.make_url("")).rstrip("/")) as bridge:
+        await bridge._socket()
+        end = await asyncio.wait_for(bridge.follow(Job("j1", 1)), 10)
+    assert (end.status, end.job_id) == ("closed", "j1")
+
+
 # One socket for every job of a client: several followed at once, in any order, through an error's
 # 1011 and through a restart of the bridge (real bridge processes).
 SLOW = ("--emulate", "1", "--emulator-pace", "0.2")  # `slow` then runs for about 1.5 s
