@@ -11,7 +11,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from comfybridge.edge.appkeys import RESULTS, STATE
+from comfybridge.edge import openapi
+from comfybridge.edge.appkeys import RESULTS, STATE, WORKFLOWS
 from comfybridge.emulator import Emulator
 from comfybridge.emulator.png import png_size
 from comfybridge.store.results import ResultFile
@@ -53,6 +54,31 @@ async def test_workflow_info_from_markers_with_object_info_limits(bridge: Client
     }
     assert info["3/steps"]["type"] == "int"
     assert (info["3/steps"]["min"], info["3/steps"]["max"], info["3/steps"]["default"]) == (1, 10000, 20)
+
+
+async def test_the_catalogue_and_openapi_are_built_once_and_again_when_limits_are_learned(
+    bridge: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Describing every workflow costs tens of ms with thousands of them: /openapi.json and the
+    catalogue are built once, and built again once a backend tells new limits (a reconnect)."""
+    built: list[int] = []
+    document = openapi.document
+    monkeypatch.setattr(openapi, "document", lambda *args: built.append(1) or document(*args))
+
+    async def steps_max() -> tuple[int, int]:
+        spec = await (await bridge.get("/openapi.json")).json()
+        catalogue = await (await bridge.get("/workflow-list", params={"detail": "1"})).json()
+        entry = next(e for e in catalogue if e["name"] == "text-to-image")
+        return spec["components"]["schemas"]["Generate_text-to-image"]["properties"]["3/steps"]["maximum"], entry[
+            "inputs"
+        ]["3/steps"]["max"]
+
+    assert await steps_max() == (10000, 10000)
+    assert await steps_max() == (10000, 10000)
+    assert len(built) == 1
+    bridge.app[WORKFLOWS].apply_object_info({"KSampler": {"input": {"required": {"steps": ["INT", {"max": 50}]}}}})
+    assert await steps_max() == (50, 50)
+    assert len(built) == 2
 
 
 async def test_workflow_info_from_alias_inputs_marks_uploads(bridge: Client) -> None:

@@ -328,6 +328,8 @@ async def test_sighup_in_emulate_mode_reloads_the_workflows_and_keeps_serving(wo
     async with bridge_process(workdir) as (proc, url), aiohttp.ClientSession() as session:
         async with session.get(f"{url}/workflow-list") as resp:
             assert await resp.json() == ["solid"]
+        async with session.get(f"{url}/openapi.json") as resp:  # (built, and kept until a change)
+            assert "Generate_second" not in (await resp.json())["components"]["schemas"]
         shutil.copy(workdir / "workflows" / "b_emptyimage_save.json", workdir / "workflows" / "second.json")
         proc.send_signal(signal.SIGHUP)
         async with asyncio.timeout(20):
@@ -337,6 +339,8 @@ async def test_sighup_in_emulate_mode_reloads_the_workflows_and_keeps_serving(wo
                         break
                 await asyncio.sleep(0.05)
         assert proc.returncode is None
+        async with session.get(f"{url}/openapi.json") as resp:
+            assert "Generate_second" in (await resp.json())["components"]["schemas"]
         await submit(url, "after-reload")
         (workdir / "workflows" / "broken.json").write_text("{not json")
         proc.send_signal(signal.SIGHUP)

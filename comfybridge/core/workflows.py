@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -16,6 +16,7 @@ from ..errors import BadInput, TooLarge, UnknownWorkflow, WorkflowConfigError
 __all__ = ["InputSpec", "Workflow", "WorkflowStore"]
 
 log = logging.getLogger(__name__)
+VIEWS_KEPT = 64  # views of the workflows kept at once (see WorkflowStore.view)
 WHOLE = 2**53  # the largest whole float that is exactly the integer it reads as
 
 ALIAS_FILE = "workflow_alias.json"
@@ -175,6 +176,18 @@ class WorkflowStore:
 
     def __init__(self, workflows: dict[str, Workflow]) -> None:
         self._workflows = workflows
+        # Views built from every workflow (a catalogue, a schema document): thousands of workflows
+        # take tens of ms to describe, too long to do again for each request. Emptied on any change.
+        self._views: dict[Hashable, bytes] = {}
+
+    def view(self, key: Hashable, build: Callable[[], bytes]) -> bytes:
+        """`build()`, kept until the workflows or what is known of their inputs change."""
+        built = self._views.get(key)
+        if built is None:
+            if len(self._views) >= VIEWS_KEPT:  # a key per set of allowed workflows: a few at most
+                self._views.clear()
+            built = self._views[key] = build()
+        return built
 
     @classmethod
     def load(cls, folder: Path) -> WorkflowStore:
@@ -204,6 +217,7 @@ class WorkflowStore:
     def replace_with(self, fresh: WorkflowStore) -> None:
         """Serve the workflows of a folder read again (SIGHUP); jobs already accepted keep their prompt."""
         self._workflows = fresh._workflows
+        self._views.clear()
         log.info("workflows reloaded: %s", ", ".join(self.aliases()))
 
     def get(self, alias: Any) -> Workflow:
@@ -222,6 +236,7 @@ class WorkflowStore:
 
     def apply_object_info(self, object_info: dict[str, Any]) -> None:
         """Learn min/max/choices/description of exposed inputs from a backend's /object_info."""
+        self._views.clear()
         for workflow in self._workflows.values():
             for spec in workflow.inputs.values():
                 node_info = object_info.get(spec.class_type)

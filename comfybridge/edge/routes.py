@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 from aiohttp import BodyPartReader, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
@@ -55,7 +56,10 @@ async def workflow_list(request: web.Request) -> web.Response:
     if not _flag(request, "detail"):
         return json_response(aliases)
     store = request.app[WORKFLOWS]
-    return json_response([store.get(alias).catalogue_entry() for alias in aliases])
+    body = store.view(
+        ("catalogue", *aliases), lambda: orjson.dumps([store.get(alias).catalogue_entry() for alias in aliases])
+    )
+    return web.Response(body=body, content_type="application/json")
 
 
 async def workflow_thumbnail(request: web.Request) -> web.StreamResponse:
@@ -71,7 +75,9 @@ async def workflow_thumbnail(request: web.Request) -> web.StreamResponse:
 
 
 async def openapi_json(request: web.Request) -> web.Response:
-    return json_response(openapi.document(request.app[WORKFLOWS], _aliases(request)))
+    store, aliases = request.app[WORKFLOWS], _aliases(request)
+    body = store.view(("openapi", *aliases), lambda: orjson.dumps(openapi.document(store, aliases)))
+    return web.Response(body=body, content_type="application/json")
 
 
 async def workflow_info(request: web.Request) -> web.Response:
