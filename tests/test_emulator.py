@@ -861,3 +861,41 @@ async def test_a_malformed_link_is_refused(
     assert status == 400, answer
     assert answer["error"]["type"] == "prompt_outputs_failed_validation"
     assert [e["type"] for e in answer["node_errors"]["2"]["errors"]] == [error_type]
+
+
+async def test_the_cache_is_comfyuis_classic_cache(emulator: Emulator, session: aiohttp.ClientSession) -> None:
+    """As a real ComfyUI 0.3.64 does (seen by hand, against `b_emptyimage_save.json`): entries are
+    keyed by a node's inputs and its ancestors', not its id; only those the prompt being run can use
+    stay; outputs are cached too, told again with `executed` and no file written; POST /free with
+    `free_memory` empties the cache."""
+    b = workflow("b_emptyimage_save.json")
+    renamed = {"11": b["1"], "12": {**b["2"], "inputs": {**b["2"]["inputs"], "images": ["11", 0]}}}
+    other = {**b, "2": {**b["2"], "inputs": {**b["2"]["inputs"], "filename_prefix": "other"}}}
+
+    async with session.ws_connect(f"{emulator.url}/ws?clientId=cache") as ws:
+        listener = Listener(ws)
+
+        async def run(prompt: dict[str, Any]) -> tuple[list[str], list[str], list[str]]:
+            """Cached nodes, nodes that ran, and the files its output names."""
+            listener.messages.clear()
+            status, _ = await post_prompt(session, emulator, {"prompt": prompt, "client_id": "cache"})
+            assert status == 200
+            got = await listener.until(is_final)
+            cached = next(m for m in got if m["type"] == "execution_cached")["data"]["nodes"]
+            ran = [m["data"]["node"] for m in got if m["type"] == "executing" and m["data"]["node"] is not None]
+            executed = next(m for m in got if m["type"] == "executed")["data"]["output"]["images"]
+            return cached, ran, [image["filename"] for image in executed]
+
+        saved = ["wf_b_empty_00001_.png", "wf_b_empty_00002_.png"]
+        assert await run(b) == ([], ["1", "2"], saved)
+        assert await run(b) == (["1", "2"], [], saved)  # all cached: the same files told again
+        assert await run(renamed) == (["11", "12"], [], saved)  # by inputs, not by node id
+        assert await run(other) == (["1"], ["2"], ["other_00001_.png", "other_00002_.png"])
+        # That prompt could not use b's SaveImage entry: it went.
+        assert await run(b) == (["1"], ["2"], ["wf_b_empty_00003_.png", "wf_b_empty_00004_.png"])
+        async with session.post(f"{emulator.url}/free", json={"free_memory": True}) as resp:
+            assert resp.status == 200
+        assert (await run(b))[:2] == ([], ["1", "2"])
+    assert sorted(p.name for p in emulator.engine.output_dir.glob("wf_b_empty_*")) == [
+        f"wf_b_empty_0000{n}_.png" for n in range(1, 7)
+    ]

@@ -62,6 +62,24 @@ MALFORMED_EVENTS = [
 ]
 
 
+async def test_a_cached_output_told_again_without_ui_output_is_not_a_malformed_event(
+    make_fake: Any, make_bridge: BridgeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ComfyUI tells a cached output node's result again as `executed` with `"output": null` when the
+    node has no UI output (execution.py: `cached_output.get("output", None)`): that is no fault."""
+    fake: FakeComfy = await make_fake()
+    client = await make_bridge(fake.url)
+    await wait_for(lambda: backend_states(client) == ["up"])
+    fake.upstream.engine.faults.start_delay = 0.3
+    status, _ = await generate(client, "cached", SOLID)
+    assert status == 200
+    await wait_for(lambda: bool(fake.upstream.engine.started))
+    prompt_id = orjson.dumps(fake.upstream.engine.started[0]).decode()
+    await fake.push(f'{{"type": "executed", "data": {{"node": "9", "output": null, "prompt_id": {prompt_id}}}}}')
+    assert (await poll_status(client, "cached", {"closed", "error"}, timeout=30))["status"] == "closed"
+    assert not [r for r in caplog.records if "malformed" in r.getMessage()]
+
+
 async def test_malformed_events_are_skipped_and_the_listener_lives(
     make_fake: Any, make_bridge: BridgeFactory, caplog: pytest.LogCaptureFixture
 ) -> None:

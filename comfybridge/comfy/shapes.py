@@ -223,7 +223,8 @@ def event(kind: str, data: Any) -> dict[str, Any] | None:
         checked["finished"] = [str(node_id) for node_id in done]
     elif kind == "executed":
         checked["node"] = _node_id(body.get("node"), "executed.node")
-        checked["output"] = _object(body.get("output"), "executed.output")
+        output = body.get("output")  # None: a cached output node without UI output, told again
+        checked["output"] = {} if output is None else _object(output, "executed.output")
     elif kind == "execution_error":
         checked["error"] = describe_execution_error(body)
     return checked

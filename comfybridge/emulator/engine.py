@@ -13,7 +13,7 @@ import re
 import struct
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Set
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -140,7 +140,10 @@ class Engine:
         self._unpaused = asyncio.Event()
         self._unpaused.set()
         self._hang_released = asyncio.Event()
-        self._last_signatures: dict[str, str] = {}
+        # ComfyUI's classic cache: what each node made (its value, and its UI output if any), by the
+        # node's signature; only the entries the prompt being run can use are kept.
+        self._cache: dict[str, tuple[Any, dict[str, Any] | None]] = {}
+        self._forget_cache = False  # POST /free asked for it
         self._drop_sockets: Callable[[], None] = lambda: None
         self._task: asyncio.Task[None] | None = None
 
@@ -440,21 +443,20 @@ class Engine:
         if self.faults.start_delay:
             await asyncio.sleep(self.faults.start_delay)
         record("execution_start", {"prompt_id": pid, "timestamp": _now_ms()})
-        order = _execution_order(item.prompt, item.outputs)
-        signatures = _signatures(item.prompt, order)
-        outputs_set = set(item.outputs)
-        # A node is served from cache only if everything it reads is too (a node id reused by another
-        # workflow in between may have left a stale signature on an upstream node).
-        cached: list[str] = []
-        for n in order:
-            upstream = [v[0] for v in (item.prompt[n].get("inputs") or {}).values() if _is_link(v)]
-            fresh = n not in outputs_set and self._last_signatures.get(n) == signatures[n]
-            if fresh and all(u in cached for u in upstream):
-                cached.append(n)
+        # As ComfyUI (0.3.64, classic cache): keyed by a node's class and inputs, its ancestors' too (not
+        # by node id); every entry this prompt cannot use goes (so, in effect, what the previous prompt
+        # made stays); a cached node does not run, and a cached output tells its result again.
+        signatures = _signatures(item.prompt, _execution_order(item.prompt, list(item.prompt)))
+        used = set(signatures.values())
+        if self._forget_cache:
+            self._cache, self._forget_cache = {}, False
+        self._cache = {key: made for key, made in self._cache.items() if key in used}
+        cached = [n for n in item.prompt if signatures[n] in self._cache]
         record("execution_cached", {"nodes": cached, "prompt_id": pid, "timestamp": _now_ms()})
+        order = _execution_order(item.prompt, item.outputs, set(cached))
         states: dict[str, dict[str, Any]] = {}
-        results: dict[str, Any] = {}
-        executed: list[str] = list(cached)
+        results: dict[str, Any] = {n: self._cache[signatures[n]][0] for n in cached}
+        executed: list[str] = []  # the nodes that ran (cached ones did not)
         ui_outputs: dict[str, Any] = {}
         fail_now = self.faults.runtime_error > 0
         if fail_now:
@@ -466,11 +468,12 @@ class Engine:
         if hang_after is not None or hold_end:
             self._hang_released.clear()  # armed now: a release from here on lets the hang pass, even an early one
         outcome = "success"
-        # Cached nodes still yield values for the nodes after them.
+        ran = 0  # nodes run so far (cached outputs only tell their result)
         for node_id in order:
-            if node_id in cached:
-                results[node_id] = await self._node_value(item.prompt, node_id, results)
-        for count, node_id in enumerate(n for n in order if n not in cached):
+            if node_id in cached:  # an output made before
+                self._tell_cached(node_id, signatures[node_id], states, ui_outputs, pid, sid)
+                continue
+            count, ran = ran, ran + 1
             node = item.prompt[node_id]
             try:
                 states[node_id] = _node_state(pid, node_id, 0.0, 1.0, "running")
@@ -487,6 +490,7 @@ class Engine:
                 await self._spend(node, node_id, pid, sid)
                 results[node_id] = await self._node_value(item.prompt, node_id, results)
                 ui = self._write_outputs(node, node_id, results, pid)
+                self._cache[signatures[node_id]] = (results[node_id], ui)  # as it ends, even if a later node fails
                 if ui is not None:
                     ui_outputs[node_id] = ui
                     self._emit(
@@ -519,11 +523,10 @@ class Engine:
                     },
                 )
                 break
-        if outcome == "success" and hang_after == len(order) - len(cached):
+        if outcome == "success" and hang_after == ran:
             await self._hang()
         if outcome == "success":
             record("execution_success", {"prompt_id": pid, "timestamp": _now_ms()})
-            self._last_signatures.update(signatures)
         # ComfyUI writes history after execution_success, then broadcasts the queue, then sends executing null.
         await asyncio.sleep(0)
         if hold_end:
@@ -532,6 +535,30 @@ class Engine:
         self._running = None
         self.broadcast_status()
         self._emit("executing", {"node": None, "prompt_id": pid}, sid if sid else None)
+
+    def free(self, body: Any) -> None:
+        """POST /free: `free_memory` empties the cache too, once the running prompt (if any) ends."""
+        self.free_requests.append(body)
+        if isinstance(body, dict) and body.get("free_memory"):
+            self._forget_cache = True
+
+    def _tell_cached(
+        self,
+        node_id: str,
+        signature: str,
+        states: dict[str, dict[str, Any]],
+        ui_outputs: dict[str, Any],
+        pid: str,
+        sid: str | None,
+    ) -> None:
+        """A cached output node's turn: ComfyUI says its earlier result again (`executed`, its output
+        None if it has no UI), writes nothing, and marks it finished."""
+        ui = self._cache[signature][1]
+        if ui is not None:
+            ui_outputs[node_id] = ui
+        self._emit("executed", {"node": node_id, "display_node": node_id, "output": ui, "prompt_id": pid}, sid)
+        states[node_id] = _node_state(pid, node_id, 1.0, 1.0, "finished")
+        self._emit("progress_state", {"prompt_id": pid, "nodes": dict(states)}, sid)
 
     async def _hang(self) -> None:
         """Wait, deaf to interrupts and sending nothing, until `release_hang` (since the prompt began)."""
@@ -758,22 +785,24 @@ def _node_state(pid: str, node_id: str, value: float, maximum: float, state: str
     }
 
 
-def _execution_order(prompt: dict[str, Any], outputs: list[str]) -> list[str]:
-    """Dependencies before dependants, starting from each output in turn, as ComfyUI stages them."""
+def _execution_order(prompt: dict[str, Any], outputs: list[str], cached: Set[str] = frozenset()) -> list[str]:
+    """Dependencies before dependants, starting from each output in turn, as ComfyUI stages them. A
+    cached node needs nothing it reads; it has a turn only if it is an output (to tell its result)."""
     order: list[str] = []
     seen: set[str] = set()
 
-    def visit(node_id: str) -> None:
-        if node_id in seen:
+    def visit(node_id: str, output: bool) -> None:
+        if node_id in seen or (node_id in cached and not output):
             return
         seen.add(node_id)
-        for value in (prompt[node_id].get("inputs") or {}).values():
-            if _is_link(value) and value[0] in prompt:
-                visit(value[0])
+        if node_id not in cached:
+            for value in (prompt[node_id].get("inputs") or {}).values():
+                if _is_link(value) and value[0] in prompt:
+                    visit(value[0], False)
         order.append(node_id)
 
     for output in outputs:
-        visit(output)
+        visit(output, True)
     return order
 
 

@@ -253,7 +253,7 @@ def _routes() -> web.RouteTableDef:
         raw = await request.read()
         if not raw:
             return web.Response(status=500, text="500 Internal Server Error\n\nServer got itself in trouble")
-        request.app[ENGINE].free_requests.append(orjson.loads(raw))
+        request.app[ENGINE].free(orjson.loads(raw))
         return web.Response()
 
     @routes.get("/history")
