@@ -29,13 +29,14 @@ $(RUN_STAMP): setup.py setup.cfg
 
 install: $(STAMP)
 
-# `make demo PORT=8001` when 8000 is taken (or COMFYBRIDGE_PORT, as for every setting).
-PORT ?= $(or $(COMFYBRIDGE_PORT),8000)
+# `make demo PORT=8001` when 8000 is taken. Passed only when given: otherwise the bridge's own
+# settings choose, as for every setting (COMFYBRIDGE_PORT, .env, the config file; 8000).
+PORT_FLAG = $(if $(PORT),--port $(PORT))
 run: $(RUN_STAMP)
-	$(BIN)/python -m comfybridge --port $(PORT)
+	$(BIN)/python -m comfybridge $(PORT_FLAG)
 
 demo: $(RUN_STAMP)
-	$(BIN)/python -m comfybridge --emulate 2 --emulator-pace 0.05 --port $(PORT)
+	$(BIN)/python -m comfybridge --emulate 2 --emulator-pace 0.05 $(PORT_FLAG)
 
 # Two bridges on a throwaway PostgreSQL behind nginx, two emulators (Debian: postgresql nginx-light).
 CLUSTER_PORT ?= 8080

@@ -16,6 +16,10 @@ import orjson
 from common import answer_of, unreachable
 
 
+class Refused(Exception):
+    """The bridge refused a job: said in one line once every client is done."""
+
+
 async def one_job(session: aiohttp.ClientSession, url: str, workflow: str, index: int) -> tuple[str, float, float]:
     """(job id, seconds until it started, seconds it ran) for one client with one job."""
     client_id = f"burst-{index}-{uuid.uuid4().hex[:6]}"
@@ -30,7 +34,7 @@ async def one_job(session: aiohttp.ClientSession, url: str, workflow: str, index
                 break
             await asyncio.sleep(float(resp.headers.get("Retry-After", "1")))
         if resp.status != 200:
-            raise SystemExit(f"job {index}: HTTP {resp.status}: {answer.get('detail')}")
+            raise Refused(f"job {index}: HTTP {resp.status}: {answer.get('detail')}")
         started = None
         async for msg in ws:
             frame = orjson.loads(msg.data)
@@ -57,6 +61,8 @@ async def main() -> None:
             jobs = await asyncio.gather(*(one_job(session, args.url, args.workflow, i) for i in range(args.clients)))
         except aiohttp.ClientConnectionError as exc:
             raise SystemExit(unreachable(args.url, exc)) from None
+        except Refused as exc:
+            raise SystemExit(str(exc)) from None
         total = time.monotonic() - began
     print(f"{'job':<34} {'waited':>8} {'ran':>8}")
     for job_id, waited, ran in jobs:

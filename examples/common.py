@@ -66,7 +66,8 @@ def typed_inputs(args: argparse.Namespace, info: dict[str, dict[str, Any]]) -> d
         try:
             inputs[key] = typed(value, info[key]["type"])
         except ValueError:
-            sys.exit(f"{key} takes a {info[key]['type']}, got {value!r}")
+            kind = info[key]["type"]
+            sys.exit(f"{key} takes {'an' if kind[:1] in 'aeiou' else 'a'} {kind}, got {value!r}")
     return inputs
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import shutil
 import signal
@@ -235,6 +236,43 @@ def test_example_clients_say_in_one_line_what_is_wrong(script: str, args: list[s
     assert result.returncode == 1
     assert result.stderr.startswith(said), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+async def test_burst_example_says_a_refused_job_in_one_line(tmp_path: Path) -> None:
+    """A workflow without the 3/seed burst.py sets: the bridge answers 400 to every client, and the
+    example says so in one line (it used to raise SystemExit inside a gathered task: "Task exception
+    was never retrieved" and an asyncio traceback around the one useful line)."""
+    (tmp_path / "workflows").mkdir()
+    shutil.copy(FIXTURES / "workflows" / "b_emptyimage_save.json", tmp_path / "workflows")
+    (tmp_path / "workflows" / "workflow_alias.json").write_text(
+        '[{"alias": "solid-color", "fn": "b_emptyimage_save.json", "inputs": ["1/width"]}]'
+    )
+    async with bridge_process(tmp_path) as (_, url):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(ROOT / "examples" / "burst.py"), "--url", url, "--clients", "2",
+            "--workflow", "solid-color", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+    said = err.decode()
+    assert proc.returncode == 1
+    assert said.startswith("job "), said
+    assert "HTTP 400: Unknown input '3/seed'" in said, said
+    assert len(said.strip().splitlines()) == 1, said
+
+
+def test_make_run_leaves_the_port_to_the_settings_unless_one_is_given(tmp_path: Path) -> None:
+    """Settings: "Highest first: command-line flags, COMFYBRIDGE_* environment variables, a `.env`
+    file, the config file". `make run` and `make demo` used to pass `--port 8000` always, so a port
+    in the config file or .env was silently overruled; `PORT=` still chooses one."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PORT", "COMFYBRIDGE_PORT")}
+    for target, port, wanted in (("run", None, ""), ("demo", None, ""), ("demo", "8123", " --port 8123")):
+        given = [f"PORT={port}"] if port else []
+        shown = subprocess.run(
+            ["make", "-n", "-C", str(ROOT), target, *given], env=env, capture_output=True, text=True, timeout=30
+        ).stdout
+        command = next(line for line in shown.splitlines() if "-m comfybridge" in line)
+        assert ("--port" in command) == bool(port), command
+        assert command.endswith(wanted), command
 
 
 async def test_sighup_applies_a_new_backend_list(workdir: Path, make_emulator: EmulatorFactory) -> None:
