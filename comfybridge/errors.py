@@ -136,9 +136,11 @@ class StorageUnavailable(StorageError):
 
 
 class NoBackend(BridgeError):
-    """No healthy ComfyUI backend can take the work (503)."""
+    """No healthy ComfyUI backend can take the work (503, with Retry-After: the bridge tries each
+    lost backend again at least this often)."""
 
     status = 503
+    retry_after = 5
 
 
 class ShuttingDown(NoBackend):

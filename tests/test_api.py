@@ -389,9 +389,10 @@ async def test_wrong_method_is_json_405(bridge: Client) -> None:
 
 async def test_no_backend_is_503(make_bridge: BridgeFactory) -> None:
     client = await make_bridge("http://127.0.0.1:1")  # nothing listens there
-    status, body = await generate(client, "lonely", {"workflow": "solid"})
-    assert status == 503
-    assert body == {"detail": "No ComfyUI backend is available right now; try again shortly."}
+    resp = await client.post("/generate-based-workflow", params={"clientId": "lonely"}, json={"workflow": "solid"})
+    assert resp.status == 503
+    assert await resp.json() == {"detail": "No ComfyUI backend is available right now; try again shortly."}
+    assert resp.headers["Retry-After"] == "5"  # the longest pause between the bridge's tries to reconnect
     assert await (await client.get("/generation-count")).json() == 0
 
 
