@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import io
 import logging
+import os
 import resource
 import signal
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,7 +18,8 @@ import aiohttp
 import orjson
 import pytest
 
-from comfybridge.edge.appkeys import SCHEDULER, SETTINGS
+from comfybridge.edge.appkeys import HUB, SCHEDULER, SETTINGS
+from comfybridge.edge.ws import MAX_BEHIND
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
 from .helpers import (
@@ -281,3 +285,44 @@ async def test_a_path_that_is_not_utf8_is_a_json_404_with_either_parser(
             if answer.startswith(b"HTTP/1.1 404"):
                 assert orjson.loads(answer.partition(b"\r\n\r\n")[2])["detail"].startswith("Not found: /caf")
     assert " ERROR " not in (tmp_path / "bridge.log").read_text()
+
+
+def masked_text(payload: bytes) -> bytes:
+    """A client's (masked) WebSocket text frame of under 126 bytes."""
+    mask = os.urandom(4)
+    return bytes((0x81, 0x80 | len(payload))) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def test_a_socket_that_talks_but_never_reads_is_cut_before_its_backlog_grows_without_bound(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    """A socket that sends a word now and then is never pinged out (any frame it sends resets
+    aiohttp's heartbeat); reading nothing, it filled its buffers, then every frame for it (each
+    `listening` heartbeat) waited in its outbox, with no bound: 1 GB in 45 s for 16 such sockets at a
+    short heartbeat. Now it is cut once MAX_BEHIND frames wait, and nothing of it stays."""
+    client = await make_bridge(await make_emulator(), heartbeat=0.0002)  # many frames, quickly
+    hub = client.app[HUB]
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    raw.connect((client.host, client.port))
+    raw.setblocking(False)
+    _, writer = await asyncio.open_connection(sock=raw)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        f"GET /ws?clientId=deaf HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    writer.transport.pause_reading()  # reads nothing, ever
+    try:
+        await wait_for(lambda: hub.count("deaf") == 1)
+        for box in hub._outboxes["deaf"].values():  # the bridge's side buffers little: the test is quick
+            box.ws.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        most = 0
+        async with asyncio.timeout(60):
+            while hub.count("deaf") and most <= 2 * MAX_BEHIND:
+                writer.write(masked_text(b"hi"))  # a word now and then: the connection looks alive
+                most = max([most, *(len(box.waiting) for box in hub._outboxes.get("deaf", {}).values())])
+                await asyncio.sleep(0.05)
+    finally:
+        writer.close()
+    assert most <= MAX_BEHIND

@@ -31,6 +31,9 @@ LISTENING_FRAME = orjson.dumps(status_message("listening", "server is listening"
 # unsent to a socket; below it they go straight to the socket.
 HIGH_WATER = 64 * 1024
 MAX_HELD = 4096  # frames kept for one client whose socket is expected back
+# Frames waiting in one outbox at most: a socket that falls this far behind reads too slowly or not
+# at all (a client that talks but never reads is never pinged out), and is cut rather than let grow.
+MAX_BEHIND = 1024
 GRACE_MARGIN = 1.0  # seconds frames stay held past a disconnect grace (the cancels' own frames, if it ran out)
 
 
@@ -78,9 +81,24 @@ class Outbox:
         ):
             transport.write(text_frame(frame))
             return
+        if transport is not None and transport.is_closing():
+            return  # the connection is going: nothing more reaches it
+        if len(self.waiting) >= MAX_BEHIND:
+            self._cut()
+            return
         self.waiting.append(frame)
         if self.sender is None and self.supervisor.accepting:
             self.sender = self.supervisor.spawn(self._send_waiting(), "ws sender")
+
+    def _cut(self) -> None:
+        """Drop the connection of a socket that stopped reading: its handler ends as for any lost
+        socket (the client's disconnect grace starts), and what waited here goes."""
+        log.warning("a socket %d frames behind is cut: its client reads too slowly or not at all", len(self.waiting))
+        self.waiting.clear()
+        if self.transport is not None:
+            self.transport.abort()
+        elif self.sender is not None:
+            self.sender.cancel()  # (no transport to cut: the handler's own close ends it)
 
     async def _send_waiting(self) -> None:
         try:
