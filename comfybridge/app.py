@@ -19,6 +19,7 @@ from .core.webhooks import Webhooks, secret_from, webhook_session
 from .core.workflows import WorkflowStore
 from .edge.access import AccessPolicy, KeyFileError, KeyRing, RateLimiter, caller_address
 from .edge.appkeys import (
+    ACCESS,
     BACKEND_URLS,
     CLUSTER,
     DATA_LOCK,
@@ -104,6 +105,7 @@ def create_app(
     if view is not None:
         app[CLUSTER] = view
     app[SETTINGS] = settings
+    app[ACCESS] = policy
     app[DATA_LOCK] = lock
     app[WORKFLOWS] = workflows
     app[STATE] = state

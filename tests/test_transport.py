@@ -176,6 +176,61 @@ async def test_expect_100_continue_is_not_promised_to_a_body_that_will_be_refuse
         writer.close()
 
 
+async def test_expect_100_continue_is_not_promised_past_keys_rates_types_or_query_that_refuse(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory
+) -> None:
+    """The refusals that came after a `100 Continue` (the expectation is answered before any
+    middleware runs): no key or a wrong one (401), an upload that is not multipart or names no
+    boundary (400), a bad `wait` or `resType` (400), a rate spent (429)."""
+    key = "k" * 32
+    client = await make_bridge(await make_emulator(), api_keys=(key,))
+    auth = b"Authorization: Bearer " + key.encode()
+    json_type = b"Content-Type: application/json"
+
+    async def expecting(client: Client, path: bytes, headers: bytes) -> bytes:
+        return await exchange(
+            client,
+            b"POST " + path + b" HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\nContent-Length: 100000\r\n"
+            b"Expect: 100-continue\r\nConnection: close\r\n\r\n",
+        )
+
+    refused = [
+        (401, b"/upload", b"Content-Type: multipart/form-data; boundary=b"),
+        (401, b"/generate-based-workflow?clientId=a", json_type + b"\r\nAuthorization: Bearer wrong"),
+        (400, b"/upload", b"Content-Type: text/plain\r\n" + auth),
+        (400, b"/upload", b"Content-Type: multipart/form-data\r\n" + auth),
+        (400, b"/generate-based-workflow?clientId=a&wait=7", json_type + b"\r\n" + auth),
+        (400, b"/generate-based-workflow?clientId=a&wait=1&resType=zip", json_type + b"\r\n" + auth),
+    ]
+    for status, path, headers in refused:
+        answer = await expecting(client, path, headers)
+        assert answer.startswith(b"HTTP/1.1 %d " % status), (path, answer[:60])
+        assert b"100 Continue" not in answer, path
+    limited = await make_bridge(await make_emulator(), ip_rate_limit=0.01, rate_burst=1)
+    assert (await limited.get("/health")).status == 200  # the address's one request
+    answer = await expecting(limited, b"/generate-based-workflow?clientId=a", json_type)
+    assert answer.startswith(b"HTTP/1.1 429 "), answer[:60]
+    assert b"100 Continue" not in answer
+
+
+async def test_expect_100_continue_is_promised_to_a_caller_with_a_good_key(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory
+) -> None:
+    key = "k" * 32
+    client = await make_bridge(await make_emulator(), api_keys=(key,))
+    assert client.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    try:
+        writer.write(
+            b"POST /generate-based-workflow?clientId=a&wait=0 HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nAuthorization: Bearer " + key.encode() + b"\r\n"
+            b"Content-Length: 2\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
+        )
+        assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).startswith(b"HTTP/1.1 100 Continue")
+    finally:
+        writer.close()
+
+
 @pytest.mark.parametrize("wbits", [-zlib.MAX_WBITS, zlib.MAX_WBITS, 16 + zlib.MAX_WBITS])
 def test_inflating_in_slices_reads_everything_zlib_holds_back(wbits: int) -> None:
     """A slice that fills up as the input runs out may leave output inside zlib (raw deflate has no

@@ -174,6 +174,11 @@ class RateLimiter:
         self.max_callers = max_callers
         self._buckets: dict[str, tuple[float, float]] = {}  # caller -> (tokens, at)
 
+    def allows(self, caller: str) -> bool:
+        """Whether `take` would pass now (nothing is spent)."""
+        tokens, at = self._buckets.get(caller, (self.burst, time.monotonic()))
+        return min(self.burst, tokens + (time.monotonic() - at) * self.rate) >= 1.0
+
     def take(self, caller: str) -> None:
         """Spend one token of the caller's bucket, or raise RateLimited saying when to come back."""
         now = time.monotonic()
@@ -206,30 +211,48 @@ class AccessPolicy:
             request[CALLER] = address
             if self.ip_rate is not None:
                 self.ip_rate.take(address)
-            if self.keys.enabled:
-                is_open = request.path in OPEN_PATHS or request.path.startswith(OPEN_PREFIXES)
-                try:
-                    presented = presented_key(request)
-                except Unauthorized:
-                    if not is_open:
-                        raise
-                    presented = None  # an open page needs no key: two of them are as good as none
-                key = self.keys.find(presented) if presented else None
-                if key is None and is_open:
-                    return await handler(request)
-                if key is None:
-                    raise Unauthorized(
-                        "A valid API key is required: send `Authorization: Bearer KEY` or `X-API-Key: KEY` "
-                        "(`?token=KEY` on the WebSocket)."
-                        if presented is None
-                        else "That API key is not valid."
-                    )
+            key = self._key(request)
+            if key is not None:
                 request[KEY] = key
                 if self.key_rate is not None:
                     self.key_rate.take(key.name)
             return await handler(request)
 
         return access
+
+    def _key(self, request: web.Request) -> ApiKey | None:
+        """The caller's valid key; None with keys off, or on an open page without one. Raises
+        Unauthorized for a missing or unknown key where one is needed."""
+        if not self.keys.enabled:
+            return None
+        is_open = request.path in OPEN_PATHS or request.path.startswith(OPEN_PREFIXES)
+        try:
+            presented = presented_key(request)
+        except Unauthorized:
+            if not is_open:
+                raise
+            presented = None  # an open page needs no key: two of them are as good as none
+        key = self.keys.find(presented) if presented else None
+        if key is None and not is_open:
+            raise Unauthorized(
+                "A valid API key is required: send `Authorization: Bearer KEY` or `X-API-Key: KEY` "
+                "(`?token=KEY` on the WebSocket)."
+                if presented is None
+                else "That API key is not valid."
+            )
+        return key
+
+    def admits(self, request: web.Request) -> bool:
+        """Whether `middleware` will let the request through (its key, its rates), asked before it
+        runs and spending nothing: a body is promised `100 Continue` only then."""
+        address = self.relayed_caller(request) or caller_address(request, self.trusted_proxies)
+        if self.ip_rate is not None and not self.ip_rate.allows(address):
+            return False
+        try:
+            key = self._key(request)
+        except Unauthorized:
+            return False
+        return key is None or self.key_rate is None or self.key_rate.allows(key.name)
 
     def cors_middleware(self) -> Middleware:
         """Preflights answered here; every other answer gets its headers in `cors_headers`."""

@@ -16,6 +16,7 @@ from ..store.results import ResultStore
 from ..store.uploads import UploadStore
 
 __all__ = [
+    "ACCESS",
     "BACKEND_URLS",
     "CLUSTER",
     "DATA_LOCK",
@@ -33,6 +34,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from ..core.scheduler import Scheduler
+    from .access import AccessPolicy
     from .relay import ClusterView
     from .ws import SocketHub
 
@@ -46,6 +48,7 @@ RESULTS = web.AppKey("results", ResultStore)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 BACKEND_URLS = web.AppKey("backend_urls", list[str])
 HUB: web.AppKey[SocketHub] = web.AppKey("hub")
+ACCESS: web.AppKey[AccessPolicy] = web.AppKey("access")
 SCHEDULER: web.AppKey[Scheduler] = web.AppKey("scheduler")
 CLUSTER: web.AppKey[ClusterView] = web.AppKey("cluster")  # cluster mode only
 RELAY_SESSION = web.AppKey("relay_session", aiohttp.ClientSession)  # cluster mode only

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import orjson
 from aiohttp import BodyPartReader, HttpVersion11, hdrs, web, web_urldispatcher
+from aiohttp.helpers import parse_mimetype
 
 from ..errors import BadInput, BridgeError, RequestTimeout, TooLarge, UnsupportedMedia
 from .access import client_id_of
-from .appkeys import SETTINGS
+from .appkeys import ACCESS, SETTINGS
 
 __all__ = ["BodyDeadline", "expect_continue", "expect_nothing", "inflated", "json_body", "part_chunks", "refuse_early"]
 
@@ -59,6 +60,10 @@ def refuse_early(request: web.Request) -> None:
     length = request.content_length
     coding = request.headers.get(hdrs.CONTENT_ENCODING, "identity").strip().lower()
     if request.path == "/upload":
+        if not request.content_type.startswith("multipart/"):
+            raise BadInput("Send files as multipart/form-data, one file per part.")
+        if not parse_mimetype(request.headers.get(hdrs.CONTENT_TYPE, "")).parameters.get("boundary"):
+            raise BadInput("Malformed multipart body: its Content-Type names no boundary.")
         if coding != "identity":
             raise UnsupportedMedia("Send uploads without a Content-Encoding: media files are compressed already.")
         limit = settings.max_request_mb * MB + FRAMING * settings.max_upload_files
@@ -73,13 +78,19 @@ def refuse_early(request: web.Request) -> None:
         raise TooLarge(f"The request body is larger than the limit of {settings.max_json_mb:.3g} MB.")
 
 
-async def expect_continue(request: web.Request) -> web.Response | None:
-    """`Expect: 100-continue`: promise to read the body only when it will not be refused at once; the
-    refusal itself (413, 415) is then the handler's answer, in JSON, before the body is sent."""
+async def expect_continue(
+    request: web.Request, checks: Callable[[web.Request], object] = lambda request: None
+) -> web.Response | None:
+    """`Expect: 100-continue`: promise to read the body only when it will not be refused at once (its
+    key, its rates, its type and size, its clientId, the route's own `checks` of its query); the
+    refusal itself is then the answer, in JSON, before the body is sent."""
     try:
         refuse_early(request)
         client_id_of(request, required=request.path != "/upload")  # /upload's is optional
+        checks(request)
     except BridgeError:
+        return None
+    if not request.app[ACCESS].admits(request):
         return None
     expect = request.headers.get(hdrs.EXPECT, "")
     if request.version == HttpVersion11 and expect.strip().lower() != "100-continue":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -88,8 +89,6 @@ async def workflow_info(request: web.Request) -> web.Response:
 
 async def upload(request: web.Request) -> web.Response:
     client_id = client_id_of(request, required=False)
-    if not request.content_type.startswith("multipart/"):
-        raise BadInput("Send files as multipart/form-data, one file per part.")
     refuse_early(request)
     scheduler = request.app[SCHEDULER]
     deadline = BodyDeadline(request.app[SETTINGS].body_timeout)
@@ -114,8 +113,7 @@ async def upload(request: web.Request) -> web.Response:
 async def generate(request: web.Request) -> web.StreamResponse:
     client_id = client_id_of(request)
     assert client_id is not None
-    wait = _flag(request, "wait")
-    res_type = _res_type(request) if wait else ""
+    wait, res_type = _waiting(request)
     body = await json_body(request)
     if not isinstance(body, dict):
         raise BadInput('The body must be a JSON object, e.g. {"workflow": "text-to-image"}.')
@@ -135,6 +133,12 @@ async def generate(request: web.Request) -> web.StreamResponse:
             scheduler.results_fetched(client_id, fetched)  # nothing to send: handed over all the same
         return web.Response(status=204, headers={"X-Detail": f"Job {job.id} has no results left to hand over."})
     return await _deliver(request, scheduler, client_id, fetched, res_type)
+
+
+def _waiting(request: web.Request) -> tuple[bool, str]:
+    """`?wait=` and, with it, `?resType=`: checked before the body is read (or promised)."""
+    wait = _flag(request, "wait")
+    return wait, _res_type(request) if wait else ""
 
 
 def _flag(request: web.Request, name: str) -> bool:
@@ -273,7 +277,9 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/workflow-info", workflow_info)
     app.router.add_get("/workflow-thumbnail", workflow_thumbnail)
     app.router.add_post("/upload", upload, expect_handler=expect_continue)
-    app.router.add_post("/generate-based-workflow", generate, expect_handler=expect_continue)
+    app.router.add_post(
+        "/generate-based-workflow", generate, expect_handler=functools.partial(expect_continue, checks=_waiting)
+    )
     app.router.add_get("/history", history, allow_head=False)
     app.router.add_get("/execution-info", execution_info)
     app.router.add_get("/generation-count", generation_count)
