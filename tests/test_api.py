@@ -17,8 +17,8 @@ from comfybridge.emulator import Emulator
 from comfybridge.emulator.png import png_size
 from comfybridge.store.results import ResultFile
 
-from .conftest import BridgeFactory, wait_for
-from .helpers import Client, generate, png, read_results, run_job, seed, upload
+from .conftest import BridgeFactory, EmulatorFactory, wait_for
+from .helpers import TINY, Client, generate, png, poll_status, read_results, run_job, seed, upload
 
 ALIASES = ["bad_ckpt", "broken", "image-to-image", "invert", "size-preview", "slow", "solid", "text-to-image"]
 
@@ -308,6 +308,27 @@ async def test_execution_info_follows_the_job(bridge: Client) -> None:
     await run_job(bridge, "poll", {"workflow": "solid", "1/batch_size": 1})
     info = await (await bridge.get("/execution-info", params={"clientId": "poll"})).json()
     assert seed(info) == {"status": "closed", "detail": "Execution is done", "details": "Execution is done"}
+
+
+async def test_a_failed_jobs_error_outlives_the_fetch_of_an_earlier_jobs_results(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory
+) -> None:
+    """API.md: "A clientId is known while ... the error of a job that failed (kept result_ttl, as it has no
+    results to fetch)". A REST client whose first job finished and whose second was interrupted
+    fetches the first one's results: it used to be forgotten at once (400), never learning how its
+    second job ended."""
+    client = await make_bridge(await make_emulator(pace=0.3))
+    await run_job(client, "poller", TINY)  # done, its results kept; the socket is closed after
+    status, second = await generate(client, "poller", TINY)
+    assert status == 200
+    assert (await client.post("/interrupt", params={"clientId": "poller"})).status == 200
+    info = await poll_status(client, "poller", {"error"})
+    assert info["job_id"] == second["job_id"]
+    resp = await client.get("/history", params={"clientId": "poller", "resType": "base64"})
+    assert (resp.status, len((await resp.json())["files"])) == (200, 1)
+    resp = await client.get("/execution-info", params={"clientId": "poller"})
+    assert resp.status == 200, await resp.text()
+    assert await resp.json() == info
 
 
 async def test_generation_count_counts_accepted_jobs(bridge: Client) -> None:

@@ -134,10 +134,13 @@ class ClientRegistry:
         client.touched = time.time()
         return client
 
-    def forget_if_done(self, client: Client, owns_something: Callable[[str], bool]) -> bool:
+    def forget_if_done(self, client: Client, owns_something: Callable[[str], bool], stale: bool = False) -> bool:
         """Forget a client with no socket, no job, no ending still to be told (a job's end being
-        recorded: its results are not yet among what it owns) and nothing left to fetch."""
+        recorded: its results are not yet among what it owns), nothing left to fetch, and no error
+        of its last job to tell `/execution-info` (kept until the sweep finds the client `stale`)."""
         if client.sockets or client.jobs or client.untold or owns_something(client.id):
+            return False
+        if client.status.get("status") == "error" and not stale:
             return False
         self._clients.pop(client.id, None)
         return True

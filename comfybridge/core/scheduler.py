@@ -764,7 +764,7 @@ class Scheduler:
         core.journal.forget_ended_before(cutoff)
         for client in self.clients:
             # Its results and uploads expire on their own clocks: until they have, it is still known.
-            if client.touched < cutoff and self.clients.forget_if_done(client, core.owns_something):
+            if client.touched < cutoff and self.clients.forget_if_done(client, core.owns_something, stale=True):
                 core.journal.forget_client(client.id)
 
 
