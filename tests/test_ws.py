@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
+import os
 import re
+import socket
 import time
 from typing import Any
 
@@ -13,9 +16,10 @@ import orjson
 import pytest
 from aiohttp import WSMsgType
 
+from comfybridge.core.clients import about_job, status_message
 from comfybridge.core.supervisor import Supervisor
 from comfybridge.edge.appkeys import HUB, JOURNAL, SCHEDULER
-from comfybridge.edge.ws import HIGH_WATER, Outbox, text_frame
+from comfybridge.edge.ws import HIGH_WATER, MAX_BEHIND, MAX_HELD, Outbox, text_frame
 from comfybridge.emulator import Emulator
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
@@ -433,3 +437,60 @@ async def test_an_error_held_for_a_socket_away_closes_nothing_once_a_job_is_in_l
         emulator.engine.resume()
         frames = await frames_until(ws, {"closed", "error"})
         assert frames[-1]["status"] == "closed"  # the new job's: the socket stayed open for it
+
+
+async def _read_frames(reader: asyncio.StreamReader, wanted: int) -> int:
+    """Text frames read (server frames are unmasked) until `wanted` carry a job_id or the socket ends."""
+    await reader.readuntil(b"\r\n\r\n")
+    heard = 0
+    while heard < wanted:
+        try:
+            head = await reader.readexactly(2)
+            size = head[1] & 0x7F
+            if size == 126:
+                size = int.from_bytes(await reader.readexactly(2), "big")
+            elif size == 127:
+                size = int.from_bytes(await reader.readexactly(8), "big")
+            payload = await reader.readexactly(size)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return heard  # the bridge cut the connection
+        if head[0] & 0x0F == 0x1 and orjson.loads(payload).get("job_id"):
+            heard += 1
+        elif head[0] & 0x0F == 0x8:
+            return heard
+    return heard
+
+
+async def test_a_socket_back_hears_every_frame_held_for_it_not_cut_by_its_own_replay(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory
+) -> None:
+    """README: a socket back within its grace (or after a restart, within 30 s) hears what was held
+    for it, in order; up to MAX_HELD (4,096) frames are held. The replay puts them all in the new
+    socket's outbox in one go, before the client can read one: past the kernel's buffers (small here,
+    as on a real network: a reading client with a 4 KB receive buffer) and 64 KB, the rest wait, and
+    at MAX_BEHIND (1,024) the new socket is cut and they are dropped, though its client reads."""
+    client = await make_bridge(await make_emulator())
+    hub = client.app[HUB]
+    held = MAX_HELD - 16
+    hub.hold(("back",), 60)  # as after a restart, or a socket lost within its grace
+    for n in range(held):
+        hub.publish("back", about_job(status_message("closed", "Execution is done"), f"{n:032x}", held - n - 1))
+    for site in client.server.runner.sites:
+        for sock in site._server.sockets:  # what a real network's path allows (loopback's MSS of 64 KB does not)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.connect((client.host, client.port))
+    raw.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=raw)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        f"GET /ws?clientId=back HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    try:
+        async with asyncio.timeout(30):
+            heard = await _read_frames(reader, held)  # it reads all the while
+    finally:
+        writer.close()
+    assert heard == held, f"heard {heard} of {held} held frames (cut at {MAX_BEHIND} behind)"

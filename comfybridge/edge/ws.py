@@ -54,7 +54,7 @@ class Outbox:
     second); otherwise frames wait here and one task sends them, awaiting a slow client, so the
     scheduler that publishes is never blocked. None means: close with 1011 after what is before it."""
 
-    __slots__ = ("sender", "supervisor", "transport", "waiting", "ws")
+    __slots__ = ("replayed", "sender", "supervisor", "transport", "waiting", "ws")
 
     def __init__(
         self, ws: web.WebSocketResponse, transport: asyncio.BaseTransport | None, supervisor: Supervisor
@@ -67,8 +67,11 @@ class Outbox:
         self.transport = cast(asyncio.WriteTransport, transport) if writable else None
         self.waiting: collections.deque[bytes | None] = collections.deque()
         self.sender: asyncio.Task[None] | None = None
+        self.replayed = 0  # held frames given at once: the cut allows for them
 
-    def put(self, frame: bytes | None) -> None:
+    def put(self, frame: bytes | None, held: bool = False) -> None:
+        """`held`: a frame held while the client had no socket, replayed at once (at most MAX_HELD of
+        them): it counts toward no cut, since the client had no time to read it yet."""
         if self.ws.closed:
             return  # nothing after a Close frame (RFC 6455 §5.5.1)
         transport = self.transport
@@ -83,7 +86,9 @@ class Outbox:
             return
         if transport is not None and transport.is_closing():
             return  # the connection is going: nothing more reaches it
-        if len(self.waiting) >= MAX_BEHIND:
+        if held:
+            self.replayed += 1
+        elif len(self.waiting) >= MAX_BEHIND + self.replayed:
             self._cut()
             return
         self.waiting.append(frame)
@@ -211,7 +216,7 @@ class SocketHub:
             timer.cancel()
         for frame in self._held.pop(client_id, ()):
             if frame is not None or not in_line:
-                outbox.put(frame)
+                outbox.put(frame, held=True)
 
     def _let_go(self, client_id: str) -> None:
         self._let_go_at.pop(client_id, None)
