@@ -51,6 +51,7 @@ RETRIED = frozenset({408, 429, 502, 503, 504})  # a refused handshake that a lat
 ENDINGS_KEPT = 1024  # endings seen, for a job followed only once it ended
 BACKLOG = 1024  # frames kept while nobody listens (a job queued, then followed)
 HEARTBEAT = 30.0  # seconds between pings: a connection dropped without a word is found out
+UNKNOWN_KINDS_WARNED = 64  # kinds of unknown frame warned about per client; the rest go to debug
 
 
 __all__ = ["AsyncBridge", "Bridge", "BridgeError", "Event", "Job", "JobFailed", "ResultFile"]
@@ -135,6 +136,7 @@ class AsyncBridge:
         self._ended: OrderedDict[str, Event] = OrderedDict()  # job_id -> its closed or error
         self._lost_at: float | None = None  # monotonic time the socket was lost, until one is open again
         self._closed = asyncio.Event()
+        self._unknown_kinds: set[str] = set()  # kinds of frame not understood, warned about once each
 
     async def __aenter__(self) -> AsyncBridge:
         return self
@@ -406,7 +408,7 @@ class AsyncBridge:
                 except (orjson.JSONDecodeError, KeyError, TypeError):
                     # A frame of a kind this client does not know (a newer bridge's, a proxy's): the
                     # status frames around it still tell every job's story.
-                    log.warning("ignored a frame that is not a status: %r", msg.data[:200])
+                    self._ignored(msg.data)
                     continue
                 if item.ended:
                     self._ended[str(item.job_id)] = item
@@ -417,6 +419,16 @@ class AsyncBridge:
                 for frames in tuple(self._listeners):
                     frames.put_nowait(item)
 
+    def _ignored(self, data: str) -> None:
+        """Log a frame that is not a status: a warning for the first of its kind, debug after that,
+        so that a stream of them (a proxy's keep-alives) does not flood the log."""
+        kind = _frame_kind(data)
+        if kind in self._unknown_kinds or len(self._unknown_kinds) >= UNKNOWN_KINDS_WARNED:
+            log.debug("ignored a frame that is not a status (%s): %r", kind, data[:200])
+            return
+        self._unknown_kinds.add(kind)
+        log.warning("ignored a frame that is not a status (%s; more of its kind: debug level): %r", kind, data[:200])
+
     async def _json(self, method: str, path: str, client: bool = False, **kwargs: Any) -> Any:
         params = dict(kwargs.pop("params", {}))
         if client:
@@ -425,6 +437,19 @@ class AsyncBridge:
         async with request as resp:
             await _raise_for(resp)
             return orjson.loads(await resp.read())
+
+
+def _frame_kind(data: str) -> str:
+    """What kind of frame this is: its `type` or `kind` (as ComfyUI's and most others say it), else
+    its keys, else that it is no JSON object."""
+    try:
+        frame = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return "not JSON"
+    if not isinstance(frame, dict):
+        return f"JSON {type(frame).__name__}"
+    named = frame.get("type", frame.get("kind"))
+    return named[:100] if isinstance(named, str) else ",".join(sorted(frame))[:100]
 
 
 async def _raise_for(resp: aiohttp.ClientResponse) -> None:

@@ -244,6 +244,37 @@ async def test_a_frame_that_is_not_a_status_is_skipped_not_the_end_of_a_follow(a
     assert (end.status, end.job_id) == ("closed", "j1")
 
 
+async def test_an_unknown_kind_of_frame_is_warned_about_once_per_client(
+    aiohttp_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stream of frames the client does not understand (a proxy's keep-alives): one warning per
+    kind, the repeats at debug level, so the log is not flooded."""
+
+    async def socket(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        for _ in range(3):
+            await ws.send_str('{"type": "keepalive"}')
+            await ws.send_str('{"kind": "notice", "text": "maintenance at noon"}')
+            await ws.send_str("not json")
+        await ws.send_str('{"status": "closed", "detail": "done", "job_id": "j1", "jobs_left": 0}')
+        await ws.receive()  # until the client closes
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", socket)
+    server = await aiohttp_server(app)
+    caplog.set_level("DEBUG", logger="comfybridge.sdk")
+    async with AsyncBridge(str(server.make_url("")).rstrip("/")) as bridge:
+        await bridge._socket()
+        await asyncio.wait_for(bridge.follow(Job("j1", 1)), 10)
+    ignored = [r for r in caplog.records if "not a status" in r.getMessage()]
+    warned = [r.getMessage() for r in ignored if r.levelname == "WARNING"]
+    assert len(warned) == 3, warned
+    assert all(any(kind in w for w in warned) for kind in ("keepalive", "notice", "not JSON"))
+    assert [r.levelname for r in ignored].count("DEBUG") == 6
+
+
 # One socket for every job of a client: several followed at once, in any order, through an error's
 # 1011 and through a restart of the bridge (real bridge processes).
 SLOW = ("--emulate", "1", "--emulator-pace", "0.2")  # `slow` then runs for about 1.5 s
