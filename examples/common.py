@@ -83,3 +83,12 @@ def typed(value: str, kind: str) -> Any:
 
 def progress_bar() -> tqdm:  # type: ignore[type-arg]
     return tqdm(total=100.0, unit="%", bar_format="{l_bar}{bar}| {n:.2f}% [{elapsed}]", file=sys.stderr)
+
+
+def advance(bar: tqdm, percent: float) -> None:  # type: ignore[type-arg]
+    """Move the bar to `percent`. Its 100% is left to its close, which always draws the last state:
+    drawn here too, it would be printed twice."""
+    if percent >= 100:
+        bar.n = 100.0
+    else:
+        bar.update(percent - bar.n)

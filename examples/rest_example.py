@@ -10,7 +10,7 @@ import sys
 import time
 
 import aiohttp
-from common import parse_args, progress_bar, typed_inputs, unreachable
+from common import advance, parse_args, progress_bar, typed_inputs, unreachable
 
 from comfybridge.sdk import Bridge, BridgeError
 
@@ -28,10 +28,10 @@ def main() -> int:
                 while True:
                     status = bridge.status()
                     if status.job_id == job.job_id and status.percent is not None:
-                        bar.update(status.percent - bar.n)
+                        advance(bar, status.percent)
                     if status.status in ("closed", "error") and status.jobs_left == 0:
                         if status.status == "closed":
-                            bar.update(100 - bar.n)
+                            advance(bar, 100)
                         break
                     time.sleep(POLL_SECONDS)
             if status.status == "error":

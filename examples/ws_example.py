@@ -10,7 +10,7 @@ import asyncio
 import sys
 
 import aiohttp
-from common import parse_args, progress_bar, typed_inputs, unreachable
+from common import advance, parse_args, progress_bar, typed_inputs, unreachable
 
 from comfybridge.sdk import AsyncBridge, BridgeError, Event, JobFailed
 
@@ -20,15 +20,18 @@ async def main() -> int:
     async with AsyncBridge(args.url, args.client_id, args.api_key) as bridge:
         try:
             inputs = typed_inputs(args, await bridge.inputs(args.workflow))
+            done: list[str] = []  # the job's `closed` detail, said once the bar is closed
             with progress_bar() as bar:
 
                 def show(event: Event) -> None:
                     if event.percent is not None:
-                        bar.update(event.percent - bar.n)
+                        advance(bar, event.percent)
                     elif event.status == "closed":
-                        bar.write(event.detail)
+                        advance(bar, 100)
+                        done.append(event.detail)
 
                 await bridge.run(args.workflow, inputs, files=args.files, on_event=show)
+            print(*done, sep="\n")
             saved = await bridge.save_results(args.out)
         except (BridgeError, JobFailed) as exc:
             print(f"error: {exc.detail}", file=sys.stderr)

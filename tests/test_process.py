@@ -211,6 +211,7 @@ async def test_example_clients_save_results(workdir: Path, script: str) -> None:
         out, err = await asyncio.wait_for(proc.communicate(), 30)
         assert proc.returncode == 0, err.decode()
     assert "Execution is done" in out.decode()
+    assert err.decode().count("100.00%") == 1, err.decode()  # the bar's last line, once
     saved = sorted(p.name for p in (workdir / "out").iterdir())
     assert [without_job_id(name) for name in saved] == ["wf_b_empty_00001_.png", "wf_b_empty_00002_.png"]
     assert png_size((workdir / "out" / saved[0]).read_bytes()) == (24, 384)
