@@ -94,6 +94,15 @@ async def test_docs_page_shows_the_document(bridge: Client) -> None:
     assert bridge.app[SETTINGS].api_keys == ()
 
 
+async def test_docs_page_with_a_trailing_slash_moves_to_its_address(bridge: Client) -> None:
+    """As /playground/ does: the page's links are relative to /docs; its `token` goes along."""
+    for asked, moved_to in (("/docs/", "../docs"), ("/docs/?token=k%2B1", "../docs?token=k%2B1")):
+        moved = await bridge.get(asked, allow_redirects=False)
+        assert (moved.status, moved.headers["Location"]) == (301, moved_to), asked
+    page = await bridge.get("/docs/")
+    assert (page.status, page.content_type, page.url.path) == (200, "text/html", "/docs")
+
+
 @pytest.fixture(scope="module")
 def live_bridge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A bridge process (with an emulated ComfyUI) on a free loopback port, for a client that is not
@@ -151,6 +160,7 @@ OPERATIONS = [
     ("POST", "/interrupt"),
     ("GET", "/openapi.json"),
     ("GET", "/docs"),
+    ("GET", "/docs/"),
     ("GET", "/playground"),
     ("GET", "/playground/"),
     ("GET", "/playground/{name}"),

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 # Served without a key: a static page (the document it shows needs a key when keys are on), and the
 # probes a load balancer calls (they show details only to a caller with a key).
-OPEN_PATHS = {"/docs", "/health", "/ready", "/metrics", "/playground"}  # /metrics checks its own key
+OPEN_PATHS = {"/docs", "/docs/", "/health", "/ready", "/metrics", "/playground"}  # /metrics checks its own key
 OPEN_PREFIXES = ("/playground/",)  # the playground's own files: plain, public
 KEY_NAME = re.compile(r"(?!\.+$)[A-Za-z0-9_.-]{1,64}")
 TOKEN_PATHS = {"/ws", "/workflow-thumbnail"}

@@ -352,6 +352,12 @@ def document(workflows: WorkflowStore, aliases: list[str]) -> dict[str, Any]:
                 "responses": {"200": {"description": "HTML", "content": {"text/html": {"schema": _STRING}}}},
             }
         },
+        "/docs/": {
+            "get": {
+                "summary": "Redirects to /docs",
+                "responses": {"301": {"description": "to /docs"}},
+            }
+        },
         "/playground": {
             "get": {
                 "summary": "A page to try any workflow: a form from its inputs, live progress, the results "

@@ -118,9 +118,16 @@ def _playground_file(name: str) -> web.Response:
     return web.Response(body=body, content_type=content_type, charset="utf-8", headers=headers)
 
 
+def _unslashed(request: web.Request, page: str) -> None:
+    """A page's links are relative to /page, not /page/: from there it moves to /page, its query kept
+    (the docs page reads its `token` from it)."""
+    if request.path.endswith("/"):
+        query = request.rel_url.raw_query_string
+        raise web.HTTPMovedPermanently(f"../{page}" + (f"?{query}" if query else ""))
+
+
 async def playground(request: web.Request) -> web.StreamResponse:
-    if request.path.endswith("/"):  # its links are relative to /playground, not /playground/
-        raise web.HTTPMovedPermanently("../playground")
+    _unslashed(request, "playground")
     return _playground_file("index.html")
 
 
@@ -133,5 +140,6 @@ async def playground_file(request: web.Request) -> web.StreamResponse:
 
 
 async def docs(request: web.Request) -> web.Response:
+    _unslashed(request, "docs")
     headers = {"Content-Security-Policy": DOCS_POLICY, **PAGE_GUARDS}
     return web.Response(text=openapi.DOCS_PAGE, content_type="text/html", headers=headers)

@@ -293,3 +293,4 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/playground/", playground)
     app.router.add_get("/playground/{name}", playground_file)
     app.router.add_get("/docs", docs)
+    app.router.add_get("/docs/", docs)
