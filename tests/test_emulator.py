@@ -899,3 +899,65 @@ async def test_the_cache_is_comfyuis_classic_cache(emulator: Emulator, session: 
     assert sorted(p.name for p in emulator.engine.output_dir.glob("wf_b_empty_*")) == [
         f"wf_b_empty_0000{n}_.png" for n in range(1, 7)
     ]
+
+
+async def heard_running(session: aiohttp.ClientSession, emulator: Emulator, prompt: dict[str, Any]) -> Listener:
+    """Run `prompt` as client A: what A heard, text and binary, until its final `executing` null."""
+    async with session.ws_connect(f"{emulator.url}/ws?clientId=A") as ws:
+        listener = Listener(ws)
+        status, answer = await post_prompt(session, emulator, {"prompt": prompt, "client_id": "A"})
+        assert status == 200, answer
+        await listener.until(is_final)
+    return listener
+
+
+def cached_in(messages: list[dict[str, Any]]) -> list[str]:
+    nodes: list[str] = next(m for m in messages if m["type"] == "execution_cached")["data"]["nodes"]
+    return nodes
+
+
+async def test_nodes_that_ran_before_a_later_node_failed_stay_cached(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    """ComfyUI's classic cache keeps each node's output as the node ends: a later node's failure
+    loses none of it, and the same prompt again runs only the node that failed."""
+    prompt = invert_and_save(7, prefix="../outside")  # SaveImage refuses to write outside its folder
+    first = await heard_running(session, emulator, prompt)
+    failed = next(m["data"] for m in first.messages if m["type"] == "execution_error")
+    assert (failed["node_id"], sorted(failed["executed"])) == ("3", ["1", "2"])
+    again = await heard_running(session, emulator, prompt)
+    assert (cached_in(again.messages), ran(again.messages)) == (["1", "2"], ["3"])
+
+
+async def test_nodes_that_ran_before_an_interrupt_stay_cached(
+    make_emulator: EmulatorFactory, session: aiohttp.ClientSession
+) -> None:
+    """The same after an interrupt: what ran before it is cached, the next run starts where it stopped."""
+    emulator = await make_emulator(pace=0.3)
+    prompt = invert_and_save(9)
+    _, got = await interrupted_in(session, emulator, prompt, "2")
+    interrupted = next(m["data"] for m in got if m["type"] == "execution_interrupted")
+    assert (interrupted["node_id"], sorted(interrupted["executed"])) == ("3", ["1", "2"])
+    again = await heard_running(session, emulator, prompt)
+    assert (cached_in(again.messages), ran(again.messages)) == (["1", "2"], ["3"])
+
+
+async def test_a_cached_node_says_its_result_once_and_sends_no_frame_again(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    """GetImageSize's text frame is sent as it runs: cached, it does not run, and says nothing again
+    (also when a node after it runs); a cached output (PreviewImage, SaveImage) is told once, with
+    `executed`, its earlier files."""
+    prompt = workflow("d_ws_demo_gets_size_preview.json")
+    first = await heard_running(session, emulator, prompt)
+    assert len(first.binary) == 1
+    told = {m["data"]["node"]: m["data"]["output"] for m in first.messages if m["type"] == "executed"}
+    again = await heard_running(session, emulator, prompt)
+    assert (cached_in(again.messages), ran(again.messages), again.binary) == (list(prompt), [], [])
+    executed = [m["data"] for m in again.messages if m["type"] == "executed"]
+    assert sorted(e["node"] for e in executed) == ["4", "6"]
+    assert {e["node"]: e["output"] for e in executed} == told
+    recoloured = {**prompt, "3": {**prompt["3"], "inputs": {**prompt["3"]["inputs"], "color": 0}}}
+    third = await heard_running(session, emulator, recoloured)
+    assert (cached_in(third.messages), ran(third.messages), third.binary) == (["1", "2", "5", "6"], ["3", "4"], [])
+    assert sorted(m["data"]["node"] for m in third.messages if m["type"] == "executed") == ["4", "6"]
