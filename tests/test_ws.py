@@ -17,6 +17,7 @@ import pytest
 from aiohttp import WSMsgType
 
 from comfybridge.core.clients import about_job, status_message
+from comfybridge.core.jobs import JobState
 from comfybridge.core.supervisor import Supervisor
 from comfybridge.edge.appkeys import HUB, JOURNAL, SCHEDULER
 from comfybridge.edge.ws import HIGH_WATER, MAX_BEHIND, MAX_HELD, Outbox, text_frame
@@ -494,3 +495,43 @@ async def test_a_socket_back_hears_every_frame_held_for_it_not_cut_by_its_own_re
     finally:
         writer.close()
     assert heard == held, f"heard {heard} of {held} held frames (cut at {MAX_BEHIND} behind)"
+
+
+async def test_a_client_that_fetched_with_its_socket_open_is_forgotten_when_the_socket_closes(bridge: Client) -> None:
+    """CONTRACT: a clientId stays known "until its last result is fetched or expires and it has no
+    socket open". One that fetched its results while its socket was open was forgotten by nothing
+    when the socket closed: `/execution-info` said `closed` for a day (result_ttl), not 400."""
+    async with bridge.ws_connect("/ws", params={"clientId": "sock"}) as ws:
+        await run_job(bridge, "sock", {"workflow": "solid", "1/batch_size": 1})
+        await frames_until(ws, "closed")
+        resp = await bridge.get("/history", params={"clientId": "sock"})
+        assert resp.status == 200
+        await resp.read()
+        assert (await bridge.get("/execution-info", params={"clientId": "sock"})).status == 200  # its socket is open
+    await wait_for(lambda: bridge.app[SCHEDULER].clients.get("sock") is None)
+    resp = await bridge.get("/execution-info", params={"clientId": "sock"})
+    assert resp.status == 400, await resp.text()
+    resp = await bridge.get("/history", params={"clientId": "sock"})
+    assert resp.status == 204
+    assert resp.headers["X-Detail"].startswith("The client ID has not been submitted to the server before.")
+
+
+async def test_execution_info_counts_a_job_accepted_while_the_first_waits_inside_comfyui(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory
+) -> None:
+    """API.md: `jobs_left` is counted when the body is sent. A job accepted while the client's first
+    one waited inside ComfyUI was not counted by `/execution-info` until that first job's next frame."""
+    client = await make_bridge(await make_emulator(pace=0.5))
+    status, _ = await generate(client, "other", {"workflow": "solid", "1/batch_size": 8})  # busy for a while
+    assert status == 200
+    status, first = await generate(client, "mine", {"workflow": "solid", "1/batch_size": 1})
+    assert status == 200
+    mine = client.app[SCHEDULER].clients.get("mine")
+    assert mine is not None
+    await wait_for(lambda: mine.jobs[first["job_id"]].state is JobState.QUEUED)  # handed over, waiting there
+    info = await (await client.get("/execution-info", params={"clientId": "mine"})).json()
+    assert (info["status"], info["job_id"], info["jobs_left"]) == ("connected", first["job_id"], 1)
+    status, _ = await generate(client, "mine", {"workflow": "solid", "1/batch_size": 1})
+    assert status == 200
+    info = await (await client.get("/execution-info", params={"clientId": "mine"})).json()
+    assert (info["status"], info["job_id"], info["jobs_left"]) == ("connected", first["job_id"], 2)

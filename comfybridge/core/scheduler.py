@@ -323,7 +323,7 @@ class Scheduler:
         return names
 
     def status_of(self, client_id: str) -> Status:
-        return self.clients.require(client_id).status
+        return self.clients.require(client_id).status_now()
 
     def is_running(self, client_id: str) -> bool:
         client = self.clients.get(client_id)
@@ -353,9 +353,10 @@ class Scheduler:
                 return True
         elif client.untold:
             return True  # a job's end is being recorded: its ending waits for a socket back, as in a grace
-        elif "job_id" not in client.status:
-            # It only ever had a socket: nothing to tell it or to keep, so it costs nothing once gone.
-            self.clients.forget_if_done(client, self.core.owns_something)
+        elif self.clients.forget_if_done(client, self.core.owns_something) and "job_id" in client.status:
+            # Nothing left to tell it or to keep (its last results fetched while this socket was open,
+            # or it only ever had a socket): once gone it costs nothing, and its ended jobs go too.
+            self.core.journal.forget_client(client_id, later=True)
         return False
 
     async def _cancel_after_grace(self, client: Client) -> None:
