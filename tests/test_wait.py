@@ -86,7 +86,7 @@ async def test_bad_wait_or_res_type_accepts_nothing(
     make_emulator: EmulatorFactory, make_bridge: BridgeFactory, storage: dict[str, str]
 ) -> None:
     client = await make_bridge(await make_emulator())
-    bad = [{"wait": "yes"}, {"wait": "1", "resType": "zip"}]
+    bad = [{"wait": "yes"}, {"wait": "1", "resType": "zip"}, {"resType": "zip"}]
     if not storage:  # links need object storage
         bad.append({"wait": "1", "resType": "url"})
     for params in bad:

@@ -136,9 +136,10 @@ async def generate(request: web.Request) -> web.StreamResponse:
 
 
 def _waiting(request: web.Request) -> tuple[bool, str]:
-    """`?wait=` and, with it, `?resType=`: checked before the body is read (or promised)."""
-    wait = _flag(request, "wait")
-    return wait, _res_type(request) if wait else ""
+    """`?wait=` and `?resType=` (used only with it, but a bad one is refused all the same, as
+    anywhere): checked before the body is read (or promised)."""
+    wait, res_type = _flag(request, "wait"), _res_type(request)
+    return wait, res_type if wait else ""
 
 
 def _flag(request: web.Request, name: str) -> bool:
