@@ -39,12 +39,14 @@ async def test_the_answer_is_the_jobs_results_which_count_as_fetched(
         assert resp.content_type == "multipart/form-data"
         parts = await read_results(resp)
         frames = await frames_until(ws, "closed")  # the socket heard of it as of any job
+        assert (await client.get("/history", params={"clientId": "sync"})).status == 204  # handed over already
+        assert (await (await client.get("/execution-info", params={"clientId": "sync"})).json())["status"] == "closed"
     assert [(name, kind) for name, _, kind, _ in parts] == [("result_0", "image/png")]
     assert parts[0][3].startswith(b"\x89PNG")
     job_id = frames[-1]["job_id"]
     assert job_id in parts[0][1]  # its own file
-    assert (await client.get("/history", params={"clientId": "sync"})).status == 204  # handed over already
-    assert (await (await client.get("/execution-info", params={"clientId": "sync"})).json())["status"] == "closed"
+    # Its results fetched and its socket gone: nothing keeps the clientId known (the contract).
+    await wait_for(lambda: (client.app[SCHEDULER].clients.get("sync") is None))
     assert await count(client) == 1
 
 
