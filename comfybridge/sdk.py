@@ -244,6 +244,9 @@ class AsyncBridge:
                 if isinstance(item, BridgeError):
                     raise item
                 if item.job_id not in (None, job.job_id):
+                    if item.ended and item.jobs_left == 0 and ended is None:
+                        # The client has nothing left, so this job ended too, before its socket heard it.
+                        ended = self._unheard_end(job)
                     continue
                 yield item
                 if item.ended:
@@ -254,17 +257,31 @@ class AsyncBridge:
         holds it no more (an outage longer than its disconnect grace cancelled the job; a job
         followed only once it ended). `/execution-info` names the client's last job only: an earlier
         one of a client with nothing left ended too, and how is not known any more (BridgeError)."""
+        unknown = f"job {job.job_id}: the bridge does not know this client, or no job of it: its end is not known"
         try:
             now = await self.status()
-        except (BridgeError, aiohttp.ClientError, OSError):
+        except BridgeError as exc:
+            if exc.status == 400:  # an unknown clientId
+                raise BridgeError(400, unknown) from None
             return None  # the frames will tell
+        except (aiohttp.ClientError, OSError):
+            return None  # the frames will tell
+        if now.job_id is None and job.job_id not in self._ended:
+            # No trace of any job of this client (a bridge on another data folder; or all of them
+            # ended and forgotten): no frame of this one will come.
+            raise BridgeError(0, unknown)
         if not now.ended or now.jobs_left:
             return None
-        told = self._ended.get(job.job_id)  # the bridge held its end, and said it on the new socket
+        if now.job_id == job.job_id and job.job_id not in self._ended:
+            return now
+        return self._unheard_end(job)
+
+    def _unheard_end(self, job: Job) -> Event:
+        """A job known to have ended (its client has nothing left): its end if heard (the bridge held it
+        and said it on the new socket), else BridgeError, since the bridge keeps only the last one's."""
+        told = self._ended.get(job.job_id)
         if told is not None:
             return told
-        if now.job_id == job.job_id:
-            return now
         raise BridgeError(
             0,
             f"job {job.job_id} ended while this client had no socket open, and its end is not kept any more: "

@@ -583,6 +583,53 @@ async def test_follow_of_a_job_that_ended_before_the_socket_opened_ends(
         assert (ended.status, ended.job_id) == ("closed", job.job_id)
 
 
+async def test_follow_of_an_earlier_job_that_ended_unheard_while_a_later_one_ran_ends(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two jobs queued, then followed in order: the first ended before the socket opened, the second
+    still ran. /execution-info was read once, naming the second, and the follow of the first waited
+    for ever. It ends (BridgeError, as README says: only the last job's end is kept) once the
+    client's last job ends, since then every job of it has."""
+    import comfybridge.app
+
+    monkeypatch.setattr(comfybridge.app, "HOLD_FOR_RECONNECT", 0.1)  # the start-up hold, past already
+    client = await make_bridge(await make_emulator(pace=0.3))  # `slow`: about 2 s
+    await asyncio.sleep(0.5)  # past the start-up hold
+    async with AsyncBridge(url_of(client), client_id="in-order") as bridge:
+        first = await bridge.generate("solid", {"1/width": 8})
+        second = await bridge.generate("slow")
+        async with asyncio.timeout(15):  # the first has ended; the second runs
+            while (now := await bridge.status()).job_id != second.job_id or now.status != "progress":
+                await asyncio.sleep(0.02)
+        with pytest.raises(BridgeError, match=first.job_id):
+            await asyncio.wait_for(bridge.follow(first), 20)
+        assert (await bridge.follow(second)).status == "closed"  # its end was heard
+
+
+async def test_a_follow_reconnected_to_a_bridge_that_does_not_know_the_client_ends(workdir: Path) -> None:
+    """The bridge dies mid-job and what comes back on its address has another data folder (a
+    container started without its volume): the socket opens again, /execution-info answers 400 for
+    the clientId, and no frame of the job will come. The follow waited for ever."""
+    slow = ("--emulate", "1", "--emulator-pace", "0.5")
+    async with bridge_process(workdir, *slow) as (proc, url):
+        bridge = AsyncBridge(url, client_id="forgotten")
+        heard: list[Event] = []
+        running = asyncio.create_task(bridge.run("slow", on_event=heard.append))
+        async with asyncio.timeout(15):
+            while not any(event.status == "progress" for event in heard):
+                await asyncio.sleep(0.02)
+        proc.kill()
+        await proc.wait()
+    try:
+        port = url.rsplit(":", 1)[1]
+        async with bridge_process(workdir, *slow, "--port", port, "--data-dir", str(workdir / "other")):
+            with pytest.raises(BridgeError, match="does not know this client"):
+                await asyncio.wait_for(running, 30)
+    finally:
+        running.cancel()
+        await bridge.close()
+
+
 async def test_close_makes_a_waiting_events_iterator_raise(
     make_emulator: EmulatorFactory, make_bridge: BridgeFactory
 ) -> None:
