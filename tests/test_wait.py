@@ -46,7 +46,7 @@ async def test_the_answer_is_the_jobs_results_which_count_as_fetched(
     job_id = frames[-1]["job_id"]
     assert job_id in parts[0][1]  # its own file
     # Its results fetched and its socket gone: nothing keeps the clientId known (the contract).
-    await wait_for(lambda: (client.app[SCHEDULER].clients.get("sync") is None))
+    await wait_for(lambda: client.app[SCHEDULER].clients.get("sync") is None)
     assert await count(client) == 1
 
 
