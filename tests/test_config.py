@@ -387,3 +387,10 @@ def test_choices_are_learned_in_both_of_comfyuis_forms(tmp_path: Path) -> None:
     store = WorkflowStore.load(tmp_path)
     store.apply_object_info(info)
     assert store.get("clip").describe_inputs()["2/codec"]["choices"] == ["vp9", "av1"]
+
+
+@pytest.mark.parametrize(("secret", "said"), [("whsec_", "nothing after it"), ("whsec_!!!", "not base64")])
+def test_a_webhook_secret_without_a_key_is_refused(tmp_path: Path, secret: str, said: str) -> None:
+    """`whsec_` (`whsec_${UNSET}`) decoded to an empty key: every call was signed with a key anyone has."""
+    with pytest.raises(ConfigError, match=f"--webhook-secret.*{said}"):
+        load_settings(["--webhook-secret", secret], environ={}, cwd=tmp_path)

@@ -117,6 +117,22 @@ async def test_done_is_signed_retried_and_delivered_once_acknowledged(
     assert len(receiver.calls) == 3  # and never sent again
 
 
+async def test_a_call_is_tried_once_more_as_its_max_age_ends(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README: retried "until the receiver answers 2xx or webhook_max_age passes". Tries at 0 and
+    0.5 s, then the next pause (1 s) would end past the 1.2 s: the call was given up at 0.5 s. The
+    last pause is cut to what is left, so a receiver back by then is called."""
+    monkeypatch.setattr(webhooks, "FIRST_RETRY", 0.5)
+    receiver.failures = 2
+    client = await make_bridge(
+        await make_emulator(), webhook_secret=SECRET, webhook_allow_private=True, webhook_max_age=1.2
+    )
+    await run_job(client, "short-lived", {"workflow": "solid", "1/batch_size": 1, "_webhook": receiver.url})
+    await wait_for(lambda: len(receiver.calls) == 3)  # the third, as the max age ends, is acknowledged
+    await wait_for(lambda: _pending(client.app[JOURNAL].path) == 0)
+
+
 async def test_an_attempt_that_fails_in_an_unforeseen_way_is_tried_again(
     make_emulator: EmulatorFactory, make_bridge: BridgeFactory, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:

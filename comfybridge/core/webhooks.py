@@ -71,9 +71,12 @@ def secret_from(setting: str) -> bytes:
     """`whsec_<base64>` as Standard Webhooks writes secrets, or any other string as its bytes."""
     if setting.startswith("whsec_"):
         try:
-            return base64.b64decode(setting.removeprefix("whsec_"), validate=True)
+            key = base64.b64decode(setting.removeprefix("whsec_"), validate=True)
         except ValueError:
             raise ValueError("webhook_secret starts with whsec_ but is not base64 after it") from None
+        if not key:  # (`whsec_${UNSET}`): an empty key, which anyone could sign with
+            raise ValueError("webhook_secret is whsec_ with nothing after it: no key to sign with")
+        return key
     return setting.encode()
 
 
@@ -261,15 +264,16 @@ class Webhooks:
                 log.info("webhook %s delivered to %s (attempt %d)", delivery["id"], delivery["url"], attempt)
                 self.acknowledged(delivery["id"])
                 return
-            if time.time() - delivery["created"] + delay > self.max_age:
+            left = self.max_age - (time.time() - delivery["created"])
+            if left <= 0:
                 log.warning("webhook %s to %s given up after %d attempts: %s", delivery["id"], delivery["url"],
                             attempt, problem)  # fmt: skip
                 self.acknowledged(delivery["id"])
                 return
-            log.warning(
-                "webhook %s to %s failed (%s); retrying in %gs", delivery["id"], delivery["url"], problem, delay
-            )
-            await asyncio.sleep(delay)
+            pause = min(delay, left)  # the last try comes as max_age ends, not a whole pause before it
+            log.warning("webhook %s to %s failed (%s); retrying in %.3gs", delivery["id"], delivery["url"],
+                        problem, pause)  # fmt: skip
+            await asyncio.sleep(pause)
             delay = min(MAX_RETRY_DELAY, delay * 2)
 
     async def _attempt(self, delivery: dict[str, Any]) -> str | None:
