@@ -30,11 +30,11 @@ def parse_args(description: str) -> argparse.Namespace:
     return args
 
 
-def unreachable(url: str, exc: OSError) -> int:
-    """The one line a client says when the bridge does not answer at all."""
-    print(
-        f"error: cannot reach the bridge at {url} ({exc.strerror or exc}); is it running (make demo)?", file=sys.stderr
-    )
+def unreachable(url: str, exc: aiohttp.ClientConnectionError | OSError) -> int:
+    """The one line a client says when the bridge does not answer at all (the connection refused, or
+    closed unanswered: aiohttp's ServerDisconnectedError is no OSError)."""
+    reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    print(f"error: cannot reach the bridge at {url} ({reason}); is it running (make demo)?", file=sys.stderr)
     return 1
 
 

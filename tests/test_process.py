@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -218,6 +219,7 @@ async def test_example_clients_save_results(workdir: Path, script: str) -> None:
 
 
 UNREACHABLE = "error: cannot reach the bridge at "
+EXAMPLES = ["ws_example.py", "rest_example.py", "burst.py"]
 
 
 @pytest.mark.parametrize(
@@ -239,6 +241,39 @@ def test_example_clients_say_in_one_line_what_is_wrong(script: str, args: list[s
     assert result.returncode == 1
     assert result.stderr.startswith(said), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def close_unanswered(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """What takes a connection and closes it without an answer (a TCP balancer with no bridge behind)."""
+    await reader.readuntil(b"\r\n\r\n")
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    ("script", "server", "said"),
+    [
+        *[(script, close_unanswered, UNREACHABLE) for script in EXAMPLES],
+    ],
+)
+async def test_example_clients_say_in_one_line_what_no_bridge_did(script: str, server: Handler, said: str) -> None:
+    """Something that is no bridge takes the connection (aiohttp's ServerDisconnectedError is no OSError)."""
+    listening = await asyncio.start_server(server, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{listening.sockets[0].getsockname()[1]}"
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(ROOT / "examples" / script), "--url", url,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        listening.close()
+    told = err.decode()
+    assert proc.returncode == 1, told
+    assert told.startswith(said), told
+    assert len(told.strip().splitlines()) == 1, told
 
 
 async def test_burst_example_says_a_refused_job_in_one_line(tmp_path: Path) -> None:
