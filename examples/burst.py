@@ -5,15 +5,15 @@ here each client sees how long it waited in line and how long its job ran."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import random
 import time
+import urllib.parse
 import uuid
 
 import aiohttp
 import orjson
-from common import answer_of, unreachable
+from common import answer_of, bridge_parser, unreachable
 
 
 class Refused(Exception):
@@ -23,7 +23,12 @@ class Refused(Exception):
 async def one_job(session: aiohttp.ClientSession, url: str, workflow: str, index: int) -> tuple[str, float, float]:
     """(job id, seconds until it started, seconds it ran) for one client with one job."""
     client_id = f"burst-{index}-{uuid.uuid4().hex[:6]}"
-    async with session.ws_connect(f"{url}/ws", params={"clientId": client_id}) as ws:
+    try:
+        socket = await session.ws_connect(f"{url}/ws", params={"clientId": client_id})
+    except aiohttp.WSServerHandshakeError as exc:  # the bridge says why in X-Detail: the body is not readable here
+        told = urllib.parse.unquote(exc.headers.get("X-Detail", "")) if exc.headers else ""
+        raise Refused(f"job {index}: HTTP {exc.status}: {told or exc.message}") from None
+    async with socket as ws:
         body = {"workflow": workflow, "3/seed": random.randrange(1 << 32)}
         submitted = time.monotonic()
         params = {"clientId": client_id}
@@ -50,12 +55,12 @@ async def one_job(session: aiohttp.ClientSession, url: str, workflow: str, index
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--url", default="http://127.0.0.1:8000")
-    parser.add_argument("--clients", type=int, default=6)
+    parser = bridge_parser(__doc__ or "")
+    parser.add_argument("--clients", type=int, default=6, help="how many (default %(default)s)")
     parser.add_argument("--workflow", default="text-to-image", help="one with a 3/seed input (default %(default)s)")
     args = parser.parse_args()
-    async with aiohttp.ClientSession() as session:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None  # the socket's too
+    async with aiohttp.ClientSession(headers=headers) as session:
         began = time.monotonic()
         try:
             jobs = await asyncio.gather(*(one_job(session, args.url, args.workflow, i) for i in range(args.clients)))

@@ -13,10 +13,16 @@ import aiohttp
 from tqdm import tqdm
 
 
-def parse_args(description: str) -> argparse.Namespace:
+def bridge_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments every example takes: where the bridge is, and its API key."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the bridge (default %(default)s)")
     parser.add_argument("--api-key", help="when the bridge has API keys")
+    return parser
+
+
+def parse_args(description: str) -> argparse.Namespace:
+    parser = bridge_parser(description)
     parser.add_argument("--workflow", default="solid-color", help="workflow alias (GET /workflow-list)")
     parser.add_argument("--input", action="append", default=[], metavar="KEY=VALUE", help="e.g. 6/text='a cat'")
     parser.add_argument("--file", action="append", default=[], metavar="KEY=PATH", help="upload PATH for input KEY")

@@ -276,25 +276,39 @@ async def test_example_clients_say_in_one_line_what_no_bridge_did(script: str, s
     assert len(told.strip().splitlines()) == 1, told
 
 
-async def test_burst_example_says_a_refused_job_in_one_line(tmp_path: Path) -> None:
+KEY = "burst-key-0123456789"
+
+
+@pytest.mark.parametrize(
+    ("keys", "args", "refusal"),
+    [
+        ([], [], "HTTP 400: Unknown input '3/seed'"),
+        (["--api-keys", KEY], [], "HTTP 401: A valid API key is required"),  # its socket refused
+        (["--api-keys", KEY], ["--api-key", KEY], "HTTP 400: Unknown input '3/seed'"),
+    ],
+)
+async def test_burst_example_says_a_refused_job_in_one_line(
+    tmp_path: Path, keys: list[str], args: list[str], refusal: str
+) -> None:
     """A workflow without the 3/seed burst.py sets: the bridge answers 400 to every client, and the
     example says so in one line (it used to raise SystemExit inside a gathered task: "Task exception
-    was never retrieved" and an asyncio traceback around the one useful line)."""
+    was never retrieved" and an asyncio traceback around the one useful line); as it does a socket
+    refused for want of --api-key."""
     (tmp_path / "workflows").mkdir()
     shutil.copy(FIXTURES / "workflows" / "b_emptyimage_save.json", tmp_path / "workflows")
     (tmp_path / "workflows" / "workflow_alias.json").write_text(
         '[{"alias": "solid-color", "fn": "b_emptyimage_save.json", "inputs": ["1/width"]}]'
     )
-    async with bridge_process(tmp_path) as (_, url):
+    async with bridge_process(tmp_path, "--emulate", "1", *keys, ready="/health") as (_, url):
         proc = await asyncio.create_subprocess_exec(
             sys.executable, str(ROOT / "examples" / "burst.py"), "--url", url, "--clients", "2",
-            "--workflow", "solid-color", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            "--workflow", "solid-color", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         _, err = await asyncio.wait_for(proc.communicate(), 60)
     said = err.decode()
     assert proc.returncode == 1
     assert said.startswith("job "), said
-    assert "HTTP 400: Unknown input '3/seed'" in said, said
+    assert refusal in said, said
     assert len(said.strip().splitlines()) == 1, said
 
 
