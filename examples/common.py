@@ -7,16 +7,36 @@ import argparse
 import sys
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import aiohttp
+import yarl
 from tqdm import tqdm
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line, as the examples' other errors (argparse would print its whole usage first)."""
+        self.exit(2, f"error: {message} ({self.prog} --help lists the options)\n")
+
+
+def bridge_url(text: str) -> str:
+    """--url: an http:// or https:// address (aiohttp takes nothing else; the scheme is easily left out)."""
+    try:
+        url = yarl.URL(text)
+    except ValueError:
+        url = None
+    if url is None or url.scheme not in ("http", "https") or not url.host:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// address, e.g. http://127.0.0.1:8000")
+    return text.rstrip("/")
 
 
 def bridge_parser(description: str) -> argparse.ArgumentParser:
     """The arguments every example takes: where the bridge is, and its API key."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the bridge (default %(default)s)")
+    parser = Parser(description=description)
+    parser.add_argument(
+        "--url", type=bridge_url, default="http://127.0.0.1:8000", help="the bridge (default %(default)s)"
+    )
     parser.add_argument("--api-key", help="when the bridge has API keys")
     return parser
 
