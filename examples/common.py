@@ -53,6 +53,10 @@ def parse_args(description: str) -> argparse.Namespace:
     for key, path in args.files.items():
         if not path.is_file():
             sys.exit(f"error: {path} (for {key}) is not a file")
+    # Said now, not once the job has run: the results would stay at the bridge.
+    made = next((folder for folder in (args.out, *args.out.parents) if folder.exists()), None)
+    if made is not None and not made.is_dir():
+        sys.exit(f"error: --out {args.out} is not a folder" + ("" if made == args.out else f" ({made} is a file)"))
     return args
 
 

@@ -230,6 +230,7 @@ NO_URLS = ["127.0.0.1:8001", "localhost:8001", "ftp://127.0.0.1:8001", "http://[
         *[(script, [], 1, UNREACHABLE) for script in EXAMPLES],
         *[(script, ["--url", url], 2, "error: argument --url: ") for script in EXAMPLES for url in NO_URLS],
         *[(script, ["--file", "1/image=/no/such.png"], 1, "error: /no/such.png") for script in EXAMPLES[:2]],
+        *[(script, ["--out", str(ROOT / "README.md")], 1, "error: --out ") for script in EXAMPLES[:2]],
     ],
 )
 def test_example_clients_say_in_one_line_what_is_wrong(script: str, args: list[str], code: int, said: str) -> None:
