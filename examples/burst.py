@@ -5,6 +5,7 @@ here each client sees how long it waited in line and how long its job ran."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import random
 import time
@@ -54,9 +55,19 @@ async def one_job(session: aiohttp.ClientSession, url: str, workflow: str, index
     return answer["job_id"], started - submitted, ended - started
 
 
+def at_least_one(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of clients, 1 or more")
+    return number
+
+
 async def main() -> None:
     parser = bridge_parser(__doc__ or "")
-    parser.add_argument("--clients", type=int, default=6, help="how many (default %(default)s)")
+    parser.add_argument("--clients", type=at_least_one, default=6, help="how many (default %(default)s)")
     parser.add_argument("--workflow", default="text-to-image", help="one with a 3/seed input (default %(default)s)")
     args = parser.parse_args()
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None  # the socket's too

@@ -231,6 +231,7 @@ NO_URLS = ["127.0.0.1:8001", "localhost:8001", "ftp://127.0.0.1:8001", "http://[
         *[(script, ["--url", url], 2, "error: argument --url: ") for script in EXAMPLES for url in NO_URLS],
         *[(script, ["--file", "1/image=/no/such.png"], 1, "error: /no/such.png") for script in EXAMPLES[:2]],
         *[(script, ["--out", str(ROOT / "README.md")], 1, "error: --out ") for script in EXAMPLES[:2]],
+        *[("burst.py", ["--clients", clients], 2, "error: argument --clients: ") for clients in ("0", "-1")],
     ],
 )
 def test_example_clients_say_in_one_line_what_is_wrong(script: str, args: list[str], code: int, said: str) -> None:
