@@ -188,6 +188,35 @@ async def test_interrupt_stops_the_tries_to_store_results(
     assert not (tmp_path / "data" / "results" / info["job_id"]).exists()
 
 
+async def test_a_prompt_done_in_comfyui_but_interrupted_while_collected_leaves_nothing_there(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An interrupt that lands while a finished prompt's results are being stored: the job is
+    cancelled, its results never kept. Its complete outputs stayed in ComfyUI's folder and its prompt
+    in ComfyUI's history for good: a growing heap where interrupts race fast jobs."""
+    emulator = await make_emulator()
+    outputs = Path(emulator.engine.output_dir)
+    client = await make_bridge(
+        emulator, result_retries=50, inline_result_kb=0, comfy_outputs=((emulator.url, outputs),)
+    )
+    tries: list[Path] = []
+
+    def no_room(target: Path, data: bytes) -> None:
+        tries.append(target)
+        raise OSError(errno.ENOSPC, "No space left on device", str(target.parent))
+
+    monkeypatch.setattr(blobs, "write_synced", no_room)
+    status, _ = await generate(client, "stop", SOLID)
+    assert status == 200
+    await wait_for(lambda: len(tries) >= 2)
+    assert emulator.engine.history  # done there, its outputs written
+    assert files_under(outputs)
+    assert (await client.post("/interrupt", params={"clientId": "stop"})).status == 200
+    assert (await poll_status(client, "stop", {"error"}))["detail"] == "interrupted"
+    await wait_for(lambda: not emulator.engine.history)
+    await wait_for(lambda: files_under(outputs) == [])
+
+
 async def test_a_result_that_trickles_in_fails_its_job_within_bounds(
     make_fake: Any, make_bridge: BridgeFactory
 ) -> None:

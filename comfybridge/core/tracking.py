@@ -163,6 +163,7 @@ class Tracker:
         core = self.core
         ended = None
         refs: list[OutputRef] = []
+        done_there = False  # ComfyUI ran the prompt to its end: its outputs are whole
         try:
             finished = seen
             if finished is None:
@@ -170,16 +171,16 @@ class Tracker:
             if finished is None:
                 ended = core.end(job, JobState.FAILED, "ComfyUI has no record of how the prompt ended")
             elif finished.outcome == "success":
+                done_there = True
                 refs = shapes.outputs_of(finished.outputs)
                 early = await core.early.results_for(fetched, refs)
                 files = await self._retrying(
                     job, "store its results", lambda: self._store_results(backend, job, refs, early)
                 )
-                if job.ended:  # interrupted meanwhile
-                    return
-                job.progress.complete()
-                self.publish_progress(job, final=True)
-                ended = core.end(job, JobState.DONE, files=files)
+                if not job.ended:  # (else interrupted meanwhile: its outputs go below, as a delivered job's)
+                    job.progress.complete()
+                    self.publish_progress(job, final=True)
+                    ended = core.end(job, JobState.DONE, files=files)
             elif finished.outcome == "interrupted":
                 ended = core.end(job, JobState.CANCELLED, "interrupted")
             else:
@@ -193,8 +194,14 @@ class Tracker:
             core.end(job, JobState.FAILED, reason)
             return
         except StorageError as exc:
-            core.end(job, JobState.FAILED, f"The results could not be stored: {exc}.")
-            return
+            if not job.ended:
+                core.end(job, JobState.FAILED, f"The results could not be stored: {exc}.")
+                return  # ComfyUI keeps the outputs: the one copy of the results
+            # Interrupted while they could not be stored: nothing is kept, so its outputs go below.
+        except asyncio.CancelledError:
+            if done_there and job.state is JobState.CANCELLED:  # interrupted, its copying stopped: none kept
+                self._let_go(backend, job, refs)
+            raise
         except Exception:  # a fault of the bridge's own: the job still ends, and it is logged
             log.exception("job %s client %s: collecting its results failed", job.id, job.client_id)
             core.end(job, JobState.FAILED, "The bridge failed to collect the results; the fault is in its log.")
@@ -207,6 +214,12 @@ class Tracker:
                 await asyncio.shield(ended)  # an interrupt arriving now stops nothing already recorded
             except StorageError:
                 return  # logged by the journal; ComfyUI keeps the prompt, so a restart can collect it again
+        self._let_go(backend, job, refs)
+        await care.after_job(backend, job.prompt_id, core.settings)
+
+    def _let_go(self, backend: Backend, job: Job, refs: list[OutputRef]) -> None:
+        """ComfyUI may forget the ended job's prompt: its own output files and its history entry go."""
+        core = self.core
         outputs = backend.client.outputs
         if refs and outputs is not None and outputs.usable and core.settings.delete_outputs:
             self._remove_outputs(outputs, job, refs)
@@ -215,7 +228,6 @@ class Tracker:
                 job.forget_on_leave = True
             else:
                 care.forget_later(backend, job.prompt_id, core.spawn)
-        await care.after_job(backend, job.prompt_id, core.settings)
 
     def _remove_outputs(self, outputs: LocalOutputs, job: Job, refs: list[OutputRef]) -> None:
         """Delete the job's own output files and folder from ComfyUI's: kept here now, so ComfyUI's
