@@ -245,8 +245,9 @@ class AsyncBridge:
                     raise item
                 if item.job_id not in (None, job.job_id):
                     if item.ended and item.jobs_left == 0 and ended is None:
-                        # The client has nothing left, so this job ended too, before its socket heard it.
-                        ended = self._unheard_end(job)
+                        # Nothing left as that was sent: this job ended unheard, or was accepted since
+                        # (the count is of that moment); the status now tells which.
+                        ended = await self._ended_meanwhile(job)
                     continue
                 yield item
                 if item.ended:

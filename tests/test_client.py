@@ -14,10 +14,11 @@ import orjson
 import pytest
 from aiohttp import web
 
+from comfybridge.edge.appkeys import JOURNAL, SCHEDULER
 from comfybridge.emulator.png import png_first_pixel
 from comfybridge.sdk import AsyncBridge, Bridge, BridgeError, Event, Job, JobFailed
 
-from .conftest import BridgeFactory, EmulatorFactory
+from .conftest import BridgeFactory, EmulatorFactory, wait_for
 from .helpers import Client, bridge_process, png
 
 
@@ -628,6 +629,65 @@ async def test_a_follow_reconnected_to_a_bridge_that_does_not_know_the_client_en
     finally:
         running.cancel()
         await bridge.close()
+
+
+async def test_a_follow_is_not_ended_by_an_earlier_jobs_closed_heard_before_it_was_accepted(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    """A job queued and not followed (its frames kept in the SDK's backlog, as BACKLOG says: "a job
+    queued, then followed"), then, once it ended, a second job followed. The follow drains the
+    backlog, meets the first job's `closed` with jobs_left 0 (sent before the second was accepted)
+    and takes it for the second job's unheard end: BridgeError while the second job still runs."""
+    client = await make_bridge(await make_emulator())
+    async with AsyncBridge(url_of(client), client_id="backlogged") as bridge:
+        await bridge._socket()  # as the blocking Bridge.generate does (listen=True)
+        first = await bridge.generate("solid", {"1/width": 8})
+        async with asyncio.timeout(15):  # its `closed` (jobs_left 0) is in the backlog now
+            while first.job_id not in bridge._ended:
+                await asyncio.sleep(0.02)
+        second = await bridge.generate("solid", {"1/width": 8})
+        end = await asyncio.wait_for(bridge.follow(second), 20)
+        assert (end.status, end.job_id) == ("closed", second.job_id)
+
+
+async def test_a_job_whose_end_is_being_recorded_is_still_named_and_its_follow_fails_as_it_did(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    """Two jobs of a client on two backends: the second is refused by its ComfyUI at once (no frame of
+    it told), its end record slow (a busy, or briefly away, database); then the first closes.
+    /execution-info says `listening` with no job_id meanwhile (open_status of a client whose jobs all
+    left `jobs`, one ending still untold). A follow of the second begun now (its socket opened for
+    it) takes that for "the bridge knows no job of this client" and raises BridgeError, though the
+    job's `error` comes once its end is recorded (JobFailed, as before the change)."""
+    client = await make_bridge(await make_emulator(pace=0.3), await make_emulator())
+    journal = client.app[JOURNAL]
+    gate, update, spared = asyncio.Event(), journal.update, set()
+
+    def slow_end(job_id: str, fields: dict[str, Any], delivery: Any = None) -> Any:
+        written = update(job_id, fields, delivery)
+        if fields.get("state") not in ("done", "failed") or job_id in spared:
+            return written
+
+        async def later() -> None:
+            await gate.wait()
+            await written
+
+        return asyncio.ensure_future(later())
+
+    journal.update = slow_end
+    async with AsyncBridge(url_of(client), client_id="two") as bridge:
+        first = await bridge.generate("slow")
+        spared.add(first.job_id)
+        second = await bridge.generate("bad_ckpt")
+        known = client.app[SCHEDULER].clients.get("two")
+        assert known is not None
+        await wait_for(lambda: not known.jobs and known.untold == [second.job_id], 20)  # first closed
+        assert (await bridge.status()).job_id == second.job_id  # under way for the client: its end untold
+        following = asyncio.create_task(bridge.follow(second))
+        await asyncio.sleep(0.5)
+        gate.set()
+        with pytest.raises(JobFailed):  # (a BridgeError: the follow ended wrongly)
+            await asyncio.wait_for(following, 20)
 
 
 async def test_close_makes_a_waiting_events_iterator_raise(

@@ -22,7 +22,7 @@ from comfybridge.store import pgjournal
 from comfybridge.store.journal import JournalError
 from comfybridge.store.pgjournal import MIGRATIONS, Leader, PgJournal
 
-from .conftest import EmulatorFactory, wait_for
+from .conftest import BridgeFactory, EmulatorFactory, wait_for
 from .helpers import (
     TINY,
     assert_one_line_error,
@@ -30,6 +30,7 @@ from .helpers import (
     bridge_process,
     count,
     fetch_results,
+    frames_until,
     run_cli,
     submit,
     wait_closed,
@@ -377,3 +378,42 @@ async def test_a_leader_slow_to_start_its_term_is_not_deposed_as_frozen(postgres
         await leading.stop()
         await b.close()
         await a.close()
+
+
+@pytest.mark.parametrize("store", ["postgres"], indirect=True)
+async def test_a_leader_handing_over_closes_the_socket_of_a_client_that_fetched_without_a_fault(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Cluster mode: a client fetched its results with its socket open (the SDK's usual run, then
+    save_results). The leader hands over (SIGTERM with a peer there): its term ends, its journal is
+    closed, then `demoted` closes the term's sockets (1012). `socket_closed` now journals
+    forget_client for that client, on the closed journal: RuntimeError out of the socket's handler
+    (its outbox never closed), logged with a traceback as a request "cut off after its answer began"."""
+    from comfybridge.app import LEADERSHIP
+    from comfybridge.edge.appkeys import CLUSTER
+
+    emulator = await make_emulator()
+    leader = await make_bridge(emulator)
+    await wait_for(lambda: leader.app[CLUSTER].leading, 30)
+    await make_bridge(emulator)  # a peer to take over
+    async with leader.ws_connect("/ws", params={"clientId": "fetched"}) as ws:
+        status = (
+            await leader.post(
+                "/generate-based-workflow", params={"clientId": "fetched"}, json={"workflow": "solid", "1/width": 8}
+            )
+        ).status
+        assert status == 200
+        await frames_until(ws, "closed")
+        resp = await leader.get("/history", params={"clientId": "fetched"})
+        assert resp.status == 200
+        await resp.read()
+        caplog.clear()
+        caplog.set_level(logging.WARNING)
+        leader.app[LEADERSHIP].stand_down()
+        async with asyncio.timeout(20):
+            while not ws.closed:
+                await ws.receive()
+        assert ws.close_code == 1012
+    await asyncio.sleep(0.5)
+    faults = [r.getMessage() for r in caplog.records if r.exc_info or "cut off" in r.getMessage()]
+    assert not faults, faults

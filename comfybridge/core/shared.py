@@ -110,12 +110,16 @@ def _describe(facts: dict[str, Any]) -> str:
     return text
 
 
-def open_status(client: Client) -> Status:
+def open_status(client: Client, told: str | None = None) -> Status:
     """The status of a client's unfinished jobs: `connected` once one is inside ComfyUI; about the
-    first of them."""
+    first of them. With none, a job whose ending it has still to hear (being recorded; `told`: the
+    one told now) is still under way for the client: `connected`, about it."""
     jobs = list(client.jobs.values())
-    handed = any(job.state is not JobState.WAITING for job in jobs)
-    return about_job(CONNECTED if handed else LISTENING, jobs[0].id, len(jobs)) if jobs else dict(LISTENING)
+    if jobs:
+        handed = any(job.state is not JobState.WAITING for job in jobs)
+        return about_job(CONNECTED if handed else LISTENING, jobs[0].id, len(jobs))
+    ending = [job_id for job_id in client.untold if job_id != told]
+    return about_job(CONNECTED, ending[0], len(ending)) if ending else dict(LISTENING)
 
 
 class Core:
@@ -510,7 +514,7 @@ class Core:
             close = may_close and message["status"] == "error" and not message["jobs_left"]
         if message["status"] == "closed" and message.get("jobs_left"):
             # /execution-info says `closed` only once nothing of the client is left to run.
-            self.set_status(client, open_status(client))
+            self.set_status(client, open_status(client, told=message["job_id"]))
         else:
             self.set_status(client, message)
         self.notifier.publish(client.id, message, close)
