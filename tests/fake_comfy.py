@@ -29,6 +29,7 @@ class FakeComfy:
         self.rewrite: Callable[[str], str] = lambda text: text  # applied to every event ComfyUI sends; "" drops it
         self.held: dict[str, asyncio.Event] = {}  # requests of these routes wait for their event first
         self.trickled: dict[str, float] = {}  # answers of these routes come a KB at a time, this many s apart
+        self.pongs = True  # its event sockets answer pings (False, for sockets opened after: a frozen ComfyUI)
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -120,7 +121,7 @@ class FakeComfy:
     async def _socket(self, request: web.Request) -> web.WebSocketResponse:
         self.seen.append("GET /ws")
         assert self._session is not None
-        ws = web.WebSocketResponse(max_msg_size=0)
+        ws = web.WebSocketResponse(max_msg_size=0, autoping=self.pongs)
         await ws.prepare(request)
         self.sockets.add(ws)
         try:

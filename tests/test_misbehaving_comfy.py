@@ -855,3 +855,17 @@ async def test_a_job_whose_start_went_unheard_and_that_runs_silent_times_out(
         assert info["detail"].startswith("time out error"), info
     finally:
         engine.release_hang()
+
+
+async def test_a_frozen_comfyui_is_logged_as_silent_not_as_having_closed_its_socket(
+    make_fake: Any, make_bridge: BridgeFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ComfyUI that freezes (a hung process, a paused VM) closes nothing: the bridge's heartbeat
+    finds it out. The log said "closed its socket" next, sending an operator to look for a restart."""
+    monkeypatch.setattr(comfy_client, "HEARTBEAT", 0.2)
+    fake: FakeComfy = await make_fake()
+    fake.pongs = False
+    caplog.set_level(logging.INFO, logger="comfybridge")
+    await make_bridge(fake.url)
+    await wait_for(lambda: any("event socket failed" in r.getMessage() for r in caplog.records))
+    assert not [r.getMessage() for r in caplog.records if "closed its socket" in r.getMessage()]

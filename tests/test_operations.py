@@ -20,7 +20,17 @@ from comfybridge.edge.logs import redact
 from comfybridge.errors import WorkflowConfigError
 
 from .conftest import FIXTURES, BridgeFactory, EmulatorFactory, wait_for
-from .helpers import Client, bridge_process, generate, poll_status, run_job
+from .helpers import (
+    Client,
+    backends,
+    bridge_process,
+    frames_until,
+    generate,
+    poll_status,
+    post_job,
+    run_job,
+    wait_closed,
+)
 
 KEY = "ops-key-0123456789abcdef"
 
@@ -321,3 +331,53 @@ async def test_a_backend_address_with_a_password_or_token_shows_neither(
     assert redact(f"connected to ComfyUI {url}") == (
         f"connected to ComfyUI http://admin:[redacted]@127.0.0.1:{emulator.port}/?token=[redacted]"
     )
+
+
+async def test_a_job_run_again_after_failover_is_one_wait(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    """`comfybridge_job_wait_seconds`, "from acceptance to the start inside ComfyUI", took a sample at
+    each start: a job run again on another backend counted as two waits, the second one long."""
+    first, second = await make_emulator(pace=0.3), await make_emulator(pace=0.3)
+    client = await make_bridge(first, backend_grace=0.1)
+    async with client.ws_connect("/ws", params={"clientId": "moved"}) as ws:
+        status, _ = await generate(client, "moved", {"workflow": "slow", "2/seed": 5})
+        assert status == 200
+        await frames_until(ws, "progress")  # it runs on the first
+        client.app[SCHEDULER].set_backends([first.url, second.url])
+        await first.stop()
+        assert (await frames_until(ws, {"closed", "error"}, timeout=30))[-1]["status"] == "closed"
+    assert len(second.engine.started) == 1  # it ran again there
+    samples = scrape(await (await client.get("/metrics")).text())
+    waits = [value for (name, _), value in samples.items() if name == "comfybridge_job_wait_seconds_count"]
+    assert sum(waits) == 1
+
+
+@pytest.mark.parametrize("finished_meanwhile", [True, False])
+async def test_a_job_adopted_after_a_restart_states_no_wait_or_run_it_does_not_know(
+    workdir: Path, make_emulator: EmulatorFactory, finished_meanwhile: bool
+) -> None:
+    """A job that started inside ComfyUI before the bridge was killed: the next process does not know
+    when. Its end's log line said it waited from its accept to the restart (the run counted as a
+    wait), its run time (log, `comfybridge_job_run_seconds`, the planner) was counted from the
+    adoption: what is not known is now left out."""
+    emulator = await make_emulator(pace=1.0)  # `slow`: several seconds
+    flags = (*backends(emulator), "--log-format", "json")
+    async with aiohttp.ClientSession() as session:
+        async with bridge_process(workdir, *flags) as (proc, url):
+            job_id = await post_job(session, url, "adopted", {"workflow": "slow", "2/seed": 4})
+            await wait_for(lambda: len(emulator.engine.started) == 1)
+            proc.kill()
+        if finished_meanwhile:
+            await wait_for(lambda: len(emulator.engine.history) == 1, timeout=30)
+        async with bridge_process(workdir, *flags) as (proc, url):
+            await wait_closed(session, url, ["adopted"])
+            samples = scrape(await (await session.get(f"{url}/metrics")).text())
+    lines = (workdir / "bridge.log").read_text().splitlines()
+    records = [orjson.loads(line) for line in lines if line.startswith("{")]
+    ends = [r for r in records if r.get("job_id") == job_id and "outcome" in r]
+    assert [r["outcome"] for r in ends] == ["done"]
+    assert "waited_s" not in ends[0]
+    assert "ran_s" not in ends[0]
+    runs = [value for (name, _), value in samples.items() if name == "comfybridge_job_run_seconds_count"]
+    assert sum(runs) == 0

@@ -43,6 +43,7 @@ MB = 1024 * 1024
 OBJECT_INFO_AT_ONCE = 8  # node classes asked about at a time
 MAX_ANSWER = 128 * MB  # the largest REST answer read (/object_info with many custom nodes: tens of MB)
 SLOW_RATE = 64 * 1024  # bytes a second an output file's download earns beyond comfy_timeout
+HEARTBEAT = 10.0  # seconds between pings on the event socket: a frozen ComfyUI is found out within twice that
 JSON_HEADERS = {"Content-Type": "application/json"}
 # 4xx answers about the line to ComfyUI, not about what was sent: no such route (not a ComfyUI), a
 # proxy's login, timeout or rate limit.
@@ -435,7 +436,7 @@ class ComfyClient:
         while True:
             try:
                 async with self.session.ws_connect(
-                    ws_url.with_query(clientId=self.client_id), heartbeat=10, max_msg_size=self.max_event_bytes
+                    ws_url.with_query(clientId=self.client_id), heartbeat=HEARTBEAT, max_msg_size=self.max_event_bytes
                 ) as ws:
                     await self._json("GET", "/prompt")  # its REST side answers too, not only the socket
                     await self.detect_dialect()
@@ -452,9 +453,11 @@ class ComfyClient:
                             self._heard += 1
                             self._receive(msg.data, on_event)
                         elif msg.type is aiohttp.WSMsgType.ERROR:
+                            # e.g. no pong to the heartbeat: a ComfyUI frozen (or a network gone), which closed nothing
                             log.warning("ComfyUI %s: event socket failed: %s", self.shown, msg.data or ws.exception())
                             break
-                    log.warning("ComfyUI %s closed its socket", self.shown)
+                    else:
+                        log.warning("ComfyUI %s closed its socket", self.shown)
             except (aiohttp.ClientError, TimeoutError, OSError, BackendUnavailable) as exc:
                 # Say it once per outage, not at every retry.
                 level = logging.WARNING if self.connected or not first_attempt.is_set() else logging.DEBUG

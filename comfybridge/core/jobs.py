@@ -103,6 +103,9 @@ class Job:
     attempts: int = 0  # hand-overs that failed before ComfyUI took the prompt
     retries: int = 0  # runs lost (its backend died under it, or its queue stalled), sent again
     started_at: float | None = None  # monotonic time of ComfyUI's execution_start
+    start_heard: bool = False  # `started_at` is its execution_start as heard, not a reconcile's "running now"
+    waited: float | None = None  # seconds from its accept to its first start inside ComfyUI, when heard
+    adopted: bool = False  # handed to ComfyUI by an earlier process: when it started there is not known
     finished_at: float | None = None  # monotonic time of ComfyUI's final `executing null`
     handed_at: float | None = None  # monotonic time its POST /prompt began
     warm: bool = False  # its backend ran the same workflow just before it
@@ -208,7 +211,7 @@ class Job:
         progress = self.progress
         if event == "execution_start":
             if self.started_at is None:
-                self.started_at = self.last_event
+                self.started_at, self.start_heard = self.last_event, True
                 self.seen_outputs = {}
             else:  # twice in one run (no real ComfyUI does it): what was seen is kept, and /history asked
                 self.seen_outputs = None
@@ -248,7 +251,7 @@ class Job:
         attempts = self.attempts + (because == "hand-over")
         retries = self.retries + (because == "lost run")
         self.outcome = self.reported = None
-        self.started_at = None
+        self.started_at, self.start_heard = None, False
         self.seen_outputs = None
         self._progress = None
         return self.move(

@@ -10,7 +10,7 @@ __all__ = ["JobObserver", "NullObserver"]
 class JobObserver(Protocol):
     def job_accepted(self, workflow: str) -> None: ...
 
-    def job_started(self, workflow: str, backend: str, waited: float, handed_over: float | None) -> None: ...
+    def job_started(self, workflow: str, backend: str, waited: float | None, handed_over: float | None) -> None: ...
 
     def job_finished(self, workflow: str, backend: str, ran: float) -> None: ...
 
@@ -23,7 +23,7 @@ class NullObserver:
     def job_accepted(self, workflow: str) -> None:
         pass
 
-    def job_started(self, workflow: str, backend: str, waited: float, handed_over: float | None) -> None:
+    def job_started(self, workflow: str, backend: str, waited: float | None, handed_over: float | None) -> None:
         pass
 
     def job_finished(self, workflow: str, backend: str, ran: float) -> None:

@@ -73,6 +73,7 @@ def recover(core: Core, rows: list[dict[str, Any]], gone: set[str]) -> Recovered
         else:
             summary.handed_over += 1
             job.resumed = True  # what the last process told its client is not known: it will say so
+            job.adopted = True
             core.hand_over(backend, job)
     for job in reversed(orphaned):  # each goes to the head of the queue: the earliest must end up first
         core.send_again(job)

@@ -96,8 +96,11 @@ def _where_and_how_long(job: Job) -> dict[str, Any]:
     facts: dict[str, Any] = {"job_id": job.id, "client_id": job.client_id, "workflow": job.workflow}
     started, finished = job.started_at, job.finished_at
     facts["backend"] = job.backend
-    facts["waited_s"] = round((started if started is not None else now) - job.accepted_mono, 3)
-    if started is not None:
+    if job.waited is not None:
+        facts["waited_s"] = round(job.waited, 3)
+    elif started is None and not job.adopted:  # it never started: it waited all along
+        facts["waited_s"] = round(now - job.accepted_mono, 3)
+    if started is not None and job.start_heard:  # what is not known (a start before this process) is left out
         facts["ran_s"] = round((finished if finished is not None else now) - started, 3)
     if finished is not None:
         facts["collected_s"] = round(now - finished, 3)

@@ -80,8 +80,12 @@ class Tracker:
         if job.apply_event(event, data):
             self.prompt_finished(backend, job)
         elif event == "execution_start":
-            waited = job.last_event - job.accepted_mono  # execution_start's moment
-            self.core.metrics.job_started(job.workflow, backend.client.shown, waited, job.handed_at)
+            # The first start only (a run after a lost one waited for nothing new); and not one of a job
+            # that may have started before this process knew it (a run lost then counts in `retries`).
+            first = None
+            if job.waited is None and job.retries == 0:
+                job.waited = first = job.last_event - job.accepted_mono  # execution_start's moment
+            self.core.metrics.job_started(job.workflow, backend.client.shown, first, job.handed_at)
         elif event == "execution_success" and job.seen_outputs is not None:
             self._collect(backend, job)  # its outputs are known and written: no need to wait for its end
         elif job.state is JobState.RUNNING:
@@ -121,7 +125,7 @@ class Tracker:
         """ComfyUI's final `executing null` (or its history, after a lost socket): the prompt has left
         ComfyUI, and only now is it in /history. Its results are collected unless they already are."""
         core = self.core
-        if job.started_at is not None:
+        if job.started_at is not None and job.start_heard:  # (a start only guessed would cut the run short)
             ran = time.monotonic() - job.started_at
             core.metrics.job_finished(job.workflow, backend.client.shown, ran)
             if job.outcome == "success":

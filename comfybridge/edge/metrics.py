@@ -75,8 +75,10 @@ class Metrics:
     def job_accepted(self, workflow: str) -> None:
         self.accepted.labels(workflow).inc()
 
-    def job_started(self, workflow: str, backend: str, waited: float, handed_over: float | None) -> None:
-        self.wait.labels(workflow, backend).observe(waited)
+    def job_started(self, workflow: str, backend: str, waited: float | None, handed_over: float | None) -> None:
+        """`waited`: None for a start that is not the job's first (it runs again), or whose wait is not known."""
+        if waited is not None:
+            self.wait.labels(workflow, backend).observe(waited)
         now = time.monotonic()
         last = self._last_end.get(backend)
         if last is not None and handed_over is not None and handed_over <= last:
