@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +143,10 @@ async def test_a_prompt_its_comfyui_loses_twice_while_running_fails_not_sent_for
         await current.stop()
 
 
-async def test_hanging_prompt_goes_elsewhere(make_emulator: EmulatorFactory, make_bridge: BridgeFactory) -> None:
+async def test_hanging_prompt_goes_elsewhere(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="comfybridge")
     stuck = await make_emulator()
     fine = await make_emulator()
     client = await make_bridge(stuck, fine, comfy_timeout=0.3)
@@ -153,6 +157,8 @@ async def test_hanging_prompt_goes_elsewhere(make_emulator: EmulatorFactory, mak
         assert await outcome(client, f"h{index}") == ["wf_b_empty_00001_.png"]
     assert len(fine.engine.started) == 4
     assert stuck.engine.started == []
+    # Said as what it was (a time-out's own text is empty: "TimeoutError: ; will send it again")
+    assert any("no answer within 0.3s; will send it again" in r.getMessage() for r in caplog.records)
 
 
 async def test_round_robin_between_clients(make_emulator: EmulatorFactory, make_bridge: BridgeFactory) -> None:

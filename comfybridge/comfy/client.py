@@ -142,7 +142,9 @@ class ComfyClient:
                 return resp.status, bytes(body)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             refused = isinstance(exc, aiohttp.ClientConnectorError)
-            raise BackendUnavailable(f"{self.shown}: {exc.__class__.__name__}: {exc}", not refused) from exc
+            # (a time-out says nothing of itself)
+            why = f"{exc.__class__.__name__}: {exc}" if str(exc) else f"no answer within {self.timeout.total:g}s"
+            raise BackendUnavailable(f"{self.shown}: {why}", not refused) from exc
 
     async def _json(self, method: str, path: str, refused: str = "", **kwargs: Any) -> Any:
         """The JSON of a 200 answer. With `refused` (what is asked for, e.g. "the upload 'a.png'"),

@@ -286,9 +286,8 @@ class Dispatcher:
             pause = min(30.0, 0.5 * 2.0 ** (backend.submit_failures - 2))
             backend.sick_until = time.monotonic() + pause
             core.supervisor.call_later(pause, core.wake_all)
-            log.warning(
-                "backend %s refused %d hand-overs: no new work for %gs", backend.name, backend.submit_failures, pause
-            )
+            log.warning("backend %s did not take %d hand-overs: no new work for %gs", backend.name,
+                        backend.submit_failures, pause)  # fmt: skip
         if job.ended:
             return
         if job.attempts + 1 >= MAX_ATTEMPTS:
