@@ -381,3 +381,27 @@ async def test_a_job_adopted_after_a_restart_states_no_wait_or_run_it_does_not_k
     assert "ran_s" not in ends[0]
     runs = [value for (name, _), value in samples.items() if name == "comfybridge_job_run_seconds_count"]
     assert sum(runs) == 0
+
+
+async def test_a_backend_down_shows_no_comfyui_queue_it_cannot_know(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    """/health kept a dead ComfyUI's last queue length (1 long after it died)."""
+    emulator = await make_emulator()
+    client = await make_bridge(emulator)
+    emulator.engine.pause()
+    for index in range(2):
+        assert (await generate(client, f"q{index}", {"workflow": "solid", "1/batch_size": 1}))[0] == 200
+
+    async def backend() -> dict[str, Any]:
+        return dict((await (await client.get("/health")).json())["backends"][0])
+
+    async with asyncio.timeout(10):
+        while (await backend())["comfyui_queue"] < 1:
+            await asyncio.sleep(0.02)
+    await emulator.stop()
+    async with asyncio.timeout(10):
+        while (now := await backend())["state"] != "down":
+            await asyncio.sleep(0.02)
+    assert now["comfyui_queue"] == 0
+

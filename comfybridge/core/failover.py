@@ -58,6 +58,7 @@ class Failover:
             return
         core = self.core
         backend.healthy = False
+        backend.queue_remaining = 0  # not known while away: ComfyUI says it again as its socket opens
         log.warning("backend %s is down; %d prompts wait for it", backend.name, len(backend.inflight))
         grace = core.settings.backend_grace
         for job in backend.inflight:
