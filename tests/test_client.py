@@ -223,23 +223,32 @@ async def test_a_502_that_names_no_job_is_the_bridges_error_not_a_jobs(aiohttp_s
     assert refused.value.detail == "The bridge that leads stopped answering"
 
 
-async def test_a_frame_that_is_not_a_status_is_skipped_not_the_end_of_a_follow(aiohttp_server: Any) -> None:
-    """A frame the client does not understand (a newer bridge's kind, a proxy's) between a job's
-    frames: the follow goes on to the job's end, instead of every follower raising."""
+CLOSED_J1 = '{"status": "closed", "detail": "done", "job_id": "j1", "jobs_left": 0}'
+
+
+async def socket_saying(aiohttp_server: Any, frames: list[str]) -> str:
+    """The URL of a server whose /ws says these frames, then waits for the client to close."""
 
     async def socket(request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
-        await ws.send_str('{"kind": "notice", "text": "maintenance at noon"}')
-        await ws.send_str("not json")
-        await ws.send_str('{"status": "closed", "detail": "done", "job_id": "j1", "jobs_left": 0}')
-        await ws.receive()  # until the client closes
+        for frame in frames:
+            await ws.send_str(frame)
+        await ws.receive()
         return ws
 
     app = web.Application()
     app.router.add_get("/ws", socket)
     server = await aiohttp_server(app)
-    async with AsyncBridge(str(server.make_url("")).rstrip("/")) as bridge:
+    return str(server.make_url("")).rstrip("/")
+
+
+async def test_a_frame_that_is_not_a_status_is_skipped_not_the_end_of_a_follow(aiohttp_server: Any) -> None:
+    """A frame the client does not understand (a newer bridge's kind, a proxy's) between a job's
+    frames: the follow goes on to the job's end, instead of every follower raising."""
+
+    frames = ['{"kind": "notice", "text": "maintenance at noon"}', "not json", CLOSED_J1]
+    async with AsyncBridge(await socket_saying(aiohttp_server, frames)) as bridge:
         await bridge._socket()
         end = await asyncio.wait_for(bridge.follow(Job("j1", 1)), 10)
     assert (end.status, end.job_id) == ("closed", "j1")
@@ -251,22 +260,10 @@ async def test_an_unknown_kind_of_frame_is_warned_about_once_per_client(
     """A stream of frames the client does not understand (a proxy's keep-alives): one warning per
     kind, the repeats at debug level, so the log is not flooded."""
 
-    async def socket(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        for _ in range(3):
-            await ws.send_str('{"type": "keepalive"}')
-            await ws.send_str('{"kind": "notice", "text": "maintenance at noon"}')
-            await ws.send_str("not json")
-        await ws.send_str('{"status": "closed", "detail": "done", "job_id": "j1", "jobs_left": 0}')
-        await ws.receive()  # until the client closes
-        return ws
-
-    app = web.Application()
-    app.router.add_get("/ws", socket)
-    server = await aiohttp_server(app)
+    unknown = ['{"type": "keepalive"}', '{"kind": "notice", "text": "maintenance at noon"}', "not json"]
+    url = await socket_saying(aiohttp_server, [*unknown * 3, CLOSED_J1])
     caplog.set_level("DEBUG", logger="comfybridge.sdk")
-    async with AsyncBridge(str(server.make_url("")).rstrip("/")) as bridge:
+    async with AsyncBridge(url) as bridge:
         await bridge._socket()
         await asyncio.wait_for(bridge.follow(Job("j1", 1)), 10)
     ignored = [r for r in caplog.records if "not a status" in r.getMessage()]

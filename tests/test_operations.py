@@ -404,4 +404,3 @@ async def test_a_backend_down_shows_no_comfyui_queue_it_cannot_know(
         while (now := await backend())["state"] != "down":
             await asyncio.sleep(0.02)
     assert now["comfyui_queue"] == 0
-
