@@ -404,3 +404,21 @@ async def test_a_backend_down_shows_no_comfyui_queue_it_cannot_know(
         while (now := await backend())["state"] != "down":
             await asyncio.sleep(0.02)
     assert now["comfyui_queue"] == 0
+
+
+async def test_a_job_that_waited_out_a_stalled_queue_has_its_first_start_observed(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    """A job taken back from a stalled ComfyUI queue counts as a lost run though it never started:
+    its real first start, after the longest of waits, must still be the wait observed."""
+    dead = await make_emulator()
+    dead.engine.pause()
+    client = await make_bridge(dead, job_idle_timeout=1.0)
+    backend = client.app[SCHEDULER].backends[dead.url]
+    assert (await generate(client, "stalled", {"workflow": "solid", "1/width": 8}))[0] == 200
+    await wait_for(lambda: backend.doubt > 0 and dead.engine.queue_remaining == 1, 30)  # taken back, sent again
+    dead.engine.resume()
+    assert (await poll_status(client, "stalled", {"closed", "error"}, timeout=30))["status"] == "closed"
+    assert len(dead.engine.started) == 1  # it started once, ever
+    samples = scrape(await (await client.get("/metrics")).text())
+    assert sum(v for (name, _), v in samples.items() if name == "comfybridge_job_wait_seconds_count") == 1

@@ -516,6 +516,21 @@ async def test_a_client_that_fetched_with_its_socket_open_is_forgotten_when_the_
     assert resp.headers["X-Detail"].startswith("The client ID has not been submitted to the server before.")
 
 
+async def test_a_client_that_fetched_and_left_while_the_bridge_drains_is_forgotten(bridge: Client) -> None:
+    """While a stopping bridge still serves (drain, stop_grace), a client that fetched its results
+    and closed its socket is forgotten as ever: only a journal already closed forgets nothing."""
+    scheduler = bridge.app[SCHEDULER]
+    async with bridge.ws_connect("/ws", params={"clientId": "leaver"}) as ws:
+        await run_job(bridge, "leaver", {"workflow": "solid", "1/batch_size": 1})
+        await frames_until(ws, "closed")
+        resp = await bridge.get("/history", params={"clientId": "leaver"})
+        assert resp.status == 200
+        await resp.read()
+        await scheduler.drain(0.5)  # as SIGTERM with `drain` does (or stop_dispatching without it)
+    await wait_for(lambda: scheduler.clients.get("leaver") is None)
+    assert (await bridge.get("/execution-info", params={"clientId": "leaver"})).status == 400
+
+
 async def test_execution_info_counts_a_job_accepted_while_the_first_waits_inside_comfyui(
     make_bridge: BridgeFactory, make_emulator: EmulatorFactory
 ) -> None:

@@ -137,8 +137,10 @@ class Failover:
                 if job.state is JobState.SUBMITTING:
                     job.move(JobState.QUEUED)
                 if job.prompt_id in running and job.state is JobState.QUEUED:
-                    job.started_at = time.monotonic()
+                    job.started_at, job.started_unseen = time.monotonic(), True  # (when, exactly, is not known)
                     job.move(JobState.RUNNING)
+                elif job.prompt_id in pending and job.retries == 0:
+                    job.started_unseen = False  # handed over by an earlier process, yet to start: its start is heard
                 continue
             asked = job.prompt_id
             entry = await backend.client.history(asked)

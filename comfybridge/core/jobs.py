@@ -105,7 +105,9 @@ class Job:
     started_at: float | None = None  # monotonic time of ComfyUI's execution_start
     start_heard: bool = False  # `started_at` is its execution_start as heard, not a reconcile's "running now"
     waited: float | None = None  # seconds from its accept to its first start inside ComfyUI, when heard
-    adopted: bool = False  # handed to ComfyUI by an earlier process: when it started there is not known
+    # It may have started inside ComfyUI unseen by this process (handed over, or run and lost, by an
+    # earlier one; found running after missed events): its wait is not known.
+    started_unseen: bool = False
     finished_at: float | None = None  # monotonic time of ComfyUI's final `executing null`
     handed_at: float | None = None  # monotonic time its POST /prompt began
     warm: bool = False  # its backend ran the same workflow just before it

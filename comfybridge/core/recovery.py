@@ -62,6 +62,7 @@ def recover(core: Core, rows: list[dict[str, Any]], gone: set[str]) -> Recovered
         core.opened(job)
         backend = core.backends.get(job.backend or "")
         if job.state is JobState.WAITING:
+            job.started_unseen = job.retries > 0  # a run lost by an earlier process may have started
             summary.waiting += 1
             core.queue.push(job)
         elif backend is None:
@@ -73,7 +74,7 @@ def recover(core: Core, rows: list[dict[str, Any]], gone: set[str]) -> Recovered
         else:
             summary.handed_over += 1
             job.resumed = True  # what the last process told its client is not known: it will say so
-            job.adopted = True
+            job.started_unseen = True
             core.hand_over(backend, job)
     for job in reversed(orphaned):  # each goes to the head of the queue: the earliest must end up first
         core.send_again(job)

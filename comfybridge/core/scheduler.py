@@ -353,8 +353,8 @@ class Scheduler:
                 return True
         elif client.untold:
             return True  # a job's end is being recorded: its ending waits for a socket back, as in a grace
-        elif self.core.closing:
-            pass  # the term or the bridge ends (its journal closing): the next start knows what to forget
+        elif not self.running:
+            pass  # the term or the bridge has ended (its journal closing): the next start knows what to forget
         elif self.clients.forget_if_done(client, self.core.owns_something) and "job_id" in client.status:
             # Nothing left to tell it or to keep (its last results fetched while this socket was open,
             # or it only ever had a socket): once gone it costs nothing, and its ended jobs go too.

@@ -98,7 +98,7 @@ def _where_and_how_long(job: Job) -> dict[str, Any]:
     facts["backend"] = job.backend
     if job.waited is not None:
         facts["waited_s"] = round(job.waited, 3)
-    elif started is None and not job.adopted:  # it never started: it waited all along
+    elif started is None and not job.started_unseen:  # it never started: it waited all along
         facts["waited_s"] = round(now - job.accepted_mono, 3)
     if started is not None and job.start_heard:  # what is not known (a start before this process) is left out
         facts["ran_s"] = round((finished if finished is not None else now) - started, 3)

@@ -80,10 +80,9 @@ class Tracker:
         if job.apply_event(event, data):
             self.prompt_finished(backend, job)
         elif event == "execution_start":
-            # The first start only (a run after a lost one waited for nothing new); and not one of a job
-            # that may have started before this process knew it (a run lost then counts in `retries`).
+            # Its first start only (a run after a lost one waited for nothing new), if none went unseen.
             first = None
-            if job.waited is None and job.retries == 0:
+            if job.waited is None and not job.started_unseen:
                 job.waited = first = job.last_event - job.accepted_mono  # execution_start's moment
             self.core.metrics.job_started(job.workflow, backend.client.shown, first, job.handed_at)
         elif event == "execution_success" and job.seen_outputs is not None:
