@@ -142,8 +142,9 @@ class ComfyClient:
                 return resp.status, bytes(body)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             refused = isinstance(exc, aiohttp.ClientConnectorError)
-            # (a time-out says nothing of itself)
-            why = f"{exc.__class__.__name__}: {exc}" if str(exc) else f"no answer within {self.timeout.total:g}s"
+            why = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, TimeoutError):  # (its own text says nothing, or little)
+                why = f"no answer within {self.timeout.total:g}s"
             raise BackendUnavailable(f"{self.shown}: {why}", not refused) from exc
 
     async def _json(self, method: str, path: str, refused: str = "", **kwargs: Any) -> Any:
