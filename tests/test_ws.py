@@ -497,10 +497,15 @@ async def test_a_socket_back_hears_every_frame_held_for_it_not_cut_by_its_own_re
     assert heard == held, f"heard {heard} of {held} held frames (cut at {MAX_BEHIND} behind)"
 
 
-async def test_a_client_that_fetched_with_its_socket_open_is_forgotten_when_the_socket_closes(bridge: Client) -> None:
+@pytest.mark.parametrize("draining", [False, True])
+async def test_a_client_that_fetched_with_its_socket_open_is_forgotten_when_the_socket_closes(
+    bridge: Client, draining: bool
+) -> None:
     """CONTRACT: a clientId stays known "until its last result is fetched or expires and it has no
     socket open". One that fetched its results while its socket was open was forgotten by nothing
-    when the socket closed: `/execution-info` said `closed` for a day (result_ttl), not 400."""
+    when the socket closed: `/execution-info` said `closed` for a day (result_ttl), not 400. So too
+    while a stopping bridge still serves (drain, stop_grace): only a closed scheduler forgets nothing."""
+    scheduler = bridge.app[SCHEDULER]
     async with bridge.ws_connect("/ws", params={"clientId": "sock"}) as ws:
         await run_job(bridge, "sock", {"workflow": "solid", "1/batch_size": 1})
         await frames_until(ws, "closed")
@@ -508,27 +513,14 @@ async def test_a_client_that_fetched_with_its_socket_open_is_forgotten_when_the_
         assert resp.status == 200
         await resp.read()
         assert (await bridge.get("/execution-info", params={"clientId": "sock"})).status == 200  # its socket is open
-    await wait_for(lambda: bridge.app[SCHEDULER].clients.get("sock") is None)
+        if draining:
+            await scheduler.drain(0.5)  # as SIGTERM with `drain` does (or stop_dispatching without it)
+    await wait_for(lambda: scheduler.clients.get("sock") is None)
     resp = await bridge.get("/execution-info", params={"clientId": "sock"})
     assert resp.status == 400, await resp.text()
     resp = await bridge.get("/history", params={"clientId": "sock"})
     assert resp.status == 204
     assert resp.headers["X-Detail"].startswith("The client ID has not been submitted to the server before.")
-
-
-async def test_a_client_that_fetched_and_left_while_the_bridge_drains_is_forgotten(bridge: Client) -> None:
-    """While a stopping bridge still serves (drain, stop_grace), a client that fetched its results
-    and closed its socket is forgotten as ever: only a journal already closed forgets nothing."""
-    scheduler = bridge.app[SCHEDULER]
-    async with bridge.ws_connect("/ws", params={"clientId": "leaver"}) as ws:
-        await run_job(bridge, "leaver", {"workflow": "solid", "1/batch_size": 1})
-        await frames_until(ws, "closed")
-        resp = await bridge.get("/history", params={"clientId": "leaver"})
-        assert resp.status == 200
-        await resp.read()
-        await scheduler.drain(0.5)  # as SIGTERM with `drain` does (or stop_dispatching without it)
-    await wait_for(lambda: scheduler.clients.get("leaver") is None)
-    assert (await bridge.get("/execution-info", params={"clientId": "leaver"})).status == 400
 
 
 async def test_execution_info_counts_a_job_accepted_while_the_first_waits_inside_comfyui(
