@@ -104,14 +104,19 @@ class Client:
         `jobs` but the client has not heard it yet): no `listening` heartbeat between 100% and `closed`."""
         return any(job.executing for job in self.jobs.values()) or any(j not in self.jobs for j in self.untold)
 
+    def jobs_left(self, message: Status) -> int:
+        """`jobs_left` of a status about a job, counted now: the jobs whose ending the client has still
+        to hear once it hears this one (an ending counts itself out)."""
+        ending = message["status"] in ("closed", "error") and message["job_id"] in self.untold
+        return len(self.untold) - ending
+
     def status_now(self) -> Status:
         """What /execution-info answers: the latest status, its `jobs_left` counted now (as a frame's
         is counted when sent), so a job accepted since that status was made counts."""
         status = self.status
-        job_id = status.get("job_id")
-        if job_id is None or "jobs_left" not in status:
+        if "job_id" not in status or "jobs_left" not in status:
             return status
-        left = len(self.untold) - (status["status"] in ("closed", "error") and job_id in self.untold)
+        left = self.jobs_left(status)
         return status if left == status["jobs_left"] else {**status, "jobs_left": left}
 
 

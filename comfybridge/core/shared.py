@@ -510,8 +510,7 @@ class Core:
         if "job_id" in message:
             # Counted as it is sent, not as it was made: a frame that waited behind an earlier job's
             # ending would otherwise miscount the jobs whose ending the client has still to hear.
-            ending = message["status"] in ("closed", "error") and message["job_id"] in client.untold
-            message = {**message, "jobs_left": len(client.untold) - ending}
+            message = {**message, "jobs_left": client.jobs_left(message)}
             # The contract: an `error` closes the socket (1011) unless the client has further jobs
             # in line; decided as it is sent, since endings can be told in another order than made.
             close = may_close and message["status"] == "error" and not message["jobs_left"]
