@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import jsonschema_rs
@@ -24,7 +26,7 @@ from schemathesis import GenerationMode
 
 from comfybridge.edge.appkeys import SETTINGS, WORKFLOWS
 
-from .conftest import FIXTURES
+from .conftest import FIXTURES, BridgeFactory
 from .helpers import ROOT, Client, generate
 
 # Cases per operation; `make fuzz` asks for many more.
@@ -63,6 +65,26 @@ async def test_each_workflow_schema_matches_its_inputs(bridge: Client) -> None:
             assert properties[key].get("minimum") == info.get("min")
             assert properties[key].get("maximum") == info.get("max")
             assert properties[key].get("enum") == info.get("choices")
+
+
+async def test_the_document_is_valid_whatever_the_workflows_are_named(
+    make_bridge: BridgeFactory, tmp_path: Path
+) -> None:
+    """Files named as people name them ("text to image.json", "café.json") and an alias with a
+    slash made component names OpenAPI forbids (validators refuse the whole document), and a $ref
+    that pointed nowhere. Names that clean up alike stay apart; each schema's title keeps its alias."""
+    folder = tmp_path / "named"
+    folder.mkdir()
+    for name in ("text to image.json", "text_to_image.json", "café.json", "b_emptyimage_save.json"):
+        shutil.copy(FIXTURES / "workflows" / "b_emptyimage_save.json", folder / name)
+    (folder / "workflow_alias.json").write_text('{"sd15/solid": "b_emptyimage_save.json"}')
+    bridge = await make_bridge(workflows=folder)
+    doc = await (await bridge.get("/openapi.json")).json()
+    schemas = doc["components"]["schemas"]
+    assert all(re.fullmatch(r"[a-zA-Z0-9._-]+", name) for name in schemas), list(schemas)
+    body = doc["paths"]["/generate-based-workflow"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    refs = [option["$ref"].removeprefix("#/components/schemas/") for option in body["oneOf"]]
+    assert sorted(schemas[ref]["title"] for ref in refs) == ["café", "sd15/solid", "text to image", "text_to_image"]
 
 
 async def test_what_the_schema_accepts_the_bridge_accepts(bridge: Client) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 from typing import Any
 
 from .. import __version__
@@ -16,6 +17,7 @@ __all__ = ["DOCS_PAGE", "document"]
 JSON_TYPES = {"int": "integer", "float": "number", "str": "string", "bool": "boolean"}
 STATUSES = ["connected", "listening", "progress", "closed", "error"]
 _STRING = {"type": "string"}
+COMPONENT_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")  # OpenAPI: a component's name is ^[a-zA-Z0-9.\-_]+$
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -94,9 +96,26 @@ def request_schema(workflow: Workflow) -> dict[str, Any]:
     return schema
 
 
+def _component_names(aliases: list[str]) -> dict[str, str]:
+    """`Generate_<alias>` for each alias, in the characters OpenAPI allows a component's name (a
+    space, a slash or an accent in a file name would make the document invalid, or a $ref point
+    nowhere); a name two aliases would share gets a number. The schema's title keeps the alias."""
+    names: dict[str, str] = {}
+    taken: set[str] = set()
+    for alias in aliases:
+        name = base = "Generate_" + COMPONENT_UNSAFE.sub("_", alias)
+        number = 1
+        while name in taken:
+            number += 1
+            name = f"{base}_{number}"
+        names[alias] = name
+        taken.add(name)
+    return names
+
+
 def document(workflows: WorkflowStore, aliases: list[str]) -> dict[str, Any]:
     """The OpenAPI document for the workflows a caller may use."""
-    per_workflow = {f"Generate_{alias}": request_schema(workflows.get(alias)) for alias in aliases}
+    per_workflow = {name: request_schema(workflows.get(alias)) for alias, name in _component_names(aliases).items()}
     schemas: dict[str, Any] = {
         "Error": {"type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]},
         "CatalogueEntry": {
