@@ -15,7 +15,7 @@ from aiohttp import web
 
 from .app import create_app
 from .comfy.client import shown
-from .config import ConfigError, load_settings
+from .config import ConfigError, Settings, load_settings
 from .edge import logs
 from .edge.access import KeyFileError
 from .errors import WorkflowConfigError
@@ -51,11 +51,16 @@ def main(argv: list[str] | None = None) -> int:
         sockets = listen(settings.host, settings.port)
     except OSError as exc:  # the port is taken, or the address is not ours
         return _refuse(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}")
-    settings = replace(settings, port=sockets[0].getsockname()[1])
+    asked_port, settings = settings.port, replace(settings, port=sockets[0].getsockname()[1])
+
+    def reload() -> Settings:  # the settings read again; the port as bound while it is the one asked for (0: any)
+        fresh = load_settings(argv)
+        return replace(fresh, port=settings.port) if fresh.port == asked_port else fresh
+
     try:
         logs.setup(settings.log_level, settings.log_format)
         logging.getLogger("comfybridge.access").disabled = not settings.access_log
-        app = create_app(settings, reload=lambda: load_settings(argv), handle_signals=True)
+        app = create_app(settings, reload=reload, handle_signals=True)
     except (ConfigError, WorkflowConfigError, StateError, JournalError, KeyFileError, DataDirLocked) as exc:
         _close(sockets)
         return _refuse(str(exc))

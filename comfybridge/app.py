@@ -360,6 +360,9 @@ def _signals(
                 except ConfigError as exc:
                     log.error("SIGHUP: settings not reloaded: %s", exc)
                     return
+                later = _changed_for_restart(settings, fresh)
+                if later:
+                    log.warning("SIGHUP: changed %s, which take effect at a restart", ", ".join(later))
                 if not settings.emulate:
                     log.info("SIGHUP: backends are now %s", ", ".join(fresh.backends))
                     scheduler.set_backends(list(fresh.backends), (dict(fresh.comfy_outputs), dict(fresh.comfy_inputs)))
@@ -368,7 +371,7 @@ def _signals(
                 except KeyFileError as exc:
                     log.error("SIGHUP: API keys not reloaded, the ones loaded before stay: %s", exc)
                 try:
-                    app[WORKFLOWS].replace_with(await asyncio.to_thread(WorkflowStore.load, settings.workflows))
+                    app[WORKFLOWS].replace_with(await asyncio.to_thread(WorkflowStore.load, fresh.workflows))
                 except WorkflowConfigError as exc:
                     log.error("SIGHUP: workflows not reloaded, the ones loaded before stay: %s", exc)
                     return
@@ -394,6 +397,20 @@ def _signals(
             signal.signal(number, signal.SIG_IGN)
 
     return context
+
+
+# What SIGHUP applies; every other setting is read at start-up only.
+RELOADED = frozenset({"backends", "comfy_outputs", "comfy_inputs", "api_keys", "api_keys_file", "workflows"})
+
+
+def _changed_for_restart(running: Settings, fresh: Settings) -> list[str]:
+    """The settings changed since start-up that a reload does not apply (with emulators, the backends)."""
+    applied = RELOADED - ({"backends", "comfy_outputs", "comfy_inputs"} if running.emulate else set())
+    return [
+        field.name
+        for field in fields(running)
+        if field.name not in applied and getattr(running, field.name) != getattr(fresh, field.name)
+    ]
 
 
 def _apply_keys(policy: AccessPolicy, keys: KeyRing, fresh: Settings) -> None:

@@ -573,9 +573,19 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} cannot be read: {_unreadable(exc)}") from None
-    # Accept both a flat file and one with a [comfybridge] table.
-    section = data.get("comfybridge", data)
-    return dict(section) if isinstance(section, dict) else {}
+    # Accept both a flat file and one with a [comfybridge] table, not both at once: what sits beside
+    # the table would be dropped without a word.
+    if "comfybridge" not in data:
+        return data
+    section, beside = data["comfybridge"], sorted(set(data) - {"comfybridge"})
+    if not isinstance(section, dict):
+        raise ConfigError(f"config file {path}: comfybridge must be a table of settings ([comfybridge])")
+    if beside:
+        raise ConfigError(
+            f"config file {path}: {', '.join(beside)} beside the [comfybridge] table; "
+            "put every setting under the table, or none"
+        )
+    return dict(section)
 
 
 def _unreadable(exc: OSError | UnicodeDecodeError) -> str:

@@ -12,7 +12,7 @@ import struct
 import subprocess
 import sys
 import zlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -234,21 +234,34 @@ def files_under(folder: Path) -> list[Path] | None:
         return None
 
 
-def run_cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+def run_cli(args: list[str], cwd: Path, prefix: Sequence[str] = (), **env: str) -> subprocess.CompletedProcess[str]:
     environ = {**os.environ, "PYTHONPATH": str(ROOT), **env}
     if "--port" not in args:  # any free port: the port is bound before anything else is done
         args = [*args, "--port", "0"]
     return subprocess.run(
-        [sys.executable, "-m", "comfybridge", *args], cwd=cwd, env=environ, capture_output=True, text=True, timeout=30
-    )
+        [*prefix, sys.executable, "-m", "comfybridge", *args],
+        cwd=cwd, env=environ, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+
+
+def bound_by_file_modes() -> list[str]:
+    """A command prefix under which file modes count: as root, root's power to read and search
+    whatever the modes say is dropped (setpriv); nothing for an ordinary user."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("needs setpriv (Debian's util-linux) to run the bridge as root bound by file modes")
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search"]
 
 
 @asynccontextmanager
 async def bridge_process(
-    workdir: Path, *args: str, ready: str = "/generation-count"
+    workdir: Path, *args: str, ready: str = "/generation-count", prefix: Sequence[str] = ()
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
     """`python -m comfybridge` on port 0 (the port it binds is read from its banner), its stderr in
-    workdir/bridge.log; up once `ready` answers 200 (with API keys on, name a path that needs none)."""
+    workdir/bridge.log; up once `ready` answers 200 (with API keys on, name a path that needs none).
+    `prefix`: a command it runs under (`bound_by_file_modes()`)."""
     args = args or ("--emulate", "1")
     if "--stop-grace" not in args:  # stop at once on SIGTERM, unless the test is about the grace
         args = (*args, "--stop-grace", "0")
@@ -256,7 +269,7 @@ async def bridge_process(
         args = (*args, "--port", "0")
     log = await asyncio.to_thread(open, workdir / "bridge.log", "ab")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "comfybridge", *args,
+        *prefix, sys.executable, "-m", "comfybridge", *args,
         cwd=workdir, env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=asyncio.subprocess.PIPE, stderr=log,
     )  # fmt: skip

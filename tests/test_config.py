@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -99,6 +100,24 @@ def test_unknown_config_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unknown setting 'prot'") as caught:
         load_settings(["--config", "c.toml"], environ={}, cwd=tmp_path)
     assert str(tmp_path / "c.toml") in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ('backends = ["10.0.0.5:8188"]\n[comfybridge]\nheartbeat = 2\n', "backends beside the [comfybridge] table"),
+        ("[comfybridge]\nheartbeat = 2\n[comfybrige_extra]\nport = 1\n", "comfybrige_extra beside the [comfybridge]"),
+        ("comfybridge = 5\n", "comfybridge must be a table of settings"),
+    ],
+)
+def test_settings_beside_the_comfybridge_table_are_refused(tmp_path: Path, text: str, said: str) -> None:
+    """A file with a [comfybridge] table dropped whatever sat beside it, without a word: the backends
+    fell back to 127.0.0.1:8188. Both forms are taken; one file holds one of them."""
+    (tmp_path / "c.toml").write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        load_settings(["--config", "c.toml"], environ={}, cwd=tmp_path)
+    (tmp_path / "c.toml").write_text('[comfybridge]\nbackends = ["10.0.0.5:8188"]\n')
+    assert load_settings(["--config", "c.toml"], environ={}, cwd=tmp_path).backends == ("http://10.0.0.5:8188",)
 
 
 def test_a_bad_value_names_the_file_it_came_from(tmp_path: Path) -> None:
@@ -208,6 +227,10 @@ def test_alias_list_form_adds_inputs_and_types(tmp_path: Path) -> None:
         (
             with_aliases({"alias": "c", "fn": "g.json"}, {"alias": "c", "fn": "g.json"}),
             "alias 'c' is defined twice",
+        ),
+        (  # a typo exposed nothing, unsaid
+            with_aliases({"alias": "c", "fn": "g.json", "input": ["1/width"]}),
+            "entry 'c': unknown key 'input' (known: alias, description, fn, inputs, thumbnail)",
         ),
     ],
 )  # fmt: skip
@@ -387,6 +410,28 @@ def test_choices_are_learned_in_both_of_comfyuis_forms(tmp_path: Path) -> None:
     store = WorkflowStore.load(tmp_path)
     store.apply_object_info(info)
     assert store.get("clip").describe_inputs()["2/codec"]["choices"] == ["vp9", "av1"]
+
+
+def test_a_number_input_takes_the_type_its_node_declares(tmp_path: Path) -> None:
+    """ "Save (API Format)" writes a FLOAT of 8.0 as `8`: cfg was an int, and 7.5 refused. Once
+    ComfyUI's /object_info says FLOAT it is a float; an INT written as 512.0 becomes an int."""
+    import comfybridge.emulator
+
+    info = orjson.loads((Path(comfybridge.emulator.__file__).parent / "object_info.json").read_bytes())
+    graph = orjson.loads((Path(__file__).parent / "fixtures" / "workflows" / "sd15_text_to_image.json").read_bytes())
+    graph["3"]["inputs"]["cfg"] = 8
+    graph["5"]["inputs"]["width"] = 512.0
+    write(tmp_path, "t.json", graph)
+    write(tmp_path, "workflow_alias.json", [{"alias": "t", "fn": "t.json", "inputs": ["3/cfg", "5/width"]}])
+    store = WorkflowStore.load(tmp_path)
+    described = store.get("t").describe_inputs()
+    assert (described["3/cfg"]["type"], described["5/width"]["type"]) == ("int", "float")
+    store.apply_object_info(info)
+    described = store.get("t").describe_inputs()
+    assert (described["3/cfg"]["type"], described["5/width"]["type"], described["5/width"]["default"]) == (
+        "float", "int", 512
+    )  # fmt: skip
+    assert store.get("t").check_request({"workflow": "t", "3/cfg": 7.5}, lambda _: None, 1024) == {"3/cfg": 7.5}
 
 
 @pytest.mark.parametrize(("secret", "said"), [("whsec_", "nothing after it"), ("whsec_!!!", "not base64")])

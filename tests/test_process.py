@@ -21,7 +21,16 @@ import pytest
 from comfybridge.emulator.png import png_size
 
 from .conftest import FIXTURES, EmulatorFactory, wait_for
-from .helpers import ROOT, assert_one_line_error, bridge_process, count, run_cli, submit, without_job_id
+from .helpers import (
+    ROOT,
+    assert_one_line_error,
+    bound_by_file_modes,
+    bridge_process,
+    count,
+    run_cli,
+    submit,
+    without_job_id,
+)
 from .services import unused_port
 
 
@@ -440,6 +449,70 @@ async def test_sighup_in_emulate_mode_reloads_the_workflows_and_keeps_serving(wo
         await wait_for(lambda: "workflows not reloaded" in (workdir / "bridge.log").read_text())
         async with session.get(f"{url}/workflow-list") as resp:
             assert await resp.json() == ["second", "solid"]  # the ones loaded before stay
+
+
+async def _served(url: str) -> Any:
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/workflow-list") as resp:
+        return await resp.json()
+
+
+@pytest.mark.parametrize("unreadable", ["folder", "file"])
+async def test_sighup_with_a_workflow_folder_or_file_it_cannot_read_keeps_the_workflows(
+    workdir: Path, unreadable: str
+) -> None:
+    """A folder that may be entered but not listed read as empty (a glob hides the error): every
+    workflow went, "workflows reloaded" at INFO. A file it may not read escaped the reload as an
+    unretrieved task exception. Either is "workflows not reloaded", naming it; the old ones stay."""
+    folder, log = workdir / "workflows", workdir / "bridge.log"
+    async with bridge_process(workdir, prefix=bound_by_file_modes()) as (proc, url):
+        assert await _served(url) == ["solid"]
+        if unreadable == "folder":
+            culprit, mode = folder, 0o311
+        else:
+            culprit, mode = folder / "second.json", 0o000
+            shutil.copy(folder / "b_emptyimage_save.json", culprit)
+        culprit.chmod(mode)
+        try:
+            proc.send_signal(signal.SIGHUP)
+            await wait_for(lambda: "workflows not reloaded" in log.read_text())
+            assert await _served(url) == ["solid"]
+        finally:
+            culprit.chmod(0o755)
+    said = log.read_text()
+    assert f"the ones loaded before stay: {culprit} cannot be read: Permission denied" in said
+    assert "Task exception" not in said
+    assert "workflows reloaded" not in said
+
+
+def test_a_workflow_file_it_cannot_read_at_start_is_named_not_the_data_folder(workdir: Path) -> None:
+    """It was "the data folder cannot be used: Permission denied: .../workflows/...": the admin was
+    sent to the wrong folder."""
+    culprit = workdir / "workflows" / "b_emptyimage_save.json"
+    culprit.chmod(0o000)
+    try:
+        done = run_cli(["--emulate", "1"], workdir, prefix=bound_by_file_modes())
+    finally:
+        culprit.chmod(0o644)
+    assert_one_line_error(done, f"{culprit} cannot be read: Permission denied")
+
+
+async def test_sighup_serves_a_new_workflow_folder_and_names_the_settings_a_restart_applies(workdir: Path) -> None:
+    """A changed `workflows` setting was ignored (the start-up folder read again, "reloaded"), and so
+    was any setting a reload does not apply, without a word."""
+    (workdir / "v2").mkdir()
+    shutil.copy(FIXTURES / "workflows" / "a_loadimage_invert_save.json", workdir / "v2" / "invert.json")
+    config, log = workdir / "c.toml", workdir / "bridge.log"
+    config.write_text('workflows = "workflows"\nrate_limit = 0\n')
+    async with bridge_process(workdir, "--emulate", "1", "--config", str(config)) as (proc, url):
+        proc.send_signal(signal.SIGHUP)  # nothing changed: nothing to say
+        await wait_for(lambda: log.read_text().count("workflows reloaded") == 1)
+        config.write_text('workflows = "v2"\nrate_limit = 5\n')
+        proc.send_signal(signal.SIGHUP)
+        await wait_for(lambda: log.read_text().count("workflows reloaded") == 2)
+        assert await _served(url) == ["invert"]
+    said = [line for line in log.read_text().splitlines() if "take effect at a restart" in line]
+    assert len(said) == 1, said
+    assert said[0].endswith("SIGHUP: changed rate_limit, which take effect at a restart")
 
 
 async def test_burst_example_spreads_over_both_emulated_gpus(workdir: Path) -> None:

@@ -20,6 +20,7 @@ VIEWS_KEPT = 64  # views of the workflows kept at once (see WorkflowStore.view)
 WHOLE = 2**53  # the largest whole float that is exactly the integer it reads as
 
 ALIAS_FILE = "workflow_alias.json"
+ALIAS_KEYS = frozenset({"alias", "fn", "description", "thumbnail", "inputs"})  # what an alias entry may hold
 MEDIA_EXTENSIONS = {
     "image": {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"},
     "video": {".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v"},
@@ -191,11 +192,20 @@ class WorkflowStore:
 
     @classmethod
     def load(cls, folder: Path) -> WorkflowStore:
+        """Every workflow of the folder, or WorkflowConfigError naming what is wrong: a folder or file
+        that cannot be read is one too, never a folder read as empty (as a glob would)."""
+        try:
+            return cls._load(folder)
+        except OSError as exc:
+            raise WorkflowConfigError(f"{exc.filename or folder} cannot be read: {exc.strerror or exc}") from None
+
+    @classmethod
+    def _load(cls, folder: Path) -> WorkflowStore:
         if not folder.is_dir():
             raise WorkflowConfigError(f"workflow folder {folder} does not exist")
         entries = _read_alias_file(folder / ALIAS_FILE)
         named = {entry["fn"] for entry in entries}
-        for path in sorted(folder.glob("*.json")):
+        for path in sorted(p for p in folder.iterdir() if p.name.endswith(".json")):
             try:
                 path.name.encode()
             except UnicodeEncodeError:  # bytes of another encoding: no JSON answer could name it
@@ -251,6 +261,7 @@ class WorkflowStore:
                         config = inputs.get(spec.name)
                 if not isinstance(config, list) or not config:
                     continue
+                _type_from(spec, config[0])
                 options = config[1] if len(config) > 1 and isinstance(config[1], dict) else {}
                 # Choices come as the first item, or (newer nodes: SaveVideo's codec) as "COMBO" and its options.
                 choices = options.get("options") if config[0] == "COMBO" else config[0]
@@ -262,6 +273,15 @@ class WorkflowStore:
                     spec.maximum = options["max"]
                 if isinstance(options.get("tooltip"), str):
                     spec.description = options["tooltip"]
+
+
+def _type_from(spec: InputSpec, declared: Any) -> None:
+    """A number input takes the type its node declares: "Save (API Format)" writes a FLOAT of 8.0 as
+    `8`, which alone would make `cfg` an int and refuse 7.5."""
+    if declared == "FLOAT" and spec.type == "int":
+        spec.type = "float"
+    elif declared == "INT" and spec.type == "float" and float(spec.default).is_integer():
+        spec.type, spec.default = "int", int(spec.default)
 
 
 def _read_alias_file(path: Path) -> list[dict[str, Any]]:
@@ -285,6 +305,11 @@ def _read_alias_file(path: Path) -> list[dict[str, Any]]:
                 raise WorkflowConfigError(f"{path}: entry {index} needs string 'alias' and 'fn' fields")
             if not entry["alias"].strip():
                 raise WorkflowConfigError(f"{path}: entry {index} has an empty alias")
+            unknown = sorted(set(entry) - ALIAS_KEYS)
+            if unknown:  # a typo ("input") would leave the workflow exposing nothing, unsaid
+                known = ", ".join(sorted(ALIAS_KEYS))
+                where = f"{path}: entry {entry['alias']!r}"
+                raise WorkflowConfigError(f"{where}: unknown key {unknown[0]!r} (known: {known})")
             inputs = entry.get("inputs", [])
             if not (isinstance(inputs, list) and all(isinstance(i, str) for i in inputs)):
                 raise WorkflowConfigError(f"{path}: entry {entry['alias']!r}: 'inputs' must be a list of 'node/input'")
