@@ -961,3 +961,34 @@ async def test_a_cached_node_says_its_result_once_and_sends_no_frame_again(
     third = await heard_running(session, emulator, recoloured)
     assert (cached_in(third.messages), ran(third.messages), third.binary) == (["1", "2", "5", "6"], ["3", "4"], [])
     assert sorted(m["data"]["node"] for m in third.messages if m["type"] == "executed") == ["4", "6"]
+
+
+async def test_a_file_uploaded_again_with_other_content_runs_its_loader_again(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    """Real 0.3.64: LoadImage's IS_CHANGED is the sha256 of the file, so after `overwrite=true` puts
+    other content under the same name, LoadImage and everything after it run again (the same
+    content again stays cached). The emulator keyed the cache by the name and served the old picture."""
+
+    async def send(data: bytes) -> None:
+        form = aiohttp.FormData({"overwrite": "true"})
+        form.add_field("image", data, filename="again.png")
+        async with session.post(f"{emulator.url}/upload/image", data=form) as resp:
+            assert (await resp.json())["name"] == "again.png"
+
+    prompt = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "again.png"}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "again"}},
+    }
+    await send(png(colour=0xFF0000))
+    first = await heard_running(session, emulator, prompt)
+    assert (cached_in(first.messages), ran(first.messages)) == ([], ["1", "2", "3"])
+    await send(png(colour=0xFF0000))
+    same = await heard_running(session, emulator, prompt)
+    assert (cached_in(same.messages), ran(same.messages)) == (["1", "2", "3"], [])
+    await send(png(colour=0x0000FF))
+    other = await heard_running(session, emulator, prompt)
+    assert (cached_in(other.messages), ran(other.messages)) == ([], ["1", "2", "3"])
+    saved = emulator.engine.output_dir / "again_00002_.png"
+    assert png_first_pixel(saved.read_bytes()) == 0xFFFF00  # the blue picture, inverted

@@ -446,7 +446,8 @@ class Engine:
         # As ComfyUI (0.3.64, classic cache): keyed by a node's class and inputs, its ancestors' too (not
         # by node id); every entry this prompt cannot use goes (so, in effect, what the previous prompt
         # made stays); a cached node does not run, and a cached output tells its result again.
-        signatures = _signatures(item.prompt, _execution_order(item.prompt, list(item.prompt)))
+        fingerprints = await self._loader_fingerprints(item.prompt)
+        signatures = _signatures(item.prompt, _execution_order(item.prompt, list(item.prompt)), fingerprints)
         used = set(signatures.values())
         if self._forget_cache:
             self._cache, self._forget_cache = {}, False
@@ -541,6 +542,17 @@ class Engine:
         self.free_requests.append(body)
         if isinstance(body, dict) and body.get("free_memory"):
             self._forget_cache = True
+
+    async def _loader_fingerprints(self, prompt: dict[str, Any]) -> dict[str, str]:
+        """What ComfyUI's LoadImage.IS_CHANGED answers, by node: the sha256 of the file's content, so
+        a file uploaded again under the same name with other content makes the node (and all after
+        it) run again. Hashed in a worker thread, as a file may be large."""
+        loaders = [n for n, node in prompt.items() if node["class_type"] in _LOADERS]
+        if not loaders:
+            return {}
+        paths = [self.input_dir / str((prompt[n].get("inputs") or {}).get("image")) for n in loaders]
+        digests = await asyncio.to_thread(lambda: [_content_digest(path) for path in paths])
+        return dict(zip(loaders, digests, strict=True))
 
     def _tell_cached(
         self,
@@ -806,15 +818,26 @@ def _execution_order(prompt: dict[str, Any], outputs: list[str], cached: Set[str
     return order
 
 
-def _signatures(prompt: dict[str, Any], order: list[str]) -> dict[str, str]:
-    """A node's cache key: its class and inputs, with links replaced by their source's key."""
+def _content_digest(path: Path) -> str:
+    """A file's sha256; one that cannot be read gets a value no other run has (never a cache hit),
+    as ComfyUI's IS_CHANGED that raises gives NaN."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return uuid.uuid4().hex
+
+
+def _signatures(prompt: dict[str, Any], order: list[str], fingerprints: dict[str, str]) -> dict[str, str]:
+    """A node's cache key: its class, its IS_CHANGED fingerprint if it has one, and its inputs, with
+    links replaced by their source's key."""
     keys: dict[str, str] = {}
     for node_id in order:
         node = prompt[node_id]
         inputs = {
             k: (keys.get(v[0], ""), v[1]) if _is_link(v) else v for k, v in sorted((node.get("inputs") or {}).items())
         }
-        keys[node_id] = hashlib.sha1(orjson.dumps([node["class_type"], inputs])).hexdigest()
+        signature = [node["class_type"], fingerprints.get(node_id), inputs]
+        keys[node_id] = hashlib.sha1(orjson.dumps(signature)).hexdigest()
     return keys
 
 
