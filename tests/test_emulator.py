@@ -992,3 +992,128 @@ async def test_a_file_uploaded_again_with_other_content_runs_its_loader_again(
     assert (cached_in(other.messages), ran(other.messages)) == ([], ["1", "2", "3"])
     saved = emulator.engine.output_dir / "again_00002_.png"
     assert png_first_pixel(saved.read_bytes()) == 0xFFFF00  # the blue picture, inverted
+
+
+def _saving(images: Any) -> dict[str, Any]:
+    inputs = {"filename_prefix": "x"} if images is None else {"images": images, "filename_prefix": "x"}
+    return {"class_type": "SaveImage", "inputs": inputs}
+
+
+_EMPTY = {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}}
+_SAVE_IMAGES = ["IMAGE", {"tooltip": "The images to save."}]
+_FAILED = {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation", "extra_info": {}}
+
+
+def _node_errors(node: str, class_type: str, error: dict[str, Any], outputs: list[str]) -> dict[str, Any]:
+    return {node: {"errors": [error], "dependent_outputs": outputs, "class_type": class_type}}
+
+
+# Each prompt with the 400 body a real ComfyUI 0.3.64 answered (its tracebacks left out: they name its files).
+BAD_LINKS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "to a node that is not there": (
+        {"1": _EMPTY, "2": _saving(["99", 0])},
+        {
+            "error": {**_FAILED, "details": "Exception when validating node: '99'"},
+            "node_errors": _node_errors("2", "SaveImage", {
+                "type": "exception_during_validation", "message": "Exception when validating node",
+                "details": "'99'", "extra_info": {"exception_type": "KeyError"},
+            }, ["2"]),
+        },
+    ),
+    "from an inner node to a node that is not there": (
+        {"1": _EMPTY, "2": {"class_type": "ImageInvert", "inputs": {"image": ["99", 0]}}, "3": _saving(["2", 0])},
+        {
+            "error": {**_FAILED, "details": ""},
+            "node_errors": _node_errors("2", "ImageInvert", {
+                "type": "exception_during_inner_validation", "message": "Exception when validating inner node",
+                "details": "'99'", "extra_info": {
+                    "input_name": "images", "input_config": _SAVE_IMAGES, "exception_message": "'99'",
+                    "exception_type": "KeyError", "linked_node": ["2", 0],
+                },
+            }, ["3"]),
+        },
+    ),
+    "to an output the node does not have": (
+        {"1": _EMPTY, "2": _saving(["1", 5])},
+        {
+            "error": {**_FAILED, "details": "Exception when validating node: tuple index out of range"},
+            "node_errors": _node_errors("2", "SaveImage", {
+                "type": "exception_during_validation", "message": "Exception when validating node",
+                "details": "tuple index out of range", "extra_info": {"exception_type": "IndexError"},
+            }, ["2"]),
+        },
+    ),
+    "by a slot that is a string": (
+        {"1": _EMPTY, "2": _saving(["1", "0"])},
+        {
+            "error": {**_FAILED, "details": (
+                "Exception when validating node: tuple indices must be integers or slices, not str"
+            )},
+            "node_errors": _node_errors("2", "SaveImage", {
+                "type": "exception_during_validation", "message": "Exception when validating node",
+                "details": "tuple indices must be integers or slices, not str",
+                "extra_info": {"exception_type": "TypeError"},
+            }, ["2"]),
+        },
+    ),
+    "of a type that does not match, into an inner node": (
+        {
+            "1": {"class_type": "GetImageSize", "inputs": {"image": ["4", 0]}}, "4": _EMPTY,
+            "5": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}}, "2": _saving(["5", 0]),
+        },
+        {
+            "error": {**_FAILED, "details": ""},
+            "node_errors": _node_errors("5", "ImageInvert", {
+                "type": "return_type_mismatch", "message": "Return type mismatch between linked nodes",
+                "details": "image, received_type(INT) mismatch input_type(IMAGE)", "extra_info": {
+                    "input_name": "image", "input_config": ["IMAGE", {}], "received_type": "INT",
+                    "linked_node": ["1", 0],
+                },
+            }, ["2"]),
+        },
+    ),
+    "missing, on the output": (
+        {"1": _EMPTY, "2": _saving(None)},
+        {
+            "error": {**_FAILED, "details": "Required input is missing: images"},
+            "node_errors": _node_errors("2", "SaveImage", {
+                "type": "required_input_missing", "message": "Required input is missing", "details": "images",
+                "extra_info": {"input_name": "images"},
+            }, ["2"]),
+        },
+    ),
+    "of three items": (
+        {"1": _EMPTY, "2": _saving(["1", 0, 1])},
+        {
+            "error": {**_FAILED, "details": (
+                "Bad linked input, must be a length-2 list of [node_id, slot_index]: images"
+            )},
+            "node_errors": _node_errors("2", "SaveImage", {
+                "type": "bad_linked_input",
+                "message": "Bad linked input, must be a length-2 list of [node_id, slot_index]",
+                "details": "images", "extra_info": {
+                    "input_name": "images", "input_config": _SAVE_IMAGES, "received_value": ["1", 0, 1],
+                },
+            }, ["2"]),
+        },
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BAD_LINKS))
+async def test_a_bad_link_is_refused_with_comfyuis_own_words(
+    emulator: Emulator, session: aiohttp.ClientSession, case: str
+) -> None:
+    """Field by field as a real 0.3.64 answered. The emulator said `details` "KeyError: '99'" with an
+    empty `extra_info`, blamed the output for a crash inside an inner node, left out
+    `input_config`, and gave the top-level `details` only for a type mismatch (ComfyUI lists there
+    the failed outputs' own errors, `message: details`, one a line)."""
+    prompt, want = BAD_LINKS[case]
+    status, answer = await post_prompt(session, emulator, {"prompt": prompt})
+    assert status == 400
+    for entry in answer["node_errors"].values():
+        for error in entry["errors"]:
+            traceback = error["extra_info"].pop("traceback", [])
+            assert isinstance(traceback, list)
+            assert all(isinstance(line, str) for line in traceback)
+    assert answer == want

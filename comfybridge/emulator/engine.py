@@ -98,12 +98,28 @@ def _error(kind: str, message: str, details: str = "", extra: dict[str, Any] | N
     return {"type": kind, "message": message, "details": details, "extra_info": extra or {}}
 
 
+def _types_match(received: Any, wanted: Any) -> bool:
+    """ComfyUI's validate_node_input, not strict: equal, "*", or comma-separated types that share one."""
+    if received == wanted or "*" in (received, wanted):
+        return True
+    if not isinstance(received, str) or not isinstance(wanted, str):
+        return False
+    return bool({t.strip() for t in received.split(",")} & {t.strip() for t in wanted.split(",")})
+
+
 def _is_link(value: Any) -> bool:
     return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
 
 
 class ValidationCrash(Exception):
-    """What makes ComfyUI's validation itself raise (a link to a node that is not there)."""
+    """What makes ComfyUI's validation itself raise: a link to a node that is not there (KeyError),
+    to an output the node does not have (IndexError), by a slot that is not an int (TypeError)."""
+
+    def __init__(self, exc: Exception, failed_line: str) -> None:
+        super().__init__(str(exc))
+        self.exception_type = type(exc).__qualname__  # builtins only: ComfyUI's full_type_name drops the module
+        # ComfyUI sends Python's traceback of the lookup; ours names the same lookup, in our code.
+        self.traceback = [f'  File "emulator/engine.py", in _linked_type\n    {failed_line}\n']
 
 
 class Engine:
@@ -295,51 +311,61 @@ class Engine:
         if not outputs:
             msg = "Prompt has no outputs"
             raise PromptRejected({"error": _error("prompt_no_outputs", msg), "node_errors": {}})
+        # As ComfyUI: one record of every node validated so far (valid, its own errors), shared by
+        # all outputs, so a node is checked once.
+        validated: dict[str, tuple[bool, list[dict[str, Any]]]] = {}
         node_errors: dict[str, Any] = {}
         good: list[str] = []
+        own_errors: list[dict[str, Any]] = []  # the failed outputs' own errors, for the summary
         for output in outputs:
-            failed: dict[str, list[dict[str, Any]]] = {}
             try:
-                self._validate_node(prompt, output, failed, set())
-            except ValidationCrash as exc:  # ComfyUI names the output whose validation raised
-                failed = {output: [_error("exception_during_validation", "Exception when validating node", str(exc))]}
-            if not failed:
+                valid = self._validate_node(prompt, output, validated)
+            except ValidationCrash as exc:  # the output's own lookup raised
+                extra = {"exception_type": exc.exception_type, "traceback": exc.traceback}
+                crash = _error("exception_during_validation", "Exception when validating node", str(exc), extra)
+                validated[output] = (False, [crash])
+                valid = False
+            if valid:
                 good.append(output)
-            for nid, errors in failed.items():
-                entry = node_errors.setdefault(
-                    nid, {"errors": errors, "dependent_outputs": [], "class_type": prompt[nid]["class_type"]}
-                )
-                entry["dependent_outputs"].append(output)
+                continue
+            own_errors += validated[output][1]
+            reached = set(_execution_order(prompt, [output]))
+            for nid, (ok, errors) in validated.items():
+                if not ok and errors and nid in reached:
+                    entry = node_errors.setdefault(
+                        nid, {"errors": errors, "dependent_outputs": [], "class_type": prompt[nid]["class_type"]}
+                    )
+                    entry["dependent_outputs"].append(output)
         if not good:
-            first = next(iter(node_errors.values()))["errors"][0] if node_errors else None
-            details = (
-                f"{first['message']}: {first['details']}" if first and first["type"] == "return_type_mismatch" else ""
-            )
+            details = "\n".join(f"{e['message']}: {e['details']}" for e in own_errors)
             body = {"error": _error("prompt_outputs_failed_validation", "Prompt outputs failed validation", details)}
             body["node_errors"] = node_errors
             raise PromptRejected(body)
         return good, node_errors
 
     def _validate_node(
-        self, prompt: dict[str, Any], node_id: str, failed: dict[str, list[dict[str, Any]]], seen: set[str]
-    ) -> None:
-        if node_id in seen:
-            return
-        seen.add(node_id)
+        self, prompt: dict[str, Any], node_id: str, validated: dict[str, tuple[bool, list[dict[str, Any]]]]
+    ) -> bool:
+        """Whether the node and all it reads are valid; its own errors go into `validated`. Raises
+        ValidationCrash where ComfyUI's own lookup of a link raises."""
+        if node_id in validated:
+            return validated[node_id][0]
+        validated[node_id] = (True, [])  # while it is checked: a cycle ends here (ComfyUI would recurse)
         node = prompt[node_id]
         info = self.object_info[node["class_type"]]
         inputs = node.get("inputs") or {}
         errors: list[dict[str, Any]] = []
+        valid = True
         for name, config in info["input"].get("required", {}).items():
             if name not in inputs:
                 errors.append(_error("required_input_missing", "Required input is missing", name, {"input_name": name}))
                 continue
-            errors.extend(self._validate_input(prompt, node, name, config, inputs[name], failed, seen))
+            valid &= self._validate_input(prompt, node, name, config, inputs[name], errors, validated)
         for name, config in info["input"].get("optional", {}).items():
             if name in inputs:
-                errors.extend(self._validate_input(prompt, node, name, config, inputs[name], failed, seen))
-        if errors:
-            failed[node_id] = errors
+                valid &= self._validate_input(prompt, node, name, config, inputs[name], errors, validated)
+        validated[node_id] = (valid and not errors, errors)
+        return not errors and valid
 
     def _validate_input(
         self,
@@ -348,29 +374,72 @@ class Engine:
         name: str,
         config: list[Any],
         value: Any,
-        failed: dict[str, list[dict[str, Any]]],
-        seen: set[str],
-    ) -> list[dict[str, Any]]:
+        errors: list[dict[str, Any]],
+        validated: dict[str, tuple[bool, list[dict[str, Any]]]],
+    ) -> bool:
+        """Adds the input's errors to `errors`; False if a node it links to is invalid."""
         kind = config[0]
         options = config[1] if len(config) > 1 else {}
         config = [kind, options]  # ComfyUI reports input_config with its options dict, even an empty one
         if isinstance(value, list):  # a link, to ComfyUI, whatever its items are
-            if len(value) != 2:
-                msg = "Bad linked input, must be a length-2 list of [node_id, slot_index]"
-                return [_error("bad_linked_input", msg, name, {"input_name": name, "received_value": value})]
-            source_id, slot = value
-            if not isinstance(source_id, str) or source_id not in prompt:
-                raise ValidationCrash(f"KeyError: {source_id!r}")  # ComfyUI's prompt[o_id] fails
-            source_outputs = self.object_info[prompt[source_id]["class_type"]]["output"]
-            if not isinstance(slot, int) or not -len(source_outputs) <= slot < len(source_outputs):
-                raise ValidationCrash(f"{'IndexError' if isinstance(slot, int) else 'TypeError'}: {slot!r}")
-            received = source_outputs[slot]
-            if isinstance(kind, str) and received != kind and kind != "*":
-                detail = f"{name}, received_type({received}) mismatch input_type({kind})"
-                extra = {"input_name": name, "input_config": config, "received_type": received, "linked_node": value}
-                return [_error("return_type_mismatch", "Return type mismatch between linked nodes", detail, extra)]
-            self._validate_node(prompt, source_id, failed, seen)
-            return []
+            return self._validate_link(prompt, name, config, value, errors, validated)
+        errors.extend(self._validate_value(node, name, config, value))
+        return True
+
+    def _validate_link(
+        self,
+        prompt: dict[str, Any],
+        name: str,
+        config: list[Any],
+        link: list[Any],
+        errors: list[dict[str, Any]],
+        validated: dict[str, tuple[bool, list[dict[str, Any]]]],
+    ) -> bool:
+        if len(link) != 2:
+            msg = "Bad linked input, must be a length-2 list of [node_id, slot_index]"
+            errors.append(
+                _error(
+                    "bad_linked_input", msg, name, {"input_name": name, "input_config": config, "received_value": link}
+                )
+            )
+            return True
+        source_id = link[0]
+        received = self._linked_type(prompt, link)
+        kind = config[0]
+        if not _types_match(received, kind):
+            detail = f"{name}, received_type({received}) mismatch input_type({kind})"
+            extra = {"input_name": name, "input_config": config, "received_type": received, "linked_node": link}
+            errors.append(_error("return_type_mismatch", "Return type mismatch between linked nodes", detail, extra))
+            return True
+        try:
+            return self._validate_node(prompt, source_id, validated)
+        except ValidationCrash as exc:  # ComfyUI pins a crash inside the linked node on that node
+            extra = {
+                "input_name": name,
+                "input_config": config,
+                "exception_message": str(exc),
+                "exception_type": exc.exception_type,
+                "traceback": exc.traceback,
+                "linked_node": link,
+            }
+            message = "Exception when validating inner node"
+            validated[source_id] = (False, [_error("exception_during_inner_validation", message, str(exc), extra)])
+            return False
+
+    def _linked_type(self, prompt: dict[str, Any], link: list[Any]) -> Any:
+        """The type a link carries, looked up as ComfyUI does (a node's RETURN_TYPES is a tuple), so a
+        bad node id or slot fails with the same exception and text."""
+        try:
+            source = prompt[link[0]]
+        except (KeyError, TypeError) as exc:
+            raise ValidationCrash(exc, "source = prompt[link[0]]") from None
+        try:
+            return tuple(self.object_info[source["class_type"]]["output"])[link[1]]
+        except (IndexError, TypeError) as exc:
+            raise ValidationCrash(exc, "return_types[link[1]]") from None
+
+    def _validate_value(self, node: dict[str, Any], name: str, config: list[Any], value: Any) -> list[dict[str, Any]]:
+        kind, options = config
         if node["class_type"] in ("LoadImage", "LoadImageMask") and name == "image":
             if not (self.input_dir / str(value)).is_file():
                 detail = f"image - Invalid image file: {value}"
