@@ -1117,3 +1117,21 @@ async def test_a_bad_link_is_refused_with_comfyuis_own_words(
             assert isinstance(traceback, list)
             assert all(isinstance(line, str) for line in traceback)
     assert answer == want
+
+
+async def test_every_output_that_fails_is_a_dependent_of_every_failed_node(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    """ComfyUI 0.3.64 keeps one record of failed nodes across outputs and adds each failing output to
+    every failed node's `dependent_outputs`, even one it does not lead to: here EmptyImage's, by
+    SaveImage 3, which reads nothing. The emulator listed only the outputs that read the node."""
+    prompt = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": "x"}},
+        "2": _saving(["1", 0]),
+        "3": _saving(None),
+    }
+    status, answer = await post_prompt(session, emulator, {"prompt": prompt})
+    assert status == 400
+    assert answer["error"]["details"] == "Required input is missing: images"
+    outputs = {node: entry["dependent_outputs"] for node, entry in answer["node_errors"].items()}
+    assert outputs == {"1": ["2", "3"], "3": ["3"]}

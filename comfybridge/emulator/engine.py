@@ -312,7 +312,8 @@ class Engine:
             msg = "Prompt has no outputs"
             raise PromptRejected({"error": _error("prompt_no_outputs", msg), "node_errors": {}})
         # As ComfyUI: one record of every node validated so far (valid, its own errors), shared by
-        # all outputs, so a node is checked once.
+        # all outputs, so a node is checked once; each output that fails is added to the
+        # dependent_outputs of every failed node recorded by then, whether it leads there or not.
         validated: dict[str, tuple[bool, list[dict[str, Any]]]] = {}
         node_errors: dict[str, Any] = {}
         good: list[str] = []
@@ -329,9 +330,8 @@ class Engine:
                 good.append(output)
                 continue
             own_errors += validated[output][1]
-            reached = set(_execution_order(prompt, [output]))
             for nid, (ok, errors) in validated.items():
-                if not ok and errors and nid in reached:
+                if not ok and errors:
                     entry = node_errors.setdefault(
                         nid, {"errors": errors, "dependent_outputs": [], "class_type": prompt[nid]["class_type"]}
                     )
