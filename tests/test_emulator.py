@@ -1135,3 +1135,30 @@ async def test_every_output_that_fails_is_a_dependent_of_every_failed_node(
     assert answer["error"]["details"] == "Required input is missing: images"
     outputs = {node: entry["dependent_outputs"] for node, entry in answer["node_errors"].items()}
     assert outputs == {"1": ["2", "3"], "3": ["3"]}
+
+
+async def test_a_runtime_error_tells_the_failed_nodes_inputs_and_the_prompts_nodes(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    """Real 0.3.64's execution_error: `current_inputs` is the failed node's inputs, each a list of
+    its values (a linked picture as the text of its tensor), then its hidden inputs (SaveImage's
+    `prompt` as Python prints the dict, `extra_pnginfo` null); `current_outputs` is a list of every
+    node id of the prompt. The emulator sent `{}` for both, the second not even a list."""
+    broken = workflow("e_runtime_error_broken_file.json")
+    first = await heard_running(session, emulator, broken)
+    error = next(m["data"] for m in first.messages if m["type"] == "execution_error")
+    assert error["current_inputs"] == {"image": ["broken.png"]}
+    assert sorted(error["current_outputs"]) == ["1", "2"]
+
+    outside = invert_and_save(7, prefix="../outside")  # SaveImage refuses to write outside its folder
+    second = await heard_running(session, emulator, outside)
+    error = next(m["data"] for m in second.messages if m["type"] == "execution_error")
+    current = error["current_inputs"]
+    assert list(current) == ["images", "filename_prefix", "prompt", "extra_pnginfo"]
+    assert current["filename_prefix"] == ["../outside"]
+    assert current["prompt"] == [str(outside)]
+    assert current["extra_pnginfo"] == [None]
+    (picture,) = current["images"]
+    assert isinstance(picture, str)
+    assert picture.startswith("tensor(")
+    assert sorted(error["current_outputs"]) == ["1", "2", "3"]

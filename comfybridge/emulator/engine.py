@@ -587,8 +587,8 @@ class Engine:
                         "exception_message": f"{exc}\n",
                         "exception_type": exc.exception_type,
                         "traceback": [f'  File "emulator/engine.py", in execute\n    {exc.exception_type}: {exc}\n'],
-                        "current_inputs": {},
-                        "current_outputs": {},
+                        "current_inputs": self._current_inputs(item, node_id, results),
+                        "current_outputs": list(item.prompt),  # ComfyUI: every node of the prompt, in set order
                         "timestamp": _now_ms(),
                     },
                 )
@@ -731,6 +731,23 @@ class Engine:
         first = next((v for v in inputs.values() if isinstance(v, dict)), None)
         return (first,) if first else ("model", "clip", "vae")
 
+    def _current_inputs(self, item: QueueItem, node_id: str, results: dict[str, Any]) -> dict[str, list[Any]]:
+        """A failed node's inputs as ComfyUI's execution_error tells them: in the prompt's order, each
+        a list of its values (a link's, what it carried; nothing, if that did not run), then the
+        class's hidden inputs (the prompt as Python prints a dict)."""
+        node = item.prompt[node_id]
+        declared = self.object_info[node["class_type"]]["input"]
+        known = {**declared.get("required", {}), **declared.get("optional", {})}
+        current = {
+            name: [_format_input(self._resolve(value, results) if _is_link(value) else value)]
+            for name, value in (node.get("inputs") or {}).items()
+            if name in known
+        }
+        hidden = {"PROMPT": item.prompt, "EXTRA_PNGINFO": item.extra_data.get("extra_pnginfo"), "UNIQUE_ID": node_id}
+        for name, kind in declared.get("hidden", {}).items():
+            current[name] = [_format_input(hidden.get(kind))]
+        return current
+
     def _write_outputs(
         self, node: dict[str, Any], node_id: str, results: dict[str, Any], pid: str
     ) -> dict[str, Any] | None:
@@ -828,6 +845,16 @@ def _injected_node_error(prompt: Any) -> dict[str, Any]:
     entry = {"errors": [error], "dependent_outputs": [node_id], "class_type": node.get("class_type", "")}
     body = _error("prompt_outputs_failed_validation", "Prompt outputs failed validation")
     return {"error": body, "node_errors": {node_id: entry}}
+
+
+def _format_input(value: Any) -> Any:
+    """ComfyUI sends a plain value as it is and anything else as Python's str of it; a picture here
+    is no tensor, so its text says what it stands for."""
+    if value is None or isinstance(value, int | float | bool | str):
+        return value
+    if isinstance(value, dict) and {"w", "h", "b"} <= value.keys():
+        return f"tensor(<emulated image: batch {value['b']}, {value['w']}x{value['h']}>)"
+    return str(value)
 
 
 def _sparse_mp4(path: Path, size: int) -> None:
