@@ -1162,3 +1162,20 @@ async def test_a_runtime_error_tells_the_failed_nodes_inputs_and_the_prompts_nod
     assert isinstance(picture, str)
     assert picture.startswith("tensor(")
     assert sorted(error["current_outputs"]) == ["1", "2", "3"]
+
+
+async def test_a_cached_output_is_marked_finished_with_integer_progress(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    """Real 0.3.64 marks a cached output finished with `value: 1, max: 1` (ints: its progress entry
+    is made as the node finishes), a node that ran with 1.0 and 1.0; the emulator sent 1.0 for both."""
+    prompt = workflow("b_emptyimage_save.json")
+    ran_once = await heard_running(session, emulator, prompt)
+    cached = await heard_running(session, emulator, prompt)
+
+    def finished(listener: Listener) -> list[Any]:
+        states = [m["data"]["nodes"].get("2") for m in listener.messages if m["type"] == "progress_state"]
+        return [(state["value"], state["max"]) for state in states if state and state["state"] == "finished"]
+
+    assert [type(v) for pair in finished(ran_once) for v in pair] == [float, float]
+    assert [type(v) for pair in finished(cached) for v in pair] == [int, int]

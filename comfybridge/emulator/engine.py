@@ -633,12 +633,13 @@ class Engine:
         sid: str | None,
     ) -> None:
         """A cached output node's turn: ComfyUI says its earlier result again (`executed`, its output
-        None if it has no UI), writes nothing, and marks it finished."""
+        None if it has no UI), writes nothing, and marks it finished (value and max 1, not 1.0, as
+        ComfyUI marks a node it did not run)."""
         ui = self._cache[signature][1]
         if ui is not None:
             ui_outputs[node_id] = ui
         self._emit("executed", {"node": node_id, "display_node": node_id, "output": ui, "prompt_id": pid}, sid)
-        states[node_id] = _node_state(pid, node_id, 1.0, 1.0, "finished")
+        states[node_id] = _node_state(pid, node_id, 1, 1, "finished")
         self._emit("progress_state", {"prompt_id": pid, "nodes": dict(states)}, sid)
 
     async def _hang(self) -> None:
