@@ -1,19 +1,22 @@
 """Answers that come after a job moved on: a late answer to an old hand-over, a reconcile's slow
-question, a cancel ComfyUI refused once, a socket back while its jobs are being cancelled. Each is
-taken for what it is now, never for the job's current state."""
+question (and a hand-over landing meanwhile), a cancel ComfyUI refused once, a socket back while its
+jobs are being cancelled, an interrupt before a restarted bridge reaches ComfyUI. Each is taken for
+what it is now, never for the job's current state."""
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from comfybridge.core.jobs import JobState
 from comfybridge.edge.appkeys import SCHEDULER
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
 from .fake_comfy import FakeComfy
-from .helpers import Client, generate, poll_status
+from .helpers import TINY, Client, generate, poll_status
 
 REFUSED = '{"error": {"message": "x"}, "node_errors": {}}'
 
@@ -111,3 +114,119 @@ async def test_a_socket_back_while_its_jobs_are_cancelled_does_not_cut_the_cance
     await ws.close()
     last = engine.history[job.prompt_id]["status"]["messages"][-1][0]
     assert last == "execution_interrupted", "the cancelled job's prompt ran to its end"
+
+
+@pytest.mark.both_dialects
+async def test_interrupt_after_a_restart_before_its_backend_reconnects_stops_the_prompt(
+    make_fake: Any, make_bridge: BridgeFactory, tmp_path: Path
+) -> None:
+    """A job handed over by the last process comes back as SUBMITTING (QUEUED/RUNNING are not
+    journaled) with no hand-over in flight. Interrupted before its backend's socket connects,
+    `interrupt` leaves it to a send that does not exist; the reconcile then finds a CANCELLED job
+    in ComfyUI's queue and leaves it there: the cancelled prompt runs to its end."""
+    fake: FakeComfy = await make_fake()
+    engine = fake.upstream.engine
+    engine.pause()  # the prompt waits in ComfyUI's queue
+    first = await make_bridge(fake.url)
+    status, body = await generate(first, "late", TINY)
+    assert status == 200, body
+    await wait_for(lambda: engine.queue_remaining == 1)
+    (prompt_id,) = first.app[SCHEDULER].core.by_prompt
+    await first.close()
+
+    fake.replace("GET /prompt", 500, "{}", times=10_000)  # the next bridge cannot connect yet
+    second = await make_bridge(fake.url, backend_grace=30)
+    scheduler = second.app[SCHEDULER]
+    (job,) = scheduler.clients.get("late").jobs.values()
+    assert job.state is JobState.SUBMITTING  # recovered: QUEUED is not journaled
+    assert job.sending is None  # and no hand-over of it is in flight
+    resp = await second.post("/interrupt", params={"clientId": "late"})
+    assert resp.status == 200
+    assert (await poll_status(second, "late", {"error", "closed"}))["detail"] == "interrupted"
+
+    fake.answers["GET /prompt"].clear()  # ComfyUI reachable again: the socket connects, reconciles
+    await wait_for(lambda: all(b.healthy for b in scheduler.backends.values()))
+    engine.resume()
+    await wait_for(lambda: engine.queue_remaining == 0)
+    assert prompt_id not in engine.started, "the interrupted job's prompt ran on ComfyUI after all"
+
+
+@pytest.mark.both_dialects
+async def test_a_hand_over_that_lands_during_a_reconcile_is_not_taken_for_lost(
+    make_fake: Any, make_bridge: BridgeFactory
+) -> None:
+    """`reconcile` reads ComfyUI's queue once, then awaits /history for each prompt missing from it.
+    A hand-over (skipped while in flight) that lands during such an await is then judged against the
+    stale snapshot: its prompt, queued fine, looks unknown, is abandoned and sent again. The old
+    prompt starts in ComfyUI before it is taken back: one job, two prompts run."""
+    fake: FakeComfy = await make_fake()
+    engine = fake.upstream.engine
+    engine.pause()
+    client = await make_bridge(fake.url, backend_grace=30, job_idle_timeout=60)
+    scheduler = client.app[SCHEDULER]
+    (backend,) = scheduler.backends.values()
+    assert (await generate(client, "a", TINY))[0] == 200
+    await wait_for(lambda: engine.queue_remaining == 1)
+    posted = fake.hold("POST /prompt")  # B's hand-over hangs
+    assert (await generate(client, "b", {**TINY, "1/width": 9}))[0] == 200
+    (b_job,) = scheduler.clients.get("b").jobs.values()
+    await wait_for(lambda: b_job.handing_over)
+    await wait_for(lambda: fake.seen.count("POST /prompt") == 2)
+
+    fake.replace("GET /prompt", 500, "{}", times=10_000)  # the socket drops and cannot come back yet
+    await fake.drop_sockets()
+    await wait_for(lambda: not backend.healthy)
+    engine.clear_pending()  # ComfyUI restarted meanwhile: A's prompt is gone
+    asked = fake.hold("GET /history/*")
+    fake.answers["GET /prompt"].clear()  # back: its reconcile asks about A, and waits
+    await wait_for(lambda: "GET /history/*" in fake.seen)
+    b_prompt = b_job.prompt_id
+    posted.set()  # B's hand-over lands now, while the reconcile waits
+    await wait_for(lambda: b_job.state is JobState.QUEUED)
+    assert engine.queue_remaining == 1  # B's prompt is in ComfyUI's queue, as it should be
+    asked.set()
+    await wait_for(lambda: backend.healthy)
+    engine.resume()
+    for client_id in ("a", "b"):
+        assert (await poll_status(client, client_id, {"error", "closed"}))["status"] == "closed"
+    assert len(engine.started) == 2, f"2 jobs, {len(engine.started)} prompts started: {engine.started}"
+    assert b_job.prompt_id == b_prompt, "B's prompt, queued in ComfyUI, was taken for lost and sent again"
+
+
+@pytest.mark.both_dialects
+async def test_a_backend_is_not_up_while_prompts_moved_off_it_during_its_reconcile_are_still_there(
+    make_fake: Any, make_emulator: Any, make_bridge: BridgeFactory
+) -> None:
+    """`connected()` takes the abandoned prompts back *before* it reconciles, and says the backend is
+    not up until they are gone. A reconcile that outlives backend_grace (a slow /history) lets the
+    failover move the jobs meanwhile and abandon their prompts here; the backend is then declared up
+    with them still in its queue: the old prompt of a job now run elsewhere starts here too."""
+    fake: FakeComfy = await make_fake()
+    engine = fake.upstream.engine
+    spare = await make_emulator()
+    client = await make_bridge(fake.url, backend_grace=1.0, job_idle_timeout=60)
+    scheduler = client.app[SCHEDULER]
+    (backend,) = scheduler.backends.values()
+    engine.pause()
+    assert (await generate(client, "x", TINY))[0] == 200
+    assert (await generate(client, "y", {**TINY, "1/width": 9}))[0] == 200
+    await wait_for(lambda: engine.queue_remaining == 2)
+    x_prompt, y_prompt = (j.prompt_id for j in backend.inflight)
+
+    gate = fake.hold("GET /prompt")  # its socket drops; the reconnect hangs until the gate opens
+    await fake.drop_sockets()
+    await wait_for(lambda: not backend.healthy)
+    engine.delete_pending([x_prompt])  # someone cleared X from ComfyUI's queue meanwhile; Y still waits there
+    asked = fake.hold("GET /history/*")  # the reconcile's question about X is slow (it outlives the grace)
+    scheduler.set_backends([fake.url, spare.url])
+    gate.set()
+    await wait_for(lambda: "GET /history/*" in fake.seen)
+    await wait_for(lambda: len(spare.engine.started) == 2)  # the grace ran out: both jobs moved to the spare
+    assert y_prompt in backend.abandoned
+    asked.set()
+    await wait_for(lambda: backend.healthy)
+    for client_id in ("x", "y"):
+        assert (await poll_status(client, client_id, {"error", "closed"}))["status"] == "closed"
+    engine.resume()
+    await wait_for(lambda: engine.queue_remaining == 0)
+    assert y_prompt not in engine.started, "Y ran on the spare, and its old prompt started here as well"

@@ -34,10 +34,9 @@ class Failover:
         core = self.core
 
         async def connected() -> None:
-            await self.core.remove_abandoned(backend)
-            if backend.abandoned:  # not up until what was moved elsewhere is gone from it
-                raise BackendUnavailable(f"{backend.name}: {len(backend.abandoned)} moved prompts not taken back yet")
+            await self.take_back_abandoned(backend)
             await self.reconcile(backend)
+            await self.take_back_abandoned(backend)  # moved elsewhere during the reconcile (its grace ran out)
             if not backend.object_info_loaded:
                 await self.learn_object_info(backend)
             backend.healthy = True
@@ -51,6 +50,12 @@ class Failover:
             lambda: self.lost(backend),
             backend.first_attempt,
         )
+
+    async def take_back_abandoned(self, backend: Backend) -> None:
+        """A backend is not up until the prompts moved elsewhere are gone from it."""
+        await self.core.remove_abandoned(backend)
+        if backend.abandoned:
+            raise BackendUnavailable(f"{backend.name}: {len(backend.abandoned)} moved prompts not taken back yet")
 
     def lost(self, backend: Backend) -> None:
         """Its event socket is gone (or whoever listened to it failed): down until it reconnects."""
@@ -124,7 +129,7 @@ class Failover:
         if not backend.inflight:
             return
         running, pending = await backend.client.queue()
-        unknown: list[Job] = []
+        missing: list[tuple[Job, str]] = []  # neither queued nor in the history when asked about
         for job in list(backend.inflight):
             if job not in backend.inflight:
                 continue  # moved off this backend (its grace ran out) while an earlier one was asked about
@@ -133,14 +138,7 @@ class Failover:
             if job.accepting is not None:  # sent while its accept is written: asked about once it is
                 job.accepting.add_done_callback(lambda _: core.spawn(self._reconcile_again(backend), "reconcile"))
                 continue
-            if job.prompt_id in running or job.prompt_id in pending:
-                if job.state is JobState.SUBMITTING:
-                    job.move(JobState.QUEUED)
-                if job.prompt_id in running and job.state is JobState.QUEUED:
-                    job.started_at, job.started_unseen = time.monotonic(), True  # (when, exactly, is not known)
-                    job.move(JobState.RUNNING)
-                elif job.prompt_id in pending and job.retries == 0:
-                    job.started_unseen = False  # handed over by an earlier process, yet to start: its start is heard
+            if _adopted(job, running, pending):
                 continue
             asked = job.prompt_id
             entry = await backend.client.history(asked)
@@ -151,12 +149,19 @@ class Failover:
                 job.outcome, job.reported = finished.outcome, job.reported or finished.error
                 self.tracker.prompt_finished(backend, job)
             else:
-                core.take_back(backend, job)
-                # Kept to take back should it show up later: a hand-over still on its way (sent by
-                # the last leader of a cluster, paused mid-send, then woken) must not run beside
-                # the job's next prompt.
-                core.abandon(backend, asked)
-                unknown.append(job)
+                missing.append((job, asked))
+        if missing:  # the queue read first may be stale: a hand-over in flight then may have landed since
+            running, pending = await backend.client.queue()
+        unknown: list[Job] = []
+        for job, asked in missing:
+            if job.prompt_id != asked or job not in backend.inflight or _adopted(job, running, pending):
+                continue
+            core.take_back(backend, job)
+            # Kept to take back should it show up later: a hand-over still on its way (sent by the
+            # last leader of a cluster, paused mid-send, then woken) must not run beside the job's
+            # next prompt.
+            core.abandon(backend, asked)
+            unknown.append(job)
         for job in reversed(unknown):  # each goes to the head of the queue: the earliest must end up first
             if not job.ended and self._send_again(job, _ran(job)):
                 log.warning("job %s client %s: unknown to %s, sending it again", job.id, job.client_id, backend.name)
@@ -310,6 +315,20 @@ class Failover:
                 self.core.unstuck(backend, "its queue is empty; trying it with one prompt")
         elif backend.stuck_prompt is not None and backend.stuck_prompt not in running:
             self.core.unstuck(backend, f"prompt {backend.stuck_prompt} no longer runs")
+
+
+def _adopted(job: Job, running: list[str], pending: list[str]) -> bool:
+    """Whether ComfyUI has the job's prompt, queued or running: then the job follows what it does."""
+    if job.prompt_id in running or job.prompt_id in pending:
+        if job.state is JobState.SUBMITTING:
+            job.move(JobState.QUEUED)
+        if job.prompt_id in running and job.state is JobState.QUEUED:
+            job.started_at, job.started_unseen = time.monotonic(), True  # (when, exactly, is not known)
+            job.move(JobState.RUNNING)
+        elif job.prompt_id in pending and job.retries == 0:
+            job.started_unseen = False  # handed over by an earlier process, yet to start: its start is heard
+        return True
+    return False
 
 
 def _ran(job: Job) -> bool:

@@ -557,9 +557,15 @@ class Scheduler:
                 continue  # it ended meanwhile (its results are being recorded): nothing to stop
             ended.append(ending)
             core.stop_collecting(job)
-            if state in (JobState.QUEUED, JobState.RUNNING) and backend is not None:
+            # A SUBMITTING job with no hand-over in flight was handed over by an earlier process (or
+            # its send is past ComfyUI's answer): ComfyUI may have its prompt, so it is taken back
+            # (at the backend's next connect, if it is away).
+            handed = state in (JobState.QUEUED, JobState.RUNNING) or (
+                state is JobState.SUBMITTING and not job.handing_over
+            )
+            if handed and backend is not None:
                 await core.cancel_on_backend(backend, job)
-            # WAITING: end took it out of the queue. SUBMITTING: its send cancels it once ComfyUI answers.
+            # WAITING: end took it out of the queue. Handing over: its send cancels it once ComfyUI answers.
         outcomes = await asyncio.gather(*ended, return_exceptions=True)
         failed = next((o for o in outcomes if isinstance(o, BaseException)), None)
         if failed is not None:  # stopped, and told once recorded; a restart before that runs them again
