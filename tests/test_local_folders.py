@@ -25,7 +25,18 @@ from comfybridge.emulator import Emulator
 from comfybridge.emulator.png import png_size
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
-from .helpers import backends, bridge_process, fetch_results, files_under, png, post_job, read_results, upload
+from .helpers import (
+    backends,
+    bridge_process,
+    fetch_results,
+    files_under,
+    generate,
+    png,
+    poll_status,
+    post_job,
+    read_results,
+    upload,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SOLID = {"workflow": "solid", "1/width": 16, "1/height": 16, "1/batch_size": 1}
@@ -75,6 +86,50 @@ async def test_stored_outputs_are_deleted_from_comfyuis_folder(
     assert list(day.iterdir()) == []  # the job's own folder too
     assert (output / "kept.png").read_bytes() == b"an admin's own file"
     assert emulator.engine.requests["GET /view"] == 1  # the folder's check at connect, no output
+
+
+TWO_SAVES = {
+    "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+    "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "first"}},
+    "3": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+    "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "second"}},
+}
+
+
+async def test_what_an_interrupted_prompt_saved_before_it_stopped_is_deleted_from_comfyuis_folder(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, tmp_path: Path
+) -> None:
+    """A job interrupted after one of its SaveImage nodes ran: the job ended first, so nothing
+    collected its prompt when it left ComfyUI, and its first image (and its history entry) stayed
+    in ComfyUI for good."""
+    (tmp_path / "flows").mkdir()
+    (tmp_path / "flows" / "two.json").write_bytes(orjson.dumps(TWO_SAVES))
+    emulator = await make_emulator(pace=0.3)
+    output = emulator.engine.output_dir
+    client = await make_bridge(emulator, comfy_outputs=((emulator.url, output),), workflows=tmp_path / "flows")
+    assert (await generate(client, "stop", {"workflow": "two"}))[0] == 200
+    await wait_for(lambda: bool(files_under(output)))  # the first SaveImage ran
+    assert (await client.post("/interrupt", params={"clientId": "stop"})).status == 200
+    await wait_for(lambda: any(e["status"]["status_str"] == "error" for e in emulator.engine.history.values()))
+    await wait_for(lambda: not files_under(output) and not emulator.engine.history)
+
+
+async def test_what_a_failed_prompt_saved_before_its_error_is_deleted_from_comfyuis_folder(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, tmp_path: Path
+) -> None:
+    """Its history forgotten, but the image its first SaveImage made stayed in ComfyUI's folder."""
+    (tmp_path / "flows").mkdir()
+    broken = {**TWO_SAVES, "3": {"class_type": "LoadImage", "inputs": {"image": "broken.png"}}}
+    broken["4"] = {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "second"}}
+    (tmp_path / "flows" / "broken.json").write_bytes(orjson.dumps(broken))
+    emulator = await make_emulator()
+    (emulator.engine.input_dir / "broken.png").write_bytes(b"no picture")  # fails as it is loaded
+    output = emulator.engine.output_dir
+    client = await make_bridge(emulator, comfy_outputs=((emulator.url, output),), workflows=tmp_path / "flows")
+    assert (await generate(client, "fails", {"workflow": "broken"}))[0] == 200
+    status = await poll_status(client, "fails", {"error", "closed"})
+    assert "cannot identify image file" in status["detail"]
+    await wait_for(lambda: not emulator.engine.history and not files_under(output))
 
 
 async def test_a_folder_comfyui_does_not_write_is_found_out_at_connect_and_left_alone(

@@ -131,6 +131,7 @@ class Job:
     seen_outputs: dict[str, Any] | None = None
     webhook: str | None = None  # where to tell of its end (the request's `_webhook`, or its key's)
     forget_on_leave: bool = False  # delivered before ComfyUI let go of its prompt: delete its history then
+    let_go: bool = False  # ComfyUI's copy of its prompt (own output files, history entry) is being removed
     # A request waiting for its end (`?wait=1`): resolved once its end is durable and its results held.
     awaited: asyncio.Future[None] | None = field(default=None, repr=False, compare=False)
     journal: Recorder | None = field(default=None, repr=False, compare=False)

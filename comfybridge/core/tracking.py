@@ -129,6 +129,9 @@ class Tracker:
             core.metrics.job_finished(job.workflow, backend.client.shown, ran)
             if job.outcome == "success":
                 core.runtimes.observe(job.workflow, backend.name, ran, job.warm)
+        if job.ended and not job.let_go and job.id not in core.collecting:
+            # Ended first (interrupted as it finished, timed out): what it left in ComfyUI goes.
+            core.spawn(self._let_go_of_ended(backend, job), f"let go of prompt {job.prompt_id}")
         self._collect(backend, job)
         self.left(backend, job)
 
@@ -166,16 +169,15 @@ class Tracker:
         core = self.core
         ended = None
         refs: list[OutputRef] = []
-        done_there = False  # ComfyUI ran the prompt to its end: its outputs are whole
+        finished = seen
         try:
-            finished = seen
             if finished is None:
                 finished = await self._retrying(job, "read its outcome", lambda: self._outcome(backend, job))
+            if finished is not None:  # (what nodes saved before an error or an interrupt goes too, below)
+                refs = shapes.outputs_of(finished.outputs)
             if finished is None:
                 ended = core.end(job, JobState.FAILED, "ComfyUI has no record of how the prompt ended")
             elif finished.outcome == "success":
-                done_there = True
-                refs = shapes.outputs_of(finished.outputs)
                 early = await core.early.results_for(fetched, refs)
                 files = await self._retrying(
                     job, "store its results", lambda: self._store_results(backend, job, refs, early)
@@ -202,8 +204,11 @@ class Tracker:
                 return  # ComfyUI keeps the outputs: the one copy of the results
             # Interrupted while they could not be stored: nothing is kept, so its outputs go below.
         except asyncio.CancelledError:
-            if done_there and job.state is JobState.CANCELLED:  # interrupted, its copying stopped: none kept
-                self._let_go(backend, job, refs)
+            if job.state is JobState.CANCELLED:  # interrupted, its copying stopped: none kept
+                if finished is None:  # (interrupted while its outcome was read: the prompt had left)
+                    core.spawn(self._let_go_of_ended(backend, job), f"let go of prompt {job.prompt_id}")
+                else:
+                    self._let_go(backend, job, refs)
             raise
         except Exception:  # a fault of the bridge's own: the job still ends, and it is logged
             log.exception("job %s client %s: collecting its results failed", job.id, job.client_id)
@@ -220,9 +225,21 @@ class Tracker:
         self._let_go(backend, job, refs)
         await care.after_job(backend, job.prompt_id, core.settings)
 
+    async def _let_go_of_ended(self, backend: Backend, job: Job) -> None:
+        """A job that ended before its prompt did: what the prompt left in ComfyUI goes, as ComfyUI's
+        history names it (a history that cannot be read keeps it: ComfyUI's history is bounded)."""
+        try:
+            entry = await backend.client.history(job.prompt_id)
+        except BackendUnavailable as exc:
+            log.debug("job %s: prompt %s left in ComfyUI: %s", job.id, job.prompt_id, exc)
+            return
+        if entry is not None and not job.let_go:
+            self._let_go(backend, job, shapes.outputs_of(shapes.finished(entry).outputs))
+
     def _let_go(self, backend: Backend, job: Job, refs: list[OutputRef]) -> None:
         """ComfyUI may forget the ended job's prompt: its own output files and its history entry go."""
         core = self.core
+        job.let_go = True
         outputs = backend.client.outputs
         if refs and outputs is not None and outputs.usable and core.settings.delete_outputs:
             self._remove_outputs(outputs, job, refs)
