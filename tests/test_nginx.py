@@ -6,13 +6,17 @@ import asyncio
 import contextlib
 import os
 import shutil
+import socket
+import struct
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import orjson
 import pytest
+from yarl import URL
 
 from comfybridge.emulator.png import png_size
 
@@ -20,6 +24,7 @@ from .conftest import FIXTURES, BridgeFactory, EmulatorFactory
 from .helpers import (
     bridge_process,
     png,
+    poll_status,
     read_results,
     system_binary,
     wait_until_up,
@@ -52,6 +57,7 @@ http {{
             proxy_read_timeout 1h;
             client_max_body_size 500m;
             proxy_buffering off;
+            proxy_request_buffering off;
         }}
     }}
 }}
@@ -237,3 +243,117 @@ def test_a_shipped_config_beside_debians_default_site_is_refused_not_silently_pa
     )
     assert checked.returncode != 0
     assert "duplicate default server" in checked.stderr, checked.stderr
+
+
+@contextlib.asynccontextmanager
+async def two_bridges_behind_nginx(
+    make_emulator: EmulatorFactory, tmp_path: Path
+) -> AsyncIterator[tuple[str, list[tuple[asyncio.subprocess.Process, str]]]]:
+    """Two bridges, each with its own data folder, on one emulator, behind the shipped
+    config/nginx-comfybridge.conf (a clientId's requests to one bridge)."""
+    binary = system_binary("nginx", "nginx-light")
+    emulator = await make_emulator(pace=0.01)
+    flags = ("--backends", emulator.url, "--trusted-proxies", "127.0.0.1")
+    homes = []
+    for name in ("one", "two"):
+        shutil.copytree(FIXTURES / "workflows", tmp_path / name / "workflows")
+        homes.append(tmp_path / name)
+    async with bridge_process(homes[0], *flags) as first, bridge_process(homes[1], *flags) as second:
+        root = tmp_path / "nginx"
+        root.mkdir()
+        port = unused_port()
+        ports = [int(url.rsplit(":", 1)[1]) for _, url in (first, second)]
+        (root / "nginx.conf").write_text(nginx_config(root, port, ports))
+        async with nginx(binary, root, port) as url:
+            yield url, [first, second]
+
+
+async def _upload(session: aiohttp.ClientSession, url: str, client_id: str) -> str:
+    form = aiohttp.FormData()
+    form.add_field("photo", png(8, 8), filename="p.png", content_type="image/png")
+    async with session.post(f"{url}/upload", params={"clientId": client_id}, data=form) as resp:
+        assert resp.status == 200
+        stored: str = (await resp.json())["photo"]
+        return stored
+
+
+async def _known_on(session: aiohttp.ClientSession, bridge: str, client_id: str) -> bool:
+    async with session.get(f"{bridge}/execution-info", params={"clientId": client_id}) as resp:
+        return resp.status == 200
+
+
+async def test_a_stopped_bridges_clients_wait_for_it_instead_of_meeting_another_bridge(
+    make_emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    """nginx passed a stopped bridge's clients to the other bridge (the next upstream on a refused
+    connection, and a failed server set aside): their uploads "named no uploaded file" there, and a
+    job accepted there left its results where the client never asks once its bridge was back. The
+    shipped config's answer for that moment is its JSON 502."""
+    async with two_bridges_behind_nginx(make_emulator, tmp_path) as (url, bridges), aiohttp.ClientSession() as session:
+        (first_process, first), _ = bridges
+        homed = []
+        for index in range(16):
+            stored = await _upload(session, url, f"user-{index}")
+            if await _known_on(session, first, f"user-{index}"):
+                homed.append((f"user-{index}", stored))
+        client_id, stored = homed[0]
+        first_process.terminate()  # a restart: stop_grace 0 here
+        await first_process.wait()
+        body = {"workflow": "invert", "1/image": stored}
+        async with session.post(f"{url}/generate-based-workflow", params={"clientId": client_id}, json=body) as resp:
+            assert resp.status == 502
+            assert (await resp.json())["detail"].startswith("No bridge answered this request")
+
+
+async def test_a_clientid_with_a_colon_reaches_one_bridge_however_it_is_spelled(
+    make_emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    """`app:1` as aiohttp and curl send it, `app%3A1` as a browser's URLSearchParams does: nginx hashed
+    the raw query value, so the two spellings of one client met two bridges."""
+    async with two_bridges_behind_nginx(make_emulator, tmp_path) as (url, _), aiohttp.ClientSession() as session:
+        for index in range(16):
+            await _upload(session, url, f"app:{index}:{index}")
+            encoded = URL(f"{url}/execution-info?clientId=app%3A{index}%3a{index}", encoded=True)
+            async with session.get(encoded) as resp:
+                assert resp.status == 200, (index, await resp.text())
+
+
+async def test_a_download_dropped_behind_nginx_can_be_fetched_again(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    """An answer counted as handed over once written: behind nginx, megabytes sit in kernel buffers
+    (written, never received) when the app stops reading and drops. Its results were forgotten (204).
+    Now they count once the peer's TCP acknowledged every byte, and a reset before that keeps them."""
+    binary = system_binary("nginx", "nginx-light")
+    bridge = await make_bridge(await make_emulator())
+    root = tmp_path / "nginx"
+    root.mkdir()
+    port = unused_port()
+    (root / "nginx.conf").write_text(nginx_config(root, port, [bridge.server.port, bridge.server.port]))
+    async with nginx(binary, root, port) as url, aiohttp.ClientSession() as session:
+        body = {"workflow": "text-to-image", "5/width": 2048, "5/height": 2048, "3/steps": 1, "5/batch_size": 24}
+        async with session.post(f"{url}/generate-based-workflow", params={"clientId": "mobile"}, json=body) as resp:
+            assert resp.status == 200, await resp.text()
+        await poll_status(bridge, "mobile", {"closed"}, timeout=60)
+
+        def read_a_little_then_drop() -> bytes:
+            with socket.socket() as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.connect(("127.0.0.1", port))
+                sock.sendall(b"GET /history?clientId=mobile HTTP/1.1\r\nHost: app.example\r\n\r\n")
+                head = sock.recv(2048)
+                time.sleep(1.0)  # a phone on a bad link reads no more, then the link drops
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset
+                return head
+
+        assert (await asyncio.to_thread(read_a_little_then_drop)).startswith(b"HTTP/1.1 200")
+        async with asyncio.timeout(30):
+            while (resp := await session.get(f"{url}/history", params={"clientId": "mobile"})).status == 409:
+                resp.release()  # the dropped answer is still being found out
+                await asyncio.sleep(0.05)
+        answer = await resp.read()
+        assert resp.status == 200, answer[:300]
+        assert answer.count(b"X-Job-Id: ") == 24
+        assert len(answer) == resp.content_length
+        async with session.get(f"{url}/history", params={"clientId": "mobile"}) as resp:
+            assert resp.status == 204  # taken whole this time
