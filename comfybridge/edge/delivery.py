@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import datetime
+import fcntl
+import socket
+import struct
+import termios
+import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 
@@ -16,10 +22,17 @@ from ..store.files import SMALL_FILE
 from ..store.results import ResultFile, ResultStore
 from .replies import quoted_header_text
 
-__all__ = ["ResultLost", "links_reply", "write_base64", "write_multipart"]
+__all__ = ["ResultLost", "links_reply", "received", "write_base64", "write_multipart"]
 
 
 CHUNK = 256 * 1024
+# An answer up to this size leaves in one burst: written is as good as received. A larger one is
+# counted handed over only once the peer's TCP has acknowledged its last byte (see `received`).
+UNCONFIRMED = 256 * 1024
+ACK_POLL_MAX = 0.1  # seconds between looks at the socket's unacknowledged bytes, at most
+ACK_STALL = 60.0  # seconds a client may take nothing before its answer counts as handed over anyway
+TCP_CLOSE = 7  # a tcp_info state: the connection is gone (reset, or its FIN exchange is over)
+TCPI_BYTES_ACKED, TCP_INFO_BYTES = 120, 136  # where Linux (4.1 on) keeps tcpi_bytes_acked in tcp_info
 B64_CHUNK = 3 * 64 * 1024  # a multiple of 3, so chunks encode without padding in between
 
 
@@ -131,6 +144,57 @@ async def _send_whole(request: web.Request, headers: dict[str, str], body: bytes
     await response.prepare(request)
     await response.write_eof(body)
     return response
+
+
+async def received(request: web.Request, response: web.StreamResponse) -> bool:
+    """Whether a written answer reached the client. A large one is "written" once it sits in kernel
+    (and a proxy's) buffers: megabytes that a client hanging up mid-download never gets. So it
+    counts once the peer's TCP has acknowledged its every byte; not if the connection is reset
+    first (the client did not take it all: its results can be fetched again). True where this
+    cannot be told (not Linux TCP), or once the client has taken nothing more for ACK_STALL seconds
+    (as if it had: never twice)."""
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if transport is None or sock is None or (response.content_length or 0) <= UNCONFIRMED:
+        return True
+    try:  # a copy of our own: readable after aiohttp closes the socket (the client's FIN, or a reset)
+        own = socket.fromfd(sock.fileno(), sock.family, sock.type)
+    except (OSError, ValueError):
+        return True
+    with own:
+        try:
+            acked_before, _ = _acked_and_state(own)
+            owed = transport.get_write_buffer_size() + _unacknowledged(own)
+        except (OSError, struct.error):  # not a TCP socket of Linux's
+            return True
+        pause, progress, progress_at = 0.001, 0, time.monotonic()
+        while True:
+            try:
+                acked, state = _acked_and_state(own)
+            except (OSError, struct.error):
+                return True
+            taken = acked - acked_before
+            if taken >= owed:
+                return True
+            if state == TCP_CLOSE:
+                return False  # reset (or timed out) before the last byte was acknowledged
+            if taken > progress:
+                progress, progress_at = taken, time.monotonic()
+            elif time.monotonic() - progress_at > ACK_STALL:
+                return True
+            await asyncio.sleep(pause)
+            pause = min(ACK_POLL_MAX, pause * 2)
+
+
+def _unacknowledged(sock: socket.socket) -> int:
+    """Bytes in the socket's send queue: not sent yet, or sent and not acknowledged (TIOCOUTQ)."""
+    return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0])
+
+
+def _acked_and_state(sock: socket.socket) -> tuple[int, int]:
+    """Linux's tcp_info: bytes the peer has acknowledged so far (tcpi_bytes_acked), and the state."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_BYTES)
+    return struct.unpack_from("Q", info, TCPI_BYTES_ACKED)[0], info[0]
 
 
 def _gone(job_id: str, item: ResultFile) -> ResultLost:

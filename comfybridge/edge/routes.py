@@ -21,9 +21,9 @@ from ..store.results import JobResult
 from ..store.uploads import IncomingFile
 from . import openapi
 from .access import KEY, client_id_of, query_value
-from .appkeys import SCHEDULER, SETTINGS, WORKFLOWS
+from .appkeys import HUB, SCHEDULER, SETTINGS, WORKFLOWS
 from .bodies import BodyDeadline, expect_continue, expect_nothing, json_body, part_chunks, refuse_early
-from .delivery import ResultLost, links_reply, write_base64, write_multipart
+from .delivery import ResultLost, links_reply, received, write_base64, write_multipart
 from .operations import docs, health, metrics, playground, playground_file, ready
 from .replies import json_response
 from .ws import websocket_handler
@@ -256,7 +256,18 @@ async def _deliver(
     except BaseException:
         scheduler.release_results(fetched)
         raise
-    scheduler.results_fetched(client_id, fetched)
+
+    async def settle() -> None:  # decided even if the request's task is cancelled as the client goes
+        if await received(request, response):
+            scheduler.results_fetched(client_id, fetched)
+        else:  # the connection ended before its last bytes arrived: they can be fetched again
+            scheduler.release_results(fetched)
+
+    supervisor = request.app[HUB].supervisor  # (an edge's task: held, and given its time at a stop)
+    if supervisor.accepting:
+        await asyncio.shield(supervisor.spawn(settle(), "hand over results"))
+    else:
+        await settle()
     return response
 
 
