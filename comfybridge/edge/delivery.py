@@ -22,7 +22,7 @@ from ..store.files import SMALL_FILE
 from ..store.results import ResultFile, ResultStore
 from .replies import quoted_header_text
 
-__all__ = ["ResultLost", "links_reply", "received", "write_base64", "write_multipart"]
+__all__ = ["UNCONFIRMED", "ResultLost", "links_reply", "received", "write_base64", "write_multipart"]
 
 
 CHUNK = 256 * 1024

@@ -23,7 +23,7 @@ from . import openapi
 from .access import KEY, client_id_of, query_value
 from .appkeys import HUB, SCHEDULER, SETTINGS, WORKFLOWS
 from .bodies import BodyDeadline, expect_continue, expect_nothing, json_body, part_chunks, refuse_early
-from .delivery import ResultLost, links_reply, received, write_base64, write_multipart
+from .delivery import UNCONFIRMED, ResultLost, links_reply, received, write_base64, write_multipart
 from .operations import docs, health, metrics, playground, playground_file, ready
 from .replies import json_response
 from .ws import websocket_handler
@@ -256,6 +256,10 @@ async def _deliver(
     except BaseException:
         scheduler.release_results(fetched)
         raise
+
+    if (response.content_length or 0) <= UNCONFIRMED:  # (one burst: written is as good as received)
+        scheduler.results_fetched(client_id, fetched)
+        return response
 
     async def settle() -> None:  # decided even if the request's task is cancelled as the client goes
         if await received(request, response):
