@@ -320,7 +320,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: 
     assert len(lines) == 1, result.stderr
     assert result.stderr.strip().endswith(lines[0])
     for fragment in fragments:
-        assert fragment in lines[0]
+        assert fragment in lines[0], lines[0]
 
 
 TINY = {"workflow": "solid", "1/width": 8, "1/height": 8, "1/batch_size": 1}

@@ -17,8 +17,9 @@ import orjson
 import pytest
 
 from comfybridge.core.tracking import RESUMED
-from comfybridge.edge.appkeys import SCHEDULER
+from comfybridge.edge.appkeys import JOURNAL, SCHEDULER
 from comfybridge.emulator import Emulator
+from comfybridge.errors import StorageUnavailable
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
 from .fake_comfy import FakeComfy
@@ -26,16 +27,19 @@ from .helpers import (
     TINY,
     assert_one_line_error,
     backends,
+    bound_by_file_modes,
     bridge_process,
     count,
     fetch_results,
     generate,
     kept,
+    png,
     poll_status,
     post_job,
     run_cli,
     run_job,
     status_of,
+    upload,
     wait_closed,
 )
 
@@ -485,3 +489,64 @@ async def test_an_error_told_again_after_a_restart_does_not_close_a_socket_whose
                     heard.append(orjson.loads(msg.data))
         assert not ws.closed, f"closed ({ws.close_code}) with a job in line, after {heard}"
     emulator.engine.resume()
+
+
+async def test_a_result_folder_it_cannot_list_at_start_stops_the_start_and_forgets_nothing(
+    workdir: Path, make_emulator: EmulatorFactory
+) -> None:
+    """The start-up listing of the results skipped a folder it may not list (a trouble that may pass:
+    a wrong owner after a restore) as if it were empty: the finished, unfetched job was taken for
+    "its result files are gone", forgotten in the journal for good and its folder moved aside.
+    Now the start stops, naming it; once it can be read, the results are there."""
+    emulator = await make_emulator()
+    flags = (*backends(emulator), "--inline-result-kb", "0")  # results as files
+    async with aiohttp.ClientSession() as session:
+        async with bridge_process(workdir, *flags) as (proc, url):
+            job_id = await post_job(session, url, "patient", TINY)
+            await wait_closed(session, url, ["patient"])
+            proc.kill()  # kill -9: the job is done, its results unfetched
+            await proc.wait()
+        folder = workdir / "data" / "results" / job_id
+        folder.chmod(0o311)  # may be entered, not listed
+        try:
+            refused = await asyncio.to_thread(run_cli, list(flags), workdir, bound_by_file_modes())
+        finally:
+            folder.chmod(0o755)
+        assert_one_line_error(refused, f"the data folder cannot be used: Permission denied: {folder}")
+        async with bridge_process(workdir, *flags) as (proc, url):
+            delivered = await fetch_results(session, url, "patient")
+    assert [delivered_job for delivered_job, _ in delivered] == [job_id]
+
+
+async def test_an_upload_outlives_a_job_whose_end_is_not_recorded_yet(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job's end released its uploads at once, before the end was durable: while it could not be
+    recorded (a full disk, a database away), the upload expired; a restart then ran the job again
+    (its ComfyUI had forgotten the prompt) with an upload that was gone, and it failed."""
+    emulator = await make_emulator()
+    first = await make_bridge(emulator, upload_ttl=0.5, data_dir=tmp_path / "data")
+    journal = first.app[JOURNAL]
+    update = journal.update
+    refused = asyncio.Event()
+
+    def no_end(job_id: str, fields: dict[str, Any], delivery: Any = None) -> asyncio.Future[None]:
+        if fields.get("state") != "done":
+            return update(job_id, fields, delivery)
+        refused.set()
+        future = asyncio.get_running_loop().create_future()
+        future.set_exception(StorageUnavailable("The bridge's database cannot be reached"))
+        return future
+
+    monkeypatch.setattr(journal, "update", no_end)
+    _, needed = await upload(first, {"file": ("needed.png", png(10, 10))}, client_id="durable")
+    status, body = await generate(first, "durable", {"workflow": "invert", "1/image": needed["file"]})
+    assert status == 200, body
+    await asyncio.wait_for(refused.wait(), 10)  # the job ran; its end is not recorded
+    _, control = await upload(first, {"file": ("control.png", png(10, 10))}, client_id="other")
+    folder = tmp_path / "data" / "uploads"
+    await wait_for(lambda: not (folder / "c-other" / control["file"]).exists())  # a sweep past the TTL ran
+    await first.close()  # the end never landed: the journal says the job is in ComfyUI
+    emulator.engine.history.clear()  # which restarted too, and forgot the prompt
+    second = await make_bridge(emulator, data_dir=tmp_path / "data")
+    assert (await poll_status(second, "durable", {"closed", "error"}))["status"] == "closed"

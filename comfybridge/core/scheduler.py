@@ -485,6 +485,7 @@ class Scheduler:
             job.sending = None
             self.core.take_back(backend, job)
         self.core.closed(job)
+        self.core.release_uploads(job)  # (also when it ended while its accept was written: never recorded)
         client = self.clients.get(job.client_id)
         if client is not None:
             self.core.told_ending(client, job.id)

@@ -367,16 +367,25 @@ class Core:
                 if backend.client.inputs is not None:
                     backend.client.inputs.remove_later(names, self.spawn)
 
-    def closed(self, job: Job) -> None:
-        """A job leaves its client's unfinished jobs (ended, or never accepted)."""
+    def closed(self, job: Job, uploads: bool = True) -> None:
+        """A job leaves its client's unfinished jobs (ended, or never accepted); with `uploads`, its
+        uploads are released too (an ending releases them once it is durable: a restart before
+        that runs the job again, with them)."""
         client = self.clients.get(job.client_id)
         if client is not None and client.jobs.pop(job.id, None) is not None:
-            self.inputs_unneeded(self.uploads.unpin(job.uploads.values()))
+            if uploads:
+                self.release_uploads(job)
             key = scope_of(job.client_id)
             if key is not None:
                 self.open_jobs_by_key[key] -= 1
                 if self.open_jobs_by_key[key] <= 0:
                     del self.open_jobs_by_key[key]
+
+    def release_uploads(self, job: Job) -> None:
+        """The job no longer needs its uploads: their time to expire runs (once no other job pins them)."""
+        if not job.uploads_released:
+            job.uploads_released = True
+            self.inputs_unneeded(self.uploads.unpin(job.uploads.values()))
 
     # endings ---------------------------------------------------------------------------------
     def end(
@@ -402,7 +411,7 @@ class Core:
         else:
             committed = job.move(state, delivery, error=error)
         self.queue.remove(job)
-        self.closed(job)
+        self.closed(job, uploads=False)  # released once the end is durable (`_ended`)
         facts = {**_where_and_how_long(job), "outcome": state.value}
         log.log(
             logging.WARNING if state is JobState.FAILED else logging.INFO,
@@ -422,6 +431,7 @@ class Core:
     ) -> None:
         """Only a durable end is told: one a restart would not find is recorded again until it lands."""
         if job.refused:  # ended (interrupted) while its accept was written, which then failed
+            self.release_uploads(job)
             return
         if done.cancelled() or done.exception() is not None:
             self.spawn(self._record_end_again(job, files, notify, delivery), f"record end {job.id}")
@@ -439,6 +449,7 @@ class Core:
             await asyncio.sleep(delay)
             delay = min(END_RETRY_MAX, delay * 2)
             if job.refused:
+                self.release_uploads(job)
                 return
             try:
                 await job.record_again()
@@ -452,6 +463,7 @@ class Core:
 
     def _ended(self, job: Job, files: list[ResultFile] | None, notify: bool) -> None:
         self.metrics.job_ended(job.workflow, job.state.value)  # durable: a next term will not end it again
+        self.release_uploads(job)
         if files is not None:
             self.results.add(job.id, job.client_id, job.seq, files)
             job.results = None  # recorded; its encoded copy of inline files would double their memory

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import shutil
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
@@ -201,15 +202,23 @@ def _delete_files(root: Path, keys: list[str]) -> None:
 
 
 def _walk(root: Path, prefix: str) -> list[tuple[str, float]]:
+    """Every file under `root` whose key starts with `prefix`, with its modified time. A folder it
+    may not list raises (OSError): read as empty (as a glob would), its files would be taken for
+    gone, and their records forgotten."""
     found: list[tuple[str, float]] = []
     if not root.is_dir():
         return found
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
+
+    def refuse(exc: OSError) -> None:
+        raise exc
+
+    for folder, _, names in os.walk(root, onerror=refuse):
+        for name in names:
+            path = Path(folder, name)
             key = path.relative_to(root).as_posix()
-            if key.startswith(prefix):
+            if key.startswith(prefix) and path.is_file():
                 found.append((key, path.stat().st_mtime))
-    return found
+    return sorted(found)
 
 
 class _LocalWriter:
