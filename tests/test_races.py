@@ -230,3 +230,31 @@ async def test_a_backend_is_not_up_while_prompts_moved_off_it_during_its_reconci
     engine.resume()
     await wait_for(lambda: engine.queue_remaining == 0)
     assert y_prompt not in engine.started, "Y ran on the spare, and its old prompt started here as well"
+
+
+@pytest.mark.both_dialects
+async def test_a_prompt_reconcile_found_unknown_stays_kept_to_take_back_once_the_backend_is_up(
+    make_fake: Any, make_bridge: BridgeFactory
+) -> None:
+    """A prompt a reconcile finds unknown is kept to take back should it show up later (a hand-over
+    still on its way from a paused leader must not run beside the job's next prompt): the take-back
+    after the reconcile, meant for prompts moved off the backend meanwhile, must leave it listed."""
+    fake: FakeComfy = await make_fake(pace=0.05)
+    engine = fake.upstream.engine
+    engine.pause()
+    client = await make_bridge(fake.url, backend_grace=30, job_idle_timeout=60)
+    scheduler = client.app[SCHEDULER]
+    (backend,) = scheduler.backends.values()
+    assert (await generate(client, "a", {"workflow": "slow", "2/seed": 1}))[0] == 200
+    await wait_for(lambda: engine.queue_remaining == 1)
+    (job,) = scheduler.clients.get("a").jobs.values()
+    old_prompt = job.prompt_id
+
+    fake.replace("GET /prompt", 500, "{}", times=10_000)  # its socket drops and cannot come back yet
+    await fake.drop_sockets()
+    await wait_for(lambda: not backend.healthy)
+    engine.clear_pending()  # ComfyUI restarted meanwhile: the prompt is unknown to it now
+    fake.answers["GET /prompt"].clear()
+    await wait_for(lambda: backend.healthy)
+    await wait_for(lambda: job.prompt_id != old_prompt)  # unknown: sent again under a new prompt id
+    assert old_prompt in backend.abandoned, "the unknown prompt is no longer kept to take back"

@@ -35,8 +35,10 @@ class Failover:
 
         async def connected() -> None:
             await self.take_back_abandoned(backend)
-            await self.reconcile(backend)
-            await self.take_back_abandoned(backend)  # moved elsewhere during the reconcile (its grace ran out)
+            unknown = await self.reconcile(backend)
+            # Moved elsewhere during the reconcile (its grace ran out); not those it found unknown:
+            # kept to take back should they show up later (`reconcile`).
+            await self.take_back_abandoned(backend, only=set(backend.abandoned) - unknown)
             if not backend.object_info_loaded:
                 await self.learn_object_info(backend)
             backend.healthy = True
@@ -51,11 +53,12 @@ class Failover:
             backend.first_attempt,
         )
 
-    async def take_back_abandoned(self, backend: Backend) -> None:
-        """A backend is not up until the prompts moved elsewhere are gone from it."""
-        await self.core.remove_abandoned(backend)
-        if backend.abandoned:
-            raise BackendUnavailable(f"{backend.name}: {len(backend.abandoned)} moved prompts not taken back yet")
+    async def take_back_abandoned(self, backend: Backend, only: set[str] | None = None) -> None:
+        """A backend is not up until the prompts moved elsewhere (all, or `only` these) are gone from it."""
+        await self.core.remove_abandoned(backend, only)
+        left = backend.abandoned if only is None else backend.abandoned & only
+        if left:
+            raise BackendUnavailable(f"{backend.name}: {len(left)} moved prompts not taken back yet")
 
     def lost(self, backend: Backend) -> None:
         """Its event socket is gone (or whoever listened to it failed): down until it reconnects."""
@@ -122,12 +125,13 @@ class Failover:
         self.core.send_again(job, "lost run" if lost else None)
         return True
 
-    async def reconcile(self, backend: Backend) -> None:
+    async def reconcile(self, backend: Backend) -> set[str]:
         """After a lost socket or a restart: ask ComfyUI about every prompt the bridge had there.
-        Still queued or running: adopted. Finished: collected. Unknown: sent again."""
+        Still queued or running: adopted. Finished: collected. Unknown: sent again (the prompt ids
+        it found unknown are returned)."""
         core = self.core
         if not backend.inflight:
-            return
+            return set()
         running, pending = await backend.client.queue()
         missing: list[tuple[Job, str]] = []  # neither queued nor in the history when asked about
         for job in list(backend.inflight):
@@ -153,6 +157,7 @@ class Failover:
         if missing:  # the queue read first may be stale: a hand-over in flight then may have landed since
             running, pending = await backend.client.queue()
         unknown: list[Job] = []
+        kept: set[str] = set()  # their prompt ids, kept to take back
         for job, asked in missing:
             if job.prompt_id != asked or job not in backend.inflight or _adopted(job, running, pending):
                 continue
@@ -161,10 +166,12 @@ class Failover:
             # last leader of a cluster, paused mid-send, then woken) must not run beside the job's
             # next prompt.
             core.abandon(backend, asked)
+            kept.add(asked)
             unknown.append(job)
         for job in reversed(unknown):  # each goes to the head of the queue: the earliest must end up first
             if not job.ended and self._send_again(job, _ran(job)):
                 log.warning("job %s client %s: unknown to %s, sending it again", job.id, job.client_id, backend.name)
+        return kept
 
     async def _reconcile_again(self, backend: Backend) -> None:
         with contextlib.suppress(BackendUnavailable):  # away again: its next connect reconciles

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Collection, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -250,12 +250,12 @@ class Core:
         with contextlib.suppress(RuntimeError):  # a journal closed (a stop, a lost term): nothing to keep
             self.journal.keep_abandoned(orjson.dumps(kept).decode() if kept else "")
 
-    async def remove_abandoned(self, backend: Backend) -> None:
-        """Prompts moved elsewhere while this backend was away or stuck must not run here too; one
-        that cannot be cancelled now stays listed, for its next connect."""
+    async def remove_abandoned(self, backend: Backend, only: Collection[str] | None = None) -> None:
+        """Prompts moved elsewhere while this backend was away or stuck must not run here too (all
+        of them, or `only` these); one that cannot be cancelled now stays listed, for its next connect."""
         removed = False
         try:
-            for prompt_id in list(backend.abandoned):
+            for prompt_id in [p for p in backend.abandoned if only is None or p in only]:
                 try:
                     await backend.client.cancel(prompt_id)
                 except BackendUnavailable as exc:
