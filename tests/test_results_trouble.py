@@ -198,6 +198,35 @@ async def test_interrupt_stops_the_tries_to_store_results_and_lets_comfyui_go(
     await wait_for(lambda: files_under(outputs) == [])
 
 
+async def test_results_that_could_not_be_stored_stay_in_comfyui(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job failed as its results could not be stored leaves ComfyUI their one copy (and its history
+    entry), also once its prompt leaves ComfyUI after that: only a job that ended before anything
+    was collected lets ComfyUI go then."""
+    emulator = await make_emulator()
+    outputs = Path(emulator.engine.output_dir)
+    client = await make_bridge(emulator, result_retries=2, inline_result_kb=0, comfy_outputs=((emulator.url, outputs),))
+
+    def no_room(target: Path, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(target.parent))
+
+    monkeypatch.setattr(blobs, "write_synced", no_room)
+    emulator.engine.faults.hold_end = True  # the prompt leaves ComfyUI only after the job failed
+    assert (await generate(client, "full", SOLID))[0] == 200
+    info = await poll_status(client, "full", {"closed", "error"}, timeout=30)
+    assert info["detail"].startswith("The results could not be stored")
+    (backend,) = client.app[SCHEDULER].backends.values()
+    emulator.engine.release_hang()
+    await wait_for(lambda: not backend.inflight)  # its prompt has left ComfyUI
+    (kept,) = emulator.engine.history
+    monkeypatch.undo()
+    assert (await generate(client, "after", SOLID))[0] == 200  # delivered: ComfyUI lets it go
+    assert (await poll_status(client, "after", {"closed", "error"}))["status"] == "closed"
+    await wait_for(lambda: list(emulator.engine.history) == [kept])
+    assert len(files_under(outputs)) == 1
+
+
 async def test_a_result_that_trickles_in_fails_its_job_within_bounds(
     make_fake: Any, make_bridge: BridgeFactory
 ) -> None:

@@ -132,6 +132,7 @@ class Job:
     webhook: str | None = None  # where to tell of its end (the request's `_webhook`, or its key's)
     forget_on_leave: bool = False  # delivered before ComfyUI let go of its prompt: delete its history then
     let_go: bool = False  # ComfyUI's copy of its prompt (own output files, history entry) is being removed
+    collected: bool = False  # a collection ran: it decided what of the prompt ComfyUI keeps (let go, or kept)
     uploads_released: bool = False  # its uploads no longer pinned by it (its end is durable, or it was refused)
     # A request waiting for its end (`?wait=1`): resolved once its end is durable and its results held.
     awaited: asyncio.Future[None] | None = field(default=None, repr=False, compare=False)

@@ -129,8 +129,9 @@ class Tracker:
             core.metrics.job_finished(job.workflow, backend.client.shown, ran)
             if job.outcome == "success":
                 core.runtimes.observe(job.workflow, backend.name, ran, job.warm)
-        if job.ended and not job.let_go and job.id not in core.collecting:
+        if job.ended and not job.collected and job.id not in core.collecting:
             # Ended first (interrupted as it finished, timed out): what it left in ComfyUI goes.
+            # (A collection decides for itself: it keeps the one copy of results it could not store.)
             core.spawn(self._let_go_of_ended(backend, job), f"let go of prompt {job.prompt_id}")
         self._collect(backend, job)
         self.left(backend, job)
@@ -167,6 +168,7 @@ class Tracker:
         again a bounded number of times, one that will not (a file over the size limit) fails it at
         once."""
         core = self.core
+        job.collected = True
         ended = None
         refs: list[OutputRef] = []
         finished = seen
