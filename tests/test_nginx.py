@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import socket
 import struct
@@ -31,7 +32,7 @@ from .helpers import (
     without_job_id,
 )
 from .postgres import PostgresServer
-from .services import nginx_config, unused_port
+from .services import ROOT, nginx_config, unused_port
 
 CONFIG = """
 worker_processes 1;
@@ -357,3 +358,41 @@ async def test_a_download_dropped_behind_nginx_can_be_fetched_again(
         assert len(answer) == resp.content_length
         async with session.get(f"{url}/history", params={"clientId": "mobile"}) as resp:
             assert resp.status == 204  # taken whole this time
+
+
+@pytest.mark.parametrize(
+    ("plain", "encoded"),
+    [
+        ("plain-id", "plain-id"),
+        ("app:1", "app%3a1"),
+        ("app:1:2:3:4", "app%3A1%3A2%3A3%3A4"),
+        ("tenant:app:user:device:session:7", "tenant%3Aapp%3Auser%3Adevice%3Asession%3A7"),
+    ],
+)
+async def test_a_clientid_hashes_alike_however_its_colons_are_spelled(tmp_path: Path, plain: str, encoded: str) -> None:
+    """The shipped config's map gives one hash key to both spellings of a clientId, whatever the
+    number of its colons (it rewrote 1 to 3 only: with more, the two spellings met two bridges)."""
+    binary = system_binary("nginx", "nginx-light")
+    site = (ROOT / "config" / "nginx-comfybridge.conf").read_text()
+    found = re.search(r"map \$arg_clientId \$comfybridge_client \{.*?\n\}\n", site, re.S)
+    assert found is not None
+    root = tmp_path / "nginx"
+    root.mkdir()
+    port = unused_port()
+    user = "user root;" if os.geteuid() == 0 else ""
+    temps = "".join(
+        f"{kind}_temp_path {root}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    (root / "nginx.conf").write_text(
+        f"worker_processes 1;\n{user}\npid {root}/nginx.pid;\nerror_log {root}/error.log;\ndaemon off;\n"
+        "events { worker_connections 64; }\nhttp {\naccess_log off;\n"
+        + temps
+        + found.group(0)
+        + f'server {{ listen 127.0.0.1:{port}; location / {{ return 200 "$comfybridge_client"; }} }}\n}}\n'
+    )
+    async with nginx(binary, root, port) as url, aiohttp.ClientSession() as session:
+        keys = []
+        for value in (plain, encoded):
+            async with session.get(URL(f"{url}/history?clientId={value}", encoded=True)) as resp:
+                keys.append(await resp.text())
+    assert keys[0] == keys[1], f"hash keys differ: {keys}"
