@@ -122,8 +122,8 @@ async def test_interrupt_after_a_restart_before_its_backend_reconnects_stops_the
 ) -> None:
     """A job handed over by the last process comes back as SUBMITTING (QUEUED/RUNNING are not
     journaled) with no hand-over in flight. Interrupted before its backend's socket connects,
-    `interrupt` leaves it to a send that does not exist; the reconcile then finds a CANCELLED job
-    in ComfyUI's queue and leaves it there: the cancelled prompt runs to its end."""
+    `interrupt` left it to a send that does not exist; the reconcile then found a CANCELLED job in
+    ComfyUI's queue and left it there: the cancelled prompt ran to its end."""
     fake: FakeComfy = await make_fake()
     engine = fake.upstream.engine
     engine.pause()  # the prompt waits in ComfyUI's queue
@@ -155,10 +155,10 @@ async def test_interrupt_after_a_restart_before_its_backend_reconnects_stops_the
 async def test_a_hand_over_that_lands_during_a_reconcile_is_not_taken_for_lost(
     make_fake: Any, make_bridge: BridgeFactory
 ) -> None:
-    """`reconcile` reads ComfyUI's queue once, then awaits /history for each prompt missing from it.
-    A hand-over (skipped while in flight) that lands during such an await is then judged against the
-    stale snapshot: its prompt, queued fine, looks unknown, is abandoned and sent again. The old
-    prompt starts in ComfyUI before it is taken back: one job, two prompts run."""
+    """`reconcile` read ComfyUI's queue once, then awaited /history for each prompt missing from it.
+    A hand-over (skipped while in flight) that landed during such an await was then judged against
+    the stale listing: its prompt, queued fine, looked unknown, was abandoned and sent again, and
+    started in ComfyUI before it was taken back: one job, two prompts run."""
     fake: FakeComfy = await make_fake()
     engine = fake.upstream.engine
     engine.pause()
@@ -197,10 +197,10 @@ async def test_a_hand_over_that_lands_during_a_reconcile_is_not_taken_for_lost(
 async def test_a_backend_is_not_up_while_prompts_moved_off_it_during_its_reconcile_are_still_there(
     make_fake: Any, make_emulator: Any, make_bridge: BridgeFactory
 ) -> None:
-    """`connected()` takes the abandoned prompts back *before* it reconciles, and says the backend is
-    not up until they are gone. A reconcile that outlives backend_grace (a slow /history) lets the
-    failover move the jobs meanwhile and abandon their prompts here; the backend is then declared up
-    with them still in its queue: the old prompt of a job now run elsewhere starts here too."""
+    """`connected()` took the abandoned prompts back only *before* it reconciled. A reconcile that
+    outlives backend_grace (a slow /history) lets the failover move the jobs meanwhile and abandon
+    their prompts here; the backend was then declared up with them still in its queue: the old
+    prompt of a job now run elsewhere started here too."""
     fake: FakeComfy = await make_fake()
     engine = fake.upstream.engine
     spare = await make_emulator()
