@@ -219,6 +219,30 @@ async def test_only_the_jobs_own_outputs_are_read_here_or_deleted(make_fake: Any
     assert (output / "admin.png").read_bytes() == png(4, 4)
 
 
+async def test_a_prompt_gone_from_comfyui_before_its_last_event_is_let_go_when_interrupted(
+    make_fake: Any, make_bridge: BridgeFactory
+) -> None:
+    """ComfyUI finished the prompt, but its last events have not reached the bridge when the client
+    interrupts: the cancel finds the prompt gone from ComfyUI's queue and takes the job back, and the
+    late `executing null` then matches no job. What the prompt saved stayed in ComfyUI for good."""
+    fake = await make_fake()
+    engine = fake.upstream.engine
+    output = engine.output_dir
+    client = await make_bridge(fake.url, comfy_outputs=((fake.url, output),), job_idle_timeout=600)
+    engine.pause()
+    assert (await generate(client, "late", SOLID))[0] == 200
+    scheduler = client.app[SCHEDULER]
+    (job,) = scheduler.clients.get("late").jobs.values()
+    await wait_for(lambda: engine.queue_remaining == 1)
+    prompt_id = job.prompt_id
+    fake.rewrite = lambda text: text if prompt_id not in text or "execution_start" in text else ""  # late
+    engine.resume()
+    await wait_for(lambda: prompt_id in engine.history and bool(files_under(output)))
+    assert (await client.post("/interrupt", params={"clientId": "late"})).status == 200
+    assert (await poll_status(client, "late", {"error", "closed"}))["detail"] == "interrupted"
+    await wait_for(lambda: not engine.history and not files_under(output))
+
+
 def test_a_job_folder_is_only_what_the_bridge_named_for_that_job() -> None:
     job = "0123456789abcdef0123456789abcdef"
     mine = OutputRef(f"x_{job}_00001_.png", f"comfybridge/2026-12-01/{job[:12]}/video", "output")

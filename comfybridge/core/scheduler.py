@@ -566,6 +566,8 @@ class Scheduler:
             )
             if handed and backend is not None:
                 await core.cancel_on_backend(backend, job)
+                if job not in backend.inflight:  # gone from ComfyUI's queue before its last event came
+                    self.tracker.let_go_of_ended(backend, job)
             # WAITING: end took it out of the queue. Handing over: its send cancels it once ComfyUI answers.
         outcomes = await asyncio.gather(*ended, return_exceptions=True)
         failed = next((o for o in outcomes if isinstance(o, BaseException)), None)

@@ -129,10 +129,7 @@ class Tracker:
             core.metrics.job_finished(job.workflow, backend.client.shown, ran)
             if job.outcome == "success":
                 core.runtimes.observe(job.workflow, backend.name, ran, job.warm)
-        if job.ended and not job.collected and job.id not in core.collecting:
-            # Ended first (interrupted as it finished, timed out): what it left in ComfyUI goes.
-            # (A collection decides for itself: it keeps the one copy of results it could not store.)
-            core.spawn(self._let_go_of_ended(backend, job), f"let go of prompt {job.prompt_id}")
+        self.let_go_of_ended(backend, job)
         self._collect(backend, job)
         self.left(backend, job)
 
@@ -227,9 +224,17 @@ class Tracker:
         self._let_go(backend, job, refs)
         await care.after_job(backend, job.prompt_id, core.settings)
 
+    def let_go_of_ended(self, backend: Backend, job: Job) -> None:
+        """A job that ended before its prompt left ComfyUI (interrupted as it finished, timed out):
+        what the prompt left there goes. Not if a collection ran: it decides for itself (it keeps
+        the one copy of results it could not store)."""
+        core = self.core
+        if job.ended and not job.collected and job.id not in core.collecting:
+            core.spawn(self._let_go_of_ended(backend, job), f"let go of prompt {job.prompt_id}")
+
     async def _let_go_of_ended(self, backend: Backend, job: Job) -> None:
-        """A job that ended before its prompt did: what the prompt left in ComfyUI goes, as ComfyUI's
-        history names it (a history that cannot be read keeps it: ComfyUI's history is bounded)."""
+        """What the prompt left in ComfyUI goes, as ComfyUI's history names it (a history that cannot
+        be read keeps it: ComfyUI's history is bounded; none: it never ran)."""
         try:
             entry = await backend.client.history(job.prompt_id)
         except BackendUnavailable as exc:
