@@ -173,6 +173,10 @@ UNSAFE = {
     "PHP": ("x.php", b"<?php system($_GET['c']); ?>" + b" " * 40),
     "an ID3 tag glued onto HTML": ("x.mp3", b"ID3" + b"<!doctype html><script>alert(1)</script>" + b" " * 40),
     "an ID3 tag and no audio after it": ("x.mp3", b"ID3\x04\x00\x00\x00\x00\x00\x04" + b"\0" * 4 + b"<?php ?>" * 8),
+    "an ID3 tag, then a FLAC signature glued onto a script": (
+        "x.flac",
+        b"ID3\x04\x00\x00\x00\x00\x00\x04" + b"\0" * 4 + b"fLaC" + b"<?php system($_GET['c']); ?>" * 4,
+    ),
     "a WebM signature glued onto HTML": ("x.webm", b"\x1aE\xdf\xa3<html><script>alert(1)</script>" + b" " * 40),
     "a WebM of unknown size that is HTML": (
         "x.webm",
@@ -267,6 +271,20 @@ async def test_the_content_names_the_stored_extension(bridge: Client) -> None:
     assert re.fullmatch(r"[0-9a-f]{12}-x\.png", names["page"])
     assert re.fullmatch(r"[0-9a-f]{12}-file\.png", names["conf"])
     assert re.fullmatch(r"[0-9a-f]{12}-holiday\.jpeg", names["photo"])  # the client's name, when it is true
+
+
+def id3_tag(size: int) -> bytes:
+    """An ID3v2.4 tag of `size` bytes of frames (a tagger's cover art), its size in 7-bit bytes."""
+    return b"ID3\x04\x00\x00" + bytes((size >> shift) & 0x7F for shift in (21, 14, 7, 0)) + bytes(size)
+
+
+@pytest.mark.parametrize("tag", [10, 300_000], ids=["small tag", "cover art over several chunks"])
+async def test_a_flac_led_by_an_id3_tag_is_stored_as_flac(bridge: Client, tag: int) -> None:
+    """Some taggers put an ID3v2 tag before a FLAC's "fLaC" (ffmpeg, and so ComfyUI, reads past it):
+    it was taken for an MP3 by its first bytes, and refused as a broken one."""
+    status, names = await upload(bridge, {"file": ("song.flac", id3_tag(tag) + FLAC)}, client_id="tagged")
+    assert status == 200, names
+    assert names["file"].endswith("-song.flac")
 
 
 async def test_a_file_input_takes_only_its_kind(bridge: Client) -> None:

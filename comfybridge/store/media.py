@@ -21,13 +21,37 @@ __all__ = [
     "is_complete",
     "media_kind_of",
     "sniff",
+    "sniff_needs",
 ]
 
 SNIFF_BYTES = 32
+SNIFF_MAX = 4 << 20  # bytes of leading ID3v2 tags (cover art) looked past, at most, to see the audio
+
+
+def sniff_needs(head: bytes) -> int:
+    """How many first bytes `sniff` needs, from what `head` already holds: SNIFF_BYTES, or, after
+    ID3v2 tags (an MP3's, or a FLAC's some taggers write), up to the audio's first four bytes."""
+    return max(SNIFF_BYTES, min(_after_id3(head) + 4, SNIFF_MAX))
+
+
+def _after_id3(head: bytes) -> int:
+    """Where what follows the leading ID3v2 tags begins, as far as `head` tells (0 without one); past
+    its end when more bytes are needed to tell."""
+    position = 0
+    while head[position : position + 3] == b"ID3":
+        tag = head[position : position + 10]
+        if len(tag) < 10:
+            return position + 10
+        if any(byte & 0x80 for byte in tag[6:10]):  # no tag: a size is four 7-bit bytes
+            return position
+        stated = sum(byte << (7 * (3 - n)) for n, byte in enumerate(tag[6:10]))
+        position += 10 + stated + (10 if tag[5] & 0x10 else 0)  # (a footer, when its flag says so)
+    return position
 
 
 def sniff(head: bytes) -> tuple[str, str, str] | None:
-    """(kind, MIME type, extension) of a file from its first bytes, or None for anything not media."""
+    """(kind, MIME type, extension) of a file from its first bytes (`sniff_needs` of them), or None
+    for anything not media."""
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
         return "image", "image/png", ".png"
     if head.startswith(b"\xff\xd8\xff"):
@@ -57,7 +81,8 @@ def sniff(head: bytes) -> tuple[str, str, str] | None:
         return "video", "video/webm", ".webm"
     if head.startswith(b"OggS"):
         return "audio", "audio/ogg", ".ogg"
-    if head.startswith(b"fLaC"):
+    audio = head[_after_id3(head) :]  # (ID3v2 tags lead an MP3, and some FLACs)
+    if audio.startswith(b"fLaC"):
         return "audio", "audio/flac", ".flac"
     if head.startswith(b"ID3") or head[:2] in (b"\xff\xfb", b"\xff\xf3", b"\xff\xf2"):
         return "audio", "audio/mpeg", ".mp3"
@@ -198,19 +223,27 @@ _HERTZ = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 
 MP3_LEAD = 64 * 1024  # zero bytes allowed between the tags and the first frame (as ffmpeg resyncs)
 
 
-def _mpeg_audio_follows(handle: BinaryIO, size: int) -> bool:
-    """MP3: after any ID3v2 tags (each where the last one's stated size ends) and zero padding,
-    MPEG audio frames: two in a row, or one that ends the file (an ID3v1 tag may follow)."""
+def _id3_end(handle: BinaryIO) -> int | None:
+    """Where the file's leading ID3v2 tags end (each where the last one's stated size ends; 0
+    without one), or None for a tag that is cut off or states no size."""
     position = 0
     while True:
         handle.seek(position)
         head = handle.read(10)
         if not head.startswith(b"ID3"):
-            break
+            return position
         if len(head) < 10 or any(byte & 0x80 for byte in head[6:10]):
-            return False
+            return None
         stated = sum(byte << (7 * (3 - n)) for n, byte in enumerate(head[6:10]))
         position += 10 + stated + (10 if head[5] & 0x10 else 0)
+
+
+def _mpeg_audio_follows(handle: BinaryIO, size: int) -> bool:
+    """MP3: after any ID3v2 tags and zero padding, MPEG audio frames: two in a row, or one that ends
+    the file (an ID3v1 tag may follow)."""
+    position = _id3_end(handle)
+    if position is None:
+        return False
     handle.seek(position)
     lead = handle.read(MP3_LEAD)
     position += len(lead) - len(lead.lstrip(b"\x00"))
@@ -293,9 +326,16 @@ def _ogg_pages_fill(handle: BinaryIO, size: int) -> bool:
 
 
 def _flac_frames_follow(handle: BinaryIO, size: int) -> bool:
-    """FLAC: "fLaC", STREAMINFO first (34 bytes), metadata blocks up to the one marked last, then a
-    frame's sync code (or nothing: a stream of no samples)."""
-    position, first = 4, True
+    """FLAC: after any ID3v2 tags (some taggers write them), "fLaC", STREAMINFO first (34 bytes),
+    metadata blocks up to the one marked last, then a frame's sync code (or nothing: a stream of no
+    samples)."""
+    start = _id3_end(handle)
+    if start is None:
+        return False
+    handle.seek(start)
+    if handle.read(4) != b"fLaC":
+        return False
+    position, first = start + 4, True
     for _ in range(MAX_HEADERS):
         handle.seek(position)
         header = handle.read(4)

@@ -19,7 +19,7 @@ from pathlib import Path
 from ..errors import BadInput, StorageError, StorageFull, StorageUnavailable, TooLarge, UnsupportedMedia
 from .blobs import BlobStore, BlobWriter, sweep
 from .files import NO_SPACE, fsync_path, in_thread, open_off_loop
-from .media import MAX_FRAMES, SNIFF_BYTES, BadHeaders, Frames, image_frames, is_complete, media_kind_of, sniff
+from .media import MAX_FRAMES, BadHeaders, Frames, image_frames, is_complete, media_kind_of, sniff, sniff_needs
 
 __all__ = ["IncomingFile", "UploadGone", "UploadLimits", "UploadStore", "safe_name"]
 
@@ -78,6 +78,15 @@ def safe_name(filename: str, mime: str, sniffed_ext: str) -> str:
     if not re.fullmatch(r"\.[a-z0-9]{1,8}", ext) or mimetypes.guess_type("x" + ext)[0] != mime:
         ext = sniffed_ext
     return f"{secrets.token_hex(6)}-{stem}{ext}"
+
+
+def _sniffed(head: bytes, chunk: bytes) -> bytes:
+    """`head` grown from `chunk` up to what `sniff` needs (more once ID3 tags say how long they are)."""
+    used = 0
+    while used < len(chunk) and len(head) < (need := sniff_needs(head)):
+        piece = chunk[used : used + need - len(head)]
+        head, used = head + piece, used + len(piece)
+    return head
 
 
 def _touch(paths: list[Path], when: float) -> None:
@@ -264,8 +273,8 @@ class UploadStore:
                     if before + size > limits.max_request_bytes:
                         raise TooLarge(f"The upload is larger than the limit of {_mb(limits.max_request_bytes)} MB.")
                     if not kind:
-                        head += chunk[:SNIFF_BYTES]
-                        if len(head) >= SNIFF_BYTES:
+                        head = _sniffed(head, chunk)
+                        if len(head) >= sniff_needs(head):
                             kind, mime, ext = self._check_media(head, part)
                             name = safe_name(part.filename or "", mime, ext)
                     await asyncio.to_thread(handle.write, chunk)
