@@ -22,7 +22,7 @@ from ..store.files import SMALL_FILE
 from ..store.results import ResultFile, ResultStore
 from .replies import quoted_header_text
 
-__all__ = ["UNCONFIRMED", "ResultLost", "links_reply", "received", "write_base64", "write_multipart"]
+__all__ = ["ResultLost", "confirmed_later", "links_reply", "received", "write_base64", "write_multipart"]
 
 
 CHUNK = 256 * 1024
@@ -146,6 +146,11 @@ async def _send_whole(request: web.Request, headers: dict[str, str], body: bytes
     return response
 
 
+def confirmed_later(response: web.StreamResponse) -> bool:
+    """Whether a written answer is too large to count as received once written (see `received`)."""
+    return (response.content_length or 0) > UNCONFIRMED
+
+
 async def received(request: web.Request, response: web.StreamResponse) -> bool:
     """Whether a written answer reached the client. A large one is "written" once it sits in kernel
     (and a proxy's) buffers: megabytes that a client hanging up mid-download never gets. So it
@@ -155,7 +160,7 @@ async def received(request: web.Request, response: web.StreamResponse) -> bool:
     (as if it had: never twice)."""
     transport = request.transport
     sock = transport.get_extra_info("socket") if transport is not None else None
-    if transport is None or sock is None or (response.content_length or 0) <= UNCONFIRMED:
+    if transport is None or sock is None or not confirmed_later(response):
         return True
     try:  # a copy of our own: readable after aiohttp closes the socket (the client's FIN, or a reset)
         own = socket.fromfd(sock.fileno(), sock.family, sock.type)

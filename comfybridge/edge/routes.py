@@ -23,7 +23,7 @@ from . import openapi
 from .access import KEY, client_id_of, query_value
 from .appkeys import HUB, SCHEDULER, SETTINGS, WORKFLOWS
 from .bodies import BodyDeadline, expect_continue, expect_nothing, json_body, part_chunks, refuse_early
-from .delivery import UNCONFIRMED, ResultLost, links_reply, received, write_base64, write_multipart
+from .delivery import ResultLost, confirmed_later, links_reply, received, write_base64, write_multipart
 from .operations import docs, health, metrics, playground, playground_file, ready
 from .replies import json_response
 from .ws import websocket_handler
@@ -257,7 +257,7 @@ async def _deliver(
         scheduler.release_results(fetched)
         raise
 
-    if (response.content_length or 0) <= UNCONFIRMED:  # (one burst: written is as good as received)
+    if not confirmed_later(response):  # (one burst: written is as good as received)
         scheduler.results_fetched(client_id, fetched)
         return response
 

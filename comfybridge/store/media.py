@@ -34,18 +34,25 @@ def sniff_needs(head: bytes) -> int:
     return max(SNIFF_BYTES, min(_after_id3(head) + 4, SNIFF_MAX))
 
 
+def _id3_length(header: bytes) -> int | None:
+    """The whole length of the ID3v2 tag whose 10-byte header this is (its stated size is four 7-bit
+    bytes; a footer follows when its flag says so), or None for a header cut off or of no size."""
+    if len(header) < 10 or any(byte & 0x80 for byte in header[6:10]):
+        return None
+    stated = sum(byte << (7 * (3 - n)) for n, byte in enumerate(header[6:10]))
+    return 10 + stated + (10 if header[5] & 0x10 else 0)
+
+
 def _after_id3(head: bytes) -> int:
     """Where what follows the leading ID3v2 tags begins, as far as `head` tells (0 without one); past
     its end when more bytes are needed to tell."""
     position = 0
     while head[position : position + 3] == b"ID3":
-        tag = head[position : position + 10]
-        if len(tag) < 10:
-            return position + 10
-        if any(byte & 0x80 for byte in tag[6:10]):  # no tag: a size is four 7-bit bytes
-            return position
-        stated = sum(byte << (7 * (3 - n)) for n, byte in enumerate(tag[6:10]))
-        position += 10 + stated + (10 if tag[5] & 0x10 else 0)  # (a footer, when its flag says so)
+        header = head[position : position + 10]
+        length = _id3_length(header)
+        if length is None:  # cut off: its header is needed; else no tag
+            return position + 10 if len(header) < 10 else position
+        position += length
     return position
 
 
@@ -229,13 +236,13 @@ def _id3_end(handle: BinaryIO) -> int | None:
     position = 0
     while True:
         handle.seek(position)
-        head = handle.read(10)
-        if not head.startswith(b"ID3"):
+        header = handle.read(10)
+        if not header.startswith(b"ID3"):
             return position
-        if len(head) < 10 or any(byte & 0x80 for byte in head[6:10]):
+        length = _id3_length(header)
+        if length is None:
             return None
-        stated = sum(byte << (7 * (3 - n)) for n, byte in enumerate(head[6:10]))
-        position += 10 + stated + (10 if head[5] & 0x10 else 0)
+        position += length
 
 
 def _mpeg_audio_follows(handle: BinaryIO, size: int) -> bool:
