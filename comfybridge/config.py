@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import math
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -25,6 +26,7 @@ __all__ = ["OPTIONS", "ConfigError", "Settings", "load_settings"]
 DEFAULT_CONFIG = Path("config/comfybridge.toml")
 SECRETS = {"database", "webhook_secret", "metrics_key", "api_keys"}  # settings whose values are never echoed
 ENV_PREFIX = "COMFYBRIDGE_"
+ROOT_PATH = re.compile(r"(/(?!\.+(/|$))[A-Za-z0-9._~-]+)+")  # nothing a link would escape; no . or ..
 
 
 class ConfigError(Exception):
@@ -91,6 +93,7 @@ class Settings:
     max_sockets_per_client: int = 8
     max_sockets_per_ip: int = 256
     trusted_proxies: tuple[str, ...] = ()
+    root_path: str = ""
     cors_origins: tuple[str, ...] = ()
     ready_max_queue: int = 0
     metrics_key: str = ""
@@ -276,6 +279,13 @@ def _advertise_url(value: str) -> str:
     return value
 
 
+def _root_path(value: str) -> str:
+    value = str(value).strip().rstrip("/")
+    if value and not ROOT_PATH.fullmatch(value):
+        raise Invalid("must be empty or a path such as /comfy or /api/comfy (letters, digits, - . _ ~ only)")
+    return value
+
+
 def _log_format(value: str) -> str | None:
     return None if value in ("text", "json") else "must be text or json"
 
@@ -404,6 +414,12 @@ OPTIONS: dict[str, tuple[Parser, Callable[[Any], str | None] | None, str]] = {
     "max_sockets_per_client": (_number(int), _positive, "open WebSockets one clientId may have (429 beyond)"),
     "max_sockets_per_ip": (_number(int), _positive, "open WebSockets one address may have (429 beyond)"),
     "trusted_proxies": (_networks, None, "addresses (CIDR) whose X-Forwarded-For is believed, e.g. 127.0.0.1"),
+    "root_path": (
+        _root_path,
+        None,
+        "the path a proxy serves the bridge under, e.g. /comfy (the proxy strips it); links the bridge gives "
+        "start with it",
+    ),
     "cors_origins": (_words, None, "origins browsers may call from (* for any; none: CORS off)"),
     "database": (
         _database,

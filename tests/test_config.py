@@ -439,3 +439,11 @@ def test_a_webhook_secret_without_a_key_is_refused(tmp_path: Path, secret: str, 
     """`whsec_` (`whsec_${UNSET}`) decoded to an empty key: every call was signed with a key anyone has."""
     with pytest.raises(ConfigError, match=f"--webhook-secret.*{said}"):
         load_settings(["--webhook-secret", secret], environ={}, cwd=tmp_path)
+
+
+@pytest.mark.parametrize("value", ["comfy", "/a b", "/comfy?x=1", "/caf%C3%A9", "/a//b", "/..", "/a/./b"])
+def test_a_root_path_a_link_could_not_carry_as_it_is_is_refused(tmp_path: Path, value: str) -> None:
+    with pytest.raises(ConfigError, match=r"--root-path: .* must be empty or a path such as /comfy"):
+        load_settings(["--root-path", value], environ={}, cwd=tmp_path)
+    settings = load_settings(["--root-path", "/studio/comfy/"], environ={}, cwd=tmp_path)
+    assert settings.root_path == "/studio/comfy"  # a trailing slash is dropped: links add their own

@@ -50,7 +50,7 @@ http {{
     scgi_temp_path {root}/scgi;
     server {{
         listen 127.0.0.1:{port};
-        location / {{
+        location {location} {{
             proxy_pass http://127.0.0.1:{upstream};
             proxy_http_version 1.1;
             proxy_set_header Upgrade $http_upgrade;
@@ -66,15 +66,15 @@ http {{
 
 
 @contextlib.asynccontextmanager
-async def nginx(binary: str, root: Path, port: int, status: int = 200) -> AsyncIterator[str]:
-    """nginx with `root`/nginx.conf, listening on `port`, until the block ends (up once /workflow-list
-    answers `status`); its URL."""
+async def nginx(binary: str, root: Path, port: int, status: int = 200, path: str = "") -> AsyncIterator[str]:
+    """nginx with `root`/nginx.conf, listening on `port`, until the block ends (up once
+    `path`/workflow-list answers `status`); its URL."""
     proc = await asyncio.create_subprocess_exec(
         binary, "-c", str(root / "nginx.conf"), "-p", str(root), stderr=asyncio.subprocess.DEVNULL
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        await wait_until_up(f"{url}/workflow-list", proc, root / "error.log", status=status)
+        await wait_until_up(f"{url}{path}/workflow-list", proc, root / "error.log", status=status)
         yield url
     finally:
         proc.terminate()
@@ -91,7 +91,8 @@ async def behind_nginx(
     root.mkdir()
     port = unused_port()
     user = "user root;" if os.geteuid() == 0 else ""
-    (root / "nginx.conf").write_text(CONFIG.format(user=user, root=root, port=port, upstream=client.server.port))
+    config = CONFIG.format(user=user, root=root, port=port, location="/", upstream=client.server.port)
+    (root / "nginx.conf").write_text(config)
     async with nginx(binary, root, port) as url:
         yield url
 
@@ -201,6 +202,34 @@ async def one_client(session: aiohttp.ClientSession, url: str, client_id: str) -
                 break
     async with session.get(f"{url}/history", params=params) as resp:
         assert len(await read_results(resp)) == 1
+
+
+async def test_a_bridge_served_under_a_path_gives_links_that_work_there(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    binary = system_binary("nginx", "nginx-light")
+    client = await make_bridge(await make_emulator(pace=0.01), root_path="/studio/comfy")
+    port = unused_port()
+    user = "user root;" if os.geteuid() == 0 else ""
+    # proxy_pass with a URI: nginx strips the location's path before passing the request on
+    upstream = f"{client.server.port}/"
+    config = CONFIG.format(user=user, root=tmp_path, port=port, location="/studio/comfy/", upstream=upstream)
+    (tmp_path / "nginx.conf").write_text(config)
+    async with nginx(binary, tmp_path, port, path="/studio/comfy") as host, aiohttp.ClientSession() as session:
+        url = f"{host}/studio/comfy"
+        async with session.get(f"{url}/workflow-list", params={"detail": "1"}) as resp:
+            entry = next(e for e in await resp.json() if e["name"] == "text-to-image")
+        async with session.get(f"{host}{entry['thumbnail']}") as resp:  # the link as given, on the host
+            assert (resp.status, resp.content_type) == (200, "image/png")
+        async with session.get(f"{url}/openapi.json") as resp:
+            document = await resp.json()
+        assert document["servers"] == [{"url": "/studio/comfy"}]
+        assert document["components"]["schemas"]["Generate_text-to-image"]["x-thumbnail"] == entry["thumbnail"]
+        async with session.get(f"{host}{document['servers'][0]['url']}/workflow-info?workflow=solid") as resp:
+            assert resp.status == 200
+        async with session.get(f"{url}/playground/") as resp:  # redirected within the path
+            assert (resp.status, resp.url.path) == (200, "/studio/comfy/playground")
+        await one_client(session, url, "under-a-path")
 
 
 @pytest.mark.parametrize("shipped", ["nginx-comfybridge.conf", "nginx-comfybridge-cluster.conf"])

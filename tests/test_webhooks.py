@@ -117,6 +117,17 @@ async def test_done_is_signed_retried_and_delivered_once_acknowledged(
     assert len(receiver.calls) == 3  # and never sent again
 
 
+async def test_the_results_link_starts_with_the_path_a_proxy_serves_the_bridge_at(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(webhooks, "FIRST_RETRY", 0.05)
+    settings = {"webhook_secret": SECRET, "webhook_allow_private": True, "root_path": "/studio/comfy"}
+    client = await make_bridge(await make_emulator(), **settings)
+    await run_job(client, "hooked", {"workflow": "solid", "_webhook": receiver.url})
+    await wait_for(lambda: len(receiver.calls) == 3)
+    assert receiver.events()[-1]["data"]["results"] == "/studio/comfy/history?clientId=hooked"
+
+
 async def test_a_call_is_tried_once_more_as_its_max_age_ends(
     make_emulator: EmulatorFactory, make_bridge: BridgeFactory, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:

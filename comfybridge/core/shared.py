@@ -87,6 +87,7 @@ class SchedulerSettings:
     result_retries: int
     max_event_mb: float
     max_text_kb: float
+    root_path: str  # the path a proxy serves the bridge under: links given out start with it
 
 
 def _where_and_how_long(job: Job) -> dict[str, Any]:
@@ -405,7 +406,8 @@ class Core:
         if job.webhook is not None:
             told = [{"file_name": f.file_name, "content_type": f.content_type, "size": f.size} for f in files or []]
             detail = CLOSED["detail"] if state is JobState.DONE else error or "error"
-            delivery = delivery_for(job.id, job.client_id, job.workflow, state.value, detail, told, job.webhook)
+            root = self.settings.root_path
+            delivery = delivery_for(job.id, job.client_id, job.workflow, state.value, detail, told, job.webhook, root)
         if files is not None:
             committed = job.move(state, delivery, error=error, results=[f.record() for f in files])
         else:

@@ -125,7 +125,14 @@ async def check_public(url: str) -> None:
 
 
 def delivery_for(
-    job_id: str, client_id: str, workflow: str, outcome: str, detail: str, files: list[dict[str, Any]], url: str
+    job_id: str,
+    client_id: str,
+    workflow: str,
+    outcome: str,
+    detail: str,
+    files: list[dict[str, Any]],
+    url: str,
+    root: str = "",
 ) -> dict[str, Any]:
     """The call that tells `url` of a job's end: its id (stable, so a receiver can drop duplicates),
     its body (naming the client as the app knows it) and its owner, whose turns it takes (the job's
@@ -141,7 +148,7 @@ def delivery_for(
             "status": "closed" if outcome == "done" else "error",
             "detail": detail,
             "files": files,
-            "results": f"/history?clientId={unscoped(client_id)}" if outcome == "done" else None,
+            "results": f"{root}/history?clientId={unscoped(client_id)}" if outcome == "done" else None,
         },
     }
     owner = scope_of(client_id) or client_id

@@ -130,9 +130,10 @@ class Workflow:
     description: str = ""
     thumbnail: Path | None = None  # a picture of what it makes, inside the workflow folder
 
-    def catalogue_entry(self) -> dict[str, Any]:
-        """The workflow as the catalogue shows it: name, description, thumbnail link, inputs."""
-        thumbnail = f"/workflow-thumbnail?workflow={quote(self.alias)}" if self.thumbnail else None
+    def catalogue_entry(self, root: str = "") -> dict[str, Any]:
+        """The workflow as the catalogue shows it: name, description, thumbnail link (under `root`, the
+        path a proxy serves the bridge at), inputs."""
+        thumbnail = f"{root}/workflow-thumbnail?workflow={quote(self.alias)}" if self.thumbnail else None
         return {
             "name": self.alias,
             "description": self.description,

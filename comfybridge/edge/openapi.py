@@ -77,7 +77,7 @@ def input_schema(spec: InputSpec) -> dict[str, Any]:
     return schema
 
 
-def request_schema(workflow: Workflow) -> dict[str, Any]:
+def request_schema(workflow: Workflow, root: str = "") -> dict[str, Any]:
     """What POST /generate-based-workflow takes for this workflow: its alias and its exposed inputs."""
     properties: dict[str, Any] = {"workflow": {"const": workflow.alias}}
     properties.update({key: input_schema(spec) for key, spec in workflow.inputs.items()})
@@ -90,7 +90,7 @@ def request_schema(workflow: Workflow) -> dict[str, Any]:
     }
     if workflow.description:
         schema["description"] = workflow.description
-    catalogue = workflow.catalogue_entry()
+    catalogue = workflow.catalogue_entry(root)
     if catalogue["thumbnail"]:
         schema["x-thumbnail"] = catalogue["thumbnail"]
     return schema
@@ -113,9 +113,11 @@ def _component_names(aliases: list[str]) -> dict[str, str]:
     return names
 
 
-def document(workflows: WorkflowStore, aliases: list[str]) -> dict[str, Any]:
-    """The OpenAPI document for the workflows a caller may use."""
-    per_workflow = {name: request_schema(workflows.get(alias)) for alias, name in _component_names(aliases).items()}
+def document(workflows: WorkflowStore, aliases: list[str], root: str = "") -> dict[str, Any]:
+    """The OpenAPI document for the workflows a caller may use; `root`: the path a proxy serves the
+    bridge under (its `servers`, which the paths are relative to)."""
+    names = _component_names(aliases)
+    per_workflow = {name: request_schema(workflows.get(alias), root) for alias, name in names.items()}
     schemas: dict[str, Any] = {
         "Error": {"type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]},
         "CatalogueEntry": {
@@ -408,8 +410,10 @@ def document(workflows: WorkflowStore, aliases: list[str]) -> dict[str, Any]:
             }
         },
     }
+    served_at = {"servers": [{"url": root}]} if root else {}  # (absent: "/", the default)
     return {
         "openapi": "3.1.0",
+        **served_at,
         "info": {
             "title": "comfybridge",
             "version": __version__,

@@ -56,9 +56,9 @@ async def workflow_list(request: web.Request) -> web.Response:
     aliases = _aliases(request)
     if not _flag(request, "detail"):
         return json_response(aliases)
-    store = request.app[WORKFLOWS]
+    store, root = request.app[WORKFLOWS], request.app[SETTINGS].root_path
     body = store.view(
-        ("catalogue", *aliases), lambda: orjson.dumps([store.get(alias).catalogue_entry() for alias in aliases])
+        ("catalogue", *aliases), lambda: orjson.dumps([store.get(alias).catalogue_entry(root) for alias in aliases])
     )
     return web.Response(body=body, content_type="application/json")
 
@@ -76,8 +76,8 @@ async def workflow_thumbnail(request: web.Request) -> web.StreamResponse:
 
 
 async def openapi_json(request: web.Request) -> web.Response:
-    store, aliases = request.app[WORKFLOWS], _aliases(request)
-    body = store.view(("openapi", *aliases), lambda: orjson.dumps(openapi.document(store, aliases)))
+    store, aliases, root = request.app[WORKFLOWS], _aliases(request), request.app[SETTINGS].root_path
+    body = store.view(("openapi", *aliases), lambda: orjson.dumps(openapi.document(store, aliases, root)))
     return web.Response(body=body, content_type="application/json")
 
 

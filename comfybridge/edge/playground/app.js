@@ -41,7 +41,8 @@ async function loadCatalogue() {
       const key = $("key").value.trim();
       if (entry.thumbnail) {
         picture.alt = "";
-        picture.src = entry.thumbnail.replace(/^\//, "") + (key ? "&token=" + encodeURIComponent(key) : "");
+        // the link as the bridge gives it: from the host's root, with --root-path under a proxy's path
+        picture.src = entry.thumbnail + (key ? "&token=" + encodeURIComponent(key) : "");
       }
       const text = document.createElement("span");
       text.textContent = entry.name;
