@@ -122,6 +122,7 @@ def create_app(
             allowed_kinds=settings.allowed_media,
             max_frame_mp=settings.max_frame_mp,
             max_total_mp=settings.max_total_mp,
+            max_video_mp=settings.max_video_mp,
         ),
         bucket.child("uploads") if bucket else None,
     )

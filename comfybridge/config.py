@@ -63,6 +63,7 @@ class Settings:
     allowed_media: tuple[str, ...] = ("image", "video", "audio")
     max_frame_mp: float = 50.0
     max_total_mp: float = 200.0
+    max_video_mp: float = 2000.0
     pipeline_depth: int = 1
     shutdown_timeout: float = 10.0
     log_level: str = "INFO"
@@ -352,6 +353,11 @@ OPTIONS: dict[str, tuple[Parser, Callable[[Any], str | None] | None, str]] = {
     "allowed_media": (_words, _media, "media kinds accepted by /upload (image, video, audio)"),
     "max_frame_mp": (_number(float), _positive, "largest frame an uploaded image may have, in megapixels"),
     "max_total_mp": (_number(float), _positive, "most pixels of all an uploaded image's frames, in megapixels"),
+    "max_video_mp": (
+        _number(float),
+        _positive,
+        "most pixels of all an uploaded video's frames, in megapixels (ComfyUI decodes them all to float32)",
+    ),
     "pipeline_depth": (_number(int), _not_negative, "prompts queued in each ComfyUI behind the running one; 0: none"),
     "shutdown_timeout": (_number(float), _not_negative, "seconds in-flight requests get to finish on SIGTERM"),
     "log_level": (str, _level, "DEBUG, INFO, WARNING or ERROR"),

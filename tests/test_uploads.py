@@ -389,7 +389,7 @@ async def test_results_being_expired_are_not_handed_to_a_fetch_meanwhile(
 
 
 def _store(root: Path) -> UploadStore:
-    return UploadStore(root, UploadLimits(1 << 20, 1 << 22, 4, ("image",), 50.0, 200.0))
+    return UploadStore(root, UploadLimits(1 << 20, 1 << 22, 4, ("image",), 50.0, 200.0, 2000.0))
 
 
 async def _one_png(before: asyncio.Event | None = None) -> AsyncIterator[IncomingFile]:

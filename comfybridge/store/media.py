@@ -471,7 +471,7 @@ class _Walk:
 
 
 def image_frames(path: Path, ext: str) -> Frames | None:
-    """How many frames an image has and how large, from its headers only, so a decompression bomb
+    """How many frames an image (or a video) has and how large, from its headers only, so a decompression bomb
     (ComfyUI decodes every frame to float32) is refused before anything decodes it; None for a
     format not read here. Reads in small pieces and stops past MAX_FRAMES or MAX_PIECES, so a
     hostile file costs little; raises only BadHeaders. Blocking: run it in a thread."""
@@ -481,6 +481,8 @@ def image_frames(path: Path, ext: str) -> Frames | None:
     tally = _Tally()
     with path.open("rb", buffering=_BUFFER) as handle, contextlib.suppress(_Enough):
         read(_Walk(handle, os.fstat(handle.fileno()).st_size), tally)
+    if read is _movie and not tally.count:  # no video in it (sound alone): no frames to decode
+        return None
     return tally.frames()
 
 
@@ -916,32 +918,100 @@ def _iref(walk: _Walk, start: int, end: int) -> set[int]:
 
 
 def _heif_track(walk: _Walk, start: int, end: int) -> tuple[int, int, int]:
-    """A track's presentation size (tkhd, 16.16 fixed point, rounded up) and sample count (stsz or
-    stz2, the same field); none for a sound track (hdlr)."""
-    width = height = samples = 0
+    """A track's presentation size and sample count; none for a sound track."""
+    track = _track(walk, start, end)
+    return (0, 0, 0) if track.handler == b"soun" else (track.width, track.height, track.samples)
+
+
+@dataclass(frozen=True)
+class _Track:
+    ident: int
+    width: int
+    height: int
+    samples: int
+    handler: bytes  # vide, soun, pict, text, tmcd...
+
+
+PICTURES = {b"vide", b"pict"}  # handlers of tracks whose sample descriptions are visual sample entries
+
+
+def _track(walk: _Walk, start: int, end: int) -> _Track:
+    """A trak box: its id and presentation size (tkhd, 16.16 fixed point, rounded up), grown to any
+    larger size its visual sample descriptions declare (stsd), its sample count (stsz or stz2, the same
+    field) and its handler (hdlr: ISO's handler type, QuickTime's component subtype, alike)."""
+    ident = width = height = samples = 0
+    handler = b""
+    described = (0, 0)
     for kind, at, stop in _boxes(walk, start, end):
         if kind == b"tkhd":
-            skip = 4 + (84 if _fields(walk, at, stop, 1)[0] else 72)  # version 1: 64-bit times
-            fixed = struct.unpack(">II", _fields(walk, at + skip, stop, 8))
+            wide = _fields(walk, at, stop, 1)[0]  # version 1: 64-bit times
+            (ident,) = struct.unpack(">I", _fields(walk, at + (20 if wide else 12), stop, 4))
+            fixed = struct.unpack(">II", _fields(walk, at + 4 + (84 if wide else 72), stop, 8))
             width, height = ((value + 0xFFFF) >> 16 for value in fixed)
         elif kind == b"mdia":
             for part, inner, limit in _boxes(walk, at, stop):
-                if part == b"hdlr" and _fields(walk, inner, limit, 12)[8:] == b"soun":
-                    return 0, 0, 0
-                if part == b"minf":
-                    samples = max(samples, _samples(walk, inner, limit))
-    return width, height, samples
+                if part == b"hdlr":
+                    handler = _fields(walk, inner, limit, 12)[8:]
+                elif part == b"minf":
+                    found, declared = _samples(walk, inner, limit)
+                    samples = max(samples, found)
+                    described = max(described, declared, key=_area)
+    if handler in PICTURES:
+        width, height = max((width, height), described, key=_area)
+    return _Track(ident, width, height, samples, handler)
 
 
-def _samples(walk: _Walk, start: int, end: int) -> int:
-    """The sample count of a media information box's sample table."""
+def _samples(walk: _Walk, start: int, end: int) -> tuple[int, tuple[int, int]]:
+    """The sample count of a media information box's sample table, and the largest size its video
+    sample descriptions declare (a visual sample entry's width and height; (0, 0) for others)."""
     samples = 0
+    largest = (0, 0)
     for kind, at, stop in _boxes(walk, start, end):
         if kind == b"stbl":
             for part, inner, limit in _boxes(walk, at, stop):
                 if part in (b"stsz", b"stz2"):
                     samples = max(samples, struct.unpack(">8xI", _fields(walk, inner, limit, 12))[0])
-    return samples
+                elif part == b"stsd":
+                    for _, entry, entry_end in _boxes(walk, inner + 8, limit):  # after version, flags, count
+                        if entry + 28 <= entry_end:  # long enough to be a visual sample entry
+                            size = struct.unpack(">HH", _fields(walk, entry + 24, entry_end, 4))
+                            largest = max(largest, size, key=_area)
+    return samples, largest
+
+
+def _movie(walk: _Walk, tally: _Tally) -> None:
+    """MP4 and QuickTime. A video input (PyAV, in ComfyUI) decodes every frame of its video track
+    to float32: each sample of a track whose handler is vide, counted in its sample table or, in a
+    fragmented file, in the runs (trun) of each fragment of that track (traf, named by tfhd), at
+    the largest size the track declares. Sound, text and timecode tracks are no frames. The sizes
+    coded inside the bitstream, which the boxes declare, are not read."""
+    video: set[int] = set()
+    for kind, start, end in _boxes(walk, 0, walk.size):
+        if kind == b"moov":
+            for part, at, stop in _boxes(walk, start, end):
+                if part == b"trak":
+                    track = _track(walk, at, stop)
+                    if track.handler == b"vide":
+                        video.add(track.ident)
+                        tally.grow(track.width, track.height)
+                        tally.fill(tally.count + track.samples)
+        elif kind == b"moof":
+            for part, at, stop in _boxes(walk, start, end):
+                if part == b"traf":
+                    ident, samples = _fragment(walk, at, stop)
+                    if ident in video:
+                        tally.fill(tally.count + samples)
+
+
+def _fragment(walk: _Walk, start: int, end: int) -> tuple[int, int]:
+    """A track fragment's track (tfhd) and the samples of its runs (trun)."""
+    ident = samples = 0
+    for kind, at, stop in _boxes(walk, start, end):
+        if kind == b"tfhd":
+            (ident,) = struct.unpack(">4xI", _fields(walk, at, stop, 8))
+        elif kind == b"trun":
+            samples += struct.unpack(">4xI", _fields(walk, at, stop, 8))[0]
+    return ident, samples
 
 
 _READERS: dict[str, Callable[[_Walk, _Tally], None]] = {
@@ -953,6 +1023,8 @@ _READERS: dict[str, Callable[[_Walk, _Tally], None]] = {
     ".tiff": _tiff,
     ".avif": _heif,
     ".heic": _heif,
+    ".mp4": _movie,
+    ".mov": _movie,
 }
 
 

@@ -53,6 +53,7 @@ class UploadLimits:
     allowed_kinds: tuple[str, ...]
     max_frame_mp: float
     max_total_mp: float
+    max_video_mp: float
 
 
 class IncomingFile:
@@ -288,7 +289,7 @@ class UploadStore:
             if not kind:
                 kind, mime, ext = self._check_media(head, part)
                 name = safe_name(part.filename or "", mime, ext)
-            await self._check_content(tmp, ext, mime, part.filename or "")
+            await self._check_content(tmp, kind, ext, mime, part.filename or "")
             if self.blobs is not None:  # checked whole here; kept there (durable once committed)
                 path = Path(f"{_owner_dir(owner)}/{name}")
                 writer = writer or self.blobs.writer(path.as_posix())
@@ -322,9 +323,9 @@ class UploadStore:
         for upload in uploads:
             await asyncio.to_thread(upload.path.unlink, missing_ok=True)
 
-    async def _check_content(self, path: Path, ext: str, mime: str, filename: str) -> None:
-        """The whole file is well-formed and, for an image, its headers promise no more pixels than
-        the limits allow (ComfyUI decodes every frame to float32 at once)."""
+    async def _check_content(self, path: Path, kind: str, ext: str, mime: str, filename: str) -> None:
+        """The whole file is well-formed and, for an image or a video, its headers promise no more
+        pixels than the limits allow (ComfyUI decodes every frame to float32 at once)."""
         broken = f"File {filename!r} is not a complete, well-formed {mime} file."
         if not await asyncio.to_thread(is_complete, path, ext):
             raise UnsupportedMedia(broken)
@@ -332,7 +333,7 @@ class UploadStore:
             frames = await asyncio.to_thread(image_frames, path, ext)
         except BadHeaders:
             raise UnsupportedMedia(broken) from None
-        problem = _over_pixels(filename, frames, self.limits) if frames else None
+        problem = _over_pixels(filename, kind, frames, self.limits) if frames else None
         if problem:
             raise TooLarge(problem)
 
@@ -415,9 +416,9 @@ def _unlink_all(*paths: Path | None) -> None:
             path.unlink(missing_ok=True)
 
 
-def _over_pixels(filename: str, frames: Frames, limits: UploadLimits) -> str | None:
-    """Why an image would take too much memory to decode, or None: a small file of many or huge
-    frames could otherwise take a GPU server down."""
+def _over_pixels(filename: str, kind: str, frames: Frames, limits: UploadLimits) -> str | None:
+    """Why an image or a video would take too much memory to decode, or None: a small file of many
+    or huge frames could otherwise take a GPU server down."""
     if frames.count > MAX_FRAMES:
         return f"File {filename!r} has more than {MAX_FRAMES} frames, over the limit of {MAX_FRAMES} frames."
     size = f"{frames.width}x{frames.height}"
@@ -430,10 +431,11 @@ def _over_pixels(filename: str, frames: Frames, limits: UploadLimits) -> str | N
             f"File {filename!r} {shape} ({_mp(frames.frame_mp)} megapixels a frame), "
             f"over the limit of {_mp(limits.max_frame_mp)} megapixels (max_frame_mp)."
         )
-    if frames.total_mp > limits.max_total_mp:
+    total, setting = (limits.max_video_mp, "max_video_mp") if kind == "video" else (limits.max_total_mp, "max_total_mp")
+    if frames.total_mp > total:
         return (
             f"File {filename!r} {shape} ({_mp(frames.total_mp)} megapixels in all), "
-            f"over the limit of {_mp(limits.max_total_mp)} megapixels (max_total_mp)."
+            f"over the limit of {_mp(total)} megapixels ({setting})."
         )
     return None
 
