@@ -217,6 +217,50 @@ def movie(tracks: list[bytes], fragments: list[tuple[int, list[int]]] | None = N
     return box(b"ftyp", brand, bytes(4)) + box(b"moov", *tracks) + b"".join(moofs) + box(b"mdat", bytes(16))
 
 
+def ebml(element: bytes, *children: bytes, unknown: bool = False) -> bytes:
+    body = b"".join(children)
+    size = b"\x01" + (b"\xff" * 7 if unknown else len(body).to_bytes(7, "big"))
+    return element + size + body
+
+
+def ebml_uint(element: bytes, value: int) -> bytes:
+    return ebml(element, value.to_bytes(max(1, (value.bit_length() + 7) // 8), "big"))
+
+
+WebmTrack = tuple[int, int, int, int]  # number, type (1 video, 2 audio), width, height
+Block = tuple[int, int, bool]  # track number, frames (laced past 1), in a BlockGroup
+
+
+def webm(
+    tracks: list[WebmTrack], clusters: list[list[Block]], unknown: bool = False, tracks_last: bool = False
+) -> bytes:
+    """A WebM: its EBML header; a Segment (of unknown size, and its Clusters, if `unknown`) holding
+    Info, these tracks and these clusters of blocks, each a token of data (the tracks after the
+    clusters if `tracks_last`)."""
+    entries = [
+        ebml(
+            b"\xae",
+            ebml_uint(b"\xd7", number),
+            ebml_uint(b"\x83", kind),
+            ebml(b"\xe0", ebml_uint(b"\xb0", width), ebml_uint(b"\xba", height)),
+        )
+        for number, kind, width, height in tracks
+    ]
+
+    def block(track: int, frames: int, grouped: bool) -> bytes:
+        laced = frames > 1  # Xiph lacing: the frame count less one follows the flags
+        head = bytes([0x80 | track]) + b"\0\0" + bytes([0x80 | (0x02 if laced else 0)])
+        data = head + (bytes([frames - 1]) if laced else b"") + bytes(4)
+        return ebml(b"\xa0", ebml(b"\xa1", data)) if grouped else ebml(b"\xa3", data)
+
+    declared = ebml(b"\x16\x54\xae\x6b", *entries)
+    segment = [ebml(b"\x15\x49\xa9\x66", bytes(4)), *([] if tracks_last else [declared])]
+    for blocks in clusters:
+        segment.append(ebml(b"\x1f\x43\xb6\x75", ebml_uint(b"\xe7", 0), *(block(*b) for b in blocks), unknown=unknown))
+    segment += [declared] if tracks_last else []
+    return ebml(b"\x1aE\xdf\xa3", ebml(b"\x42\x82", b"webm")) + ebml(b"\x18\x53\x80\x67", *segment, unknown=unknown)
+
+
 def mpo(
     first: tuple[int, int],
     others: list[tuple[int, int]],
@@ -429,6 +473,30 @@ async def test_a_video_whose_frames_would_not_fit_in_memory_is_refused(bridge: C
     )
     assert status == 200
     assert names["clip"].endswith("-clip.mov")
+
+
+async def test_a_webm_whose_frames_would_not_fit_in_memory_is_refused(bridge: Client) -> None:
+    """A recorder's WebM (Segment and Clusters of unknown size) of 40 blocks, each lacing 256 frames."""
+    bomb = webm([(1, 1, 1920, 1080)], [[(1, 256, False)] * 4] * 10, unknown=True)
+    status, body = await upload(bridge, {"clip": ("clip.webm", bomb)}, client_id="bomber")
+    detail = "has 10240 frames of 1920x1080 (21234 megapixels in all), over the limit of 2000 megapixels"
+    assert (status, body) == (413, {"detail": f"File 'clip.webm' {detail} (max_video_mp)."})
+    assert stored(bridge) == []
+    status, _ = await upload(bridge, {"clip": ("clip.webm", webm([(1, 1, 1920, 1080)], [[(1, 1, False)] * 100]))})
+    assert status == 200
+
+
+def test_a_webms_video_blocks_are_frames_and_its_sound_is_not(tmp_path: Path) -> None:
+    tracks = [(1, 1, 1280, 720), (2, 2, 0, 0)]
+    clusters = [[(1, 1, False), (2, 1, False), (1, 4, False)], [(2, 1, False), (1, 1, True), (2, 9, False)]]
+    expected = Frames(6, 1280, 720, 6 * 921600, True)
+    assert frames_of(tmp_path, ".webm", webm(tracks, clusters)) == expected
+    assert frames_of(tmp_path, ".webm", webm(tracks, clusters, unknown=True)) == expected
+    # Tracks declared after the clusters count as well; frames are at the largest video track's size.
+    assert frames_of(tmp_path, ".webm", webm(tracks, clusters, tracks_last=True)) == expected
+    two = webm([*tracks, (3, 1, 3840, 2160)], [*clusters, [(3, 2, False)]])
+    assert frames_of(tmp_path, ".webm", two) == Frames(8, 3840, 2160, 8 * 8294400, True)
+    assert frames_of(tmp_path, ".webm", webm([(2, 2, 0, 0)], [[(2, 1, False)] * 3])) is None  # sound alone
 
 
 def test_a_movies_video_samples_are_frames_and_its_sound_is_not(tmp_path: Path) -> None:
@@ -855,6 +923,33 @@ def test_any_structure_of_boxes_directories_or_mp_entries_gives_frames_or_a_refu
         assert isinstance(frames, Frames)
         assert 1 <= frames.count <= MAX_FRAMES + 1
         assert frames.pixels <= frames.count * frames.width * frames.height
+
+
+webms = st.builds(
+    webm,
+    st.lists(
+        st.tuples(st.integers(0, 300), st.integers(0, 3), st.integers(0, 70000), st.integers(0, 70000)), max_size=3
+    ),
+    st.lists(st.lists(st.tuples(st.integers(0, 127), st.integers(1, 256), st.booleans()), max_size=4), max_size=3),
+    st.booleans(),
+    st.booleans(),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=webms, at=st.integers(0, 2**20), new=st.binary(max_size=4))
+def test_any_webm_changed_anywhere_gives_frames_or_a_refusal(data: bytes, at: int, new: bytes) -> None:
+    at = 16 + at % max(len(data) - 16, 1)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "clip.webm"
+        path.write_bytes(data[:at] + new + data[at + len(new) :])
+        try:
+            frames = image_frames(path, ".webm")
+        except BadHeaders:
+            return
+        if frames is not None:
+            assert 1 <= frames.count <= MAX_FRAMES + 1
+            assert frames.pixels <= frames.count * frames.width * frames.height
 
 
 async def test_a_webp_frame_that_swallows_the_frames_after_it_is_refused(bridge: Client) -> None:

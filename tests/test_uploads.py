@@ -244,7 +244,7 @@ WHOLE = {
         WEBM + (b"\x1f\x43\xb6\x75\x01" + b"\xff" * 7 + b"\xe7\x81\x00" + (b"\xa3\x88" + bytes(8)) * 400) * 360,
     ),
     "a WebM": ("c.webm", WEBM),
-    "a WebM of known sizes": ("d.webm", WEBM[:12] + b"\x18\x53\x80\x67\x90" + bytes(16)),
+    "a WebM of known sizes": ("d.webm", WEBM[:12] + b"\x18\x53\x80\x67\x90" + b"\xec\x8e" + bytes(14)),
     "a GIF padded with zeros": ("e.gif", UNSAFE["a whole GIF with a script after it"][1][:-23] + bytes(5)),
 }
 

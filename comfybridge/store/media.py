@@ -481,7 +481,7 @@ def image_frames(path: Path, ext: str) -> Frames | None:
     tally = _Tally()
     with path.open("rb", buffering=_BUFFER) as handle, contextlib.suppress(_Enough):
         read(_Walk(handle, os.fstat(handle.fileno()).st_size), tally)
-    if read is _movie and not tally.count:  # no video in it (sound alone): no frames to decode
+    if read in (_movie, _webm) and not tally.count:  # no video in it (sound alone): no frames to decode
         return None
     return tally.frames()
 
@@ -1014,6 +1014,97 @@ def _fragment(walk: _Walk, start: int, end: int) -> tuple[int, int]:
     return ident, samples
 
 
+WEBM_TRACKS = b"\x16\x54\xae\x6b"
+WEBM_TRACK_ENTRY = b"\xae"
+WEBM_BLOCKS = {b"\xa3", b"\xa1"}  # SimpleBlock, a BlockGroup's Block
+WEBM_DESCEND = {EBML_SEGMENT, WEBM_CLUSTER, b"\xa0"}  # walked into: Segment, Cluster, BlockGroup
+
+
+def _webm(walk: _Walk, tally: _Tally) -> None:
+    """WebM (Matroska). A video input (PyAV, in ComfyUI) decodes every frame of its video track:
+    each block (SimpleBlock, or a BlockGroup's Block) of a track whose TrackType is video is a
+    frame, or as many as its lacing packs, at the largest PixelWidth x PixelHeight the video
+    tracks declare. Segments and Clusters of unknown size (as recorders write them) are walked
+    alike. The sizes coded inside the bitstream, which the tracks declare, are not read."""
+    video: set[int] = set()
+    others: dict[int, int] = {}  # frames of tracks not known as video (yet: Tracks may come late)
+    for element, body, length in _ebml_children(walk, 0, walk.size):
+        if length is None:
+            continue
+        if element == WEBM_TRACKS:
+            for entry, at, size in _ebml_children(walk, body, body + length, descend=False):
+                if entry == WEBM_TRACK_ENTRY and size is not None:
+                    number, width, height = _webm_track(walk, at, at + size)
+                    if number is not None:
+                        video.add(number)
+                        tally.grow(width, height)
+        elif element in WEBM_BLOCKS:
+            track, frames = _webm_block(walk, body, length)
+            if track in video:
+                tally.fill(tally.count + frames)  # (past MAX_FRAMES the walk stops)
+            else:
+                others[track] = others.get(track, 0) + frames
+    tally.fill(tally.count + sum(count for track, count in others.items() if track in video))
+
+
+def _ebml_children(walk: _Walk, start: int, end: int, descend: bool = True) -> Iterator[tuple[bytes, int, int | None]]:
+    """(ID, body's start, length or None for unknown) of each EBML element in [start, end); the walk
+    goes on inside a Segment, Cluster or BlockGroup (if `descend`) and inside any element of
+    unknown size, past the body of any other."""
+    position = start
+    while position < end:
+        walk.seek(position)
+        header = walk.take(min(12, end - position))
+        id_length = 9 - header[0].bit_length()
+        if id_length > 4 or len(header) <= id_length:
+            raise BadHeaders("not an EBML element")
+        size_length = 9 - header[id_length].bit_length()
+        if size_length > 8 or len(header) < id_length + size_length:
+            raise BadHeaders("not an EBML element")
+        stated = int.from_bytes(header[id_length : id_length + size_length], "big") & ((1 << (7 * size_length)) - 1)
+        element, body = header[:id_length], position + id_length + size_length
+        length = None if stated == (1 << (7 * size_length)) - 1 else stated
+        if length is not None and body + length > end:
+            raise BadHeaders("an element runs past its parent")
+        yield element, body, length
+        position = body if length is None or (descend and element in WEBM_DESCEND) else body + length
+
+
+def _webm_track(walk: _Walk, start: int, end: int) -> tuple[int | None, int, int]:
+    """A TrackEntry's number, and its pixel size, if it is a video track (TrackType 1); else None."""
+    number = kind = width = height = 0
+    for element, body, length in _ebml_children(walk, start, end, descend=False):
+        if element == b"\xe0" and length is not None:  # Video
+            for part, at, size in _ebml_children(walk, body, body + length, descend=False):
+                if part in (b"\xb0", b"\xba") and size is not None:  # PixelWidth, PixelHeight
+                    value = _ebml_uint(walk, at, size)
+                    width, height = (value, height) if part == b"\xb0" else (width, value)
+        elif element in (b"\xd7", b"\x83") and length is not None:  # TrackNumber, TrackType
+            value = _ebml_uint(walk, body, length)
+            number, kind = (value, kind) if element == b"\xd7" else (number, value)
+    return (number if kind == 1 else None), width, height
+
+
+def _ebml_uint(walk: _Walk, start: int, length: int) -> int:
+    if length > 8:
+        raise BadHeaders("an unsigned integer of more than 8 bytes")
+    walk.seek(start)
+    return int.from_bytes(walk.take(length), "big")
+
+
+def _webm_block(walk: _Walk, start: int, length: int) -> tuple[int, int]:
+    """A block's track number and how many frames it holds (its lacing packs up to 256); track 0,
+    no track, for a block whose number cannot be read."""
+    walk.seek(start)
+    head = walk.take(min(length, 12))
+    size = 9 - head[0].bit_length() if head else 9
+    if size > 8 or len(head) < size + 3:
+        return 0, 0
+    track = int.from_bytes(head[:size], "big") & ((1 << (7 * size)) - 1)
+    laced = head[size + 2] & 0x06
+    return track, (head[size + 3] + 1 if laced and len(head) > size + 3 else 1)
+
+
 _READERS: dict[str, Callable[[_Walk, _Tally], None]] = {
     ".png": _png,
     ".gif": _gif,
@@ -1025,6 +1116,7 @@ _READERS: dict[str, Callable[[_Walk, _Tally], None]] = {
     ".heic": _heif,
     ".mp4": _movie,
     ".mov": _movie,
+    ".webm": _webm,
 }
 
 
