@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import fcntl
 import logging
 import os
 import re
 import socket
+import struct
+import termios
 import time
+import tracemalloc
 from typing import Any
 
 import aiohttp
@@ -542,3 +546,202 @@ async def test_execution_info_counts_a_job_accepted_while_the_first_waits_inside
     assert status == 200
     info = await (await client.get("/execution-info", params={"clientId": "mine"})).json()
     assert (info["status"], info["job_id"], info["jobs_left"]) == ("connected", first["job_id"], 2)
+
+
+async def test_an_ending_held_while_the_socket_was_away_counts_a_job_accepted_since_in_jobs_left(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    """docs/API.md: `jobs_left` is "counted when the frame is sent, so `0` really is the last ending".
+    A client's socket drops mid-job (a flaky mobile link); the job ends while it is away, so its
+    `closed` is held for the socket's return. Meanwhile the client submits a second job over REST.
+    Back within the grace, the socket hears the first job's `closed`: the second job is still to
+    end, so `jobs_left` must be 1. The bridge sends the frame as it was encoded when the job ended,
+    `jobs_left: 0`, and an app that stops at `jobs_left == 0` closes its socket, which cancels the
+    second job after the grace."""
+    client = await make_bridge(await make_emulator(pace=0.05), disconnect_grace=30)
+    async with client.ws_connect("/ws", params={"clientId": "flaky-link"}) as ws:
+        status, answer = await generate(client, "flaky-link", {"workflow": "slow", "2/seed": 1})
+        assert status == 200, answer
+        first = answer["job_id"]
+        await frames_until(ws, "progress")
+    await poll_status(client, "flaky-link", {"closed"})  # the first job ended while the socket was away
+    status, answer = await generate(client, "flaky-link", {"workflow": "slow", "2/seed": 2})
+    assert status == 200, answer
+    second = answer["job_id"]
+    async with client.ws_connect("/ws", params={"clientId": "flaky-link"}) as ws:
+        frames = await frames_until(ws, "closed")
+        assert (frames[-1]["job_id"], frames[-1]["jobs_left"]) == (first, 1), frames
+        frames = await frames_until(ws, "closed")
+        assert (frames[-1]["job_id"], frames[-1]["jobs_left"]) == (second, 0), frames
+
+
+async def test_a_socket_back_hears_a_later_jobs_ending_after_an_error_held_while_it_was_away(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    """A client's socket drops; its job fails while it is away (its `error`, which left the client
+    nothing at that moment, is held with the close that follows it). Still within the grace the
+    client submits another job over REST, which ends well. Its socket back must hear both endings,
+    the `error` and then the second job's `closed` (the contract closes a socket after an `error`
+    only "unless the client has further jobs in line"; docs/API.md: frames of job n+1 come after
+    job n's ending). The bridge replays the held close right after the `error` and cuts the socket
+    with 1011: the second job's frames, its `closed` among them, are never heard."""
+    emulator = await make_emulator(pace=0.02)
+    client = await make_bridge(emulator, disconnect_grace=30)
+    emulator.engine.pause()
+    async with client.ws_connect("/ws", params={"clientId": "away-err"}) as ws:
+        emulator.engine.faults.runtime_error = 1  # the first job fails
+        status, answer = await generate(client, "away-err", {"workflow": "solid", "1/batch_size": 1})
+        assert status == 200, answer
+        first = answer["job_id"]
+        await frames_until(ws, "connected")
+    emulator.engine.resume()
+    failed = await poll_status(client, "away-err", {"error"})  # it failed while the socket was away
+    assert failed["job_id"] == first
+    status, answer = await generate(client, "away-err", {"workflow": "solid", "1/batch_size": 2})
+    assert status == 200, answer
+    second = answer["job_id"]
+    done = await poll_status(client, "away-err", {"closed"})
+    assert done["job_id"] == second
+    async with client.ws_connect("/ws", params={"clientId": "away-err"}) as ws:
+        frames = await frames_until(ws, "error")
+        assert frames[-1]["job_id"] == first
+        try:
+            frames = await frames_until(ws, "closed")
+        except AssertionError:
+            raise AssertionError(f"the socket was closed ({ws.close_code}) before the second job's ending") from None
+        assert frames[-1]["job_id"] == second
+
+
+async def test_every_socket_back_hears_the_ending_told_while_the_clients_sockets_were_away(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    """The contract: "Several sockets for one clientId: all receive the same frames." A client with
+    two sockets open (two tabs of one app) loses both mid-job (a network blip); the job ends while
+    they are away, and both come back within the grace. Each must hear the job's `closed`; the bridge
+    hands what it held to the first socket back only, and the second never hears the job end."""
+    emulator = await make_emulator(pace=0.05)
+    client = await make_bridge(emulator, disconnect_grace=30)
+    async with (
+        client.ws_connect("/ws", params={"clientId": "two-tabs"}) as one,
+        client.ws_connect("/ws", params={"clientId": "two-tabs"}) as two,
+    ):
+        status, answer = await generate(client, "two-tabs", {"workflow": "slow", "2/seed": 3})
+        assert status == 200, answer
+        await frames_until(one, "progress")
+        await frames_until(two, "progress")
+    await poll_status(client, "two-tabs", {"closed"})  # it ended while both were away
+    async with (
+        client.ws_connect("/ws", params={"clientId": "two-tabs"}) as one,
+        client.ws_connect("/ws", params={"clientId": "two-tabs"}) as two,
+    ):
+        assert (await frames_until(one, "closed", timeout=3))[-1]["job_id"] == answer["job_id"]
+        try:
+            heard = await frames_until(two, "closed", timeout=3)
+        except TimeoutError:
+            raise AssertionError("the second socket back never heard the job's `closed`") from None
+        assert heard[-1]["job_id"] == answer["job_id"]
+
+
+async def test_execution_info_never_says_closed_with_jobs_left(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    """README: "`/execution-info` says `closed` only when no job of the client is left"; docs/API.md:
+    `jobs_left` counts the jobs whose ending the client has still to hear. A client's first job has
+    ended; its next submission is being journaled (a slow disk, or PostgreSQL's round trip). A poll
+    meanwhile answers `{"status": "closed", ..., "jobs_left": 1}`: `closed` and one job left at once,
+    which no reading of the contract allows (before the accept it is `closed`/0, after it
+    `listening`/1 about the new job)."""
+    client = await make_bridge(await make_emulator())
+    status, answer = await generate(client, "poller", {"workflow": "solid", "1/batch_size": 1})
+    assert status == 200, answer
+    await poll_status(client, "poller", {"closed"})
+    journal = client.app[SCHEDULER].core.journal
+    gate = asyncio.Event()
+    accept = journal.accept
+
+    def slow_accept(record: dict[str, Any]) -> asyncio.Future[int]:
+        written = accept(record)
+
+        async def later() -> int:
+            await gate.wait()
+            return await written
+
+        return asyncio.ensure_future(later())
+
+    journal.accept = slow_accept
+    submitting = asyncio.ensure_future(generate(client, "poller", {"workflow": "solid", "1/batch_size": 2}))
+    known = client.app[SCHEDULER].core.clients.get("poller")
+    assert known is not None
+    await wait_for(lambda: len(known.jobs) == 1)  # the second job is being accepted
+    try:
+        info = await (await client.get("/execution-info", params={"clientId": "poller"})).json()
+    finally:
+        gate.set()
+        journal.accept = accept
+        await submitting
+    assert not (info["status"] == "closed" and info["jobs_left"]), info
+
+
+async def test_sockets_that_send_a_large_frame_the_bridge_never_uses_cannot_pin_its_memory(bridge: Client) -> None:
+    """README ("Facing the internet"): "No request breaks it", bodies "are bounded as they arrive", and
+    "a client that never reads but keeps talking ... can no longer grow the bridge's memory"; 256
+    sockets per address are allowed. The bridge reads nothing a client sends on its socket, yet each
+    socket may send a text frame of up to aiohttp's default 4 MB, which is gathered in memory until it
+    is whole: one address with 256 sockets that each send 4 MB of a frame and stop pins about 1 GiB.
+    Here 16 sockets each send 4 MB of an unfinished frame; the bridge's memory must not grow by
+    anything like the 64 MB they sent (it grows by that much, and keeps it while they stay)."""
+    sockets, tracing = 16, not tracemalloc.is_tracing()
+    if tracing:
+        tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    payload = b"x" * 4_000_000
+    writers = []
+    try:
+        for n in range(sockets):
+            reader, writer = await asyncio.open_connection(bridge.host, bridge.port)
+            key = base64.b64encode(os.urandom(16)).decode()
+            writer.write(
+                f"GET /ws?clientId=talker-{n} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+            )
+            await reader.readuntil(b"\r\n\r\n")
+            # A masked text frame that says 4.1 MB, of which 4 MB is sent (mask 0: the bytes as they are).
+            writer.write(bytes((0x81, 0x80 | 127)) + (4_100_000).to_bytes(8, "big") + b"\0\0\0\0" + payload)
+            writers.append((reader, writer))
+        hub = bridge.app[HUB]
+
+        def all_read() -> bool:
+            """Every byte sent is read by the bridge, or its connection is gone (a refused frame)."""
+            for n, (_, writer) in enumerate(writers):
+                if (writer.transport.get_write_buffer_size() or _unsent(writer)) and hub.count(f"talker-{n}"):
+                    return False
+            for outboxes in hub._outboxes.values():
+                for outbox in outboxes.values():
+                    sock = outbox.transport.get_extra_info("socket") if outbox.transport else None
+                    if sock is not None and _unread(sock):
+                        return False
+            return True
+
+        await wait_for(all_read, timeout=30)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        for _, writer in writers:
+            writer.close()
+        if tracing:
+            tracemalloc.stop()
+    assert grown < sockets * 1_000_000, f"{sockets} sockets' unfinished frames hold {grown / 1e6:.0f} MB of the bridge"
+
+
+def _unsent(writer: asyncio.StreamWriter) -> int:
+    """Bytes of ours the peer has not acknowledged yet (Linux SIOCOUTQ)."""
+    sock = writer.get_extra_info("socket")
+    if writer.is_closing() or sock is None or sock.fileno() < 0:
+        return 0
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+
+
+def _unread(sock: socket.socket) -> int:
+    """Bytes waiting in the bridge's receive buffer of one socket (FIONREAD)."""
+    if sock.fileno() < 0:
+        return 0
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]

@@ -116,7 +116,10 @@ class Client:
         status = self.status
         if "job_id" not in status or "jobs_left" not in status:
             return status
-        left = self.jobs_left(status)
+        # A job whose accept is still being written is not the client's yet (its accept may fail):
+        # until it is, the status stands as it was, `closed` with nothing left among them.
+        accepting = sum(1 for job in self.jobs.values() if job.accepting is not None)
+        left = self.jobs_left(status) - accepting
         return status if left == status["jobs_left"] else {**status, "jobs_left": left}
 
 

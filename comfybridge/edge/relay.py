@@ -28,7 +28,7 @@ from ..errors import NoLeader, Relayed
 from .access import CALLER
 from .appkeys import RELAY_SESSION
 from .metrics import METRICS
-from .ws import CONNECTED_FRAME
+from .ws import CONNECTED_FRAME, MAX_CLIENT_MESSAGE
 
 __all__ = ["CALLER_HEADER", "LOCAL_PATHS", "RELAY_HEADER", "ClusterView", "relay_middleware", "relay_session"]
 
@@ -214,7 +214,7 @@ async def _relay_socket(
     leader's socket goes away, the next leader's is opened (its `connected` frame, said once already,
     is not repeated); a close the leader means (an error frame's 1011) is passed on."""
     upstream: aiohttp.ClientWebSocketResponse | None = await _open_upstream(session, view.upstream(), request, headers)
-    ws = web.WebSocketResponse(heartbeat=30)
+    ws = web.WebSocketResponse(heartbeat=30, max_msg_size=MAX_CLIENT_MESSAGE)
     try:
         await ws.prepare(request)
     except BaseException:  # the client left during the handshake: the leader's socket must not linger

@@ -19,7 +19,7 @@ from ..errors import BadInput, RateLimited
 from .access import CALLER, client_id_of
 from .appkeys import HUB, SCHEDULER, SETTINGS
 
-__all__ = ["HIGH_WATER", "Outbox", "SocketHub", "heartbeat", "text_frame", "websocket_handler"]
+__all__ = ["HIGH_WATER", "MAX_CLIENT_MESSAGE", "Outbox", "SocketHub", "heartbeat", "text_frame", "websocket_handler"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,10 @@ MAX_HELD = 4096  # frames kept for one client whose socket is expected back
 # Frames waiting in one outbox at most: a socket that falls this far behind reads too slowly or not
 # at all (a client that talks but never reads is never pinged out), and is cut rather than let grow.
 MAX_BEHIND = 1024
+# Bytes of a message a client may send (closed with 1009 beyond): the bridge uses none of them, and a
+# message is gathered in memory until whole (aiohttp's 4 MB default, on 256 sockets of one address,
+# would let it pin a GB).
+MAX_CLIENT_MESSAGE = 64 * 1024
 GRACE_MARGIN = 1.0  # seconds frames stay held past a disconnect grace (the cancels' own frames, if it ran out)
 
 
@@ -133,6 +137,8 @@ class SocketHub:
         self._outboxes: dict[str, dict[web.WebSocketResponse, Outbox]] = {}
         self._by_address: dict[str, int] = {}
         self._held: dict[str, list[bytes | None]] = {}  # frames for clients expected back, until they are
+        self._expected: dict[str, int] = {}  # how many of a held client's sockets are expected back
+        self._closed_at: dict[str, list[float]] = {}  # when sockets of a client with others open closed
         self._let_go_at: dict[str, asyncio.TimerHandle] = {}
         self._hold_all_until = -math.inf  # loop time until which every client without a socket is held for
         self.supervisor = Supervisor()  # the heartbeat, and the sender of each socket that is behind
@@ -161,42 +167,53 @@ class SocketHub:
         self._outboxes.setdefault(client_id, {})[ws] = outbox
         return outbox
 
-    def remove(self, client_id: str, ws: web.WebSocketResponse) -> None:
+    def remove(self, client_id: str, ws: web.WebSocketResponse) -> list[float]:
+        """Forget a closed socket. Returns, when it was the client's last, when its others closed (loop
+        time; the latest 16): sockets lost together (two tabs on one link) are all expected back."""
         sockets = self._outboxes.get(client_id)
-        if sockets is not None:
-            sockets.pop(ws, None)
-            if not sockets:
-                del self._outboxes[client_id]
+        if sockets is None:
+            return []
+        sockets.pop(ws, None)
+        if not sockets:
+            del self._outboxes[client_id]
+            return self._closed_at.pop(client_id, [])
+        closed = self._closed_at.setdefault(client_id, [])
+        closed.append(asyncio.get_running_loop().time())
+        del closed[:-16]
+        return []
 
     def publish(self, client_id: str, message: Status, close: bool = False) -> None:
         self.send_frame(client_id, orjson.dumps(message), close)
 
     def send_frame(self, client_id: str, frame: bytes, close: bool = False) -> None:
         outboxes = self._outboxes.get(client_id)
+        held = self._held.get(client_id)
+        if outboxes is None and held is None:
+            left = self._hold_all_until - asyncio.get_running_loop().time()
+            if left > 0:
+                self.hold((client_id,), left)
+                held = self._held[client_id]
+        # Held while no socket is back, and while one is but others lost with it are still expected.
+        if held is not None and len(held) < MAX_HELD:
+            held += (frame, None) if close else (frame,)
         if outboxes is None:
-            held = self._held.get(client_id)
-            if held is None:
-                left = self._hold_all_until - asyncio.get_running_loop().time()
-                if left > 0:
-                    self.hold((client_id,), left)
-                    held = self._held[client_id]
-            if held is not None and len(held) < MAX_HELD:
-                held += (frame, None) if close else (frame,)
             return
         for outbox in outboxes.values():
             outbox.put(frame)
             if close:
                 outbox.put(None)  # after an error frame: close with 1011
 
-    def hold(self, client_ids: Iterable[str], seconds: float) -> None:
+    def hold(self, client_ids: Iterable[str], seconds: float, sockets: int = 1) -> None:
         """These clients' sockets are expected back (their jobs were taken over after a restart, or by
         another bridge of a cluster; or a socket closed within its disconnect grace): what is told to
-        them meanwhile waits, for `seconds`, and a socket that opens hears it first, in order."""
+        them meanwhile waits, for `seconds`, and a socket that opens hears it first, in order; each of
+        the first `sockets` that open does."""
         loop = asyncio.get_running_loop()
         for client_id in client_ids:
             if client_id in self._outboxes:
                 continue
             self._held.setdefault(client_id, [])
+            self._expected[client_id] = sockets
             earlier = self._let_go_at.pop(client_id, None)
             if earlier is not None:
                 earlier.cancel()
@@ -208,24 +225,49 @@ class SocketHub:
         (through another bridge, or over REST) must not speak to no one."""
         self._hold_all_until = asyncio.get_running_loop().time() + seconds
 
-    def replay(self, client_id: str, outbox: Outbox, in_line: bool) -> None:
-        """What was held for the client, to its socket back. An `error` that closed the socket when
-        it was told does not when the client has jobs in line now (one submitted meanwhile)."""
-        timer = self._let_go_at.pop(client_id, None)
-        if timer is not None:
-            timer.cancel()
-        for frame in self._held.pop(client_id, ()):
-            if frame is not None or not in_line:
-                outbox.put(frame, held=True)
+    def replay(self, client_id: str, outbox: Outbox, untold: int) -> None:
+        """What was held for the client, to its socket back, in order. A frame's `jobs_left` is counted
+        as it is sent, now: the endings held after it, and the `untold` jobs whose ending the client
+        has not been told (a job submitted meanwhile among them). So an `error` that closed the socket
+        when it was told closes it now only if nothing is left to hear."""
+        held = self._held.get(client_id)
+        expected = self._expected.get(client_id, 1) - 1
+        if expected > 0:  # more of its sockets to come back: they hear this too, and what follows
+            self._expected[client_id] = expected
+            held = list(held or ())
+        else:
+            self._let_go(client_id)
+        if not held:
+            return
+        frames = [(frame, held[i + 1 : i + 2] == [None]) for i, frame in enumerate(held) if frame is not None]
+        statuses = [orjson.loads(frame) for frame, _ in frames]  # (rare: a socket back after a loss)
+        endings = sum(map(_is_ending, statuses))
+        for (frame, closing), status in zip(frames, statuses, strict=True):
+            if "job_id" in status:
+                endings -= _is_ending(status)
+                left = endings + untold
+                if status.get("jobs_left") != left:
+                    frame = orjson.dumps({**status, "jobs_left": left})
+                closing = closing and not left
+            outbox.put(frame, held=True)
+            if closing:
+                outbox.put(None, held=True)
 
     def _let_go(self, client_id: str) -> None:
-        self._let_go_at.pop(client_id, None)
+        timer = self._let_go_at.pop(client_id, None)
+        if timer is not None:
+            timer.cancel()  # (a no-op when it is the timer that calls)
         self._held.pop(client_id, None)
+        self._expected.pop(client_id, None)
 
     async def close_all(self, code: int = WSCloseCode.GOING_AWAY, message: bytes = b"server shutdown") -> None:
         for sockets in list(self._outboxes.values()):
             for ws in list(sockets):
                 await ws.close(code=code, message=message)
+
+
+def _is_ending(status: Status) -> bool:
+    return "job_id" in status and status["status"] in ("closed", "error")
 
 
 async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
@@ -241,14 +283,14 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
         raise RateLimited(f"Your address already has {settings.max_sockets_per_ip} sockets open, the limit.")
     if request.headers.get(hdrs.UPGRADE, "").lower() != "websocket":  # a browser or curl, not a socket
         raise BadInput("This is the WebSocket endpoint: connect to it with a WebSocket client (Upgrade: websocket).")
-    ws = web.WebSocketResponse(heartbeat=30)
+    ws = web.WebSocketResponse(heartbeat=30, max_msg_size=MAX_CLIENT_MESSAGE)
     await ws.prepare(request)
     hub.opened_from(address, +1)
     scheduler.remember(client_id)
     outbox = hub.add(client_id, ws, request.transport)
     client = scheduler.socket_opened(client_id)
     outbox.put(CONNECTED_FRAME)
-    hub.replay(client_id, outbox, client.in_line)
+    hub.replay(client_id, outbox, len(client.untold))
     log.debug("client %s: socket open", client_id)
     try:
         async for msg in ws:
@@ -256,9 +298,12 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
                 break
     finally:
         hub.opened_from(address, -1)
-        hub.remove(client_id, ws)
+        others_closed = hub.remove(client_id, ws)
         if scheduler.socket_closed(client_id):  # its jobs go on for the grace: so do their frames, held
-            hub.hold((client_id,), settings.disconnect_grace + GRACE_MARGIN)
+            window = settings.disconnect_grace + GRACE_MARGIN
+            since = asyncio.get_running_loop().time() - window
+            lost = 1 + sum(1 for at in others_closed if at > since)  # this one, and those lost with it
+            hub.hold((client_id,), window, sockets=lost)
         await outbox.close()
         log.debug("client %s: socket closed", client_id)
     return ws
