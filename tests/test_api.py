@@ -429,3 +429,22 @@ async def test_a_second_history_request_does_not_get_what_the_first_is_sending(b
         "once that one has finished (they are forgotten only once it completes)."
     }
     assert len((await read_results(first))[0][3]) > 40 * 1024 * 1024
+
+
+async def test_a_whole_seed_within_the_documented_maximum_is_not_called_over_64_bits(bridge: Client) -> None:
+    """The document gives 3/seed `maximum: 18446744073709551615` (2**64 - 1). `1e19` is that whole
+    number 10**19, inside it; docs/API.md says whole floats are taken only up to 2**53, so a refusal is
+    expected, but its detail says the value is "a whole number over 64 bits", which it is not."""
+    seed = bridge.app[WORKFLOWS].get("text-to-image").inputs["3/seed"]
+    await wait_for(lambda: seed.maximum is not None)  # learned from the backend's /object_info
+    doc = await (await bridge.get("/openapi.json")).json()
+    assert doc["components"]["schemas"]["Generate_text-to-image"]["properties"]["3/seed"]["maximum"] == 2**64 - 1
+    resp = await bridge.post(
+        "/generate-based-workflow",
+        params={"clientId": "seeded"},
+        data=b'{"workflow": "text-to-image", "3/seed": 1e19}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert resp.status == 400
+    detail = (await resp.json())["detail"]
+    assert "over 64 bits" not in detail, detail

@@ -869,3 +869,38 @@ async def test_a_frozen_comfyui_is_logged_as_silent_not_as_having_closed_its_soc
     await make_bridge(fake.url)
     await wait_for(lambda: any("event socket failed" in r.getMessage() for r in caplog.records))
     assert not [r.getMessage() for r in caplog.records if "closed its socket" in r.getMessage()]
+
+
+NOISE = {
+    "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 255}},
+    "2": {
+        "class_type": "ImageAddNoise",
+        "inputs": {"image": ["1", 0], "seed": 1, "strength": 0},  # a FLOAT that "Save (API Format)" wrote as 0
+        "_meta": {"apiinput": "strength"},
+    },
+    "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "noise"}},
+}
+
+
+async def test_input_limits_a_backend_failed_to_describe_once_are_learned_at_its_next_connect(
+    make_fake: Any, make_bridge: BridgeFactory, workflow_dir: Path
+) -> None:
+    """README: the type of `cfg` written as 8 "is a float once a backend is connected", and min/max/
+    choices are learned from /object_info/{class}; the code says an /object_info that cannot be read
+    "is asked again at the next connect". A class whose route answered a passing 502 (a proxy in front
+    of a ComfyUI that restarts) is never asked again: for the bridge's whole life, and in its
+    /openapi.json, the FLOAT input stays an integer (0.5 refused with a 400) and has no limits."""
+    (workflow_dir / "noise.json").write_bytes(orjson.dumps(NOISE))
+    fake = await make_fake()
+    fake.replace("GET /object_info/*", 502, "<html>502 Bad Gateway</html>", times=100, content_type="text/html")
+    client = await make_bridge(fake.url)
+    scheduler = client.app[SCHEDULER]
+    await wait_for(lambda: [b["state"] for b in scheduler.health()["backends"]] == ["up"])
+    fake.answers.clear()  # ComfyUI describes its nodes again
+    await fake.drop_sockets()  # and the bridge connects to it anew
+    await wait_for(lambda: [b["state"] for b in scheduler.health()["backends"]] == ["down"])
+    await wait_for(lambda: [b["state"] for b in scheduler.health()["backends"]] == ["up"])
+    status, answer = await generate(client, "noisy", {"workflow": "noise", "2/strength": 0.5})
+    assert status == 200, answer
+    doc = await (await client.get("/openapi.json")).json()
+    assert doc["components"]["schemas"]["Generate_noise"]["properties"]["2/strength"]["type"] == "number"

@@ -328,18 +328,20 @@ class ComfyClient:
         running, pending = await self.queue()
         return prompt_id in running or prompt_id in pending or await self.history(prompt_id) is not None
 
-    async def object_info(self, classes: Collection[str]) -> dict[str, Any]:
+    async def object_info(self, classes: Collection[str]) -> tuple[dict[str, Any], bool]:
         """The definitions of these node classes, each asked on its own: the whole /object_info runs
         to tens of MB with many custom nodes, and parsing it holds the event loop for a good part of a
         second. A class ComfyUI cannot describe (its route fails for a node whose definition raises;
         the whole list skips it) or does not know is left out. A ComfyUI without that route (older,
-        forked, or behind a proxy that lets through only the paths it knows) is asked for the whole."""
+        forked, or behind a proxy that lets through only the paths it knows) is asked for the whole.
+        With whether every class was answered: one that failed (a 5xx: a node that raises, or a
+        proxy's passing 502) is worth asking again later."""
         names = sorted(classes)
         if any("/" in name for name in names):  # not a path segment
-            return await self._described_in_whole(names)
+            return await self._described_in_whole(names), True
         asked = await all_bounded((self._request("GET", f"/object_info/{name}") for name in names), OBJECT_INFO_AT_ONCE)
         if any(status == 404 for status, _ in asked):
-            return await self._described_in_whole(names)
+            return await self._described_in_whole(names), True
         found: dict[str, Any] = {}
         for name, (status, body) in zip(names, asked, strict=True):
             try:
@@ -351,7 +353,7 @@ class ComfyClient:
             elif said != {}:  # ({}: a class it does not have)
                 what = f"HTTP {status}" if status != 200 else _glimpse(body)
                 log.warning("%s: GET /object_info/%s answered %s: its limits are not known", self.shown, name, what)
-        return found
+        return found, all(status < 500 for status, _ in asked)
 
     async def _described_in_whole(self, names: list[str]) -> dict[str, Any]:
         whole = await self._json("GET", "/object_info")

@@ -79,16 +79,17 @@ class Failover:
         self.watch_absence(backend)
 
     async def learn_object_info(self, backend: Backend) -> None:
-        """Input limits from /object_info; one that cannot be read is asked again at the next connect,
-        and keeps no backend out meanwhile."""
+        """Input limits from /object_info; what cannot be read (all of it, or a class that failed) is
+        asked again at the next connect, and keeps no backend out meanwhile."""
         try:
             workflows = self.core.workflows
             classes = workflows.node_classes()
-            workflows.apply_object_info(await backend.client.object_info(classes) if classes else {})
+            found, whole = await backend.client.object_info(classes) if classes else ({}, True)
+            workflows.apply_object_info(found)
         except (BackendUnavailable, ValueError, TypeError, AttributeError) as exc:  # unreachable, or a bad shape
             log.warning("backend %s: /object_info not read (%s); input limits are learned later", backend.name, exc)
             return
-        backend.object_info_loaded = True
+        backend.object_info_loaded = whole
 
     def watch_absence(self, backend: Backend) -> None:
         """From now on the backend is away: if it stays away for backend_grace, its jobs move."""

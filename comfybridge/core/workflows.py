@@ -92,8 +92,9 @@ class InputSpec:
             fits = isinstance(value, {"str": str, "bool": bool}[self.type])
         if not fits:
             got = _json_type(value)
-            if got == "float" and self.type == "int" and abs(value) >= 2**63 and float(value).is_integer():
-                got = "a whole number over 64 bits"  # the JSON parser reads those as floats
+            # The JSON parser reads an integer past 64 bits as a float (1e19, inside them, is a float).
+            if got == "float" and self.type == "int" and (value >= 2**64 or value <= -(2**63)):
+                got = "a whole number over 64 bits"
             article = "an" if self.type == "int" else "a"
             raise BadInput(f"Input '{self.key}' must be {article} {self.type}, got {got}.")
         if isinstance(value, str) and len(value) > max_text // 4 and len(value.encode()) > max_text:

@@ -43,12 +43,19 @@ def _errors(*codes: int) -> dict[str, Any]:
         "the route does not take",
         417: "an Expect header other than 100-continue",
         429: "too many requests or jobs (see Retry-After)",
+        502: "in a cluster: the leading bridge was lost after the request reached it; whether it was done is "
+        "not known (see /execution-info)",
         503: "not now (see Retry-After): no backend can take it, the bridge's store or database is away, it "
         "is stopping, or its cluster has no leader",
         507: "the bridge's disk is full",
     }
     # Any route: keys, rate limits, and a bridge that cannot answer now (in a cluster, any request).
     return {str(code): {"description": reasons[code], **_json(_ref("Error"))} for code in (*codes, 401, 429, 503)}
+
+
+def _limited() -> dict[str, Any]:
+    """The one refusal of a route open without a key: an address over `ip_rate_limit`."""
+    return {"429": {"description": "too many requests from this address (see Retry-After)", **_json(_ref("Error"))}}
 
 
 def _client_id(required: bool = True) -> dict[str, Any]:
@@ -77,10 +84,20 @@ def input_schema(spec: InputSpec) -> dict[str, Any]:
     return schema
 
 
-def request_schema(workflow: Workflow, root: str = "") -> dict[str, Any]:
-    """What POST /generate-based-workflow takes for this workflow: its alias and its exposed inputs."""
+WEBHOOK_PROPERTY = {
+    "type": "string",
+    "format": "uri",
+    "description": "an http(s) URL the job's end is POSTed to, signed (Standard Webhooks)",
+}
+
+
+def request_schema(workflow: Workflow, root: str = "", webhooks: bool = False) -> dict[str, Any]:
+    """What POST /generate-based-workflow takes for this workflow: its alias and its exposed inputs
+    (and `_webhook` when the bridge signs webhooks)."""
     properties: dict[str, Any] = {"workflow": {"const": workflow.alias}}
     properties.update({key: input_schema(spec) for key, spec in workflow.inputs.items()})
+    if webhooks:
+        properties["_webhook"] = WEBHOOK_PROPERTY
     schema: dict[str, Any] = {
         "type": "object",
         "title": workflow.alias,
@@ -113,11 +130,11 @@ def _component_names(aliases: list[str]) -> dict[str, str]:
     return names
 
 
-def document(workflows: WorkflowStore, aliases: list[str], root: str = "") -> dict[str, Any]:
+def document(workflows: WorkflowStore, aliases: list[str], root: str = "", webhooks: bool = False) -> dict[str, Any]:
     """The OpenAPI document for the workflows a caller may use; `root`: the path a proxy serves the
-    bridge under (its `servers`, which the paths are relative to)."""
+    bridge under (its `servers`, which the paths are relative to); `webhooks`: it signs webhooks."""
     names = _component_names(aliases)
-    per_workflow = {name: request_schema(workflows.get(alias), root) for alias, name in names.items()}
+    per_workflow = {name: request_schema(workflows.get(alias), root, webhooks) for alias, name in names.items()}
     schemas: dict[str, Any] = {
         "Error": {"type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]},
         "CatalogueEntry": {
@@ -190,7 +207,15 @@ def document(workflows: WorkflowStore, aliases: list[str], root: str = "") -> di
         "/workflow-thumbnail": {
             "get": {
                 "summary": "A picture of what the workflow makes, when its alias entry names one",
-                "parameters": [{"name": "workflow", "in": "query", "required": True, "schema": _STRING}],
+                "parameters": [
+                    {"name": "workflow", "in": "query", "required": True, "schema": _STRING},
+                    {
+                        "name": "token",
+                        "in": "query",
+                        "schema": _STRING,
+                        "description": "the API key, for an <img> (which sends no headers), when keys are on",
+                    },
+                ],
                 "responses": {
                     "200": {"description": "the image", "content": {"image/*": {"schema": {"type": "string"}}}},
                     **_errors(400, 403, 404),
@@ -231,7 +256,7 @@ def document(workflows: WorkflowStore, aliases: list[str], root: str = "") -> di
                         "description": "stored names by identifier",
                         **_json({"type": "object", "additionalProperties": {"type": "string"}}),
                     },
-                    **_errors(400, 408, 413, 415, 417, 507),
+                    **_errors(400, 408, 413, 415, 417, 502, 507),
                 },
             }
         },
@@ -271,17 +296,28 @@ def document(workflows: WorkflowStore, aliases: list[str], root: str = "") -> di
                         },
                     },
                     "204": {"description": "with wait: the job left no results to hand over (X-Detail says why)"},
+                    **_errors(400, 403, 408, 410, 413, 415, 417, 503, 507),
                     "502": {
-                        "description": "with wait: the job ended without results; its error, as its socket heard it",
+                        "description": "with wait: the job ended without results; its error, as its socket heard it "
+                        "(with `status` and `job_id`). In a cluster, also: the leading bridge was lost after the "
+                        "request reached it, and whether the job was accepted is not known (see /execution-info)",
                         **_json(
                             {
-                                "type": "object",
-                                "properties": {"status": {"const": "error"}, "detail": _STRING, "job_id": _STRING},
-                                "required": ["status", "detail", "job_id"],
+                                "oneOf": [
+                                    {
+                                        "type": "object",
+                                        "properties": {
+                                            "status": {"const": "error"},
+                                            "detail": _STRING,
+                                            "job_id": _STRING,
+                                        },
+                                        "required": ["status", "detail", "job_id"],
+                                    },
+                                    {**_ref("Error"), "not": {"required": ["job_id"]}},
+                                ]
                             }
                         ),
                     },
-                    **_errors(400, 403, 408, 413, 415, 417, 503, 507),
                 },
             }
         },
@@ -326,20 +362,20 @@ def document(workflows: WorkflowStore, aliases: list[str], root: str = "") -> di
             "post": {
                 "summary": "Ask ComfyUI to unload models and free memory",
                 "parameters": [_client_id(required=False)],
-                "responses": {"200": {"description": "done", **ok_detail}, **_errors(400, 503)},
+                "responses": {"200": {"description": "done", **ok_detail}, **_errors(400, 502, 503)},
             }
         },
         "/interrupt": {
             "post": {
                 "summary": "Cancel the client's jobs",
                 "parameters": [_client_id()],
-                "responses": {"200": {"description": "cancelled", **ok_detail}, **_errors(400)},
+                "responses": {"200": {"description": "cancelled", **ok_detail}, **_errors(400, 502, 507)},
             }
         },
         "/health": {
             "get": {
                 "summary": "The process serves; each backend's state (addresses only for a caller with a key)",
-                "responses": {"200": {"description": "ok", **_json(HEALTH)}},
+                "responses": {"200": {"description": "ok", **_json(HEALTH)}, **_limited()},
             }
         },
         "/metrics": {
@@ -347,7 +383,7 @@ def document(workflows: WorkflowStore, aliases: list[str], root: str = "") -> di
                 "summary": "Prometheus metrics (jobs, queue, backends, requests, journal commits)",
                 "responses": {
                     "200": {"description": "text exposition format", "content": {"text/plain": {"schema": _STRING}}},
-                    **_errors(),
+                    **_errors(403),
                 },
             }
         },
@@ -358,6 +394,7 @@ def document(workflows: WorkflowStore, aliases: list[str], root: str = "") -> di
                 "responses": {
                     "200": {"description": "ready", **_json(HEALTH)},
                     "503": {"description": "not ready; `detail` says why", **_json(HEALTH)},
+                    **_limited(),
                 },
             }
         },
@@ -370,26 +407,32 @@ def document(workflows: WorkflowStore, aliases: list[str], root: str = "") -> di
         "/docs": {
             "get": {
                 "summary": "A page that shows this document (`/docs?token=KEY` when keys are on)",
-                "responses": {"200": {"description": "HTML", "content": {"text/html": {"schema": _STRING}}}},
+                "responses": {
+                    "200": {"description": "HTML", "content": {"text/html": {"schema": _STRING}}},
+                    **_limited(),
+                },
             }
         },
         "/docs/": {
             "get": {
                 "summary": "Redirects to /docs",
-                "responses": {"301": {"description": "to /docs"}},
+                "responses": {"301": {"description": "to /docs"}, **_limited()},
             }
         },
         "/playground": {
             "get": {
                 "summary": "A page to try any workflow: a form from its inputs, live progress, the results "
                 "(its files are under /playground/)",
-                "responses": {"200": {"description": "HTML", "content": {"text/html": {"schema": _STRING}}}},
+                "responses": {
+                    "200": {"description": "HTML", "content": {"text/html": {"schema": _STRING}}},
+                    **_limited(),
+                },
             }
         },
         "/playground/": {
             "get": {
                 "summary": "Redirects to /playground",
-                "responses": {"301": {"description": "to /playground"}},
+                "responses": {"301": {"description": "to /playground"}, **_limited()},
             }
         },
         "/playground/{name}": {
@@ -447,7 +490,7 @@ HEALTH: dict[str, Any] = {
                 "required": ["state"],
                 "properties": {
                     "url": {"type": "string"},
-                    "state": {"type": "string", "enum": ["up", "down", "draining", "resting"]},
+                    "state": {"type": "string", "enum": ["up", "down", "draining", "resting", "stuck"]},
                     "in_flight": {"type": "integer"},
                     "comfyui_queue": {"type": "integer"},
                     "relative_speed": {"type": ["number", "null"]},

@@ -76,8 +76,9 @@ async def workflow_thumbnail(request: web.Request) -> web.StreamResponse:
 
 
 async def openapi_json(request: web.Request) -> web.Response:
-    store, aliases, root = request.app[WORKFLOWS], _aliases(request), request.app[SETTINGS].root_path
-    body = store.view(("openapi", *aliases), lambda: orjson.dumps(openapi.document(store, aliases, root)))
+    store, aliases, settings = request.app[WORKFLOWS], _aliases(request), request.app[SETTINGS]
+    root, webhooks = settings.root_path, bool(settings.webhook_secret)
+    body = store.view(("openapi", *aliases), lambda: orjson.dumps(openapi.document(store, aliases, root, webhooks)))
     return web.Response(body=body, content_type="application/json")
 
 
