@@ -501,6 +501,19 @@ async def test_a_socket_back_hears_every_frame_held_for_it_not_cut_by_its_own_re
     assert heard == held, f"heard {heard} of {held} held frames (cut at {MAX_BEHIND} behind)"
 
 
+async def test_a_jobs_ending_told_past_the_held_limit_is_still_heard(bridge: Client) -> None:
+    """Past MAX_HELD frames held for a client, the newest were dropped, its job's ending among them:
+    the socket back never heard `closed`. Progress is said again; an ending is not."""
+    hub, job = bridge.app[HUB], f"{7:032x}"
+    hub.hold(("long-away",), 60)
+    for n in range(MAX_HELD + 10):
+        hub.publish("long-away", about_job(status_message("progress", f"{n % 100}.00%"), job, 1))
+    hub.publish("long-away", about_job(status_message("closed", "Execution is done"), job, 0))
+    async with bridge.ws_connect("/ws", params={"clientId": "long-away"}) as ws:
+        frames = await frames_until(ws, "closed", timeout=30)
+    assert (frames[-1]["job_id"], len(frames)) == (job, MAX_HELD + 2)  # connected, the held progress, closed
+
+
 @pytest.mark.parametrize("draining", [False, True])
 async def test_a_client_that_fetched_with_its_socket_open_is_forgotten_when_the_socket_closes(
     bridge: Client, draining: bool

@@ -30,7 +30,7 @@ LISTENING_FRAME = orjson.dumps(status_message("listening", "server is listening"
 # Frames wait in an outbox (drained by a task through aiohttp's flow control) once this much is
 # unsent to a socket; below it they go straight to the socket.
 HIGH_WATER = 64 * 1024
-MAX_HELD = 4096  # frames kept for one client whose socket is expected back
+MAX_HELD = 4096  # frames kept for one client whose socket is expected back; past it, only endings
 # Frames waiting in one outbox at most: a socket that falls this far behind reads too slowly or not
 # at all (a client that talks but never reads is never pinged out), and is cut rather than let grow.
 MAX_BEHIND = 1024
@@ -183,9 +183,14 @@ class SocketHub:
         return []
 
     def publish(self, client_id: str, message: Status, close: bool = False) -> None:
-        self.send_frame(client_id, orjson.dumps(message), close)
+        self.send_frame(client_id, orjson.dumps(message), close, _is_ending(message))
 
-    def send_frame(self, client_id: str, frame: bytes, close: bool = False) -> None:
+    def beat(self, client_id: str) -> None:
+        """A `listening` heartbeat to the client's open sockets: never held, it is said again soon."""
+        for outbox in self._outboxes.get(client_id, {}).values():
+            outbox.put(LISTENING_FRAME)
+
+    def send_frame(self, client_id: str, frame: bytes, close: bool = False, ending: bool = False) -> None:
         outboxes = self._outboxes.get(client_id)
         held = self._held.get(client_id)
         if outboxes is None and held is None:
@@ -194,7 +199,8 @@ class SocketHub:
                 self.hold((client_id,), left)
                 held = self._held[client_id]
         # Held while no socket is back, and while one is but others lost with it are still expected.
-        if held is not None and len(held) < MAX_HELD:
+        # Past MAX_HELD only a job's ending is (progress is said again; an ending never is), up to twice it.
+        if held is not None and (len(held) < MAX_HELD or (ending and len(held) < 2 * MAX_HELD)):
             held += (frame, None) if close else (frame,)
         if outboxes is None:
             return
@@ -319,7 +325,7 @@ async def heartbeat(app: web.Application) -> AsyncIterator[None]:
             await asyncio.sleep(interval)
             for client_id in hub.client_ids():
                 if not scheduler.is_running(client_id):
-                    hub.send_frame(client_id, LISTENING_FRAME)
+                    hub.beat(client_id)
 
     hub.supervisor.spawn(beat(), "heartbeat", daemon=True)
     yield
