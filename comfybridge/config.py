@@ -356,7 +356,7 @@ OPTIONS: dict[str, tuple[Parser, Callable[[Any], str | None] | None, str]] = {
     "max_video_mp": (
         _number(float),
         _positive,
-        "most pixels of all an uploaded video's frames (MP4, MOV, WebM), in megapixels (ComfyUI decodes them all)",
+        "most pixels of all an uploaded video's frames, in megapixels (ComfyUI decodes them all to float32)",
     ),
     "pipeline_depth": (_number(int), _not_negative, "prompts queued in each ComfyUI behind the running one; 0: none"),
     "shutdown_timeout": (_number(float), _not_negative, "seconds in-flight requests get to finish on SIGTERM"),

@@ -80,8 +80,9 @@ def vp8l(width: int, height: int) -> bytes:
     return b"\x2f" + struct.pack("<I", header) + codes.to_bytes(4, "little")
 
 
-def riff_chunk(kind: bytes, data: bytes) -> bytes:
-    return kind + struct.pack("<I", len(data)) + data + b"\x00" * (len(data) & 1)
+def riff_chunk(kind: bytes, *parts: bytes) -> bytes:
+    body = b"".join(parts)
+    return kind + struct.pack("<I", len(body)) + body + b"\0" * (len(body) & 1)
 
 
 def webp(canvas: tuple[int, int], frames: list[Rect]) -> bytes:
@@ -259,6 +260,33 @@ def webm(
         segment.append(ebml(b"\x1f\x43\xb6\x75", ebml_uint(b"\xe7", 0), *(block(*b) for b in blocks), unknown=unknown))
     segment += [declared] if tracks_last else []
     return ebml(b"\x1aE\xdf\xa3", ebml(b"\x42\x82", b"webm")) + ebml(b"\x18\x53\x80\x67", *segment, unknown=unknown)
+
+
+def riff_list(form: bytes, *chunks: bytes) -> bytes:
+    return riff_chunk(b"LIST", form, *chunks)
+
+
+def avi(size: tuple[int, int], streams: list[tuple[bytes, tuple[int, int]]], chunks: list[bytes]) -> bytes:
+    """An AVI: its main header of `size`; stream headers (type, and a BITMAPINFOHEADER of this size);
+    a movi list of these chunk ids, each a token of data (a chunk id of "rec " a rec list of two frames
+    of stream 00)."""
+    avih = riff_chunk(b"avih", bytes(32), struct.pack("<II", *size), bytes(16))
+    strls = [
+        riff_list(
+            b"strl",
+            riff_chunk(b"strh", kind, bytes(52)),
+            riff_chunk(b"strf", struct.pack("<Iii", 40, *dims), bytes(28)),
+        )
+        for kind, dims in streams
+    ]
+    movi = [
+        riff_list(b"rec ", riff_chunk(b"00dc", bytes(3)), riff_chunk(b"00dc", bytes(3)))
+        if c == b"rec "
+        else riff_chunk(c, bytes(3))
+        for c in chunks
+    ]
+    body = b"AVI " + riff_list(b"hdrl", avih, *strls) + riff_list(b"movi", *movi)
+    return b"RIFF" + struct.pack("<I", len(body)) + body
 
 
 def mpo(
@@ -499,6 +527,28 @@ def test_a_webms_video_blocks_are_frames_and_its_sound_is_not(tmp_path: Path) ->
     assert frames_of(tmp_path, ".webm", webm([(2, 2, 0, 0)], [[(2, 1, False)] * 3])) is None  # sound alone
 
 
+async def test_an_avi_whose_frames_would_not_fit_in_memory_is_refused(bridge: Client) -> None:
+    bomb = avi((1920, 1080), [(b"vids", (1920, 1080))], [b"00dc"] * 1100)
+    status, body = await upload(bridge, {"clip": ("clip.avi", bomb)}, client_id="bomber")
+    detail = "has 1100 frames of 1920x1080 (2281 megapixels in all), over the limit of 2000 megapixels (max_video_mp)."
+    assert (status, body) == (413, {"detail": f"File 'clip.avi' {detail}"})
+    assert stored(bridge) == []
+    status, _ = await upload(
+        bridge, {"clip": ("clip.avi", avi((1920, 1080), [(b"vids", (1920, 1080))], [b"00dc"] * 100))}
+    )
+    assert status == 200
+
+
+def test_an_avis_video_chunks_are_frames_and_its_sound_is_not(tmp_path: Path) -> None:
+    streams = [(b"auds", (0, 0)), (b"vids", (640, -480))]  # a negative height: rows top down
+    chunks = [b"01dc", b"00wb", b"01db", b"JUNK", b"ix01", b"01dc", b"00wb"]
+    assert frames_of(tmp_path, ".avi", avi((320, 240), streams, chunks)) == Frames(3, 640, 480, 3 * 307200, True)
+    # rec lists hold frames too; the main header's size counts when it is the larger
+    grouped = avi((1280, 720), [(b"vids", (640, 480))], [b"rec ", b"00dc"])
+    assert frames_of(tmp_path, ".avi", grouped) == Frames(3, 1280, 720, 3 * 921600, True)
+    assert frames_of(tmp_path, ".avi", avi((0, 0), [(b"auds", (0, 0))], [b"00wb"] * 3)) is None  # sound alone
+
+
 def test_a_movies_video_samples_are_frames_and_its_sound_is_not(tmp_path: Path) -> None:
     sound = track(0, 0, 90000, b"soun", ident=2)
     clip = movie([track(1280, 720, 240, b"vide", ident=1), sound])
@@ -634,13 +684,14 @@ TAILS = {
     ".avif": b"",
     ".heic": b"",
     ".mp4": b"",
+    ".avi": b"",
 }
 
 
 def whole(ext: str, head: bytes) -> bytes:
     """`head` made to pass the whole-file check, so the headers inside are what is judged."""
     data = head + TAILS[ext]
-    if ext == ".webp":
+    if ext in (".webp", ".avi"):
         return b"RIFF" + struct.pack("<I", max(len(data), 12) - 8) + data[8:]
     if ext == ".bmp":
         return data[:2] + struct.pack("<I", max(len(data), 6)) + data[6:]
@@ -701,7 +752,7 @@ def test_any_bytes_after_a_signature_give_frames_or_a_refusal(ext: str, rest: by
             frames = image_frames(path, ext)
         except BadHeaders:
             return
-        if frames is None and ext == ".mp4":  # no video track
+        if frames is None and ext in (".mp4", ".avi"):  # no video track
             return
         assert isinstance(frames, Frames)
         assert 1 <= frames.count <= MAX_FRAMES + 1
@@ -874,6 +925,13 @@ mpos = st.builds(
 )
 tiffs = st.builds(tiff_of, st.sampled_from("<>"), directories)
 sizes = st.tuples(st.integers(0, 65535), st.integers(0, 65535))
+signed = st.tuples(st.integers(-70000, 70000), st.integers(-70000, 70000))
+avis = st.builds(
+    avi,
+    sizes,
+    st.lists(st.tuples(st.sampled_from([b"vids", b"auds"]), signed), max_size=3),
+    st.lists(st.sampled_from([b"00dc", b"01db", b"00wb", b"rec ", b"JUNK", b"02dc"]), max_size=20),
+)
 movies = st.builds(
     movie,
     st.lists(
@@ -905,6 +963,7 @@ structured = st.one_of(
     st.builds(mutated, st.just(".jpg"), mpos, st.integers(0, 2**20), st.binary(max_size=4)),
     st.builds(lambda found: (".heic", tiled(FTYP + b"".join(found))), st.lists(boxes, max_size=3)),
     st.builds(mutated, st.just(".mp4"), movies, st.integers(0, 2**20), st.binary(max_size=4)),
+    st.builds(mutated, st.just(".avi"), avis, st.integers(0, 2**20), st.binary(max_size=4)),
     st.builds(lambda found: (".mp4", tiled(MP4_FTYP + b"".join(found))), st.lists(boxes, max_size=3)),
 )
 
@@ -918,7 +977,7 @@ def test_any_structure_of_boxes_directories_or_mp_entries_gives_frames_or_a_refu
             frames = frames_of(Path(folder), ext, data)
         except BadHeaders:
             return
-        if frames is None and ext == ".mp4":  # no video track
+        if frames is None and ext in (".mp4", ".avi"):  # no video track
             return
         assert isinstance(frames, Frames)
         assert 1 <= frames.count <= MAX_FRAMES + 1

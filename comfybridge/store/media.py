@@ -481,7 +481,7 @@ def image_frames(path: Path, ext: str) -> Frames | None:
     tally = _Tally()
     with path.open("rb", buffering=_BUFFER) as handle, contextlib.suppress(_Enough):
         read(_Walk(handle, os.fstat(handle.fileno()).st_size), tally)
-    if read in (_movie, _webm) and not tally.count:  # no video in it (sound alone): no frames to decode
+    if read in (_movie, _webm, _avi) and not tally.count:  # no video in it (sound alone): no frames to decode
         return None
     return tally.frames()
 
@@ -748,6 +748,70 @@ def _riff_chunks(walk: _Walk) -> Iterator[tuple[bytes, int]]:
             raise BadHeaders("a chunk runs past the end of the file")
         position += 8 + length + (length & 1)
         yield kind, length
+
+
+def _avi(walk: _Walk, tally: _Tally) -> None:
+    """AVI. A video input (PyAV, in ComfyUI) decodes every frame of its video stream: each chunk of
+    a video stream (NNdc, NNdb) in the movi list, rec lists within it too, is a frame, at the
+    largest size the headers declare (avih's, each video stream's BITMAPINFOHEADER in strf)."""
+    video: set[bytes] = set()  # the video streams' numbers as chunk ids begin: b"00", b"01"...
+    for kind, length in _riff_chunks(walk):
+        if kind != b"LIST" or length < 4:
+            continue
+        start = walk.handle.tell()
+        form = walk.take(4)
+        if form == b"hdrl":
+            video |= _avi_headers(walk, start + 4, start + length, tally)
+        elif form == b"movi":
+            _avi_frames(walk, start + 4, start + length, tally, video)
+
+
+def _avi_headers(walk: _Walk, start: int, end: int, tally: _Tally) -> set[bytes]:
+    """The main header's frame size, and each video stream's; the video streams' numbers."""
+    video: set[bytes] = set()
+    streams = 0
+    for kind, at, length in _chunks(walk, start, end):
+        if kind == b"avih" and length >= 40:
+            walk.seek(at + 32)
+            tally.grow(*struct.unpack("<II", walk.take(8)))
+        elif kind == b"LIST" and length >= 4:
+            walk.seek(at)
+            if walk.take(4) != b"strl":
+                continue
+            number, streams = f"{streams:02d}".encode(), streams + 1
+            for part, inner, size in _chunks(walk, at + 4, at + length):
+                if part == b"strh" and size >= 4:
+                    walk.seek(inner)
+                    if walk.take(4) == b"vids":
+                        video.add(number)
+                elif part == b"strf" and size >= 12 and number in video:
+                    walk.seek(inner + 4)
+                    width, height = struct.unpack("<ii", walk.take(8))
+                    tally.grow(abs(width), abs(height))
+    return video
+
+
+def _avi_frames(walk: _Walk, start: int, end: int, tally: _Tally, video: set[bytes], top: bool = True) -> None:
+    """The video chunks of a movi list, and of the rec lists directly in it (they nest no deeper)."""
+    for kind, at, length in _chunks(walk, start, end):
+        if kind[:2] in video and kind[2:] in (b"dc", b"db"):
+            tally.fill(tally.count + 1)
+        elif top and kind == b"LIST" and length >= 4:
+            walk.seek(at)
+            if walk.take(4) == b"rec ":
+                _avi_frames(walk, at + 4, at + length, tally, video, top=False)
+
+
+def _chunks(walk: _Walk, start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
+    """(fourcc, body's start, length) of each RIFF chunk in [start, end), which end on even offsets."""
+    position = start
+    while position + 8 <= end:
+        walk.seek(position)
+        kind, length = struct.unpack("<4sI", walk.take(8))
+        if position + 8 + length > end:
+            raise BadHeaders("a chunk runs past its list")
+        yield kind, position + 8, length
+        position += 8 + length + (length & 1)
 
 
 def _u24(data: bytes, at: int) -> int:
@@ -1117,6 +1181,7 @@ _READERS: dict[str, Callable[[_Walk, _Tally], None]] = {
     ".mp4": _movie,
     ".mov": _movie,
     ".webm": _webm,
+    ".avi": _avi,
 }
 
 
