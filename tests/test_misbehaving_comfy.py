@@ -904,3 +904,140 @@ async def test_input_limits_a_backend_failed_to_describe_once_are_learned_at_its
     assert status == 200, answer
     doc = await (await client.get("/openapi.json")).json()
     assert doc["components"]["schemas"]["Generate_noise"]["properties"]["2/strength"]["type"] == "number"
+
+
+@pytest.mark.parametrize("how", ["clear", "delete"])
+async def test_a_bridge_prompt_removed_from_comfyui_queue_is_sent_again_when_comfyui_goes_idle(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, how: str
+) -> None:
+    """Real ComfyUI 0.3.64: another user clears the queue (`POST /queue {"clear": true}`) or deletes
+    the bridge's pending prompt (`{"delete": [id]}`) while a prompt of the bridge's runs. ComfyUI
+    tells every socket at once (`status` queue_remaining 1: only the running prompt is left), and
+    again when that prompt ends (queue_remaining 0) while the bridge still counts its own prompt as
+    queued there. The bridge ignores both and notices only after `job_idle_timeout` (60 s by default)
+    of an idle ComfyUI: seen live, the GPU idled 60 s and the job waited 74 s for a 7 s run. The
+    contract: "Each backend has a worker that keeps ComfyUI fed ..., so a GPU never idles while
+    work waits". With a long job_idle_timeout (as for long video jobs) the victim waits that long."""
+    emulator = await make_emulator(pace=0.3)
+    client = await make_bridge(emulator, job_idle_timeout=300.0)
+    core = client.app[SCHEDULER].core
+    engine = emulator.engine
+    status, first = await generate(client, "runner", {"workflow": "slow", "2/seed": 1})
+    assert status == 200, first
+    status, second = await generate(client, "victim", SOLID)
+    assert status == 200, second
+    await wait_for(lambda: len(engine.queue_snapshot()["queue_pending"]) == 1 and engine.running_client() is not None)
+    victim = next(j for j in core.by_prompt.values() if j.id == second["job_id"])
+    body = {"clear": True} if how == "clear" else {"delete": [victim.prompt_id]}
+    async with aiohttp.ClientSession() as session, session.post(f"{emulator.url}/queue", json=body) as resp:
+        assert resp.status == 200
+    info = await poll_status(client, "runner", {"closed", "error"}, timeout=30)
+    assert info["status"] == "closed", info
+    # ComfyUI is idle now and has said so (queue_remaining 0); the victim's prompt is not there.
+    # It must be sent again, not left until job_idle_timeout (300 s here) runs out.
+    info = await poll_status(client, "victim", {"closed", "error"}, timeout=30)
+    assert info["status"] == "closed", info
+
+
+async def test_a_comfyui_back_within_backend_grace_is_found_before_its_jobs_move(
+    make_emulator: EmulatorFactory,
+    make_bridge: BridgeFactory,
+    tmp_path: Path,
+    dialect: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Real ComfyUI 0.3.64, `kill -9` then started again: it answered again about 8 s after the kill,
+    within backend_grace (10 s), yet the bridge moved its jobs "down for 10s" and found it only at
+    11.2 s. The event socket's reconnect backs off 0.2, 0.4, 0.8, 1.6, 3.2, then 5 s: after the try at
+    6.2 s the next is at 11.2 s, past a 10 s grace, so a ComfyUI back between 6.2 s and 10 s (a
+    usual restart time) is never seen within the grace. README: "If it is back within
+    `backend_grace` seconds, the bridge reconciles every prompt it had there ... If not, its prompts
+    move". Here: grace 5 s, the ComfyUI back after the bridge's 4th failed try (~3 s)."""
+    caplog.set_level(logging.DEBUG, logger="comfybridge.comfy.client")
+    home = await make_emulator(pace=0.2)
+    client = await make_bridge(home, backend_grace=5.0)
+    status, answer = await generate(client, "phoenix", {"workflow": "slow", "2/seed": 4})
+    assert status == 200, answer
+    await wait_for(lambda: len(home.engine.started) == 1)
+    port = home.port
+    await home.stop()
+
+    def failed_tries() -> int:
+        return sum("unreachable" in r.getMessage() and str(port) in r.getMessage() for r in caplog.records)
+
+    await wait_for(lambda: failed_tries() >= 4, timeout=10)
+    reborn = Emulator(root=tmp_path / "reborn", pace=0.01, port=port, dialect=dialect)
+    await reborn.start()  # back ~3 s after it went, within the 5 s grace
+    try:
+        info = await poll_status(client, "phoenix", {"closed", "error"}, timeout=30)
+        assert info["status"] == "closed", info
+        moved = [r.getMessage() for r in caplog.records if "moving its jobs" in r.getMessage()]
+        assert not moved, moved
+        assert len(reborn.engine.started) == 1
+    finally:
+        await reborn.stop()
+
+
+async def test_interrupt_answers_without_waiting_on_a_comfyui_that_does_not_answer(
+    make_fake: Any, make_bridge: BridgeFactory
+) -> None:
+    """Real ComfyUI 0.3.64 frozen (SIGSTOP: an overloaded or swapping host) while a job of the client
+    runs there. `POST /interrupt?clientId=` ended the job at once (the socket heard `error`
+    "interrupted" within milliseconds), but the HTTP answer came only after 31 s: the bridge awaits
+    its own `POST /queue {"delete"}` to ComfyUI for up to comfy_timeout (30 s), job after job (a
+    client with jobs on such a backend waits comfy_timeout for each; behind nginx's default 60 s
+    read time-out that is a 504). When the cancel fails the bridge already keeps the prompt to take
+    back at the next connect, so nothing needs the client to wait. Here ComfyUI's `POST /queue` is
+    held; the answer must not wait for it."""
+    fake: FakeComfy = await make_fake(pace=0.3)
+    engine = fake.upstream.engine
+    client = await make_bridge(fake.url, comfy_timeout=30.0)
+    status, answer = await generate(client, "quitter", {"workflow": "slow", "2/seed": 3})
+    assert status == 200, answer
+    await wait_for(lambda: engine.running_client() is not None)
+    gate = fake.hold("POST /queue")
+    try:
+        task = asyncio.ensure_future(client.post("/interrupt", params={"clientId": "quitter"}))
+        info = await poll_status(client, "quitter", {"closed", "error"})
+        assert info["detail"] == "interrupted", info  # the job ended at once
+        await wait_for(task.done, timeout=10)  # ... and so may the answer (it took comfy_timeout: 30 s)
+        resp = task.result()
+        assert resp.status == 200, await resp.text()
+    finally:
+        gate.set()
+
+
+TWO_OUTPUTS = {
+    "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
+    "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "first"}},
+    "3": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+    "4": {"class_type": "ImageInvert", "inputs": {"image": ["3", 0]}},
+    "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "second"}},
+}
+
+
+async def test_an_output_removed_from_comfyui_before_it_is_copied_ends_the_job_promptly(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, workflow_dir: Path
+) -> None:
+    """Real ComfyUI 0.3.64: a workflow saves an output, then runs on; someone (a cleanup script, an
+    admin) removes that file from ComfyUI's output folder before the prompt ends. ComfyUI's
+    `GET /view` answers 404 for it, which will not pass; yet the bridge tried it result_retries (8)
+    times with doubling pauses (1+2+...+64 s): the client sat at `progress` 99.99% with no word for
+    over two minutes (live: still 99.99% at 110 s), far past job_idle_timeout. The bridge's own rule
+    (`Tracker.collect`): "a trouble that may pass (ComfyUI away, the disk full) is tried again ..., one
+    that will not ... fails it at once"."""
+    (workflow_dir / "two_outputs.json").write_bytes(orjson.dumps(TWO_OUTPUTS))
+    emulator = await make_emulator(pace=0.4)
+    client = await make_bridge(emulator, inline_result_kb=0)  # every output is copied at the end
+    status, answer = await generate(client, "tidy", {"workflow": "two_outputs"})
+    assert status == 200, answer
+
+    def first_output() -> list[Path]:
+        return list(emulator.engine.output_dir.rglob("first_*.png"))
+
+    await wait_for(lambda: bool(first_output()), timeout=15)
+    for path in first_output():
+        path.unlink()
+    info = await poll_status(client, "tidy", {"closed", "error"}, timeout=20)
+    assert info["status"] == "error", info
+    assert "404" in info["detail"] or "first" in info["detail"], info

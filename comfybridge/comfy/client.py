@@ -26,6 +26,7 @@ __all__ = [
     "BackendUnavailable",
     "ComfyClient",
     "MalformedAnswer",
+    "OutputGone",
     "PartlyRefused",
     "PromptRefused",
     "ResultTooLarge",
@@ -85,6 +86,11 @@ class PartlyRefused(PromptRefused):
 
 class ResultTooLarge(Exception):
     """An output file over the bridge's limit (max_result_mb)."""
+
+
+class OutputGone(Exception):
+    """ComfyUI does not have an output it named (GET /view answered 404): removed from its output
+    folder before it was copied. Asking again will not bring it back."""
 
 
 class ComfyClient:
@@ -388,6 +394,8 @@ class ComfyClient:
         try:
             timeout = aiohttp.ClientTimeout(total=None, sock_read=self.timeout.total)
             async with self.session.get(self.url / "view", params=params, timeout=timeout) as resp:
+                if resp.status == 404:
+                    raise OutputGone(f"ComfyUI no longer has the output {ref.filename!r} (GET /view answered 404)")
                 if resp.status != 200:
                     raise BackendUnavailable(f"{self.shown}: GET /view {ref.filename!r} answered HTTP {resp.status}")
                 if resp.content_type in WEB_PAGES:  # ComfyUI serves even an .html output as a download
@@ -429,13 +437,15 @@ class ComfyClient:
         on_connect: ConnectHandler,
         on_disconnect: DisconnectHandler,
         first_attempt: asyncio.Event,
-        max_backoff: float = 5.0,
+        max_backoff: float = 1.0,
     ) -> None:
         """Keep the event socket open forever, reconnecting with backoff; runs until cancelled.
 
         Nothing ComfyUI sends ends it: a malformed event is skipped, a malformed answer while
         connecting counts as a failed connect, an oversized frame closes the socket before it is
-        read (then it reconnects). `first_attempt` is set once the first try has connected or failed."""
+        read (then it reconnects). `first_attempt` is set once the first try has connected or failed.
+        Tries come at least every `max_backoff` seconds: a ComfyUI restarting takes 5-15 s, and one back
+        within backend_grace must be seen within it (a refused connect costs next to nothing)."""
         backoff = 0.2
         ws_url = self.url.with_scheme("wss" if self.url.scheme == "https" else "ws") / "ws"
         while True:

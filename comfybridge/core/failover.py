@@ -47,11 +47,27 @@ class Failover:
             core.wake_all()
 
         await backend.client.listen(
-            lambda event, data: self.tracker.on_event(backend, event, data),
+            lambda event, data: self._heard(backend, event, data),
             connected,
             lambda: self.lost(backend),
             backend.first_attempt,
         )
+
+    def _heard(self, backend: Backend, event: str, data: dict[str, Any]) -> None:
+        self.tracker.on_event(backend, event, data)
+        # ComfyUI says its queue is empty while prompts of the bridge's should be in it: someone
+        # deleted them, or cleared the queue. Asked about at once, not after job_idle_timeout of an
+        # idle GPU (a word sent before a prompt of ours was queued, read after: the ask finds it).
+        if event != "status" or data["queue_remaining"] or not backend.healthy or backend.checking:
+            return
+        if _sent(backend):
+            self._ask(backend, self._told_empty(backend))
+
+    async def _told_empty(self, backend: Backend) -> None:
+        running, pending = await backend.client.queue()
+        if any(job.prompt_id not in running and job.prompt_id not in pending for job in _sent(backend)):
+            log.warning("backend %s: prompts of the bridge's are gone from its queue; asking about them", backend.name)
+            await self.reconcile(backend)
 
     async def take_back_abandoned(self, backend: Backend, only: set[str] | None = None) -> None:
         """A backend is not up until the prompts moved elsewhere (all, or `only` these) are gone from it."""
@@ -341,3 +357,8 @@ def _adopted(job: Job, running: list[str], pending: list[str]) -> bool:
 
 def _ran(job: Job) -> bool:
     return job.started_at is not None or job.state is JobState.RUNNING
+
+
+def _sent(backend: Backend) -> list[Job]:
+    """The backend's jobs whose prompts ComfyUI took (its POST /prompt answered), as the bridge knows."""
+    return [job for job in backend.inflight if job.state is not JobState.SUBMITTING and job.sending is None]

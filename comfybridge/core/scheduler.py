@@ -51,6 +51,7 @@ FORGET_RETRY_MAX = 30.0  # seconds at most between asks to journal a fetch the j
 JOURNAL_CHECK = 0.5  # seconds between looks at the journal file when no commit looks (a kill meanwhile loses it)
 LEARNED_EVERY = 10.0  # seconds between saves of the learned run times, when they changed
 SWEEP_BATCH = 1000  # expired results, and expired uploads, removed per sweep at most (the rest: next sweep)
+INTERRUPT_WAIT = 2.0  # seconds an interrupt's answer waits for ComfyUI to give its prompts back, at most
 ORPHANS_EVERY = 3600.0  # at most: seconds between sweeps of object storage for objects nothing names
 __all__ = ["Fetch", "Notifier", "Scheduler", "SchedulerSettings"]
 
@@ -550,6 +551,7 @@ class Scheduler:
         core = self.core
         client = self.clients.require(client_id)
         ended = []
+        handed_over: list[tuple[Backend, Job]] = []
         for job in list(client.jobs.values()):
             backend = self.backends.get(job.backend or "")
             state = job.state
@@ -565,10 +567,17 @@ class Scheduler:
                 state is JobState.SUBMITTING and not job.handing_over
             )
             if handed and backend is not None:
-                await core.cancel_on_backend(backend, job)
-                if job not in backend.inflight:  # gone from ComfyUI's queue before its last event came
-                    self.tracker.let_go_of_ended(backend, job)
+                handed_over.append((backend, job))
             # WAITING: end took it out of the queue. Handing over: its send cancels it once ComfyUI answers.
+        if handed_over:
+            # Taken back from ComfyUI in a task of its own: a ComfyUI that does not answer (frozen,
+            # swapping) must not hold the answer for comfy_timeout a job; a cancel that fails keeps
+            # the prompt to take back at its next connect. One that answers is waited for.
+            taking_back = core.spawn(self._take_back_all(handed_over), f"interrupt {client_id}")
+            if taking_back is not None:
+                await asyncio.wait([taking_back], timeout=INTERRUPT_WAIT)
+            else:  # the bridge is stopping: no task outlives it, so the answer waits
+                await self._take_back_all(handed_over)
         outcomes = await asyncio.gather(*ended, return_exceptions=True)
         failed = next((o for o in outcomes if isinstance(o, BaseException)), None)
         if failed is not None:  # stopped, and told once recorded; a restart before that runs them again
@@ -581,6 +590,12 @@ class Scheduler:
             if isinstance(told, StorageUnavailable):
                 told.retry_after = getattr(failed, "retry_after", None)
             raise told
+
+    async def _take_back_all(self, handed_over: list[tuple[Backend, Job]]) -> None:
+        for backend, job in handed_over:
+            await self.core.cancel_on_backend(backend, job)
+            if job not in backend.inflight:  # gone from ComfyUI's queue before its last event came
+                self.tracker.let_go_of_ended(backend, job)
 
     async def free(self, client_id: str | None) -> bool:
         """POST /free on every backend that holds the client's work, or the one it used last (every

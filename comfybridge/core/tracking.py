@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from ..comfy import shapes
-from ..comfy.client import MISSED, BackendUnavailable, ResultTooLarge
+from ..comfy.client import MISSED, BackendUnavailable, OutputGone, ResultTooLarge
 from ..comfy.folders import LocalOutputs
 from ..comfy.shapes import Finished, OutputRef
 from ..errors import StorageError, StorageUnavailable
@@ -191,6 +191,10 @@ class Tracker:
                 ended = core.end(job, JobState.FAILED, finished.error or "ComfyUI reported an error without details")
         except ResultTooLarge as exc:
             core.end(job, JobState.FAILED, f"The result cannot be kept: {exc}.")
+            return
+        except OutputGone as exc:  # removed from ComfyUI's folder by other hands: no try brings it back
+            log.warning("job %s client %s: results lost: %s", job.id, job.client_id, exc)
+            core.end(job, JobState.FAILED, f"{exc}: removed from its output folder before the bridge copied it.")
             return
         except BackendUnavailable as exc:
             log.warning("job %s client %s: results lost: %s", job.id, job.client_id, exc)
