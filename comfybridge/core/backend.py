@@ -29,6 +29,7 @@ class Backend:
     doubt: float = 0.0
     submit_failures: int = 0
     queue_remaining: int = 0  # ComfyUI's own count, including prompts of other users
+    statuses: int = 0  # `status` words heard from it: which of them came after a prompt was queued
     last_workflow: str | None = None  # what it ran last, so its models are likely loaded
     delivered: list[str] = field(default_factory=list)  # prompt ids to delete from its history, together
     abandoned: set[str] = field(default_factory=set)  # prompt ids moved elsewhere, to remove when it is back

@@ -166,6 +166,7 @@ class Dispatcher:
         finally:
             if job.sending == sent:
                 job.sending = None
+                job.queued_at_status = backend.statuses
         if job.accepting is not None:  # (None once the scheduler has taken its answer)
             await asyncio.wait((job.accepting,))
         if accepting is not None and (accepting.cancelled() or accepting.exception() is not None):

@@ -57,15 +57,16 @@ class Failover:
         self.tracker.on_event(backend, event, data)
         # ComfyUI says its queue is empty while prompts of the bridge's should be in it: someone
         # deleted them, or cleared the queue. Asked about at once, not after job_idle_timeout of an
-        # idle GPU (a word sent before a prompt of ours was queued, read after: the ask finds it).
+        # idle GPU. Only prompts not started that ComfyUI has told a `status` of since it queued them
+        # count: an earlier word, read after a POST /prompt's answer, said nothing of that prompt yet.
         if event != "status" or data["queue_remaining"] or not backend.healthy or backend.checking:
             return
-        if _sent(backend):
+        if _told_of(backend):
             self._ask(backend, self._told_empty(backend))
 
     async def _told_empty(self, backend: Backend) -> None:
         running, pending = await backend.client.queue()
-        if any(job.prompt_id not in running and job.prompt_id not in pending for job in _sent(backend)):
+        if any(job.prompt_id not in running and job.prompt_id not in pending for job in _told_of(backend)):
             log.warning("backend %s: prompts of the bridge's are gone from its queue; asking about them", backend.name)
             await self.reconcile(backend)
 
@@ -359,6 +360,13 @@ def _ran(job: Job) -> bool:
     return job.started_at is not None or job.state is JobState.RUNNING
 
 
-def _sent(backend: Backend) -> list[Job]:
-    """The backend's jobs whose prompts ComfyUI took (its POST /prompt answered), as the bridge knows."""
-    return [job for job in backend.inflight if job.state is not JobState.SUBMITTING and job.sending is None]
+def _told_of(backend: Backend) -> list[Job]:
+    """The backend's jobs whose prompts wait in ComfyUI's queue (its POST /prompt answered, not
+    started) and that ComfyUI has told a `status` of since, before the last one. (A prompt that ran
+    is no such job: its `executing null` comes after the `status` that follows its end.)"""
+    last = backend.statuses - 1
+    return [
+        job
+        for job in backend.inflight
+        if job.state is JobState.QUEUED and job.sending is None and job.queued_at_status < last
+    ]

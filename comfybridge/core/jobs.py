@@ -110,6 +110,7 @@ class Job:
     started_unseen: bool = False
     finished_at: float | None = None  # monotonic time of ComfyUI's final `executing null`
     handed_at: float | None = None  # monotonic time its POST /prompt began
+    queued_at_status: int = 0  # its backend's `statuses` when ComfyUI answered its POST /prompt
     warm: bool = False  # its backend ran the same workflow just before it
     accepted_at: float = field(default_factory=time.time)
     accepted_mono: float = field(default_factory=time.monotonic)  # for the wait and run times it logs

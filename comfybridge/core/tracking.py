@@ -41,6 +41,7 @@ class Tracker:
         """One event of the backend's socket, already checked for shape (`shapes.event`)."""
         if event == "status":
             backend.queue_remaining = data["queue_remaining"]
+            backend.statuses += 1
             return
         if backend.stuck_prompt is not None:
             self.core.unstuck(backend, f"it sent {event} again")
