@@ -20,6 +20,7 @@ from comfybridge.core.tracking import RESUMED
 from comfybridge.edge.appkeys import JOURNAL, SCHEDULER
 from comfybridge.emulator import Emulator
 from comfybridge.errors import StorageUnavailable
+from comfybridge.store.results import FETCHED, ResultStore
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
 from .fake_comfy import FakeComfy
@@ -550,3 +551,60 @@ async def test_an_upload_outlives_a_job_whose_end_is_not_recorded_yet(
     emulator.engine.history.clear()  # which restarted too, and forgot the prompt
     second = await make_bridge(emulator, data_dir=tmp_path / "data")
     assert (await poll_status(second, "durable", {"closed", "error"}))["status"] == "closed"
+
+
+KEPT = {"journal.sqlite3", "journal.sqlite3-wal", "journal.sqlite3-shm", "bridge.lock", "current_state.json"}
+
+
+def job_ids_in_journal(data_dir: Path) -> list[str]:
+    with contextlib.closing(sqlite3.connect(data_dir / "journal.sqlite3")) as conn:
+        return [row[0] for row in conn.execute("SELECT id FROM jobs")]
+
+
+def files_left(data_dir: Path) -> list[str]:
+    return sorted(str(p.relative_to(data_dir)) for p in data_dir.rglob("*") if p.is_file() and p.name not in KEPT)
+
+
+async def test_results_fetched_just_before_a_kill_9_are_not_left_in_the_data_folder(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, tmp_path: Path
+) -> None:
+    """A client fetches its results; the fetch is journaled (its row forgotten) and the process dies
+    (kill -9) before it unlinks the files, the next step. The next start found a result folder no
+    journal row names and moved it to data/orphans/, "kept there until removed by hand", with a
+    warning that reads as a lost journal; a restart soak saw 12 such folders after one kill -9."""
+    data = tmp_path / "data"
+    emulator = await make_emulator()
+    first = await make_bridge(emulator, inline_result_kb=0)  # results kept as files, as for any image over 1 MB
+    resp = await first.post("/generate-based-workflow", params={"clientId": "c"}, json=TINY)
+    assert resp.status == 200, await resp.text()
+    job_id = (await resp.json())["job_id"]
+    await poll_status(first, "c", {"closed"})
+    assert any(job_id in name for name in files_left(data))
+
+    async def dies_before_the_unlink(keys: list[str]) -> None:  # the process is killed right here
+        return None
+
+    first.app[SCHEDULER].core.results.delete = dies_before_the_unlink
+    resp = await first.get("/history", params={"clientId": "c"})
+    assert resp.status == 200
+    await resp.read()
+    await wait_for(lambda: job_id not in job_ids_in_journal(data))  # the fetch is durable
+    await first.close()
+
+    second = await make_bridge(emulator, inline_result_kb=0)
+    assert (await second.get("/history", params={"clientId": "c"})).status == 204  # delivered once, forgotten
+    left = [name for name in files_left(data) if job_id in name]
+    assert left == [], f"files of a job fetched and forgotten before the crash are still kept: {left}"
+
+
+async def test_a_fetched_jobs_folder_is_put_back_when_its_forget_never_landed(tmp_path: Path) -> None:
+    """Set aside before the journal forgets the job: a crash before the forget lands leaves the row,
+    so the results are still owed (served once more, as the README says), under their own name."""
+    root = tmp_path / "results"
+    owed, forgotten = "a" * 32, "b" * 32
+    for job in (owed, forgotten):
+        (root / f"{job}{FETCHED}").mkdir(parents=True)
+        (root / f"{job}{FETCHED}" / "000-x.png").write_bytes(b"png")
+    await ResultStore(root).sort_out(done={owed}, unfinished=set(), orphan_age=0)
+    assert not (tmp_path / "orphans").exists()  # nothing taken for a lost journal's
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == [owed, f"{owed}/000-x.png"]

@@ -669,6 +669,8 @@ class Scheduler:
         core = self.core
         if retry:
             await asyncio.sleep(retry)
+        else:  # before the journal forgets them: a crash in between leaves no folder that looks orphaned
+            keys = await core.results.set_aside(keys)
         # A client with nothing left: all its ended jobs go, these with them (one write, not two). Asked
         # again, only these: a job the clientId got meanwhile may have ended since, unfetched.
         if client_done and not retry:

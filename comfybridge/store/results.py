@@ -12,6 +12,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+import os
 import re
 import shutil
 import time
@@ -65,6 +66,7 @@ class JobResult:
     files: list[ResultFile]
 
 
+FETCHED = ".fetched"  # a fetched job's result folder, renamed so before the journal forgets the job
 LOOKS_AT_ONCE = 16  # HEADs sent at once to check the objects of a fetch as links
 
 
@@ -235,6 +237,16 @@ class ResultStore:
             self._undeleted.update(keys)  # the next sweep tries again (a local folder has no orphan sweep)
             log.warning("%d result files not removed now: %s", len(keys), exc)
 
+    async def set_aside(self, keys: list[str]) -> list[str]:
+        """Fetched results' files, before the journal forgets their jobs: each job's local folder is
+        renamed `<job>.fetched`, so a crash between the forget and the deletion leaves what a start
+        removes (the forget landed) or puts back (it did not), not folders that look like those of a
+        lost journal. In object storage nothing changes (its sweep removes what no record names).
+        The keys, as the files are named now."""
+        if not keys or not isinstance(self.blobs, LocalBlobs):
+            return keys
+        return await asyncio.to_thread(_set_aside, self.blobs.root, keys)
+
     async def discard(self, job_id: str) -> None:
         """Remove the partial downloads of a job that did not finish. Best effort: with the store away
         they stay (a next try writes the same names; the sweep at start removes what is left)."""
@@ -349,12 +361,33 @@ def _inline_size(files: list[ResultFile]) -> int:
     return sum(len(f.data) for f in files if f.data is not None)
 
 
+def _set_aside(root: Path, keys: list[str]) -> list[str]:
+    renamed: dict[str, str] = {}
+    for key in keys:
+        job = key.partition("/")[0]
+        if job not in renamed:
+            try:
+                os.replace(root / job, root / f"{job}{FETCHED}")
+                renamed[job] = f"{job}{FETCHED}"
+            except OSError:  # gone, or the disk refuses: deleted under its own name (best effort)
+                renamed[job] = job
+    return [f"{renamed[job]}/{rest}" for job, _, rest in (key.partition("/") for key in keys)]
+
+
 def _sort_out_folders(root: Path, done: set[str], unfinished: set[str]) -> Path | None:
     root.mkdir(parents=True, exist_ok=True)
     aside = root.parent / "orphans" / time.strftime("results-%Y%m%d-%H%M%S")
     moved = 0
     for entry in sorted(root.iterdir()):
         if entry.name in done:
+            continue
+        if entry.name.endswith(FETCHED):  # fetched: forgotten (it goes), or the forget never landed (back)
+            job = entry.name.removesuffix(FETCHED)
+            if job in done:
+                with contextlib.suppress(OSError):  # (best effort: the next start tries again)
+                    os.replace(entry, root / job)
+            else:
+                shutil.rmtree(entry, ignore_errors=True)
             continue
         if entry.name in unfinished:
             shutil.rmtree(entry, ignore_errors=True)
