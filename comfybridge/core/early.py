@@ -16,7 +16,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from ..comfy.client import ComfyClient
+from ..comfy.client import ComfyClient, ResultTooLarge
 from ..comfy.shapes import OutputRef
 from .jobs import job_folder
 
@@ -76,7 +76,8 @@ class EarlyFetches:
         try:
             await client.download(ref, held, limit, local)
         except Exception as exc:  # too large to hold, or not given now: fetched when the prompt ends
-            log.debug("%s not fetched early: %s", ref.filename, exc)
+            why = f"over {limit} bytes, the most fetched early" if isinstance(exc, ResultTooLarge) else exc
+            log.debug("%s not fetched early (%s): fetched when the prompt ends", ref.filename, why)
             return None
         return bytes(held.data)
 
