@@ -185,19 +185,25 @@ def track(
     handler: bytes = b"pict",
     ident: int = 0,
     described: tuple[int, int] | None = None,
+    edits: int = 0,
 ) -> bytes:
     """A trak box: its id and presentation size in tkhd (16.16), its handler, its sample count in
-    stsz and, if `described`, a visual sample entry of that size in stsd."""
+    stsz, one sample description (mp4a for sound; else avc1, of the `described` size or none) and,
+    if `edits`, an edit list of that many entries, each playing the whole media."""
     times = struct.pack(">8xI8x", ident)  # creation, modification, the track's id, reserved, duration
     tkhd = full_box(b"tkhd", times, b"\0" * 52, struct.pack(">II", width << 16, height << 16), flags=3)
-    stbl = box(b"stbl", full_box(b"stsz", struct.pack(">II", 0, samples)))
-    if described:
-        entry = box(b"avc1", bytes(24), struct.pack(">HH", *described))
-        stbl = box(
-            b"stbl", full_box(b"stsd", struct.pack(">I", 1), entry), full_box(b"stsz", struct.pack(">II", 0, samples))
-        )
+    if handler == b"soun":
+        entry = box(b"mp4a", bytes(6), b"\0\1", bytes(20))
+    else:
+        entry = box(b"avc1", bytes(24), struct.pack(">HH", *(described or (0, 0))))
+    stsd = full_box(b"stsd", struct.pack(">I", 1), entry)
+    stbl = box(b"stbl", stsd, full_box(b"stsz", struct.pack(">II", 0, samples)))
     hdlr = full_box(b"hdlr", b"\0" * 4 + handler + b"\0" * 13)
-    return box(b"trak", tkhd, box(b"mdia", hdlr, box(b"minf", stbl)))
+    parts = [tkhd]
+    if edits:
+        elst = full_box(b"elst", struct.pack(">I", edits), struct.pack(">IiI", samples, 0, 1 << 16) * edits)
+        parts.append(box(b"edts", elst))
+    return box(b"trak", *parts, box(b"mdia", hdlr, box(b"minf", stbl)))
 
 
 def movie(tracks: list[bytes], fragments: list[tuple[int, list[int]]] | None = None, brand: bytes = b"isom") -> bytes:
@@ -525,6 +531,9 @@ def test_a_webms_video_blocks_are_frames_and_its_sound_is_not(tmp_path: Path) ->
     two = webm([*tracks, (3, 1, 3840, 2160)], [*clusters, [(3, 2, False)]])
     assert frames_of(tmp_path, ".webm", two) == Frames(8, 3840, 2160, 8 * 8294400, True)
     assert frames_of(tmp_path, ".webm", webm([(2, 2, 0, 0)], [[(2, 1, False)] * 3])) is None  # sound alone
+    # A video track that declares no size is decoded at its bitstream's (checked with PyAV), not read.
+    with pytest.raises(BadHeaders, match="declares no frame size"):
+        frames_of(tmp_path, ".webm", webm([(1, 1, 0, 0)], [[(1, 1, False)] * 40]))
 
 
 async def test_an_avi_whose_frames_would_not_fit_in_memory_is_refused(bridge: Client) -> None:
@@ -547,6 +556,96 @@ def test_an_avis_video_chunks_are_frames_and_its_sound_is_not(tmp_path: Path) ->
     grouped = avi((1280, 720), [(b"vids", (640, 480))], [b"rec ", b"00dc"])
     assert frames_of(tmp_path, ".avi", grouped) == Frames(3, 1280, 720, 3 * 921600, True)
     assert frames_of(tmp_path, ".avi", avi((0, 0), [(b"auds", (0, 0))], [b"00wb"] * 3)) is None  # sound alone
+
+
+def test_a_movie_track_is_video_by_its_format_and_plays_as_often_as_its_edit_list_says(tmp_path: Path) -> None:
+    """Checked against PyAV 18 (ComfyUI's video input): ffmpeg makes a track video by its sample
+    format whatever its handler says (unless sound), and decodes its samples again for each entry
+    of its edit list; a track of only 0x0 would be decoded at its bitstream's size. A phone's
+    per-frame metadata track (mebx) and a timecode track are no frames."""
+    for handler in (b"pict", b"meta", b"auxv", b"abcd"):
+        clip = movie([track(1920, 1080, 10_000, handler, ident=1)])
+        assert frames_of(tmp_path, ".mp4", clip) == Frames(10_000, 1920, 1080, 10_000 * 2073600, True), handler
+    replayed = movie([track(64, 48, 100, b"vide", ident=1, edits=100)])
+    assert frames_of(tmp_path, ".mp4", replayed) == Frames(10_000, 64, 48, 10_000 * 3072, True)
+    metadata = track(0, 0, 900, b"meta", ident=2).replace(b"avc1", b"mebx")
+    timecode = track(0, 0, 1, b"tmcd", ident=3).replace(b"avc1", b"tmcd")
+    phone = movie([track(1920, 1080, 900, b"vide", ident=1), metadata, timecode])
+    assert frames_of(tmp_path, ".mp4", phone) == Frames(900, 1920, 1080, 900 * 2073600, True)
+    with pytest.raises(BadHeaders, match="declares no frame size"):
+        frames_of(tmp_path, ".mp4", movie([track(0, 0, 10, b"vide", ident=1)]))
+
+
+def test_a_compressed_movie_header_is_refused_unread(tmp_path: Path) -> None:
+    """ffmpeg inflates a QuickTime compressed movie header (moov > cmov) and decodes its tracks."""
+    inner = box(b"moov", track(1920, 1080, 10_000, b"vide", ident=1))
+    cmov = box(b"cmov", box(b"dcom", b"zlib"), box(b"cmvd", struct.pack(">I", len(inner)), zlib.compress(inner)))
+    path = tmp_path / "clip.mov"
+    path.write_bytes(box(b"ftyp", b"qt  ", bytes(4)) + box(b"moov", cmov) + box(b"mdat", bytes(16)))
+    with pytest.raises(BadHeaders, match="compressed movie header"):
+        image_frames(path, ".mov")
+
+
+def avi_of(movi: list[bytes], headers: list[bytes] | None = None, idx1: bytes | None = None) -> bytes:
+    """An AVI of 1080p MJPEG: these header chunks (by default avih and one strl list of a video
+    stream), these chunks in its movi list, and an idx1 if given."""
+    size = (1920, 1080)
+    if headers is None:
+        strh = riff_chunk(b"strh", b"vidsMJPG", bytes(48))
+        strf = riff_chunk(b"strf", struct.pack("<IiiHH4s", 40, *size, 1, 24, b"MJPG"), bytes(20))
+        avih = riff_chunk(b"avih", bytes(32), struct.pack("<II", *size), bytes(16))
+        headers = [riff_list(b"hdrl", avih, riff_list(b"strl", strh, strf))]
+    body = b"AVI " + b"".join(headers) + riff_list(b"movi", *movi)
+    if idx1 is not None:
+        body += riff_chunk(b"idx1", idx1)
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def test_an_avi_is_read_for_frames_as_ffmpeg_reads_it(tmp_path: Path) -> None:
+    """Checked against PyAV 18: ffmpeg takes every chunk NN?? of a video stream as a frame (but its
+    ix, wc, pc), in any list of movi; reads stream headers wherever they are before movi; and,
+    reading through idx1, decodes one frame an entry, however often entries repeat a chunk. A
+    chunk it does not know in movi it scans byte by byte for frames: refused."""
+    hd = 1920 * 1080
+    for tag in (b"00wb", b"00xx", b"00DC"):
+        assert frames_of(tmp_path, ".avi", avi_of([riff_chunk(tag, bytes(4))] * 1000)) == Frames(
+            1000, 1920, 1080, 1000 * hd, True
+        )
+    forty = [riff_chunk(b"00dc", bytes(4))] * 40
+    for movi in ([riff_list(b"abcd", *forty)], [riff_list(b"rec ", riff_list(b"rec ", *forty))]):
+        assert frames_of(tmp_path, ".avi", avi_of(movi)) == Frames(40, 1920, 1080, 40 * hd, True)
+    with pytest.raises(BadHeaders, match="unknown chunk in the movi list"):
+        frames_of(tmp_path, ".avi", avi_of([riff_chunk(b"zzzz", *forty)]))
+    chunk = riff_chunk(b"00dc", bytes(4))
+    entry = [struct.pack("<4sIII", b"00dc", 0x10, at, 4) for at in (4, 4 + len(chunk))]
+    index = entry[0] * 2 + (entry[1] + entry[0]) * 5000
+    assert frames_of(tmp_path, ".avi", avi_of([chunk, chunk], idx1=index)) == Frames(
+        10002, 1920, 1080, 10002 * hd, True
+    )
+    avih = riff_chunk(b"avih", bytes(32), struct.pack("<II", 1920, 1080), bytes(16))
+    strh = riff_chunk(b"strh", b"vidsMJPG", bytes(48))
+    for headers in (
+        [riff_list(b"hdrl", avih, strh)],  # no strl list
+        [riff_list(b"hdrl", avih, riff_list(b"abcd", riff_list(b"strl", strh)))],  # one within another list
+        [riff_list(b"abcd", avih, riff_list(b"strl", strh))],  # hdrl named otherwise
+    ):
+        assert frames_of(tmp_path, ".avi", avi_of(forty, headers)) == Frames(40, 1920, 1080, 40 * hd, True)
+    with pytest.raises(BadHeaders, match="declares no frame size"):
+        frames_of(tmp_path, ".avi", avi_of(forty, [riff_list(b"hdrl", strh)]))
+
+
+async def test_video_bombs_that_hid_their_frames_are_refused(bridge: Client) -> None:
+    """Each asks ComfyUI's video input to decode 10,000 frames of 1080p (20,736 megapixels, about
+    250 GB of float32); each was stored (200) when only `vide` tracks and `NNdc` chunks counted."""
+    bombs = {
+        "pict.mp4": movie([track(1920, 1080, 10_000, b"pict", ident=1)]),
+        "wb.avi": avi_of([riff_chunk(b"00wb", bytes(4))] * 10_000),
+    }
+    for name, data in bombs.items():
+        status, body = await upload(bridge, {"clip": (name, data)}, client_id="bomber")
+        assert status == 413, (name, status, body)
+        assert body["detail"].endswith("over the limit of 2000 megapixels (max_video_mp)."), body
+    assert stored(bridge) == []
 
 
 def test_a_movies_video_samples_are_frames_and_its_sound_is_not(tmp_path: Path) -> None:

@@ -750,56 +750,95 @@ def _riff_chunks(walk: _Walk) -> Iterator[tuple[bytes, int]]:
         yield kind, length
 
 
-def _avi(walk: _Walk, tally: _Tally) -> None:
-    """AVI. A video input (PyAV, in ComfyUI) decodes every frame of its video stream: each chunk of
-    a video stream (NNdc, NNdb) in the movi list, rec lists within it too, is a frame, at the
-    largest size the headers declare (avih's, each video stream's BITMAPINFOHEADER in strf)."""
-    video: set[bytes] = set()  # the video streams' numbers as chunk ids begin: b"00", b"01"...
-    for kind, length in _riff_chunks(walk):
-        if kind != b"LIST" or length < 4:
-            continue
-        start = walk.handle.tell()
-        form = walk.take(4)
-        if form == b"hdrl":
-            video |= _avi_headers(walk, start + 4, start + length, tally)
-        elif form == b"movi":
-            _avi_frames(walk, start + 4, start + length, tally, video)
+AVI_NOT_FRAMES = {b"ix", b"wc", b"pc"}  # a stream's chunks that are no packets: index, palette changes
+AVI_SKIPPED = {b"JUNK", b"idx1", b"indx"}
+MAX_LIST_DEPTH = 8
 
 
-def _avi_headers(walk: _Walk, start: int, end: int, tally: _Tally) -> set[bytes]:
-    """The main header's frame size, and each video stream's; the video streams' numbers."""
-    video: set[bytes] = set()
-    streams = 0
-    for kind, at, length in _chunks(walk, start, end):
+class _AviHeaders:
+    """An AVI's stream headers, read as ffmpeg reads them: wherever they are before the movi list,
+    in any list. Each strh is the next stream; one that says vids is video, and its strf (the
+    BITMAPINFOHEADER after it) and the main header (avih) give the largest frame size."""
+
+    def __init__(self, walk: _Walk, tally: _Tally) -> None:
+        self.walk, self.tally = walk, tally
+        self.video: set[bytes] = set()  # the video streams' numbers, as their chunk ids begin: b"00"...
+        self.streams = 0
+        self.last_video = False
+
+    def read(self, kind: bytes, at: int, length: int, depth: int = 0) -> None:
+        walk = self.walk
         if kind == b"avih" and length >= 40:
             walk.seek(at + 32)
-            tally.grow(*struct.unpack("<II", walk.take(8)))
+            self.tally.grow(*struct.unpack("<II", walk.take(8)))
+        elif kind == b"strh" and length >= 4:
+            walk.seek(at)
+            self.last_video = walk.take(4) == b"vids"
+            if self.last_video:
+                self.video.add(f"{self.streams:02d}".encode())
+            self.streams += 1
+        elif kind == b"strf" and length >= 12 and self.last_video:
+            walk.seek(at + 4)
+            width, height = struct.unpack("<ii", walk.take(8))
+            self.tally.grow(abs(width), abs(height))
         elif kind == b"LIST" and length >= 4:
-            walk.seek(at)
-            if walk.take(4) != b"strl":
-                continue
-            number, streams = f"{streams:02d}".encode(), streams + 1
+            if depth >= MAX_LIST_DEPTH:
+                raise BadHeaders("lists nested too deep")
             for part, inner, size in _chunks(walk, at + 4, at + length):
-                if part == b"strh" and size >= 4:
-                    walk.seek(inner)
-                    if walk.take(4) == b"vids":
-                        video.add(number)
-                elif part == b"strf" and size >= 12 and number in video:
-                    walk.seek(inner + 4)
-                    width, height = struct.unpack("<ii", walk.take(8))
-                    tally.grow(abs(width), abs(height))
-    return video
+                self.read(part, inner, size, depth + 1)
 
 
-def _avi_frames(walk: _Walk, start: int, end: int, tally: _Tally, video: set[bytes], top: bool = True) -> None:
-    """The video chunks of a movi list, and of the rec lists directly in it (they nest no deeper)."""
+def _avi(walk: _Walk, tally: _Tally) -> None:
+    """AVI, read as ffmpeg's demuxer reads it (the video input of ComfyUI decodes every frame). In
+    the movi list, and in any list within it or after it, each chunk of a video stream (NN and two
+    letters, but its index and palette chunks) is a frame; an idx1 that names more is read as
+    ffmpeg may read it, one frame an entry. A chunk it does not know, in movi or after it, ffmpeg
+    scans byte by byte for frames: such a file is refused. Frames are of the largest size the
+    headers declare; the sizes coded inside the bitstream are not read."""
+    headers = _AviHeaders(walk, tally)
+    movi = False
+    chunked = indexed = 0
+    for kind, length in _riff_chunks(walk):
+        at = walk.handle.tell()
+        form = walk.take(4) if kind == b"LIST" and length >= 4 else b""
+        if form == b"movi" or (movi and kind == b"LIST"):
+            movi = True
+            chunked += _avi_frames(walk, at + 4, at + length, headers.video)
+        elif kind == b"idx1":
+            indexed = _avi_index(walk, at, length, headers.video)
+        elif not movi:
+            headers.read(kind, at, length)
+        elif kind not in AVI_SKIPPED:
+            raise BadHeaders("an unknown chunk after the movi list")
+    if (chunked or indexed) and not _area(tally.canvas):
+        raise BadHeaders("a video stream that declares no frame size")
+    tally.fill(max(chunked, indexed))
+
+
+def _avi_frames(walk: _Walk, start: int, end: int, video: set[bytes], depth: int = 0) -> int:
+    """The video chunks of a movi list and of every list within it."""
+    frames = 0
     for kind, at, length in _chunks(walk, start, end):
-        if kind[:2] in video and kind[2:] in (b"dc", b"db"):
-            tally.fill(tally.count + 1)
-        elif top and kind == b"LIST" and length >= 4:
-            walk.seek(at)
-            if walk.take(4) == b"rec ":
-                _avi_frames(walk, at + 4, at + length, tally, video, top=False)
+        if kind[:2].isdigit():  # a stream's chunk, as ffmpeg tells them (two digits)
+            frames += kind[:2] in video and kind[2:] not in AVI_NOT_FRAMES
+        elif kind == b"LIST" and length >= 4:
+            if depth >= MAX_LIST_DEPTH:
+                raise BadHeaders("lists nested too deep")
+            frames += _avi_frames(walk, at + 4, at + length, video, depth + 1)
+        elif kind not in AVI_SKIPPED and kind[:2] != b"ix":
+            raise BadHeaders("an unknown chunk in the movi list")
+    return frames
+
+
+def _avi_index(walk: _Walk, start: int, length: int, video: set[bytes]) -> int:
+    """The entries of an idx1 that name a video chunk (16 bytes each: id, flags, offset, size)."""
+    count = length // 16
+    if count > MAX_PIECES:
+        raise BadHeaders("an index of too many entries")
+    walk.seek(start)
+    table = walk.take(count * 16, count)
+    ids = (table[n * 16 : n * 16 + 4] for n in range(count))
+    return sum(1 for kind in ids if kind[:2] in video and kind[2:] not in AVI_NOT_FRAMES)
 
 
 def _chunks(walk: _Walk, start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
@@ -984,81 +1023,122 @@ def _iref(walk: _Walk, start: int, end: int) -> set[int]:
 def _heif_track(walk: _Walk, start: int, end: int) -> tuple[int, int, int]:
     """A track's presentation size and sample count; none for a sound track."""
     track = _track(walk, start, end)
-    return (0, 0, 0) if track.handler == b"soun" else (track.width, track.height, track.samples)
+    if track.handler == b"soun":
+        return 0, 0, 0
+    size = max(track.size, track.described, key=_area) if track.handler in PICTURES else track.size
+    return *size, track.samples
 
 
 @dataclass(frozen=True)
 class _Track:
     ident: int
-    width: int
-    height: int
+    size: tuple[int, int]  # its presentation size (tkhd)
+    described: tuple[int, int]  # the largest its sample descriptions declare (as visual entries)
     samples: int
     handler: bytes  # vide, soun, pict, text, tmcd...
+    entries: frozenset[bytes]  # its sample descriptions' formats: avc1, hvc1, mp4a, tmcd...
+    plays: int  # how many times its edit list plays the media (1 without one)
 
 
 PICTURES = {b"vide", b"pict"}  # handlers of tracks whose sample descriptions are visual sample entries
+# Sample formats ffmpeg makes no video stream of: timecode, text, subtitles, timed metadata (a phone's
+# per-frame metadata track has as many samples as its video). Any other format of a track that is
+# not sound counts as video, whatever its handler says (ffmpeg goes by the format).
+NOT_VIDEO = {b"tmcd", b"text", b"tx3g", b"wvtt", b"stpp", b"sbtt", b"c608", b"c708", b"mebx", b"mett"}
+NOT_VIDEO |= {b"metx", b"urim", b"rtp ", b"srtp", b"fdp ", b"mp4s", b"gpmd", b"camm", b"mp4a", b"alac"}
 
 
 def _track(walk: _Walk, start: int, end: int) -> _Track:
-    """A trak box: its id and presentation size (tkhd, 16.16 fixed point, rounded up), grown to any
-    larger size its visual sample descriptions declare (stsd), its sample count (stsz or stz2, the same
-    field) and its handler (hdlr: ISO's handler type, QuickTime's component subtype, alike)."""
-    ident = width = height = samples = 0
+    """A trak box: its id and presentation size (tkhd, 16.16 fixed point, rounded up), the largest
+    size its sample descriptions declare as visual entries (stsd), its sample count (stsz or stz2,
+    the same field), its handler (hdlr: ISO's handler type, QuickTime's component subtype, alike),
+    its sample formats and how many times its edit list plays the media (elst entries that are no
+    empty edit: ffmpeg decodes the samples again for each)."""
+    ident = samples = 0
+    size = described = (0, 0)
     handler = b""
-    described = (0, 0)
+    entries: set[bytes] = set()
+    plays = 1
     for kind, at, stop in _boxes(walk, start, end):
         if kind == b"tkhd":
             wide = _fields(walk, at, stop, 1)[0]  # version 1: 64-bit times
             (ident,) = struct.unpack(">I", _fields(walk, at + (20 if wide else 12), stop, 4))
             fixed = struct.unpack(">II", _fields(walk, at + 4 + (84 if wide else 72), stop, 8))
-            width, height = ((value + 0xFFFF) >> 16 for value in fixed)
+            size = ((fixed[0] + 0xFFFF) >> 16, (fixed[1] + 0xFFFF) >> 16)
+        elif kind == b"edts":
+            for part, inner, limit in _boxes(walk, at, stop):
+                if part == b"elst":
+                    plays = max(1, _plays(walk, inner, limit))
         elif kind == b"mdia":
             for part, inner, limit in _boxes(walk, at, stop):
                 if part == b"hdlr":
                     handler = _fields(walk, inner, limit, 12)[8:]
                 elif part == b"minf":
-                    found, declared = _samples(walk, inner, limit)
+                    found, declared, formats = _samples(walk, inner, limit)
                     samples = max(samples, found)
                     described = max(described, declared, key=_area)
-    if handler in PICTURES:
-        width, height = max((width, height), described, key=_area)
-    return _Track(ident, width, height, samples, handler)
+                    entries |= formats
+    return _Track(ident, size, described, samples, handler, frozenset(entries), plays)
 
 
-def _samples(walk: _Walk, start: int, end: int) -> tuple[int, tuple[int, int]]:
-    """The sample count of a media information box's sample table, and the largest size its video
-    sample descriptions declare (a visual sample entry's width and height; (0, 0) for others)."""
+def _plays(walk: _Walk, start: int, end: int) -> int:
+    """The entries of an edit list that play media (media_time is not -1, an empty edit)."""
+    version = _fields(walk, start, end, 1)[0]
+    (count,) = struct.unpack(">I", _fields(walk, start + 4, end, 4))
+    width = 20 if version == 1 else 12
+    if count > MAX_ITEMS or start + 8 + count * width > end:
+        raise BadHeaders("an edit list longer than its box, or of too many entries")
+    walk.seek(start + 8)
+    table = walk.take(count * width, count)
+    at = 8 if version == 1 else 4  # media_time follows segment_duration
+    code = ">q" if version == 1 else ">i"
+    return sum(struct.unpack_from(code, table, n * width + at)[0] != -1 for n in range(count))
+
+
+def _samples(walk: _Walk, start: int, end: int) -> tuple[int, tuple[int, int], set[bytes]]:
+    """The sample count of a media information box's sample table, the largest size its sample
+    descriptions declare read as visual entries (their width and height), and their formats."""
     samples = 0
     largest = (0, 0)
+    formats: set[bytes] = set()
     for kind, at, stop in _boxes(walk, start, end):
         if kind == b"stbl":
             for part, inner, limit in _boxes(walk, at, stop):
                 if part in (b"stsz", b"stz2"):
                     samples = max(samples, struct.unpack(">8xI", _fields(walk, inner, limit, 12))[0])
                 elif part == b"stsd":
-                    for _, entry, entry_end in _boxes(walk, inner + 8, limit):  # after version, flags, count
+                    for entry_kind, entry, entry_end in _boxes(walk, inner + 8, limit):  # after version, flags, count
+                        formats.add(entry_kind)
                         if entry + 28 <= entry_end:  # long enough to be a visual sample entry
                             size = struct.unpack(">HH", _fields(walk, entry + 24, entry_end, 4))
                             largest = max(largest, size, key=_area)
-    return samples, largest
+    return samples, largest, formats
 
 
 def _movie(walk: _Walk, tally: _Tally) -> None:
     """MP4 and QuickTime. A video input (PyAV, in ComfyUI) decodes every frame of its video track
-    to float32: each sample of a track whose handler is vide, counted in its sample table or, in a
-    fragmented file, in the runs (trun) of each fragment of that track (traf, named by tfhd), at
-    the largest size the track declares. Sound, text and timecode tracks are no frames. The sizes
-    coded inside the bitstream, which the boxes declare, are not read."""
+    to float32. As ffmpeg does, a track is video by its sample formats, whatever its handler says,
+    unless it is sound or all its formats are no video (timecode, text, metadata): each of its
+    samples is a frame, as many times as its edit list plays them, counted in its sample table or,
+    in a fragmented file, in the runs (trun) of each fragment of that track (traf, named by tfhd),
+    at the largest size the track declares. A compressed movie header (cmov) is refused unread, as
+    is a video track that declares no size. The sizes coded inside the bitstream are not read."""
     video: set[int] = set()
     for kind, start, end in _boxes(walk, 0, walk.size):
         if kind == b"moov":
             for part, at, stop in _boxes(walk, start, end):
+                if part == b"cmov":
+                    raise BadHeaders("a compressed movie header")
                 if part == b"trak":
                     track = _track(walk, at, stop)
-                    if track.handler == b"vide":
-                        video.add(track.ident)
-                        tally.grow(track.width, track.height)
-                        tally.fill(tally.count + track.samples)
+                    if track.handler == b"soun" or not track.entries or track.entries <= NOT_VIDEO:
+                        continue
+                    size = max(track.size, track.described, key=_area)
+                    if track.samples and not _area(size):
+                        raise BadHeaders("a video track that declares no frame size")
+                    video.add(track.ident)
+                    tally.grow(*size)
+                    tally.fill(tally.count + track.samples * track.plays)
         elif kind == b"moof":
             for part, at, stop in _boxes(walk, start, end):
                 if part == b"traf":
@@ -1100,6 +1180,8 @@ def _webm(walk: _Walk, tally: _Tally) -> None:
                 if entry == WEBM_TRACK_ENTRY and size is not None:
                     number, width, height = _webm_track(walk, at, at + size)
                     if number is not None:
+                        if not width or not height:  # decoded at its bitstream's size, which is not read
+                            raise BadHeaders("a video track that declares no frame size")
                         video.add(number)
                         tally.grow(width, height)
         elif element in WEBM_BLOCKS:
