@@ -758,3 +758,81 @@ def _unread(sock: socket.socket) -> int:
     if sock.fileno() < 0:
         return 0
     return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+async def test_execution_info_never_says_closed_with_jobs_left_while_a_queued_jobs_accept_is_written(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    """As test_execution_info_never_says_closed_with_jobs_left, for a job that joins the bridge's
+    queue (every ComfyUI busy) rather than one handed over at once as it is accepted."""
+    emulator = await make_emulator()
+    client = await make_bridge(emulator, pipeline_depth=0)
+    status, answer = await generate(client, "poller", {"workflow": "solid", "1/batch_size": 1})
+    assert status == 200, answer
+    await poll_status(client, "poller", {"closed"})
+    emulator.engine.pause()  # another client's job holds the only ComfyUI: the next one queues
+    status, answer = await generate(client, "blocker", {"workflow": "solid", "1/batch_size": 1})
+    assert status == 200, answer
+    await poll_status(client, "blocker", {"connected"})
+    journal = client.app[SCHEDULER].core.journal
+    gate = asyncio.Event()
+    accept = journal.accept
+
+    def slow_accept(record: dict[str, Any]) -> asyncio.Future[int]:
+        written = accept(record)
+
+        async def later() -> int:
+            await gate.wait()
+            return await written
+
+        return asyncio.ensure_future(later())
+
+    journal.accept = slow_accept
+    submitting = asyncio.ensure_future(generate(client, "poller", {"workflow": "solid", "1/batch_size": 2}))
+    known = client.app[SCHEDULER].core.clients.get("poller")
+    assert known is not None
+    await wait_for(lambda: len(known.jobs) == 1)  # the second job is being accepted
+    try:
+        info = await (await client.get("/execution-info", params={"clientId": "poller"})).json()
+    finally:
+        gate.set()
+        journal.accept = accept
+        await submitting
+        emulator.engine.resume()
+    assert not (info["status"] == "closed" and info["jobs_left"]), info
+
+
+async def test_a_tab_lost_again_before_the_other_is_back_leaves_both_expected(
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+) -> None:
+    """README: a socket back "hears every frame told meanwhile ...; so does each of the client's sockets
+    lost with it (two tabs on one link)". Two tabs lose their sockets together (2 expected back). Tab A
+    comes back (1 left: B) and loses its socket again while the job still waits: now A and B are both
+    away; counting only A as expected, the job's `closed` went to A and was let go: B, back within
+    the grace, never heard that its job ended."""
+    emulator = await make_emulator()
+    client = await make_bridge(emulator, disconnect_grace=30)
+    emulator.engine.pause()  # the job waits inside ComfyUI while the sockets come and go
+    async with (
+        client.ws_connect("/ws", params={"clientId": "tabs-again"}),
+        client.ws_connect("/ws", params={"clientId": "tabs-again"}),
+    ):
+        status, answer = await generate(client, "tabs-again", {"workflow": "solid", "1/batch_size": 1})
+        assert status == 200, answer
+        await poll_status(client, "tabs-again", {"connected"})
+    known = client.app[SCHEDULER].core.clients.get("tabs-again")
+    assert known is not None
+    await wait_for(lambda: known.sockets == 0)  # both lost together
+    async with client.ws_connect("/ws", params={"clientId": "tabs-again"}) as again:
+        await again.receive()  # tab A back (its `connected`)
+    await wait_for(lambda: known.sockets == 0)  # and lost again, the job still waiting
+    emulator.engine.resume()
+    await poll_status(client, "tabs-again", {"closed"})  # it ended while both were away
+    async with client.ws_connect("/ws", params={"clientId": "tabs-again"}) as a:
+        assert (await frames_until(a, "closed", timeout=3))[-1]["job_id"] == answer["job_id"]
+        async with client.ws_connect("/ws", params={"clientId": "tabs-again"}) as b:
+            try:
+                heard = await frames_until(b, "closed", timeout=3)
+            except TimeoutError:
+                raise AssertionError("tab B, lost with A, never heard its job's `closed`") from None
+            assert heard[-1]["job_id"] == answer["job_id"]

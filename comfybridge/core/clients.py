@@ -110,16 +110,18 @@ class Client:
         ending = message["status"] in ("closed", "error") and message["job_id"] in self.untold
         return len(self.untold) - ending
 
+    def being_accepted(self) -> int:
+        """Its jobs whose accept is still being written: not the client's yet (the accept may fail),
+        so no count of what is left to hear includes them."""
+        return sum(1 for job in self.jobs.values() if not job.recorded)
+
     def status_now(self) -> Status:
         """What /execution-info answers: the latest status, its `jobs_left` counted now (as a frame's
         is counted when sent), so a job accepted since that status was made counts."""
         status = self.status
         if "job_id" not in status or "jobs_left" not in status:
             return status
-        # A job whose accept is still being written is not the client's yet (its accept may fail):
-        # until it is, the status stands as it was, `closed` with nothing left among them.
-        accepting = sum(1 for job in self.jobs.values() if job.accepting is not None)
-        left = self.jobs_left(status) - accepting
+        left = self.jobs_left(status) - self.being_accepted()
         return status if left == status["jobs_left"] else {**status, "jobs_left": left}
 
 

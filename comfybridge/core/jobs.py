@@ -264,6 +264,11 @@ class Job:
             JobState.WAITING, prompt_id=str(uuid.uuid4()), backend=None, attempts=attempts, retries=retries
         )
 
+    @property
+    def recorded(self) -> bool:
+        """Its accept is durable: the journal gave it its place in acceptance order (from 1)."""
+        return self.seq > 0
+
     def record(self) -> dict[str, Any]:
         """Everything needed to resume the job, as the journal keeps it (seq is given by the journal)."""
         return {

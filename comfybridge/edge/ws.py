@@ -219,7 +219,8 @@ class SocketHub:
             if client_id in self._outboxes:
                 continue
             self._held.setdefault(client_id, [])
-            self._expected[client_id] = sockets
+            # Added to those still expected: a tab back and lost again while another is still away
+            self._expected[client_id] = self._expected.get(client_id, 0) + sockets
             earlier = self._let_go_at.pop(client_id, None)
             if earlier is not None:
                 earlier.cancel()
@@ -296,7 +297,7 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     outbox = hub.add(client_id, ws, request.transport)
     client = scheduler.socket_opened(client_id)
     outbox.put(CONNECTED_FRAME)
-    hub.replay(client_id, outbox, len(client.untold))
+    hub.replay(client_id, outbox, len(client.untold) - client.being_accepted())
     log.debug("client %s: socket open", client_id)
     try:
         async for msg in ws:
