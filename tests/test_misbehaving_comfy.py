@@ -15,6 +15,7 @@ import orjson
 import pytest
 
 from comfybridge.comfy import client as comfy_client
+from comfybridge.core import tracking
 from comfybridge.edge.appkeys import SCHEDULER, WORKFLOWS
 from comfybridge.emulator import Emulator
 from comfybridge.emulator.server import SOCKETS
@@ -1041,3 +1042,21 @@ async def test_an_output_removed_from_comfyui_before_it_is_copied_ends_the_job_p
     info = await poll_status(client, "tidy", {"closed", "error"}, timeout=20)
     assert info["status"] == "error", info
     assert "404" in info["detail"] or "first" in info["detail"], info
+
+
+async def test_a_404_for_an_output_from_something_that_is_not_comfyui_is_tried_again(
+    make_fake: Any, make_bridge: BridgeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A proxy in front of a ComfyUI that restarts may answer 404 for everything (an ingress's default
+    backend): that 404 is no word of ComfyUI's that the output is gone, and is tried again. Only
+    when ComfyUI itself answers (its /queue) is a 404 for an output final."""
+    monkeypatch.setattr(tracking, "FIRST_RETRY", 0.05)
+    fake: FakeComfy = await make_fake()
+    client = await make_bridge(fake.url, inline_result_kb=0)
+    page = "<html><body>404 default backend</body></html>"
+    for route in ("GET /view", "GET /queue"):
+        fake.replace(route, 404, page, times=3, content_type="text/html")
+    status, answer = await generate(client, "behind-a-proxy", SOLID)
+    assert status == 200, answer
+    info = await poll_status(client, "behind-a-proxy", {"closed", "error"})
+    assert info["status"] == "closed", info

@@ -395,6 +395,7 @@ class ComfyClient:
             timeout = aiohttp.ClientTimeout(total=None, sock_read=self.timeout.total)
             async with self.session.get(self.url / "view", params=params, timeout=timeout) as resp:
                 if resp.status == 404:
+                    await self.queue()  # ComfyUI itself answers (not a proxy's 404 while it restarts)
                     raise OutputGone(f"ComfyUI no longer has the output {ref.filename!r} (GET /view answered 404)")
                 if resp.status != 200:
                     raise BackendUnavailable(f"{self.shown}: GET /view {ref.filename!r} answered HTTP {resp.status}")

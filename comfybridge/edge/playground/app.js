@@ -41,8 +41,11 @@ async function loadCatalogue() {
       const key = $("key").value.trim();
       if (entry.thumbnail) {
         picture.alt = "";
-        // the link as the bridge gives it: from the host's root, with --root-path under a proxy's path
-        picture.src = entry.thumbnail + (key ? "&token=" + encodeURIComponent(key) : "");
+        // The link as the bridge gives it (with --root-path, under a proxy's path); one that is not
+        // under this page's folder is taken from there (a proxy's path the bridge was not told of).
+        const base = new URL(".", location.href).pathname;
+        const link = entry.thumbnail.startsWith(base) ? entry.thumbnail : entry.thumbnail.replace(/^\//, "");
+        picture.src = link + (key ? "&token=" + encodeURIComponent(key) : "");
       }
       const text = document.createElement("span");
       text.textContent = entry.name;
