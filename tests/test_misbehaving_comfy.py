@@ -779,6 +779,17 @@ async def test_a_prompt_comfyui_refuses_in_part_fails_with_its_reason_and_is_tak
     assert [entry.get("outputs") for entry in engine.history.values()] == [{}]
 
 
+async def one_running_one_waiting(client: Client, engine: Any) -> dict[str, Any]:
+    """A slow job of "runner" running in ComfyUI, and one of "victim" waiting behind it; the
+    victim's answer."""
+    status, first = await generate(client, "runner", {"workflow": "slow", "2/seed": 1})
+    assert status == 200, first
+    status, second = await generate(client, "victim", SOLID)
+    assert status == 200, second
+    await wait_for(lambda: len(engine.queue_snapshot()["queue_pending"]) == 1 and engine.running_client() is not None)
+    return second
+
+
 async def test_a_prompt_cleared_from_the_queue_behind_the_bridges_own_is_sent_again_not_stuck(
     make_emulator: EmulatorFactory, make_bridge: BridgeFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -791,11 +802,7 @@ async def test_a_prompt_cleared_from_the_queue_behind_the_bridges_own_is_sent_ag
     client = await make_bridge(emulator, job_idle_timeout=1.0)
     core = client.app[SCHEDULER].core
     engine = emulator.engine
-    status, first = await generate(client, "runner", {"workflow": "slow", "2/seed": 1})
-    assert status == 200, first
-    status, second = await generate(client, "victim", SOLID)
-    assert status == 200, second
-    await wait_for(lambda: len(engine.queue_snapshot()["queue_pending"]) == 1 and engine.running_client() is not None)
+    second = await one_running_one_waiting(client, engine)
     job = next(j for j in core.by_prompt.values() if j.id == second["job_id"])
     async with aiohttp.ClientSession() as session, session.post(f"{emulator.url}/queue", json={"clear": True}) as resp:
         assert resp.status == 200
@@ -923,11 +930,7 @@ async def test_a_bridge_prompt_removed_from_comfyui_queue_is_sent_again_when_com
     client = await make_bridge(emulator, job_idle_timeout=300.0)
     core = client.app[SCHEDULER].core
     engine = emulator.engine
-    status, first = await generate(client, "runner", {"workflow": "slow", "2/seed": 1})
-    assert status == 200, first
-    status, second = await generate(client, "victim", SOLID)
-    assert status == 200, second
-    await wait_for(lambda: len(engine.queue_snapshot()["queue_pending"]) == 1 and engine.running_client() is not None)
+    second = await one_running_one_waiting(client, engine)
     victim = next(j for j in core.by_prompt.values() if j.id == second["job_id"])
     body = {"clear": True} if how == "clear" else {"delete": [victim.prompt_id]}
     async with aiohttp.ClientSession() as session, session.post(f"{emulator.url}/queue", json=body) as resp:

@@ -29,6 +29,7 @@ from comfybridge.emulator import Emulator
 
 from .conftest import BridgeFactory, EmulatorFactory, wait_for
 from .helpers import TINY, Client, frames_until, generate, poll_status, run_job, seed, slow_ends
+from .test_scheduling import held_journal
 
 CONNECTED = {"status": "connected", "detail": "server connected", "details": "server connected"}
 LISTENING = {"status": "listening", "detail": "server is listening", "details": "server is listening"}
@@ -655,33 +656,28 @@ async def test_every_socket_back_hears_the_ending_told_while_the_clients_sockets
         assert heard[-1]["job_id"] == answer["job_id"]
 
 
+@pytest.mark.parametrize("queued", [False, True])
 async def test_execution_info_never_says_closed_with_jobs_left(
-    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
+    make_emulator: EmulatorFactory, make_bridge: BridgeFactory, queued: bool
 ) -> None:
     """README: "`/execution-info` says `closed` only when no job of the client is left"; docs/API.md:
     `jobs_left` counts the jobs whose ending the client has still to hear. A client's first job has
     ended; its next submission is being journaled (a slow disk, or PostgreSQL's round trip). A poll
-    meanwhile answers `{"status": "closed", ..., "jobs_left": 1}`: `closed` and one job left at once,
-    which no reading of the contract allows (before the accept it is `closed`/0, after it
-    `listening`/1 about the new job)."""
-    client = await make_bridge(await make_emulator())
+    meanwhile answered `{"status": "closed", ..., "jobs_left": 1}`: `closed` and one job left at
+    once, which no reading of the contract allows (before the accept it is `closed`/0, after it
+    `listening`/1 about the new job). The job is handed over at once as it is accepted, or
+    (`queued`: every ComfyUI busy) joins the bridge's queue."""
+    emulator = await make_emulator()
+    client = await make_bridge(emulator, pipeline_depth=0)
     status, answer = await generate(client, "poller", {"workflow": "solid", "1/batch_size": 1})
     assert status == 200, answer
     await poll_status(client, "poller", {"closed"})
-    journal = client.app[SCHEDULER].core.journal
-    gate = asyncio.Event()
-    accept = journal.accept
-
-    def slow_accept(record: dict[str, Any]) -> asyncio.Future[int]:
-        written = accept(record)
-
-        async def later() -> int:
-            await gate.wait()
-            return await written
-
-        return asyncio.ensure_future(later())
-
-    journal.accept = slow_accept
+    if queued:
+        emulator.engine.pause()  # another client's job holds the only ComfyUI: the next one queues
+        status, answer = await generate(client, "blocker", {"workflow": "solid", "1/batch_size": 1})
+        assert status == 200, answer
+        await poll_status(client, "blocker", {"connected"})
+    go = held_journal(client)  # the next accept is written slowly
     submitting = asyncio.ensure_future(generate(client, "poller", {"workflow": "solid", "1/batch_size": 2}))
     known = client.app[SCHEDULER].core.clients.get("poller")
     assert known is not None
@@ -689,9 +685,9 @@ async def test_execution_info_never_says_closed_with_jobs_left(
     try:
         info = await (await client.get("/execution-info", params={"clientId": "poller"})).json()
     finally:
-        gate.set()
-        journal.accept = accept
+        go.set()
         await submitting
+        emulator.engine.resume()
     assert not (info["status"] == "closed" and info["jobs_left"]), info
 
 
@@ -758,48 +754,6 @@ def _unread(sock: socket.socket) -> int:
     if sock.fileno() < 0:
         return 0
     return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
-
-
-async def test_execution_info_never_says_closed_with_jobs_left_while_a_queued_jobs_accept_is_written(
-    make_emulator: EmulatorFactory, make_bridge: BridgeFactory
-) -> None:
-    """As test_execution_info_never_says_closed_with_jobs_left, for a job that joins the bridge's
-    queue (every ComfyUI busy) rather than one handed over at once as it is accepted."""
-    emulator = await make_emulator()
-    client = await make_bridge(emulator, pipeline_depth=0)
-    status, answer = await generate(client, "poller", {"workflow": "solid", "1/batch_size": 1})
-    assert status == 200, answer
-    await poll_status(client, "poller", {"closed"})
-    emulator.engine.pause()  # another client's job holds the only ComfyUI: the next one queues
-    status, answer = await generate(client, "blocker", {"workflow": "solid", "1/batch_size": 1})
-    assert status == 200, answer
-    await poll_status(client, "blocker", {"connected"})
-    journal = client.app[SCHEDULER].core.journal
-    gate = asyncio.Event()
-    accept = journal.accept
-
-    def slow_accept(record: dict[str, Any]) -> asyncio.Future[int]:
-        written = accept(record)
-
-        async def later() -> int:
-            await gate.wait()
-            return await written
-
-        return asyncio.ensure_future(later())
-
-    journal.accept = slow_accept
-    submitting = asyncio.ensure_future(generate(client, "poller", {"workflow": "solid", "1/batch_size": 2}))
-    known = client.app[SCHEDULER].core.clients.get("poller")
-    assert known is not None
-    await wait_for(lambda: len(known.jobs) == 1)  # the second job is being accepted
-    try:
-        info = await (await client.get("/execution-info", params={"clientId": "poller"})).json()
-    finally:
-        gate.set()
-        journal.accept = accept
-        await submitting
-        emulator.engine.resume()
-    assert not (info["status"] == "closed" and info["jobs_left"]), info
 
 
 async def test_a_tab_lost_again_before_the_other_is_back_leaves_both_expected(
