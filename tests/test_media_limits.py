@@ -199,16 +199,19 @@ def track(
     stsd = full_box(b"stsd", struct.pack(">I", 1), entry)
     stbl = box(b"stbl", stsd, full_box(b"stsz", struct.pack(">II", 0, samples)))
     hdlr = full_box(b"hdlr", b"\0" * 4 + handler + b"\0" * 13)
+    mdhd = full_box(b"mdhd", struct.pack(">IIII", 0, 0, 1, samples), bytes(4))  # a sample a time unit
     parts = [tkhd]
     if edits:
         elst = full_box(b"elst", struct.pack(">I", edits), struct.pack(">IiI", samples, 0, 1 << 16) * edits)
         parts.append(box(b"edts", elst))
-    return box(b"trak", *parts, box(b"mdia", hdlr, box(b"minf", stbl)))
+    return box(b"trak", *parts, box(b"mdia", mdhd, hdlr, box(b"minf", stbl)))
 
 
 def movie(tracks: list[bytes], fragments: list[tuple[int, list[int]]] | None = None, brand: bytes = b"isom") -> bytes:
-    """An MP4 (a QuickTime movie with brand `qt  `): ftyp; a moov of these trak boxes; movie
-    fragments, each of one track (its id) with runs of these sample counts; a token of media data."""
+    """An MP4 (a QuickTime movie with brand `qt  `): ftyp; a moov of a movie header (its time scale
+    1: edits are timed in samples) and these trak boxes; movie fragments, each of one track (its id)
+    with runs of these sample counts; a token of media data."""
+    mvhd = full_box(b"mvhd", struct.pack(">IIII", 0, 0, 1, 0), bytes(80))
     moofs = [
         box(
             b"moof",
@@ -221,7 +224,7 @@ def movie(tracks: list[bytes], fragments: list[tuple[int, list[int]]] | None = N
         + box(b"mdat", bytes(8))
         for ident, runs in fragments or []
     ]
-    return box(b"ftyp", brand, bytes(4)) + box(b"moov", *tracks) + b"".join(moofs) + box(b"mdat", bytes(16))
+    return box(b"ftyp", brand, bytes(4)) + box(b"moov", mvhd, *tracks) + b"".join(moofs) + box(b"mdat", bytes(16))
 
 
 def ebml(element: bytes, *children: bytes, unknown: bool = False) -> bytes:
@@ -1119,4 +1122,79 @@ async def test_a_webp_frame_that_swallows_the_frames_after_it_is_refused(bridge:
     swallowing[first + 4 : first + 8] = struct.pack("<I", len(honest) - first - 8)
     status, body = await upload(bridge, {"file": ("anim.webp", bytes(swallowing))})
     assert (status, body) == (415, {"detail": "File 'anim.webp' is not a complete, well-formed image/webp file."})
+    assert stored(bridge) == []
+
+
+def metadata_track(fmt: bytes, samples: int, ident: int) -> bytes:
+    """A timed-metadata track as cameras write them: handler `meta`, tkhd 0x0, a short sample entry."""
+    return track(0, 0, samples, b"meta", ident=ident).replace(b"avc1", fmt)
+
+
+def test_a_camera_metadata_track_of_an_unlisted_format_is_no_video(tmp_path: Path) -> None:
+    """DJI drones write a `djmd` track, Sony XAVC S an `rtmd` one, GoPro HERO5-7 an `fdsc` (SOS) one, all
+    with handler `meta`. Checked with PyAV 18 (ffmpeg): each is a `data` stream, not video (ffmpeg makes
+    video of a known video format only, or of handler `vide`). The bridge takes them for video tracks
+    that declare no size and refuses the whole (ordinary) clip as malformed."""
+    for fmt in (b"djmd", b"rtmd", b"fdsc"):
+        clip = movie([track(1920, 1080, 900, b"vide", ident=1), metadata_track(fmt, 900, 2)])
+        try:
+            counted = frames_of(tmp_path, ".mp4", clip)
+        except BadHeaders as exc:
+            counted = f"BadHeaders: {exc}"  # type: ignore[assignment]
+        assert counted == Frames(900, 1920, 1080, 900 * (1920 * 1080), True), fmt
+
+
+async def test_a_dji_clip_uploads(bridge: Client) -> None:
+    """30 s of 1080p at 30 fps from a drone: 1,866 megapixels, under max_video_mp (2,000)."""
+    clip = movie([track(1920, 1080, 900, b"vide", ident=1), metadata_track(b"djmd", 900, 2)])
+    status, body = await upload(bridge, {"clip": ("DJI_0001.mp4", clip)}, client_id="drone")
+    assert status == 200, body
+    assert len(stored(bridge)) == 1
+
+
+def split_in_two(samples: int) -> bytes:
+    """A video track whose edit list plays its media in two pieces: the first half, then the second
+    (as an editor keeps a clip cut in two, or trims without re-encoding). Timescales are 1 to 1."""
+    whole = struct.pack(">IiI", samples, 0, 1 << 16) * 2
+    halves = struct.pack(">IiI", samples // 2, 0, 1 << 16) + struct.pack(">IiI", samples // 2, samples // 2, 1 << 16)
+    return track(1920, 1080, samples, b"vide", ident=1, edits=2).replace(whole, halves)
+
+
+def test_an_edit_list_in_pieces_plays_each_sample_once(tmp_path: Path) -> None:
+    """Checked with PyAV 18 on a real 30-frame MP4 given such an edit list: 30 frames decoded (60 for
+    two edits that each play the whole media). ffmpeg (mov_fix_index) plays, for each edit, only the
+    samples within that edit's range; the bridge multiplies all the samples by the edits."""
+    assert frames_of(tmp_path, ".mp4", movie([split_in_two(900)])) == Frames(900, 1920, 1080, 900 * (1920 * 1080), True)
+
+
+async def test_a_clip_cut_in_two_edits_uploads(bridge: Client) -> None:
+    status, body = await upload(bridge, {"clip": ("cut.mov", movie([split_in_two(900)], brand=b"qt  "))})
+    assert status == 200, body
+
+
+async def test_a_fragmented_video_that_declares_no_size_is_refused(bridge: Client) -> None:
+    """README: "Refused as malformed: ... a video track that declares no frame size" (decoded at its
+    bitstream's size, which is not read). A fragmented MP4 (its samples in moof runs, none in moov's
+    stsz) of 0x0 gets past: 10,000 frames counted at 0 pixels, stored with 200."""
+    bomb = movie([track(0, 0, 0, b"vide", ident=1)], fragments=[(1, [10_000])])
+    status, body = await upload(bridge, {"clip": ("frag.mp4", bomb)}, client_id="bomber")
+    assert status == 415, (status, body)
+    assert stored(bridge) == []
+
+
+def test_a_vide_track_is_video_whatever_its_sample_format(tmp_path: Path) -> None:
+    """Checked with PyAV 18: a real 30-frame MPEG-4 MP4 (mp4v + esds) whose sample entry is renamed
+    mp4s, mp4a, tmcd or gpmd still decodes 30 frames (the handler `vide` makes it video, the esds gives
+    the codec). The bridge skips any track whose formats are all in NOT_VIDEO, handler `vide` or not:
+    no video found, so no limit at all. Before this change (handler `vide` counted) it was counted."""
+    for fmt in (b"mp4s", b"mp4a", b"tmcd", b"gpmd"):
+        clip = movie([track(1920, 1080, 900, b"vide", ident=1).replace(b"avc1", fmt)])
+        assert frames_of(tmp_path, ".mp4", clip) == Frames(900, 1920, 1080, 900 * (1920 * 1080), True), fmt
+
+
+async def test_a_video_bomb_named_mp4s_is_refused(bridge: Client) -> None:
+    """10,000 frames of 1080p (20,736 megapixels) in a `vide` track whose sample entry says mp4s."""
+    bomb = movie([track(1920, 1080, 10_000, b"vide", ident=1).replace(b"avc1", b"mp4s")])
+    status, body = await upload(bridge, {"clip": ("bomb.mp4", bomb)}, client_id="bomber")
+    assert status == 413, (status, body)
     assert stored(bridge) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import mimetypes
 import os
 import struct
@@ -1037,28 +1038,34 @@ class _Track:
     samples: int
     handler: bytes  # vide, soun, pict, text, tmcd...
     entries: frozenset[bytes]  # its sample descriptions' formats: avc1, hvc1, mp4a, tmcd...
-    plays: int  # how many times its edit list plays the media (1 without one)
+    played: float  # the share of its media its edit list plays (1 without one; 2: all of it twice)
 
 
 PICTURES = {b"vide", b"pict"}  # handlers of tracks whose sample descriptions are visual sample entries
-# Sample formats ffmpeg makes no video stream of: timecode, text, subtitles, timed metadata (a phone's
-# per-frame metadata track has as many samples as its video). Any other format of a track that is
-# not sound counts as video, whatever its handler says (ffmpeg goes by the format).
-NOT_VIDEO = {b"tmcd", b"text", b"tx3g", b"wvtt", b"stpp", b"sbtt", b"c608", b"c708", b"mebx", b"mett"}
-NOT_VIDEO |= {b"metx", b"urim", b"rtp ", b"srtp", b"fdp ", b"mp4s", b"gpmd", b"camm", b"mp4a", b"alac"}
+# Sample formats ffmpeg decodes as video in a track whose handler is not `vide` (pict, meta, or any
+# four letters; in a `vide` track any format is video). Camera metadata (djmd, rtmd, gpmd...) is not.
+VIDEO_FORMATS = {b"avc1", b"avc2", b"avc3", b"avc4", b"hvc1", b"hev1", b"dvh1", b"dvhe", b"dva1", b"dvav"}
+VIDEO_FORMATS |= {b"vvc1", b"vvi1", b"mp4v", b"av01", b"vp08", b"vp09", b"jpeg", b"mjpa", b"mjpb", b"mjp2"}
+VIDEO_FORMATS |= {b"png ", b"raw ", b"rle ", b"rpza", b"cvid", b"smc ", b"8BPS", b"SVQ1", b"SVQ3", b"h263"}
+VIDEO_FORMATS |= {b"s263", b"H263", b"apch", b"apcn", b"apcs", b"apco", b"ap4h", b"ap4x", b"aprn", b"aprh"}
+VIDEO_FORMATS |= {b"dvc ", b"dvcp", b"dvpp", b"dv5n", b"dv5p", b"dvh5", b"dvh6", b"dvhq", b"dvhp", b"AVdn"}
+VIDEO_FORMATS |= {b"AVdh", b"AVd1", b"AVdv", b"Hap1", b"Hap5", b"HapY", b"icod", b"tiff", b"gif ", b"v210"}
+VIDEO_FORMATS |= {b"2vuy", b"yuv2", b"yuvs", b"mx5p", b"mx5n", b"mx4p", b"mx4n", b"mx3p", b"mx3n", b"xdv7"}
 
 
-def _track(walk: _Walk, start: int, end: int) -> _Track:
+def _track(walk: _Walk, start: int, end: int, movie_scale: int = 0) -> _Track:
     """A trak box: its id and presentation size (tkhd, 16.16 fixed point, rounded up), the largest
     size its sample descriptions declare as visual entries (stsd), its sample count (stsz or stz2,
     the same field), its handler (hdlr: ISO's handler type, QuickTime's component subtype, alike),
-    its sample formats and how many times its edit list plays the media (elst entries that are no
-    empty edit: ffmpeg decodes the samples again for each)."""
+    its sample formats and the share of its media its edit list plays: ffmpeg decodes the samples
+    each edit covers, so edits over the same media decode it again (`movie_scale`: the movie's
+    time scale, in which edits are timed)."""
     ident = samples = 0
     size = described = (0, 0)
     handler = b""
     entries: set[bytes] = set()
-    plays = 1
+    edits: list[tuple[int, int]] = []  # (duration in the movie's time scale, media time) of each edit
+    media_scale = media_duration = 0
     for kind, at, stop in _boxes(walk, start, end):
         if kind == b"tkhd":
             wide = _fields(walk, at, stop, 1)[0]  # version 1: 64-bit times
@@ -1068,21 +1075,37 @@ def _track(walk: _Walk, start: int, end: int) -> _Track:
         elif kind == b"edts":
             for part, inner, limit in _boxes(walk, at, stop):
                 if part == b"elst":
-                    plays = max(1, _plays(walk, inner, limit))
+                    edits = _edits(walk, inner, limit)
         elif kind == b"mdia":
             for part, inner, limit in _boxes(walk, at, stop):
-                if part == b"hdlr":
+                if part == b"mdhd":
+                    media_scale, media_duration = _timing(walk, inner, limit)
+                elif part == b"hdlr":
                     handler = _fields(walk, inner, limit, 12)[8:]
                 elif part == b"minf":
                     found, declared, formats = _samples(walk, inner, limit)
                     samples = max(samples, found)
                     described = max(described, declared, key=_area)
                     entries |= formats
-    return _Track(ident, size, described, samples, handler, frozenset(entries), plays)
+    playing = [duration for duration, media_time in edits if media_time != -1]  # (-1: an empty edit)
+    if not playing:
+        played = 1.0
+    elif movie_scale and media_scale and media_duration:  # each edit's span, in the media's own time
+        played = sum(playing) * media_scale / movie_scale / media_duration
+    else:  # untimed: each edit may play it all
+        played = float(len(playing))
+    return _Track(ident, size, described, samples, handler, frozenset(entries), played)
 
 
-def _plays(walk: _Walk, start: int, end: int) -> int:
-    """The entries of an edit list that play media (media_time is not -1, an empty edit)."""
+def _timing(walk: _Walk, start: int, end: int) -> tuple[int, int]:
+    """A movie or media header's time scale and duration (mvhd, mdhd: the same first fields)."""
+    if _fields(walk, start, end, 1)[0] == 1:  # version 1: 64-bit times
+        return struct.unpack(">IQ", _fields(walk, start + 20, end, 12))
+    return struct.unpack(">II", _fields(walk, start + 12, end, 8))
+
+
+def _edits(walk: _Walk, start: int, end: int) -> list[tuple[int, int]]:
+    """An edit list's entries: (segment duration, media time; -1 for an empty edit)."""
     version = _fields(walk, start, end, 1)[0]
     (count,) = struct.unpack(">I", _fields(walk, start + 4, end, 4))
     width = 20 if version == 1 else 12
@@ -1090,9 +1113,8 @@ def _plays(walk: _Walk, start: int, end: int) -> int:
         raise BadHeaders("an edit list longer than its box, or of too many entries")
     walk.seek(start + 8)
     table = walk.take(count * width, count)
-    at = 8 if version == 1 else 4  # media_time follows segment_duration
-    code = ">q" if version == 1 else ">i"
-    return sum(struct.unpack_from(code, table, n * width + at)[0] != -1 for n in range(count))
+    code = ">Qq" if version == 1 else ">Ii"
+    return [struct.unpack_from(code, table, n * width) for n in range(count)]
 
 
 def _samples(walk: _Walk, start: int, end: int) -> tuple[int, tuple[int, int], set[bytes]]:
@@ -1117,28 +1139,31 @@ def _samples(walk: _Walk, start: int, end: int) -> tuple[int, tuple[int, int], s
 
 def _movie(walk: _Walk, tally: _Tally) -> None:
     """MP4 and QuickTime. A video input (PyAV, in ComfyUI) decodes every frame of its video track
-    to float32. As ffmpeg does, a track is video by its sample formats, whatever its handler says,
-    unless it is sound or all its formats are no video (timecode, text, metadata): each of its
-    samples is a frame, as many times as its edit list plays them, counted in its sample table or,
+    to float32. As ffmpeg does, a track is video if its handler says so, or (unless it is sound) if
+    one of its sample formats is a video codec's: each of its samples is a frame, as often as its
+    edit list plays it (edits over the same media decode it again), counted in its sample table or,
     in a fragmented file, in the runs (trun) of each fragment of that track (traf, named by tfhd),
     at the largest size the track declares. A compressed movie header (cmov) is refused unread, as
     is a video track that declares no size. The sizes coded inside the bitstream are not read."""
     video: set[int] = set()
     for kind, start, end in _boxes(walk, 0, walk.size):
         if kind == b"moov":
+            scale = 0
             for part, at, stop in _boxes(walk, start, end):
                 if part == b"cmov":
                     raise BadHeaders("a compressed movie header")
-                if part == b"trak":
-                    track = _track(walk, at, stop)
-                    if track.handler == b"soun" or not track.entries or track.entries <= NOT_VIDEO:
+                if part == b"mvhd":
+                    scale = _timing(walk, at, stop)[0]
+                elif part == b"trak":
+                    track = _track(walk, at, stop, scale)
+                    if track.handler != b"vide" and (track.handler == b"soun" or not track.entries & VIDEO_FORMATS):
                         continue
                     size = max(track.size, track.described, key=_area)
-                    if track.samples and not _area(size):
+                    if not _area(size):  # (fragments may bring its samples)
                         raise BadHeaders("a video track that declares no frame size")
                     video.add(track.ident)
                     tally.grow(*size)
-                    tally.fill(tally.count + track.samples * track.plays)
+                    tally.fill(tally.count + math.ceil(track.samples * track.played))
         elif kind == b"moof":
             for part, at, stop in _boxes(walk, start, end):
                 if part == b"traf":
