@@ -574,7 +574,8 @@ async def test_results_fetched_just_before_a_kill_9_are_not_left_in_the_data_fol
     warning that reads as a lost journal; a restart soak saw 12 such folders after one kill -9."""
     data = tmp_path / "data"
     emulator = await make_emulator()
-    first = await make_bridge(emulator, inline_result_kb=0)  # results kept as files, as for any image over 1 MB
+    local = {"inline_result_kb": 0, "storage": "", "s3_endpoint": ""}  # result files in the data folder
+    first = await make_bridge(emulator, **local)
     resp = await first.post("/generate-based-workflow", params={"clientId": "c"}, json=TINY)
     assert resp.status == 200, await resp.text()
     job_id = (await resp.json())["job_id"]
@@ -591,7 +592,7 @@ async def test_results_fetched_just_before_a_kill_9_are_not_left_in_the_data_fol
     await wait_for(lambda: job_id not in job_ids_in_journal(data))  # the fetch is durable
     await first.close()
 
-    second = await make_bridge(emulator, inline_result_kb=0)
+    second = await make_bridge(emulator, **local)
     assert (await second.get("/history", params={"clientId": "c"})).status == 204  # delivered once, forgotten
     left = [name for name in files_left(data) if job_id in name]
     assert left == [], f"files of a job fetched and forgotten before the crash are still kept: {left}"
