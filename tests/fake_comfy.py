@@ -140,11 +140,12 @@ class FakeComfy:
         return ws
 
     async def _relay(self, upstream: aiohttp.ClientWebSocketResponse, ws: web.WebSocketResponse) -> None:
-        async for msg in upstream:
-            if msg.type is aiohttp.WSMsgType.TEXT:
-                text = self.rewrite(msg.data)
-                if text:  # rewritten to nothing: the frame is dropped
-                    await ws.send_str(text)
-            elif msg.type is aiohttp.WSMsgType.BINARY:
-                await ws.send_bytes(msg.data)
-        await ws.close()
+        with contextlib.suppress(ConnectionResetError):  # the bridge's socket dropped (drop_sockets): no one to tell
+            async for msg in upstream:
+                if msg.type is aiohttp.WSMsgType.TEXT:
+                    text = self.rewrite(msg.data)
+                    if text:  # rewritten to nothing: the frame is dropped
+                        await ws.send_str(text)
+                elif msg.type is aiohttp.WSMsgType.BINARY:
+                    await ws.send_bytes(msg.data)
+            await ws.close()

@@ -66,9 +66,16 @@ class Failover:
 
     async def _told_empty(self, backend: Backend) -> None:
         running, pending = await backend.client.queue()
-        if any(job.prompt_id not in running and job.prompt_id not in pending for job in _told_of(backend)):
-            log.warning("backend %s: prompts of the bridge's are gone from its queue; asking about them", backend.name)
-            await self.reconcile(backend)
+        await self._reconcile_if_gone(backend, _told_of(backend), {*running, *pending})
+
+    async def _reconcile_if_gone(self, backend: Backend, jobs: list[Job], queued: set[str]) -> bool:
+        """Whether a prompt of these jobs is missing from ComfyUI's `queued` prompts (running or
+        pending): then the backend is reconciled, as after a reconnect."""
+        if all(job.prompt_id in queued for job in jobs):
+            return False
+        log.warning("backend %s: prompts of the bridge's are gone from its queue; asking about them", backend.name)
+        await self.reconcile(backend)
+        return True
 
     async def take_back_abandoned(self, backend: Backend, only: set[str] | None = None) -> None:
         """A backend is not up until the prompts moved elsewhere (all, or `only` these) are gone from it."""
@@ -271,9 +278,7 @@ class Failover:
         if head.ended or head not in backend.inflight or head.state is not JobState.QUEUED:
             return  # it moved on while ComfyUI was asked
         waiting = [job for job in backend.inflight if job.state is JobState.QUEUED and job.sending is None]
-        if any(job.prompt_id not in running and job.prompt_id not in pending for job in waiting):
-            log.warning("backend %s: prompts of the bridge's are gone from its queue; asking about them", backend.name)
-            await self.reconcile(backend)
+        if await self._reconcile_if_gone(backend, waiting, {*running, *pending}):
             return
         if head.prompt_id in running:  # it runs, its start unheard (not come yet, or a malformed word)
             if head.found_running:  # and silent for job_idle_timeout since it was found so

@@ -740,15 +740,8 @@ def _frame_data(walk: _Walk, position: int, end: int) -> None:
 def _riff_chunks(walk: _Walk) -> Iterator[tuple[bytes, int]]:
     """(fourcc, length) of each chunk inside the RIFF, which end on even offsets."""
     (riff_size,) = struct.unpack("<I", walk.take(8)[4:])
-    end = min(8 + riff_size, walk.size)
-    position = 12
-    while position + 8 <= end:
-        walk.seek(position)
-        kind, length = struct.unpack("<4sI", walk.take(8))
-        if position + 8 + length > end:
-            raise BadHeaders("a chunk runs past the end of the file")
-        position += 8 + length + (length & 1)
-        yield kind, length
+    for kind, _, length in _chunks(walk, 12, min(8 + riff_size, walk.size)):
+        yield kind, length  # the walk stands at the chunk's body
 
 
 AVI_NOT_FRAMES = {b"ix", b"wc", b"pc"}  # a stream's chunks that are no packets: index, palette changes
