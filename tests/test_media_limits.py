@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import struct
 import tempfile
 import zlib
@@ -12,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from comfybridge.config import ConfigError, load_settings
-from comfybridge.store.media import MAX_FRAMES, BadHeaders, Frames, image_frames, is_complete
+from comfybridge.store.media import MAX_FRAMES, BadHeaders, Frames, _timeline, image_frames, is_complete
 
-from .conftest import BridgeFactory, EmulatorFactory
+from .conftest import FIXTURES, BridgeFactory, EmulatorFactory
 from .helpers import Client, jpeg, png, stored, upload
 
 Rect = tuple[int, int, int, int]  # left, top, width, height
@@ -197,7 +198,8 @@ def track(
     else:
         entry = box(b"avc1", bytes(24), struct.pack(">HH", *(described or (0, 0))))
     stsd = full_box(b"stsd", struct.pack(">I", 1), entry)
-    stbl = box(b"stbl", stsd, full_box(b"stsz", struct.pack(">II", 0, samples)))
+    stts = full_box(b"stts", struct.pack(">III", 1, samples, 1))  # a sample a time unit
+    stbl = box(b"stbl", stsd, stts, full_box(b"stsz", struct.pack(">II", 0, samples)))
     hdlr = full_box(b"hdlr", b"\0" * 4 + handler + b"\0" * 13)
     mdhd = full_box(b"mdhd", struct.pack(">IIII", 0, 0, 1, samples), bytes(4))  # a sample a time unit
     parts = [tkhd]
@@ -1198,3 +1200,102 @@ async def test_a_video_bomb_named_mp4s_is_refused(bridge: Client) -> None:
     status, body = await upload(bridge, {"clip": ("bomb.mp4", bomb)}, client_id="bomber")
     assert status == 413, (status, body)
     assert stored(bridge) == []
+
+
+# Real files from ffmpeg's own muxers (written and decoded with PyAV 18, which this virtualenv does
+# not have: their bytes are kept in fixtures/video, 64x48 a frame, 3,072 pixels).
+VIDEOS = FIXTURES / "video"
+TIGHT_VIDEO_MP = 0.05  # 20 frames of 64x48 are 0.061 megapixels; 4 are 0.012
+
+
+def test_an_edit_list_that_skips_a_long_preroll_plays_every_frame_after_it() -> None:
+    """preroll_edit.mp4: mp4 muxer, default options, mpeg4, time base 1/1000; 21 frames at pts -8000,
+    then 0, 40 ... 760 (a frame held 8 s before the cut: what a `-c copy` trim of a variable-rate
+    clip keeps). Its edit list plays 0.8 s of 8.8 s of media; PyAV decodes 20 frames. The share of
+    time (2 frames) was taken for the share of samples: a 1080p clip made so (one frame 3,000 s
+    early, 2,000 after) counted 52 frames for 2,000 decoded (4,147 megapixels) and was stored. One
+    edit plays each sample once at most: all 21 count."""
+    path = VIDEOS / "preroll_edit.mp4"
+    assert is_complete(path, ".mp4")
+    assert image_frames(path, ".mp4") == Frames(21, 64, 48, 21 * 3072, True)
+
+
+async def test_a_trimmed_mp4_over_max_video_mp_is_refused(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory
+) -> None:
+    bridge = await make_bridge(await make_emulator(), max_video_mp=TIGHT_VIDEO_MP)
+    status, body = await upload(bridge, {"clip": ("trimmed.mp4", (VIDEOS / "preroll_edit.mp4").read_bytes())})
+    assert status == 413, (status, body)
+    assert "(max_video_mp)" in body["detail"]
+    assert stored(bridge) == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    steps=st.lists(st.tuples(st.integers(0, 5), st.integers(0, 7)), min_size=1, max_size=6),
+    offsets=st.lists(st.tuples(st.integers(0, 5), st.integers(-20, 20)), max_size=6),
+    samples=st.integers(0, 30),
+    span=st.tuples(st.integers(-30, 120), st.integers(0, 60)),
+)
+def test_a_timeline_counts_the_samples_shown_within_a_span(
+    steps: list[tuple[int, int]], offsets: list[tuple[int, int]], samples: int, span: tuple[int, int]
+) -> None:
+    """Against each sample's time worked out one by one, as ffmpeg's mov demuxer does: stts's steps
+    from 0 (the last one going on past the table), plus ctts's offset (none past the table)."""
+    each_step = [step for count, step in steps for _ in range(count)]
+    each_offset = [offset for count, offset in offsets for _ in range(count)]
+    times, time = [], 0
+    for n in range(samples):
+        times.append(time + (each_offset[n] if n < len(each_offset) else 0))
+        time += each_step[n] if n < len(each_step) else steps[-1][1]
+    start, end = span[0], span[0] + span[1]
+    timeline = _timeline(samples, steps, offsets)
+    assert timeline is not None
+    assert timeline.within(start, end) == sum(1 for t in times if start <= t < end)
+
+
+def test_an_avis_empty_chunks_are_no_frames() -> None:
+    """still_gap.avi: avi muxer, default options, mpeg4 at 25 fps; 4 frames at pts 0, 1, 2, 62 (a still
+    held 2.4 s). The muxer fills the gap with 59 empty 00dc chunks, listed in idx1; PyAV decodes 4
+    frames. Each was counted: 63 frames, so a 10 fps screen recording written at 25 fps counted 2.5
+    times what it decodes, and was refused."""
+    path = VIDEOS / "still_gap.avi"
+    assert is_complete(path, ".avi")
+    assert image_frames(path, ".avi") == Frames(4, 64, 48, 4 * 3072, True)
+
+
+async def test_an_avi_with_a_held_frame_under_max_video_mp_is_stored(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory
+) -> None:
+    bridge = await make_bridge(await make_emulator(), max_video_mp=TIGHT_VIDEO_MP)
+    status, body = await upload(bridge, {"clip": ("held.avi", (VIDEOS / "still_gap.avi").read_bytes())})
+    assert status == 200, (status, body)
+    assert len(stored(bridge)) == 1
+
+
+def opendml() -> bytes:
+    """opendml_8k_shrunk.avi.gz: avi muxer, default options, rawvideo 7680x4320 bgr24, 13 frames (a
+    1.29 GB file). Past 1 GB the muxer ends the first RIFF (hdrl, INFO, a movi of 11 frames and an
+    ix00, idx1) and goes on in a RIFF AVIX (a movi of 2 frames and an ix00), as OpenDML says. The
+    chunks are kept as written, each frame cut to 2 bytes (the sizes recomputed); PyAV decodes 13
+    frames from the original and demuxes 13 packets from this copy."""
+    return gzip.decompress((VIDEOS / "opendml_8k_shrunk.avi.gz").read_bytes())
+
+
+def test_an_opendml_avi_counts_the_frames_of_every_riff(tmp_path: Path) -> None:
+    """It was not complete (the first RIFF is not the file's size), and the walk stopped at the
+    first RIFF's end: 11 frames."""
+    assert frames_of(tmp_path, ".avi", opendml()) == Frames(13, 7680, 4320, 13 * 7680 * 4320, True)
+    bomb = opendml() + riff_chunk(b"RIFF", b"AVIX" + riff_list(b"movi", riff_chunk(b"00dc", b"xx") * 100))
+    assert frames_of(tmp_path, ".avi", bomb) == Frames(113, 7680, 4320, 113 * 7680 * 4320, True)
+    for tail in (riff_chunk(b"RIFF", b"WAVE" + riff_chunk(b"data", b"xx")), riff_chunk(b"JUNK", bytes(8))):
+        path = tmp_path / "tailed.avi"
+        path.write_bytes(opendml() + tail)
+        assert not is_complete(path, ".avi")  # no AVIX: not an AVI's
+
+
+async def test_an_avi_over_a_gigabyte_from_ffmpeg_uploads(bridge: Client) -> None:
+    """13 frames of 8K are 431 megapixels, under max_video_mp (2,000)."""
+    status, body = await upload(bridge, {"clip": ("camera.avi", opendml())})
+    assert status == 200, (status, body)
+    assert len(stored(bridge)) == 1

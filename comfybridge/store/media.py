@@ -9,6 +9,7 @@ import os
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import BinaryIO
 
@@ -119,9 +120,11 @@ def is_complete(path: Path, ext: str) -> bool:
             return tail.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
         if ext == ".gif":
             return tail.rstrip(b"\x00").endswith(b";")
-        if ext in (".webp", ".wav", ".avi"):
+        if ext in (".webp", ".wav"):
             stated = struct.unpack("<I", head[4:8])[0] + 8
             return stated in (size, size - 1)  # RIFF pads odd chunks with one byte
+        if ext == ".avi":
+            return _riffs_fill(handle, size)
         if ext == ".bmp":
             return len(head) >= 6 and struct.unpack("<I", head[2:6])[0] == size
         if ext == ".tiff":
@@ -138,6 +141,20 @@ def is_complete(path: Path, ext: str) -> bool:
         if ext == ".mp3":
             return _mpeg_audio_follows(handle, size)
     return True
+
+
+def _riffs_fill(handle: BinaryIO, size: int) -> bool:
+    """An AVI is one RIFF of the size it states or, past 1 GB (OpenDML), goes on in RIFF AVIX chunks
+    of theirs: together they make up the file (each padded to an even length, the last maybe not)."""
+    position = 0
+    while position < size - 1:
+        handle.seek(position)
+        head = handle.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:] != (b"AVI " if position == 0 else b"AVIX"):
+            return False
+        length = struct.unpack("<I", head[4:8])[0]
+        position += 8 + length + (length & 1)
+    return position in (size, size + 1)
 
 
 EBML_HEADER = b"\x1a\x45\xdf\xa3"
@@ -787,13 +804,16 @@ def _avi(walk: _Walk, tally: _Tally) -> None:
     the movi list, and in any list within it or after it, each chunk of a video stream (NN and two
     letters, but its index and palette chunks) is a frame; an idx1 that names more is read as
     ffmpeg may read it, one frame an entry. A chunk it does not know, in movi or after it, ffmpeg
-    scans byte by byte for frames: such a file is refused. Frames are of the largest size the
-    headers declare; the sizes coded inside the bitstream are not read."""
+    scans byte by byte for frames: such a file is refused. An empty chunk is no frame (ffmpeg's
+    muxer writes one for each frame time a variable-rate source skips). Past 1 GB (OpenDML), the
+    file goes on in RIFF AVIX chunks, each with a movi list of more frames. Frames are of the
+    largest size the headers declare; the sizes coded inside the bitstream are not read."""
     headers = _AviHeaders(walk, tally)
+    riffs = _riffs(walk)
+    start, end = next(riffs)
     movi = False
     chunked = indexed = 0
-    for kind, length in _riff_chunks(walk):
-        at = walk.handle.tell()
+    for kind, at, length in _chunks(walk, start + 12, end):
         form = walk.take(4) if kind == b"LIST" and length >= 4 else b""
         if form == b"movi" or (movi and kind == b"LIST"):
             movi = True
@@ -804,17 +824,40 @@ def _avi(walk: _Walk, tally: _Tally) -> None:
             headers.read(kind, at, length)
         elif kind not in AVI_SKIPPED:
             raise BadHeaders("an unknown chunk after the movi list")
-    if (chunked or indexed) and not _area(tally.canvas):
+    extended = 0  # the frames of the RIFF AVIX chunks after the first (which idx1 does not index)
+    for start, end in riffs:
+        walk.seek(start + 8)
+        if walk.take(4) != b"AVIX":
+            raise BadHeaders("a RIFF after the first that is not AVIX")
+        for kind, at, length in _chunks(walk, start + 12, end):
+            if kind == b"LIST" and length >= 4:
+                extended += _avi_frames(walk, at + 4, at + length, headers.video)
+            elif kind not in AVI_SKIPPED:
+                raise BadHeaders("an unknown chunk in a RIFF AVIX")
+    if (chunked or indexed or extended) and not _area(tally.canvas):
         raise BadHeaders("a video stream that declares no frame size")
-    tally.fill(max(chunked, indexed))
+    tally.fill(max(chunked, indexed) + extended)
+
+
+def _riffs(walk: _Walk) -> Iterator[tuple[int, int]]:
+    """(start, end) of each RIFF chunk the file is made of, one after another (each ends on an even
+    offset)."""
+    position = 0
+    while position + 12 <= walk.size:
+        walk.seek(position)
+        kind, length = struct.unpack("<4sI", walk.take(8))
+        if kind != b"RIFF":
+            raise BadHeaders("something after the RIFF that is no RIFF")
+        yield position, min(position + 8 + length, walk.size)
+        position += 8 + length + (length & 1)
 
 
 def _avi_frames(walk: _Walk, start: int, end: int, video: set[bytes], depth: int = 0) -> int:
     """The video chunks of a movi list and of every list within it."""
     frames = 0
     for kind, at, length in _chunks(walk, start, end):
-        if kind[:2].isdigit():  # a stream's chunk, as ffmpeg tells them (two digits)
-            frames += kind[:2] in video and kind[2:] not in AVI_NOT_FRAMES
+        if kind[:2].isdigit():  # a stream's chunk, as ffmpeg tells them (two digits); an empty one is no frame
+            frames += kind[:2] in video and kind[2:] not in AVI_NOT_FRAMES and length > 0
         elif kind == b"LIST" and length >= 4:
             if depth >= MAX_LIST_DEPTH:
                 raise BadHeaders("lists nested too deep")
@@ -825,14 +868,15 @@ def _avi_frames(walk: _Walk, start: int, end: int, video: set[bytes], depth: int
 
 
 def _avi_index(walk: _Walk, start: int, length: int, video: set[bytes]) -> int:
-    """The entries of an idx1 that name a video chunk (16 bytes each: id, flags, offset, size)."""
+    """The entries of an idx1 that name a video chunk that is not empty (16 bytes each: id, flags,
+    offset, size)."""
     count = length // 16
     if count > MAX_PIECES:
         raise BadHeaders("an index of too many entries")
     walk.seek(start)
     table = walk.take(count * 16, count)
-    ids = (table[n * 16 : n * 16 + 4] for n in range(count))
-    return sum(1 for kind in ids if kind[:2] in video and kind[2:] not in AVI_NOT_FRAMES)
+    entries = struct.iter_unpack("<4s8xI", table)
+    return sum(1 for kind, size in entries if kind[:2] in video and kind[2:] not in AVI_NOT_FRAMES and size > 0)
 
 
 def _chunks(walk: _Walk, start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
@@ -1031,7 +1075,7 @@ class _Track:
     samples: int
     handler: bytes  # vide, soun, pict, text, tmcd...
     entries: frozenset[bytes]  # its sample descriptions' formats: avc1, hvc1, mp4a, tmcd...
-    played: float  # the share of its media its edit list plays (1 without one; 2: all of it twice)
+    frames: int  # the frames its samples decode to, as its edit list plays them (see `_played`)
 
 
 PICTURES = {b"vide", b"pict"}  # handlers of tracks whose sample descriptions are visual sample entries
@@ -1050,15 +1094,15 @@ def _track(walk: _Walk, start: int, end: int, movie_scale: int = 0) -> _Track:
     """A trak box: its id and presentation size (tkhd, 16.16 fixed point, rounded up), the largest
     size its sample descriptions declare as visual entries (stsd), its sample count (stsz or stz2,
     the same field), its handler (hdlr: ISO's handler type, QuickTime's component subtype, alike),
-    its sample formats and the share of its media its edit list plays: ffmpeg decodes the samples
-    each edit covers, so edits over the same media decode it again (`movie_scale`: the movie's
-    time scale, in which edits are timed)."""
+    its sample formats and the frames its edit list plays (`movie_scale`: the movie's time scale,
+    in which edits are timed)."""
     ident = samples = 0
     size = described = (0, 0)
     handler = b""
     entries: set[bytes] = set()
     edits: list[tuple[int, int]] = []  # (duration in the movie's time scale, media time) of each edit
-    media_scale = media_duration = 0
+    media_scale = 0
+    times: _Times = (None, None)
     for kind, at, stop in _boxes(walk, start, end):
         if kind == b"tkhd":
             wide = _fields(walk, at, stop, 1)[0]  # version 1: 64-bit times
@@ -1072,22 +1116,42 @@ def _track(walk: _Walk, start: int, end: int, movie_scale: int = 0) -> _Track:
         elif kind == b"mdia":
             for part, inner, limit in _boxes(walk, at, stop):
                 if part == b"mdhd":
-                    media_scale, media_duration = _timing(walk, inner, limit)
+                    media_scale = _timing(walk, inner, limit)[0]
                 elif part == b"hdlr":
                     handler = _fields(walk, inner, limit, 12)[8:]
                 elif part == b"minf":
-                    found, declared, formats = _samples(walk, inner, limit)
-                    samples = max(samples, found)
-                    described = max(described, declared, key=_area)
-                    entries |= formats
-    playing = [duration for duration, media_time in edits if media_time != -1]  # (-1: an empty edit)
-    if not playing:
-        played = 1.0
-    elif movie_scale and media_scale and media_duration:  # each edit's span, in the media's own time
-        played = sum(playing) * media_scale / movie_scale / media_duration
-    else:  # untimed: each edit may play it all
-        played = float(len(playing))
-    return _Track(ident, size, described, samples, handler, frozenset(entries), played)
+                    table = _samples(walk, inner, limit)
+                    if table.count >= samples:
+                        samples, times = table.count, table.times
+                    described = max(described, table.described, key=_area)
+                    entries |= table.formats
+    # Edits timed in the media's own units; -1 is an empty edit (plays nothing).
+    scale = Fraction(media_scale, movie_scale) if movie_scale and media_scale else None
+    playing = [(media_time, duration * scale if scale else None) for duration, media_time in edits if media_time != -1]
+    frames = _played(walk, samples, times, playing)
+    return _Track(ident, size, described, samples, handler, frozenset(entries), frames)
+
+
+MAX_EDIT_WORK = 2_000_000  # edits times a timeline's runs counted exactly; past that, each edit plays it all
+
+
+def _played(walk: _Walk, samples: int, times: _Times, playing: list[tuple[int, Fraction | None]]) -> int:
+    """The frames ffmpeg decodes from a track's samples (mov_fix_index): for each edit, the samples
+    shown within its span (media time, duration), so edits over the same media decode it again.
+    One edit (or none) plays each sample at most: all are counted, the timeline unread (an edit
+    that trims costs only what it trims). Where a span or the samples' times are not known (an
+    untimed movie, an edit of duration 0, a sample table without times) an edit plays them all."""
+    if len(playing) <= 1:
+        return samples
+    steps, offsets = times
+    timeline = None
+    if steps is not None:
+        timeline = _timeline(samples, _table(walk, *steps), _table(walk, *offsets) if offsets else [])
+    if timeline is None or len(playing) * len(timeline.runs) > MAX_EDIT_WORK:
+        return samples * len(playing)
+    return sum(
+        timeline.within(start, start + math.ceil(duration)) if duration else samples for start, duration in playing
+    )
 
 
 def _timing(walk: _Walk, start: int, end: int) -> tuple[int, int]:
@@ -1110,24 +1174,101 @@ def _edits(walk: _Walk, start: int, end: int) -> list[tuple[int, int]]:
     return [struct.unpack_from(code, table, n * width) for n in range(count)]
 
 
-def _samples(walk: _Walk, start: int, end: int) -> tuple[int, tuple[int, int], set[bytes]]:
-    """The sample count of a media information box's sample table, the largest size its sample
-    descriptions declare read as visual entries (their width and height), and their formats."""
+@dataclass(frozen=True)
+class _Timeline:
+    """When a track's samples are shown, in its media's time, as ffmpeg times them: each sample's
+    decode time (the steps of stts, from 0) plus its composition offset (ctts). Kept as runs of
+    samples whose times step evenly: (samples, the first one's time, step)."""
+
+    runs: tuple[tuple[int, int, int], ...]
+
+    def within(self, start: int, end: int) -> int:
+        """How many samples are shown at a time in [start, end)."""
+        shown = 0
+        for count, first, step in self.runs:
+            if step == 0:
+                shown += count if start <= first < end else 0
+            else:  # the run's samples j (0 <= j < count) with start <= first + j * step < end
+                low = min(max(-((first - start) // step), 0), count)
+                high = min(max(-((first - end) // step), 0), count)
+                shown += high - low
+        return shown
+
+
+def _timeline(samples: int, steps: list[tuple[int, int]], offsets: list[tuple[int, int]]) -> _Timeline | None:
+    """The samples' times from stts's (count, step) and ctts's (count, offset) entries. As ffmpeg
+    reads them, the last step goes on for samples stts does not cover, and samples past ctts have
+    no offset. None without steps, or with a negative one (which ffmpeg rewrites)."""
+    if not steps or any(step < 0 for _, step in steps):
+        return None
+    steps = [*steps, (samples, steps[-1][1])]  # the last step goes on
+    offsets = [*offsets, (samples, 0)]
+    runs = []
+    time = done = 0
+    step_at = offset_at = 0
+    step_left, offset_left = steps[0][0], offsets[0][0]
+    while done < samples:
+        while not step_left:
+            step_at += 1
+            step_left = steps[step_at][0]
+        while not offset_left:
+            offset_at += 1
+            offset_left = offsets[offset_at][0]
+        count = min(step_left, offset_left, samples - done)
+        step = steps[step_at][1]
+        runs.append((count, time + offsets[offset_at][1], step))
+        time += count * step
+        done += count
+        step_left -= count
+        offset_left -= count
+    return _Timeline(tuple(runs))
+
+
+_Times = tuple[tuple[int, int] | None, tuple[int, int] | None]  # where a sample table's stts and ctts are
+
+
+@dataclass(frozen=True)
+class _SampleTable:
+    count: int  # samples (stsz or stz2)
+    described: tuple[int, int]  # the largest size its sample descriptions declare read as visual entries
+    formats: set[bytes]  # its sample descriptions' formats
+    times: _Times  # where the table's times are (stts, ctts: their bodies' start and end), read if needed
+
+
+def _samples(walk: _Walk, start: int, end: int) -> _SampleTable:
+    """A media information box's sample table: its sample count, the largest size its sample
+    descriptions declare read as visual entries (their width and height), their formats, and the
+    samples' times."""
     samples = 0
     largest = (0, 0)
     formats: set[bytes] = set()
+    steps = offsets = None
     for kind, at, stop in _boxes(walk, start, end):
         if kind == b"stbl":
             for part, inner, limit in _boxes(walk, at, stop):
                 if part in (b"stsz", b"stz2"):
                     samples = max(samples, struct.unpack(">8xI", _fields(walk, inner, limit, 12))[0])
+                elif part == b"stts":
+                    steps = (inner, limit)
+                elif part == b"ctts":
+                    offsets = (inner, limit)
                 elif part == b"stsd":
                     for entry_kind, entry, entry_end in _boxes(walk, inner + 8, limit):  # after version, flags, count
                         formats.add(entry_kind)
                         if entry + 28 <= entry_end:  # long enough to be a visual sample entry
                             size = struct.unpack(">HH", _fields(walk, entry + 24, entry_end, 4))
                             largest = max(largest, size, key=_area)
-    return samples, largest, formats
+    return _SampleTable(samples, largest, formats, (steps, offsets))
+
+
+def _table(walk: _Walk, start: int, end: int) -> list[tuple[int, int]]:
+    """A stts's or ctts's entries: (sample count, a signed 32-bit value: a step, an offset). ffmpeg
+    reads a version 0 ctts's unsigned offsets as signed too."""
+    (count,) = struct.unpack(">I", _fields(walk, start + 4, end, 4))
+    if start + 8 + count * 8 > end:
+        raise BadHeaders("a time table longer than its box")
+    walk.seek(start + 8)
+    return list(struct.iter_unpack(">Ii", walk.take(count * 8, count)))
 
 
 def _movie(walk: _Walk, tally: _Tally) -> None:
@@ -1156,7 +1297,7 @@ def _movie(walk: _Walk, tally: _Tally) -> None:
                         raise BadHeaders("a video track that declares no frame size")
                     video.add(track.ident)
                     tally.grow(*size)
-                    tally.fill(tally.count + math.ceil(track.samples * track.played))
+                    tally.fill(tally.count + track.frames)
         elif kind == b"moof":
             for part, at, stop in _boxes(walk, start, end):
                 if part == b"traf":
