@@ -174,6 +174,23 @@ def _words(value: Any) -> tuple[str, ...]:
     return tuple(str(i).strip() for i in items if str(i).strip())
 
 
+def _origins(value: Any) -> tuple[str, ...]:
+    """Origins as a browser sends them (lowercase scheme://host[:port], the host in ASCII, no default
+    port, no path): one copied from the address bar, with its `/`, or typed in capitals, matches."""
+    origins = []
+    for item in _words(value):
+        if item == "*":
+            origins.append(item)
+            continue
+        url = URL(item)
+        bare = url.path in ("", "/") and not url.query_string and not url.fragment and url.user is None
+        if url.scheme not in ("http", "https") or not url.host or not bare:
+            raise Invalid(f"names {item!r}, which is not an origin (http(s)://host[:port], as a browser sends it)")
+        port = f":{url.explicit_port}" if url.explicit_port is not None and not url.is_default_port() else ""
+        origins.append(f"{url.scheme}://{url.host_subcomponent}{port}")
+    return tuple(origins)
+
+
 def _backends(value: Any) -> tuple[str, ...]:
     urls = []
     for item in _words(value):
@@ -426,7 +443,7 @@ OPTIONS: dict[str, tuple[Parser, Callable[[Any], str | None] | None, str]] = {
         "the path a proxy serves the bridge under, e.g. /comfy (the proxy strips it); links the bridge gives "
         "start with it",
     ),
-    "cors_origins": (_words, None, "origins browsers may call from (* for any; none: CORS off)"),
+    "cors_origins": (_origins, None, "origins browsers may call from (* for any; none: CORS off)"),
     "database": (
         _database,
         None,

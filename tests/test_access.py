@@ -10,6 +10,7 @@ import aiohttp
 import orjson
 import pytest
 
+from comfybridge.config import load_settings
 from comfybridge.edge.appkeys import SCHEDULER
 
 from .conftest import BridgeFactory, EmulatorFactory
@@ -253,6 +254,21 @@ async def test_cors_is_off_unless_origins_are_given(
     resp = await on.get("/workflow-list", headers={"Origin": "https://evil.example"})
     assert "Access-Control-Allow-Origin" not in resp.headers
     assert resp.headers["Vary"] == "Origin"  # a cache must not hand it to an allowed origin
+
+
+@pytest.mark.parametrize("written", ["https://app.example/", "HTTPS://App.Example", "https://app.example:443"])
+async def test_an_origin_copied_from_the_address_bar_is_allowed(
+    make_bridge: BridgeFactory, make_emulator: EmulatorFactory, tmp_path: Path, written: str
+) -> None:
+    """A browser's Origin is the lowercase scheme://host, no path, no default port. An origin written
+    otherwise was taken as is: it never matched, and that very app was refused (403)."""
+    settings = load_settings(["--cors-origins", f"{written},http://[::1]:3000"], environ={}, cwd=tmp_path)
+    client = await make_bridge(await make_emulator(), cors_origins=settings.cors_origins)
+    for origin in ("https://app.example", "http://[::1]:3000"):
+        preflight = {"Origin": origin, "Access-Control-Request-Method": "POST"}
+        resp = await client.options("/generate-based-workflow", headers=preflight)
+        assert resp.status == 204, origin
+        assert resp.headers["Access-Control-Allow-Origin"] == origin
 
 
 async def test_an_allowed_origin_can_read_its_results(

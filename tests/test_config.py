@@ -80,6 +80,9 @@ def test_config_file_by_flag_or_env(tmp_path: Path) -> None:
         ([], {"COMFYBRIDGE_HEARTBEAT": "0"}, "COMFYBRIDGE_HEARTBEAT in environment: '0' must be greater than 0"),
         (["--backends", "nohost"], {}, "--backends: 'nohost' names 'nohost', which is not a ComfyUI host:port"),
         (["--allowed-media", "image,pdf"], {}, "--allowed-media: 'image,pdf' unknown media kind 'pdf'"),
+        (["--cors-origins", "app.example"], {}, "--cors-origins: 'app.example' names 'app.example', which is not an"),
+        (["--cors-origins", "https://a.example/app"], {}, "--cors-origins: 'https://a.example/app' names 'https://a."),
+        (["--cors-origins", "null"], {}, "--cors-origins: 'null' names 'null', which is not an origin"),
         (["--config", "missing.toml"], {}, "config file"),
         (["--log-level", "LOUD"], {}, "--log-level: 'LOUD' must be DEBUG, INFO, WARNING or ERROR"),
         (
