@@ -443,6 +443,7 @@ async def _stop_accepting(app: web.Application) -> None:
     Then requests still waiting for a job's end (`?wait=1`) are answered, before the server waits
     for its open requests."""
     settings, scheduler = app[SETTINGS], app[SCHEDULER]
+    scheduler.stop_accepting()
     if settings.drain:
         log.info("draining: waiting up to %gs for jobs inside ComfyUI", settings.drain)
         await scheduler.drain(settings.drain)

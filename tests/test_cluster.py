@@ -666,3 +666,132 @@ async def test_a_leader_whose_only_peer_is_stepping_down_drains_as_a_lone_bridge
             answered = resp.status, await resp.text()
         role = (await health(session, a))["cluster"]
         assert answered[0] == 200, (answered, role)
+
+
+async def test_a_bridge_that_leads_again_after_a_database_outage_accepts_new_jobs(
+    workdir: Path, make_emulator: EmulatorFactory, postgres: PostgresServer
+) -> None:
+    """PostgreSQL goes away for longer than --leader-timeout: the leader stops leading, and once the
+    database is back it takes the lock again and leads. Its new term refused every new job for good
+    with 503 "The bridge is shutting down": the end of the old term (the scheduler closed) was taken
+    for a SIGTERM's grace. With several bridges the old leader usually wins the lock back, so the
+    whole cluster refused work until that bridge was restarted."""
+    emulators = [await make_emulator()]
+    async with (
+        cluster(workdir, postgres.new_database(), emulators, 1, {}, "--leader-timeout", "2") as bridges,
+        aiohttp.ClientSession() as session,
+    ):
+        ((_, a),) = bridges
+        await post_job(session, a, "before", TINY)
+        await wait_closed(session, a, ["before"], timeout=30)
+        postgres.stop()
+        try:
+            async with asyncio.timeout(30):  # past --leader-timeout: the term ends
+                while (await health(session, a))["cluster"]["role"] == "leader":  # type: ignore[index]
+                    await asyncio.sleep(0.1)
+        finally:
+            postgres.start()
+        async with asyncio.timeout(30):  # it campaigns again and, alone, wins
+            while (await health(session, a))["cluster"]["role"] != "leader":  # type: ignore[index]
+                await asyncio.sleep(0.1)
+        answers: list[tuple[int, str]] = []
+        async with asyncio.timeout(20):  # Retry-After says 5: a few tries at most
+            while True:
+                async with session.post(
+                    f"{a}/generate-based-workflow", params={"clientId": "after"}, json=TINY
+                ) as resp:
+                    answers.append((resp.status, await resp.text()))
+                if resp.status != 503 or len(answers) >= 15:
+                    break
+                await asyncio.sleep(1.0)
+        async with session.get(f"{a}/ready") as resp:
+            ready = resp.status, await resp.text()
+        assert answers[-1][0] == 200, f"leading again, it still refuses jobs: {answers[-1]}; /ready {ready}"
+
+
+async def test_a_socket_on_a_follower_closes_with_1011_after_its_last_error(
+    workdir: Path, make_emulator: EmulatorFactory, postgres: PostgresServer
+) -> None:
+    """The contract: after an `error` that leaves the client nothing, the socket closes with 1011. A
+    follower relaying the socket took the code from aiohttp's `close_code`, which turns to 1006 when
+    its reply to the leader's Close finds the leader already gone (the Close itself said 1011). 1006
+    reads as "the leader is gone": the follower connected again and kept the client's socket open,
+    heartbeats and all, for good. One try in three to six did so; each of ten must close."""
+    emulators = [await make_emulator(pace=0.3)]
+    async with (
+        cluster(workdir, postgres.new_database(), emulators, 2, {}) as bridges,
+        aiohttp.ClientSession() as session,
+    ):
+        (_, a), (_, b) = bridges
+        outcomes = []
+        for attempt in range(10):
+            client = f"ends-{attempt}"
+            ending = "interrupt" if attempt % 2 else "failed job"
+            async with session.ws_connect(f"{b}/ws", params={"clientId": client}) as ws:
+                assert orjson.loads((await ws.receive()).data)["status"] == "connected"
+                first = await post_job(session, a, client, TINY)
+                async with asyncio.timeout(30):  # the first job ends well
+                    while True:
+                        frame = orjson.loads((await ws.receive()).data)
+                        if frame["status"] == "closed" and frame.get("job_id") == first:
+                            break
+                if ending == "interrupt":
+                    await post_job(session, a, client, TINY)
+                    await post_job(session, a, client, TINY)
+                    async with session.post(f"{a}/interrupt", params={"clientId": client}) as resp:
+                        assert resp.status == 200, await resp.text()
+                else:
+                    await post_job(session, a, client, {"workflow": "broken"})
+                last: dict[str, object] = {}
+                msg = None
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(6):  # heartbeats come each second meanwhile; a close comes at once
+                        while (msg := await ws.receive()).type is aiohttp.WSMsgType.TEXT:
+                            frame = orjson.loads(msg.data)
+                            if frame["status"] == "error":
+                                last = frame
+                assert last.get("jobs_left") == 0, last
+                outcomes.append(None if msg is None or msg.type is aiohttp.WSMsgType.TEXT else (msg.type, msg.data))
+                if outcomes[-1] is None:
+                    break  # still open, heartbeats going on
+        assert outcomes == [(aiohttp.WSMsgType.CLOSE, 1011)] * 10, f"try {len(outcomes)} ({ending}): {outcomes}"
+
+
+async def test_a_deposed_leader_that_leads_again_later_accepts_new_jobs(
+    workdir: Path, make_emulator: EmulatorFactory, postgres: PostgresServer
+) -> None:
+    """A second term without a database outage: A leads, freezes (SIGSTOP) and is deposed; B leads; A
+    wakes and follows. Later B dies (kill -9) and A, the only bridge left, leads again: it takes jobs
+    (it refused them all, and /ready said "the bridge is stopping")."""
+    emulators = [await make_emulator()]
+    async with (
+        cluster(workdir, postgres.new_database(), emulators, 2, {}, "--leader-timeout", "1") as bridges,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
+    ):
+        (first, a), (second, b) = bridges
+        await post_job(session, a, "before", TINY)
+        os.kill(first.pid, signal.SIGSTOP)
+        try:
+            async with asyncio.timeout(60):  # deposed after 2 x leader_timeout + 2 s of silence
+                while (await health(session, b))["cluster"]["role"] != "leader":  # type: ignore[index]
+                    await asyncio.sleep(0.1)
+        finally:
+            os.kill(first.pid, signal.SIGCONT)
+        async with asyncio.timeout(30):  # woken, it follows
+            while (await health(session, a))["cluster"]["role"] != "follower":  # type: ignore[index]
+                await asyncio.sleep(0.1)
+        os.kill(second.pid, signal.SIGKILL)
+        async with asyncio.timeout(30):  # and leads again once B is gone
+            while (await health(session, a))["cluster"]["role"] != "leader":  # type: ignore[index]
+                await asyncio.sleep(0.1)
+        answers: list[tuple[int, str]] = []
+        async with asyncio.timeout(20):
+            while True:
+                async with session.post(
+                    f"{a}/generate-based-workflow", params={"clientId": "after"}, json=TINY
+                ) as resp:
+                    answers.append((resp.status, await resp.text()))
+                if resp.status != 503 or len(answers) >= 10:
+                    break
+                await asyncio.sleep(1.0)
+        assert answers[-1][0] == 200, f"leading again, it still refuses jobs: {answers[-1]}"

@@ -83,6 +83,7 @@ class Scheduler:
         self._input_folders = InputFolders()  # uploads to delete, per input folder: backends may share one
         self.may_send: Callable[[], bool] = lambda: True  # see Core.may_send; kept across reset()
         self.running = False  # between start and close
+        self.stopping = False  # told to stop (SIGTERM's grace): kept across reset()
         self._build()
 
     def _build(self) -> None:
@@ -104,10 +105,10 @@ class Scheduler:
     def reset(self) -> None:
         """After `close`: forget everything, as a new process would, so `start` can run again (a bridge
         of a cluster that stopped leading and leads again). The stores are the caller's to reload.
-        A bridge that was told to stop (SIGTERM's grace) still refuses new jobs."""
-        refusing = not self.core.accepting
+        A bridge that was told to stop (SIGTERM's grace) still refuses new jobs; the end of a term
+        (`close`) alone is no such word."""
         self._build()
-        self.core.accepting = not refusing
+        self.core.accepting = not self.stopping
 
     # lifecycle -------------------------------------------------------------------------------
     async def start(self, rows: list[dict[str, Any]], connect_timeout: float = 3.0) -> None:
@@ -160,6 +161,7 @@ class Scheduler:
 
     def stop_accepting(self) -> None:
         """Refuse new jobs (503 stopping) and say so in /ready; everything else goes on."""
+        self.stopping = True
         self.core.accepting = False
 
     def stop_dispatching(self) -> None:
@@ -386,7 +388,11 @@ class Scheduler:
         With `wait`, the job's `awaited` is resolved once its end is durable (see `ended`)."""
         core = self.core
         if not self.accepting:
-            raise ShuttingDown("The bridge is shutting down and accepts no new jobs; try again in a moment.")
+            raise ShuttingDown(
+                "The bridge is shutting down and accepts no new jobs; try again in a moment."
+                if self.stopping
+                else "The bridge takes no new jobs now (it stops, or its cluster changes leader); try again shortly."
+            )
         if core.journal_lost is not None:
             raise StorageUnavailable(f"The bridge cannot record new jobs: its journal {core.journal_lost}.")
         workflow = core.workflows.get(body.get("workflow"))

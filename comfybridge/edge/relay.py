@@ -270,6 +270,8 @@ async def _pump(
                 await ws.send_bytes(msg.data)
             continue
         extra = msg.extra if isinstance(msg.extra, str) else ""
+        if msg.type is WSMsgType.CLOSE:  # the code the leader's Close said: aiohttp's close_code turns
+            return msg.data, extra.encode()  # to 1006 when its reply finds the leader already gone
         return upstream.close_code, extra.encode()
 
 
