@@ -342,8 +342,8 @@ def _signals(
             leadership = app.get(LEADERSHIP)
             if leadership is not None:  # the next bridge leads at once; requests are relayed to it meanwhile
                 leadership.stand_down()
-            if not scheduler.accepting or not settings.stop_grace:
-                stop_now()  # a second SIGTERM: now
+            if scheduler.stopping or not settings.stop_grace:
+                stop_now()  # a second SIGTERM: now (not the end of a term: a bridge that led gets its grace too)
                 return
             scheduler.stop_accepting()
             log.info("SIGTERM: refusing new jobs (503 stopping); the bridge stops in %gs", settings.stop_grace)

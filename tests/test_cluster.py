@@ -761,22 +761,49 @@ async def test_a_deposed_leader_that_leads_again_later_accepts_new_jobs(
     ):
         (first, a), (second, b) = bridges
         await post_job(session, a, "before", TINY)
-        os.kill(first.pid, signal.SIGSTOP)
-        try:
-            async with asyncio.timeout(60):  # deposed after 2 x leader_timeout + 2 s of silence
-                while (await health(session, b))["cluster"]["role"] != "leader":  # type: ignore[index]
-                    await asyncio.sleep(0.1)
-        finally:
-            os.kill(first.pid, signal.SIGCONT)
-        async with asyncio.timeout(30):  # woken, it follows
-            while (await health(session, a))["cluster"]["role"] != "follower":  # type: ignore[index]
-                await asyncio.sleep(0.1)
+        await depose(session, first.pid, a, b)
         os.kill(second.pid, signal.SIGKILL)
         async with asyncio.timeout(30):  # and leads again once B is gone
             while (await health(session, a))["cluster"]["role"] != "leader":  # type: ignore[index]
                 await asyncio.sleep(0.1)
         answer = await submit_past_503(session, a)
         assert answer[0] == 200, f"leading again, it still refuses jobs: {answer}"
+
+
+async def depose(session: aiohttp.ClientSession, pid: int, leader: str, other: str) -> None:
+    """The leading bridge (process `pid`) freezes (SIGSTOP) until the `other` leads, then wakes and follows."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        async with asyncio.timeout(60):  # deposed after 2 x leader_timeout + 2 s of silence
+            while (await health(session, other))["cluster"]["role"] != "leader":  # type: ignore[index]
+                await asyncio.sleep(0.1)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    async with asyncio.timeout(30):  # woken, it follows (once its term has closed: it knows the leader)
+        while (await health(session, leader))["cluster"] != {"role": "follower", "leader": other, "generation": 2}:
+            await asyncio.sleep(0.1)
+
+
+async def test_a_bridge_that_led_before_gets_its_grace_on_sigterm(
+    workdir: Path, make_emulator: EmulatorFactory, postgres: PostgresServer
+) -> None:
+    """A follower that led once had its scheduler closed at its term's end, which SIGTERM read as a
+    second SIGTERM: it stopped at once, cutting the requests it relays. Now it relays through its
+    stop_grace, as a bridge that never led does."""
+    emulators = [await make_emulator()]
+    flags = ("--leader-timeout", "1", "--stop-grace", "20")
+    async with (
+        cluster(workdir, postgres.new_database(), emulators, 2, {}, *flags) as bridges,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
+    ):
+        (first, a), (_, b) = bridges
+        await post_job(session, a, "before", TINY)
+        await depose(session, first.pid, a, b)
+        first.send_signal(signal.SIGTERM)
+        await asyncio.sleep(1.0)  # what an immediate stop takes, and more
+        assert first.returncode is None
+        await post_job(session, a, "during-grace", TINY)  # relayed to the leader
+        await wait_closed(session, b, ["during-grace"], timeout=30)
 
 
 async def submit_past_503(session: aiohttp.ClientSession, url: str, tries: int = 10) -> tuple[int, str]:
