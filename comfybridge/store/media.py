@@ -762,6 +762,7 @@ def _riff_chunks(walk: _Walk) -> Iterator[tuple[bytes, int]]:
 
 
 AVI_NOT_FRAMES = {b"ix", b"wc", b"pc"}  # a stream's chunks that are no packets: index, palette changes
+AVI_METADATA = {b"INFO", b"ncdt"}  # lists ffmpeg reads as tags (a stream header in one is none)
 AVI_SKIPPED = {b"JUNK", b"idx1", b"indx"}
 MAX_LIST_DEPTH = 8
 
@@ -773,9 +774,10 @@ class _AviHeaders:
 
     def __init__(self, walk: _Walk, tally: _Tally) -> None:
         self.walk, self.tally = walk, tally
-        self.video: set[bytes] = set()  # the video streams' numbers, as their chunk ids begin: b"00"...
+        self.video: set[int] = set()  # the video streams' numbers
         self.streams = 0
         self.last_video = False
+        self.indexed = 0  # video frames the OpenDML indexes (indx, and the ix chunks it lists) name
 
     def read(self, kind: bytes, at: int, length: int, depth: int = 0) -> None:
         walk = self.walk
@@ -784,10 +786,13 @@ class _AviHeaders:
             self.tally.grow(*struct.unpack("<II", walk.take(8)))
         elif kind == b"strh" and length >= 4:
             walk.seek(at)
-            self.last_video = walk.take(4) == b"vids"
-            if self.last_video:
-                self.video.add(f"{self.streams:02d}".encode())
+            kind = walk.take(4)
+            self.last_video = kind == b"vids"
+            if kind in (b"vids", b"iavs"):  # iavs: DV type 1, video and sound in one stream (sized by avih)
+                self.video.add(self.streams)
             self.streams += 1
+        elif kind == b"indx" and length >= 24:
+            self.indexed += _odml_index(walk, at, self.video)
         elif kind == b"strf" and length >= 12 and self.last_video:
             walk.seek(at + 4)
             width, height = struct.unpack("<ii", walk.take(8))
@@ -795,6 +800,9 @@ class _AviHeaders:
         elif kind == b"LIST" and length >= 4:
             if depth >= MAX_LIST_DEPTH:
                 raise BadHeaders("lists nested too deep")
+            walk.seek(at)
+            if walk.take(4) in AVI_METADATA:
+                return
             for part, inner, size in _chunks(walk, at + 4, at + length):
                 self.read(part, inner, size, depth + 1)
 
@@ -834,9 +842,39 @@ def _avi(walk: _Walk, tally: _Tally) -> None:
                 extended += _avi_frames(walk, at + 4, at + length, headers.video)
             elif kind not in AVI_SKIPPED:
                 raise BadHeaders("an unknown chunk in a RIFF AVIX")
-    if (chunked or indexed or extended) and not _area(tally.canvas):
+    if (chunked or indexed or extended or headers.indexed) and not _area(tally.canvas):
         raise BadHeaders("a video stream that declares no frame size")
-    tally.fill(max(chunked, indexed) + extended)
+    tally.fill(max(max(chunked, indexed) + extended, headers.indexed))
+
+
+MAX_ODML_DEPTH = 4  # an OpenDML index of indexes, read through this many levels at most
+
+
+def _odml_index(walk: _Walk, at: int, video: set[int], depth: int = 0) -> int:
+    """The video frames an OpenDML index names, as ffmpeg reads it (read_odml_index), which it
+    then reads instead of idx1: a standard index (type 1) names a packet an entry that is not
+    empty; an index of indexes (type 0) lists, an entry each, where a standard index (or another
+    index of indexes) sits, anywhere in the file. The stream is the one its chunk id names."""
+    if depth > MAX_ODML_DEPTH:
+        raise BadHeaders("OpenDML indexes nested too deep")
+    walk.seek(at)
+    sub_type, kind, count, chunk_id = struct.unpack("<2xBBI4s", walk.take(12))
+    if sub_type or kind > 1:
+        return 0  # ffmpeg refuses it and reads idx1 instead
+    stream = (chunk_id[0] - 48) * 10 + chunk_id[1] - 48
+    width = 8 if kind else 16
+    count = min(count, max(walk.size - at - 24, 0) // width)  # entries past the file's end are none
+    walk.seek(at + 24)
+    table = walk.take(count * width, count)
+    if kind:  # (offset, size with the key-frame bit)
+        if stream not in video:
+            return 0
+        return sum(1 for _, size in struct.iter_unpack("<II", table) if size & 0x7FFFFFFF)
+    frames = 0
+    for offset, _, _ in struct.iter_unpack("<QII", table):  # (a chunk's offset, its size, its duration)
+        if offset + 8 + 24 <= walk.size:
+            frames += _odml_index(walk, offset + 8, video, depth + 1)
+    return frames
 
 
 def _riffs(walk: _Walk) -> Iterator[tuple[int, int]]:
@@ -852,12 +890,12 @@ def _riffs(walk: _Walk) -> Iterator[tuple[int, int]]:
         position += 8 + length + (length & 1)
 
 
-def _avi_frames(walk: _Walk, start: int, end: int, video: set[bytes], depth: int = 0) -> int:
+def _avi_frames(walk: _Walk, start: int, end: int, video: set[int], depth: int = 0) -> int:
     """The video chunks of a movi list and of every list within it."""
     frames = 0
     for kind, at, length in _chunks(walk, start, end):
         if kind[:2].isdigit():  # a stream's chunk, as ffmpeg tells them (two digits); an empty one is no frame
-            frames += kind[:2] in video and kind[2:] not in AVI_NOT_FRAMES and length > 0
+            frames += int(kind[:2]) in video and kind[2:] not in AVI_NOT_FRAMES and length > 0
         elif kind == b"LIST" and length >= 4:
             if depth >= MAX_LIST_DEPTH:
                 raise BadHeaders("lists nested too deep")
@@ -867,7 +905,7 @@ def _avi_frames(walk: _Walk, start: int, end: int, video: set[bytes], depth: int
     return frames
 
 
-def _avi_index(walk: _Walk, start: int, length: int, video: set[bytes]) -> int:
+def _avi_index(walk: _Walk, start: int, length: int, video: set[int]) -> int:
     """The entries of an idx1 that name a video chunk that is not empty (16 bytes each: id, flags,
     offset, size)."""
     count = length // 16
@@ -876,7 +914,11 @@ def _avi_index(walk: _Walk, start: int, length: int, video: set[bytes]) -> int:
     walk.seek(start)
     table = walk.take(count * 16, count)
     entries = struct.iter_unpack("<4s8xI", table)
-    return sum(1 for kind, size in entries if kind[:2] in video and kind[2:] not in AVI_NOT_FRAMES and size > 0)
+    # ffmpeg (avi_read_idx1) takes an entry for stream (id[0] - '0') * 10 + (id[1] - '0'), digits or
+    # not, and passes over its palette changes (pc) only.
+    return sum(
+        1 for kind, size in entries if (kind[0] - 48) * 10 + kind[1] - 48 in video and kind[2:] != b"pc" and size > 0
+    )
 
 
 def _chunks(walk: _Walk, start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
@@ -1088,6 +1130,37 @@ VIDEO_FORMATS |= {b"s263", b"H263", b"apch", b"apcn", b"apcs", b"apco", b"ap4h",
 VIDEO_FORMATS |= {b"dvc ", b"dvcp", b"dvpp", b"dv5n", b"dv5p", b"dvh5", b"dvh6", b"dvhq", b"dvhp", b"AVdn"}
 VIDEO_FORMATS |= {b"AVdh", b"AVd1", b"AVdv", b"Hap1", b"Hap5", b"HapY", b"icod", b"tiff", b"gif ", b"v210"}
 VIDEO_FORMATS |= {b"2vuy", b"yuv2", b"yuvs", b"mx5p", b"mx5n", b"mx4p", b"mx4n", b"mx3p", b"mx3n", b"xdv7"}
+# ffmpeg looks a format it does not know as QuickTime's up among AVI's fourccs: video too.
+VIDEO_FORMATS |= {b"MJPG", b"mjpg", b"AVI1", b"H264", b"h264", b"X264", b"x264", b"HEVC", b"H265", b"DIVX"}
+VIDEO_FORMATS |= {b"divx", b"DX50", b"XVID", b"xvid", b"FMP4", b"MP4V", b"MP42", b"MP43", b"DIV3", b"WMV1"}
+VIDEO_FORMATS |= {b"WMV2", b"WMV3", b"WVC1", b"VP80", b"VP90", b"AV01", b"HFYU", b"FFV1", b"FFVH", b"LJPG"}
+VIDEO_FORMATS |= {b"MJLS", b"dvsd", b"dvhd", b"dvsl", b"dv25", b"dv50", b"MRLE", b"MSVC", b"CRAM", b"tscc"}
+VIDEO_FORMATS |= {b"I420", b"IYUV", b"YV12", b"YUY2", b"UYVY", b"mpg1", b"mpg2", b"MPG1", b"MPG2", b"FLV1"}
+VIDEO_FORMATS |= {b"DIB ", b"RGB ", b"RAW ", b"VP62", b"VP6F", b"ZMBV", b"MAGY", b"CFHD", b"cfhd", b"UYVY"}
+# Formats that are no video in a track of any handler: camera and timed metadata, text, sound. A
+# track of another format (and not sound) is video if it declares a frame size (else its frames'
+# size is coded in the bitstream only, which is not read).
+NOT_VIDEO_FORMATS = {b"mebx", b"tmcd", b"gpmd", b"djmd", b"dbgi", b"rtmd", b"camm", b"mett", b"metx", b"text"}
+NOT_VIDEO_FORMATS |= {b"tx3g", b"wvtt", b"stpp", b"c608", b"c708", b"sbtt", b"stxt", b"urim", b"fdsc", b"priv"}
+NOT_VIDEO_FORMATS |= {b"rtp ", b"srtp", b"mp4a", b"ac-3", b"ec-3", b"ac-4", b"Opus", b"fLaC", b"alac", b"lpcm"}
+NOT_VIDEO_FORMATS |= {b"sowt", b"twos", b"in24", b"in32", b"fl32", b"fl64", b"ulaw", b"alaw", b"ima4", b".mp3"}
+NOT_VIDEO_FORMATS |= {b"samr", b"sawb", b"dtsc", b"dtsh", b"dtsl", b"mha1", b"mhm1"}
+
+
+TRACK_CONTAINERS = {b"edts", b"mdia", b"minf", b"stbl", b"dinf"}  # boxes ffmpeg reads a track's boxes in
+MAX_BOX_DEPTH = 8
+
+
+def _track_boxes(walk: _Walk, start: int, end: int, depth: int = 0) -> Iterator[tuple[bytes, int, int]]:
+    """Every box of a trak, in the containers ffmpeg walks: it reads a box by its type wherever it
+    is (an stsz in the trak itself sets the sample count as one in stbl does)."""
+    for kind, at, stop in _boxes(walk, start, end):
+        if kind in TRACK_CONTAINERS:
+            if depth >= MAX_BOX_DEPTH:
+                raise BadHeaders("boxes nested too deep")
+            yield from _track_boxes(walk, at, stop, depth + 1)
+        else:
+            yield kind, at, stop
 
 
 def _track(walk: _Walk, start: int, end: int, movie_scale: int = 0) -> _Track:
@@ -1095,40 +1168,54 @@ def _track(walk: _Walk, start: int, end: int, movie_scale: int = 0) -> _Track:
     size its sample descriptions declare as visual entries (stsd), its sample count (stsz or stz2,
     the same field), its handler (hdlr: ISO's handler type, QuickTime's component subtype, alike),
     its sample formats and the frames its edit list plays (`movie_scale`: the movie's time scale,
-    in which edits are timed)."""
+    in which edits are timed). A box that comes twice (ffmpeg takes the last) counts at its most:
+    the largest sizes and sample count, `vide` over any other handler, the edit list that plays
+    the most, and no timeline (each edit plays every sample)."""
     ident = samples = 0
     size = described = (0, 0)
-    handler = b""
+    handlers: list[bytes] = []
     entries: set[bytes] = set()
-    edits: list[tuple[int, int]] = []  # (duration in the movie's time scale, media time) of each edit
-    media_scale = 0
-    times: _Times = (None, None)
-    for kind, at, stop in _boxes(walk, start, end):
+    edit_lists: list[list[tuple[int, int]]] = []  # (duration in the movie's time scale, media time) of each edit
+    scales: set[int] = set()
+    steps: list[tuple[int, int]] = []
+    offsets: list[tuple[int, int]] = []
+    for kind, at, stop in _track_boxes(walk, start, end):
         if kind == b"tkhd":
             wide = _fields(walk, at, stop, 1)[0]  # version 1: 64-bit times
             (ident,) = struct.unpack(">I", _fields(walk, at + (20 if wide else 12), stop, 4))
             fixed = struct.unpack(">II", _fields(walk, at + 4 + (84 if wide else 72), stop, 8))
-            size = ((fixed[0] + 0xFFFF) >> 16, (fixed[1] + 0xFFFF) >> 16)
-        elif kind == b"edts":
-            for part, inner, limit in _boxes(walk, at, stop):
-                if part == b"elst":
-                    edits = _edits(walk, inner, limit)
-        elif kind == b"mdia":
-            for part, inner, limit in _boxes(walk, at, stop):
-                if part == b"mdhd":
-                    media_scale = _timing(walk, inner, limit)[0]
-                elif part == b"hdlr":
-                    handler = _fields(walk, inner, limit, 12)[8:]
-                elif part == b"minf":
-                    table = _samples(walk, inner, limit)
-                    if table.count >= samples:
-                        samples, times = table.count, table.times
-                    described = max(described, table.described, key=_area)
-                    entries |= table.formats
-    # Edits timed in the media's own units; -1 is an empty edit (plays nothing).
-    scale = Fraction(media_scale, movie_scale) if movie_scale and media_scale else None
-    playing = [(media_time, duration * scale if scale else None) for duration, media_time in edits if media_time != -1]
-    frames = _played(walk, samples, times, playing)
+            size = max(size, ((fixed[0] + 0xFFFF) >> 16, (fixed[1] + 0xFFFF) >> 16), key=_area)
+        elif kind == b"elst":
+            edit_lists.append(_edits(walk, at, stop))
+        elif kind == b"mdhd":
+            scales.add(_timing(walk, at, stop)[0])
+        elif kind == b"hdlr":
+            handlers.append(_fields(walk, at, stop, 12)[8:])
+        elif kind in (b"stsz", b"stz2"):
+            samples = max(samples, struct.unpack(">8xI", _fields(walk, at, stop, 12))[0])
+        elif kind == b"stts":
+            steps.append((at, stop))
+        elif kind == b"ctts":
+            offsets.append((at, stop))
+        elif kind == b"stsd":
+            for entry_kind, entry, entry_end in _boxes(walk, at + 8, stop):  # after version, flags, count
+                entries.add(entry_kind)
+                if entry + 28 <= entry_end:  # long enough to be a visual sample entry
+                    declared = struct.unpack(">HH", _fields(walk, entry + 24, entry_end, 4))
+                    described = max(described, declared, key=_area)
+    handler = b"vide" if b"vide" in handlers else (handlers[-1] if handlers else b"")
+    media_scale = scales.pop() if len(scales) == 1 else 0
+    times: _Times = (None, None)
+    if len(steps) == 1 and len(offsets) <= 1:
+        times = (steps[0], offsets[0] if offsets else None)
+    frames = samples
+    for edits in edit_lists:
+        # Edits timed in the media's own units. Media time -1 is an empty edit (plays nothing) before
+        # the first edit that plays; after it, ffmpeg plays [-1, -1 + duration) as any other.
+        scale = Fraction(media_scale, movie_scale) if movie_scale and media_scale else None
+        first = next((n for n, (_, media_time) in enumerate(edits) if media_time != -1), len(edits))
+        playing = [(media_time, duration * scale if scale else None) for duration, media_time in edits[first:]]
+        frames = max(frames, _played(walk, samples, times, playing))
     return _Track(ident, size, described, samples, handler, frozenset(entries), frames)
 
 
@@ -1196,13 +1283,14 @@ class _Timeline:
 
 
 def _timeline(samples: int, steps: list[tuple[int, int]], offsets: list[tuple[int, int]]) -> _Timeline | None:
-    """The samples' times from stts's (count, step) and ctts's (count, offset) entries. As ffmpeg
-    reads them, the last step goes on for samples stts does not cover, and samples past ctts have
-    no offset. None without steps, or with a negative one (which ffmpeg rewrites)."""
-    if not steps or any(step < 0 for _, step in steps):
+    """The samples' times from stts's (count, step) and ctts's (count, offset) entries. None where
+    ffmpeg's versions time them differently: a table that does not cover every sample (FFmpeg 8
+    gives those no duration, earlier releases the last step), or a negative step (rewritten)."""
+    if any(step < 0 for _, step in steps) or sum(count for count, _ in steps) < samples:
         return None
-    steps = [*steps, (samples, steps[-1][1])]  # the last step goes on
-    offsets = [*offsets, (samples, 0)]
+    if offsets and sum(count for count, _ in offsets) < samples:
+        return None
+    offsets = offsets or [(samples, 0)]
     runs = []
     time = done = 0
     step_at = offset_at = 0
@@ -1227,40 +1315,6 @@ def _timeline(samples: int, steps: list[tuple[int, int]], offsets: list[tuple[in
 _Times = tuple[tuple[int, int] | None, tuple[int, int] | None]  # where a sample table's stts and ctts are
 
 
-@dataclass(frozen=True)
-class _SampleTable:
-    count: int  # samples (stsz or stz2)
-    described: tuple[int, int]  # the largest size its sample descriptions declare read as visual entries
-    formats: set[bytes]  # its sample descriptions' formats
-    times: _Times  # where the table's times are (stts, ctts: their bodies' start and end), read if needed
-
-
-def _samples(walk: _Walk, start: int, end: int) -> _SampleTable:
-    """A media information box's sample table: its sample count, the largest size its sample
-    descriptions declare read as visual entries (their width and height), their formats, and the
-    samples' times."""
-    samples = 0
-    largest = (0, 0)
-    formats: set[bytes] = set()
-    steps = offsets = None
-    for kind, at, stop in _boxes(walk, start, end):
-        if kind == b"stbl":
-            for part, inner, limit in _boxes(walk, at, stop):
-                if part in (b"stsz", b"stz2"):
-                    samples = max(samples, struct.unpack(">8xI", _fields(walk, inner, limit, 12))[0])
-                elif part == b"stts":
-                    steps = (inner, limit)
-                elif part == b"ctts":
-                    offsets = (inner, limit)
-                elif part == b"stsd":
-                    for entry_kind, entry, entry_end in _boxes(walk, inner + 8, limit):  # after version, flags, count
-                        formats.add(entry_kind)
-                        if entry + 28 <= entry_end:  # long enough to be a visual sample entry
-                            size = struct.unpack(">HH", _fields(walk, entry + 24, entry_end, 4))
-                            largest = max(largest, size, key=_area)
-    return _SampleTable(samples, largest, formats, (steps, offsets))
-
-
 def _table(walk: _Walk, start: int, end: int) -> list[tuple[int, int]]:
     """A stts's or ctts's entries: (sample count, a signed 32-bit value: a step, an offset). ffmpeg
     reads a version 0 ctts's unsigned offsets as signed too."""
@@ -1280,35 +1334,50 @@ def _movie(walk: _Walk, tally: _Tally) -> None:
     at the largest size the track declares. A compressed movie header (cmov) is refused unread, as
     is a video track that declares no size. The sizes coded inside the bitstream are not read."""
     video: set[int] = set()
+    scale = 0
+
+    def track_at(at: int, stop: int) -> None:
+        track = _track(walk, at, stop, scale)
+        size = max(track.size, track.described, key=_area)
+        known = track.handler == b"vide" or bool(track.entries & VIDEO_FORMATS)
+        # Else: metadata, text; or a format of no declared size (the bitstream's is not read).
+        if track.handler == b"soun" or not (known or (track.entries - NOT_VIDEO_FORMATS and _area(size))):
+            return
+        if not _area(size):  # (fragments may bring its samples)
+            raise BadHeaders("a video track that declares no frame size")
+        video.add(track.ident)
+        tally.grow(*size)
+        tally.fill(tally.count + track.frames)
+
+    # ffmpeg reads a box by its type wherever it is: a trak at the top level is a track too, and a
+    # trun beside a traf in a moof belongs to the track the last tfhd named.
     for kind, start, end in _boxes(walk, 0, walk.size):
         if kind == b"moov":
-            scale = 0
             for part, at, stop in _boxes(walk, start, end):
                 if part == b"cmov":
                     raise BadHeaders("a compressed movie header")
                 if part == b"mvhd":
                     scale = _timing(walk, at, stop)[0]
                 elif part == b"trak":
-                    track = _track(walk, at, stop, scale)
-                    if track.handler != b"vide" and (track.handler == b"soun" or not track.entries & VIDEO_FORMATS):
-                        continue
-                    size = max(track.size, track.described, key=_area)
-                    if not _area(size):  # (fragments may bring its samples)
-                        raise BadHeaders("a video track that declares no frame size")
-                    video.add(track.ident)
-                    tally.grow(*size)
-                    tally.fill(tally.count + track.frames)
+                    track_at(at, stop)
+        elif kind == b"trak":
+            track_at(start, end)  # untimed unless a moov before it said its scale
         elif kind == b"moof":
+            ident = 0
             for part, at, stop in _boxes(walk, start, end):
                 if part == b"traf":
-                    ident, samples = _fragment(walk, at, stop)
-                    if ident in video:
-                        tally.fill(tally.count + samples)
+                    ident, samples = _fragment(walk, at, stop, ident)
+                elif part == b"trun":
+                    samples = struct.unpack(">4xI", _fields(walk, at, stop, 8))[0]
+                else:
+                    continue
+                if ident in video:
+                    tally.fill(tally.count + samples)
 
 
-def _fragment(walk: _Walk, start: int, end: int) -> tuple[int, int]:
-    """A track fragment's track (tfhd) and the samples of its runs (trun)."""
-    ident = samples = 0
+def _fragment(walk: _Walk, start: int, end: int, ident: int = 0) -> tuple[int, int]:
+    """A track fragment's track (tfhd; else the one named before, `ident`) and the samples of its runs (trun)."""
+    samples = 0
     for kind, at, stop in _boxes(walk, start, end):
         if kind == b"tfhd":
             (ident,) = struct.unpack(">4xI", _fields(walk, at, stop, 8))
