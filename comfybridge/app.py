@@ -9,6 +9,7 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import fields
+from typing import Any
 
 import aiohttp
 from aiohttp import WSCloseCode, web
@@ -236,8 +237,14 @@ async def _core(app: web.Application) -> AsyncIterator[None]:
         app[METRICS],
     )
     app[SCHEDULER] = scheduler
-    app[METRICS].watch(scheduler.health, app[HUB].open_sockets)
     view, journal = app.get(CLUSTER), app[JOURNAL]
+
+    def schedule() -> dict[str, Any]:
+        """A bridge of a cluster that does not lead has no schedule of its own to report (its
+        scheduler is idle, or still holds a past term's figures): its gauges say none."""
+        return scheduler.health() if view is None or view.leading else {"queued": 0, "backends": []}
+
+    app[METRICS].watch(schedule, app[HUB].open_sockets)
     if view is None or not isinstance(journal, PgJournal):
         async with _term(app, again=False):
             yield

@@ -816,3 +816,30 @@ async def submit_past_503(session: aiohttp.ClientSession, url: str, tries: int =
             break
         await asyncio.sleep(1.0)
     return answer
+
+
+async def test_a_bridge_that_stopped_leading_reports_no_stale_backend_figures(
+    workdir: Path, make_emulator: EmulatorFactory, postgres: PostgresServer
+) -> None:
+    """A follower has no schedule of its own (its /health says so). One that led, deposed, kept
+    answering /metrics with its closed term's figures for ever: `comfybridge_backend_up 1` for a
+    ComfyUI that died since (the leader says 0). Prometheus scrapes each bridge: summed or alerted
+    on, the figures said a dead backend was up."""
+    doomed = await make_emulator()
+    emulators = [await make_emulator(), doomed]
+    async with (
+        cluster(workdir, postgres.new_database(), emulators, 2, {}, "--leader-timeout", "1") as bridges,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
+    ):
+        (first, a), (_, b) = bridges
+        await post_job(session, a, "before", TINY)
+        await depose(session, first.pid, a, b)
+        await doomed.stop()  # a ComfyUI dies
+        up = f'comfybridge_backend_up{{backend="{doomed.url}"}}'
+        async with asyncio.timeout(30):  # the leader sees it
+            while (await metrics_of(session, b)).get(up) != 0:
+                await asyncio.sleep(0.1)
+        scraped = await metrics_of(session, a)
+        gauges = ("comfybridge_backend_up", "comfybridge_backend_stuck", "comfybridge_backend_in_flight")
+        assert not [name for name in scraped if name.startswith(gauges)], scraped  # (counters: what it did)
+        assert scraped["comfybridge_queue_depth"] == 0
