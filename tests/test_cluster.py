@@ -843,3 +843,53 @@ async def test_a_bridge_that_stopped_leading_reports_no_stale_backend_figures(
         gauges = ("comfybridge_backend_up", "comfybridge_backend_stuck", "comfybridge_backend_in_flight")
         assert not [name for name in scraped if name.startswith(gauges)], scraped  # (counters: what it did)
         assert scraped["comfybridge_queue_depth"] == 0
+
+
+async def closed_heard(ws: aiohttp.ClientWebSocketResponse, wanted: set[str], within: float) -> set[str]:
+    """The job ids of the `closed` frames a socket hears until it heard all of `wanted` (or `within` s)."""
+    heard: set[str] = set()
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(within):
+            while not wanted <= heard:
+                msg = await ws.receive()
+                if msg.type is not aiohttp.WSMsgType.TEXT:
+                    break
+                frame = orjson.loads(msg.data)
+                if frame["status"] == "closed":
+                    heard.add(frame["job_id"])
+    return heard
+
+
+@pytest.mark.parametrize("places", [("c", "c"), ("b", "c")], ids=["two-tabs-on-one-follower", "one-on-each-follower"])
+async def test_every_socket_of_a_client_hears_the_jobs_a_new_leader_took_over(
+    workdir: Path, make_emulator: EmulatorFactory, postgres: PostgresServer, places: tuple[str, str]
+) -> None:
+    """The contract: several sockets of one clientId all receive the same frames. Two sockets of one
+    clientId on followers (both on C, or one on B and one on C); leader A is killed mid-burst, B takes
+    over: the frames it held for sockets coming back (every `closed` of the jobs it took over) went to
+    the first of the two only; the other, open and hearing later jobs, never heard they ended."""
+    emulators = [await make_emulator(pace=0.2)]
+    async with (
+        cluster(workdir, postgres.new_database(), emulators, 3, {}) as bridges,
+        aiohttp.ClientSession() as session,
+    ):
+        (leader, _), (_, b), (_, c) = bridges
+        where = {"b": b, "c": c}
+        async with (
+            session.ws_connect(f"{where[places[0]]}/ws", params={"clientId": "tabs"}) as first,
+            session.ws_connect(f"{where[places[1]]}/ws", params={"clientId": "tabs"}) as second,
+        ):
+            for ws in (first, second):
+                assert orjson.loads((await ws.receive()).data)["status"] == "connected"
+            jobs = {await post_job(session, b, "tabs", TINY) for _ in range(5)}
+            await wait_for(lambda: len(emulators[0].engine.started) >= 2)
+            os.kill(leader.pid, signal.SIGKILL)
+            async with asyncio.timeout(60):  # every job ended, as the new leader says
+                while not (
+                    (info := await status_of(session, b, "tabs")).get("jobs_left") == 0 and info["status"] == "closed"
+                ):
+                    await asyncio.sleep(0.1)
+            heard = await asyncio.gather(closed_heard(first, jobs, 20), closed_heard(second, jobs, 20))
+            still_open = [not first.closed, not second.closed]
+        missing = [sorted(jobs - each) for each in heard]
+        assert missing == [[], []], f"`closed` never heard, per socket: {missing} (open: {still_open})"

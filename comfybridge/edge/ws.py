@@ -130,6 +130,9 @@ class Outbox:
                 await sender
 
 
+EVERY_SOCKET = 1 << 30  # `hold`'s sockets when it is not known how many will come back: all that open in time
+
+
 class SocketHub:
     """Open sockets per clientId, each with its outbox. Only a socket's handler reads it."""
 
@@ -195,8 +198,8 @@ class SocketHub:
         held = self._held.get(client_id)
         if outboxes is None and held is None:
             left = self._hold_all_until - asyncio.get_running_loop().time()
-            if left > 0:
-                self.hold((client_id,), left)
+            if left > 0:  # how many of its sockets are on their way back is not known: each hears it
+                self.hold((client_id,), left, sockets=EVERY_SOCKET)
                 held = self._held[client_id]
         # Held while no socket is back, and while one is but others lost with it are still expected.
         # Past MAX_HELD only a job's ending is (progress is said again; an ending never is), up to twice it.
