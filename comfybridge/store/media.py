@@ -1136,7 +1136,7 @@ VIDEO_FORMATS |= {b"divx", b"DX50", b"XVID", b"xvid", b"FMP4", b"MP4V", b"MP42",
 VIDEO_FORMATS |= {b"WMV2", b"WMV3", b"WVC1", b"VP80", b"VP90", b"AV01", b"HFYU", b"FFV1", b"FFVH", b"LJPG"}
 VIDEO_FORMATS |= {b"MJLS", b"dvsd", b"dvhd", b"dvsl", b"dv25", b"dv50", b"MRLE", b"MSVC", b"CRAM", b"tscc"}
 VIDEO_FORMATS |= {b"I420", b"IYUV", b"YV12", b"YUY2", b"UYVY", b"mpg1", b"mpg2", b"MPG1", b"MPG2", b"FLV1"}
-VIDEO_FORMATS |= {b"DIB ", b"RGB ", b"RAW ", b"VP62", b"VP6F", b"ZMBV", b"MAGY", b"CFHD", b"cfhd", b"UYVY"}
+VIDEO_FORMATS |= {b"DIB ", b"RGB ", b"RAW ", b"VP62", b"VP6F", b"ZMBV", b"MAGY", b"CFHD", b"cfhd", b"Y41P"}
 # Formats that are no video in a track of any handler: camera and timed metadata, text, sound. A
 # track of another format (and not sound) is video if it declares a frame size (else its frames'
 # size is coded in the bitstream only, which is not read).
