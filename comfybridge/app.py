@@ -9,7 +9,6 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import fields
-from typing import Any
 
 import aiohttp
 from aiohttp import WSCloseCode, web
@@ -37,6 +36,7 @@ from .edge.appkeys import (
 )
 from .edge.logs import request_middleware
 from .edge.metrics import METRICS, Metrics
+from .edge.operations import schedule_report
 from .edge.relay import ClusterView, relay_middleware, relay_session
 from .edge.replies import error_middleware
 from .edge.routes import setup_routes
@@ -237,14 +237,8 @@ async def _core(app: web.Application) -> AsyncIterator[None]:
         app[METRICS],
     )
     app[SCHEDULER] = scheduler
+    app[METRICS].watch(lambda: schedule_report(app), app[HUB].open_sockets)  # a follower's: none
     view, journal = app.get(CLUSTER), app[JOURNAL]
-
-    def schedule() -> dict[str, Any]:
-        """A bridge of a cluster that does not lead has no schedule of its own to report (its
-        scheduler is idle, or still holds a past term's figures): its gauges say none."""
-        return scheduler.health() if view is None or view.leading else {"queued": 0, "backends": []}
-
-    app[METRICS].watch(schedule, app[HUB].open_sockets)
     if view is None or not isinstance(journal, PgJournal):
         async with _term(app, again=False):
             yield

@@ -108,7 +108,7 @@ class _LiveGauges(Collector):
     def collect(self) -> Iterator[Metric]:
         report = self.report()
         queued = GaugeMetricFamily("comfybridge_queue_depth", "Jobs waiting in the bridge's own queue.")
-        queued.add_metric([], report["queued"])
+        queued.add_metric([], report.get("queued", 0))  # (none on a bridge of a cluster that does not lead)
         yield queued
         sockets = GaugeMetricFamily("comfybridge_open_sockets", "Open client WebSockets.")
         sockets.add_metric([], self.sockets())

@@ -19,15 +19,19 @@ from .replies import json_response
 __all__ = ["docs", "health", "metrics", "playground", "playground_file", "ready"]
 
 
-def _health_report(request: web.Request) -> dict[str, Any]:
-    """The scheduler's report; with API keys on, a caller without one sees no backend addresses. A
-    bridge of a cluster that does not lead has no schedule of its own to report (its scheduler is
-    idle, or still holds a past term's figures): it says whose it is."""
-    view = request.app.get(CLUSTER)
+def schedule_report(app: web.Application) -> dict[str, Any]:
+    """The scheduler's report. A bridge of a cluster that does not lead has no schedule of its own
+    to report (its scheduler is idle, or still holds a past term's figures): it says whose it is."""
+    view = app.get(CLUSTER)
     if view is not None and not view.leading:
-        report: dict[str, Any] = {"backends": [], "schedule": "kept by the leading bridge: see its /health"}
-    else:
-        report = request.app[SCHEDULER].health()
+        return {"backends": [], "schedule": "kept by the leading bridge: see its /health"}
+    return app[SCHEDULER].health()
+
+
+def _health_report(request: web.Request) -> dict[str, Any]:
+    """The schedule's report; with API keys on, a caller without one sees no backend addresses."""
+    report = schedule_report(request.app)
+    view = request.app.get(CLUSTER)
     if view is not None:
         report["cluster"] = view.report()
     settings = request.app[SETTINGS]
